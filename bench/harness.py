@@ -1,0 +1,302 @@
+"""The one harness every benchmark in bench/ uses: environment, timing, memory, results, plots.
+
+- Timing: `triton.testing.do_bench` median on CUDA; a wall-clock median on CPU; both after
+  warm-up.
+- Memory: peak bytes allocated during a call (CUDA), and bytes a forward keeps for backward
+  (tensors packed by autograd, counted once per storage).
+- Results: `bench/results/<name>-<gpu slug>.json` holds the rows and the environment (GPU name,
+  torch / Triton / CUDA versions, git commit, date); rows are printed as a table and plotted.
+"""
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+MIB = 2**20
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a result depends on: GPU name (or "cpu"), versions, git commit, date."""
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def git_commit() -> str | None:
+    """Short sha of HEAD, with "-dirty" if tracked or new files differ (bench/results aside).
+
+    Where the tree is not a git checkout, the value of MOEBLAZE_GIT_COMMIT is used (None if unset).
+    """
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MOEBLAZE_GIT_COMMIT")
+    return sha + ("-dirty" if dirty else "")
+
+
+def gpu_slug(gpu: str) -> str:
+    """File-name form of a GPU name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_ms(
+    fn: Callable[[], Any],
+    *,
+    device: torch.device | str | None = None,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    grad_to_none: Sequence[torch.Tensor] | None = None,
+) -> float:
+    """Median milliseconds of `fn()` after warm-up.
+
+    CUDA: `triton.testing.do_bench(..., return_mode="median")` (it also flushes L2 between runs).
+    CPU: wall clock; warm up for `warmup_ms`, then run for `rep_ms` (at least 3, at most 100 runs).
+    `grad_to_none` tensors get `.grad = None` before every run, so backward never accumulates.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(
+            triton.testing.do_bench(
+                fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"
+            )
+        )
+    return _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none or ())
+
+
+def _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none, min_runs=3, max_runs=100):
+    def run() -> float:
+        for t in grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    spent = run()  # the first run is always a warm-up
+    while spent < warmup_ms:
+        spent += run()
+    times: list[float] = []
+    while len(times) < max_runs and (len(times) < min_runs or sum(times) < rep_ms):
+        times.append(run())
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaMemory:
+    """Allocator counters around one call, relative to what was allocated before it."""
+
+    peak_bytes: int  # max allocated during the call, minus allocated before
+    retained_bytes: int  # allocated right after the call (its result still alive), minus before
+
+
+def cuda_memory(fn: Callable[[], Any], device: torch.device | str) -> CudaMemory | None:
+    """Peak and retained bytes of one call of `fn` on a CUDA device; None on other devices.
+
+    Retained bytes include whatever `fn` returns (for a forward: the output and the autograd graph
+    with everything it keeps, also tensors stored as plain attributes of an autograd ctx).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    memory = CudaMemory(
+        peak_bytes=torch.cuda.max_memory_allocated(device) - before,
+        retained_bytes=torch.cuda.memory_allocated(device) - before,
+    )
+    del result
+    return memory
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes that autograd keeps for backward while `fn()` runs a forward.
+
+    Every tensor packed by autograd (`torch.autograd.graph.saved_tensors_hooks`, which also sees
+    `ctx.save_for_backward`) is counted with the size of its whole storage, once per storage.
+    Storages of `exclude` (e.g. parameters and the input) are not counted. Tensors an autograd
+    Function keeps as plain ctx attributes are invisible here; `cuda_memory` sees them.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}  # storage data_ptr -> storage bytes
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    del result
+    return sum(kept.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference throughput
+
+
+@functools.cache
+def dense_gemm_tflops(flops: float, dtype: torch.dtype, device: torch.device | str) -> float:
+    """TFLOP/s of one dense GEMM (cuBLAS on CUDA) with about `flops` FLOPs, square-ish shape.
+
+    M = N = K rounded to multiples of 64, K then adjusted so 2*M*N*K is close to `flops`. A
+    kernel's "fraction of dense GEMM" is its model TFLOP/s divided by this.
+    """
+    device = torch.device(device)
+    n = max(64, round((flops / 2) ** (1 / 3) / 64) * 64)
+    k = max(64, round(flops / (2 * n * n) / 64) * 64)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, k, dtype=dtype, device=device, generator=generator)  # [M, K]
+    b = torch.randn(k, n, dtype=dtype, device=device, generator=generator)  # [K, N]
+    ms = time_ms(lambda: torch.mm(a, b), device=device)
+    return 2 * n * n * k / (ms * 1e-3) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------
+# Results, tables, plots
+
+
+def results_path(name: str, env: dict[str, Any], out_dir: str | Path = RESULTS_DIR) -> Path:
+    return Path(out_dir) / f"{name}-{gpu_slug(env['gpu'])}.json"
+
+
+def write_results(
+    name: str, rows: Sequence[dict[str, Any]], env: dict[str, Any], out_dir: str | Path = RESULTS_DIR
+) -> Path:
+    """Write `{"benchmark", "env", "rows"}` to `<out_dir>/<name>-<gpu slug>.json` (atomically)."""
+    path = results_path(name, env, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    payload = {"benchmark": name, "env": env, "rows": list(rows)}
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Print `rows` as an aligned plain-text table of `columns` (missing values show as "-")."""
+    cells = [[format_value(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """`rows` as a GitHub markdown table of `columns`."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_value(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(
+    rows: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    x: Sequence[str],
+    series: str,
+    metrics: Sequence[str],
+    title: str = "",
+) -> Path | None:
+    """Grouped bar chart, one panel per metric: x groups by the `x` columns, bars by `series`.
+
+    Metrics with no numeric value are left out. Without matplotlib, prints a note and returns None.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed, not plotting {path} (pip install -e '.[bench]')")
+        return None
+
+    def number(row, metric):
+        value = row.get(metric)
+        return value if isinstance(value, int | float) else None
+
+    metrics = [m for m in metrics if any(number(r, m) is not None for r in rows)]
+    if not metrics:
+        return None
+    groups = list(dict.fromkeys(tuple(r[c] for c in x) for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(max(6.0, 0.9 * len(groups) * (1 + 0.2 * len(names))), 3 * len(metrics)),
+        squeeze=False,
+    )  # fmt: skip
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        for i, name in enumerate(names):
+            values = {tuple(r[c] for c in x): number(r, metric) for r in rows if r[series] == name}
+            heights = [values.get(g) for g in groups]
+            positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(groups))]
+            ax.bar(positions, [h if h is not None else float("nan") for h in heights], width,
+                   label=name)  # fmt: skip
+        ax.set_xticks(range(len(groups)), ["\n".join(map(str, g)) for g in groups], fontsize=8)
+        ax.set_ylabel(metric)
+    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

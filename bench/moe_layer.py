@@ -1,0 +1,253 @@
+"""MoE MLP benchmark: moeblaze against the dense-dispatch (grouped_mm) and per-expert-loop paths.
+
+# T tokens, d hidden, F expert ffn, E experts, k top-k, S = T*k slots
+
+One row per shape, provider and mode (fwd, bwd, fwd+bwd), measured in one run on random inputs
+(bf16 on CUDA, float32 on CPU) routed by a random softmax router:
+  ms                    median time (do_bench on CUDA, wall clock on CPU)
+  TFLOP/s               model FLOPs / time: fwd = 2*S*d*2F + 2*S*F*d, bwd = 2 x fwd
+  frac_dense_gemm       TFLOP/s over that of one dense GEMM with the same FLOPs (cuBLAS on CUDA)
+  peak_mem_MiB          peak allocated during the call, above what was allocated before (CUDA)
+  saved_MiB             bytes autograd keeps for backward after a forward, excluding parameters
+                        and x (the same for every mode of a provider)
+  retained_MiB          fwd rows, CUDA: memory still allocated after the forward minus the output
+                        (cross-checks saved_MiB; also sees tensors kept outside save_for_backward)
+  speedup_vs_grouped_mm grouped_mm ms / ms, same shape and mode
+
+On CPU without TRITON_INTERPRET=1, the moeblaze providers run their torch implementations; the CPU
+numbers show that the harness works, not how fast the kernels are.
+
+    python -m bench.moe_layer                    # model shapes on CUDA, `tiny` on CPU
+    python -m bench.moe_layer --shapes tiny --providers grouped_mm,loop --out bench/results
+"""
+
+import argparse
+import dataclasses
+import functools
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import moeblaze
+from bench import harness
+from bench.baselines import dense_dispatch_moe_mlp, loop_moe_mlp
+from moeblaze._profiling import profile_range
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    T: int  # tokens
+    d: int  # hidden size
+    F: int  # expert ffn size
+    E: int  # experts
+    k: int  # experts per token
+
+    @property
+    def fwd_flops(self) -> int:
+        slots = self.T * self.k
+        return 2 * slots * self.d * 2 * self.F + 2 * slots * self.F * self.d
+
+
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape("tiny", T=256, d=128, F=96, E=8, k=2),
+        Shape("mixtral", T=16384, d=4096, F=14336, E=8, k=2),
+        Shape("qwen3-30b-a3b", T=16384, d=2048, F=768, E=128, k=8),
+        Shape("deepseek-ish", T=16384, d=2048, F=1408, E=64, k=6),
+    ]
+}
+GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
+CPU_SHAPES = ("tiny",)
+
+PROVIDERS = ("moeblaze-activation", "moeblaze-up_proj", "moeblaze-none", "grouped_mm", "loop")
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+# The per-expert loop is skipped on CPU above this many forward FLOPs (it would take minutes).
+CPU_LOOP_MAX_FLOPS = 1e10
+
+COLUMNS = (
+    "shape", "provider", "mode", "ms", "TFLOP/s", "frac_dense_gemm", "peak_mem_MiB", "saved_MiB",
+    "retained_MiB", "speedup_vs_grouped_mm",
+)  # fmt: skip
+
+
+def provider_fn(name: str) -> Callable:
+    if name.startswith("moeblaze-"):
+        return functools.partial(moeblaze.moe_mlp, recompute=name.removeprefix("moeblaze-"))
+    return {"grouped_mm": dense_dispatch_moe_mlp, "loop": loop_moe_mlp}[name]
+
+
+def random_routing(x: torch.Tensor, num_experts: int, top_k: int, generator: torch.Generator):
+    """Top-k of a random linear softmax router over `x [T, d]`, weights renormalised over the k.
+
+    Returns topk_ids [T, k] int64 and topk_weights [T, k] float32.
+    """
+    d = x.shape[1]
+    router = torch.randn(d, num_experts, device=x.device, generator=generator) / math.sqrt(d)
+    probs = torch.softmax(x.float() @ router, dim=-1)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
+    return ids, weights / weights.sum(dim=-1, keepdim=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    x: torch.Tensor  # [T, d]
+    topk_ids: torch.Tensor  # [T, k]
+    topk_weights: torch.Tensor  # [T, k]
+    w13: torch.Tensor  # [E, 2F, d]
+    w2: torch.Tensor  # [E, d, F]
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        return [self.x, self.topk_weights, self.w13, self.w2]
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Inputs:
+    """Random (never zero) inputs, scaled so activations stay O(1); all floats require grad."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(shape.T, shape.d, device=device, generator=g).to(dtype)
+    ids, weights = random_routing(x, shape.E, shape.k, g)
+    w13 = torch.randn(shape.E, 2 * shape.F, shape.d, device=device, generator=g, dtype=dtype)
+    w2 = torch.randn(shape.E, shape.d, shape.F, device=device, generator=g, dtype=dtype)
+    return Inputs(
+        x=x.requires_grad_(),
+        topk_ids=ids,
+        topk_weights=weights.requires_grad_(),
+        w13=(w13 / math.sqrt(shape.d)).requires_grad_(),
+        w2=(w2 / math.sqrt(shape.F)).requires_grad_(),
+    )
+
+
+def bench_provider(shape, provider, modes, inputs, dtype, device, rep_ms) -> list[dict]:
+    """Rows of one provider on one shape, one per mode; a failing mode gets a row with `error`."""
+    args = (inputs.x, inputs.topk_ids, inputs.topk_weights, inputs.w13, inputs.w2)
+    base = {"shape": shape.name, "T": shape.T, "d": shape.d, "F": shape.F, "E": shape.E,
+            "k": shape.k, "dtype": str(dtype).removeprefix("torch."), "provider": provider}  # fmt: skip
+    try:
+        fn = provider_fn(provider)
+        saved = harness.saved_tensor_bytes(lambda: fn(*args), exclude=(inputs.x, inputs.w13, inputs.w2))
+    except Exception as error:  # report it, keep benchmarking the other providers
+        return [_failed(base, mode, error) for mode in modes]
+    rows = []
+    for mode in modes:
+        try:
+            rows.append(_bench_mode(base, mode, fn, args, inputs, shape, dtype, device, rep_ms))
+        except Exception as error:  # e.g. out of memory on one shape: report it, go on
+            rows.append(_failed(base, mode, error))
+        rows[-1]["saved_MiB"] = saved / harness.MIB
+        for t in inputs.leaves:
+            t.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _bench_mode(base, mode, fn, args, inputs, shape, dtype, device, rep_ms) -> dict:
+    grad_out = torch.randn(shape.T, shape.d, dtype=dtype, device=device)  # [T, d]
+    if mode == "fwd":
+        run, grads = (lambda: fn(*args)), None
+    elif mode == "bwd":
+        out = fn(*args)
+        run, grads = (lambda: out.backward(grad_out, retain_graph=True)), inputs.leaves
+    else:
+        run, grads = (lambda: fn(*args).backward(grad_out)), inputs.leaves
+    with profile_range(f"bench {shape.name} {base['provider']} {mode}"):
+        ms = harness.time_ms(run, device=device, rep_ms=rep_ms, grad_to_none=grads)
+    for t in inputs.leaves:
+        t.grad = None
+    memory = harness.cuda_memory(run, device)
+    flops = FLOPS_PER_FWD[mode] * shape.fwd_flops
+    tflops = flops / (ms * 1e-3) / 1e12
+    row = dict(base, mode=mode, ms=ms, **{"TFLOP/s": tflops})
+    row["frac_dense_gemm"] = tflops / harness.dense_gemm_tflops(flops, dtype, device)
+    row["peak_mem_MiB"] = memory.peak_bytes / harness.MIB if memory else None
+    if memory and mode == "fwd":
+        out_bytes = shape.T * shape.d * torch.empty((), dtype=dtype).element_size()
+        row["retained_MiB"] = (memory.retained_bytes - out_bytes) / harness.MIB
+    return row
+
+
+def _failed(base: dict, mode: str, error: Exception) -> dict:
+    print(f"{base['shape']} {base['provider']} {mode}: FAILED", file=sys.stderr)
+    traceback.print_exception(error, limit=-3, file=sys.stderr)
+    return dict(base, mode=mode, error=f"{type(error).__name__}: {error}"[:300])
+
+
+def add_speedups(rows: list[dict], baseline: str = "grouped_mm") -> None:
+    base_ms = {(r["shape"], r["mode"]): r.get("ms") for r in rows if r["provider"] == baseline}
+    for r in rows:
+        ref, ms = base_ms.get((r["shape"], r["mode"])), r.get("ms")
+        r["speedup_vs_grouped_mm"] = ref / ms if ref and ms else None
+
+
+def _csv(text: str, allowed, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in items if s not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; expected some of {list(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}; "
+                        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU")  # fmt: skip
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
+    parser.add_argument("--rep-ms", type=float, default=100, help="timed time per measurement")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device) if args.device else harness.default_device()
+    on_cuda = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
+    default_shapes = ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES)
+    shapes = [SHAPES[s] for s in _csv(args.shapes or default_shapes, SHAPES, "shapes")]
+    providers = _csv(args.providers, PROVIDERS, "providers")
+    modes = _csv(args.modes, MODES, "modes")
+
+    env = harness.environment(device)
+    print(f"# moe_layer on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
+          f"cuda {env['cuda']}, commit {env['commit']}, {dtype}", flush=True)  # fmt: skip
+    rows: list[dict] = []
+    for shape in shapes:
+        inputs = make_inputs(shape, dtype, device, args.seed)
+        for provider in providers:
+            if provider == "loop" and not on_cuda and shape.fwd_flops > CPU_LOOP_MAX_FLOPS:
+                print(f"{shape.name} loop: skipped on CPU ({shape.fwd_flops:.2g} FLOPs per forward)")
+                continue
+            rows += bench_provider(shape, provider, modes, inputs, dtype, device, args.rep_ms)
+            add_speedups(rows)
+            path = harness.write_results("moe_layer", rows, env, args.out)  # after every provider
+            for r in rows[-len(modes) :]:
+                print("  ".join(harness.format_value(r.get(c)) for c in COLUMNS), flush=True)
+        del inputs
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    print()
+    harness.print_table(rows, COLUMNS)
+    if rows:
+        print(f"\nwrote {path}")
+    if rows and not args.no_plot:
+        png = harness.plot(rows, Path(path).with_suffix(".png"), x=("shape", "mode"),
+                           series="provider", metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
+                           title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}")  # fmt: skip
+        if png:
+            print(f"wrote {png}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

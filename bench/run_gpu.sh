@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one bounded run (about 9 minutes), for a CUDA machine.
+#
+#   bash bench/run_gpu.sh OUTDIR
+#
+# Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt (logs), the result
+# JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
+# and the next one still runs; the script exits non-zero if any step failed.
+set -euo pipefail
+OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# Install only if moeblaze is not importable from outside the checkout. The GPU machine may have
+# no internet: use the torch and triton already installed there.
+if ! (cd / && python -c "import moeblaze") 2>/dev/null; then
+    python -m pip install --no-deps --no-build-isolation -e . >"$OUT/pip-install.txt" 2>&1
+fi
+
+{
+    nvidia-smi || true
+    python -c "import json; from bench.harness import environment; print(json.dumps(environment(), indent=2))"
+} >"$OUT/env.txt" 2>&1 || true
+
+: >"$OUT/exit_codes.txt"
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.txt, record rc
+    local name=$1 seconds=$2 rc=0
+    shift 2
+    echo "== $name (limit ${seconds}s): $*"
+    timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee "$OUT/$name.txt" || rc=$?
+    echo "$name $rc" >>"$OUT/exit_codes.txt"
+    if [ "$rc" -ne 0 ]; then status=1; fi
+}
+
+step pytest-gpu 180 python -m pytest -m gpu -q
+step moe_layer 270 python -m bench.moe_layer --out "$OUT"
+step routing_plan 60 python -m bench.routing_plan --out "$OUT"
+
+cat "$OUT/exit_codes.txt"
+exit "$status"

@@ -1,0 +1,106 @@
+"""`MoELayer`: router + index-routed SwiGLU experts (+ an optional shared expert).
+
+# N tokens (all leading dims of x flattened), d hidden, F ffn, E experts, k top-k
+
+    x [..., d] -> [N, d] --Router--> topk_ids [N, k], topk_weights [N, k]
+    moe_mlp(x, topk_ids, topk_weights, w13 [E, 2F, d], w2 [E, d, F]) (+ shared expert) -> [..., d]
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeblaze.moe_mlp import RECOMPUTE_POLICIES, moe_mlp
+from moeblaze.router import Router, RouterOutput
+
+
+class MoELayer(nn.Module):
+    """Mixture-of-Experts MLP block with SwiGLU experts in the Hugging Face weight layout.
+
+    Router options (`score_func`, `norm_topk_prob`, `num_groups`, `topk_groups`, `expert_bias`,
+    `aux_loss_coeff`, `z_loss_coeff`) go to `moeblaze.Router`; `recompute` and `deterministic` to
+    `moeblaze.moe_mlp`. `shared_expert_size` adds a dense SwiGLU MLP of that width that every
+    token goes through (Qwen-MoE, DeepSeek). After each forward, `last_router_output` holds the
+    router's `RouterOutput` (aux losses and tokens per expert, for logging).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        expert_bias: bool = False,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        recompute: str = "activation",
+        deterministic: bool = False,
+        shared_expert_size: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if ffn_hidden_size < 1:
+            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
+        if recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+        if shared_expert_size is not None and shared_expert_size < 1:
+            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
+        factory = dict(device=device, dtype=dtype)
+        self.router = Router(
+            hidden_size, num_experts, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
+            num_groups=num_groups, topk_groups=topk_groups, expert_bias=expert_bias,
+            aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, **factory,
+        )  # fmt: skip
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size, **factory))
+        self.shared_expert = (
+            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
+        )
+        self.hidden_size = hidden_size
+        self.recompute = recompute
+        self.deterministic = deterministic
+        self.last_router_output: RouterOutput | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in))."""
+        for w in (self.w13, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[2])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        tokens = x.reshape(-1, self.hidden_size)  # [N, d]
+        routing = self.router(tokens)
+        self.last_router_output = routing
+        out = moe_mlp(
+            tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2,
+            recompute=self.recompute, deterministic=self.deterministic,
+        )  # fmt: skip
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.view(x.shape)
+
+
+class SwiGLUMLP(nn.Module):
+    """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, device=None, dtype=None):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False, device=device, dtype=dtype)
+        self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)

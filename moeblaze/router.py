@@ -1,0 +1,287 @@
+"""Token router: score every token against every expert and keep the top-k.
+
+    # N tokens, d hidden, E experts, k top-k, G expert groups
+    x [N, d] --float32--> logits = x @ weight.T [N, E] --softmax | sigmoid--> scores [N, E]
+    scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
+    scores.gather(topk_ids) --optional / sum--> topk_weights [N, k]
+    aux_loss_coeff * load-balancing loss + z_loss_coeff * z-loss --> gradient, through topk_weights
+
+Logits and scores are computed in float32 whatever the dtype of `x` and `weight`, as Megatron and
+Hugging Face do, because top-k selection is sensitive to rounding.
+
+The expert bias (DeepSeek-V3 aux-loss-free balancing) only changes *which* experts are chosen;
+the weights are always the unbiased scores. Counts of chosen experts accumulate over training
+forwards, and `update_expert_bias()` nudges the bias of overloaded experts down and of
+underloaded ones up.
+
+The auxiliary losses do not have to be added to the training loss by hand: the forward wraps
+`topk_weights` in an identity autograd function whose backward also sends a gradient of
+`aux_loss_scale` to the loss (Megatron's MoEAuxLossAutoScaler). They therefore reach the
+gradient whenever `topk_weights` reaches the objective, in training mode with grad enabled.
+"""
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ._profiling import profile_range
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterOutput:
+    """What `Router.forward` returns. Losses are detached copies, for logging."""
+
+    topk_ids: torch.Tensor  # [N, k] int64, chosen experts, best first
+    topk_weights: torch.Tensor  # [N, k] float32, differentiable, carries the injected loss gradient
+    logits: torch.Tensor  # [N, E] float32, differentiable
+    aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
+    z_loss: torch.Tensor  # [] z-loss mean(logsumexp(logits)^2), *unscaled*
+    router_loss: torch.Tensor  # [] aux_loss_coeff * aux_loss + z_loss_coeff * z_loss
+    tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
+
+
+class _InjectLossGrad(torch.autograd.Function):
+    """Identity on `topk_weights`; backward also returns `scale` as the gradient of `loss`."""
+
+    @staticmethod
+    def forward(ctx, topk_weights, loss, scale):
+        ctx.scale = scale
+        return topk_weights
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_full((), ctx.scale), None
+
+
+class Router(nn.Module):
+    """Linear gate `[E, d]` (Hugging Face layout) followed by top-k expert selection.
+
+    `forward(x [N, d]) -> RouterOutput`. Options:
+
+    - `score_func`: `"softmax"` (Mixtral, Qwen-MoE, DeepSeek-V2) or `"sigmoid"` (DeepSeek-V3).
+    - `norm_topk_prob`: divide the k chosen scores by their sum.
+    - `num_groups`, `topk_groups`: group-limited routing. Experts form `num_groups` contiguous
+      groups; a group scores the sum of its top-2 scores (sigmoid) or its max (softmax); only
+      the experts of the best `topk_groups` groups can be chosen.
+    - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
+      only, and a buffer `tokens_per_expert_accum [E]` counting choices over training forwards;
+      see `update_expert_bias`.
+    - `aux_loss_coeff`, `z_loss_coeff`: weights of the load-balancing loss and the z-loss that
+      are injected into the gradient (see the module docstring).
+
+    `aux_loss_scale` (class attribute, default 1.0; set it with `Router.set_aux_loss_scale` or per
+    instance) multiplies the injected gradient. Set it to the factor your loss is multiplied by
+    before `backward()`: `1 / num_microbatches` under gradient accumulation, times the loss scale
+    when scaling the loss for fp16. It is read at forward time.
+    """
+
+    aux_loss_scale: float = 1.0
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        score_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        num_groups: int | None = None,
+        topk_groups: int | None = None,
+        expert_bias: bool = False,
+        aux_loss_coeff: float = 0.0,
+        z_loss_coeff: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_options(
+            hidden_size,
+            num_experts,
+            top_k,
+            score_func,
+            num_groups,
+            topk_groups,
+            aux_loss_coeff,
+            z_loss_coeff,
+        )
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.score_func = score_func
+        self.norm_topk_prob = norm_topk_prob
+        self.num_groups = num_groups
+        self.topk_groups = topk_groups
+        self.aux_loss_coeff = float(aux_loss_coeff)
+        self.z_loss_coeff = float(z_loss_coeff)
+        weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
+        self.weight = nn.Parameter(weight)
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
+            self.register_buffer(
+                "tokens_per_expert_accum",
+                torch.zeros(num_experts, dtype=torch.int64, device=device),
+                persistent=False,
+            )
+        else:
+            self.expert_bias = None
+            self.tokens_per_expert_accum = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight like `nn.Linear`; expert bias and accumulated counts to zero."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+            self.tokens_per_expert_accum.zero_()
+
+    @classmethod
+    def set_aux_loss_scale(cls, scale: float) -> None:
+        """Set the factor on the injected aux-loss gradient for every Router (default 1.0)."""
+        cls.aux_loss_scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        with profile_range("moeblaze.router"):
+            self._check_input(x)
+            n, num_experts = x.shape[0], self.num_experts
+            logits = x.float() @ self.weight.float().t()  # [N, E]
+            # A data-dependent check: it syncs with the host, and torch.compile skips it.
+            if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
+                raise ValueError(
+                    "router logits contain non-finite values (inf or NaN); check x and "
+                    "router.weight for inf/NaN or overflow"
+                )
+            scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+
+            choice = scores.detach()  # [N, E], what top-k ranks
+            if self.expert_bias is not None:
+                choice = choice + self.expert_bias.float()
+            if self.num_groups is not None:
+                choice = self._mask_groups(choice)
+            topk_ids = choice.topk(self.top_k, dim=-1).indices  # [N, k]
+            topk_weights = scores.gather(1, topk_ids)  # [N, k]
+            if self.norm_topk_prob:
+                topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+
+            # scatter_add_ rather than bincount: bincount syncs with the host to size its output.
+            flat_ids = topk_ids.flatten()  # [N*k]
+            tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
+            tokens_per_expert.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # [E]
+            if self.expert_bias is not None and self.training:
+                with torch.no_grad():
+                    self.tokens_per_expert_accum += tokens_per_expert
+
+            aux_loss = self._load_balancing_loss(scores, tokens_per_expert)
+            z_loss = torch.logsumexp(logits, -1).square().sum() / max(n, 1)
+            router_loss = self.aux_loss_coeff * aux_loss + self.z_loss_coeff * z_loss
+            inject = self.aux_loss_coeff > 0 or self.z_loss_coeff > 0
+            if inject and self.training and torch.is_grad_enabled():
+                topk_weights = _InjectLossGrad.apply(
+                    topk_weights, router_loss, float(self.aux_loss_scale)
+                )
+            return RouterOutput(
+                topk_ids=topk_ids,
+                topk_weights=topk_weights,
+                logits=logits,
+                aux_loss=aux_loss.detach(),
+                z_loss=z_loss.detach(),
+                router_loss=router_loss.detach(),
+                tokens_per_expert=tokens_per_expert,
+            )
+
+    @torch.no_grad()
+    def update_expert_bias(self, update_rate: float = 1e-3) -> None:
+        """`expert_bias += update_rate * sign(mean count - count)`, then reset the counts.
+
+        Call once per optimizer step. Under data parallelism, all-reduce (sum)
+        `tokens_per_expert_accum` across ranks first so every rank applies the same update.
+        """
+        if self.expert_bias is None:
+            raise RuntimeError(
+                "update_expert_bias() needs a Router built with expert_bias=True; "
+                "this one has expert_bias=False"
+            )
+        counts = self.tokens_per_expert_accum.float()  # [E]
+        self.expert_bias += update_rate * torch.sign(counts.mean() - counts)
+        self.tokens_per_expert_accum.zero_()
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Set the scores of experts outside the best `topk_groups` groups to -inf."""
+        n, group_size = choice.shape[0], self.num_experts // self.num_groups
+        grouped = choice.view(n, self.num_groups, group_size)  # [N, G, E/G]
+        if self.score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 scores of the group
+            group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [N, G]
+        else:  # DeepSeek-V2: max score of the group
+            group_scores = grouped.amax(-1)  # [N, G]
+        best = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, self.num_experts)
+
+    def _load_balancing_loss(self, scores, tokens_per_expert):
+        """Switch loss `E * sum_e f_e * P_e`: f_e share of the N*k slots, P_e mean probability."""
+        n = scores.shape[0]
+        if self.score_func == "sigmoid":  # make each token's scores a distribution
+            scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        slot_share = tokens_per_expert.float() / max(n * self.top_k, 1)  # [E], no grad
+        mean_prob = scores.sum(0) / max(n, 1)  # [E]
+        return self.num_experts * (slot_share * mean_prob).sum()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"x must have shape [N, hidden_size={self.hidden_size}], got {tuple(x.shape)}"
+            )
+        if x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but router.weight is on {self.weight.device}")
+
+    def _apply(self, fn, recurse=True):
+        # Keep the expert bias float32 through .to(dtype) / .half(): small updates vanish in bf16.
+        super()._apply(fn, recurse)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    def extra_repr(self) -> str:
+        s = f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}"
+        s += f", score_func={self.score_func!r}, norm_topk_prob={self.norm_topk_prob}"
+        if self.num_groups is not None:
+            s += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
+        s += f", expert_bias={self.expert_bias is not None}"
+        return s + f", aux_loss_coeff={self.aux_loss_coeff}, z_loss_coeff={self.z_loss_coeff}"
+
+
+def _check_options(
+    hidden_size, num_experts, top_k, score_func, num_groups, topk_groups, aux_coeff, z_coeff
+):
+    if hidden_size < 1:
+        raise ValueError(f"hidden_size={hidden_size} must be >= 1")
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
+    if (num_groups is None) != (topk_groups is None):
+        raise ValueError(
+            f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
+        )
+    if num_groups is not None:
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
+        capacity = topk_groups * (num_experts // num_groups)
+        if top_k > capacity:
+            raise ValueError(
+                f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"
+            )
+    for name, value in (("aux_loss_coeff", aux_coeff), ("z_loss_coeff", z_coeff)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")

@@ -1,0 +1,370 @@
+"""Router tests: selection and weights against plain torch, group-limited routing against a
+per-token loop, expert-bias balancing, aux/z-loss values and their injected gradients, errors.
+
+# N tokens, d hidden, E experts, k top-k, G expert groups
+"""
+
+import pytest
+import torch
+
+from moeblaze.router import Router, RouterOutput
+
+D, E = 24, 12
+
+
+def _x(n, d=D, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(dtype)
+
+
+def _router(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kwargs.setdefault("top_k", 3)
+    return Router(D, kwargs.pop("num_experts", E), kwargs.pop("top_k"), **kwargs)
+
+
+def _scores(logits, score_func):
+    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+
+
+def _normalise(w):
+    return w / w.sum(-1, keepdim=True)
+
+
+def _hand_losses(logits, topk_ids, score_func, num_experts):
+    """Switch load-balancing loss and z-loss written out directly (differentiable in logits)."""
+    n, k = topk_ids.shape
+    probs = _scores(logits, score_func)
+    if score_func == "sigmoid":
+        probs = _normalise(probs)
+    f = torch.stack([(topk_ids == e).sum() for e in range(num_experts)]).float() / (n * k)
+    p = probs.mean(0)
+    aux = num_experts * (f * p).sum()
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    return aux, z
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_topk_matches_plain_torch(score_func, norm):
+    router = _router(score_func=score_func, norm_topk_prob=norm)
+    x = _x(37)
+    out = router(x)
+    assert isinstance(out, RouterOutput)
+
+    logits = x @ router.weight.detach().T
+    scores = _scores(logits, score_func)
+    ref_w, ref_ids = scores.sort(-1, descending=True)
+    ref_w, ref_ids = ref_w[:, :3], ref_ids[:, :3]
+    if norm:
+        ref_w = _normalise(ref_w)
+    assert out.topk_ids.dtype == torch.int64 and out.topk_weights.dtype == torch.float32
+    assert torch.equal(out.topk_ids, ref_ids)
+    torch.testing.assert_close(out.topk_weights, ref_w)
+    torch.testing.assert_close(out.logits, logits)
+    if norm:
+        torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(37))
+
+
+def test_low_precision_input_routes_in_float32():
+    router = _router().to(torch.bfloat16)
+    x = _x(19, dtype=torch.bfloat16)
+    out = router(x)
+    ref = x.float() @ router.weight.float().T
+    assert out.logits.dtype == torch.float32 and out.topk_weights.dtype == torch.float32
+    torch.testing.assert_close(out.logits, ref)
+    assert torch.equal(out.topk_ids, ref.softmax(-1).topk(3, -1).indices)
+
+
+def _group_reference(scores, bias, num_groups, topk_groups, k, score_func):
+    """Per-token loop: rank groups, then rank experts inside the kept groups."""
+    n, num_experts = scores.shape
+    size = num_experts // num_groups
+    choice = scores + bias
+    ids = torch.empty(n, k, dtype=torch.int64)
+    for t in range(n):
+        group_scores = []
+        for g in range(num_groups):
+            members = sorted(choice[t, g * size : (g + 1) * size].tolist(), reverse=True)
+            group_scores.append(sum(members[:2]) if score_func == "sigmoid" else members[0])
+        kept = sorted(range(num_groups), key=lambda g: -group_scores[g])[:topk_groups]
+        candidates = [e for e in range(num_experts) if e // size in kept]
+        ids[t] = torch.tensor(sorted(candidates, key=lambda e: -choice[t, e].item())[:k])
+    return ids
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_group_limited_routing(score_func, with_bias):
+    groups, topk_groups, k = 4, 2, 4
+    router = _router(
+        score_func=score_func,
+        top_k=k,
+        num_groups=groups,
+        topk_groups=topk_groups,
+        expert_bias=with_bias,
+    )
+    bias = torch.zeros(E)
+    if with_bias:
+        # Comparable to the spread of the scores, so it reorders experts without dominating.
+        bias = torch.linspace(-0.2, 0.3, E) * (0.1 if score_func == "softmax" else 1.0)
+        router.expert_bias.copy_(bias)
+    x = _x(41, seed=1)
+    out = router(x)
+
+    scores = _scores(x @ router.weight.detach().T, score_func)
+    ref_ids = _group_reference(scores, bias, groups, topk_groups, k, score_func)
+    assert torch.equal(out.topk_ids, ref_ids)
+    # Every token uses at most topk_groups groups, and weights are the unbiased scores.
+    used_groups = out.topk_ids // (E // groups)
+    assert all(len(set(row.tolist())) <= topk_groups for row in used_groups)
+    torch.testing.assert_close(out.topk_weights, _normalise(scores.gather(1, ref_ids)))
+    # Group limiting really constrains the choice here: plain top-k differs for some token.
+    assert not torch.equal(out.topk_ids, (scores + bias).topk(k, -1).indices)
+
+
+def test_expert_bias_changes_selection_not_weights():
+    plain = _router(score_func="sigmoid")
+    biased = _router(score_func="sigmoid", expert_bias=True)
+    biased.load_state_dict(plain.state_dict(), strict=False)
+    biased.expert_bias[5] = 10.0
+    x = _x(23, seed=2)
+    ref, out = plain(x), biased(x)
+
+    assert (out.topk_ids[:, 0] == 5).all()
+    assert not torch.equal(out.topk_ids, ref.topk_ids)
+    scores = (x @ plain.weight.detach().T).sigmoid()
+    torch.testing.assert_close(out.topk_weights, _normalise(scores.gather(1, out.topk_ids)))
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_update_expert_bias_moves_toward_balance(score_func):
+    router = _router(score_func=score_func, expert_bias=True)
+    x = _x(64, seed=4) + _x(1, seed=3)  # a shared offset makes a few experts popular
+
+    def spread(counts):  # coefficient of variation of the per-expert counts
+        counts = counts.float()
+        return (counts.std() / counts.mean()).item()
+
+    first = router(x).tokens_per_expert
+    assert torch.equal(router.tokens_per_expert_accum, first)
+    router.update_expert_bias(update_rate=0.01)
+    expected = 0.01 * torch.sign(first.float().mean() - first.float())
+    torch.testing.assert_close(router.expert_bias, expected)
+    assert router.expert_bias[first.argmax()] < 0 and router.expert_bias[first.argmin()] > 0
+    assert not router.tokens_per_expert_accum.any()
+
+    for _ in range(50):
+        router(x)
+        router.update_expert_bias(update_rate=0.01)
+    assert spread(router(x).tokens_per_expert) < 0.5 * spread(first)
+
+    router.eval()
+    router.tokens_per_expert_accum.zero_()
+    router(x)
+    assert not router.tokens_per_expert_accum.any(), "eval forwards must not count"
+
+
+def test_update_expert_bias_needs_expert_bias():
+    with pytest.raises(RuntimeError, match="expert_bias=True"):
+        _router().update_expert_bias()
+
+
+def test_expert_bias_stays_float32_under_dtype_casts():
+    router = _router(expert_bias=True).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32
+    assert router.tokens_per_expert_accum.dtype == torch.int64
+    assert "expert_bias" in router.state_dict()
+    assert "tokens_per_expert_accum" not in router.state_dict()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_loss_values_match_hand_computation(score_func):
+    router = _router(score_func=score_func, aux_loss_coeff=0.01, z_loss_coeff=0.001)
+    out = router(_x(29, seed=5))
+    aux, z = _hand_losses(out.logits.detach(), out.topk_ids, score_func, E)
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.z_loss, z)
+    torch.testing.assert_close(out.router_loss, 0.01 * aux + 0.001 * z)
+    assert not (out.aux_loss.requires_grad or out.z_loss.requires_grad)
+    assert not out.router_loss.requires_grad
+
+
+def test_aux_loss_is_one_at_perfect_balance():
+    router = Router(4, 4, 1)
+    with torch.no_grad():
+        router.weight.copy_(2.0 * torch.eye(4))
+    balanced = router(torch.eye(4))  # token t prefers expert t, probabilities symmetric
+    assert torch.equal(balanced.tokens_per_expert, torch.ones(4, dtype=torch.int64))
+    torch.testing.assert_close(balanced.aux_loss, torch.tensor(1.0))
+    skewed = router(torch.eye(4)[[0, 0, 0, 1]])
+    assert skewed.aux_loss > 1.5
+
+
+def _grads(router, x, c, extra=None):
+    router.zero_grad()
+    x = x.detach().requires_grad_(True)
+    out = router(x)
+    loss = (out.topk_weights * c).sum()
+    if extra is not None:
+        loss = loss + extra(out)
+    loss.backward()
+    return router.weight.grad.clone(), x.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "aux_coeff, z_coeff", [(0.5, 0.0), (0.0, 0.05), (0.5, 0.05)], ids=["aux", "z", "both"]
+)
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_losses_reach_gradient_through_injection(score_func, norm, aux_coeff, z_coeff):
+    kwargs = dict(score_func=score_func, norm_topk_prob=norm, seed=6)
+    injected = _router(aux_loss_coeff=aux_coeff, z_loss_coeff=z_coeff, **kwargs)
+    with torch.no_grad():
+        injected.weight *= 4.0  # sharper probabilities, so the aux-loss gradient is not tiny
+    by_hand = _router(**kwargs)
+    by_hand.load_state_dict(injected.state_dict())
+    x, c = _x(31, seed=7), _x(31, d=3, seed=8)
+
+    def hand_loss(out):
+        aux, z = _hand_losses(out.logits, out.topk_ids, score_func, E)
+        return aux_coeff * aux + z_coeff * z
+
+    got = _grads(injected, x, c)
+    want = _grads(by_hand, x, c, extra=hand_loss)
+    plain = _grads(by_hand, x, c)
+    for g, w, p in zip(got, want, plain, strict=True):
+        torch.testing.assert_close(g, w)
+        assert (g - p).abs().max() > 1e-4, "the injected loss must change the gradient"
+
+
+def test_aux_loss_scale_multiplies_injected_gradient(monkeypatch):
+    injected = _router(aux_loss_coeff=0.1, z_loss_coeff=0.05)
+    by_hand = _router()
+    by_hand.load_state_dict(injected.state_dict())
+    x, c = _x(17, seed=9), _x(17, d=3, seed=10)
+
+    def hand_loss(out):
+        aux, z = _hand_losses(out.logits, out.topk_ids, "softmax", E)
+        return 0.25 * (0.1 * aux + 0.05 * z)
+
+    want = _grads(by_hand, x, c, extra=hand_loss)
+    monkeypatch.setattr(Router, "aux_loss_scale", Router.aux_loss_scale)  # restored afterwards
+    Router.set_aux_loss_scale(0.25)
+    for g, w in zip(_grads(injected, x, c), want, strict=True):
+        torch.testing.assert_close(g, w)
+    Router.set_aux_loss_scale(1.0)
+    injected.aux_loss_scale = 0.25  # per-instance override
+    for g, w in zip(_grads(injected, x, c), want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("case", ["coeff_zero", "eval"])
+def test_no_injection_when_disabled(case):
+    coeff = 0.0 if case == "coeff_zero" else 0.1
+    router = _router(aux_loss_coeff=coeff, z_loss_coeff=coeff)
+    reference = _router()
+    reference.load_state_dict(router.state_dict())
+    if case == "eval":
+        router.eval()
+    x, c = _x(13, seed=11), _x(13, d=3, seed=12)
+    for g, w in zip(_grads(router, x, c), _grads(reference, x, c), strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert router(x).aux_loss > 0  # still computed for logging
+
+
+def test_no_graph_under_no_grad():
+    router = _router(aux_loss_coeff=0.1)
+    with torch.no_grad():
+        out = router(_x(5))
+    assert not out.topk_weights.requires_grad
+
+
+def test_tokens_per_expert_counts_slots():
+    router = _router(top_k=4)
+    out = router(_x(53, seed=13))
+    assert out.tokens_per_expert.dtype == torch.int64 and out.tokens_per_expert.shape == (E,)
+    assert out.tokens_per_expert.sum() == 53 * 4
+    assert torch.equal(out.tokens_per_expert, torch.bincount(out.topk_ids.flatten(), minlength=E))
+
+
+def test_k_equals_num_experts():
+    router = _router(top_k=E)
+    out = router(_x(7))
+    assert torch.equal(out.topk_ids.sort(-1).values, torch.arange(E).expand(7, E))
+    torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(7))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_batches(n):
+    router = _router(score_func="sigmoid", expert_bias=True, aux_loss_coeff=0.1, z_loss_coeff=0.1)
+    x = _x(n).requires_grad_(True)
+    out = router(x)
+    assert out.topk_ids.shape == (n, 3) and out.topk_weights.shape == (n, 3)
+    assert out.logits.shape == (n, E) and out.tokens_per_expert.sum() == n * 3
+    assert torch.isfinite(out.aux_loss) and torch.isfinite(out.z_loss)
+    if n == 0:
+        assert out.aux_loss == 0 and out.z_loss == 0
+    (out.topk_weights * 2.0).sum().backward()
+    assert torch.isfinite(router.weight.grad).all()
+    assert x.grad.shape == (n, D)
+
+
+def test_layout_and_init():
+    router = Router(D, E, 2, dtype=torch.float64)
+    assert router.weight.shape == (E, D) and router.weight.dtype == torch.float64
+    bound = 1 / D**0.5  # nn.Linear init
+    assert router.weight.abs().max() <= bound and router.weight.std() > bound / 4
+    assert router.expert_bias is None
+
+
+def test_profile_range():
+    router = _router()
+    with torch.profiler.profile() as prof:
+        router(_x(4))
+    assert "moeblaze.router" in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_k=0), r"top_k=0 must be >= 1"),
+        (dict(top_k=E + 1), rf"top_k={E + 1} must be <= num_experts={E}"),
+        (dict(score_func="relu"), r"score_func='relu' must be one of"),
+        (dict(num_groups=4), r"num_groups=4 and topk_groups=None must be set together"),
+        (dict(num_groups=5, topk_groups=2), r"num_groups=5 must divide num_experts=12"),
+        (dict(num_groups=4, topk_groups=5), r"topk_groups=5 must be in \[1, num_groups=4\]"),
+        (dict(num_groups=4, topk_groups=1, top_k=4), r"top_k=4 must be <= topk_groups"),
+        (dict(aux_loss_coeff=-0.1), r"aux_loss_coeff=-0.1 must be >= 0"),
+        (dict(z_loss_coeff=-1.0), r"z_loss_coeff=-1.0 must be >= 0"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _router(**kwargs)
+
+
+def test_top_k_error_message():
+    with pytest.raises(ValueError, match=r"^top_k=9 must be <= num_experts=8$"):
+        Router(16, 8, 9)
+
+
+def test_bad_inputs():
+    router = _router()
+    with pytest.raises(
+        ValueError, match=r"x must have shape \[N, hidden_size=24\], got \(2, 3, 24"
+    ):
+        router(_x(6).view(2, 3, D))
+    with pytest.raises(ValueError, match=r"hidden_size=24.*got \(5, 23\)"):
+        router(_x(5, d=23))
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype torch.int"):
+        router(torch.arange(2 * D).view(2, D))
+    bad = _x(4)
+    bad[2, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"router logits contain non-finite values"):
+        router(bad)
+    bad[2, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"router logits contain non-finite values"):
+        router(bad)

@@ -1,0 +1,142 @@
+"""CPU tests of the benchmark harness and of the dense-dispatch baseline it measures."""
+
+import json
+
+import pytest
+import torch
+
+import moeblaze
+from bench import harness, moe_layer, readme_table
+from bench.baselines import _grouped_mm_runs, dense_dispatch_moe_mlp
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_skips_excluded():
+    x = torch.randn(4, 8, requires_grad=True)  # 128 bytes
+    w = torch.randn(8, 16, requires_grad=True)  # 512 bytes
+
+    def forward():
+        s = torch.sigmoid(x @ w)  # mm saves x and w; sigmoid saves its output s (256 bytes)
+        return (s * s).sum()  # saves s twice more: the same storage
+
+    assert harness.saved_tensor_bytes(forward) == 128 + 512 + 256
+    assert harness.saved_tensor_bytes(forward, exclude=(x, w)) == 256
+
+
+def test_saved_tensor_bytes_sees_save_for_backward_and_whole_storages():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, buffer):
+            ctx.save_for_backward(buffer[:2])  # a view keeps its whole storage alive
+            return a * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2, None
+
+    a = torch.randn(3, requires_grad=True)
+    buffer = torch.randn(100, dtype=torch.float64)  # 800 bytes
+    assert harness.saved_tensor_bytes(lambda: Scale.apply(a, buffer)) == 800
+
+
+def test_time_ms_on_cpu_is_a_median_of_real_runs():
+    import time
+
+    calls = []
+    ms = harness.time_ms(lambda: (calls.append(1), time.sleep(0.002)), device="cpu", rep_ms=10)
+    assert ms >= 2.0
+    assert len(calls) >= 4  # warm-up plus at least three timed runs
+
+
+def test_cuda_memory_is_none_on_cpu():
+    assert harness.cuda_memory(lambda: torch.ones(3), "cpu") is None
+
+
+def test_write_results_and_print_table(tmp_path, capsys):
+    env = dict(harness.environment("cpu"), gpu="NVIDIA H100 80GB HBM3")
+    rows = [{"shape": "tiny", "ms": 1.23456, "saved_MiB": None}, {"shape": "big", "ms": 12345.6}]
+    path = harness.write_results("demo", rows, env, tmp_path)
+    assert path == tmp_path / "demo-nvidia-h100-80gb-hbm3.json"
+    stored = json.loads(path.read_text())
+    assert stored["benchmark"] == "demo" and stored["rows"] == rows
+    assert {"gpu", "torch", "triton", "cuda", "commit", "date"} <= stored["env"].keys()
+
+    harness.print_table(rows, ["shape", "ms", "saved_MiB"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["shape", "ms", "saved_MiB"]
+    assert lines[1].split() == ["tiny", "1.235", "-"]
+    assert lines[2].split() == ["big", "12346", "-"]
+
+
+@pytest.mark.parametrize(
+    "dtype, T, d, F, E, k",
+    [
+        (torch.float64, 37, 24, 20, 5, 2),  # float64: per-expert torch.mm fallback
+        (torch.float32, 45, 32, 24, 6, 3),  # float32, 16-byte rows: torch._grouped_mm on CPU
+    ],
+    ids=["float64-loop-fallback", "float32-grouped_mm"],
+)
+def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, d, generator=g, dtype=dtype)
+    topk_ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # E-1 idle
+    topk_weights = torch.rand(T, k, generator=g, dtype=dtype) + 0.1
+    w13 = torch.randn(E, 2 * F, d, generator=g, dtype=dtype) / d**0.5
+    w2 = torch.randn(E, d, F, generator=g, dtype=dtype) / F**0.5
+    assert _grouped_mm_runs(x, w13.transpose(1, 2)) == (dtype == torch.float32)
+
+    def run(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (x, topk_weights, w13, w2)]
+        out = fn(leaves[0], topk_ids, *leaves[1:])
+        out.backward(torch.ones_like(out) + torch.arange(d, dtype=cast) / d)
+        return [out, *(t.grad for t in leaves)]
+
+    got = run(dense_dispatch_moe_mlp, dtype)
+    expected = run(moeblaze.moe_mlp_reference, torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name, a, b in zip(["out", "x", "topk_weights", "w13", "w2"], got, expected, strict=True):
+        assert a.dtype == dtype, name
+        assert rel_err(a, b) < tol, f"{name}: relative error {rel_err(a, b):.2e}"
+
+
+def test_moe_layer_end_to_end_on_cpu(tmp_path):
+    shape = moe_layer.SHAPES["tiny"]
+    argv = ["--shapes", "tiny", "--providers", "grouped_mm,loop", "--out", str(tmp_path)]
+    rows = moe_layer.main([*argv, "--rep-ms", "5", "--no-plot"])
+    stored = json.loads((tmp_path / "moe_layer-cpu.json").read_text())
+    assert stored["rows"] == rows
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("grouped_mm", "loop") for m in ("fwd", "bwd", "fwd+bwd")
+    ]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["TFLOP/s"] > 0 and r["frac_dense_gemm"] > 0
+        assert r["peak_mem_MiB"] is None  # CPU
+    assert all(r["speedup_vs_grouped_mm"] == 1 for r in rows if r["provider"] == "grouped_mm")
+    # The dense-dispatch path keeps at least its [T*k, d] float32 dispatch buffer for backward.
+    dispatch_mib = shape.T * shape.k * shape.d * 4 / harness.MIB
+    assert all(r["saved_MiB"] >= dispatch_mib for r in rows if r["provider"] == "grouped_mm")
+
+
+def test_readme_table_without_and_with_gpu_results(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{readme_table.START}\nold\n{readme_table.END}\nrest\n")
+    cpu = {"benchmark": "routing_plan", "env": {"gpu": "cpu"}, "rows": [{"ms": 1.0}]}
+    readme_table.rewrite_readme(readme, readme_table.render([(tmp_path / "a.json", cpu)]))
+    assert readme.read_text() == (
+        f"intro\n{readme_table.START}\n{readme_table.NO_RESULTS}\n{readme_table.END}\nrest\n"
+    )
+
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "cuda": "13.0",
+           "commit": "abc1234", "date": "2026-01-01"}  # fmt: skip
+    rows = [{"shape": "tiny", "T": 256, "k": 2, "E": 8, "provider": "torch", "ms": 0.5,
+             "speedup_vs_torch": 1.0}]  # fmt: skip
+    gpu = {"benchmark": "routing_plan", "env": env, "rows": rows}
+    readme_table.rewrite_readme(readme, readme_table.render([(tmp_path / "b.json", gpu)]))
+    text = readme.read_text()
+    assert "#### NVIDIA H100 80GB HBM3" in text and "commit `abc1234`" in text
+    assert "| tiny | 256 | 2 | 8 | torch | 0.5 | 1 |" in text
+    assert text.startswith("intro\n") and text.endswith(f"{readme_table.END}\nrest\n")
