@@ -211,7 +211,10 @@ def results_path(name: str, env: dict[str, Any], out_dir: str | Path = RESULTS_D
 
 
 def write_results(
-    name: str, rows: Sequence[dict[str, Any]], env: dict[str, Any], out_dir: str | Path = RESULTS_DIR
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    env: dict[str, Any],
+    out_dir: str | Path = RESULTS_DIR,
 ) -> Path:
     """Write `{"benchmark", "env", "rows"}` to `<out_dir>/<name>-<gpu slug>.json` (atomically)."""
     path = results_path(name, env, out_dir)
@@ -280,16 +283,22 @@ def plot(
     names = list(dict.fromkeys(r[series] for r in rows))
     width = 0.8 / len(names)
     fig, axes = plt.subplots(
-        len(metrics), 1, figsize=(max(6.0, 0.9 * len(groups) * (1 + 0.2 * len(names))), 3 * len(metrics)),
+        len(metrics),
+        1,
+        figsize=(max(6.0, 0.9 * len(groups) * (1 + 0.2 * len(names))), 3 * len(metrics)),
         squeeze=False,
-    )  # fmt: skip
+    )
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         for i, name in enumerate(names):
             values = {tuple(r[c] for c in x): number(r, metric) for r in rows if r[series] == name}
             heights = [values.get(g) for g in groups]
             positions = [j + (i - (len(names) - 1) / 2) * width for j in range(len(groups))]
-            ax.bar(positions, [h if h is not None else float("nan") for h in heights], width,
-                   label=name)  # fmt: skip
+            ax.bar(
+                positions,
+                [h if h is not None else float("nan") for h in heights],
+                width,
+                label=name,
+            )
         ax.set_xticks(range(len(groups)), ["\n".join(map(str, g)) for g in groups], fontsize=8)
         ax.set_ylabel(metric)
     axes[0, 0].legend(fontsize=8)

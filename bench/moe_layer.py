@@ -72,9 +72,17 @@ FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 CPU_LOOP_MAX_FLOPS = 1e10
 
 COLUMNS = (
-    "shape", "provider", "mode", "ms", "TFLOP/s", "frac_dense_gemm", "peak_mem_MiB", "saved_MiB",
-    "retained_MiB", "speedup_vs_grouped_mm",
-)  # fmt: skip
+    "shape",
+    "provider",
+    "mode",
+    "ms",
+    "TFLOP/s",
+    "frac_dense_gemm",
+    "peak_mem_MiB",
+    "saved_MiB",
+    "retained_MiB",
+    "speedup_vs_grouped_mm",
+)
 
 
 def provider_fn(name: str) -> Callable:
@@ -119,19 +127,29 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
         x=x.requires_grad_(),
         topk_ids=ids,
         topk_weights=weights.requires_grad_(),
-        w13=(w13 / math.sqrt(shape.d)).requires_grad_(),
-        w2=(w2 / math.sqrt(shape.F)).requires_grad_(),
+        w13=w13.mul_(1 / math.sqrt(shape.d)).requires_grad_(),
+        w2=w2.mul_(1 / math.sqrt(shape.F)).requires_grad_(),
     )
 
 
 def bench_provider(shape, provider, modes, inputs, dtype, device, rep_ms) -> list[dict]:
     """Rows of one provider on one shape, one per mode; a failing mode gets a row with `error`."""
     args = (inputs.x, inputs.topk_ids, inputs.topk_weights, inputs.w13, inputs.w2)
-    base = {"shape": shape.name, "T": shape.T, "d": shape.d, "F": shape.F, "E": shape.E,
-            "k": shape.k, "dtype": str(dtype).removeprefix("torch."), "provider": provider}  # fmt: skip
+    base = {
+        "shape": shape.name,
+        "T": shape.T,
+        "d": shape.d,
+        "F": shape.F,
+        "E": shape.E,
+        "k": shape.k,
+        "dtype": str(dtype).removeprefix("torch."),
+        "provider": provider,
+    }
     try:
         fn = provider_fn(provider)
-        saved = harness.saved_tensor_bytes(lambda: fn(*args), exclude=(inputs.x, inputs.w13, inputs.w2))
+        saved = harness.saved_tensor_bytes(
+            lambda: fn(*args), exclude=(inputs.x, inputs.w13, inputs.w2)
+        )
     except Exception as error:  # report it, keep benchmarking the other providers
         return [_failed(base, mode, error) for mode in modes]
     rows = []
@@ -186,7 +204,7 @@ def add_speedups(rows: list[dict], baseline: str = "grouped_mm") -> None:
         r["speedup_vs_grouped_mm"] = ref / ms if ref and ms else None
 
 
-def _csv(text: str, allowed, what: str) -> list[str]:
+def parse_list(text: str, allowed, what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in items if s not in allowed]
     if unknown:
@@ -196,13 +214,20 @@ def _csv(text: str, allowed, what: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}; "
-                        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        help=f"comma list of {list(SHAPES)}; "
+        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
+    )
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="default: bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--rep-ms", type=float, default=100, help="timed time per measurement")
     parser.add_argument("--seed", type=int, default=0)
@@ -213,19 +238,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     on_cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
     default_shapes = ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in _csv(args.shapes or default_shapes, SHAPES, "shapes")]
-    providers = _csv(args.providers, PROVIDERS, "providers")
-    modes = _csv(args.modes, MODES, "modes")
+    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
+    providers = parse_list(args.providers, PROVIDERS, "providers")
+    modes = parse_list(args.modes, MODES, "modes")
 
     env = harness.environment(device)
-    print(f"# moe_layer on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
-          f"cuda {env['cuda']}, commit {env['commit']}, {dtype}", flush=True)  # fmt: skip
+    print(
+        f"# moe_layer on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
+        f"cuda {env['cuda']}, commit {env['commit']}, {dtype}",
+        flush=True,
+    )
     rows: list[dict] = []
     for shape in shapes:
         inputs = make_inputs(shape, dtype, device, args.seed)
         for provider in providers:
             if provider == "loop" and not on_cuda and shape.fwd_flops > CPU_LOOP_MAX_FLOPS:
-                print(f"{shape.name} loop: skipped on CPU ({shape.fwd_flops:.2g} FLOPs per forward)")
+                print(
+                    f"{shape.name} loop: skipped on CPU ({shape.fwd_flops:.2g} FLOPs per forward)"
+                )
                 continue
             rows += bench_provider(shape, provider, modes, inputs, dtype, device, args.rep_ms)
             add_speedups(rows)
@@ -241,9 +271,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows:
         print(f"\nwrote {path}")
     if rows and not args.no_plot:
-        png = harness.plot(rows, Path(path).with_suffix(".png"), x=("shape", "mode"),
-                           series="provider", metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
-                           title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}")  # fmt: skip
+        png = harness.plot(
+            rows,
+            Path(path).with_suffix(".png"),
+            x=("shape", "mode"),
+            series="provider",
+            metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
+            title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}",
+        )
         if png:
             print(f"wrote {png}")
     return rows

@@ -23,9 +23,17 @@ VIEWS = {
     "moe_layer": (
         "MoE MLP, forward+backward",
         lambda row: row.get("mode") == "fwd+bwd",
-        ("shape", "provider", "ms", "TFLOP/s", "frac_dense_gemm", "peak_mem_MiB", "saved_MiB",
-         "speedup_vs_grouped_mm"),
-    ),  # fmt: skip
+        (
+            "shape",
+            "provider",
+            "ms",
+            "TFLOP/s",
+            "frac_dense_gemm",
+            "peak_mem_MiB",
+            "saved_MiB",
+            "speedup_vs_grouped_mm",
+        ),
+    ),
     "routing_plan": (
         "Routing plan",
         lambda row: True,
@@ -55,7 +63,9 @@ def render(results: list[tuple[Path, dict]], repo: Path = harness.REPO) -> str:
             columns = columns or list(dict.fromkeys(c for row in rows for c in row))
             if any("error" in row for row in rows):
                 columns = [*columns, "error"]
-            where = path.resolve().relative_to(repo) if path.resolve().is_relative_to(repo) else path
+            where = (
+                path.resolve().relative_to(repo) if path.resolve().is_relative_to(repo) else path
+            )
             parts.append(
                 f"{caption} (`{where}`): torch {env.get('torch')}, Triton {env.get('triton')}, "
                 f"CUDA {env.get('cuda')}, commit `{env.get('commit')}`, {env.get('date')}\n\n"

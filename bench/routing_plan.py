@@ -7,7 +7,7 @@ the slots by expert, its inverse permutation, per-expert counts (bincount) and o
 moeblaze's plan also holds the grouped-GEMM tile metadata, and by default checks that the ids
 lie in [0, E) (one device-to-host sync); both are timed here as users call it.
 
-    python -m bench.routing_plan                    # the model shapes' (T, k, E) on CUDA, tiny on CPU
+    python -m bench.routing_plan    # the model shapes' (T, k, E) on CUDA, `tiny` on CPU
 """
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 
 import moeblaze
 from bench import harness
-from bench.moe_layer import CPU_SHAPES, GPU_SHAPES, SHAPES, _csv, random_routing
+from bench.moe_layer import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_list, random_routing
 
 PROVIDERS = ("moeblaze", "torch")
 COLUMNS = ("shape", "T", "k", "E", "provider", "ms", "speedup_vs_torch")
@@ -36,8 +36,11 @@ def torch_routing_plan(topk_ids: torch.Tensor, num_experts: int):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", help=f"comma list of {list(SHAPES)}; "
-                        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        help=f"comma list of {list(SHAPES)}; "
+        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,10 +49,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device) if args.device else harness.default_device()
     default_shapes = ",".join(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in _csv(args.shapes or default_shapes, SHAPES, "shapes")]
+    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
     env = harness.environment(device)
-    print(f"# routing_plan on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}", flush=True)  # fmt: skip
+    print(
+        f"# routing_plan on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        flush=True,
+    )
 
     rows = []
     for shape in shapes:
@@ -63,8 +69,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         found = {}
         for provider, run in runs.items():
             found[provider] = harness.time_ms(run, device=device)
-            rows.append({"shape": shape.name, "T": shape.T, "k": shape.k, "E": shape.E,
-                         "provider": provider, "ms": found[provider]})  # fmt: skip
+            rows.append(
+                {
+                    "shape": shape.name,
+                    "T": shape.T,
+                    "k": shape.k,
+                    "E": shape.E,
+                    "provider": provider,
+                    "ms": found[provider],
+                }
+            )
         for r in rows[-len(runs) :]:
             r["speedup_vs_torch"] = found["torch"] / r["ms"]
         path = harness.write_results("routing_plan", rows, env, args.out)
@@ -73,8 +87,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if rows:
         print(f"\nwrote {path}")
     if rows and not args.no_plot:
-        png = harness.plot(rows, path.with_suffix(".png"), x=("shape",), series="provider",
-                           metrics=("ms",), title=f"Routing plan, {env['gpu']}")  # fmt: skip
+        png = harness.plot(
+            rows,
+            path.with_suffix(".png"),
+            x=("shape",),
+            series="provider",
+            metrics=("ms",),
+            title=f"Routing plan, {env['gpu']}",
+        )
         if png:
             print(f"wrote {png}")
     return rows

@@ -34,9 +34,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
-step pytest-gpu 180 python -m pytest -m gpu -q
-step moe_layer 270 python -m bench.moe_layer --out "$OUT"
-step routing_plan 60 python -m bench.routing_plan --out "$OUT"
+step pytest-gpu 170 python -m pytest -m gpu -q
+step moe_layer 260 python -m bench.moe_layer --out "$OUT"
+step routing_plan 50 python -m bench.routing_plan --out "$OUT"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

@@ -169,9 +169,14 @@ class TritonStages:
     def _meta(cfg: GemmConfig, dtype: torch.dtype) -> dict:
         full_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         return dict(
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            DOT_FP32=interpreting(), INPUT_PRECISION="ieee" if full_fp32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m,
+            DOT_FP32=interpreting(),
+            INPUT_PRECISION="ieee" if full_fp32 else "tf32",
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
 
@@ -186,7 +191,11 @@ class TorchStages:
 
     def gate_up(self, x, w13, plan: RoutingPlan, *, store_h: bool, store_a: bool):
         ffn = w13.shape[1] // 2
-        h = _alloc.empty(plan.num_slots, 2 * ffn, dtype=x.dtype, device=x.device) if store_h else None
+        h = (
+            _alloc.empty(plan.num_slots, 2 * ffn, dtype=x.dtype, device=x.device)
+            if store_h
+            else None
+        )
         a = _alloc.empty(plan.num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         for e, pos, slots in _expert_rows(plan):
             pre = (x[slots // plan.top_k].float() @ w13[e].float().t()).to(x.dtype)
@@ -207,7 +216,11 @@ class TorchStages:
         ffn = w2.shape[2]
         weights = topk_weights.reshape(-1).float()
         dh = _alloc.empty(plan.num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
-        a = _alloc.empty(plan.num_slots, ffn, dtype=dout.dtype, device=dout.device) if store_a else None
+        a = (
+            _alloc.empty(plan.num_slots, ffn, dtype=dout.dtype, device=dout.device)
+            if store_a
+            else None
+        )
         dweights = torch.zeros(plan.num_slots, dtype=torch.float32, device=dout.device)
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
@@ -216,7 +229,9 @@ class TorchStages:
             dweights[slots] = (g * act.float()).sum(dim=1)
             sig = torch.sigmoid(gate)
             d_act = g * weights[slots, None]
-            dh[pos] = torch.cat([d_act * up * sig * (1 + gate * (1 - sig)), d_act * gate * sig], 1).to(dh.dtype)
+            dh[pos] = torch.cat(
+                [d_act * up * sig * (1 + gate * (1 - sig)), d_act * gate * sig], 1
+            ).to(dh.dtype)
             if store_a:
                 a[pos] = act
         return dh, dweights.view(topk_weights.shape), a
@@ -237,7 +252,9 @@ class TorchStages:
 
     @staticmethod
     def _combine(rows_in, weight_of, weights, plan: RoutingPlan, n):
-        out = torch.zeros(plan.num_slots // plan.top_k, n, dtype=torch.float32, device=rows_in.device)
+        out = torch.zeros(
+            plan.num_slots // plan.top_k, n, dtype=torch.float32, device=rows_in.device
+        )
         for e, pos, slots in _expert_rows(plan):
             y = rows_in[pos].float() @ weight_of(e)
             if weights is not None:

@@ -59,7 +59,9 @@ class MoELayer(nn.Module):
             num_groups=num_groups, topk_groups=topk_groups, expert_bias=expert_bias,
             aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, **factory,
         )  # fmt: skip
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size, **factory))
+        self.w13 = nn.Parameter(
+            torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size, **factory)
+        )
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size, **factory))
         self.shared_expert = (
             SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
@@ -98,7 +100,9 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, device=None, dtype=None):
         super().__init__()
-        self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden_size, bias=False, device=device, dtype=dtype)
+        self.gate_up = nn.Linear(
+            hidden_size, 2 * ffn_hidden_size, bias=False, device=device, dtype=dtype
+        )
         self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,11 @@ def check_routing_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     """Shape and type checks that need no look at the values (safe under torch.compile)."""
     if not isinstance(topk_ids, torch.Tensor):
         raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
-    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+    if (
+        topk_ids.dtype.is_floating_point
+        or topk_ids.dtype.is_complex
+        or topk_ids.dtype == torch.bool
+    ):
         raise TypeError(f"topk_ids must have an integer dtype, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")

@@ -89,7 +89,9 @@ def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k):
     assert _grouped_mm_runs(x, w13.transpose(1, 2)) == (dtype == torch.float32)
 
     def run(fn, cast):
-        leaves = [t.to(cast).requires_grad_() for t in (x, topk_weights, w13, w2)]
+        leaves = [
+            t.detach().to(cast, copy=True).requires_grad_() for t in (x, topk_weights, w13, w2)
+        ]
         out = fn(leaves[0], topk_ids, *leaves[1:])
         out.backward(torch.ones_like(out) + torch.arange(d, dtype=cast) / d)
         return [out, *(t.grad for t in leaves)]
@@ -130,13 +132,39 @@ def test_readme_table_without_and_with_gpu_results(tmp_path):
         f"intro\n{readme_table.START}\n{readme_table.NO_RESULTS}\n{readme_table.END}\nrest\n"
     )
 
-    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11", "triton": "3.6", "cuda": "13.0",
-           "commit": "abc1234", "date": "2026-01-01"}  # fmt: skip
-    rows = [{"shape": "tiny", "T": 256, "k": 2, "E": 8, "provider": "torch", "ms": 0.5,
-             "speedup_vs_torch": 1.0}]  # fmt: skip
+    env = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "torch": "2.11",
+        "triton": "3.6",
+        "cuda": "13.0",
+        "commit": "abc1234",
+        "date": "2026-01-01",
+    }
+    rows = [
+        {
+            "shape": "tiny",
+            "T": 256,
+            "k": 2,
+            "E": 8,
+            "provider": "torch",
+            "ms": 0.5,
+            "speedup_vs_torch": 1.0,
+        }
+    ]
     gpu = {"benchmark": "routing_plan", "env": env, "rows": rows}
     readme_table.rewrite_readme(readme, readme_table.render([(tmp_path / "b.json", gpu)]))
     text = readme.read_text()
     assert "#### NVIDIA H100 80GB HBM3" in text and "commit `abc1234`" in text
     assert "| tiny | 256 | 2 | 8 | torch | 0.5 | 1 |" in text
     assert text.startswith("intro\n") and text.endswith(f"{readme_table.END}\nrest\n")
+
+
+@pytest.mark.gpu
+def test_cuda_timing_and_memory():
+    device = torch.device("cuda")
+    a = torch.randn(1024, 1024, device=device)
+    assert harness.time_ms(lambda: a @ a, device=device) > 0
+    memory = harness.cuda_memory(lambda: torch.empty(2**20, device=device), device)  # 4 MiB
+    assert memory.retained_bytes >= 4 * harness.MIB
+    assert memory.peak_bytes >= memory.retained_bytes
+    assert harness.environment(device)["gpu"] != "cpu"

@@ -241,11 +241,13 @@ def expert_wgrad_kernel(
         right_rows = slots // TOP_K if GATHER_RIGHT else pos
         left = tl.load(
             left_ptr + left_rows.to(tl.int64)[None, :] * stride_left + ii[:, None],
-            mask=i_mask[:, None] & p_mask[None, :], other=0.0,
+            mask=i_mask[:, None] & p_mask[None, :],
+            other=0.0,
         )  # [BLOCK_M, BLOCK_K]
         right = tl.load(
             right_ptr + right_rows.to(tl.int64)[:, None] * stride_right + jj[None, :],
-            mask=p_mask[:, None] & j_mask[None, :], other=0.0,
+            mask=p_mask[:, None] & j_mask[None, :],
+            other=0.0,
         )  # [BLOCK_K, BLOCK_N]
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)
