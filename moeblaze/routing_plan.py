@@ -75,7 +75,7 @@ def build_routing_plan(
 
     One stable counting sort: Triton kernels on CUDA (and under the Triton interpreter), torch
     ops elsewhere; both fill the same fields. `check_ids=True` verifies that every id lies in
-    `[0, num_experts)`, which costs one device-to-host sync.
+    `[0, num_experts)`, which costs one device-to-host sync (skipped during CUDA graph capture).
     """
     check_routing_args(topk_ids, num_experts, block_m)
     if check_ids:
@@ -117,8 +117,11 @@ def check_routing_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError if an id lies outside [0, num_experts) (one device-to-host sync)."""
-    if topk_ids.numel() == 0:
+    """Raise ValueError if an id lies outside [0, num_experts) (one device-to-host sync).
+
+    Skipped while a CUDA graph is being captured, where a sync is not allowed.
+    """
+    if topk_ids.numel() == 0 or (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     low, high = (int(v) for v in torch.aminmax(topk_ids))
     if low < 0 or high >= num_experts:
