@@ -70,13 +70,13 @@ class TritonStages:
         if num_slots == 0:
             return h, a
         cfg = self._config(_GPU_GATE_UP, plan)
-        dummy = h if h is not None else a
+        h_arg = h if store_h else a  # an output not written still needs a valid pointer
+        a_arg = a if store_a else h
         grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
         gate_up_kernel[grid](
-            x, w13, h if store_h else dummy, a if store_a else dummy, *self._plan_args(plan),
-            plan.max_tiles, d, ffn,
-            x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2),
-            dummy.stride(0) if h is None else h.stride(0), dummy.stride(0) if a is None else a.stride(0),
+            x, w13, h_arg, a_arg, *self._plan_args(plan), plan.max_tiles, d, ffn,
+            x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h_arg.stride(0),
+            a_arg.stride(0),
             TOP_K=plan.top_k, STORE_H=store_h, STORE_A=store_a, **self._meta(cfg, x.dtype),
         )  # fmt: skip
         return h, a

@@ -1,0 +1,121 @@
+"""Host side of the flag protocol: raising flags, the wait budget, status words, the timeout error.
+
+How a producer raises a flag (after the chunk's copy, on the same stream):
+
+- CPU (kernels under the Triton interpreter): a plain store; the producer has finished before the
+  consumer kernel is launched, because the interpreter runs a launch's programs one by one.
+- CUDA: `torch.ops.symm_mem.stream_write_value32_`, PyTorch's wrapper of the driver's
+  `cuStreamWriteValue32` (the op PyTorch's own async-TP matmul uses for its chunk signals). A
+  stream memory write needs no SM, so it cannot be starved by a persistent consumer occupying
+  every SM, and the driver orders it after the preceding copy with a memory barrier. While a
+  CUDA graph is being captured, `memset32_` (a memset node) is used instead, as PyTorch does.
+  Where those ops are missing (a torch without distributed support), a one-program Triton kernel
+  raises the flag; it needs an SM, so then the worlds keep `FALLBACK_FREE_SMS` SMs free of the
+  persistent consumer (see `OverlapConfig.free_sms`).
+
+The wait budget is counted in polls, not in time: `max_spins = timeout_s * SPINS_PER_SECOND`.
+"""
+
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# Polls per second of `wait_flag`. Interpreter: measured on the development CPU (4000 polls
+# of a never-raised flag took 1.16 s). CUDA: placeholder, one acquire atomic to L2 plus one volatile load per poll at
+# roughly 0.5 us; not measured yet, so a CUDA timeout is only good to a factor of a few.
+SPINS_PER_SECOND = {"cpu": 3_500, "cuda": 2_000_000}
+# SMs left free of the persistent consumer when flags are raised by a kernel (no stream write).
+FALLBACK_FREE_SMS = 2
+EPOCH_LIMIT = 2**31 - 1
+
+
+class OverlapTimeoutError(RuntimeError):
+    """A fused kernel waited on a chunk's flag longer than the world's timeout.
+
+    Attributes: op, rank (the waiting rank), peer (the rank the chunk comes from), chunk (its
+    index among that peer's chunks for this rank) and rows (its half-open row range).
+    """
+
+    def __init__(self, op: str, rank: int, peer: int, chunk: int, rows: tuple[int, int],
+                 timeout_s: float, max_spins: int):  # fmt: skip
+        self.op, self.rank, self.peer, self.chunk, self.rows = op, rank, peer, chunk, rows
+        super().__init__(
+            f"{op}: rank {rank} timed out waiting for chunk {chunk} (rows {rows[0]}..{rows[1]}) "
+            f"from rank {peer}: its flag was not raised within the wait budget "
+            f"({max_spins} polls, about {timeout_s:g} s). The producer of that chunk failed or "
+            f"is starved; raise OverlapConfig.timeout_s only if the producer is merely slow."
+        )
+
+
+def max_spins_for(timeout_s: float, device: torch.device) -> int:
+    rate = SPINS_PER_SECOND.get(device.type, SPINS_PER_SECOND["cpu"])
+    return max(1, min(2**31 - 1, int(timeout_s * rate)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How one rank's m rows are cut into chunks of `chunk_m` rows (the last may be shorter)."""
+
+    m: int
+    chunk_m: int
+
+    @property
+    def count(self) -> int:
+        return triton.cdiv(self.m, self.chunk_m)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_m, min((chunk + 1) * self.chunk_m, self.m)
+
+
+def check_status(status: torch.Tensor, *, op: str, rank: int, layout: ChunkLayout,
+                 timeout_s: float, max_spins: int) -> None:  # fmt: skip
+    """Raise OverlapTimeoutError if a kernel recorded a timeout in `status` (then clear it).
+
+    status[0] = 1 + flag index (peer_or_dest * chunks + chunk), status[1] = the peer rank.
+    Reading it synchronises with the device on CUDA.
+    """
+    code, peer = (int(v) for v in status.tolist())
+    if code == 0:
+        return
+    status.zero_()
+    chunk = (code - 1) % layout.count
+    raise OverlapTimeoutError(op, rank, peer, chunk, layout.rows(chunk), timeout_s, max_spins)
+
+
+@triton.jit
+def raise_flag_kernel(flags_ptr, index, epoch):
+    tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope="gpu")
+
+
+@functools.cache
+def _stream_write_ops():
+    """(stream_write_value32_, memset32_) from torch's symmetric-memory library, or None."""
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401  (registers torch.ops.symm_mem)
+
+        ops = torch.ops.symm_mem
+        return ops.stream_write_value32_, ops.memset32_
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def has_stream_write(device: torch.device) -> bool:
+    """True when flags on `device` are raised by stream memory writes (no SM needed)."""
+    return device.type == "cuda" and _stream_write_ops() is not None
+
+
+def raise_flag(flags: torch.Tensor, index: int, epoch: int) -> None:
+    """Set flags[index] = epoch after the work already queued on the current stream."""
+    if flags.device.type != "cuda":
+        flags[index] = epoch
+        return
+    ops = _stream_write_ops()
+    if ops is None:
+        raise_flag_kernel[(1,)](flags, index, epoch, num_warps=1)
+    elif torch.cuda.is_current_stream_capturing():
+        ops[1](flags.view(torch.uint32), index, epoch, 1)
+    else:
+        ops[0](flags.view(torch.uint32), index, epoch)

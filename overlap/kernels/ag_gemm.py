@@ -1,0 +1,103 @@
+"""Persistent AllGather+GEMM consumer kernel: C = AllGather(A_shard) @ B on one rank.
+
+# W ranks, m rows per rank shard, K inner, n local columns, CH chunk rows (any size, not tied to
+# BLOCK_M), cpr = ceil(m / CH) chunks per rank
+
+    a_local   [m, K]      this rank's shard (read directly, never waited on)
+    gathered  [W*m, K]    this rank's gather buffer; rows of rank p arrive chunk by chunk
+    flags     [W*cpr]     int32; flags[p*cpr + c] >= epoch once chunk c of rank p has arrived
+    b         [K, n]      any strides
+    c         [W*m, n]
+
+Tiles are BLOCK_M x BLOCK_N and never straddle two ranks' rows (the last row tile of a rank may
+be partial). The persistent programs walk the tiles of the local rank first, then those of rank
+(rank + 1) % W, (rank + 2) % W, ...: the order in which the producer brings the chunks in.
+Inside one rank's rows the tiles are swizzled (GROUP_M row tiles share a sweep over columns).
+Before a tile of a peer's rows, a program waits (acquire, bounded) on the flags of all the chunks
+holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_M.
+"""
+
+import triton
+import triton.language as tl
+
+from moeblaze._device import interpreting
+from overlap.kernels.common import (
+    TileConfig,
+    input_precision,
+    swizzle_tile,
+    tile_matmul,
+    wait_chunks,
+)
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "stride_al", "stride_g"])
+def ag_gemm_kernel(
+    a_local_ptr, gathered_ptr, b_ptr, c_ptr, flags_ptr, status_ptr, tile_count_ptr,
+    m, n, K, rank, epoch, max_spins, chunk_m,
+    stride_al, stride_g, stride_bk, stride_bn, stride_c,
+    WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    tiles_m = tl.cdiv(m, BLOCK_M)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    tiles_per_rank = tiles_m * tiles_n
+    chunks_per_rank = tl.cdiv(m, chunk_m)
+    ok = 1
+    for tile in range(tl.program_id(0), WORLD_SIZE * tiles_per_rank, tl.num_programs(0)):
+        step = tile // tiles_per_rank
+        src = (rank + step) % WORLD_SIZE
+        pid_m, pid_n = swizzle_tile(tile % tiles_per_rank, tiles_m, tiles_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        if step > 0:
+            ok = wait_chunks(flags_ptr, src * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_M, m),
+                             chunk_m, epoch, status_ptr, max_spins, src, ok)  # fmt: skip
+        if ok != 0:
+            # Local rows come straight from the shard; a peer's rows from the gather buffer.
+            a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
+            stride_a = stride_g
+            if step == 0:
+                a_ptr = a_local_ptr
+                stride_a = stride_al
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < m
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_mask = cols < n
+            acc = tile_matmul(a_ptr, stride_a, rows, row_mask, b_ptr, stride_bk, stride_bn, cols,
+                              col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32,
+                              INPUT_PRECISION)  # fmt: skip
+            c_ptrs = (c_ptr + (src * m + rows).to(tl.int64)[:, None] * stride_c
+                      + cols.to(tl.int64)[None, :])  # fmt: skip
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+            if COUNT_TILES:
+                out_tile = src * tiles_per_rank + pid_m * tiles_n + pid_n
+                tl.atomic_add(tile_count_ptr + out_tile, 1)
+                tl.store(tile_count_ptr + WORLD_SIZE * tiles_per_rank + out_tile, tile)
+
+
+def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world_size: int,
+                   epoch: int, max_spins: int, chunk_m: int, config: TileConfig,
+                   num_programs: int, tile_counts=None) -> None:  # fmt: skip
+    """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
+
+    `tile_counts` (int32 [2, W * tiles per rank], zeros, optional; for tests): row 0 counts how
+    often each output tile was computed, row 1 gets the position in the walk that computed it.
+    """
+    m, K = a_local.shape
+    n = b.shape[1]
+    ag_gemm_kernel[(num_programs,)](
+        a_local, gathered, b, out, flags, status,
+        tile_counts if tile_counts is not None else flags,
+        m, n, K, rank, epoch, max_spins, chunk_m,
+        a_local.stride(0), gathered.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
+        DOT_FP32=interpreting(), INPUT_PRECISION=input_precision(a_local.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def ag_gemm_tiles(m: int, n: int, world_size: int, config: TileConfig) -> int:
+    """Number of output tiles of one rank's AG-GEMM (tiles never straddle two ranks' rows)."""
+    return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)

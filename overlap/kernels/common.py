@@ -1,0 +1,128 @@
+"""Pieces shared by the overlap kernels: tile configuration, tile swizzle, the bounded flag wait.
+
+Flag protocol (all flags are int32, one per chunk, owned by the rank that waits on them):
+
+    producer: write the chunk's bytes, then raise its flag to the call's epoch (release)
+    consumer: poll the flag with acquire loads until it is >= epoch, at most `max_spins` polls
+
+Epochs grow by one per call, so flags are never reset between calls: a flag left at an older
+epoch simply reads as "not yet". A consumer that runs out of polls records
+`(flag index + 1, peer rank)` in its rank's status word (first one wins, by compare-and-swap) and
+stops computing; the other programs see the status word in their own polls and stop too, so the
+whole launch ends within about one timeout. The host reads the status word after the launch and
+raises `OverlapTimeoutError`.
+
+The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Triton version
+from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
+"""
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of the persistent GEMM kernels."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    # Upper bound on the persistent grid (None: one program per SM, or per tile if fewer).
+    max_programs: int | None = None
+
+
+# GPU: BLOCK 128x256x64, 8 warps, 3 stages is the bf16 H100 configuration of Triton's persistent
+# matmul tutorial. Placeholder: not measured in this repository yet (no GPU run so far).
+GPU_TILE_CONFIG = TileConfig()
+# CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
+INTERPRETER_TILE_CONFIG = TileConfig(
+    block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3
+)
+
+
+def default_tile_config(device: torch.device) -> TileConfig:
+    return GPU_TILE_CONFIG if device.type == "cuda" else INTERPRETER_TILE_CONFIG
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for float32 operands: TF32 exactly when torch's matmul would use it."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear tile index to (pid_m, pid_n) so that GROUP_M row tiles share column sweeps."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % group_size
+    pid_n = (tile % width) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer):
+    """Poll `*flag_ptr` (acquire) until it reaches `epoch`, at most `max_spins` times.
+
+    Returns 1 when the flag rose, 0 on a timeout or when another program already timed out.
+    The first program to time out writes (flag_index + 1, peer) into status_ptr[0:2].
+    """
+    value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+    spins = 0
+    aborted = 0
+    while (value < epoch) & (spins < max_spins) & (aborted == 0):
+        value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        aborted = tl.load(status_ptr, volatile=True)
+        spins += 1
+    # The compare-and-swap must run only on this program's own timeout, hence two ifs (an `and`
+    # would evaluate it unconditionally).
+    if (value < epoch) & (aborted == 0):  # noqa: SIM102
+        if tl.atomic_cas(status_ptr, 0, flag_index + 1, sem="relaxed", scope="gpu") == 0:
+            tl.store(status_ptr + 1, peer)
+    return (value >= epoch).to(tl.int32)
+
+
+@triton.jit
+def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_ptr, max_spins,
+                peer, ok):  # fmt: skip
+    """Wait on the flags of every chunk holding rows [row0, rows_end) of one rank's segment.
+
+    The chunks of a segment are consecutive flags starting at `first_flag`; `ok` is 0 once any
+    wait of this program has failed (then nothing more is polled).
+    """
+    for chunk in range(row0 // chunk_m, (rows_end - 1) // chunk_m + 1):
+        if ok != 0:
+            ok = wait_flag(flags_ptr + first_flag + chunk, epoch, status_ptr, max_spins,
+                           first_flag + chunk, peer)  # fmt: skip
+    return ok
+
+
+@triton.jit
+def tile_matmul(a_ptr, stride_am, rows, row_mask, b_ptr, stride_bk, stride_bn, cols, col_mask, K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """acc[i, j] = sum_k A[rows[i], k] * B[k, cols[j]] in fp32; A has unit stride along K.
+
+    DOT_FP32 upcasts the operands first: the Triton 3.9 CPU interpreter multiplies bfloat16
+    operands as their raw 16-bit storage, so the launchers set it when interpreting.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        a = tl.load(a_rows + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_cols + kk.to(tl.int64)[:, None] * stride_bk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # fmt: skip
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc

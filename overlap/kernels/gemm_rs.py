@@ -1,0 +1,153 @@
+"""GEMM+ReduceScatter kernels: out_d = sum_s (A_s @ B_s)[rows of rank d], on each rank d.
+
+# W ranks, M = W*m rows, k inner (local), N columns, CH chunk rows, cpr = ceil(m / CH)
+
+Producer, on every rank s (`gemm_rs_kernel`):
+
+    a        [M, k]       this rank's input (unit stride along k)
+    b        [k, N]       any strides
+    partial  [M, N]       this rank's partial products (in a's dtype), read by every rank
+    counters [W*cpr]      int32, zeroed before the launch: finished tiles per (dest, chunk)
+    flags    [W*cpr]      int32; flags[d*cpr + c] >= epoch once chunk c of dest d is complete
+
+The persistent programs produce the rows destined for rank (s + 1) % W first, then (s + 2) % W,
+..., and the local rank's own rows last, so the chunk the next peer needs is finished first.
+After storing a tile, a program bumps (release) the counter of every chunk the tile overlaps; the
+program that completes a chunk's count raises the chunk's flag (release).
+
+Consumer, on every rank d (`rs_reduce_kernel`): for each block of its m output rows, wait
+(acquire, bounded) on the flags of the chunks holding those rows in every source's partial
+buffer, sum the W partial blocks in fp32 (sources in the order their chunks for d are produced:
+d - 1, d - 2, ..., d) and store out_d. The partial buffers and flags of the sources are separate
+allocations, reached through tables of their addresses, as peer buffers are.
+"""
+
+import triton
+import triton.language as tl
+
+from moeblaze._device import interpreting
+from overlap.kernels.common import (
+    TileConfig,
+    input_precision,
+    swizzle_tile,
+    tile_matmul,
+    wait_chunks,
+)
+
+
+@triton.jit(do_not_specialize=["rank", "epoch"])
+def gemm_rs_kernel(
+    a_ptr, b_ptr, partial_ptr, counters_ptr, flags_ptr, tile_count_ptr,
+    m, N, K, rank, epoch, chunk_m,
+    stride_a, stride_bk, stride_bn, stride_p,
+    WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    tiles_m = tl.cdiv(m, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_rank = tiles_m * tiles_n
+    chunks_per_rank = tl.cdiv(m, chunk_m)
+    for tile in range(tl.program_id(0), WORLD_SIZE * tiles_per_rank, tl.num_programs(0)):
+        dest = (rank + 1 + tile // tiles_per_rank) % WORLD_SIZE
+        pid_m, pid_n = swizzle_tile(tile % tiles_per_rank, tiles_m, tiles_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        rows = dest * m + row0 + tl.arange(0, BLOCK_M)
+        row_mask = row0 + tl.arange(0, BLOCK_M) < m
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
+        acc = tile_matmul(a_ptr, stride_a, rows, row_mask, b_ptr, stride_bk, stride_bn, cols,
+                          col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32,
+                          INPUT_PRECISION)  # fmt: skip
+        p_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * stride_p + cols.to(tl.int64)[None, :]
+        tl.store(p_ptrs, acc.to(partial_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+        if COUNT_TILES:
+            out_tile = dest * tiles_per_rank + pid_m * tiles_n + pid_n
+            tl.atomic_add(tile_count_ptr + out_tile, 1)
+            tl.store(tile_count_ptr + WORLD_SIZE * tiles_per_rank + out_tile, tile)
+        # Every thread's stores are issued before the release below publishes them.
+        tl.debug_barrier()
+        rows_end = tl.minimum(row0 + BLOCK_M, m)
+        for chunk in range(row0 // chunk_m, (rows_end - 1) // chunk_m + 1):
+            chunk_row0 = chunk * chunk_m
+            chunk_rows_end = tl.minimum(chunk_row0 + chunk_m, m)
+            expected = ((chunk_rows_end - 1) // BLOCK_M - chunk_row0 // BLOCK_M + 1) * tiles_n
+            index = dest * chunks_per_rank + chunk
+            done = tl.atomic_add(counters_ptr + index, 1, sem="acq_rel", scope="gpu") + 1
+            if done == expected:
+                tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["dest", "epoch", "max_spins"])
+def rs_reduce_kernel(
+    partial_table_ptr, flag_table_ptr, out_ptr, status_ptr,
+    m, N, dest, epoch, max_spins, chunk_m,
+    stride_p, stride_out,
+    WORLD_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    row_blocks = tl.cdiv(m, BLOCK_R)
+    col_blocks = tl.cdiv(N, BLOCK_N)
+    chunks_per_rank = tl.cdiv(m, chunk_m)
+    ok = 1
+    for item in range(tl.program_id(0), row_blocks * col_blocks, tl.num_programs(0)):
+        row0 = (item // col_blocks) * BLOCK_R
+        local_rows = row0 + tl.arange(0, BLOCK_R)
+        cols = (item % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (local_rows < m)[:, None] & (cols < N)[None, :]
+        offsets = (dest * m + local_rows).to(tl.int64)[:, None] * stride_p + cols[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(WORLD_SIZE):
+            src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
+            flags = tl.load(flag_table_ptr + src).to(tl.pointer_type(tl.int32))
+            ok = wait_chunks(flags, dest * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_R, m),
+                             chunk_m, epoch, status_ptr, max_spins, src, ok)  # fmt: skip
+            if ok != 0:
+                partial = tl.load(partial_table_ptr + src).to(
+                    tl.pointer_type(out_ptr.dtype.element_ty)
+                )
+                acc += tl.load(partial + offsets, mask=mask, other=0.0).to(tl.float32)
+        if ok != 0:
+            out_ptrs = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int, epoch: int,
+                   chunk_m: int, config: TileConfig, num_programs: int,
+                   tile_counts=None) -> None:  # fmt: skip
+    """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
+
+    `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    gemm_rs_kernel[(num_programs,)](
+        a, b, partial, counters, flags, tile_counts if tile_counts is not None else counters,
+        M // world_size, N, K, rank, epoch, chunk_m,
+        a.stride(0), b.stride(0), b.stride(1), partial.stride(0),
+        WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
+        DOT_FP32=interpreting(), INPUT_PRECISION=input_precision(a.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def launch_rs_reduce(partial_table, flag_table, out, status, *, dest: int, world_size: int,
+                     row_stride: int, epoch: int, max_spins: int, chunk_m: int,
+                     num_programs: int, block_r: int, block_n: int) -> None:  # fmt: skip
+    """Run `rs_reduce_kernel` for rank `dest`: out [m, N] from the W partial buffers.
+
+    `partial_table` / `flag_table` are int64 tensors holding the addresses of the W sources'
+    partial buffers ([M, N], row stride `row_stride`, out's dtype) and flag arrays.
+    """
+    m, N = out.shape
+    rs_reduce_kernel[(num_programs,)](
+        partial_table, flag_table, out, status,
+        m, N, dest, epoch, max_spins, chunk_m, row_stride, out.stride(0),
+        WORLD_SIZE=world_size, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+
+
+def gemm_rs_tiles(m: int, N: int, world_size: int, config: TileConfig) -> int:
+    """Number of tiles of one rank's GEMM-RS producer."""
+    return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(N, config.block_n)

@@ -1,0 +1,137 @@
+"""Fixtures of the moeblaze tests: NaN-poisoned outputs, the torch (non-Triton) stages, and
+random MoE problems with their forward + backward runner and float64 reference.
+
+# T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import moeblaze
+from moeblaze import _alloc
+
+# What `MoEProblem.run` returns, in order.
+OUTPUT_NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
+ROUTINGS = ("random", "one_expert", "skip_experts")
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    """Every launcher output starts as NaN (int: -2**30), so an unwritten element fails."""
+    before = _alloc.poison
+    _alloc.poison = True
+    yield
+    _alloc.poison = before
+
+
+@pytest.fixture
+def torch_stages(monkeypatch):
+    """Run moeblaze on its torch (non-Triton) path: it reads TRITON_INTERPRET at call time."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEProblem:
+    """Inputs of one moe_mlp call and the output gradient to send back through it."""
+
+    x: torch.Tensor  # [T, d]
+    topk_ids: torch.Tensor  # [T, k] int64, distinct per token
+    topk_weights: torch.Tensor  # [T, k] float32
+    w13: torch.Tensor  # [E, 2F, d]
+    w2: torch.Tensor  # [E, d, F]
+    dout: torch.Tensor  # [T, d]
+
+    @property
+    def num_slots(self) -> int:
+        return self.topk_ids.numel()
+
+    def leaves(self, dtype=None, weights_dtype=None) -> list[torch.Tensor]:
+        """Fresh leaf copies [x, topk_weights, w13, w2] (cast) that require grad."""
+        dtypes = (dtype, weights_dtype, dtype, dtype)
+        return [
+            t.detach().to(dt or t.dtype, copy=True).requires_grad_()
+            for t, dt in zip((self.x, self.topk_weights, self.w13, self.w2), dtypes, strict=True)
+        ]
+
+    def run(self, fn=moeblaze.moe_mlp, *, dtype=None, weights_dtype=None, **kwargs):
+        """Forward + backward of `fn(x, topk_ids, topk_weights, w13, w2, **kwargs)`.
+
+        Returns [out, dx, dtopk_weights, dw13, dw2] (OUTPUT_NAMES). Where the output does not
+        depend on an input (T = 0 through the reference's empty loop), its gradient is zeros.
+        """
+        x, weights, w13, w2 = leaves = self.leaves(dtype, weights_dtype)
+        out = fn(x, self.topk_ids, weights, w13, w2, **kwargs)
+        if out.requires_grad:
+            out.backward(self.dout.to(out.dtype))
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
+        return [out.detach(), *grads]
+
+    def reference(self):
+        """The float64 oracle: moeblaze.moe_mlp_reference run on float64 copies."""
+        return self.run(moeblaze.moe_mlp_reference, dtype=torch.float64,
+                        weights_dtype=torch.float64)  # fmt: skip
+
+    def torch_bf16(self):
+        """Plain PyTorch in bf16 (float32 routing weights, as the Router returns them)."""
+        return self.run(moeblaze.moe_mlp_reference, dtype=torch.bfloat16,
+                        weights_dtype=torch.float32)  # fmt: skip
+
+
+def _routing(T, E, k, routing, g):
+    """topk_ids [T, k] (distinct per token) and topk_weights [T, k] > 0."""
+    if routing == "random":
+        allowed = torch.arange(E)
+    elif routing == "one_expert":
+        # Every token picks the same k experts: with k = 1 all slots land on expert E-1.
+        ids = torch.tensor([E - 1, *range(k - 1)], dtype=torch.int64)
+        return ids.expand(T, k).contiguous(), _weights(T, k, g)
+    elif routing == "skip_experts":
+        # Only every other expert can be chosen (more if k needs them): the rest get no token.
+        allowed = torch.arange(0, E, 2)
+        if len(allowed) < k:
+            allowed = torch.arange(k)
+        if len(allowed) == E:
+            raise ValueError(f"skip_experts needs an expert left empty: E={E}, k={k}")
+    else:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    logits = torch.randn(T, len(allowed), generator=g)
+    chosen = logits.softmax(-1).topk(k, dim=-1).indices  # [T, k]
+    return allowed[chosen].contiguous(), _weights(T, k, g)
+
+
+def _weights(T, k, g):
+    # Softmax-like magnitudes, never 0 and never exactly 1 (so a dropped weight shows).
+    return (0.1 + 0.9 * torch.rand(T, k, generator=g)) / k
+
+
+def _make_problem(
+    T, d, F, E, k, dtype=torch.float32, seed=0, routing="random", device="cpu"
+) -> MoEProblem:
+    """Random (never zero) inputs; weights scaled ~1/sqrt(fan_in) like nn.Linear."""
+    g = torch.Generator().manual_seed(seed)
+    topk_ids, topk_weights = _routing(T, E, k, routing, g)
+    x = torch.randn(T, d, generator=g)
+    w13 = torch.randn(E, 2 * F, d, generator=g) / d**0.5
+    w2 = torch.randn(E, d, F, generator=g) / F**0.5
+    dout = torch.randn(T, d, generator=g)
+
+    def put(t, dt):
+        return t.to(device=device, dtype=dt)
+
+    return MoEProblem(
+        x=put(x, dtype),
+        topk_ids=topk_ids.to(device),
+        topk_weights=put(topk_weights, torch.float32),
+        w13=put(w13, dtype),
+        w2=put(w2, dtype),
+        dout=put(dout, dtype),
+    )
+
+
+@pytest.fixture(scope="session")
+def make_problem():
+    """`make_problem(T, d, F, E, k, dtype, seed, routing="random"|"one_expert"|"skip_experts",
+    device="cpu") -> MoEProblem` (session-scoped: it is a pure function)."""
+    return _make_problem

@@ -1,0 +1,283 @@
+"""GPU tests of moeblaze (`pytest -m gpu`; skipped without CUDA by tests/conftest.py): compiled
+Triton kernels in bf16 / fp16 / fp32 against the float64 reference, the CUDA routing plan, bitwise
+determinism, peak memory against the dense-dispatch baseline, device checks, torch.compile with
+inductor and CUDA-graph capture.
+
+# T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
+"""
+
+import pytest
+import torch
+from test_routing_plan import check_plan
+from tolerance import assert_bf16_close, assert_close
+
+import moeblaze
+from bench.baselines import dense_dispatch_moe_mlp
+from moeblaze.expert_stages import stages_for
+from moeblaze.routing_plan import plan_numel
+
+pytestmark = pytest.mark.gpu
+
+NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
+# The kernel may be at most 2x as far from the float64 oracle as plain PyTorch in the same
+# low precision (design brief; flash-attention's rule). On the GPU both round to nearest.
+LOW_PRECISION_FACTOR = 2
+# fp32 on the GPU: tl.dot with input_precision="ieee" (TF32 is off by default for matmuls);
+# sums of up to a few hundred products, so errors stay ~1e-6, as on the CPU.
+RTOL_FP32 = 1e-5
+
+# (T, d, F, E, k, routing)
+SHAPES = {
+    "medium": (4096, 1024, 512, 64, 6, "random"),
+    "odd": (777, 200, 120, 10, 3, "random"),  # no size a multiple of any block
+    "k1": (513, 256, 96, 8, 1, "random"),
+    "empty_experts": (300, 128, 64, 16, 2, "skip_experts"),
+    "one_expert": (1000, 128, 64, 8, 1, "one_expert"),
+    "E256": (256, 128, 64, 256, 8, "random"),
+}
+
+
+def _low_precision_baseline(problem, dtype):
+    """Plain PyTorch in `dtype` (float32 routing weights, as the Router returns them)."""
+    return problem.run(moeblaze.moe_mlp_reference, dtype=dtype, weights_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_bf16_matches_reference(shape, make_problem):
+    T, d, F, E, k, routing = shape
+    problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=1, routing=routing,
+                           device="cuda")  # fmt: skip
+    expected = problem.reference()
+    baseline = _low_precision_baseline(problem, torch.bfloat16)
+    for policy in moeblaze.RECOMPUTE_POLICIES:
+        actual = problem.run(recompute=policy)
+        for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+            assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=f"{policy} {name}")
+    counts = torch.bincount(problem.topk_ids.reshape(-1), minlength=E)
+    assert not actual[3][counts == 0].any() and not actual[4][counts == 0].any()
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("shape", ["odd", "k1"])
+def test_fp16_matches_reference(shape, deterministic, make_problem):
+    T, d, F, E, k, routing = SHAPES[shape]
+    problem = make_problem(T, d, F, E, k, dtype=torch.float16, seed=2, device="cuda")
+    expected = problem.reference()
+    baseline = _low_precision_baseline(problem, torch.float16)
+    actual = problem.run(deterministic=deterministic)
+    for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=name)
+
+
+@pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
+@pytest.mark.parametrize("shape", ["odd", "k1", "empty_experts"])
+def test_fp32_matches_reference(shape, policy, make_problem):
+    assert not torch.backends.cuda.matmul.allow_tf32
+    T, d, F, E, k, routing = SHAPES[shape]
+    problem = make_problem(T, d, F, E, k, seed=3, routing=routing, device="cuda")
+    actual = problem.run(recompute=policy)
+    for name, a, e in zip(NAMES, actual, problem.reference(), strict=True):
+        assert_close(a, e, rtol=RTOL_FP32, name=name)
+
+
+def test_T0_and_T1(make_problem):
+    for T in (0, 1):
+        problem = make_problem(T, 64, 32, 4, 2, dtype=torch.bfloat16, seed=4, device="cuda")
+        out, dx, dweights, dw13, dw2 = problem.run()
+        assert out.shape == (T, 64) and dx.shape == (T, 64) and dweights.shape == (T, 2)
+        if T == 0:
+            assert not dw13.any() and not dw2.any()
+        else:
+            expected = problem.reference()
+            baseline = _low_precision_baseline(problem, torch.bfloat16)
+            for name, a, e, b in zip(NAMES, (out, dx, dweights, dw13, dw2), expected, baseline,
+                                     strict=True):  # fmt: skip
+                assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=name)
+
+
+# (T, E, k, routing, block_m)
+PLAN_CASES = {
+    "large": (16384, 128, 8, "random", 128),
+    "large_bm64": (16384, 128, 8, "random", 64),
+    "odd": (4097, 37, 3, "random", 64),
+    "one_expert": (5000, 64, 1, "one_expert", 128),
+    "E1": (3000, 1, 1, "random", 64),
+    "E300": (2000, 300, 4, "random", 64),
+    "T0": (0, 8, 2, "random", 64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("case", PLAN_CASES.values(), ids=PLAN_CASES.keys())
+def test_cuda_plan_equals_torch_path(case, dtype, monkeypatch):
+    T, E, k, routing, block_m = case
+    g = torch.Generator().manual_seed(5)
+    if routing == "one_expert":
+        ids = torch.full((T, k), E - 1)
+    else:
+        ids = torch.randn(T, E, generator=g).topk(k, dim=-1).indices
+    ids = ids.to(dtype)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU plan comes from the torch path
+    cuda_plan = moeblaze.build_routing_plan(ids.cuda(), E, block_m=block_m)
+    torch_plan = moeblaze.build_routing_plan(ids, E, block_m=block_m)
+    assert torch.equal(cuda_plan.buffer.cpu(), torch_plan.buffer)
+    check_plan(torch_plan, ids, E, block_m)
+    # The same buffer again: no atomics, no comparison sort.
+    assert torch.equal(moeblaze.build_routing_plan(ids.cuda(), E, block_m=block_m).buffer,
+                       cuda_plan.buffer)  # fmt: skip
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_deterministic_is_bitwise(k, make_problem):
+    problem = make_problem(4096, 1024, 512, 64, k, dtype=torch.bfloat16, seed=6, device="cuda")
+    first = problem.run(deterministic=True)
+    second = problem.run(deterministic=True)
+    for name, a, b in zip(NAMES, first, second, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_bytes_kept_for_backward_on_cuda(make_problem):
+    T, d, F, E, k = 2048, 512, 256, 16, 4
+    S = T * k
+    problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=7, device="cuda")
+    block_m = stages_for(problem.x.device).block_m(S, E)
+    kept_by_policy = {"activation": S * 2 * F * 2, "none": S * 3 * F * 2, "up_proj": 0}
+    for policy, policy_bytes in kept_by_policy.items():
+        x, weights, w13, w2 = problem.leaves()
+        packed = []
+
+        def pack(t, packed=packed):
+            packed.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2, recompute=policy)
+        skip = {t.untyped_storage().data_ptr() for t in (x, w13, w2)}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in packed}
+        nbytes = sum(n for ptr, n in storages.items() if ptr not in skip)
+        assert nbytes == plan_numel(S, E, block_m) * 4 + weights.nbytes + policy_bytes, policy
+        assert all(t.numel() != S * d for t in packed), policy
+
+
+def _peak_bytes(fn, problem):
+    """(peak bytes above the inputs during forward, during forward + backward) of fn.
+
+    Inputs (x, weights, routing, dout) are allocated before the measurement. Gradients come
+    from torch.autograd.grad, so no .grad accumulation copies blur the number.
+    """
+    x, weights, w13, w2 = leaves = problem.leaves()
+    dout = problem.dout
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(x, problem.topk_ids, weights, w13, w2)
+    torch.cuda.synchronize()
+    forward = torch.cuda.max_memory_allocated() - base
+    grads = torch.autograd.grad(out, leaves, dout)
+    torch.cuda.synchronize()
+    step = torch.cuda.max_memory_allocated() - base
+    del out, grads
+    return forward, step
+
+
+def test_peak_memory(make_problem):
+    T, d, F, E, k = 8192, 2048, 768, 64, 8
+    S = T * k
+    problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=8, device="cuda")
+    bf16, fp32 = 2, 4
+    block_m = stages_for(problem.x.device).block_m(S, E)
+    plan = plan_numel(S, E, block_m) * 4
+    grads = sum(t.nbytes for t in (problem.x, problem.topk_weights, problem.w13, problem.w2))
+    slots_by_hidden = S * d * bf16  # one [T*k, d] bf16 buffer: 256 MiB here
+
+    forward, step = _peak_bytes(moeblaze.moe_mlp, problem)  # recompute="activation", atomics
+    dense_forward, dense_step = _peak_bytes(dense_dispatch_moe_mlp, problem)
+
+    # Floors of this design, from what must be alive at the worst moment:
+    # - forward, at the combine: out [T, d] bf16 and its fp32 accumulator, h [S, 2F] (kept),
+    #   a [S, F] (the down GEMM's input) and the plan;
+    # - forward + backward, at the end of backward: out, what forward kept (h, plan), dh [S, 2F]
+    #   (dw13 needs it) and the four gradients, which are as large as the inputs x,
+    #   topk_weights, w13 and w2. The brief's "a [T*k, d] buffer plus the inputs" is this
+    #   floor (the gradients are the inputs' size) plus the buffer.
+    # Allowed on top of each floor: half of one [T*k, d] bf16 buffer (128 MiB) for small
+    # temporaries (dw_partial [S, F/BLOCK_N] fp32 is 1.5 MiB) and allocator rounding. So any
+    # single [T*k, d] bf16 tensor alive at a peak fails the test; the dense-dispatch path
+    # keeps several of them.
+    forward_floor = T * d * (bf16 + fp32) + S * 2 * F * bf16 + S * F * bf16 + plan
+    step_floor = T * d * bf16 + plan + 2 * (S * 2 * F * bf16) + grads
+    mib = 2**20
+    report = (
+        f"moeblaze forward {forward / mib:.0f} MiB (floor {forward_floor / mib:.0f}), "
+        f"forward+backward {step / mib:.0f} MiB (floor {step_floor / mib:.0f}); dense dispatch "
+        f"{dense_forward / mib:.0f} / {dense_step / mib:.0f} MiB; [S, d] bf16 = "
+        f"{slots_by_hidden / mib:.0f} MiB"
+    )
+    assert forward < forward_floor + slots_by_hidden // 2, report
+    assert step < step_floor + slots_by_hidden // 2, report
+    assert step < dense_step and forward < dense_forward, report
+
+
+@pytest.mark.parametrize("name", ["topk_ids", "topk_weights", "w13", "w2"])
+def test_devices_must_agree(name, make_problem):
+    problem = make_problem(16, 32, 16, 4, 2, seed=9, device="cuda")
+    args = dict(x=problem.x, topk_ids=problem.topk_ids, topk_weights=problem.topk_weights,
+                w13=problem.w13, w2=problem.w2)  # fmt: skip
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=rf"{name} is on cpu; expected x's device cuda"):
+        moeblaze.moe_mlp(*args.values())
+
+
+def test_compile_inductor_on_cuda():
+    torch.manual_seed(10)
+    layer = moeblaze.MoELayer(256, 128, 8, 2, shared_expert_size=64, device="cuda")
+    x = torch.randn(4, 128, 256, device="cuda")
+    dout = torch.randn_like(x)
+
+    def step(module):
+        inp = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out = module(inp)
+        out.backward(dout)
+        return [out.detach(), inp.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    eager = step(layer)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(layer, fullgraph=True))
+    names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    for name, a, e in zip(names, compiled, eager, strict=True):
+        assert_close(a, e, rtol=1e-5, name=name)
+
+
+def test_cuda_graph_capture_of_forward(make_problem):
+    # The plan has a static size (ceil(S / BLOCK_M) + E tiles), so a forward should be
+    # capturable. moe_mlp checks that ids lie in [0, E) with a device-to-host sync, which a
+    # capture does not allow: if this fails inside torch.cuda.graph, that check is why.
+    T, d, F, E, k = 512, 256, 128, 8, 2
+    first = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=11, device="cuda")
+    second = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=12, device="cuda")
+    x = first.x.clone()
+    ids = first.topk_ids.clone()
+    weights = first.topk_weights.clone()
+
+    def forward():
+        return moeblaze.moe_mlp(x, ids, weights, first.w13, first.w2, deterministic=True)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward()
+        x.copy_(second.x)
+        ids.copy_(second.topk_ids)
+        weights.copy_(second.topk_weights)
+        graph.replay()
+        expected = moeblaze.moe_mlp(second.x, second.topk_ids, second.topk_weights, first.w13,
+                                    first.w2, deterministic=True)  # fmt: skip
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)

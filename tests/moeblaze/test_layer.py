@@ -1,0 +1,148 @@
+"""MoELayer tests: the layer against a hand composition (router -> float64 reference experts +
+shared expert) in forward and every gradient, aux-loss injection, logging output, bad input.
+
+# B batch, L sequence, N = B*L tokens, d hidden, F ffn, E experts, k top-k
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close
+
+import moeblaze
+from moeblaze import MoELayer, RouterOutput
+
+B, L, D, FFN, E, K, SHARED = 2, 7, 24, 16, 6, 2, 12
+RTOL = 1e-5  # float32 layer against the float64 experts (see test_moe_mlp.RTOL_FP32)
+
+
+def _layer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return MoELayer(D, FFN, E, K, **kwargs)
+
+
+def _hand_composition(layer, x):
+    """Router (float32, as the layer runs it) -> float64 reference experts + shared expert."""
+    tokens = x.reshape(-1, D)  # [N, d]
+    routing = layer.router(tokens)
+    out = moeblaze.moe_mlp_reference(
+        tokens.double(), routing.topk_ids, routing.topk_weights.double(),
+        layer.w13.double(), layer.w2.double(),
+    )  # fmt: skip
+    if layer.shared_expert is not None:
+        gate, up = F.linear(tokens.double(), layer.shared_expert.gate_up.weight.double()).chunk(
+            2, -1
+        )
+        out = out + F.linear(F.silu(gate) * up, layer.shared_expert.down.weight.double())
+    return out.view(x.shape)
+
+
+def _step(fn, layer, x, dout):
+    """[out, dx, *parameter grads] of fn(layer, x) with output gradient `dout`."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    out = fn(layer, x)
+    out.backward(dout.to(out.dtype))
+    grads = [p.grad for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    return [out.detach(), x.grad, *grads]
+
+
+@pytest.mark.parametrize("shared", [None, SHARED], ids=["routed_only", "shared_expert"])
+@pytest.mark.parametrize("recompute", ["activation", "up_proj"])
+def test_layer_matches_hand_composition(shared, recompute):
+    layer = _layer(shared_expert_size=shared, recompute=recompute)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, L, D, generator=g)
+    dout = torch.randn(B, L, D, generator=g)
+    actual = _step(lambda m, t: m(t), layer, x, dout)
+    expected = _step(_hand_composition, layer, x, dout)
+    assert actual[0].shape == (B, L, D) and actual[0].dtype == torch.float32
+    names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    assert "router.weight" in names and "w13" in names and "w2" in names
+    if shared:
+        assert "shared_expert.gate_up.weight" in names and "shared_expert.down.weight" in names
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert a is not None, f"no gradient reached {name}"
+        assert a.abs().sum() > 0, f"zero gradient for {name}"
+        assert_close(a, e, rtol=RTOL, name=name)
+
+
+def _aux_loss_grad(layer, x, coeff):
+    """d(coeff * switch load-balancing loss) / d router.weight, written out by hand."""
+    weight = layer.router.weight.detach().clone().requires_grad_()
+    tokens = x.reshape(-1, D)
+    probs = (tokens @ weight.t()).softmax(-1)  # [N, E]
+    ids = probs.detach().topk(K, dim=-1).indices
+    share = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()  # [E]
+    aux = E * (share * probs.mean(0)).sum()
+    (grad,) = torch.autograd.grad(coeff * aux, weight)
+    return grad
+
+
+def test_aux_loss_reaches_router_gradient():
+    coeff = 0.1
+    plain = _layer(seed=2)
+    with_aux = copy.deepcopy(plain)
+    with_aux.router.aux_loss_coeff = coeff
+    x = torch.randn(B, L, D, generator=torch.Generator().manual_seed(3))
+    dout = torch.randn(B, L, D, generator=torch.Generator().manual_seed(4))
+    grads = {}
+    for name, layer in (("plain", plain), ("aux", with_aux)):
+        layer.train()
+        out = layer(x)
+        out.backward(dout)
+        grads[name] = layer.router.weight.grad.clone()
+        assert isinstance(layer.last_router_output, RouterOutput)
+    # The caller adds nothing: the injected gradient is exactly coeff * d(aux_loss)/d(weight).
+    assert not torch.equal(grads["aux"], grads["plain"])
+    assert_close(grads["aux"] - grads["plain"], _aux_loss_grad(plain, x, coeff), rtol=1e-4,
+                 name="injected aux-loss gradient")  # fmt: skip
+    # The expert weights do not see the aux loss.
+    assert torch.equal(plain.w13.grad, with_aux.w13.grad)
+
+
+def test_last_router_output_is_set():
+    layer = _layer(seed=5)
+    assert layer.last_router_output is None
+    x = torch.randn(B, L, D)
+    layer(x)
+    routing = layer.last_router_output
+    assert isinstance(routing, RouterOutput)
+    assert routing.topk_ids.shape == (B * L, K) and routing.topk_weights.shape == (B * L, K)
+    assert int(routing.tokens_per_expert.sum()) == B * L * K
+    assert torch.isfinite(routing.aux_loss) and torch.isfinite(routing.z_loss)
+
+
+def test_any_leading_shape():
+    layer = _layer(seed=6)
+    x = torch.randn(3, 2, 5, D)
+    out = layer(x)
+    assert out.shape == x.shape
+    assert_close(out, layer(x.reshape(-1, D)).view(x.shape), rtol=0, name="out")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ffn_hidden_size=0), "ffn_hidden_size must be >= 1"),
+        (dict(recompute="bogus"), "recompute must be one of"),
+        (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
+        (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
+    ],
+    ids=["ffn0", "recompute", "shared0", "k>E"],
+)
+def test_bad_options(kwargs, match):
+    args = dict(hidden_size=D, ffn_hidden_size=FFN, num_experts=E, top_k=K)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        MoELayer(args.pop("hidden_size"), args.pop("ffn_hidden_size"), args.pop("num_experts"),
+                 args.pop("top_k"), **args)  # fmt: skip
+
+
+def test_bad_hidden_size():
+    layer = _layer(seed=7)
+    with pytest.raises(ValueError, match=f"hidden_size={D}"):
+        layer(torch.randn(B, L, D + 1))

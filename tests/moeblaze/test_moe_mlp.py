@@ -1,0 +1,411 @@
+"""moe_mlp tests: forward and every gradient against the float64 reference, on the Triton kernels
+(CPU interpreter) and on the torch stages; recompute policies, determinism, bytes kept for
+backward, allocations, torch.compile, profiler ranges, bad input.
+
+# T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
+"""
+
+import pytest
+import torch
+from tolerance import assert_bf16_close, assert_close
+
+import moeblaze
+from moeblaze.expert_stages import stages_for
+from moeblaze.routing_plan import plan_numel
+
+POLICIES = moeblaze.RECOMPUTE_POLICIES
+NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
+
+# float32 against the float64 oracle. Measured errors are 1e-7..7e-7 (fp32 eps is 1.2e-7; the
+# worst is dtopk_weights at T=1, a single short dot product). 1e-5 leaves >10x margin for
+# longer reductions and other summation orders, while one wrong or missing row of a [37, 48]
+# output already gives a relative error above 1e-2.
+RTOL_FP32 = 1e-5
+
+# bfloat16, measured against plain PyTorch in bf16. The Triton 3.9 CPU interpreter rounds
+# float32 -> bfloat16 by truncation (round toward zero), not to nearest: every rounding shrinks
+# magnitudes by 2**-9 on average, the biases of the roundings on a path add up, and the kernels'
+# bf16 results carry 2-3.5x the error of PyTorch's round-to-nearest (measured: up to 3.4x, on
+# dw2). Hence factor 4 under the interpreter. The torch stages round to nearest, like the GPU
+# (tests/moeblaze/test_gpu.py): factor 2, the bound of the design brief.
+BF16_FACTOR_INTERPRETER = 4
+BF16_FACTOR = 2
+
+# (T, d, F, E, k, routing). d, F and T are not multiples of any block (16 / 32 under the
+# interpreter) where it matters.
+SHAPES = {
+    "odd": (37, 48, 40, 6, 2, "random"),
+    "k1": (29, 40, 24, 5, 1, "random"),
+    "T0": (0, 16, 8, 4, 2, "random"),
+    "T1": (1, 16, 8, 4, 2, "random"),
+    "k=E": (12, 16, 24, 4, 4, "random"),
+    "E1": (20, 16, 24, 1, 1, "random"),
+    "E256": (8, 8, 8, 256, 2, "random"),  # 16 slots: at least 240 experts get no token
+    "one_expert_k1": (40, 24, 16, 5, 1, "one_expert"),
+    "one_expert_k3": (20, 24, 16, 5, 3, "one_expert"),
+    "empty_experts": (33, 24, 16, 8, 2, "skip_experts"),
+}
+SMALL = (21, 40, 24, 5, 2)
+SMALL_K1 = (21, 40, 24, 5, 1)
+
+PATHS = ["kernels", "torch"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """'kernels': Triton under the interpreter; 'torch': the torch stages."""
+    if request.param == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
+
+
+def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
+    for name, a, e in zip(NAMES, actual, expected, strict=True):
+        assert a.shape == e.shape, f"{what}{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert_close(a, e, rtol=rtol, name=f"{what}{name}")
+
+
+def assert_empty_experts_get_zero_grads(problem, dw13, dw2):
+    counts = torch.bincount(problem.topk_ids.reshape(-1), minlength=problem.w13.shape[0])
+    empty = counts == 0
+    assert torch.equal(dw13[empty], torch.zeros_like(dw13[empty]))
+    assert torch.equal(dw2[empty], torch.zeros_like(dw2[empty]))
+    return int(empty.sum())
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_reference(shape, path, make_problem):
+    T, d, F, E, k, routing = shape
+    problem = make_problem(T, d, F, E, k, seed=1, routing=routing)
+    actual = problem.run()
+    expected = problem.reference()
+    assert actual[0].dtype == torch.float32 and actual[0].shape == (T, d)
+    assert_matches_reference(actual, expected)
+    empty = assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
+    if routing != "random" or E == 256:
+        assert empty > 0, "the case is meant to leave experts without tokens"
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("shape", [SMALL, SMALL_K1], ids=["k2", "k1"])
+def test_policies_and_modes(shape, policy, deterministic, path, make_problem):
+    problem = make_problem(*shape, seed=2)
+    actual = problem.run(recompute=policy, deterministic=deterministic)
+    assert_matches_reference(actual, problem.reference())
+
+
+def test_T0_output_and_grads(path, make_problem):
+    # The reference cannot backprop through its empty loop: compare with zeros directly.
+    problem = make_problem(0, 16, 8, 4, 2)
+    out, dx, dweights, dw13, dw2 = problem.run()
+    assert out.shape == (0, 16) and dx.shape == (0, 16) and dweights.shape == (0, 2)
+    assert torch.equal(dw13, torch.zeros(4, 16, 16)) and torch.equal(dw2, torch.zeros(4, 16, 8))
+
+
+@pytest.mark.parametrize("shape", [(21, 40, 24, 5, 2), (16, 32, 48, 4, 1)], ids=["k2", "k1"])
+def test_bfloat16(shape, path, make_problem):
+    problem = make_problem(*shape, dtype=torch.bfloat16, seed=3)
+    actual = problem.run()
+    expected = problem.reference()
+    baseline = problem.torch_bf16()
+    factor = BF16_FACTOR_INTERPRETER if path == "kernels" else BF16_FACTOR
+    for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        assert a.dtype == b.dtype, name  # bf16 tensors, float32 dtopk_weights
+        assert_bf16_close(a, e, b, factor=factor, name=name)
+
+
+def test_float16(path, make_problem):
+    # fp16 has 3 more mantissa bits than bf16 and these values stay far from its range limits.
+    problem = make_problem(*SMALL, dtype=torch.float16, seed=4)
+    assert_matches_reference(problem.run(), problem.reference(), rtol=5e-3)
+
+
+def test_topk_weights_dtype_is_kept(path, make_problem):
+    # Routing weights may have any float dtype; their gradient comes back in that dtype.
+    problem = make_problem(*SMALL, seed=5)
+    actual = problem.run(weights_dtype=torch.float64)
+    assert actual[2].dtype == torch.float64
+    assert_matches_reference(actual, problem.reference())
+
+
+def test_non_contiguous_inputs(path, make_problem):
+    problem = make_problem(*SMALL, seed=6)
+    x, weights, w13, w2 = problem.leaves()
+    leaves = [
+        x.detach().t().contiguous().t().requires_grad_(),  # [T, d], strides (1, T)
+        weights.detach().t().contiguous().t().requires_grad_(),
+        w13.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(),
+        w2.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0).requires_grad_(),
+    ]
+    assert not any(t.is_contiguous() for t in leaves)
+    out = moeblaze.moe_mlp(leaves[0], problem.topk_ids, *leaves[1:])
+    out.backward(problem.dout)
+    actual = [out.detach(), *(t.grad for t in leaves)]
+    assert_matches_reference(actual, problem.reference())
+
+
+def test_non_contiguous_topk_ids(path, make_problem):
+    # topk_ids[:, ::2] can be flattened to a *strided* view (stride 2) without a copy.
+    problem = make_problem(21, 40, 24, 6, 4, seed=7)
+    wide = problem.topk_ids
+    ids = wide[:, ::2]  # [T, 2], distinct per token, strides (4, 2)
+    assert not ids.is_contiguous()
+    weights = problem.topk_weights[:, ::2].contiguous()
+    sliced = type(problem)(problem.x, ids, weights, problem.w13, problem.w2, problem.dout)
+    contiguous = type(problem)(problem.x, ids.contiguous(), weights, problem.w13, problem.w2,
+                               problem.dout)  # fmt: skip
+    assert_matches_reference(sliced.run(), contiguous.reference())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_deterministic_is_bitwise_reproducible(k, path, make_problem):
+    problem = make_problem(23, 40, 24, 5, k, seed=8)
+    first = problem.run(deterministic=True)
+    second = problem.run(deterministic=True)
+    for name, a, b in zip(NAMES, first, second, strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_policies_agree(path, make_problem):
+    problem = make_problem(*SMALL, seed=9)
+    results = {policy: problem.run(recompute=policy) for policy in POLICIES}
+    base = results["activation"]
+    for policy in ("up_proj", "none"):
+        # The forward is the same computation whatever backward keeps: bitwise equal.
+        assert torch.equal(results[policy][0], base[0]), policy
+        # Backward recomputes from the same rounded values: equal within fp32 rounding.
+        assert_matches_reference(results[policy], base, rtol=1e-6, what=f"{policy} vs activation: ")
+
+
+# --- what backward keeps, and what forward/backward allocate -----------------------------------
+
+
+def _saved(fn, exclude):
+    """(bytes of the distinct storages saved for backward, minus `exclude`'s; saved tensors)."""
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages = {}
+    for t in packed:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()), packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bytes_kept_for_backward(dtype, make_problem, monkeypatch):
+    T, d, F, E, k = 20, 24, 8, 4, 3  # S*d = 1440 matches no other tensor's size
+    S = T * k
+    problem = make_problem(T, d, F, E, k, dtype=dtype, seed=10)
+    elsize = problem.x.element_size()
+    policy_bytes = {"activation": S * 2 * F * elsize, "none": S * 3 * F * elsize, "up_proj": 0}
+    kept = {}
+    for path in PATHS:
+        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")
+        block_m = stages_for(problem.x.device).block_m(S, E)
+        plan_bytes = plan_numel(S, E, block_m) * 4
+        for policy in POLICIES:
+            x, weights, w13, w2 = problem.leaves()
+            nbytes, packed = _saved(
+                lambda: moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2, recompute=policy),  # noqa: B023
+                exclude=(x, w13, w2),
+            )
+            expected = plan_bytes + weights.nbytes + policy_bytes[policy]
+            assert nbytes == expected, f"{path} {policy}: kept {nbytes} bytes, expected {expected}"
+            for t in packed:
+                assert t.numel() != S * d, f"{path} {policy}: saved a [S, d] tensor {t.shape}"
+            kept[path, policy] = nbytes - plan_bytes
+    for policy in POLICIES:
+        assert kept["kernels", policy] == kept["torch", policy], policy
+
+
+def _largest_allocation(fn):
+    """Largest single CPU allocation (bytes) made while `fn` runs, from the memory profiler."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_no_slots_by_hidden_allocation_in_default_mode(make_problem):
+    # "Forward and backward should not even allocate a [T*k, d] tensor in the default mode."
+    T, d, F, E, k = 24, 64, 8, 4, 4  # S*d*4 = 24576 B, more than any legitimate buffer here
+    S = T * k
+    problem = make_problem(T, d, F, E, k, seed=11)
+    largest = _largest_allocation(lambda: problem.run())
+    assert 0 < largest < S * d * 4, f"largest allocation {largest} B, [S, d] fp32 = {S * d * 4} B"
+    # The check sees such a buffer: deterministic mode documents a transient fp32 [S, d].
+    largest = _largest_allocation(lambda: problem.run(deterministic=True))
+    assert largest >= S * d * 4
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_backward_materializes_no_gradients_for_kept_tensors(policy, make_problem):
+    # h and a are outputs of the forward op only so that backward gets them back. Nothing flows
+    # into them, so backward must not allocate zero "gradients" of [S, 2F] / [S, F] for them.
+    T, d, F, E, k = 20, 24, 8, 4, 2
+    S = T * k
+    problem = make_problem(T, d, F, E, k, seed=12)
+    x, weights, w13, w2 = problem.leaves()
+    out = moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2, recompute=policy)
+    created = []
+
+    zero_ops = (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros)
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in zero_ops:
+                created.append(tuple(out.shape))
+            return out
+
+    with Record():
+        out.backward(problem.dout)
+    wasted = [shape for shape in created if shape in ((S, 2 * F), (S, F))]
+    assert not wasted, f"backward allocated zero gradients of shapes {wasted} for h / a"
+
+
+# --- torch.library, torch.compile, profiler --------------------------------------------------
+
+
+def test_opcheck(make_problem):
+    problem = make_problem(12, 16, 8, 4, 2, seed=13)
+    plan_args = (problem.topk_ids, 4, 16)
+    torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
+    plan = torch.ops.moeblaze.routing_plan(*plan_args)
+    x, weights, w13, w2 = problem.leaves()
+    for policy in POLICIES:
+        args = (x, weights, w13, w2, plan, 16, policy, False)
+        torch.library.opcheck(torch.ops.moeblaze.moe_mlp_forward.default, args)
+
+
+def _layer_step(layer, x):
+    """Forward + backward of `layer`; returns [out, x.grad, *parameter grads] and clears them."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    results = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
+    layer.zero_grad(set_to_none=True)
+    return results
+
+
+def _compiled_matches_eager(backend, recompute="activation"):
+    torch.manual_seed(14)
+    layer = moeblaze.MoELayer(24, 16, 6, 2, recompute=recompute, shared_expert_size=8)
+    x = torch.randn(2, 9, 24)
+    eager = _layer_step(layer, x)
+    torch._dynamo.reset()
+    compiled = _layer_step(torch.compile(layer, fullgraph=True, backend=backend), x)
+    names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    for name, a, e in zip(names, compiled, eager, strict=True):
+        assert_close(a, e, rtol=1e-6, name=f"{backend}: {name}")
+
+
+@pytest.mark.parametrize("recompute", ["activation", "up_proj"])
+def test_compile_aot_eager(recompute):
+    _compiled_matches_eager("aot_eager", recompute)
+
+
+@pytest.mark.slow
+def test_compile_inductor():
+    _compiled_matches_eager("inductor")
+
+
+def test_profiler_ranges():
+    torch.manual_seed(15)
+    layer = moeblaze.MoELayer(24, 16, 4, 2)
+    x = torch.randn(10, 24, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    expected = {
+        "moeblaze.router", "moeblaze.routing_plan", "moeblaze.moe_mlp.forward", "moeblaze.gate_up",
+        "moeblaze.down_combine", "moeblaze.moe_mlp.backward", "moeblaze.grad_act",
+        "moeblaze.grad_w2", "moeblaze.grad_input", "moeblaze.grad_w13",
+    }  # fmt: skip
+    assert expected <= names, f"missing ranges: {sorted(expected - names)}"
+
+
+def test_profiler_ranges_up_proj_recompute():
+    layer = moeblaze.MoELayer(16, 8, 4, 2, recompute="up_proj")
+    x = torch.randn(6, 16)
+    with torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+    backward = [e for e in prof.events() if e.name == "moeblaze.moe_mlp.backward"]
+    gate_up = [e for e in prof.events() if e.name == "moeblaze.gate_up"]
+    assert len(backward) == 1 and len(gate_up) == 2  # forward, and the recompute in backward
+    assert any(backward[0].time_range.start <= g.time_range.start <= backward[0].time_range.end
+               for g in gate_up)  # fmt: skip
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    """(id, mutate(dict of moe_mlp arguments), error, match)."""
+
+    def with_(**changes):
+        return lambda a: {**a, **{k: v(a) for k, v in changes.items()}}
+
+    return [
+        ("x_1d", with_(x=lambda a: a["x"][0]), ValueError, r"x must be 2-D \[T, d\]"),
+        ("x_3d", with_(x=lambda a: a["x"][None]), ValueError, r"x must be 2-D \[T, d\]"),
+        ("x_int", with_(x=lambda a: a["x"].int()), TypeError, "x must be float16, bfloat16 or float32"),
+        ("x_fp64", lambda a: {**a, **{n: a[n].double() for n in ("x", "w13", "w2")}}, TypeError,
+         "x must be float16, bfloat16 or float32, got torch.float64"),
+        ("x_list", with_(x=lambda a: a["x"].tolist()), TypeError, "x must be a torch.Tensor"),
+        ("w13_dtype", with_(w13=lambda a: a["w13"].half()), TypeError, "w13 has dtype torch.float16"),
+        ("w2_dtype", with_(w2=lambda a: a["w2"].bfloat16()), TypeError, "w2 has dtype torch.bfloat16"),
+        ("weights_int", with_(topk_weights=lambda a: a["topk_weights"].long()), TypeError,
+         "topk_weights must be floating point"),
+        ("ids_float", with_(topk_ids=lambda a: a["topk_ids"].float()), TypeError,
+         "topk_ids must have an integer dtype"),
+        ("w13_rank", with_(w13=lambda a: a["w13"][0]), ValueError, r"w13 must be \[E, 2F, d\]"),
+        ("w13_odd_2F", with_(w13=lambda a: a["w13"][:, :-1]), ValueError, r"w13 must be \[E, 2F, d\]"),
+        ("w13_d", with_(w13=lambda a: a["w13"][..., :-1]), ValueError, r"w13 must be \[E, 2F, d\] with d=16"),
+        ("w2_F", with_(w2=lambda a: a["w2"][..., :-1]), ValueError, r"w2 must be \[E, d, F\]"),
+        ("w2_E", with_(w2=lambda a: a["w2"][:-1]), ValueError, r"w2 must be \[E, d, F\]"),
+        ("ids_rows", with_(topk_ids=lambda a: a["topk_ids"][:-1]), ValueError,
+         r"topk_ids has 9 rows; expected one per token of x \(10\)"),
+        ("ids_1d", with_(topk_ids=lambda a: a["topk_ids"][:, 0]), ValueError, r"topk_ids must be 2-D"),
+        ("weights_shape", with_(topk_weights=lambda a: a["topk_weights"][:, :1]), ValueError,
+         r"topk_weights must have topk_ids' shape \(10, 2\)"),
+        ("id=E", with_(topk_ids=lambda a: a["topk_ids"].clone().fill_(4)), ValueError,
+         r"topk_ids contains expert id 4; expected ids in \[0, num_experts=4\)"),
+        ("id=-1", with_(topk_ids=lambda a: torch.where(a["topk_ids"] == 0, -1, a["topk_ids"])),
+         ValueError, r"topk_ids contains expert id -1"),
+        ("k>E", lambda a: {**a, "topk_ids": torch.arange(5).repeat(10, 1),
+                           "topk_weights": torch.rand(10, 5)}, ValueError,
+         r"topk_ids has k=5 columns; expected 1 <= k <= num_experts=4"),
+        ("recompute", lambda a: {**a, "recompute": "bogus"}, ValueError,
+         r"recompute must be one of \('activation', 'up_proj', 'none'\), got 'bogus'"),
+        ("deterministic", lambda a: {**a, "deterministic": "yes"}, TypeError,
+         "deterministic must be a bool, got str"),
+    ]  # fmt: skip
+
+
+BAD_CASES = _bad_cases()
+
+
+@pytest.mark.parametrize("mutate, error, match", [c[1:] for c in BAD_CASES],
+                         ids=[c[0] for c in BAD_CASES])  # fmt: skip
+def test_bad_input(mutate, error, match, make_problem):
+    problem = make_problem(10, 16, 8, 4, 2)
+    args = dict(x=problem.x, topk_ids=problem.topk_ids, topk_weights=problem.topk_weights,
+                w13=problem.w13, w2=problem.w2)  # fmt: skip
+    args = mutate(args)
+    with pytest.raises(error, match=match):
+        moeblaze.moe_mlp(
+            args.pop("x"), args.pop("topk_ids"), args.pop("topk_weights"), args.pop("w13"),
+            args.pop("w2"), **args,
+        )  # fmt: skip

@@ -1,0 +1,103 @@
+"""Bad input gets a clear error naming the argument."""
+
+import pytest
+import torch
+from overlap_testing import randn
+
+import overlap
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return overlap.LocalWorld(2, DEVICE, mode="serial")
+
+
+def _ag_args():
+    return randn(2, 4, 8, device=DEVICE), randn(2, 8, 6, device=DEVICE)
+
+
+def _rs_args():
+    return randn(2, 6, 8, device=DEVICE), randn(2, 8, 6, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "op, args, error, match",
+    [
+        ("ag", lambda a, b: (a.double(), b.double()), TypeError, r"a_shard must be float16, bfloat16 or float32.*float64"),
+        ("ag", lambda a, b: (a, b.half()), TypeError, r"b has dtype torch.float16; expected a_shard's dtype torch.float32"),
+        ("ag", lambda a, b: (a.tolist(), b), TypeError, r"a_shard must be a torch.Tensor, got list"),
+        ("ag", lambda a, b: (a, b.to("meta")), ValueError, r"b is on meta"),
+        ("ag", lambda a, b: (a[0], b), ValueError, r"a_shard must be \[W, rows, cols\].*\(4, 8\)"),
+        ("ag", lambda a, b: (torch.cat([a, a]), b), ValueError, r"a_shard has 4 ranks in its leading dim; the world has 2"),
+        ("ag", lambda a, b: (a, b[:, :5]), ValueError, r"b must have 8 rows \(a_shard's last dim\)"),
+        ("rs", lambda a, b: (a[:, :5], b), ValueError, r"a has 5 rows, not divisible by the world size 2"),
+        ("rs", lambda a, b: (a, b.bfloat16()), TypeError, r"b has dtype torch.bfloat16; expected a's dtype"),
+        ("rs", lambda a, b: (a, b[:, :7]), ValueError, r"b must have 8 rows \(a's last dim\)"),
+    ],
+    ids=["dtype", "dtype-mix", "not-tensor", "device", "no-rank-dim", "rank-count", "inner-dim",
+         "M%W", "rs-dtype-mix", "rs-inner-dim"],
+)  # fmt: skip
+def test_bad_tensors(world, op, args, error, match):
+    fn, make = (
+        (overlap.all_gather_matmul, _ag_args)
+        if op == "ag"
+        else (overlap.matmul_reduce_scatter, _rs_args)
+    )
+    with pytest.raises(error, match=match):
+        fn(*args(*make()), world)
+
+
+def test_world_must_be_a_world():
+    with pytest.raises(TypeError, match="world must be an overlap world"):
+        overlap.all_gather_matmul(*_ag_args(), 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(world_size=0), ValueError, "world_size must be a positive int, got 0"),
+        (dict(world_size=2.0), ValueError, "world_size must be a positive int"),
+        (dict(world_size=2, mode="ring"), ValueError, "mode must be None or one of 'serial'"),
+        (dict(world_size=2, config={"chunk_m": 4}), TypeError, "config must be an OverlapConfig"),
+    ],
+)
+def test_bad_world_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        overlap.LocalWorld(device=DEVICE, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(chunk_m=0), "chunk_m must be >= 1"), (dict(timeout_s=0), "timeout_s must be > 0"),
+     (dict(free_sms=-1), "free_sms must be >= 0")],
+)  # fmt: skip
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        overlap.OverlapConfig(**kwargs)
+
+
+def test_dist_world_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        overlap.DistWorld()
+
+
+def test_a_dead_world_handle_is_reported():
+    world = overlap.LocalWorld(2, DEVICE, mode="serial")
+    handle = world.handle
+    del world
+    with pytest.raises(RuntimeError, match=f"no live overlap world has handle {handle}"):
+        torch.ops.overlap.all_gather_matmul(*_ag_args(), handle)
+
+
+def test_layer_sizes_must_split_evenly(world):
+    with pytest.raises(ValueError, match="out_features=7 must be divisible by the world size 2"):
+        overlap.ColumnParallelLinear(4, 7, world)
+    with pytest.raises(ValueError, match="in_features=5 must be divisible by the world size 2"):
+        overlap.RowParallelLinear(5, 4, world)
+    row = overlap.RowParallelLinear(4, 4, world)
+    with pytest.raises(
+        ValueError, match="sequence length 3 .* must be divisible by the world size 2"
+    ):
+        row(randn(2, 3, 1, 2, device=DEVICE))

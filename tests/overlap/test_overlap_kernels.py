@@ -1,0 +1,176 @@
+"""The fused kernels, launched directly for one rank: tile order, coverage, flags and timeouts.
+
+# W ranks, m rows per rank, K inner, n columns, CH chunk rows; BLOCK_M = 16 on the interpreter
+
+Outputs are NaN-poisoned before each launch, and a debug buffer counts how often every output
+tile was computed (and at which position of the walk), so a skipped or doubled tile fails.
+"""
+
+import time
+
+import pytest
+import torch
+import triton
+from overlap_testing import RTOL, assert_close, randn
+
+from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
+from overlap.kernels.common import INTERPRETER_TILE_CONFIG as TILE
+from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+
+# The interpreter on CPU-only machines (tests/conftest.py), the compiled kernels on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (W, m, K, n, chunk_m): odd W, m not a multiple of the chunk or of BLOCK_M, chunks smaller and
+# larger than BLOCK_M.
+CASES = [
+    pytest.param(1, 20, 16, 20, 7, id="W1-m20-ch7"),
+    pytest.param(2, 21, 24, 18, 5, id="W2-m21-ch5<BM"),
+    pytest.param(3, 19, 16, 33, 24, id="W3-m19-ch24>BM"),
+    pytest.param(4, 16, 16, 16, 16, id="W4-m16-ch16=BM"),
+    pytest.param(3, 40, 20, 17, 13, id="W3-m40-ch13"),
+]
+
+
+def _tiles_in_walk_order(log: torch.Tensor, tiles_per_rank: int) -> list[int]:
+    """The rank segment (peer) of each output tile, in the order the walk computed them."""
+    order = torch.argsort(log[1], stable=True)
+    return [int(t) // tiles_per_rank for t in order]
+
+
+@pytest.mark.parametrize("W, m, K, n, chunk_m", CASES)
+def test_ag_gemm_computes_every_tile_once_in_rotated_order(W, m, K, n, chunk_m):
+    a = randn(W, m, K, seed=1, device=DEVICE)  # every rank's shard
+    b = randn(K, n, seed=2, device=DEVICE)
+    gathered_full = a.reshape(W * m, K)
+    expected = gathered_full.double() @ b.double()
+    cpr = triton.cdiv(m, chunk_m)
+    tiles = ag_gemm_tiles(m, n, W, TILE)
+    for rank in range(W):
+        gathered = gathered_full.clone()
+        gathered[rank * m : (rank + 1) * m] = float("nan")  # local rows must come from the shard
+        out = torch.full((W * m, n), float("nan"), device=DEVICE)
+        flags = torch.full(
+            (W * cpr,), 7, dtype=torch.int32, device=DEVICE
+        )  # every chunk present (epoch 7)
+        status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+        log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
+        launch_ag_gemm(a[rank], gathered, b, out, flags, status, rank=rank, world_size=W, epoch=7,
+                       max_spins=10, chunk_m=chunk_m, config=TILE, num_programs=1,
+                       tile_counts=log)  # fmt: skip
+        assert status.tolist() == [0, 0]
+        assert log[0].tolist() == [1] * tiles, "every output tile exactly once"
+        assert_close(out, expected, RTOL[torch.float32], f"rank {rank}")
+        # One program walks the tiles: the local rank's rows first, then rank+1, rank+2, ...
+        peers = _tiles_in_walk_order(log, tiles // W)
+        assert peers == sorted(peers, key=lambda p: (p - rank) % W)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_ag_gemm_persistent_grid_sizes(programs):
+    W, m, K, n, chunk_m = 3, 18, 16, 40, 8
+    a, b = randn(W, m, K, seed=3, device=DEVICE), randn(K, n, seed=4, device=DEVICE)
+    out = torch.full((W * m, n), float("nan"), device=DEVICE)
+    tiles = ag_gemm_tiles(m, n, W, TILE)
+    log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
+    flags = torch.ones(W * triton.cdiv(m, chunk_m), dtype=torch.int32, device=DEVICE)
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    launch_ag_gemm(a[1], a.reshape(W * m, K), b, out, flags, status, rank=1, world_size=W,
+                   epoch=1, max_spins=10, chunk_m=chunk_m, config=TILE,
+                   num_programs=min(programs, tiles), tile_counts=log)  # fmt: skip
+    assert log[0].tolist() == [1] * tiles
+    assert_close(out, a.reshape(W * m, K).double() @ b.double(), RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("W, m, K, n, chunk_m", CASES)
+def test_gemm_rs_raises_every_flag_once_and_finishes_next_peer_first(W, m, K, n, chunk_m):
+    M = W * m
+    cpr = triton.cdiv(m, chunk_m)
+    tiles = gemm_rs_tiles(m, n, W, TILE)
+    for rank in range(W):
+        a, b = (
+            randn(M, K, seed=10 + rank, device=DEVICE),
+            randn(K, n, seed=20 + rank, device=DEVICE),
+        )
+        partial = torch.full((M, n), float("nan"), device=DEVICE)
+        counters = torch.zeros(W * cpr, dtype=torch.int32, device=DEVICE)
+        flags = torch.full(
+            (W * cpr,), 4, dtype=torch.int32, device=DEVICE
+        )  # left from an older epoch
+        log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
+        launch_gemm_rs(a, b, partial, counters, flags, rank=rank, world_size=W, epoch=5,
+                       chunk_m=chunk_m, config=TILE, num_programs=1, tile_counts=log)  # fmt: skip
+        assert log[0].tolist() == [1] * tiles
+        assert flags.tolist() == [5] * (W * cpr), "every chunk completed and flagged"
+        tiles_n = triton.cdiv(n, TILE.block_n)
+        for chunk in range(cpr):  # counters end at the number of tiles overlapping each chunk
+            lo, hi = chunk * chunk_m, min((chunk + 1) * chunk_m, m)
+            expected_count = ((hi - 1) // TILE.block_m - lo // TILE.block_m + 1) * tiles_n
+            assert counters[chunk::cpr].tolist() == [expected_count] * W
+        assert_close(partial, a.double() @ b.double(), RTOL[torch.float32], f"rank {rank}")
+        dests = _tiles_in_walk_order(log, tiles // W)
+        assert dests == sorted(dests, key=lambda d: (d - rank - 1) % W), "next peer first"
+
+
+def _table(tensors):
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=DEVICE)
+
+
+@pytest.mark.parametrize("W, m, n, chunk_m", [(1, 9, 20, 4), (3, 21, 18, 5), (4, 16, 33, 32)])
+def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
+    M, cpr = W * m, triton.cdiv(m, chunk_m)
+    partials = [randn(M, n, seed=30 + s, device=DEVICE) for s in range(W)]
+    flags = [torch.full((W * cpr,), 3, dtype=torch.int32, device=DEVICE) for _ in range(W)]
+    total = sum(p.double() for p in partials)
+    for dest in range(W):
+        out = torch.full((m, n), float("nan"), device=DEVICE)
+        status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+        launch_rs_reduce(_table(partials), _table(flags), out, status, dest=dest, world_size=W,
+                         row_stride=n, epoch=3, max_spins=10, chunk_m=chunk_m, num_programs=2,
+                         block_r=16, block_n=16)  # fmt: skip
+        assert status.tolist() == [0, 0]
+        assert_close(out, total[dest * m : (dest + 1) * m], RTOL[torch.float32], f"dest {dest}")
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+def test_ag_gemm_times_out_on_a_missing_chunk_within_the_budget(programs):
+    """Chunks of rank+2 and rank+3 never arrive: the launch returns, status names one of them.
+
+    With one program the walk order decides which: chunk 0 of rank+2. With several, the first
+    program to time out wins and the others give up at their next poll.
+    """
+    W, m, K, n, chunk_m, rank = 4, 20, 16, 16, 8, 2
+    cpr = triton.cdiv(m, chunk_m)
+    a, b = randn(W, m, K, seed=5, device=DEVICE), randn(K, n, seed=6, device=DEVICE)
+    flags = torch.zeros(W * cpr, dtype=torch.int32, device=DEVICE)
+    flags[((rank + 1) % W) * cpr :][:cpr] = 9  # rank+1's chunks are in
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out = torch.full((W * m, n), float("nan"), device=DEVICE)
+    start = time.perf_counter()
+    launch_ag_gemm(a[rank], a.reshape(W * m, K), b, out, flags, status, rank=rank, world_size=W,
+                   epoch=9, max_spins=300, chunk_m=chunk_m, config=TILE,
+                   num_programs=programs)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    code, peer = status.tolist()
+    missing = [(rank + 2) % W, (rank + 3) % W]
+    assert peer in missing and (code - 1) // cpr == peer, status.tolist()
+    if programs == 1:
+        assert status.tolist() == [missing[0] * cpr + 0 + 1, missing[0]], "flag index + 1, peer"
+    # 300 polls at ~3500/s in the interpreter; every other program stops at its first poll.
+    assert elapsed < 10, f"the bounded waits took {elapsed:.1f} s"
+    # Tiles of the local rows and of the chunks that arrived are computed, the others not.
+    assert not out[rank * m : (rank + 1) * m].isnan().any()
+    assert out[missing[0] * m : (missing[0] + 1) * m].isnan().any()
+
+
+def test_rs_reduce_times_out_naming_source_and_chunk():
+    W, m, n, chunk_m, dest = 3, 12, 16, 4, 1
+    cpr = triton.cdiv(m, chunk_m)
+    partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
+    flags = [torch.full((W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)]
+    flags[2][dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out = torch.full((m, n), float("nan"), device=DEVICE)
+    launch_rs_reduce(_table(partials), _table(flags), out, status, dest=dest, world_size=W,
+                     row_stride=n, epoch=2, max_spins=200, chunk_m=chunk_m, num_programs=1,
+                     block_r=16, block_n=16)  # fmt: skip
+    assert status.tolist() == [dest * cpr + 1 + 1, 2]

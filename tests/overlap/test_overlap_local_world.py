@@ -1,0 +1,172 @@
+"""The ops on a LocalWorld: every schedule against the float64 reference, forward and gradients.
+
+# W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
+"""
+
+import pytest
+import torch
+import triton
+from overlap_testing import RTOL, assert_close, randn
+
+import overlap
+from overlap.flags import raise_flag
+from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
+from overlap.worlds import EPOCH_LIMIT
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32  # the interpreter truncates fp32 -> bf16, so CPU tests stay in fp32
+
+# (W, m, K, n, chunk_m): odd W, m not a multiple of the chunk nor of BLOCK_M (16 on the CPU),
+# chunks smaller and larger than BLOCK_M.
+SHAPES = [
+    pytest.param(1, 7, 16, 20, 4, id="W1"),
+    pytest.param(2, 21, 16, 18, 5, id="W2-ch5<BM"),
+    pytest.param(3, 13, 24, 17, 40, id="W3-ch>m"),
+    pytest.param(3, 18, 16, 16, 24, id="W3-ch24>BM"),
+    pytest.param(4, 9, 16, 24, 4, id="W4-ch4"),
+]
+MODES = ["fused", "pipelined", "serial"]
+
+
+def _world(W, mode, chunk_m, **config):
+    cfg = overlap.OverlapConfig(chunk_m=chunk_m, count_tiles=mode == "fused", **config)
+    return overlap.LocalWorld(W, DEVICE, mode=mode, config=cfg)
+
+
+def _check_tiles_once(world, mode):
+    if mode == "fused":
+        for log in world.last_tile_counts:
+            assert log[0].tolist() == [1] * log.shape[1], "every output tile exactly once"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("W, m, K, n, chunk_m", SHAPES)
+def test_all_gather_matmul_forward_and_gradients(W, m, K, n, chunk_m, mode):
+    world = _world(W, mode, chunk_m)
+    a = randn(W, m, K, seed=1, device=DEVICE).requires_grad_()  # [W, m, K]
+    b = randn(W, n, K, seed=2, device=DEVICE).mT.requires_grad_()  # [W, K, n], not contiguous
+    c = overlap.all_gather_matmul(a, b, world)  # [W, W*m, n]
+    _check_tiles_once(world, mode)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    c64 = all_gather_matmul_ref(a64, b64)
+    assert_close(c, c64, RTOL[DTYPE], "c")
+    dc = randn(*c.shape, seed=3, device=DEVICE)
+    c.backward(dc)  # grad_a: GEMM-RS of the same world; grad_b from the kept gathered input
+    _check_tiles_once(world, mode)
+    c64.backward(dc.double())
+    assert_close(a.grad, a64.grad, RTOL[DTYPE], "grad a_shard")
+    assert_close(b.grad, b64.grad, RTOL[DTYPE], "grad b")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("W, m, K, n, chunk_m", SHAPES)
+def test_matmul_reduce_scatter_forward_and_gradients(W, m, K, n, chunk_m, mode):
+    world = _world(W, mode, chunk_m)
+    a = randn(W, W * m, K, seed=4, device=DEVICE).requires_grad_()  # [W, M, k]
+    b = randn(W, K, n, seed=5, device=DEVICE).requires_grad_()  # [W, k, N]
+    c = overlap.matmul_reduce_scatter(a, b, world)  # [W, m, N]
+    _check_tiles_once(world, mode)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    c64 = matmul_reduce_scatter_ref(a64, b64)
+    assert_close(c, c64, RTOL[DTYPE], "c_shard")
+    dc = randn(*c.shape, seed=6, device=DEVICE)
+    c.backward(dc)  # grad_a: AG-GEMM with b^T; grad_b from the gathered dc
+    c64.backward(dc.double())
+    assert_close(a.grad, a64.grad, RTOL[DTYPE], "grad a")
+    assert_close(b.grad, b64.grad, RTOL[DTYPE], "grad b")
+
+
+def test_auto_mode_is_serial_below_the_flop_threshold_and_fused_above():
+    small = overlap.LocalWorld(2, DEVICE)
+    assert small.mode is None and small.mode_for(1e6) is overlap.Mode.SERIAL
+    eager = overlap.LocalWorld(2, DEVICE, config=overlap.OverlapConfig(min_overlap_flops=0))
+    assert eager.mode_for(1e6) is overlap.Mode.FUSED
+    assert eager.mode_for(1e6, numel=0) is overlap.Mode.SERIAL  # empty problems never launch
+    a, b = randn(2, 5, 16, seed=7, device=DEVICE), randn(2, 16, 16, seed=8, device=DEVICE)
+    for world in (small, eager):
+        assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a, b), 1e-6)
+
+
+def test_zero_rows_take_the_serial_path():
+    world = _world(2, "fused", 4)
+    a, b = torch.empty(2, 0, 16, device=DEVICE), randn(2, 16, 8, seed=9, device=DEVICE)
+    assert overlap.all_gather_matmul(a, b, world).shape == (2, 0, 8)
+    assert overlap.matmul_reduce_scatter(a, b, world).shape == (2, 0, 8)
+
+
+def _drop_one_flag(world, rank, index):
+    def producer(flags, i, epoch):
+        if not (flags is world._ag_flags[rank] and i == index):
+            raise_flag(flags, i, epoch)
+
+    world._raise_flag = producer
+
+
+def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
+    W, m, chunk_m = 3, 12, 4
+    cpr = triton.cdiv(m, chunk_m)
+    world = _world(W, "fused", chunk_m, timeout_s=0.2)
+    a, b = randn(W, m, 16, seed=10, device=DEVICE), randn(W, 16, 16, seed=11, device=DEVICE)
+    overlap.all_gather_matmul(a, b, world)  # epoch 1 raises every flag
+    _drop_one_flag(world, rank=1, index=0 * cpr + 2)  # rank 1 never gets chunk 2 of rank 0
+    # Epoch 2: the flag still holds epoch 1, which must not count as "arrived".
+    with pytest.raises(overlap.OverlapTimeoutError, match=r"rank 1 .* chunk 2 \(rows 8\.\.12\) from rank 0") as info:  # fmt: skip
+        overlap.all_gather_matmul(a, b, world)
+    assert (info.value.rank, info.value.peer, info.value.chunk) == (1, 0, 2)
+    world._raise_flag = raise_flag
+    assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a, b), 1e-6)
+
+
+def test_epoch_wraparound_resets_the_flags():
+    world = _world(2, "fused", 4)
+    a, b = randn(2, 8, 16, seed=12, device=DEVICE), randn(2, 16, 16, seed=13, device=DEVICE)
+    overlap.all_gather_matmul(a, b, world)
+    overlap.matmul_reduce_scatter(a.repeat(1, 2, 1), b, world)
+    world._epoch = EPOCH_LIMIT - 1
+    c = overlap.all_gather_matmul(a, b, world)
+    assert world._epoch == 1
+    assert all(int(f.max()) == 1 for f in world._ag_flags)
+    assert_close(c, all_gather_matmul_ref(a, b), 1e-6)
+
+
+def test_ops_open_profiler_ranges():
+    world = _world(2, "fused", 4)
+    a = randn(2, 8, 16, seed=14, device=DEVICE).requires_grad_()
+    b = randn(2, 16, 16, seed=15, device=DEVICE).requires_grad_()
+    with torch.profiler.profile() as prof:
+        overlap.all_gather_matmul(a, b, world).sum().backward()
+    names = {event.name for event in prof.events()}
+    for name in ("overlap.all_gather_matmul", "overlap.all_gather_matmul.fused",
+                 "overlap.ag.copy", "overlap.ag.gemm", "overlap.all_gather_matmul.backward",
+                 "overlap.matmul_reduce_scatter", "overlap.rs.gemm", "overlap.rs.reduce"):  # fmt: skip
+        assert name in names, name
+
+
+def test_torch_compile_sees_the_ops_fullgraph():
+    world = _world(2, "fused", 4)
+
+    def step(x, w1, w2):
+        h = overlap.all_gather_matmul(x, w1, world)  # [W, M, f]
+        return overlap.matmul_reduce_scatter(torch.relu(h), w2, world)  # [W, m, h]
+
+    x = randn(2, 8, 16, seed=16, device=DEVICE).requires_grad_()
+    w1 = randn(2, 16, 16, seed=17, device=DEVICE).requires_grad_()
+    w2 = randn(2, 16, 16, seed=18, device=DEVICE).requires_grad_()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    y = compiled(x, w1, w2)
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, w1, w2)]
+    for t in (x, w1, w2):
+        t.grad = None
+    y_eager = step(x, w1, w2)
+    y_eager.square().sum().backward()
+    assert_close(y, y_eager, 1e-6, "compiled forward")
+    for g, t in zip(grads, (x, w1, w2), strict=True):
+        assert_close(g, t.grad, 1e-6, "compiled gradient")
+
+
+def test_opcheck():
+    world = _world(2, "serial", 4)
+    a, b = randn(2, 4, 8, seed=19, device=DEVICE), randn(2, 8, 8, seed=20, device=DEVICE)
+    torch.library.opcheck(torch.ops.overlap.all_gather_matmul, (a, b, world.handle))
+    torch.library.opcheck(torch.ops.overlap.matmul_reduce_scatter, (a, b, world.handle))
