@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Polls per second of `wait_flag`. Interpreter: measured on the development CPU (4000 polls
-# of a never-raised flag took 1.16 s). CUDA: placeholder, one acquire atomic to L2 plus one volatile load per poll at
-# roughly 0.5 us; not measured yet, so a CUDA timeout is only good to a factor of a few.
+# Polls per second of `wait_flag`. Interpreter: measured on the development CPU (4000 polls of
+# a never-raised flag took 1.16 s). CUDA: placeholder, not measured: one acquire load from L2
+# plus one volatile load per poll at roughly 0.5 us, so a CUDA timeout is good to a factor of a
+# few only.
 SPINS_PER_SECOND = {"cpu": 3_500, "cuda": 2_000_000}
 # SMs left free of the persistent consumer when flags are raised by a kernel (no stream write).
 FALLBACK_FREE_SMS = 2

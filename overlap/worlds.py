@@ -419,6 +419,15 @@ class LocalWorld(World):
                                           table(flags))  # fmt: skip
         return self._rs_workspace
 
+    def _reduce_plan(self, m: int, N: int) -> tuple[int, int, int, int]:
+        """(programs, SMs the GEMM leaves them, BLOCK_R, BLOCK_N) of the RS reduction."""
+        block_r, block_n = GPU_REDUCE_BLOCK if self.device.type == "cuda" else CPU_REDUCE_BLOCK
+        items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
+        if self.device.type == "cuda":
+            programs = min(items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)
+            return programs, programs, block_r, block_n
+        return min(items, self.tile.max_programs or items), 0, block_r, block_n
+
     def _rs_fused(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         W, M, _ = a.shape  # a [W, M, k], b [W, k, N]
         N, m = b.shape[-1], M // W
@@ -428,14 +437,7 @@ class LocalWorld(World):
         for counters in ws.counters:
             counters.zero_()
         out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
-        block_r, block_n = GPU_REDUCE_BLOCK if self.device.type == "cuda" else CPU_REDUCE_BLOCK
-        reduce_items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
-        if self.device.type == "cuda":
-            reduce_programs = min(reduce_items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)
-            reserve = reduce_programs
-        else:
-            reduce_programs = min(reduce_items, self.tile.max_programs or reduce_items)
-            reserve = 0
+        reduce_programs, reserve, block_r, block_n = self._reduce_plan(m, N)
         num_tiles = gemm_rs_tiles(m, N, W, self.tile)
         programs = self._programs(num_tiles, reserve)
         counts = self._tile_counts(num_tiles)
@@ -625,21 +627,19 @@ class DistWorld(World):
         layout = self._chunk_layout(m)
         gathered = a_shard.new_empty(W * m, K)
         out = a_shard.new_empty(W * m, b.shape[-1])
-        bufs = [
-            a_shard.new_empty(W, hi - lo, K) for lo, hi in map(layout.rows, range(layout.count))
-        ]
+        rows = [layout.rows(c) for c in range(layout.count)]
+        bufs = [a_shard.new_empty(W * (hi - lo), K) for lo, hi in rows]  # [W*rows, K] each
         with self._comm_stream(), profile_range("overlap.ag.collective"):
             works = [
-                self._all_gather(buf, a_shard[slice(*layout.rows(c))], group=self.group,
-                                 async_op=True)
-                for c, buf in enumerate(bufs)
-            ]  # fmt: skip
-        for chunk, (buf, work) in enumerate(zip(bufs, works, strict=True)):
-            lo, hi = layout.rows(chunk)
+                self._all_gather(buf, a_shard[lo:hi], group=self.group, async_op=True)
+                for buf, (lo, hi) in zip(bufs, rows, strict=True)
+            ]
+        for buf, work, (lo, hi) in zip(bufs, works, rows, strict=True):
             work.wait()
+            chunk = buf.view(W, hi - lo, K)  # chunk rows of every rank
             with profile_range("overlap.ag.gemm"):
-                gathered.view(W, m, K)[:, lo:hi] = buf
-                out.view(W, m, b.shape[-1])[:, lo:hi] = torch.matmul(buf, b)
+                gathered.view(W, m, K)[:, lo:hi] = chunk
+                out.view(W, m, b.shape[-1])[:, lo:hi] = torch.matmul(chunk, b)
         return out, gathered
 
     def _rs_pipelined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 import triton
-from overlap_testing import RTOL, assert_close, randn
+from overlap_testing import RTOL, randn
+from tolerance import assert_close
 
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.common import INTERPRETER_TILE_CONFIG as TILE
@@ -59,7 +60,7 @@ def test_ag_gemm_computes_every_tile_once_in_rotated_order(W, m, K, n, chunk_m):
                        tile_counts=log)  # fmt: skip
         assert status.tolist() == [0, 0]
         assert log[0].tolist() == [1] * tiles, "every output tile exactly once"
-        assert_close(out, expected, RTOL[torch.float32], f"rank {rank}")
+        assert_close(out, expected, rtol=RTOL[torch.float32], name=f"rank {rank}")
         # One program walks the tiles: the local rank's rows first, then rank+1, rank+2, ...
         peers = _tiles_in_walk_order(log, tiles // W)
         assert peers == sorted(peers, key=lambda p: (p - rank) % W)
@@ -78,7 +79,9 @@ def test_ag_gemm_persistent_grid_sizes(programs):
                    epoch=1, max_spins=10, chunk_m=chunk_m, config=TILE,
                    num_programs=min(programs, tiles), tile_counts=log)  # fmt: skip
     assert log[0].tolist() == [1] * tiles
-    assert_close(out, a.reshape(W * m, K).double() @ b.double(), RTOL[torch.float32])
+    assert_close(
+        out, a.reshape(W * m, K).double() @ b.double(), rtol=RTOL[torch.float32], name="result"
+    )
 
 
 @pytest.mark.parametrize("W, m, K, n, chunk_m", CASES)
@@ -106,7 +109,9 @@ def test_gemm_rs_raises_every_flag_once_and_finishes_next_peer_first(W, m, K, n,
             lo, hi = chunk * chunk_m, min((chunk + 1) * chunk_m, m)
             expected_count = ((hi - 1) // TILE.block_m - lo // TILE.block_m + 1) * tiles_n
             assert counters[chunk::cpr].tolist() == [expected_count] * W
-        assert_close(partial, a.double() @ b.double(), RTOL[torch.float32], f"rank {rank}")
+        assert_close(
+            partial, a.double() @ b.double(), rtol=RTOL[torch.float32], name=f"rank {rank}"
+        )
         dests = _tiles_in_walk_order(log, tiles // W)
         assert dests == sorted(dests, key=lambda d: (d - rank - 1) % W), "next peer first"
 
@@ -128,7 +133,9 @@ def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
                          row_stride=n, epoch=3, max_spins=10, chunk_m=chunk_m, num_programs=2,
                          block_r=16, block_n=16)  # fmt: skip
         assert status.tolist() == [0, 0]
-        assert_close(out, total[dest * m : (dest + 1) * m], RTOL[torch.float32], f"dest {dest}")
+        assert_close(
+            out, total[dest * m : (dest + 1) * m], rtol=RTOL[torch.float32], name=f"dest {dest}"
+        )
 
 
 @pytest.mark.parametrize("programs", [1, 3])

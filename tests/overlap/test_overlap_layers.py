@@ -5,7 +5,8 @@
 
 import pytest
 import torch
-from overlap_testing import RTOL, assert_close, randn
+from overlap_testing import RTOL, randn
+from tolerance import assert_close
 
 import overlap
 
@@ -44,13 +45,13 @@ def test_column_parallel_sequence_parallel(W, mode):
     w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     y_full = torch.nn.functional.linear(x_full, w64, b64)  # [s, b, f]
     expected = torch.stack(y_full.chunk(W, dim=-1))  # rank r holds columns r*f/W.. of all rows
-    assert_close(y, expected, TOL, "y")
+    assert_close(y, expected, rtol=TOL, name="y")
     dy = randn(*y.shape, seed=3, device=DEVICE)
     y.backward(dy)
     expected.backward(dy.double())
-    assert_close(x.grad, x_full.grad.reshape(W, s // W, b, h), TOL, "grad x")
-    assert_close(layer.weight.grad.reshape(f, h), w64.grad, TOL, "grad weight")
-    assert_close(layer.bias.grad.reshape(f), b64.grad, TOL, "grad bias")
+    assert_close(x.grad, x_full.grad.reshape(W, s // W, b, h), rtol=TOL, name="grad x")
+    assert_close(layer.weight.grad.reshape(f, h), w64.grad, rtol=TOL, name="grad weight")
+    assert_close(layer.bias.grad.reshape(f), b64.grad, rtol=TOL, name="grad bias")
 
 
 @pytest.mark.parametrize("mode", ["fused", "serial"])
@@ -69,13 +70,13 @@ def test_row_parallel_sequence_parallel(W, mode):
     w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     y_full = torch.nn.functional.linear(x_full, w64, b64)
     expected = y_full.reshape(W, s // W, b, f)  # rank r holds rows r*s/W..
-    assert_close(y, expected, TOL, "y")
+    assert_close(y, expected, rtol=TOL, name="y")
     dy = randn(*y.shape, seed=3, device=DEVICE)
     y.backward(dy)
     expected.backward(dy.double())
-    assert_close(x.grad, torch.stack(x_full.grad.chunk(W, dim=-1)), TOL, "grad x")
-    assert_close(torch.cat(list(layer.weight.grad), dim=1), w64.grad, TOL, "grad weight")
-    assert_close(layer.bias.grad, b64.grad, TOL, "grad bias")
+    assert_close(x.grad, torch.stack(x_full.grad.chunk(W, dim=-1)), rtol=TOL, name="grad x")
+    assert_close(torch.cat(list(layer.weight.grad), dim=1), w64.grad, rtol=TOL, name="grad weight")
+    assert_close(layer.bias.grad, b64.grad, rtol=TOL, name="grad bias")
 
 
 def _dense_mlp(mlp):
@@ -103,19 +104,21 @@ def test_parallel_mlp_matches_the_dense_mlp(sequence_parallel):
     x64 = x_full.double().requires_grad_()
     y64 = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x64, w1, b1)), w2, b2)  # fmt: skip
     if sequence_parallel:
-        assert_close(y, y64.reshape(W, s // W, b, h), TOL, "y")
+        assert_close(y, y64.reshape(W, s // W, b, h), rtol=TOL, name="y")
         loss, loss64 = (y * y).sum(), (y64 * y64).sum()
     else:
-        assert_close(y, y64.expand(W, s, b, h), TOL, "y (replicated)")
+        assert_close(y, y64.expand(W, s, b, h), rtol=TOL, name="y (replicated)")
         loss, loss64 = (y * y).mean(0).sum(), (y64 * y64).sum()  # one loss from the replicas
     loss.backward()
     loss64.backward()
     dx = x.grad.reshape(s, b, h) if sequence_parallel else x.grad.sum(0)
-    assert_close(dx, x64.grad, TOL, "grad x")
-    assert_close(mlp.up.weight.grad.reshape(f, h), w1.grad, TOL, "grad up.weight")
-    assert_close(mlp.up.bias.grad.reshape(f), b1.grad, TOL, "grad up.bias")
-    assert_close(torch.cat(list(mlp.down.weight.grad), dim=1), w2.grad, TOL, "grad down.weight")
-    assert_close(mlp.down.bias.grad, b2.grad, TOL, "grad down.bias")
+    assert_close(dx, x64.grad, rtol=TOL, name="grad x")
+    assert_close(mlp.up.weight.grad.reshape(f, h), w1.grad, rtol=TOL, name="grad up.weight")
+    assert_close(mlp.up.bias.grad.reshape(f), b1.grad, rtol=TOL, name="grad up.bias")
+    assert_close(
+        torch.cat(list(mlp.down.weight.grad), dim=1), w2.grad, rtol=TOL, name="grad down.weight"
+    )
+    assert_close(mlp.down.bias.grad, b2.grad, rtol=TOL, name="grad down.bias")
 
 
 def test_skip_bias_add_returns_the_bias():

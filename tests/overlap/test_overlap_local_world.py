@@ -3,10 +3,13 @@
 # W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
 """
 
+import time
+
 import pytest
 import torch
 import triton
-from overlap_testing import RTOL, assert_close, randn
+from overlap_testing import RTOL, randn
+from tolerance import assert_close
 
 import overlap
 from overlap.flags import raise_flag
@@ -49,13 +52,13 @@ def test_all_gather_matmul_forward_and_gradients(W, m, K, n, chunk_m, mode):
     _check_tiles_once(world, mode)
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     c64 = all_gather_matmul_ref(a64, b64)
-    assert_close(c, c64, RTOL[DTYPE], "c")
+    assert_close(c, c64, rtol=RTOL[DTYPE], name="c")
     dc = randn(*c.shape, seed=3, device=DEVICE)
     c.backward(dc)  # grad_a: GEMM-RS of the same world; grad_b from the kept gathered input
     _check_tiles_once(world, mode)
     c64.backward(dc.double())
-    assert_close(a.grad, a64.grad, RTOL[DTYPE], "grad a_shard")
-    assert_close(b.grad, b64.grad, RTOL[DTYPE], "grad b")
+    assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a_shard")
+    assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -68,12 +71,12 @@ def test_matmul_reduce_scatter_forward_and_gradients(W, m, K, n, chunk_m, mode):
     _check_tiles_once(world, mode)
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     c64 = matmul_reduce_scatter_ref(a64, b64)
-    assert_close(c, c64, RTOL[DTYPE], "c_shard")
+    assert_close(c, c64, rtol=RTOL[DTYPE], name="c_shard")
     dc = randn(*c.shape, seed=6, device=DEVICE)
     c.backward(dc)  # grad_a: AG-GEMM with b^T; grad_b from the gathered dc
     c64.backward(dc.double())
-    assert_close(a.grad, a64.grad, RTOL[DTYPE], "grad a")
-    assert_close(b.grad, b64.grad, RTOL[DTYPE], "grad b")
+    assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a")
+    assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
 
 
 def test_auto_mode_is_serial_below_the_flop_threshold_and_fused_above():
@@ -84,7 +87,12 @@ def test_auto_mode_is_serial_below_the_flop_threshold_and_fused_above():
     assert eager.mode_for(1e6, numel=0) is overlap.Mode.SERIAL  # empty problems never launch
     a, b = randn(2, 5, 16, seed=7, device=DEVICE), randn(2, 16, 16, seed=8, device=DEVICE)
     for world in (small, eager):
-        assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a, b), 1e-6)
+        assert_close(
+            overlap.all_gather_matmul(a, b, world),
+            all_gather_matmul_ref(a, b),
+            rtol=1e-6,
+            name="result",
+        )
 
 
 def test_zero_rows_take_the_serial_path():
@@ -110,11 +118,19 @@ def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
     overlap.all_gather_matmul(a, b, world)  # epoch 1 raises every flag
     _drop_one_flag(world, rank=1, index=0 * cpr + 2)  # rank 1 never gets chunk 2 of rank 0
     # Epoch 2: the flag still holds epoch 1, which must not count as "arrived".
+    start = time.perf_counter()
     with pytest.raises(overlap.OverlapTimeoutError, match=r"rank 1 .* chunk 2 \(rows 8\.\.12\) from rank 0") as info:  # fmt: skip
         overlap.all_gather_matmul(a, b, world)
+    # 0.2 s of polls (~700 at the interpreter's rate), plus the GEMMs of the other tiles.
+    assert time.perf_counter() - start < 10
     assert (info.value.rank, info.value.peer, info.value.chunk) == (1, 0, 2)
     world._raise_flag = raise_flag
-    assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a, b), 1e-6)
+    assert_close(
+        overlap.all_gather_matmul(a, b, world),
+        all_gather_matmul_ref(a, b),
+        rtol=1e-6,
+        name="result",
+    )
 
 
 def test_epoch_wraparound_resets_the_flags():
@@ -126,7 +142,7 @@ def test_epoch_wraparound_resets_the_flags():
     c = overlap.all_gather_matmul(a, b, world)
     assert world._epoch == 1
     assert all(int(f.max()) == 1 for f in world._ag_flags)
-    assert_close(c, all_gather_matmul_ref(a, b), 1e-6)
+    assert_close(c, all_gather_matmul_ref(a, b), rtol=1e-6, name="result")
 
 
 def test_ops_open_profiler_ranges():
@@ -160,9 +176,9 @@ def test_torch_compile_sees_the_ops_fullgraph():
         t.grad = None
     y_eager = step(x, w1, w2)
     y_eager.square().sum().backward()
-    assert_close(y, y_eager, 1e-6, "compiled forward")
+    assert_close(y, y_eager, rtol=1e-6, name="compiled forward")
     for g, t in zip(grads, (x, w1, w2), strict=True):
-        assert_close(g, t.grad, 1e-6, "compiled gradient")
+        assert_close(g, t.grad, rtol=1e-6, name="compiled gradient")
 
 
 def test_opcheck():

@@ -1,0 +1,282 @@
+"""Overlap benchmark: fused vs pipelined vs serial AG-GEMM / GEMM-RS on a LocalWorld (one GPU),
+the fused kernel with all data present against cuBLAS, and a projection to W GPUs over NVLink.
+
+# W ranks, M rows in total (m = M/W per rank), K / k inner, n / N columns
+
+Shapes of Llama-70B tensor parallelism (hidden 8192, ffn 28672), bf16 on CUDA:
+    ag  AllGather(x [M/W, 8192]) @ w_up [8192, 28672/W]  -> [M, 28672/W]
+    rs  ReduceScatter(h [M, 28672/W] @ w_down [28672/W, 8192]) -> [M/W, 8192]
+for W in {2, 4, 8} and M in {1024, 2048, 4096, 8192}. One row per (op, W, M).
+
+MEASURED on one GPU (every time is for all W virtual ranks, which run one after another):
+  serial_ms, pipelined_ms, fused_ms  the op with that LocalWorld mode
+  auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, else fused
+  comm_ms        the communication alone: AG the fused producer's chunk copies and flag writes,
+                 RS the fp32 reduction kernels reading the W partial buffers (flags already up)
+  compute_ms     cuBLAS on the same GEMMs with all data present (= cublas_ms)
+  efficiency     (serial - fused) / min(comm, compute)
+  fused_vs_serial  fused_ms / serial_ms (target: <= 1.03 for auto at every M)
+  fused_present_ms  the fused GEMM kernels alone, every flag already raised (AG) / without the
+                 reduction (RS); frac_cublas = cublas_ms / fused_present_ms (target >= 0.9)
+  chunked_ms     the pipelined schedule's per-chunk cuBLAS GEMMs alone, all data present
+PROJECTED for W GPUs over NVLink (bench/overlap_model.py; link bandwidth --link-gbps, assumed):
+  proj_comm_ms, proj_gemm_ms, proj_serial_ms, proj_pipelined_ms, proj_fused_ms, proj_efficiency
+  (per-rank compute = measured / W; see the model's docstring for what is not modelled)
+
+    python -m bench.overlap                          # the GPU sweep above, results to bench/results
+    python -m bench.overlap --world-sizes 8 --ms 8192 --ops ag
+    python -m bench.overlap --shapes tiny --out OUTDIR  # CPU smoke run (Triton interpreter)
+
+On the CPU the fused kernels run under the Triton interpreter: those numbers show that the
+script works, nothing about speed.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of any @triton.jit module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import overlap  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.overlap_model import DEFAULT_LINK_GBPS, project  # noqa: E402
+from moeblaze._profiling import profile_range  # noqa: E402
+from overlap.kernels.ag_gemm import launch_ag_gemm  # noqa: E402
+from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce  # noqa: E402
+
+HIDDEN, FFN = 8192, 28672  # Llama-70B
+GPU_WORLD_SIZES, GPU_MS = (2, 4, 8), (1024, 2048, 4096, 8192)
+TINY = dict(hidden=32, ffn=96, world_sizes=(2, 3), ms=(48,))
+
+MEASURED = ("op", "W", "M", "serial_ms", "pipelined_ms", "fused_ms", "auto_ms", "auto_mode",
+            "comm_ms", "compute_ms", "efficiency", "fused_vs_serial", "fused_present_ms",
+            "frac_cublas", "chunked_ms")  # fmt: skip
+PROJECTED = ("op", "W", "M", "link_GBps", "proj_comm_ms", "proj_gemm_ms", "proj_serial_ms",
+             "proj_pipelined_ms", "proj_fused_ms", "proj_efficiency")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str  # "ag" or "rs"
+    W: int
+    M: int
+    inner: int  # K (ag) or local k (rs)
+    cols: int  # local n (ag) or N (rs)
+
+    @property
+    def flops(self) -> int:
+        """GEMM FLOPs of one call, all W ranks together."""
+        return 2 * self.W * self.M * self.inner * self.cols
+
+
+def cases(ops, world_sizes, ms, hidden, ffn) -> list[Case]:
+    out = []
+    for op in ops:
+        for W in world_sizes:
+            for M in ms:
+                if op == "ag":
+                    out.append(Case("ag", W, M, inner=hidden, cols=ffn // W))
+                else:
+                    out.append(Case("rs", W, M, inner=ffn // W, cols=hidden))
+    return out
+
+
+def make_inputs(case: Case, dtype, device, seed=0):
+    """Random (never zero) inputs scaled so outputs stay O(1): AG (a_shard, b), RS (a, b)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rows = case.M // case.W if case.op == "ag" else case.M
+    a = torch.randn(case.W, rows, case.inner, device=device, generator=g, dtype=dtype)
+    b = torch.randn(case.W, case.inner, case.cols, device=device, generator=g, dtype=dtype)
+    return a, b.mul_(case.inner**-0.5)
+
+
+def _world(case, device, mode, chunk_m):
+    config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False)
+    return overlap.LocalWorld(case.W, device, mode=mode, config=config)
+
+
+def _time(fn, device, rep_ms):
+    return harness.time_ms(fn, device=device, rep_ms=rep_ms)
+
+
+def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
+    a, b = make_inputs(case, dtype, device)
+    op_fn = overlap.all_gather_matmul if case.op == "ag" else overlap.matmul_reduce_scatter
+    row = dict(op=case.op, W=case.W, M=case.M, inner=case.inner, cols=case.cols,
+               dtype=str(dtype).removeprefix("torch."), chunk_m=chunk_m, link_GBps=link_gbps)  # fmt: skip
+    fused_world = _world(case, device, "fused", chunk_m)
+    for mode, world in (("serial", _world(case, device, "serial", chunk_m)),
+                        ("pipelined", _world(case, device, "pipelined", chunk_m)),
+                        ("fused", fused_world), ("auto", _world(case, device, None, chunk_m))):  # fmt: skip
+        with profile_range(f"bench overlap {case.op} W={case.W} M={case.M} {mode}"):
+            row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
+        world.check_status()
+        if mode == "auto":
+            row["auto_mode"] = world.mode_for(case.flops / case.W).value
+    alone = _ag_parts if case.op == "ag" else _rs_parts
+    row.update(alone(case, a, b, fused_world, device, rep_ms))
+    fused_world.check_status()
+    row["cublas_ms"] = row["compute_ms"]
+    row["efficiency"] = (row["serial_ms"] - row["fused_ms"]) / min(
+        row["comm_ms"], row["compute_ms"]
+    )
+    row["fused_vs_serial"] = row["fused_ms"] / row["serial_ms"]
+    row["auto_vs_serial"] = row["auto_ms"] / row["serial_ms"]
+    row["frac_cublas"] = row["cublas_ms"] / row["fused_present_ms"]
+    row["fused_present_TFLOP/s"] = case.flops / (row["fused_present_ms"] * 1e-3) / 1e12
+    row["cublas_TFLOP/s"] = case.flops / (row["cublas_ms"] * 1e-3) / 1e12
+    layout = fused_world._chunk_layout(case.M // case.W)
+    proj = project(case.op, case.W, case.M, case.inner, case.cols, a.element_size(),
+                   gemm_ms=row["compute_ms"] / case.W, fused_ms=row["fused_present_ms"] / case.W,
+                   chunked_ms=row["chunked_ms"] / case.W, chunks_per_rank=layout.count,
+                   link_gbps=link_gbps)  # fmt: skip
+    row.update(proj_comm_ms=proj.comm_ms, proj_gemm_ms=proj.gemm_ms,
+               proj_serial_ms=proj.serial_ms, proj_pipelined_ms=proj.pipelined_ms,
+               proj_fused_ms=proj.fused_ms, proj_efficiency=proj.efficiency)  # fmt: skip
+    return row
+
+
+def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
+    """AG: the producer alone, cuBLAS alone, the fused kernel alone, the chunked GEMMs alone."""
+    W, m, K = a_shard.shape
+    M, n = W * m, b.shape[-1]
+    layout = world._chunk_layout(m)
+    gathered = [a_shard.new_empty(M, K) for _ in range(W)]
+    flags = [torch.zeros(W * layout.count, dtype=torch.int32, device=device) for _ in range(W)]
+    status = torch.zeros(2, dtype=torch.int32, device=device)
+    out = a_shard.new_empty(W, M, n)
+    full = a_shard.reshape(M, K)
+    programs = world._programs(W * -(-m // world.tile.block_m) * -(-n // world.tile.block_n), 0)
+
+    def producer():
+        for rank in range(W):
+            world._produce_ag(rank, a_shard, gathered[rank], flags[rank], layout, 1)
+
+    def cublas():
+        for rank in range(W):
+            torch.matmul(full, b[rank], out=out[rank])
+
+    def fused_present():  # every flag is up (the producer above raised them to epoch 1)
+        for rank in range(W):
+            launch_ag_gemm(a_shard[rank], full, b[rank], out[rank], flags[rank], status,
+                           rank=rank, world_size=W, epoch=1, max_spins=world.max_spins,
+                           chunk_m=layout.chunk_m, config=world.tile, num_programs=programs)  # fmt: skip
+
+    def chunked():
+        for rank in range(W):
+            for src in range(W):
+                for chunk in range(layout.count):
+                    lo, hi = layout.rows(chunk)
+                    rows = slice(src * m + lo, src * m + hi)
+                    torch.matmul(full[rows], b[rank], out=out[rank, rows])
+
+    parts = dict(comm_ms=_time(producer, device, rep_ms), compute_ms=_time(cublas, device, rep_ms))
+    parts["fused_present_ms"] = _time(fused_present, device, rep_ms)
+    assert int(status[0]) == 0, "a flag wait timed out with every flag raised"
+    parts["chunked_ms"] = _time(chunked, device, rep_ms)
+    return parts
+
+
+def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
+    """RS: the reduction alone, cuBLAS alone, the fused GEMM alone, the chunked GEMMs alone."""
+    W, M, _ = a.shape
+    m, N = M // W, b.shape[-1]
+    layout = world._chunk_layout(m)
+    overlap.matmul_reduce_scatter(a, b, world)  # fills the workspace, raises every flag
+    ws, epoch = world._rs_workspace, world._epoch
+    out = a.new_empty(W, m, N)
+    reduce_programs, _, block_r, block_n = world._reduce_plan(m, N)
+    partials = [a.new_empty(M, N) for _ in range(W)]
+    programs = world._programs(W * -(-m // world.tile.block_m) * -(-N // world.tile.block_n), 0)
+
+    def reduction():
+        for dest in range(W):
+            launch_rs_reduce(ws.partial_table, ws.flag_table, out[dest], world._status[dest],
+                             dest=dest, world_size=W, row_stride=N, epoch=epoch,
+                             max_spins=world.max_spins, chunk_m=layout.chunk_m,
+                             num_programs=reduce_programs, block_r=block_r, block_n=block_n)  # fmt: skip
+
+    def cublas():
+        for rank in range(W):
+            torch.matmul(a[rank], b[rank], out=partials[rank])
+
+    def fused_present():  # the GEMM-RS producer kernels without the reduction
+        for rank in range(W):
+            ws.counters[rank].zero_()
+            launch_gemm_rs(a[rank], b[rank], ws.partials[rank], ws.counters[rank],
+                           ws.flags[rank], rank=rank, world_size=W, epoch=epoch,
+                           chunk_m=layout.chunk_m, config=world.tile, num_programs=programs)  # fmt: skip
+
+    def chunked():
+        for dest in range(W):
+            for chunk in range(layout.count):
+                lo, hi = layout.rows(chunk)
+                torch.matmul(a[:, dest * m + lo : dest * m + hi], b)
+
+    return dict(comm_ms=_time(reduction, device, rep_ms), compute_ms=_time(cublas, device, rep_ms),
+                fused_present_ms=_time(fused_present, device, rep_ms),
+                chunked_ms=_time(chunked, device, rep_ms))  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--shapes", choices=("llama70b", "tiny"),
+                        default="llama70b" if on_gpu else "tiny")  # fmt: skip
+    parser.add_argument("--ops", default="ag,rs")
+    parser.add_argument("--world-sizes", default=None, help="comma-separated, e.g. 2,4,8")
+    parser.add_argument("--ms", default=None, help="total rows M, comma-separated")
+    parser.add_argument(
+        "--chunk-m", type=int, default=None, help="rows per chunk (default: the world's)"
+    )
+    parser.add_argument("--link-gbps", type=float, default=DEFAULT_LINK_GBPS)
+    parser.add_argument("--rep-ms", type=float, default=100 if on_gpu else 1)
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR))
+    args = parser.parse_args(argv)
+
+    device = harness.default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tiny = args.shapes == "tiny"
+    hidden, ffn = (TINY["hidden"], TINY["ffn"]) if tiny else (HIDDEN, FFN)
+    world_sizes = _ints(args.world_sizes) or (TINY["world_sizes"] if tiny else GPU_WORLD_SIZES)
+    ms = _ints(args.ms) or (TINY["ms"] if tiny else GPU_MS)
+    chunk_m = args.chunk_m or (8 if tiny else None)
+    rows, failed = [], False
+    for case in cases(args.ops.split(","), world_sizes, ms, hidden, ffn):
+        try:
+            rows.append(measure(case, dtype, device, chunk_m, args.rep_ms, args.link_gbps))
+        except Exception as error:  # e.g. out of memory: report the case and go on
+            failed = True
+            print(f"{case}: FAILED", file=sys.stderr)
+            traceback.print_exception(error, limit=-3, file=sys.stderr)
+            rows.append(
+                dict(op=case.op, W=case.W, M=case.M, error=f"{type(error).__name__}: {error}"[:300])
+            )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    env = harness.environment(device)
+    print(f"\nMEASURED on one {env['gpu']} (LocalWorld: the W ranks run one after another)")
+    harness.print_table(rows, MEASURED)
+    print(f"\nPROJECTED for W GPUs over NVLink at {args.link_gbps:g} GB/s per direction "
+          f"(bench/overlap_model.py: a model, not a measurement)")  # fmt: skip
+    harness.print_table(rows, PROJECTED)
+    path = harness.write_results("overlap", rows, env, args.out)
+    harness.plot(rows, path.with_suffix(".png"), x=("op", "W", "M"), series="op",
+                 metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
+                 title="overlap (LocalWorld, one GPU; proj_*: projected)")  # fmt: skip
+    print(f"\nwrote {path}")
+    return 1 if failed else 0
+
+
+def _ints(text: str | None):
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

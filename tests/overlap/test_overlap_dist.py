@@ -1,0 +1,114 @@
+"""DistWorld over gloo: 2 and 3 CPU processes, pipelined and serial schedules, ops and layers.
+
+# W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
+
+Every rank builds the same full inputs from a fixed seed, runs its part, and checks it against the
+float64 reference of the whole computation. A failure in a worker fails the spawn.
+"""
+
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from overlap_testing import RTOL, randn
+from tolerance import assert_close
+
+import overlap
+from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
+
+TOL = RTOL[torch.float32]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_ops(world, mode: str) -> None:
+    W, r = world.world_size, world.rank
+    m, K, n = 5, 12, 7  # m not a multiple of the chunk (2 rows)
+    # AG-GEMM: the stacked reference holds every rank's shard and weight.
+    a_all, b_all = randn(W, m, K, seed=1), randn(W, K, n, seed=2)
+    dc_all = randn(W, W * m, n, seed=3)
+    a = a_all[r].clone().requires_grad_()
+    b = b_all[r].clone().requires_grad_()
+    c = overlap.all_gather_matmul(a, b, world)
+    a64, b64 = a_all.double().requires_grad_(), b_all.double().requires_grad_()
+    c64 = all_gather_matmul_ref(a64, b64)
+    assert_close(c, c64[r], rtol=TOL, name=f"{mode} rank {r}: all_gather_matmul")
+    c.backward(dc_all[r])
+    c64.backward(dc_all.double())
+    assert_close(a.grad, a64.grad[r], rtol=TOL, name=f"{mode} rank {r}: grad a_shard")
+    assert_close(b.grad, b64.grad[r], rtol=TOL, name=f"{mode} rank {r}: grad b")
+    # GEMM-RS.
+    a_all, b_all = randn(W, W * m, K, seed=4), randn(W, K, n, seed=5)
+    dc_all = randn(W, m, n, seed=6)
+    a = a_all[r].clone().requires_grad_()
+    b = b_all[r].clone().requires_grad_()
+    c = overlap.matmul_reduce_scatter(a, b, world)
+    a64, b64 = a_all.double().requires_grad_(), b_all.double().requires_grad_()
+    c64 = matmul_reduce_scatter_ref(a64, b64)
+    assert_close(c, c64[r], rtol=TOL, name=f"{mode} rank {r}: matmul_reduce_scatter")
+    c.backward(dc_all[r])
+    c64.backward(dc_all.double())
+    assert_close(a.grad, a64.grad[r], rtol=TOL, name=f"{mode} rank {r}: grad a")
+    assert_close(b.grad, b64.grad[r], rtol=TOL, name=f"{mode} rank {r}: grad b")
+
+
+def _check_mlp(world, sequence_parallel: bool) -> None:
+    """ParallelMLP on every rank against the dense MLP built from the same seeded weights."""
+    W, r = world.world_size, world.rank
+    s, b, h, f = 2 * W, 2, 8, 4 * W
+    mlp = overlap.parallel_mlp(h, f, world, sequence_parallel=sequence_parallel,
+                               generator=torch.Generator().manual_seed(7))  # fmt: skip
+    generator = torch.Generator().manual_seed(7)  # the layers draw from it in this order
+    w1 = torch.empty(f, h).uniform_(-(h**-0.5), h**-0.5, generator=generator)
+    w2 = torch.empty(h, f).uniform_(-(f**-0.5), f**-0.5, generator=generator)
+    x_full = randn(s, b, h, seed=8)
+    x = (x_full.chunk(W)[r] if sequence_parallel else x_full).clone().requires_grad_()
+    y = mlp(x)
+    w1, w2, x64 = (t.double().requires_grad_() for t in (w1, w2, x_full))
+    y64 = torch.nn.functional.gelu(x64 @ w1.T) @ w2.T  # biases start at zero
+    expected = y64.chunk(W)[r] if sequence_parallel else y64
+    assert_close(y, expected, rtol=TOL, name=f"mlp rank {r}")
+    (y * y).sum().backward()  # each rank's loss is the part of the dense loss it holds
+    if sequence_parallel:
+        (y64 * y64).sum().backward()
+        assert_close(x.grad, x64.grad.chunk(W)[r], rtol=TOL, name=f"mlp rank {r}: grad x")
+    else:
+        (y64 * y64).sum().backward()
+        assert_close(x.grad, x64.grad, rtol=TOL, name=f"mlp rank {r}: grad x")
+    assert_close(mlp.up.weight.grad, w1.grad.chunk(W, dim=0)[r], rtol=TOL, name="grad up.weight")
+    assert_close(
+        mlp.down.weight.grad, w2.grad.chunk(W, dim=1)[r], rtol=TOL, name="grad down.weight"
+    )
+    if sequence_parallel:
+        assert mlp.down.bias.sequence_parallel  # the caller all-reduces this gradient
+
+
+def _worker(rank: int, world_size: int, port: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    try:
+        torch.set_num_threads(1)
+        config = overlap.OverlapConfig(chunk_m=2)
+        for mode in ("pipelined", "serial"):
+            _check_ops(overlap.DistWorld(mode=mode, config=config), mode)
+        auto = overlap.DistWorld(config=config)
+        assert auto.mode_for(1e6) is overlap.Mode.SERIAL
+        assert auto.mode_for(1e12) is overlap.Mode.PIPELINED
+        _check_mlp(overlap.DistWorld(mode="pipelined", config=config), sequence_parallel=True)
+        _check_mlp(overlap.DistWorld(mode="serial", config=config), sequence_parallel=False)
+        with pytest.raises(NotImplementedError, match="mode='fused'"):
+            overlap.DistWorld(mode="fused")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_dist_world_over_gloo(world_size):
+    mp.spawn(_worker, args=(world_size, _free_port()), nprocs=world_size, join=True)

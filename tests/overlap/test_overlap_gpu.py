@@ -1,0 +1,128 @@
+"""The fused kernels on a GPU with real concurrency (producer on a side stream): `pytest -m gpu`.
+
+# W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns; BLOCK_M = 128 on CUDA
+
+Tolerance: bf16 results may be at most about 2x as far from the float64 reference as plain
+PyTorch in bf16; float32 results within the float32 tolerance.
+"""
+
+import time
+
+import pytest
+import torch
+from overlap_testing import RTOL, randn
+from tolerance import assert_bf16_close, assert_close
+
+import overlap
+from overlap.flags import raise_flag
+from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
+
+
+def _world(W, **config):
+    config.setdefault("chunk_m", 96)  # not a multiple of BLOCK_M: tiles wait on two chunks
+    return overlap.LocalWorld(W, "cuda", mode="fused",
+                              config=overlap.OverlapConfig(count_tiles=True, **config))  # fmt: skip
+
+
+def _check(actual, expected64, torch_result, name):
+    """float32: the float32 tolerance; bf16: at most 2x plain PyTorch's bf16 error."""
+    if actual.dtype == torch.float32:
+        assert_close(actual, expected64, rtol=RTOL[torch.float32], name=name)
+    else:
+        assert_bf16_close(actual, expected64, torch_result, factor=2.0, name=name)
+
+
+def _tiles_once(world):
+    for log in world.last_tile_counts:
+        assert bool((log[0] == 1).all()), "every output tile exactly once"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_fused_all_gather_matmul(W, dtype):
+    m, K, n = 200, 512, 320
+    world = _world(W)
+    a = randn(W, m, K, dtype=dtype, device="cuda", seed=1).requires_grad_()
+    b = randn(W, K, n, dtype=dtype, device="cuda", seed=2).requires_grad_()
+    c = overlap.all_gather_matmul(a, b, world)
+    _tiles_once(world)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    c64 = all_gather_matmul_ref(a64, b64)
+    a_t, b_t = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    c_t = all_gather_matmul_ref(a_t, b_t)  # plain PyTorch in the same dtype
+    _check(c, c64, c_t, "c")
+    dc = randn(*c.shape, dtype=dtype, device="cuda", seed=3)
+    c.backward(dc)
+    _tiles_once(world)
+    c64.backward(dc.double())
+    c_t.backward(dc)
+    _check(a.grad, a64.grad, a_t.grad, "grad a_shard")
+    _check(b.grad, b64.grad, b_t.grad, "grad b")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_fused_matmul_reduce_scatter(W, dtype):
+    m, k, N = 136, 384, 520
+    world = _world(W)
+    a = randn(W, W * m, k, dtype=dtype, device="cuda", seed=4)
+    b = randn(W, k, N, dtype=dtype, device="cuda", seed=5)
+    c = overlap.matmul_reduce_scatter(a, b, world)
+    _tiles_once(world)
+    c64 = matmul_reduce_scatter_ref(a.double(), b.double())
+    _check(c, c64, matmul_reduce_scatter_ref(a, b), "c_shard")
+
+
+def test_consumer_waits_for_a_slow_producer():
+    """The side stream sleeps before copying: the GEMM starts first and must wait on the flags."""
+    W, m, K, n = 4, 512, 256, 256
+    world = _world(W, chunk_m=128)
+    produce = world._produce_ag
+
+    def slow_producer(*args):
+        torch.cuda._sleep(5_000_000)  # ~ a few ms on the side stream, before the copies
+        produce(*args)
+
+    world._produce_ag = slow_producer
+    a = randn(W, m, K, device="cuda", seed=6)
+    b = randn(W, K, n, device="cuda", seed=7)
+    c = overlap.all_gather_matmul(a, b, world)
+    _tiles_once(world)
+    assert_close(
+        c, all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="c"
+    )
+
+
+def test_timeout_on_gpu_raises_instead_of_hanging():
+    W, m = 2, 256
+    world = _world(W, chunk_m=128, timeout_s=0.5)
+
+    def drop(flags, index, epoch):
+        if not (flags is world._ag_flags[0] and index == 1 * 2 + 1):
+            raise_flag(flags, index, epoch)
+
+    world._raise_flag = drop
+    a = randn(W, m, 128, device="cuda", seed=8)
+    b = randn(W, 128, 128, device="cuda", seed=9)
+    start = time.perf_counter()
+    with pytest.raises(overlap.OverlapTimeoutError, match="rank 0 .* chunk 1 .* from rank 1"):
+        overlap.all_gather_matmul(a, b, world)
+    assert time.perf_counter() - start < 60
+    world._raise_flag = raise_flag
+    assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="result")  # fmt: skip
+
+
+def test_deferred_status_check():
+    world = _world(2, sync_status=False)
+    a = randn(2, 128, 128, device="cuda", seed=10)
+    b = randn(2, 128, 128, device="cuda", seed=11)
+    for _ in range(3):
+        c = overlap.all_gather_matmul(a, b, world)
+    world.check_status()  # nothing timed out
+    assert_close(
+        c, all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="result"
+    )
