@@ -114,9 +114,15 @@ def _setup_context(ctx, inputs, output):
     _, h, a = output
     ctx.save_for_backward(x, topk_weights, w13, w2, plan, h, a)
     ctx.options = (block_m, recompute, deterministic)
+    # h and a are outputs only so that backward can keep them: no gradient flows into them, and
+    # autograd must not allocate zero gradients of their size.
+    ctx.mark_non_differentiable(h, a)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dh, _da):
+    if dout is None:
+        return (None,) * 8
     x, topk_weights, w13, w2, plan, h, a = ctx.saved_tensors
     dx, dweights, dw13, dw2 = torch.ops.moeblaze.moe_mlp_backward(
         dout, x, topk_weights, w13, w2, plan, h, a, *ctx.options

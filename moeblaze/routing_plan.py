@@ -141,7 +141,7 @@ def _fill_plan_triton(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
     sub = min(chunk, max(16, 4096 // e_pad))  # [SUB, E_PAD] one-hot blocks of 4096 elements
     num_chunks = max(1, triton.cdiv(num_slots, chunk))
     chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
-    ids = topk_ids.reshape(-1)
+    ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
     count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, SUB=sub,
                                        E_PAD=e_pad)  # fmt: skip
     place_slots_kernel[(num_chunks,)](

@@ -16,6 +16,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_ids(topk_ids_ptr, slots, in_range, E_PAD: tl.constexpr):
+    """Expert ids of `slots` as int32; E_PAD (no expert) past the end, whatever the id dtype."""
+    ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=0).to(tl.int32)
+    return tl.where(in_range, ids, E_PAD)
+
+
+@triton.jit
 def count_chunks_kernel(
     topk_ids_ptr,  # [S] any integer dtype
     chunk_counts_ptr,  # [C, E_PAD] int32
@@ -29,7 +36,7 @@ def count_chunks_kernel(
     counts = tl.zeros((E_PAD,), dtype=tl.int32)
     for sub in range(0, CHUNK, SUB):
         slots = chunk * CHUNK + sub + tl.arange(0, SUB)
-        ids = tl.load(topk_ids_ptr + slots, mask=slots < num_slots, other=E_PAD).to(tl.int32)
+        ids = _load_ids(topk_ids_ptr, slots, slots < num_slots, E_PAD)
         one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [SUB, E_PAD]
         counts += tl.sum(one_hot, axis=0)
     tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
@@ -80,7 +87,7 @@ def place_slots_kernel(
     for sub in range(0, CHUNK, SUB):
         slots = chunk * CHUNK + sub + tl.arange(0, SUB)
         in_range = slots < num_slots
-        ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=E_PAD).to(tl.int32)
+        ids = _load_ids(topk_ids_ptr, slots, in_range, E_PAD)
         one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [SUB, E_PAD]
         rank = tl.cumsum(one_hot, axis=0) - one_hot  # same-expert slots before, in this block
         positions = tl.sum(one_hot * (running[None, :] + rank), axis=1)
