@@ -30,6 +30,7 @@ from moeblaze.kernels.expert_mlp import (
     grad_act_kernel,
     scatter_rows_kernel,
 )
+from moeblaze.kernels.tiles import dot_options
 from moeblaze.routing_plan import RoutingPlan
 
 
@@ -167,17 +168,10 @@ class TritonStages:
 
     @staticmethod
     def _meta(cfg: GemmConfig, dtype: torch.dtype) -> dict:
-        full_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
         return dict(
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            DOT_FP32=interpreting(),
-            INPUT_PRECISION="ieee" if full_fp32 else "tf32",
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **dot_options(dtype),
+        )  # fmt: skip
 
 
 class TorchStages:

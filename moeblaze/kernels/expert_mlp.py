@@ -15,24 +15,13 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
           expert_wgrad_kernel  dw2[e] = sum_p (w * dout[token(p)])^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
-
-DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
-operands as their raw 16-bit storage, so the launchers set it when interpreting.
+The GEMM main loop and tile order are shared with overlap (moeblaze.kernels.tiles).
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a 1-D program id to (pid_m, pid_n) so that GROUP_M row tiles share column sweeps."""
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
-    return pid_m, pid_n
+from moeblaze.kernels.tiles import rows_matmul, swizzle_tile
 
 
 @triton.jit
@@ -47,41 +36,6 @@ def _tile_rows(tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile
 
 
 @triton.jit
-def _rows_matmul(
-    a_ptr, a_rows, row_mask, stride_am,
-    b_ptr, stride_bk, stride_bn, cols, col_mask, second_b_offset, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DUAL: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """acc[i, j] = sum_kk A[a_rows[i], kk] * B[kk, cols[j]] in fp32; A rows have unit K stride.
-
-    With DUAL, also the product with the B that starts `second_b_offset` elements later (the
-    up-projection rows of w13), reusing each loaded A block for both.
-    """
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
-    b_col_ptrs = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        a = tl.load(a_row_ptrs + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_ptrs = b_col_ptrs + kk.to(tl.int64)[:, None] * stride_bk
-        b_mask = k_mask[:, None] & col_mask[None, :]
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if DUAL:
-            b2 = tl.load(b_ptrs + second_b_offset, mask=b_mask, other=0.0)
-            if DOT_FP32:
-                b2 = b2.to(tl.float32)
-            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
-    return acc, acc2
-
-
-@triton.jit
 def gate_up_kernel(
     x_ptr, w13_ptr, h_ptr, a_ptr,
     sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
@@ -92,7 +46,7 @@ def gate_up_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = silu(h_gate) * h_up  [S, F]."""
-    tile, pid_n = _swizzle(tl.program_id(0), max_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
+    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
     if tile < tl.load(num_tiles_ptr):
         expert, rows, row_mask, slots = _tile_rows(
             tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
@@ -100,7 +54,7 @@ def gate_up_kernel(
         )  # fmt: skip
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < F
-        gate, up = _rows_matmul(
+        gate, up = rows_matmul(
             x_ptr, slots // TOP_K, row_mask, stride_x,
             w13_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
             F * stride_wn, D, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_FP32, INPUT_PRECISION,
@@ -137,7 +91,7 @@ def grad_act_kernel(
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
-    tile, pid_n = _swizzle(tl.program_id(0), max_tiles, num_pid_n, GROUP_M)
+    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, num_pid_n, GROUP_M)
     if tile < tl.load(num_tiles_ptr):
         expert, rows, row_mask, slots = _tile_rows(
             tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
@@ -145,7 +99,7 @@ def grad_act_kernel(
         )  # fmt: skip
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < F
-        g, _ = _rows_matmul(
+        g, _ = rows_matmul(
             dout_ptr, slots // TOP_K, row_mask, stride_dout,
             w2_ptr + expert.to(tl.int64) * stride_we, stride_wd, stride_wf, cols, col_mask,
             0, D, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32, INPUT_PRECISION,
@@ -185,7 +139,7 @@ def scatter_rows_kernel(
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
     """
-    tile, pid_n = _swizzle(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     if tile < tl.load(num_tiles_ptr):
         expert, rows, row_mask, slots = _tile_rows(
             tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
@@ -193,7 +147,7 @@ def scatter_rows_kernel(
         )  # fmt: skip
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        y, _ = _rows_matmul(
+        y, _ = rows_matmul(
             in_ptr, rows, row_mask, stride_in,
             w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
             0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32, INPUT_PRECISION,
@@ -225,7 +179,7 @@ def expert_wgrad_kernel(
     and experts without tokens get zeros.
     """
     expert = tl.program_id(1)
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
     ii = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -20,14 +20,8 @@ holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_
 import triton
 import triton.language as tl
 
-from moeblaze._device import interpreting
-from overlap.kernels.common import (
-    TileConfig,
-    input_precision,
-    swizzle_tile,
-    tile_matmul,
-    wait_chunks,
-)
+from moeblaze.kernels.tiles import dot_options, rows_matmul, swizzle_tile
+from overlap.kernels.common import TileConfig, wait_chunks
 
 
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "stride_al", "stride_g"])
@@ -63,9 +57,9 @@ def ag_gemm_kernel(
             row_mask = rows < m
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < n
-            acc = tile_matmul(a_ptr, stride_a, rows, row_mask, b_ptr, stride_bk, stride_bn, cols,
-                              col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32,
-                              INPUT_PRECISION)  # fmt: skip
+            acc, _ = rows_matmul(a_ptr, rows, row_mask, stride_a, b_ptr, stride_bk, stride_bn,
+                                 cols, col_mask, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32,
+                                 INPUT_PRECISION)  # fmt: skip
             c_ptrs = (c_ptr + (src * m + rows).to(tl.int64)[:, None] * stride_c
                       + cols.to(tl.int64)[None, :])  # fmt: skip
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
@@ -93,7 +87,7 @@ def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world
         a_local.stride(0), gathered.stride(0), b.stride(0), b.stride(1), out.stride(0),
         WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        DOT_FP32=interpreting(), INPUT_PRECISION=input_precision(a_local.dtype),
+        **dot_options(a_local.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 

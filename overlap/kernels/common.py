@@ -50,22 +50,6 @@ def default_tile_config(device: torch.device) -> TileConfig:
     return GPU_TILE_CONFIG if device.type == "cuda" else INTERPRETER_TILE_CONFIG
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for float32 operands: TF32 exactly when torch's matmul would use it."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-@triton.jit
-def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Map a linear tile index to (pid_m, pid_n) so that GROUP_M row tiles share column sweeps."""
-    width = GROUP_M * num_pid_n
-    first_m = (tile // width) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % width) % group_size
-    pid_n = (tile % width) // group_size
-    return pid_m, pid_n
-
-
 @triton.jit
 def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer):
     """Poll `*flag_ptr` (acquire) until it reaches `epoch`, at most `max_spins` times.
@@ -101,28 +85,3 @@ def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_pt
             ok = wait_flag(flags_ptr + first_flag + chunk, epoch, status_ptr, max_spins,
                            first_flag + chunk, peer)  # fmt: skip
     return ok
-
-
-@triton.jit
-def tile_matmul(a_ptr, stride_am, rows, row_mask, b_ptr, stride_bk, stride_bn, cols, col_mask, K,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):  # fmt: skip
-    """acc[i, j] = sum_k A[rows[i], k] * B[k, cols[j]] in fp32; A has unit stride along K.
-
-    DOT_FP32 upcasts the operands first: the Triton 3.9 CPU interpreter multiplies bfloat16
-    operands as their raw 16-bit storage, so the launchers set it when interpreting.
-    """
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
-    b_cols = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(b_cols + kk.to(tl.int64)[:, None] * stride_bk,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # fmt: skip
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc

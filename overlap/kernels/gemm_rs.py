@@ -25,14 +25,8 @@ allocations, reached through tables of their addresses, as peer buffers are.
 import triton
 import triton.language as tl
 
-from moeblaze._device import interpreting
-from overlap.kernels.common import (
-    TileConfig,
-    input_precision,
-    swizzle_tile,
-    tile_matmul,
-    wait_chunks,
-)
+from moeblaze.kernels.tiles import dot_options, rows_matmul, swizzle_tile
+from overlap.kernels.common import TileConfig, wait_chunks
 
 
 @triton.jit(do_not_specialize=["rank", "epoch"])
@@ -56,9 +50,9 @@ def gemm_rs_kernel(
         row_mask = row0 + tl.arange(0, BLOCK_M) < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc = tile_matmul(a_ptr, stride_a, rows, row_mask, b_ptr, stride_bk, stride_bn, cols,
-                          col_mask, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32,
-                          INPUT_PRECISION)  # fmt: skip
+        acc, _ = rows_matmul(a_ptr, rows, row_mask, stride_a, b_ptr, stride_bk, stride_bn, cols,
+                             col_mask, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32,
+                             INPUT_PRECISION)  # fmt: skip
         p_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * stride_p + cols.to(tl.int64)[None, :]
         tl.store(p_ptrs, acc.to(partial_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
@@ -127,7 +121,7 @@ def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int
         a.stride(0), b.stride(0), b.stride(1), partial.stride(0),
         WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        DOT_FP32=interpreting(), INPUT_PRECISION=input_precision(a.dtype),
+        **dot_options(a.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 

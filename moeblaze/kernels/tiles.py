@@ -1,0 +1,67 @@
+"""GEMM building blocks shared by the kernels of moeblaze and overlap.
+
+    swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
+    rows_matmul    fp32 product of BLOCK_M rows of A, picked by index, with a strided B tile
+    dot_options    launcher side: the DOT_FP32 / INPUT_PRECISION constexprs for a dtype
+
+DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
+operands as their raw 16-bit storage, so launchers set it when interpreting.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from moeblaze._device import interpreting
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """tl.dot constexprs: float32 operands use TF32 exactly when torch's matmul would."""
+    full_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dict(DOT_FP32=interpreting(), INPUT_PRECISION="ieee" if full_fp32 else "tf32")
+
+
+@triton.jit
+def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Map a linear tile index to (pid_m, pid_n) so that GROUP_M row tiles share column sweeps."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % group_size
+    pid_n = (tile % width) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def rows_matmul(
+    a_ptr, a_rows, row_mask, stride_am,
+    b_ptr, stride_bk, stride_bn, cols, col_mask, second_b_offset, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DUAL: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc[i, j] = sum_kk A[a_rows[i], kk] * B[kk, cols[j]] in fp32; A rows have unit K stride.
+
+    With DUAL, also the product with the B that starts `second_b_offset` elements later (the
+    up-projection rows of w13), reusing each loaded A block for both; else the second is zeros.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
+    b_col_ptrs = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        a = tl.load(a_row_ptrs + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b_ptrs = b_col_ptrs + kk.to(tl.int64)[:, None] * stride_bk
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if DUAL:
+            b2 = tl.load(b_ptrs + second_b_offset, mask=b_mask, other=0.0)
+            if DOT_FP32:
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
+    return acc, acc2
