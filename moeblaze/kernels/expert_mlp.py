@@ -25,14 +25,22 @@ from moeblaze.kernels.tiles import rows_matmul, swizzle_tile
 
 
 @triton.jit
-def _tile_rows(tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-               BLOCK_M: tl.constexpr):  # fmt: skip
-    """The expert of a tile, its sorted positions [BLOCK_M], their mask and their slots."""
-    expert = tl.load(tile_expert_ptr + tile)
+def _plan_tile(sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
+               num_tiles_ptr, max_tiles, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               GROUP_M: tl.constexpr):  # fmt: skip
+    """This program's plan tile and column block of an N-wide output.
+
+    Returns (valid, expert, rows [BLOCK_M] sorted positions, row_mask, slots, pid_n,
+    cols [BLOCK_N], col_mask). Programs past the plan's `num_tiles` get valid == False.
+    """
+    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
+    valid = tile < tl.load(num_tiles_ptr)
+    expert = tl.where(valid, tl.load(tile_expert_ptr + tile), 0)  # padding tiles hold E
     rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(expert_offsets_ptr + expert + 1)
+    row_mask = rows < tl.where(valid, tl.load(expert_offsets_ptr + expert + 1), 0)
     slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
-    return expert, rows, row_mask, slots
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return valid, expert, rows, row_mask, slots, pid_n, cols, cols < N
 
 
 @triton.jit
@@ -46,14 +54,11 @@ def gate_up_kernel(
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = silu(h_gate) * h_up  [S, F]."""
-    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(F, BLOCK_N), GROUP_M)
-    if tile < tl.load(num_tiles_ptr):
-        expert, rows, row_mask, slots = _tile_rows(
-            tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-            BLOCK_M,
-        )  # fmt: skip
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < F
+    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+        max_tiles, F, BLOCK_M, BLOCK_N, GROUP_M,
+    )  # fmt: skip
+    if valid:
         gate, up = rows_matmul(
             x_ptr, slots // TOP_K, row_mask, stride_x,
             w13_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
@@ -91,14 +96,11 @@ def grad_act_kernel(
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
-    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, num_pid_n, GROUP_M)
-    if tile < tl.load(num_tiles_ptr):
-        expert, rows, row_mask, slots = _tile_rows(
-            tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-            BLOCK_M,
-        )  # fmt: skip
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < F
+    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+        max_tiles, F, BLOCK_M, BLOCK_N, GROUP_M,
+    )  # fmt: skip
+    if valid:
         g, _ = rows_matmul(
             dout_ptr, slots // TOP_K, row_mask, stride_dout,
             w2_ptr + expert.to(tl.int64) * stride_we, stride_wd, stride_wf, cols, col_mask,
@@ -139,14 +141,11 @@ def scatter_rows_kernel(
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
     """
-    tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
-    if tile < tl.load(num_tiles_ptr):
-        expert, rows, row_mask, slots = _tile_rows(
-            tile, sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-            BLOCK_M,
-        )  # fmt: skip
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < N
+    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
+        max_tiles, N, BLOCK_M, BLOCK_N, GROUP_M,
+    )  # fmt: skip
+    if valid:
         y, _ = rows_matmul(
             in_ptr, rows, row_mask, stride_in,
             w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
