@@ -39,6 +39,22 @@ VIEWS = {
         lambda row: True,
         ("shape", "T", "k", "E", "provider", "ms", "speedup_vs_torch"),
     ),
+    "overlap": (
+        "Overlap on one GPU (LocalWorld, measured; projections are in the JSON)",
+        lambda row: True,
+        (
+            "op",
+            "W",
+            "M",
+            "serial_ms",
+            "pipelined_ms",
+            "fused_ms",
+            "auto_mode",
+            "efficiency",
+            "fused_vs_serial",
+            "frac_cublas",
+        ),  # fmt: skip
+    ),
 }
 
 

@@ -3,7 +3,7 @@
 #
 #   bash bench/run_gpu.sh OUTDIR
 #
-# Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt (logs), the result
+# Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -35,8 +35,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 }
 
 step pytest-gpu 170 python -m pytest -m gpu -q
-step moe_layer 260 python -m bench.moe_layer --out "$OUT"
-step routing_plan 50 python -m bench.routing_plan --out "$OUT"
+step moe_layer 200 python -m bench.moe_layer --out "$OUT"
+step routing_plan 40 python -m bench.routing_plan --out "$OUT"
+step overlap 120 python -m bench.overlap --out "$OUT"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

@@ -159,7 +159,7 @@ def scatter_rows_kernel(
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             out_ptrs = out_ptr + (slots // TOP_K).to(tl.int64)[:, None] * stride_out + cols[None, :]
-            tl.atomic_add(out_ptrs, y, mask=mask)
+            tl.atomic_add(out_ptrs, y, mask=mask, sem="relaxed")  # a sum: no ordering needed
 
 
 @triton.jit
