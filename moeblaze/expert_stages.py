@@ -44,10 +44,21 @@ class GemmConfig:
     num_stages: int = 3
 
 
-# Not yet tuned on a GPU: starting points from common Hopper Triton GEMM configurations.
-_GPU_ROWS = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)
-_GPU_GATE_UP = GemmConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
-_GPU_WGRAD = GemmConfig(block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=4)
+# GPU tile configurations, by kernel and the plan's block_m (the kernels' BLOCK_M). Not yet
+# timed on a GPU. Every one compiles for sm_90 without register spills; the register counts are
+# from Triton 3.9's sm_90 build (tests/sm90_compile.py checks them). The rejected neighbours
+# spill: gate_up and scatter_rows at BLOCK_M=128 with 4 warps (255 registers), grad_act with
+# BLOCK_N=128 (1.5-4.9 KB of stack), or BLOCK_N=64 at BLOCK_M=128.
+GPU_CONFIGS = {
+    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 208 registers
+    ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),  # 164
+    ("grad_act", 64): GemmConfig(64, 64, 64, num_warps=8, num_stages=4),  # 137
+    ("grad_act", 128): GemmConfig(128, 32, 64, num_warps=8, num_stages=4),  # 140
+    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 186
+    ("scatter_rows", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 183
+    # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step.
+    ("expert_wgrad", None): GemmConfig(128, 128, 32, num_warps=8, num_stages=4),  # 102-128
+}
 # The interpreter runs programs one after another: small blocks keep odd test shapes covering
 # several tiles per dimension without making each program slow.
 _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
@@ -70,7 +81,7 @@ class TritonStages:
         a = _alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         if num_slots == 0:
             return h, a
-        cfg = self._config(_GPU_GATE_UP, plan)
+        cfg = self._config("gate_up", plan)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
         grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
@@ -97,7 +108,7 @@ class TritonStages:
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        cfg = self._config(_GPU_ROWS, plan)
+        cfg = self._config("grad_act", plan)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         dw_partial = _alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
@@ -129,7 +140,7 @@ class TritonStages:
         else:
             out = torch.zeros(num_tokens, n, dtype=torch.float32, device=rows_in.device)
         if num_slots > 0:
-            cfg = self._config(_GPU_ROWS, plan)
+            cfg = self._config("scatter_rows", plan)
             scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
                 rows_in, w, topk_weights if topk_weights is not None else rows_in, out,
                 *self._plan_args(plan), plan.max_tiles, n, rows_in.shape[1],
@@ -145,7 +156,7 @@ class TritonStages:
         """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
         m, n = left.shape[1], right.shape[1]
         out = _alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
-        cfg = _INTERPRETER if interpreting() else _GPU_WGRAD
+        cfg = _INTERPRETER if interpreting() else GPU_CONFIGS["expert_wgrad", None]
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
         expert_wgrad_kernel[grid](
             left, right, topk_weights if topk_weights is not None else left, out,
@@ -157,9 +168,10 @@ class TritonStages:
         return out
 
     @staticmethod
-    def _config(gpu: GemmConfig, plan: RoutingPlan) -> GemmConfig:
-        base = _INTERPRETER if interpreting() else gpu
-        return dataclasses.replace(base, block_m=plan.block_m)
+    def _config(kernel: str, plan: RoutingPlan) -> GemmConfig:
+        if interpreting():
+            return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
+        return GPU_CONFIGS[kernel, plan.block_m]
 
     @staticmethod
     def _plan_args(plan: RoutingPlan):
