@@ -53,9 +53,9 @@ class _ParallelLinear(nn.Module):
     split_dim: int  # dim of the full [f, h] weight that is split across ranks
 
     def __init__(self, in_features: int, out_features: int, world: World, *,
-                 sequence_parallel: bool, bias: bool, skip_bias_add: bool,
-                 init_method: Callable | None, generator: torch.Generator | None,
-                 dtype: torch.dtype | None):  # fmt: skip
+                 sequence_parallel: bool = True, bias: bool = True, skip_bias_add: bool = False,
+                 init_method: Callable | None = None, generator: torch.Generator | None = None,
+                 dtype: torch.dtype | None = None):  # fmt: skip
         super().__init__()
         if not isinstance(world, World):
             raise TypeError(f"world must be a LocalWorld or DistWorld, got {type(world).__name__}")
@@ -128,14 +128,6 @@ class ColumnParallelLinear(_ParallelLinear):
 
     split_dim = 0
 
-    def __init__(self, in_features: int, out_features: int, world: World, *,
-                 sequence_parallel: bool = True, bias: bool = True, skip_bias_add: bool = False,
-                 init_method: Callable | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | None = None):  # fmt: skip
-        super().__init__(in_features, out_features, world, sequence_parallel=sequence_parallel,
-                         bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
-                         generator=generator, dtype=dtype)  # fmt: skip
-
     def _make_bias(self, dtype) -> torch.Tensor:
         return torch.zeros(*self._lead, self.out_features // self.world.world_size, dtype=dtype,
                            device=self.world.device)  # fmt: skip
@@ -173,14 +165,9 @@ class RowParallelLinear(_ParallelLinear):
 
     split_dim = 1
 
-    def __init__(self, in_features: int, out_features: int, world: World, *,
-                 sequence_parallel: bool = True, bias: bool = True, skip_bias_add: bool = False,
-                 init_method: Callable | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | None = None):  # fmt: skip
-        super().__init__(in_features, out_features, world, sequence_parallel=sequence_parallel,
-                         bias=bias, skip_bias_add=skip_bias_add, init_method=init_method,
-                         generator=generator, dtype=dtype)  # fmt: skip
-        if self.bias is not None and isinstance(world, DistWorld) and sequence_parallel:
+    def __init__(self, *args, **kwargs):  # the arguments of _ParallelLinear
+        super().__init__(*args, **kwargs)
+        if self.bias is not None and isinstance(self.world, DistWorld) and self.sequence_parallel:
             self.bias.sequence_parallel = True  # Megatron: all-reduce this gradient over TP
 
     def _make_bias(self, dtype) -> torch.Tensor:

@@ -7,7 +7,6 @@ float64 reference of the whole computation. A failure in a worker fails the spaw
 """
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -20,12 +19,6 @@ import overlap
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 TOL = RTOL[torch.float32]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_ops(world, mode: str) -> None:
@@ -90,8 +83,8 @@ def _check_mlp(world, sequence_parallel: bool) -> None:
         assert mlp.down.bias.sequence_parallel  # the caller all-reduces this gradient
 
 
-def _worker(rank: int, world_size: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+def _worker(rank: int, world_size: int, init_method: str) -> None:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))  # fmt: skip
     try:
         torch.set_num_threads(1)
@@ -110,5 +103,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_dist_world_over_gloo(world_size):
-    mp.spawn(_worker, args=(world_size, _free_port()), nprocs=world_size, join=True)
+def test_dist_world_over_gloo(world_size, tmp_path):
+    # A file store: no TCP port to pick, so no race with other processes for it.
+    init_method = f"file://{tmp_path / 'store'}"
+    mp.spawn(_worker, args=(world_size, init_method), nprocs=world_size, join=True)
