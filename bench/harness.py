@@ -309,3 +309,16 @@ def plot(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path | None,
+           **plot_args: Any) -> None:  # fmt: skip
+    """Print the table and where the results went; plot beside them unless plot_args is empty."""
+    print_table(rows, columns)
+    if not rows or path is None:
+        return
+    print(f"\nwrote {path}")
+    if plot_args:
+        png = plot(rows, Path(path).with_suffix(".png"), **plot_args)
+        if png:
+            print(f"wrote {png}")

@@ -28,7 +28,6 @@ import math
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -267,20 +266,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.empty_cache()
 
     print()
-    harness.print_table(rows, COLUMNS)
-    if rows:
-        print(f"\nwrote {path}")
-    if rows and not args.no_plot:
-        png = harness.plot(
-            rows,
-            Path(path).with_suffix(".png"),
-            x=("shape", "mode"),
-            series="provider",
-            metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
-            title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}",
-        )
-        if png:
-            print(f"wrote {png}")
+    plot_args = dict(
+        x=("shape", "mode"), series="provider", metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
+        title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}",
+    )  # fmt: skip
+    harness.report(rows, COLUMNS, path if rows else None, **({} if args.no_plot else plot_args))
     return rows
 
 

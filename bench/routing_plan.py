@@ -83,20 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["speedup_vs_torch"] = found["torch"] / r["ms"]
         path = harness.write_results("routing_plan", rows, env, args.out)
 
-    harness.print_table(rows, COLUMNS)
-    if rows:
-        print(f"\nwrote {path}")
-    if rows and not args.no_plot:
-        png = harness.plot(
-            rows,
-            path.with_suffix(".png"),
-            x=("shape",),
-            series="provider",
-            metrics=("ms",),
-            title=f"Routing plan, {env['gpu']}",
-        )
-        if png:
-            print(f"wrote {png}")
+    plot_args = dict(x=("shape",), series="provider", metrics=("ms",),
+                     title=f"Routing plan, {env['gpu']}")  # fmt: skip
+    harness.report(rows, COLUMNS, path if rows else None, **({} if args.no_plot else plot_args))
     return rows
 
 
