@@ -138,18 +138,19 @@ def _fill_plan_triton(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
     # (which runs programs one after another); at least 64 slots each.
     programs = 8 if interpreting() else 128
     chunk = min(4096, max(64, triton.next_power_of_2(triton.cdiv(num_slots, programs))))
-    sub = min(chunk, max(16, 4096 // e_pad))  # [SUB, E_PAD] one-hot blocks of 4096 elements
     num_chunks = max(1, triton.cdiv(num_slots, chunk))
-    chunk_counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
+    chunk_counts = torch.empty(2, num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
     ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
-    count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, SUB=sub,
-                                       E_PAD=e_pad)  # fmt: skip
+    count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, E_PAD=e_pad)
     place_slots_kernel[(num_chunks,)](
         ids, chunk_counts, plan.expert_counts, plan.expert_offsets, plan.sorted_slots,
         plan.slot_positions, plan.tile_expert, plan.tile_row_start, plan.num_tiles,
         num_slots, num_chunks, num_experts, plan.max_tiles,
         triton.cdiv(plan.max_tiles, num_chunks),
-        CHUNK=chunk, SUB=sub, E_PAD=e_pad, BLOCK_M=plan.block_m,
+        CHUNK=chunk, E_PAD=e_pad,
+        CHUNK_ROWS=max(1, 2048 // e_pad),  # [CHUNK_ROWS, E_PAD] blocks of chunk counts
+        TILE_BLOCK=max(16, 4096 // e_pad),  # [TILE_BLOCK, E_PAD] blocks of tile metadata
+        BLOCK_M=plan.block_m,
     )  # fmt: skip
 
 

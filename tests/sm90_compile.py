@@ -115,13 +115,13 @@ def routing_plan_variants():
     i32 = "*i32"
     yield (routing_plan.count_chunks_kernel,
            dict(topk_ids_ptr="*i64", chunk_counts_ptr=i32, num_slots="i32"),
-           dict(CHUNK=1024, SUB=32, E_PAD=128), 4, 3)  # fmt: skip
+           dict(CHUNK=1024, E_PAD=128), 4, 3)  # fmt: skip
     yield (routing_plan.place_slots_kernel,
            dict(topk_ids_ptr="*i64", chunk_counts_ptr=i32, expert_counts_ptr=i32,
                 expert_offsets_ptr=i32, sorted_slots_ptr=i32, slot_positions_ptr=i32,
                 tile_expert_ptr=i32, tile_row_start_ptr=i32, num_tiles_ptr=i32, num_slots="i32",
                 num_chunks="i32", num_experts="i32", max_tiles="i32", tiles_per_program="i32"),
-           dict(CHUNK=1024, SUB=32, E_PAD=128, BLOCK_M=64), 4, 3)  # fmt: skip
+           dict(CHUNK=1024, E_PAD=128, CHUNK_ROWS=16, TILE_BLOCK=32, BLOCK_M=64), 4, 3)  # fmt: skip
 
 
 def overlap_variants():

@@ -1,14 +1,19 @@
 """Triton kernels that build the routing plan: a stable counting sort of slots by expert.
 
-# T tokens, k top-k, E experts, S = T*k slots (slot s = t*k + j), C chunks of CHUNK slots
+# T tokens, k top-k, E experts (padded to E_PAD), S = T*k slots (slot s = t*k + j),
+# C chunks of CHUNK slots
 
-Two launches over `topk_ids` viewed as `[S]`:
-1. `count_chunks_kernel`: each program histograms its chunk of slots into `chunk_counts [C, E]`.
-2. `place_slots_kernel`: each program derives, from all chunk counts, the expert offsets and the
-   first free position of every expert for its chunk, then places its slots in token order
-   (stable), writing `sorted_slots [S]` and the inverse `slot_positions [S]`. The programs also
-   share the tile metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile
-   count. No comparison sort, no atomics: the result is the same on every run.
+Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per program:
+1. `count_chunks_kernel`: histogram of the chunk's expert ids -> `chunk_counts[0] [C, E_PAD]`.
+2. `place_slots_kernel`: from all chunk counts, the expert offsets and this chunk's first
+   position inside each expert; then the chunk's slots sorted in registers by (expert, slot),
+   which keeps token order within an expert (stable), each written to its sorted position:
+   `sorted_slots [S]` and the inverse `slot_positions [S]`. The programs also share the tile
+   metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile count.
+
+Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
+same on every run. `chunk_counts[1]` is per-program scratch: each program stores the base
+position of each expert there and reads it back by expert id (a gather registers cannot do).
 """
 
 import triton
@@ -16,36 +21,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_ids(topk_ids_ptr, slots, in_range, E_PAD: tl.constexpr):
-    """Expert ids of `slots` as int32; E_PAD (no expert) past the end, whatever the id dtype."""
+def _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    """The chunk's slots [CHUNK] and expert ids as int32, E_PAD (no expert) past the end."""
+    slots = chunk * CHUNK + tl.arange(0, CHUNK)
+    in_range = slots < num_slots
     ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=0).to(tl.int32)
-    return tl.where(in_range, ids, E_PAD)
+    return slots, tl.where(in_range, ids, E_PAD)
 
 
 @triton.jit
 def count_chunks_kernel(
     topk_ids_ptr,  # [S] any integer dtype
-    chunk_counts_ptr,  # [C, E_PAD] int32
+    chunk_counts_ptr,  # [2, C, E_PAD] int32; this kernel fills [0]
     num_slots,
     CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    experts = tl.arange(0, E_PAD)
-    counts = tl.zeros((E_PAD,), dtype=tl.int32)
-    for sub in range(0, CHUNK, SUB):
-        slots = chunk * CHUNK + sub + tl.arange(0, SUB)
-        ids = _load_ids(topk_ids_ptr, slots, slots < num_slots, E_PAD)
-        one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [SUB, E_PAD]
-        counts += tl.sum(one_hot, axis=0)
-    tl.store(chunk_counts_ptr + chunk * E_PAD + experts, counts)
+    _, ids = _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK, E_PAD)
+    bins = tl.arange(0, 2 * E_PAD)  # bin E_PAD collects the slots past the end
+    counts = tl.histogram(ids, 2 * E_PAD)
+    tl.store(chunk_counts_ptr + chunk * E_PAD + bins, counts, mask=bins < E_PAD)
 
 
 @triton.jit
 def place_slots_kernel(
     topk_ids_ptr,  # [S]
-    chunk_counts_ptr,  # [C, E_PAD] int32
+    chunk_counts_ptr,  # [2, C, E_PAD] int32: [0] counts, [1] scratch
     expert_counts_ptr,  # [E] int32
     expert_offsets_ptr,  # [E+1] int32
     sorted_slots_ptr,  # [S] int32
@@ -59,8 +61,9 @@ def place_slots_kernel(
     max_tiles,
     tiles_per_program,
     CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
     E_PAD: tl.constexpr,
+    CHUNK_ROWS: tl.constexpr,
+    TILE_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -69,10 +72,12 @@ def place_slots_kernel(
     # Totals over all chunks, and the counts of the chunks before this one.
     totals = tl.zeros((E_PAD,), dtype=tl.int32)
     before = tl.zeros((E_PAD,), dtype=tl.int32)
-    for c in range(0, num_chunks):
-        row = tl.load(chunk_counts_ptr + c * E_PAD + experts)
-        totals += row
-        before += tl.where(c < chunk, row, 0)
+    for c0 in range(0, num_chunks, CHUNK_ROWS):
+        rows = c0 + tl.arange(0, CHUNK_ROWS)
+        block = tl.load(chunk_counts_ptr + rows[:, None] * E_PAD + experts[None, :],
+                        mask=(rows < num_chunks)[:, None], other=0)  # fmt: skip
+        totals += tl.sum(block, axis=0)
+        before += tl.sum(tl.where((rows < chunk)[:, None], block, 0), axis=0)
     ends = tl.cumsum(totals, axis=0)
     offsets = ends - totals  # exclusive prefix sum: first sorted position of each expert
 
@@ -82,18 +87,21 @@ def place_slots_kernel(
         tl.store(expert_offsets_ptr + experts, offsets, mask=valid)
         tl.store(expert_offsets_ptr + num_experts, num_slots)
 
-    # Place this chunk's slots: position = offset + earlier chunks + earlier slots of this chunk.
-    running = offsets + before
-    for sub in range(0, CHUNK, SUB):
-        slots = chunk * CHUNK + sub + tl.arange(0, SUB)
-        in_range = slots < num_slots
-        ids = _load_ids(topk_ids_ptr, slots, in_range, E_PAD)
-        one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [SUB, E_PAD]
-        rank = tl.cumsum(one_hot, axis=0) - one_hot  # same-expert slots before, in this block
-        positions = tl.sum(one_hot * (running[None, :] + rank), axis=1)
-        tl.store(sorted_slots_ptr + positions, slots, mask=in_range)
-        tl.store(slot_positions_ptr + slots, positions, mask=in_range)
-        running += tl.sum(one_hot, axis=0)
+    # Sort the chunk by (expert, slot). The j-th slot of the sorted chunk, of expert e, goes to
+    # offsets[e] + before[e] + (j - first index of expert e in the sorted chunk).
+    slots, ids = _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK, E_PAD)
+    keys = tl.sort(ids * CHUNK + (slots - chunk * CHUNK))
+    sorted_ids = keys // CHUNK
+    sorted_slots = chunk * CHUNK + keys % CHUNK
+    mine = tl.load(chunk_counts_ptr + chunk * E_PAD + experts)
+    base = offsets + before - (tl.cumsum(mine, axis=0) - mine)  # [E_PAD]
+    scratch = chunk_counts_ptr + (num_chunks + chunk) * E_PAD
+    tl.store(scratch + experts, base)
+    tl.debug_barrier()  # the stores above are visible to every thread of the program
+    real = sorted_ids < E_PAD
+    positions = tl.load(scratch + sorted_ids, mask=real, other=0) + tl.arange(0, CHUNK)
+    tl.store(sorted_slots_ptr + positions, sorted_slots, mask=real)
+    tl.store(slot_positions_ptr + sorted_slots, positions, mask=real)
 
     # Tile metadata: expert e owns tiles [tile_end[e] - tiles[e], tile_end[e]).
     tiles = (totals + BLOCK_M - 1) // BLOCK_M
@@ -103,15 +111,16 @@ def place_slots_kernel(
         tl.store(num_tiles_ptr, num_tiles)
     # Row start of the tile's first row minus BLOCK_M * its tile index, per expert.
     row_base = offsets - (tile_end - tiles) * BLOCK_M
-    for t0 in range(0, tiles_per_program, SUB):
-        tile = chunk * tiles_per_program + t0 + tl.arange(0, SUB)
+    for t0 in range(0, tiles_per_program, TILE_BLOCK):
+        local = t0 + tl.arange(0, TILE_BLOCK)
+        tile = chunk * tiles_per_program + local
         owner = tl.sum((tile_end[None, :] <= tile[:, None]).to(tl.int32), axis=1)
-        owner_hot = (owner[:, None] == experts[None, :]).to(tl.int32)
+        owner_hot = (owner[:, None] == experts[None, :]).to(tl.int32)  # [TILE_BLOCK, E_PAD]
         row_start = tile * BLOCK_M + tl.sum(owner_hot * row_base[None, :], axis=1)
         is_tile = tile < num_tiles
         # Past the last tile: expert E and row start S, so a stray read is out of range.
         owner = tl.where(is_tile, owner, num_experts)
         row_start = tl.where(is_tile, row_start, num_slots)
-        store = (tile < max_tiles) & (t0 + tl.arange(0, SUB) < tiles_per_program)
+        store = (tile < max_tiles) & (local < tiles_per_program)
         tl.store(tile_expert_ptr + tile, owner, mask=store)
         tl.store(tile_row_start_ptr + tile, row_start, mask=store)
