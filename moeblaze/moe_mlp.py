@@ -156,7 +156,8 @@ def moe_mlp(
         w2: [E, d, F], x's dtype.
         recompute: what forward keeps for backward: "activation" (default; the pre-activation
             [T*k, 2F]), "up_proj" (nothing of size T*k*F; the gate/up GEMM runs again in
-            backward) or "none" (pre-activation and activation).
+            backward) or "none" (pre-activation and activation). When no input requires grad
+            or grad mode is off, nothing is kept whatever the policy.
         deterministic: make every output bitwise reproducible run to run. The top-k combines
             of forward and of dx then go through a transient fp32 buffer of [T*k, d]
             (4*T*k*d bytes, freed before the op returns; never kept for backward) and are summed
@@ -167,6 +168,8 @@ def moe_mlp(
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
     """
     _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))):
+        recompute = "up_proj"  # no backward will run: keep nothing
     num_experts = w13.shape[0]
     block_m = stages_for(x.device).block_m(topk_ids.numel(), num_experts)
     plan = torch.ops.moeblaze.routing_plan(topk_ids, num_experts, block_m)

@@ -421,3 +421,31 @@ def test_bad_input(mutate, error, match, make_problem):
             args.pop("x"), args.pop("topk_ids"), args.pop("topk_weights"), args.pop("w13"),
             args.pop("w2"), **args,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
+def test_inference_allocates_no_pre_activation(policy, make_problem, monkeypatch):
+    """Without autograd, forward writes only the activation: no [S, 2F] pre-activation."""
+    T, d, F, E, k = 24, 32, 20, 4, 2
+    problem = make_problem(T, d, F, E, k, seed=31)
+    shapes = []
+    real_empty = _alloc.empty
+
+    def recording_empty(*shape, dtype, device):
+        shapes.append(shape)
+        return real_empty(*shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(_alloc, "empty", recording_empty)
+    with torch.no_grad():
+        out = moeblaze.moe_mlp(problem.x, problem.topk_ids, problem.topk_weights, problem.w13,
+                               problem.w2, recompute=policy)  # fmt: skip
+    assert (T * k, 2 * F) not in shapes and (T * k, F) in shapes, shapes
+    if policy != "up_proj":  # positive control: with autograd the policy keeps h [S, 2F]
+        shapes.clear()
+        leaves = problem.leaves()
+        moeblaze.moe_mlp(problem.x, problem.topk_ids, *leaves[1:], recompute=policy)
+        assert (T * k, 2 * F) in shapes, shapes
+    expected = moeblaze.moe_mlp_reference(problem.x.double(), problem.topk_ids,
+                                          problem.topk_weights.double(), problem.w13.double(),
+                                          problem.w2.double())  # fmt: skip
+    assert_close(out, expected, rtol=RTOL_FP32, name="out")
