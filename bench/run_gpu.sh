@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one bounded run (about 9 minutes), for a CUDA machine.
 #
-#   bash bench/run_gpu.sh OUTDIR
+#   bash bench/run_gpu.sh OUTDIR [STEP ...]
+#
+# STEPs (default: all, in this order): pytest-gpu moe_layer routing_plan overlap. Naming some
+# splits the run, e.g. over two sessions of a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
-OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR}
+OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR [STEP ...]}
+shift
+STEPS=" ${*:-pytest-gpu moe_layer routing_plan overlap} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -28,6 +33,7 @@ status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.txt, record rc
     local name=$1 seconds=$2 rc=0
     shift 2
+    if [[ "$STEPS" != *" $name "* ]]; then return; fi
     echo "== $name (limit ${seconds}s): $*"
     timeout --signal=INT --kill-after=20 "$seconds" "$@" 2>&1 | tee "$OUT/$name.txt" || rc=$?
     echo "$name $rc" >>"$OUT/exit_codes.txt"
