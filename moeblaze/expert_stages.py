@@ -46,7 +46,7 @@ class GemmConfig:
 
 # GPU tile configurations, by kernel and the plan's block_m (the kernels' BLOCK_M). Not yet
 # timed on a GPU. Every one compiles for sm_90 without register spills; the register counts are
-# from Triton 3.9's sm_90 build (tests/sm90_compile.py checks them). The rejected neighbours
+# from Triton 3.9's sm_90 build (tests/gpu_compile.py checks them). The rejected neighbours
 # spill: gate_up and scatter_rows at BLOCK_M=128 with 4 warps (255 registers), grad_act with
 # BLOCK_N=128 (1.5-4.9 KB of stack), or BLOCK_N=64 at BLOCK_M=128.
 GPU_CONFIGS = {

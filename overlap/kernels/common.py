@@ -39,7 +39,7 @@ class TileConfig:
 
 # GPU: 128x256 tiles (the bf16 H100 shape of Triton's persistent matmul tutorial) with
 # BLOCK_K=32 and 4 stages: 239 registers and no spills in Triton 3.9's sm_90 build
-# (tests/sm90_compile.py), where BLOCK_K=64 spills 40 bytes at 255 registers. Not yet timed on a GPU.
+# (tests/gpu_compile.py), where BLOCK_K=64 spills 40 bytes at 255 registers. Not yet timed on a GPU.
 GPU_TILE_CONFIG = TileConfig(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=4)
 # CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
 INTERPRETER_TILE_CONFIG = TileConfig(

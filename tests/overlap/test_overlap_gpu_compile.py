@@ -1,12 +1,12 @@
 """The overlap kernels compile for H100 (sm_90), checked without a GPU."""
 
 import pytest
-from sm90_testing import sm90_reports
+from gpu_compile_testing import compile_reports
 
 
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
-    reports = {r["kernel"]: r for r in sm90_reports("overlap")}
+    reports = {r["kernel"]: r for r in compile_reports("overlap")}
     assert set(reports) == {"ag_gemm_kernel", "gemm_rs_kernel", "rs_reduce_kernel",
                             "raise_flag_kernel"}, reports  # fmt: skip
     for name in ("ag_gemm_kernel", "gemm_rs_kernel"):
@@ -19,3 +19,8 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
     assert reports["rs_reduce_kernel"]["acquire_loads"] >= 1
     assert reports["gemm_rs_kernel"]["release_atomics"] >= 2  # counter (acq_rel) + flag
     assert reports["raise_flag_kernel"]["release_atomics"] >= 1
+
+
+@pytest.mark.slow
+def test_overlap_kernels_compile_for_ampere():
+    assert len(compile_reports("overlap", arch=80)) == 4

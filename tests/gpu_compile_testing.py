@@ -1,4 +1,4 @@
-"""Run tests/sm90_compile.py for one package in a process without the Triton interpreter."""
+"""Run tests/gpu_compile.py for one package in a process without the Triton interpreter."""
 
 import json
 import os
@@ -9,13 +9,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sm90_reports(package: str) -> list[dict]:
-    """One report per compiled kernel variant of `package` ("moeblaze" or "overlap")."""
+def compile_reports(package: str, arch: int = 90) -> list[dict]:
+    """One report per kernel variant of `package` ("moeblaze" or "overlap") built for sm_`arch`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sm90_compile.py"), package],
+        [sys.executable, str(ROOT / "tests" / "gpu_compile.py"), package, str(arch)],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,7 +1,7 @@
-"""Compile Triton kernels for Hopper (sm_90) on a machine without a GPU.
+"""Compile Triton kernels for Hopper (sm_90) or Ampere (sm_80) on a machine without a GPU.
 
-Run as `python tests/sm90_compile.py moeblaze|overlap` in a process without TRITON_INTERPRET
-(the interpreter replaces `@triton.jit` functions). Triton's bundled ptxas assembles the code, so a kernel that would fail to compile on
+Run as `python tests/gpu_compile.py moeblaze|overlap [90|80]` in a process without
+TRITON_INTERPRET (the interpreter replaces `@triton.jit` functions). Triton's bundled ptxas assembles the code, so a kernel that would fail to compile on
 an H100 fails here, and the report shows whether the GEMMs got wgmma instructions and
 asynchronous (pipelined) global-to-shared copies. Prints one JSON line per kernel variant.
 """
@@ -27,13 +27,14 @@ from overlap.kernels import ag_gemm, gemm_rs  # noqa: E402
 from overlap.kernels.common import GPU_TILE_CONFIG as TILE  # noqa: E402
 from overlap.worlds import GPU_REDUCE_BLOCK  # noqa: E402
 
-HOPPER = GPUTarget("cuda", 90, 32)
+ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90
+TARGET = GPUTarget("cuda", ARCH, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # Sizes the launchers pass that Triton specialises as multiples of 16 in the usual shapes.
 _DIVISIBLE = ("D", "F", "M", "N", "K", "m", "n")
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps=4, num_stages=3) -> dict:
+def compile_for_target(fn, signature: dict, constexprs: dict, num_warps=4, num_stages=3) -> dict:
     """Compile `fn` as the JIT would for 16-byte aligned pointers and strides."""
     attrs = {
         (i,): [["tt.divisibility", 16]]
@@ -42,7 +43,7 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps=4, num_stages=
     }
     kernel = triton.compile(
         ASTSource(fn, signature, constexprs, attrs=attrs),
-        target=HOPPER,
+        target=TARGET,
         options=dict(num_warps=num_warps, num_stages=num_stages),
     )
     ttgir = kernel.asm["ttgir"]
@@ -156,5 +157,5 @@ PACKAGES = {
 
 if __name__ == "__main__":
     for fn, signature, constexprs, warps, stages in PACKAGES[sys.argv[1]]():
-        report = compile_sm90(fn, signature, constexprs, num_warps=warps, num_stages=stages)
+        report = compile_for_target(fn, signature, constexprs, num_warps=warps, num_stages=stages)
         print(json.dumps(report), flush=True)
