@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     world_sizes = _ints(args.world_sizes) or (TINY["world_sizes"] if tiny else GPU_WORLD_SIZES)
     ms = _ints(args.ms) or (TINY["ms"] if tiny else GPU_MS)
     chunk_m = args.chunk_m or (8 if tiny else None)
+    env = harness.environment(device)
     rows, failed = [], False
     for case in cases(args.ops.split(","), world_sizes, ms, hidden, ffn):
         try:
@@ -259,14 +260,13 @@ def main(argv=None) -> int:
             )
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        path = harness.write_results("overlap", rows, env, args.out)  # kept if a limit stops us
 
-    env = harness.environment(device)
     print(f"\nMEASURED on one {env['gpu']} (LocalWorld: the W ranks run one after another)")
     harness.print_table(rows, MEASURED)
     print(f"\nPROJECTED for W GPUs over NVLink at {args.link_gbps:g} GB/s per direction "
           f"(bench/overlap_model.py: a model, not a measurement)")  # fmt: skip
     harness.print_table(rows, PROJECTED)
-    path = harness.write_results("overlap", rows, env, args.out)
     harness.plot(rows, path.with_suffix(".png"), x=("op", "W", "M"), series="op",
                  metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
                  title="overlap (LocalWorld, one GPU; proj_*: projected)")  # fmt: skip
