@@ -5,7 +5,7 @@
 #   bash bench/run_gpu.sh OUTDIR [STEP ...]
 #
 # STEPs (default: all, in this order): pytest-gpu moe_layer routing_plan overlap. Naming some
-# splits the run, e.g. over two sessions of a machine that limits one command to 10 minutes.
+# splits the run, e.g. into two commands on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
