@@ -279,8 +279,7 @@ class LocalWorld(World):
         return self._ag_serial, self._rs_serial
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        total = x.sum(0, dtype=acc).to(x.dtype)
+        total = x.sum(0, dtype=_acc_dtype(x.dtype)).to(x.dtype)
         return total.unsqueeze(0).expand(x.shape).contiguous()
 
     def check_status(self) -> None:
