@@ -231,13 +231,14 @@ class TorchStages:
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
             gate, up = h[pos].float().chunk(2, dim=1)
-            act = _swiglu(h[pos].float()).to(dout.dtype)
-            dweights[slots] = (g * act.float()).sum(dim=1)
             sig = torch.sigmoid(gate)
+            silu = gate * sig
+            act = (silu * up).to(dout.dtype)
+            dweights[slots] = (g * act.float()).sum(dim=1)
             d_act = g * weights[slots, None]
-            dh[pos] = torch.cat(
-                [d_act * up * sig * (1 + gate * (1 - sig)), d_act * gate * sig], 1
-            ).to(dh.dtype)
+            dh[pos] = torch.cat([d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu], 1).to(
+                dh.dtype
+            )
             if store_a:
                 a[pos] = act
         return dh, dweights.view(topk_weights.shape), a

@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeblaze.moe_mlp import RECOMPUTE_POLICIES, moe_mlp
+from moeblaze.moe_mlp import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 
 
 class MoELayer(nn.Module):
     """Mixture-of-Experts MLP block with SwiGLU experts in the Hugging Face weight layout.
 
-    Router options (`score_func`, `norm_topk_prob`, `num_groups`, `topk_groups`, `expert_bias`,
-    `aux_loss_coeff`, `z_loss_coeff`) go to `moeblaze.Router`; `recompute` and `deterministic` to
+    Other keyword arguments are router options (`score_func`, `norm_topk_prob`, `num_groups`,
+    `topk_groups`, `expert_bias`, `aux_loss_coeff`, `z_loss_coeff`): they go to
+    `moeblaze.Router`, which documents and checks them; `recompute` and `deterministic` to
     `moeblaze.moe_mlp`. `shared_expert_size` adds a dense SwiGLU MLP of that width that every
     token goes through (Qwen-MoE, DeepSeek). After each forward, `last_router_output` holds the
     router's `RouterOutput` (aux losses and tokens per expert, for logging).
@@ -33,32 +34,21 @@ class MoELayer(nn.Module):
         num_experts: int,
         top_k: int,
         *,
-        score_func: str = "softmax",
-        norm_topk_prob: bool = True,
-        num_groups: int | None = None,
-        topk_groups: int | None = None,
-        expert_bias: bool = False,
-        aux_loss_coeff: float = 0.0,
-        z_loss_coeff: float = 0.0,
         recompute: str = "activation",
         deterministic: bool = False,
         shared_expert_size: int | None = None,
         device=None,
         dtype=None,
+        **router_options,
     ):
         super().__init__()
         if ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
-        if recompute not in RECOMPUTE_POLICIES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+        check_recompute(recompute)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         factory = dict(device=device, dtype=dtype)
-        self.router = Router(
-            hidden_size, num_experts, top_k, score_func=score_func, norm_topk_prob=norm_topk_prob,
-            num_groups=num_groups, topk_groups=topk_groups, expert_bias=expert_bias,
-            aux_loss_coeff=aux_loss_coeff, z_loss_coeff=z_loss_coeff, **factory,
-        )  # fmt: skip
+        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
         self.w13 = nn.Parameter(
             torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size, **factory)
         )

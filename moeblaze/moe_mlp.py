@@ -179,6 +179,11 @@ def moe_mlp(
     return out
 
 
+def check_recompute(recompute: str) -> None:
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+
+
 def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic) -> None:
     for name, t in (("x", x), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
@@ -203,7 +208,7 @@ def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic
             f"w2 must be [E, d, F] = {(num_experts, x.shape[1], ffn)} to match w13 and x, "
             f"got shape {tuple(w2.shape)}"
         )
-    check_routing_args(topk_ids, num_experts, block_m=16)
+    check_routing_args(topk_ids, num_experts)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(
             f"topk_ids has {topk_ids.shape[0]} rows; expected one per token of x ({x.shape[0]})"
@@ -217,7 +222,6 @@ def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic
                     ("w2", w2)):  # fmt: skip
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}; expected x's device {x.device}")
-    if recompute not in RECOMPUTE_POLICIES:
-        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+    check_recompute(recompute)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")

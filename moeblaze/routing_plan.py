@@ -77,7 +77,9 @@ def build_routing_plan(
     ops elsewhere; both fill the same fields. `check_ids=True` verifies that every id lies in
     `[0, num_experts)`, which costs one device-to-host sync (skipped during CUDA graph capture).
     """
-    check_routing_args(topk_ids, num_experts, block_m)
+    check_routing_args(topk_ids, num_experts)
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     if check_ids:
         check_ids_in_range(topk_ids, num_experts)
     num_slots = topk_ids.numel()
@@ -93,7 +95,7 @@ def build_routing_plan(
     return plan
 
 
-def check_routing_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+def check_routing_args(topk_ids: torch.Tensor, num_experts: int) -> None:
     """Shape and type checks that need no look at the values (safe under torch.compile)."""
     if not isinstance(topk_ids, torch.Tensor):
         raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
@@ -112,8 +114,6 @@ def check_routing_args(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
         raise ValueError(
             f"topk_ids has k={top_k} columns; expected 1 <= k <= num_experts={num_experts}"
         )
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
 
 
 def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
