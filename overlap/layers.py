@@ -33,13 +33,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from overlap.dist_world import DistWorld
 from overlap.ops import (
     all_gather_matmul,
     copy_to_tensor_parallel_region,
     matmul_reduce_scatter,
     reduce_from_tensor_parallel_region,
 )
-from overlap.worlds import DistWorld, World
+from overlap.worlds import World
 
 
 def _default_init(weight: torch.Tensor, generator: torch.Generator | None) -> None:

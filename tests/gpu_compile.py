@@ -25,6 +25,7 @@ from moeblaze.kernels import expert_mlp, routing_plan  # noqa: E402
 from overlap.flags import raise_flag_kernel  # noqa: E402
 from overlap.kernels import ag_gemm, gemm_rs  # noqa: E402
 from overlap.kernels.common import GPU_TILE_CONFIG as TILE  # noqa: E402
+from overlap.kernels.common import wait_peers_kernel  # noqa: E402
 from overlap.worlds import GPU_REDUCE_BLOCK  # noqa: E402
 
 ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90
@@ -54,10 +55,11 @@ def compile_for_target(fn, signature: dict, constexprs: dict, num_warps=4, num_s
         shared_bytes=kernel.metadata.shared,
         wgmma=ttgir.count("warp_group_dot "),
         async_copies=ttgir.count("async_copy_global_to_local"),
+        scope=constexprs.get("SCOPE"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
-        acquire_loads=kernel.asm["ptx"].count("ld.global.gpu.acquire"),
-        release_atomics=kernel.asm["ptx"].count("gpu.release.")
-        + kernel.asm["ptx"].count("gpu.acq_rel."),
+        acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", kernel.asm["ptx"])),
+        release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", kernel.asm["ptx"])),
+        sys_scope_atomics=len(re.findall(r"\.sys\.(?:acquire|release|acq_rel)", kernel.asm["ptx"])),
         **resource_usage(kernel.asm["cubin"]),
     )
 
@@ -126,27 +128,35 @@ def routing_plan_variants():
 
 
 def overlap_variants():
-    """The overlap kernels: persistent AG-GEMM and GEMM-RS, the RS reduction, the flag kernel."""
+    """The overlap kernels: persistent AG-GEMM and GEMM-RS, the RS reduction, the flag and peer
+    wait kernels; the RS pair also at system scope (DistWorld, flags read by other GPUs)."""
     bf16, i32 = "*bf16", "i32"
     gemm = dict(BLOCK_M=TILE.block_m, BLOCK_N=TILE.block_n, BLOCK_K=TILE.block_k,
                 GROUP_M=TILE.group_m, COUNT_TILES=False, DOT_FP32=False,
-                INPUT_PRECISION="ieee", WORLD_SIZE=8)  # fmt: skip
+                INPUT_PRECISION="ieee", WORLD_SIZE=8, SCOPE="gpu")  # fmt: skip
     yield (ag_gemm.ag_gemm_kernel,
            dict(a_local_ptr=bf16, gathered_ptr=bf16, b_ptr=bf16, c_ptr=bf16, flags_ptr="*i32",
                 status_ptr="*i32", tile_count_ptr="*i32", m=i32, n=i32, K=i32, rank=i32,
                 epoch=i32, max_spins=i32, chunk_m=i32, stride_al=i32, stride_g=i32,
                 stride_bk=i32, stride_bn=i32, stride_c=i32),
            gemm, TILE.num_warps, TILE.num_stages)  # fmt: skip
-    yield (gemm_rs.gemm_rs_kernel,
-           dict(a_ptr=bf16, b_ptr=bf16, partial_ptr=bf16, counters_ptr="*i32", flags_ptr="*i32",
-                tile_count_ptr="*i32", m=i32, N=i32, K=i32, rank=i32, epoch=i32, chunk_m=i32,
-                stride_a=i32, stride_bk=i32, stride_bn=i32, stride_p=i32),
-           gemm, TILE.num_warps, TILE.num_stages)  # fmt: skip
-    yield (gemm_rs.rs_reduce_kernel,
-           dict(partial_table_ptr="*i64", flag_table_ptr="*i64", out_ptr=bf16, status_ptr="*i32",
-                m=i32, N=i32, dest=i32, epoch=i32, max_spins=i32, chunk_m=i32, stride_p=i32,
-                stride_out=i32),
-           dict(WORLD_SIZE=8, BLOCK_R=GPU_REDUCE_BLOCK[0], BLOCK_N=GPU_REDUCE_BLOCK[1]), 4, 1)  # fmt: skip
+    for scope in ("gpu", "sys"):
+        yield (gemm_rs.gemm_rs_kernel,
+               dict(a_ptr=bf16, b_ptr=bf16, partial_ptr=bf16, counters_ptr="*i32",
+                    flags_ptr="*i32", tile_count_ptr="*i32", m=i32, N=i32, K=i32, rank=i32,
+                    epoch=i32, chunk_m=i32, stride_a=i32, stride_bk=i32, stride_bn=i32,
+                    stride_p=i32),
+               {**gemm, "SCOPE": scope}, TILE.num_warps, TILE.num_stages)  # fmt: skip
+        yield (gemm_rs.rs_reduce_kernel,
+               dict(partial_table_ptr="*i64", flag_table_ptr="*i64", out_ptr=bf16,
+                    status_ptr="*i32", m=i32, N=i32, dest=i32, epoch=i32, max_spins=i32,
+                    chunk_m=i32, stride_p=i32, stride_out=i32),
+               dict(WORLD_SIZE=8, BLOCK_R=GPU_REDUCE_BLOCK[0], BLOCK_N=GPU_REDUCE_BLOCK[1],
+                    SCOPE=scope), 4, 1)  # fmt: skip
+    yield (wait_peers_kernel,
+           dict(flag_table_ptr="*i64", status_ptr="*i32", rank=i32, epoch=i32, max_spins=i32,
+                flags_per_rank=i32),
+           dict(WORLD_SIZE=8, SCOPE="sys"), 1, 1)  # fmt: skip
     yield (raise_flag_kernel, dict(flags_ptr="*i32", index=i32, epoch=i32), {}, 1, 1)
 
 

@@ -31,7 +31,7 @@ def ag_gemm_kernel(
     stride_al, stride_g, stride_bk, stride_bn, stride_c,
     WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCOPE: tl.constexpr,
 ):  # fmt: skip
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
@@ -45,7 +45,7 @@ def ag_gemm_kernel(
         row0 = pid_m * BLOCK_M
         if step > 0:
             ok = wait_chunks(flags_ptr, src * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_M, m),
-                             chunk_m, epoch, status_ptr, max_spins, src, ok)  # fmt: skip
+                             chunk_m, epoch, status_ptr, max_spins, src, ok, SCOPE)  # fmt: skip
         if ok != 0:
             # Local rows come straight from the shard; a peer's rows from the gather buffer.
             a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
@@ -72,8 +72,10 @@ def ag_gemm_kernel(
 
 def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world_size: int,
                    epoch: int, max_spins: int, chunk_m: int, config: TileConfig,
-                   num_programs: int, tile_counts=None) -> None:  # fmt: skip
+                   num_programs: int, tile_counts=None, scope: str = "gpu") -> None:  # fmt: skip
     """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
+
+    `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
 
     `tile_counts` (int32 [2, W * tiles per rank], zeros, optional; for tests): row 0 counts how
     often each output tile was computed, row 1 gets the position in the walk that computed it.
@@ -87,7 +89,7 @@ def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world
         a_local.stride(0), gathered.stride(0), b.stride(0), b.stride(1), out.stride(0),
         WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        **dot_options(a_local.dtype),
+        **dot_options(a_local.dtype), SCOPE=scope,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 

@@ -12,6 +12,8 @@ stops computing; the other programs see the status word in their own polls and s
 whole launch ends within about one timeout. The host reads the status word after the launch and
 raises `OverlapTimeoutError`.
 
+Every atomic takes the memory scope `SCOPE` (a constexpr): "gpu" when all ranks share one device
+(LocalWorld), "sys" when flags and rows live in peer GPUs' memory (DistWorld's symmetric memory).
 The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Triton version
 from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
 """
@@ -52,17 +54,17 @@ def default_tile_config(device: torch.device) -> TileConfig:
 
 
 @triton.jit
-def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer):
-    """Poll `*flag_ptr` (acquire) until it reaches `epoch`, at most `max_spins` times.
+def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer, SCOPE: tl.constexpr):
+    """Poll `*flag_ptr` (acquire at SCOPE) until it reaches `epoch`, at most `max_spins` times.
 
     Returns 1 when the flag rose, 0 on a timeout or when another program already timed out.
     The first program to time out writes (flag_index + 1, peer) into status_ptr[0:2].
     """
-    value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+    value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope=SCOPE)
     spins = 0
     aborted = 0
     while (value < epoch) & (spins < max_spins) & (aborted == 0):
-        value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope=SCOPE)
         aborted = tl.load(status_ptr, volatile=True)
         spins += 1
     # The compare-and-swap must run only on this program's own timeout, hence two ifs (an `and`
@@ -75,7 +77,7 @@ def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer):
 
 @triton.jit
 def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_ptr, max_spins,
-                peer, ok):  # fmt: skip
+                peer, ok, SCOPE: tl.constexpr):  # fmt: skip
     """Wait on the flags of every chunk holding rows [row0, rows_end) of one rank's segment.
 
     The chunks of a segment are consecutive flags starting at `first_flag`; `ok` is 0 once any
@@ -84,5 +86,28 @@ def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_pt
     for chunk in range(row0 // chunk_m, (rows_end - 1) // chunk_m + 1):
         if ok != 0:
             ok = wait_flag(flags_ptr + first_flag + chunk, epoch, status_ptr, max_spins,
-                           first_flag + chunk, peer)  # fmt: skip
+                           first_flag + chunk, peer, SCOPE)  # fmt: skip
     return ok
+
+
+@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+def wait_peers_kernel(flag_table_ptr, status_ptr, rank, epoch, max_spins, flags_per_rank,
+                      WORLD_SIZE: tl.constexpr, SCOPE: tl.constexpr):  # fmt: skip
+    """One program: wait until the flag of every peer (addresses in flag_table_ptr[W]) reaches
+    `epoch`. A timeout is recorded as a wait on the peer's chunk 0 (flag peer * flags_per_rank)."""
+    ok = 1
+    for step in range(1, WORLD_SIZE):
+        peer = (rank + step) % WORLD_SIZE
+        if ok != 0:
+            flag_ptr = tl.load(flag_table_ptr + peer).to(tl.pointer_type(tl.int32))
+            ok = wait_flag(flag_ptr, epoch, status_ptr, max_spins, peer * flags_per_rank, peer,
+                           SCOPE)  # fmt: skip
+
+
+def launch_wait_peers(flag_table, status, *, rank: int, world_size: int, epoch: int,
+                      max_spins: int, flags_per_rank: int, scope: str) -> None:  # fmt: skip
+    """Run `wait_peers_kernel` (one program) on the current stream."""
+    wait_peers_kernel[(1,)](
+        flag_table, status, rank, epoch, max_spins, flags_per_rank,
+        WORLD_SIZE=world_size, SCOPE=scope, num_warps=1,
+    )  # fmt: skip

@@ -36,7 +36,7 @@ def gemm_rs_kernel(
     stride_a, stride_bk, stride_bn, stride_p,
     WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCOPE: tl.constexpr,
 ):  # fmt: skip
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -68,9 +68,9 @@ def gemm_rs_kernel(
             chunk_rows_end = tl.minimum(chunk_row0 + chunk_m, m)
             expected = ((chunk_rows_end - 1) // BLOCK_M - chunk_row0 // BLOCK_M + 1) * tiles_n
             index = dest * chunks_per_rank + chunk
-            done = tl.atomic_add(counters_ptr + index, 1, sem="acq_rel", scope="gpu") + 1
+            done = tl.atomic_add(counters_ptr + index, 1, sem="acq_rel", scope=SCOPE) + 1
             if done == expected:
-                tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope="gpu")
+                tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope=SCOPE)
 
 
 @triton.jit(do_not_specialize=["dest", "epoch", "max_spins"])
@@ -79,6 +79,7 @@ def rs_reduce_kernel(
     m, N, dest, epoch, max_spins, chunk_m,
     stride_p, stride_out,
     WORLD_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCOPE: tl.constexpr,
 ):  # fmt: skip
     row_blocks = tl.cdiv(m, BLOCK_R)
     col_blocks = tl.cdiv(N, BLOCK_N)
@@ -95,7 +96,7 @@ def rs_reduce_kernel(
             src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
             flags = tl.load(flag_table_ptr + src).to(tl.pointer_type(tl.int32))
             ok = wait_chunks(flags, dest * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_R, m),
-                             chunk_m, epoch, status_ptr, max_spins, src, ok)  # fmt: skip
+                             chunk_m, epoch, status_ptr, max_spins, src, ok, SCOPE)  # fmt: skip
             if ok != 0:
                 partial = tl.load(partial_table_ptr + src).to(
                     tl.pointer_type(out_ptr.dtype.element_ty)
@@ -108,10 +109,11 @@ def rs_reduce_kernel(
 
 def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int, epoch: int,
                    chunk_m: int, config: TileConfig, num_programs: int,
-                   tile_counts=None) -> None:  # fmt: skip
+                   tile_counts=None, scope: str = "gpu") -> None:  # fmt: skip
     """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
 
     `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
+    `scope`: memory scope of the counters and flags ("sys" when other GPUs read the flags).
     """
     M, K = a.shape
     N = b.shape[1]
@@ -121,24 +123,26 @@ def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int
         a.stride(0), b.stride(0), b.stride(1), partial.stride(0),
         WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        **dot_options(a.dtype),
+        **dot_options(a.dtype), SCOPE=scope,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 
 def launch_rs_reduce(partial_table, flag_table, out, status, *, dest: int, world_size: int,
                      row_stride: int, epoch: int, max_spins: int, chunk_m: int,
-                     num_programs: int, block_r: int, block_n: int) -> None:  # fmt: skip
+                     num_programs: int, block_r: int, block_n: int,
+                     scope: str = "gpu") -> None:  # fmt: skip
     """Run `rs_reduce_kernel` for rank `dest`: out [m, N] from the W partial buffers.
 
     `partial_table` / `flag_table` are int64 tensors holding the addresses of the W sources'
     partial buffers ([M, N], row stride `row_stride`, out's dtype) and flag arrays.
+    `scope`: memory scope of the flag polls ("sys" when the sources are other GPUs).
     """
     m, N = out.shape
     rs_reduce_kernel[(num_programs,)](
         partial_table, flag_table, out, status,
         m, N, dest, epoch, max_spins, chunk_m, row_stride, out.stride(0),
-        WORLD_SIZE=world_size, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+        WORLD_SIZE=world_size, BLOCK_R=block_r, BLOCK_N=block_n, SCOPE=scope, num_warps=4,
     )  # fmt: skip
 
 

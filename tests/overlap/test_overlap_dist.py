@@ -1,4 +1,8 @@
-"""DistWorld over gloo: 2 and 3 CPU processes, pipelined and serial schedules, ops and layers.
+"""DistWorld over gloo: 2 and 3 CPU processes, every schedule, ops and layers.
+
+The fused schedule runs the Triton kernels under the interpreter over shared-memory peer buffers
+(overlap.peer_memory), so the ranks' kernels poll each other's flags concurrently, process
+against process.
 
 # W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
 
@@ -9,6 +13,7 @@ float64 reference of the whole computation. A failure in a worker fails the spaw
 import datetime
 import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -19,6 +24,7 @@ from overlap_testing import RTOL, randn
 from tolerance import assert_close
 
 import overlap
+from overlap.flags import EPOCH_LIMIT
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 TOL = RTOL[torch.float32]
@@ -86,21 +92,58 @@ def _check_mlp(world, sequence_parallel: bool) -> None:
         assert mlp.down.bias.sequence_parallel  # the caller all-reduces this gradient
 
 
+def _check_fused_reuse(world) -> None:
+    """Fused calls whose shapes grow and shrink (buffers replaced, slots alternating), one rank
+    arriving late to each call, and the epochs wrapping around: every result exact."""
+    W, r = world.world_size, world.rank
+    world._epoch = EPOCH_LIMIT - 3  # every rank alike: the wrap happens inside the loop
+    for call, (m, K, n) in enumerate([(3, 8, 5), (9, 12, 17), (4, 8, 5), (9, 12, 17)]):
+        if r == call % W:
+            time.sleep(0.2)  # the peers' kernels wait on this rank's flags meanwhile
+        a_all, b_all = randn(W, m, K, seed=10 + call), randn(W, K, n, seed=20 + call)
+        c, gathered = world.all_gather_matmul(a_all[r], b_all[r])
+        expected = all_gather_matmul_ref(a_all.double(), b_all.double())[r]
+        assert_close(c, expected, rtol=TOL, name=f"call {call} rank {r}: all_gather_matmul")
+        assert torch.equal(gathered, a_all.reshape(W * m, K))
+        a_all, b_all = randn(W, W * m, K, seed=30 + call), randn(W, K, n, seed=40 + call)
+        c = world.matmul_reduce_scatter(a_all[r], b_all[r])
+        expected = matmul_reduce_scatter_ref(a_all.double(), b_all.double())[r]
+        assert_close(c, expected, rtol=TOL, name=f"call {call} rank {r}: matmul_reduce_scatter")
+    assert world._epoch < 10  # wrapped
+
+
+def _check_fused_timeout(world) -> None:
+    """Rank 1 never makes the call: every other rank times out waiting for it, naming it."""
+    r = world.rank
+    a, b = randn(4, 8, seed=50 + r), randn(8, 5, seed=60 + r)
+    world.all_gather_matmul(a, b)  # every rank: the (collective) buffer allocation is done
+    if r == 1:
+        return
+    start = time.perf_counter()
+    with pytest.raises(overlap.OverlapTimeoutError, match=f"rank {r} timed out") as error:
+        world.all_gather_matmul(a, b)
+    assert (error.value.peer, error.value.chunk) == (1, 0)
+    assert time.perf_counter() - start < 30 * world.config.timeout_s
+
+
 def _worker(rank: int, world_size: int, init_method: str) -> None:
     dist.init_process_group("gloo", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
         torch.set_num_threads(1)
         config = overlap.OverlapConfig(chunk_m=2)
-        for mode in ("pipelined", "serial"):
+        for mode in ("fused", "pipelined", "serial"):
             _check_ops(overlap.DistWorld(mode=mode, config=config), mode)
         auto = overlap.DistWorld(config=config)
         assert auto.mode_for(1e6) is overlap.Mode.SERIAL
-        assert auto.mode_for(1e12) is overlap.Mode.PIPELINED
+        assert auto.mode_for(1e12) is overlap.Mode.FUSED  # one host, Triton interpreter
+        _check_fused_reuse(overlap.DistWorld(mode="fused", config=config))
+        _check_mlp(overlap.DistWorld(mode="fused", config=config), sequence_parallel=True)
         _check_mlp(overlap.DistWorld(mode="pipelined", config=config), sequence_parallel=True)
         _check_mlp(overlap.DistWorld(mode="serial", config=config), sequence_parallel=False)
-        with pytest.raises(NotImplementedError, match="mode='fused'"):
-            overlap.DistWorld(mode="fused")
+        dist.barrier()
+        _check_fused_timeout(overlap.DistWorld(mode="fused", config=overlap.OverlapConfig(
+            chunk_m=2, timeout_s=0.5)))  # fmt: skip
         # No rank tears down its connections while a peer still finishes its last collective.
         dist.barrier()
     except BaseException:

@@ -6,21 +6,36 @@ from gpu_compile_testing import compile_reports
 
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
-    reports = {r["kernel"]: r for r in compile_reports("overlap")}
-    assert set(reports) == {"ag_gemm_kernel", "gemm_rs_kernel", "rs_reduce_kernel",
-                            "raise_flag_kernel"}, reports  # fmt: skip
-    for name in ("ag_gemm_kernel", "gemm_rs_kernel"):
+    reports = {(r["kernel"], r["scope"]): r for r in compile_reports("overlap")}
+    assert set(reports) == {
+        ("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys"),
+        ("rs_reduce_kernel", "gpu"), ("rs_reduce_kernel", "sys"), ("raise_flag_kernel", None),
+        ("wait_peers_kernel", "sys"),
+    }, sorted(reports)  # fmt: skip
+    for key in [("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys")]:
         # Hopper tensor cores with software-pipelined async copies inside the persistent loop.
-        assert reports[name]["wgmma"] >= 1, reports[name]
-        assert reports[name]["async_copies"] >= 1, reports[name]
-        assert reports[name]["stack_bytes"] == 0, reports[name]  # no register spills
+        assert reports[key]["wgmma"] >= 1, reports[key]
+        assert reports[key]["async_copies"] >= 1, reports[key]
+        assert reports[key]["stack_bytes"] == 0, reports[key]  # no register spills
     # The consumers poll with acquire loads; the producers publish with release atomics.
-    assert reports["ag_gemm_kernel"]["acquire_loads"] >= 1
-    assert reports["rs_reduce_kernel"]["acquire_loads"] >= 1
-    assert reports["gemm_rs_kernel"]["release_atomics"] >= 2  # counter (acq_rel) + flag
-    assert reports["raise_flag_kernel"]["release_atomics"] >= 1
+    assert reports[("ag_gemm_kernel", "gpu")]["acquire_loads"] >= 1
+    assert reports[("raise_flag_kernel", None)]["release_atomics"] >= 1
+    for scope in ("gpu", "sys"):
+        assert reports[("rs_reduce_kernel", scope)]["acquire_loads"] >= 1
+        assert reports[("gemm_rs_kernel", scope)]["release_atomics"] >= 2  # counter + flag
+    # DistWorld's flags cross GPUs: every one of their atomics is at system scope.
+    for key in [
+        ("gemm_rs_kernel", "sys"),
+        ("rs_reduce_kernel", "sys"),
+        ("wait_peers_kernel", "sys"),
+    ]:
+        assert reports[key]["sys_scope_atomics"] >= 1, reports[key]
+        assert reports[key]["sys_scope_atomics"] == (
+            reports[key]["acquire_loads"] + reports[key]["release_atomics"]
+        ), reports[key]
+    assert reports[("gemm_rs_kernel", "gpu")]["sys_scope_atomics"] == 0
 
 
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_ampere():
-    assert len(compile_reports("overlap", arch=80)) == 4
+    assert len(compile_reports("overlap", arch=80)) == 7

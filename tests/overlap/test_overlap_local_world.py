@@ -12,9 +12,8 @@ from overlap_testing import RTOL, randn
 from tolerance import assert_close
 
 import overlap
-from overlap.flags import raise_flag
+from overlap.flags import EPOCH_LIMIT, raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
-from overlap.worlds import EPOCH_LIMIT
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32  # the interpreter truncates fp32 -> bf16, so CPU tests stay in fp32

@@ -1,0 +1,309 @@
+"""DistWorld: one rank per process over a torch.distributed process group.
+
+# W ranks, m rows per rank shard, M = W*m rows, K inner (AG), n local columns (AG),
+# k local inner (RS), N columns (RS), CH rows per chunk, e the call's epoch
+
+Per-rank tensors have no rank dim (a_shard [m, K], b [K, n] -> c [W*m, n]). Every rank must make
+the same calls with the same shapes in the same order, as with any collective.
+
+    SERIAL     the collective (`all_gather_single` / `reduce_scatter_single`) and one GEMM.
+    PIPELINED  rows cut into chunks; each chunk's collective is issued asynchronously on a side
+               stream and a chunk's GEMM runs once its collective is done. Any backend: NCCL
+               across nodes, gloo on the CPU.
+    FUSED      the persistent kernels of overlap.kernels over peer memory (overlap.peer_memory:
+               symmetric memory on a node of GPUs, shared memory on one CPU host):
+
+      AG  publish (current stream): copy a_shard into this rank's peer buffer, slot e % 2, and
+          raise this rank's ready flag to e after the copy. Then `wait_peers_kernel` (one
+          program): every peer's ready flag >= e. Producer (side stream, copy engine): for each
+          peer in rotated order, pull each chunk from the peer's buffer into the local gather
+          buffer and raise the chunk's local flag. Consumer: `ag_gemm_kernel`, as in LocalWorld.
+      RS  producer: `gemm_rs_kernel` writes this rank's partial products into its peer buffer,
+          slot e % 2, and raises its per-(destination, chunk) flags there. Consumer (side
+          stream): `rs_reduce_kernel` reads this rank's rows from every peer's partial buffer,
+          each block after acquiring the peer's flags of the chunks holding it.
+      Flags and rows that other GPUs read are published and polled at system memory scope.
+
+      Two slots and no barrier per call: a rank writes slot s again in call e + 2. To get there
+      it finished call e + 1, whose waits needed every peer to have started call e + 1 (AG:
+      published; RS: produced), and a rank starts a call only after its streams have finished
+      the previous one (the side stream is joined at the end of every call), which includes
+      all its reads of slot s. A buffer is replaced (a larger shape) or its flags are reset (the
+      epochs wrap) only after every rank's queued work is done (device sync + barrier).
+
+      The ready wait runs before the consumer on the current stream rather than beside it: a
+      persistent consumer on every SM could otherwise keep the one-program wait from running.
+
+`mode=None` picks FUSED where peer memory works for the group (one node, peer access; on the CPU
+one host and the Triton interpreter), else PIPELINED, and SERIAL below the FLOP threshold.
+The CUDA fused path has not run on GPUs yet: tests/overlap/test_overlap_gpu.py runs it with two
+processes sharing one GPU; a node of several GPUs is still to be tried (see the README).
+"""
+
+import torch
+import torch.distributed as dist
+
+from moeblaze._profiling import profile_range
+from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
+from overlap.kernels.common import launch_wait_peers
+from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+from overlap.peer_memory import PeerBuffer, PeerMemory
+from overlap.worlds import Mode, OverlapConfig, World
+
+
+def _slot_offset(buffer: PeerBuffer, epoch: int) -> int:
+    """Byte offset of the slot (one half of `buffer`) that the call of `epoch` uses. The halves
+    are fixed, whatever the call's shape: slots of calls with different shapes never overlap."""
+    return (epoch % 2) * (buffer.nbytes // 2)
+
+
+def _collective(new_name: str, old_name: str):
+    """torch >= 2.13 names (`*_single`) where present, else the older `*_into_tensor` names."""
+    return getattr(dist, new_name, None) or getattr(dist, old_name)
+
+
+class DistWorld(World):
+    """One rank per process over a torch.distributed process group.
+
+    Args:
+        group: the process group (default: the default group, which must be initialised).
+        mode: None (automatic, see the module docstring), "fused", "pipelined" or "serial".
+            "fused" raises ValueError, with the reason, where peer memory does not work.
+        device: the device of this rank's tensors (default: the current CUDA device for NCCL,
+            else the CPU).
+        config: an `OverlapConfig`.
+
+    Construction is collective (every rank of the group must construct the world together).
+    """
+
+    stacked_ranks = False
+
+    def __init__(self, group=None, mode=None, *, device=None,
+                 config: OverlapConfig | None = None):  # fmt: skip
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("DistWorld needs an initialised torch.distributed process group")
+        group = group if group is not None else dist.group.WORLD
+        if device is None:
+            on_nccl = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if on_nccl else "cpu"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(dist.get_world_size(group), device, mode, config)
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self._all_gather = _collective("all_gather_single", "all_gather_into_tensor")
+        self._reduce_scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
+        # Peer memory only where a fused call may happen (finding out is collective).
+        self._peers = PeerMemory(group, device) if self.mode in (None, Mode.FUSED) else None
+        if self.mode is Mode.FUSED and self._peers.unavailable is not None:
+            raise ValueError(f"DistWorld mode='fused' is unavailable: {self._peers.unavailable}")
+        self._status = torch.zeros(2, dtype=torch.int32, device=device)
+        self._buffers: dict[str, PeerBuffer] = {}  # peer buffers by purpose
+        self._tables: dict[tuple[str, int], torch.Tensor] = {}  # their address tables
+        self._local: dict[str, torch.Tensor] = {}  # int32 flags and counters only this rank uses
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", rank={self.rank})"
+
+    @property
+    def fused_available(self) -> bool:
+        return self._peers is not None and self._peers.unavailable is None
+
+    def _overlap_mode(self) -> Mode:
+        return Mode.FUSED if self.fused_available else Mode.PIPELINED
+
+    def _schedule(self, mode: Mode):
+        if mode is Mode.FUSED:
+            return self._ag_fused, self._rs_fused
+        if mode is Mode.PIPELINED:
+            return self._ag_pipelined, self._rs_pipelined
+        return self._ag_serial, self._rs_serial
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        total = x.clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def _status_words(self) -> list[tuple[int, torch.Tensor]]:
+        return [(self.rank, self._status)]
+
+    # -- fused: buffers ---------------------------------------------------------------------------
+
+    def _quiesce(self) -> None:
+        """Wait until every rank's queued work is done (collective)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+
+    def _peer_buffer(self, name: str, nbytes: int) -> PeerBuffer:
+        """The peer buffer for `name`, with room for `nbytes` (collective when it grows)."""
+        buf = self._buffers.get(name)
+        if buf is not None and buf.nbytes >= nbytes:
+            return buf
+        if buf is not None:
+            self._quiesce()  # no rank reads the buffer being replaced any more
+            self._tables = {key: t for key, t in self._tables.items() if key[0] != name}
+        buf = self._buffers[name] = self._peers.allocate(1 << max(0, nbytes - 1).bit_length())
+        return buf
+
+    def _table(self, name: str, offset: int) -> torch.Tensor:
+        """int64 [W] device addresses of byte `offset` of every rank's buffer `name`."""
+        key = (name, offset)
+        if key not in self._tables:
+            self._tables[key] = self._buffers[name].addresses(offset)
+        return self._tables[key]
+
+    def _local_flags(self, name: str, count: int) -> torch.Tensor:
+        flags = self._local.get(name)
+        if flags is None or flags.numel() < count:
+            flags = self._local[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
+        return flags
+
+    def _zero_flags(self) -> None:
+        self._quiesce()
+        for name in ("ag.ready", "rs.flags"):
+            if name in self._buffers:
+                self._buffers[name].buffers[self.rank].zero_()
+        for flags in self._local.values():
+            flags.zero_()
+        self._quiesce()
+
+    # -- fused ------------------------------------------------------------------------------------
+
+    def _ag_fused(self, a_shard: torch.Tensor, b: torch.Tensor):
+        W, r, (m, K) = self.world_size, self.rank, a_shard.shape  # a_shard [m, K], b [K, n]
+        n = b.shape[-1]
+        layout = self._chunk_layout(m)
+        slot_bytes = m * K * a_shard.element_size()
+        rows = self._peer_buffer("ag.rows", 2 * slot_bytes)
+        ready = self._peer_buffer("ag.ready", 4)
+        epoch = self._next_epoch()
+        offset = _slot_offset(rows, epoch)
+        flags = self._local_flags("ag.flags", W * layout.count)
+        out = a_shard.new_empty(W * m, n)
+        gathered = a_shard.new_empty(W * m, K)
+        with profile_range("overlap.ag.publish"):
+            rows.view(r, a_shard.dtype, (m, K), offset).copy_(a_shard)
+            self._raise_flag(ready.view(r, torch.int32, (1,)), 0, epoch)
+            launch_wait_peers(self._table("ag.ready", 0), self._status, rank=r, world_size=W,
+                              epoch=epoch, max_spins=self.max_spins,
+                              flags_per_rank=layout.count, scope="sys")  # fmt: skip
+        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
+        programs = self._programs(num_tiles, self._free_sms())
+        (counts,) = self._tile_counts(1, num_tiles)
+        self._fork()
+        with self._side_stream(), profile_range("overlap.ag.copy"):
+            for step in range(1, W):
+                src = (r + step) % W
+                peer_rows = rows.view(src, a_shard.dtype, (m, K), offset)
+                for chunk in range(layout.count):
+                    lo, hi = layout.rows(chunk)
+                    gathered[src * m + lo : src * m + hi].copy_(peer_rows[lo:hi])
+                    self._raise_flag(flags, src * layout.count + chunk, epoch)
+            # The local rows: the kernel reads them from the shard; the copy is for backward.
+            gathered[r * m : (r + 1) * m].copy_(a_shard)
+        with profile_range("overlap.ag.gemm"):
+            launch_ag_gemm(a_shard, gathered, b, out, flags, self._status, rank=r, world_size=W,
+                           epoch=epoch, max_spins=self.max_spins, chunk_m=layout.chunk_m,
+                           config=self.tile, num_programs=programs,
+                           tile_counts=counts)  # fmt: skip
+        self._join()
+        self._finish("all_gather_matmul", layout)
+        return out, gathered
+
+    def _rs_fused(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        W, r, M = self.world_size, self.rank, a.shape[0]  # a [M, k], b [k, N]
+        N, m = b.shape[-1], M // W
+        layout = self._chunk_layout(m)
+        slot_bytes = M * N * a.element_size()
+        partials = self._peer_buffer("rs.partials", 2 * slot_bytes)
+        peer_flags = self._peer_buffer("rs.flags", 4 * W * layout.count)
+        epoch = self._next_epoch()
+        offset = _slot_offset(partials, epoch)
+        counters = self._local_flags("rs.counters", W * layout.count)
+        counters.zero_()
+        out = a.new_empty(m, N)
+        reduce_programs, reserve, block_r, block_n = self._reduce_plan(m, N)
+        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
+        programs = self._programs(num_tiles, reserve)
+        (counts,) = self._tile_counts(1, num_tiles)
+        self._fork()
+        with profile_range("overlap.rs.gemm"):
+            launch_gemm_rs(a, b, partials.view(r, a.dtype, (M, N), offset), counters,
+                           peer_flags.view(r, torch.int32, (W * layout.count,)), rank=r,
+                           world_size=W, epoch=epoch, chunk_m=layout.chunk_m, config=self.tile,
+                           num_programs=programs, tile_counts=counts, scope="sys")  # fmt: skip
+        with self._side_stream(), profile_range("overlap.rs.reduce"):
+            launch_rs_reduce(self._table("rs.partials", offset), self._table("rs.flags", 0), out,
+                             self._status, dest=r, world_size=W, row_stride=N, epoch=epoch,
+                             max_spins=self.max_spins, chunk_m=layout.chunk_m,
+                             num_programs=reduce_programs, block_r=block_r, block_n=block_n,
+                             scope="sys")  # fmt: skip
+        self._join()
+        self._finish("matmul_reduce_scatter", layout)
+        return out
+
+    # -- serial and pipelined (torch collectives) -------------------------------------------------
+
+    def _comm_stream(self):
+        """The side stream, after the work queued so far (a no-op context on the CPU)."""
+        self._fork()
+        return self._side_stream()
+
+    def _ag_serial(self, a_shard: torch.Tensor, b: torch.Tensor):
+        m, K = a_shard.shape  # a_shard [m, K], b [K, n]
+        gathered = a_shard.new_empty(self.world_size * m, K)  # [M, K]
+        with profile_range("overlap.ag.collective"):
+            self._all_gather(gathered, a_shard, group=self.group)
+        with profile_range("overlap.ag.gemm"):
+            return gathered @ b, gathered
+
+    def _rs_serial(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        M = a.shape[0]  # a [M, k], b [k, N]
+        with profile_range("overlap.rs.gemm"):
+            partial = a @ b  # [M, N]
+        out = partial.new_empty(M // self.world_size, b.shape[-1])  # [m, N]
+        with profile_range("overlap.rs.collective"):
+            self._reduce_scatter(out, partial, group=self.group)
+        return out
+
+    def _ag_pipelined(self, a_shard: torch.Tensor, b: torch.Tensor):
+        W, (m, K) = self.world_size, a_shard.shape
+        layout = self._chunk_layout(m)
+        gathered = a_shard.new_empty(W * m, K)
+        out = a_shard.new_empty(W * m, b.shape[-1])
+        rows = [layout.rows(c) for c in range(layout.count)]
+        bufs = [a_shard.new_empty(W * (hi - lo), K) for lo, hi in rows]  # [W*rows, K] each
+        with self._comm_stream(), profile_range("overlap.ag.collective"):
+            works = [
+                self._all_gather(buf, a_shard[lo:hi], group=self.group, async_op=True)
+                for buf, (lo, hi) in zip(bufs, rows, strict=True)
+            ]
+        for buf, work, (lo, hi) in zip(bufs, works, rows, strict=True):
+            work.wait()
+            chunk = buf.view(W, hi - lo, K)  # chunk rows of every rank
+            with profile_range("overlap.ag.gemm"):
+                gathered.view(W, m, K)[:, lo:hi] = chunk
+                out.view(W, m, b.shape[-1])[:, lo:hi] = torch.matmul(chunk, b)
+        return out, gathered
+
+    def _rs_pipelined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        W, M, k = self.world_size, a.shape[0], a.shape[1]
+        m = M // W
+        layout = self._chunk_layout(m)
+        out = a.new_empty(m, b.shape[-1])  # [m, N]
+        works, parts = [], []
+        for chunk in range(layout.count):
+            lo, hi = layout.rows(chunk)
+            with profile_range("overlap.rs.gemm"):
+                part = torch.matmul(a.view(W, m, k)[:, lo:hi], b)  # [W, rows, N]
+            with self._comm_stream(), profile_range("overlap.rs.collective"):
+                works.append(
+                    self._reduce_scatter(out[lo:hi], part.view(W * (hi - lo), b.shape[-1]),
+                                         group=self.group, async_op=True)
+                )  # fmt: skip
+            parts.append(part)  # alive until its collective has finished
+        for work in works:
+            work.wait()
+        return out
