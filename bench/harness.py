@@ -107,6 +107,30 @@ def time_ms(
     return _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none or ())
 
 
+def time_ms_fixed(fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3,
+                  runs: int = 20) -> float:  # fmt: skip
+    """Median milliseconds of `runs` calls of `fn()` after `warmup` calls: a fixed count, as code
+    with collectives inside needs (every rank must make the same calls). CUDA events on CUDA,
+    wall clock elsewhere."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(times)
+
+
 def _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none, min_runs=3, max_runs=100):
     def run() -> float:
         for t in grad_to_none:

@@ -197,3 +197,16 @@ def test_overlap_bench_end_to_end_on_cpu(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["serial_ms"] > 0 and r["fused_ms"] > 0 and r["pipelined_ms"] > 0
+
+
+def test_overlap_dist_bench_end_to_end_on_cpu(tmp_path):
+    from bench import overlap_dist
+
+    assert overlap_dist.main(["--spawn", "2", "--shapes", "tiny", "--out", str(tmp_path)]) == 0
+    stored = json.loads((tmp_path / "overlap_dist-cpu.json").read_text())
+    assert stored["env"]["world_size"] == 2
+    rows = stored["rows"]
+    assert {r["op"] for r in rows} == {"ag", "rs"}
+    for r in rows:
+        assert min(r[f"{mode}_ms"] for mode in ("serial", "pipelined", "fused")) > 0, r
+        assert r["comm_ms"] > 0 and r["compute_ms"] > 0 and "efficiency" in r, r
