@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument."""
 
+import re
+
 import pytest
 import torch
 from overlap_testing import randn
@@ -101,3 +103,50 @@ def test_layer_sizes_must_split_evenly(world):
         ValueError, match="sequence length 3 .* must be divisible by the world size 2"
     ):
         row(randn(2, 3, 1, 2, device=DEVICE))
+
+
+def _facts(host="node0", device="cpu", interpreting=True, **cuda):
+    return dict(host=host, device=device, interpreting=interpreting, **cuda)
+
+
+@pytest.mark.parametrize(
+    "facts, device, match",
+    [
+        ([_facts(), _facts(host="node1")], "cpu", r"spans several hosts \(node0, node1\)"),
+        ([_facts(), _facts(interpreting=False)], "cpu", r"only under the Triton interpreter"),
+        ([_facts(), _facts(device="cuda:0")], "cpu", r"devices are of different types"),
+        ([_facts(device="cuda:0", symmetric_memory=False, index=0, peers={0: True})] * 2,
+         "cuda", r"no torch.distributed._symmetric_memory"),
+        ([_facts(device="cuda:0", symmetric_memory=True, index=0, peers={0: True, 1: False}),
+          _facts(device="cuda:1", symmetric_memory=True, index=1, peers={0: True, 1: True})],
+         "cuda", r"GPU 0 has no peer access to GPU 1"),
+    ],
+    ids=["hosts", "no-interpreter", "device-types", "no-symm-mem", "no-peer-access"],
+)  # fmt: skip
+def test_dist_world_fused_says_why_peer_memory_is_unavailable(facts, device, match):
+    from overlap.peer_memory import _why_unavailable
+
+    assert re.search(match, _why_unavailable(facts, torch.device(device)))
+
+
+def test_peer_memory_works_for_one_host_and_for_gpus_with_peer_access():
+    from overlap.peer_memory import _why_unavailable
+
+    assert _why_unavailable([_facts(), _facts()], torch.device("cpu")) is None
+    gpu = [_facts(device=f"cuda:{i}", symmetric_memory=True, index=i, peers={0: True, 1: True})
+           for i in range(2)]  # fmt: skip
+    assert _why_unavailable(gpu, torch.device("cuda")) is None
+    shared = [_facts(device="cuda:0", symmetric_memory=True, index=0, peers={0: True})] * 2
+    assert _why_unavailable(shared, torch.device("cuda")) is None  # two ranks on one GPU
+
+
+def test_peer_buffer_views_must_fit_and_be_aligned():
+    from overlap.peer_memory import PeerBuffer
+
+    buf = PeerBuffer(0, (torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)))
+    assert buf.view(1, torch.float32, (4, 2), offset=32).shape == (4, 2)
+    assert buf.addresses(8).tolist() == [b.data_ptr() + 8 for b in buf.buffers]
+    with pytest.raises(ValueError, match=r"float32 view of shape \(4, 4\) at byte 0 does not fit"):
+        buf.view(0, torch.float32, (4, 4))
+    with pytest.raises(ValueError, match=r"at byte 2 does not fit an aligned place"):
+        buf.view(0, torch.float32, (2,), offset=2)
