@@ -146,7 +146,7 @@ def test_peer_buffer_views_must_fit_and_be_aligned():
     buf = PeerBuffer(0, (torch.zeros(64, dtype=torch.uint8), torch.zeros(64, dtype=torch.uint8)))
     assert buf.view(1, torch.float32, (4, 2), offset=32).shape == (4, 2)
     assert buf.addresses(8).tolist() == [b.data_ptr() + 8 for b in buf.buffers]
-    with pytest.raises(ValueError, match=r"float32 view of shape \(4, 4\) at byte 0 does not fit"):
-        buf.view(0, torch.float32, (4, 4))
+    with pytest.raises(ValueError, match=r"float32 view of shape \(4, 5\) at byte 0 does not fit"):
+        buf.view(0, torch.float32, (4, 5))
     with pytest.raises(ValueError, match=r"at byte 2 does not fit an aligned place"):
         buf.view(0, torch.float32, (2,), offset=2)
