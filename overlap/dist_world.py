@@ -110,16 +110,6 @@ class DistWorld(World):
     def fused_available(self) -> bool:
         return self._peers is not None and self._peers.unavailable is None
 
-    def _overlap_mode(self) -> Mode:
-        return Mode.FUSED if self.fused_available else Mode.PIPELINED
-
-    def _schedule(self, mode: Mode):
-        if mode is Mode.FUSED:
-            return self._ag_fused, self._rs_fused
-        if mode is Mode.PIPELINED:
-            return self._ag_pipelined, self._rs_pipelined
-        return self._ag_serial, self._rs_serial
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         total = x.clone()
         dist.all_reduce(total, group=self.group)

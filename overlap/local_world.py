@@ -74,16 +74,6 @@ class LocalWorld(World):
         self._ag_flags: list[torch.Tensor] = []
         self._rs_workspace: _RSWorkspace | None = None
 
-    def _overlap_mode(self) -> Mode:
-        return Mode.FUSED if self.fused_available else Mode.PIPELINED
-
-    def _schedule(self, mode: Mode):
-        if mode is Mode.FUSED:
-            return self._ag_fused, self._rs_fused
-        if mode is Mode.PIPELINED:
-            return self._ag_pipelined, self._rs_pipelined
-        return self._ag_serial, self._rs_serial
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         total = x.sum(0, dtype=acc_dtype(x.dtype)).to(x.dtype)
         return total.unsqueeze(0).expand(x.shape).contiguous()

@@ -126,6 +126,9 @@ class World(abc.ABC):
 
     #: True when per-rank tensors carry a leading [W] dim (all ranks in one process).
     stacked_ranks: bool
+    #: True when this world can run the FUSED schedule (then mode=None picks it above the
+    #: FLOP threshold, else PIPELINED).
+    fused_available: bool
 
     def __init__(self, world_size: int, device: torch.device, mode, config: OverlapConfig | None):
         if config is not None and not isinstance(config, OverlapConfig):
@@ -189,12 +192,13 @@ class World(abc.ABC):
 
     # -- implemented by each world ---------------------------------------------------------------
 
-    @abc.abstractmethod
-    def _overlap_mode(self) -> Mode: ...
+    def _overlap_mode(self) -> Mode:
+        return Mode.FUSED if self.fused_available else Mode.PIPELINED
 
-    @abc.abstractmethod
     def _schedule(self, mode: Mode):
-        """(all_gather_matmul, matmul_reduce_scatter) implementations of `mode`."""
+        """(all_gather_matmul, matmul_reduce_scatter) implementations of `mode`: each world
+        defines `_ag_<mode>` and `_rs_<mode>` for the three modes."""
+        return getattr(self, f"_ag_{mode.value}"), getattr(self, f"_rs_{mode.value}")
 
     @abc.abstractmethod
     def _status_words(self) -> list[tuple[int, torch.Tensor]]:

@@ -10,9 +10,6 @@ Every rank builds the same full inputs from a fixed seed, runs its part, and che
 float64 reference of the whole computation. A failure in a worker fails the spawn.
 """
 
-import datetime
-import os
-import sys
 import time
 import warnings
 
@@ -20,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from overlap_testing import RTOL, randn
+from overlap_testing import RTOL, gloo_rank, randn
 from tolerance import assert_close
 
 import overlap
@@ -127,9 +124,7 @@ def _check_fused_timeout(world) -> None:
 
 
 def _worker(rank: int, world_size: int, init_method: str) -> None:
-    dist.init_process_group("gloo", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=120))  # fmt: skip
-    try:
+    with gloo_rank(rank, world_size, init_method, timeout_s=120):
         torch.set_num_threads(1)
         config = overlap.OverlapConfig(chunk_m=2)
         for mode in ("fused", "pipelined", "serial"):
@@ -144,18 +139,6 @@ def _worker(rank: int, world_size: int, init_method: str) -> None:
         dist.barrier()
         _check_fused_timeout(overlap.DistWorld(mode="fused", config=overlap.OverlapConfig(
             chunk_m=2, timeout_s=0.5)))  # fmt: skip
-        # No rank tears down its connections while a peer still finishes its last collective.
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    # Leave without interpreter finalisation: once in a full CI run (3 ranks, 2 busy cores) a
-    # worker whose checks had all passed aborted at exit ("terminate called without an active
-    # exception", a C++ thread torn down while joinable). Nothing is left to flush or check.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -8,16 +8,12 @@ side (so nothing here is timed). A node of several GPUs runs the same code over 
 # W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
 """
 
-import datetime
-import os
-import sys
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from overlap_testing import RTOL, randn
+from overlap_testing import RTOL, gloo_rank, randn
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
@@ -77,9 +73,7 @@ def _check_grads(world, dtype):
 
 def _worker(rank: int, init_method: str) -> None:
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=W,
-                            timeout=datetime.timedelta(seconds=300))  # fmt: skip
-    try:
+    with gloo_rank(rank, W, init_method, timeout_s=300):
         config = overlap.OverlapConfig(chunk_m=96, timeout_s=60.0)
         world = overlap.DistWorld(mode="fused", device="cuda:0", config=config)
         for dtype in (torch.bfloat16, torch.float32):
@@ -88,14 +82,6 @@ def _worker(rank: int, init_method: str) -> None:
                 _check_ops(world, dtype, m, 512, 320, seed=10 * call, late_rank=call % W)
             _check_grads(world, dtype)
         torch.cuda.synchronize()
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
