@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in one bounded run (each step has a time limit; all four together
-# take at most about 10 minutes), for a CUDA machine.
+# take at most about 11 minutes), for a CUDA machine.
 #
 #   bash bench/run_gpu.sh OUTDIR [STEP ...]
 #
 # STEPs (default: all, in this order): pytest-gpu moe_layer routing_plan overlap. Naming some
-# splits the run, e.g. into two commands on a machine that limits one command to 10 minutes.
+# splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap` on a machine that
+# limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
@@ -41,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
     if [ "$rc" -ne 0 ]; then status=1; fi
 }
 
-step pytest-gpu 240 python -m pytest -m gpu -q
+step pytest-gpu 300 python -m pytest -m gpu -q
 step moe_layer 200 python -m bench.moe_layer --out "$OUT"
 step routing_plan 40 python -m bench.routing_plan --out "$OUT"
 step overlap 110 python -m bench.overlap --out "$OUT"
