@@ -155,7 +155,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     def producer():
         for rank in range(W):
-            world._produce_ag(rank, a_shard, gathered[rank], flags[rank], layout, 1)
+            world._pull_chunks(rank, a_shard, gathered[rank], flags[rank], layout, 1)
 
     def cublas():
         for rank in range(W):

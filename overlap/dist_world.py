@@ -170,11 +170,12 @@ class DistWorld(World):
         ready = self._peer_buffer("ag.ready", 4)
         epoch = self._next_epoch()
         offset = _slot_offset(rows, epoch)
+        shards = [rows.view(p, a_shard.dtype, (m, K), offset) for p in range(W)]  # W x [m, K]
         flags = self._local_flags("ag.flags", W * layout.count)
         out = a_shard.new_empty(W * m, n)
         gathered = a_shard.new_empty(W * m, K)
         with profile_range("overlap.ag.publish"):
-            rows.view(r, a_shard.dtype, (m, K), offset).copy_(a_shard)
+            shards[r].copy_(a_shard)
             self._raise_flag(ready.view(r, torch.int32, (1,)), 0, epoch)
             launch_wait_peers(self._table("ag.ready", 0), self._status, rank=r, world_size=W,
                               epoch=epoch, max_spins=self.max_spins,
@@ -184,15 +185,7 @@ class DistWorld(World):
         (counts,) = self._tile_counts(1, num_tiles)
         self._fork()
         with self._side_stream(), profile_range("overlap.ag.copy"):
-            for step in range(1, W):
-                src = (r + step) % W
-                peer_rows = rows.view(src, a_shard.dtype, (m, K), offset)
-                for chunk in range(layout.count):
-                    lo, hi = layout.rows(chunk)
-                    gathered[src * m + lo : src * m + hi].copy_(peer_rows[lo:hi])
-                    self._raise_flag(flags, src * layout.count + chunk, epoch)
-            # The local rows: the kernel reads them from the shard; the copy is for backward.
-            gathered[r * m : (r + 1) * m].copy_(a_shard)
+            self._pull_chunks(r, shards, gathered, flags, layout, epoch)
         with profile_range("overlap.ag.gemm"):
             launch_ag_gemm(a_shard, gathered, b, out, flags, self._status, rank=r, world_size=W,
                            epoch=epoch, max_spins=self.max_spins, chunk_m=layout.chunk_m,

@@ -23,7 +23,6 @@ import torch
 
 from moeblaze._device import triton_runs_on
 from moeblaze._profiling import profile_range
-from overlap.flags import ChunkLayout
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
 from overlap.worlds import Mode, OverlapConfig, World, acc_dtype
@@ -106,7 +105,9 @@ class LocalWorld(World):
         self._fork()
         for rank in range(W):
             with self._side_stream(), profile_range("overlap.ag.copy"):
-                self._produce_ag(rank, a_shard, gathered[rank], self._ag_flags[rank], layout, epoch)
+                self._pull_chunks(
+                    rank, a_shard, gathered[rank], self._ag_flags[rank], layout, epoch
+                )
             with profile_range("overlap.ag.gemm"):
                 launch_ag_gemm(
                     a_shard[rank], gathered[rank], b[rank], out[rank], self._ag_flags[rank],
@@ -118,18 +119,6 @@ class LocalWorld(World):
         self._join()
         self._finish("all_gather_matmul", layout)
         return out, gathered[0]
-
-    def _produce_ag(self, rank, a_shard, gathered, flags, layout: ChunkLayout, epoch) -> None:
-        """Copy the peers' chunks into `rank`'s gather buffer in rotated order, flag each one."""
-        W, m = self.world_size, layout.m
-        for step in range(1, W):
-            src = (rank + step) % W
-            for chunk in range(layout.count):
-                lo, hi = layout.rows(chunk)
-                gathered[src * m + lo : src * m + hi].copy_(a_shard[src, lo:hi])
-                self._raise_flag(flags, src * layout.count + chunk, epoch)
-        # The local rows: the kernel reads them from the shard; the copy is for backward.
-        gathered[rank * m : (rank + 1) * m].copy_(a_shard[rank])
 
     def _workspace_rs(self, M: int, N: int, dtype: torch.dtype, num_flags: int) -> _RSWorkspace:
         key = (M, N, dtype, num_flags)

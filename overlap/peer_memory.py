@@ -20,6 +20,7 @@ Allocating is collective: every rank of the group must allocate the same sizes i
 """
 
 import dataclasses
+import math
 import os
 import socket
 import tempfile
@@ -45,10 +46,7 @@ class PeerBuffer:
 
     def view(self, rank: int, dtype: torch.dtype, shape: tuple[int, ...], offset: int = 0):
         """Rank `rank`'s buffer from byte `offset` on, as a contiguous `dtype` tensor `shape`."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        numel = 1
-        for size in shape:
-            numel *= size
+        itemsize, numel = dtype.itemsize, math.prod(shape)
         if offset % itemsize or offset + numel * itemsize > self.nbytes:
             raise ValueError(
                 f"a {dtype} view of shape {tuple(shape)} at byte {offset} does not fit an aligned "

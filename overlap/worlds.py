@@ -241,6 +241,21 @@ class World(abc.ABC):
 
     # -- fused: epochs, grids, status ------------------------------------------------------------
 
+    def _pull_chunks(self, rank: int, shards, gathered: torch.Tensor, flags: torch.Tensor,
+                     layout: ChunkLayout, epoch: int) -> None:  # fmt: skip
+        """AG producer of `rank`: copy the peers' chunks into its gather buffer [W*m, K] in
+        rotated order, raising each chunk's flag after its copy. `shards[p]` is rank p's
+        [m, K] shard as this process sees it."""
+        W, m = self.world_size, layout.m
+        for step in range(1, W):
+            src = (rank + step) % W
+            for chunk in range(layout.count):
+                lo, hi = layout.rows(chunk)
+                gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
+                self._raise_flag(flags, src * layout.count + chunk, epoch)
+        # The local rows: the kernel reads them from the shard; the copy is for backward.
+        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
+
     def _next_epoch(self) -> int:
         if self._epoch + 1 >= EPOCH_LIMIT:  # start over: no flag may hold a future epoch
             self._zero_flags()

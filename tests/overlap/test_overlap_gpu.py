@@ -81,13 +81,13 @@ def test_consumer_waits_for_a_slow_producer():
     """The side stream sleeps before copying: the GEMM starts first and must wait on the flags."""
     W, m, K, n = 4, 512, 256, 256
     world = _world(W, chunk_m=128)
-    produce = world._produce_ag
+    produce = world._pull_chunks
 
     def slow_producer(*args):
         torch.cuda._sleep(5_000_000)  # ~ a few ms on the side stream, before the copies
         produce(*args)
 
-    world._produce_ag = slow_producer
+    world._pull_chunks = slow_producer
     a = randn(W, m, K, device="cuda", seed=6)
     b = randn(W, K, n, device="cuda", seed=7)
     c = overlap.all_gather_matmul(a, b, world)
