@@ -1,4 +1,4 @@
-"""Install `moeblaze` and `overlap`, optionally with the compiled module built from `csrc/`.
+"""The optional compiled module built from `csrc/` (package metadata: pyproject.toml).
 
 The CUDA C++ part is optional. It is built only when all of these hold:
   - the environment variable MOEBLAZE_BUILD_CSRC=1 is set,
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -71,17 +71,8 @@ def _csrc_build_requested() -> bool:
 
 build_csrc = _csrc_build_requested()
 
+# Metadata and dependencies are in pyproject.toml; this adds only the optional compiled module.
 setup(
-    name="moeblaze",
-    version="0.1.0.dev0",
-    description="Triton kernels for Mixture-of-Experts training and fused GEMM + collectives",
-    python_requires=">=3.10",
-    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]),
-    install_requires=["torch>=2.11", "triton>=3.6"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "bench": ["matplotlib"],
-    },
     ext_modules=[CMakeExtension("moeblaze._C")] if build_csrc else [],
     cmdclass={"build_ext": CMakeBuild} if build_csrc else {},
 )

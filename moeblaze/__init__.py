@@ -5,6 +5,7 @@ as [T*k, d] for backward: a small int32 routing plan drives grouped GEMMs that g
 by index and write the weighted top-k combine straight into the [T, d] output.
 """
 
+from kernelbase import __version__
 from moeblaze.layer import MoELayer, SwiGLUMLP
 from moeblaze.moe_mlp import RECOMPUTE_POLICIES, moe_mlp
 from moeblaze.reference import moe_mlp_reference
@@ -13,6 +14,7 @@ from moeblaze.routing_plan import RoutingPlan, build_routing_plan
 
 __all__ = [
     "RECOMPUTE_POLICIES",
+    "__version__",
     "MoELayer",
     "Router",
     "RouterOutput",
