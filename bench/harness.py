@@ -107,8 +107,9 @@ def time_ms(
     return _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none or ())
 
 
-def time_ms_fixed(fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3,
-                  runs: int = 20) -> float:  # fmt: skip
+def time_ms_fixed(
+    fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3, runs: int = 20
+) -> float:
     """Median milliseconds of `runs` calls of `fn()` after `warmup` calls: a fixed count, as code
     with collectives inside needs (every rank must make the same calls). CUDA events on CUDA,
     wall clock elsewhere."""
@@ -335,8 +336,9 @@ def plot(
     return path
 
 
-def report(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path | None,
-           **plot_args: Any) -> None:  # fmt: skip
+def report(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path | None, **plot_args: Any
+) -> None:
     """Print the table and where the results went; plot beside them unless plot_args is empty."""
     print_table(rows, columns)
     if not rows or path is None:

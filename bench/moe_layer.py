@@ -34,7 +34,7 @@ import torch
 import moeblaze
 from bench import harness
 from bench.baselines import dense_dispatch_moe_mlp, loop_moe_mlp
-from moeblaze._profiling import profile_range
+from kernelbase.profiling import profile_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,9 +267,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print()
     plot_args = dict(
-        x=("shape", "mode"), series="provider", metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
+        x=("shape", "mode"),
+        series="provider",
+        metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
         title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}",
-    )  # fmt: skip
+    )
     harness.report(rows, COLUMNS, path if rows else None, **({} if args.no_plot else plot_args))
     return rows
 

@@ -45,19 +45,43 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
 import overlap  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.overlap_model import DEFAULT_LINK_GBPS, project  # noqa: E402
-from moeblaze._profiling import profile_range  # noqa: E402
-from overlap.kernels.ag_gemm import launch_ag_gemm  # noqa: E402
-from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce  # noqa: E402
+from kernelbase.profiling import profile_range  # noqa: E402
+from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm  # noqa: E402
+from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce  # noqa: E402
 
 HIDDEN, FFN = 8192, 28672  # Llama-70B
 GPU_WORLD_SIZES, GPU_MS = (2, 4, 8), (1024, 2048, 4096, 8192)
 TINY = dict(hidden=32, ffn=96, world_sizes=(2, 3), ms=(48,))
 
-MEASURED = ("op", "W", "M", "serial_ms", "pipelined_ms", "fused_ms", "auto_ms", "auto_mode",
-            "comm_ms", "compute_ms", "efficiency", "fused_vs_serial", "fused_present_ms",
-            "frac_cublas", "chunked_ms")  # fmt: skip
-PROJECTED = ("op", "W", "M", "link_GBps", "proj_comm_ms", "proj_gemm_ms", "proj_serial_ms",
-             "proj_pipelined_ms", "proj_fused_ms", "proj_efficiency")  # fmt: skip
+MEASURED = (
+    "op",
+    "W",
+    "M",
+    "serial_ms",
+    "pipelined_ms",
+    "fused_ms",
+    "auto_ms",
+    "auto_mode",
+    "comm_ms",
+    "compute_ms",
+    "efficiency",
+    "fused_vs_serial",
+    "fused_present_ms",
+    "frac_cublas",
+    "chunked_ms",
+)
+PROJECTED = (
+    "op",
+    "W",
+    "M",
+    "link_GBps",
+    "proj_comm_ms",
+    "proj_gemm_ms",
+    "proj_serial_ms",
+    "proj_pipelined_ms",
+    "proj_fused_ms",
+    "proj_efficiency",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +131,23 @@ def _time(fn, device, rep_ms):
 def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
     a, b = make_inputs(case, dtype, device)
     op_fn = overlap.all_gather_matmul if case.op == "ag" else overlap.matmul_reduce_scatter
-    row = dict(op=case.op, W=case.W, M=case.M, inner=case.inner, cols=case.cols,
-               dtype=str(dtype).removeprefix("torch."), chunk_m=chunk_m, link_GBps=link_gbps)  # fmt: skip
+    row = dict(
+        op=case.op,
+        W=case.W,
+        M=case.M,
+        inner=case.inner,
+        cols=case.cols,
+        dtype=str(dtype).removeprefix("torch."),
+        chunk_m=chunk_m,
+        link_GBps=link_gbps,
+    )
     fused_world = _world(case, device, "fused", chunk_m)
-    for mode, world in (("serial", _world(case, device, "serial", chunk_m)),
-                        ("pipelined", _world(case, device, "pipelined", chunk_m)),
-                        ("fused", fused_world), ("auto", _world(case, device, None, chunk_m))):  # fmt: skip
+    for mode, world in (
+        ("serial", _world(case, device, "serial", chunk_m)),
+        ("pipelined", _world(case, device, "pipelined", chunk_m)),
+        ("fused", fused_world),
+        ("auto", _world(case, device, None, chunk_m)),
+    ):
         with profile_range(f"bench overlap {case.op} W={case.W} M={case.M} {mode}"):
             row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
         world.check_status()
@@ -130,14 +165,28 @@ def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
     row["frac_cublas"] = row["cublas_ms"] / row["fused_present_ms"]
     row["fused_present_TFLOP/s"] = case.flops / (row["fused_present_ms"] * 1e-3) / 1e12
     row["cublas_TFLOP/s"] = case.flops / (row["cublas_ms"] * 1e-3) / 1e12
-    layout = fused_world._chunk_layout(case.M // case.W)
-    proj = project(case.op, case.W, case.M, case.inner, case.cols, a.element_size(),
-                   gemm_ms=row["compute_ms"] / case.W, fused_ms=row["fused_present_ms"] / case.W,
-                   chunked_ms=row["chunked_ms"] / case.W, chunks_per_rank=layout.count,
-                   link_gbps=link_gbps)  # fmt: skip
-    row.update(proj_comm_ms=proj.comm_ms, proj_gemm_ms=proj.gemm_ms,
-               proj_serial_ms=proj.serial_ms, proj_pipelined_ms=proj.pipelined_ms,
-               proj_fused_ms=proj.fused_ms, proj_efficiency=proj.efficiency)  # fmt: skip
+    layout = fused_world.chunk_layout(case.M // case.W)
+    proj = project(
+        case.op,
+        case.W,
+        case.M,
+        case.inner,
+        case.cols,
+        a.element_size(),
+        gemm_ms=row["compute_ms"] / case.W,
+        fused_ms=row["fused_present_ms"] / case.W,
+        chunked_ms=row["chunked_ms"] / case.W,
+        chunks_per_rank=layout.count,
+        link_gbps=link_gbps,
+    )
+    row.update(
+        proj_comm_ms=proj.comm_ms,
+        proj_gemm_ms=proj.gemm_ms,
+        proj_serial_ms=proj.serial_ms,
+        proj_pipelined_ms=proj.pipelined_ms,
+        proj_fused_ms=proj.fused_ms,
+        proj_efficiency=proj.efficiency,
+    )
     return row
 
 
@@ -145,17 +194,18 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
     """AG: the producer alone, cuBLAS alone, the fused kernel alone, the chunked GEMMs alone."""
     W, m, K = a_shard.shape
     M, n = W * m, b.shape[-1]
-    layout = world._chunk_layout(m)
+    fused = world.fused
+    layout = fused.chunk_layout(m)
     gathered = [a_shard.new_empty(M, K) for _ in range(W)]
     flags = [torch.zeros(W * layout.count, dtype=torch.int32, device=device) for _ in range(W)]
     status = torch.zeros(2, dtype=torch.int32, device=device)
     out = a_shard.new_empty(W, M, n)
     full = a_shard.reshape(M, K)
-    programs = world._programs(W * -(-m // world.tile.block_m) * -(-n // world.tile.block_n), 0)
+    programs = fused.programs(ag_gemm_tiles(m, n, W, fused.tile), 0)
 
     def producer():
         for rank in range(W):
-            world._pull_chunks(rank, a_shard, gathered[rank], flags[rank], layout, 1)
+            fused.pull_chunks(rank, a_shard, gathered[rank], flags[rank], layout, 1)
 
     def cublas():
         for rank in range(W):
@@ -163,9 +213,21 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     def fused_present():  # every flag is up (the producer above raised them to epoch 1)
         for rank in range(W):
-            launch_ag_gemm(a_shard[rank], full, b[rank], out[rank], flags[rank], status,
-                           rank=rank, world_size=W, epoch=1, max_spins=world.max_spins,
-                           chunk_m=layout.chunk_m, config=world.tile, num_programs=programs)  # fmt: skip
+            launch_ag_gemm(
+                a_shard[rank],
+                full,
+                b[rank],
+                out[rank],
+                flags[rank],
+                status,
+                rank=rank,
+                world_size=W,
+                epoch=1,
+                max_spins=fused.max_spins,
+                chunk_m=layout.chunk_m,
+                config=fused.tile,
+                num_programs=programs,
+            )
 
     def chunked():
         for rank in range(W):
@@ -186,20 +248,32 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     """RS: the reduction alone, cuBLAS alone, the fused GEMM alone, the chunked GEMMs alone."""
     W, M, _ = a.shape
     m, N = M // W, b.shape[-1]
-    layout = world._chunk_layout(m)
+    fused = world.fused
+    layout = fused.chunk_layout(m)
     overlap.matmul_reduce_scatter(a, b, world)  # fills the workspace, raises every flag
-    ws, epoch = world._rs_workspace, world._epoch
+    ws, epoch = fused.rs_workspace, fused.epoch
     out = a.new_empty(W, m, N)
-    reduce_programs, _, block_r, block_n = world._reduce_plan(m, N)
+    reduce_programs, _, block_r, block_n = fused.reduce_plan(m, N)
     partials = [a.new_empty(M, N) for _ in range(W)]
-    programs = world._programs(W * -(-m // world.tile.block_m) * -(-N // world.tile.block_n), 0)
+    programs = fused.programs(gemm_rs_tiles(m, N, W, fused.tile), 0)
 
     def reduction():
         for dest in range(W):
-            launch_rs_reduce(ws.partial_table, ws.flag_table, out[dest], world._status[dest],
-                             dest=dest, world_size=W, row_stride=N, epoch=epoch,
-                             max_spins=world.max_spins, chunk_m=layout.chunk_m,
-                             num_programs=reduce_programs, block_r=block_r, block_n=block_n)  # fmt: skip
+            launch_rs_reduce(
+                ws.partial_table,
+                ws.flag_table,
+                out[dest],
+                fused.status[dest],
+                dest=dest,
+                world_size=W,
+                row_stride=N,
+                epoch=epoch,
+                max_spins=fused.max_spins,
+                chunk_m=layout.chunk_m,
+                num_programs=reduce_programs,
+                block_r=block_r,
+                block_n=block_n,
+            )
 
     def cublas():
         for rank in range(W):
@@ -208,9 +282,19 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     def fused_present():  # the GEMM-RS producer kernels without the reduction
         for rank in range(W):
             ws.counters[rank].zero_()
-            launch_gemm_rs(a[rank], b[rank], ws.partials[rank], ws.counters[rank],
-                           ws.flags[rank], rank=rank, world_size=W, epoch=epoch,
-                           chunk_m=layout.chunk_m, config=world.tile, num_programs=programs)  # fmt: skip
+            launch_gemm_rs(
+                a[rank],
+                b[rank],
+                ws.partials[rank],
+                ws.counters[rank],
+                ws.flags[rank],
+                rank=rank,
+                world_size=W,
+                epoch=epoch,
+                chunk_m=layout.chunk_m,
+                config=fused.tile,
+                num_programs=programs,
+            )
 
     def chunked():
         for dest in range(W):
@@ -218,16 +302,20 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
                 lo, hi = layout.rows(chunk)
                 torch.matmul(a[:, dest * m + lo : dest * m + hi], b)
 
-    return dict(comm_ms=_time(reduction, device, rep_ms), compute_ms=_time(cublas, device, rep_ms),
-                fused_present_ms=_time(fused_present, device, rep_ms),
-                chunked_ms=_time(chunked, device, rep_ms))  # fmt: skip
+    return dict(
+        comm_ms=_time(reduction, device, rep_ms),
+        compute_ms=_time(cublas, device, rep_ms),
+        fused_present_ms=_time(fused_present, device, rep_ms),
+        chunked_ms=_time(chunked, device, rep_ms),
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
-    parser.add_argument("--shapes", choices=("llama70b", "tiny"),
-                        default="llama70b" if on_gpu else "tiny")  # fmt: skip
+    parser.add_argument(
+        "--shapes", choices=("llama70b", "tiny"), default="llama70b" if on_gpu else "tiny"
+    )
     parser.add_argument("--ops", default="ag,rs")
     parser.add_argument("--world-sizes", default=None, help="comma-separated, e.g. 2,4,8")
     parser.add_argument("--ms", default=None, help="total rows M, comma-separated")
@@ -264,12 +352,19 @@ def main(argv=None) -> int:
 
     print(f"\nMEASURED on one {env['gpu']} (LocalWorld: the W ranks run one after another)")
     harness.print_table(rows, MEASURED)
-    print(f"\nPROJECTED for W GPUs over NVLink at {args.link_gbps:g} GB/s per direction "
-          f"(bench/overlap_model.py: a model, not a measurement)")  # fmt: skip
+    print(
+        f"\nPROJECTED for W GPUs over NVLink at {args.link_gbps:g} GB/s per direction "
+        f"(bench/overlap_model.py: a model, not a measurement)"
+    )
     harness.print_table(rows, PROJECTED)
-    harness.plot(rows, path.with_suffix(".png"), x=("op", "W", "M"), series="op",
-                 metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
-                 title="overlap (LocalWorld, one GPU; proj_*: projected)")  # fmt: skip
+    harness.plot(
+        rows,
+        path.with_suffix(".png"),
+        x=("op", "W", "M"),
+        series="op",
+        metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
+        title="overlap (LocalWorld, one GPU; proj_*: projected)",
+    )
     print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -40,8 +40,18 @@ from bench.overlap import FFN, HIDDEN, TINY, Case, make_inputs  # noqa: E402
 
 GPU_MS = (1024, 2048, 4096, 8192)
 MODES = ("serial", "pipelined", "fused")
-COLUMNS = ("op", "W", "M", "serial_ms", "pipelined_ms", "fused_ms", "comm_ms", "compute_ms",
-           "efficiency", "fused_vs_serial")  # fmt: skip
+COLUMNS = (
+    "op",
+    "W",
+    "M",
+    "serial_ms",
+    "pipelined_ms",
+    "fused_ms",
+    "comm_ms",
+    "compute_ms",
+    "efficiency",
+    "fused_vs_serial",
+)
 
 
 def _worlds(device, chunk_m) -> tuple[dict, str | None]:
@@ -60,8 +70,14 @@ def measure(case: Case, worlds: dict, dtype, device, runs: int) -> dict:
     """This rank's times for `case` (every rank must call it with the same case)."""
     r = dist.get_rank()
     a, b = (t[r] for t in make_inputs(case, dtype, device))
-    row = dict(op=case.op, W=case.W, M=case.M, inner=case.inner, cols=case.cols,
-               dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    row = dict(
+        op=case.op,
+        W=case.W,
+        M=case.M,
+        inner=case.inner,
+        cols=case.cols,
+        dtype=str(dtype).removeprefix("torch."),
+    )
 
     def timed(fn) -> float:
         dist.barrier()
@@ -90,14 +106,21 @@ def run(rank: int, world_size: int, args, init_method: str) -> None:
     if on_gpu:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(minutes=10))  # fmt: skip
+    dist.init_process_group(
+        "nccl" if on_gpu else "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=10),
+    )
     try:
         tiny = args.shapes == "tiny"
         hidden, ffn = (TINY["hidden"], TINY["ffn"]) if tiny else (HIDDEN, FFN)
-        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else (
-            TINY["ms"] if tiny else GPU_MS
-        )  # fmt: skip
+        ms = (
+            tuple(int(v) for v in args.ms.split(","))
+            if args.ms
+            else (TINY["ms"] if tiny else GPU_MS)
+        )
         dtype = torch.bfloat16 if on_gpu else torch.float32
         worlds, unavailable = _worlds(device, args.chunk_m or (8 if tiny else None))
         W, rows = world_size, []
@@ -107,8 +130,9 @@ def run(rank: int, world_size: int, args, init_method: str) -> None:
                 mine = measure(Case(op, W, M, inner, cols), worlds, dtype, device, args.runs)
                 every = [None] * W
                 dist.all_gather_object(every, mine)
-                row = {k: max(r[k] for r in every) if k.endswith("_ms") else v
-                       for k, v in mine.items()}  # fmt: skip
+                row = {
+                    k: max(r[k] for r in every) if k.endswith("_ms") else v for k, v in mine.items()
+                }
                 if "fused_ms" in row:
                     row["efficiency"] = (row["serial_ms"] - row["fused_ms"]) / min(
                         row["comm_ms"], row["compute_ms"]
@@ -133,10 +157,17 @@ def run(rank: int, world_size: int, args, init_method: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spawn", type=int, default=None,
-                        help="start this many local ranks (default: launched by torchrun)")  # fmt: skip
-    parser.add_argument("--shapes", choices=("llama70b", "tiny"),
-                        default="llama70b" if torch.cuda.is_available() else "tiny")  # fmt: skip
+    parser.add_argument(
+        "--spawn",
+        type=int,
+        default=None,
+        help="start this many local ranks (default: launched by torchrun)",
+    )
+    parser.add_argument(
+        "--shapes",
+        choices=("llama70b", "tiny"),
+        default="llama70b" if torch.cuda.is_available() else "tiny",
+    )
     parser.add_argument("--ops", default="ag,rs")
     parser.add_argument("--ms", default=None, help="total rows M, comma-separated")
     parser.add_argument("--chunk-m", type=int, default=None, help="rows per chunk")

@@ -46,10 +46,21 @@ class Projection:
         return (self.serial_ms - self.fused_ms) / hideable if hideable > 0 else None
 
 
-def project(op: str, world_size: int, M: int, inner: int, cols: int, elem_bytes: int, *,
-            gemm_ms: float, fused_ms: float, chunked_ms: float, chunks_per_rank: int,
-            link_gbps: float = DEFAULT_LINK_GBPS,
-            hbm_gbps: float = DEFAULT_HBM_GBPS) -> Projection:  # fmt: skip
+def project(
+    op: str,
+    world_size: int,
+    M: int,
+    inner: int,
+    cols: int,
+    elem_bytes: int,
+    *,
+    gemm_ms: float,
+    fused_ms: float,
+    chunked_ms: float,
+    chunks_per_rank: int,
+    link_gbps: float = DEFAULT_LINK_GBPS,
+    hbm_gbps: float = DEFAULT_HBM_GBPS,
+) -> Projection:
     """Projected per-call times (ms) of one rank of a W-GPU NVLink group.
 
     op "ag": an [M, inner] matrix gathered, `cols` local columns. op "rs": [M, inner] local

@@ -53,7 +53,7 @@ VIEWS = {
             "efficiency",
             "fused_vs_serial",
             "frac_cublas",
-        ),  # fmt: skip
+        ),
     ),
 }
 

@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             r["speedup_vs_torch"] = found["torch"] / r["ms"]
         path = harness.write_results("routing_plan", rows, env, args.out)
 
-    plot_args = dict(x=("shape",), series="provider", metrics=("ms",),
-                     title=f"Routing plan, {env['gpu']}")  # fmt: skip
+    plot_args = dict(
+        x=("shape",), series="provider", metrics=("ms",), title=f"Routing plan, {env['gpu']}"
+    )
     harness.report(rows, COLUMNS, path if rows else None, **({} if args.no_plot else plot_args))
     return rows
 

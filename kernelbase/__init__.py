@@ -1,4 +1,14 @@
-"""The base that `moeblaze` and `overlap` share: backend choice, GEMM building blocks, profiling
-ranges and output allocation (being filled by the restructuring)."""
+"""The base that `moeblaze` and `overlap` share.
+
+backend.py    which implementation runs on a device (compiled Triton, the Triton
+              interpreter, torch), decided in one place; `set_backend`, `info`
+gemm.py       GEMM building blocks: tile config, tile order, the gathered-rows main loop
+profiling.py  `profile_range`: one name for Nsight Systems (NVTX) and torch.profiler
+alloc.py      output allocation, NaN-poisoned for tests
+"""
+
+from kernelbase.backend import Backend, backend_for, info, set_backend, use_backend
 
 __version__ = "0.1.0.dev0"
+
+__all__ = ["Backend", "__version__", "backend_for", "info", "set_backend", "use_backend"]

@@ -3,11 +3,22 @@
 Tokens are never copied into an expert-sorted [T*k, d] buffer and expert outputs are never kept
 as [T*k, d] for backward: a small int32 routing plan drives grouped GEMMs that gather rows of x
 by index and write the weighted top-k combine straight into the [T, d] output.
+
+    kernels/         Triton kernels, each file with its launcher (routing plan, expert MLP)
+    reference.py     the same computations in plain torch: the test oracle and the torch backend
+    routing_plan.py  the plan (RoutingPlan) and its builder
+    ops.py           moe_mlp: torch.library ops with autograd
+    router.py        Router (nn.Module): scores, top-k, aux losses
+    layers.py        MoELayer, SwiGLUMLP (nn.Modules)
+
+Which implementation runs where (compiled Triton, the Triton interpreter, torch) is decided by
+`kernelbase.backend_for`; `moeblaze.set_backend` / `use_backend` force one, `moeblaze.info()`
+says what runs and why.
 """
 
-from kernelbase import __version__
-from moeblaze.layer import MoELayer, SwiGLUMLP
-from moeblaze.moe_mlp import RECOMPUTE_POLICIES, moe_mlp
+from kernelbase import __version__, info, set_backend, use_backend
+from moeblaze.layers import MoELayer, SwiGLUMLP
+from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
 from moeblaze.reference import moe_mlp_reference
 from moeblaze.router import Router, RouterOutput
 from moeblaze.routing_plan import RoutingPlan, build_routing_plan
@@ -21,6 +32,9 @@ __all__ = [
     "RoutingPlan",
     "SwiGLUMLP",
     "build_routing_plan",
+    "info",
     "moe_mlp",
     "moe_mlp_reference",
+    "set_backend",
+    "use_backend",
 ]

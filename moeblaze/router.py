@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ._profiling import profile_range
+from kernelbase.profiling import profile_range
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 

@@ -18,10 +18,11 @@ import dataclasses
 import torch
 import triton
 
-from moeblaze import _alloc
-from moeblaze._device import interpreting, triton_runs_on
-from moeblaze._profiling import profile_range
-from moeblaze.kernels.routing_plan import count_chunks_kernel, place_slots_kernel
+from kernelbase import alloc
+from kernelbase.backend import Backend, backend_for
+from kernelbase.profiling import profile_range
+from moeblaze.kernels.routing_plan import launch_plan
+from moeblaze.reference import fill_plan_torch
 
 
 def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -51,8 +52,9 @@ class RoutingPlan:
     num_tiles: torch.Tensor  # [1]         number of valid tiles
 
     @classmethod
-    def from_buffer(cls, buffer: torch.Tensor, num_slots: int, num_experts: int, top_k: int,
-                    block_m: int) -> "RoutingPlan":  # fmt: skip
+    def from_buffer(
+        cls, buffer: torch.Tensor, num_slots: int, num_experts: int, top_k: int, block_m: int
+    ) -> "RoutingPlan":
         """View the fields of a plan inside its int32 `buffer`."""
         tiles = max_tiles(num_slots, num_experts, block_m)
         sizes = [num_experts, num_experts + 1, num_slots, num_slots, tiles, tiles, 1]
@@ -74,24 +76,32 @@ def build_routing_plan(
     """Build the routing plan of `topk_ids [T, k]` for `num_experts` experts.
 
     One stable counting sort: Triton kernels on CUDA (and under the Triton interpreter), torch
-    ops elsewhere; both fill the same fields. `check_ids=True` verifies that every id lies in
-    `[0, num_experts)`, which costs one device-to-host sync (skipped during CUDA graph capture).
+    ops elsewhere (`kernelbase.backend_for`); both fill the same fields. `check_ids=True`
+    verifies that every id lies in `[0, num_experts)`, which costs one device-to-host sync
+    (skipped during CUDA graph capture).
     """
     check_routing_args(topk_ids, num_experts)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
     if check_ids:
         check_ids_in_range(topk_ids, num_experts)
+    return make_plan(topk_ids, num_experts, block_m, backend_for(topk_ids.device))
+
+
+def make_plan(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, backend: Backend
+) -> RoutingPlan:
+    """`build_routing_plan` without its checks, on the given backend (the checks ran already)."""
     num_slots = topk_ids.numel()
-    buffer = _alloc.empty(
+    buffer = alloc.empty(
         plan_numel(num_slots, num_experts, block_m), dtype=torch.int32, device=topk_ids.device
     )
     plan = RoutingPlan.from_buffer(buffer, num_slots, num_experts, topk_ids.shape[1], block_m)
     with profile_range("moeblaze.routing_plan"):
-        if triton_runs_on(topk_ids.device):
-            _fill_plan_triton(topk_ids, plan)
+        if backend is Backend.TORCH:
+            fill_plan_torch(topk_ids, plan)
         else:
-            _fill_plan_torch(topk_ids, plan)
+            launch_plan(topk_ids, plan)
     return plan
 
 
@@ -129,49 +139,3 @@ def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(
             f"topk_ids contains expert id {bad}; expected ids in [0, num_experts={num_experts})"
         )
-
-
-def _fill_plan_triton(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
-    num_slots, num_experts = plan.num_slots, plan.num_experts
-    e_pad = max(16, triton.next_power_of_2(num_experts))
-    # CHUNK: about 128 programs on large inputs (one per SM on H100), 8 under the interpreter
-    # (which runs programs one after another); at least 64 slots each.
-    programs = 8 if interpreting() else 128
-    chunk = min(4096, max(64, triton.next_power_of_2(triton.cdiv(num_slots, programs))))
-    num_chunks = max(1, triton.cdiv(num_slots, chunk))
-    chunk_counts = torch.empty(2, num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
-    ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
-    count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, E_PAD=e_pad)
-    place_slots_kernel[(num_chunks,)](
-        ids, chunk_counts, plan.expert_counts, plan.expert_offsets, plan.sorted_slots,
-        plan.slot_positions, plan.tile_expert, plan.tile_row_start, plan.num_tiles,
-        num_slots, num_chunks, num_experts, plan.max_tiles,
-        triton.cdiv(plan.max_tiles, num_chunks),
-        CHUNK=chunk, E_PAD=e_pad,
-        CHUNK_ROWS=max(1, 2048 // e_pad),  # [CHUNK_ROWS, E_PAD] blocks of chunk counts
-        TILE_BLOCK=max(16, 4096 // e_pad),  # [TILE_BLOCK, E_PAD] blocks of tile metadata
-        BLOCK_M=plan.block_m,
-    )  # fmt: skip
-
-
-def _fill_plan_torch(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
-    num_slots, num_experts, block_m = plan.num_slots, plan.num_experts, plan.block_m
-    device = topk_ids.device
-    ids = topk_ids.reshape(-1).long()
-    order = torch.sort(ids, stable=True).indices  # [S]
-    counts = torch.bincount(ids, minlength=num_experts)  # [E]
-    plan.sorted_slots.copy_(order)
-    plan.slot_positions[order] = torch.arange(num_slots, dtype=torch.int32, device=device)
-    plan.expert_counts.copy_(counts)
-    plan.expert_offsets[0] = 0
-    plan.expert_offsets[1:].copy_(torch.cumsum(counts, 0))
-    tiles = (counts + block_m - 1) // block_m  # [E]
-    num_tiles = int(tiles.sum())
-    owner = torch.repeat_interleave(torch.arange(num_experts, device=device), tiles)
-    first_tile = torch.cumsum(tiles, 0) - tiles
-    within = torch.arange(num_tiles, device=device) - first_tile[owner]
-    plan.num_tiles.fill_(num_tiles)
-    plan.tile_expert.fill_(num_experts)
-    plan.tile_row_start.fill_(num_slots)
-    plan.tile_expert[:num_tiles] = owner
-    plan.tile_row_start[:num_tiles] = plan.expert_offsets[owner] + within * block_m

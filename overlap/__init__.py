@@ -7,14 +7,22 @@
 A world is the group of ranks and the way bytes move between them: `LocalWorld(W, device)` (W
 virtual ranks on one device, running the fused persistent Triton kernels and their per-chunk
 flag protocol) or `DistWorld(group)` (a torch.distributed group: the same fused kernels over
-peer memory on one node, a chunked pipeline of collectives, or serial). See overlap/worlds.py for
-the schedules, overlap/local_world.py and overlap/dist_world.py for the two worlds, and
-overlap/kernels/ for the kernels.
+peer memory on one node, a chunked pipeline of collectives, or serial).
+
+    kernels/         Triton kernels, each file with its launchers (AG-GEMM, GEMM-RS, flag waits)
+    reference.py     the ops in plain torch: the test oracle
+    protocol.py      host side of the flag protocol: chunks, raising flags, status, timeouts
+    world.py         the World interface, modes and the mode policy
+    fused.py         FusedContext: the state and machinery of a world's fused calls
+    local_world.py   LocalWorld (W virtual ranks on one device) and its fused context
+    dist_world.py    DistWorld (torch.distributed) and its fused context over peer_memory.py
+    ops.py           all_gather_matmul, matmul_reduce_scatter: torch.library ops with autograd
+    layers.py        ColumnParallelLinear, RowParallelLinear, ParallelMLP (nn.Modules)
 """
 
+from kernelbase import __version__, info, set_backend, use_backend
+from kernelbase.gemm import GemmConfig
 from overlap.dist_world import DistWorld
-from overlap.flags import OverlapTimeoutError
-from overlap.kernels.common import TileConfig
 from overlap.layers import ColumnParallelLinear, ParallelMLP, RowParallelLinear, parallel_mlp
 from overlap.local_world import LocalWorld
 from overlap.ops import (
@@ -23,23 +31,28 @@ from overlap.ops import (
     matmul_reduce_scatter,
     reduce_from_tensor_parallel_region,
 )
-from overlap.worlds import OVERLAP_MIN_FLOPS, Mode, OverlapConfig, World
+from overlap.protocol import OverlapTimeoutError
+from overlap.world import OVERLAP_MIN_FLOPS, Mode, OverlapConfig, World
 
 __all__ = [
     "OVERLAP_MIN_FLOPS",
     "ColumnParallelLinear",
     "DistWorld",
+    "GemmConfig",
     "LocalWorld",
     "Mode",
     "OverlapConfig",
     "OverlapTimeoutError",
     "ParallelMLP",
     "RowParallelLinear",
-    "TileConfig",
     "World",
+    "__version__",
     "all_gather_matmul",
     "copy_to_tensor_parallel_region",
+    "info",
     "matmul_reduce_scatter",
     "parallel_mlp",
     "reduce_from_tensor_parallel_region",
+    "set_backend",
+    "use_backend",
 ]

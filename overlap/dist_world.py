@@ -11,7 +11,8 @@ the same calls with the same shapes in the same order, as with any collective.
                stream and a chunk's GEMM runs once its collective is done. Any backend: NCCL
                across nodes, gloo on the CPU.
     FUSED      the persistent kernels of overlap.kernels over peer memory (overlap.peer_memory:
-               symmetric memory on a node of GPUs, shared memory on one CPU host):
+               symmetric memory on a node of GPUs, shared memory on one CPU host), run by
+               the world's fused context, `PeerFused`:
 
       AG  publish (current stream): copy a_shard into this rank's peer buffer, slot e % 2, and
           raise this rank's ready flag to e after the copy. Then `wait_peers_kernel` (one
@@ -43,18 +44,13 @@ processes sharing one GPU; a node of several GPUs is still to be tried (see the 
 import torch
 import torch.distributed as dist
 
-from moeblaze._profiling import profile_range
+from kernelbase.profiling import profile_range
+from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
-from overlap.kernels.common import launch_wait_peers
+from overlap.kernels.flags import launch_wait_peers
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
 from overlap.peer_memory import PeerBuffer, PeerMemory
-from overlap.worlds import Mode, OverlapConfig, World
-
-
-def _slot_offset(buffer: PeerBuffer, epoch: int) -> int:
-    """Byte offset of the slot (one half of `buffer`) that the call of `epoch` uses. The halves
-    are fixed, whatever the call's shape: slots of calls with different shapes never overlap."""
-    return (epoch % 2) * (buffer.nbytes // 2)
+from overlap.world import Mode, OverlapConfig, World
 
 
 def _collective(new_name: str, old_name: str):
@@ -78,8 +74,7 @@ class DistWorld(World):
 
     stacked_ranks = False
 
-    def __init__(self, group=None, mode=None, *, device=None,
-                 config: OverlapConfig | None = None):  # fmt: skip
+    def __init__(self, group=None, mode=None, *, device=None, config: OverlapConfig | None = None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistWorld needs an initialised torch.distributed process group")
         group = group if group is not None else dist.group.WORLD
@@ -89,150 +84,34 @@ class DistWorld(World):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        super().__init__(dist.get_world_size(group), device, mode, config)
         self.group = group
         self.rank = dist.get_rank(group)
         self._all_gather = _collective("all_gather_single", "all_gather_into_tensor")
         self._reduce_scatter = _collective("reduce_scatter_single", "reduce_scatter_tensor")
-        # Peer memory only where a fused call may happen (finding out is collective).
-        self._peers = PeerMemory(group, device) if self.mode in (None, Mode.FUSED) else None
-        if self.mode is Mode.FUSED and self._peers.unavailable is not None:
-            raise ValueError(f"DistWorld mode='fused' is unavailable: {self._peers.unavailable}")
-        self._status = torch.zeros(2, dtype=torch.int32, device=device)
-        self._buffers: dict[str, PeerBuffer] = {}  # peer buffers by purpose
-        self._tables: dict[tuple[str, int], torch.Tensor] = {}  # their address tables
-        self._local: dict[str, torch.Tensor] = {}  # int32 flags and counters only this rank uses
+        super().__init__(dist.get_world_size(group), device, mode, config)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", rank={self.rank})"
 
-    @property
-    def fused_available(self) -> bool:
-        return self._peers is not None and self._peers.unavailable is None
+    def _make_fused(self):
+        if self.mode not in (None, Mode.FUSED):  # peer memory only where a fused call may run
+            return None, f"mode={self.mode.value!r}"
+        peers = PeerMemory(self.group, self.device)  # collective: finds out whether it works
+        if peers.unavailable is not None:
+            return None, peers.unavailable
+        return PeerFused(self, peers), None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         total = x.clone()
         dist.all_reduce(total, group=self.group)
         return total
 
-    def _status_words(self) -> list[tuple[int, torch.Tensor]]:
-        return [(self.rank, self._status)]
-
-    # -- fused: buffers ---------------------------------------------------------------------------
-
-    def _quiesce(self) -> None:
-        """Wait until every rank's queued work is done (collective)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dist.barrier(group=self.group)
-
-    def _peer_buffer(self, name: str, nbytes: int) -> PeerBuffer:
-        """The peer buffer for `name`, with room for `nbytes` (collective when it grows)."""
-        buf = self._buffers.get(name)
-        if buf is not None and buf.nbytes >= nbytes:
-            return buf
-        if buf is not None:
-            self._quiesce()  # no rank reads the buffer being replaced any more
-            self._tables = {key: t for key, t in self._tables.items() if key[0] != name}
-        buf = self._buffers[name] = self._peers.allocate(1 << max(0, nbytes - 1).bit_length())
-        return buf
-
-    def _table(self, name: str, offset: int) -> torch.Tensor:
-        """int64 [W] device addresses of byte `offset` of every rank's buffer `name`."""
-        key = (name, offset)
-        if key not in self._tables:
-            self._tables[key] = self._buffers[name].addresses(offset)
-        return self._tables[key]
-
-    def _local_flags(self, name: str, count: int) -> torch.Tensor:
-        flags = self._local.get(name)
-        if flags is None or flags.numel() < count:
-            flags = self._local[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
-        return flags
-
-    def _zero_flags(self) -> None:
-        self._quiesce()
-        for name in ("ag.ready", "rs.flags"):
-            if name in self._buffers:
-                self._buffers[name].buffers[self.rank].zero_()
-        for flags in self._local.values():
-            flags.zero_()
-        self._quiesce()
-
-    # -- fused ------------------------------------------------------------------------------------
-
-    def _ag_fused(self, a_shard: torch.Tensor, b: torch.Tensor):
-        W, r, (m, K) = self.world_size, self.rank, a_shard.shape  # a_shard [m, K], b [K, n]
-        n = b.shape[-1]
-        layout = self._chunk_layout(m)
-        slot_bytes = m * K * a_shard.element_size()
-        rows = self._peer_buffer("ag.rows", 2 * slot_bytes)
-        ready = self._peer_buffer("ag.ready", 4)
-        epoch = self._next_epoch()
-        offset = _slot_offset(rows, epoch)
-        shards = [rows.view(p, a_shard.dtype, (m, K), offset) for p in range(W)]  # W x [m, K]
-        flags = self._local_flags("ag.flags", W * layout.count)
-        out = a_shard.new_empty(W * m, n)
-        gathered = a_shard.new_empty(W * m, K)
-        with profile_range("overlap.ag.publish"):
-            shards[r].copy_(a_shard)
-            self._raise_flag(ready.view(r, torch.int32, (1,)), 0, epoch)
-            launch_wait_peers(self._table("ag.ready", 0), self._status, rank=r, world_size=W,
-                              epoch=epoch, max_spins=self.max_spins,
-                              flags_per_rank=layout.count, scope="sys")  # fmt: skip
-        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
-        programs = self._programs(num_tiles, self._free_sms())
-        (counts,) = self._tile_counts(1, num_tiles)
-        self._fork()
-        with self._side_stream(), profile_range("overlap.ag.copy"):
-            self._pull_chunks(r, shards, gathered, flags, layout, epoch)
-        with profile_range("overlap.ag.gemm"):
-            launch_ag_gemm(a_shard, gathered, b, out, flags, self._status, rank=r, world_size=W,
-                           epoch=epoch, max_spins=self.max_spins, chunk_m=layout.chunk_m,
-                           config=self.tile, num_programs=programs,
-                           tile_counts=counts)  # fmt: skip
-        self._join()
-        self._finish("all_gather_matmul", layout)
-        return out, gathered
-
-    def _rs_fused(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        W, r, M = self.world_size, self.rank, a.shape[0]  # a [M, k], b [k, N]
-        N, m = b.shape[-1], M // W
-        layout = self._chunk_layout(m)
-        slot_bytes = M * N * a.element_size()
-        partials = self._peer_buffer("rs.partials", 2 * slot_bytes)
-        peer_flags = self._peer_buffer("rs.flags", 4 * W * layout.count)
-        epoch = self._next_epoch()
-        offset = _slot_offset(partials, epoch)
-        counters = self._local_flags("rs.counters", W * layout.count)
-        counters.zero_()
-        out = a.new_empty(m, N)
-        reduce_programs, reserve, block_r, block_n = self._reduce_plan(m, N)
-        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
-        programs = self._programs(num_tiles, reserve)
-        (counts,) = self._tile_counts(1, num_tiles)
-        self._fork()
-        with profile_range("overlap.rs.gemm"):
-            launch_gemm_rs(a, b, partials.view(r, a.dtype, (M, N), offset), counters,
-                           peer_flags.view(r, torch.int32, (W * layout.count,)), rank=r,
-                           world_size=W, epoch=epoch, chunk_m=layout.chunk_m, config=self.tile,
-                           num_programs=programs, tile_counts=counts, scope="sys")  # fmt: skip
-        with self._side_stream(), profile_range("overlap.rs.reduce"):
-            launch_rs_reduce(self._table("rs.partials", offset), self._table("rs.flags", 0), out,
-                             self._status, dest=r, world_size=W, row_stride=N, epoch=epoch,
-                             max_spins=self.max_spins, chunk_m=layout.chunk_m,
-                             num_programs=reduce_programs, block_r=block_r, block_n=block_n,
-                             scope="sys")  # fmt: skip
-        self._join()
-        self._finish("matmul_reduce_scatter", layout)
-        return out
-
     # -- serial and pipelined (torch collectives) -------------------------------------------------
 
     def _comm_stream(self):
         """The side stream, after the work queued so far (a no-op context on the CPU)."""
-        self._fork()
-        return self._side_stream()
+        self.streams.fork()
+        return self.streams()
 
     def _ag_serial(self, a_shard: torch.Tensor, b: torch.Tensor):
         m, K = a_shard.shape  # a_shard [m, K], b [K, n]
@@ -253,7 +132,7 @@ class DistWorld(World):
 
     def _ag_pipelined(self, a_shard: torch.Tensor, b: torch.Tensor):
         W, (m, K) = self.world_size, a_shard.shape
-        layout = self._chunk_layout(m)
+        layout = self.chunk_layout(m)
         gathered = a_shard.new_empty(W * m, K)
         out = a_shard.new_empty(W * m, b.shape[-1])
         rows = [layout.rows(c) for c in range(layout.count)]
@@ -274,7 +153,7 @@ class DistWorld(World):
     def _rs_pipelined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         W, M, k = self.world_size, a.shape[0], a.shape[1]
         m = M // W
-        layout = self._chunk_layout(m)
+        layout = self.chunk_layout(m)
         out = a.new_empty(m, b.shape[-1])  # [m, N]
         works, parts = [], []
         for chunk in range(layout.count):
@@ -283,10 +162,178 @@ class DistWorld(World):
                 part = torch.matmul(a.view(W, m, k)[:, lo:hi], b)  # [W, rows, N]
             with self._comm_stream(), profile_range("overlap.rs.collective"):
                 works.append(
-                    self._reduce_scatter(out[lo:hi], part.view(W * (hi - lo), b.shape[-1]),
-                                         group=self.group, async_op=True)
-                )  # fmt: skip
+                    self._reduce_scatter(
+                        out[lo:hi],
+                        part.view(W * (hi - lo), b.shape[-1]),
+                        group=self.group,
+                        async_op=True,
+                    )
+                )
             parts.append(part)  # alive until its collective has finished
         for work in works:
             work.wait()
+        return out
+
+
+def _slot_offset(buffer: PeerBuffer, epoch: int) -> int:
+    """Byte offset of the slot (one half of `buffer`) that the call of `epoch` uses. The halves
+    are fixed, whatever the call's shape: slots of calls with different shapes never overlap."""
+    return (epoch % 2) * (buffer.nbytes // 2)
+
+
+class PeerFused(FusedContext):
+    """The fused schedules of a DistWorld over peer memory (see the module docstring)."""
+
+    def __init__(self, world: DistWorld, peers: PeerMemory):
+        super().__init__(world.world_size, world.device, world.config, world.streams, [world.rank])
+        self.group, self.rank = world.group, world.rank
+        self.peers = peers
+        self.buffers: dict[str, PeerBuffer] = {}  # peer buffers by purpose
+        self._tables: dict[tuple[str, int], torch.Tensor] = {}  # their address tables
+        self._local: dict[str, torch.Tensor] = {}  # int32 flags and counters only this rank uses
+
+    def _quiesce(self) -> None:
+        """Wait until every rank's queued work is done (collective)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+
+    def _peer_buffer(self, name: str, nbytes: int) -> PeerBuffer:
+        """The peer buffer for `name`, with room for `nbytes` (collective when it grows)."""
+        buf = self.buffers.get(name)
+        if buf is not None and buf.nbytes >= nbytes:
+            return buf
+        if buf is not None:
+            self._quiesce()  # no rank reads the buffer being replaced any more
+            self._tables = {key: t for key, t in self._tables.items() if key[0] != name}
+        buf = self.buffers[name] = self.peers.allocate(1 << max(0, nbytes - 1).bit_length())
+        return buf
+
+    def _table(self, name: str, offset: int) -> torch.Tensor:
+        """int64 [W] device addresses of byte `offset` of every rank's buffer `name`."""
+        key = (name, offset)
+        if key not in self._tables:
+            self._tables[key] = self.buffers[name].addresses(offset)
+        return self._tables[key]
+
+    def _local_flags(self, name: str, count: int) -> torch.Tensor:
+        flags = self._local.get(name)
+        if flags is None or flags.numel() < count:
+            flags = self._local[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
+        return flags
+
+    def zero_flags(self) -> None:
+        self._quiesce()
+        for name in ("ag.ready", "rs.flags"):
+            if name in self.buffers:
+                self.buffers[name].buffers[self.rank].zero_()
+        for flags in self._local.values():
+            flags.zero_()
+        self._quiesce()
+
+    def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor):
+        W, r, (m, K) = self.world_size, self.rank, a_shard.shape  # a_shard [m, K], b [K, n]
+        n = b.shape[-1]
+        layout = self.chunk_layout(m)
+        slot_bytes = m * K * a_shard.element_size()
+        rows = self._peer_buffer("ag.rows", 2 * slot_bytes)
+        ready = self._peer_buffer("ag.ready", 4)
+        epoch = self.next_epoch()
+        offset = _slot_offset(rows, epoch)
+        shards = [rows.view(p, a_shard.dtype, (m, K), offset) for p in range(W)]  # W x [m, K]
+        flags = self._local_flags("ag.flags", W * layout.count)
+        out = a_shard.new_empty(W * m, n)
+        gathered = a_shard.new_empty(W * m, K)
+        with profile_range("overlap.ag.publish"):
+            shards[r].copy_(a_shard)
+            self.raise_flag(ready.view(r, torch.int32, (1,)), 0, epoch)
+            launch_wait_peers(
+                self._table("ag.ready", 0),
+                self.status[r],
+                rank=r,
+                world_size=W,
+                epoch=epoch,
+                max_spins=self.max_spins,
+                flags_per_rank=layout.count,
+                scope="sys",
+            )
+        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
+        programs = self.programs(num_tiles, self.free_sms())
+        (counts,) = self.tile_counts(1, num_tiles)
+        self.streams.fork()
+        with self.streams(), profile_range("overlap.ag.copy"):
+            self.pull_chunks(r, shards, gathered, flags, layout, epoch)
+        with profile_range("overlap.ag.gemm"):
+            launch_ag_gemm(
+                a_shard,
+                gathered,
+                b,
+                out,
+                flags,
+                self.status[r],
+                rank=r,
+                world_size=W,
+                epoch=epoch,
+                max_spins=self.max_spins,
+                chunk_m=layout.chunk_m,
+                config=self.tile,
+                num_programs=programs,
+                tile_counts=counts,
+            )
+        self.streams.join()
+        self.finish("all_gather_matmul", layout)
+        return out, gathered
+
+    def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        W, r, M = self.world_size, self.rank, a.shape[0]  # a [M, k], b [k, N]
+        N, m = b.shape[-1], M // W
+        layout = self.chunk_layout(m)
+        slot_bytes = M * N * a.element_size()
+        partials = self._peer_buffer("rs.partials", 2 * slot_bytes)
+        peer_flags = self._peer_buffer("rs.flags", 4 * W * layout.count)
+        epoch = self.next_epoch()
+        offset = _slot_offset(partials, epoch)
+        counters = self._local_flags("rs.counters", W * layout.count)
+        counters.zero_()
+        out = a.new_empty(m, N)
+        reduce_programs, reserve, block_r, block_n = self.reduce_plan(m, N)
+        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
+        programs = self.programs(num_tiles, reserve)
+        (counts,) = self.tile_counts(1, num_tiles)
+        self.streams.fork()
+        with profile_range("overlap.rs.gemm"):
+            launch_gemm_rs(
+                a,
+                b,
+                partials.view(r, a.dtype, (M, N), offset),
+                counters,
+                peer_flags.view(r, torch.int32, (W * layout.count,)),
+                rank=r,
+                world_size=W,
+                epoch=epoch,
+                chunk_m=layout.chunk_m,
+                config=self.tile,
+                num_programs=programs,
+                tile_counts=counts,
+                scope="sys",
+            )
+        with self.streams(), profile_range("overlap.rs.reduce"):
+            launch_rs_reduce(
+                self._table("rs.partials", offset),
+                self._table("rs.flags", 0),
+                out,
+                self.status[r],
+                dest=r,
+                world_size=W,
+                row_stride=N,
+                epoch=epoch,
+                max_spins=self.max_spins,
+                chunk_m=layout.chunk_m,
+                num_programs=reduce_programs,
+                block_r=block_r,
+                block_n=block_n,
+                scope="sys",
+            )
+        self.streams.join()
+        self.finish("matmul_reduce_scatter", layout)
         return out

@@ -40,7 +40,7 @@ from overlap.ops import (
     matmul_reduce_scatter,
     reduce_from_tensor_parallel_region,
 )
-from overlap.worlds import World
+from overlap.world import World
 
 
 def _default_init(weight: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -53,10 +53,19 @@ def _default_init(weight: torch.Tensor, generator: torch.Generator | None) -> No
 class _ParallelLinear(nn.Module):
     split_dim: int  # dim of the full [f, h] weight that is split across ranks
 
-    def __init__(self, in_features: int, out_features: int, world: World, *,
-                 sequence_parallel: bool = True, bias: bool = True, skip_bias_add: bool = False,
-                 init_method: Callable | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype | None = None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        world: World,
+        *,
+        sequence_parallel: bool = True,
+        bias: bool = True,
+        skip_bias_add: bool = False,
+        init_method: Callable | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if not isinstance(world, World):
             raise TypeError(f"world must be a LocalWorld or DistWorld, got {type(world).__name__}")
@@ -106,9 +115,11 @@ class _ParallelLinear(nn.Module):
         return self.bias
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"world={self.world}, sequence_parallel={self.sequence_parallel}, "
-                f"bias={self.bias is not None}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"world={self.world}, sequence_parallel={self.sequence_parallel}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -130,8 +141,12 @@ class ColumnParallelLinear(_ParallelLinear):
     split_dim = 0
 
     def _make_bias(self, dtype) -> torch.Tensor:
-        return torch.zeros(*self._lead, self.out_features // self.world.world_size, dtype=dtype,
-                           device=self.world.device)  # fmt: skip
+        return torch.zeros(
+            *self._lead,
+            self.out_features // self.world.world_size,
+            dtype=dtype,
+            device=self.world.device,
+        )
 
     def _bias_for_add(self, y):
         return self.bias.unsqueeze(-2) if self._lead else self.bias  # [W, 1, f/W] over rows
@@ -200,14 +215,37 @@ class ParallelMLP(nn.Module):
         x [s/W, b, h] --AG-GEMM--> [s, b, f/W] --act--> --GEMM-RS--> [s/W, b, h]
     """
 
-    def __init__(self, hidden: int, ffn: int, world: World, *, activation: Callable | None = None,
-                 sequence_parallel: bool = True, bias: bool = True,
-                 generator: torch.Generator | None = None, dtype: torch.dtype | None = None):  # fmt: skip
+    def __init__(
+        self,
+        hidden: int,
+        ffn: int,
+        world: World,
+        *,
+        activation: Callable | None = None,
+        sequence_parallel: bool = True,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        self.up = ColumnParallelLinear(hidden, ffn, world, sequence_parallel=sequence_parallel,
-                                       bias=bias, generator=generator, dtype=dtype)  # fmt: skip
-        self.down = RowParallelLinear(ffn, hidden, world, sequence_parallel=sequence_parallel,
-                                      bias=bias, generator=generator, dtype=dtype)  # fmt: skip
+        self.up = ColumnParallelLinear(
+            hidden,
+            ffn,
+            world,
+            sequence_parallel=sequence_parallel,
+            bias=bias,
+            generator=generator,
+            dtype=dtype,
+        )
+        self.down = RowParallelLinear(
+            ffn,
+            hidden,
+            world,
+            sequence_parallel=sequence_parallel,
+            bias=bias,
+            generator=generator,
+            dtype=dtype,
+        )
         self.activation = activation or nn.functional.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,40 +4,32 @@ Every per-rank tensor carries a leading [W] dim (a_shard [W, m, K], b [W, K, n] 
 Each rank's gather buffer, flags, status word, partial-product buffer and tile counters are
 separate allocations, reached only through that rank's own pointers (or, for peers, a table of
 their addresses), so the fused path runs exactly the kernels and flag protocol a multi-GPU world
-would, and one GPU can test and time the mechanism:
+would, and one GPU can test and time the mechanism (`LocalFused`):
 
     AG  producer (side stream on CUDA): for each peer in rotated order, copy each chunk of the
         peer's shard into the rank's gather buffer, then raise the chunk's flag (a stream memory
-        write: overlap.flags). Consumer: ag_gemm_kernel, launched without waiting for the copies.
+        write: overlap.protocol). Consumer: ag_gemm_kernel, launched without waiting for the
+        copies.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer (side stream on CUDA, `comm_programs` programs, the GEMM grid
         leaves those SMs free): rs_reduce_kernel per rank, reading the W partial buffers.
 
 On the CPU (Triton interpreter) every producer finishes before its consumer is launched, so the
 flags are all up when the consumer polls them; the protocol (and its timeout) is still exercised.
+The serial and pipelined schedules are torch ops (the "collectives" are copies and sums).
 """
 
 import dataclasses
 
 import torch
 
-from moeblaze._device import triton_runs_on
-from moeblaze._profiling import profile_range
+from kernelbase.backend import Backend, backend_for, late_interpreter_hint
+from kernelbase.profiling import profile_range
+from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
-from overlap.worlds import Mode, OverlapConfig, World, acc_dtype
-
-
-@dataclasses.dataclass
-class _RSWorkspace:
-    """Per-rank buffers of the fused GEMM-RS, sized once per (M, N, dtype, chunks)."""
-
-    key: tuple
-    partials: list[torch.Tensor]  # W x [M, N], a's dtype
-    counters: list[torch.Tensor]  # W x [W*cpr] int32
-    flags: list[torch.Tensor]  # W x [W*cpr] int32
-    partial_table: torch.Tensor  # [W] int64 addresses of partials
-    flag_table: torch.Tensor  # [W] int64 addresses of flags
+from overlap.protocol import peer_chunks
+from overlap.world import OverlapConfig, World, acc_dtype
 
 
 class LocalWorld(World):
@@ -53,8 +45,9 @@ class LocalWorld(World):
 
     stacked_ranks = True
 
-    def __init__(self, world_size: int, device=None, *, mode=None,
-                 config: OverlapConfig | None = None):  # fmt: skip
+    def __init__(
+        self, world_size: int, device=None, *, mode=None, config: OverlapConfig | None = None
+    ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
         if device is None:
@@ -63,113 +56,19 @@ class LocalWorld(World):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(world_size, device, mode, config)
-        self.fused_available = triton_runs_on(device)
-        if self.mode is Mode.FUSED and not self.fused_available:
-            raise ValueError(
-                f"mode='fused' needs a CUDA device or the Triton interpreter "
-                f"(TRITON_INTERPRET=1 before importing overlap); device is {device}"
+
+    def _make_fused(self):
+        if backend_for(self.device) is Backend.TORCH:
+            return None, (
+                f"the fused kernels need a CUDA device or the Triton interpreter "
+                f"(TRITON_INTERPRET=1 before importing overlap); device is {self.device}."
+                + late_interpreter_hint()
             )
-        self._status = [torch.zeros(2, dtype=torch.int32, device=device) for _ in range(world_size)]
-        self._ag_flags: list[torch.Tensor] = []
-        self._rs_workspace: _RSWorkspace | None = None
+        return LocalFused(self), None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         total = x.sum(0, dtype=acc_dtype(x.dtype)).to(x.dtype)
         return total.unsqueeze(0).expand(x.shape).contiguous()
-
-    def _status_words(self) -> list[tuple[int, torch.Tensor]]:
-        return list(enumerate(self._status))
-
-    def _zero_flags(self) -> None:
-        rs_flags = self._rs_workspace.flags if self._rs_workspace is not None else []
-        for flags in [*self._ag_flags, *rs_flags]:
-            flags.zero_()
-
-    # -- fused ------------------------------------------------------------------------------------
-
-    def _ag_fused(self, a_shard: torch.Tensor, b: torch.Tensor):
-        W, m, K = a_shard.shape  # a_shard [W, m, K], b [W, K, n]
-        n = b.shape[-1]
-        layout = self._chunk_layout(m)
-        epoch = self._next_epoch()
-        if not self._ag_flags or self._ag_flags[0].numel() < W * layout.count:
-            self._ag_flags = [
-                torch.zeros(W * layout.count, dtype=torch.int32, device=self.device)
-                for _ in range(W)
-            ]
-        out = torch.empty(W, W * m, n, dtype=a_shard.dtype, device=self.device)  # [W, M, n]
-        gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]  # W x [M, K]
-        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
-        programs = self._programs(num_tiles, self._free_sms())
-        counts = self._tile_counts(W, num_tiles)
-        self._fork()
-        for rank in range(W):
-            with self._side_stream(), profile_range("overlap.ag.copy"):
-                self._pull_chunks(
-                    rank, a_shard, gathered[rank], self._ag_flags[rank], layout, epoch
-                )
-            with profile_range("overlap.ag.gemm"):
-                launch_ag_gemm(
-                    a_shard[rank], gathered[rank], b[rank], out[rank], self._ag_flags[rank],
-                    self._status[rank], rank=rank, world_size=W, epoch=epoch,
-                    max_spins=self.max_spins,
-                    chunk_m=layout.chunk_m, config=self.tile, num_programs=programs,
-                    tile_counts=counts[rank],
-                )  # fmt: skip
-        self._join()
-        self._finish("all_gather_matmul", layout)
-        return out, gathered[0]
-
-    def _workspace_rs(self, M: int, N: int, dtype: torch.dtype, num_flags: int) -> _RSWorkspace:
-        key = (M, N, dtype, num_flags)
-        ws = self._rs_workspace
-        if ws is not None and ws.key == key:
-            return ws
-        W, dev = self.world_size, self.device
-
-        def table(tensors):
-            return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=dev)
-
-        partials = [torch.empty(M, N, dtype=dtype, device=dev) for _ in range(W)]
-        counters = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
-        flags = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
-        self._rs_workspace = _RSWorkspace(key, partials, counters, flags, table(partials),
-                                          table(flags))  # fmt: skip
-        return self._rs_workspace
-
-    def _rs_fused(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        W, M, _ = a.shape  # a [W, M, k], b [W, k, N]
-        N, m = b.shape[-1], M // W
-        layout = self._chunk_layout(m)
-        ws = self._workspace_rs(M, N, a.dtype, W * layout.count)
-        epoch = self._next_epoch()
-        for counters in ws.counters:
-            counters.zero_()
-        out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
-        reduce_programs, reserve, block_r, block_n = self._reduce_plan(m, N)
-        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
-        programs = self._programs(num_tiles, reserve)
-        counts = self._tile_counts(W, num_tiles)
-        self._fork()
-        with profile_range("overlap.rs.gemm"):
-            for rank in range(W):
-                launch_gemm_rs(
-                    a[rank], b[rank], ws.partials[rank], ws.counters[rank], ws.flags[rank],
-                    rank=rank, world_size=W, epoch=epoch, chunk_m=layout.chunk_m,
-                    config=self.tile, num_programs=programs, tile_counts=counts[rank],
-                )  # fmt: skip
-        # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
-        with self._side_stream(), profile_range("overlap.rs.reduce"):
-            for dest in range(W):
-                launch_rs_reduce(
-                    ws.partial_table, ws.flag_table, out[dest], self._status[dest], dest=dest,
-                    world_size=W, row_stride=ws.partials[0].stride(0), epoch=epoch,
-                    max_spins=self.max_spins, chunk_m=layout.chunk_m,
-                    num_programs=reduce_programs, block_r=block_r, block_n=block_n,
-                )  # fmt: skip
-        self._join()
-        self._finish("matmul_reduce_scatter", layout)
-        return out
 
     # -- serial and pipelined (torch) ------------------------------------------------------------
 
@@ -199,42 +98,180 @@ class LocalWorld(World):
 
     def _ag_pipelined(self, a_shard: torch.Tensor, b: torch.Tensor):
         W, m, K = a_shard.shape
-        layout = self._chunk_layout(m)
+        layout = self.chunk_layout(m)
         out = torch.empty(W, W * m, b.shape[-1], dtype=a_shard.dtype, device=self.device)
         gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]
-        self._fork()
+        streams = self.streams
+        streams.fork()
         for rank in range(W):
             torch.matmul(a_shard[rank], b[rank], out=out[rank, rank * m : (rank + 1) * m])
-            for step in range(1, W):
-                src = (rank + step) % W
-                for chunk in range(layout.count):
-                    lo, hi = layout.rows(chunk)
-                    rows = slice(src * m + lo, src * m + hi)
-                    with self._side_stream():
-                        gathered[rank][rows].copy_(a_shard[src, lo:hi])
-                    self._wait(self._record(on_side=True), on_side=False)
-                    torch.matmul(gathered[rank][rows], b[rank], out=out[rank, rows])
-            with self._side_stream():
+            for src, chunk in peer_chunks(rank, W, layout):
+                lo, hi = layout.rows(chunk)
+                rows = slice(src * m + lo, src * m + hi)
+                with streams():
+                    gathered[rank][rows].copy_(a_shard[src, lo:hi])
+                streams.wait(streams.record(on_side=True), on_side=False)
+                torch.matmul(gathered[rank][rows], b[rank], out=out[rank, rows])
+            with streams():
                 gathered[rank][rank * m : (rank + 1) * m].copy_(a_shard[rank])
-        self._join()
+        streams.join()
         return out, gathered[0]
 
     def _rs_pipelined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         W, M, _ = a.shape
         m = M // W
-        layout = self._chunk_layout(m)
+        layout = self.chunk_layout(m)
         out = torch.empty(W, m, b.shape[-1], dtype=a.dtype, device=self.device)
         sum_dtype = acc_dtype(a.dtype)
+        streams = self.streams
         for dest in range(W):
             for chunk in range(layout.count):
                 lo, hi = layout.rows(chunk)
                 # [W, rows, N]: every rank's partial products of this chunk of dest's rows
                 parts = torch.matmul(a[:, dest * m + lo : dest * m + hi], b)
-                event = self._record(on_side=False)
-                with self._side_stream():
-                    self._wait(event, on_side=True)
-                    if self._side is not None:
-                        parts.record_stream(self._side)
+                event = streams.record(on_side=False)
+                with streams():
+                    streams.wait(event, on_side=True)
+                    if streams.stream is not None:
+                        parts.record_stream(streams.stream)
                     out[dest, lo:hi] = parts.sum(0, dtype=sum_dtype).to(a.dtype)
-        self._join()
+        streams.join()
+        return out
+
+
+@dataclasses.dataclass
+class _RSWorkspace:
+    """Per-rank buffers of the fused GEMM-RS, sized once per (M, N, dtype, chunks)."""
+
+    key: tuple
+    partials: list[torch.Tensor]  # W x [M, N], a's dtype
+    counters: list[torch.Tensor]  # W x [W*cpr] int32
+    flags: list[torch.Tensor]  # W x [W*cpr] int32
+    partial_table: torch.Tensor  # [W] int64 addresses of partials
+    flag_table: torch.Tensor  # [W] int64 addresses of flags
+
+
+class LocalFused(FusedContext):
+    """The fused schedules of a LocalWorld: all W ranks' kernels, launched one rank after another."""
+
+    def __init__(self, world: LocalWorld):
+        W = world.world_size
+        super().__init__(W, world.device, world.config, world.streams, list(range(W)))
+        self.ag_flags: list[torch.Tensor] = []  # W x [W*cpr] int32, grown to the largest call
+        self.rs_workspace: _RSWorkspace | None = None
+
+    def zero_flags(self) -> None:
+        rs_flags = self.rs_workspace.flags if self.rs_workspace is not None else []
+        for flags in [*self.ag_flags, *rs_flags]:
+            flags.zero_()
+
+    def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor):
+        W, m, K = a_shard.shape  # a_shard [W, m, K], b [W, K, n]
+        n = b.shape[-1]
+        layout = self.chunk_layout(m)
+        epoch = self.next_epoch()
+        if not self.ag_flags or self.ag_flags[0].numel() < W * layout.count:
+            self.ag_flags = [
+                torch.zeros(W * layout.count, dtype=torch.int32, device=self.device)
+                for _ in range(W)
+            ]
+        out = torch.empty(W, W * m, n, dtype=a_shard.dtype, device=self.device)  # [W, M, n]
+        gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]  # W x [M, K]
+        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
+        programs = self.programs(num_tiles, self.free_sms())
+        counts = self.tile_counts(W, num_tiles)
+        self.streams.fork()
+        for rank in range(W):
+            with self.streams(), profile_range("overlap.ag.copy"):
+                self.pull_chunks(rank, a_shard, gathered[rank], self.ag_flags[rank], layout, epoch)
+            with profile_range("overlap.ag.gemm"):
+                launch_ag_gemm(
+                    a_shard[rank],
+                    gathered[rank],
+                    b[rank],
+                    out[rank],
+                    self.ag_flags[rank],
+                    self.status[rank],
+                    rank=rank,
+                    world_size=W,
+                    epoch=epoch,
+                    max_spins=self.max_spins,
+                    chunk_m=layout.chunk_m,
+                    config=self.tile,
+                    num_programs=programs,
+                    tile_counts=counts[rank],
+                )
+        self.streams.join()
+        self.finish("all_gather_matmul", layout)
+        return out, gathered[0]
+
+    def workspace_rs(self, M: int, N: int, dtype: torch.dtype, num_flags: int) -> _RSWorkspace:
+        """The GEMM-RS buffers for this shape, allocated again when the shape changes."""
+        key = (M, N, dtype, num_flags)
+        ws = self.rs_workspace
+        if ws is not None and ws.key == key:
+            return ws
+        W, dev = self.world_size, self.device
+
+        def table(tensors):
+            return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=dev)
+
+        partials = [torch.empty(M, N, dtype=dtype, device=dev) for _ in range(W)]
+        counters = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
+        flags = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
+        self.rs_workspace = _RSWorkspace(
+            key, partials, counters, flags, table(partials), table(flags)
+        )
+        return self.rs_workspace
+
+    def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        W, M, _ = a.shape  # a [W, M, k], b [W, k, N]
+        N, m = b.shape[-1], M // W
+        layout = self.chunk_layout(m)
+        ws = self.workspace_rs(M, N, a.dtype, W * layout.count)
+        epoch = self.next_epoch()
+        for counters in ws.counters:
+            counters.zero_()
+        out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
+        reduce_programs, reserve, block_r, block_n = self.reduce_plan(m, N)
+        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
+        programs = self.programs(num_tiles, reserve)
+        counts = self.tile_counts(W, num_tiles)
+        self.streams.fork()
+        with profile_range("overlap.rs.gemm"):
+            for rank in range(W):
+                launch_gemm_rs(
+                    a[rank],
+                    b[rank],
+                    ws.partials[rank],
+                    ws.counters[rank],
+                    ws.flags[rank],
+                    rank=rank,
+                    world_size=W,
+                    epoch=epoch,
+                    chunk_m=layout.chunk_m,
+                    config=self.tile,
+                    num_programs=programs,
+                    tile_counts=counts[rank],
+                )
+        # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
+        with self.streams(), profile_range("overlap.rs.reduce"):
+            for dest in range(W):
+                launch_rs_reduce(
+                    ws.partial_table,
+                    ws.flag_table,
+                    out[dest],
+                    self.status[dest],
+                    dest=dest,
+                    world_size=W,
+                    row_stride=ws.partials[0].stride(0),
+                    epoch=epoch,
+                    max_spins=self.max_spins,
+                    chunk_m=layout.chunk_m,
+                    num_programs=reduce_programs,
+                    block_r=block_r,
+                    block_n=block_n,
+                )
+        self.streams.join()
+        self.finish("matmul_reduce_scatter", layout)
         return out

@@ -8,10 +8,10 @@
 
 Registration design. A world (process group, streams, buffers) cannot be an argument of a
 torch.library op, so every world registers itself under an integer handle when it is built
-(`overlap.worlds.world_from_handle`) and the ops take that int:
+(`world.handle`, overlap.handles) and the ops take that int:
 
-    overlap::all_gather_matmul(Tensor a_shard, Tensor b, int world) -> (Tensor c, Tensor gathered)
-    overlap::matmul_reduce_scatter(Tensor a, Tensor b, int world) -> Tensor c_shard
+    overlap::all_gather_matmul(Tensor a_shard, Tensor b, int world_handle) -> (Tensor c, Tensor gathered)
+    overlap::matmul_reduce_scatter(Tensor a, Tensor b, int world_handle) -> Tensor c_shard
 
 They are opaque to torch.compile (the fake implementations give the shapes; the int is a graph
 constant), and their autograd is registered with `register_autograd`, each backward calling the
@@ -32,11 +32,11 @@ The region helpers for layers without sequence parallelism (`copy_to_tensor_para
 
 import torch
 
-from moeblaze._profiling import profile_range
-from overlap.worlds import World, world_from_handle
+from kernelbase.profiling import profile_range
+from overlap.handles import world_from_handle
+from overlap.world import World
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
@@ -95,36 +95,36 @@ def check_matmul_reduce_scatter_args(a: torch.Tensor, b: torch.Tensor, world: Wo
 
 @torch.library.custom_op("overlap::all_gather_matmul", mutates_args=())
 def _all_gather_matmul_op(
-    a_shard: torch.Tensor, b: torch.Tensor, world: int
+    a_shard: torch.Tensor, b: torch.Tensor, world_handle: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with profile_range("overlap.all_gather_matmul"):
-        return world_from_handle(world).all_gather_matmul(a_shard, b)
+        return world_from_handle(world_handle).all_gather_matmul(a_shard, b)
 
 
 @_all_gather_matmul_op.register_fake
-def _(a_shard, b, world):
-    rows = world_from_handle(world).world_size * a_shard.shape[-2]
+def _(a_shard, b, world_handle):
+    rows = world_from_handle(world_handle).world_size * a_shard.shape[-2]
     c = a_shard.new_empty(*a_shard.shape[:-2], rows, b.shape[-1])
     return c, a_shard.new_empty(rows, a_shard.shape[-1])
 
 
 @torch.library.custom_op("overlap::matmul_reduce_scatter", mutates_args=())
-def _matmul_reduce_scatter_op(a: torch.Tensor, b: torch.Tensor, world: int) -> torch.Tensor:
+def _matmul_reduce_scatter_op(a: torch.Tensor, b: torch.Tensor, world_handle: int) -> torch.Tensor:
     with profile_range("overlap.matmul_reduce_scatter"):
-        return world_from_handle(world).matmul_reduce_scatter(a, b)
+        return world_from_handle(world_handle).matmul_reduce_scatter(a, b)
 
 
 @_matmul_reduce_scatter_op.register_fake
-def _(a, b, world):
-    rows = a.shape[-2] // world_from_handle(world).world_size
+def _(a, b, world_handle):
+    rows = a.shape[-2] // world_from_handle(world_handle).world_size
     return a.new_empty(*a.shape[:-2], rows, b.shape[-1])
 
 
 def _ag_setup_context(ctx, inputs, output):
-    _, b, world = inputs
+    _, b, world_handle = inputs
     _, gathered = output
     ctx.save_for_backward(gathered, b)
-    ctx.world = world
+    ctx.world_handle = world_handle
 
 
 def _ag_backward(ctx, dc, _dgathered):
@@ -132,16 +132,16 @@ def _ag_backward(ctx, dc, _dgathered):
     da_shard = db = None
     with profile_range("overlap.all_gather_matmul.backward"):
         if ctx.needs_input_grad[0]:
-            da_shard = torch.ops.overlap.matmul_reduce_scatter(dc, b.mT, ctx.world)
+            da_shard = torch.ops.overlap.matmul_reduce_scatter(dc, b.mT, ctx.world_handle)
         if ctx.needs_input_grad[1]:
             db = torch.matmul(gathered.mT, dc)  # [K, M] @ [(W,) M, n] -> [(W,) K, n]
     return da_shard, db, None
 
 
 def _rs_setup_context(ctx, inputs, output):
-    a, b, world = inputs
+    a, b, world_handle = inputs
     ctx.save_for_backward(a, b)
-    ctx.world = world
+    ctx.world_handle = world_handle
 
 
 def _rs_backward(ctx, dc_shard):
@@ -149,7 +149,7 @@ def _rs_backward(ctx, dc_shard):
     da = db = None
     with profile_range("overlap.matmul_reduce_scatter.backward"):
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            da, dc = torch.ops.overlap.all_gather_matmul(dc_shard, b.mT, ctx.world)
+            da, dc = torch.ops.overlap.all_gather_matmul(dc_shard, b.mT, ctx.world_handle)
             if ctx.needs_input_grad[1]:
                 db = torch.matmul(a.mT, dc)  # [(W,) k, M] @ [M, N] -> [(W,) k, N]
     return da if ctx.needs_input_grad[0] else None, db, None

@@ -29,7 +29,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from moeblaze._device import interpreting
+from kernelbase.backend import interpreting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,11 @@ class PeerBuffer:
 
     def addresses(self, offset: int = 0) -> torch.Tensor:
         """int64 [W] on the buffers' device: the address of byte `offset` of every rank's buffer."""
-        return torch.tensor([b.data_ptr() + offset for b in self.buffers], dtype=torch.int64,
-                            device=self.buffers[0].device)  # fmt: skip
+        return torch.tensor(
+            [b.data_ptr() + offset for b in self.buffers],
+            dtype=torch.int64,
+            device=self.buffers[0].device,
+        )
 
 
 class PeerMemory:
@@ -118,10 +121,11 @@ class PeerMemory:
         try:
             dist.barrier(group=self.group)  # every rank's file exists
             buffers = tuple(
-                own if peer == self.rank
+                own
+                if peer == self.rank
                 else torch.from_file(path(peer), shared=True, size=nbytes, dtype=torch.uint8)
                 for peer in range(self.world_size)
-            )  # fmt: skip
+            )
             dist.barrier(group=self.group)  # every rank has mapped every file
         finally:
             os.unlink(path(self.rank))  # the mappings stay valid; nothing is left on disk
@@ -129,9 +133,11 @@ class PeerMemory:
 
 
 def _shared_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else (
-        tempfile.gettempdir()
-    )  # fmt: skip
+    return (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else (tempfile.gettempdir())
+    )
 
 
 def _local_facts(device: torch.device) -> dict:
@@ -161,8 +167,10 @@ def _why_unavailable(facts: list[dict], device: torch.device) -> str | None:
         return "the ranks' devices are of different types"
     if device.type == "cpu":
         if not all(f["interpreting"] for f in facts):
-            return "the fused kernels run on the CPU only under the Triton interpreter " \
-                   "(TRITON_INTERPRET=1 before triton is imported)"  # fmt: skip
+            return (
+                "the fused kernels run on the CPU only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 before triton is imported)"
+            )
         return None
     if device.type != "cuda":
         return f"no peer memory on {device.type} devices"

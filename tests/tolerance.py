@@ -2,7 +2,7 @@
 
 - `rel_err(actual, expected)`: ||actual - expected|| / ||expected||.
 - `assert_close(actual, expected, rtol=, name=)`: rel_err <= rtol, and no NaN in `actual`.
-  Launchers poison their outputs with NaN before a kernel writes them (`moeblaze._alloc.poison`),
+  Launchers poison their outputs with NaN before a kernel writes them (`kernelbase.alloc.poison`),
   so a NaN means an element no kernel wrote; the message names its first index.
 - `assert_bf16_close(actual, expected_fp64, torch_bf16, factor=, name=)`: the error of `actual`
   against the float64 oracle is at most `factor` times the error of plain PyTorch run in bf16.

@@ -15,19 +15,39 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
           expert_wgrad_kernel  dw2[e] = sum_p (w * dout[token(p)])^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
-The GEMM main loop and tile order are shared with overlap (moeblaze.kernels.tiles).
+The GEMM main loop and tile order are shared with overlap (kernelbase.gemm).
+
+`TritonStages` at the end is the launcher: it allocates the outputs and launches these kernels on
+CUDA (or on the CPU under the Triton interpreter), with the tile configurations chosen per GPU.
+It checks nothing: the op (moeblaze.ops) did. `moeblaze.reference.TorchStages` computes the same
+stages with torch ops.
 """
 
+import dataclasses
+
+import torch
 import triton
 import triton.language as tl
 
-from moeblaze.kernels.tiles import rows_matmul, swizzle_tile
+from kernelbase import alloc
+from kernelbase.backend import interpreting
+from kernelbase.gemm import GemmConfig, launch_meta, rows_matmul, swizzle_tile
+from moeblaze.routing_plan import RoutingPlan
 
 
 @triton.jit
-def _plan_tile(sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr,
-               num_tiles_ptr, max_tiles, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               GROUP_M: tl.constexpr):  # fmt: skip
+def _plan_tile(
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    tile_expert_ptr,
+    tile_row_start_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """This program's plan tile and column block of an N-wide output.
 
     Returns (valid, expert, rows [BLOCK_M] sorted positions, row_mask, slots, pid_n,
@@ -45,25 +65,67 @@ def _plan_tile(sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_s
 
 @triton.jit
 def gate_up_kernel(
-    x_ptr, w13_ptr, h_ptr, a_ptr,
-    sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-    max_tiles, D, F,
-    stride_x, stride_we, stride_wn, stride_wk, stride_h, stride_a,
-    TOP_K: tl.constexpr, STORE_H: tl.constexpr, STORE_A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w13_ptr,
+    h_ptr,
+    a_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    tile_expert_ptr,
+    tile_row_start_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    D,
+    F,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_h,
+    stride_a,
+    TOP_K: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_A: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = silu(h_gate) * h_up  [S, F]."""
     valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
-        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-        max_tiles, F, BLOCK_M, BLOCK_N, GROUP_M,
-    )  # fmt: skip
+        sorted_slots_ptr,
+        expert_offsets_ptr,
+        tile_expert_ptr,
+        tile_row_start_ptr,
+        num_tiles_ptr,
+        max_tiles,
+        F,
+        BLOCK_M,
+        BLOCK_N,
+        GROUP_M,
+    )
     if valid:
         gate, up = rows_matmul(
-            x_ptr, slots // TOP_K, row_mask, stride_x,
-            w13_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
-            F * stride_wn, D, BLOCK_M, BLOCK_N, BLOCK_K, True, DOT_FP32, INPUT_PRECISION,
-        )  # fmt: skip
+            x_ptr,
+            slots // TOP_K,
+            row_mask,
+            stride_x,
+            w13_ptr + expert.to(tl.int64) * stride_we,
+            stride_wk,
+            stride_wn,
+            cols,
+            col_mask,
+            F * stride_wn,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            True,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         # Round to the storage dtype first: SwiGLU recomputed in backward from the stored h
         # then sees exactly the values the forward used.
         gate = gate.to(x_ptr.dtype.element_ty)
@@ -82,14 +144,37 @@ def gate_up_kernel(
 
 @triton.jit
 def grad_act_kernel(
-    dout_ptr, w2_ptr, h_ptr, weights_ptr, dh_ptr, a_ptr, dw_partial_ptr,
-    sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-    max_tiles, D, F,
-    stride_dout, stride_we, stride_wd, stride_wf, stride_h, stride_dh, stride_a,
-    TOP_K: tl.constexpr, STORE_A: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    dout_ptr,
+    w2_ptr,
+    h_ptr,
+    weights_ptr,
+    dh_ptr,
+    a_ptr,
+    dw_partial_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    tile_expert_ptr,
+    tile_row_start_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    D,
+    F,
+    stride_dout,
+    stride_we,
+    stride_wd,
+    stride_wf,
+    stride_h,
+    stride_dh,
+    stride_a,
+    TOP_K: tl.constexpr,
+    STORE_A: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """Backward through the down projection, the routing weight and SwiGLU, in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
@@ -97,15 +182,37 @@ def grad_act_kernel(
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
     valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
-        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-        max_tiles, F, BLOCK_M, BLOCK_N, GROUP_M,
-    )  # fmt: skip
+        sorted_slots_ptr,
+        expert_offsets_ptr,
+        tile_expert_ptr,
+        tile_row_start_ptr,
+        num_tiles_ptr,
+        max_tiles,
+        F,
+        BLOCK_M,
+        BLOCK_N,
+        GROUP_M,
+    )
     if valid:
         g, _ = rows_matmul(
-            dout_ptr, slots // TOP_K, row_mask, stride_dout,
-            w2_ptr + expert.to(tl.int64) * stride_we, stride_wd, stride_wf, cols, col_mask,
-            0, D, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32, INPUT_PRECISION,
-        )  # fmt: skip
+            dout_ptr,
+            slots // TOP_K,
+            row_mask,
+            stride_dout,
+            w2_ptr + expert.to(tl.int64) * stride_we,
+            stride_wd,
+            stride_wf,
+            cols,
+            col_mask,
+            0,
+            D,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            False,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         mask = row_mask[:, None] & col_mask[None, :]
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -114,8 +221,11 @@ def grad_act_kernel(
         silu = gate * sig
         # The forward's down GEMM consumed a rounded to its storage dtype; so does dw.
         act = (silu * up).to(a_ptr.dtype.element_ty)
-        tl.store(dw_partial_ptr + slots * num_pid_n + pid_n,
-                 tl.sum(g * act.to(tl.float32), axis=1), mask=row_mask)  # fmt: skip
+        tl.store(
+            dw_partial_ptr + slots * num_pid_n + pid_n,
+            tl.sum(g * act.to(tl.float32), axis=1),
+            mask=row_mask,
+        )
         d_act = g * tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
         d_up = d_act * silu
@@ -128,29 +238,70 @@ def grad_act_kernel(
 
 @triton.jit
 def scatter_rows_kernel(
-    in_ptr, w_ptr, weights_ptr, out_ptr,
-    sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-    max_tiles, N, K,
-    stride_in, stride_we, stride_wk, stride_wn, stride_out,
-    TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, PER_SLOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    in_ptr,
+    w_ptr,
+    weights_ptr,
+    out_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    tile_expert_ptr,
+    tile_row_start_ptr,
+    num_tiles_ptr,
+    max_tiles,
+    N,
+    K,
+    stride_in,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_out,
+    TOP_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    PER_SLOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """y[p] = in[p] @ W[e] (times w[slot(p)] if HAS_WEIGHTS), combined into rows of `out`.
 
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
     """
     valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
-        sorted_slots_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr,
-        max_tiles, N, BLOCK_M, BLOCK_N, GROUP_M,
-    )  # fmt: skip
+        sorted_slots_ptr,
+        expert_offsets_ptr,
+        tile_expert_ptr,
+        tile_row_start_ptr,
+        num_tiles_ptr,
+        max_tiles,
+        N,
+        BLOCK_M,
+        BLOCK_N,
+        GROUP_M,
+    )
     if valid:
         y, _ = rows_matmul(
-            in_ptr, rows, row_mask, stride_in,
-            w_ptr + expert.to(tl.int64) * stride_we, stride_wk, stride_wn, cols, col_mask,
-            0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32, INPUT_PRECISION,
-        )  # fmt: skip
+            in_ptr,
+            rows,
+            row_mask,
+            stride_in,
+            w_ptr + expert.to(tl.int64) * stride_we,
+            stride_wk,
+            stride_wn,
+            cols,
+            col_mask,
+            0,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            False,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         if HAS_WEIGHTS:
             y *= tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         mask = row_mask[:, None] & col_mask[None, :]
@@ -164,13 +315,30 @@ def scatter_rows_kernel(
 
 @triton.jit
 def expert_wgrad_kernel(
-    left_ptr, right_ptr, weights_ptr, out_ptr, sorted_slots_ptr, expert_offsets_ptr,
-    M, N, stride_left, stride_right, stride_oe, stride_om, stride_on,
-    TOP_K: tl.constexpr, GATHER_LEFT: tl.constexpr, GATHER_RIGHT: tl.constexpr,
+    left_ptr,
+    right_ptr,
+    weights_ptr,
+    out_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    M,
+    N,
+    stride_left,
+    stride_right,
+    stride_oe,
+    stride_om,
+    stride_on,
+    TOP_K: tl.constexpr,
+    GATHER_LEFT: tl.constexpr,
+    GATHER_RIGHT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """out[e] [M, N] = sum over the positions p of expert e of left[row]^T right[row].
 
     A row is token(p) for a GATHER_ side, p otherwise; HAS_WEIGHTS scales left rows by
@@ -210,5 +378,211 @@ def expert_wgrad_kernel(
             right = right.to(tl.float32)
         acc = tl.dot(left, right, acc, input_precision=INPUT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ii[:, None] * stride_om
-    tl.store(out_ptrs + jj[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=i_mask[:, None] & j_mask[None, :])  # fmt: skip
+    tl.store(
+        out_ptrs + jj[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=i_mask[:, None] & j_mask[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+# GPU tile configurations, by kernel and the plan's block_m (the kernels' BLOCK_M). Not yet
+# tuned on a GPU. Every one compiles for sm_90 without register spills; the register counts are
+# from Triton 3.9's sm_90 build of the launches these launchers make (tests/gpu_compile.py runs
+# them). With the earlier hand-written signatures these neighbours spilled: gate_up and
+# scatter_rows at BLOCK_M=128 with 4 warps, grad_act with BLOCK_N=128, or BLOCK_N=64 at
+# BLOCK_M=128.
+GPU_CONFIGS = {
+    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 133 registers
+    ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),  # 133
+    ("grad_act", 64): GemmConfig(64, 64, 64, num_warps=8, num_stages=4),  # 137
+    ("grad_act", 128): GemmConfig(128, 32, 64, num_warps=8, num_stages=4),  # 144
+    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 138-148
+    ("scatter_rows", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 124-138
+    # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step.
+    ("expert_wgrad", None): GemmConfig(128, 128, 32, num_warps=8, num_stages=4),  # 96-110
+}
+# The interpreter runs programs one after another: small blocks keep odd test shapes covering
+# several tiles per dimension without making each program slow.
+_INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
+
+
+class TritonStages:
+    """The expert-MLP stages as launches of the kernels above (see moeblaze.ops.Stages)."""
+
+    def block_m(self, num_slots: int, num_experts: int) -> int:
+        """Rows per grouped-GEMM tile, the routing plan's `block_m`."""
+        if interpreting():
+            return _INTERPRETER.block_m
+        # Many rows per expert amortise a taller tile; few rows waste less padding in a short one.
+        return 128 if num_slots >= 512 * num_experts else 64
+
+    def gate_up(self, x, w13, plan: RoutingPlan, *, store_h: bool, store_a: bool):
+        num_slots, d = plan.num_slots, x.shape[1]
+        ffn = w13.shape[1] // 2
+        h = alloc.empty(num_slots, 2 * ffn, dtype=x.dtype, device=x.device) if store_h else None
+        a = alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
+        if num_slots == 0:
+            return h, a
+        cfg = self._config("gate_up", plan)
+        h_arg = h if store_h else a  # an output not written still needs a valid pointer
+        a_arg = a if store_a else h
+        grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
+        gate_up_kernel[grid](
+            x,
+            w13,
+            h_arg,
+            a_arg,
+            *self._plan_args(plan),
+            plan.max_tiles,
+            d,
+            ffn,
+            x.stride(0),
+            w13.stride(0),
+            w13.stride(1),
+            w13.stride(2),
+            h_arg.stride(0),
+            a_arg.stride(0),
+            TOP_K=plan.top_k,
+            STORE_H=store_h,
+            STORE_A=store_a,
+            **launch_meta(cfg, x.dtype),
+        )
+        return h, a
+
+    def down_combine(self, a, w2, topk_weights, plan: RoutingPlan, *, deterministic: bool):
+        return self._scatter_rows(
+            a, w2, (w2.stride(2), w2.stride(1)), topk_weights, plan, w2.shape[1], deterministic
+        )
+
+    def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool):
+        return self._scatter_rows(
+            dh, w13, (w13.stride(1), w13.stride(2)), None, plan, w13.shape[2], deterministic
+        )
+
+    def grad_act(self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool):
+        num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
+        dh = alloc.empty(num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
+        a = alloc.empty(num_slots if store_a else 0, ffn, dtype=dout.dtype, device=dout.device)
+        if num_slots == 0:
+            dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
+            return dh, dweights, a if store_a else None
+        cfg = self._config("grad_act", plan)
+        num_pid_n = triton.cdiv(ffn, cfg.block_n)
+        dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
+        grad_act_kernel[(plan.max_tiles * num_pid_n,)](
+            dout,
+            w2,
+            h,
+            topk_weights,
+            dh,
+            a,
+            dw_partial,
+            *self._plan_args(plan),
+            plan.max_tiles,
+            d,
+            ffn,
+            dout.stride(0),
+            w2.stride(0),
+            w2.stride(1),
+            w2.stride(2),
+            h.stride(0),
+            dh.stride(0),
+            a.stride(0),
+            TOP_K=plan.top_k,
+            STORE_A=store_a,
+            **launch_meta(cfg, dout.dtype),
+        )
+        dweights = dw_partial.sum(dim=1).view(topk_weights.shape)  # fixed order: deterministic
+        return dh, dweights, a if store_a else None
+
+    def grad_w2(self, dout, a, topk_weights, plan: RoutingPlan):
+        return self._expert_wgrad(dout, a, topk_weights, plan, gather_left=True)
+
+    def grad_w13(self, dh, x, plan: RoutingPlan):
+        return self._expert_wgrad(dh, x, None, plan, gather_left=False)
+
+    def _scatter_rows(self, rows_in, w, w_strides, topk_weights, plan, n, deterministic):
+        """Combine rows_in[p] @ W[e] (times the routing weight) into a [T, n] output."""
+        num_slots, top_k = plan.num_slots, plan.top_k
+        num_tokens = num_slots // top_k
+        # One slot per token needs no reduction: store straight into the output.
+        per_slot = deterministic or top_k == 1
+        if per_slot:
+            rows = num_slots if top_k > 1 else num_tokens
+            dtype = torch.float32 if top_k > 1 else rows_in.dtype
+            out = alloc.empty(rows, n, dtype=dtype, device=rows_in.device)
+        else:
+            out = torch.zeros(num_tokens, n, dtype=torch.float32, device=rows_in.device)
+        if num_slots > 0:
+            cfg = self._config("scatter_rows", plan)
+            scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
+                rows_in,
+                w,
+                topk_weights if topk_weights is not None else rows_in,
+                out,
+                *self._plan_args(plan),
+                plan.max_tiles,
+                n,
+                rows_in.shape[1],
+                rows_in.stride(0),
+                w.stride(0),
+                *w_strides,
+                out.stride(0),
+                TOP_K=top_k,
+                HAS_WEIGHTS=topk_weights is not None,
+                PER_SLOT=per_slot,
+                **launch_meta(cfg, rows_in.dtype),
+            )
+        if per_slot and top_k > 1:
+            out = out.view(num_tokens, top_k, n).sum(dim=1)  # the k slots in a fixed order
+        return out.to(rows_in.dtype)
+
+    def _expert_wgrad(self, left, right, topk_weights, plan, *, gather_left):
+        """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
+        m, n = left.shape[1], right.shape[1]
+        out = alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
+        cfg = _INTERPRETER if interpreting() else GPU_CONFIGS["expert_wgrad", None]
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
+        expert_wgrad_kernel[grid](
+            left,
+            right,
+            topk_weights if topk_weights is not None else left,
+            out,
+            plan.sorted_slots,
+            plan.expert_offsets,
+            m,
+            n,
+            left.stride(0),
+            right.stride(0),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            TOP_K=plan.top_k,
+            GATHER_LEFT=gather_left,
+            GATHER_RIGHT=not gather_left,
+            HAS_WEIGHTS=topk_weights is not None,
+            **launch_meta(cfg, left.dtype),
+        )
+        return out
+
+    @staticmethod
+    def _config(kernel: str, plan: RoutingPlan) -> GemmConfig:
+        if interpreting():
+            return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
+        return GPU_CONFIGS[kernel, plan.block_m]
+
+    @staticmethod
+    def _plan_args(plan: RoutingPlan):
+        return (
+            plan.sorted_slots,
+            plan.expert_offsets,
+            plan.tile_expert,
+            plan.tile_row_start,
+            plan.num_tiles,
+        )
+
+
+TRITON_STAGES = TritonStages()

@@ -14,10 +14,20 @@ Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per pro
 Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
 same on every run. `chunk_counts[1]` is per-program scratch: each program stores the base
 position of each expert there and reads it back by expert id (a gather registers cannot do).
+
+`launch_plan` at the end is the launcher: it sizes the chunks and launches both kernels.
 """
 
+from typing import TYPE_CHECKING
+
+import torch
 import triton
 import triton.language as tl
+
+from kernelbase.backend import interpreting
+
+if TYPE_CHECKING:
+    from moeblaze.routing_plan import RoutingPlan
 
 
 @triton.jit
@@ -74,8 +84,11 @@ def place_slots_kernel(
     before = tl.zeros((E_PAD,), dtype=tl.int32)
     for c0 in range(0, num_chunks, CHUNK_ROWS):
         rows = c0 + tl.arange(0, CHUNK_ROWS)
-        block = tl.load(chunk_counts_ptr + rows[:, None] * E_PAD + experts[None, :],
-                        mask=(rows < num_chunks)[:, None], other=0)  # fmt: skip
+        block = tl.load(
+            chunk_counts_ptr + rows[:, None] * E_PAD + experts[None, :],
+            mask=(rows < num_chunks)[:, None],
+            other=0,
+        )
         totals += tl.sum(block, axis=0)
         before += tl.sum(tl.where((rows < chunk)[:, None], block, 0), axis=0)
     ends = tl.cumsum(totals, axis=0)
@@ -124,3 +137,42 @@ def place_slots_kernel(
         store = (tile < max_tiles) & (local < tiles_per_program)
         tl.store(tile_expert_ptr + tile, owner, mask=store)
         tl.store(tile_row_start_ptr + tile, row_start, mask=store)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
+    """Fill every field of `plan` from `topk_ids [T, k]` (ids already checked) with two launches."""
+    num_slots, num_experts = plan.num_slots, plan.num_experts
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    # CHUNK: about 128 programs on large inputs (one per SM on H100), 8 under the interpreter
+    # (which runs programs one after another); at least 64 slots each.
+    programs = 8 if interpreting() else 128
+    chunk = min(4096, max(64, triton.next_power_of_2(triton.cdiv(num_slots, programs))))
+    num_chunks = max(1, triton.cdiv(num_slots, chunk))
+    chunk_counts = torch.empty(2, num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
+    ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
+    count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, E_PAD=e_pad)
+    place_slots_kernel[(num_chunks,)](
+        ids,
+        chunk_counts,
+        plan.expert_counts,
+        plan.expert_offsets,
+        plan.sorted_slots,
+        plan.slot_positions,
+        plan.tile_expert,
+        plan.tile_row_start,
+        plan.num_tiles,
+        num_slots,
+        num_chunks,
+        num_experts,
+        plan.max_tiles,
+        triton.cdiv(plan.max_tiles, num_chunks),
+        CHUNK=chunk,
+        E_PAD=e_pad,
+        CHUNK_ROWS=max(1, 2048 // e_pad),  # [CHUNK_ROWS, E_PAD] blocks of chunk counts
+        TILE_BLOCK=max(16, 4096 // e_pad),  # [TILE_BLOCK, E_PAD] blocks of tile metadata
+        BLOCK_M=plan.block_m,
+    )

@@ -20,19 +20,41 @@ holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_
 import triton
 import triton.language as tl
 
-from moeblaze.kernels.tiles import dot_options, rows_matmul, swizzle_tile
-from overlap.kernels.common import TileConfig, wait_chunks
+from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
+from overlap.kernels.flags import wait_chunks
 
 
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "stride_al", "stride_g"])
 def ag_gemm_kernel(
-    a_local_ptr, gathered_ptr, b_ptr, c_ptr, flags_ptr, status_ptr, tile_count_ptr,
-    m, n, K, rank, epoch, max_spins, chunk_m,
-    stride_al, stride_g, stride_bk, stride_bn, stride_c,
-    WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCOPE: tl.constexpr,
-):  # fmt: skip
+    a_local_ptr,
+    gathered_ptr,
+    b_ptr,
+    c_ptr,
+    flags_ptr,
+    status_ptr,
+    tile_count_ptr,
+    m,
+    n,
+    K,
+    rank,
+    epoch,
+    max_spins,
+    chunk_m,
+    stride_al,
+    stride_g,
+    stride_bk,
+    stride_bn,
+    stride_c,
+    WORLD_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SCOPE: tl.constexpr,
+):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_rank = tiles_m * tiles_n
@@ -44,8 +66,19 @@ def ag_gemm_kernel(
         pid_m, pid_n = swizzle_tile(tile % tiles_per_rank, tiles_m, tiles_n, GROUP_M)
         row0 = pid_m * BLOCK_M
         if step > 0:
-            ok = wait_chunks(flags_ptr, src * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_M, m),
-                             chunk_m, epoch, status_ptr, max_spins, src, ok, SCOPE)  # fmt: skip
+            ok = wait_chunks(
+                flags_ptr,
+                src * chunks_per_rank,
+                row0,
+                tl.minimum(row0 + BLOCK_M, m),
+                chunk_m,
+                epoch,
+                status_ptr,
+                max_spins,
+                src,
+                ok,
+                SCOPE,
+            )
         if ok != 0:
             # Local rows come straight from the shard; a peer's rows from the gather buffer.
             a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
@@ -57,22 +90,57 @@ def ag_gemm_kernel(
             row_mask = rows < m
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             col_mask = cols < n
-            acc, _ = rows_matmul(a_ptr, rows, row_mask, stride_a, b_ptr, stride_bk, stride_bn,
-                                 cols, col_mask, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32,
-                                 INPUT_PRECISION)  # fmt: skip
-            c_ptrs = (c_ptr + (src * m + rows).to(tl.int64)[:, None] * stride_c
-                      + cols.to(tl.int64)[None, :])  # fmt: skip
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty),
-                     mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+            acc, _ = rows_matmul(
+                a_ptr,
+                rows,
+                row_mask,
+                stride_a,
+                b_ptr,
+                stride_bk,
+                stride_bn,
+                cols,
+                col_mask,
+                0,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                False,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
+            c_ptrs = (
+                c_ptr
+                + (src * m + rows).to(tl.int64)[:, None] * stride_c
+                + cols.to(tl.int64)[None, :]
+            )
+            tl.store(
+                c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
+            )
             if COUNT_TILES:
                 out_tile = src * tiles_per_rank + pid_m * tiles_n + pid_n
                 tl.atomic_add(tile_count_ptr + out_tile, 1)
                 tl.store(tile_count_ptr + WORLD_SIZE * tiles_per_rank + out_tile, tile)
 
 
-def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world_size: int,
-                   epoch: int, max_spins: int, chunk_m: int, config: TileConfig,
-                   num_programs: int, tile_counts=None, scope: str = "gpu") -> None:  # fmt: skip
+def launch_ag_gemm(
+    a_local,
+    gathered,
+    b,
+    out,
+    flags,
+    status,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    max_spins: int,
+    chunk_m: int,
+    config: GemmConfig,
+    num_programs: int,
+    tile_counts=None,
+    scope: str = "gpu",
+) -> None:
     """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
 
     `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
@@ -83,17 +151,38 @@ def launch_ag_gemm(a_local, gathered, b, out, flags, status, *, rank: int, world
     m, K = a_local.shape
     n = b.shape[1]
     ag_gemm_kernel[(num_programs,)](
-        a_local, gathered, b, out, flags, status,
+        a_local,
+        gathered,
+        b,
+        out,
+        flags,
+        status,
         tile_counts if tile_counts is not None else flags,
-        m, n, K, rank, epoch, max_spins, chunk_m,
-        a_local.stride(0), gathered.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        **dot_options(a_local.dtype), SCOPE=scope,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        m,
+        n,
+        K,
+        rank,
+        epoch,
+        max_spins,
+        chunk_m,
+        a_local.stride(0),
+        gathered.stride(0),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        WORLD_SIZE=world_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        COUNT_TILES=tile_counts is not None,
+        **dot_options(a_local.dtype),
+        SCOPE=scope,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
-def ag_gemm_tiles(m: int, n: int, world_size: int, config: TileConfig) -> int:
+def ag_gemm_tiles(m: int, n: int, world_size: int, config: GemmConfig) -> int:
     """Number of output tiles of one rank's AG-GEMM (tiles never straddle two ranks' rows)."""
     return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)

@@ -25,19 +25,38 @@ allocations, reached through tables of their addresses, as peer buffers are.
 import triton
 import triton.language as tl
 
-from moeblaze.kernels.tiles import dot_options, rows_matmul, swizzle_tile
-from overlap.kernels.common import TileConfig, wait_chunks
+from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
+from overlap.kernels.flags import wait_chunks
 
 
 @triton.jit(do_not_specialize=["rank", "epoch"])
 def gemm_rs_kernel(
-    a_ptr, b_ptr, partial_ptr, counters_ptr, flags_ptr, tile_count_ptr,
-    m, N, K, rank, epoch, chunk_m,
-    stride_a, stride_bk, stride_bn, stride_p,
-    WORLD_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, COUNT_TILES: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SCOPE: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    b_ptr,
+    partial_ptr,
+    counters_ptr,
+    flags_ptr,
+    tile_count_ptr,
+    m,
+    N,
+    K,
+    rank,
+    epoch,
+    chunk_m,
+    stride_a,
+    stride_bk,
+    stride_bn,
+    stride_p,
+    WORLD_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    COUNT_TILES: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    SCOPE: tl.constexpr,
+):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_rank = tiles_m * tiles_n
@@ -50,12 +69,29 @@ def gemm_rs_kernel(
         row_mask = row0 + tl.arange(0, BLOCK_M) < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc, _ = rows_matmul(a_ptr, rows, row_mask, stride_a, b_ptr, stride_bk, stride_bn, cols,
-                             col_mask, 0, K, BLOCK_M, BLOCK_N, BLOCK_K, False, DOT_FP32,
-                             INPUT_PRECISION)  # fmt: skip
+        acc, _ = rows_matmul(
+            a_ptr,
+            rows,
+            row_mask,
+            stride_a,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            cols,
+            col_mask,
+            0,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            False,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         p_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * stride_p + cols.to(tl.int64)[None, :]
-        tl.store(p_ptrs, acc.to(partial_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+        tl.store(
+            p_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
+        )
         if COUNT_TILES:
             out_tile = dest * tiles_per_rank + pid_m * tiles_n + pid_n
             tl.atomic_add(tile_count_ptr + out_tile, 1)
@@ -75,12 +111,23 @@ def gemm_rs_kernel(
 
 @triton.jit(do_not_specialize=["dest", "epoch", "max_spins"])
 def rs_reduce_kernel(
-    partial_table_ptr, flag_table_ptr, out_ptr, status_ptr,
-    m, N, dest, epoch, max_spins, chunk_m,
-    stride_p, stride_out,
-    WORLD_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    partial_table_ptr,
+    flag_table_ptr,
+    out_ptr,
+    status_ptr,
+    m,
+    N,
+    dest,
+    epoch,
+    max_spins,
+    chunk_m,
+    stride_p,
+    stride_out,
+    WORLD_SIZE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SCOPE: tl.constexpr,
-):  # fmt: skip
+):
     row_blocks = tl.cdiv(m, BLOCK_R)
     col_blocks = tl.cdiv(N, BLOCK_N)
     chunks_per_rank = tl.cdiv(m, chunk_m)
@@ -95,8 +142,19 @@ def rs_reduce_kernel(
         for j in tl.static_range(WORLD_SIZE):
             src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
             flags = tl.load(flag_table_ptr + src).to(tl.pointer_type(tl.int32))
-            ok = wait_chunks(flags, dest * chunks_per_rank, row0, tl.minimum(row0 + BLOCK_R, m),
-                             chunk_m, epoch, status_ptr, max_spins, src, ok, SCOPE)  # fmt: skip
+            ok = wait_chunks(
+                flags,
+                dest * chunks_per_rank,
+                row0,
+                tl.minimum(row0 + BLOCK_R, m),
+                chunk_m,
+                epoch,
+                status_ptr,
+                max_spins,
+                src,
+                ok,
+                SCOPE,
+            )
             if ok != 0:
                 partial = tl.load(partial_table_ptr + src).to(
                     tl.pointer_type(out_ptr.dtype.element_ty)
@@ -107,9 +165,22 @@ def rs_reduce_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int, epoch: int,
-                   chunk_m: int, config: TileConfig, num_programs: int,
-                   tile_counts=None, scope: str = "gpu") -> None:  # fmt: skip
+def launch_gemm_rs(
+    a,
+    b,
+    partial,
+    counters,
+    flags,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    chunk_m: int,
+    config: GemmConfig,
+    num_programs: int,
+    tile_counts=None,
+    scope: str = "gpu",
+) -> None:
     """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
 
     `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
@@ -118,20 +189,52 @@ def launch_gemm_rs(a, b, partial, counters, flags, *, rank: int, world_size: int
     M, K = a.shape
     N = b.shape[1]
     gemm_rs_kernel[(num_programs,)](
-        a, b, partial, counters, flags, tile_counts if tile_counts is not None else counters,
-        M // world_size, N, K, rank, epoch, chunk_m,
-        a.stride(0), b.stride(0), b.stride(1), partial.stride(0),
-        WORLD_SIZE=world_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, GROUP_M=config.group_m, COUNT_TILES=tile_counts is not None,
-        **dot_options(a.dtype), SCOPE=scope,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+        a,
+        b,
+        partial,
+        counters,
+        flags,
+        tile_counts if tile_counts is not None else counters,
+        M // world_size,
+        N,
+        K,
+        rank,
+        epoch,
+        chunk_m,
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        partial.stride(0),
+        WORLD_SIZE=world_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        COUNT_TILES=tile_counts is not None,
+        **dot_options(a.dtype),
+        SCOPE=scope,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
-def launch_rs_reduce(partial_table, flag_table, out, status, *, dest: int, world_size: int,
-                     row_stride: int, epoch: int, max_spins: int, chunk_m: int,
-                     num_programs: int, block_r: int, block_n: int,
-                     scope: str = "gpu") -> None:  # fmt: skip
+def launch_rs_reduce(
+    partial_table,
+    flag_table,
+    out,
+    status,
+    *,
+    dest: int,
+    world_size: int,
+    row_stride: int,
+    epoch: int,
+    max_spins: int,
+    chunk_m: int,
+    num_programs: int,
+    block_r: int,
+    block_n: int,
+    scope: str = "gpu",
+) -> None:
     """Run `rs_reduce_kernel` for rank `dest`: out [m, N] from the W partial buffers.
 
     `partial_table` / `flag_table` are int64 tensors holding the addresses of the W sources'
@@ -140,12 +243,26 @@ def launch_rs_reduce(partial_table, flag_table, out, status, *, dest: int, world
     """
     m, N = out.shape
     rs_reduce_kernel[(num_programs,)](
-        partial_table, flag_table, out, status,
-        m, N, dest, epoch, max_spins, chunk_m, row_stride, out.stride(0),
-        WORLD_SIZE=world_size, BLOCK_R=block_r, BLOCK_N=block_n, SCOPE=scope, num_warps=4,
-    )  # fmt: skip
+        partial_table,
+        flag_table,
+        out,
+        status,
+        m,
+        N,
+        dest,
+        epoch,
+        max_spins,
+        chunk_m,
+        row_stride,
+        out.stride(0),
+        WORLD_SIZE=world_size,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        SCOPE=scope,
+        num_warps=4,
+    )
 
 
-def gemm_rs_tiles(m: int, N: int, world_size: int, config: TileConfig) -> int:
+def gemm_rs_tiles(m: int, N: int, world_size: int, config: GemmConfig) -> int:
     """Number of tiles of one rank's GEMM-RS producer."""
     return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(N, config.block_n)

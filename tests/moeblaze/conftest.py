@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import moeblaze
-from moeblaze import _alloc
+from kernelbase import alloc
 
 # What `MoEProblem.run` returns, in order.
 OUTPUT_NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -20,16 +20,17 @@ ROUTINGS = ("random", "one_expert", "skip_experts")
 @pytest.fixture(autouse=True)
 def poison():
     """Every launcher output starts as NaN (int: -2**30), so an unwritten element fails."""
-    before = _alloc.poison
-    _alloc.poison = True
+    before = alloc.poison
+    alloc.poison = True
     yield
-    _alloc.poison = before
+    alloc.poison = before
 
 
 @pytest.fixture
-def torch_stages(monkeypatch):
-    """Run moeblaze on its torch (non-Triton) path: it reads TRITON_INTERPRET at call time."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def torch_stages():
+    """Run moeblaze on its torch (non-Triton) backend."""
+    with moeblaze.use_backend("torch"):
+        yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +71,15 @@ class MoEProblem:
 
     def reference(self):
         """The float64 oracle: moeblaze.moe_mlp_reference run on float64 copies."""
-        return self.run(moeblaze.moe_mlp_reference, dtype=torch.float64,
-                        weights_dtype=torch.float64)  # fmt: skip
+        return self.run(
+            moeblaze.moe_mlp_reference, dtype=torch.float64, weights_dtype=torch.float64
+        )
 
     def torch_bf16(self):
         """Plain PyTorch in bf16 (float32 routing weights, as the Router returns them)."""
-        return self.run(moeblaze.moe_mlp_reference, dtype=torch.bfloat16,
-                        weights_dtype=torch.float32)  # fmt: skip
+        return self.run(
+            moeblaze.moe_mlp_reference, dtype=torch.bfloat16, weights_dtype=torch.float32
+        )
 
 
 def _routing(T, E, k, routing, g):

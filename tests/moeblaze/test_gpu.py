@@ -8,12 +8,13 @@ inductor and CUDA-graph capture.
 
 import pytest
 import torch
-from test_routing_plan import check_plan
+from moeblaze_testing import check_plan
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
 from bench.baselines import dense_dispatch_moe_mlp
-from moeblaze.expert_stages import stages_for
+from kernelbase.backend import backend_for
+from moeblaze.ops import STAGES
 from moeblaze.routing_plan import plan_numel
 
 pytestmark = pytest.mark.gpu
@@ -45,8 +46,9 @@ def _low_precision_baseline(problem, dtype):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_bf16_matches_reference(shape, make_problem):
     T, d, F, E, k, routing = shape
-    problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=1, routing=routing,
-                           device="cuda")  # fmt: skip
+    problem = make_problem(
+        T, d, F, E, k, dtype=torch.bfloat16, seed=1, routing=routing, device="cuda"
+    )
     expected = problem.reference()
     baseline = _low_precision_baseline(problem, torch.bfloat16)
     for policy in moeblaze.RECOMPUTE_POLICIES:
@@ -90,8 +92,9 @@ def test_T0_and_T1(make_problem):
         else:
             expected = problem.reference()
             baseline = _low_precision_baseline(problem, torch.bfloat16)
-            for name, a, e, b in zip(NAMES, (out, dx, dweights, dw13, dw2), expected, baseline,
-                                     strict=True):  # fmt: skip
+            for name, a, e, b in zip(
+                NAMES, (out, dx, dweights, dw13, dw2), expected, baseline, strict=True
+            ):
                 assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=name)
 
 
@@ -109,7 +112,7 @@ PLAN_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("case", PLAN_CASES.values(), ids=PLAN_CASES.keys())
-def test_cuda_plan_equals_torch_path(case, dtype, monkeypatch):
+def test_cuda_plan_equals_torch_path(case, dtype):
     T, E, k, routing, block_m = case
     g = torch.Generator().manual_seed(5)
     if routing == "one_expert":
@@ -117,14 +120,14 @@ def test_cuda_plan_equals_torch_path(case, dtype, monkeypatch):
     else:
         ids = torch.randn(T, E, generator=g).topk(k, dim=-1).indices
     ids = ids.to(dtype)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU plan comes from the torch path
     cuda_plan = moeblaze.build_routing_plan(ids.cuda(), E, block_m=block_m)
     torch_plan = moeblaze.build_routing_plan(ids, E, block_m=block_m)
     assert torch.equal(cuda_plan.buffer.cpu(), torch_plan.buffer)
     check_plan(torch_plan, ids, E, block_m)
     # The same buffer again: no atomics, no comparison sort.
-    assert torch.equal(moeblaze.build_routing_plan(ids.cuda(), E, block_m=block_m).buffer,
-                       cuda_plan.buffer)  # fmt: skip
+    assert torch.equal(
+        moeblaze.build_routing_plan(ids.cuda(), E, block_m=block_m).buffer, cuda_plan.buffer
+    )
 
 
 @pytest.mark.parametrize("k", [1, 6])
@@ -140,7 +143,7 @@ def test_bytes_kept_for_backward_on_cuda(make_problem):
     T, d, F, E, k = 2048, 512, 256, 16, 4
     S = T * k
     problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=7, device="cuda")
-    block_m = stages_for(problem.x.device).block_m(S, E)
+    block_m = STAGES[backend_for(problem.x.device)].block_m(S, E)
     kept_by_policy = {"activation": S * 2 * F * 2, "none": S * 3 * F * 2, "up_proj": 0}
     for policy, policy_bytes in kept_by_policy.items():
         x, weights, w13, w2 = problem.leaves()
@@ -185,7 +188,7 @@ def test_peak_memory(make_problem):
     S = T * k
     problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=8, device="cuda")
     bf16, fp32 = 2, 4
-    block_m = stages_for(problem.x.device).block_m(S, E)
+    block_m = STAGES[backend_for(problem.x.device)].block_m(S, E)
     plan = plan_numel(S, E, block_m) * 4
     grads = sum(t.nbytes for t in (problem.x, problem.topk_weights, problem.w13, problem.w2))
     slots_by_hidden = S * d * bf16  # one [T*k, d] bf16 buffer: 256 MiB here
@@ -221,8 +224,13 @@ def test_peak_memory(make_problem):
 @pytest.mark.parametrize("name", ["topk_ids", "topk_weights", "w13", "w2"])
 def test_devices_must_agree(name, make_problem):
     problem = make_problem(16, 32, 16, 4, 2, seed=9, device="cuda")
-    args = dict(x=problem.x, topk_ids=problem.topk_ids, topk_weights=problem.topk_weights,
-                w13=problem.w13, w2=problem.w2)  # fmt: skip
+    args = dict(
+        x=problem.x,
+        topk_ids=problem.topk_ids,
+        topk_weights=problem.topk_weights,
+        w13=problem.w13,
+        w2=problem.w2,
+    )
     args[name] = args[name].cpu()
     with pytest.raises(ValueError, match=rf"{name} is on cpu; expected x's device cuda"):
         moeblaze.moe_mlp(*args.values())
@@ -276,7 +284,8 @@ def test_cuda_graph_capture_of_forward(make_problem):
         ids.copy_(second.topk_ids)
         weights.copy_(second.topk_weights)
         graph.replay()
-        expected = moeblaze.moe_mlp(second.x, second.topk_ids, second.topk_weights, first.w13,
-                                    first.w2, deterministic=True)  # fmt: skip
+        expected = moeblaze.moe_mlp(
+            second.x, second.topk_ids, second.topk_weights, first.w13, first.w2, deterministic=True
+        )
     torch.cuda.synchronize()
     assert torch.equal(out, expected)

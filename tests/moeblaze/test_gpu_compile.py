@@ -1,15 +1,30 @@
-"""The expert-MLP and routing-plan kernels compile for H100 (sm_90), checked without a GPU."""
+"""The routing-plan and expert-MLP kernels compile for H100 (sm_90) and A100 (sm_80), checked
+without a GPU by running the launchers on meta tensors (tests/gpu_compile.py)."""
 
 from gpu_compile_testing import compile_reports
+
+from moeblaze.kernels.expert_mlp import GPU_CONFIGS
+
+PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
+
+
+def _launched_configs(reports):
+    return {
+        (r["kernel"].removesuffix("_kernel"), r["constexprs"]["BLOCK_M"])
+        for r in reports
+        if r["kernel"] not in PLAN_KERNELS
+    }
 
 
 def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     reports = compile_reports("moeblaze")
-    assert len(reports) == 12, reports  # 10 expert-MLP configurations + 2 routing-plan kernels
+    # Every GPU configuration moeblaze launches was compiled (wgrad: BLOCK_M of its output).
+    expected = {(kernel, cfg.block_m) for (kernel, _), cfg in GPU_CONFIGS.items()}
+    assert _launched_configs(reports) == expected, reports
+    assert {r["kernel"] for r in reports} >= set(PLAN_KERNELS)
     for report in reports:
-        # No register spills in any configuration moeblaze launches on a GPU.
-        assert report["stack_bytes"] == 0, report
-        if report["kernel"] in ("count_chunks_kernel", "place_slots_kernel"):
+        assert report["stack_bytes"] == 0, report  # no register spills
+        if report["kernel"] in PLAN_KERNELS:
             continue
         # Every GEMM uses Hopper tensor cores with software-pipelined async copies.
         assert report["wgmma"] >= 1, report
@@ -18,4 +33,6 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
 
 def test_kernels_compile_for_ampere():
     """sm_80 has no wgmma: the same kernels lower to mma.sync (slower, but they must build)."""
-    assert len(compile_reports("moeblaze", arch=80)) == 12
+    reports = compile_reports("moeblaze", arch=80)
+    expected = {(kernel, cfg.block_m) for (kernel, _), cfg in GPU_CONFIGS.items()}
+    assert _launched_configs(reports) == expected, reports

@@ -4,14 +4,13 @@ the torch path buffer for buffer, edge cases and bad input.
 # T tokens, k top-k, E experts, S = T*k slots (slot s = t*k + j), p sorted position
 """
 
-import math
-import os
-
 import pytest
 import torch
+from moeblaze_testing import check_plan
 
+import moeblaze
+from kernelbase.backend import Backend, backend_for
 from moeblaze import build_routing_plan
-from moeblaze.routing_plan import max_tiles, plan_numel
 
 # (T, E, k, routing, block_m): the interpreter is slow, so S stays at a few thousand at most.
 CASES = {
@@ -41,90 +40,34 @@ def _ids(T, E, k, routing, seed=0, dtype=torch.int64):
     return ids.to(dtype).contiguous()
 
 
-def check_plan(plan, topk_ids, num_experts, block_m):
-    """Every documented invariant of a RoutingPlan built from `topk_ids`."""
-    T, k = topk_ids.shape
-    S = T * k
-    E = num_experts
-    ids = topk_ids.reshape(-1).long()  # [S]
-    assert plan.num_experts == E and plan.top_k == k and plan.block_m == block_m
-    assert plan.buffer.dtype == torch.int32 and plan.buffer.numel() == plan_numel(S, E, block_m)
-    for field in ("expert_counts", "expert_offsets", "sorted_slots", "slot_positions",
-                  "tile_expert", "tile_row_start", "num_tiles"):  # fmt: skip
-        t = getattr(plan, field)
-        assert t.dtype == torch.int32, field
-        assert t.untyped_storage().data_ptr() == plan.buffer.untyped_storage().data_ptr(), field
-
-    sorted_slots = plan.sorted_slots.long()  # [S]
-    positions = plan.slot_positions.long()  # [S]
-    counts = plan.expert_counts.long()  # [E]
-    offsets = plan.expert_offsets.long()  # [E+1]
-
-    # sorted_slots is a permutation of range(S) and slot_positions its inverse.
-    assert torch.equal(sorted_slots.sort().values, torch.arange(S))
-    assert torch.equal(positions[sorted_slots], torch.arange(S))
-    assert torch.equal(sorted_slots[positions], torch.arange(S))
-
-    # Counts and offsets.
-    assert torch.equal(counts, torch.bincount(ids, minlength=E))
-    assert offsets.shape == (E + 1,) and offsets[0] == 0 and offsets[-1] == S
-    assert torch.equal(offsets.diff(), counts)  # also: nondecreasing, since counts >= 0
-    assert bool((counts >= 0).all())
-
-    # Expert e owns positions [offsets[e], offsets[e+1]), slots in ascending order (stable).
-    for e in range(E):
-        slots = sorted_slots[offsets[e] : offsets[e + 1]]
-        assert bool((ids[slots] == e).all()), f"position of expert {e} holds another expert"
-        assert bool((slots.diff() > 0).all()), f"slots of expert {e} not in token order"
-
-    # Tile metadata: tiles cover each expert's positions exactly once, in order.
-    assert plan.max_tiles == max_tiles(S, E, block_m) == math.ceil(S / block_m) + E
-    num_tiles = int(plan.num_tiles)
-    expected_tiles = sum(math.ceil(c / block_m) for c in counts.tolist())
-    assert num_tiles == expected_tiles <= plan.max_tiles
-    tile_expert = plan.tile_expert.long()
-    tile_row_start = plan.tile_row_start.long()
-    expected_expert, expected_start = [], []
-    for e in range(E):
-        for start in range(int(offsets[e]), int(offsets[e + 1]), block_m):
-            expected_expert.append(e)
-            expected_start.append(start)
-    assert tile_expert[:num_tiles].tolist() == expected_expert
-    assert tile_row_start[:num_tiles].tolist() == expected_start
-    # Padding tiles: expert E and row start S, so a stray read is out of range.
-    assert bool((tile_expert[num_tiles:] == E).all())
-    assert bool((tile_row_start[num_tiles:] == S).all())
-
-
-def _build_both(topk_ids, num_experts, block_m, monkeypatch):
+def _build_both(topk_ids, num_experts, block_m):
     """The plan from the Triton kernels (interpreter) and from the torch path."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert backend_for(topk_ids.device) is Backend.INTERPRETER
     triton_plan = build_routing_plan(topk_ids, num_experts, block_m=block_m)
-    with monkeypatch.context() as m:
-        m.setenv("TRITON_INTERPRET", "0")
+    with moeblaze.use_backend("torch"):
         torch_plan = build_routing_plan(topk_ids, num_experts, block_m=block_m)
     return triton_plan, torch_plan
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_plan_invariants_triton_equals_torch(case, dtype, monkeypatch):
+def test_plan_invariants_triton_equals_torch(case, dtype):
     T, E, k, routing, block_m = case
     topk_ids = _ids(T, E, k, routing, dtype=dtype)
-    triton_plan, torch_plan = _build_both(topk_ids, E, block_m, monkeypatch)
+    triton_plan, torch_plan = _build_both(topk_ids, E, block_m)
     check_plan(triton_plan, topk_ids, E, block_m)
     check_plan(torch_plan, topk_ids, E, block_m)
     assert torch.equal(triton_plan.buffer, torch_plan.buffer)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_plans(seed, monkeypatch):
+def test_random_plans(seed):
     g = torch.Generator().manual_seed(100 + seed)
     E = int(torch.randint(1, 40, (), generator=g))
     k = int(torch.randint(1, min(E, 8) + 1, (), generator=g))
     T = int(torch.randint(0, 300, (), generator=g))
     topk_ids = _ids(T, E, k, "random", seed=seed)
-    triton_plan, torch_plan = _build_both(topk_ids, E, 16, monkeypatch)
+    triton_plan, torch_plan = _build_both(topk_ids, E, 16)
     check_plan(triton_plan, topk_ids, E, 16)
     assert torch.equal(triton_plan.buffer, torch_plan.buffer)
 
@@ -134,20 +77,20 @@ def test_random_plans(seed, monkeypatch):
     [(torch.int16, 40), (torch.uint8, 100), (torch.uint8, 200)],
     ids=["int16", "uint8_E100", "uint8_E200"],
 )
-def test_narrow_integer_ids(dtype, E, monkeypatch):
+def test_narrow_integer_ids(dtype, E):
     # Any integer dtype is accepted. The kernels pad partial blocks with id E_PAD (the next
     # power of two >= E); with uint8 ids and E > 128 that is 256, which must not wrap to 0.
     topk_ids = _ids(37, E, 1, "random", dtype=dtype)
-    triton_plan, torch_plan = _build_both(topk_ids, E, 16, monkeypatch)
+    triton_plan, torch_plan = _build_both(topk_ids, E, 16)
     check_plan(torch_plan, topk_ids, E, 16)
     check_plan(triton_plan, topk_ids, E, 16)
     assert torch.equal(triton_plan.buffer, torch_plan.buffer)
 
 
-def test_non_contiguous_ids(monkeypatch):
+def test_non_contiguous_ids():
     topk_ids = _ids(40, 8, 6, "random")[:, ::2]  # [40, 3], stride 6
     assert not topk_ids.is_contiguous()
-    triton_plan, torch_plan = _build_both(topk_ids, 8, 16, monkeypatch)
+    triton_plan, torch_plan = _build_both(topk_ids, 8, 16)
     check_plan(triton_plan, topk_ids, 8, 16)
     assert torch.equal(triton_plan.buffer, torch_plan.buffer)
 

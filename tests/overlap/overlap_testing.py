@@ -32,8 +32,13 @@ def gloo_rank(rank: int, world_size: int, init_method: str, timeout_s: float):
     at exit ("terminate called without an active exception", a C++ thread torn down while
     joinable). Nothing is left to flush or check by then.
     """
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
         yield
         dist.barrier()

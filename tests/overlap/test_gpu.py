@@ -14,7 +14,7 @@ from overlap_testing import RTOL, randn
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
-from overlap.flags import raise_flag
+from overlap.protocol import raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 pytestmark = pytest.mark.gpu
@@ -24,8 +24,9 @@ DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, i
 
 def _world(W, **config):
     config.setdefault("chunk_m", 96)  # not a multiple of BLOCK_M: tiles wait on two chunks
-    return overlap.LocalWorld(W, "cuda", mode="fused",
-                              config=overlap.OverlapConfig(count_tiles=True, **config))  # fmt: skip
+    return overlap.LocalWorld(
+        W, "cuda", mode="fused", config=overlap.OverlapConfig(count_tiles=True, **config)
+    )
 
 
 def _check(actual, expected64, torch_result, name):
@@ -37,7 +38,7 @@ def _check(actual, expected64, torch_result, name):
 
 
 def _tiles_once(world):
-    for log in world.last_tile_counts:
+    for log in world.fused.last_tile_counts:
         assert bool((log[0] == 1).all()), "every output tile exactly once"
 
 
@@ -81,13 +82,13 @@ def test_consumer_waits_for_a_slow_producer():
     """The side stream sleeps before copying: the GEMM starts first and must wait on the flags."""
     W, m, K, n = 4, 512, 256, 256
     world = _world(W, chunk_m=128)
-    produce = world._pull_chunks
+    produce = world.fused.pull_chunks
 
     def slow_producer(*args):
         torch.cuda._sleep(5_000_000)  # ~ a few ms on the side stream, before the copies
         produce(*args)
 
-    world._pull_chunks = slow_producer
+    world.fused.pull_chunks = slow_producer
     a = randn(W, m, K, device="cuda", seed=6)
     b = randn(W, K, n, device="cuda", seed=7)
     c = overlap.all_gather_matmul(a, b, world)
@@ -102,18 +103,23 @@ def test_timeout_on_gpu_raises_instead_of_hanging():
     world = _world(W, chunk_m=128, timeout_s=0.5)
 
     def drop(flags, index, epoch):
-        if not (flags is world._ag_flags[0] and index == 1 * 2 + 1):
+        if not (flags is world.fused.ag_flags[0] and index == 1 * 2 + 1):
             raise_flag(flags, index, epoch)
 
-    world._raise_flag = drop
+    world.fused.raise_flag = drop
     a = randn(W, m, 128, device="cuda", seed=8)
     b = randn(W, 128, 128, device="cuda", seed=9)
     start = time.perf_counter()
     with pytest.raises(overlap.OverlapTimeoutError, match="rank 0 .* chunk 1 .* from rank 1"):
         overlap.all_gather_matmul(a, b, world)
     assert time.perf_counter() - start < 60
-    world._raise_flag = raise_flag
-    assert_close(overlap.all_gather_matmul(a, b, world), all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="result")  # fmt: skip
+    world.fused.raise_flag = raise_flag
+    assert_close(
+        overlap.all_gather_matmul(a, b, world),
+        all_gather_matmul_ref(a.double(), b.double()),
+        rtol=RTOL[torch.float32],
+        name="result",
+    )
 
 
 def test_deferred_status_check():

@@ -28,9 +28,12 @@ def _hand_composition(layer, x):
     tokens = x.reshape(-1, D)  # [N, d]
     routing = layer.router(tokens)
     out = moeblaze.moe_mlp_reference(
-        tokens.double(), routing.topk_ids, routing.topk_weights.double(),
-        layer.w13.double(), layer.w2.double(),
-    )  # fmt: skip
+        tokens.double(),
+        routing.topk_ids,
+        routing.topk_weights.double(),
+        layer.w13.double(),
+        layer.w2.double(),
+    )
     if layer.shared_expert is not None:
         gate, up = F.linear(tokens.double(), layer.shared_expert.gate_up.weight.double()).chunk(
             2, -1
@@ -98,8 +101,12 @@ def test_aux_loss_reaches_router_gradient():
         assert isinstance(layer.last_router_output, RouterOutput)
     # The caller adds nothing: the injected gradient is exactly coeff * d(aux_loss)/d(weight).
     assert not torch.equal(grads["aux"], grads["plain"])
-    assert_close(grads["aux"] - grads["plain"], _aux_loss_grad(plain, x, coeff), rtol=1e-4,
-                 name="injected aux-loss gradient")  # fmt: skip
+    assert_close(
+        grads["aux"] - grads["plain"],
+        _aux_loss_grad(plain, x, coeff),
+        rtol=1e-4,
+        name="injected aux-loss gradient",
+    )
     # The expert weights do not see the aux loss.
     assert torch.equal(plain.w13.grad, with_aux.w13.grad)
 
@@ -138,8 +145,13 @@ def test_bad_options(kwargs, match):
     args = dict(hidden_size=D, ffn_hidden_size=FFN, num_experts=E, top_k=K)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        MoELayer(args.pop("hidden_size"), args.pop("ffn_hidden_size"), args.pop("num_experts"),
-                 args.pop("top_k"), **args)  # fmt: skip
+        MoELayer(
+            args.pop("hidden_size"),
+            args.pop("ffn_hidden_size"),
+            args.pop("num_experts"),
+            args.pop("top_k"),
+            **args,
+        )
 
 
 def test_bad_hidden_size():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeblaze.moe_mlp import check_recompute, moe_mlp
+from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 
 
@@ -74,12 +74,17 @@ class MoELayer(nn.Module):
                 f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.hidden_size)  # [N, d]
-        routing = self.router(tokens)
-        self.last_router_output = routing
+        router_output = self.router(tokens)
+        self.last_router_output = router_output
         out = moe_mlp(
-            tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2,
-            recompute=self.recompute, deterministic=self.deterministic,
-        )  # fmt: skip
+            tokens,
+            router_output.topk_ids,
+            router_output.topk_weights,
+            self.w13,
+            self.w2,
+            recompute=self.recompute,
+            deterministic=self.deterministic,
+        )
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)

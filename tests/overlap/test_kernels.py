@@ -14,8 +14,8 @@ import triton
 from overlap_testing import RTOL, randn
 from tolerance import assert_close
 
+from overlap.fused import INTERPRETER_TILE_CONFIG as TILE
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
-from overlap.kernels.common import INTERPRETER_TILE_CONFIG as TILE
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
 
 # The interpreter on CPU-only machines (tests/conftest.py), the compiled kernels on a GPU.
@@ -55,9 +55,22 @@ def test_ag_gemm_computes_every_tile_once_in_rotated_order(W, m, K, n, chunk_m):
         )  # every chunk present (epoch 7)
         status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
         log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
-        launch_ag_gemm(a[rank], gathered, b, out, flags, status, rank=rank, world_size=W, epoch=7,
-                       max_spins=10, chunk_m=chunk_m, config=TILE, num_programs=1,
-                       tile_counts=log)  # fmt: skip
+        launch_ag_gemm(
+            a[rank],
+            gathered,
+            b,
+            out,
+            flags,
+            status,
+            rank=rank,
+            world_size=W,
+            epoch=7,
+            max_spins=10,
+            chunk_m=chunk_m,
+            config=TILE,
+            num_programs=1,
+            tile_counts=log,
+        )
         assert status.tolist() == [0, 0]
         assert log[0].tolist() == [1] * tiles, "every output tile exactly once"
         assert_close(out, expected, rtol=RTOL[torch.float32], name=f"rank {rank}")
@@ -75,9 +88,22 @@ def test_ag_gemm_persistent_grid_sizes(programs):
     log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
     flags = torch.ones(W * triton.cdiv(m, chunk_m), dtype=torch.int32, device=DEVICE)
     status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    launch_ag_gemm(a[1], a.reshape(W * m, K), b, out, flags, status, rank=1, world_size=W,
-                   epoch=1, max_spins=10, chunk_m=chunk_m, config=TILE,
-                   num_programs=min(programs, tiles), tile_counts=log)  # fmt: skip
+    launch_ag_gemm(
+        a[1],
+        a.reshape(W * m, K),
+        b,
+        out,
+        flags,
+        status,
+        rank=1,
+        world_size=W,
+        epoch=1,
+        max_spins=10,
+        chunk_m=chunk_m,
+        config=TILE,
+        num_programs=min(programs, tiles),
+        tile_counts=log,
+    )
     assert log[0].tolist() == [1] * tiles
     assert_close(
         out, a.reshape(W * m, K).double() @ b.double(), rtol=RTOL[torch.float32], name="result"
@@ -100,8 +126,20 @@ def test_gemm_rs_raises_every_flag_once_and_finishes_next_peer_first(W, m, K, n,
             (W * cpr,), 4, dtype=torch.int32, device=DEVICE
         )  # left from an older epoch
         log = torch.zeros(2, tiles, dtype=torch.int32, device=DEVICE)
-        launch_gemm_rs(a, b, partial, counters, flags, rank=rank, world_size=W, epoch=5,
-                       chunk_m=chunk_m, config=TILE, num_programs=1, tile_counts=log)  # fmt: skip
+        launch_gemm_rs(
+            a,
+            b,
+            partial,
+            counters,
+            flags,
+            rank=rank,
+            world_size=W,
+            epoch=5,
+            chunk_m=chunk_m,
+            config=TILE,
+            num_programs=1,
+            tile_counts=log,
+        )
         assert log[0].tolist() == [1] * tiles
         assert flags.tolist() == [5] * (W * cpr), "every chunk completed and flagged"
         tiles_n = triton.cdiv(n, TILE.block_n)
@@ -129,9 +167,21 @@ def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
     for dest in range(W):
         out = torch.full((m, n), float("nan"), device=DEVICE)
         status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-        launch_rs_reduce(_table(partials), _table(flags), out, status, dest=dest, world_size=W,
-                         row_stride=n, epoch=3, max_spins=10, chunk_m=chunk_m, num_programs=2,
-                         block_r=16, block_n=16)  # fmt: skip
+        launch_rs_reduce(
+            _table(partials),
+            _table(flags),
+            out,
+            status,
+            dest=dest,
+            world_size=W,
+            row_stride=n,
+            epoch=3,
+            max_spins=10,
+            chunk_m=chunk_m,
+            num_programs=2,
+            block_r=16,
+            block_n=16,
+        )
         assert status.tolist() == [0, 0]
         assert_close(
             out, total[dest * m : (dest + 1) * m], rtol=RTOL[torch.float32], name=f"dest {dest}"
@@ -153,9 +203,21 @@ def test_ag_gemm_times_out_on_a_missing_chunk_within_the_budget(programs):
     status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     out = torch.full((W * m, n), float("nan"), device=DEVICE)
     start = time.perf_counter()
-    launch_ag_gemm(a[rank], a.reshape(W * m, K), b, out, flags, status, rank=rank, world_size=W,
-                   epoch=9, max_spins=300, chunk_m=chunk_m, config=TILE,
-                   num_programs=programs)  # fmt: skip
+    launch_ag_gemm(
+        a[rank],
+        a.reshape(W * m, K),
+        b,
+        out,
+        flags,
+        status,
+        rank=rank,
+        world_size=W,
+        epoch=9,
+        max_spins=300,
+        chunk_m=chunk_m,
+        config=TILE,
+        num_programs=programs,
+    )
     elapsed = time.perf_counter() - start
     code, peer = status.tolist()
     missing = [(rank + 2) % W, (rank + 3) % W]
@@ -177,7 +239,19 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
     flags[2][dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
     status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     out = torch.full((m, n), float("nan"), device=DEVICE)
-    launch_rs_reduce(_table(partials), _table(flags), out, status, dest=dest, world_size=W,
-                     row_stride=n, epoch=2, max_spins=200, chunk_m=chunk_m, num_programs=1,
-                     block_r=16, block_n=16)  # fmt: skip
+    launch_rs_reduce(
+        _table(partials),
+        _table(flags),
+        out,
+        status,
+        dest=dest,
+        world_size=W,
+        row_stride=n,
+        epoch=2,
+        max_spins=200,
+        chunk_m=chunk_m,
+        num_programs=1,
+        block_r=16,
+        block_n=16,
+    )
     assert status.tolist() == [dest * cpr + 1 + 1, 2]

@@ -12,8 +12,11 @@ import torch
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
-from moeblaze import _alloc
-from moeblaze.expert_stages import TORCH_STAGES, TRITON_STAGES, stages_for
+from kernelbase import alloc
+from kernelbase.backend import backend_for
+from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.ops import STAGES, Saved
+from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import plan_numel
 
 POLICIES = moeblaze.RECOMPUTE_POLICIES
@@ -60,15 +63,15 @@ def path(request):
     if request.param == "torch":
         request.getfixturevalue("torch_stages")
     expected = TORCH_STAGES if request.param == "torch" else TRITON_STAGES
-    assert stages_for(torch.device("cpu")) is expected
+    assert STAGES[backend_for(torch.device("cpu"))] is expected
     return request.param
 
 
 def test_outputs_are_poisoned():
     # The autouse `poison` fixture: a fresh launcher output is NaN until a kernel writes it.
-    assert _alloc.poison
-    assert torch.isnan(_alloc.empty(3, 5, dtype=torch.float32, device="cpu")).all()
-    assert (_alloc.empty(4, dtype=torch.int32, device="cpu") == -(2**30)).all()
+    assert alloc.poison
+    assert torch.isnan(alloc.empty(3, 5, dtype=torch.float32, device="cpu")).all()
+    assert (alloc.empty(4, dtype=torch.int32, device="cpu") == -(2**30)).all()
 
 
 def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
@@ -213,7 +216,7 @@ def _saved(fn, args, recompute, exclude):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_bytes_kept_for_backward(dtype, make_problem, monkeypatch):
+def test_bytes_kept_for_backward(dtype, make_problem):
     T, d, F, E, k = 20, 24, 8, 4, 3  # S*d = 1440 matches no other tensor's size
     S = T * k
     problem = make_problem(T, d, F, E, k, dtype=dtype, seed=10)
@@ -221,18 +224,18 @@ def test_bytes_kept_for_backward(dtype, make_problem, monkeypatch):
     policy_bytes = {"activation": S * 2 * F * elsize, "none": S * 3 * F * elsize, "up_proj": 0}
     kept = {}
     for path in PATHS:
-        monkeypatch.setenv("TRITON_INTERPRET", "1" if path == "kernels" else "0")
-        block_m = stages_for(problem.x.device).block_m(S, E)
-        plan_bytes = plan_numel(S, E, block_m) * 4
-        for policy in POLICIES:
-            x, weights, w13, w2 = problem.leaves()
-            args = (x, problem.topk_ids, weights, w13, w2)
-            nbytes, packed = _saved(moeblaze.moe_mlp, args, policy, exclude=(x, w13, w2))
-            expected = plan_bytes + weights.nbytes + policy_bytes[policy]
-            assert nbytes == expected, f"{path} {policy}: kept {nbytes} bytes, expected {expected}"
-            for t in packed:
-                assert t.numel() != S * d, f"{path} {policy}: saved a [S, d] tensor {t.shape}"
-            kept[path, policy] = nbytes - plan_bytes
+        with moeblaze.use_backend("torch" if path == "torch" else None):
+            block_m = STAGES[backend_for(problem.x.device)].block_m(S, E)
+            plan_bytes = plan_numel(S, E, block_m) * 4
+            for policy in POLICIES:
+                x, weights, w13, w2 = problem.leaves()
+                args = (x, problem.topk_ids, weights, w13, w2)
+                nbytes, packed = _saved(moeblaze.moe_mlp, args, policy, exclude=(x, w13, w2))
+                expected = plan_bytes + weights.nbytes + policy_bytes[policy]
+                assert nbytes == expected, f"{path} {policy}: kept {nbytes}, expected {expected}"
+                for t in packed:
+                    assert t.numel() != S * d, f"{path} {policy}: saved a [S, d] tensor {t.shape}"
+                kept[path, policy] = nbytes - plan_bytes
     # The plans differ in size (block_m is 16 under the interpreter, 64 on the torch path);
     # everything else kept must be the same whichever stages run.
     for policy in POLICIES:
@@ -291,12 +294,14 @@ def test_backward_materializes_no_gradients_for_kept_tensors(policy, make_proble
 
 def test_opcheck(make_problem):
     problem = make_problem(12, 16, 8, 4, 2, seed=13)
-    plan_args = (problem.topk_ids, 4, 16)
+    backend = backend_for(problem.x.device).value
+    plan_args = (problem.topk_ids, 4, 16, backend)
     torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
     plan = torch.ops.moeblaze.routing_plan(*plan_args)
     x, weights, w13, w2 = problem.leaves()
     for policy in POLICIES:
-        args = (x, weights, w13, w2, plan, 16, policy, False)
+        saved = Saved.of(policy, backward=True)
+        args = (x, weights, w13, w2, plan, 16, saved.h, saved.a, False, backend)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_forward.default, args)
 
 
@@ -341,10 +346,17 @@ def test_profiler_ranges():
         layer(x).sum().backward()
     names = {e.name for e in prof.events()}
     expected = {
-        "moeblaze.router", "moeblaze.routing_plan", "moeblaze.moe_mlp.forward", "moeblaze.gate_up",
-        "moeblaze.down_combine", "moeblaze.moe_mlp.backward", "moeblaze.grad_act",
-        "moeblaze.grad_w2", "moeblaze.grad_input", "moeblaze.grad_w13",
-    }  # fmt: skip
+        "moeblaze.router",
+        "moeblaze.routing_plan",
+        "moeblaze.moe_mlp.forward",
+        "moeblaze.gate_up",
+        "moeblaze.down_combine",
+        "moeblaze.moe_mlp.backward",
+        "moeblaze.grad_act",
+        "moeblaze.grad_w2",
+        "moeblaze.grad_input",
+        "moeblaze.grad_w13",
+    }
     assert expected <= names, f"missing ranges: {sorted(expected - names)}"
 
 
@@ -356,8 +368,10 @@ def test_profiler_ranges_up_proj_recompute():
     backward = [e for e in prof.events() if e.name == "moeblaze.moe_mlp.backward"]
     gate_up = [e for e in prof.events() if e.name == "moeblaze.gate_up"]
     assert len(backward) == 1 and len(gate_up) == 2  # forward, and the recompute in backward
-    assert any(backward[0].time_range.start <= g.time_range.start <= backward[0].time_range.end
-               for g in gate_up)  # fmt: skip
+    assert any(
+        backward[0].time_range.start <= g.time_range.start <= backward[0].time_range.end
+        for g in gate_up
+    )
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -372,55 +386,138 @@ def _bad_cases():
     return [
         ("x_1d", with_(x=lambda a: a["x"][0]), ValueError, r"x must be 2-D \[T, d\]"),
         ("x_3d", with_(x=lambda a: a["x"][None]), ValueError, r"x must be 2-D \[T, d\]"),
-        ("x_int", with_(x=lambda a: a["x"].int()), TypeError, "x must be float16, bfloat16 or float32"),
-        ("x_fp64", lambda a: {**a, **{n: a[n].double() for n in ("x", "w13", "w2")}}, TypeError,
-         "x must be float16, bfloat16 or float32, got torch.float64"),
+        (
+            "x_int",
+            with_(x=lambda a: a["x"].int()),
+            TypeError,
+            "x must be float16, bfloat16 or float32",
+        ),
+        (
+            "x_fp64",
+            lambda a: {**a, **{n: a[n].double() for n in ("x", "w13", "w2")}},
+            TypeError,
+            "x must be float16, bfloat16 or float32, got torch.float64",
+        ),
         ("x_list", with_(x=lambda a: a["x"].tolist()), TypeError, "x must be a torch.Tensor"),
-        ("w13_dtype", with_(w13=lambda a: a["w13"].half()), TypeError, "w13 has dtype torch.float16"),
-        ("w2_dtype", with_(w2=lambda a: a["w2"].bfloat16()), TypeError, "w2 has dtype torch.bfloat16"),
-        ("weights_int", with_(topk_weights=lambda a: a["topk_weights"].long()), TypeError,
-         "topk_weights must be floating point"),
-        ("ids_float", with_(topk_ids=lambda a: a["topk_ids"].float()), TypeError,
-         "topk_ids must have an integer dtype"),
+        (
+            "w13_dtype",
+            with_(w13=lambda a: a["w13"].half()),
+            TypeError,
+            "w13 has dtype torch.float16",
+        ),
+        (
+            "w2_dtype",
+            with_(w2=lambda a: a["w2"].bfloat16()),
+            TypeError,
+            "w2 has dtype torch.bfloat16",
+        ),
+        (
+            "weights_int",
+            with_(topk_weights=lambda a: a["topk_weights"].long()),
+            TypeError,
+            "topk_weights must be floating point",
+        ),
+        (
+            "ids_float",
+            with_(topk_ids=lambda a: a["topk_ids"].float()),
+            TypeError,
+            "topk_ids must have an integer dtype",
+        ),
         ("w13_rank", with_(w13=lambda a: a["w13"][0]), ValueError, r"w13 must be \[E, 2F, d\]"),
-        ("w13_odd_2F", with_(w13=lambda a: a["w13"][:, :-1]), ValueError, r"w13 must be \[E, 2F, d\]"),
-        ("w13_d", with_(w13=lambda a: a["w13"][..., :-1]), ValueError, r"w13 must be \[E, 2F, d\] with d=16"),
+        (
+            "w13_odd_2F",
+            with_(w13=lambda a: a["w13"][:, :-1]),
+            ValueError,
+            r"w13 must be \[E, 2F, d\]",
+        ),
+        (
+            "w13_d",
+            with_(w13=lambda a: a["w13"][..., :-1]),
+            ValueError,
+            r"w13 must be \[E, 2F, d\] with d=16",
+        ),
         ("w2_F", with_(w2=lambda a: a["w2"][..., :-1]), ValueError, r"w2 must be \[E, d, F\]"),
         ("w2_E", with_(w2=lambda a: a["w2"][:-1]), ValueError, r"w2 must be \[E, d, F\]"),
-        ("ids_rows", with_(topk_ids=lambda a: a["topk_ids"][:-1]), ValueError,
-         r"topk_ids has 9 rows; expected one per token of x \(10\)"),
-        ("ids_1d", with_(topk_ids=lambda a: a["topk_ids"][:, 0]), ValueError, r"topk_ids must be 2-D"),
-        ("weights_shape", with_(topk_weights=lambda a: a["topk_weights"][:, :1]), ValueError,
-         r"topk_weights must have topk_ids' shape \(10, 2\)"),
-        ("id=E", with_(topk_ids=lambda a: a["topk_ids"].clone().fill_(4)), ValueError,
-         r"topk_ids contains expert id 4; expected ids in \[0, num_experts=4\)"),
-        ("id=-1", with_(topk_ids=lambda a: torch.where(a["topk_ids"] == 0, -1, a["topk_ids"])),
-         ValueError, r"topk_ids contains expert id -1"),
-        ("k>E", lambda a: {**a, "topk_ids": torch.arange(5).repeat(10, 1),
-                           "topk_weights": torch.rand(10, 5)}, ValueError,
-         r"topk_ids has k=5 columns; expected 1 <= k <= num_experts=4"),
-        ("recompute", lambda a: {**a, "recompute": "bogus"}, ValueError,
-         r"recompute must be one of \('activation', 'up_proj', 'none'\), got 'bogus'"),
-        ("deterministic", lambda a: {**a, "deterministic": "yes"}, TypeError,
-         "deterministic must be a bool, got str"),
-    ]  # fmt: skip
+        (
+            "ids_rows",
+            with_(topk_ids=lambda a: a["topk_ids"][:-1]),
+            ValueError,
+            r"topk_ids has 9 rows; expected one per token of x \(10\)",
+        ),
+        (
+            "ids_1d",
+            with_(topk_ids=lambda a: a["topk_ids"][:, 0]),
+            ValueError,
+            r"topk_ids must be 2-D",
+        ),
+        (
+            "weights_shape",
+            with_(topk_weights=lambda a: a["topk_weights"][:, :1]),
+            ValueError,
+            r"topk_weights must have topk_ids' shape \(10, 2\)",
+        ),
+        (
+            "id=E",
+            with_(topk_ids=lambda a: a["topk_ids"].clone().fill_(4)),
+            ValueError,
+            r"topk_ids contains expert id 4; expected ids in \[0, num_experts=4\)",
+        ),
+        (
+            "id=-1",
+            with_(topk_ids=lambda a: torch.where(a["topk_ids"] == 0, -1, a["topk_ids"])),
+            ValueError,
+            r"topk_ids contains expert id -1",
+        ),
+        (
+            "k>E",
+            lambda a: {
+                **a,
+                "topk_ids": torch.arange(5).repeat(10, 1),
+                "topk_weights": torch.rand(10, 5),
+            },
+            ValueError,
+            r"topk_ids has k=5 columns; expected 1 <= k <= num_experts=4",
+        ),
+        (
+            "recompute",
+            lambda a: {**a, "recompute": "bogus"},
+            ValueError,
+            r"recompute must be one of \('activation', 'up_proj', 'none'\), got 'bogus'",
+        ),
+        (
+            "deterministic",
+            lambda a: {**a, "deterministic": "yes"},
+            TypeError,
+            "deterministic must be a bool, got str",
+        ),
+    ]
 
 
 BAD_CASES = _bad_cases()
 
 
-@pytest.mark.parametrize("mutate, error, match", [c[1:] for c in BAD_CASES],
-                         ids=[c[0] for c in BAD_CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    "mutate, error, match", [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES]
+)
 def test_bad_input(mutate, error, match, make_problem):
     problem = make_problem(10, 16, 8, 4, 2)
-    args = dict(x=problem.x, topk_ids=problem.topk_ids, topk_weights=problem.topk_weights,
-                w13=problem.w13, w2=problem.w2)  # fmt: skip
+    args = dict(
+        x=problem.x,
+        topk_ids=problem.topk_ids,
+        topk_weights=problem.topk_weights,
+        w13=problem.w13,
+        w2=problem.w2,
+    )
     args = mutate(args)
     with pytest.raises(error, match=match):
         moeblaze.moe_mlp(
-            args.pop("x"), args.pop("topk_ids"), args.pop("topk_weights"), args.pop("w13"),
-            args.pop("w2"), **args,
-        )  # fmt: skip
+            args.pop("x"),
+            args.pop("topk_ids"),
+            args.pop("topk_weights"),
+            args.pop("w13"),
+            args.pop("w2"),
+            **args,
+        )
 
 
 @pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
@@ -429,23 +526,33 @@ def test_inference_allocates_no_pre_activation(policy, make_problem, monkeypatch
     T, d, F, E, k = 24, 32, 20, 4, 2
     problem = make_problem(T, d, F, E, k, seed=31)
     shapes = []
-    real_empty = _alloc.empty
+    real_empty = alloc.empty
 
     def recording_empty(*shape, dtype, device):
         shapes.append(shape)
         return real_empty(*shape, dtype=dtype, device=device)
 
-    monkeypatch.setattr(_alloc, "empty", recording_empty)
+    monkeypatch.setattr(alloc, "empty", recording_empty)
     with torch.no_grad():
-        out = moeblaze.moe_mlp(problem.x, problem.topk_ids, problem.topk_weights, problem.w13,
-                               problem.w2, recompute=policy)  # fmt: skip
+        out = moeblaze.moe_mlp(
+            problem.x,
+            problem.topk_ids,
+            problem.topk_weights,
+            problem.w13,
+            problem.w2,
+            recompute=policy,
+        )
     assert (T * k, 2 * F) not in shapes and (T * k, F) in shapes, shapes
     if policy != "up_proj":  # positive control: with autograd the policy keeps h [S, 2F]
         shapes.clear()
         leaves = problem.leaves()
         moeblaze.moe_mlp(problem.x, problem.topk_ids, *leaves[1:], recompute=policy)
         assert (T * k, 2 * F) in shapes, shapes
-    expected = moeblaze.moe_mlp_reference(problem.x.double(), problem.topk_ids,
-                                          problem.topk_weights.double(), problem.w13.double(),
-                                          problem.w2.double())  # fmt: skip
+    expected = moeblaze.moe_mlp_reference(
+        problem.x.double(),
+        problem.topk_ids,
+        problem.topk_weights.double(),
+        problem.w13.double(),
+        problem.w2.double(),
+    )
     assert_close(out, expected, rtol=RTOL_FP32, name="out")

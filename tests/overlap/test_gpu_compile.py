@@ -1,4 +1,5 @@
-"""The overlap kernels compile for H100 (sm_90), checked without a GPU."""
+"""The overlap kernels compile for H100 (sm_90) and A100 (sm_80), checked without a GPU by running
+the launchers on meta tensors (tests/gpu_compile.py)."""
 
 import pytest
 from gpu_compile_testing import compile_reports
@@ -8,10 +9,14 @@ from gpu_compile_testing import compile_reports
 def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
     reports = {(r["kernel"], r["scope"]): r for r in compile_reports("overlap")}
     assert set(reports) == {
-        ("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys"),
-        ("rs_reduce_kernel", "gpu"), ("rs_reduce_kernel", "sys"), ("raise_flag_kernel", None),
+        ("ag_gemm_kernel", "gpu"),
+        ("gemm_rs_kernel", "gpu"),
+        ("gemm_rs_kernel", "sys"),
+        ("rs_reduce_kernel", "gpu"),
+        ("rs_reduce_kernel", "sys"),
+        ("raise_flag_kernel", None),
         ("wait_peers_kernel", "sys"),
-    }, sorted(reports)  # fmt: skip
+    }, sorted(reports)
     for key in [("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys")]:
         # Hopper tensor cores with software-pipelined async copies inside the persistent loop.
         assert reports[key]["wgmma"] >= 1, reports[key]

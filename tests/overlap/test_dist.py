@@ -21,7 +21,7 @@ from overlap_testing import RTOL, gloo_rank, randn
 from tolerance import assert_close
 
 import overlap
-from overlap.flags import EPOCH_LIMIT
+from overlap.protocol import EPOCH_LIMIT
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 TOL = RTOL[torch.float32]
@@ -62,8 +62,9 @@ def _check_mlp(world, sequence_parallel: bool) -> None:
     """ParallelMLP on every rank against the dense MLP built from the same seeded weights."""
     W, r = world.world_size, world.rank
     s, b, h, f = 2 * W, 2, 8, 4 * W
-    mlp = overlap.parallel_mlp(h, f, world, sequence_parallel=sequence_parallel,
-                               generator=torch.Generator().manual_seed(7))  # fmt: skip
+    mlp = overlap.parallel_mlp(
+        h, f, world, sequence_parallel=sequence_parallel, generator=torch.Generator().manual_seed(7)
+    )
     generator = torch.Generator().manual_seed(7)  # the layers draw from it in this order
     w1 = torch.empty(f, h).uniform_(-(h**-0.5), h**-0.5, generator=generator)
     w2 = torch.empty(h, f).uniform_(-(f**-0.5), f**-0.5, generator=generator)
@@ -93,7 +94,7 @@ def _check_fused_reuse(world) -> None:
     """Fused calls whose shapes grow and shrink (buffers replaced, slots alternating), one rank
     arriving late to each call, and the epochs wrapping around: every result exact."""
     W, r = world.world_size, world.rank
-    world._epoch = EPOCH_LIMIT - 3  # every rank alike: the wrap happens inside the loop
+    world.fused.epoch = EPOCH_LIMIT - 3  # every rank alike: the wrap happens inside the loop
     for call, (m, K, n) in enumerate([(3, 8, 5), (9, 12, 17), (4, 8, 5), (9, 12, 17)]):
         if r == call % W:
             time.sleep(0.2)  # the peers' kernels wait on this rank's flags meanwhile
@@ -106,7 +107,7 @@ def _check_fused_reuse(world) -> None:
         c = world.matmul_reduce_scatter(a_all[r], b_all[r])
         expected = matmul_reduce_scatter_ref(a_all.double(), b_all.double())[r]
         assert_close(c, expected, rtol=TOL, name=f"call {call} rank {r}: matmul_reduce_scatter")
-    assert world._epoch < 10  # wrapped
+    assert world.fused.epoch < 10  # wrapped
 
 
 def _check_fused_timeout(world) -> None:
@@ -137,8 +138,9 @@ def _worker(rank: int, world_size: int, init_method: str) -> None:
         _check_mlp(overlap.DistWorld(mode="pipelined", config=config), sequence_parallel=True)
         _check_mlp(overlap.DistWorld(mode="serial", config=config), sequence_parallel=False)
         dist.barrier()
-        _check_fused_timeout(overlap.DistWorld(mode="fused", config=overlap.OverlapConfig(
-            chunk_m=2, timeout_s=0.5)))  # fmt: skip
+        _check_fused_timeout(
+            overlap.DistWorld(mode="fused", config=overlap.OverlapConfig(chunk_m=2, timeout_s=0.5))
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -154,5 +156,6 @@ def test_dist_world_over_gloo(world_size, tmp_path):
             # raise ProcessRaisedException with the worker's traceback and are not retried.
             if attempt:
                 raise
-            warnings.warn(f"gloo worker died with {error.signal_name}; running the test again",
-                          stacklevel=1)  # fmt: skip
+            warnings.warn(
+                f"gloo worker died with {error.signal_name}; running the test again", stacklevel=1
+            )

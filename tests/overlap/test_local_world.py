@@ -12,7 +12,7 @@ from overlap_testing import RTOL, randn
 from tolerance import assert_close
 
 import overlap
-from overlap.flags import EPOCH_LIMIT, raise_flag
+from overlap.protocol import EPOCH_LIMIT, raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,7 +37,7 @@ def _world(W, mode, chunk_m, **config):
 
 def _check_tiles_once(world, mode):
     if mode == "fused":
-        for log in world.last_tile_counts:
+        for log in world.fused.last_tile_counts:
             assert log[0].tolist() == [1] * log.shape[1], "every output tile exactly once"
 
 
@@ -103,10 +103,10 @@ def test_zero_rows_take_the_serial_path():
 
 def _drop_one_flag(world, rank, index):
     def producer(flags, i, epoch):
-        if not (flags is world._ag_flags[rank] and i == index):
+        if not (flags is world.fused.ag_flags[rank] and i == index):
             raise_flag(flags, i, epoch)
 
-    world._raise_flag = producer
+    world.fused.raise_flag = producer
 
 
 def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
@@ -118,12 +118,14 @@ def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
     _drop_one_flag(world, rank=1, index=0 * cpr + 2)  # rank 1 never gets chunk 2 of rank 0
     # Epoch 2: the flag still holds epoch 1, which must not count as "arrived".
     start = time.perf_counter()
-    with pytest.raises(overlap.OverlapTimeoutError, match=r"rank 1 .* chunk 2 \(rows 8\.\.12\) from rank 0") as info:  # fmt: skip
+    with pytest.raises(
+        overlap.OverlapTimeoutError, match=r"rank 1 .* chunk 2 \(rows 8\.\.12\) from rank 0"
+    ) as info:
         overlap.all_gather_matmul(a, b, world)
     # 0.2 s of polls (~700 at the interpreter's rate), plus the GEMMs of the other tiles.
     assert time.perf_counter() - start < 10
     assert (info.value.rank, info.value.peer, info.value.chunk) == (1, 0, 2)
-    world._raise_flag = raise_flag
+    world.fused.raise_flag = raise_flag
     assert_close(
         overlap.all_gather_matmul(a, b, world),
         all_gather_matmul_ref(a, b),
@@ -137,10 +139,10 @@ def test_epoch_wraparound_resets_the_flags():
     a, b = randn(2, 8, 16, seed=12, device=DEVICE), randn(2, 16, 16, seed=13, device=DEVICE)
     overlap.all_gather_matmul(a, b, world)
     overlap.matmul_reduce_scatter(a.repeat(1, 2, 1), b, world)
-    world._epoch = EPOCH_LIMIT - 1
+    world.fused.epoch = EPOCH_LIMIT - 1
     c = overlap.all_gather_matmul(a, b, world)
-    assert world._epoch == 1
-    assert all(int(f.max()) == 1 for f in world._ag_flags)
+    assert world.fused.epoch == 1
+    assert all(int(f.max()) == 1 for f in world.fused.ag_flags)
     assert_close(c, all_gather_matmul_ref(a, b), rtol=1e-6, name="result")
 
 
@@ -151,9 +153,16 @@ def test_ops_open_profiler_ranges():
     with torch.profiler.profile() as prof:
         overlap.all_gather_matmul(a, b, world).sum().backward()
     names = {event.name for event in prof.events()}
-    for name in ("overlap.all_gather_matmul", "overlap.all_gather_matmul.fused",
-                 "overlap.ag.copy", "overlap.ag.gemm", "overlap.all_gather_matmul.backward",
-                 "overlap.matmul_reduce_scatter", "overlap.rs.gemm", "overlap.rs.reduce"):  # fmt: skip
+    for name in (
+        "overlap.all_gather_matmul",
+        "overlap.all_gather_matmul.fused",
+        "overlap.ag.copy",
+        "overlap.ag.gemm",
+        "overlap.all_gather_matmul.backward",
+        "overlap.matmul_reduce_scatter",
+        "overlap.rs.gemm",
+        "overlap.rs.reduce",
+    ):
         assert name in names, name
 
 

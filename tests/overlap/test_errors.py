@@ -27,20 +27,65 @@ def _rs_args():
 @pytest.mark.parametrize(
     "op, args, error, match",
     [
-        ("ag", lambda a, b: (a.double(), b.double()), TypeError, r"a_shard must be float16, bfloat16 or float32.*float64"),
-        ("ag", lambda a, b: (a, b.half()), TypeError, r"b has dtype torch.float16; expected a_shard's dtype torch.float32"),
-        ("ag", lambda a, b: (a.tolist(), b), TypeError, r"a_shard must be a torch.Tensor, got list"),
+        (
+            "ag",
+            lambda a, b: (a.double(), b.double()),
+            TypeError,
+            r"a_shard must be float16, bfloat16 or float32.*float64",
+        ),
+        (
+            "ag",
+            lambda a, b: (a, b.half()),
+            TypeError,
+            r"b has dtype torch.float16; expected a_shard's dtype torch.float32",
+        ),
+        (
+            "ag",
+            lambda a, b: (a.tolist(), b),
+            TypeError,
+            r"a_shard must be a torch.Tensor, got list",
+        ),
         ("ag", lambda a, b: (a, b.to("meta")), ValueError, r"b is on meta"),
         ("ag", lambda a, b: (a[0], b), ValueError, r"a_shard must be \[W, rows, cols\].*\(4, 8\)"),
-        ("ag", lambda a, b: (torch.cat([a, a]), b), ValueError, r"a_shard has 4 ranks in its leading dim; the world has 2"),
-        ("ag", lambda a, b: (a, b[:, :5]), ValueError, r"b must have 8 rows \(a_shard's last dim\)"),
-        ("rs", lambda a, b: (a[:, :5], b), ValueError, r"a has 5 rows, not divisible by the world size 2"),
-        ("rs", lambda a, b: (a, b.bfloat16()), TypeError, r"b has dtype torch.bfloat16; expected a's dtype"),
+        (
+            "ag",
+            lambda a, b: (torch.cat([a, a]), b),
+            ValueError,
+            r"a_shard has 4 ranks in its leading dim; the world has 2",
+        ),
+        (
+            "ag",
+            lambda a, b: (a, b[:, :5]),
+            ValueError,
+            r"b must have 8 rows \(a_shard's last dim\)",
+        ),
+        (
+            "rs",
+            lambda a, b: (a[:, :5], b),
+            ValueError,
+            r"a has 5 rows, not divisible by the world size 2",
+        ),
+        (
+            "rs",
+            lambda a, b: (a, b.bfloat16()),
+            TypeError,
+            r"b has dtype torch.bfloat16; expected a's dtype",
+        ),
         ("rs", lambda a, b: (a, b[:, :7]), ValueError, r"b must have 8 rows \(a's last dim\)"),
     ],
-    ids=["dtype", "dtype-mix", "not-tensor", "device", "no-rank-dim", "rank-count", "inner-dim",
-         "M%W", "rs-dtype-mix", "rs-inner-dim"],
-)  # fmt: skip
+    ids=[
+        "dtype",
+        "dtype-mix",
+        "not-tensor",
+        "device",
+        "no-rank-dim",
+        "rank-count",
+        "inner-dim",
+        "M%W",
+        "rs-dtype-mix",
+        "rs-inner-dim",
+    ],
+)
 def test_bad_tensors(world, op, args, error, match):
     fn, make = (
         (overlap.all_gather_matmul, _ag_args)
@@ -72,9 +117,12 @@ def test_bad_world_arguments(kwargs, error, match):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(chunk_m=0), "chunk_m must be >= 1"), (dict(timeout_s=0), "timeout_s must be > 0"),
-     (dict(free_sms=-1), "free_sms must be >= 0")],
-)  # fmt: skip
+    [
+        (dict(chunk_m=0), "chunk_m must be >= 1"),
+        (dict(timeout_s=0), "timeout_s must be > 0"),
+        (dict(free_sms=-1), "free_sms must be >= 0"),
+    ],
+)
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         overlap.OverlapConfig(**kwargs)
@@ -115,14 +163,22 @@ def _facts(host="node0", device="cpu", interpreting=True, **cuda):
         ([_facts(), _facts(host="node1")], "cpu", r"spans several hosts \(node0, node1\)"),
         ([_facts(), _facts(interpreting=False)], "cpu", r"only under the Triton interpreter"),
         ([_facts(), _facts(device="cuda:0")], "cpu", r"devices are of different types"),
-        ([_facts(device="cuda:0", symmetric_memory=False, index=0, peers={0: True})] * 2,
-         "cuda", r"no torch.distributed._symmetric_memory"),
-        ([_facts(device="cuda:0", symmetric_memory=True, index=0, peers={0: True, 1: False}),
-          _facts(device="cuda:1", symmetric_memory=True, index=1, peers={0: True, 1: True})],
-         "cuda", r"GPU 0 has no peer access to GPU 1"),
+        (
+            [_facts(device="cuda:0", symmetric_memory=False, index=0, peers={0: True})] * 2,
+            "cuda",
+            r"no torch.distributed._symmetric_memory",
+        ),
+        (
+            [
+                _facts(device="cuda:0", symmetric_memory=True, index=0, peers={0: True, 1: False}),
+                _facts(device="cuda:1", symmetric_memory=True, index=1, peers={0: True, 1: True}),
+            ],
+            "cuda",
+            r"GPU 0 has no peer access to GPU 1",
+        ),
     ],
     ids=["hosts", "no-interpreter", "device-types", "no-symm-mem", "no-peer-access"],
-)  # fmt: skip
+)
 def test_dist_world_fused_says_why_peer_memory_is_unavailable(facts, device, match):
     from overlap.peer_memory import _why_unavailable
 
@@ -133,8 +189,10 @@ def test_peer_memory_works_for_one_host_and_for_gpus_with_peer_access():
     from overlap.peer_memory import _why_unavailable
 
     assert _why_unavailable([_facts(), _facts()], torch.device("cpu")) is None
-    gpu = [_facts(device=f"cuda:{i}", symmetric_memory=True, index=i, peers={0: True, 1: True})
-           for i in range(2)]  # fmt: skip
+    gpu = [
+        _facts(device=f"cuda:{i}", symmetric_memory=True, index=i, peers={0: True, 1: True})
+        for i in range(2)
+    ]
     assert _why_unavailable(gpu, torch.device("cuda")) is None
     shared = [_facts(device="cuda:0", symmetric_memory=True, index=0, peers={0: True})] * 2
     assert _why_unavailable(shared, torch.device("cuda")) is None  # two ranks on one GPU

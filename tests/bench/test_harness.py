@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import kernelbase.backend
 import moeblaze
 from bench import harness, moe_layer, readme_table
 from bench.baselines import _grouped_mm_runs, dense_dispatch_moe_mlp
@@ -173,7 +174,7 @@ def test_cuda_timing_and_memory():
 def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(tmp_path, monkeypatch):
     # moeblaze's torch stages keep the same bytes as its kernels (tests/moeblaze) and run
     # without the slow interpreter.
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernelbase.backend, "_forced", kernelbase.Backend.TORCH)
     providers = "moeblaze-activation,moeblaze-up_proj,moeblaze-none,grouped_mm"
     argv = ["--shapes", "tiny", "--providers", providers, "--modes", "fwd", "--out", str(tmp_path)]
     rows = {r["provider"]: r for r in moe_layer.main([*argv, "--rep-ms", "1", "--no-plot"])}

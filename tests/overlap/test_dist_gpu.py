@@ -45,8 +45,7 @@ def _check_ops(world, dtype, m, K, n, seed, late_rank=None):
     assert torch.equal(gathered, a_all.reshape(W * m, K))
     a_all = randn(W, W * m, K, dtype=dtype, device="cuda", seed=seed + 2)
     c = world.matmul_reduce_scatter(a_all[r], b_all[r])
-    _check(c, (a_all, b_all), lambda a, b: matmul_reduce_scatter_ref(a, b)[r],
-           f"rank {r}: RS {m}")  # fmt: skip
+    _check(c, (a_all, b_all), lambda a, b: matmul_reduce_scatter_ref(a, b)[r], f"rank {r}: RS {m}")
 
 
 def _check_grads(world, dtype):
@@ -62,13 +61,16 @@ def _check_grads(world, dtype):
     all_gather_matmul_ref(a64, b64).backward(dc_all.double())
     a_t, b_t = a_all.clone().requires_grad_(), b_all.clone().requires_grad_()
     all_gather_matmul_ref(a_t, b_t).backward(dc_all)
-    for name, got, want, torch_grad in [("a", a.grad, a64.grad, a_t.grad),
-                                        ("b", b.grad, b64.grad, b_t.grad)]:  # fmt: skip
+    for name, got, want, torch_grad in [
+        ("a", a.grad, a64.grad, a_t.grad),
+        ("b", b.grad, b64.grad, b_t.grad),
+    ]:
         if dtype == torch.float32:
             assert_close(got, want[r], rtol=RTOL[dtype], name=f"rank {r}: grad {name}")
         else:
-            assert_bf16_close(got, want[r], torch_grad[r], factor=2.0,
-                              name=f"rank {r}: grad {name}")  # fmt: skip
+            assert_bf16_close(
+                got, want[r], torch_grad[r], factor=2.0, name=f"rank {r}: grad {name}"
+            )
 
 
 def _worker(rank: int, init_method: str) -> None:

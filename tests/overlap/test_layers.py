@@ -89,8 +89,9 @@ def _dense_mlp(mlp):
 def test_parallel_mlp_matches_the_dense_mlp(sequence_parallel):
     W, s, b, h, f = 3, 6, 2, 16, 24
     world = _world(W, "fused")
-    mlp = overlap.parallel_mlp(h, f, world, sequence_parallel=sequence_parallel,
-                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    mlp = overlap.parallel_mlp(
+        h, f, world, sequence_parallel=sequence_parallel, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         for p in (mlp.up.bias, mlp.down.bias):
             p.copy_(randn(*p.shape, seed=p.numel()))
@@ -102,7 +103,9 @@ def test_parallel_mlp_matches_the_dense_mlp(sequence_parallel):
     y = mlp(x)
     w1, b1, w2, b2 = _dense_mlp(mlp)
     x64 = x_full.double().requires_grad_()
-    y64 = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x64, w1, b1)), w2, b2)  # fmt: skip
+    y64 = torch.nn.functional.linear(
+        torch.nn.functional.gelu(torch.nn.functional.linear(x64, w1, b1)), w2, b2
+    )
     if sequence_parallel:
         assert_close(y, y64.reshape(W, s // W, b, h), rtol=TOL, name="y")
         loss, loss64 = (y * y).sum(), (y64 * y64).sum()

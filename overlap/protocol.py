@@ -1,4 +1,7 @@
-"""Host side of the flag protocol: raising flags, the wait budget, status words, the timeout error.
+"""Host side of the flag protocol: chunks and their walk, raising flags, the wait budget, status
+words and the timeout error. The device side is overlap.kernels.flags.
+
+# W ranks, m rows per rank shard, CH rows per chunk
 
 How a producer raises a flag (after the chunk's copy, on the same stream):
 
@@ -18,10 +21,12 @@ The wait budget is counted in polls, not in time: `max_spins = timeout_s * SPINS
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
-import triton.language as tl
+
+from overlap.kernels.flags import launch_raise_flag
 
 # Polls per second of `wait_flag`. Interpreter: measured on the development CPU (4000 polls of
 # a never-raised flag took 1.16 s). CUDA: placeholder, not measured: one acquire load from L2
@@ -31,6 +36,9 @@ SPINS_PER_SECOND = {"cpu": 3_500, "cuda": 2_000_000}
 # SMs left free of the persistent consumer when flags are raised by a kernel (no stream write).
 FALLBACK_FREE_SMS = 2
 EPOCH_LIMIT = 2**31 - 1
+# Rows per chunk when OverlapConfig.chunk_m is None. Placeholder, not measured: 512 rows of a
+# K=8192 bf16 shard are 8 MiB, a few microseconds of copy, well above per-copy overheads.
+DEFAULT_CHUNK_ROWS = 512
 
 
 class OverlapTimeoutError(RuntimeError):
@@ -40,8 +48,16 @@ class OverlapTimeoutError(RuntimeError):
     index among that peer's chunks for this rank) and rows (its half-open row range).
     """
 
-    def __init__(self, op: str, rank: int, peer: int, chunk: int, rows: tuple[int, int],
-                 timeout_s: float, max_spins: int):  # fmt: skip
+    def __init__(
+        self,
+        op: str,
+        rank: int,
+        peer: int,
+        chunk: int,
+        rows: tuple[int, int],
+        timeout_s: float,
+        max_spins: int,
+    ):
         self.op, self.rank, self.peer, self.chunk, self.rows = op, rank, peer, chunk, rows
         super().__init__(
             f"{op}: rank {rank} timed out waiting for chunk {chunk} (rows {rows[0]}..{rows[1]}) "
@@ -63,6 +79,11 @@ class ChunkLayout:
     m: int
     chunk_m: int
 
+    @classmethod
+    def of(cls, m: int, chunk_m: int | None) -> "ChunkLayout":
+        """m rows in chunks of `chunk_m` rows (None: DEFAULT_CHUNK_ROWS), at least 1, at most m."""
+        return cls(m, max(1, min(chunk_m or DEFAULT_CHUNK_ROWS, m)))
+
     @property
     def count(self) -> int:
         return triton.cdiv(self.m, self.chunk_m)
@@ -71,8 +92,25 @@ class ChunkLayout:
         return chunk * self.chunk_m, min((chunk + 1) * self.chunk_m, self.m)
 
 
-def check_status(status: torch.Tensor, *, op: str, rank: int, layout: ChunkLayout,
-                 timeout_s: float, max_spins: int) -> None:  # fmt: skip
+def peer_chunks(rank: int, world_size: int, layout: ChunkLayout) -> Iterator[tuple[int, int]]:
+    """(src, chunk) of every peer's chunk in arrival order: the peers in rotated order
+    (rank + 1, rank + 2, ...), each peer's chunks first to last. The fused AG-GEMM walks its
+    tiles in this order, the producers bring chunks in it."""
+    for step in range(1, world_size):
+        src = (rank + step) % world_size
+        for chunk in range(layout.count):
+            yield src, chunk
+
+
+def check_status(
+    status: torch.Tensor,
+    *,
+    op: str,
+    rank: int,
+    layout: ChunkLayout,
+    timeout_s: float,
+    max_spins: int,
+) -> None:
     """Raise OverlapTimeoutError if a kernel recorded a timeout in `status` (then clear it).
 
     status[0] = 1 + flag index (peer_or_dest * chunks + chunk), status[1] = the peer rank.
@@ -84,11 +122,6 @@ def check_status(status: torch.Tensor, *, op: str, rank: int, layout: ChunkLayou
     status.zero_()
     chunk = (code - 1) % layout.count
     raise OverlapTimeoutError(op, rank, peer, chunk, layout.rows(chunk), timeout_s, max_spins)
-
-
-@triton.jit
-def raise_flag_kernel(flags_ptr, index, epoch):
-    tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope="gpu")
 
 
 @functools.cache
@@ -115,7 +148,7 @@ def raise_flag(flags: torch.Tensor, index: int, epoch: int) -> None:
         return
     ops = _stream_write_ops()
     if ops is None:
-        raise_flag_kernel[(1,)](flags, index, epoch, num_warps=1)
+        launch_raise_flag(flags, index, epoch)
     elif torch.cuda.is_current_stream_capturing():
         ops[1](flags.view(torch.uint32), index, epoch, 1)
     else:

@@ -1,4 +1,4 @@
-"""Pieces shared by the overlap kernels: tile configuration, tile swizzle, the bounded flag wait.
+"""Device side of the flag protocol: bounded waits, the peers' ready wait, the fallback flag raise.
 
 Flag protocol (all flags are int32, one per chunk, owned by the rank that waits on them):
 
@@ -10,47 +10,22 @@ epoch simply reads as "not yet". A consumer that runs out of polls records
 `(flag index + 1, peer rank)` in its rank's status word (first one wins, by compare-and-swap) and
 stops computing; the other programs see the status word in their own polls and stop too, so the
 whole launch ends within about one timeout. The host reads the status word after the launch and
-raises `OverlapTimeoutError`.
+raises `OverlapTimeoutError` (overlap.protocol).
 
 Every atomic takes the memory scope `SCOPE` (a constexpr): "gpu" when all ranks share one device
 (LocalWorld), "sys" when flags and rows live in peer GPUs' memory (DistWorld's symmetric memory).
 The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Triton version
 from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
-"""
 
-import dataclasses
+    wait_flag, wait_chunks   device functions the consumer kernels call (ag_gemm, gemm_rs)
+    wait_peers_kernel        one program: every peer's ready flag reached the epoch (DistWorld)
+    raise_flag_kernel        one program: a release store of a flag, where no stream write exists
+and the launchers of the two kernels.
+"""
 
 import torch
 import triton
 import triton.language as tl
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes and launch options of the persistent GEMM kernels."""
-
-    block_m: int = 128
-    block_n: int = 256
-    block_k: int = 64
-    group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 3
-    # Upper bound on the persistent grid (None: one program per SM, or per tile if fewer).
-    max_programs: int | None = None
-
-
-# GPU: 128x256 tiles (the bf16 H100 shape of Triton's persistent matmul tutorial) with
-# BLOCK_K=32 and 4 stages: 239 registers and no spills in Triton 3.9's sm_90 build
-# (tests/gpu_compile.py), where BLOCK_K=64 spills 40 bytes at 255 registers. Not yet timed on a GPU.
-GPU_TILE_CONFIG = TileConfig(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=4)
-# CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
-INTERPRETER_TILE_CONFIG = TileConfig(
-    block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3
-)
-
-
-def default_tile_config(device: torch.device) -> TileConfig:
-    return GPU_TILE_CONFIG if device.type == "cuda" else INTERPRETER_TILE_CONFIG
 
 
 @triton.jit
@@ -76,8 +51,19 @@ def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer, SCOPE: t
 
 
 @triton.jit
-def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_ptr, max_spins,
-                peer, ok, SCOPE: tl.constexpr):  # fmt: skip
+def wait_chunks(
+    flags_ptr,
+    first_flag,
+    row0,
+    rows_end,
+    chunk_m,
+    epoch,
+    status_ptr,
+    max_spins,
+    peer,
+    ok,
+    SCOPE: tl.constexpr,
+):
     """Wait on the flags of every chunk holding rows [row0, rows_end) of one rank's segment.
 
     The chunks of a segment are consecutive flags starting at `first_flag`; `ok` is 0 once any
@@ -85,29 +71,71 @@ def wait_chunks(flags_ptr, first_flag, row0, rows_end, chunk_m, epoch, status_pt
     """
     for chunk in range(row0 // chunk_m, (rows_end - 1) // chunk_m + 1):
         if ok != 0:
-            ok = wait_flag(flags_ptr + first_flag + chunk, epoch, status_ptr, max_spins,
-                           first_flag + chunk, peer, SCOPE)  # fmt: skip
+            ok = wait_flag(
+                flags_ptr + first_flag + chunk,
+                epoch,
+                status_ptr,
+                max_spins,
+                first_flag + chunk,
+                peer,
+                SCOPE,
+            )
     return ok
 
 
 @triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
-def wait_peers_kernel(flag_table_ptr, status_ptr, rank, epoch, max_spins, flags_per_rank,
-                      WORLD_SIZE: tl.constexpr, SCOPE: tl.constexpr):  # fmt: skip
-    """One program: wait until the flag of every peer (addresses in flag_table_ptr[W]) reaches
-    `epoch`. A timeout is recorded as a wait on the peer's chunk 0 (flag peer * flags_per_rank)."""
+def wait_peers_kernel(
+    flag_table_ptr,  # [W] int64 addresses of the peers' ready flags
+    status_ptr,
+    rank,
+    epoch,
+    max_spins,
+    flags_per_rank,
+    WORLD_SIZE: tl.constexpr,
+    SCOPE: tl.constexpr,
+):
+    """One program: wait until the flag of every peer reaches `epoch`. A timeout is recorded as
+    a wait on the peer's chunk 0 (flag peer * flags_per_rank)."""
     ok = 1
     for step in range(1, WORLD_SIZE):
         peer = (rank + step) % WORLD_SIZE
         if ok != 0:
             flag_ptr = tl.load(flag_table_ptr + peer).to(tl.pointer_type(tl.int32))
-            ok = wait_flag(flag_ptr, epoch, status_ptr, max_spins, peer * flags_per_rank, peer,
-                           SCOPE)  # fmt: skip
+            ok = wait_flag(
+                flag_ptr, epoch, status_ptr, max_spins, peer * flags_per_rank, peer, SCOPE
+            )
 
 
-def launch_wait_peers(flag_table, status, *, rank: int, world_size: int, epoch: int,
-                      max_spins: int, flags_per_rank: int, scope: str) -> None:  # fmt: skip
+@triton.jit
+def raise_flag_kernel(flags_ptr, index, epoch):
+    tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope="gpu")
+
+
+def launch_wait_peers(
+    flag_table: torch.Tensor,
+    status: torch.Tensor,
+    *,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    max_spins: int,
+    flags_per_rank: int,
+    scope: str,
+) -> None:
     """Run `wait_peers_kernel` (one program) on the current stream."""
     wait_peers_kernel[(1,)](
-        flag_table, status, rank, epoch, max_spins, flags_per_rank,
-        WORLD_SIZE=world_size, SCOPE=scope, num_warps=1,
-    )  # fmt: skip
+        flag_table,
+        status,
+        rank,
+        epoch,
+        max_spins,
+        flags_per_rank,
+        WORLD_SIZE=world_size,
+        SCOPE=scope,
+        num_warps=1,
+    )
+
+
+def launch_raise_flag(flags: torch.Tensor, index: int, epoch: int) -> None:
+    """Run `raise_flag_kernel` (one program, one SM) on the current stream."""
+    raise_flag_kernel[(1,)](flags, index, epoch, num_warps=1)

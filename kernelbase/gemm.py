@@ -1,24 +1,54 @@
 """GEMM building blocks shared by the kernels of moeblaze and overlap.
 
+    GemmConfig     tile sizes and launch options of one GEMM kernel
+    launch_meta    launcher side: the constexprs and launch options of a config for a dtype
     swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
     rows_matmul    fp32 product of BLOCK_M rows of A, picked by index, with a strided B tile
-    dot_options    launcher side: the DOT_FP32 / INPUT_PRECISION constexprs for a dtype
 
 DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
 operands as their raw 16-bit storage, so launchers set it when interpreting.
 """
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
-from moeblaze._device import interpreting
+from kernelbase.backend import interpreting
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch options of a GEMM kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    # Persistent kernels: upper bound on the grid (None: one program per SM, or per tile).
+    max_programs: int | None = None
 
 
 def dot_options(dtype: torch.dtype) -> dict:
     """tl.dot constexprs: float32 operands use TF32 exactly when torch's matmul would."""
     full_fp32 = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     return dict(DOT_FP32=interpreting(), INPUT_PRECISION="ieee" if full_fp32 else "tf32")
+
+
+def launch_meta(config: GemmConfig, dtype: torch.dtype) -> dict:
+    """Keyword arguments of a launch: BLOCK_M/N/K, GROUP_M, the dot options, warps and stages."""
+    return dict(
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **dot_options(dtype),
+    )
 
 
 @triton.jit
@@ -34,11 +64,24 @@ def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def rows_matmul(
-    a_ptr, a_rows, row_mask, stride_am,
-    b_ptr, stride_bk, stride_bn, cols, col_mask, second_b_offset, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DUAL: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
+    a_ptr,
+    a_rows,  # [BLOCK_M] row indices into A
+    row_mask,  # [BLOCK_M]
+    stride_am,
+    b_ptr,
+    stride_bk,
+    stride_bn,
+    cols,  # [BLOCK_N] column indices into B
+    col_mask,  # [BLOCK_N]
+    second_b_offset,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DUAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     """acc[i, j] = sum_kk A[a_rows[i], kk] * B[kk, cols[j]] in fp32; A rows have unit K stride.
 
     With DUAL, also the product with the B that starts `second_b_offset` elements later (the

@@ -1,0 +1,331 @@
+"""`moe_mlp`: the expert MLP of an MoE layer as `torch.library` ops with autograd.
+
+# T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
+
+    topk_ids ──► moeblaze::routing_plan ──► plan_buffer (int32, O(S + E): a RoutingPlan)
+    x, topk_weights, w13, w2, plan_buffer ──► moeblaze::moe_mlp_forward ──► out [T, d]  (+ what backward keeps)
+    dout, saved ──► moeblaze::moe_mlp_backward ──► dx, dtopk_weights, dw13, dw2
+
+What forward keeps for backward (`Saved`), by `recompute` policy, besides x, the weights,
+topk_weights and the plan:
+
+    "activation"  h [S, 2F], the pre-activation; SwiGLU is recomputed in backward
+    "up_proj"     nothing of size S*F; the gate/up GEMM is recomputed in backward
+    "none"        h [S, 2F] and a [S, F]
+
+Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
+(`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`
+(moeblaze.reference), which both follow `Stages`. The ops are opaque to torch.compile (fake
+implementations give shapes); their data-dependent checks run when they execute.
+"""
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+from kernelbase.backend import Backend, backend_for
+from kernelbase.profiling import profile_range
+from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.reference import TORCH_STAGES
+from moeblaze.routing_plan import (
+    RoutingPlan,
+    check_ids_in_range,
+    check_routing_args,
+    make_plan,
+    plan_numel,
+)
+
+RECOMPUTE_POLICIES = ("activation", "up_proj", "none")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Stages(Protocol):
+    """The stages of the expert MLP. Per-position tensors are in sorted order (routing_plan).
+
+    Stage               reads                         returns
+    gate_up             x, w13                        h [S, 2F] if store_h, a [S, F] if store_a
+    down_combine        a, w2, topk_weights           out [T, d]
+    grad_act            dout, w2, h, topk_weights     dh [S, 2F], dweights [T, k] fp32, a if store_a
+    grad_input          dh, w13                       dx [T, d]
+    grad_w2 / grad_w13  dout, a, topk_weights / dh, x dw2 [E, d, F] / dw13 [E, 2F, d]
+    """
+
+    def block_m(self, num_slots: int, num_experts: int) -> int: ...
+    def gate_up(self, x, w13, plan: RoutingPlan, *, store_h: bool, store_a: bool): ...
+    def down_combine(self, a, w2, topk_weights, plan: RoutingPlan, *, deterministic: bool): ...
+    def grad_act(self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool): ...
+    def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool): ...
+    def grad_w2(self, dout, a, topk_weights, plan: RoutingPlan): ...
+    def grad_w13(self, dh, x, plan: RoutingPlan): ...
+
+
+STAGES: dict[Backend, Stages] = {
+    Backend.TRITON: TRITON_STAGES,
+    Backend.INTERPRETER: TRITON_STAGES,
+    Backend.TORCH: TORCH_STAGES,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What forward keeps for backward, besides x, the weights, topk_weights and the plan."""
+
+    h: bool  # the pre-activation [S, 2F]
+    a: bool  # the activation [S, F]
+
+    @classmethod
+    def of(cls, recompute: str, backward: bool) -> "Saved":
+        """The policy `recompute` names; nothing at all when no backward will run."""
+        if not backward:
+            return cls(h=False, a=False)
+        return {
+            "activation": cls(h=True, a=False),
+            "up_proj": cls(h=False, a=False),
+            "none": cls(h=True, a=True),
+        }[recompute]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@torch.library.custom_op("moeblaze::routing_plan", mutates_args=())
+def _routing_plan_op(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, backend: str
+) -> torch.Tensor:
+    check_ids_in_range(topk_ids, num_experts)  # a look at the values: the rest is checked
+    return make_plan(topk_ids, num_experts, block_m, Backend(backend)).buffer
+
+
+@_routing_plan_op.register_fake
+def _(topk_ids, num_experts, block_m, backend):
+    return topk_ids.new_empty(plan_numel(topk_ids.numel(), num_experts, block_m), dtype=torch.int32)
+
+
+def _plan(plan_buffer: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, block_m: int):
+    """The RoutingPlan inside `plan_buffer`; topk_weights is [T, k], so it gives S = T*k and k."""
+    return RoutingPlan.from_buffer(
+        plan_buffer, topk_weights.numel(), num_experts, topk_weights.shape[1], block_m
+    )
+
+
+@torch.library.custom_op("moeblaze::moe_mlp_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    plan_buffer: torch.Tensor,
+    block_m: int,
+    keep_h: bool,
+    keep_a: bool,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward."""
+    routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
+    stages = STAGES[Backend(backend)]
+    x, topk_weights = x.contiguous(), topk_weights.contiguous()
+    with profile_range("moeblaze.moe_mlp.forward"):
+        with profile_range("moeblaze.gate_up"):
+            h, a = stages.gate_up(x, w13, routing_plan, store_h=keep_h, store_a=True)
+        with profile_range("moeblaze.down_combine"):
+            out = stages.down_combine(
+                a, w2, topk_weights, routing_plan, deterministic=deterministic
+            )
+    empty = x.new_empty(0)
+    return out, h if keep_h else empty, a if keep_a else empty.clone()
+
+
+@_forward_op.register_fake
+def _(x, topk_weights, w13, w2, plan_buffer, block_m, keep_h, keep_a, deterministic, backend):
+    num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
+    h = x.new_empty(num_slots, 2 * ffn) if keep_h else x.new_empty(0)
+    a = x.new_empty(num_slots, ffn) if keep_a else x.new_empty(0)
+    return x.new_empty(x.shape), h, a
+
+
+@torch.library.custom_op("moeblaze::moe_mlp_backward", mutates_args=())
+def _backward_op(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    plan_buffer: torch.Tensor,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    block_m: int,
+    keep_h: bool,
+    keep_a: bool,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx [T, d], dtopk_weights [T, k], dw13 [E, 2F, d], dw2 [E, d, F])."""
+    routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
+    stages = STAGES[Backend(backend)]
+    dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
+    with profile_range("moeblaze.moe_mlp.backward"):
+        if not keep_h:
+            with profile_range("moeblaze.gate_up"):
+                h, _ = stages.gate_up(x, w13, routing_plan, store_h=True, store_a=False)
+        with profile_range("moeblaze.grad_act"):
+            dh, dweights, a_recomputed = stages.grad_act(
+                dout, w2, h, topk_weights, routing_plan, store_a=not keep_a
+            )
+        del h
+        with profile_range("moeblaze.grad_w2"):
+            dw2 = stages.grad_w2(dout, a if keep_a else a_recomputed, topk_weights, routing_plan)
+        del a_recomputed
+        with profile_range("moeblaze.grad_input"):
+            dx = stages.grad_input(dh, w13, routing_plan, deterministic=deterministic)
+        with profile_range("moeblaze.grad_w13"):
+            dw13 = stages.grad_w13(dh, x, routing_plan)
+    return dx, dweights.to(topk_weights.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype)
+
+
+@_backward_op.register_fake
+def _(dout, x, topk_weights, w13, w2, plan_buffer, h, a, *options):
+    return (
+        x.new_empty(x.shape),
+        topk_weights.new_empty(topk_weights.shape),
+        w13.new_empty(w13.shape),
+        w2.new_empty(w2.shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, topk_weights, w13, w2, plan_buffer, *options = inputs
+    _, h, a = output
+    ctx.save_for_backward(x, topk_weights, w13, w2, plan_buffer, h, a)
+    ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend
+    # h and a are outputs only so that backward can keep them: no gradient flows into them, and
+    # autograd must not allocate zero gradients of their size.
+    ctx.mark_non_differentiable(h, a)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, _dh, _da):
+    if dout is None:
+        return (None,) * 10
+    x, topk_weights, w13, w2, plan_buffer, h, a = ctx.saved_tensors
+    dx, dweights, dw13, dw2 = torch.ops.moeblaze.moe_mlp_backward(
+        dout, x, topk_weights, w13, w2, plan_buffer, h, a, *ctx.options
+    )
+    return dx, dweights, dw13, dw2, *(None,) * 6
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+
+
+def moe_mlp(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    recompute: str = "activation",
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """SwiGLU experts applied to routed tokens, combined with the routing weights.
+
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :F] @ x[t]) * (w13[e, F:] @ x[t]))
+    with e = topk_ids[t, j].
+
+    Args:
+        x: [T, d] float16, bfloat16 or float32.
+        topk_ids: [T, k] integer expert ids in [0, E).
+        topk_weights: [T, k] floating routing weights (any float dtype; the gradient keeps it).
+        w13: [E, 2F, d] gate rows then up rows (Hugging Face layout), x's dtype.
+        w2: [E, d, F], x's dtype.
+        recompute: what forward keeps for backward: "activation" (default; the pre-activation
+            [T*k, 2F]), "up_proj" (nothing of size T*k*F; the gate/up GEMM runs again in
+            backward) or "none" (pre-activation and activation). When no input requires grad
+            or grad mode is off, nothing is kept whatever the policy.
+        deterministic: make every output bitwise reproducible run to run. The top-k combines
+            of forward and of dx then go through a transient fp32 buffer of [T*k, d]
+            (4*T*k*d bytes, freed before the op returns; never kept for backward) and are summed
+            in a fixed order, instead of fp32 atomics into [T, d]. All other results are
+            reproducible in either mode. With k = 1 both modes are the same.
+
+    Returns:
+        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
+    """
+    _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))
+    saved = Saved.of(recompute, backward)
+    backend = backend_for(x.device)
+    num_experts = w13.shape[0]
+    block_m = STAGES[backend].block_m(topk_ids.numel(), num_experts)
+    plan_buffer = torch.ops.moeblaze.routing_plan(topk_ids, num_experts, block_m, backend.value)
+    out, _, _ = torch.ops.moeblaze.moe_mlp_forward(
+        x,
+        topk_weights,
+        w13,
+        w2,
+        plan_buffer,
+        block_m,
+        saved.h,
+        saved.a,
+        deterministic,
+        backend.value,
+    )
+    return out
+
+
+def check_recompute(recompute: str) -> None:
+    if recompute not in RECOMPUTE_POLICIES:
+        raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+
+
+def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic) -> None:
+    for name, t in (("x", x), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected x's dtype {x.dtype}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, d], got shape {tuple(x.shape)}")
+    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"w13 must be [E, 2F, d] with d={x.shape[1]} (x's last dim) and an even 2F, "
+            f"got shape {tuple(w13.shape)}"
+        )
+    num_experts, ffn = w13.shape[0], w13.shape[1] // 2
+    if tuple(w2.shape) != (num_experts, x.shape[1], ffn):
+        raise ValueError(
+            f"w2 must be [E, d, F] = {(num_experts, x.shape[1], ffn)} to match w13 and x, "
+            f"got shape {tuple(w2.shape)}"
+        )
+    check_routing_args(topk_ids, num_experts)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids has {topk_ids.shape[0]} rows; expected one per token of x ({x.shape[0]})"
+        )
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    for name, t in (
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+        ("w13", w13),
+        ("w2", w2),
+    ):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}; expected x's device {x.device}")
+    check_recompute(recompute)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")

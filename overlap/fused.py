@@ -1,0 +1,192 @@
+"""The state and shared machinery of a world's fused calls: `FusedContext`.
+
+# W ranks, m rows per rank shard, K inner (AG), n local columns (AG), N columns (RS),
+# CH rows per chunk
+
+A world that can run the FUSED schedule builds one context with itself (as Triton-distributed
+builds an AG-GEMM context once per layer), a subclass of `FusedContext` that owns everything a
+fused call needs besides its inputs and implements the two fused schedules of its world:
+
+    FusedContext (here)      tile config, wait budget, the world's side stream, the call
+                             epochs, one status word per rank whose kernels run in this process,
+                             persistent grid sizes, tile logs, the AG chunk producer
+    LocalFused (local_world) the W ranks' flags, gather buffers and GEMM-RS workspaces
+    PeerFused (dist_world)   peer buffers (symmetric / shared memory), their address tables and
+                             this rank's local flags
+
+A call: `epoch = next_epoch()`; producers and consumers are launched on the side and current
+streams (the producer raising each chunk's flag to `epoch`, the consumer waiting for it); the
+side stream is joined; `finish()` records what ran and, with `OverlapConfig.sync_status` (or
+on the CPU), reads the status words, raising `OverlapTimeoutError` if a wait timed out.
+"""
+
+import abc
+
+import torch
+import triton
+
+from kernelbase.gemm import GemmConfig
+from overlap.protocol import (
+    EPOCH_LIMIT,
+    FALLBACK_FREE_SMS,
+    ChunkLayout,
+    check_status,
+    has_stream_write,
+    max_spins_for,
+    peer_chunks,
+    raise_flag,
+)
+from overlap.streams import SideStream
+from overlap.world import OverlapConfig
+
+# GPU: 128x256 tiles (the bf16 H100 shape of Triton's persistent matmul tutorial) with
+# BLOCK_K=32 and 4 stages: 254 (AG) and 234 (RS) registers and no spills in Triton 3.9's sm_90
+# build (tests/gpu_compile.py); BLOCK_K=64 spilled. Measured on an H100 (issue notes): 0.23 of
+# cuBLAS for the AG-GEMM with every flag up, so this config is a placeholder.
+GPU_TILE_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=4)
+# CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
+INTERPRETER_TILE_CONFIG = GemmConfig(
+    block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3
+)
+# Programs of the RS reduction on CUDA, which the RS GEMM leaves free. Placeholder.
+DEFAULT_COMM_PROGRAMS = 16
+# Reduction tile (rows x columns): GPU placeholder; CPU small so the interpreter stays quick.
+GPU_REDUCE_BLOCK = (32, 256)
+CPU_REDUCE_BLOCK = (16, 16)
+
+
+def default_tile_config(device: torch.device) -> GemmConfig:
+    return GPU_TILE_CONFIG if device.type == "cuda" else INTERPRETER_TILE_CONFIG
+
+
+class FusedContext(abc.ABC):
+    """What the fused calls of one world share; see the module docstring.
+
+    `ranks` are the ranks whose kernels run in this process (all W for a LocalWorld, one for a
+    DistWorld): each gets a status word.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        device: torch.device,
+        config: OverlapConfig,
+        streams: SideStream,
+        ranks: list[int],
+    ):
+        self.world_size = world_size
+        self.device = device
+        self.config = config
+        self.streams = streams
+        self.tile = config.tile or default_tile_config(device)
+        self.max_spins = max_spins_for(config.timeout_s, device)
+        self.epoch = 0
+        self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}
+        #: Per rank, int32 [2, tiles] of the last fused GEMM (config.count_tiles only): row 0
+        #: how often each output tile was computed, row 1 its position in the rank's walk.
+        self.last_tile_counts: list[torch.Tensor] = []
+        #: How producers raise a flag; tests replace it to drop a flag and exercise the timeout.
+        self.raise_flag = raise_flag
+        self._last_op, self._last_layout = "overlap", ChunkLayout(1, 1)  # for status messages
+
+    # -- the fused schedules of the world ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor):
+        """(c, gathered), as World.all_gather_matmul."""
+
+    @abc.abstractmethod
+    def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """c_shard, as World.matmul_reduce_scatter."""
+
+    @abc.abstractmethod
+    def zero_flags(self) -> None:
+        """Set every flag this process owns to 0 (the epochs start over)."""
+
+    # -- shared machinery -------------------------------------------------------------------------
+
+    def chunk_layout(self, m: int) -> ChunkLayout:
+        return ChunkLayout.of(m, self.config.chunk_m)
+
+    def next_epoch(self) -> int:
+        """The epoch of a new call; flags are zeroed first when the epochs would overflow."""
+        if self.epoch + 1 >= EPOCH_LIMIT:  # start over: no flag may hold a future epoch
+            self.zero_flags()
+            self.epoch = 0
+        self.epoch += 1
+        return self.epoch
+
+    def pull_chunks(
+        self,
+        rank: int,
+        shards,
+        gathered: torch.Tensor,
+        flags: torch.Tensor,
+        layout: ChunkLayout,
+        epoch: int,
+    ) -> None:
+        """AG producer of `rank`: copy the peers' chunks into its gather buffer [W*m, K] in
+        arrival order (`peer_chunks`), raising each chunk's flag after its copy. `shards[p]` is
+        rank p's [m, K] shard as this process sees it."""
+        m = layout.m
+        for src, chunk in peer_chunks(rank, self.world_size, layout):
+            lo, hi = layout.rows(chunk)
+            gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
+            self.raise_flag(flags, src * layout.count + chunk, epoch)
+        # The local rows: the kernel reads them from the shard; the copy is for backward.
+        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
+
+    def programs(self, num_tiles: int, reserve: int) -> int:
+        """Persistent grid: one program per SM left after `reserve` (CUDA), or per tile."""
+        cap = num_tiles
+        if self.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            cap = max(1, sms - reserve)
+        if self.tile.max_programs is not None:
+            cap = min(cap, self.tile.max_programs)
+        return max(1, min(num_tiles, cap))
+
+    def free_sms(self) -> int:
+        """SMs the AG consumer leaves free (for flag-raising kernels without stream writes)."""
+        if self.config.free_sms is not None:
+            return self.config.free_sms
+        if self.device.type != "cuda" or has_stream_write(self.device):
+            return 0
+        return FALLBACK_FREE_SMS
+
+    def reduce_plan(self, m: int, N: int) -> tuple[int, int, int, int]:
+        """(programs, SMs the GEMM leaves them, BLOCK_R, BLOCK_N) of the RS reduction."""
+        block_r, block_n = GPU_REDUCE_BLOCK if self.device.type == "cuda" else CPU_REDUCE_BLOCK
+        items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
+        if self.device.type == "cuda":
+            programs = min(items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)
+            return programs, programs, block_r, block_n
+        return min(items, self.tile.max_programs or items), 0, block_r, block_n
+
+    def tile_counts(self, ranks: int, num_tiles: int) -> list[torch.Tensor | None]:
+        """Zeroed per-rank tile logs for `ranks` ranks when config.count_tiles, else Nones."""
+        if not self.config.count_tiles:
+            return [None] * ranks
+        self.last_tile_counts = [
+            torch.zeros(2, num_tiles, dtype=torch.int32, device=self.device) for _ in range(ranks)
+        ]
+        return self.last_tile_counts
+
+    def finish(self, op: str, layout: ChunkLayout) -> None:
+        """End of a call: remember it for status messages; check the status words now where
+        that is free (CPU) or asked for (`sync_status`)."""
+        self._last_op, self._last_layout = op, layout
+        if self.config.sync_status or self.device.type != "cuda":
+            self.check_status()
+
+    def check_status(self) -> None:
+        """Raise OverlapTimeoutError if a kernel recorded a timeout since the last check."""
+        for rank, status in self.status.items():
+            check_status(
+                status,
+                op=self._last_op,
+                rank=rank,
+                layout=self._last_layout,
+                timeout_s=self.config.timeout_s,
+                max_spins=self.max_spins,
+            )
