@@ -33,6 +33,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pin_cpu_threads(device: torch.device, threads: int) -> list[str]:
+    """On the CPU, run torch ops on `threads` threads (a fixed count makes CPU timings
+    comparable run to run) and return the warnings a reader of CPU timings needs; nothing on a
+    GPU. The thread count goes into `environment()` as "threads"."""
+    if device.type != "cpu":
+        return []
+    torch.set_num_threads(threads)
+    notes = [
+        f"CPU timings ({threads} torch thread(s)) show that the benchmark runs; they say "
+        f"nothing about the speed of the GPU kernels. Memory columns kept for backward hold."
+    ]
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores - threads + 0.5:
+        notes.append(
+            f"the machine is busy (load average {load:.1f} on {cores} cores): CPU timings are "
+            f"noisy; rerun on an idle machine to compare them"
+        )
+    return notes
+
+
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """What a result depends on: GPU name (or "cpu"), versions, git commit, date."""
     device = torch.device(device) if device is not None else default_device()
@@ -49,6 +70,7 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -259,6 +281,20 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+class RowPrinter:
+    """Prints the column header at once, then each row as it is measured, in fixed widths."""
+
+    def __init__(self, columns: Sequence[str], widths: dict[str, int] | None = None):
+        """`widths`: the widest value of a column, where it is wider than 9 or its name."""
+        self.columns = columns
+        self.widths = [max(len(c), 9, (widths or {}).get(c, 0)) for c in columns]
+        print("  ".join(c.rjust(w) for c, w in zip(columns, self.widths, strict=True)), flush=True)
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        cells = [format_value(row.get(c)) for c in self.columns]
+        print("  ".join(v.rjust(w) for v, w in zip(cells, self.widths, strict=True)), flush=True)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """Print `rows` as an aligned plain-text table of `columns` (missing values show as "-")."""
     cells = [[format_value(row.get(c)) for c in columns] for row in rows]
@@ -337,10 +373,17 @@ def plot(
 
 
 def report(
-    rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path | None, **plot_args: Any
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    path: Path | None,
+    *,
+    table: bool = True,
+    **plot_args: Any,
 ) -> None:
-    """Print the table and where the results went; plot beside them unless plot_args is empty."""
-    print_table(rows, columns)
+    """Print the table (unless `table=False`, when a RowPrinter showed the rows already) and
+    where the results went; plot beside them unless plot_args is empty."""
+    if table:
+        print_table(rows, columns)
     if not rows or path is None:
         return
     print(f"\nwrote {path}")

@@ -14,8 +14,9 @@ One row per shape, provider and mode (fwd, bwd, fwd+bwd), measured in one run on
                         (cross-checks saved_MiB; also sees tensors kept outside save_for_backward)
   speedup_vs_grouped_mm grouped_mm ms / ms, same shape and mode
 
-On CPU without TRITON_INTERPRET=1, the moeblaze providers run their torch implementations; the CPU
-numbers show that the harness works, not how fast the kernels are.
+On CPU without TRITON_INTERPRET=1, the moeblaze providers run their torch implementations, on
+--threads torch threads (default 1): the CPU numbers show that the harness works, not how fast
+the kernels are, and the benchmark says so (and warns when the machine is busy).
 
     python -m bench.moe_layer                    # model shapes on CUDA, `tiny` on CPU
     python -m bench.moe_layer --shapes tiny --providers grouped_mm,loop --out bench/results
@@ -212,7 +213,9 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--shapes",
         help=f"comma list of {list(SHAPES)}; "
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rep-ms", type=float, default=100, help="timed time per measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else harness.default_device()
@@ -241,26 +245,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     providers = parse_list(args.providers, PROVIDERS, "providers")
     modes = parse_list(args.modes, MODES, "modes")
 
+    notes = harness.pin_cpu_threads(device, args.threads)
     env = harness.environment(device)
     print(
         f"# moe_layer on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
         f"cuda {env['cuda']}, commit {env['commit']}, {dtype}",
         flush=True,
     )
+    for note in notes:
+        print(f"# note: {note}", flush=True)
+    print_row = harness.RowPrinter(COLUMNS, widths={"provider": max(map(len, PROVIDERS))})
     rows: list[dict] = []
     for shape in shapes:
         inputs = make_inputs(shape, dtype, device, args.seed)
         for provider in providers:
             if provider == "loop" and not on_cuda and shape.fwd_flops > CPU_LOOP_MAX_FLOPS:
                 print(
-                    f"{shape.name} loop: skipped on CPU ({shape.fwd_flops:.2g} FLOPs per forward)"
+                    f"# {shape.name} loop: skipped on CPU ({shape.fwd_flops:.2g} FLOPs per forward)"
                 )
                 continue
             rows += bench_provider(shape, provider, modes, inputs, dtype, device, args.rep_ms)
             add_speedups(rows)
             path = harness.write_results("moe_layer", rows, env, args.out)  # after every provider
             for r in rows[-len(modes) :]:
-                print("  ".join(harness.format_value(r.get(c)) for c in COLUMNS), flush=True)
+                print_row(r)
         del inputs
         if on_cuda:
             torch.cuda.empty_cache()
@@ -272,7 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         metrics=("TFLOP/s", "peak_mem_MiB", "saved_MiB"),
         title=f"MoE MLP, {env['gpu']}, {str(dtype).removeprefix('torch.')}",
     )
-    harness.report(rows, COLUMNS, path if rows else None, **({} if args.no_plot else plot_args))
+    harness.report(
+        rows, COLUMNS, path if rows else None, table=False, **({} if args.no_plot else plot_args)
+    )
     return rows
 
 

@@ -6,6 +6,8 @@
     moe_mlp(x, topk_ids, topk_weights, w13 [E, 2F, d], w2 [E, d, F]) (+ shared expert) -> [..., d]
 """
 
+import difflib
+import inspect
 import math
 
 import torch
@@ -47,6 +49,7 @@ class MoELayer(nn.Module):
         check_recompute(recompute)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
+        _check_router_options(router_options)
         factory = dict(device=device, dtype=dtype)
         self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
         self.w13 = nn.Parameter(
@@ -88,6 +91,24 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)
+
+
+def _check_router_options(options: dict) -> None:
+    """Name an unknown keyword of MoELayer here, with a close match, rather than in Router."""
+    known = [
+        name
+        for name, p in inspect.signature(Router.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("device", "dtype")
+    ]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise TypeError(
+                f"MoELayer got an unexpected keyword argument {name!r}{hint} Its own options are "
+                f"recompute, deterministic, shared_expert_size, device, dtype; router options "
+                f"are {', '.join(known)}"
+            )
 
 
 class SwiGLUMLP(nn.Module):

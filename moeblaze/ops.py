@@ -206,6 +206,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@torch.autograd.function.once_differentiable
 def _backward(ctx, dout, _dh, _da):
     if dout is None:
         return (None,) * 10
@@ -217,6 +218,21 @@ def _backward(ctx, dout, _dh, _da):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MoeMLP(torch.autograd.Function):
+    """The forward op as an autograd.Function with a separate `setup_context`: what torch.func
+    transforms (torch.func.grad, jacrev) need; the op's own autograd (register_autograd) does
+    not provide one. Forward and backward are the op's own; higher derivatives are not
+    supported (once_differentiable)."""
+
+    @staticmethod
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():  # this Function is the autograd
+            return torch.ops.moeblaze.moe_mlp_forward(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +273,17 @@ def moe_mlp(
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
     """
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        # As nn.Linear under autocast: x and the weights are cast to the autocast dtype and the
+        # output comes in it; topk_weights keep their dtype. Inside, autocast is off, so every
+        # backend computes exactly what it computes for inputs of that dtype.
+        x, w13, w2 = _autocast_cast(device_type, x, w13, w2)
+        with torch.autocast(device_type, enabled=False):
+            return moe_mlp(
+                x, topk_ids, topk_weights, w13, w2, recompute=recompute,
+                deterministic=deterministic,
+            )  # fmt: skip
     _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))
     saved = Saved.of(recompute, backward)
@@ -264,19 +291,19 @@ def moe_mlp(
     num_experts = w13.shape[0]
     block_m = STAGES[backend].block_m(topk_ids.numel(), num_experts)
     plan_buffer = torch.ops.moeblaze.routing_plan(topk_ids, num_experts, block_m, backend.value)
-    out, _, _ = torch.ops.moeblaze.moe_mlp_forward(
-        x,
-        topk_weights,
-        w13,
-        w2,
-        plan_buffer,
-        block_m,
-        saved.h,
-        saved.a,
-        deterministic,
+    # Eager: through _MoeMLP, so torch.func transforms work. Under torch.compile: the op itself,
+    # with its registered autograd (dynamo cannot trace _MoeMLP's dispatch guard).
+    forward = torch.ops.moeblaze.moe_mlp_forward if torch.compiler.is_compiling() else _MoeMLP.apply
+    out, _, _ = forward(
+        x, topk_weights, w13, w2, plan_buffer, block_m, saved.h, saved.a, deterministic,
         backend.value,
-    )
+    )  # fmt: skip
     return out
+
+
+def _autocast_cast(device_type: str, *tensors):
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors]
 
 
 def check_recompute(recompute: str) -> None:

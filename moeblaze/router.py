@@ -39,9 +39,15 @@ class RouterOutput:
     topk_weights: torch.Tensor  # [N, k] float32, differentiable, carries the injected loss gradient
     logits: torch.Tensor  # [N, E] float32, differentiable
     aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
-    z_loss: torch.Tensor  # [] z-loss mean(logsumexp(logits)^2), *unscaled*
-    router_loss: torch.Tensor  # [] aux_loss_coeff * aux_loss + z_loss_coeff * z_loss
+    z_loss: torch.Tensor  # [] float64 z-loss mean(logsumexp(logits)^2), *unscaled*
+    router_loss: torch.Tensor  # [] aux_loss_coeff * aux_loss + z_loss_coeff * z_loss (used terms)
     tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
+
+
+def _recomputing() -> bool:
+    """True while the autograd engine runs this forward (activation checkpointing recomputes it
+    inside backward)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class _InjectLossGrad(torch.autograd.Function):
@@ -147,7 +153,8 @@ class Router(nn.Module):
         with profile_range("moeblaze.router"):
             self._check_input(x)
             n, num_experts = x.shape[0], self.num_experts
-            logits = x.float() @ self.weight.float().t()  # [N, E]
+            with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
+                logits = x.float() @ self.weight.float().t()  # [N, E]
             # A data-dependent check: it syncs with the host, and torch.compile skips it.
             if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
                 raise ValueError(
@@ -170,13 +177,22 @@ class Router(nn.Module):
             flat_ids = topk_ids.flatten()  # [N*k]
             tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
             tokens_per_expert.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # [E]
-            if self.expert_bias is not None and self.training:
+            # Counted once per real forward: not again when activation checkpointing reruns the
+            # forward inside backward.
+            if self.expert_bias is not None and self.training and not _recomputing():
                 with torch.no_grad():
                     self.tokens_per_expert_accum += tokens_per_expert
 
             aux_loss = self._load_balancing_loss(scores, tokens_per_expert)
-            z_loss = torch.logsumexp(logits, -1).square().sum() / max(n, 1)
-            router_loss = self.aux_loss_coeff * aux_loss + self.z_loss_coeff * z_loss
+            # float64: logsumexp ~1e20 squares past float32's range.
+            z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(n, 1)
+            # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
+            # injected loss inf or NaN.
+            router_loss = logits.new_zeros(())
+            if self.aux_loss_coeff > 0:
+                router_loss = router_loss + self.aux_loss_coeff * aux_loss
+            if self.z_loss_coeff > 0:
+                router_loss = router_loss + self.z_loss_coeff * z_loss.float()
             inject = self.aux_loss_coeff > 0 or self.z_loss_coeff > 0
             if inject and self.training and torch.is_grad_enabled():
                 topk_weights = _InjectLossGrad.apply(

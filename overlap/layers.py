@@ -95,12 +95,22 @@ class _ParallelLinear(nn.Module):
     def _make_bias(self, dtype) -> torch.Tensor:
         raise NotImplementedError
 
-    def _flatten(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x [(W,) s, b..., h] -> [(W,) s*b..., h]: the ops work on rows."""
-        lead = len(self._lead)
-        if x.dim() < lead + 2:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [(W,) s, b..., h] -> [(W,) s*b..., h] (the ops work on rows), after checking x
+        against this layer, so an error names the layer's input, not the op's arguments."""
+        layer, W, lead = type(self).__name__, self.world.world_size, len(self._lead)
+        features = "in_features" if self.split_dim == 0 else "in_features/W"
+        expected = self.in_features if self.split_dim == 0 else self.in_features // W
+        layout = f"[{'W, ' if lead else ''}s, b, ..., {features}={expected}]"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{layer} takes a torch.Tensor x, got {type(x).__name__}")
+        if x.dim() < lead + 2 or (lead and x.shape[0] != W):
+            rank_dim = f" (a LocalWorld of {W} ranks: a leading rank dim)" if lead else ""
+            raise ValueError(f"{layer} takes x of shape {layout}{rank_dim}, got {tuple(x.shape)}")
+        if x.shape[-1] != expected:
             raise ValueError(
-                f"{name} must be [{'W, ' * lead}s, ..., features], got {tuple(x.shape)}"
+                f"{layer}(in_features={self.in_features}) on {W} ranks takes x whose last dim is "
+                f"{features}={expected}, got x of shape {tuple(x.shape)}"
             )
         return x.reshape(*x.shape[:lead], -1, x.shape[-1])
 
@@ -153,7 +163,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor):
         rows_shape = x.shape[len(self._lead) : -1]  # (s/W, b, ...) or (s, b, ...)
-        x2 = self._flatten(x, "x")
+        x2 = self._rows(x)
         w_t = self.weight.mT  # [(W,) h, f/W]
         if self.sequence_parallel:
             y = all_gather_matmul(x2, w_t, self.world)  # [(W,) W*rows, f/W]
@@ -191,7 +201,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor):
         rows_shape = x.shape[len(self._lead) : -1]  # (s, b, ...)
-        x2 = self._flatten(x, "x")
+        x2 = self._rows(x)
         w_t = self.weight.mT  # [(W,) h/W, f]
         if self.sequence_parallel:
             W = self.world.world_size

@@ -23,7 +23,7 @@ import dataclasses
 
 import torch
 
-from kernelbase.backend import Backend, backend_for, late_interpreter_hint
+from kernelbase.backend import Backend, backend_for, info, late_interpreter_hint
 from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
@@ -53,6 +53,8 @@ class LocalWorld(World):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"LocalWorld device {device}: {info()['cuda']}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         super().__init__(world_size, device, mode, config)

@@ -171,7 +171,9 @@ def test_cuda_timing_and_memory():
     assert harness.environment(device)["gpu"] != "cpu"
 
 
-def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(tmp_path, monkeypatch):
+def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
+    tmp_path, monkeypatch, capsys
+):
     # moeblaze's torch stages keep the same bytes as its kernels (tests/moeblaze) and run
     # without the slow interpreter.
     monkeypatch.setattr(kernelbase.backend, "_forced", kernelbase.Backend.TORCH)
@@ -180,6 +182,13 @@ def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(tmp_p
     rows = {r["provider"]: r for r in moe_layer.main([*argv, "--rep-ms", "1", "--no-plot"])}
     for r in rows.values():
         assert "error" not in r, r
+    # The header comes before the rows, after the notes on what CPU timings mean; one thread.
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert any("say nothing about the speed of the GPU kernels" in line for line in lines)
+    table = [line for line in lines if not line.startswith("#")]
+    assert table[0].split() == list(moe_layer.COLUMNS), table[0]
+    assert table[1].split()[:3] == ["tiny", "moeblaze-activation", "fwd"]
+    assert torch.get_num_threads() == 1
     saved = {p: r["saved_MiB"] for p, r in rows.items()}
     # The tiny shape (T=256, k=2, d=128, F=96): h [S, 2F] is 0.375 MiB in float32, the dispatch
     # path keeps its [S, d] buffers and intermediates.

@@ -158,3 +158,40 @@ def test_bad_hidden_size():
     layer = _layer(seed=7)
     with pytest.raises(ValueError, match=f"hidden_size={D}"):
         layer(torch.randn(B, L, D + 1))
+
+
+def test_a_misspelt_option_is_named_by_moe_layer():
+    with pytest.raises(
+        TypeError, match=r"MoELayer .*'aux_loss_coef'; did you mean 'aux_loss_coeff'"
+    ):
+        MoELayer(24, 20, num_experts=4, top_k=1, aux_loss_coef=0.1)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["kernels", "torch"])
+def test_linear_then_moe_layer_under_autocast(backend):
+    """As with nn.Linear: under autocast the layer computes in the autocast dtype, the same on
+    every backend, and gives what it gives for inputs already in that dtype."""
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(24, 24)
+    layer = _layer()
+    bf16 = copy.deepcopy(layer)  # the experts in bf16; the router computes in float32 anyway
+    bf16.w13.data, bf16.w2.data = layer.w13.data.bfloat16(), layer.w2.data.bfloat16()
+    x = torch.randn(2, 5, 24)
+    with moeblaze.use_backend(backend):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = linear(x)
+            y = layer(h)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        assert layer.w13.grad.dtype == torch.float32 and torch.isfinite(layer.w13.grad).all()
+        with torch.no_grad():
+            expected = bf16(h.detach())
+    assert torch.equal(y.detach(), expected)
+
+
+def test_checkpointed_layer_counts_expert_choices_once():
+    layer = _layer(expert_bias=True, score_func="sigmoid")
+    x = torch.randn(3, 20, 24, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    y.square().mean().backward()
+    assert int(layer.router.tokens_per_expert_accum.sum()) == 60 * layer.router.top_k

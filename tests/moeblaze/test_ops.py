@@ -556,3 +556,17 @@ def test_inference_allocates_no_pre_activation(policy, make_problem, monkeypatch
         problem.w2.double(),
     )
     assert_close(out, expected, rtol=RTOL_FP32, name="out")
+
+
+def test_torch_func_grad_matches_autograd(path, make_problem):
+    problem = make_problem(13, 16, 8, 4, 2, seed=41)
+    x, weights, w13, w2 = problem.leaves()
+
+    def loss(x, weights, w13, w2):
+        out = moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2)
+        return (out * problem.dout).sum()
+
+    grads = torch.func.grad(loss, argnums=(0, 1, 2, 3))(x, weights, w13, w2)
+    loss(x, weights, w13, w2).backward()
+    for name, g, leaf in zip(NAMES[1:], grads, (x, weights, w13, w2), strict=True):
+        assert_close(g, leaf.grad, rtol=RTOL_FP32, name=name)

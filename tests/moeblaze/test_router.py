@@ -368,3 +368,36 @@ def test_bad_inputs():
     bad[2, 7] = float("nan")
     with pytest.raises(ValueError, match=r"router logits contain non-finite values"):
         router(bad)
+
+
+def test_huge_logits_log_a_finite_z_loss_and_router_loss():
+    """Logits near 1e20 (finite) square past float32: the z-loss is kept in float64, and with
+    z_loss_coeff=0 the z-loss is no term of the injected loss (no 0 * inf = NaN)."""
+    router = _router(aux_loss_coeff=0.1)
+    with torch.no_grad():
+        router.weight.mul_(1e19)
+    out = router(_x(16))
+    assert float(out.z_loss) > 1e36 and torch.isfinite(out.z_loss)
+    assert torch.isfinite(out.router_loss)
+    assert torch.allclose(out.router_loss, 0.1 * out.aux_loss)
+
+
+def test_logits_stay_float32_under_autocast():
+    router = _router()
+    x = _x(8)
+    expected = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x)
+    assert out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, expected.logits)
+    assert torch.equal(out.topk_ids, expected.topk_ids)
+
+
+def test_checkpoint_recompute_does_not_count_choices_twice():
+    router = _router(expert_bias=True, score_func="sigmoid")
+    x = _x(30).requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(
+        lambda t: router(t).topk_weights, x, use_reentrant=False
+    )
+    out.sum().backward()
+    assert int(router.tokens_per_expert_accum.sum()) == 30 * router.top_k
