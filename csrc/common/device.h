@@ -1,0 +1,49 @@
+// Host helpers shared by the compiled modules: raw pointers and stream handles passed from
+// Python as integers (`tensor.data_ptr()`, the current stream's `cuda_stream`), the device a
+// launch runs on, and cached per-device attributes.
+//
+// The modules link the CUDA runtime statically and never include PyTorch headers: a stream
+// handle is the driver's CUstream, which every runtime instance in the process accepts, and a
+// device is made current through its primary context, the one PyTorch uses too.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "check.h"
+
+namespace csrc {
+
+using Handle = std::uintptr_t;  // a device pointer or a stream, as a Python int
+
+template <class T>
+T* as_ptr(Handle address) {
+  return reinterpret_cast<T*>(address);
+}
+
+inline cudaStream_t as_stream(Handle stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Makes `device` current for the lifetime of the guard (only if it is not already current),
+// then restores the previous device.
+class DeviceGuard {
+ public:
+  DeviceGuard(int device, const char* where) : device_(device) {
+    CSRC_CHECK_CUDA(where, cudaGetDevice(&previous_));
+    if (previous_ != device_) CSRC_CHECK_CUDA(where, cudaSetDevice(device_));
+  }
+  ~DeviceGuard() {
+    if (previous_ != device_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int device_;
+  int previous_ = 0;
+};
+
+// Number of SMs of `device`, queried once per device.
+int sm_count(int device, const char* where);
+
+}  // namespace csrc
