@@ -101,10 +101,6 @@ def check_cuda_tensor(
     """`tensor` must be a contiguous CUDA tensor of one of `dtypes` (and `dim` dims, on `device`)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {tensor.device}")
-    if device is not None and tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the other inputs')")
     if tensor.dtype not in dtypes:
         expected = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {expected}, got {tensor.dtype}")
@@ -114,6 +110,10 @@ def check_cuda_tensor(
         raise ValueError(
             f"{name} must be contiguous, got shape {tuple(tensor.shape)} stride {tensor.stride()}"
         )
+    if tensor.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {tensor.device}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the other inputs')")
     return tensor
 
 
