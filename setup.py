@@ -3,7 +3,8 @@
 `moeblaze._C` (routing plan, router top-k) and `overlap._C` (chunk signals) are built from csrc/
 by the top-level CMakeLists.txt when `nvcc` (on PATH, or in $CUDA_HOME / $CUDA_PATH / /usr/local/cuda)
 and `cmake` are found; otherwise this is a pure-Python install and the packages use their Triton /
-torch paths. Environment:
+torch paths (pybind11 comes with the build requirements; without build isolation it must be
+installed). Environment:
 
     MOEBLAZE_SKIP_CUDA_BUILD=1    never build them
     MOEBLAZE_FORCE_CUDA_BUILD=1   a missing nvcc or cmake is an error instead of a skip
@@ -14,6 +15,7 @@ run in parallel: min(cores, available memory / 2 GiB). What was decided is recor
 kernelbase/_csrc_build.json, which `kernelbase.compiled.status()` reports for modules not built.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -61,7 +63,9 @@ def decide() -> tuple[str | None, str]:
     if os.environ.get("MOEBLAZE_SKIP_CUDA_BUILD") == "1":
         return None, "skipped at install by MOEBLAZE_SKIP_CUDA_BUILD=1"
     nvcc, cmake = find_nvcc(), shutil.which("cmake")
-    missing = [name for name, found in (("nvcc", nvcc), ("cmake", cmake)) if not found]
+    pybind11 = importlib.util.find_spec("pybind11")  # absent only without build isolation
+    found = (("nvcc", nvcc), ("cmake", cmake), ("pybind11", pybind11))
+    missing = [name for name, where in found if where is None]
     if not missing:
         return nvcc, ""
     why = f"{' and '.join(missing)} not found at install (PATH, CUDA_HOME, /usr/local/cuda)"

@@ -23,7 +23,9 @@ T* as_ptr(Handle address) {
   return reinterpret_cast<T*>(address);
 }
 
-inline cudaStream_t as_stream(Handle stream) { return reinterpret_cast<cudaStream_t>(stream); }
+inline cudaStream_t as_stream(Handle stream) {
+  return reinterpret_cast<cudaStream_t>(stream);
+}
 
 // Makes `device` current for the lifetime of the guard (only if it is not already current),
 // then restores the previous device.

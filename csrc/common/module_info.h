@@ -7,7 +7,8 @@
 #include <string>
 
 #ifndef CSRC_CUDA_ARCHITECTURES
-#error "CMakeLists.txt defines CSRC_CUDA_ARCHITECTURES (the architectures the kernels are built for)"
+#error \
+    "CMakeLists.txt defines CSRC_CUDA_ARCHITECTURES (the architectures the kernels are built for)"
 #endif
 
 namespace csrc {
@@ -36,7 +37,8 @@ inline std::string probe(pybind11::dict& info, const void* probe_kernel) {
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   info["device_count"] = count;
-  if (err != cudaSuccess) return "no usable CUDA device: cudaGetDeviceCount failed: " + error_text(err);
+  if (err != cudaSuccess)
+    return "no usable CUDA device: cudaGetDeviceCount failed: " + error_text(err);
   if (count == 0) return "no CUDA device";
   int device = 0, major = 0, minor = 0;
   cudaGetDevice(&device);
@@ -57,7 +59,8 @@ inline std::string probe(pybind11::dict& info, const void* probe_kernel) {
 
 // Adds `kernel_info() -> dict` to `module`. `probe_kernel` is one of the module's kernels: the
 // module is usable when the current device can load it (an image for its architecture exists).
-inline void add_kernel_info(pybind11::module_& module, const char* module_name, const void* probe_kernel) {
+inline void add_kernel_info(pybind11::module_& module, const char* module_name,
+                            const void* probe_kernel) {
   const std::string name = module_name;
   module.def(
       "kernel_info",

@@ -23,10 +23,9 @@ PYBIND11_MODULE(_C, m) {
          csrc::Handle tile_expert, csrc::Handle tile_row_start, csrc::Handle num_tiles,
          csrc::Handle invalid, csrc::Handle workspace, int64_t workspace_numel, int64_t num_slots,
          int num_experts, int block_m, int64_t max_tiles, csrc::Handle stream, int device) {
-        const moeblaze::PlanPointers pointers{topk_ids,       expert_counts, expert_offsets,
-                                              sorted_slots,   slot_positions, tile_expert,
-                                              tile_row_start, num_tiles,      invalid,
-                                              workspace};
+        const moeblaze::PlanPointers pointers{
+            topk_ids,    expert_counts,  expert_offsets, sorted_slots, slot_positions,
+            tile_expert, tile_row_start, num_tiles,      invalid,      workspace};
         moeblaze::fill_routing_plan(pointers, ids_int64, workspace_numel, num_slots, num_experts,
                                     block_m, max_tiles, stream, device);
       },

@@ -41,8 +41,8 @@ namespace moeblaze {
 namespace {
 
 using csrc::float_key;
-using csrc::kFullMask;
 using csrc::key_float;
+using csrc::kFullMask;
 using csrc::kNoKey;
 
 constexpr int kRouterWarps = 8;  // rows per block
@@ -233,8 +233,8 @@ template <int VPT>
 void launch_router(const RouterArgs& args, cudaStream_t stream, const char* where) {
   const int64_t blocks = (args.num_rows + kRouterWarps - 1) / kRouterWarps;
   const int shared_bytes = args.grouped ? kRouterWarps * 2 * 32 * VPT * 4 : 0;
-  router_topk_kernel<VPT><<<static_cast<unsigned>(blocks), kRouterThreads, shared_bytes, stream>>>(
-      args);
+  router_topk_kernel<VPT>
+      <<<static_cast<unsigned>(blocks), kRouterThreads, shared_bytes, stream>>>(args);
   CSRC_CHECK_CUDA(where, cudaGetLastError());
 }
 
@@ -260,12 +260,12 @@ void router_topk(const RouterPointers& p, int64_t num_rows, int num_experts, int
   }
   if (num_groups != 0) {
     if (num_groups < 1 || num_experts % num_groups != 0) {
-      csrc::argument_error(where, ": num_groups=", num_groups, " must divide num_experts=",
-                           num_experts);
+      csrc::argument_error(where, ": num_groups=", num_groups,
+                           " must divide num_experts=", num_experts);
     }
     if (topk_groups < 1 || topk_groups > num_groups) {
-      csrc::argument_error(where, ": topk_groups=", topk_groups, " must be in [1, num_groups=",
-                           num_groups, "]");
+      csrc::argument_error(where, ": topk_groups=", topk_groups,
+                           " must be in [1, num_groups=", num_groups, "]");
     }
     if (top_k > topk_groups * (num_experts / num_groups)) {
       csrc::argument_error(where, ": top_k=", top_k, " must be <= topk_groups * num_experts / ",

@@ -69,22 +69,22 @@ constexpr int kPastEnd = -1;                    // "expert" of a slot >= S
 constexpr int kInvalid = -2;                    // "expert" of an id outside [0, E)
 
 struct PlanArgs {
-  const void* ids;          // [S] int32 or int64
-  int* expert_counts;       // [E]
-  int* expert_offsets;      // [E+1]
-  int* sorted_slots;        // [S]
-  int* slot_positions;      // [S]
-  int* tile_expert;         // [max_tiles]
-  int* tile_row_start;      // [max_tiles]
-  int* num_tiles;           // [1]
-  int* invalid;             // [2]
-  int* chunk_counts;        // workspace [E, C]: counts per chunk, then their exclusive scan
-  int* chunk_invalid;       // workspace [2, C]: invalid ids per chunk, first invalid slot
-  int num_slots;            // S
-  int num_experts;          // E
-  int block_m;              // bm
-  int max_tiles;            // ceil(S / bm) + E
-  int slots_per_warp;       // 32 * R
+  const void* ids;      // [S] int32 or int64
+  int* expert_counts;   // [E]
+  int* expert_offsets;  // [E+1]
+  int* sorted_slots;    // [S]
+  int* slot_positions;  // [S]
+  int* tile_expert;     // [max_tiles]
+  int* tile_row_start;  // [max_tiles]
+  int* num_tiles;       // [1]
+  int* invalid;         // [2]
+  int* chunk_counts;    // workspace [E, C]: counts per chunk, then their exclusive scan
+  int* chunk_invalid;   // workspace [2, C]: invalid ids per chunk, first invalid slot
+  int num_slots;        // S
+  int num_experts;      // E
+  int block_m;          // bm
+  int max_tiles;        // ceil(S / bm) + E
+  int slots_per_warp;   // 32 * R
 };
 
 // Expert of `slot`: its id, kInvalid for an id outside [0, E), kPastEnd past the last slot.
@@ -119,9 +119,9 @@ __device__ __forceinline__ int take_round(int* counts, int expert) {
 }
 
 // Phase 1 on a batch of rounds: count experts, and invalid ids with the first invalid slot.
-__device__ __forceinline__ void count_rounds(const int (&experts)[kCachedRounds], int64_t first_slot,
-                                             int rounds, int* counts, int* invalid_count,
-                                             int* invalid_first) {
+__device__ __forceinline__ void count_rounds(const int (&experts)[kCachedRounds],
+                                             int64_t first_slot, int rounds, int* counts,
+                                             int* invalid_count, int* invalid_first) {
 #pragma unroll
   for (int r = 0; r < kCachedRounds; ++r) {
     if (r < rounds) {
@@ -135,8 +135,9 @@ __device__ __forceinline__ void count_rounds(const int (&experts)[kCachedRounds]
 }
 
 // Phase 3 on a batch of rounds: write each valid slot to its sorted position and back.
-__device__ __forceinline__ void place_rounds(const int (&experts)[kCachedRounds], int64_t first_slot,
-                                             int rounds, int* counts, const PlanArgs& a) {
+__device__ __forceinline__ void place_rounds(const int (&experts)[kCachedRounds],
+                                             int64_t first_slot, int rounds, int* counts,
+                                             const PlanArgs& a) {
 #pragma unroll
   for (int r = 0; r < kCachedRounds; ++r) {
     if (r < rounds) {
@@ -385,7 +386,9 @@ int64_t plan_workspace_numel(int64_t num_slots, int num_experts) {
   return int64_t{num_experts + 2} * chunk_bound(num_slots);
 }
 
-const void* plan_kernel_for_probe() { return reinterpret_cast<const void*>(routing_plan_kernel<int>); }
+const void* plan_kernel_for_probe() {
+  return reinterpret_cast<const void*>(routing_plan_kernel<int>);
+}
 
 void fill_routing_plan(const PlanPointers& p, bool ids_int64, int64_t workspace_numel,
                        int64_t num_slots, int num_experts, int block_m, int64_t max_tiles,

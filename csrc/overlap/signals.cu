@@ -117,8 +117,9 @@ bool write_flag(csrc::Handle flag, int value, csrc::Handle stream, int device) {
   csrc::DeviceGuard guard(device, where);
   const DriverOps& ops = driver_ops();
   if (ops.write != nullptr) {
-    const CUresult result = ops.write(reinterpret_cast<CUstream>(stream), CUdeviceptr{flag},
-                                      static_cast<cuuint32_t>(value), CU_STREAM_WRITE_VALUE_DEFAULT);
+    const CUresult result =
+        ops.write(reinterpret_cast<CUstream>(stream), CUdeviceptr{flag},
+                  static_cast<cuuint32_t>(value), CU_STREAM_WRITE_VALUE_DEFAULT);
     if (result == CUDA_SUCCESS) return true;
     if (result != CUDA_ERROR_NOT_SUPPORTED) driver_error(result, "cuStreamWriteValue32", where);
   }

@@ -36,7 +36,7 @@ def module_path(name: str) -> Path | None:
 
 
 def kernel_name(mangled: str) -> str:
-    """"routing_plan_kernel<int64>", "router_topk_kernel<16>", "write_flag_kernel"."""
+    """Readable name of a mangled kernel: routing_plan_kernel<int64>, write_flag_kernel, ..."""
     for match in re.finditer(r"_kernel", mangled):
         end = match.end()
         for length in range(len("_kernel") + 1, end):  # the <length><name> of the Itanium ABI

@@ -129,7 +129,9 @@ def test_no_kernel_spills_registers(name):
     for arch in ("sm_80", "sm_90a"):
         assert {r["kernel"] for r in rows if r["arch"] == arch} == KERNELS[name], arch
     spilling = [r for r in rows if r["stack_bytes"] or r["local_bytes"]]
-    assert not spilling, f"kernels with local memory (spills or indexed register arrays): {spilling}"
+    assert not spilling, (
+        f"kernels with local memory (spills or indexed register arrays): {spilling}"
+    )
     for r in rows:  # the plan kernel is launched cooperatively with one 512-thread block per SM
         assert r["registers"] <= (128 if r["kernel"].startswith("routing_plan") else 255), r
 
