@@ -7,6 +7,7 @@
 // device is made current through its primary context, the one PyTorch uses too.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -27,8 +28,30 @@ inline cudaStream_t as_stream(Handle stream) {
   return reinterpret_cast<cudaStream_t>(stream);
 }
 
+// True when `device`'s primary context is active, so making the device current creates no
+// context (cuDevicePrimaryCtxGetState, looked up at run time; true if the lookup fails).
+inline bool primary_context_active(int device) {
+  using GetState = CUresult (*)(CUdevice, unsigned*, int*);
+  static const GetState get_state = [] {
+    void* address = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &address, 12000,
+                                         cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<GetState>(nullptr);
+    }
+    return reinterpret_cast<GetState>(address);
+  }();
+  unsigned flags = 0;
+  int active = 1;
+  if (get_state != nullptr && get_state(device, &flags, &active) != CUDA_SUCCESS) active = 1;
+  return active != 0;
+}
+
 // Makes `device` current for the lifetime of the guard (only if it is not already current),
-// then restores the previous device.
+// then makes the previous device current again, unless that would create its primary context
+// (a thread that had no context yet; PyTorch's device guard avoids that the same way).
 class DeviceGuard {
  public:
   DeviceGuard(int device, const char* where) : device_(device) {
@@ -36,7 +59,7 @@ class DeviceGuard {
     if (previous_ != device_) CSRC_CHECK_CUDA(where, cudaSetDevice(device_));
   }
   ~DeviceGuard() {
-    if (previous_ != device_) cudaSetDevice(previous_);
+    if (previous_ != device_ && primary_context_active(previous_)) cudaSetDevice(previous_);
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;

@@ -64,7 +64,7 @@ def test_without_gpu_the_module_imports_and_status_says_why_not(package):
     built_or_skip(name)
     info = importlib.import_module(name).kernel_info()
     assert info["module"] == name and not info["usable"]
-    assert info["architectures"].split(",") == ["80", "90a"]
+    assert info["architectures"]  # "80,90a" by default (MOEBLAZE_CUDA_ARCHS overrides)
     assert info["cuda_runtime"].endswith("(static)")
     assert "driver" in info["reason"] or "device" in info["reason"], info["reason"]
     assert compiled.load(package) is None
@@ -126,7 +126,10 @@ def test_no_kernel_spills_registers(name):
     if cuobjdump is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled copy)")
     rows = resource_usage(path, cuobjdump)
-    for arch in ("sm_80", "sm_90a"):
+    built_for = importlib.import_module(name).kernel_info()["architectures"]  # "80,90a"
+    archs = {f"sm_{a.split('-')[0]}" for a in built_for.split(",")}
+    assert {r["arch"] for r in rows} == archs
+    for arch in archs:
         assert {r["kernel"] for r in rows if r["arch"] == arch} == KERNELS[name], arch
     spilling = [r for r in rows if r["stack_bytes"] or r["local_bytes"]]
     assert not spilling, (
