@@ -28,6 +28,17 @@ inline cudaStream_t as_stream(Handle stream) {
   return reinterpret_cast<cudaStream_t>(stream);
 }
 
+// Address of the driver function `symbol` (its CUDA 12.0 version) in *function; looked up at
+// run time, so nothing links against libcuda. Returns the runtime's error (no driver: an error).
+inline cudaError_t driver_entry_point(const char* symbol, void** function,
+                                      cudaDriverEntryPointQueryResult* found) {
+#if CUDART_VERSION >= 12050
+  return cudaGetDriverEntryPointByVersion(symbol, function, 12000, cudaEnableDefault, found);
+#else
+  return cudaGetDriverEntryPoint(symbol, function, cudaEnableDefault, found);
+#endif
+}
+
 // True when `device`'s primary context is active, so making the device current creates no
 // context (cuDevicePrimaryCtxGetState, looked up at run time; true if the lookup fails).
 inline bool primary_context_active(int device) {
@@ -35,8 +46,7 @@ inline bool primary_context_active(int device) {
   static const GetState get_state = [] {
     void* address = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuDevicePrimaryCtxGetState", &address, 12000,
-                                         cudaEnableDefault, &found) != cudaSuccess ||
+    if (driver_entry_point("cuDevicePrimaryCtxGetState", &address, &found) != cudaSuccess ||
         found != cudaDriverEntryPointSuccess) {
       cudaGetLastError();
       return static_cast<GetState>(nullptr);

@@ -10,8 +10,8 @@
 //   until the same condition holds or `timeout_ns` of real time (%globaltimer) have passed; on
 //   a timeout it records (code, observed value) in a status word, first timeout wins.
 //
-// The driver entry points are looked up at run time through cudaGetDriverEntryPointByVersion,
-// so the module links no libcuda and imports on a machine without a driver.
+// The driver entry points are looked up at run time (csrc::driver_entry_point), so the module
+// links no libcuda and imports on a machine without a driver.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -65,11 +65,10 @@ struct DriverOps {
 };
 
 template <class Fn>
-std::string find_entry_point(const char* symbol, unsigned version, Fn* fn) {
+std::string find_entry_point(const char* symbol, Fn* fn) {
   void* address = nullptr;
   cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-  const cudaError_t err =
-      cudaGetDriverEntryPointByVersion(symbol, &address, version, cudaEnableDefault, &found);
+  const cudaError_t err = csrc::driver_entry_point(symbol, &address, &found);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return std::string(symbol) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
@@ -85,9 +84,9 @@ std::string find_entry_point(const char* symbol, unsigned version, Fn* fn) {
 const DriverOps& driver_ops() {
   static const DriverOps ops = [] {
     DriverOps found;
-    std::string missing = find_entry_point("cuStreamWriteValue32", 12000, &found.write);
-    if (missing.empty()) missing = find_entry_point("cuStreamWaitValue32", 12000, &found.wait);
-    find_entry_point("cuGetErrorName", 12000, &found.error_name);
+    std::string missing = find_entry_point("cuStreamWriteValue32", &found.write);
+    if (missing.empty()) missing = find_entry_point("cuStreamWaitValue32", &found.wait);
+    find_entry_point("cuGetErrorName", &found.error_name);
     if (!missing.empty()) {
       found.write = nullptr;
       found.wait = nullptr;
