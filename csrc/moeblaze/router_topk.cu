@@ -134,8 +134,10 @@ __device__ __forceinline__ void mask_groups(int (&key)[VPT], int* keys_smem, int
   }
 }
 
-// One row per warp; see the top of this file. Blocks of kRouterWarps rows; with groups,
-// 2 * 32 * VPT ints of dynamic shared memory per warp.
+// In: logits [N, E] float32, expert_bias [E] float32 or null. Out: topk_ids [N, k] int64,
+// topk_weights [N, k] float32, scores [N, E] float32. Blocks of 8 warps, one row per warp, VPT
+// experts per lane; with groups, 2 * 32 * VPT ints of dynamic shared memory per warp. The
+// algorithm is at the top of this file.
 template <int VPT>
 __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(RouterArgs a) {
   extern __shared__ int shared[];

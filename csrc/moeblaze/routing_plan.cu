@@ -234,8 +234,11 @@ __device__ __forceinline__ void block_scan_pairs(const int (&x)[2], const int (&
   y_total = warp_totals[1][kWarps];
 }
 
-// The whole plan; see the top of this file. Launched cooperatively with C blocks of kThreads
-// threads and (kWarps + 2) * E ints of dynamic shared memory.
+// In: ids [S] int32 or int64. Out: expert_counts [E], expert_offsets [E+1], sorted_slots [S],
+// slot_positions [S], tile_expert [max_tiles], tile_row_start [max_tiles], num_tiles [1],
+// invalid [2] (all int32). Scratch: chunk_counts [E, C], chunk_invalid [2, C]. A cooperative
+// launch of C blocks of 512 threads with (W + 2) * E ints of dynamic shared memory; the
+// algorithm is at the top of this file.
 template <class Id>
 __global__ void __launch_bounds__(kThreads, 1) routing_plan_kernel(PlanArgs a) {
   extern __shared__ int shared[];
