@@ -39,6 +39,11 @@ VIEWS = {
         lambda row: True,
         ("shape", "T", "k", "E", "provider", "ms", "speedup_vs_torch"),
     ),
+    "csrc_kernels": (
+        "Compiled kernels (csrc/) against Triton and torch, microseconds",
+        lambda row: True,
+        ("kernel", "T", "E", "k", "provider", "us", "speedup_vs_torch"),
+    ),
     "overlap": (
         "Overlap on one GPU (LocalWorld, measured; projections are in the JSON)",
         lambda row: True,

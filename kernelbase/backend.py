@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from kernelbase import compiled
+
 INTERPRETER_ON = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -122,7 +124,8 @@ def _warn_if_interpreter_was_set_late() -> None:
 
 
 def info() -> dict[str, str]:
-    """How each device runs the kernels now, and why: one line per device, for logs and bugs."""
+    """How each device runs the kernels now, and why: one line per device and one per compiled
+    module of csrc/ (kernelbase.compiled.status), for logs and bug reports."""
     forced = f"forced by set_backend({_forced.value!r})" if _forced is not None else None
     if INTERPRETER_ON:
         cpu = "interpreter: TRITON_INTERPRET=1 was set before the first import"
@@ -134,4 +137,4 @@ def info() -> dict[str, str]:
         cuda = f"unavailable: this torch ({torch.__version__}) is a CPU build"
     else:
         cuda = f"unavailable: no CUDA device visible (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    return {"cpu": forced or cpu, "cuda": forced or cuda}
+    return {"cpu": forced or cpu, "cuda": forced or cuda, **compiled.status()}

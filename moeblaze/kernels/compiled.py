@@ -1,0 +1,240 @@
+"""Launchers of the compiled moeblaze kernels (`moeblaze._C`, csrc/moeblaze/), their autograd
+op and the plain-torch router reference.
+
+# T tokens (N router rows), k top-k, E experts, S = T*k slots
+
+    fill_routing_plan(topk_ids, plan, invalid)   every field of a RoutingPlan, one launch, no sync
+    router_topk(logits, top_k, score_func, ...)  -> (topk_ids, topk_weights, scores), no grad
+    RouterTopK.apply(...)                        the same, differentiable in logits
+    router_topk_reference(...)                   plain torch, same signature: the parity oracle
+
+The launchers check every tensor (device, dtype, contiguity, shape; errors name the argument)
+and pass `data_ptr()` and the current stream to the module; nothing here synchronises with the
+host. When `moeblaze._C` is not available they raise RuntimeError with the reason
+(`kernelbase.compiled.status()`); callers choose the Triton / torch path before that.
+
+Router ties: experts with equal selection values (score + bias) are ranked by expert index, the
+lower first; groups with equal group scores likewise by group index (the order of a stable
+descending sort). `Router.forward` uses `torch.topk`, which leaves the order of ties unspecified.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernelbase import alloc
+from kernelbase.compiled import check_cuda_tensor, require, stream_handle
+
+if TYPE_CHECKING:
+    from moeblaze.routing_plan import RoutingPlan
+
+SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
+_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan, invalid: torch.Tensor) -> None:
+    """Fill every field of `plan` from `topk_ids [T, k]` in one launch on the current stream.
+
+    `plan` is a RoutingPlan for S = T*k slots and E <= 1024 experts (any block_m), its fields
+    views into `plan.buffer` (RoutingPlan.from_buffer); afterwards they hold exactly what the
+    Triton / torch plan holds, tiles past `num_tiles` included (expert E, row start S).
+
+    `invalid [2]` int32 receives (number of ids outside [0, E), the first such id in slot order,
+    saturated to the int32 range; (0, 0) when all ids are valid). Invalid ids are never used as
+    an index; with any of them the other fields are unspecified. Check `invalid` on the device, or
+    read it later: nothing here synchronises with the host.
+    """
+    check_cuda_tensor("topk_ids", topk_ids, _ID_DTYPES, dim=2)
+    device = topk_ids.device
+    check_cuda_tensor("plan.buffer", plan.buffer, (torch.int32,), dim=1, device=device)
+    check_cuda_tensor("invalid", invalid, (torch.int32,), dim=1, device=device)
+    if invalid.shape[0] != 2:
+        raise ValueError(f"invalid must have shape (2,), got {tuple(invalid.shape)}")
+    num_tokens, top_k = topk_ids.shape
+    num_slots, num_experts = num_tokens * top_k, plan.num_experts
+    if plan.num_slots != num_slots or plan.top_k != top_k:
+        raise ValueError(
+            f"plan is for {plan.num_slots} slots with k={plan.top_k}, but topk_ids has shape "
+            f"{tuple(topk_ids.shape)} ({num_slots} slots)"
+        )
+    module = require("moeblaze")
+    if num_experts > module.MAX_PLAN_EXPERTS:
+        raise ValueError(
+            f"plan.num_experts={num_experts} > {module.MAX_PLAN_EXPERTS}: the compiled plan "
+            "supports at most that many experts (use the Triton plan)"
+        )
+    workspace = torch.empty(
+        module.plan_workspace_numel(num_slots, num_experts), dtype=torch.int32, device=device
+    )
+    module.fill_routing_plan(
+        topk_ids.data_ptr(), topk_ids.dtype == torch.int64,
+        plan.expert_counts.data_ptr(), plan.expert_offsets.data_ptr(),
+        plan.sorted_slots.data_ptr(), plan.slot_positions.data_ptr(),
+        plan.tile_expert.data_ptr(), plan.tile_row_start.data_ptr(), plan.num_tiles.data_ptr(),
+        invalid.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        num_slots, num_experts, plan.block_m, plan.max_tiles,
+        stream_handle(device), device.index,
+    )  # fmt: skip
+
+
+def router_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores and top-k routing of `logits [N, E]` float32 (E <= 512, k <= 16), one launch.
+
+    Returns `topk_ids [N, k]` int64 (best first), `topk_weights [N, k]` float32 and
+    `scores [N, E]` float32, with the semantics of `Router.forward` (`router_topk_reference`):
+    scores = softmax or sigmoid of the logits; experts ranked by scores + `expert_bias [E]`
+    (selection only); with `num_groups`, only the experts of the best `topk_groups` groups
+    (group score: sum of its top-2 selection values for sigmoid, max for softmax); weights = the
+    unbiased scores of the chosen experts, divided by (their sum + 1e-20) if `norm_topk_prob`.
+    Ties go to the lower expert (group) index. Non-finite logits are not checked (that would
+    synchronise); the outputs are then unspecified, the ids still in [0, E).
+    No autograd: `RouterTopK` is the differentiable op.
+    """
+    check_cuda_tensor("logits", logits, (torch.float32,), dim=2)
+    device = logits.device
+    num_rows, num_experts = logits.shape
+    _check_router_options(num_experts, top_k, score_func, num_groups, topk_groups)
+    if expert_bias is not None:
+        check_cuda_tensor("expert_bias", expert_bias, (torch.float32,), dim=1, device=device)
+        if expert_bias.shape[0] != num_experts:
+            raise ValueError(
+                f"expert_bias must have shape ({num_experts},), got {tuple(expert_bias.shape)}"
+            )
+    module = require("moeblaze")
+    if num_experts > module.MAX_ROUTER_EXPERTS or top_k > module.MAX_ROUTER_TOPK:
+        raise ValueError(
+            f"the compiled router supports num_experts <= {module.MAX_ROUTER_EXPERTS} and "
+            f"top_k <= {module.MAX_ROUTER_TOPK}, got num_experts={num_experts}, top_k={top_k}"
+        )
+    topk_ids = alloc.empty(num_rows, top_k, dtype=torch.int64, device=device)
+    topk_weights = alloc.empty(num_rows, top_k, dtype=torch.float32, device=device)
+    scores = alloc.empty(num_rows, num_experts, dtype=torch.float32, device=device)
+    module.router_topk(
+        logits.data_ptr(), 0 if expert_bias is None else expert_bias.data_ptr(),
+        topk_ids.data_ptr(), topk_weights.data_ptr(), scores.data_ptr(),
+        num_rows, num_experts, top_k, SCORE_FUNCS[score_func],
+        num_groups or 0, topk_groups or 0, bool(norm_topk_prob),
+        stream_handle(device), device.index,
+    )  # fmt: skip
+    return topk_ids, topk_weights, scores
+
+
+class RouterTopK(torch.autograd.Function):
+    """`router_topk` as an autograd op, differentiable in `logits` (through `topk_weights` and
+    `scores`); the backward is plain torch on the saved scores and ids.
+
+    `RouterTopK.apply(logits, top_k, score_func, expert_bias, num_groups, topk_groups,
+    norm_topk_prob) -> (topk_ids, topk_weights, scores)`
+    """
+
+    @staticmethod
+    def forward(ctx, logits, top_k, score_func, expert_bias, num_groups, topk_groups,
+                norm_topk_prob):  # fmt: skip
+        topk_ids, topk_weights, scores = router_topk(
+            logits, top_k, score_func, expert_bias, num_groups, topk_groups, norm_topk_prob
+        )
+        ctx.save_for_backward(scores, topk_ids)
+        ctx.score_func, ctx.norm_topk_prob = score_func, norm_topk_prob
+        ctx.mark_non_differentiable(topk_ids)
+        return topk_ids, topk_weights, scores
+
+    @staticmethod
+    def backward(ctx, _grad_ids, grad_weights, grad_scores):
+        scores, topk_ids = ctx.saved_tensors
+        chosen = scores.gather(1, topk_ids)  # [N, k]
+        if ctx.norm_topk_prob:
+            # w = g / (sum(g) + eps): dg_j = (dw_j - sum_i dw_i w_i) / (sum(g) + eps)
+            denom = chosen.sum(-1, keepdim=True) + 1e-20
+            weights = chosen / denom
+            grad_chosen = (grad_weights - (grad_weights * weights).sum(-1, keepdim=True)) / denom
+        else:
+            grad_chosen = grad_weights
+        grad_scores = grad_scores.scatter_add(1, topk_ids, grad_chosen)  # [N, E]
+        if ctx.score_func == "softmax":
+            grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
+        else:
+            grad_logits = grad_scores * scores * (1 - scores)
+        return grad_logits, None, None, None, None, None, None
+
+
+def router_topk_reference(
+    logits: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-torch `router_topk` (any device, differentiable): the oracle of the compiled kernel.
+
+    The selection of `Router.forward`, with ties ranked by index through a stable sort
+    (`Router.forward`'s `torch.topk` leaves their order unspecified).
+    """
+    _check_router_options(logits.shape[-1], top_k, score_func, num_groups, topk_groups)
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
+    topk_ids = select_experts(scores.detach(), top_k, score_func, expert_bias, num_groups,
+                              topk_groups)  # fmt: skip
+    topk_weights = scores.gather(1, topk_ids)  # [N, k]
+    if norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+    return topk_ids, topk_weights, scores
+
+
+def select_experts(
+    scores: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> torch.Tensor:
+    """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does."""
+    choice = scores if expert_bias is None else scores + expert_bias.float()  # [N, E]
+    if num_groups is not None:
+        n, num_experts = choice.shape
+        grouped = choice.view(n, num_groups, num_experts // num_groups)  # [N, G, E/G]
+        if score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 values of the group
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:  # DeepSeek-V2: max value of the group
+            group_scores = grouped.amax(-1)  # [N, G]
+        best = _stable_topk(group_scores, topk_groups)  # [N, topk_groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, num_experts)
+    return _stable_topk(choice, top_k)
+
+
+def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row, best first, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def _check_router_options(num_experts, top_k, score_func, num_groups, topk_groups) -> None:
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func={score_func!r} must be one of {tuple(SCORE_FUNCS)}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if (num_groups is None) != (topk_groups is None):
+        raise ValueError(
+            f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
+        )
+    if num_groups is not None:
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
+        capacity = topk_groups * (num_experts // num_groups)
+        if top_k > capacity:
+            raise ValueError(
+                f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"
+            )
