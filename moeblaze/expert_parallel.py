@@ -238,10 +238,10 @@ class ExpertParallelMoELayer(nn.Module):
     Takes `MoELayer`'s arguments plus `group` (default: the default group) and
     `recompute_dispatch` (see `expert_parallel_mlp`). Rank r holds experts
     [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, gradients
-    complete for the global batch. The router and the shared expert are replicated: build them
-    with the same weights on every rank and all-reduce their gradients over the group, as for
-    data-parallel parameters. The router's aux losses and token counts are those of this rank's
-    tokens. `from_moe_layer` builds one from a full `MoELayer`.
+    complete for the global batch. The router and the shared expert are replicated: seed every
+    rank alike before building (see `reset_parameters` for the experts), and all-reduce their
+    gradients over the group like data-parallel parameters. The router's aux losses and token
+    counts are those of this rank's tokens. `from_moe_layer` builds one from a full `MoELayer`.
     """
 
     def __init__(
@@ -294,10 +294,22 @@ class ExpertParallelMoELayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in))."""
-        for w in (self.w13, self.w2):
-            bound = 1.0 / math.sqrt(w.shape[2])
-            nn.init.uniform_(w, -bound, bound)
+        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in)).
+
+        Expert e draws from a generator seeded with (one draw of the default generator) + e: on
+        ranks seeded alike, as the replicated router needs, the experts still differ, and the
+        initial model is the same whatever the number of ranks.
+        """
+        if self.w13.is_meta:  # from_moe_layer fills it
+            return
+        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
+        generator = torch.Generator(self.w13.device)
+        with torch.no_grad():
+            for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
+                generator.manual_seed(seed + expert)
+                for w in (self.w13[local], self.w2[local]):  # [2F, d], [d, F]
+                    bound = 1.0 / math.sqrt(w.shape[1])
+                    w.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_moe_layer(

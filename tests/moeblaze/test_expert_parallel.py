@@ -58,25 +58,24 @@ class Case:
     recompute_dispatch: bool = True
 
 
-def _case(name, tokens, *, seed, one_rank=False, recompute_dispatch=True, **layer_options):
-    """MoELayer forward + backward on every rank's tokens. `one_rank` routes every token to the
-    experts of the last rank, so that the other ranks receive no row at all."""
+def _case(name, tokens, *, seed, receivers=None, recompute_dispatch=True, **layer_options):
+    """MoELayer forward + backward on every rank's tokens. With `receivers`, tokens choose only
+    experts of those ranks: the other ranks receive no row at all."""
     torch.manual_seed(seed)
     layer = moeblaze.MoELayer(D, FFN, E, K, **layer_options)
     x, dout = randn(sum(tokens), D, seed=seed + 1), randn(sum(tokens), D, seed=seed + 2)
-    if one_rank:
-        last = torch.arange(E) >= E - E // len(tokens)  # [E] experts of the last rank
-        with torch.no_grad():
-            layer.router.weight[:, 0] = torch.where(last, 8.0, -8.0)
-        x[:, 0] = 4.0  # the last rank's experts lead every token's logits by 64
+    owner = torch.arange(E) // (E // len(tokens))  # [E] rank holding each expert
+    allowed = torch.isin(owner, torch.tensor(receivers or range(len(tokens))))  # [E]
+    with torch.no_grad():
+        layer.router.weight[:, 0] = torch.where(allowed, 0.0, -16.0)
+    x[:, 0] = 4.0  # the other experts trail every token's logits by 64
     reference = copy.deepcopy(layer)
     x_ref = x.clone().requires_grad_()
     out = reference(x_ref)
     out.backward(dout)
-    if one_rank:
-        assert (reference.last_router_output.topk_ids >= E - E // len(tokens)).all()
-    grads = {"x": x_ref.grad, **{n: p.grad for n, p in reference.named_parameters()}}
     topk_ids = reference.last_router_output.topk_ids
+    assert allowed[topk_ids].all()
+    grads = {"x": x_ref.grad, **{n: p.grad for n, p in reference.named_parameters()}}
     return Case(
         name, layer, tuple(tokens), x, dout, out.detach(), topk_ids, grads, recompute_dispatch
     )
@@ -137,17 +136,32 @@ def _check_case(case: Case, group, device="cpu") -> None:
         assert_close(grad, expected, rtol=RTOL, name=f"{where}: grad {name}")
 
 
-def _check_profile_ranges(case: Case, group) -> None:
-    layer = ExpertParallelMoELayer.from_moe_layer(case.layer, group)
-    r = dist.get_rank(group)
-    first = sum(case.tokens[:r])
-    x = case.x[first : first + case.tokens[r]].clone().requires_grad_()
-    activities = [torch.profiler.ProfilerActivity.CPU]  # CPU only: no CUDA in a forked worker
-    with torch.profiler.profile(activities=activities) as profile:
-        layer(x).sum().backward()
+def _check_ranges(profile, case: Case) -> None:
     names = {event.name for event in profile.events()}
-    for stage in ("exchange_counts", "dispatch", "experts", "combine", "recompute_dispatch"):
+    stages = ["exchange_counts", "dispatch", "experts", "combine"]
+    stages += ["recompute_dispatch"] if case.recompute_dispatch else []
+    for stage in stages:
         assert f"moeblaze.ep.{stage}" in names, f"no moeblaze.ep.{stage} range in {sorted(names)}"
+
+
+def _check_init(groups) -> None:
+    """Ranks seeded alike: the same router on every rank, distinct experts, and the same experts
+    whatever the number of ranks."""
+    experts = []
+    for group in groups:
+        torch.manual_seed(3)
+        layer = ExpertParallelMoELayer(D, FFN, E, K, group=group)
+        W = dist.get_world_size(group)
+        routers, shards = (
+            [torch.empty(E, D) for _ in range(W)],
+            [torch.empty_like(layer.w13) for _ in range(W)],
+        )
+        dist.all_gather(routers, layer.router.weight.detach(), group=group)
+        dist.all_gather(shards, layer.w13.detach(), group=group)
+        assert all(torch.equal(r, routers[0]) for r in routers), "router weights differ"
+        experts.append(torch.cat(shards))  # [E, 2F, d]
+    assert torch.equal(experts[0], experts[1]), "the experts depend on the number of ranks"
+    assert len({tuple(w.flatten().tolist()) for w in experts[0]}) == E, "identical experts"
 
 
 def _check_errors(group) -> None:
@@ -164,36 +178,36 @@ def _check_errors(group) -> None:
         expert_parallel_mlp(x, ids, torch.ones(3, 1), w13, w2, group)
 
 
-def _gloo_worker(rank, init_method, pair_cases, cases):
+def _gloo_worker(rank, init_method, pair_cases, case):
     with gloo_rank(rank, NUM_PROCS, init_method, timeout_s=60):
         torch.set_num_threads(1)
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
-        _check_case(pair_cases[rank // 2], pairs[rank // 2])
-        for case in cases:
-            _check_case(case, dist.group.WORLD)
-        _check_profile_ranges(cases[0], pairs[rank // 2])
+        pair, pair_case = pairs[rank // 2], pair_cases[rank // 2]
+        cpu = [torch.profiler.ProfilerActivity.CPU]  # no CUDA in a forked worker
+        with torch.profiler.profile(activities=cpu) as profile:
+            _check_case(pair_case, pair)
+        _check_ranges(profile, pair_case)
+        _check_case(case, dist.group.WORLD)
+        _check_init([pair, dist.group.WORLD])
         _check_errors(dist.group.WORLD)
 
 
 def test_expert_parallel_over_gloo(tmp_path):
-    """W = 2 (two subgroups at once), then W = 4, in one run of 4 processes."""
+    """W = 2 on two subgroups at once, then W = 4, in one run of 4 processes."""
     if dist.is_initialized():
         pytest.fail("a torch.distributed group is initialised in the test process; forked "
                     "workers would inherit it")  # fmt: skip
     pair_cases = [
-        # Rank 0 has no token of its own (and sends nothing).
-        _case("zero_tokens", (0, 5), seed=10, recompute="none"),
-        # Every token goes to rank 1's experts: rank 0 receives nothing.
-        _case("one_rank", (4, 3), seed=20, one_rank=True),
+        # Ranks {0, 1}: rank 0 has no token of its own (it sends nothing).
+        _case("no_tokens_on_0", (0, 5), seed=10, recompute="none"),
+        # Ranks {2, 3}: every token goes to rank 1's experts, so rank 0 receives nothing.
+        _case("all_to_1", (4, 3), seed=20, receivers=(1,), recompute_dispatch=False),
     ]
-    cases = [
-        _case(
-            "zero_tokens", (5, 3, 0, 4), seed=30, recompute="up_proj", shared_expert_size=SHARED
-        ),  # fmt: skip
-        _case("one_rank", (3, 4, 2, 3), seed=40, one_rank=True, recompute_dispatch=False),
-    ]
+    # Rank 2 has no token, rank 0 receives none, ranks 1-3 exchange rows at random.
+    case = _case("no_tokens_on_2_none_to_0", (5, 3, 0, 4), seed=30, receivers=(1, 2, 3),
+                 recompute="up_proj", shared_expert_size=SHARED)  # fmt: skip
     init_method = f"file://{tmp_path / 'store'}"
-    mp.start_processes(_gloo_worker, args=(init_method, pair_cases, cases), nprocs=NUM_PROCS,
+    mp.start_processes(_gloo_worker, args=(init_method, pair_cases, case), nprocs=NUM_PROCS,
                        start_method="fork")  # fmt: skip
 
 
@@ -246,7 +260,7 @@ def test_expert_parallel_over_nccl(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"NCCL needs one GPU per rank: 2 needed, {torch.cuda.device_count()} found")
     cases = [
-        _case("zero_tokens", (0, 37), seed=50, shared_expert_size=SHARED),
-        _case("one_rank", (29, 41), seed=60, one_rank=True, recompute_dispatch=False),
+        _case("no_tokens_on_0", (0, 37), seed=50, shared_expert_size=SHARED),
+        _case("all_to_1", (29, 41), seed=60, receivers=(1,), recompute_dispatch=False),
     ]
     mp.spawn(_nccl_worker, args=(f"file://{tmp_path / 'store'}", cases), nprocs=2, join=True)
