@@ -20,11 +20,12 @@ rank, like data-parallel parameters) and each rank routes its own tokens. Per la
 
 Backward mirrors forward: the gradient of a dispatch is a combine and that of a combine is a
 dispatch, with the splits of forward (no host sync in backward). The `[S, d]` buffers are what
-the all-to-alls send and receive; none is kept for backward. Backward keeps x (as `moe_mlp`
-does), the int32 routing plan, `[R]` routing weights and ids, the host splits, and what
-`moe_mlp`'s `recompute` policy keeps of the local experts. The received rows `[R, d]` (R is
-T*k on average) are not kept by default: backward runs the dispatch all-to-all of x again
-(`recompute_dispatch=False` keeps them instead and saves that all-to-all).
+the all-to-alls send and receive; none outlives the call. Backward keeps: x (as `moe_mlp`
+does), this rank's int32 routing plan (O(S + E)) and `sorted_slots // k` [S], the host splits,
+and what `moe_mlp` keeps of the local experts: the received routing weights [R, 1], its int32
+plan (O(R + E_l)) and what its `recompute` policy names. The received rows [R, d] (R is T*k on
+average) are not kept by default: backward runs the dispatch all-to-all of x again;
+`recompute_dispatch=False` keeps them instead and saves that all-to-all.
 
 Host syncs per forward: sizing the receive buffers of an all-to-all with variable splits needs
 the counts on the host, so one sync per layer is inherent (the id range check rides on it);
@@ -198,9 +199,9 @@ def expert_parallel_mlp(
         w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
         w2: [E_l, d, F].
         group: the expert-parallel process group (default: the default group).
-        recompute, deterministic: as in `moeblaze.moe_mlp`, for the local experts. Results are
-            reproducible run to run in either mode: each local row has k = 1 and the combine
-            sums the k rows of a token in a fixed order.
+        recompute, deterministic: passed to `moeblaze.moe_mlp` for the local experts. With
+            k = 1 there, `deterministic` changes nothing; the sums of this function (the k rows
+            of a token, in out and in dx) run in a fixed order, without atomics.
         recompute_dispatch: True (default): backward runs the dispatch all-to-all of x again
             instead of keeping the received rows [R, d]; False keeps them.
 
