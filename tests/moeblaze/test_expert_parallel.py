@@ -107,7 +107,7 @@ def _check_case(case: Case, group, device="cpu") -> None:
     assert len(case.tokens) == W
     where = f"{case.name} (W={W}) rank {r}"
     layer = ExpertParallelMoELayer.from_moe_layer(
-        copy.deepcopy(case.layer).to(device), group, recompute_dispatch=case.recompute_dispatch
+        case.layer.to(device), group, recompute_dispatch=case.recompute_dispatch
     )
     first = sum(case.tokens[:r])
     mine = slice(first, first + case.tokens[r])  # this rank's rows of x
@@ -235,8 +235,9 @@ def test_needs_an_initialised_process_group():
 )
 def test_bad_arguments(change, error, match):
     """Rank-local checks, before any collective (so no process group is needed to see them)."""
-    args = dict(x=randn(3, D), topk_ids=torch.zeros(3, 1, dtype=torch.long),
-                topk_weights=torch.ones(3, 1), w13=randn(2, 2 * FFN, D), w2=randn(2, D, FFN))  # fmt: skip
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    args = dict(x=randn(3, D), topk_ids=ids, topk_weights=torch.ones(3, 1),
+                w13=randn(2, 2 * FFN, D), w2=randn(2, D, FFN))  # fmt: skip
     args.update(change)
     with pytest.raises(error, match=match):
         expert_parallel_mlp(**args)
