@@ -20,23 +20,17 @@ import copy
 import dataclasses
 import datetime
 import gc
-import pathlib
-import sys
 import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from overlap_testing import gloo_rank, randn
 from tolerance import assert_close
 
 import moeblaze
 from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
-
-# tests/overlap joins sys.path only when a test there is collected, which is after this
-# directory: make its helpers importable from here too.
-sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "overlap"))
-from overlap_testing import gloo_rank, randn  # noqa: E402
 
 D, FFN, E, K, SHARED = 16, 8, 8, 2, 12
 RTOL = 1e-5  # float32 against float32: the same kernels, rows summed in another order
