@@ -323,10 +323,17 @@ class ExpertParallelMoELayer(nn.Module):
         """This rank's share of `layer`: its experts' weights, copies of the router and shared
         expert (every option and buffer), on `layer`'s device and dtype."""
         ep = cls(
-            layer.hidden_size, layer.w2.shape[2], layer.router.num_experts, layer.router.top_k,
-            group=group, recompute=layer.recompute, deterministic=layer.deterministic,
-            recompute_dispatch=recompute_dispatch, device="meta", dtype=layer.w13.dtype,
-        )  # fmt: skip
+            layer.hidden_size,
+            layer.w2.shape[2],
+            layer.router.num_experts,
+            layer.router.top_k,
+            group=group,
+            recompute=layer.recompute,
+            deterministic=layer.deterministic,
+            recompute_dispatch=recompute_dispatch,
+            device="meta",
+            dtype=layer.w13.dtype,
+        )
         ep.router = copy.deepcopy(layer.router)
         ep.shared_expert = copy.deepcopy(layer.shared_expert)
         ep.w13 = nn.Parameter(layer.w13.detach()[ep.experts].clone())
@@ -342,10 +349,16 @@ class ExpertParallelMoELayer(nn.Module):
         routing = self.router(tokens)
         self.last_router_output = routing
         out = expert_parallel_mlp(
-            tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2, self.group,
-            recompute=self.recompute, deterministic=self.deterministic,
+            tokens,
+            routing.topk_ids,
+            routing.topk_weights,
+            self.w13,
+            self.w2,
+            self.group,
+            recompute=self.recompute,
+            deterministic=self.deterministic,
             recompute_dispatch=self.recompute_dispatch,
-        )  # fmt: skip
+        )
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(x.shape)
@@ -378,8 +391,13 @@ def _resolve_group(group, caller: str):
 
 def _check_args(x, topk_ids, topk_weights, w13, w2) -> None:
     """Rank-local checks, before any collective; moe_mlp checks dtypes and the rest."""
-    for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights),
-                    ("w13", w13), ("w2", w2)):  # fmt: skip
+    for name, t in (
+        ("x", x),
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+        ("w13", w13),
+        ("w2", w2),
+    ):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != x.device:

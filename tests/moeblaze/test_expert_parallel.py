@@ -189,8 +189,10 @@ def _gloo_worker(rank, init_method, pair_cases, case):
 def test_expert_parallel_over_gloo(tmp_path):
     """W = 2 on two subgroups at once, then W = 4, in one run of 4 processes."""
     if dist.is_initialized():
-        pytest.fail("a torch.distributed group is initialised in the test process; forked "
-                    "workers would inherit it")  # fmt: skip
+        pytest.fail(
+            "a torch.distributed group is initialised in the test process; forked "
+            "workers would inherit it"
+        )
     pair_cases = [
         # Ranks {0, 1}: rank 0 has no token of its own (it sends nothing).
         _case("no_tokens_on_0", (0, 5), seed=10, recompute="none"),
@@ -198,11 +200,18 @@ def test_expert_parallel_over_gloo(tmp_path):
         _case("all_to_1", (4, 3), seed=20, receivers=(1,), recompute_dispatch=False),
     ]
     # Rank 2 has no token, rank 0 receives none, ranks 1-3 exchange rows at random.
-    case = _case("no_tokens_on_2_none_to_0", (5, 3, 0, 4), seed=30, receivers=(1, 2, 3),
-                 recompute="up_proj", shared_expert_size=SHARED)  # fmt: skip
+    case = _case(
+        "no_tokens_on_2_none_to_0",
+        (5, 3, 0, 4),
+        seed=30,
+        receivers=(1, 2, 3),
+        recompute="up_proj",
+        shared_expert_size=SHARED,
+    )
     init_method = f"file://{tmp_path / 'store'}"
-    mp.start_processes(_gloo_worker, args=(init_method, pair_cases, case), nprocs=NUM_PROCS,
-                       start_method="fork")  # fmt: skip
+    mp.start_processes(
+        _gloo_worker, args=(init_method, pair_cases, case), nprocs=NUM_PROCS, start_method="fork"
+    )
 
 
 def test_needs_an_initialised_process_group():
@@ -230,8 +239,13 @@ def test_needs_an_initialised_process_group():
 def test_bad_arguments(change, error, match):
     """Rank-local checks, before any collective (so no process group is needed to see them)."""
     ids = torch.zeros(3, 1, dtype=torch.long)
-    args = dict(x=randn(3, D), topk_ids=ids, topk_weights=torch.ones(3, 1),
-                w13=randn(2, 2 * FFN, D), w2=randn(2, D, FFN))  # fmt: skip
+    args = dict(
+        x=randn(3, D),
+        topk_ids=ids,
+        topk_weights=torch.ones(3, 1),
+        w13=randn(2, 2 * FFN, D),
+        w2=randn(2, D, FFN),
+    )
     args.update(change)
     with pytest.raises(error, match=match):
         expert_parallel_mlp(**args)
@@ -239,8 +253,13 @@ def test_bad_arguments(change, error, match):
 
 def _nccl_worker(rank, init_method, cases):
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    dist.init_process_group(
+        "nccl",
+        init_method=init_method,
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         for case in cases:
             _check_case(case, dist.group.WORLD, device=f"cuda:{rank}")
