@@ -1,0 +1,436 @@
+"""Expert parallelism: the experts of an MoE layer sharded over a torch.distributed group.
+
+# W ranks, T tokens of this rank, d hidden, F ffn, E experts, E_l = E / W experts per rank,
+# k top-k, S = T*k slots this rank routes, R rows this rank's experts receive from all ranks
+
+Rank r holds experts [r*E_l, (r+1)*E_l). The router is replicated (the same weights on every
+rank, like data-parallel parameters) and each rank routes its own tokens. Per layer call:
+
+    topk_ids [T, k] --build_routing_plan(E)--> sorted_slots [S] (slots ordered by expert, so the
+        slots bound for one rank are contiguous), slot_positions [S], expert_counts [E]
+    counts:   expert_counts [W, E_l] --all-to-all--> rows each rank sends to each local expert
+              [W, E_l] --one host sync--> the row splits of the all-to-alls below
+    dispatch: x[sorted_slots // k] [S, d], topk_weights[sorted_slots] [S]
+              --all-to-all--> rows [R, d], weights [R] (grouped by source rank, then expert)
+    experts:  moeblaze.moe_mlp(rows, local expert [R, 1], weights [R, 1], w13 [E_l, 2F, d],
+              w2 [E_l, d, F]) -> [R, d], already weighted (k = 1 per row: the routing-weight
+              gradient comes from moeblaze's epilogue and no expert output is kept)
+    combine:  [R, d] --all-to-all back--> [S, d] in sorted order --the k rows of each token summed
+              in fp32, in a fixed order--> out [T, d]
+
+Backward mirrors forward: the gradient of a dispatch is a combine and that of a combine is a
+dispatch, with the splits of forward (no host sync in backward). The `[S, d]` buffers are what
+the all-to-alls send and receive; none outlives the call. Backward keeps: x (as `moe_mlp`
+does), this rank's int32 routing plan (O(S + E)) and `sorted_slots // k` [S], the host splits,
+and what `moe_mlp` keeps of the local experts: the received routing weights [R, 1], its int32
+plan (O(R + E_l)) and what its `recompute` policy names. The received rows [R, d] (R is T*k on
+average) are not kept by default: backward runs the dispatch all-to-all of x again;
+`recompute_dispatch=False` keeps them instead and saves that all-to-all.
+
+Host syncs per forward: sizing the receive buffers of an all-to-all with variable splits needs
+the counts on the host, so one sync per layer is inherent (the id range check rides on it);
+besides it, the router's finite-logits check and `moe_mlp`'s id check sync as in
+`moeblaze.MoELayer`. Every rank must run the same layers forward and backward: each of them
+runs collectives of the group.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import math
+import weakref
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.profiler import record_function
+
+import moeblaze
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    """Row splits of the dispatch all-to-all of one layer call (combine uses them swapped)."""
+
+    group: dist.ProcessGroup
+    send_splits: tuple[int, ...]  # [W] rows this rank sends to each rank
+    recv_splits: tuple[int, ...]  # [W] rows this rank receives from each rank
+
+
+def _all_to_all(rows: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
+    """rows [sum(in_splits), c] -> [sum(out_splits), c]; the collective writes every output row."""
+    out = rows.new_empty(sum(out_splits), *rows.shape[1:])
+    dist.all_to_all_single(out, rows.contiguous(), list(out_splits), list(in_splits), group=group)
+    return out
+
+
+def _dispatch(src: torch.Tensor, source_of_row: torch.Tensor, exchange: _Exchange):
+    """src [n, c] -> [R, c]: row p of the sorted order is src[source_of_row[p]]."""
+    with record_function("moeblaze.ep.dispatch"):
+        rows = src.index_select(0, source_of_row)  # [S, c]: the send buffer
+        return _all_to_all(rows, exchange.recv_splits, exchange.send_splits, exchange.group)
+
+
+def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange):
+    """rows [R, c] -> [n, c]: out[i] = sum_j (row row_of_slot[i, j] of the sorted order)."""
+    with record_function("moeblaze.ep.combine"):
+        back = _all_to_all(rows, exchange.send_splits, exchange.recv_splits, exchange.group)
+        # back [S, c] in sorted order; accumulate in fp32, j = 0..k-1: bitwise reproducible.
+        out = back.index_select(0, row_of_slot[:, 0]).float()  # [n, c]
+        for j in range(1, row_of_slot.shape[1]):
+            out += back.index_select(0, row_of_slot[:, j])
+        return out.to(rows.dtype)
+
+
+class _Dispatch(torch.autograd.Function):
+    """`_dispatch` forward; backward combines the rows' gradients back into src's."""
+
+    @staticmethod
+    def forward(ctx, src, source_of_row, row_of_slot, exchange):
+        ctx.save_for_backward(row_of_slot)
+        ctx.exchange = exchange
+        return _dispatch(src, source_of_row, exchange)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_of_slot,) = ctx.saved_tensors
+        return _combine(grad_rows, row_of_slot, ctx.exchange), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """`_combine` forward; backward dispatches the output gradient to the rows' ranks."""
+
+    @staticmethod
+    def forward(ctx, rows, source_of_row, row_of_slot, exchange):
+        ctx.save_for_backward(source_of_row)
+        ctx.exchange = exchange
+        return _combine(rows, row_of_slot, exchange)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (source_of_row,) = ctx.saved_tensors
+        return _dispatch(grad_out, source_of_row, ctx.exchange), None, None, None
+
+
+def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size: int):
+    """Routing plan, row splits and the local expert [R, 1] of every row this rank receives.
+
+    The all-to-all of counts also carries each rank's number of ids outside [0, E), so that bad
+    ids raise on every rank instead of leaving the others waiting in the next collective.
+    """
+    num_local = num_experts // world_size
+    invalid = ((topk_ids < 0) | (topk_ids >= num_experts)).sum(dtype=torch.int32)  # []
+    # Clamped so that the plan stays in bounds; invalid ids raise below, after the exchange.
+    clamped = topk_ids.clamp(0, num_experts - 1)
+    plan = moeblaze.build_routing_plan(clamped, num_experts, check_ids=False)
+    counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
+    send = torch.cat([counts, invalid.expand(world_size, 1)], dim=1)  # [W, E_l + 1]
+    recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, src's bad ids
+    dist.all_to_all_single(recv, send, group=group)
+    recv_counts = recv[:, :num_local]  # [W, E_l]
+    summary = torch.stack([counts.sum(1), recv_counts.sum(1), recv[:, num_local]])  # [3, W]
+    send_splits, recv_splits, invalid_by_rank = summary.tolist()  # the host sync
+    bad_ranks = [r for r, n in enumerate(invalid_by_rank) if n]
+    if bad_ranks:
+        message = (
+            f"topk_ids on rank(s) {bad_ranks} of the expert-parallel group contain expert ids "
+            f"outside [0, num_experts={num_experts})"
+        )
+        if invalid.item():
+            bad = topk_ids[(topk_ids < 0) | (topk_ids >= num_experts)][0].item()
+            message += f"; this rank's first one is {bad}"
+        raise ValueError(message)
+    local_expert = torch.arange(num_local, device=topk_ids.device).repeat(world_size)  # [W*E_l]
+    local_ids = torch.repeat_interleave(
+        local_expert, recv_counts.flatten(), output_size=sum(recv_splits)
+    )  # [R]
+    return plan, _Exchange(group, tuple(send_splits), tuple(recv_splits)), local_ids.view(-1, 1)
+
+
+_RECEIVED_ROWS = object()  # kept for backward in place of the received rows
+
+
+@contextlib.contextmanager
+def _dispatch_again_in_backward(rows, x, source_of_row, exchange):
+    """While active, autograd keeps a marker instead of `rows` [R, d]; unpacking the marker in
+    backward runs the dispatch of x again (the same collective on every rank)."""
+    rows_ref = weakref.ref(rows)  # a strong reference here would keep the rows alive
+    version = x._version
+
+    def pack(t):
+        return _RECEIVED_ROWS if t is rows_ref() else t
+
+    def unpack(saved):
+        if saved is not _RECEIVED_ROWS:
+            return saved
+        if x._version != version:
+            raise RuntimeError(
+                "the input x of an expert-parallel MoE layer was modified in place after forward; "
+                "backward dispatches it again (recompute_dispatch=True) and needs it unchanged"
+            )
+        with torch.no_grad(), record_function("moeblaze.ep.recompute_dispatch"):
+            return _dispatch(x, source_of_row, exchange)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def expert_parallel_mlp(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    recompute: str = "activation",
+    deterministic: bool = False,
+    recompute_dispatch: bool = True,
+) -> torch.Tensor:
+    """`moeblaze.moe_mlp` with the E = W * E_l experts sharded over the W ranks of `group`.
+
+    A collective: every rank of `group` calls it, with its own tokens (T may differ between
+    ranks, and be 0) and its own experts. See the module docstring for the data flow.
+
+    Args:
+        x: [T, d] this rank's tokens, float16, bfloat16 or float32.
+        topk_ids: [T, k] integer global expert ids in [0, E).
+        topk_weights: [T, k] floating routing weights.
+        w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
+        w2: [E_l, d, F].
+        group: the expert-parallel process group (default: the default group).
+        recompute, deterministic: passed to `moeblaze.moe_mlp` for the local experts. With
+            k = 1 there, `deterministic` changes nothing; the sums of this function (the k rows
+            of a token, in out and in dx) run in a fixed order, without atomics.
+        recompute_dispatch: True (default): backward runs the dispatch all-to-all of x again
+            instead of keeping the received rows [R, d]; False keeps them.
+
+    Returns:
+        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
+    """
+    _check_args(x, topk_ids, topk_weights, w13, w2)
+    group, world_size, _ = _resolve_group(group, "expert_parallel_mlp")
+    num_experts = w13.shape[0] * world_size
+    num_tokens, top_k = topk_ids.shape
+    with record_function("moeblaze.ep.exchange_counts"):
+        plan, exchange, local_ids = _exchange_counts(topk_ids, num_experts, group, world_size)
+    token_of_row = plan.sorted_slots // top_k  # [S] token of each slot in sorted order
+    row_of_slot = plan.slot_positions.view(num_tokens, top_k)  # [T, k] sorted row of each slot
+    rows = _Dispatch.apply(x, token_of_row, row_of_slot, exchange)  # [R, d]
+    weights = _Dispatch.apply(
+        topk_weights.reshape(-1, 1), plan.sorted_slots, plan.slot_positions.view(-1, 1), exchange
+    )  # [R, 1]
+    keep = (
+        _dispatch_again_in_backward(rows, x, token_of_row, exchange)
+        if recompute_dispatch
+        else contextlib.nullcontext()
+    )
+    with keep, record_function("moeblaze.ep.experts"):
+        expert_out = moeblaze.moe_mlp(
+            rows, local_ids, weights, w13, w2, recompute=recompute, deterministic=deterministic
+        )  # [R, d], weighted
+    del rows  # freed before the combine's receive buffer is allocated (unless kept for backward)
+    return _Combine.apply(expert_out, token_of_row, row_of_slot, exchange)  # [T, d]
+
+
+class ExpertParallelMoELayer(nn.Module):
+    """`moeblaze.MoELayer` with its experts sharded over the ranks of a process group.
+
+    Takes `MoELayer`'s arguments plus `group` (default: the default group) and
+    `recompute_dispatch` (see `expert_parallel_mlp`). Rank r holds experts
+    [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, gradients
+    complete for the global batch. The router and the shared expert are replicated: seed every
+    rank alike before building (see `reset_parameters` for the experts), and all-reduce their
+    gradients over the group like data-parallel parameters. The router's aux losses and token
+    counts are those of this rank's tokens. `from_moe_layer` builds one from a full `MoELayer`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        recompute: str = "activation",
+        deterministic: bool = False,
+        recompute_dispatch: bool = True,
+        shared_expert_size: int | None = None,
+        device=None,
+        dtype=None,
+        **router_options,
+    ):
+        super().__init__()
+        self.group, self.world_size, self.rank = _resolve_group(group, type(self).__name__)
+        if num_experts % self.world_size:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by the size of the expert-parallel "
+                f"group ({self.world_size} ranks): each rank holds num_experts / world_size experts"
+            )
+        if ffn_hidden_size < 1:
+            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
+        if recompute not in moeblaze.RECOMPUTE_POLICIES:
+            raise ValueError(
+                f"recompute must be one of {moeblaze.RECOMPUTE_POLICIES}, got {recompute!r}"
+            )
+        if shared_expert_size is not None and shared_expert_size < 1:
+            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
+        num_local = num_experts // self.world_size
+        factory = dict(device=device, dtype=dtype)
+        self.router = moeblaze.Router(hidden_size, num_experts, top_k, **router_options, **factory)
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * ffn_hidden_size, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size, **factory))
+        self.shared_expert = (
+            moeblaze.SwiGLUMLP(hidden_size, shared_expert_size, **factory)
+            if shared_expert_size
+            else None
+        )
+        self.hidden_size = hidden_size
+        self.experts = slice(self.rank * num_local, (self.rank + 1) * num_local)  # global ids
+        self.recompute = recompute
+        self.deterministic = deterministic
+        self.recompute_dispatch = recompute_dispatch
+        self.last_router_output: moeblaze.RouterOutput | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in)).
+
+        Expert e draws from a generator seeded with (one draw of the default generator) + e: on
+        ranks seeded alike, as the replicated router needs, the experts still differ, and the
+        initial model is the same whatever the number of ranks.
+        """
+        if self.w13.is_meta:  # from_moe_layer fills it
+            return
+        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
+        generator = torch.Generator(self.w13.device)
+        with torch.no_grad():
+            for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
+                generator.manual_seed(seed + expert)
+                for w in (self.w13[local], self.w2[local]):  # [2F, d], [d, F]
+                    bound = 1.0 / math.sqrt(w.shape[1])
+                    w.uniform_(-bound, bound, generator=generator)
+
+    @classmethod
+    def from_moe_layer(
+        cls,
+        layer: moeblaze.MoELayer,
+        group: dist.ProcessGroup | None = None,
+        *,
+        recompute_dispatch: bool = True,
+    ) -> "ExpertParallelMoELayer":
+        """This rank's share of `layer`: its experts' weights, copies of the router and shared
+        expert (every option and buffer), on `layer`'s device and dtype."""
+        ep = cls(
+            layer.hidden_size,
+            layer.w2.shape[2],
+            layer.router.num_experts,
+            layer.router.top_k,
+            group=group,
+            recompute=layer.recompute,
+            deterministic=layer.deterministic,
+            recompute_dispatch=recompute_dispatch,
+            device="meta",
+            dtype=layer.w13.dtype,
+        )
+        ep.router = copy.deepcopy(layer.router)
+        ep.shared_expert = copy.deepcopy(layer.shared_expert)
+        ep.w13 = nn.Parameter(layer.w13.detach()[ep.experts].clone())
+        ep.w2 = nn.Parameter(layer.w2.detach()[ep.experts].clone())
+        return ep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        tokens = x.reshape(-1, self.hidden_size)  # [N, d]
+        routing = self.router(tokens)
+        self.last_router_output = routing
+        out = expert_parallel_mlp(
+            tokens,
+            routing.topk_ids,
+            routing.topk_weights,
+            self.w13,
+            self.w2,
+            self.group,
+            recompute=self.recompute,
+            deterministic=self.deterministic,
+            recompute_dispatch=self.recompute_dispatch,
+        )
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.experts.start}..{self.experts.stop - 1} of "
+            f"{self.router.num_experts}, rank {self.rank} of {self.world_size}, "
+            f"recompute={self.recompute!r}, recompute_dispatch={self.recompute_dispatch}"
+        )
+
+
+def _resolve_group(group, caller: str):
+    """(group, its size, this process's rank in it), with clear errors before any collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{caller} runs collectives over a torch.distributed process group, but none is "
+            f"initialised: call torch.distributed.init_process_group() first (torchrun sets up "
+            f"its environment)"
+        )
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"{caller}: this process (global rank {dist.get_rank()}) is not a member of the "
+            f"group it was given"
+        )
+    return group, dist.get_world_size(group), rank
+
+
+def _check_args(x, topk_ids, topk_weights, w13, w2) -> None:
+    """Rank-local checks, before any collective; moe_mlp checks dtypes and the rest."""
+    for name, t in (
+        ("x", x),
+        ("topk_ids", topk_ids),
+        ("topk_weights", topk_weights),
+        ("w13", w13),
+        ("w2", w2),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}; expected x's device {x.device}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [T, d], got shape {tuple(x.shape)}")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected x's dtype {x.dtype}")
+    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"w13 must be this rank's experts [E_l, 2F, d] with d={x.shape[1]} (x's last dim) "
+            f"and an even 2F, got shape {tuple(w13.shape)}"
+        )
+    expected_w2 = (w13.shape[0], x.shape[1], w13.shape[1] // 2)
+    if tuple(w2.shape) != expected_w2:
+        raise ValueError(
+            f"w2 must be [E_l, d, F] = {expected_w2} to match w13 and x, got {tuple(w2.shape)}"
+        )
+    if (
+        topk_ids.dtype.is_floating_point
+        or topk_ids.dtype.is_complex
+        or topk_ids.dtype == torch.bool
+    ):
+        raise TypeError(f"topk_ids must have an integer dtype, got {topk_ids.dtype}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_ids must be [T, k] with T={x.shape[0]} (x's rows), got {tuple(topk_ids.shape)}"
+        )
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, "
+            f"got {tuple(topk_weights.shape)}"
+        )

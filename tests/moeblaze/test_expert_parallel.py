@@ -1,0 +1,280 @@
+"""Expert parallelism against the single-process MoELayer with the same weights.
+
+# W ranks, T tokens of one rank, N tokens of all ranks, d hidden, F ffn, E experts,
+# E_l = E / W experts per rank, k top-k
+
+One run of 4 gloo processes checks W = 4 on the default group and, before it, W = 2 on the two
+subgroups {0, 1} and {2, 3} at the same time. The parent process runs `moeblaze.MoELayer` on the
+tokens of all ranks (forward and backward); each worker runs
+`ExpertParallelMoELayer.from_moe_layer` on its own tokens and compares its output, dx, its
+experts' slices of dw13 and dw2, and the all-reduced (data-parallel) gradients of the
+replicated router and shared expert.
+
+The gloo workers are forked, not spawned: they start with the parent's imports, its warm Triton
+interpreter and its NaN-poisoned allocations (the autouse `poison` fixture), so a row that no
+kernel wrote fails the comparison in the workers too, and the run stays within seconds.
+"""
+
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from overlap_testing import gloo_rank, randn
+from tolerance import assert_close
+
+import moeblaze
+from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
+
+D, FFN, E, K, SHARED = 16, 8, 8, 2, 12
+RTOL = 1e-5  # float32 against float32: the same kernels, rows summed in another order
+NUM_PROCS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One MoE layer call spread over the ranks of a group, and its single-process result."""
+
+    name: str
+    layer: moeblaze.MoELayer  # the full layer, without gradients
+    tokens: tuple[int, ...]  # [W] tokens of each rank
+    x: torch.Tensor  # [N, d] the tokens of every rank, rank after rank
+    dout: torch.Tensor  # [N, d]
+    out: torch.Tensor  # [N, d] MoELayer's output
+    topk_ids: torch.Tensor  # [N, k] MoELayer's routing
+    grads: dict[str, torch.Tensor]  # "x" and every parameter name of the layer -> its gradient
+    recompute_dispatch: bool = True
+
+
+def _case(name, tokens, *, seed, receivers=None, recompute_dispatch=True, **layer_options):
+    """MoELayer forward + backward on every rank's tokens. With `receivers`, tokens choose only
+    experts of those ranks: the other ranks receive no row at all."""
+    torch.manual_seed(seed)
+    layer = moeblaze.MoELayer(D, FFN, E, K, **layer_options)
+    x, dout = randn(sum(tokens), D, seed=seed + 1), randn(sum(tokens), D, seed=seed + 2)
+    owner = torch.arange(E) // (E // len(tokens))  # [E] rank holding each expert
+    allowed = torch.isin(owner, torch.tensor(receivers or range(len(tokens))))  # [E]
+    with torch.no_grad():
+        layer.router.weight[:, 0] = torch.where(allowed, 0.0, -16.0)
+    x[:, 0] = 4.0  # the other experts trail every token's logits by 64
+    reference = copy.deepcopy(layer)
+    x_ref = x.clone().requires_grad_()
+    out = reference(x_ref)
+    out.backward(dout)
+    topk_ids = reference.last_router_output.topk_ids
+    assert allowed[topk_ids].all()
+    grads = {"x": x_ref.grad, **{n: p.grad for n, p in reference.named_parameters()}}
+    return Case(
+        name, layer, tuple(tokens), x, dout, out.detach(), topk_ids, grads, recompute_dispatch
+    )
+
+
+@contextlib.contextmanager
+def _received_rows_alive(alive: list):
+    """Collect the all-to-all outputs of d columns (dispatched and combined rows) still alive
+    when the body ends."""
+    refs = []
+    all_to_all_single = dist.all_to_all_single
+
+    def recording(output, *args, **kwargs):
+        if output.dim() == 2 and output.shape[1] == D:
+            refs.append(weakref.ref(output))
+        return all_to_all_single(output, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        yield
+    finally:
+        dist.all_to_all_single = all_to_all_single
+        gc.collect()
+        alive.extend(t for t in (r() for r in refs) if t is not None)
+
+
+def _check_case(case: Case, group, device="cpu") -> None:
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    assert len(case.tokens) == W
+    where = f"{case.name} (W={W}) rank {r}"
+    layer = ExpertParallelMoELayer.from_moe_layer(
+        case.layer.to(device), group, recompute_dispatch=case.recompute_dispatch
+    )
+    first = sum(case.tokens[:r])
+    mine = slice(first, first + case.tokens[r])  # this rank's rows of x
+    x = case.x[mine].to(device).requires_grad_()
+    alive = []
+    with _received_rows_alive(alive):
+        out = layer(x)
+    # No buffer of dispatched or combined rows outlives forward, but the received rows [R, d]
+    # with recompute_dispatch=False.
+    received = int(
+        ((case.topk_ids >= layer.experts.start) & (case.topk_ids < layer.experts.stop)).sum()
+    )
+    kept = [] if case.recompute_dispatch else [(received, D)]
+    assert [tuple(t.shape) for t in alive] == kept, f"{where}: rows kept for backward"
+    out.backward(case.dout[mine].to(device))
+    assert_close(out, case.out[mine], rtol=RTOL, name=f"{where}: out")
+    assert_close(x.grad, case.grads["x"][mine], rtol=RTOL, name=f"{where}: dx")
+    for name, p in layer.named_parameters():
+        expected = case.grads[name]
+        if name in ("w13", "w2"):  # this rank's experts: complete gradients
+            expected = expected[layer.experts]
+            grad = p.grad
+        else:  # replicated: the data-parallel all-reduce
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=group)
+        assert_close(grad, expected, rtol=RTOL, name=f"{where}: grad {name}")
+
+
+def _check_ranges(profile, case: Case) -> None:
+    names = {event.name for event in profile.events()}
+    stages = ["exchange_counts", "dispatch", "experts", "combine"]
+    stages += ["recompute_dispatch"] if case.recompute_dispatch else []
+    for stage in stages:
+        assert f"moeblaze.ep.{stage}" in names, f"no moeblaze.ep.{stage} range in {sorted(names)}"
+
+
+def _check_init(groups) -> None:
+    """Ranks seeded alike: the same router on every rank, distinct experts, and the same experts
+    whatever the number of ranks."""
+    experts = []
+    for group in groups:
+        torch.manual_seed(3)
+        layer = ExpertParallelMoELayer(D, FFN, E, K, group=group)
+        W = dist.get_world_size(group)
+        routers, shards = (
+            [torch.empty(E, D) for _ in range(W)],
+            [torch.empty_like(layer.w13) for _ in range(W)],
+        )
+        dist.all_gather(routers, layer.router.weight.detach(), group=group)
+        dist.all_gather(shards, layer.w13.detach(), group=group)
+        assert all(torch.equal(r, routers[0]) for r in routers), "router weights differ"
+        experts.append(torch.cat(shards))  # [E, 2F, d]
+    assert torch.equal(experts[0], experts[1]), "the experts depend on the number of ranks"
+    assert len({tuple(w.flatten().tolist()) for w in experts[0]}) == E, "identical experts"
+
+
+def _check_errors(group) -> None:
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    with pytest.raises(ValueError, match=rf"num_experts={W + 1} must be divisible .* \({W} ranks"):
+        ExpertParallelMoELayer(D, FFN, W + 1, 1, group=group)
+    # An id outside [0, E) on one rank raises on every rank (none waits in a collective).
+    x, w13, w2 = randn(3, D), randn(1, 2 * FFN, D), randn(1, D, FFN)
+    ids = torch.tensor([[0], [W], [W - 1]]) if r == 1 else torch.zeros(3, 1, dtype=torch.long)
+    message = rf"rank\(s\) \[1\] .* outside \[0, num_experts={W}\)"
+    if r == 1:
+        message += f"; this rank's first one is {W}"
+    with pytest.raises(ValueError, match=message):
+        expert_parallel_mlp(x, ids, torch.ones(3, 1), w13, w2, group)
+
+
+def _gloo_worker(rank, init_method, pair_cases, case):
+    with gloo_rank(rank, NUM_PROCS, init_method, timeout_s=60):
+        torch.set_num_threads(1)
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+        pair, pair_case = pairs[rank // 2], pair_cases[rank // 2]
+        cpu = [torch.profiler.ProfilerActivity.CPU]  # no CUDA in a forked worker
+        with torch.profiler.profile(activities=cpu) as profile:
+            _check_case(pair_case, pair)
+        _check_ranges(profile, pair_case)
+        _check_case(case, dist.group.WORLD)
+        _check_init([pair, dist.group.WORLD])
+        _check_errors(dist.group.WORLD)
+
+
+def test_expert_parallel_over_gloo(tmp_path):
+    """W = 2 on two subgroups at once, then W = 4, in one run of 4 processes."""
+    if dist.is_initialized():
+        pytest.fail(
+            "a torch.distributed group is initialised in the test process; forked "
+            "workers would inherit it"
+        )
+    pair_cases = [
+        # Ranks {0, 1}: rank 0 has no token of its own (it sends nothing).
+        _case("no_tokens_on_0", (0, 5), seed=10, recompute="none"),
+        # Ranks {2, 3}: every token goes to rank 1's experts, so rank 0 receives nothing.
+        _case("all_to_1", (4, 3), seed=20, receivers=(1,), recompute_dispatch=False),
+    ]
+    # Rank 2 has no token, rank 0 receives none, ranks 1-3 exchange rows at random.
+    case = _case(
+        "no_tokens_on_2_none_to_0",
+        (5, 3, 0, 4),
+        seed=30,
+        receivers=(1, 2, 3),
+        recompute="up_proj",
+        shared_expert_size=SHARED,
+    )
+    init_method = f"file://{tmp_path / 'store'}"
+    mp.start_processes(
+        _gloo_worker, args=(init_method, pair_cases, case), nprocs=NUM_PROCS, start_method="fork"
+    )
+
+
+def test_needs_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="none is initialised: call .*init_process_group"):
+        ExpertParallelMoELayer(D, FFN, E, K)
+    x, ids, weights = randn(3, D), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    with pytest.raises(RuntimeError, match="expert_parallel_mlp runs collectives"):
+        expert_parallel_mlp(x, ids, weights, randn(2, 2 * FFN, D), randn(2, D, FFN))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(x=randn(3, 2, D)), ValueError, r"x must be 2-D \[T, d\], got shape \(3, 2, 16\)"),
+        (dict(w13=randn(2, 2 * FFN, D + 1)), ValueError, r"w13 must be this rank's experts"),
+        (dict(w2=randn(2, D, FFN + 1)), ValueError, r"w2 must be \[E_l, d, F\] = \(2, 16, 8\)"),
+        (dict(w2=randn(2, D, FFN, dtype=torch.float64)), TypeError, "w2 has dtype torch.float64"),
+        (dict(topk_ids=torch.zeros(3, 1)), TypeError, "topk_ids must have an integer dtype"),
+        (dict(topk_ids=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"with T=3 \(x's rows\)"),
+        (dict(topk_weights=torch.ones(3, 2)), ValueError, "topk_weights must have topk_ids' shape"),
+    ],
+    ids=["x_3d", "w13_d", "w2_shape", "w2_dtype", "ids_float", "ids_rows", "weights_shape"],
+)
+def test_bad_arguments(change, error, match):
+    """Rank-local checks, before any collective (so no process group is needed to see them)."""
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    args = dict(
+        x=randn(3, D),
+        topk_ids=ids,
+        topk_weights=torch.ones(3, 1),
+        w13=randn(2, 2 * FFN, D),
+        w2=randn(2, D, FFN),
+    )
+    args.update(change)
+    with pytest.raises(error, match=match):
+        expert_parallel_mlp(**args)
+
+
+def _nccl_worker(rank, init_method, cases):
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl",
+        init_method=init_method,
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        for case in cases:
+            _check_case(case, dist.group.WORLD, device=f"cuda:{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_expert_parallel_over_nccl(tmp_path):
+    """The same checks with NCCL, one GPU per rank (spawned: CUDA does not survive a fork)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL needs one GPU per rank: 2 needed, {torch.cuda.device_count()} found")
+    cases = [
+        _case("no_tokens_on_0", (0, 37), seed=50, shared_expert_size=SHARED),
+        _case("all_to_1", (29, 41), seed=60, receivers=(1,), recompute_dispatch=False),
+    ]
+    mp.spawn(_nccl_worker, args=(f"file://{tmp_path / 'store'}", cases), nprocs=2, join=True)
