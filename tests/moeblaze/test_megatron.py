@@ -8,6 +8,7 @@ name the field.
 """
 
 import types
+import warnings
 
 import pytest
 import torch
@@ -19,6 +20,16 @@ from moeblaze.integrations import megatron as mb
 
 S, BATCH, H, FFN, E, K, SHARED = 5, 2, 32, 16, 4, 2, 24
 RTOL = 1e-5  # float32 layer against the float64 transcription (as test_layer.RTOL)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: faster on these tiny tensors, and not slowed down by other processes
+    holding the cores (two threads then wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _config(**overrides):
@@ -306,6 +317,7 @@ def megatron():
 
 
 def _transformer_config(megatron, **fields):
+    """A real TransformerConfig (its deprecation warnings about CUDA graphs silenced)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     base = dict(
@@ -313,7 +325,9 @@ def _transformer_config(megatron, **fields):
         moe_ffn_hidden_size=FFN, moe_router_topk=K, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
     )  # fmt: skip
-    return TransformerConfig(**{**base, **fields})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return TransformerConfig(**{**base, **fields})
 
 
 def test_megatron_sequential_mlp_state_dict(megatron):
@@ -353,10 +367,9 @@ def test_megatron_sequential_mlp_state_dict(megatron):
 
 def test_megatron_default_config_is_rejected(megatron):
     """megatron-core's defaults (biases, GeLU MLP) are not SwiGLU experts: named in the error."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4,
-                               num_moe_experts=E)  # fmt: skip
+    config = _transformer_config(
+        megatron, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu
+    )
     with pytest.raises(NotImplementedError, match="add_bias_linear=True.*gated_linear_unit=False"):
         mb.MoELayer(config)
 
