@@ -7,8 +7,10 @@ name the field.
 # s sequence, b batch, h hidden, N = s*b tokens, F expert ffn, E experts, k top-k
 """
 
+import ast
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,6 +298,31 @@ def test_load_errors():
         mb.megatron_expert_weights({**state, "experts.linear_fc1.bias0": torch.zeros(2 * FFN)}, E)
     with pytest.raises(ValueError, match="no Megatron expert weights under prefix 'moe.'"):
         mb.megatron_expert_weights(state, E, prefix="moe.")
+
+
+def test_moeblaze_imports_no_integration():
+    """`import moeblaze` never pulls in transformers or megatron: no module of the package
+    imports them, or the integration modules that do, except those modules themselves."""
+    package = Path(moeblaze.__file__).parent
+    optional = ("transformers", "megatron", "moeblaze.integrations.huggingface",
+                "moeblaze.integrations.megatron")  # fmt: skip
+    for path in package.rglob("*.py"):
+        module = ".".join(("moeblaze", *path.relative_to(package).with_suffix("").parts))
+        if module in optional[2:]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package
+                    parent = module.split(".")[: -node.level]
+                    base = ".".join([*parent, *([base] if base else [])])
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(optional), f"{module} imports {name}"
 
 
 # ---------------------------------------------------------------------------------------------
