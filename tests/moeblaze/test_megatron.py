@@ -9,7 +9,6 @@ name the field.
 
 import ast
 import types
-import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,12 @@ from tolerance import assert_close
 
 import moeblaze
 from moeblaze.integrations import megatron as mb
+
+# megatron-core warns about what it lacks here (TransformerEngine, Apex) and deprecated defaults.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
+]
 
 S, BATCH, H, FFN, E, K, SHARED = 5, 2, 32, 16, 4, 2, 24
 RTOL = 1e-5  # float32 layer against the float64 transcription (as test_layer.RTOL)
@@ -333,18 +338,20 @@ def test_moeblaze_imports_no_integration():
 def megatron():
     """megatron-core's modules, with a one-rank gloo process group for its parallel layers."""
     core = pytest.importorskip("megatron.core")
+    from megatron.core import parallel_state
     from megatron.core.transformer.moe import moe_utils
 
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
     try:
         yield types.SimpleNamespace(core=core, moe_utils=moe_utils)
     finally:
+        parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
 
 
 def _transformer_config(megatron, **fields):
-    """A real TransformerConfig (its deprecation warnings about CUDA graphs silenced)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     base = dict(
@@ -352,9 +359,7 @@ def _transformer_config(megatron, **fields):
         moe_ffn_hidden_size=FFN, moe_router_topk=K, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
     )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return TransformerConfig(**{**base, **fields})
+    return TransformerConfig(**{**base, **fields})
 
 
 def test_megatron_sequential_mlp_state_dict(megatron):
@@ -390,6 +395,29 @@ def test_megatron_sequential_mlp_state_dict(megatron):
     expected = torch.zeros_like(tokens).index_add_(0, token, rows)
     actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
+
+
+def test_megatron_transformer_layer_spec(megatron):
+    """The layer named in a megatron-core GPT layer spec: Megatron builds it and runs its MLP
+    block (pre-MLP norm, the layer, bias-dropout-add) forward and backward. (The whole
+    TransformerLayer needs CUDA for Megatron's attention.)"""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    config = _transformer_config(megatron, moe_aux_loss_coeff=1e-2, normalization="RMSNorm",
+                                 hidden_dropout=0.0, bias_dropout_fusion=False)  # fmt: skip
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+    spec.submodules.mlp = ModuleSpec(module=mb.MoELayer)
+    layer = build_module(spec, config=config, layer_number=1)
+    assert isinstance(layer.mlp, mb.MoELayer)
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(11))  # [s, b, h]
+    with torch.no_grad():
+        expected = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
+    out = layer._forward_mlp(x)
+    assert_close(out.detach(), expected, rtol=RTOL, name="Megatron MLP block")
+    out.square().sum().backward()
+    for name, p in layer.mlp.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
 
 
 def test_megatron_default_config_is_rejected(megatron):
