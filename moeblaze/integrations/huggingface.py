@@ -128,9 +128,10 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
         )
     if experts.has_bias:
         missing.append("biases (has_bias=True: gate_up_proj_bias, down_proj_bias)")
-    if experts.has_post_expert_norm:
+    if getattr(experts, "has_post_expert_norm", False):
         missing.append("a norm after each expert (has_post_expert_norm=True)")
-    if cls._apply_gate is not hf_moe._default_apply_gate:
+    # A transformers without this default would make every gate "custom": loud, never wrong.
+    if cls._apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
         missing.append(
             f"their own gate activation {cls.__name__}._apply_gate (for example a clamped "
             f"or soft-capped SwiGLU) instead of act_fn(gate) * up"
