@@ -134,48 +134,22 @@ def _experts_inputs():
     return torch.randn(B * L, 32, generator=g), ids, torch.rand(B * L, 2, generator=g)
 
 
-def _experts_step(experts, x, ids, weights):
-    """[out, dx, dweights, dgate_up, ddown] of one experts call with output gradient 1."""
-    leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
-    params = [experts.gate_up_proj, experts.down_proj]
-    out = experts(leaves[0], ids, leaves[1])
-    out.backward(torch.ones_like(out))
-    return [out.detach(), *(t.grad for t in leaves + params)]
-
-
-def test_from_pretrained(tmp_path, monkeypatch):
-    """A saved checkpoint loads with experts_implementation="moeblaze" as it is: the experts
-    get eager's weights unconverted (the float64 reference stands in for moe_mlp here)."""
-    _, eager = _models("mixtral")
-    eager.save_pretrained(tmp_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, experts_implementation="moeblaze", dtype=torch.float32
-    )
-    assert model.config._experts_implementation == "moeblaze"
-    calls = _record_moe_mlp_calls(
-        monkeypatch, lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
-    )
-    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        actual = model(input_ids=input_ids).logits
-        expected = eager(input_ids=input_ids).logits
-    assert calls == ["activation"]
-    assert_close(actual, expected, rtol=RTOL, name="logits after from_pretrained")
-
-
 def test_expert_parallel_sentinels():
-    """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager."""
+    """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager.
+
+    Forward only: the sentinels are handled before moe_mlp (clamped ids, zero weights), and the
+    zero gradient of a masked weight is autograd's."""
     model, eager = _models("mixtral")
     x, ids, weights = _experts_inputs()
     ids[::3, 1] = 4  # a sentinel: that expert lives on another rank
     weights = weights.masked_fill(ids == 4, 0.0)
-    results = []
+    outs = []
     for m in (model, eager):
         experts = m.model.layers[0].mlp.experts
         experts._is_expert_parallel = True
-        results.append(_experts_step(experts, x, ids, weights))
-    for label, a, e in zip(("out", "dx", "dweights", "dgate_up", "ddown"), *results, strict=True):
-        assert_close(a, e, rtol=RTOL, name=label)
+        with torch.no_grad():
+            outs.append(experts(x, ids, weights))
+    assert_close(*outs, rtol=RTOL, name="out")
 
 
 @pytest.mark.parametrize(

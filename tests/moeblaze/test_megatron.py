@@ -397,13 +397,16 @@ def test_megatron_sequential_mlp_state_dict(megatron):
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
 
 
-def test_megatron_transformer_layer_spec(megatron):
+def test_megatron_transformer_layer_spec(megatron, monkeypatch):
     """The layer named in a megatron-core GPT layer spec: Megatron builds it and runs its MLP
     block (pre-MLP norm, the layer, bias-dropout-add) forward and backward. (The whole
-    TransformerLayer needs CUDA for Megatron's attention.)"""
+    TransformerLayer needs CUDA for Megatron's attention; the float64 reference stands in for
+    moe_mlp, which the transcription test runs.)"""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute, deterministic:
+                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
     config = _transformer_config(megatron, moe_aux_loss_coeff=1e-2, normalization="RMSNorm",
                                  hidden_dropout=0.0, bias_dropout_fusion=False)  # fmt: skip
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
