@@ -134,22 +134,30 @@ def _experts_inputs():
     return torch.randn(B * L, 32, generator=g), ids, torch.rand(B * L, 2, generator=g)
 
 
-def test_expert_parallel_sentinels():
-    """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager.
-
-    Forward only: the sentinels are handled before moe_mlp (clamped ids, zero weights), and the
-    zero gradient of a masked weight is autograd's."""
+def test_expert_parallel_sentinels(monkeypatch):
+    """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager: not
+    to the output (moe_mlp's kernels, forward), nor to the routing-weight gradient (backward,
+    with the float64 reference standing in for moe_mlp: the sentinels are handled before it)."""
     model, eager = _models("mixtral")
     x, ids, weights = _experts_inputs()
     ids[::3, 1] = 4  # a sentinel: that expert lives on another rank
     weights = weights.masked_fill(ids == 4, 0.0)
-    outs = []
-    for m in (model, eager):
-        experts = m.model.layers[0].mlp.experts
-        experts._is_expert_parallel = True
-        with torch.no_grad():
-            outs.append(experts(x, ids, weights))
+    experts = [m.model.layers[0].mlp.experts for m in (model, eager)]
+    for module in experts:
+        module._is_expert_parallel = True
+    with torch.no_grad():
+        outs = [module(x, ids, weights) for module in experts]
     assert_close(*outs, rtol=RTOL, name="out")
+
+    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute:
+                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
+    grads = []
+    for module in experts:
+        leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+        module(*leaves[:1], ids, leaves[1]).sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert_close(grads[0][0], grads[1][0], rtol=RTOL, name="dx")
+    assert_close(grads[0][1], grads[1][1], rtol=RTOL, name="dweights")
 
 
 @pytest.mark.parametrize(
