@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# GPU tests and benchmarks in one bounded run (each step has a time limit; all five together
-# take at most about 14 minutes), for a CUDA machine.
+# GPU tests and benchmarks in one bounded run (each step has a time limit; all six together
+# take at most about 17 minutes), for a CUDA machine.
 #
 #   bash bench/run_gpu.sh OUTDIR [STEP ...]
 #
-# STEPs (default: all, in this order): pytest-gpu moe_layer routing_plan overlap csrc_kernels.
+# STEPs (default: all, in this order): pytest-gpu moe_layer routing_plan overlap csrc_kernels
+# hf_model.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
-# csrc_kernels.txt (logs), the result
+# csrc_kernels.txt, hf_model.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
 OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR [STEP ...]}
 shift
-STEPS=" ${*:-pytest-gpu moe_layer routing_plan overlap csrc_kernels} "
+STEPS=" ${*:-pytest-gpu moe_layer routing_plan overlap csrc_kernels hf_model} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -49,6 +50,7 @@ step moe_layer 200 python -m bench.moe_layer --out "$OUT"
 step routing_plan 40 python -m bench.routing_plan --out "$OUT"
 step overlap 110 python -m bench.overlap --out "$OUT"
 step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
+step hf_model 200 python -m bench.hf_model --out "$OUT"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

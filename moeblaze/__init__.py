@@ -10,6 +10,9 @@ by index and write the weighted top-k combine straight into the [T, d] output.
     ops.py           moe_mlp: torch.library ops with autograd
     router.py        Router (nn.Module): scores, top-k, aux losses
     layers.py        MoELayer, SwiGLUMLP (nn.Modules)
+    expert_parallel.py  ExpertParallelMoELayer: experts sharded over a process group, all-to-all
+    integrations/    Hugging Face experts implementation, Megatron-style MoELayer (imported
+                     explicitly: moeblaze.integrations.huggingface / .megatron)
 
 Which implementation runs where (compiled Triton, the Triton interpreter, torch) is decided by
 `kernelbase.backend_for`; `moeblaze.set_backend` / `use_backend` force one, `moeblaze.info()`
@@ -17,6 +20,7 @@ says what runs and why.
 """
 
 from kernelbase import __version__, info, set_backend, use_backend
+from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
 from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
 from moeblaze.reference import moe_mlp_reference
@@ -26,12 +30,14 @@ from moeblaze.routing_plan import RoutingPlan, build_routing_plan
 __all__ = [
     "RECOMPUTE_POLICIES",
     "__version__",
+    "ExpertParallelMoELayer",
     "MoELayer",
     "Router",
     "RouterOutput",
     "RoutingPlan",
     "SwiGLUMLP",
     "build_routing_plan",
+    "expert_parallel_mlp",
     "info",
     "moe_mlp",
     "moe_mlp_reference",

@@ -12,7 +12,7 @@ rank, like data-parallel parameters) and each rank routes its own tokens. Per la
               [W, E_l] --one host sync--> the row splits of the all-to-alls below
     dispatch: x[sorted_slots // k] [S, d], topk_weights[sorted_slots] [S]
               --all-to-all--> rows [R, d], weights [R] (grouped by source rank, then expert)
-    experts:  moeblaze.moe_mlp(rows, local expert [R, 1], weights [R, 1], w13 [E_l, 2F, d],
+    experts:  moe_mlp(rows, local expert [R, 1], weights [R, 1], w13 [E_l, 2F, d],
               w2 [E_l, d, F]) -> [R, d], already weighted (k = 1 per row: the routing-weight
               gradient comes from moeblaze's epilogue and no expert output is kept)
     combine:  [R, d] --all-to-all back--> [S, d] in sorted order --the k rows of each token summed
@@ -43,9 +43,12 @@ import weakref
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
-import moeblaze
+from kernelbase.profiling import profile_range
+from moeblaze.layers import MoELayer, SwiGLUMLP
+from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
+from moeblaze.router import Router, RouterOutput
+from moeblaze.routing_plan import build_routing_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +69,14 @@ def _all_to_all(rows: torch.Tensor, out_splits, in_splits, group) -> torch.Tenso
 
 def _dispatch(src: torch.Tensor, source_of_row: torch.Tensor, exchange: _Exchange):
     """src [n, c] -> [R, c]: row p of the sorted order is src[source_of_row[p]]."""
-    with record_function("moeblaze.ep.dispatch"):
+    with profile_range("moeblaze.ep.dispatch"):
         rows = src.index_select(0, source_of_row)  # [S, c]: the send buffer
         return _all_to_all(rows, exchange.recv_splits, exchange.send_splits, exchange.group)
 
 
 def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange):
     """rows [R, c] -> [n, c]: out[i] = sum_j (row row_of_slot[i, j] of the sorted order)."""
-    with record_function("moeblaze.ep.combine"):
+    with profile_range("moeblaze.ep.combine"):
         back = _all_to_all(rows, exchange.send_splits, exchange.recv_splits, exchange.group)
         # back [S, c] in sorted order; accumulate in fp32, j = 0..k-1: bitwise reproducible.
         out = back.index_select(0, row_of_slot[:, 0]).float()  # [n, c]
@@ -122,7 +125,7 @@ def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size
     invalid = ((topk_ids < 0) | (topk_ids >= num_experts)).sum(dtype=torch.int32)  # []
     # Clamped so that the plan stays in bounds; invalid ids raise below, after the exchange.
     clamped = topk_ids.clamp(0, num_experts - 1)
-    plan = moeblaze.build_routing_plan(clamped, num_experts, check_ids=False)
+    plan = build_routing_plan(clamped, num_experts, check_ids=False)
     counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
     send = torch.cat([counts, invalid.expand(world_size, 1)], dim=1)  # [W, E_l + 1]
     recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, src's bad ids
@@ -168,7 +171,7 @@ def _dispatch_again_in_backward(rows, x, source_of_row, exchange):
                 "the input x of an expert-parallel MoE layer was modified in place after forward; "
                 "backward dispatches it again (recompute_dispatch=True) and needs it unchanged"
             )
-        with torch.no_grad(), record_function("moeblaze.ep.recompute_dispatch"):
+        with torch.no_grad(), profile_range("moeblaze.ep.recompute_dispatch"):
             return _dispatch(x, source_of_row, exchange)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -212,7 +215,7 @@ def expert_parallel_mlp(
     group, world_size, _ = _resolve_group(group, "expert_parallel_mlp")
     num_experts = w13.shape[0] * world_size
     num_tokens, top_k = topk_ids.shape
-    with record_function("moeblaze.ep.exchange_counts"):
+    with profile_range("moeblaze.ep.exchange_counts"):
         plan, exchange, local_ids = _exchange_counts(topk_ids, num_experts, group, world_size)
     token_of_row = plan.sorted_slots // top_k  # [S] token of each slot in sorted order
     row_of_slot = plan.slot_positions.view(num_tokens, top_k)  # [T, k] sorted row of each slot
@@ -225,8 +228,8 @@ def expert_parallel_mlp(
         if recompute_dispatch
         else contextlib.nullcontext()
     )
-    with keep, record_function("moeblaze.ep.experts"):
-        expert_out = moeblaze.moe_mlp(
+    with keep, profile_range("moeblaze.ep.experts"):
+        expert_out = moe_mlp(
             rows, local_ids, weights, w13, w2, recompute=recompute, deterministic=deterministic
         )  # [R, d], weighted
     del rows  # freed before the combine's receive buffer is allocated (unless kept for backward)
@@ -270,28 +273,24 @@ class ExpertParallelMoELayer(nn.Module):
             )
         if ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
-        if recompute not in moeblaze.RECOMPUTE_POLICIES:
-            raise ValueError(
-                f"recompute must be one of {moeblaze.RECOMPUTE_POLICIES}, got {recompute!r}"
-            )
+        if recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         num_local = num_experts // self.world_size
         factory = dict(device=device, dtype=dtype)
-        self.router = moeblaze.Router(hidden_size, num_experts, top_k, **router_options, **factory)
+        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * ffn_hidden_size, hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size, **factory))
         self.shared_expert = (
-            moeblaze.SwiGLUMLP(hidden_size, shared_expert_size, **factory)
-            if shared_expert_size
-            else None
+            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
         )
         self.hidden_size = hidden_size
         self.experts = slice(self.rank * num_local, (self.rank + 1) * num_local)  # global ids
         self.recompute = recompute
         self.deterministic = deterministic
         self.recompute_dispatch = recompute_dispatch
-        self.last_router_output: moeblaze.RouterOutput | None = None
+        self.last_router_output: RouterOutput | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -315,7 +314,7 @@ class ExpertParallelMoELayer(nn.Module):
     @classmethod
     def from_moe_layer(
         cls,
-        layer: moeblaze.MoELayer,
+        layer: MoELayer,
         group: dist.ProcessGroup | None = None,
         *,
         recompute_dispatch: bool = True,

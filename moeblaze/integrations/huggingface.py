@@ -1,0 +1,149 @@
+"""Hugging Face `transformers` (v5) experts implementations that run `moeblaze.moe_mlp`.
+
+# T tokens, d hidden, F expert ffn, E experts, k top-k
+
+transformers v5 keeps the experts of an MoE block in one module whose class is decorated with
+`transformers.integrations.moe.use_experts_implementation`. Its `forward` looks up
+`config._experts_implementation` in `ExpertsInterface` and calls the function found there:
+
+    MoE block: router -> top_k_index [T, k], top_k_weights [T, k]
+    experts(hidden_states [T, d], top_k_index, top_k_weights)
+      -> ExpertsInterface[config._experts_implementation](experts, hidden_states, ...)
+      -> moeblaze.moe_mlp(hidden_states, top_k_index, top_k_weights,
+                          w13 = gate_up_proj [E, 2F, d], w2 = down_proj [E, d, F]) -> [T, d]
+
+Importing this module registers one name per `moeblaze.RECOMPUTE_POLICIES` entry, plus the
+default, so the policy is chosen per model, with no global state:
+
+    "moeblaze"             recompute="activation" (moeblaze's default)
+    "moeblaze-activation"  recompute="activation": keep the [T*k, 2F] pre-activation
+    "moeblaze-up_proj"     recompute="up_proj": keep nothing of size T*k*F
+    "moeblaze-none"        recompute="none": keep pre-activation and activation
+
+    import moeblaze.integrations.huggingface  # noqa: F401  (registers the names)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moeblaze")
+    model.set_experts_implementation("moeblaze-up_proj")  # switch policy later
+
+The experts' own parameters are used as they are, with no conversion and no copy per call:
+`gate_up_proj [E, 2F, d]` (gate rows, then up rows) is `w13` and `down_proj [E, d, F]` is `w2`;
+families that store them transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are
+passed as transposed views, which the kernels read through their strides. Experts that compute
+anything but `down(silu(gate(x)) * up(x))` raise `NotImplementedError` naming the experts class,
+its model family and what moeblaze lacks: interleaved gate/up columns, biases, no gate
+(`up_proj` only), another activation, a custom `_apply_gate` (GPT-OSS's clamped SwiGLU,
+DeepSeek-V4's clamp), a post-expert norm.
+
+Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
+>= E and zero weights; they are sent to expert E-1 with weight 0 (computed and discarded, as
+the "batched_mm" implementation does).
+"""
+
+import functools
+
+import torch
+from torch import nn
+
+import moeblaze
+
+try:
+    from transformers.activations import SiLUActivation
+    from transformers.integrations import moe as hf_moe
+except ImportError as error:
+    raise ImportError(
+        "moeblaze.integrations.huggingface needs transformers >= 5 (with "
+        "transformers.integrations.moe.ExpertsInterface): pip install 'transformers>=5'"
+    ) from error
+
+NAME = "moeblaze"
+DEFAULT_RECOMPUTE = "activation"
+# Every name this module registers, and the recompute policy each one runs.
+IMPLEMENTATIONS = {
+    NAME: DEFAULT_RECOMPUTE,
+    **{f"{NAME}-{policy}": policy for policy in moeblaze.RECOMPUTE_POLICIES},
+}
+
+
+def moeblaze_experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,  # [T, d]
+    top_k_index: torch.Tensor,  # [T, k]
+    top_k_weights: torch.Tensor,  # [T, k]
+    *,
+    recompute: str = DEFAULT_RECOMPUTE,
+) -> torch.Tensor:  # [T, d]
+    """The experts of a transformers v5 MoE block, computed by `moeblaze.moe_mlp`.
+
+    `experts` is the module whose class is decorated with `use_experts_implementation`; this
+    function is what its `forward` calls once "moeblaze" is its experts implementation.
+    """
+    w13, w2 = expert_weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
+    if getattr(experts, "_is_expert_parallel", False):
+        off_rank = top_k_index >= w13.shape[0]  # [T, k] slots of another rank's experts
+        top_k_index = top_k_index.clamp(max=w13.shape[0] - 1)
+        top_k_weights = top_k_weights.masked_fill(off_rank, 0.0)
+    # Under autocast the input may be float32 while the weights are bf16, as in "grouped_mm".
+    out = moeblaze.moe_mlp(
+        hidden_states.to(w13.dtype), top_k_index, top_k_weights, w13, w2, recompute=recompute
+    )
+    return out.to(hidden_states.dtype)
+
+
+def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 [E, 2F, d], w2 [E, d, F]) of a transformers v5 experts module, as views.
+
+    Raises NotImplementedError naming the class and model family if its experts are not
+    SwiGLU experts in a layout moeblaze reads without copying.
+    """
+    missing = _unsupported_features(experts)
+    if missing:
+        cls = type(experts)
+        family = cls.__module__.removeprefix("transformers.models.").split(".")[0]
+        raise NotImplementedError(
+            f"experts_implementation='moeblaze' cannot run {cls.__name__} (model family "
+            f"{family!r}): moeblaze computes down(silu(gate(x)) * up(x)) with gate_up_proj "
+            f"[E, 2F, d] (gate rows, then up rows) and down_proj [E, d, F], but these experts "
+            f"have {'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' "
+            f"for this model."
+        )
+    if experts.is_transposed:  # gate_up_proj [E, d, 2F], down_proj [E, F, d]
+        return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    return experts.gate_up_proj, experts.down_proj
+
+
+def _unsupported_features(experts: nn.Module) -> list[str]:
+    """What the experts compute or store that moeblaze does not (empty if supported)."""
+    cls = type(experts)
+    if not hasattr(experts, "has_gate"):
+        return [
+            f"no transformers v5 experts interface ({cls.__name__} is not decorated with "
+            f"transformers.integrations.moe.use_experts_implementation)"
+        ]
+    missing = []
+    if not experts.has_gate:
+        missing.append("no gate projection (has_gate=False: up_proj and down_proj only)")
+    if experts.has_gate and not experts.is_concatenated:
+        missing.append(
+            "gate and up columns interleaved (is_concatenated=False: gate0, up0, gate1, ...), "
+            "which moeblaze could only read from a copy of gate_up_proj made every call"
+        )
+    if experts.has_bias:
+        missing.append("biases (has_bias=True: gate_up_proj_bias, down_proj_bias)")
+    if getattr(experts, "has_post_expert_norm", False):
+        missing.append("a norm after each expert (has_post_expert_norm=True)")
+    # A transformers without this default would make every gate "custom": loud, never wrong.
+    if cls._apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
+        missing.append(
+            f"their own gate activation {cls.__name__}._apply_gate (for example a clamped "
+            f"or soft-capped SwiGLU) instead of act_fn(gate) * up"
+        )
+    else:
+        act = getattr(experts, "act_fn", None)
+        if not (isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu):
+            missing.append(f"the activation {act!r} where moeblaze computes SiLU")
+    return missing
+
+
+for _name, _policy in IMPLEMENTATIONS.items():
+    hf_moe.ExpertsInterface.register(
+        _name, functools.partial(moeblaze_experts_forward, recompute=_policy)
+    )

@@ -1,0 +1,547 @@
+"""`MoELayer(config)`: moeblaze as the MoE layer of a Megatron-style model.
+
+# s sequence, b batch, h hidden, N = s*b tokens, F expert ffn, E experts, k top-k
+
+    hidden_states [s, b, h] -> tokens [N, h] --moeblaze.Router--> topk_ids [N, k], topk_weights [N, k]
+    topk_weights (* moe_router_topk_scaling_factor)
+    moeblaze.moe_mlp(tokens, topk_ids, topk_weights, w13 [E, 2F, h], w2 [E, h, F])
+    (+ shared expert, moeblaze.SwiGLUMLP) -> (output [s, b, h], None)
+
+`config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
+lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(config)`
+translates the fields into moeblaze's terms and raises `NotImplementedError` (a feature moeblaze
+lacks) or `ValueError` (an invalid value) naming every offending field with its value.
+
+Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`):
+
+- softmax, `moe_router_pre_softmax=False`: top-k of the logits, softmax over the k chosen, i.e.
+  the softmax scores renormalised over the k (`norm_topk_prob=True`); with `pre_softmax=True`:
+  the top-k softmax scores as they are (`norm_topk_prob=False`).
+- sigmoid: top-k of the scores (plus the expert bias, for selection only), divided by their sum
+  when k > 1.
+- `moe_router_topk_scaling_factor` multiplies the k weights.
+- The "aux_loss" load-balancing loss (`moe_aux_loss_coeff`) and the z-loss (`moe_z_loss_coeff`)
+  reach the gradient through the routing weights, as Megatron's `MoEAuxLossAutoScaler` does:
+  the injected gradient is `coeff * d(loss)` times `moeblaze.Router.aux_loss_scale`. Megatron's
+  schedule sets its scale (`loss_scale / num_microbatches`) before each backward; set
+  `moeblaze.Router.set_aux_loss_scale(loss_scale / num_microbatches)` before a step's forwards
+  (moeblaze reads it at forward time).
+- Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`).
+
+Recompute: `moe_layer_recompute=True` (or `recompute_granularity='selective'` with "moe" in
+`recompute_modules`) runs the experts with `recompute="up_proj"`: backward recomputes the
+gate/up GEMM, so the layer keeps its input, the router's [N, E] float32 scores, the routing
+weights and plan, and nothing of size N*k*F or N*k*h. The router is not run twice, unlike a
+checkpoint of the whole layer (whose recompute would count the expert-bias token counts
+twice). Otherwise the experts use moeblaze's default `recompute="activation"` (SwiGLU
+recomputed from the kept pre-activation, which is Megatron's "moe_act"). "shared_experts" in
+`recompute_modules` checkpoints the shared expert (`torch.utils.checkpoint`, non-reentrant).
+
+Expert weights of an existing Megatron model load with `MoELayer.load_megatron_state_dict`
+(router, experts in the SequentialMLP, TEGroupedMLP or legacy GroupedMLP layout, shared expert)
+or `megatron_expert_weights` (experts only).
+"""
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import moeblaze
+
+# The TransformerConfig fields this module reads, with their megatron-core 0.16 defaults.
+MEGATRON_DEFAULTS = {
+    "hidden_size": 0,
+    "num_moe_experts": None,
+    "moe_ffn_hidden_size": None,
+    "ffn_hidden_size": None,
+    "moe_router_topk": 2,
+    "moe_router_score_function": "softmax",
+    "moe_router_pre_softmax": False,
+    "moe_router_topk_scaling_factor": None,
+    "moe_router_num_groups": None,
+    "moe_router_group_topk": None,
+    "moe_router_enable_expert_bias": False,
+    "moe_router_load_balancing_type": "aux_loss",
+    "moe_aux_loss_coeff": 0.0,
+    "moe_z_loss_coeff": None,
+    "moe_router_dtype": None,
+    "moe_shared_expert_intermediate_size": None,
+    "moe_shared_expert_gate": False,
+    "moe_layer_recompute": False,
+    "recompute_granularity": None,
+    "recompute_modules": None,
+    "gated_linear_unit": False,
+    "activation_func": F.gelu,
+    "glu_linear_offset": 0.0,
+    "activation_func_clamp_value": None,
+    "add_bias_linear": True,
+    "params_dtype": torch.float32,
+    "init_method": None,
+    "output_layer_init_method": None,
+    "perform_initialization": True,
+    "use_cpu_initialization": False,
+    # Features moeblaze does not have: only their defaults are accepted.
+    "moe_expert_capacity_factor": None,
+    "moe_pad_expert_input_to_capacity": False,
+    "moe_input_jitter_eps": None,
+    "moe_router_force_load_balancing": False,
+    "moe_enable_routing_replay": False,
+    "moe_router_topk_limited_devices": None,
+    "moe_router_padding_for_quantization": False,
+    "moe_router_padding_for_fp8": False,
+    "moe_apply_probs_on_input": False,
+    "moe_latent_size": None,
+    "calculate_per_token_loss": False,
+    "fp8": None,
+    "fp4": None,
+    "tensor_model_parallel_size": 1,
+    "expert_model_parallel_size": 1,
+    "expert_tensor_parallel_size": None,
+    "context_parallel_size": 1,
+    "sequence_parallel": False,
+}
+# Fields whose other values need a feature moeblaze lacks: (the feature, accepted value test).
+_OFF = lambda value: not value
+_ONE_RANK = lambda value: value in (None, 1)
+_UNSUPPORTED = {
+    # Megatron turns a negative capacity factor into None (no token dropping).
+    "moe_expert_capacity_factor": ("token dropping", lambda value: value is None or value < 0),
+    "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
+    "moe_input_jitter_eps": ("router input jitter", lambda value: value is None),
+    "moe_router_force_load_balancing": ("random router logits", _OFF),
+    "moe_enable_routing_replay": ("routing replay", _OFF),
+    "moe_router_topk_limited_devices": ("device-limited routing (use moe_router_num_groups)", _OFF),
+    "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
+    "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
+    "moe_apply_probs_on_input": ("routing weights applied to the expert input", _OFF),
+    "moe_latent_size": ("latent projections", _OFF),
+    "moe_shared_expert_gate": ("a sigmoid gate on the shared expert", _OFF),
+    "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
+    "add_bias_linear": ("expert and router biases; set add_bias_linear=False", _OFF),
+    "glu_linear_offset": ("an offset on the up half of the GLU", _OFF),
+    "activation_func_clamp_value": ("a clamped GLU", lambda value: value is None),
+    "fp8": ("FP8 experts", _OFF),
+    "fp4": ("FP4 experts", _OFF),
+    "tensor_model_parallel_size": ("tensor parallelism", _ONE_RANK),
+    "expert_model_parallel_size": ("expert parallelism", _ONE_RANK),
+    "expert_tensor_parallel_size": ("expert tensor parallelism", _ONE_RANK),
+    "context_parallel_size": ("context parallelism", _ONE_RANK),
+    "sequence_parallel": ("sequence parallelism", _OFF),
+}
+_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+_PARAMS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """A Megatron config in moeblaze's terms (built and checked by `layer_options`)."""
+
+    hidden_size: int
+    ffn_hidden_size: int  # F of each routed expert
+    num_experts: int
+    top_k: int
+    score_func: str  # moeblaze.Router options from here to z_loss_coeff
+    norm_topk_prob: bool
+    num_groups: int | None
+    topk_groups: int | None
+    expert_bias: bool
+    aux_loss_coeff: float
+    z_loss_coeff: float
+    topk_scaling_factor: float | None  # multiplies the k routing weights
+    shared_expert_size: int | None
+    recompute: str  # moeblaze.moe_mlp's policy
+    recompute_shared_expert: bool
+    params_dtype: torch.dtype
+
+    def router_options(self) -> dict:
+        return dict(
+            score_func=self.score_func, norm_topk_prob=self.norm_topk_prob,
+            num_groups=self.num_groups, topk_groups=self.topk_groups,
+            expert_bias=self.expert_bias, aux_loss_coeff=self.aux_loss_coeff,
+            z_loss_coeff=self.z_loss_coeff,
+        )  # fmt: skip
+
+
+def layer_options(config) -> LayerOptions:
+    """Check a Megatron TransformerConfig (or look-alike) and translate it for moeblaze.
+
+    Raises NotImplementedError listing every field whose value needs a feature moeblaze lacks,
+    and ValueError for values that are invalid in Megatron too; both name field and value.
+    """
+    cfg = {name: getattr(config, name, default) for name, default in MEGATRON_DEFAULTS.items()}
+    invalid = _invalid_fields(cfg)
+    if invalid:
+        raise ValueError("invalid MoE config: " + "; ".join(invalid))
+    unsupported = _unsupported_fields(cfg)
+    if unsupported:
+        raise NotImplementedError(
+            "moeblaze.integrations.megatron.MoELayer does not support: " + "; ".join(unsupported)
+        )
+    top_k, score_func = cfg["moe_router_topk"], cfg["moe_router_score_function"]
+    recompute_modules = cfg["recompute_modules"] or ()
+    selective = cfg["recompute_granularity"] == "selective"
+    grouped = cfg["moe_router_num_groups"] is not None and cfg["moe_router_group_topk"]
+    # Megatron: softmax of the k chosen logits (= renormalised scores) unless pre-softmax;
+    # sigmoid scores divided by their sum when k > 1.
+    norm_topk_prob = not cfg["moe_router_pre_softmax"] if score_func == "softmax" else top_k > 1
+    recompute = "activation"
+    if cfg["moe_layer_recompute"] or (selective and "moe" in recompute_modules):
+        recompute = "up_proj"
+    return LayerOptions(
+        hidden_size=cfg["hidden_size"],
+        ffn_hidden_size=cfg["moe_ffn_hidden_size"] or cfg["ffn_hidden_size"],
+        num_experts=cfg["num_moe_experts"],
+        top_k=top_k,
+        score_func=score_func,
+        norm_topk_prob=norm_topk_prob,
+        num_groups=cfg["moe_router_num_groups"] if grouped else None,
+        topk_groups=cfg["moe_router_group_topk"] if grouped else None,
+        expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
+        aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
+        z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
+        topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or None,
+        shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
+        recompute=recompute,
+        recompute_shared_expert=selective and "shared_experts" in recompute_modules,
+        params_dtype=cfg["params_dtype"],
+    )
+
+
+class MoELayer(moeblaze.MoELayer):
+    """moeblaze's MoE layer built from a Megatron `TransformerConfig`, Megatron's interface.
+
+    `forward(hidden_states [s, b, h]) -> (output [s, b, h], None)`. Parameters: `router.weight
+    [E, h]` (and the buffer `router.expert_bias [E]`, both named as in Megatron), `w13 [E, 2F, h]`
+    (gate rows, then up rows), `w2 [E, h, F]`, `shared_expert.gate_up.weight [2Fs, h]`,
+    `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. They are initialised with
+    `config.init_method` (router, w13 per expert, shared gate/up) and
+    `config.output_layer_init_method` (w2 per expert, shared down) when
+    `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does.
+
+    `submodules` and `pg_collection` are accepted so that a Megatron `ModuleSpec` can name this
+    class; moeblaze builds its own router and experts, and runs on one rank (tensor, expert,
+    context and sequence parallel sizes must be 1). `device` defaults to the current CUDA device,
+    as in Megatron, unless `config.use_cpu_initialization` is set or CUDA is unavailable.
+    `recompute` overrides the policy read from the config (see the module docstring).
+    Update an expert bias once per optimizer step with
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)`, after summing
+    `layer.router.tokens_per_expert_accum` over the data-parallel ranks.
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules=None,
+        layer_number: int | None = None,
+        pg_collection=None,
+        *,
+        recompute: str | None = None,
+        deterministic: bool = False,
+        device=None,
+    ):
+        options = layer_options(config)
+        cpu_init = getattr(config, "use_cpu_initialization", False)
+        if device is None and torch.cuda.is_available() and not cpu_init:
+            device = torch.device("cuda", torch.cuda.current_device())
+        super().__init__(
+            options.hidden_size,
+            options.ffn_hidden_size,
+            options.num_experts,
+            options.top_k,
+            recompute=recompute or options.recompute,
+            deterministic=deterministic,
+            shared_expert_size=options.shared_expert_size,
+            device=device,
+            dtype=options.params_dtype,
+            **options.router_options(),
+        )
+        self.config = config
+        self.options = options
+        self.layer_number = layer_number
+        if getattr(config, "perform_initialization", True):
+            self._megatron_init(
+                getattr(config, "init_method", None),
+                getattr(config, "output_layer_init_method", None),
+            )
+
+    @torch.no_grad()
+    def _megatron_init(self, init_method: Callable | None, output_init_method: Callable | None):
+        """Megatron initialises each expert's [out, in] weight like one linear layer."""
+        fc1 = [self.router.weight, *self.w13]
+        fc2 = list(self.w2)
+        if self.shared_expert is not None:
+            fc1.append(self.shared_expert.gate_up.weight)
+            fc2.append(self.shared_expert.down.weight)
+        for method, weights in ((init_method, fc1), (output_init_method, fc2)):
+            if method is not None:
+                for weight in weights:
+                    method(weight)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [s, b, h]
+        intermediate_tensors=None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        if intermediate_tensors is not None:
+            raise NotImplementedError(
+                "intermediate_tensors (Megatron's partial CUDA-graph capture of the MoE layer) is "
+                "not supported; pass None"
+            )
+        if padding_mask is not None and self._padding_mask_matters():
+            raise NotImplementedError(
+                "padding_mask is not supported with aux losses or an expert bias (Megatron "
+                "leaves padding tokens out of their statistics; moeblaze.Router counts every "
+                "token); pass None"
+            )
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [s, b, h={self.hidden_size}] (sequence first), got "
+                f"shape {tuple(hidden_states.shape)}"
+            )
+        tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, h]
+        routing = self.router(tokens)
+        self.last_router_output = routing
+        weights = routing.topk_weights  # [N, k] float32
+        if self.options.topk_scaling_factor:
+            weights = weights * self.options.topk_scaling_factor
+        out = moeblaze.moe_mlp(
+            tokens, routing.topk_ids, weights, self.w13, self.w2,
+            recompute=self.recompute, deterministic=self.deterministic,
+        )  # fmt: skip
+        if self.shared_expert is not None:
+            if self.options.recompute_shared_expert and torch.is_grad_enabled():
+                out = out + checkpoint(self.shared_expert, tokens, use_reentrant=False)
+            else:
+                out = out + self.shared_expert(tokens)
+        return out.view(hidden_states.shape), None
+
+    def _padding_mask_matters(self) -> bool:
+        router = self.router
+        return (
+            router.aux_loss_coeff > 0 or router.z_loss_coeff > 0 or router.expert_bias is not None
+        )
+
+    def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load the state dict of a megatron-core `MoELayer` (tensor/expert parallel size 1).
+
+        Reads `router.weight`, `router.expert_bias`, the experts in any layout that
+        `megatron_expert_weights` reads (under `experts.`) and `shared_experts.linear_fc1.weight`
+        / `linear_fc2.weight` (gate rows, then up rows, as moeblaze.SwiGLUMLP). With `strict`,
+        a key with no place here (other than `_extra_state` and non-persistent buffers) raises
+        ValueError. Returns what `load_state_dict` returns.
+        """
+        w13, w2, used = _expert_weights(state_dict, self.w13.shape[0], "experts.")
+        converted = {"w13": w13, "w2": w2}
+        renames = {
+            "router.weight": "router.weight",
+            "router.expert_bias": "router.expert_bias",
+            "shared_experts.linear_fc1.weight": "shared_expert.gate_up.weight",
+            "shared_experts.linear_fc2.weight": "shared_expert.down.weight",
+        }
+        for megatron_key, key in renames.items():
+            if megatron_key in state_dict:
+                converted[key] = state_dict[megatron_key]
+                used.add(megatron_key)
+        ignored = {"router.local_tokens_per_expert", "router.global_tokens_per_expert"}
+        left = [
+            k for k in state_dict if k not in used and k not in ignored and "_extra_state" not in k
+        ]
+        if strict and left:
+            raise ValueError(
+                f"the Megatron state_dict has keys this layer has no place for: {sorted(left)}"
+            )
+        return self.load_state_dict(converted, strict=strict)
+
+
+def megatron_expert_weights(
+    state_dict: Mapping[str, torch.Tensor], num_experts: int, prefix: str = "experts."
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w13 [E, 2F, h], w2 [E, h, F]) from the experts of a megatron-core MoE layer's state dict.
+
+    Reads any of these layouts (keys under `prefix`; no tensor or expert parallelism; gated
+    experts, whose fc1 output is [gate, up], as Megatron's `glu` chunks it):
+
+        SequentialMLP  local_experts.{e}.linear_fc1.weight [2F, h], .linear_fc2.weight [h, F]
+        TEGroupedMLP   linear_fc1.weight{e} [2F, h], linear_fc2.weight{e} [h, F]
+        GroupedMLP     weight1 [h, E*2F] holding [E, h, 2F], weight2 [E*F, h] holding [E, F, h]
+
+    The GroupedMLP result is a view of its tensors; the others are stacked copies.
+    """
+    w13, w2, _ = _expert_weights(state_dict, num_experts, prefix)
+    return w13, w2
+
+
+def _expert_weights(state_dict, num_experts, prefix):
+    """megatron_expert_weights, plus the set of keys it read."""
+    sequential = f"{prefix}local_experts.{{e}}.linear_fc{{i}}.{{what}}"
+    te_grouped = f"{prefix}linear_fc{{i}}.{{what}}{{e}}"
+    for layout in (sequential, te_grouped):
+        if layout.format(e=0, i=1, what="weight") not in state_dict:
+            continue
+        for i in (1, 2):
+            if layout.format(e=0, i=i, what="bias") in state_dict:
+                raise NotImplementedError(
+                    f"expert biases ({layout.format(e=0, i=i, what='bias')}) are not supported: "
+                    f"moeblaze experts have no bias (Megatron add_bias_linear=False)"
+                )
+        keys = [
+            [layout.format(e=e, i=i, what="weight") for e in range(num_experts)] for i in (1, 2)
+        ]
+        missing = [k for k in keys[0] + keys[1] if k not in state_dict]
+        if missing:
+            raise ValueError(f"num_experts={num_experts} but the state_dict lacks {missing}")
+        w13 = torch.stack([state_dict[k] for k in keys[0]])  # [E, 2F, h]
+        w2 = torch.stack([state_dict[k] for k in keys[1]])  # [E, h, F]
+        _check_expert_shapes(w13, w2, keys[0][0], keys[1][0])
+        return w13, w2, set(keys[0] + keys[1])
+    weight1, weight2 = f"{prefix}weight1", f"{prefix}weight2"
+    if weight1 in state_dict and weight2 in state_dict:
+        w1, w2_flat = state_dict[weight1], state_dict[weight2]  # [h, E*2F], [E*F, h]
+        hidden = w1.shape[0]
+        if w2_flat.dim() != 2 or w2_flat.shape[0] % num_experts or w2_flat.shape[1] != hidden:
+            raise ValueError(
+                f"{weight2} must be [E*F, h] with E={num_experts} and h={hidden} ({weight1}'s "
+                f"first dim), got shape {tuple(w2_flat.shape)}"
+            )
+        ffn = w2_flat.shape[0] // num_experts
+        if tuple(w1.shape) != (hidden, num_experts * 2 * ffn):
+            raise ValueError(
+                f"{weight1} must be [h, E*2F] = {(hidden, num_experts * 2 * ffn)} for gated "
+                f"experts, got shape {tuple(w1.shape)}"
+            )
+        # GroupedMLP.forward reads weight1.view(E, h, -1) and weight2.view(E, -1, h).
+        w13 = w1.view(num_experts, hidden, 2 * ffn).transpose(1, 2)  # [E, 2F, h]
+        w2 = w2_flat.view(num_experts, ffn, hidden).transpose(1, 2)  # [E, h, F]
+        return w13, w2, {weight1, weight2}
+    raise ValueError(
+        f"no Megatron expert weights under prefix {prefix!r}: expected "
+        f"{sequential.format(e=0, i=1, what='weight')!r} (SequentialMLP), "
+        f"{te_grouped.format(e=0, i=1, what='weight')!r} (TEGroupedMLP) or {weight1!r} and "
+        f"{weight2!r} (GroupedMLP)"
+    )
+
+
+def _check_expert_shapes(w13, w2, fc1_key, fc2_key):
+    if w13.shape[1] % 2 or w2.shape[1:] != (w13.shape[2], w13.shape[1] // 2):
+        raise ValueError(
+            f"{fc1_key} must be [2F, h] and {fc2_key} [h, F] for gated experts, got "
+            f"{tuple(w13.shape[1:])} and {tuple(w2.shape[1:])}"
+        )
+
+
+def _loss_coeffs(cfg) -> dict[str, float]:
+    """{load-balancing type: coefficient} from moe_router_load_balancing_type / _aux_loss_coeff."""
+    types, coeffs = cfg["moe_router_load_balancing_type"], cfg["moe_aux_loss_coeff"]
+    if isinstance(types, str):
+        return {types: float(coeffs)}
+    return {t: float(c) for t, c in zip(types, coeffs, strict=True)}
+
+
+def _invalid_fields(cfg) -> list[str]:
+    problems = []
+    hidden, experts = cfg["hidden_size"], cfg["num_moe_experts"]
+    if not isinstance(hidden, int) or hidden < 1:
+        problems.append(f"hidden_size={hidden!r} must be a positive int")
+    if not isinstance(experts, int) or experts < 1:
+        problems.append(f"num_moe_experts={experts!r} must be a positive int")
+        experts = None
+    ffn = cfg["moe_ffn_hidden_size"] or cfg["ffn_hidden_size"]
+    if not isinstance(ffn, int) or ffn < 1:
+        problems.append(
+            f"moe_ffn_hidden_size={cfg['moe_ffn_hidden_size']!r} (or ffn_hidden_size="
+            f"{cfg['ffn_hidden_size']!r}) must be a positive int"
+        )
+    top_k = cfg["moe_router_topk"]
+    if not isinstance(top_k, int) or top_k < 1 or (experts and top_k > experts):
+        problems.append(f"moe_router_topk={top_k!r} must be in [1, num_moe_experts={experts}]")
+        top_k = None
+    score_func = cfg["moe_router_score_function"]
+    if score_func not in ("softmax", "sigmoid"):
+        problems.append(f"moe_router_score_function={score_func!r} must be 'softmax' or 'sigmoid'")
+    if cfg["moe_router_enable_expert_bias"] and score_func != "sigmoid":
+        problems.append(
+            f"moe_router_enable_expert_bias=True needs moe_router_score_function='sigmoid' "
+            f"(as in Megatron), got {score_func!r}"
+        )
+    groups, group_topk = cfg["moe_router_num_groups"], cfg["moe_router_group_topk"]
+    if group_topk:
+        if not groups or not experts or experts % groups:
+            problems.append(
+                f"moe_router_num_groups={groups!r} must divide num_moe_experts={experts} when "
+                f"moe_router_group_topk={group_topk!r} is set"
+            )
+        elif not 1 <= group_topk <= groups or (top_k and top_k % group_topk):
+            problems.append(
+                f"moe_router_group_topk={group_topk!r} must be in [1, moe_router_num_groups="
+                f"{groups}] and divide moe_router_topk={top_k}"
+            )
+    types = cfg["moe_router_load_balancing_type"]
+    types = [types] if isinstance(types, str) else list(types)
+    coeffs = cfg["moe_aux_loss_coeff"]
+    coeffs = [coeffs] if isinstance(coeffs, int | float) else list(coeffs)
+    if len(types) != len(coeffs) or any(t not in _LOAD_BALANCING_TYPES for t in types):
+        problems.append(
+            f"moe_router_load_balancing_type={cfg['moe_router_load_balancing_type']!r} must be "
+            f"one of {_LOAD_BALANCING_TYPES} (or a list of them, with a moe_aux_loss_coeff each), "
+            f"with moe_aux_loss_coeff={cfg['moe_aux_loss_coeff']!r}"
+        )
+    if any(c < 0 for c in coeffs):
+        problems.append(f"moe_aux_loss_coeff={cfg['moe_aux_loss_coeff']!r} must be >= 0")
+    if (cfg["moe_z_loss_coeff"] or 0.0) < 0:
+        problems.append(f"moe_z_loss_coeff={cfg['moe_z_loss_coeff']!r} must be >= 0")
+    shared = cfg["moe_shared_expert_intermediate_size"]
+    if shared is not None and (not isinstance(shared, int) or shared < 1):
+        problems.append(f"moe_shared_expert_intermediate_size={shared!r} must be >= 1 or None")
+    if cfg["params_dtype"] not in _PARAMS_DTYPES:
+        problems.append(f"params_dtype={cfg['params_dtype']} must be one of {_PARAMS_DTYPES}")
+    return problems
+
+
+def _unsupported_fields(cfg) -> list[str]:
+    problems = [
+        f"{name}={cfg[name]!r} ({what})"
+        for name, (what, accepted) in _UNSUPPORTED.items()
+        if not accepted(cfg[name])
+    ]
+    if not cfg["gated_linear_unit"] or cfg["activation_func"] is not F.silu:
+        act = getattr(cfg["activation_func"], "__name__", repr(cfg["activation_func"]))
+        problems.append(
+            f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
+            f"(moeblaze experts are SwiGLU: gated_linear_unit=True, activation_func=F.silu)"
+        )
+    coeffs = _loss_coeffs(cfg)
+    for kind in ("seq_aux_loss", "global_aux_loss"):
+        if coeffs.get(kind, 0.0) > 0:
+            problems.append(
+                f"moe_router_load_balancing_type={kind!r} with moe_aux_loss_coeff="
+                f"{coeffs[kind]} (moeblaze.Router has the micro-batch 'aux_loss' only)"
+            )
+    if "sinkhorn" in coeffs:
+        problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
+    grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
+    if coeffs.get("aux_loss", 0.0) > 0 and (grouped or cfg["moe_router_enable_expert_bias"]):
+        problems.append(
+            f"moe_aux_loss_coeff={coeffs['aux_loss']} together with group-limited routing or "
+            f"moe_router_enable_expert_bias=True (Megatron's aux loss counts the tokens of a "
+            f"plain top-k; moeblaze.Router counts the tokens it routes)"
+        )
+    if grouped:
+        per_group = cfg["moe_router_topk"] // cfg["moe_router_group_topk"]
+        group_size = cfg["num_moe_experts"] // cfg["moe_router_num_groups"]
+        ours = min(2, group_size) if cfg["moe_router_score_function"] == "sigmoid" else 1
+        if per_group != ours:
+            problems.append(
+                f"moe_router_num_groups={cfg['moe_router_num_groups']} with "
+                f"moe_router_group_topk={cfg['moe_router_group_topk']} and moe_router_topk="
+                f"{cfg['moe_router_topk']}: Megatron scores a group by the sum of its top "
+                f"topk // group_topk = {per_group} scores, moeblaze.Router by its top {ours} "
+                f"({cfg['moe_router_score_function']})"
+            )
+    uses_losses = sum(coeffs.values()) > 0 or (cfg["moe_z_loss_coeff"] or 0.0) > 0
+    if uses_losses and cfg["calculate_per_token_loss"]:
+        problems.append("calculate_per_token_loss=True with aux losses (per-token loss scaling)")
+    return problems

@@ -1,0 +1,202 @@
+"""Hugging Face integration: tiny random models with experts_implementation="moeblaze" against
+"eager" (logits, loss, every gradient), per model family; the recompute variants; loading with
+from_pretrained; expert-parallel sentinel ids; the families moeblaze cannot run.
+
+# B batch, L sequence, T = B*L tokens, d hidden, F expert ffn, E experts, k top-k
+"""
+
+import pytest
+import torch
+from tolerance import assert_bf16_close, assert_close
+
+import moeblaze
+
+transformers = pytest.importorskip("transformers", minversion="5")
+hf = pytest.importorskip("moeblaze.integrations.huggingface")
+
+B, L, VOCAB = 2, 5, 64
+RTOL = 1e-5  # float32 moeblaze against float32 eager; measured <= 1e-6 on every family
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: faster on these tiny tensors, and not slowed down by other processes
+    holding the cores (two threads then wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(family: str, **overrides):
+    """A tiny random config of one MoE family (E=4 experts, k=2, F=16)."""
+    configs = {
+        "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4,
+                    num_experts_per_tok=2, output_router_logits=True)),
+        "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                      output_router_logits=True)),
+        "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16,
+                      num_experts=4, num_experts_per_tok=2, head_dim=16,
+                      output_router_logits=True)),
+        "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                  output_router_logits=True)),
+        # Sigmoid routing with a score-correction bias, 2 groups of 2 experts, a shared expert.
+        "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=24, moe_intermediate_size=16,
+                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+                        topk_group=1, first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=None,
+                        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8)),
+        # Transposed expert weights (is_transposed=True): gate_up_proj [E, d, 2F].
+        "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_intermediate_size=16,
+                 moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)),
+    }  # fmt: skip
+    name, kwargs = configs[family]
+    return getattr(transformers, name)(**{**COMMON, **kwargs, **overrides})
+
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "aria")
+
+
+def _models(family, dtype=torch.float32, device="cpu"):
+    """(moeblaze model built by from_config, eager model with the same weights)."""
+    # One config each: from_config(..., experts_implementation=) writes it into the config.
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM
+    model = auto.from_config(_config(family), experts_implementation="moeblaze")
+    eager = auto.from_config(_config(family), experts_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    return [m.to(device=device, dtype=dtype).train() for m in (model, eager)]
+
+
+def _step(model, input_ids):
+    """{"logits", "loss", "<param>.grad" ...} of a forward + backward with labels = input_ids."""
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, labels=input_ids)
+    out.loss.backward()
+    grads = {f"{n}.grad": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
+
+
+def _record_moe_mlp_calls(monkeypatch, run=None) -> list:
+    """Record the recompute policy of every moeblaze.moe_mlp call (the integration looks the
+    function up at call time); `run` replaces the computation (default: moeblaze.moe_mlp)."""
+    calls, run = [], run or moeblaze.moe_mlp
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["recompute"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(moeblaze, "moe_mlp", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_eager(family, monkeypatch):
+    model, eager = _models(family)
+    assert model.config._experts_implementation == "moeblaze"
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    calls = _record_moe_mlp_calls(monkeypatch)
+    actual = _step(model, input_ids)
+    assert calls == ["activation"] * model.config.num_hidden_layers, "moeblaze did not run"
+    expected = _step(eager, input_ids)
+    assert actual.keys() == expected.keys()
+    assert any("gate_up_proj" in name for name in actual), "no expert weight got a gradient"
+    for name, value in expected.items():
+        assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see a bug"
+        assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
+
+
+def test_recompute_variants(monkeypatch):
+    """Each registered name hands its policy to moeblaze.moe_mlp (whose policies
+    tests/moeblaze/test_moe_mlp.py checks; here the float64 reference stands in for it)."""
+    assert hf.IMPLEMENTATIONS == {"moeblaze": "activation", "moeblaze-activation": "activation",
+                                  "moeblaze-up_proj": "up_proj", "moeblaze-none": "none"}  # fmt: skip
+    calls = _record_moe_mlp_calls(
+        monkeypatch, lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
+    )
+    model, _ = _models("olmoe")
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(2))
+    for name in hf.IMPLEMENTATIONS:
+        model.set_experts_implementation(name)
+        model(input_ids=input_ids)
+    assert calls == list(hf.IMPLEMENTATIONS.values())
+
+
+def _experts_inputs():
+    """hidden_states [T, d], top_k_index [T, k] (distinct per token), top_k_weights [T, k]."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(B * L)])
+    return torch.randn(B * L, 32, generator=g), ids, torch.rand(B * L, 2, generator=g)
+
+
+def test_expert_parallel_sentinels(monkeypatch):
+    """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager: not
+    to the output (moe_mlp's kernels, forward), nor to the routing-weight gradient (backward,
+    with the float64 reference standing in for moe_mlp: the sentinels are handled before it)."""
+    model, eager = _models("mixtral")
+    x, ids, weights = _experts_inputs()
+    ids[::3, 1] = 4  # a sentinel: that expert lives on another rank
+    weights = weights.masked_fill(ids == 4, 0.0)
+    experts = [m.model.layers[0].mlp.experts for m in (model, eager)]
+    for module in experts:
+        module._is_expert_parallel = True
+    with torch.no_grad():
+        outs = [module(x, ids, weights) for module in experts]
+    assert_close(*outs, rtol=RTOL, name="out")
+
+    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute:
+                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
+    grads = []
+    for module in experts:
+        leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+        module(*leaves[:1], ids, leaves[1]).sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert_close(grads[0][0], grads[1][0], rtol=RTOL, name="dx")
+    assert_close(grads[0][1], grads[1][1], rtol=RTOL, name="dweights")
+
+
+@pytest.mark.parametrize(
+    ("family", "config_class", "config_kwargs", "missing"),
+    [
+        ("gpt_oss", "GptOssConfig", dict(num_local_experts=4, intermediate_size=16),
+         ["interleaved", "biases", "GptOssExperts._apply_gate"]),
+        ("nemotron_h", "NemotronHConfig", dict(n_routed_experts=4, moe_intermediate_size=16),
+         ["no gate projection", "ReLUSquared"]),
+        ("deepseek_v4", "DeepseekV4Config", dict(n_routed_experts=4, moe_intermediate_size=16),
+         ["DeepseekV4Experts._apply_gate"]),
+        ("mixtral", "MixtralConfig",
+         dict(num_local_experts=4, intermediate_size=16, hidden_act="gelu"), ["GELU"]),
+    ],
+    ids=["gpt_oss", "nemotron_h", "deepseek_v4", "mixtral_gelu"],
+)  # fmt: skip
+def test_unsupported_experts_raise(family, config_class, config_kwargs, missing):
+    modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
+    (experts_class,) = [n for n in dir(modeling) if n.endswith("Experts")]
+    config = getattr(transformers, config_class)(hidden_size=32, **config_kwargs)
+    experts = getattr(modeling, experts_class)(config)
+    config._experts_implementation = "moeblaze"
+    ids, weights = torch.zeros(3, 2, dtype=torch.int64), torch.full((3, 2), 0.5)  # [T, k]
+    with pytest.raises(NotImplementedError) as error:
+        experts(torch.randn(3, 32), ids, weights)
+    message = str(error.value)
+    for text in [experts_class, f"model family {family!r}", *missing]:
+        assert text in message, f"{text!r} not in: {message}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_eager_bf16_gpu(family):
+    """bf16 on the GPU: moeblaze's error against float64 eager is at most 2x eager's in bf16."""
+    model, eager = _models(family, dtype=torch.bfloat16, device="cuda")
+    _, oracle = _models(family, dtype=torch.float64, device="cuda")
+    input_ids = torch.randint(3, VOCAB, (B, 64), device="cuda",
+                              generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
+    actual, torch_bf16, expected = (_step(m, input_ids) for m in (model, eager, oracle))
+    for name, value in expected.items():
+        assert_bf16_close(actual[name], value, torch_bf16[name], factor=2.0,
+                          name=f"{family} {name}")  # fmt: skip

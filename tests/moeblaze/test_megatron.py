@@ -1,0 +1,498 @@
+"""Megatron-style MoELayer: against a plain-torch transcription of megatron-core's MoE layer
+(TopKRouter formulas, aux losses added to the objective, moeblaze.moe_mlp_reference experts) in
+output and every gradient; its routing against megatron-core's own functions; loading Megatron
+expert weights (a real SequentialMLP; TEGroupedMLP and GroupedMLP layouts); config errors that
+name the field.
+
+# s sequence, b batch, h hidden, N = s*b tokens, F expert ffn, E experts, k top-k
+"""
+
+import ast
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close
+
+import moeblaze
+from moeblaze.integrations import megatron as mb
+
+# megatron-core warns about what it lacks here (TransformerEngine, Apex) and deprecated defaults.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron"),
+]
+
+S, BATCH, H, FFN, E, K, SHARED = 5, 2, 32, 16, 4, 2, 24
+RTOL = 1e-5  # float32 layer against the float64 transcription (as test_layer.RTOL)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: faster on these tiny tensors, and not slowed down by other processes
+    holding the cores (two threads then wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(**overrides):
+    """A stand-in for megatron-core's TransformerConfig with the fields the layer reads."""
+    fields = dict(
+        hidden_size=H, num_moe_experts=E, moe_ffn_hidden_size=FFN, moe_router_topk=K,
+        moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None, moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None, moe_router_group_topk=None,
+        moe_shared_expert_intermediate_size=None, moe_layer_recompute=False,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        moe_router_topk_scaling_factor=None, moe_router_pre_softmax=False,
+        moe_expert_capacity_factor=None, params_dtype=torch.float32,
+    )  # fmt: skip
+    return types.SimpleNamespace(**{**fields, **overrides})
+
+
+def _group_limited_topk(scores, k, num_groups, group_topk):
+    """megatron-core group_limited_topk: groups scored by the sum of their top k // group_topk."""
+    n = scores.shape[0]
+    grouped = scores.view(n, num_groups, -1)  # [N, G, E/G]
+    group_scores = grouped.topk(k // group_topk, dim=-1).values.sum(-1)  # [N, G]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(group_topk, dim=-1).indices, True)
+    masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, -1)
+    return masked.topk(k, dim=-1)
+
+
+def _megatron_transcription(layer, x, cfg):
+    """megatron-core's MoELayer forward on one rank, in float64: (out [s, b, h], aux losses).
+
+    TopKRouter.routing (topk_routing_with_score_function, the "aux_loss" switch loss over
+    compute_routing_scores_for_aux_loss, z_loss_func), then the experts and the shared expert.
+    """
+    tokens = x.reshape(-1, H).double()  # [N, h]
+    n = tokens.shape[0]
+    logits = tokens @ layer.router.weight.double().t()  # [N, E]
+    grouped = cfg.moe_router_group_topk
+    if cfg.moe_router_score_function == "softmax":
+        choice = logits.softmax(-1) if cfg.moe_router_pre_softmax else logits
+        top, ids = (
+            _group_limited_topk(choice, K, cfg.moe_router_num_groups, grouped)
+            if grouped
+            else choice.topk(K, dim=-1)
+        )
+        probs = top if cfg.moe_router_pre_softmax else top.softmax(-1)  # [N, k]
+    else:
+        scores = logits.sigmoid()
+        choice = (
+            scores + layer.router.expert_bias.double()
+            if layer.router.expert_bias is not None
+            else scores
+        )
+        _, ids = (
+            _group_limited_topk(choice, K, cfg.moe_router_num_groups, grouped)
+            if grouped
+            else choice.topk(K, dim=-1)
+        )
+        probs = scores.gather(1, ids)
+        probs = probs / (probs.sum(-1, keepdim=True) + 1e-20) if K > 1 else probs
+    if cfg.moe_router_topk_scaling_factor:
+        probs = probs * cfg.moe_router_topk_scaling_factor
+    losses = logits.new_zeros(())
+    if cfg.moe_aux_loss_coeff:
+        aux_scores = logits.softmax(-1)  # softmax routing; sigmoid is normalised instead
+        counts = torch.zeros(E, dtype=logits.dtype).index_add_(
+            0, aux_scores.topk(K, dim=-1).indices.flatten(), torch.ones(n * K, dtype=logits.dtype)
+        )  # [E]
+        losses = losses + (aux_scores.sum(0) * counts).sum() * (
+            E * cfg.moe_aux_loss_coeff / (K * n * n)
+        )
+    if cfg.moe_z_loss_coeff:
+        losses = losses + torch.logsumexp(logits, -1).square().mean() * cfg.moe_z_loss_coeff
+    out = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13.double(), layer.w2.double())
+    if layer.shared_expert is not None:
+        gate, up = F.linear(tokens, layer.shared_expert.gate_up.weight.double()).chunk(2, -1)
+        out = out + F.linear(F.silu(gate) * up, layer.shared_expert.down.weight.double())
+    return out.view(x.shape), losses
+
+
+VARIANTS = {
+    # Megatron's default routing, both aux losses, a shared expert; "moe" and "shared_experts"
+    # recompute: the experts keep nothing of size N*k*F, the shared expert is checkpointed.
+    "softmax_aux_z_shared_recompute": dict(
+        moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2,
+        moe_shared_expert_intermediate_size=SHARED, recompute_granularity="selective",
+        recompute_modules=["moe", "shared_experts"],
+    ),
+    # DeepSeek-V3 style: sigmoid, expert bias, 2 groups of 2 experts (top 1 group), scaling.
+    "sigmoid_bias_groups_scaled": dict(
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="none", moe_router_num_groups=2, moe_router_group_topk=1,
+        moe_router_topk_scaling_factor=2.5,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_layer_matches_megatron_transcription(variant):
+    cfg = _config(**VARIANTS[variant])
+    torch.manual_seed(0)
+    layer = mb.MoELayer(cfg).train()
+    if layer.router.expert_bias is not None:  # a bias that changes the choice of experts
+        layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(S, BATCH, H, generator=g)  # [s, b, h], sequence first
+    dout = torch.randn(S, BATCH, H, generator=g)
+
+    def step(fn):
+        leaf = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        out, extra = fn(leaf)
+        ((out * dout.to(out.dtype)).sum() + extra).backward()
+        return [out.detach(), leaf.grad, *(p.grad for p in layer.parameters())]
+
+    def run_layer(leaf):
+        out, bias = layer(leaf)
+        assert bias is None
+        return out, 0.0  # the aux losses reach the gradient by themselves
+
+    actual = step(run_layer)
+    expected = step(lambda leaf: _megatron_transcription(layer, leaf, cfg))
+    names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert a is not None and a.abs().sum() > 0, f"no gradient reached {name}"
+        assert_close(a, e, rtol=RTOL, name=f"{variant} {name}")
+
+
+@pytest.mark.parametrize(
+    ("fields", "recompute", "shared_checkpointed"),
+    [
+        (dict(), "activation", False),
+        (dict(moe_layer_recompute=True), "up_proj", False),
+        (dict(recompute_granularity="selective", recompute_modules=["moe"]), "up_proj", False),
+        (dict(recompute_granularity="selective", recompute_modules=["moe_act"]), "activation",
+         False),
+        (dict(recompute_granularity="full", recompute_modules=["moe"]), "activation", False),
+        (dict(recompute_granularity="selective", recompute_modules=["shared_experts"]),
+         "activation", True),
+    ],
+)  # fmt: skip
+def test_recompute_mapping(fields, recompute, shared_checkpointed):
+    options = mb.layer_options(_config(**fields))
+    assert (options.recompute, options.recompute_shared_expert) == (recompute, shared_checkpointed)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "names"),
+    [
+        (dict(add_bias_linear=True), NotImplementedError, ["add_bias_linear=True"]),
+        (dict(moe_expert_capacity_factor=1.0), NotImplementedError,
+         ["moe_expert_capacity_factor=1.0"]),
+        (dict(gated_linear_unit=False, activation_func=F.gelu), NotImplementedError,
+         ["gated_linear_unit=False", "activation_func=gelu"]),
+        (dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3),
+         NotImplementedError, ["moe_router_load_balancing_type='seq_aux_loss'"]),
+        (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
+        (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+              moe_aux_loss_coeff=1e-2), NotImplementedError, ["moe_aux_loss_coeff=0.01"]),
+        (dict(moe_router_score_function="sigmoid", moe_router_num_groups=2,
+              moe_router_group_topk=2, moe_aux_loss_coeff=0.0), NotImplementedError,
+         ["moe_router_group_topk=2", "top topk // group_topk = 1"]),
+        (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
+        (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), NotImplementedError,
+         ["tensor_model_parallel_size=2", "expert_model_parallel_size=2"]),
+        (dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True),
+         NotImplementedError, ["moe_shared_expert_gate=True"]),
+        (dict(moe_router_topk=5), ValueError, ["moe_router_topk=5"]),
+        (dict(num_moe_experts=None), ValueError, ["num_moe_experts=None"]),
+        (dict(moe_ffn_hidden_size=None), ValueError, ["moe_ffn_hidden_size=None"]),
+        (dict(moe_router_enable_expert_bias=True), ValueError,
+         ["moe_router_enable_expert_bias=True", "'softmax'"]),
+        (dict(moe_router_score_function="tanh"), ValueError,
+         ["moe_router_score_function='tanh'"]),
+        (dict(moe_router_num_groups=3, moe_router_group_topk=1), ValueError,
+         ["moe_router_num_groups=3"]),
+        (dict(params_dtype=torch.float64), ValueError, ["params_dtype=torch.float64"]),
+    ],
+    ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else None,
+)  # fmt: skip
+def test_config_errors_name_the_field(fields, error, names):
+    with pytest.raises(error) as raised:
+        mb.MoELayer(_config(**fields))
+    for name in names:
+        assert name in str(raised.value), f"{name!r} not in: {raised.value}"
+
+
+def test_forward_errors():
+    layer = mb.MoELayer(_config(moe_aux_loss_coeff=1e-2))
+    with pytest.raises(ValueError, match=r"hidden_states must be \[s, b, h=32\]"):
+        layer(torch.randn(S * BATCH, H))
+    with pytest.raises(NotImplementedError, match="padding_mask"):
+        layer(torch.randn(S, BATCH, H), padding_mask=torch.ones(BATCH, S, dtype=torch.bool))
+
+
+def _megatron_weights(g):
+    """Per-expert Megatron weights: fc1 [E, 2F, h] ([gate; up] rows), fc2 [E, h, F]."""
+    return torch.randn(E, 2 * FFN, H, generator=g) / H**0.5, torch.randn(E, H, FFN, generator=g)
+
+
+def _glu_experts(tokens, ids, probs, expert_fn):
+    """Megatron's experts on one rank: each token's rows through expert_fn(e, rows) -> [n, h],
+    scaled by its routing weight and summed (the dispatcher's unpermute)."""
+    out = torch.zeros_like(tokens)
+    for e in range(E):
+        token, slot = torch.where(ids == e)
+        out = out.index_add(0, token, expert_fn(e, tokens[token]) * probs[token, slot, None])
+    return out
+
+
+def _swiglu(h):  # Megatron's glu: activation_func(first half) * second half
+    gate, up = torch.chunk(h, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("layout", ["te_grouped_mlp", "grouped_mlp"])
+def test_load_grouped_layouts(layout):
+    """TEGroupedMLP / legacy GroupedMLP state dicts, against each module's forward math."""
+    g = torch.Generator().manual_seed(5)
+    fc1, fc2 = _megatron_weights(g)
+    if layout == "te_grouped_mlp":  # TE GroupedLinear: weight{e} [out, in], y = x @ W^T
+        state = {f"experts.linear_fc1.weight{e}": fc1[e] for e in range(E)}
+        state |= {f"experts.linear_fc2.weight{e}": fc2[e] for e in range(E)}
+        state["experts.linear_fc1._extra_state"] = None
+
+        def expert(e, rows):
+            return F.linear(_swiglu(F.linear(rows, state[f"experts.linear_fc1.weight{e}"])),
+                            state[f"experts.linear_fc2.weight{e}"])  # fmt: skip
+    else:  # GroupedMLP.__init__ shapes, GroupedMLP.forward's views and gmm(trans_b=False)
+        weight1 = fc1.transpose(1, 2).reshape(H, E * 2 * FFN)  # [h, E*2F]
+        weight2 = fc2.transpose(1, 2).reshape(E * FFN, H)  # [E*F, h]
+        state = {"experts.weight1": weight1, "experts.weight2": weight2}
+
+        def expert(e, rows):
+            w1 = state["experts.weight1"].view(E, H, -1)
+            w2 = state["experts.weight2"].view(E, -1, H)
+            return _swiglu(rows @ w1[e]) @ w2[e]
+
+    state["router.weight"] = torch.randn(E, H, generator=g)
+    layer = mb.MoELayer(_config())
+    layer.load_megatron_state_dict(state)
+    assert torch.equal(layer.router.weight, state["router.weight"])
+    tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(S * BATCH)])  # [N, k]
+    probs = torch.rand(S * BATCH, K, generator=g)  # [N, k]
+    actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
+    assert_close(actual, _glu_experts(tokens, ids, probs, expert), rtol=RTOL, name=layout)
+    w13, w2 = mb.megatron_expert_weights(state, E)
+    assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
+
+
+def test_load_errors():
+    g = torch.Generator().manual_seed(6)
+    fc1, fc2 = _megatron_weights(g)
+    state = {f"experts.linear_fc1.weight{e}": fc1[e] for e in range(E)}
+    state |= {f"experts.linear_fc2.weight{e}": fc2[e] for e in range(E)}
+    state["router.weight"] = torch.randn(E, H, generator=g)
+    layer = mb.MoELayer(_config())
+    with pytest.raises(ValueError, match="no place for.*shared_experts.gate_weight"):
+        layer.load_megatron_state_dict({**state, "shared_experts.gate_weight": torch.ones(1, H)})
+    with pytest.raises(ValueError, match="num_experts=8 but the state_dict lacks"):
+        mb.megatron_expert_weights(state, 8)
+    with pytest.raises(NotImplementedError, match="expert biases"):
+        mb.megatron_expert_weights({**state, "experts.linear_fc1.bias0": torch.zeros(2 * FFN)}, E)
+    with pytest.raises(ValueError, match="no Megatron expert weights under prefix 'moe.'"):
+        mb.megatron_expert_weights(state, E, prefix="moe.")
+
+
+def test_moeblaze_imports_no_integration():
+    """`import moeblaze` never pulls in transformers or megatron: no module of the package
+    imports them, or the integration modules that do, except those modules themselves."""
+    package = Path(moeblaze.__file__).parent
+    optional = ("transformers", "megatron", "moeblaze.integrations.huggingface",
+                "moeblaze.integrations.megatron")  # fmt: skip
+    for path in package.rglob("*.py"):
+        module = ".".join(("moeblaze", *path.relative_to(package).with_suffix("").parts))
+        if module in optional[2:]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the module's package
+                    parent = module.split(".")[: -node.level]
+                    base = ".".join([*parent, *([base] if base else [])])
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(optional), f"{module} imports {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Against megatron-core itself (skipped where it does not import)
+
+
+@pytest.fixture(scope="module")
+def megatron():
+    """megatron-core's modules, with a one-rank gloo process group for its parallel layers."""
+    core = pytest.importorskip("megatron.core")
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe import moe_utils
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    try:
+        yield types.SimpleNamespace(core=core, moe_utils=moe_utils)
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def _transformer_config(megatron, **fields):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    base = dict(
+        num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E,
+        moe_ffn_hidden_size=FFN, moe_router_topk=K, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
+    )  # fmt: skip
+    return TransformerConfig(**{**base, **fields})
+
+
+def test_megatron_sequential_mlp_state_dict(megatron):
+    """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    config = _transformer_config(megatron, moe_shared_expert_intermediate_size=SHARED)
+    group = torch.distributed.group.WORLD
+    groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
+    torch.manual_seed(7)
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    experts = SequentialMLP(E, config, submodules, pg_collection=groups)  # fmt: skip
+    layer = mb.MoELayer(config)  # a real TransformerConfig is accepted as it is
+    state = {f"experts.{k}": v for k, v in experts.state_dict().items()}
+    state["router.weight"] = torch.randn(E, H)
+    state["shared_experts.linear_fc1.weight"] = torch.randn(2 * SHARED, H)
+    state["shared_experts.linear_fc2.weight"] = torch.randn(H, SHARED)
+    layer.load_megatron_state_dict(state)
+    assert torch.equal(layer.shared_expert.down.weight, state["shared_experts.linear_fc2.weight"])
+
+    g = torch.Generator().manual_seed(8)
+    tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(S * BATCH)])  # [N, k]
+    probs = torch.rand(S * BATCH, K, generator=g)  # [N, k]
+    # What Megatron's dispatcher hands SequentialMLP: rows sorted by expert, weights alongside.
+    token, slot = torch.where(ids == torch.arange(E).view(E, 1, 1))[1:]
+    with torch.no_grad():
+        rows, _ = experts(tokens[token], torch.bincount(ids.flatten(), minlength=E),
+                          probs[token, slot])  # fmt: skip
+    expected = torch.zeros_like(tokens).index_add_(0, token, rows)
+    actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
+    assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
+
+
+def test_megatron_transformer_layer_spec(megatron, monkeypatch):
+    """The layer named in a megatron-core GPT layer spec: Megatron builds it and runs its MLP
+    block (pre-MLP norm, the layer, bias-dropout-add) forward and backward. (The whole
+    TransformerLayer needs CUDA for Megatron's attention; the float64 reference stands in for
+    moe_mlp, which the transcription test runs.)"""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute, deterministic:
+                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
+    config = _transformer_config(megatron, moe_aux_loss_coeff=1e-2, normalization="RMSNorm",
+                                 hidden_dropout=0.0, bias_dropout_fusion=False)  # fmt: skip
+    spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
+    spec.submodules.mlp = ModuleSpec(module=mb.MoELayer)
+    layer = build_module(spec, config=config, layer_number=1)
+    assert isinstance(layer.mlp, mb.MoELayer)
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(11))  # [s, b, h]
+    with torch.no_grad():
+        expected = x + layer.mlp(layer.pre_mlp_layernorm(x))[0]
+    out = layer._forward_mlp(x)
+    assert_close(out.detach(), expected, rtol=RTOL, name="Megatron MLP block")
+    out.square().sum().backward()
+    for name, p in layer.mlp.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+
+
+def test_megatron_default_config_is_rejected(megatron):
+    """megatron-core's defaults (biases, GeLU MLP) are not SwiGLU experts: named in the error."""
+    config = _transformer_config(
+        megatron, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu
+    )
+    with pytest.raises(NotImplementedError, match="add_bias_linear=True.*gated_linear_unit=False"):
+        mb.MoELayer(config)
+
+
+ROUTINGS = {
+    "softmax": dict(moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2),
+    "softmax_pre_softmax_scaled": dict(moe_router_pre_softmax=True,
+                                       moe_router_topk_scaling_factor=2.0,
+                                       moe_aux_loss_coeff=1e-1),
+    "sigmoid_aux": dict(moe_router_score_function="sigmoid", moe_aux_loss_coeff=1e-1),
+    "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
+    "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid",
+                                moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+                                moe_router_group_topk=1, moe_router_load_balancing_type="none"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+def test_routing_matches_megatron(routing, megatron, monkeypatch):
+    """Routing weights per (token, expert) and the router-weight gradient, aux losses included
+    with a loss scale of 0.5 (MoEAuxLossAutoScaler.set_loss_scale / Router.set_aux_loss_scale)."""
+    mu = megatron.moe_utils
+    cfg = _config(**ROUTINGS[routing])
+    monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", torch.tensor(0.5))
+    monkeypatch.setattr(moeblaze.Router, "aux_loss_scale", 0.5)
+    torch.manual_seed(9)
+    layer = mb.MoELayer(cfg).train()
+    bias = None
+    if layer.router.expert_bias is not None:
+        bias = torch.tensor([0.3, -0.2, 0.1, -0.4])
+        layer.router.expert_bias.copy_(bias)
+    g = torch.Generator().manual_seed(10)
+    tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+    upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight [N, E]
+    k = cfg.moe_router_topk
+
+    def dense(ids, weights):  # [N, k] -> [N, E]
+        return torch.zeros(ids.shape[0], E).scatter(1, ids, weights)
+
+    routing_out = layer.router(tokens)
+    weights = routing_out.topk_weights * (cfg.moe_router_topk_scaling_factor or 1.0)
+    ours = dense(routing_out.topk_ids, weights)
+    (ours * upstream).sum().backward()
+    ours_grad = layer.router.weight.grad.clone()
+
+    weight = layer.router.weight.detach().clone().requires_grad_()
+    logits = tokens @ weight.t()  # [N, E]
+    if cfg.moe_z_loss_coeff:
+        logits = mu.MoEAuxLossAutoScaler.apply(logits, mu.z_loss_func(logits, cfg.moe_z_loss_coeff))
+    probs, routing_map = mu.topk_routing_with_score_function(
+        logits, k, use_pre_softmax=cfg.moe_router_pre_softmax,
+        num_groups=cfg.moe_router_num_groups, group_topk=cfg.moe_router_group_topk,
+        scaling_factor=cfg.moe_router_topk_scaling_factor,
+        score_function=cfg.moe_router_score_function, expert_bias=bias,
+    )  # fmt: skip
+    if cfg.moe_aux_loss_coeff:
+        aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
+            logits, k, cfg.moe_router_score_function
+        )
+        aux = mu.switch_load_balancing_loss_func(
+            aux_scores, aux_map.sum(0), tokens.shape[0], k, E, cfg.moe_aux_loss_coeff
+        )
+        probs = mu.MoEAuxLossAutoScaler.apply(probs, aux)
+    (probs * upstream).sum().backward()
+
+    assert torch.equal(ours != 0, routing_map), "different experts chosen"
+    assert_close(ours.detach(), probs.detach(), rtol=1e-6, name=f"{routing} routing weights")
+    assert_close(ours_grad, weight.grad, rtol=1e-5, name=f"{routing} router.weight.grad")
