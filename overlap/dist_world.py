@@ -35,10 +35,11 @@ the same calls with the same shapes in the same order, as with any collective.
       The ready wait runs before the consumer on the current stream rather than beside it: a
       persistent consumer on every SM could otherwise keep the one-program wait from running.
 
-`mode=None` picks FUSED where peer memory works for the group (one node, peer access; on the CPU
-one host and the Triton interpreter), else PIPELINED, and SERIAL below the FLOP threshold.
-The CUDA fused path has not run on GPUs yet: tests/overlap/test_overlap_gpu.py runs it with two
-processes sharing one GPU; a node of several GPUs is still to be tried (see the README).
+FUSED is opt-in: `mode=None` picks PIPELINED (SERIAL below the FLOP threshold), because the CUDA
+fused path has never run on two GPUs. It needs peer memory for the group (one node with peer
+access between its GPUs; on the CPU one host and the Triton interpreter, which is how the test
+suite runs the multi-process protocol). PyTorch's symmetric memory refuses two ranks on one GPU,
+so tests/overlap/test_dist_gpu.py needs two GPUs and skips on one.
 """
 
 import torch
@@ -63,8 +64,9 @@ class DistWorld(World):
 
     Args:
         group: the process group (default: the default group, which must be initialised).
-        mode: None (automatic, see the module docstring), "fused", "pipelined" or "serial".
-            "fused" raises ValueError, with the reason, where peer memory does not work.
+        mode: None (automatic: pipelined, or serial below the FLOP threshold; see the module
+            docstring), "fused" (opt-in, unverified on GPUs; raises ValueError, with the reason,
+            where peer memory does not work), "pipelined" or "serial".
         device: the device of this rank's tensors (default: the current CUDA device for NCCL,
             else the CPU).
         config: an `OverlapConfig`.
@@ -94,8 +96,10 @@ class DistWorld(World):
         return super().__repr__()[:-1] + f", rank={self.rank})"
 
     def _make_fused(self):
-        if self.mode not in (None, Mode.FUSED):  # peer memory only where a fused call may run
-            return None, f"mode={self.mode.value!r}"
+        if self.mode is not Mode.FUSED:
+            # Opt-in: the fused path has never run on two GPUs, so mode=None picks PIPELINED
+            # until it has (and finding out whether peer memory works is collective).
+            return None, "fused is opt-in on a DistWorld (mode='fused')"
         peers = PeerMemory(self.group, self.device)  # collective: finds out whether it works
         if peers.unavailable is not None:
             return None, peers.unavailable

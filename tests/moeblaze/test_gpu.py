@@ -140,7 +140,8 @@ def test_deterministic_is_bitwise(k, make_problem):
 
 
 def test_bytes_kept_for_backward_on_cuda(make_problem):
-    T, d, F, E, k = 2048, 512, 256, 16, 4
+    # 2F != d and 3F != d: a [S, d] tensor has a size no policy's tensors have.
+    T, d, F, E, k = 2048, 512, 320, 16, 4
     S = T * k
     problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=7, device="cuda")
     block_m = STAGES[backend_for(problem.x.device)].block_m(S, E)
