@@ -3,11 +3,12 @@
 # T tokens (router rows), k top-k, E experts, S = T*k slots
 
 Plan providers, each building a complete plan from `topk_ids [T, k]` int64 as its user calls it:
-- `compiled`: a fresh plan buffer and `invalid` word, then `fill_routing_plan` (one launch, no
-  host sync; the id check is the `invalid` word),
-- `triton`: `build_routing_plan(check_ids=False)` (two Triton launches, no sync),
-- `triton+check`: `build_routing_plan()` as called today (plus the id range check: `aminmax` and a
-  device-to-host sync),
+- `compiled`: a fresh plan buffer, then `fill_routing_plan` (one launch, no host sync; invalid
+  ids are counted in the plan's `invalid_ids`),
+- `triton`: the Triton launcher `launch_plan` on a fresh buffer (two launches, no sync),
+- `build`: `build_routing_plan()` as moe_mlp calls it (the compiled plan where it is built, and
+  the deferred id check: a pinned copy of `invalid_ids` behind an event, no sync),
+- `build+check`: `build_routing_plan(check_ids=True)`, the debugging mode (one host sync),
 - `torch`: the torch path of the plan on the GPU (stable sort, bincount, cumsum, tile metadata;
   it syncs to size the tiles).
 Router providers, from float32 logits `[T, E]` to (ids, weights, scores):
@@ -39,6 +40,7 @@ def parse_ints(text: str) -> list[int]:
 
 def plan_runs(topk_ids: torch.Tensor, num_experts: int) -> dict:
     from moeblaze.kernels.compiled import fill_routing_plan
+    from moeblaze.kernels.routing_plan import launch_plan
     from moeblaze.reference import fill_plan_torch
     from moeblaze.routing_plan import RoutingPlan, build_routing_plan, plan_numel
 
@@ -50,28 +52,28 @@ def plan_runs(topk_ids: torch.Tensor, num_experts: int) -> dict:
                              device=device)  # fmt: skip
         return RoutingPlan.from_buffer(buffer, num_slots, num_experts, top_k, 64)
 
-    def run_compiled():
-        plan, invalid = fresh_plan(), torch.empty(2, dtype=torch.int32, device=device)
-        fill_routing_plan(topk_ids, plan, invalid)
-        return plan, invalid
+    def on_fresh_plan(fill):
+        def run():
+            plan = fresh_plan()
+            fill(topk_ids, plan)
+            return plan
 
-    def run_torch():
-        plan = fresh_plan()
-        fill_plan_torch(topk_ids, plan)
-        return plan
+        return run
 
     return {
-        "compiled": run_compiled,
-        "triton": functools.partial(build_routing_plan, topk_ids, num_experts, check_ids=False),
-        "triton+check": functools.partial(build_routing_plan, topk_ids, num_experts),
-        "torch": run_torch,
+        "compiled": on_fresh_plan(fill_routing_plan),
+        "triton": on_fresh_plan(launch_plan),
+        "build": functools.partial(build_routing_plan, topk_ids, num_experts),
+        "build+check": functools.partial(build_routing_plan, topk_ids, num_experts, check_ids=True),
+        "torch": on_fresh_plan(fill_plan_torch),
     }
 
 
 def router_runs(logits: torch.Tensor, top_k: int) -> dict:
-    from moeblaze.kernels.compiled import router_topk, router_topk_reference
+    from moeblaze.kernels.compiled import router_topk
+    from moeblaze.reference import router_topk_reference
 
-    def torch_topk():  # Router.forward's selection: torch.topk, ties in any order
+    def torch_topk():  # torch.topk selection, ties in any order
         scores = logits.softmax(-1)
         ids = scores.topk(top_k, dim=-1).indices
         weights = scores.gather(1, ids)

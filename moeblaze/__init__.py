@@ -20,6 +20,7 @@ says what runs and why.
 """
 
 from kernelbase import __version__, info, set_backend, use_backend
+from kernelbase.deferred import check as check_errors
 from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
 from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
@@ -37,6 +38,7 @@ __all__ = [
     "RoutingPlan",
     "SwiGLUMLP",
     "build_routing_plan",
+    "check_errors",
     "expert_parallel_mlp",
     "info",
     "moe_mlp",

@@ -30,7 +30,6 @@ from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import (
     RoutingPlan,
-    check_ids_in_range,
     check_routing_args,
     make_plan,
     plan_numel,
@@ -92,14 +91,13 @@ class Saved:
 
 @torch.library.custom_op("moeblaze::routing_plan", mutates_args=())
 def _routing_plan_op(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int, backend: str
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, backend: str, check_ids: bool | None
 ) -> torch.Tensor:
-    check_ids_in_range(topk_ids, num_experts)  # a look at the values: the rest is checked
-    return make_plan(topk_ids, num_experts, block_m, Backend(backend)).buffer
+    return make_plan(topk_ids, num_experts, block_m, Backend(backend), check_ids).buffer
 
 
 @_routing_plan_op.register_fake
-def _(topk_ids, num_experts, block_m, backend):
+def _(topk_ids, num_experts, block_m, backend, check_ids):
     return topk_ids.new_empty(plan_numel(topk_ids.numel(), num_experts, block_m), dtype=torch.int32)
 
 
@@ -248,6 +246,7 @@ def moe_mlp(
     *,
     recompute: str = "activation",
     deterministic: bool = False,
+    check_ids: bool | None = None,
 ) -> torch.Tensor:
     """SwiGLU experts applied to routed tokens, combined with the routing weights.
 
@@ -269,6 +268,10 @@ def moe_mlp(
             (4*T*k*d bytes, freed before the op returns; never kept for backward) and are summed
             in a fixed order, instead of fp32 atomics into [T, d]. All other results are
             reproducible in either mode. With k = 1 both modes are the same.
+        check_ids: when an id outside [0, E) raises ValueError (`build_routing_plan`): None
+            (default) without a host synchronisation (on CUDA at the latest at the next
+            moeblaze call, or at `moeblaze.check_errors()`), True at once (debugging; one
+            synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
@@ -279,25 +282,23 @@ def moe_mlp(
         # output comes in it; topk_weights keep their dtype. Inside, autocast is off, so every
         # backend computes exactly what it computes for inputs of that dtype.
         x, w13, w2 = _autocast_cast(device_type, x, w13, w2)
+        options = dict(recompute=recompute, deterministic=deterministic, check_ids=check_ids)
         with torch.autocast(device_type, enabled=False):
-            return moe_mlp(
-                x, topk_ids, topk_weights, w13, w2, recompute=recompute,
-                deterministic=deterministic,
-            )  # fmt: skip
-    _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic)
+            return moe_mlp(x, topk_ids, topk_weights, w13, w2, **options)
+    _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))
     saved = Saved.of(recompute, backward)
     backend = backend_for(x.device)
     num_experts = w13.shape[0]
     block_m = STAGES[backend].block_m(topk_ids.numel(), num_experts)
-    plan_buffer = torch.ops.moeblaze.routing_plan(topk_ids, num_experts, block_m, backend.value)
+    plan_buffer = torch.ops.moeblaze.routing_plan(
+        topk_ids, num_experts, block_m, backend.value, check_ids
+    )
     # Eager: through _MoeMLP, so torch.func transforms work. Under torch.compile: the op itself,
     # with its registered autograd (dynamo cannot trace _MoeMLP's dispatch guard).
     forward = torch.ops.moeblaze.moe_mlp_forward if torch.compiler.is_compiling() else _MoeMLP.apply
-    out, _, _ = forward(
-        x, topk_weights, w13, w2, plan_buffer, block_m, saved.h, saved.a, deterministic,
-        backend.value,
-    )  # fmt: skip
+    options = (block_m, saved.h, saved.a, deterministic, backend.value)
+    out, _, _ = forward(x, topk_weights, w13, w2, plan_buffer, *options)
     return out
 
 
@@ -311,7 +312,9 @@ def check_recompute(recompute: str) -> None:
         raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
 
 
-def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic) -> None:
+def _check_moe_args(
+    x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids
+) -> None:
     for name, t in (("x", x), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -356,3 +359,5 @@ def _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic
     check_recompute(recompute)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if check_ids is not None and not isinstance(check_ids, bool):
+        raise TypeError(f"check_ids must be None or a bool, got {type(check_ids).__name__}")

@@ -9,6 +9,8 @@
     TorchStages         the stages of the expert MLP with torch ops, expert by expert (what
                         moeblaze.kernels.expert_mlp.TritonStages launches): the torch backend,
                         keeping the same bytes for backward as the kernels
+    router_topk_reference  the router's scores and top-k selection (what the compiled
+                        moeblaze.kernels.compiled.router_topk computes in one launch)
 """
 
 from typing import TYPE_CHECKING
@@ -42,14 +44,23 @@ def moe_mlp_reference(
 
 
 def fill_plan_torch(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
-    """The routing plan's fields from `topk_ids [T, k]` (ids already checked), with torch ops."""
+    """The routing plan's fields from `topk_ids [T, k]`, with torch ops. Ids outside [0, E) are
+    placed nowhere, as the kernels do (their slots sort after every expert's), and counted in
+    `invalid_ids`."""
     num_slots, num_experts, block_m = plan.num_slots, plan.num_experts, plan.block_m
     device = topk_ids.device
-    ids = topk_ids.reshape(-1).long()
-    order = torch.sort(ids, stable=True).indices  # [S]
-    counts = torch.bincount(ids, minlength=num_experts)  # [E]
+    ids = topk_ids.reshape(-1)  # [S]
+    slots = torch.arange(num_slots, device=device)
+    invalid = (ids < 0) | (ids >= num_experts)  # [S]
+    keys = torch.where(invalid, num_experts, ids.long())  # invalid ids: past the last expert
+    order = torch.sort(keys, stable=True).indices  # [S]
+    counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]  # [E]
     plan.sorted_slots.copy_(order)
-    plan.slot_positions[order] = torch.arange(num_slots, dtype=torch.int32, device=device)
+    plan.slot_positions[order] = slots.to(torch.int32)
+    plan.invalid_ids.zero_()
+    if num_slots > 0:  # (count, S - the lowest invalid slot): (0, 0) when every id is valid
+        plan.invalid_ids[0] = invalid.sum()
+        plan.invalid_ids[1] = (torch.where(invalid, num_slots - slots, 0)).amax()
     plan.expert_counts.copy_(counts)
     plan.expert_offsets[0] = 0
     plan.expert_offsets[1:].copy_(torch.cumsum(counts, 0))
@@ -171,3 +182,88 @@ def _swiglu(pre: torch.Tensor) -> torch.Tensor:
 
 
 TORCH_STAGES = TorchStages()
+
+
+# ---------------------------------------------------------------------------------------------
+# Router selection
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def router_topk_reference(
+    logits: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+    norm_topk_prob: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's selection in plain torch (any device, differentiable in `logits [N, E]`):
+    what `Router.forward` runs off CUDA, and the oracle of the compiled `router_topk`.
+
+    Returns (topk_ids [N, k] int64 best first, topk_weights [N, k], scores [N, E]): scores =
+    softmax or sigmoid of the logits; experts ranked by scores + `expert_bias` (selection only)
+    within the best `topk_groups` of `num_groups` groups; weights the unbiased scores of the
+    chosen experts, renormalised if `norm_topk_prob`. Ties go to the lower index (stable sort).
+    """
+    check_selection_options(logits.shape[-1], top_k, score_func, num_groups, topk_groups)
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
+    topk_ids = select_experts(scores.detach(), top_k, score_func, expert_bias, num_groups,
+                              topk_groups)  # fmt: skip
+    topk_weights = scores.gather(1, topk_ids)  # [N, k]
+    if norm_topk_prob:
+        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+    return topk_ids, topk_weights, scores
+
+
+def select_experts(
+    scores: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    expert_bias: torch.Tensor | None = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
+) -> torch.Tensor:
+    """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does."""
+    choice = scores if expert_bias is None else scores + expert_bias.float()  # [N, E]
+    if num_groups is not None:
+        n, num_experts = choice.shape
+        grouped = choice.view(n, num_groups, num_experts // num_groups)  # [N, G, E/G]
+        if score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 values of the group
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:  # DeepSeek-V2: max value of the group
+            group_scores = grouped.amax(-1)  # [N, G]
+        best = _stable_topk(group_scores, topk_groups)  # [N, topk_groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, num_experts)
+    return _stable_topk(choice, top_k)
+
+
+def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values per row, best first, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups) -> None:
+    """The options of an expert selection that fit `num_experts` experts (ValueError if not)."""
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+    if (num_groups is None) != (topk_groups is None):
+        raise ValueError(
+            f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
+        )
+    if num_groups is not None:
+        if num_groups < 1 or num_experts % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+        if not 1 <= topk_groups <= num_groups:
+            raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
+        capacity = topk_groups * (num_experts // num_groups)
+        if top_k > capacity:
+            raise ValueError(
+                f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"
+            )

@@ -26,9 +26,10 @@ import math
 import torch
 from torch import nn
 
+from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
-
-SCORE_FUNCS = ("softmax", "sigmoid")
+from moeblaze.kernels.compiled import RouterTopK
+from moeblaze.reference import check_selection_options, router_topk_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,15 @@ class RouterOutput:
     z_loss: torch.Tensor  # [] float64 z-loss mean(logsumexp(logits)^2), *unscaled*
     router_loss: torch.Tensor  # [] aux_loss_coeff * aux_loss + z_loss_coeff * z_loss (used terms)
     tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
+
+
+def _describe_nonfinite_logits(nonfinite: list[int]) -> str | None:
+    if not nonfinite[0]:
+        return None
+    return (
+        "router logits contain non-finite values (inf or NaN); check x and router.weight for "
+        "inf/NaN or overflow"
+    )
 
 
 def _recomputing() -> bool:
@@ -155,23 +165,12 @@ class Router(nn.Module):
             n, num_experts = x.shape[0], self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = x.float() @ self.weight.float().t()  # [N, E]
-            # A data-dependent check: it syncs with the host, and torch.compile skips it.
-            if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
-                raise ValueError(
-                    "router logits contain non-finite values (inf or NaN); check x and "
-                    "router.weight for inf/NaN or overflow"
-                )
-            scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-
-            choice = scores.detach()  # [N, E], what top-k ranks
-            if self.expert_bias is not None:
-                choice = choice + self.expert_bias.float()
-            if self.num_groups is not None:
-                choice = self._mask_groups(choice)
-            topk_ids = choice.topk(self.top_k, dim=-1).indices  # [N, k]
-            topk_weights = scores.gather(1, topk_ids)  # [N, k]
-            if self.norm_topk_prob:
-                topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
+            # A look at the values: at once on the CPU, without a host synchronisation on CUDA
+            # (raised at the latest by the next moeblaze call); torch.compile skips it.
+            if not torch.compiler.is_compiling():
+                nonfinite = (~torch.isfinite(logits)).any().to(torch.int32).reshape(1)
+                deferred.defer(nonfinite, _describe_nonfinite_logits)
+            topk_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
 
             # scatter_add_ rather than bincount: bincount syncs with the host to size its output.
             flat_ids = topk_ids.flatten()  # [N*k]
@@ -224,17 +223,27 @@ class Router(nn.Module):
         self.expert_bias += update_rate * torch.sign(counts.mean() - counts)
         self.tokens_per_expert_accum.zero_()
 
-    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """Set the scores of experts outside the best `topk_groups` groups to -inf."""
-        n, group_size = choice.shape[0], self.num_experts // self.num_groups
-        grouped = choice.view(n, self.num_groups, group_size)  # [N, G, E/G]
-        if self.score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 scores of the group
-            group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [N, G]
-        else:  # DeepSeek-V2: max score of the group
-            group_scores = grouped.amax(-1)  # [N, G]
-        best = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # [N, G]
-        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, self.num_experts)
+    def _select(self, logits: torch.Tensor):
+        """(topk_ids, topk_weights, scores) of `logits [N, E]`: one launch of the compiled
+        kernel where it runs (moeblaze._C on CUDA, eager), else plain torch, which compute the
+        same (ties: the lower expert index) (moeblaze.reference.router_topk_reference)."""
+        options = (
+            self.top_k,
+            self.score_func,
+            self.expert_bias,
+            self.num_groups,
+            self.topk_groups,
+            self.norm_topk_prob,
+        )
+        if logits.is_cuda and not torch.compiler.is_compiling():
+            module = compiled.load("moeblaze")
+            fits = module is not None and (
+                self.num_experts <= module.MAX_ROUTER_EXPERTS
+                and self.top_k <= module.MAX_ROUTER_TOPK
+            )
+            if fits:
+                return RouterTopK.apply(logits, *options)
+        return router_topk_reference(logits, *options)
 
     def _load_balancing_loss(self, scores, tokens_per_expert):
         """Switch loss `E * sum_e f_e * P_e`: f_e share of the N*k slots, P_e mean probability."""
@@ -278,26 +287,7 @@ def _check_options(
         raise ValueError(f"hidden_size={hidden_size} must be >= 1")
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    if top_k > num_experts:
-        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
-    if (num_groups is None) != (topk_groups is None):
-        raise ValueError(
-            f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
-        )
-    if num_groups is not None:
-        if num_groups < 1 or num_experts % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
-        if not 1 <= topk_groups <= num_groups:
-            raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
-        capacity = topk_groups * (num_experts // num_groups)
-        if top_k > capacity:
-            raise ValueError(
-                f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"
-            )
+    check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups)
     for name, value in (("aux_loss_coeff", aux_coeff), ("z_loss_coeff", z_coeff)):
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")

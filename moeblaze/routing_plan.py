@@ -18,9 +18,10 @@ import dataclasses
 import torch
 import triton
 
-from kernelbase import alloc
+from kernelbase import alloc, compiled, deferred
 from kernelbase.backend import Backend, backend_for
 from kernelbase.profiling import profile_range
+from moeblaze.kernels.compiled import fill_routing_plan
 from moeblaze.kernels.routing_plan import launch_plan
 from moeblaze.reference import fill_plan_torch
 
@@ -32,7 +33,7 @@ def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
 
 def plan_numel(num_slots: int, num_experts: int, block_m: int) -> int:
     """Length of the int32 buffer that holds every field of a plan."""
-    return 2 * num_experts + 1 + 2 * num_slots + 2 * max_tiles(num_slots, num_experts, block_m) + 1
+    return 2 * num_experts + 1 + 2 * num_slots + 2 * max_tiles(num_slots, num_experts, block_m) + 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class RoutingPlan:
     tile_expert: torch.Tensor  # [max_tiles] expert of each GEMM tile (E past num_tiles)
     tile_row_start: torch.Tensor  # [max_tiles] sorted position of the tile's first row (S past)
     num_tiles: torch.Tensor  # [1]         number of valid tiles
+    # [2] (number of ids outside [0, E), S - the lowest slot holding one); (0, 0) when all are
+    # valid. Invalid slots are placed nowhere: expert_offsets[E] = S - their number.
+    invalid_ids: torch.Tensor
 
     @classmethod
     def from_buffer(
@@ -57,7 +61,7 @@ class RoutingPlan:
     ) -> "RoutingPlan":
         """View the fields of a plan inside its int32 `buffer`."""
         tiles = max_tiles(num_slots, num_experts, block_m)
-        sizes = [num_experts, num_experts + 1, num_slots, num_slots, tiles, tiles, 1]
+        sizes = [num_experts, num_experts + 1, num_slots, num_slots, tiles, tiles, 1, 2]
         fields = torch.split(buffer, sizes)
         return cls(num_experts, top_k, block_m, buffer, *fields)
 
@@ -71,27 +75,36 @@ class RoutingPlan:
 
 
 def build_routing_plan(
-    topk_ids: torch.Tensor, num_experts: int, *, block_m: int = 64, check_ids: bool = True
+    topk_ids: torch.Tensor, num_experts: int, *, block_m: int = 64, check_ids: bool | None = None
 ) -> RoutingPlan:
     """Build the routing plan of `topk_ids [T, k]` for `num_experts` experts.
 
-    One stable counting sort: Triton kernels on CUDA (and under the Triton interpreter), torch
-    ops elsewhere (`kernelbase.backend_for`); both fill the same fields. `check_ids=True`
-    verifies that every id lies in `[0, num_experts)`, which costs one device-to-host sync
-    (skipped during CUDA graph capture).
+    One stable counting sort: the compiled CUDA kernel (moeblaze._C) or Triton kernels on CUDA,
+    Triton under the interpreter, torch ops elsewhere (`kernelbase.backend_for`); all fill the
+    same fields. Ids outside `[0, num_experts)` are placed nowhere and counted in
+    `plan.invalid_ids`; whether that raises ValueError is `check_ids`:
+
+        None (default)  at once where that costs no host synchronisation (CPU tensors, the torch
+                        backend); on CUDA the count is read back without one and raised at the
+                        latest by the next moeblaze call (`moeblaze.check_errors()` waits for it)
+        True            at once, also on CUDA (one synchronisation): the debugging mode
+        False           never; `plan.invalid_ids` tells
     """
     check_routing_args(topk_ids, num_experts)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-    if check_ids:
-        check_ids_in_range(topk_ids, num_experts)
-    return make_plan(topk_ids, num_experts, block_m, backend_for(topk_ids.device))
+    return make_plan(topk_ids, num_experts, block_m, backend_for(topk_ids.device), check_ids)
 
 
 def make_plan(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int, backend: Backend
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    backend: Backend,
+    check_ids: bool | None = None,
 ) -> RoutingPlan:
-    """`build_routing_plan` without its checks, on the given backend (the checks ran already)."""
+    """`build_routing_plan` after its argument checks, on the given backend."""
+    deferred.poll()  # errors of earlier calls that the device has reported meanwhile
     num_slots = topk_ids.numel()
     buffer = alloc.empty(
         plan_numel(num_slots, num_experts, block_m), dtype=torch.int32, device=topk_ids.device
@@ -100,9 +113,44 @@ def make_plan(
     with profile_range("moeblaze.routing_plan"):
         if backend is Backend.TORCH:
             fill_plan_torch(topk_ids, plan)
+        elif _compiled_plan_fits(topk_ids, num_experts):
+            fill_routing_plan(topk_ids.contiguous(), plan)
         else:
             launch_plan(topk_ids, plan)
+    _report_invalid_ids(plan, topk_ids, check_ids, immediately=backend is Backend.TORCH)
     return plan
+
+
+def _compiled_plan_fits(topk_ids: torch.Tensor, num_experts: int) -> bool:
+    if not topk_ids.is_cuda or topk_ids.dtype not in (torch.int32, torch.int64):
+        return False
+    module = compiled.load("moeblaze")
+    return module is not None and num_experts <= module.MAX_PLAN_EXPERTS
+
+
+def _report_invalid_ids(plan: RoutingPlan, topk_ids, check_ids: bool | None, immediately: bool):
+    if check_ids is False:
+        return
+
+    def describe(invalid_ids: list[int]) -> str | None:
+        count, past_first = invalid_ids
+        if count == 0:
+            return None
+        slot = plan.num_slots - past_first
+        token, choice = divmod(slot, plan.top_k)
+        bad = int(topk_ids.reshape(-1)[slot])
+        return (
+            f"topk_ids contains expert id {bad} (topk_ids[{token}, {choice}], the first of "
+            f"{count} ids out of range); expected ids in [0, num_experts={plan.num_experts})"
+        )
+
+    if check_ids or immediately:
+        if not (plan.buffer.is_cuda and torch.cuda.is_current_stream_capturing()):
+            message = describe(plan.invalid_ids.tolist())
+            if message is not None:
+                raise ValueError(message)
+    else:
+        deferred.defer(plan.invalid_ids, describe)
 
 
 def check_routing_args(topk_ids: torch.Tensor, num_experts: int) -> None:
@@ -123,19 +171,4 @@ def check_routing_args(topk_ids: torch.Tensor, num_experts: int) -> None:
     if not 1 <= top_k <= num_experts:
         raise ValueError(
             f"topk_ids has k={top_k} columns; expected 1 <= k <= num_experts={num_experts}"
-        )
-
-
-def check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError if an id lies outside [0, num_experts) (one device-to-host sync).
-
-    Skipped while a CUDA graph is being captured, where a sync is not allowed.
-    """
-    if topk_ids.numel() == 0 or (topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return
-    low, high = (int(v) for v in torch.aminmax(topk_ids))
-    if low < 0 or high >= num_experts:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"topk_ids contains expert id {bad}; expected ids in [0, num_experts={num_experts})"
         )

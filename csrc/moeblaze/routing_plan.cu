@@ -8,9 +8,9 @@
 //   expert_counts [E], expert_offsets [E+1], sorted_slots [S] (slots by expert, slot order kept
 //   inside an expert), slot_positions [S] (the inverse), tile_expert / tile_row_start
 //   [ceil(S/bm) + E] (tiles past num_tiles: expert E, row start S), num_tiles [1],
-//   invalid [2] = (number of ids outside [0, E), first such id in slot order, or 0 if none).
-// Ids outside [0, E) are never used as an index; with any of them the rest of the plan is
-// unspecified (but every write stays inside its field).
+//   invalid [2] = (number of ids outside [0, E), S - the lowest slot holding one; 0 if none).
+// Ids outside [0, E) are never used as an index and are placed nowhere: expert_offsets[E] is S
+// less their number, and their entries of sorted_slots / slot_positions are not written.
 //
 // Algorithm. The slots are cut into C*W contiguous warp segments of 32*R slots; warp w of block
 // c owns segment c*W + w, so (chunk, warp, round, lane) is slot order.
@@ -22,7 +22,7 @@
 //   grid sync
 //   Phase 2, one warp per expert: exclusive scan of chunk_counts[e, :] over the C <= 512 chunks
 //     in place (one coalesced pass of 16 loads per lane) and expert_counts[e] = the total. One
-//     more warp reduces the invalid counts and reads the first invalid id.
+//     more warp reduces the invalid counts and the lowest invalid slot.
 //   grid sync
 //   Phase 3, per block: every block reads expert_counts and scans it in shared memory (expert
 //     offsets and tile ends; block 0 writes expert_offsets and num_tiles). Each warp replays its
@@ -173,7 +173,8 @@ __device__ __forceinline__ int scan_chunk_column(int* column, int num_chunks) {
   return carry;
 }
 
-// Phase 2: invalid[0] = number of invalid ids, invalid[1] = the first one (saturated to int32).
+// Phase 2: invalid[0] = number of invalid ids, invalid[1] = S - the lowest slot holding one
+// (0 when there is none), the encoding of RoutingPlan.invalid_ids.
 template <class Id>
 __device__ __forceinline__ void reduce_invalid(const Id* ids, int num_chunks, const PlanArgs& a) {
   const int lane = threadIdx.x & 31;
@@ -185,13 +186,8 @@ __device__ __forceinline__ void reduce_invalid(const Id* ids, int num_chunks, co
   count = __reduce_add_sync(kFullMask, count);
   first = __reduce_min_sync(kFullMask, first);
   if (lane == 0) {
-    int id = 0;
-    if (count > 0) {
-      const int64_t value = ids[first];
-      id = value > INT_MAX ? INT_MAX : value < INT_MIN ? INT_MIN : static_cast<int>(value);
-    }
     a.invalid[0] = count;
-    a.invalid[1] = id;
+    a.invalid[1] = count > 0 ? a.num_slots - first : 0;  // RoutingPlan.invalid_ids
   }
 }
 

@@ -1,12 +1,11 @@
 """Launchers of the compiled moeblaze kernels (`moeblaze._C`, csrc/moeblaze/), their autograd
-op and the plain-torch router reference.
+op (the plain-torch router reference is moeblaze.reference.router_topk_reference).
 
 # T tokens (N router rows), k top-k, E experts, S = T*k slots
 
-    fill_routing_plan(topk_ids, plan, invalid)   every field of a RoutingPlan, one launch, no sync
+    fill_routing_plan(topk_ids, plan)            every field of a RoutingPlan, one launch, no sync
     router_topk(logits, top_k, score_func, ...)  -> (topk_ids, topk_weights, scores), no grad
     RouterTopK.apply(...)                        the same, differentiable in logits
-    router_topk_reference(...)                   plain torch, same signature: the parity oracle
 
 The launchers check every tensor (device, dtype, contiguity, shape; errors name the argument)
 and pass `data_ptr()` and the current stream to the module; nothing here synchronises with the
@@ -26,32 +25,28 @@ import torch
 
 from kernelbase import alloc
 from kernelbase.compiled import check_cuda_tensor, require, stream_handle
+from moeblaze.reference import SCORE_FUNCS, check_selection_options
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
 
-SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
 _ID_DTYPES = (torch.int32, torch.int64)
 
 
-def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan, invalid: torch.Tensor) -> None:
+def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
     """Fill every field of `plan` from `topk_ids [T, k]` in one launch on the current stream.
 
     `plan` is a RoutingPlan for S = T*k slots and E <= 1024 experts (any block_m), its fields
     views into `plan.buffer` (RoutingPlan.from_buffer); afterwards they hold exactly what the
     Triton / torch plan holds, tiles past `num_tiles` included (expert E, row start S).
 
-    `invalid [2]` int32 receives (number of ids outside [0, E), the first such id in slot order,
-    saturated to the int32 range; (0, 0) when all ids are valid). Invalid ids are never used as
-    an index; with any of them the other fields are unspecified. Check `invalid` on the device, or
-    read it later: nothing here synchronises with the host.
+    `plan.invalid_ids` receives (number of ids outside [0, E), S - the lowest slot holding one;
+    (0, 0) when all ids are valid); invalid ids are never used as an index and are placed
+    nowhere (RoutingPlan). Nothing here synchronises with the host.
     """
     check_cuda_tensor("topk_ids", topk_ids, _ID_DTYPES, dim=2)
     device = topk_ids.device
     check_cuda_tensor("plan.buffer", plan.buffer, (torch.int32,), dim=1, device=device)
-    check_cuda_tensor("invalid", invalid, (torch.int32,), dim=1, device=device)
-    if invalid.shape[0] != 2:
-        raise ValueError(f"invalid must have shape (2,), got {tuple(invalid.shape)}")
     num_tokens, top_k = topk_ids.shape
     num_slots, num_experts = num_tokens * top_k, plan.num_experts
     if plan.num_slots != num_slots or plan.top_k != top_k:
@@ -73,7 +68,7 @@ def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan, invalid: torch.
         plan.expert_counts.data_ptr(), plan.expert_offsets.data_ptr(),
         plan.sorted_slots.data_ptr(), plan.slot_positions.data_ptr(),
         plan.tile_expert.data_ptr(), plan.tile_row_start.data_ptr(), plan.num_tiles.data_ptr(),
-        invalid.data_ptr(), workspace.data_ptr(), workspace.numel(),
+        plan.invalid_ids.data_ptr(), workspace.data_ptr(), workspace.numel(),
         num_slots, num_experts, plan.block_m, plan.max_tiles,
         stream_handle(device), device.index,
     )  # fmt: skip
@@ -91,7 +86,7 @@ def router_topk(
     """Scores and top-k routing of `logits [N, E]` float32 (E <= 512, k <= 16), one launch.
 
     Returns `topk_ids [N, k]` int64 (best first), `topk_weights [N, k]` float32 and
-    `scores [N, E]` float32, with the semantics of `Router.forward` (`router_topk_reference`):
+    `scores [N, E]` float32, with the semantics of `moeblaze.reference.router_topk_reference`:
     scores = softmax or sigmoid of the logits; experts ranked by scores + `expert_bias [E]`
     (selection only); with `num_groups`, only the experts of the best `topk_groups` groups
     (group score: sum of its top-2 selection values for sigmoid, max for softmax); weights = the
@@ -103,7 +98,7 @@ def router_topk(
     check_cuda_tensor("logits", logits, (torch.float32,), dim=2)
     device = logits.device
     num_rows, num_experts = logits.shape
-    _check_router_options(num_experts, top_k, score_func, num_groups, topk_groups)
+    check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups)
     if expert_bias is not None:
         check_cuda_tensor("expert_bias", expert_bias, (torch.float32,), dim=1, device=device)
         if expert_bias.shape[0] != num_experts:
@@ -122,7 +117,7 @@ def router_topk(
     module.router_topk(
         logits.data_ptr(), 0 if expert_bias is None else expert_bias.data_ptr(),
         topk_ids.data_ptr(), topk_weights.data_ptr(), scores.data_ptr(),
-        num_rows, num_experts, top_k, SCORE_FUNCS[score_func],
+        num_rows, num_experts, top_k, SCORE_FUNCS.index(score_func),
         num_groups or 0, topk_groups or 0, bool(norm_topk_prob),
         stream_handle(device), device.index,
     )  # fmt: skip
@@ -165,76 +160,3 @@ class RouterTopK(torch.autograd.Function):
         else:
             grad_logits = grad_scores * scores * (1 - scores)
         return grad_logits, None, None, None, None, None, None
-
-
-def router_topk_reference(
-    logits: torch.Tensor,
-    top_k: int,
-    score_func: str,
-    expert_bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-    norm_topk_prob: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-torch `router_topk` (any device, differentiable): the oracle of the compiled kernel.
-
-    The selection of `Router.forward`, with ties ranked by index through a stable sort
-    (`Router.forward`'s `torch.topk` leaves their order unspecified).
-    """
-    _check_router_options(logits.shape[-1], top_k, score_func, num_groups, topk_groups)
-    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
-    topk_ids = select_experts(scores.detach(), top_k, score_func, expert_bias, num_groups,
-                              topk_groups)  # fmt: skip
-    topk_weights = scores.gather(1, topk_ids)  # [N, k]
-    if norm_topk_prob:
-        topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
-    return topk_ids, topk_weights, scores
-
-
-def select_experts(
-    scores: torch.Tensor,
-    top_k: int,
-    score_func: str,
-    expert_bias: torch.Tensor | None = None,
-    num_groups: int | None = None,
-    topk_groups: int | None = None,
-) -> torch.Tensor:
-    """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does."""
-    choice = scores if expert_bias is None else scores + expert_bias.float()  # [N, E]
-    if num_groups is not None:
-        n, num_experts = choice.shape
-        grouped = choice.view(n, num_groups, num_experts // num_groups)  # [N, G, E/G]
-        if score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 values of the group
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        else:  # DeepSeek-V2: max value of the group
-            group_scores = grouped.amax(-1)  # [N, G]
-        best = _stable_topk(group_scores, topk_groups)  # [N, topk_groups]
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, num_experts)
-    return _stable_topk(choice, top_k)
-
-
-def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest values per row, best first, ties to the lower index."""
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
-
-
-def _check_router_options(num_experts, top_k, score_func, num_groups, topk_groups) -> None:
-    if score_func not in SCORE_FUNCS:
-        raise ValueError(f"score_func={score_func!r} must be one of {tuple(SCORE_FUNCS)}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    if (num_groups is None) != (topk_groups is None):
-        raise ValueError(
-            f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
-        )
-    if num_groups is not None:
-        if num_groups < 1 or num_experts % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
-        if not 1 <= topk_groups <= num_groups:
-            raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
-        capacity = topk_groups * (num_experts // num_groups)
-        if top_k > capacity:
-            raise ValueError(
-                f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"
-            )

@@ -11,7 +11,9 @@ Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per pro
    `sorted_slots [S]` and the inverse `slot_positions [S]`. The programs also share the tile
    metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile count.
 
-Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
+Ids outside [0, E) are placed nowhere (expert_offsets[E] is then less than S) and counted in
+`invalid_ids`, the only atomics, so an invalid id can never make a kernel read or write out of
+bounds. Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
 same on every run. `chunk_counts[1]` is per-program scratch: each program stores the base
 position of each expert there and reads it back by expert id (a gather registers cannot do).
 
@@ -31,27 +33,42 @@ if TYPE_CHECKING:
 
 
 @triton.jit
-def _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
-    """The chunk's slots [CHUNK] and expert ids as int32, E_PAD (no expert) past the end."""
+def _load_ids(
+    topk_ids_ptr, chunk, num_slots, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
+):
+    """The chunk's slots [CHUNK], their expert ids as int32 and which ids are invalid.
+
+    Slots past the end and ids outside [0, num_experts) (compared before the int32 cast, so
+    that no id wraps into range) read as E_PAD, no expert: they are placed nowhere.
+    """
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = slots < num_slots
-    ids = tl.load(topk_ids_ptr + slots, mask=in_range, other=0).to(tl.int32)
-    return slots, tl.where(in_range, ids, E_PAD)
+    raw = tl.load(topk_ids_ptr + slots, mask=in_range, other=0)
+    invalid = in_range & ((raw < 0) | (raw >= num_experts))
+    return slots, tl.where(in_range & ~invalid, raw.to(tl.int32), E_PAD), invalid
 
 
 @triton.jit
 def count_chunks_kernel(
     topk_ids_ptr,  # [S] any integer dtype
     chunk_counts_ptr,  # [2, C, E_PAD] int32; this kernel fills [0]
+    invalid_ptr,  # [2] int32, zeros before: (invalid ids, S - lowest slot holding one)
     num_slots,
+    num_experts,
     CHUNK: tl.constexpr,
     E_PAD: tl.constexpr,
 ):
     chunk = tl.program_id(0)
-    _, ids = _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK, E_PAD)
-    bins = tl.arange(0, 2 * E_PAD)  # bin E_PAD collects the slots past the end
+    slots, ids, invalid = _load_ids(topk_ids_ptr, chunk, num_slots, num_experts, CHUNK, E_PAD)
+    bins = tl.arange(0, 2 * E_PAD)  # bin E_PAD collects the slots past the end and invalid ids
     counts = tl.histogram(ids, 2 * E_PAD)
     tl.store(chunk_counts_ptr + chunk * E_PAD + bins, counts, mask=bins < E_PAD)
+    bad = tl.sum(invalid.to(tl.int32), axis=0)
+    if bad > 0:
+        tl.atomic_add(invalid_ptr, bad, sem="relaxed")
+        tl.atomic_max(
+            invalid_ptr + 1, num_slots - tl.min(tl.where(invalid, slots, num_slots), axis=0)
+        )
 
 
 @triton.jit
@@ -98,11 +115,12 @@ def place_slots_kernel(
         valid = experts < num_experts
         tl.store(expert_counts_ptr + experts, totals, mask=valid)
         tl.store(expert_offsets_ptr + experts, offsets, mask=valid)
-        tl.store(expert_offsets_ptr + num_experts, num_slots)
+        # S, less the slots of invalid ids, which are placed nowhere.
+        tl.store(expert_offsets_ptr + num_experts, tl.sum(totals, axis=0))
 
     # Sort the chunk by (expert, slot). The j-th slot of the sorted chunk, of expert e, goes to
     # offsets[e] + before[e] + (j - first index of expert e in the sorted chunk).
-    slots, ids = _load_ids(topk_ids_ptr, chunk, num_slots, CHUNK, E_PAD)
+    slots, ids, _ = _load_ids(topk_ids_ptr, chunk, num_slots, num_experts, CHUNK, E_PAD)
     keys = tl.sort(ids * CHUNK + (slots - chunk * CHUNK))
     sorted_ids = keys // CHUNK
     sorted_slots = chunk * CHUNK + keys % CHUNK
@@ -154,7 +172,10 @@ def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
     num_chunks = max(1, triton.cdiv(num_slots, chunk))
     chunk_counts = torch.empty(2, num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
     ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
-    count_chunks_kernel[(num_chunks,)](ids, chunk_counts, num_slots, CHUNK=chunk, E_PAD=e_pad)
+    plan.invalid_ids.zero_()
+    count_chunks_kernel[(num_chunks,)](
+        ids, chunk_counts, plan.invalid_ids, num_slots, num_experts, CHUNK=chunk, E_PAD=e_pad
+    )
     place_slots_kernel[(num_chunks,)](
         ids,
         chunk_counts,

@@ -11,15 +11,9 @@ import torch
 from moeblaze_testing import check_plan
 
 from kernelbase import alloc, compiled
-from moeblaze.kernels.compiled import (
-    RouterTopK,
-    fill_routing_plan,
-    router_topk,
-    router_topk_reference,
-    select_experts,
-)
+from moeblaze.kernels.compiled import RouterTopK, fill_routing_plan, router_topk
 from moeblaze.kernels.routing_plan import launch_plan
-from moeblaze.reference import fill_plan_torch
+from moeblaze.reference import fill_plan_torch, router_topk_reference, select_experts
 from moeblaze.routing_plan import RoutingPlan, plan_numel
 from overlap.kernels.compiled import wait_flag, wait_flag_bounded, write_flag
 
@@ -46,9 +40,8 @@ def _empty_plan(num_tokens, top_k, num_experts, block_m, device="cuda"):
 
 def _compiled_plan(topk_ids, num_experts, block_m):
     plan = _empty_plan(*topk_ids.shape, num_experts, block_m)
-    invalid = torch.full((2,), -7, dtype=torch.int32, device=topk_ids.device)
-    fill_routing_plan(topk_ids, plan, invalid)
-    return plan, invalid
+    fill_routing_plan(topk_ids, plan)
+    return plan, plan.invalid_ids
 
 
 def _reference_plans(topk_ids, num_experts, block_m):
@@ -141,14 +134,24 @@ def test_invalid_ids_are_counted_and_the_first_reported(dtype):
     bad_values = [E, -1, 2**31 - 1 if dtype == torch.int32 else 2**40, -(2**20)]
     flat[bad_slots] = torch.tensor(bad_values, device="cuda", dtype=dtype)
     plan, invalid = _compiled_plan(topk_ids, E, 64)
-    assert invalid.tolist() == [4, E]  # first in slot order: slot 7 holds E
+    assert invalid.tolist() == [4, T * k - 7]  # (count, S - the lowest invalid slot)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)].long(), minlength=E)
     assert torch.equal(plan.expert_counts.long(), counts)  # valid ids still counted exactly
-
-    topk_ids = _routing(T, E, k, "random", seed=6, dtype=dtype)
-    topk_ids.view(-1)[3] = 2**40 if dtype == torch.int64 else -5
-    _, invalid = _compiled_plan(topk_ids, E, 64)
-    assert invalid.tolist() == [1, 2**31 - 1 if dtype == torch.int64 else -5]  # saturated
+    assert int(plan.expert_offsets[E]) == T * k - 4  # invalid slots are placed nowhere
+    # The Triton plan handles invalid ids the same way, field for field where both are defined.
+    triton_plan = _empty_plan(T, k, E, 64)
+    launch_plan(topk_ids, triton_plan)
+    valid = int(plan.expert_offsets[E])
+    for name in (
+        "expert_counts",
+        "expert_offsets",
+        "tile_expert",
+        "tile_row_start",
+        "num_tiles",
+        "invalid_ids",
+    ):
+        assert torch.equal(getattr(plan, name), getattr(triton_plan, name)), name
+    assert torch.equal(plan.sorted_slots[:valid], triton_plan.sorted_slots[:valid])
 
 
 def test_all_ids_invalid_stays_in_bounds():
@@ -160,9 +163,8 @@ def test_all_ids_invalid_stays_in_bounds():
     backing = torch.full((plan_numel(num_slots, E, block_m) + 2 * guard,), 12345,
                          dtype=torch.int32, device="cuda")  # fmt: skip
     plan = RoutingPlan.from_buffer(backing[guard:-guard], num_slots, E, k, block_m)
-    invalid = torch.zeros(2, dtype=torch.int32, device="cuda")
-    fill_routing_plan(topk_ids, plan, invalid)
-    assert invalid.tolist() == [num_slots, E + 3]
+    fill_routing_plan(topk_ids, plan)
+    assert plan.invalid_ids.tolist() == [num_slots, num_slots]
     assert bool((backing[:guard] == 12345).all()) and bool((backing[-guard:] == 12345).all())
     assert int(plan.num_tiles) == 0 and bool((plan.expert_counts == 0).all())
 
@@ -170,11 +172,10 @@ def test_all_ids_invalid_stays_in_bounds():
 def test_plan_in_a_cuda_graph():
     topk_ids = _routing(8192, 64, 6, "random", seed=2, dtype=torch.int64)
     plan = _empty_plan(8192, 6, 64, 64)
-    invalid = torch.zeros(2, dtype=torch.int32, device="cuda")
-    fill_routing_plan(topk_ids, plan, invalid)  # warm-up outside the capture
+    fill_routing_plan(topk_ids, plan)  # warm-up outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fill_routing_plan(topk_ids, plan, invalid)
+        fill_routing_plan(topk_ids, plan)
     topk_ids.copy_(_routing(8192, 64, 6, "random", seed=3, dtype=torch.int64))
     plan.buffer.fill_(-1)
     graph.replay()

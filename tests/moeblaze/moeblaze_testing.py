@@ -26,6 +26,7 @@ def check_plan(plan, topk_ids, num_experts, block_m):
         "tile_expert",
         "tile_row_start",
         "num_tiles",
+        "invalid_ids",
     ):
         t = getattr(plan, field)
         assert t.dtype == torch.int32, field
@@ -44,6 +45,7 @@ def check_plan(plan, topk_ids, num_experts, block_m):
     # Counts and offsets.
     assert torch.equal(counts, torch.bincount(ids, minlength=E))
     assert offsets.shape == (E + 1,) and offsets[0] == 0 and offsets[-1] == S
+    assert plan.invalid_ids.tolist() == [0, 0]  # every id valid
     assert torch.equal(offsets.diff(), counts)  # also: nondecreasing, since counts >= 0
     assert bool((counts >= 0).all())
 

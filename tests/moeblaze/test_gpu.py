@@ -290,3 +290,42 @@ def test_cuda_graph_capture_of_forward(make_problem):
         )
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("recompute", moeblaze.RECOMPUTE_POLICIES)
+def test_layer_forward_and_backward_never_synchronise(recompute):
+    """Nothing in a MoELayer step waits for the device: router, plan (compiled or Triton), the
+    expert kernels and their backward, and the deferred id and logit checks."""
+    torch.manual_seed(0)
+    layer = moeblaze.MoELayer(
+        256, 128, 16, 4, recompute=recompute, aux_loss_coeff=1e-2, device="cuda",
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    x = torch.randn(8, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().mean().backward()  # warm-up: compiles, allocates, loads modules
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            layer(x).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    moeblaze.check_errors()  # and nothing was wrong
+
+
+def test_invalid_ids_on_cuda_raise_without_a_sync_by_the_next_call(make_problem):
+    problem = make_problem(64, 32, 16, 4, 2, seed=3, device="cuda")
+    bad = problem.topk_ids.clone()
+    bad[5, 1] = 7
+    out = moeblaze.moe_mlp(problem.x, bad, problem.topk_weights, problem.w13, problem.w2)
+    assert out.shape == problem.x.shape  # no error yet: nothing waited for the device
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"expert id 7 \(topk_ids\[5, 1\], the first of 1 ids"):
+        moeblaze.moe_mlp(problem.x, problem.topk_ids, problem.topk_weights, problem.w13,
+                         problem.w2)  # fmt: skip
+    moeblaze.moe_mlp(problem.x, bad, problem.topk_weights, problem.w13, problem.w2)
+    with pytest.raises(ValueError, match="expert id 7"):
+        moeblaze.check_errors()
+    with pytest.raises(ValueError, match="expert id 7"):  # debugging: at once
+        moeblaze.moe_mlp(problem.x, bad, problem.topk_weights, problem.w13, problem.w2,
+                         check_ids=True)  # fmt: skip

@@ -295,7 +295,7 @@ def test_backward_materializes_no_gradients_for_kept_tensors(policy, make_proble
 def test_opcheck(make_problem):
     problem = make_problem(12, 16, 8, 4, 2, seed=13)
     backend = backend_for(problem.x.device).value
-    plan_args = (problem.topk_ids, 4, 16, backend)
+    plan_args = (problem.topk_ids, 4, 16, backend, None)
     torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
     plan = torch.ops.moeblaze.routing_plan(*plan_args)
     x, weights, w13, w2 = problem.leaves()
@@ -460,7 +460,8 @@ def _bad_cases():
             "id=E",
             with_(topk_ids=lambda a: a["topk_ids"].clone().fill_(4)),
             ValueError,
-            r"topk_ids contains expert id 4; expected ids in \[0, num_experts=4\)",
+            r"topk_ids contains expert id 4 \(topk_ids\[0, 0\], the first of \d+ ids out of "
+            r"range\); expected ids in \[0, num_experts=4\)",
         ),
         (
             "id=-1",

@@ -11,6 +11,8 @@ from moeblaze_testing import check_plan
 import moeblaze
 from kernelbase.backend import Backend, backend_for
 from moeblaze import build_routing_plan
+from moeblaze.kernels.routing_plan import launch_plan
+from moeblaze.reference import fill_plan_torch
 
 # (T, E, k, routing, block_m): the interpreter is slow, so S stays at a few thousand at most.
 CASES = {
@@ -128,6 +130,56 @@ def test_not_a_tensor():
 
 
 def test_check_ids_false_skips_the_range_check():
-    # The documented escape hatch (no device-to-host sync): valid ids still give a valid plan.
+    # The documented escape hatch: valid ids still give a valid plan.
     topk_ids = _ids(20, 6, 2, "random")
     check_plan(build_routing_plan(topk_ids, 6, block_m=16, check_ids=False), topk_ids, 6, 16)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_invalid_ids_are_placed_nowhere_and_counted(backend, dtype):
+    """What keeps a kernel in bounds whatever the ids: the slots of ids outside [0, E) (negative,
+    E, or an int64 that would wrap into range as int32) get no position, expert_offsets[E] is
+    S less their number, `invalid_ids` = (their number, S - the lowest such slot), and the valid
+    slots are placed exactly as without them."""
+    T, E, k = 300, 6, 2
+    topk_ids = _ids(T, E, k, "random").to(dtype)
+    flat = topk_ids.view(-1)
+    big = 2**32 + 1 if dtype == torch.int64 else 2**31 - 1  # int64: wraps to id 1 as int32
+    bad = {37: -1, 38: E, 251: big, 599: -(2**20)}
+    for slot, value in bad.items():
+        flat[slot] = value
+    S, valid = T * k, T * k - len(bad)
+    guard = 64
+    with moeblaze.use_backend(backend):
+        plan = build_routing_plan(topk_ids, E, block_m=16, check_ids=False)
+        backing = torch.full((plan.buffer.numel() + 2 * guard,), 12345, dtype=torch.int32)
+        guarded = moeblaze.RoutingPlan.from_buffer(backing[guard:-guard], S, E, k, 16)
+        fill = fill_plan_torch if backend == "torch" else launch_plan
+        fill(topk_ids, guarded)
+    assert (backing[:guard] == 12345).all() and (backing[-guard:] == 12345).all()
+    assert plan.invalid_ids.tolist() == [len(bad), S - 37]
+    assert int(plan.expert_offsets[E]) == valid
+    keep = torch.ones(S, dtype=torch.bool)
+    keep[list(bad)] = False
+    ids = flat.long()
+    assert torch.equal(plan.expert_counts.long(), torch.bincount(ids[keep], minlength=E))
+    expected = torch.arange(S)[keep][torch.sort(ids[keep], stable=True).indices]
+    assert torch.equal(plan.sorted_slots[:valid].long(), expected)
+    for field in ("expert_counts", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(plan, field), getattr(guarded, field)), field
+
+
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["triton", "torch"])
+def test_invalid_ids_raise_at_once_on_the_cpu(backend):
+    topk_ids = _ids(50, 6, 2, "random")
+    topk_ids[7, 1] = 9
+    with (
+        moeblaze.use_backend(backend),
+        pytest.raises(
+            ValueError,
+            match=r"topk_ids contains expert id 9 \(topk_ids\[7, 1\], the first of 1 ids out of "
+            r"range\); expected ids in \[0, num_experts=6\)",
+        ),
+    ):
+        build_routing_plan(topk_ids, 6, block_m=16)
