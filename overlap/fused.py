@@ -32,9 +32,9 @@ from overlap.protocol import (
     ChunkLayout,
     check_status,
     has_stream_write,
-    max_spins_for,
     peer_chunks,
     raise_flag,
+    wait_budget_for,
 )
 from overlap.streams import SideStream
 from overlap.world import OverlapConfig
@@ -79,7 +79,7 @@ class FusedContext(abc.ABC):
         self.config = config
         self.streams = streams
         self.tile = config.tile or default_tile_config(device)
-        self.max_spins = max_spins_for(config.timeout_s, device)
+        self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}
         #: Per rank, int32 [2, tiles] of the last fused GEMM (config.count_tiles only): row 0
@@ -188,5 +188,5 @@ class FusedContext(abc.ABC):
                 rank=rank,
                 layout=self._last_layout,
                 timeout_s=self.config.timeout_s,
-                max_spins=self.max_spins,
+                wait_budget=self.wait_budget,
             )

@@ -8,8 +8,14 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
 
     AG  producer (side stream on CUDA): for each peer in rotated order, copy each chunk of the
         peer's shard into the rank's gather buffer, then raise the chunk's flag (a stream memory
-        write: overlap.protocol). Consumer: ag_gemm_kernel, launched without waiting for the
-        copies.
+        write: overlap.protocol). Consumer: ag_gemm_kernel. On one GPU a device-to-device copy
+        may itself be a kernel, which a persistent consumer occupying every SM would starve
+        while spinning on the copy's flag (a deadlock until the timeout: the likely cause of the
+        timeouts of back-to-back calls measured on an H100, not yet confirmed on one). So rank
+        r's consumer is launched after rank r's copies on the stream; the copies of rank r+1
+        overlap it. Under the interpreter the flags are all up by then anyway; on several GPUs
+        (DistWorld) the pulls are copy-engine transfers and the
+        consumer really waits on the flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer (side stream on CUDA, `comm_programs` programs, the GEMM grid
         leaves those SMs free): rs_reduce_kernel per rank, reading the W partial buffers.
@@ -186,6 +192,10 @@ class LocalFused(FusedContext):
         for rank in range(W):
             with self.streams(), profile_range("overlap.ag.copy"):
                 self.pull_chunks(rank, a_shard, gathered[rank], self.ag_flags[rank], layout, epoch)
+            # One device: the chunk copies may run as kernels, which a persistent consumer on
+            # every SM would starve while it spins on their flags. So rank r's consumer starts
+            # once rank r's copies are done; rank r+1's copies run beside it.
+            self.streams.wait(self.streams.record(on_side=True), on_side=False)
             with profile_range("overlap.ag.gemm"):
                 launch_ag_gemm(
                     a_shard[rank],
@@ -197,7 +207,7 @@ class LocalFused(FusedContext):
                     rank=rank,
                     world_size=W,
                     epoch=epoch,
-                    max_spins=self.max_spins,
+                    wait_budget=self.wait_budget,
                     chunk_m=layout.chunk_m,
                     config=self.tile,
                     num_programs=programs,
@@ -268,7 +278,7 @@ class LocalFused(FusedContext):
                     world_size=W,
                     row_stride=ws.partials[0].stride(0),
                     epoch=epoch,
-                    max_spins=self.max_spins,
+                    wait_budget=self.wait_budget,
                     chunk_m=layout.chunk_m,
                     num_programs=reduce_programs,
                     block_r=block_r,

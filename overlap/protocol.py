@@ -16,7 +16,9 @@ How a producer raises a flag (after the chunk's copy, on the same stream):
   raises the flag; it needs an SM, so then the worlds keep `FALLBACK_FREE_SMS` SMs free of the
   persistent consumer (see `OverlapConfig.free_sms`).
 
-The wait budget is counted in polls, not in time: `max_spins = timeout_s * SPINS_PER_SECOND`.
+The wait budget: compiled kernels read the GPU's nanosecond clock (`%globaltimer`), so a wait
+ends after `timeout_s` of real time, `wait_budget = timeout_s * 1e9`; the interpreter has no
+clock and counts polls, `wait_budget = timeout_s * INTERPRETER_POLLS_PER_SECOND`.
 """
 
 import dataclasses
@@ -26,13 +28,12 @@ from collections.abc import Iterator
 import torch
 import triton
 
+from kernelbase.backend import interpreting
 from overlap.kernels.flags import launch_raise_flag
 
-# Polls per second of `wait_flag`. Interpreter: measured on the development CPU (4000 polls of
-# a never-raised flag took 1.16 s). CUDA: placeholder, not measured: one acquire load from L2
-# plus one volatile load per poll at roughly 0.5 us, so a CUDA timeout is good to a factor of a
-# few only.
-SPINS_PER_SECOND = {"cpu": 3_500, "cuda": 2_000_000}
+# Polls per second of `wait_flag` under the interpreter: measured on the development CPU (4000
+# polls of a never-raised flag took 1.16 s).
+INTERPRETER_POLLS_PER_SECOND = 3_500
 # SMs left free of the persistent consumer when flags are raised by a kernel (no stream write).
 FALLBACK_FREE_SMS = 2
 EPOCH_LIMIT = 2**31 - 1
@@ -56,20 +57,22 @@ class OverlapTimeoutError(RuntimeError):
         chunk: int,
         rows: tuple[int, int],
         timeout_s: float,
-        max_spins: int,
+        wait_budget: int,
     ):
         self.op, self.rank, self.peer, self.chunk, self.rows = op, rank, peer, chunk, rows
         super().__init__(
             f"{op}: rank {rank} timed out waiting for chunk {chunk} (rows {rows[0]}..{rows[1]}) "
-            f"from rank {peer}: its flag was not raised within the wait budget "
-            f"({max_spins} polls, about {timeout_s:g} s). The producer of that chunk failed or "
+            f"from rank {peer}: its flag was not raised within {timeout_s:g} s "
+            f"(wait budget {wait_budget}). The producer of that chunk failed or "
             f"is starved; raise OverlapConfig.timeout_s only if the producer is merely slow."
         )
 
 
-def max_spins_for(timeout_s: float, device: torch.device) -> int:
-    rate = SPINS_PER_SECOND.get(device.type, SPINS_PER_SECOND["cpu"])
-    return max(1, min(2**31 - 1, int(timeout_s * rate)))
+def wait_budget_for(timeout_s: float) -> int:
+    """The `wait_budget` of the flag waits (overlap.kernels.flags.wait_flag) for `timeout_s`."""
+    if interpreting():
+        return max(1, min(2**31 - 1, int(timeout_s * INTERPRETER_POLLS_PER_SECOND)))
+    return max(1, min(2**62, int(timeout_s * 1e9)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ def check_status(
     rank: int,
     layout: ChunkLayout,
     timeout_s: float,
-    max_spins: int,
+    wait_budget: int,
 ) -> None:
     """Raise OverlapTimeoutError if a kernel recorded a timeout in `status` (then clear it).
 
@@ -121,7 +124,7 @@ def check_status(
         return
     status.zero_()
     chunk = (code - 1) % layout.count
-    raise OverlapTimeoutError(op, rank, peer, chunk, layout.rows(chunk), timeout_s, max_spins)
+    raise OverlapTimeoutError(op, rank, peer, chunk, layout.rows(chunk), timeout_s, wait_budget)
 
 
 @functools.cache

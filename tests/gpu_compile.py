@@ -94,6 +94,8 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
         sys_scope_atomics=len(re.findall(r"\.sys\.(?:acquire|release|acq_rel)", ptx)),
+        # Flag waits bounded by the GPU's nanosecond clock (real time, not a count of polls).
+        clock_reads=ptx.count("%globaltimer"),
         **resource_usage(kernel.asm["cubin"]),
     )
 
@@ -167,7 +169,7 @@ def run_overlap_launchers() -> None:
         flags,
         status,
         rank=5,
-        max_spins=1000,
+        wait_budget=1000,
         **common,
     )
     for scope in ("gpu", "sys"):
@@ -191,7 +193,7 @@ def run_overlap_launchers() -> None:
             world_size=W,
             row_stride=hidden,
             epoch=3,
-            max_spins=1000,
+            wait_budget=1000,
             chunk_m=512,
             num_programs=16,
             block_r=GPU_REDUCE_BLOCK[0],
@@ -199,7 +201,14 @@ def run_overlap_launchers() -> None:
             scope=scope,
         )
     launch_wait_peers(
-        table, status, rank=5, world_size=W, epoch=3, max_spins=1000, flags_per_rank=2, scope="sys"
+        table,
+        status,
+        rank=5,
+        world_size=W,
+        epoch=3,
+        wait_budget=1000,
+        flags_per_rank=2,
+        scope="sys",
     )
     launch_raise_flag(flags, 7, 3)
 

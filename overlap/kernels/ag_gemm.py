@@ -24,7 +24,7 @@ from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
 from overlap.kernels.flags import wait_chunks
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins", "stride_al", "stride_g"])
+@triton.jit(do_not_specialize=["rank", "epoch", "wait_budget", "stride_al", "stride_g"])
 def ag_gemm_kernel(
     a_local_ptr,
     gathered_ptr,
@@ -38,7 +38,7 @@ def ag_gemm_kernel(
     K,
     rank,
     epoch,
-    max_spins,
+    wait_budget,
     chunk_m,
     stride_al,
     stride_g,
@@ -74,7 +74,7 @@ def ag_gemm_kernel(
                 chunk_m,
                 epoch,
                 status_ptr,
-                max_spins,
+                wait_budget,
                 src,
                 ok,
                 SCOPE,
@@ -134,7 +134,7 @@ def launch_ag_gemm(
     rank: int,
     world_size: int,
     epoch: int,
-    max_spins: int,
+    wait_budget: int,
     chunk_m: int,
     config: GemmConfig,
     num_programs: int,
@@ -163,7 +163,7 @@ def launch_ag_gemm(
         K,
         rank,
         epoch,
-        max_spins,
+        wait_budget,
         chunk_m,
         a_local.stride(0),
         gathered.stride(0),

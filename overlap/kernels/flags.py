@@ -3,7 +3,8 @@
 Flag protocol (all flags are int32, one per chunk, owned by the rank that waits on them):
 
     producer: write the chunk's bytes, then raise its flag to the call's epoch (release)
-    consumer: poll the flag with acquire loads until it is >= epoch, at most `max_spins` polls
+    consumer: poll the flag with acquire loads until it is >= epoch, for at most `wait_budget`
+              (nanoseconds on the GPU's clock; polls under the interpreter)
 
 Epochs grow by one per call, so flags are never reset between calls: a flag left at an older
 epoch simply reads as "not yet". A consumer that runs out of polls records
@@ -27,21 +28,41 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelbase.backend import interpreting
+
+# Compiled kernels bound a wait by the GPU's nanosecond clock; the interpreter (no inline
+# assembly) by a count of polls. Either way the budget is `wait_budget` (protocol.wait_budget_for).
+REAL_TIME = tl.constexpr(not interpreting())
+
 
 @triton.jit
-def wait_flag(flag_ptr, epoch, status_ptr, max_spins, flag_index, peer, SCOPE: tl.constexpr):
-    """Poll `*flag_ptr` (acquire at SCOPE) until it reaches `epoch`, at most `max_spins` times.
+def _clock_ns():
+    """The GPU's global nanosecond timer."""
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def wait_flag(flag_ptr, epoch, status_ptr, wait_budget, flag_index, peer, SCOPE: tl.constexpr):
+    """Poll `*flag_ptr` (acquire at SCOPE) until it reaches `epoch`, for at most `wait_budget`
+    (nanoseconds of the GPU clock when compiled, polls under the interpreter).
 
     Returns 1 when the flag rose, 0 on a timeout or when another program already timed out.
     The first program to time out writes (flag_index + 1, peer) into status_ptr[0:2].
     """
     value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope=SCOPE)
-    spins = 0
+    spent = tl.zeros((), dtype=tl.int64)
+    if REAL_TIME:
+        start = _clock_ns()
     aborted = 0
-    while (value < epoch) & (spins < max_spins) & (aborted == 0):
+    while (value < epoch) & (spent < wait_budget) & (aborted == 0):
         value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope=SCOPE)
         aborted = tl.load(status_ptr, volatile=True)
-        spins += 1
+        if REAL_TIME:
+            spent = _clock_ns() - start
+        else:
+            spent += 1
     # The compare-and-swap must run only on this program's own timeout, hence two ifs (an `and`
     # would evaluate it unconditionally).
     if (value < epoch) & (aborted == 0):  # noqa: SIM102
@@ -59,7 +80,7 @@ def wait_chunks(
     chunk_m,
     epoch,
     status_ptr,
-    max_spins,
+    wait_budget,
     peer,
     ok,
     SCOPE: tl.constexpr,
@@ -75,7 +96,7 @@ def wait_chunks(
                 flags_ptr + first_flag + chunk,
                 epoch,
                 status_ptr,
-                max_spins,
+                wait_budget,
                 first_flag + chunk,
                 peer,
                 SCOPE,
@@ -83,13 +104,13 @@ def wait_chunks(
     return ok
 
 
-@triton.jit(do_not_specialize=["rank", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["rank", "epoch", "wait_budget"])
 def wait_peers_kernel(
     flag_table_ptr,  # [W] int64 addresses of the peers' ready flags
     status_ptr,
     rank,
     epoch,
-    max_spins,
+    wait_budget,
     flags_per_rank,
     WORLD_SIZE: tl.constexpr,
     SCOPE: tl.constexpr,
@@ -102,7 +123,7 @@ def wait_peers_kernel(
         if ok != 0:
             flag_ptr = tl.load(flag_table_ptr + peer).to(tl.pointer_type(tl.int32))
             ok = wait_flag(
-                flag_ptr, epoch, status_ptr, max_spins, peer * flags_per_rank, peer, SCOPE
+                flag_ptr, epoch, status_ptr, wait_budget, peer * flags_per_rank, peer, SCOPE
             )
 
 
@@ -118,7 +139,7 @@ def launch_wait_peers(
     rank: int,
     world_size: int,
     epoch: int,
-    max_spins: int,
+    wait_budget: int,
     flags_per_rank: int,
     scope: str,
 ) -> None:
@@ -128,7 +149,7 @@ def launch_wait_peers(
         status,
         rank,
         epoch,
-        max_spins,
+        wait_budget,
         flags_per_rank,
         WORLD_SIZE=world_size,
         SCOPE=scope,

@@ -109,7 +109,7 @@ def gemm_rs_kernel(
                 tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope=SCOPE)
 
 
-@triton.jit(do_not_specialize=["dest", "epoch", "max_spins"])
+@triton.jit(do_not_specialize=["dest", "epoch", "wait_budget"])
 def rs_reduce_kernel(
     partial_table_ptr,
     flag_table_ptr,
@@ -119,7 +119,7 @@ def rs_reduce_kernel(
     N,
     dest,
     epoch,
-    max_spins,
+    wait_budget,
     chunk_m,
     stride_p,
     stride_out,
@@ -150,7 +150,7 @@ def rs_reduce_kernel(
                 chunk_m,
                 epoch,
                 status_ptr,
-                max_spins,
+                wait_budget,
                 src,
                 ok,
                 SCOPE,
@@ -228,7 +228,7 @@ def launch_rs_reduce(
     world_size: int,
     row_stride: int,
     epoch: int,
-    max_spins: int,
+    wait_budget: int,
     chunk_m: int,
     num_programs: int,
     block_r: int,
@@ -251,7 +251,7 @@ def launch_rs_reduce(
         N,
         dest,
         epoch,
-        max_spins,
+        wait_budget,
         chunk_m,
         row_stride,
         out.stride(0),

@@ -22,6 +22,13 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
         assert reports[key]["wgmma"] >= 1, reports[key]
         assert reports[key]["async_copies"] >= 1, reports[key]
         assert reports[key]["stack_bytes"] == 0, reports[key]  # no register spills
+    # Every flag wait is bounded by the GPU clock, so timeout_s is real time.
+    for key in [
+        ("ag_gemm_kernel", "gpu"),
+        ("rs_reduce_kernel", "gpu"),
+        ("wait_peers_kernel", "sys"),
+    ]:
+        assert reports[key]["clock_reads"] >= 2, reports[key]
     # The consumers poll with acquire loads; the producers publish with release atomics.
     assert reports[("ag_gemm_kernel", "gpu")]["acquire_loads"] >= 1
     assert reports[("raise_flag_kernel", None)]["release_atomics"] >= 1
