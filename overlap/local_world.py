@@ -14,8 +14,7 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
         timeouts of back-to-back calls measured on an H100, not yet confirmed on one). So rank
         r's consumer is launched after rank r's copies on the stream; the copies of rank r+1
         overlap it. Under the interpreter the flags are all up by then anyway; on several GPUs
-        (DistWorld) the pulls are copy-engine transfers and the
-        consumer really waits on the flags.
+        (DistWorld) the pulls are copy-engine transfers and the consumer really waits on flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer (side stream on CUDA, `comm_programs` programs, the GEMM grid
         leaves those SMs free): rs_reduce_kernel per rank, reading the W partial buffers.
