@@ -91,12 +91,16 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / "csrc"
         out_dir = build_dir / "modules"
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCMAKE_CUDA_COMPILER={self.nvcc}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCSRC_OUTPUT_ROOT={out_dir}",
-        ]  # fmt: skip
+        ]
         archs = os.environ.get("MOEBLAZE_CUDA_ARCHS")
         if archs:
             configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs}")
@@ -122,8 +126,11 @@ BUILD_RECORD.write_text(
 if nvcc:
     CMakeBuild.nvcc = nvcc
 else:
-    print(f"csrc: not building {', '.join(MODULES)}: {skip_reason}; the packages use their "
-          "Triton/torch paths (MOEBLAZE_FORCE_CUDA_BUILD=1 makes this an error)", flush=True)  # fmt: skip
+    print(
+        f"csrc: not building {', '.join(MODULES)}: {skip_reason}; the packages use their "
+        "Triton/torch paths (MOEBLAZE_FORCE_CUDA_BUILD=1 makes this an error)",
+        flush=True,
+    )
 
 setup(
     ext_modules=[CMakeExtension(m) for m in MODULES] if nvcc else [],

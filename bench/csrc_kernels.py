@@ -48,8 +48,9 @@ def plan_runs(topk_ids: torch.Tensor, num_experts: int) -> dict:
     num_slots, device = topk_ids.numel(), topk_ids.device
 
     def fresh_plan() -> RoutingPlan:
-        buffer = torch.empty(plan_numel(num_slots, num_experts, 64), dtype=torch.int32,
-                             device=device)  # fmt: skip
+        buffer = torch.empty(
+            plan_numel(num_slots, num_experts, 64), dtype=torch.int32, device=device
+        )
         return RoutingPlan.from_buffer(buffer, num_slots, num_experts, top_k, 64)
 
     def on_fresh_plan(fill):
@@ -103,8 +104,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"bench.csrc_kernels needs moeblaze._C: {compiled.reason('moeblaze')}")
     device = torch.device("cuda")
     env = harness.environment(device)
-    print(f"# csrc_kernels on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['commit']}", flush=True)  # fmt: skip
+    print(
+        f"# csrc_kernels on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        flush=True,
+    )
 
     rows, path = [], None
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
@@ -116,20 +120,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 topk_ids = logits.topk(top_k, dim=-1).indices  # [T, k] int64, random routing
                 shape = dict(T=num_tokens, E=num_experts, k=top_k)
                 for kernel in kernels:
-                    runs = plan_runs(topk_ids, num_experts) if kernel == "plan" else (
-                        router_runs(logits, top_k))  # fmt: skip
+                    runs = (
+                        plan_runs(topk_ids, num_experts)
+                        if kernel == "plan"
+                        else (router_runs(logits, top_k))
+                    )
                     found = {
                         p: harness.time_ms(run, device=device) * 1e3 for p, run in runs.items()
                     }
                     for provider, us in found.items():
-                        rows.append(dict(kernel=kernel, **shape, provider=provider, us=us,
-                                         speedup_vs_torch=found["torch"] / us))  # fmt: skip
+                        rows.append(
+                            dict(
+                                kernel=kernel,
+                                **shape,
+                                provider=provider,
+                                us=us,
+                                speedup_vs_torch=found["torch"] / us,
+                            )
+                        )
                     times = "  ".join(f"{p} {us:.1f} us" for p, us in found.items())
                     print(f"{kernel} T={num_tokens} E={num_experts} k={top_k}: {times}", flush=True)
                 path = harness.write_results("csrc_kernels", rows, env, args.out)
 
-    plot_args = dict(x=("kernel", "T", "E", "k"), series="provider", metrics=("us",),
-                     title=f"Compiled kernels, {env['gpu']}")  # fmt: skip
+    plot_args = dict(
+        x=("kernel", "T", "E", "k"),
+        series="provider",
+        metrics=("us",),
+        title=f"Compiled kernels, {env['gpu']}",
+    )
     harness.report(rows, COLUMNS, path, **({} if args.no_plot else plot_args))
     return rows
 

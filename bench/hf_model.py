@@ -53,38 +53,85 @@ class ModelConfig:
 
 
 def _attention(d, heads, kv_heads, layers, vocab):
-    return dict(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                num_hidden_layers=layers, vocab_size=vocab, tie_word_embeddings=False)  # fmt: skip
+    return dict(
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
 
 
 CONFIGS = {
     c.name: c
     for c in [
-        ModelConfig("tiny", "MixtralConfig", batch=2, seq=64, fields=dict(
-            intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
-            **_attention(128, 4, 2, 2, 512))),
+        ModelConfig(
+            "tiny",
+            "MixtralConfig",
+            batch=2,
+            seq=64,
+            fields=dict(
+                intermediate_size=96,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                **_attention(128, 4, 2, 2, 512),
+            ),
+        ),
         # The first 4 of OLMoE-1B-7B's 16 layers: d=2048, F=1024, E=64, k=8.
-        ModelConfig("olmoe-4l", "OlmoeConfig", batch=4, seq=2048, fields=dict(
-            intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
-            **_attention(2048, 16, 16, 4, 50304))),
+        ModelConfig(
+            "olmoe-4l",
+            "OlmoeConfig",
+            batch=4,
+            seq=2048,
+            fields=dict(
+                intermediate_size=1024,
+                num_experts=64,
+                num_experts_per_tok=8,
+                **_attention(2048, 16, 16, 4, 50304),
+            ),
+        ),
         # 4 of Qwen3-30B-A3B's 48 layers: d=2048, F=768, E=128, k=8 (vocab cut to 32k).
-        ModelConfig("qwen3-30b-a3b-4l", "Qwen3MoeConfig", batch=4, seq=2048, fields=dict(
-            intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-            num_experts_per_tok=8, head_dim=128, **_attention(2048, 32, 4, 4, 32000))),
+        ModelConfig(
+            "qwen3-30b-a3b-4l",
+            "Qwen3MoeConfig",
+            batch=4,
+            seq=2048,
+            fields=dict(
+                intermediate_size=6144,
+                moe_intermediate_size=768,
+                num_experts=128,
+                num_experts_per_tok=8,
+                head_dim=128,
+                **_attention(2048, 32, 4, 4, 32000),
+            ),
+        ),
     ]
-}  # fmt: skip
+}
 GPU_CONFIGS = ("olmoe-4l", "qwen3-30b-a3b-4l")
 CPU_CONFIGS = ("tiny",)
 PROVIDERS = ("eager", "grouped_mm", *moeblaze_hf.IMPLEMENTATIONS)
 DEFAULT_PROVIDERS = ("eager", "grouped_mm", "moeblaze", "moeblaze-up_proj")
-COLUMNS = ("shape", "provider", "ms", "tokens/s", "peak_mem_MiB", "saved_MiB",
-           "speedup_vs_grouped_mm")  # fmt: skip
+COLUMNS = (
+    "shape",
+    "provider",
+    "ms",
+    "tokens/s",
+    "peak_mem_MiB",
+    "saved_MiB",
+    "speedup_vs_grouped_mm",
+)
 
 
 def bench_provider(model, config, provider, input_ids, device, rep_ms) -> dict:
     """One row; a provider that fails gets a row with `error` and the run goes on."""
-    row = {"shape": config.name, "mode": "fwd+bwd", "provider": provider,
-           "tokens": input_ids.numel(), "dtype": str(next(model.parameters()).dtype)}  # fmt: skip
+    row = {
+        "shape": config.name,
+        "mode": "fwd+bwd",
+        "provider": provider,
+        "tokens": input_ids.numel(),
+        "dtype": str(next(model.parameters()).dtype),
+    }
     params = list(model.parameters())
     try:
         model.set_experts_implementation(provider)
@@ -126,8 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"comma list of {list(CONFIGS)}; "
         f"default {','.join(GPU_CONFIGS)} on CUDA, {','.join(CPU_CONFIGS)} on CPU",
     )
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma list of {list(PROVIDERS)}")  # fmt: skip
+    parser.add_argument(
+        "--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma list of {list(PROVIDERS)}"
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--rep-ms", type=float, default=200, help="timed time per measurement")

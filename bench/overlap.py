@@ -48,6 +48,7 @@ from bench.overlap_model import DEFAULT_LINK_GBPS, project  # noqa: E402
 from kernelbase.profiling import profile_range  # noqa: E402
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm  # noqa: E402
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce  # noqa: E402
+from overlap.protocol import HEADER_WORDS  # noqa: E402
 
 HIDDEN, FFN = 8192, 28672  # Llama-70B
 GPU_WORLD_SIZES, GPU_MS = (2, 4, 8), (1024, 2048, 4096, 8192)
@@ -261,7 +262,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
         for dest in range(W):
             launch_rs_reduce(
                 ws.partial_table,
-                ws.flag_table,
+                ws.header_table,
                 out[dest],
                 fused.status[dest],
                 dest=dest,
@@ -287,7 +288,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
                 b[rank],
                 ws.partials[rank],
                 ws.counters[rank],
-                ws.flags[rank],
+                ws.flags[rank][HEADER_WORDS:],
                 rank=rank,
                 world_size=W,
                 epoch=epoch,

@@ -209,8 +209,9 @@ def router_topk_reference(
     """
     check_selection_options(logits.shape[-1], top_k, score_func, num_groups, topk_groups)
     scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
-    topk_ids = select_experts(scores.detach(), top_k, score_func, expert_bias, num_groups,
-                              topk_groups)  # fmt: skip
+    topk_ids = select_experts(
+        scores.detach(), top_k, score_func, expert_bias, num_groups, topk_groups
+    )
     topk_weights = scores.gather(1, topk_ids)  # [N, k]
     if norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)

@@ -31,7 +31,7 @@ from overlap.ops import (
     matmul_reduce_scatter,
     reduce_from_tensor_parallel_region,
 )
-from overlap.protocol import OverlapTimeoutError
+from overlap.protocol import OverlapMismatchError, OverlapTimeoutError
 from overlap.world import OVERLAP_MIN_FLOPS, Mode, OverlapConfig, World
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "LocalWorld",
     "Mode",
     "OverlapConfig",
+    "OverlapMismatchError",
     "OverlapTimeoutError",
     "ParallelMLP",
     "RowParallelLinear",

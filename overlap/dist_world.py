@@ -42,6 +42,9 @@ suite runs the multi-process protocol). PyTorch's symmetric memory refuses two r
 so tests/overlap/test_dist_gpu.py needs two GPUs and skips on one.
 """
 
+import datetime
+import uuid
+
 import torch
 import torch.distributed as dist
 
@@ -51,6 +54,13 @@ from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.flags import launch_wait_peers
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
 from overlap.peer_memory import PeerBuffer, PeerMemory
+from overlap.protocol import (
+    HEADER_WORDS,
+    OverlapMismatchError,
+    describe_signature,
+    header_slot,
+    signature,
+)
 from overlap.world import Mode, OverlapConfig, World
 
 
@@ -112,6 +122,21 @@ class DistWorld(World):
 
     # -- serial and pipelined (torch collectives) -------------------------------------------------
 
+    def _check_ranks_agree(self, op: str, dims: tuple[int, int, int], dtype, m: int) -> None:
+        """OverlapMismatchError, on every rank, if the ranks' calls differ (config.check_ranks)."""
+        check = self.config.check_ranks
+        if not (check or (check is None and self.device.type == "cpu")):
+            return
+        call = signature(op, dims, dtype, self.chunk_layout(m).chunk_m, self.world_size)
+        mine = torch.tensor(call, dtype=torch.int64, device=self.device)
+        every = mine.new_empty(self.world_size * len(call))
+        self._all_gather(every, mine, group=self.group)
+        for peer, theirs in enumerate(every.view(self.world_size, -1).tolist()):
+            if tuple(theirs) != call:
+                raise OverlapMismatchError(
+                    op, self.rank, peer, describe_signature(call), describe_signature(theirs)
+                )
+
     def _comm_stream(self):
         """The side stream, after the work queued so far (a no-op context on the CPU)."""
         self.streams.fork()
@@ -119,6 +144,7 @@ class DistWorld(World):
 
     def _ag_serial(self, a_shard: torch.Tensor, b: torch.Tensor):
         m, K = a_shard.shape  # a_shard [m, K], b [K, n]
+        self._check_ranks_agree("all_gather_matmul", (m, K, b.shape[-1]), a_shard.dtype, m)
         gathered = a_shard.new_empty(self.world_size * m, K)  # [M, K]
         with profile_range("overlap.ag.collective"):
             self._all_gather(gathered, a_shard, group=self.group)
@@ -127,6 +153,9 @@ class DistWorld(World):
 
     def _rs_serial(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         M = a.shape[0]  # a [M, k], b [k, N]
+        self._check_ranks_agree(
+            "matmul_reduce_scatter", (M, a.shape[1], b.shape[-1]), a.dtype, M // self.world_size
+        )
         with profile_range("overlap.rs.gemm"):
             partial = a @ b  # [M, N]
         out = partial.new_empty(M // self.world_size, b.shape[-1])  # [m, N]
@@ -136,6 +165,7 @@ class DistWorld(World):
 
     def _ag_pipelined(self, a_shard: torch.Tensor, b: torch.Tensor):
         W, (m, K) = self.world_size, a_shard.shape
+        self._check_ranks_agree("all_gather_matmul", (m, K, b.shape[-1]), a_shard.dtype, m)
         layout = self.chunk_layout(m)
         gathered = a_shard.new_empty(W * m, K)
         out = a_shard.new_empty(W * m, b.shape[-1])
@@ -157,6 +187,7 @@ class DistWorld(World):
     def _rs_pipelined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         W, M, k = self.world_size, a.shape[0], a.shape[1]
         m = M // W
+        self._check_ranks_agree("matmul_reduce_scatter", (M, k, b.shape[-1]), a.dtype, m)
         layout = self.chunk_layout(m)
         out = a.new_empty(m, b.shape[-1])  # [m, N]
         works, parts = [], []
@@ -195,6 +226,12 @@ class PeerFused(FusedContext):
         self.buffers: dict[str, PeerBuffer] = {}  # peer buffers by purpose
         self._tables: dict[tuple[str, int], torch.Tensor] = {}  # their address tables
         self._local: dict[str, torch.Tensor] = {}  # int32 flags and counters only this rank uses
+        self._header = "ag.ready"  # the buffer whose headers describe the last call
+        # Growing a buffer is agreed through the process group's store, under this world's name.
+        self._store = dist.distributed_c10d._get_default_store()
+        names = [uuid.uuid4().hex if self.rank == 0 else None]
+        dist.broadcast_object_list(names, src=dist.get_global_rank(self.group, 0), group=self.group)
+        self._name, self._growths = f"overlap/{names[0]}", 0
 
     def _quiesce(self) -> None:
         """Wait until every rank's queued work is done (collective)."""
@@ -202,16 +239,51 @@ class PeerFused(FusedContext):
             torch.cuda.synchronize(self.device)
         dist.barrier(group=self.group)
 
-    def _peer_buffer(self, name: str, nbytes: int) -> PeerBuffer:
-        """The peer buffer for `name`, with room for `nbytes` (collective when it grows)."""
+    def _peer_buffer(self, name: str, nbytes: int, op: str, call: tuple[int, ...]) -> PeerBuffer:
+        """The peer buffer for `name`, with room for `nbytes`. Growing it is collective: the
+        ranks agree on the size (the largest any asks for, so every rank's buffers and slot
+        offsets stay alike) within `timeout_s`, or OverlapMismatchError names a rank that did
+        not make the same call."""
         buf = self.buffers.get(name)
         if buf is not None and buf.nbytes >= nbytes:
             return buf
+        nbytes = self._agree_on_size(name, nbytes, op, call)
         if buf is not None:
             self._quiesce()  # no rank reads the buffer being replaced any more
             self._tables = {key: t for key, t in self._tables.items() if key[0] != name}
         buf = self.buffers[name] = self.peers.allocate(1 << max(0, nbytes - 1).bit_length())
         return buf
+
+    def _agree_on_size(self, name: str, nbytes: int, op: str, call: tuple[int, ...]) -> int:
+        self._growths += 1
+        key = f"{self._name}/grow/{self._growths}"
+        self._store.set(f"{key}/{self.rank}", f"{name} {nbytes}")
+        keys = [f"{key}/{peer}" for peer in range(self.world_size)]
+        try:
+            self._store.wait(keys, datetime.timedelta(seconds=self.config.timeout_s))
+        except RuntimeError:  # the store's timeout
+            missing = next(p for p in range(self.world_size) if not self._store.check([keys[p]]))
+            raise OverlapMismatchError(
+                op,
+                self.rank,
+                missing,
+                describe_signature(call),
+                None,
+                detail=f"rank {missing} did not grow its peer buffers with this rank within "
+                f"{self.config.timeout_s:g} s",
+            ) from None
+        asks = [self._store.get(k).decode().split() for k in keys]
+        if any(ask_name != name for ask_name, _ in asks):
+            peer = next(p for p, (ask_name, _) in enumerate(asks) if ask_name != name)
+            raise OverlapMismatchError(
+                op,
+                self.rank,
+                peer,
+                describe_signature(call),
+                None,
+                detail=f"rank {peer} grew {asks[peer][0]!r} instead",
+            )
+        return max(int(size) for _, size in asks)
 
     def _table(self, name: str, offset: int) -> torch.Tensor:
         """int64 [W] device addresses of byte `offset` of every rank's buffer `name`."""
@@ -226,6 +298,11 @@ class PeerFused(FusedContext):
             flags = self._local[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
         return flags
 
+    def peer_signature(self, peer: int, epoch: int) -> list[int] | None:
+        header = self.buffers[self._header].view(peer, torch.int32, (HEADER_WORDS,))
+        slot = header_slot(header, epoch)
+        return slot[1:].tolist() if int(slot[0]) == epoch else None
+
     def zero_flags(self) -> None:
         self._quiesce()
         for name in ("ag.ready", "rs.flags"):
@@ -239,9 +316,12 @@ class PeerFused(FusedContext):
         W, r, (m, K) = self.world_size, self.rank, a_shard.shape  # a_shard [m, K], b [K, n]
         n = b.shape[-1]
         layout = self.chunk_layout(m)
+        op = "all_gather_matmul"
+        call = self.signature(op, (m, K, n), a_shard.dtype, layout)
         slot_bytes = m * K * a_shard.element_size()
-        rows = self._peer_buffer("ag.rows", 2 * slot_bytes)
-        ready = self._peer_buffer("ag.ready", 4)
+        rows = self._peer_buffer("ag.rows", 2 * slot_bytes, op, call)
+        ready = self._peer_buffer("ag.ready", 4 * HEADER_WORDS, op, call)
+        self._header = "ag.ready"
         epoch = self.next_epoch()
         offset = _slot_offset(rows, epoch)
         shards = [rows.view(p, a_shard.dtype, (m, K), offset) for p in range(W)]  # W x [m, K]
@@ -250,7 +330,9 @@ class PeerFused(FusedContext):
         gathered = a_shard.new_empty(W * m, K)
         with profile_range("overlap.ag.publish"):
             shards[r].copy_(a_shard)
-            self.raise_flag(ready.view(r, torch.int32, (1,)), 0, epoch)
+            self.publish(ready.view(r, torch.int32, (HEADER_WORDS,)), epoch, call)
+            # Every peer published this call, and the same call (else the consumer's peer
+            # tiles are NaN and finish() raises OverlapMismatchError).
             launch_wait_peers(
                 self._table("ag.ready", 0),
                 self.status[r],
@@ -285,16 +367,19 @@ class PeerFused(FusedContext):
                 tile_counts=counts,
             )
         self.streams.join()
-        self.finish("all_gather_matmul", layout)
+        self.finish(op, layout, call)
         return out, gathered
 
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        W, r, M = self.world_size, self.rank, a.shape[0]  # a [M, k], b [k, N]
+        W, r, (M, k) = self.world_size, self.rank, a.shape  # a [M, k], b [k, N]
         N, m = b.shape[-1], M // W
         layout = self.chunk_layout(m)
+        op = "matmul_reduce_scatter"
+        call = self.signature(op, (M, k, N), a.dtype, layout)
         slot_bytes = M * N * a.element_size()
-        partials = self._peer_buffer("rs.partials", 2 * slot_bytes)
-        peer_flags = self._peer_buffer("rs.flags", 4 * W * layout.count)
+        partials = self._peer_buffer("rs.partials", 2 * slot_bytes, op, call)
+        peer_flags = self._peer_buffer("rs.flags", 4 * (HEADER_WORDS + W * layout.count), op, call)
+        self._header = "rs.flags"
         epoch = self.next_epoch()
         offset = _slot_offset(partials, epoch)
         counters = self._local_flags("rs.counters", W * layout.count)
@@ -304,14 +389,16 @@ class PeerFused(FusedContext):
         num_tiles = gemm_rs_tiles(m, N, W, self.tile)
         programs = self.programs(num_tiles, reserve)
         (counts,) = self.tile_counts(1, num_tiles)
+        header_and_flags = peer_flags.view(r, torch.int32, (HEADER_WORDS + W * layout.count,))
         self.streams.fork()
         with profile_range("overlap.rs.gemm"):
+            self.publish(header_and_flags[:HEADER_WORDS], epoch, call)
             launch_gemm_rs(
                 a,
                 b,
                 partials.view(r, a.dtype, (M, N), offset),
                 counters,
-                peer_flags.view(r, torch.int32, (W * layout.count,)),
+                header_and_flags[HEADER_WORDS:],
                 rank=r,
                 world_size=W,
                 epoch=epoch,
@@ -339,5 +426,5 @@ class PeerFused(FusedContext):
                 scope="sys",
             )
         self.streams.join()
-        self.finish("matmul_reduce_scatter", layout)
+        self.finish(op, layout, call)
         return out

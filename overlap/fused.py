@@ -32,8 +32,10 @@ from overlap.protocol import (
     ChunkLayout,
     check_status,
     has_stream_write,
+    header_slot,
     peer_chunks,
     raise_flag,
+    signature,
     wait_budget_for,
 )
 from overlap.streams import SideStream
@@ -87,7 +89,9 @@ class FusedContext(abc.ABC):
         self.last_tile_counts: list[torch.Tensor] = []
         #: How producers raise a flag; tests replace it to drop a flag and exercise the timeout.
         self.raise_flag = raise_flag
-        self._last_op, self._last_layout = "overlap", ChunkLayout(1, 1)  # for status messages
+        # The last call, for status messages: op, chunk layout, signature, epoch.
+        self._last = ("overlap", ChunkLayout(1, 1), (), 0)
+        self._signatures: dict[tuple[int, ...], torch.Tensor] = {}  # on the device, by value
 
     # -- the fused schedules of the world ---------------------------------------------------------
 
@@ -172,21 +176,47 @@ class FusedContext(abc.ABC):
         ]
         return self.last_tile_counts
 
-    def finish(self, op: str, layout: ChunkLayout) -> None:
+    def signature(
+        self, op: str, dims: tuple[int, int, int], dtype: torch.dtype, layout: ChunkLayout
+    ) -> tuple[int, ...]:
+        """What this world's ranks publish for a call (protocol.signature)."""
+        return signature(op, dims, dtype, layout.chunk_m, self.world_size)
+
+    def publish(self, header: torch.Tensor, epoch: int, call: tuple[int, ...]) -> None:
+        """Write `call` (a signature) into slot epoch % 2 of `header [HEADER_WORDS]`, then raise
+        that slot's epoch word: the peers read the call only after they saw the epoch
+        (overlap.kernels.flags)."""
+        words = self._signatures.get(call)
+        if words is None:
+            words = torch.tensor(call, dtype=torch.int32).to(self.device)
+            self._signatures[call] = words
+        slot = header_slot(header, epoch)
+        slot[1 : 1 + len(call)].copy_(words)
+        self.raise_flag(slot, 0, epoch)
+
+    def peer_signature(self, peer: int, epoch: int) -> list[int] | None:
+        """The call `peer` published for `epoch`, where this process can read it (else None)."""
+        return None
+
+    def finish(self, op: str, layout: ChunkLayout, call: tuple[int, ...]) -> None:
         """End of a call: remember it for status messages; check the status words now where
         that is free (CPU) or asked for (`sync_status`)."""
-        self._last_op, self._last_layout = op, layout
+        self._last = (op, layout, call, self.epoch)
         if self.config.sync_status or self.device.type != "cuda":
             self.check_status()
 
     def check_status(self) -> None:
-        """Raise OverlapTimeoutError if a kernel recorded a timeout since the last check."""
+        """Raise OverlapTimeoutError / OverlapMismatchError if a kernel recorded one since the
+        last check."""
+        op, layout, call, epoch = self._last
         for rank, status in self.status.items():
             check_status(
                 status,
-                op=self._last_op,
+                op=op,
                 rank=rank,
-                layout=self._last_layout,
+                layout=layout,
                 timeout_s=self.config.timeout_s,
                 wait_budget=self.wait_budget,
+                mine=call,
+                theirs=lambda peer: self.peer_signature(peer, epoch),
             )

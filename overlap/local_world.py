@@ -33,7 +33,7 @@ from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
-from overlap.protocol import peer_chunks
+from overlap.protocol import HEADER_WORDS, peer_chunks
 from overlap.world import OverlapConfig, World, acc_dtype
 
 
@@ -153,9 +153,9 @@ class _RSWorkspace:
     key: tuple
     partials: list[torch.Tensor]  # W x [M, N], a's dtype
     counters: list[torch.Tensor]  # W x [W*cpr] int32
-    flags: list[torch.Tensor]  # W x [W*cpr] int32
+    flags: list[torch.Tensor]  # W x [HEADER_WORDS + W*cpr] int32: the rank's header, its flags
     partial_table: torch.Tensor  # [W] int64 addresses of partials
-    flag_table: torch.Tensor  # [W] int64 addresses of flags
+    header_table: torch.Tensor  # [W] int64 addresses of flags (their headers)
 
 
 class LocalFused(FusedContext):
@@ -213,7 +213,8 @@ class LocalFused(FusedContext):
                     tile_counts=counts[rank],
                 )
         self.streams.join()
-        self.finish("all_gather_matmul", layout)
+        call = self.signature("all_gather_matmul", (m, K, n), a_shard.dtype, layout)
+        self.finish("all_gather_matmul", layout, call)
         return out, gathered[0]
 
     def workspace_rs(self, M: int, N: int, dtype: torch.dtype, num_flags: int) -> _RSWorkspace:
@@ -229,7 +230,9 @@ class LocalFused(FusedContext):
 
         partials = [torch.empty(M, N, dtype=dtype, device=dev) for _ in range(W)]
         counters = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
-        flags = [torch.zeros(num_flags, dtype=torch.int32, device=dev) for _ in range(W)]
+        flags = [
+            torch.zeros(HEADER_WORDS + num_flags, dtype=torch.int32, device=dev) for _ in range(W)
+        ]
         self.rs_workspace = _RSWorkspace(
             key, partials, counters, flags, table(partials), table(flags)
         )
@@ -241,6 +244,7 @@ class LocalFused(FusedContext):
         layout = self.chunk_layout(m)
         ws = self.workspace_rs(M, N, a.dtype, W * layout.count)
         epoch = self.next_epoch()
+        call = self.signature("matmul_reduce_scatter", (M, a.shape[-1], N), a.dtype, layout)
         for counters in ws.counters:
             counters.zero_()
         out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
@@ -251,12 +255,13 @@ class LocalFused(FusedContext):
         self.streams.fork()
         with profile_range("overlap.rs.gemm"):
             for rank in range(W):
+                self.publish(ws.flags[rank][:HEADER_WORDS], epoch, call)
                 launch_gemm_rs(
                     a[rank],
                     b[rank],
                     ws.partials[rank],
                     ws.counters[rank],
-                    ws.flags[rank],
+                    ws.flags[rank][HEADER_WORDS:],
                     rank=rank,
                     world_size=W,
                     epoch=epoch,
@@ -270,7 +275,7 @@ class LocalFused(FusedContext):
             for dest in range(W):
                 launch_rs_reduce(
                     ws.partial_table,
-                    ws.flag_table,
+                    ws.header_table,
                     out[dest],
                     self.status[dest],
                     dest=dest,
@@ -284,5 +289,5 @@ class LocalFused(FusedContext):
                     block_n=block_n,
                 )
         self.streams.join()
-        self.finish("matmul_reduce_scatter", layout)
+        self.finish("matmul_reduce_scatter", layout, call)
         return out

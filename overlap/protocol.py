@@ -29,6 +29,8 @@ import torch
 import triton
 
 from kernelbase.backend import interpreting
+from overlap.kernels.flags import HEADER_WORDS as _HEADER_WORDS
+from overlap.kernels.flags import SLOT_WORDS as _SLOT_WORDS
 from overlap.kernels.flags import launch_raise_flag
 
 # Polls per second of `wait_flag` under the interpreter: measured on the development CPU (4000
@@ -40,6 +42,60 @@ EPOCH_LIMIT = 2**31 - 1
 # Rows per chunk when OverlapConfig.chunk_m is None. Placeholder, not measured: 512 rows of a
 # K=8192 bf16 shard are 8 MiB, a few microseconds of copy, well above per-copy overheads.
 DEFAULT_CHUNK_ROWS = 512
+
+
+# int32 words of a rank's header: two slots [epoch, signature(...)], call e in slot e % 2
+# (overlap.kernels.flags).
+HEADER_WORDS = _HEADER_WORDS.value
+SLOT_WORDS = _SLOT_WORDS.value
+# The calls a header can describe, and the dtypes (1-based: a zero header describes nothing).
+OPS = ("all_gather_matmul", "matmul_reduce_scatter")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+DIMS = {"all_gather_matmul": ("m", "K", "n"), "matmul_reduce_scatter": ("M", "k", "N")}
+
+
+def signature(
+    op: str, dims: tuple[int, int, int], dtype: torch.dtype, chunk_m: int, world_size: int
+) -> tuple[int, ...]:
+    """The call a rank publishes in its header (SLOT_WORDS - 1 int32 words): what every rank
+    of a DistWorld must agree on before any of them reads another's memory."""
+    return (OPS.index(op) + 1, *dims, DTYPES.index(dtype) + 1, chunk_m, world_size)
+
+
+def header_slot(header: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The [SLOT_WORDS] slot of `header [HEADER_WORDS]` where call `epoch` is published."""
+    first = (epoch % 2) * SLOT_WORDS
+    return header[first : first + SLOT_WORDS]
+
+
+def describe_signature(words) -> str:
+    """`signature(...)` in words, for error messages."""
+    op, d0, d1, d2, dtype, chunk_m, world_size = (int(w) for w in words)
+    if not 1 <= op <= len(OPS) or not 1 <= dtype <= len(DTYPES):
+        return "no call of this epoch"
+    dims = ", ".join(f"{n}={v}" for n, v in zip(DIMS[OPS[op - 1]], (d0, d1, d2), strict=True))
+    dtype_name = str(DTYPES[dtype - 1]).removeprefix("torch.")
+    return f"{OPS[op - 1]}({dims}, {dtype_name}, chunk_m={chunk_m}, world_size={world_size})"
+
+
+class OverlapMismatchError(ValueError):
+    """Ranks of a world made different calls (op, shapes, dtype, chunking, world size).
+
+    Attributes: op, rank (this rank), peer (the first rank found to differ), mine, theirs (the
+    calls as `describe_signature` words; theirs is None where it could not be read).
+    """
+
+    def __init__(
+        self, op: str, rank: int, peer: int, mine: str, theirs: str | None, detail: str = ""
+    ):
+        self.op, self.rank, self.peer, self.mine, self.theirs = op, rank, peer, mine, theirs
+        what = f"rank {peer} {theirs}" if theirs else detail or f"rank {peer}'s call is unknown"
+        super().__init__(
+            f"{op}: rank {rank} and rank {peer} made different calls: rank {rank} {mine}, "
+            f"{what}. Every rank of a world must make the same calls with the same shapes, "
+            f"dtype and chunking, in the same order; nothing laid out for another call was read "
+            f"from rank {peer}'s memory."
+        )
 
 
 class OverlapTimeoutError(RuntimeError):
@@ -113,16 +169,24 @@ def check_status(
     layout: ChunkLayout,
     timeout_s: float,
     wait_budget: int,
+    mine: tuple[int, ...] = (),
+    theirs=None,
 ) -> None:
-    """Raise OverlapTimeoutError if a kernel recorded a timeout in `status` (then clear it).
+    """Raise what a kernel recorded in `status` (then clear it): OverlapTimeoutError, or
+    OverlapMismatchError when a peer made a different call.
 
-    status[0] = 1 + flag index (peer_or_dest * chunks + chunk), status[1] = the peer rank.
-    Reading it synchronises with the device on CUDA.
+    status[0] = 1 + flag index (peer_or_dest * chunks + chunk) for a timeout, MISMATCH (-1) for
+    a different call; status[1] = the peer rank. `mine` is this rank's signature, `theirs(peer)`
+    reads the peer's (or None). Reading the status synchronises with the device on CUDA.
     """
     code, peer = (int(v) for v in status.tolist())
     if code == 0:
         return
     status.zero_()
+    if code < 0:
+        peer_call = theirs(peer) if theirs is not None else None
+        theirs_text = describe_signature(peer_call) if peer_call is not None else None
+        raise OverlapMismatchError(op, rank, peer, describe_signature(mine), theirs_text)
     chunk = (code - 1) % layout.count
     raise OverlapTimeoutError(op, rank, peer, chunk, layout.rows(chunk), timeout_s, wait_budget)
 

@@ -63,6 +63,12 @@ class OverlapConfig:
     comm_programs: int | None = None  # programs of the RS reduction; None: see DEFAULT_*
     min_overlap_flops: float = OVERLAP_MIN_FLOPS
     count_tiles: bool = False  # fused path: count computations per output tile (tests)
+    # DistWorld, serial and pipelined: compare every rank's call (op, shapes, dtype, chunking)
+    # before the collectives, so ranks that disagree raise OverlapMismatchError instead of
+    # aborting or hanging in the backend. One tiny all-gather, read on the host: None checks
+    # where that costs no synchronisation (CPU tensors, gloo); True everywhere (debugging on
+    # CUDA); False never. The fused path always checks, on the device.
+    check_ranks: bool | None = None
 
     def __post_init__(self):
         if self.chunk_m is not None and self.chunk_m < 1:

@@ -158,11 +158,14 @@ class LayerOptions:
 
     def router_options(self) -> dict:
         return dict(
-            score_func=self.score_func, norm_topk_prob=self.norm_topk_prob,
-            num_groups=self.num_groups, topk_groups=self.topk_groups,
-            expert_bias=self.expert_bias, aux_loss_coeff=self.aux_loss_coeff,
+            score_func=self.score_func,
+            norm_topk_prob=self.norm_topk_prob,
+            num_groups=self.num_groups,
+            topk_groups=self.topk_groups,
+            expert_bias=self.expert_bias,
+            aux_loss_coeff=self.aux_loss_coeff,
             z_loss_coeff=self.z_loss_coeff,
-        )  # fmt: skip
+        )
 
 
 def layer_options(config) -> LayerOptions:
@@ -309,9 +312,14 @@ class MoELayer(moeblaze.MoELayer):
         if self.options.topk_scaling_factor:
             weights = weights * self.options.topk_scaling_factor
         out = moeblaze.moe_mlp(
-            tokens, routing.topk_ids, weights, self.w13, self.w2,
-            recompute=self.recompute, deterministic=self.deterministic,
-        )  # fmt: skip
+            tokens,
+            routing.topk_ids,
+            weights,
+            self.w13,
+            self.w2,
+            recompute=self.recompute,
+            deterministic=self.deterministic,
+        )
         if self.shared_expert is not None:
             if self.options.recompute_shared_expert and torch.is_grad_enabled():
                 out = out + checkpoint(self.shared_expert, tokens, use_reentrant=False)

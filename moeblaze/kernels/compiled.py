@@ -64,14 +64,25 @@ def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
         module.plan_workspace_numel(num_slots, num_experts), dtype=torch.int32, device=device
     )
     module.fill_routing_plan(
-        topk_ids.data_ptr(), topk_ids.dtype == torch.int64,
-        plan.expert_counts.data_ptr(), plan.expert_offsets.data_ptr(),
-        plan.sorted_slots.data_ptr(), plan.slot_positions.data_ptr(),
-        plan.tile_expert.data_ptr(), plan.tile_row_start.data_ptr(), plan.num_tiles.data_ptr(),
-        plan.invalid_ids.data_ptr(), workspace.data_ptr(), workspace.numel(),
-        num_slots, num_experts, plan.block_m, plan.max_tiles,
-        stream_handle(device), device.index,
-    )  # fmt: skip
+        topk_ids.data_ptr(),
+        topk_ids.dtype == torch.int64,
+        plan.expert_counts.data_ptr(),
+        plan.expert_offsets.data_ptr(),
+        plan.sorted_slots.data_ptr(),
+        plan.slot_positions.data_ptr(),
+        plan.tile_expert.data_ptr(),
+        plan.tile_row_start.data_ptr(),
+        plan.num_tiles.data_ptr(),
+        plan.invalid_ids.data_ptr(),
+        workspace.data_ptr(),
+        workspace.numel(),
+        num_slots,
+        num_experts,
+        plan.block_m,
+        plan.max_tiles,
+        stream_handle(device),
+        device.index,
+    )
 
 
 def router_topk(
@@ -115,12 +126,21 @@ def router_topk(
     topk_weights = alloc.empty(num_rows, top_k, dtype=torch.float32, device=device)
     scores = alloc.empty(num_rows, num_experts, dtype=torch.float32, device=device)
     module.router_topk(
-        logits.data_ptr(), 0 if expert_bias is None else expert_bias.data_ptr(),
-        topk_ids.data_ptr(), topk_weights.data_ptr(), scores.data_ptr(),
-        num_rows, num_experts, top_k, SCORE_FUNCS.index(score_func),
-        num_groups or 0, topk_groups or 0, bool(norm_topk_prob),
-        stream_handle(device), device.index,
-    )  # fmt: skip
+        logits.data_ptr(),
+        0 if expert_bias is None else expert_bias.data_ptr(),
+        topk_ids.data_ptr(),
+        topk_weights.data_ptr(),
+        scores.data_ptr(),
+        num_rows,
+        num_experts,
+        top_k,
+        SCORE_FUNCS.index(score_func),
+        num_groups or 0,
+        topk_groups or 0,
+        bool(norm_topk_prob),
+        stream_handle(device),
+        device.index,
+    )
     return topk_ids, topk_weights, scores
 
 
@@ -133,8 +153,9 @@ class RouterTopK(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, top_k, score_func, expert_bias, num_groups, topk_groups,
-                norm_topk_prob):  # fmt: skip
+    def forward(
+        ctx, logits, top_k, score_func, expert_bias, num_groups, topk_groups, norm_topk_prob
+    ):
         topk_ids, topk_weights, scores = router_topk(
             logits, top_k, score_func, expert_bias, num_groups, topk_groups, norm_topk_prob
         )

@@ -14,7 +14,9 @@ be partial). The persistent programs walk the tiles of the local rank first, the
 (rank + 1) % W, (rank + 2) % W, ...: the order in which the producer brings the chunks in.
 Inside one rank's rows the tiles are swizzled (GROUP_M row tiles share a sweep over columns).
 Before a tile of a peer's rows, a program waits (acquire, bounded) on the flags of all the chunks
-holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_M.
+holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_M. Once a wait
+of the launch has failed (a timeout, or a peer's different call found by wait_peers_kernel),
+the remaining tiles are written as NaN.
 """
 
 import triton
@@ -79,48 +81,47 @@ def ag_gemm_kernel(
                 ok,
                 SCOPE,
             )
-        if ok != 0:
-            # Local rows come straight from the shard; a peer's rows from the gather buffer.
-            a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
-            stride_a = stride_g
-            if step == 0:
-                a_ptr = a_local_ptr
-                stride_a = stride_al
-            rows = row0 + tl.arange(0, BLOCK_M)
-            row_mask = rows < m
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_mask = cols < n
-            acc, _ = rows_matmul(
-                a_ptr,
-                rows,
-                row_mask,
-                stride_a,
-                b_ptr,
-                stride_bk,
-                stride_bn,
-                cols,
-                col_mask,
-                0,
-                K,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                False,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
-            c_ptrs = (
-                c_ptr
-                + (src * m + rows).to(tl.int64)[:, None] * stride_c
-                + cols.to(tl.int64)[None, :]
-            )
-            tl.store(
-                c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
-            )
-            if COUNT_TILES:
-                out_tile = src * tiles_per_rank + pid_m * tiles_n + pid_n
-                tl.atomic_add(tile_count_ptr + out_tile, 1)
-                tl.store(tile_count_ptr + WORLD_SIZE * tiles_per_rank + out_tile, tile)
+        # Local rows come straight from the shard; a peer's rows from the gather buffer.
+        a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
+        stride_a = stride_g
+        if step == 0:
+            a_ptr = a_local_ptr
+            stride_a = stride_al
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < m
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n
+        acc, _ = rows_matmul(
+            a_ptr,
+            rows,
+            row_mask,
+            stride_a,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            cols,
+            col_mask,
+            0,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            False,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
+        # After a failed wait (a timeout, or a peer's different call) the rows read may be
+        # stale: the tile is NaN, never a plausible result. (Selecting here rather than
+        # branching around the matmul keeps one live accumulator: no register spill.)
+        acc = tl.where(ok != 0, acc, float("nan"))
+        c_ptrs = (
+            c_ptr + (src * m + rows).to(tl.int64)[:, None] * stride_c + cols.to(tl.int64)[None, :]
+        )
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        if COUNT_TILES:
+            out_tile = src * tiles_per_rank + pid_m * tiles_n + pid_n
+            tl.atomic_add(tile_count_ptr + out_tile, 1)
+            tl.store(tile_count_ptr + WORLD_SIZE * tiles_per_rank + out_tile, tile)
 
 
 def launch_ag_gemm(

@@ -42,8 +42,9 @@ def wait_flag(flags: torch.Tensor, index: int, value: int) -> None:
     require("overlap").wait_flag(address, value, stream_handle(device), device.index)
 
 
-def wait_flag_bounded(flags: torch.Tensor, index: int, value: int, status: torch.Tensor,
-                      timeout_ns: int, code: int) -> None:  # fmt: skip
+def wait_flag_bounded(
+    flags: torch.Tensor, index: int, value: int, status: torch.Tensor, timeout_ns: int, code: int
+) -> None:
     """Queue a one-thread kernel that polls `flags[index]` (acquire loads at system scope, with
     a short back-off) until it reaches `value`, for at most `timeout_ns` nanoseconds.
 

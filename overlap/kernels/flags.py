@@ -13,13 +13,23 @@ stops computing; the other programs see the status word in their own polls and s
 whole launch ends within about one timeout. The host reads the status word after the launch and
 raises `OverlapTimeoutError` (overlap.protocol).
 
+Rank agreement: before its flags, a rank publishes a header [epoch, signature of the call: op,
+shapes, dtype, chunking] (SLOT_WORDS int32) in slot epoch % 2 of its header (HEADER_WORDS int32,
+two slots). A consumer reads a peer's memory only after `wait_header` found the peer's header
+at this epoch describing the same call; otherwise it records (MISMATCH, peer) and the host
+raises `OverlapMismatchError`. Two slots keep a call's header intact while a peer that has
+already failed (or finished) this call publishes its next one: a rank gets two calls ahead only
+after its peers published the call in between, or after a timeout. Tiles or blocks a program
+could not compute (any failed wait) are written as NaN: never a plausible wrong result.
+
 Every atomic takes the memory scope `SCOPE` (a constexpr): "gpu" when all ranks share one device
 (LocalWorld), "sys" when flags and rows live in peer GPUs' memory (DistWorld's symmetric memory).
 The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Triton version
 from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
 
     wait_flag, wait_chunks   device functions the consumer kernels call (ag_gemm, gemm_rs)
-    wait_peers_kernel        one program: every peer's ready flag reached the epoch (DistWorld)
+    wait_header              a peer published this call, and the same call (rank agreement)
+    wait_peers_kernel        one program: every peer published this call (DistWorld's AG)
     raise_flag_kernel        one program: a release store of a flag, where no stream write exists
 and the launchers of the two kernels.
 """
@@ -29,6 +39,13 @@ import triton
 import triton.language as tl
 
 from kernelbase.backend import interpreting
+
+# Where a rank publishes a call: [epoch, the call's signature (protocol.signature)], in slot
+# epoch % 2 of its header.
+SLOT_WORDS = tl.constexpr(8)
+HEADER_WORDS = tl.constexpr(2 * SLOT_WORDS.value)
+# status[0] when a peer made a different call (status[1]: that peer); timeouts record 1 + flag.
+MISMATCH = tl.constexpr(-1)
 
 # Compiled kernels bound a wait by the GPU's nanosecond clock; the interpreter (no inline
 # assembly) by a count of polls. Either way the budget is `wait_budget` (protocol.wait_budget_for).
@@ -55,7 +72,7 @@ def wait_flag(flag_ptr, epoch, status_ptr, wait_budget, flag_index, peer, SCOPE:
     spent = tl.zeros((), dtype=tl.int64)
     if REAL_TIME:
         start = _clock_ns()
-    aborted = 0
+    aborted = tl.load(status_ptr, volatile=True)  # another wait failed already: stop here
     while (value < epoch) & (spent < wait_budget) & (aborted == 0):
         value = tl.atomic_add(flag_ptr, 0, sem="acquire", scope=SCOPE)
         aborted = tl.load(status_ptr, volatile=True)
@@ -68,7 +85,39 @@ def wait_flag(flag_ptr, epoch, status_ptr, wait_budget, flag_index, peer, SCOPE:
     if (value < epoch) & (aborted == 0):  # noqa: SIM102
         if tl.atomic_cas(status_ptr, 0, flag_index + 1, sem="relaxed", scope="gpu") == 0:
             tl.store(status_ptr + 1, peer)
-    return (value >= epoch).to(tl.int32)
+    return ((value >= epoch) & (aborted == 0)).to(tl.int32)
+
+
+@triton.jit
+def wait_header(
+    header_ptr,
+    own_header_ptr,
+    epoch,
+    status_ptr,
+    wait_budget,
+    flag_index,
+    peer,
+    SCOPE: tl.constexpr,
+):
+    """Wait for `peer`'s header [HEADER_WORDS] to publish `epoch` (as wait_flag), then compare
+    the call it describes with this rank's (`own_header_ptr`). On a difference, or when the peer
+    has overwritten the slot with a later call, the first program records (MISMATCH, peer) in
+    the status word and 0 is returned: no rank reads memory laid out for a call its peer did
+    not make."""
+    slot = (epoch % 2) * SLOT_WORDS
+    ok = wait_flag(header_ptr + slot, epoch, status_ptr, wait_budget, flag_index, peer, SCOPE)
+    if ok != 0:
+        words = slot + 1 + tl.arange(0, SLOT_WORDS)
+        in_signature = words < slot + SLOT_WORDS
+        theirs = tl.load(header_ptr + words, mask=in_signature, other=0, volatile=True)
+        mine = tl.load(own_header_ptr + words, mask=in_signature, other=0, volatile=True)
+        differ = tl.sum((theirs != mine).to(tl.int32), axis=0)
+        moved_on = tl.load(header_ptr + slot, volatile=True) != epoch
+        if (differ > 0) | moved_on:
+            if tl.atomic_cas(status_ptr, 0, MISMATCH, sem="relaxed", scope="gpu") == 0:
+                tl.store(status_ptr + 1, peer)
+            ok = 0
+    return ok
 
 
 @triton.jit
@@ -106,7 +155,7 @@ def wait_chunks(
 
 @triton.jit(do_not_specialize=["rank", "epoch", "wait_budget"])
 def wait_peers_kernel(
-    flag_table_ptr,  # [W] int64 addresses of the peers' ready flags
+    header_table_ptr,  # [W] int64 addresses of the ranks' headers (their ready flags)
     status_ptr,
     rank,
     epoch,
@@ -115,15 +164,17 @@ def wait_peers_kernel(
     WORLD_SIZE: tl.constexpr,
     SCOPE: tl.constexpr,
 ):
-    """One program: wait until the flag of every peer reaches `epoch`. A timeout is recorded as
-    a wait on the peer's chunk 0 (flag peer * flags_per_rank)."""
+    """One program: wait until every peer has published this call (`wait_header`: its header
+    at `epoch`, describing the same call). A timeout is recorded as a wait on the peer's chunk
+    0 (flag peer * flags_per_rank)."""
+    own = tl.load(header_table_ptr + rank).to(tl.pointer_type(tl.int32))
     ok = 1
     for step in range(1, WORLD_SIZE):
         peer = (rank + step) % WORLD_SIZE
         if ok != 0:
-            flag_ptr = tl.load(flag_table_ptr + peer).to(tl.pointer_type(tl.int32))
-            ok = wait_flag(
-                flag_ptr, epoch, status_ptr, wait_budget, peer * flags_per_rank, peer, SCOPE
+            header = tl.load(header_table_ptr + peer).to(tl.pointer_type(tl.int32))
+            ok = wait_header(
+                header, own, epoch, status_ptr, wait_budget, peer * flags_per_rank, peer, SCOPE
             )
 
 
@@ -133,7 +184,7 @@ def raise_flag_kernel(flags_ptr, index, epoch):
 
 
 def launch_wait_peers(
-    flag_table: torch.Tensor,
+    header_table: torch.Tensor,
     status: torch.Tensor,
     *,
     rank: int,
@@ -145,7 +196,7 @@ def launch_wait_peers(
 ) -> None:
     """Run `wait_peers_kernel` (one program) on the current stream."""
     wait_peers_kernel[(1,)](
-        flag_table,
+        header_table,
         status,
         rank,
         epoch,

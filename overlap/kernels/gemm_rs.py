@@ -15,18 +15,20 @@ The persistent programs produce the rows destined for rank (s + 1) % W first, th
 After storing a tile, a program bumps (release) the counter of every chunk the tile overlaps; the
 program that completes a chunk's count raises the chunk's flag (release).
 
-Consumer, on every rank d (`rs_reduce_kernel`): for each block of its m output rows, wait
+Consumer, on every rank d (`rs_reduce_kernel`): first every source's header (its call published,
+the same call: overlap.kernels.flags.wait_header); then for each block of its m output rows, wait
 (acquire, bounded) on the flags of the chunks holding those rows in every source's partial
 buffer, sum the W partial blocks in fp32 (sources in the order their chunks for d are produced:
-d - 1, d - 2, ..., d) and store out_d. The partial buffers and flags of the sources are separate
-allocations, reached through tables of their addresses, as peer buffers are.
+d - 1, d - 2, ..., d) and store out_d (NaN where a wait failed). The partial buffers and
+headers + flags of the sources are separate allocations, reached through tables of their
+addresses, as peer buffers are.
 """
 
 import triton
 import triton.language as tl
 
 from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
-from overlap.kernels.flags import wait_chunks
+from overlap.kernels.flags import HEADER_WORDS, wait_chunks, wait_header
 
 
 @triton.jit(do_not_specialize=["rank", "epoch"])
@@ -111,8 +113,8 @@ def gemm_rs_kernel(
 
 @triton.jit(do_not_specialize=["dest", "epoch", "wait_budget"])
 def rs_reduce_kernel(
-    partial_table_ptr,
-    flag_table_ptr,
+    partial_table_ptr,  # [W] int64 addresses of the ranks' partial buffers
+    header_table_ptr,  # [W] int64 addresses of the ranks' headers; their flags follow them
     out_ptr,
     status_ptr,
     m,
@@ -131,7 +133,16 @@ def rs_reduce_kernel(
     row_blocks = tl.cdiv(m, BLOCK_R)
     col_blocks = tl.cdiv(N, BLOCK_N)
     chunks_per_rank = tl.cdiv(m, chunk_m)
+    # Every source published this call, and the same call, before its partial rows are read.
+    own = tl.load(header_table_ptr + dest).to(tl.pointer_type(tl.int32))
     ok = 1
+    for j in tl.static_range(WORLD_SIZE):
+        src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
+        if ok != 0:
+            header = tl.load(header_table_ptr + src).to(tl.pointer_type(tl.int32))
+            ok = wait_header(
+                header, own, epoch, status_ptr, wait_budget, dest * chunks_per_rank, src, SCOPE
+            )
     for item in range(tl.program_id(0), row_blocks * col_blocks, tl.num_programs(0)):
         row0 = (item // col_blocks) * BLOCK_R
         local_rows = row0 + tl.arange(0, BLOCK_R)
@@ -141,9 +152,9 @@ def rs_reduce_kernel(
         acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(WORLD_SIZE):
             src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
-            flags = tl.load(flag_table_ptr + src).to(tl.pointer_type(tl.int32))
+            header = tl.load(header_table_ptr + src).to(tl.pointer_type(tl.int32))
             ok = wait_chunks(
-                flags,
+                header + HEADER_WORDS,
                 dest * chunks_per_rank,
                 row0,
                 tl.minimum(row0 + BLOCK_R, m),
@@ -160,9 +171,10 @@ def rs_reduce_kernel(
                     tl.pointer_type(out_ptr.dtype.element_ty)
                 )
                 acc += tl.load(partial + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ok != 0:
-            out_ptrs = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if ok == 0:  # a wait failed: never a plausible wrong result
+            acc = tl.full((BLOCK_R, BLOCK_N), float("nan"), dtype=tl.float32)
+        out_ptrs = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch_gemm_rs(
@@ -220,7 +232,7 @@ def launch_gemm_rs(
 
 def launch_rs_reduce(
     partial_table,
-    flag_table,
+    header_table,
     out,
     status,
     *,
@@ -237,14 +249,15 @@ def launch_rs_reduce(
 ) -> None:
     """Run `rs_reduce_kernel` for rank `dest`: out [m, N] from the W partial buffers.
 
-    `partial_table` / `flag_table` are int64 tensors holding the addresses of the W sources'
-    partial buffers ([M, N], row stride `row_stride`, out's dtype) and flag arrays.
+    `partial_table` / `header_table` are int64 tensors holding the addresses of the W sources'
+    partial buffers ([M, N], row stride `row_stride`, out's dtype) and headers (each
+    [HEADER_WORDS] int32 followed by the source's [W*cpr] chunk flags).
     `scope`: memory scope of the flag polls ("sys" when the sources are other GPUs).
     """
     m, N = out.shape
     rs_reduce_kernel[(num_programs,)](
         partial_table,
-        flag_table,
+        header_table,
         out,
         status,
         m,

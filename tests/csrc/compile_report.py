@@ -24,8 +24,11 @@ _TEMPLATE_ARGS = {"l": "int64", "i": "int32"}
 
 def find_cuobjdump() -> str | None:
     """cuobjdump on PATH, in the CUDA toolkit, or the one Triton ships."""
-    candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump",
-                  Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"]  # fmt: skip
+    candidates = [
+        shutil.which("cuobjdump"),
+        "/usr/local/cuda/bin/cuobjdump",
+        Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump",
+    ]
     return next((str(c) for c in candidates if c and Path(c).is_file()), None)
 
 
@@ -53,8 +56,9 @@ def kernel_name(mangled: str) -> str:
 
 def resource_usage(path: Path, cuobjdump: str) -> list[dict]:
     """One row per (architecture, kernel): registers, stack, shared and local bytes."""
-    out = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     rows, arch = [], None
     # Sections are "Fatbin elf code" (SASS, with resource usage) or "Fatbin ptx code".
     for section in out.split("Fatbin ")[1:]:
@@ -62,9 +66,16 @@ def resource_usage(path: Path, cuobjdump: str) -> list[dict]:
             continue
         arch = re.search(r"arch = (\S+)", section)[1]
         for match in _USAGE.finditer(section):
-            rows.append(dict(arch=arch, kernel=kernel_name(match[1]), registers=int(match[2]),
-                             stack_bytes=int(match[3]), shared_bytes=int(match[4]),
-                             local_bytes=int(match[5])))  # fmt: skip
+            rows.append(
+                dict(
+                    arch=arch,
+                    kernel=kernel_name(match[1]),
+                    registers=int(match[2]),
+                    stack_bytes=int(match[3]),
+                    shared_bytes=int(match[4]),
+                    local_bytes=int(match[5]),
+                )
+            )
     return sorted(rows, key=lambda r: (r["arch"], r["kernel"]))
 
 
@@ -80,8 +91,10 @@ def main() -> None:
         print(f"{name} ({path.name})")
         print(f"  {'arch':8} {'kernel':32} {'regs':>5} {'stack':>6} {'shared':>7} {'local':>6}")
         for r in resource_usage(path, cuobjdump):
-            print(f"  {r['arch']:8} {r['kernel']:32} {r['registers']:5} {r['stack_bytes']:6} "
-                  f"{r['shared_bytes']:7} {r['local_bytes']:6}")  # fmt: skip
+            print(
+                f"  {r['arch']:8} {r['kernel']:32} {r['registers']:5} {r['stack_bytes']:6} "
+                f"{r['shared_bytes']:7} {r['local_bytes']:6}"
+            )
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ from kernelbase import compiled
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = [REPO / "CMakeLists.txt", *sorted((REPO / "csrc").rglob("*.*"))]
 KERNELS = {  # every kernel each module must contain, for every architecture
-    "moeblaze._C": {"routing_plan_kernel<int32>", "routing_plan_kernel<int64>",
-                    *(f"router_topk_kernel<{v}>" for v in (1, 2, 4, 8, 12, 16))},
+    "moeblaze._C": {
+        "routing_plan_kernel<int32>",
+        "routing_plan_kernel<int64>",
+        *(f"router_topk_kernel<{v}>" for v in (1, 2, 4, 8, 12, 16)),
+    },
     "overlap._C": {"write_flag_kernel", "wait_flag_bounded_kernel"},
-}  # fmt: skip
+}
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 
 
@@ -149,8 +152,15 @@ def test_cmake_build_from_scratch(tmp_path):
         pytest.skip("needs nvcc and cmake on PATH")
     pytest.importorskip("pybind11")
     build = tmp_path / "build"
-    configure = ["cmake", "-S", str(REPO), "-B", str(build), f"-DPython_EXECUTABLE={sys.executable}",
-                 "-DCMAKE_CUDA_ARCHITECTURES=90a"]  # fmt: skip
+    configure = [
+        "cmake",
+        "-S",
+        str(REPO),
+        "-B",
+        str(build),
+        f"-DPython_EXECUTABLE={sys.executable}",
+        "-DCMAKE_CUDA_ARCHITECTURES=90a",
+    ]
     jobs = str(max(1, min(os.cpu_count() or 1, 4)))
     for command in (configure, ["cmake", "--build", str(build), "-j", jobs]):
         done = subprocess.run(command, capture_output=True, text=True)

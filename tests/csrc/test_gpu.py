@@ -33,8 +33,9 @@ def compiled_modules():
 
 def _empty_plan(num_tokens, top_k, num_experts, block_m, device="cuda"):
     num_slots = num_tokens * top_k
-    buffer = torch.full((plan_numel(num_slots, num_experts, block_m),), -(2**30),
-                        dtype=torch.int32, device=device)  # fmt: skip
+    buffer = torch.full(
+        (plan_numel(num_slots, num_experts, block_m),), -(2**30), dtype=torch.int32, device=device
+    )
     return RoutingPlan.from_buffer(buffer, num_slots, num_experts, top_k, block_m)
 
 
@@ -160,8 +161,9 @@ def test_all_ids_invalid_stays_in_bounds():
     topk_ids = torch.full((T, k), E + 3, dtype=torch.int64, device="cuda")
     num_slots = T * k
     guard = 1024
-    backing = torch.full((plan_numel(num_slots, E, block_m) + 2 * guard,), 12345,
-                         dtype=torch.int32, device="cuda")  # fmt: skip
+    backing = torch.full(
+        (plan_numel(num_slots, E, block_m) + 2 * guard,), 12345, dtype=torch.int32, device="cuda"
+    )
     plan = RoutingPlan.from_buffer(backing[guard:-guard], num_slots, E, k, block_m)
     fill_routing_plan(topk_ids, plan)
     assert plan.invalid_ids.tolist() == [num_slots, num_slots]
@@ -237,8 +239,7 @@ def test_router_topk_matches_the_reference(case, ties):
     chosen = ref_scores.gather(1, ids)
     expected = chosen / (chosen.sum(-1, keepdim=True) + 1e-20) if norm else chosen
     torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(weights[same_scores], ref_weights[same_scores], rtol=1e-6,
-                               atol=1e-7)  # fmt: skip
+    torch.testing.assert_close(weights[same_scores], ref_weights[same_scores], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", ["E64_k6_softmax", "E256_dsv3_groups"])
@@ -295,8 +296,9 @@ def test_signal_round_trip_between_two_streams(writer):
                 write_flag(flags, 2, epoch)
             else:
                 module = compiled.require("overlap")
-                module.write_flag_with_kernel(flags.data_ptr() + 8, epoch,
-                                              producer.cuda_stream, flags.device.index)  # fmt: skip
+                module.write_flag_with_kernel(
+                    flags.data_ptr() + 8, epoch, producer.cuda_stream, flags.device.index
+                )
         consumer.synchronize()
         assert bool((seen == epoch).all()), f"epoch {epoch}: consumer ran before the flag"
     producer.synchronize()

@@ -31,12 +31,11 @@ IDS = torch.zeros(4, 2, dtype=torch.int64)
         (IDS.float(), TypeError, r"topk_ids must have dtype torch.int32 or torch.int64"),
         (IDS.to(torch.int16), TypeError, "topk_ids must have dtype"),
         (IDS.reshape(-1), ValueError, r"topk_ids must have 2 dims, got shape \(8,\)"),
-        (torch.zeros(2, 4, dtype=torch.int64).t(), ValueError,
-         "topk_ids must be contiguous"),
+        (torch.zeros(2, 4, dtype=torch.int64).t(), ValueError, "topk_ids must be contiguous"),
         (IDS, ValueError, "topk_ids must be a CUDA tensor, got a tensor on cpu"),
     ],
     ids=["list", "float", "int16", "1-D", "strided", "cpu"],
-)  # fmt: skip
+)
 def test_fill_routing_plan_checks_topk_ids(topk_ids, error, match):
     with pytest.raises(error, match=match):
         fill_routing_plan(topk_ids, _plan())
@@ -45,14 +44,18 @@ def test_fill_routing_plan_checks_topk_ids(topk_ids, error, match):
 @pytest.mark.parametrize(
     "logits, kwargs, error, match",
     [
-        (torch.zeros(3, 8, dtype=torch.float64), {}, TypeError,
-         "logits must have dtype torch.float32, got torch.float64"),
+        (
+            torch.zeros(3, 8, dtype=torch.float64),
+            {},
+            TypeError,
+            "logits must have dtype torch.float32, got torch.float64",
+        ),
         (torch.zeros(3, 8, 1), {}, ValueError, r"logits must have 2 dims, got shape \(3, 8, 1\)"),
         (torch.zeros(8, 3).t(), {}, ValueError, "logits must be contiguous"),
         (torch.zeros(3, 8), {}, ValueError, "logits must be a CUDA tensor, got a tensor on cpu"),
     ],
     ids=["float64", "3-D", "strided", "cpu"],
-)  # fmt: skip
+)
 def test_router_topk_checks_logits(logits, kwargs, error, match):
     with pytest.raises(error, match=match):
         router_topk(logits, 2, "softmax", **kwargs)
@@ -82,11 +85,15 @@ def test_router_options_are_checked(kwargs, match):
         (lambda: write_flag(torch.zeros(4, dtype=torch.int64), 0, 1), "flags must have dtype"),
         (lambda: write_flag(torch.zeros(4, dtype=torch.int32), 0, 1), "flags must be a CUDA"),
         (lambda: wait_flag(torch.zeros(4, dtype=torch.float32), 0, 1), "flags must have dtype"),
-        (lambda: wait_flag_bounded(torch.zeros(4, dtype=torch.int32), 0, 1,
-                                   torch.zeros(2, dtype=torch.int32), 10, 1), "flags must be a CUDA"),
+        (
+            lambda: wait_flag_bounded(
+                torch.zeros(4, dtype=torch.int32), 0, 1, torch.zeros(2, dtype=torch.int32), 10, 1
+            ),
+            "flags must be a CUDA",
+        ),
     ],
     ids=["write_int64", "write_cpu", "wait_float", "bounded_cpu"],
-)  # fmt: skip
+)
 def test_flag_launchers_check_tensors(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
@@ -104,10 +111,11 @@ CONFIGS = {
     "sigmoid_norm": dict(top_k=6, score_func="sigmoid"),
     "bias": dict(top_k=4, score_func="sigmoid", expert_bias=True),
     "groups_softmax": dict(top_k=4, score_func="softmax", num_groups=4, topk_groups=2),
-    "groups_sigmoid": dict(top_k=8, score_func="sigmoid", num_groups=8, topk_groups=4,
-                           expert_bias=True),
+    "groups_sigmoid": dict(
+        top_k=8, score_func="sigmoid", num_groups=8, topk_groups=4, expert_bias=True
+    ),
     "no_norm": dict(top_k=3, score_func="softmax", norm_topk_prob=False),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -115,20 +123,31 @@ def test_reference_matches_router_forward(config):
     # The reference is Router.forward's selection; without ties the two agree exactly.
     config = dict(config)
     num_experts = 32
-    router = Router(16, num_experts, config["top_k"], score_func=config["score_func"],
-                    norm_topk_prob=config.get("norm_topk_prob", True),
-                    num_groups=config.get("num_groups"), topk_groups=config.get("topk_groups"),
-                    expert_bias=config.pop("expert_bias", False))  # fmt: skip
+    router = Router(
+        16,
+        num_experts,
+        config["top_k"],
+        score_func=config["score_func"],
+        norm_topk_prob=config.get("norm_topk_prob", True),
+        num_groups=config.get("num_groups"),
+        topk_groups=config.get("topk_groups"),
+        expert_bias=config.pop("expert_bias", False),
+    )
     if router.expert_bias is not None:
         router.expert_bias.copy_(torch.randn(num_experts) * 0.1)
     x = torch.randn(64, 16)
     out = router(x)
-    ids, weights, scores = router_topk_reference(out.logits, expert_bias=router.expert_bias,
-                                                 **config)  # fmt: skip
+    ids, weights, scores = router_topk_reference(
+        out.logits, expert_bias=router.expert_bias, **config
+    )
     assert torch.equal(ids, out.topk_ids)
     torch.testing.assert_close(weights, out.topk_weights, rtol=0, atol=0)
-    torch.testing.assert_close(scores, out.logits.softmax(-1) if config["score_func"] == "softmax"
-                               else out.logits.sigmoid(), rtol=0, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        scores,
+        out.logits.softmax(-1) if config["score_func"] == "softmax" else out.logits.sigmoid(),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_reference_breaks_ties_by_lower_index():

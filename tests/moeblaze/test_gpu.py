@@ -298,9 +298,15 @@ def test_layer_forward_and_backward_never_synchronise(recompute):
     expert kernels and their backward, and the deferred id and logit checks."""
     torch.manual_seed(0)
     layer = moeblaze.MoELayer(
-        256, 128, 16, 4, recompute=recompute, aux_loss_coeff=1e-2, device="cuda",
+        256,
+        128,
+        16,
+        4,
+        recompute=recompute,
+        aux_loss_coeff=1e-2,
+        device="cuda",
         dtype=torch.bfloat16,
-    )  # fmt: skip
+    )
     x = torch.randn(8, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     layer(x).float().square().mean().backward()  # warm-up: compiles, allocates, loads modules
     torch.cuda.synchronize()
@@ -321,11 +327,11 @@ def test_invalid_ids_on_cuda_raise_without_a_sync_by_the_next_call(make_problem)
     assert out.shape == problem.x.shape  # no error yet: nothing waited for the device
     torch.cuda.synchronize()
     with pytest.raises(ValueError, match=r"expert id 7 \(topk_ids\[5, 1\], the first of 1 ids"):
-        moeblaze.moe_mlp(problem.x, problem.topk_ids, problem.topk_weights, problem.w13,
-                         problem.w2)  # fmt: skip
+        moeblaze.moe_mlp(problem.x, problem.topk_ids, problem.topk_weights, problem.w13, problem.w2)
     moeblaze.moe_mlp(problem.x, bad, problem.topk_weights, problem.w13, problem.w2)
     with pytest.raises(ValueError, match="expert id 7"):
         moeblaze.check_errors()
     with pytest.raises(ValueError, match="expert id 7"):  # debugging: at once
-        moeblaze.moe_mlp(problem.x, bad, problem.topk_weights, problem.w13, problem.w2,
-                         check_ids=True)  # fmt: skip
+        moeblaze.moe_mlp(
+            problem.x, bad, problem.topk_weights, problem.w13, problem.w2, check_ids=True
+        )

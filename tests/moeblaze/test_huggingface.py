@@ -17,10 +17,16 @@ hf = pytest.importorskip("moeblaze.integrations.huggingface")
 B, L, VOCAB = 2, 5, 64
 RTOL = 1e-5  # float32 moeblaze against float32 eager; measured <= 1e-6 on every family
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-    num_key_value_heads=1, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
     eos_token_id=2,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,25 +42,77 @@ def one_thread():
 def _config(family: str, **overrides):
     """A tiny random config of one MoE family (E=4 experts, k=2, F=16)."""
     configs = {
-        "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4,
-                    num_experts_per_tok=2, output_router_logits=True)),
-        "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
-                      output_router_logits=True)),
-        "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=24, moe_intermediate_size=16,
-                      num_experts=4, num_experts_per_tok=2, head_dim=16,
-                      output_router_logits=True)),
-        "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                  output_router_logits=True)),
+        "mixtral": (
+            "MixtralConfig",
+            dict(
+                intermediate_size=16,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+            ),
+        ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            dict(
+                intermediate_size=24,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+                num_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+            ),
+        ),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            dict(
+                intermediate_size=24,
+                moe_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                head_dim=16,
+                output_router_logits=True,
+            ),
+        ),
+        "olmoe": (
+            "OlmoeConfig",
+            dict(
+                intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+                output_router_logits=True,
+            ),
+        ),
         # Sigmoid routing with a score-correction bias, 2 groups of 2 experts, a shared expert.
-        "deepseek_v3": ("DeepseekV3Config", dict(intermediate_size=24, moe_intermediate_size=16,
-                        n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
-                        topk_group=1, first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=None,
-                        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=8)),
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            dict(
+                intermediate_size=24,
+                moe_intermediate_size=16,
+                n_routed_experts=4,
+                n_shared_experts=1,
+                num_experts_per_tok=2,
+                n_group=2,
+                topk_group=1,
+                first_k_dense_replace=0,
+                kv_lora_rank=8,
+                q_lora_rank=None,
+                qk_rope_head_dim=8,
+                v_head_dim=16,
+                qk_nope_head_dim=8,
+            ),
+        ),
         # Transposed expert weights (is_transposed=True): gate_up_proj [E, d, 2F].
-        "aria": ("AriaTextConfig", dict(intermediate_size=16, moe_intermediate_size=16,
-                 moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)),
-    }  # fmt: skip
+        "aria": (
+            "AriaTextConfig",
+            dict(
+                intermediate_size=16,
+                moe_intermediate_size=16,
+                moe_num_experts=4,
+                moe_topk=2,
+                moe_num_shared_experts=1,
+            ),
+        ),
+    }
     name, kwargs = configs[family]
     return getattr(transformers, name)(**{**COMMON, **kwargs, **overrides})
 
@@ -114,8 +172,12 @@ def test_family_matches_eager(family, monkeypatch):
 def test_recompute_variants(monkeypatch):
     """Each registered name hands its policy to moeblaze.moe_mlp (whose policies
     tests/moeblaze/test_moe_mlp.py checks; here the float64 reference stands in for it)."""
-    assert hf.IMPLEMENTATIONS == {"moeblaze": "activation", "moeblaze-activation": "activation",
-                                  "moeblaze-up_proj": "up_proj", "moeblaze-none": "none"}  # fmt: skip
+    assert hf.IMPLEMENTATIONS == {
+        "moeblaze": "activation",
+        "moeblaze-activation": "activation",
+        "moeblaze-up_proj": "up_proj",
+        "moeblaze-none": "none",
+    }
     calls = _record_moe_mlp_calls(
         monkeypatch, lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
     )
@@ -149,8 +211,9 @@ def test_expert_parallel_sentinels(monkeypatch):
         outs = [module(x, ids, weights) for module in experts]
     assert_close(*outs, rtol=RTOL, name="out")
 
-    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute:
-                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
+    monkeypatch.setattr(
+        moeblaze, "moe_mlp", lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
+    )
     grads = []
     for module in experts:
         leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
@@ -163,17 +226,33 @@ def test_expert_parallel_sentinels(monkeypatch):
 @pytest.mark.parametrize(
     ("family", "config_class", "config_kwargs", "missing"),
     [
-        ("gpt_oss", "GptOssConfig", dict(num_local_experts=4, intermediate_size=16),
-         ["interleaved", "biases", "GptOssExperts._apply_gate"]),
-        ("nemotron_h", "NemotronHConfig", dict(n_routed_experts=4, moe_intermediate_size=16),
-         ["no gate projection", "ReLUSquared"]),
-        ("deepseek_v4", "DeepseekV4Config", dict(n_routed_experts=4, moe_intermediate_size=16),
-         ["DeepseekV4Experts._apply_gate"]),
-        ("mixtral", "MixtralConfig",
-         dict(num_local_experts=4, intermediate_size=16, hidden_act="gelu"), ["GELU"]),
+        (
+            "gpt_oss",
+            "GptOssConfig",
+            dict(num_local_experts=4, intermediate_size=16),
+            ["interleaved", "biases", "GptOssExperts._apply_gate"],
+        ),
+        (
+            "nemotron_h",
+            "NemotronHConfig",
+            dict(n_routed_experts=4, moe_intermediate_size=16),
+            ["no gate projection", "ReLUSquared"],
+        ),
+        (
+            "deepseek_v4",
+            "DeepseekV4Config",
+            dict(n_routed_experts=4, moe_intermediate_size=16),
+            ["DeepseekV4Experts._apply_gate"],
+        ),
+        (
+            "mixtral",
+            "MixtralConfig",
+            dict(num_local_experts=4, intermediate_size=16, hidden_act="gelu"),
+            ["GELU"],
+        ),
     ],
     ids=["gpt_oss", "nemotron_h", "deepseek_v4", "mixtral_gelu"],
-)  # fmt: skip
+)
 def test_unsupported_experts_raise(family, config_class, config_kwargs, missing):
     modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
     (experts_class,) = [n for n in dir(modeling) if n.endswith("Experts")]
@@ -194,9 +273,11 @@ def test_family_matches_eager_bf16_gpu(family):
     """bf16 on the GPU: moeblaze's error against float64 eager is at most 2x eager's in bf16."""
     model, eager = _models(family, dtype=torch.bfloat16, device="cuda")
     _, oracle = _models(family, dtype=torch.float64, device="cuda")
-    input_ids = torch.randint(3, VOCAB, (B, 64), device="cuda",
-                              generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
+    input_ids = torch.randint(
+        3, VOCAB, (B, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1)
+    )
     actual, torch_bf16, expected = (_step(m, input_ids) for m in (model, eager, oracle))
     for name, value in expected.items():
-        assert_bf16_close(actual[name], value, torch_bf16[name], factor=2.0,
-                          name=f"{family} {name}")  # fmt: skip
+        assert_bf16_close(
+            actual[name], value, torch_bf16[name], factor=2.0, name=f"{family} {name}"
+        )

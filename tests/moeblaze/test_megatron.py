@@ -42,15 +42,27 @@ def one_thread():
 def _config(**overrides):
     """A stand-in for megatron-core's TransformerConfig with the fields the layer reads."""
     fields = dict(
-        hidden_size=H, num_moe_experts=E, moe_ffn_hidden_size=FFN, moe_router_topk=K,
-        moe_router_score_function="softmax", moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None, moe_router_enable_expert_bias=False,
-        moe_router_num_groups=None, moe_router_group_topk=None,
-        moe_shared_expert_intermediate_size=None, moe_layer_recompute=False,
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        moe_router_topk_scaling_factor=None, moe_router_pre_softmax=False,
-        moe_expert_capacity_factor=None, params_dtype=torch.float32,
-    )  # fmt: skip
+        hidden_size=H,
+        num_moe_experts=E,
+        moe_ffn_hidden_size=FFN,
+        moe_router_topk=K,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_shared_expert_intermediate_size=None,
+        moe_layer_recompute=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_router_topk_scaling_factor=None,
+        moe_router_pre_softmax=False,
+        moe_expert_capacity_factor=None,
+        params_dtype=torch.float32,
+    )
     return types.SimpleNamespace(**{**fields, **overrides})
 
 
@@ -121,17 +133,22 @@ VARIANTS = {
     # Megatron's default routing, both aux losses, a shared expert; "moe" and "shared_experts"
     # recompute: the experts keep nothing of size N*k*F, the shared expert is checkpointed.
     "softmax_aux_z_shared_recompute": dict(
-        moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2,
-        moe_shared_expert_intermediate_size=SHARED, recompute_granularity="selective",
+        moe_aux_loss_coeff=1e-1,
+        moe_z_loss_coeff=1e-2,
+        moe_shared_expert_intermediate_size=SHARED,
+        recompute_granularity="selective",
         recompute_modules=["moe", "shared_experts"],
     ),
     # DeepSeek-V3 style: sigmoid, expert bias, 2 groups of 2 experts (top 1 group), scaling.
     "sigmoid_bias_groups_scaled": dict(
-        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-        moe_router_load_balancing_type="none", moe_router_num_groups=2, moe_router_group_topk=1,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="none",
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
         moe_router_topk_scaling_factor=2.5,
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -171,13 +188,19 @@ def test_layer_matches_megatron_transcription(variant):
         (dict(), "activation", False),
         (dict(moe_layer_recompute=True), "up_proj", False),
         (dict(recompute_granularity="selective", recompute_modules=["moe"]), "up_proj", False),
-        (dict(recompute_granularity="selective", recompute_modules=["moe_act"]), "activation",
-         False),
+        (
+            dict(recompute_granularity="selective", recompute_modules=["moe_act"]),
+            "activation",
+            False,
+        ),
         (dict(recompute_granularity="full", recompute_modules=["moe"]), "activation", False),
-        (dict(recompute_granularity="selective", recompute_modules=["shared_experts"]),
-         "activation", True),
+        (
+            dict(recompute_granularity="selective", recompute_modules=["shared_experts"]),
+            "activation",
+            True,
+        ),
     ],
-)  # fmt: skip
+)
 def test_recompute_mapping(fields, recompute, shared_checkpointed):
     options = mb.layer_options(_config(**fields))
     assert (options.recompute, options.recompute_shared_expert) == (recompute, shared_checkpointed)
@@ -187,36 +210,70 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
     ("fields", "error", "names"),
     [
         (dict(add_bias_linear=True), NotImplementedError, ["add_bias_linear=True"]),
-        (dict(moe_expert_capacity_factor=1.0), NotImplementedError,
-         ["moe_expert_capacity_factor=1.0"]),
-        (dict(gated_linear_unit=False, activation_func=F.gelu), NotImplementedError,
-         ["gated_linear_unit=False", "activation_func=gelu"]),
-        (dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3),
-         NotImplementedError, ["moe_router_load_balancing_type='seq_aux_loss'"]),
+        (
+            dict(moe_expert_capacity_factor=1.0),
+            NotImplementedError,
+            ["moe_expert_capacity_factor=1.0"],
+        ),
+        (
+            dict(gated_linear_unit=False, activation_func=F.gelu),
+            NotImplementedError,
+            ["gated_linear_unit=False", "activation_func=gelu"],
+        ),
+        (
+            dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3),
+            NotImplementedError,
+            ["moe_router_load_balancing_type='seq_aux_loss'"],
+        ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
-        (dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-              moe_aux_loss_coeff=1e-2), NotImplementedError, ["moe_aux_loss_coeff=0.01"]),
-        (dict(moe_router_score_function="sigmoid", moe_router_num_groups=2,
-              moe_router_group_topk=2, moe_aux_loss_coeff=0.0), NotImplementedError,
-         ["moe_router_group_topk=2", "top topk // group_topk = 1"]),
+        (
+            dict(
+                moe_router_score_function="sigmoid",
+                moe_router_enable_expert_bias=True,
+                moe_aux_loss_coeff=1e-2,
+            ),
+            NotImplementedError,
+            ["moe_aux_loss_coeff=0.01"],
+        ),
+        (
+            dict(
+                moe_router_score_function="sigmoid",
+                moe_router_num_groups=2,
+                moe_router_group_topk=2,
+                moe_aux_loss_coeff=0.0,
+            ),
+            NotImplementedError,
+            ["moe_router_group_topk=2", "top topk // group_topk = 1"],
+        ),
         (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
-        (dict(tensor_model_parallel_size=2, expert_model_parallel_size=2), NotImplementedError,
-         ["tensor_model_parallel_size=2", "expert_model_parallel_size=2"]),
-        (dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True),
-         NotImplementedError, ["moe_shared_expert_gate=True"]),
+        (
+            dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+            NotImplementedError,
+            ["tensor_model_parallel_size=2", "expert_model_parallel_size=2"],
+        ),
+        (
+            dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True),
+            NotImplementedError,
+            ["moe_shared_expert_gate=True"],
+        ),
         (dict(moe_router_topk=5), ValueError, ["moe_router_topk=5"]),
         (dict(num_moe_experts=None), ValueError, ["num_moe_experts=None"]),
         (dict(moe_ffn_hidden_size=None), ValueError, ["moe_ffn_hidden_size=None"]),
-        (dict(moe_router_enable_expert_bias=True), ValueError,
-         ["moe_router_enable_expert_bias=True", "'softmax'"]),
-        (dict(moe_router_score_function="tanh"), ValueError,
-         ["moe_router_score_function='tanh'"]),
-        (dict(moe_router_num_groups=3, moe_router_group_topk=1), ValueError,
-         ["moe_router_num_groups=3"]),
+        (
+            dict(moe_router_enable_expert_bias=True),
+            ValueError,
+            ["moe_router_enable_expert_bias=True", "'softmax'"],
+        ),
+        (dict(moe_router_score_function="tanh"), ValueError, ["moe_router_score_function='tanh'"]),
+        (
+            dict(moe_router_num_groups=3, moe_router_group_topk=1),
+            ValueError,
+            ["moe_router_num_groups=3"],
+        ),
         (dict(params_dtype=torch.float64), ValueError, ["params_dtype=torch.float64"]),
     ],
     ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else None,
-)  # fmt: skip
+)
 def test_config_errors_name_the_field(fields, error, names):
     with pytest.raises(error) as raised:
         mb.MoELayer(_config(**fields))
@@ -263,8 +320,10 @@ def test_load_grouped_layouts(layout):
         state["experts.linear_fc1._extra_state"] = None
 
         def expert(e, rows):
-            return F.linear(_swiglu(F.linear(rows, state[f"experts.linear_fc1.weight{e}"])),
-                            state[f"experts.linear_fc2.weight{e}"])  # fmt: skip
+            return F.linear(
+                _swiglu(F.linear(rows, state[f"experts.linear_fc1.weight{e}"])),
+                state[f"experts.linear_fc2.weight{e}"],
+            )
     else:  # GroupedMLP.__init__ shapes, GroupedMLP.forward's views and gmm(trans_b=False)
         weight1 = fc1.transpose(1, 2).reshape(H, E * 2 * FFN)  # [h, E*2F]
         weight2 = fc2.transpose(1, 2).reshape(E * FFN, H)  # [E*F, h]
@@ -309,8 +368,12 @@ def test_moeblaze_imports_no_integration():
     """`import moeblaze` never pulls in transformers or megatron: no module of the package
     imports them, or the integration modules that do, except those modules themselves."""
     package = Path(moeblaze.__file__).parent
-    optional = ("transformers", "megatron", "moeblaze.integrations.huggingface",
-                "moeblaze.integrations.megatron")  # fmt: skip
+    optional = (
+        "transformers",
+        "megatron",
+        "moeblaze.integrations.huggingface",
+        "moeblaze.integrations.megatron",
+    )
     for path in package.rglob("*.py"):
         module = ".".join(("moeblaze", *path.relative_to(package).with_suffix("").parts))
         if module in optional[2:]:
@@ -355,10 +418,17 @@ def _transformer_config(megatron, **fields):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     base = dict(
-        num_layers=1, hidden_size=H, num_attention_heads=4, num_moe_experts=E,
-        moe_ffn_hidden_size=FFN, moe_router_topk=K, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True,
-    )  # fmt: skip
+        num_layers=1,
+        hidden_size=H,
+        num_attention_heads=4,
+        num_moe_experts=E,
+        moe_ffn_hidden_size=FFN,
+        moe_router_topk=K,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+    )
     return TransformerConfig(**{**base, **fields})
 
 
@@ -374,7 +444,7 @@ def test_megatron_sequential_mlp_state_dict(megatron):
     groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
     torch.manual_seed(7)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    experts = SequentialMLP(E, config, submodules, pg_collection=groups)  # fmt: skip
+    experts = SequentialMLP(E, config, submodules, pg_collection=groups)
     layer = mb.MoELayer(config)  # a real TransformerConfig is accepted as it is
     state = {f"experts.{k}": v for k, v in experts.state_dict().items()}
     state["router.weight"] = torch.randn(E, H)
@@ -390,8 +460,9 @@ def test_megatron_sequential_mlp_state_dict(megatron):
     # What Megatron's dispatcher hands SequentialMLP: rows sorted by expert, weights alongside.
     token, slot = torch.where(ids == torch.arange(E).view(E, 1, 1))[1:]
     with torch.no_grad():
-        rows, _ = experts(tokens[token], torch.bincount(ids.flatten(), minlength=E),
-                          probs[token, slot])  # fmt: skip
+        rows, _ = experts(
+            tokens[token], torch.bincount(ids.flatten(), minlength=E), probs[token, slot]
+        )
     expected = torch.zeros_like(tokens).index_add_(0, token, rows)
     actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
@@ -405,10 +476,18 @@ def test_megatron_transformer_layer_spec(megatron, monkeypatch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    monkeypatch.setattr(moeblaze, "moe_mlp", lambda *args, recompute, deterministic:
-                        moeblaze.moe_mlp_reference(*args))  # fmt: skip
-    config = _transformer_config(megatron, moe_aux_loss_coeff=1e-2, normalization="RMSNorm",
-                                 hidden_dropout=0.0, bias_dropout_fusion=False)  # fmt: skip
+    monkeypatch.setattr(
+        moeblaze,
+        "moe_mlp",
+        lambda *args, recompute, deterministic: moeblaze.moe_mlp_reference(*args),
+    )
+    config = _transformer_config(
+        megatron,
+        moe_aux_loss_coeff=1e-2,
+        normalization="RMSNorm",
+        hidden_dropout=0.0,
+        bias_dropout_fusion=False,
+    )
     spec = get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False)
     spec.submodules.mlp = ModuleSpec(module=mb.MoELayer)
     layer = build_module(spec, config=config, layer_number=1)
@@ -434,15 +513,19 @@ def test_megatron_default_config_is_rejected(megatron):
 
 ROUTINGS = {
     "softmax": dict(moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2),
-    "softmax_pre_softmax_scaled": dict(moe_router_pre_softmax=True,
-                                       moe_router_topk_scaling_factor=2.0,
-                                       moe_aux_loss_coeff=1e-1),
+    "softmax_pre_softmax_scaled": dict(
+        moe_router_pre_softmax=True, moe_router_topk_scaling_factor=2.0, moe_aux_loss_coeff=1e-1
+    ),
     "sigmoid_aux": dict(moe_router_score_function="sigmoid", moe_aux_loss_coeff=1e-1),
     "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
-    "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid",
-                                moe_router_enable_expert_bias=True, moe_router_num_groups=2,
-                                moe_router_group_topk=1, moe_router_load_balancing_type="none"),
-}  # fmt: skip
+    "sigmoid_bias_groups": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
+        moe_router_load_balancing_type="none",
+    ),
+}
 
 
 @pytest.mark.parametrize("routing", list(ROUTINGS))
@@ -478,11 +561,15 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     if cfg.moe_z_loss_coeff:
         logits = mu.MoEAuxLossAutoScaler.apply(logits, mu.z_loss_func(logits, cfg.moe_z_loss_coeff))
     probs, routing_map = mu.topk_routing_with_score_function(
-        logits, k, use_pre_softmax=cfg.moe_router_pre_softmax,
-        num_groups=cfg.moe_router_num_groups, group_topk=cfg.moe_router_group_topk,
+        logits,
+        k,
+        use_pre_softmax=cfg.moe_router_pre_softmax,
+        num_groups=cfg.moe_router_num_groups,
+        group_topk=cfg.moe_router_group_topk,
         scaling_factor=cfg.moe_router_topk_scaling_factor,
-        score_function=cfg.moe_router_score_function, expert_bias=bias,
-    )  # fmt: skip
+        score_function=cfg.moe_router_score_function,
+        expert_bias=bias,
+    )
     if cfg.moe_aux_loss_coeff:
         aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
             logits, k, cfg.moe_router_score_function

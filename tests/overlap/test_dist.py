@@ -144,6 +144,70 @@ def _worker(rank: int, world_size: int, init_method: str) -> None:
         )
 
 
+def _expect_mismatch(fn, rank: int, peer: int, mine: str, theirs: str) -> None:
+    with pytest.raises(overlap.OverlapMismatchError) as error:
+        fn()
+    assert (error.value.rank, error.value.peer) == (rank, peer)
+    message = str(error.value)
+    assert f"rank {rank} {mine}" in message and f"rank {peer} {theirs}" in message, message
+
+
+def _check_disagreeing_ranks(world) -> None:
+    """Two ranks that make different calls both raise OverlapMismatchError naming both calls;
+    the next matching call is right again. Every mode: fused compares headers on the device,
+    serial and pipelined compare the calls before their collectives."""
+    r, peer = world.rank, 1 - world.rank
+    sig = "chunk_m=2, world_size=2"
+    cases = [  # (op, this rank's inputs, description of rank 0's call, of rank 1's)
+        ("ag", dict(m=4 + 2 * r, K=8, n=5, dtype=torch.float32),
+         f"all_gather_matmul(m=4, K=8, n=5, float32, {sig})",
+         f"all_gather_matmul(m=6, K=8, n=5, float32, {sig})"),
+        ("ag", dict(m=4, K=8, n=5, dtype=(torch.float32, torch.bfloat16)[r]),
+         f"all_gather_matmul(m=4, K=8, n=5, float32, {sig})",
+         f"all_gather_matmul(m=4, K=8, n=5, bfloat16, {sig})"),
+        ("rs", dict(m=4, K=8, n=5 + r, dtype=torch.float32),
+         f"matmul_reduce_scatter(M=8, k=8, N=5, float32, {sig})",
+         f"matmul_reduce_scatter(M=8, k=8, N=6, float32, {sig})"),
+    ]  # fmt: skip
+    for op, shape, call0, call1 in cases:
+        m, K, n, dtype = shape["m"], shape["K"], shape["n"], shape["dtype"]
+        rows = m if op == "ag" else 2 * m
+        a, b = randn(rows, K, seed=70, dtype=dtype), randn(K, n, seed=71, dtype=dtype)
+        fn = world.all_gather_matmul if op == "ag" else world.matmul_reduce_scatter
+        mine, theirs = (call0, call1) if r == 0 else (call1, call0)
+        _expect_mismatch(lambda fn=fn, a=a, b=b: fn(a, b), r, peer, mine, theirs)
+    # The ranks agree again: exact results.
+    _check_ops(world, f"{world.mode.value} after mismatches")
+
+
+def _check_growth_is_bounded(world) -> None:
+    """A rank that skips a call needing larger peer buffers: the other gives up within about
+    timeout_s, naming it, instead of waiting in a collective for the process group's timeout."""
+    r = world.rank
+    if r == 1:
+        return
+    a, b = randn(40, 16, seed=80), randn(16, 8, seed=81)
+    start = time.perf_counter()
+    with pytest.raises(overlap.OverlapMismatchError, match="rank 1 did not grow"):
+        world.all_gather_matmul(a, b)
+    assert time.perf_counter() - start < 5 + 5 * world.config.timeout_s
+
+
+def _mismatch_worker(rank: int, init_method: str) -> None:
+    with gloo_rank(rank, 2, init_method, timeout_s=120):
+        torch.set_num_threads(1)
+        config = overlap.OverlapConfig(chunk_m=2)
+        for mode in ("fused", "pipelined", "serial"):
+            _check_disagreeing_ranks(overlap.DistWorld(mode=mode, config=config))
+        dist.barrier()
+        config = overlap.OverlapConfig(chunk_m=2, timeout_s=0.5)
+        _check_growth_is_bounded(overlap.DistWorld(mode="fused", config=config))
+
+
+def test_dist_world_ranks_that_disagree_get_a_clear_error(tmp_path):
+    mp.spawn(_mismatch_worker, args=(f"file://{tmp_path / 'store'}",), nprocs=2, join=True)
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_dist_world_over_gloo(world_size, tmp_path):
     for attempt in range(2):

@@ -156,15 +156,27 @@ def test_layer_sizes_must_split_evenly(world):
 @pytest.mark.parametrize(
     "layer, shape, match",
     [
-        ("column", (4, 2, 2, 17), r"ColumnParallelLinear\(in_features=16\) on 4 ranks takes x "
-         r"whose last dim is in_features=16, got x of shape \(4, 2, 2, 17\)"),
-        ("column", (2, 2, 16), r"ColumnParallelLinear takes x of shape \[W, s, b, \.\.\., "
-         r"in_features=16\] \(a LocalWorld of 4 ranks: a leading rank dim\), got \(2, 2, 16\)"),
-        ("row", (4, 8, 2, 16), r"RowParallelLinear\(in_features=16\) on 4 ranks takes x whose "
-         r"last dim is in_features/W=4"),
+        (
+            "column",
+            (4, 2, 2, 17),
+            r"ColumnParallelLinear\(in_features=16\) on 4 ranks takes x "
+            r"whose last dim is in_features=16, got x of shape \(4, 2, 2, 17\)",
+        ),
+        (
+            "column",
+            (2, 2, 16),
+            r"ColumnParallelLinear takes x of shape \[W, s, b, \.\.\., "
+            r"in_features=16\] \(a LocalWorld of 4 ranks: a leading rank dim\), got \(2, 2, 16\)",
+        ),
+        (
+            "row",
+            (4, 8, 2, 16),
+            r"RowParallelLinear\(in_features=16\) on 4 ranks takes x whose "
+            r"last dim is in_features/W=4",
+        ),
         ("row", (4, 8), r"RowParallelLinear takes x of shape \[W, s, b, \.\.\., in_features/W=4\]"),
     ],
-)  # fmt: skip
+)
 def test_layer_input_errors_name_the_layer_and_its_features(layer, shape, match):
     world = overlap.LocalWorld(4, DEVICE, mode="serial")
     cls = overlap.ColumnParallelLinear if layer == "column" else overlap.RowParallelLinear

@@ -16,7 +16,9 @@ from tolerance import assert_close
 
 from overlap.fused import INTERPRETER_TILE_CONFIG as TILE
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
+from overlap.kernels.flags import launch_wait_peers
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+from overlap.protocol import HEADER_WORDS, SLOT_WORDS, header_slot
 
 # The interpreter on CPU-only machines (tests/conftest.py), the compiled kernels on a GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -162,7 +164,8 @@ def _table(tensors):
 def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
     M, cpr = W * m, triton.cdiv(m, chunk_m)
     partials = [randn(M, n, seed=30 + s, device=DEVICE) for s in range(W)]
-    flags = [torch.full((W * cpr,), 3, dtype=torch.int32, device=DEVICE) for _ in range(W)]
+    # Each rank's header (epoch 3, the same call) and flags (all at epoch 3).
+    flags = [torch.full((HEADER_WORDS + W * cpr,), 3, dtype=torch.int32, device=DEVICE)] * W
     total = sum(p.double() for p in partials)
     for dest in range(W):
         out = torch.full((m, n), float("nan"), device=DEVICE)
@@ -235,8 +238,10 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
     W, m, n, chunk_m, dest = 3, 12, 16, 4, 1
     cpr = triton.cdiv(m, chunk_m)
     partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
-    flags = [torch.full((W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)]
-    flags[2][dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
+    flags = [
+        torch.full((HEADER_WORDS + W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)
+    ]
+    flags[2][HEADER_WORDS + dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
     status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     out = torch.full((m, n), float("nan"), device=DEVICE)
     launch_rs_reduce(
@@ -255,3 +260,55 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
         block_n=16,
     )
     assert status.tolist() == [dest * cpr + 1 + 1, 2]
+    assert out[4:8].isnan().all(), "a block whose wait failed is NaN, never a partial sum"
+
+
+@pytest.mark.parametrize("word", [1, SLOT_WORDS - 1, 0], ids=["op", "last", "moved_on"])
+def test_rs_reduce_refuses_a_source_that_made_another_call(word):
+    """A source whose header describes another call (or, "moved_on", already holds a later
+    call's epoch in this call's slot): (MISMATCH, source) in the status word, nothing read from
+    its partial rows, the whole output NaN."""
+    W, m, n, chunk_m, dest = 3, 12, 16, 4, 0
+    cpr = triton.cdiv(m, chunk_m)
+    partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
+    flags = [
+        torch.full((HEADER_WORDS + W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)
+    ]
+    header_slot(flags[1], 2)[word] = 4 if word == 0 else 7  # epoch 2: another call, or epoch 4
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(m, n, device=DEVICE)
+    launch_rs_reduce(
+        _table(partials),
+        _table(flags),
+        out,
+        status,
+        dest=dest,
+        world_size=W,
+        row_stride=n,
+        epoch=2,
+        wait_budget=200,
+        chunk_m=chunk_m,
+        num_programs=2,
+        block_r=16,
+        block_n=16,
+    )
+    assert status.tolist() == [-1, 1], "MISMATCH, the source"
+    assert out.isnan().all()
+
+
+def test_wait_peers_records_a_peer_that_made_another_call():
+    W, rank = 3, 0
+    headers = [torch.full((HEADER_WORDS,), 5, dtype=torch.int32, device=DEVICE) for _ in range(W)]
+    header_slot(headers[2], 5)[3] = 6  # rank 2: another shape
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    launch_wait_peers(
+        _table(headers),
+        status,
+        rank=rank,
+        world_size=W,
+        epoch=5,
+        wait_budget=50,
+        flags_per_rank=2,
+        scope="gpu",
+    )
+    assert status.tolist() == [-1, 2]
