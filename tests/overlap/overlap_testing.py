@@ -11,6 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+import overlap
+from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
+
 # Relative norm error allowed against a float64 reference, per kernel dtype (bf16 results are
 # held to tolerance.assert_bf16_close instead).
 RTOL = {torch.float32: 1e-5}
@@ -49,3 +52,58 @@ def gloo_rank(rank: int, world_size: int, init_method: str, timeout_s: float):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def check_back_to_back_calls(world, *, calls: int, small, large=None, seed: int) -> None:
+    """Fused calls of a LocalWorld made back to back, as a training loop makes them: no host
+    synchronisation until the end. all_gather_matmul forward and backward (its input gradient is
+    a matmul_reduce_scatter) and plain matmul_reduce_scatter, mixed, a random shape up to
+    `small` = (m, K, n) on every call and `large` on every 50th. Results are checked in batches
+    of 20 against float64 references, errors kept on the device; one synchronisation at the end
+    reads the worst."""
+    W, device = world.world_size, world.device
+    choice = torch.Generator().manual_seed(seed)
+
+    def draw(high, step):
+        return step * int(torch.randint(1, max(1, high // step) + 1, (1,), generator=choice))
+
+    def error(actual, expected64):  # a device scalar: no synchronisation
+        return (actual.double() - expected64).norm() / expected64.norm()
+
+    errors, pending, made, i = [], [], 0, 0
+    while made < calls:
+        m, K, n = (
+            large
+            if large and i % 50 == 49
+            else (draw(small[0], 8), draw(small[1], 64), draw(small[2], 8))
+        )
+        i += 1
+        if int(torch.randint(0, 2, (1,), generator=choice)):  # AG forward + backward
+            a = torch.randn(W, m, K, device=device).requires_grad_()
+            b = torch.randn(W, K, n, device=device)
+            c = overlap.all_gather_matmul(a, b, world)
+            dc = torch.randn_like(c)
+            c.backward(dc)
+            pending.append(("ag", a.detach(), b, c.detach(), dc, a.grad))
+            made += 2
+        else:
+            a = torch.randn(W, W * m, K, device=device)
+            b = torch.randn(W, K, n, device=device)
+            pending.append(("rs", a, b, overlap.matmul_reduce_scatter(a, b, world)))
+            made += 1
+        if len(pending) < 20 and made < calls:
+            continue
+        for op, a, b, *results in pending:
+            a64, b64 = a.double(), b.double()
+            if op == "ag":
+                c, dc, grad_a = results
+                a64.requires_grad_()
+                c64 = all_gather_matmul_ref(a64, b64)
+                c64.backward(dc.double())
+                errors += [error(c, c64), error(grad_a, a64.grad)]
+            else:
+                errors.append(error(results[0], matmul_reduce_scatter_ref(a64, b64)))
+        pending = []
+    world.check_status()  # no timeout or mismatch recorded by any call
+    worst = torch.stack(errors).max().item()  # the one synchronisation
+    assert worst <= RTOL[torch.float32], f"worst relative error {worst:.3g} over {made} calls"

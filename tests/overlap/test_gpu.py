@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from overlap_testing import RTOL, randn
+from overlap_testing import RTOL, check_back_to_back_calls, randn
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
@@ -132,3 +132,13 @@ def test_deferred_status_check():
     assert_close(
         c, all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="result"
     )
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_back_to_back_calls_with_random_shapes(W):
+    """1000 fused calls with no host synchronisation until the end, new random shapes on every
+    call, and every 50th call the shapes that timed out back to back on an H100 (W = 2: m = 2048,
+    K = 8192, n = 7168; W = 4: m = 1024, K = 8192, n = 3584)."""
+    world = _world(W, chunk_m=128, sync_status=False)
+    large = {2: (2048, 8192, 7168), 4: (1024, 8192, 3584)}[W]
+    check_back_to_back_calls(world, calls=1000, small=(512, 1024, 1024), large=large, seed=13)

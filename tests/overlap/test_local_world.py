@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import triton
-from overlap_testing import RTOL, randn
+from overlap_testing import RTOL, check_back_to_back_calls, randn
 from tolerance import assert_close
 
 import overlap
@@ -144,6 +144,13 @@ def test_epoch_wraparound_resets_the_flags():
     assert world.fused.epoch == 1
     assert all(int(f.max()) == 1 for f in world.fused.ag_flags)
     assert_close(c, all_gather_matmul_ref(a, b), rtol=1e-6, name="result")
+
+
+def test_back_to_back_calls_with_changing_shapes():
+    """Fused calls of both ops with a new shape each, status checked once at the end (the CPU
+    side of the GPU stress test: epochs, header slots and buffers reused across shapes)."""
+    world = _world(3, "fused", 8, sync_status=False)
+    check_back_to_back_calls(world, calls=6, small=(24, 64, 24), seed=14)
 
 
 def test_ops_open_profiler_ranges():
