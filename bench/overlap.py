@@ -10,7 +10,8 @@ for W in {2, 4, 8} and M in {1024, 2048, 4096, 8192}. One row per (op, W, M).
 
 MEASURED on one GPU (every time is for all W virtual ranks, which run one after another):
   serial_ms, pipelined_ms, fused_ms  the op with that LocalWorld mode
-  auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, else fused
+  auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, above it fused
+                 where overlap.tuning has a measured threshold for this GPU, else pipelined
   comm_ms        the communication alone: AG the fused producer's chunk copies and flag writes,
                  RS the fp32 reduction kernels reading the W partial buffers (flags already up)
   compute_ms     cuBLAS on the same GEMMs with all data present (= cublas_ms)
@@ -85,6 +86,33 @@ PROJECTED = (
 )
 
 
+OPS = {"ag": "all_gather_matmul", "rs": "matmul_reduce_scatter"}
+FUSED_WINS = 1.03  # fused_ms at most this times the faster of serial and pipelined
+
+
+def fused_thresholds(rows) -> dict[str, float | None]:
+    """Per op, the smallest per-rank FLOPs from which fused won (FUSED_WINS) at every measured
+    shape at least that large: the overlap.tuning entry this run supports (None: no such size,
+    fused must not be picked by mode=None)."""
+    found = {}
+    for op, name in OPS.items():
+        measured = sorted(
+            (
+                2 * r["M"] * r["inner"] * r["cols"],
+                r["fused_ms"] <= FUSED_WINS * min(r["serial_ms"], r["pipelined_ms"]),
+            )
+            for r in rows
+            if r["op"] == op and "fused_ms" in r
+        )
+        threshold = None
+        for flops, wins in reversed(measured):
+            if not wins:
+                break
+            threshold = flops
+        found[name] = threshold
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     op: str  # "ag" or "rs"
@@ -153,7 +181,7 @@ def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
             row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
         world.check_status()
         if mode == "auto":
-            row["auto_mode"] = world.mode_for(case.flops / case.W).value
+            row["auto_mode"] = world.mode_for(case.flops / case.W, op=OPS[case.op]).value
     alone = _ag_parts if case.op == "ag" else _rs_parts
     row.update(alone(case, a, b, fused_world, device, rep_ms))
     fused_world.check_status()
@@ -366,6 +394,13 @@ def main(argv=None) -> int:
         metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
         title="overlap (LocalWorld, one GPU; proj_*: projected)",
     )
+    print(
+        f"\noverlap.tuning.FUSED_FROM_FLOPS entries this run supports (fused within {FUSED_WINS}x"
+    )
+    print("of the faster of serial and pipelined at every larger measured shape):")
+    for op, threshold in fused_thresholds(rows).items():
+        key = ("LocalWorld", env["gpu"], op)
+        print(f"    {key!r}: {threshold:.3g}," if threshold else f"    none for {key!r}")
     print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -11,8 +11,9 @@ Every world has the same interface, used by `overlap.ops`:
 
 and runs each call with one of three schedules (`Mode`), chosen per call: the one given to the
 constructor, or, with `mode=None`, `SERIAL` below `OverlapConfig.min_overlap_flops` (overlap
-costs more than it saves on small GEMMs) and the world's overlapped schedule above it (FUSED
-where the world can run it, else PIPELINED).
+costs more than it saves on small GEMMs) and an overlapped schedule above it: FUSED where the
+world can run it and it was measured to win at that size (`overlap.tuning`, or
+`OverlapConfig.fused_min_flops`), else PIPELINED.
 
     SERIAL     the collective, then one GEMM (the baseline)
     PIPELINED  rows cut into chunks; the collective of one chunk overlaps the GEMM of another
@@ -36,6 +37,7 @@ from kernelbase.profiling import profile_range
 from overlap import handles
 from overlap.protocol import ChunkLayout
 from overlap.streams import SideStream
+from overlap.tuning import fused_from_flops
 
 # Per-rank GEMM FLOPs (2 * rows * inner * columns) below which mode=None runs SERIAL.
 # Placeholder until measured on a GPU: PyTorch's async-TP benchmark has the decomposed overlap
@@ -62,6 +64,9 @@ class OverlapConfig:
     free_sms: int | None = None  # SMs the AG consumer leaves free; None: 0 with stream writes
     comm_programs: int | None = None  # programs of the RS reduction; None: see DEFAULT_*
     min_overlap_flops: float = OVERLAP_MIN_FLOPS
+    # Per-rank FLOPs from which mode=None runs FUSED (where the world can); None: the measured
+    # table of overlap.tuning, which has no entry (fused never picked) where fused did not win.
+    fused_min_flops: float | None = None
     count_tiles: bool = False  # fused path: count computations per output tile (tests)
     # DistWorld, serial and pipelined: compare every rank's call (op, shapes, dtype, chunking)
     # before the collectives, so ranks that disagree raise OverlapMismatchError instead of
@@ -75,7 +80,7 @@ class OverlapConfig:
             raise ValueError(f"chunk_m must be >= 1 or None, got {self.chunk_m}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("free_sms", "comm_programs"):
+        for name in ("free_sms", "comm_programs", "fused_min_flops"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 or None, got {value}")
@@ -117,8 +122,8 @@ class World(abc.ABC):
 
     @property
     def fused_available(self) -> bool:
-        """True when this world can run the FUSED schedule (mode=None then picks it above the
-        FLOP threshold, else PIPELINED)."""
+        """True when this world can run the FUSED schedule (mode=None picks it where it was
+        measured to win: see `mode_for`)."""
         return self.fused is not None
 
     # -- the interface -------------------------------------------------------------------------
@@ -126,7 +131,7 @@ class World(abc.ABC):
     def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor):
         """(c, gathered): c = AllGather(a_shard) @ b; gathered = AllGather(a_shard) [W*m, K]."""
         m, k, n = a_shard.shape[-2], a_shard.shape[-1], b.shape[-1]
-        mode = self.mode_for(2 * self.world_size * m * k * n, m * k * n)
+        mode = self.mode_for(2 * self.world_size * m * k * n, m * k * n, "all_gather_matmul")
         all_gather_matmul, _ = self._schedules(mode)
         with profile_range(f"overlap.all_gather_matmul.{mode.value}"):
             return all_gather_matmul(a_shard.contiguous(), b)
@@ -134,7 +139,7 @@ class World(abc.ABC):
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """c_shard = rows of this rank of the sum over ranks of a @ b."""
         M, k, N = a.shape[-2], a.shape[-1], b.shape[-1]
-        mode = self.mode_for(2 * M * k * N, M * k * N)
+        mode = self.mode_for(2 * M * k * N, M * k * N, "matmul_reduce_scatter")
         _, matmul_reduce_scatter = self._schedules(mode)
         with profile_range(f"overlap.matmul_reduce_scatter.{mode.value}"):
             return matmul_reduce_scatter(a.contiguous(), b)
@@ -143,15 +148,20 @@ class World(abc.ABC):
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks, on every rank (a new tensor)."""
 
-    def mode_for(self, flops: float, numel: int = 1) -> Mode:
-        """The schedule of a call with `flops` per-rank GEMM FLOPs (numel 0: SERIAL)."""
+    def mode_for(self, flops: float, numel: int = 1, op: str = "all_gather_matmul") -> Mode:
+        """The schedule of a call of `op` with `flops` per-rank GEMM FLOPs (numel 0: SERIAL)."""
         if numel == 0:
             return Mode.SERIAL
         if self.mode is not None:
             return self.mode
         if flops < self.config.min_overlap_flops:
             return Mode.SERIAL
-        return Mode.FUSED if self.fused_available else Mode.PIPELINED
+        fused_from = self.config.fused_min_flops
+        if fused_from is None:
+            fused_from = fused_from_flops(type(self).__name__, self.device, op)
+        if self.fused_available and fused_from is not None and flops >= fused_from:
+            return Mode.FUSED
+        return Mode.PIPELINED
 
     def chunk_layout(self, m: int) -> ChunkLayout:
         """How the pipelined and fused schedules cut a rank's m rows into chunks."""

@@ -121,6 +121,7 @@ def test_bad_world_arguments(kwargs, error, match):
         (dict(chunk_m=0), "chunk_m must be >= 1"),
         (dict(timeout_s=0), "timeout_s must be > 0"),
         (dict(free_sms=-1), "free_sms must be >= 0"),
+        (dict(fused_min_flops=-1.0), "fused_min_flops must be >= 0"),
     ],
 )
 def test_bad_config(kwargs, match):

@@ -12,6 +12,7 @@ from overlap_testing import RTOL, check_back_to_back_calls, randn
 from tolerance import assert_close
 
 import overlap
+from overlap import tuning
 from overlap.protocol import EPOCH_LIMIT, raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
@@ -78,12 +79,23 @@ def test_matmul_reduce_scatter_forward_and_gradients(W, m, K, n, chunk_m, mode):
     assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
 
 
-def test_auto_mode_is_serial_below_the_flop_threshold_and_fused_above():
+def test_auto_mode_is_fused_only_where_measured_to_win(monkeypatch):
+    """mode=None: SERIAL below min_overlap_flops; above it FUSED only from the measured
+    threshold of this world, GPU and op (overlap.tuning) or OverlapConfig.fused_min_flops,
+    else PIPELINED."""
     small = overlap.LocalWorld(2, DEVICE)
     assert small.mode is None and small.mode_for(1e6) is overlap.Mode.SERIAL
-    eager = overlap.LocalWorld(2, DEVICE, config=overlap.OverlapConfig(min_overlap_flops=0))
+    assert small.mode_for(1e12) is overlap.Mode.PIPELINED  # nothing measured on this device
+    eager = overlap.LocalWorld(
+        2, DEVICE, config=overlap.OverlapConfig(min_overlap_flops=0, fused_min_flops=0)
+    )
     assert eager.mode_for(1e6) is overlap.Mode.FUSED
     assert eager.mode_for(1e6, numel=0) is overlap.Mode.SERIAL  # empty problems never launch
+    gpu = tuning.device_name(torch.device(DEVICE))
+    monkeypatch.setitem(tuning.FUSED_FROM_FLOPS, ("LocalWorld", gpu, "all_gather_matmul"), 1e12)
+    assert small.mode_for(2e12, op="all_gather_matmul") is overlap.Mode.FUSED
+    assert small.mode_for(5e11, op="all_gather_matmul") is overlap.Mode.PIPELINED
+    assert small.mode_for(2e12, op="matmul_reduce_scatter") is overlap.Mode.PIPELINED
     a, b = randn(2, 5, 16, seed=7, device=DEVICE), randn(2, 16, 16, seed=8, device=DEVICE)
     for world in (small, eager):
         assert_close(
