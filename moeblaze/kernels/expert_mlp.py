@@ -410,7 +410,16 @@ _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
 
 
 class TritonStages:
-    """The expert-MLP stages as launches of the kernels above (see moeblaze.ops.Stages)."""
+    """The expert-MLP stages as launches of the kernels above (see moeblaze.ops.Stages).
+
+    Args:
+        configs: (kernel, block_m) -> GemmConfig entries used in place of GPU_CONFIGS (and of
+            the interpreter's small tiles), as `bench.tune_expert` sweeps them; a kernel's
+            BLOCK_M is always the plan's block_m (None for expert_wgrad).
+    """
+
+    def __init__(self, configs: dict[tuple[str, int | None], GemmConfig] | None = None):
+        self.configs = configs or {}
 
     def block_m(self, num_slots: int, num_experts: int) -> int:
         """Rows per grouped-GEMM tile, the routing plan's `block_m`."""
@@ -544,7 +553,7 @@ class TritonStages:
         """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
         m, n = left.shape[1], right.shape[1]
         out = alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
-        cfg = _INTERPRETER if interpreting() else GPU_CONFIGS["expert_wgrad", None]
+        cfg = self._config("expert_wgrad", plan)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
         expert_wgrad_kernel[grid](
             left,
@@ -568,11 +577,15 @@ class TritonStages:
         )
         return out
 
-    @staticmethod
-    def _config(kernel: str, plan: RoutingPlan) -> GemmConfig:
-        if interpreting():
-            return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
-        return GPU_CONFIGS[kernel, plan.block_m]
+    def _config(self, kernel: str, plan: RoutingPlan) -> GemmConfig:
+        key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
+        if key in self.configs:
+            return self.configs[key]
+        if not interpreting():
+            return GPU_CONFIGS[key]
+        if kernel == "expert_wgrad":
+            return _INTERPRETER
+        return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
 
     @staticmethod
     def _plan_args(plan: RoutingPlan):

@@ -220,3 +220,21 @@ def test_overlap_dist_bench_end_to_end_on_cpu(tmp_path):
     for r in rows:
         assert min(r[f"{mode}_ms"] for mode in ("serial", "pipelined", "fused")) > 0, r
         assert r["comm_ms"] > 0 and r["compute_ms"] > 0 and "efficiency" in r, r
+
+
+def test_tune_expert_sweeps_configs_on_cpu(tmp_path, capsys):
+    from bench import tune_expert
+
+    argv = ["--shapes", "tiny", "--stages", "gate_up,down_combine", "--block-ms", "64"]
+    assert tune_expert.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "tune_expert-cpu.json").read_text())["rows"]
+    assert [(r["stage"], r["config"].endswith("*")) for r in rows] == [
+        ("gate_up", True),
+        ("gate_up", False),
+        ("down_combine", True),
+        ("down_combine", False),
+    ]
+    for r in rows:
+        assert r["ms"] > 0 and r["cublas_ms"] > 0, r
+        assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
+    assert "('scatter_rows', 64): GemmConfig(" in capsys.readouterr().out

@@ -1,0 +1,274 @@
+"""Tile-config sweep of the expert-MLP kernels: each stage of the Triton path, on one shape at a
+time, timed with candidate `GemmConfig`s against cuBLAS on a dense GEMM of the same FLOPs.
+
+# T tokens, k top-k, S = T*k slots, d hidden, F expert ffn, E experts
+
+Stages (moeblaze.ops.Stages) and the kernel whose config they use:
+    gate_up       [S, d] x w13 -> h [S, 2F] (the "activation" forward)      gate_up
+    down_combine  a [S, F] x w2 -> out [T, d], weighted                     scatter_rows
+    grad_act      dout [T, d] x w2^T -> dh [S, 2F] (and a)                  grad_act
+    grad_input    dh [S, 2F] x w13 -> dx [T, d]                             scatter_rows
+    grad_w2       dout^T a per expert -> [E, d, F]                          expert_wgrad
+    grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
+
+Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
+in moeblaze.kernels.expert_mlp.GPU_CONFIGS), ms (median, triton.testing.do_bench), TFLOP/s,
+frac_cublas (cuBLAS ms on a dense [M, K] x [K, N] GEMM of the stage's FLOPs / ms),
+vs_current (this config's speed over the current one's) and diff (largest difference of the
+stage's output from the current config's, relative to its largest value: a config that gives
+another result, beyond summation order, is a bug to report). The best config per stage is printed
+as the GPU_CONFIGS entry to put in; a candidate that fails to compile or run is reported and
+skipped. Results go to tune_expert-<gpu>.json.
+
+    python -m bench.tune_expert                               # GPU: mixtral, qwen3, deepseek-ish
+    python -m bench.tune_expert --shapes qwen3-30b-a3b --stages grad_act,grad_w13 --block-ms 64
+    python -m bench.tune_expert --shapes tiny --out OUTDIR    # CPU smoke run (interpreter)
+
+On the CPU the kernels run under the Triton interpreter with interpreter-sized candidates:
+that shows the script works, nothing about speed.
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the import of any @triton.jit module
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import harness  # noqa: E402
+from bench.moe_layer import SHAPES, Shape, make_inputs  # noqa: E402
+from kernelbase.gemm import GemmConfig  # noqa: E402
+from moeblaze.kernels.expert_mlp import GPU_CONFIGS, TritonStages  # noqa: E402
+from moeblaze.routing_plan import build_routing_plan  # noqa: E402
+
+GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
+STAGE_KERNEL = {
+    "gate_up": "gate_up",
+    "down_combine": "scatter_rows",
+    "grad_act": "grad_act",
+    "grad_input": "scatter_rows",
+    "grad_w2": "expert_wgrad",
+    "grad_w13": "expert_wgrad",
+}
+
+
+def _cfg(bm, bn, bk, warps, stages) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+
+
+# Candidates besides the current config: (BLOCK_N, BLOCK_K, warps, stages) for the row-tile
+# kernels at the plan's block_m; full configs for the weight gradient.
+ROW_TILE_CANDIDATES = [
+    (64, 64, 4, 4),
+    (128, 64, 4, 4),
+    (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (256, 64, 8, 3),
+    (128, 32, 8, 5),
+    (256, 32, 8, 4),
+]
+WGRAD_CANDIDATES = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+]
+INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
+
+
+def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
+    """The current config of (kernel, block_m) first, then the other candidates."""
+    if torch.cuda.is_available():
+        current = GPU_CONFIGS[kernel, None if kernel == "expert_wgrad" else block_m]
+        if kernel == "expert_wgrad":
+            others = WGRAD_CANDIDATES
+        else:
+            others = [_cfg(block_m, *c) for c in ROW_TILE_CANDIDATES]
+    else:
+        current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
+        if kernel != "expert_wgrad":
+            current, others = _cfg(block_m, 32, 32, 4, 1), [_cfg(block_m, 64, 16, 4, 1)]
+    return [current, *(c for c in others if c != current)]
+
+
+def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
+    """A zero-argument function running `stage` with `stages` on prepared tensors."""
+    t = tensors
+    calls = {
+        "gate_up": lambda: stages.gate_up(t["x"], t["w13"], plan, store_h=True, store_a=False),
+        "down_combine": lambda: stages.down_combine(
+            t["a"], t["w2"], t["topk_weights"], plan, deterministic=False
+        ),
+        "grad_act": lambda: stages.grad_act(
+            t["dout"], t["w2"], t["h"], t["topk_weights"], plan, store_a=True
+        ),
+        "grad_input": lambda: stages.grad_input(t["dh"], t["w13"], plan, deterministic=False),
+        "grad_w2": lambda: stages.grad_w2(t["dout"], t["a"], t["topk_weights"], plan),
+        "grad_w13": lambda: stages.grad_w13(t["dh"], t["x"], plan),
+    }
+    return calls[stage]
+
+
+def dense_dims(stage: str, shape: Shape) -> tuple[int, int, int]:
+    """(M, K, N) of a dense GEMM with the stage's FLOPs."""
+    S, d, F = shape.T * shape.k, shape.d, shape.F
+    return {
+        "gate_up": (S, d, 2 * F),
+        "down_combine": (S, F, d),
+        "grad_act": (S, d, F),
+        "grad_input": (S, 2 * F, d),
+        "grad_w2": (d, S, F),
+        "grad_w13": (2 * F, S, d),
+    }[stage]
+
+
+def prepare(shape: Shape, dtype, device) -> dict:
+    """Inputs of every stage: x, routing and weights from bench.moe_layer, the intermediate
+    tensors (h, a, dh) from running the stages once."""
+    inputs = make_inputs(shape, dtype, device)
+    t = dict(
+        x=inputs.x.detach(),
+        topk_ids=inputs.topk_ids,
+        topk_weights=inputs.topk_weights.detach(),
+        w13=inputs.w13.detach(),
+        w2=inputs.w2.detach(),
+    )
+    t["dout"] = torch.randn_like(t["x"])
+    return t
+
+
+def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> list[dict]:
+    t = prepare(shape, dtype, device)
+    default = TritonStages()
+    rows = []
+    for block_m in block_ms:
+        plan = build_routing_plan(t["topk_ids"], shape.E, block_m=block_m)
+        h, _ = default.gate_up(t["x"], t["w13"], plan, store_h=True, store_a=False)
+        dh, _, a = default.grad_act(t["dout"], t["w2"], h, t["topk_weights"], plan, store_a=True)
+        tensors = dict(t, h=h, a=a, dh=dh)
+        for stage in stage_names:
+            kernel = STAGE_KERNEL[stage]
+            if kernel == "expert_wgrad" and block_m != block_ms[0]:
+                continue  # the weight gradient does not tile by block_m: sweep it once
+            M, K, N = dense_dims(stage, shape)
+            left = torch.randn(M, K, dtype=dtype, device=device)
+            right = torch.randn(K, N, dtype=dtype, device=device)
+            cublas_ms = harness.time_ms(
+                lambda left=left, right=right: left @ right, device=device, rep_ms=rep_ms
+            )
+            flops = 2 * M * K * N
+            current_ms = current_out = None
+            for i, cfg in enumerate(candidates(kernel, block_m)):
+                key = (kernel, None if kernel == "expert_wgrad" else block_m)
+                fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan)
+                row = dict(
+                    shape=shape.name,
+                    stage=stage,
+                    block_m=block_m if kernel != "expert_wgrad" else None,
+                    config=_describe(cfg) + ("*" if i == 0 else ""),
+                    cublas_ms=cublas_ms,
+                )
+                try:
+                    out = _main_output(fn())
+                    ms = harness.time_ms(fn, device=device, rep_ms=rep_ms)
+                except Exception as error:  # a config that does not compile or fit: skip it
+                    row["error"] = f"{type(error).__name__}: {error}"[:200]
+                    traceback.print_exception(error, limit=-2, file=sys.stderr)
+                    rows.append(row)
+                    continue
+                if i == 0:
+                    current_ms, current_out = ms, out
+                row.update(
+                    ms=ms,
+                    **{"TFLOP/s": flops / (ms * 1e-3) / 1e12},
+                    frac_cublas=cublas_ms / ms,
+                    vs_current=(current_ms / ms) if current_ms else None,
+                    # Largest difference from the current config's output, relative to its
+                    # largest magnitude: summation order only (a few ulps of the dtype).
+                    diff=_relative_diff(out, current_out),
+                    cfg=cfg,
+                )
+                rows.append(row)
+    return rows
+
+
+def _main_output(result) -> torch.Tensor:
+    """The stage's main output (h, out, dh or the weight gradient)."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _relative_diff(out: torch.Tensor, reference: torch.Tensor | None) -> float | None:
+    if reference is None:
+        return None
+    scale = reference.float().abs().max().clamp_min(1e-30)
+    return float((out.float() - reference.float()).abs().max() / scale)
+
+
+def _describe(cfg: GemmConfig) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+COLUMNS = ("shape", "stage", "config", "ms", "TFLOP/s", "frac_cublas", "vs_current", "diff")
+
+
+def best_entries(rows) -> list[str]:
+    """Per (shape, stage, block_m), the fastest config, as a GPU_CONFIGS line."""
+    best = {}
+    for row in rows:
+        if "ms" not in row:
+            continue
+        key = (row["shape"], row["stage"], row["block_m"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    lines = []
+    for (shape, stage, block_m), row in best.items():
+        cfg, speedup = row["cfg"], row["vs_current"]
+        versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
+        lines.append(
+            f"{shape:>14} {stage:>12}: ({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
+            f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
+            f"num_stages={cfg.num_stages})  # {row['ms']:.3g} ms, {row['frac_cublas']:.2f} of "
+            f"cuBLAS, {versus}"
+        )
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--shapes", default=",".join(GPU_SHAPES) if on_gpu else "tiny")
+    parser.add_argument("--stages", default=",".join(STAGE_KERNEL))
+    parser.add_argument("--block-ms", default="64,128", help="the plan's block_m values")
+    parser.add_argument("--rep-ms", type=float, default=50 if on_gpu else 1)
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR))
+    args = parser.parse_args(argv)
+    device = harness.default_device()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    unknown = [s for s in args.stages.split(",") if s not in STAGE_KERNEL]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGE_KERNEL)}")
+    env = harness.environment(device)
+    rows = []
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; choose from {list(SHAPES)}")
+        block_ms = [int(b) for b in args.block_ms.split(",")]
+        stages = args.stages.split(",")
+        rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms)
+        stored = [{k: v for k, v in r.items() if k != "cfg"} for r in rows]
+        path = harness.write_results("tune_expert", stored, env, args.out)  # kept if stopped
+    print(f"\nexpert-MLP stages on {env['gpu']} ({dtype}; * = the current GPU_CONFIGS entry)")
+    harness.print_table(rows, COLUMNS)
+    print("\nfastest per shape and stage:")
+    print("\n".join(best_entries(rows)))
+    print(f"\nwrote {path}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
