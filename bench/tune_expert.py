@@ -13,7 +13,8 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
 
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
 in moeblaze.kernels.expert_mlp.GPU_CONFIGS), ms (median, triton.testing.do_bench), TFLOP/s,
-frac_cublas (cuBLAS ms on a dense [M, K] x [K, N] GEMM of the stage's FLOPs / ms),
+frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
+bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
 stage's output from the current config's, relative to its largest value: a config that gives
 another result, beyond summation order, is a bug to report). The best config per stage is printed
@@ -114,22 +115,15 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
     return calls[stage]
 
 
-def dense_dims(stage: str, shape: Shape) -> tuple[int, int, int]:
-    """(M, K, N) of a dense GEMM with the stage's FLOPs."""
+def stage_flops(stage: str, shape: Shape) -> int:
+    """Model FLOPs of one call of `stage`."""
     S, d, F = shape.T * shape.k, shape.d, shape.F
-    return {
-        "gate_up": (S, d, 2 * F),
-        "down_combine": (S, F, d),
-        "grad_act": (S, d, F),
-        "grad_input": (S, 2 * F, d),
-        "grad_w2": (d, S, F),
-        "grad_w13": (2 * F, S, d),
-    }[stage]
+    return 2 * S * d * F * (2 if stage in ("gate_up", "grad_input", "grad_w13") else 1)
 
 
 def prepare(shape: Shape, dtype, device) -> dict:
-    """Inputs of every stage: x, routing and weights from bench.moe_layer, the intermediate
-    tensors (h, a, dh) from running the stages once."""
+    """x, the routing, the weights (bench.moe_layer's inputs) and dout; sweep_shape adds the
+    intermediate tensors (h, a, dh) of each plan."""
     inputs = make_inputs(shape, dtype, device)
     t = dict(
         x=inputs.x.detach(),
@@ -145,7 +139,7 @@ def prepare(shape: Shape, dtype, device) -> dict:
 def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> list[dict]:
     t = prepare(shape, dtype, device)
     default = TritonStages()
-    rows = []
+    rows, dense = [], {}  # dense: FLOPs -> TFLOP/s of a dense GEMM
     for block_m in block_ms:
         plan = build_routing_plan(t["topk_ids"], shape.E, block_m=block_m)
         h, _ = default.gate_up(t["x"], t["w13"], plan, store_h=True, store_a=False)
@@ -155,13 +149,10 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
             kernel = STAGE_KERNEL[stage]
             if kernel == "expert_wgrad" and block_m != block_ms[0]:
                 continue  # the weight gradient does not tile by block_m: sweep it once
-            M, K, N = dense_dims(stage, shape)
-            left = torch.randn(M, K, dtype=dtype, device=device)
-            right = torch.randn(K, N, dtype=dtype, device=device)
-            cublas_ms = harness.time_ms(
-                lambda left=left, right=right: left @ right, device=device, rep_ms=rep_ms
-            )
-            flops = 2 * M * K * N
+            flops = stage_flops(stage, shape)
+            if flops not in dense:  # timed once per FLOP count, not per block_m
+                dense[flops] = harness.dense_gemm_tflops(flops, dtype, device)
+            dense_tflops = dense[flops]
             current_ms = current_out = None
             for i, cfg in enumerate(candidates(kernel, block_m)):
                 key = (kernel, None if kernel == "expert_wgrad" else block_m)
@@ -171,7 +162,7 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                     stage=stage,
                     block_m=block_m if kernel != "expert_wgrad" else None,
                     config=_describe(cfg) + ("*" if i == 0 else ""),
-                    cublas_ms=cublas_ms,
+                    **{"dense_TFLOP/s": dense_tflops},
                 )
                 try:
                     out = _main_output(fn())
@@ -183,10 +174,11 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                     continue
                 if i == 0:
                     current_ms, current_out = ms, out
+                tflops = flops / (ms * 1e-3) / 1e12
                 row.update(
                     ms=ms,
-                    **{"TFLOP/s": flops / (ms * 1e-3) / 1e12},
-                    frac_cublas=cublas_ms / ms,
+                    **{"TFLOP/s": tflops},
+                    frac_cublas=tflops / dense_tflops,
                     vs_current=(current_ms / ms) if current_ms else None,
                     # Largest difference from the current config's output, relative to its
                     # largest magnitude: summation order only (a few ulps of the dtype).

@@ -235,6 +235,6 @@ def test_tune_expert_sweeps_configs_on_cpu(tmp_path, capsys):
         ("down_combine", False),
     ]
     for r in rows:
-        assert r["ms"] > 0 and r["cublas_ms"] > 0, r
+        assert r["ms"] > 0 and r["dense_TFLOP/s"] > 0, r
         assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
     assert "('scatter_rows', 64): GemmConfig(" in capsys.readouterr().out
