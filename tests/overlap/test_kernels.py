@@ -160,6 +160,28 @@ def _table(tensors):
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=DEVICE)
 
 
+def _rs_reduce(partials, flags, *, dest, m, n, chunk_m, epoch, wait_budget, programs, fill):
+    """Run rs_reduce_kernel for `dest` on an output [m, n] filled with `fill`: (out, status)."""
+    out = torch.full((m, n), fill, device=DEVICE)
+    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    launch_rs_reduce(
+        _table(partials),
+        _table(flags),
+        out,
+        status,
+        dest=dest,
+        world_size=len(partials),
+        row_stride=n,
+        epoch=epoch,
+        wait_budget=wait_budget,
+        chunk_m=chunk_m,
+        num_programs=programs,
+        block_r=16,
+        block_n=16,
+    )
+    return out, status
+
+
 @pytest.mark.parametrize("W, m, n, chunk_m", [(1, 9, 20, 4), (3, 21, 18, 5), (4, 16, 33, 32)])
 def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
     M, cpr = W * m, triton.cdiv(m, chunk_m)
@@ -168,22 +190,17 @@ def test_rs_reduce_sums_the_partials_of_every_rank(W, m, n, chunk_m):
     flags = [torch.full((HEADER_WORDS + W * cpr,), 3, dtype=torch.int32, device=DEVICE)] * W
     total = sum(p.double() for p in partials)
     for dest in range(W):
-        out = torch.full((m, n), float("nan"), device=DEVICE)
-        status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-        launch_rs_reduce(
-            _table(partials),
-            _table(flags),
-            out,
-            status,
+        out, status = _rs_reduce(
+            partials,
+            flags,
             dest=dest,
-            world_size=W,
-            row_stride=n,
+            m=m,
+            n=n,
+            chunk_m=chunk_m,
             epoch=3,
             wait_budget=10,
-            chunk_m=chunk_m,
-            num_programs=2,
-            block_r=16,
-            block_n=16,
+            programs=2,
+            fill=float("nan"),
         )
         assert status.tolist() == [0, 0]
         assert_close(
@@ -242,22 +259,17 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
         torch.full((HEADER_WORDS + W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)
     ]
     flags[2][HEADER_WORDS + dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
-    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    out = torch.full((m, n), float("nan"), device=DEVICE)
-    launch_rs_reduce(
-        _table(partials),
-        _table(flags),
-        out,
-        status,
+    out, status = _rs_reduce(
+        partials,
+        flags,
         dest=dest,
-        world_size=W,
-        row_stride=n,
+        m=m,
+        n=n,
+        chunk_m=chunk_m,
         epoch=2,
         wait_budget=200,
-        chunk_m=chunk_m,
-        num_programs=1,
-        block_r=16,
-        block_n=16,
+        programs=1,
+        fill=0.0,
     )
     assert status.tolist() == [dest * cpr + 1 + 1, 2]
     assert out[4:8].isnan().all(), "a block whose wait failed is NaN, never a partial sum"
@@ -275,22 +287,17 @@ def test_rs_reduce_refuses_a_source_that_made_another_call(word):
         torch.full((HEADER_WORDS + W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)
     ]
     header_slot(flags[1], 2)[word] = 4 if word == 0 else 7  # epoch 2: another call, or epoch 4
-    status = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-    out = torch.zeros(m, n, device=DEVICE)
-    launch_rs_reduce(
-        _table(partials),
-        _table(flags),
-        out,
-        status,
+    out, status = _rs_reduce(
+        partials,
+        flags,
         dest=dest,
-        world_size=W,
-        row_stride=n,
+        m=m,
+        n=n,
+        chunk_m=chunk_m,
         epoch=2,
         wait_budget=200,
-        chunk_m=chunk_m,
-        num_programs=2,
-        block_r=16,
-        block_n=16,
+        programs=2,
+        fill=0.0,
     )
     assert status.tolist() == [-1, 1], "MISMATCH, the source"
     assert out.isnan().all()
