@@ -216,6 +216,10 @@ def _slot_offset(buffer: PeerBuffer, epoch: int) -> int:
     return (epoch % 2) * (buffer.nbytes // 2)
 
 
+# The peer buffer that begins with each rank's header, by op.
+HEADER_BUFFER = {"all_gather_matmul": "ag.ready", "matmul_reduce_scatter": "rs.flags"}
+
+
 class PeerFused(FusedContext):
     """The fused schedules of a DistWorld over peer memory (see the module docstring)."""
 
@@ -226,7 +230,6 @@ class PeerFused(FusedContext):
         self.buffers: dict[str, PeerBuffer] = {}  # peer buffers by purpose
         self._tables: dict[tuple[str, int], torch.Tensor] = {}  # their address tables
         self._local: dict[str, torch.Tensor] = {}  # int32 flags and counters only this rank uses
-        self._header = "ag.ready"  # the buffer whose headers describe the last call
         # Growing a buffer is agreed through the process group's store, under this world's name.
         self._store = dist.distributed_c10d._get_default_store()
         names = [uuid.uuid4().hex if self.rank == 0 else None]
@@ -298,14 +301,14 @@ class PeerFused(FusedContext):
             flags = self._local[name] = torch.zeros(count, dtype=torch.int32, device=self.device)
         return flags
 
-    def peer_signature(self, peer: int, epoch: int) -> list[int] | None:
-        header = self.buffers[self._header].view(peer, torch.int32, (HEADER_WORDS,))
+    def peer_signature(self, op: str, peer: int, epoch: int) -> list[int] | None:
+        header = self.buffers[HEADER_BUFFER[op]].view(peer, torch.int32, (HEADER_WORDS,))
         slot = header_slot(header, epoch)
         return slot[1:].tolist() if int(slot[0]) == epoch else None
 
     def zero_flags(self) -> None:
         self._quiesce()
-        for name in ("ag.ready", "rs.flags"):
+        for name in HEADER_BUFFER.values():  # the buffers holding flags
             if name in self.buffers:
                 self.buffers[name].buffers[self.rank].zero_()
         for flags in self._local.values():
@@ -321,7 +324,6 @@ class PeerFused(FusedContext):
         slot_bytes = m * K * a_shard.element_size()
         rows = self._peer_buffer("ag.rows", 2 * slot_bytes, op, call)
         ready = self._peer_buffer("ag.ready", 4 * HEADER_WORDS, op, call)
-        self._header = "ag.ready"
         epoch = self.next_epoch()
         offset = _slot_offset(rows, epoch)
         shards = [rows.view(p, a_shard.dtype, (m, K), offset) for p in range(W)]  # W x [m, K]
@@ -379,7 +381,6 @@ class PeerFused(FusedContext):
         slot_bytes = M * N * a.element_size()
         partials = self._peer_buffer("rs.partials", 2 * slot_bytes, op, call)
         peer_flags = self._peer_buffer("rs.flags", 4 * (HEADER_WORDS + W * layout.count), op, call)
-        self._header = "rs.flags"
         epoch = self.next_epoch()
         offset = _slot_offset(partials, epoch)
         counters = self._local_flags("rs.counters", W * layout.count)

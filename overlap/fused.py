@@ -194,8 +194,9 @@ class FusedContext(abc.ABC):
         slot[1 : 1 + len(call)].copy_(words)
         self.raise_flag(slot, 0, epoch)
 
-    def peer_signature(self, peer: int, epoch: int) -> list[int] | None:
-        """The call `peer` published for `epoch`, where this process can read it (else None)."""
+    def peer_signature(self, op: str, peer: int, epoch: int) -> list[int] | None:
+        """The call `peer` published for `epoch` of `op`, where this process can read it (else
+        None)."""
         return None
 
     def finish(self, op: str, layout: ChunkLayout, call: tuple[int, ...]) -> None:
@@ -218,5 +219,5 @@ class FusedContext(abc.ABC):
                 timeout_s=self.config.timeout_s,
                 wait_budget=self.wait_budget,
                 mine=call,
-                theirs=lambda peer: self.peer_signature(peer, epoch),
+                theirs=lambda peer: self.peer_signature(op, peer, epoch),
             )
