@@ -4,7 +4,9 @@
 
     topk_ids ──► moeblaze::routing_plan ──► plan_buffer (int32, O(S + E): a RoutingPlan)
     x, topk_weights, w13, w2, plan_buffer ──► moeblaze::moe_mlp_forward ──► out [T, d]  (+ what backward keeps)
-    dout, saved ──► moeblaze::moe_mlp_backward ──► dx, dtopk_weights, dw13, dw2
+    dout, saved ──► moeblaze::moe_mlp_grad_act   ──► dh [S, 2F], dtopk_weights (+ a [S, F])
+    dout, a     ──► moeblaze::moe_mlp_grad_w2    ──► dw2
+    dh, x       ──► moeblaze::moe_mlp_grad_input ──► dx, dw13
 
 What forward keeps for backward (`Saved`), by `recompute` policy, besides x, the weights,
 topk_weights and the plan:
@@ -144,8 +146,13 @@ def _(x, topk_weights, w13, w2, plan_buffer, block_m, keep_h, keep_a, determinis
     return x.new_empty(x.shape), h, a
 
 
-@torch.library.custom_op("moeblaze::moe_mlp_backward", mutates_args=())
-def _backward_op(
+# Backward is three ops, so that each large tensor dies as soon as its last reader has run: an
+# op's arguments stay alive until the op returns. h (recompute="activation") is freed after
+# grad_act, a (computed there, or kept by "none") after grad_w2, dh with the last op.
+
+
+@torch.library.custom_op("moeblaze::moe_mlp_grad_act", mutates_args=())
+def _grad_act_op(
     dout: torch.Tensor,
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -153,44 +160,78 @@ def _backward_op(
     w2: torch.Tensor,
     plan_buffer: torch.Tensor,
     h: torch.Tensor,
-    a: torch.Tensor,
     block_m: int,
     keep_h: bool,
     keep_a: bool,
-    deterministic: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx [T, d], dtopk_weights [T, k], dw13 [E, 2F, d], dw2 [E, d, F])."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a); h is recomputed
+    from x and w13 unless keep_h."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
-    with profile_range("moeblaze.moe_mlp.backward"):
-        if not keep_h:
-            with profile_range("moeblaze.gate_up"):
-                h, _ = stages.gate_up(x, w13, routing_plan, store_h=True, store_a=False)
-        with profile_range("moeblaze.grad_act"):
-            dh, dweights, a_recomputed = stages.grad_act(
-                dout, w2, h, topk_weights, routing_plan, store_a=not keep_a
-            )
-        del h
-        with profile_range("moeblaze.grad_w2"):
-            dw2 = stages.grad_w2(dout, a if keep_a else a_recomputed, topk_weights, routing_plan)
-        del a_recomputed
-        with profile_range("moeblaze.grad_input"):
-            dx = stages.grad_input(dh, w13, routing_plan, deterministic=deterministic)
-        with profile_range("moeblaze.grad_w13"):
-            dw13 = stages.grad_w13(dh, x, routing_plan)
-    return dx, dweights.to(topk_weights.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype)
+    if not keep_h:
+        with profile_range("moeblaze.gate_up"):
+            h, _ = stages.gate_up(x, w13, routing_plan, store_h=True, store_a=False)
+    with profile_range("moeblaze.grad_act"):
+        dh, dweights, a = stages.grad_act(
+            dout, w2, h, topk_weights, routing_plan, store_a=not keep_a
+        )
+    return dh, dweights.to(topk_weights.dtype), a if not keep_a else x.new_empty(0)
 
 
-@_backward_op.register_fake
-def _(dout, x, topk_weights, w13, w2, plan_buffer, h, a, *options):
-    return (
-        x.new_empty(x.shape),
-        topk_weights.new_empty(topk_weights.shape),
-        w13.new_empty(w13.shape),
-        w2.new_empty(w2.shape),
-    )
+@_grad_act_op.register_fake
+def _(dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend):
+    num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
+    a = x.new_empty(0) if keep_a else x.new_empty(num_slots, ffn)
+    return x.new_empty(num_slots, 2 * ffn), topk_weights.new_empty(topk_weights.shape), a
+
+
+@torch.library.custom_op("moeblaze::moe_mlp_grad_w2", mutates_args=())
+def _grad_w2_op(
+    dout: torch.Tensor,
+    a: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w2: torch.Tensor,
+    plan_buffer: torch.Tensor,
+    block_m: int,
+    backend: str,
+) -> torch.Tensor:
+    """Returns dw2 [E, d, F]."""
+    routing_plan = _plan(plan_buffer, topk_weights, w2.shape[0], block_m)
+    with profile_range("moeblaze.grad_w2"):
+        dw2 = STAGES[Backend(backend)].grad_w2(dout, a, topk_weights, routing_plan)
+    return dw2.to(w2.dtype)
+
+
+@_grad_w2_op.register_fake
+def _(dout, a, topk_weights, w2, plan_buffer, block_m, backend):
+    return w2.new_empty(w2.shape)
+
+
+@torch.library.custom_op("moeblaze::moe_mlp_grad_input", mutates_args=())
+def _grad_input_op(
+    dh: torch.Tensor,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    plan_buffer: torch.Tensor,
+    block_m: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx [T, d], dw13 [E, 2F, d])."""
+    routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
+    stages = STAGES[Backend(backend)]
+    with profile_range("moeblaze.grad_input"):
+        dx = stages.grad_input(dh, w13, routing_plan, deterministic=deterministic)
+    with profile_range("moeblaze.grad_w13"):
+        dw13 = stages.grad_w13(dh, x, routing_plan)
+    return dx, dw13.to(w13.dtype)
+
+
+@_grad_input_op.register_fake
+def _(dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend):
+    return x.new_empty(x.shape), w13.new_empty(w13.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -209,9 +250,25 @@ def _backward(ctx, dout, _dh, _da):
     if dout is None:
         return (None,) * 10
     x, topk_weights, w13, w2, plan_buffer, h, a = ctx.saved_tensors
-    dx, dweights, dw13, dw2 = torch.ops.moeblaze.moe_mlp_backward(
-        dout, x, topk_weights, w13, w2, plan_buffer, h, a, *ctx.options
-    )
+    # Autograd would hold h and a until this function returns; drop its references now (unless
+    # the graph is retained), so that each dies after the op that reads it last.
+    ctx.maybe_clear_saved_tensors()
+    block_m, keep_h, keep_a, deterministic, backend = ctx.options
+    dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
+    ops = torch.ops.moeblaze
+    with profile_range("moeblaze.moe_mlp.backward"):
+        dh, dweights, a_computed = ops.moe_mlp_grad_act(
+            dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend
+        )
+        del h
+        if not keep_a:
+            a = a_computed
+        del a_computed
+        dw2 = ops.moe_mlp_grad_w2(dout, a, topk_weights, w2, plan_buffer, block_m, backend)
+        del a
+        dx, dw13 = ops.moe_mlp_grad_input(
+            dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend
+        )
     return dx, dweights, dw13, dw2, *(None,) * 6
 
 
