@@ -289,7 +289,8 @@ def test_backward_frees_h_and_a_after_their_last_reader(policy, path, make_probl
     live.clear()
     out.backward(problem.dout)  # the last backward: each dies after its last reader
     assert live == [("grad_act", kept), ("grad_w2", {"a"}), ("grad_input", set())], live
-    for name, a, b in zip(NAMES[1:], first, (x.grad, weights.grad, w13.grad, w2.grad)):
+    grads = (x.grad, weights.grad, w13.grad, w2.grad)
+    for name, a, b in zip(NAMES[1:], first, grads, strict=True):
         assert torch.equal(a, b), name
 
 
