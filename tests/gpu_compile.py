@@ -89,6 +89,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         shared_bytes=kernel.metadata.shared,
         wgmma=ttgir.count("warp_group_dot "),
         async_copies=ttgir.count("async_copy_global_to_local"),
+        **mainloop_pipelining(ttgir),
         scope=constexprs.get("SCOPE"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
@@ -97,6 +98,44 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         # Flag waits bounded by the GPU's nanosecond clock (real time, not a count of polls).
         clock_reads=ptx.count("%globaltimer"),
         **resource_usage(kernel.asm["cubin"]),
+    )
+
+
+def mainloop_pipelining(ttgir: str) -> dict:
+    """How well the software pipeliner overlapped the GEMM main loops (the scf.for loops that
+    issue a wgmma), from the TTGIR:
+
+    register_operands   dot operands stored into shared memory from registers
+                        (`ttg.local_alloc %t`): loaded synchronously, not by async copies
+    copies_in_flight    min over the main loops of the async-copy groups left in flight when an
+                        iteration waits for its operands (0: every load is waited for at once)
+    wgmma_in_flight     min over the main loops of the wgmmas left in flight by their waits
+                        (0: every step waits for its own MMA)
+    Both minima are None when no loop issues a wgmma (e.g. sm_80).
+    """
+    loops, stack = [], []  # per scf.for region: its async-wait and wgmma-wait counts
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            stack.pop()
+        if text.endswith("{"):
+            stack.append({"copies": [], "mma": [], "dots": 0} if "scf.for " in text else None)
+            if stack[-1] is not None:
+                loops.append(stack[-1])
+            continue
+        loop = next((region for region in reversed(stack) if region is not None), None)
+        if loop is None:
+            continue
+        if "ttg.async_wait " in text and (match := re.search(r"\{num = (\d+)", text)):
+            loop["copies"].append(int(match[1]))
+        if "warp_group_dot_wait " in text and (match := re.search(r"pendings = (\d+)", text)):
+            loop["mma"].append(int(match[1]))
+        loop["dots"] += "ttng.warp_group_dot " in text
+    main = [loop for loop in loops if loop["dots"]]
+    return dict(
+        register_operands=len(re.findall(r"ttg\.local_alloc %", ttgir)),
+        copies_in_flight=min((min(lp["copies"], default=0) for lp in main), default=None),
+        wgmma_in_flight=min((min(lp["mma"], default=0) for lp in main), default=None),
     )
 
 
