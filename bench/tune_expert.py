@@ -71,13 +71,16 @@ ROW_TILE_CANDIDATES = [
     (128, 32, 8, 5),
     (256, 32, 8, 4),
 ]
+# Fewer than 5 stages leave the weight gradient's loads unpipelined (moeblaze.kernels.expert_mlp,
+# GPU_CONFIGS); the first candidate is the config before that was known, for comparison.
 WGRAD_CANDIDATES = [
-    _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 128, 64, 4, 4),
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(256, 128, 64, 8, 3),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 128, 32, 8, 6),
+    _cfg(128, 128, 64, 4, 5),
+    _cfg(128, 256, 64, 8, 5),
+    _cfg(256, 128, 64, 8, 5),
+    _cfg(64, 128, 64, 4, 5),
+    _cfg(128, 64, 64, 4, 5),
 ]
 INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
