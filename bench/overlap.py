@@ -26,6 +26,8 @@ PROJECTED for W GPUs over NVLink (bench/overlap_model.py; link bandwidth --link-
 
     python -m bench.overlap                          # the GPU sweep above, results to bench/results
     python -m bench.overlap --world-sizes 8 --ms 8192 --ops ag
+    python -m bench.overlap --world-sizes 8 --ms 8192 --tiles 128x256x64:8:3,128x128x64:8:4
+                                                     # fused GEMM tile configs side by side
     python -m bench.overlap --shapes tiny --out OUTDIR  # CPU smoke run (Triton interpreter)
 
 On the CPU the fused kernels run under the Triton interpreter: those numbers show that the
@@ -46,6 +48,7 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
 import overlap  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.overlap_model import DEFAULT_LINK_GBPS, project  # noqa: E402
+from kernelbase.gemm import GemmConfig  # noqa: E402
 from kernelbase.profiling import profile_range  # noqa: E402
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm  # noqa: E402
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce  # noqa: E402
@@ -59,6 +62,7 @@ MEASURED = (
     "op",
     "W",
     "M",
+    "tile",
     "serial_ms",
     "pipelined_ms",
     "fused_ms",
@@ -148,16 +152,32 @@ def make_inputs(case: Case, dtype, device, seed=0):
     return a, b.mul_(case.inner**-0.5)
 
 
-def _world(case, device, mode, chunk_m):
-    config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False)
+def _world(case, device, mode, chunk_m, tile=None):
+    config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False, tile=tile)
     return overlap.LocalWorld(case.W, device, mode=mode, config=config)
+
+
+def parse_tile(text: str) -> GemmConfig:
+    """'BMxBNxBK:warps:stages' (e.g. 128x256x64:8:3) -> GemmConfig."""
+    try:
+        sizes, warps, stages = text.split(":")
+        block_m, block_n, block_k = (int(v) for v in sizes.split("x"))
+        return GemmConfig(block_m, block_n, block_k, num_warps=int(warps), num_stages=int(stages))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a tile is BMxBNxBK:warps:stages, e.g. 128x256x64:8:3; got {text!r}"
+        ) from None
+
+
+def describe_tile(tile: GemmConfig) -> str:
+    return f"{tile.block_m}x{tile.block_n}x{tile.block_k}:{tile.num_warps}:{tile.num_stages}"
 
 
 def _time(fn, device, rep_ms):
     return harness.time_ms(fn, device=device, rep_ms=rep_ms)
 
 
-def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
+def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None) -> dict:
     a, b = make_inputs(case, dtype, device)
     op_fn = overlap.all_gather_matmul if case.op == "ag" else overlap.matmul_reduce_scatter
     row = dict(
@@ -170,12 +190,13 @@ def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps) -> dict:
         chunk_m=chunk_m,
         link_GBps=link_gbps,
     )
-    fused_world = _world(case, device, "fused", chunk_m)
+    fused_world = _world(case, device, "fused", chunk_m, tile)
+    row["tile"] = describe_tile(fused_world.fused.tile)
     for mode, world in (
         ("serial", _world(case, device, "serial", chunk_m)),
         ("pipelined", _world(case, device, "pipelined", chunk_m)),
         ("fused", fused_world),
-        ("auto", _world(case, device, None, chunk_m)),
+        ("auto", _world(case, device, None, chunk_m, tile)),
     ):
         with profile_range(f"bench overlap {case.op} W={case.W} M={case.M} {mode}"):
             row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
@@ -351,6 +372,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--chunk-m", type=int, default=None, help="rows per chunk (default: the world's)"
     )
+    parser.add_argument(
+        "--tiles",
+        type=lambda text: [parse_tile(t) for t in text.split(",")],
+        default=[None],
+        help="fused GEMM tile configs BMxBNxBK:warps:stages, comma-separated; one row per case "
+        "and tile (default: the world's)",
+    )
     parser.add_argument("--link-gbps", type=float, default=DEFAULT_LINK_GBPS)
     parser.add_argument("--rep-ms", type=float, default=100 if on_gpu else 1)
     parser.add_argument("--out", default=str(harness.RESULTS_DIR))
@@ -365,15 +393,26 @@ def main(argv=None) -> int:
     chunk_m = args.chunk_m or (8 if tiny else None)
     env = harness.environment(device)
     rows, failed = [], False
-    for case in cases(args.ops.split(","), world_sizes, ms, hidden, ffn):
+    runs = [
+        (case, tile)
+        for case in cases(args.ops.split(","), world_sizes, ms, hidden, ffn)
+        for tile in args.tiles
+    ]
+    for case, tile in runs:
         try:
-            rows.append(measure(case, dtype, device, chunk_m, args.rep_ms, args.link_gbps))
+            rows.append(measure(case, dtype, device, chunk_m, args.rep_ms, args.link_gbps, tile))
         except Exception as error:  # e.g. out of memory: report the case and go on
             failed = True
             print(f"{case}: FAILED", file=sys.stderr)
             traceback.print_exception(error, limit=-3, file=sys.stderr)
             rows.append(
-                dict(op=case.op, W=case.W, M=case.M, error=f"{type(error).__name__}: {error}"[:300])
+                dict(
+                    op=case.op,
+                    W=case.W,
+                    M=case.M,
+                    tile=describe_tile(tile) if tile else None,
+                    error=f"{type(error).__name__}: {error}"[:300],
+                )
             )
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -394,13 +433,14 @@ def main(argv=None) -> int:
         metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
         title="overlap (LocalWorld, one GPU; proj_*: projected)",
     )
-    print(
-        f"\noverlap.tuning.FUSED_FROM_FLOPS entries this run supports (fused within {FUSED_WINS}x"
-    )
-    print("of the faster of serial and pipelined at every larger measured shape):")
-    for op, threshold in fused_thresholds(rows).items():
-        key = ("LocalWorld", env["gpu"], op)
-        print(f"    {key!r}: {threshold:.3g}," if threshold else f"    none for {key!r}")
+    if len(args.tiles) == 1:  # the table is for the tiles the library runs
+        print(
+            f"\noverlap.tuning.FUSED_FROM_FLOPS entries this run supports (fused within "
+            f"{FUSED_WINS}x of the faster of serial and pipelined at every larger measured shape):"
+        )
+        for op, threshold in fused_thresholds(rows).items():
+            key = ("LocalWorld", env["gpu"], op)
+            print(f"    {key!r}: {threshold:.3g}," if threshold else f"    none for {key!r}")
     print(f"\nwrote {path}")
     return 1 if failed else 0
 

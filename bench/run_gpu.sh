@@ -6,12 +6,13 @@
 #
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
 # csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels, up to about
-# 9 minutes) runs only when named.
+# 9 minutes) and overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
+# OUTDIR/overlap_tiles) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt (logs), the result
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -53,6 +54,8 @@ step overlap 110 python -m bench.overlap --out "$OUT"
 step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"
 step tune_expert 540 python -m bench.tune_expert --out "$OUT"
+step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
+    --tiles 128x256x64:8:3,128x256x32:8:4,128x128x64:8:4,128x128x64:8:3 --out "$OUT/overlap_tiles"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

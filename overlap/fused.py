@@ -41,11 +41,12 @@ from overlap.protocol import (
 from overlap.streams import SideStream
 from overlap.world import OverlapConfig
 
-# GPU: 128x256 tiles (the bf16 H100 shape of Triton's persistent matmul tutorial) with
-# BLOCK_K=32 and 4 stages: 254 (AG) and 234 (RS) registers and no spills in Triton 3.9's sm_90
-# build (tests/gpu_compile.py); BLOCK_K=64 spilled. Measured on an H100 (issue notes): 0.23 of
-# cuBLAS for the AG-GEMM with every flag up, so this config is a placeholder.
-GPU_TILE_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=32, num_warps=8, num_stages=4)
+# GPU: the bf16 H100 tile of Triton's persistent matmul tutorial, 128x256x64 with 8 warps and 3
+# stages: 232 (AG) and 244 (RS) registers, no spills, both operands pipelined in Triton 3.9's
+# sm_90 build (tests/gpu_compile.py). Not yet measured: the H100 run of the issue notes (0.23 of
+# cuBLAS for the AG-GEMM) had 128x256x32 with 4 stages and an unpipelined A operand.
+# `bench.overlap --tiles` compares configs.
+GPU_TILE_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
 # CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
 INTERPRETER_TILE_CONFIG = GemmConfig(
     block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3

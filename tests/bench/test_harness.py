@@ -209,6 +209,20 @@ def test_overlap_bench_end_to_end_on_cpu(tmp_path):
         assert r["serial_ms"] > 0 and r["fused_ms"] > 0 and r["pipelined_ms"] > 0
 
 
+def test_overlap_bench_compares_tiles(tmp_path):
+    from bench import overlap as overlap_bench
+
+    tiles = "16x16x16:1:1,16x32x16:2:1"
+    argv = ["--shapes", "tiny", "--ops", "ag", "--world-sizes", "2", "--tiles", tiles]
+    assert overlap_bench.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "overlap-cpu.json").read_text())["rows"]
+    assert [r["tile"] for r in rows] == tiles.split(","), rows
+    for r in rows:
+        assert "error" not in r and r["fused_present_ms"] > 0, r
+    with pytest.raises(SystemExit):
+        overlap_bench.main(["--tiles", "128x256:8"])
+
+
 def test_overlap_dist_bench_end_to_end_on_cpu(tmp_path):
     from bench import overlap_dist
 
