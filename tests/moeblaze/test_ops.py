@@ -16,6 +16,7 @@ from tolerance import assert_bf16_close, assert_close
 import moeblaze
 from kernelbase import alloc
 from kernelbase.backend import backend_for
+from kernelbase.gemm import GemmConfig
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
@@ -101,6 +102,18 @@ def test_matches_reference(shape, path, make_problem):
     empty = assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
     if routing != "random" or E == 256:
         assert empty > 0, "the case is meant to leave experts without tokens"
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 64], ids=lambda n: f"split{min(4, n // 16)}")
+@pytest.mark.parametrize("policy", ["activation", "none"])
+def test_grad_act_epilogue_splits(block_n, policy, make_problem, monkeypatch):
+    # grad_act's epilogue runs on 1, 2 or 4 column slices of its tile (EPILOGUE_SPLIT); F = 40
+    # leaves the last tile's slices partly or wholly past F. "none" keeps a: no a is stored.
+    problem = make_problem(21, 24, 40, 5, 2, seed=16)
+    block_m = TRITON_STAGES.block_m(42, 5)
+    config = GemmConfig(block_m, block_n, 32, group_m=4)
+    monkeypatch.setattr(TRITON_STAGES, "configs", {("grad_act", block_m): config})
+    assert_matches_reference(problem.run(recompute=policy), problem.reference())
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
