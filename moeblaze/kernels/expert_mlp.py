@@ -147,10 +147,8 @@ def _grad_act_columns(
     g,
     rows,
     row_mask,
-    slots,
     w_row,
     cols,
-    col_mask,
     F,
     h_ptr,
     dh_ptr,
@@ -162,7 +160,7 @@ def _grad_act_columns(
 ):
     """The epilogue of grad_act on the columns `cols` of g: stores dh (and a); returns
     rowsum(g * a) over these columns."""
-    mask = row_mask[:, None] & col_mask[None, :]
+    mask = row_mask[:, None] & (cols < F)[None, :]
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
     gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
@@ -265,20 +263,20 @@ def grad_act_kernel(
         w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
         args = (F, h_ptr, dh_ptr, a_ptr, stride_h, stride_dh, stride_a, STORE_A)
         if EPILOGUE_SPLIT == 1:
-            dw = _grad_act_columns(g, rows, row_mask, slots, w_row, cols, col_mask, *args)
+            dw = _grad_act_columns(g, rows, row_mask, w_row, cols, *args)
         else:
             g0, g1, c0, c1 = _split_columns(g, cols, BLOCK_M, BLOCK_N // 2)
             if EPILOGUE_SPLIT == 2:
-                dw = _grad_act_columns(g0, rows, row_mask, slots, w_row, c0, c0 < F, *args)
-                dw += _grad_act_columns(g1, rows, row_mask, slots, w_row, c1, c1 < F, *args)
+                dw = _grad_act_columns(g0, rows, row_mask, w_row, c0, *args)
+                dw += _grad_act_columns(g1, rows, row_mask, w_row, c1, *args)
             else:
                 quarter: tl.constexpr = BLOCK_N // 4
                 g00, g01, c00, c01 = _split_columns(g0, c0, BLOCK_M, quarter)
                 g10, g11, c10, c11 = _split_columns(g1, c1, BLOCK_M, quarter)
-                dw = _grad_act_columns(g00, rows, row_mask, slots, w_row, c00, c00 < F, *args)
-                dw += _grad_act_columns(g01, rows, row_mask, slots, w_row, c01, c01 < F, *args)
-                dw += _grad_act_columns(g10, rows, row_mask, slots, w_row, c10, c10 < F, *args)
-                dw += _grad_act_columns(g11, rows, row_mask, slots, w_row, c11, c11 < F, *args)
+                dw = _grad_act_columns(g00, rows, row_mask, w_row, c00, *args)
+                dw += _grad_act_columns(g01, rows, row_mask, w_row, c01, *args)
+                dw += _grad_act_columns(g10, rows, row_mask, w_row, c10, *args)
+                dw += _grad_act_columns(g11, rows, row_mask, w_row, c11, *args)
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
 
