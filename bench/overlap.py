@@ -20,6 +20,12 @@ MEASURED on one GPU (every time is for all W virtual ranks, which run one after 
   fused_present_ms  the fused GEMM kernels alone, every flag already raised (AG) / without the
                  reduction (RS); frac_cublas = cublas_ms / fused_present_ms (target >= 0.9)
   chunked_ms     the pipelined schedule's per-chunk cuBLAS GEMMs alone, all data present
+EMULATED LINK (--emulate-link GBPS; overlap.link): every mode's worlds are
+  LocalWorld(link_gbps=GBPS), so each transfer between ranks takes its time on a link of that
+  bandwidth, and serial/pipelined/fused/auto_ms include it. Then
+  link_ms        the link's time by construction: W * (W-1) * m * K (AG) or N (RS) * bytes / GBPS
+  comm_ms        AG max(link_ms, the copies); RS link_ms + the reduction
+  efficiency     (serial - fused) / min(comm, compute) as above (target >= 0.8 at 450 GB/s, W=8)
 PROJECTED for W GPUs over NVLink (bench/overlap_model.py; link bandwidth --link-gbps, assumed):
   proj_comm_ms, proj_gemm_ms, proj_serial_ms, proj_pipelined_ms, proj_fused_ms, proj_efficiency
   (per-rank compute = measured / W; see the model's docstring for what is not modelled)
@@ -28,6 +34,7 @@ PROJECTED for W GPUs over NVLink (bench/overlap_model.py; link bandwidth --link-
     python -m bench.overlap --world-sizes 8 --ms 8192 --ops ag
     python -m bench.overlap --world-sizes 8 --ms 8192 --tiles 128x256x64:8:3,128x128x64:8:4
                                                      # fused GEMM tile configs side by side
+    python -m bench.overlap --world-sizes 8 --emulate-link 450   # overlap efficiency on one GPU
     python -m bench.overlap --shapes tiny --out OUTDIR  # CPU smoke run (Triton interpreter)
 
 On the CPU the fused kernels run under the Triton interpreter: those numbers show that the
@@ -63,6 +70,8 @@ MEASURED = (
     "W",
     "M",
     "tile",
+    "emulated_link_GBps",
+    "link_ms",
     "serial_ms",
     "pipelined_ms",
     "fused_ms",
@@ -152,9 +161,9 @@ def make_inputs(case: Case, dtype, device, seed=0):
     return a, b.mul_(case.inner**-0.5)
 
 
-def _world(case, device, mode, chunk_m, tile=None):
+def _world(case, device, mode, chunk_m, tile=None, emulated_link=None):
     config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False, tile=tile)
-    return overlap.LocalWorld(case.W, device, mode=mode, config=config)
+    return overlap.LocalWorld(case.W, device, mode=mode, config=config, link_gbps=emulated_link)
 
 
 def parse_tile(text: str) -> GemmConfig:
@@ -177,7 +186,10 @@ def _time(fn, device, rep_ms):
     return harness.time_ms(fn, device=device, rep_ms=rep_ms)
 
 
-def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None) -> dict:
+def measure(
+    case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None, emulated_link=None
+) -> dict:
+    """One row: see the module docstring. `emulated_link`: GB/s of LocalWorld(link_gbps=...)."""
     a, b = make_inputs(case, dtype, device)
     op_fn = overlap.all_gather_matmul if case.op == "ag" else overlap.matmul_reduce_scatter
     row = dict(
@@ -189,14 +201,15 @@ def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None) ->
         dtype=str(dtype).removeprefix("torch."),
         chunk_m=chunk_m,
         link_GBps=link_gbps,
+        emulated_link_GBps=emulated_link,
     )
-    fused_world = _world(case, device, "fused", chunk_m, tile)
+    fused_world = _world(case, device, "fused", chunk_m, tile, emulated_link)
     row["tile"] = describe_tile(fused_world.fused.tile)
     for mode, world in (
-        ("serial", _world(case, device, "serial", chunk_m)),
-        ("pipelined", _world(case, device, "pipelined", chunk_m)),
+        ("serial", _world(case, device, "serial", chunk_m, None, emulated_link)),
+        ("pipelined", _world(case, device, "pipelined", chunk_m, None, emulated_link)),
         ("fused", fused_world),
-        ("auto", _world(case, device, None, chunk_m, tile)),
+        ("auto", _world(case, device, None, chunk_m, tile, emulated_link)),
     ):
         with profile_range(f"bench overlap {case.op} W={case.W} M={case.M} {mode}"):
             row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
@@ -207,6 +220,14 @@ def measure(case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None) ->
     row.update(alone(case, a, b, fused_world, device, rep_ms))
     fused_world.check_status()
     row["cublas_ms"] = row["compute_ms"]
+    if emulated_link:
+        m, row_elems = case.M // case.W, case.inner if case.op == "ag" else case.cols
+        row_bytes = row_elems * a.element_size()
+        row["link_ms"] = case.W * (case.W - 1) * m * row_bytes / emulated_link / 1e6
+        if case.op == "ag":
+            row["comm_ms"] = max(row["link_ms"], row["comm_ms"])
+        else:
+            row["comm_ms"] += row["link_ms"]
     row["efficiency"] = (row["serial_ms"] - row["fused_ms"]) / min(
         row["comm_ms"], row["compute_ms"]
     )
@@ -379,7 +400,20 @@ def main(argv=None) -> int:
         help="fused GEMM tile configs BMxBNxBK:warps:stages, comma-separated; one row per case "
         "and tile (default: the world's)",
     )
-    parser.add_argument("--link-gbps", type=float, default=DEFAULT_LINK_GBPS)
+    parser.add_argument(
+        "--link-gbps",
+        type=float,
+        default=DEFAULT_LINK_GBPS,
+        help="link bandwidth of the projection to W GPUs (a model)",
+    )
+    parser.add_argument(
+        "--emulate-link",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="measure every mode on LocalWorld(link_gbps=GBPS): transfers take their time on "
+        "an emulated link of GBPS GB/s per direction",
+    )
     parser.add_argument("--rep-ms", type=float, default=100 if on_gpu else 1)
     parser.add_argument("--out", default=str(harness.RESULTS_DIR))
     args = parser.parse_args(argv)
@@ -400,7 +434,18 @@ def main(argv=None) -> int:
     ]
     for case, tile in runs:
         try:
-            rows.append(measure(case, dtype, device, chunk_m, args.rep_ms, args.link_gbps, tile))
+            rows.append(
+                measure(
+                    case,
+                    dtype,
+                    device,
+                    chunk_m,
+                    args.rep_ms,
+                    args.link_gbps,
+                    tile,
+                    args.emulate_link,
+                )
+            )
         except Exception as error:  # e.g. out of memory: report the case and go on
             failed = True
             print(f"{case}: FAILED", file=sys.stderr)
@@ -418,7 +463,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         path = harness.write_results("overlap", rows, env, args.out)  # kept if a limit stops us
 
-    print(f"\nMEASURED on one {env['gpu']} (LocalWorld: the W ranks run one after another)")
+    link = f", links emulated at {args.emulate_link:g} GB/s" if args.emulate_link else ""
+    print(f"\nMEASURED on one {env['gpu']} (LocalWorld: the W ranks run one after another{link})")
     harness.print_table(rows, MEASURED)
     print(
         f"\nPROJECTED for W GPUs over NVLink at {args.link_gbps:g} GB/s per direction "
@@ -433,7 +479,7 @@ def main(argv=None) -> int:
         metrics=("efficiency", "frac_cublas", "fused_vs_serial", "proj_efficiency"),
         title="overlap (LocalWorld, one GPU; proj_*: projected)",
     )
-    if len(args.tiles) == 1:  # the table is for the tiles the library runs
+    if len(args.tiles) == 1 and not args.emulate_link:  # the tiles and links the library runs
         print(
             f"\noverlap.tuning.FUSED_FROM_FLOPS entries this run supports (fused within "
             f"{FUSED_WINS}x of the faster of serial and pipelined at every larger measured shape):"

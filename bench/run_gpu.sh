@@ -6,13 +6,14 @@
 #
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
 # csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels, up to about
-# 9 minutes) and overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
-# OUTDIR/overlap_tiles) run only when named.
+# 9 minutes), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
+# OUTDIR/overlap_tiles) and overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
+# OUTDIR/overlap_link) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt (logs), the result
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt, overlap_link.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -56,6 +57,8 @@ step hf_model 200 python -m bench.hf_model --out "$OUT"
 step tune_expert 540 python -m bench.tune_expert --out "$OUT"
 step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
     --tiles 128x256x64:8:3,128x256x32:8:4,128x128x64:8:4,128x128x64:8:3 --out "$OUT/overlap_tiles"
+step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450 \
+    --out "$OUT/overlap_link"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

@@ -15,6 +15,7 @@ peer memory on one node, a chunked pipeline of collectives, or serial).
     world.py         the World interface, modes and the mode policy
     fused.py         FusedContext: the state and machinery of a world's fused calls
     local_world.py   LocalWorld (W virtual ranks on one device) and its fused context
+    link.py          LocalWorld's emulated link: the time each schedule's transfers cost
     dist_world.py    DistWorld (torch.distributed) and its fused context over peer_memory.py
     ops.py           all_gather_matmul, matmul_reduce_scatter: torch.library ops with autograd
     layers.py        ColumnParallelLinear, RowParallelLinear, ParallelMLP (nn.Modules)

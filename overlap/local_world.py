@@ -22,6 +22,9 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
 On the CPU (Triton interpreter) every producer finishes before its consumer is launched, so the
 flags are all up when the consumer polls them; the protocol (and its timeout) is still exercised.
 The serial and pipelined schedules are torch ops (the "collectives" are copies and sums).
+
+`link_gbps` makes every transfer between the ranks cost its time on a link of that bandwidth, in
+all three schedules (overlap.link), so that overlap can be measured on one GPU.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+from overlap.link import EmulatedLink
 from overlap.protocol import HEADER_WORDS, peer_chunks
 from overlap.world import OverlapConfig, World, acc_dtype
 
@@ -46,12 +50,22 @@ class LocalWorld(World):
         mode: None (automatic), "fused", "pipelined" or "serial" (or a `Mode`). "fused" needs
             a CUDA device or the Triton interpreter (TRITON_INTERPRET=1) on the CPU.
         config: an `OverlapConfig`.
+        link_gbps: emulate links of this bandwidth between the ranks (GB/s per direction, e.g.
+            450 for an H100's NVLink): every schedule's transfers take their time on them
+            (overlap.link). None (default): transfers are device-to-device copies. Needs a CUDA
+            device or the Triton interpreter (which has no clock: nothing waits there).
     """
 
     stacked_ranks = True
 
     def __init__(
-        self, world_size: int, device=None, *, mode=None, config: OverlapConfig | None = None
+        self,
+        world_size: int,
+        device=None,
+        *,
+        mode=None,
+        config: OverlapConfig | None = None,
+        link_gbps: float | None = None,
     ):
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
@@ -62,7 +76,21 @@ class LocalWorld(World):
             raise ValueError(f"LocalWorld device {device}: {info()['cuda']}")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        #: The emulated link (overlap.link.EmulatedLink), None without `link_gbps`.
+        self.link = None
+        if link_gbps is not None:
+            if backend_for(device) is Backend.TORCH:
+                raise ValueError(
+                    f"LocalWorld link_gbps={link_gbps!r} needs a CUDA device or the Triton "
+                    f"interpreter (its waits are Triton kernels); device is {device}."
+                    + late_interpreter_hint()
+                )
+            self.link = EmulatedLink(link_gbps, device)
         super().__init__(world_size, device, mode, config)
+
+    def __repr__(self) -> str:
+        link = f", link_gbps={self.link.gbps:g}" if self.link else ""
+        return super().__repr__()[:-1] + link + ")"
 
     def _make_fused(self):
         if backend_for(self.device) is Backend.TORCH:
@@ -83,10 +111,17 @@ class LocalWorld(World):
         W, m, K = a_shard.shape
         out = torch.empty(W, W * m, b.shape[-1], dtype=a_shard.dtype, device=self.device)
         gathered = []
+        link = self.link
+        if link:
+            link.begin(W)
         for rank in range(W):
             with profile_range("overlap.ag.copy"):
+                if link:
+                    link.start(rank)
                 buf = a_shard.new_empty(W * m, K)  # this rank's gather buffer
                 buf.copy_(a_shard.view(W * m, K))
+                if link:
+                    link.arrived(rank, (W - 1) * m * K * a_shard.element_size())
             with profile_range("overlap.ag.gemm"):
                 torch.matmul(buf, b[rank], out=out[rank])
             gathered.append(buf)
@@ -96,10 +131,15 @@ class LocalWorld(World):
         W, M, _ = a.shape
         m = M // W
         acc = torch.zeros(W, m, b.shape[-1], dtype=acc_dtype(a.dtype), device=self.device)
+        link = self.link
+        if link:
+            link.begin(W)
         for rank in range(W):
             with profile_range("overlap.rs.gemm"):
                 partial = torch.matmul(a[rank], b[rank])  # [M, N], this rank's partial
             with profile_range("overlap.rs.reduce"):
+                if link:  # this rank's partial rows for its W-1 peers
+                    link.send(rank, (W - 1) * m * b.shape[-1] * a.element_size())
                 acc += partial.view(W, m, b.shape[-1])
         return acc.to(a.dtype)
 
@@ -108,15 +148,25 @@ class LocalWorld(World):
         layout = self.chunk_layout(m)
         out = torch.empty(W, W * m, b.shape[-1], dtype=a_shard.dtype, device=self.device)
         gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]
+        link, row_bytes, arrived_rows = self.link, K * a_shard.element_size(), 0
+        if link:
+            link.begin(W)
         streams = self.streams
         streams.fork()
         for rank in range(W):
             torch.matmul(a_shard[rank], b[rank], out=out[rank, rank * m : (rank + 1) * m])
+            if link:
+                with streams():
+                    link.start(rank)
+                arrived_rows = 0
             for src, chunk in peer_chunks(rank, W, layout):
                 lo, hi = layout.rows(chunk)
                 rows = slice(src * m + lo, src * m + hi)
                 with streams():
                     gathered[rank][rows].copy_(a_shard[src, lo:hi])
+                    if link:
+                        arrived_rows += hi - lo
+                        link.arrived(rank, arrived_rows * row_bytes)
                 streams.wait(streams.record(on_side=True), on_side=False)
                 torch.matmul(gathered[rank][rows], b[rank], out=out[rank, rows])
             with streams():
@@ -130,6 +180,9 @@ class LocalWorld(World):
         layout = self.chunk_layout(m)
         out = torch.empty(W, m, b.shape[-1], dtype=a.dtype, device=self.device)
         sum_dtype = acc_dtype(a.dtype)
+        link, row_bytes = self.link, b.shape[-1] * a.element_size()
+        if link:
+            link.begin(1)
         streams = self.streams
         for dest in range(W):
             for chunk in range(layout.count):
@@ -139,6 +192,8 @@ class LocalWorld(World):
                 event = streams.record(on_side=False)
                 with streams():
                     streams.wait(event, on_side=True)
+                    if link:  # the W-1 peers' partials of the chunk; the links one after another
+                        link.send(0, (W - 1) * (hi - lo) * row_bytes)
                     if streams.stream is not None:
                         parts.record_stream(streams.stream)
                     out[dest, lo:hi] = parts.sum(0, dtype=sum_dtype).to(a.dtype)
@@ -164,6 +219,7 @@ class LocalFused(FusedContext):
     def __init__(self, world: LocalWorld):
         W = world.world_size
         super().__init__(W, world.device, world.config, world.streams, list(range(W)))
+        self.link = world.link
         self.ag_flags: list[torch.Tensor] = []  # W x [W*cpr] int32, grown to the largest call
         self.rs_workspace: _RSWorkspace | None = None
 
@@ -187,6 +243,7 @@ class LocalFused(FusedContext):
         num_tiles = ag_gemm_tiles(m, n, W, self.tile)
         programs = self.programs(num_tiles, self.free_sms())
         counts = self.tile_counts(W, num_tiles)
+        link_clock = self.link.begin(W) if self.link else None
         self.streams.fork()
         for rank in range(W):
             with self.streams(), profile_range("overlap.ag.copy"):
@@ -211,6 +268,10 @@ class LocalFused(FusedContext):
                     config=self.tile,
                     num_programs=programs,
                     tile_counts=counts[rank],
+                    link_clock=link_clock[rank:] if self.link else None,
+                    link_ns_per_row=self.link.ns_per_row(K * a_shard.element_size())
+                    if self.link
+                    else 0.0,
                 )
         self.streams.join()
         call = self.signature("all_gather_matmul", (m, K, n), a_shard.dtype, layout)
@@ -252,6 +313,9 @@ class LocalFused(FusedContext):
         num_tiles = gemm_rs_tiles(m, N, W, self.tile)
         programs = self.programs(num_tiles, reserve)
         counts = self.tile_counts(W, num_tiles)
+        link, link_clock = self.link, None
+        if link:  # [W] the ranks' links, then [W, W, cpr] the chunks' arrivals
+            link_clock = link.begin(W + W * W * layout.count)
         self.streams.fork()
         with profile_range("overlap.rs.gemm"):
             for rank in range(W):
@@ -269,7 +333,11 @@ class LocalFused(FusedContext):
                     config=self.tile,
                     num_programs=programs,
                     tile_counts=counts[rank],
+                    link_clock=link_clock,
+                    link_ns_per_row=link.ns_per_row(N * a.element_size()) if link else 0.0,
                 )
+                if link:  # the next rank's GEMM starts once this rank's transfers are done
+                    link.drain(rank)
         # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
         with self.streams(), profile_range("overlap.rs.reduce"):
             for dest in range(W):
@@ -287,6 +355,7 @@ class LocalFused(FusedContext):
                     num_programs=reduce_programs,
                     block_r=block_r,
                     block_n=block_n,
+                    link_clock=link_clock,
                 )
         self.streams.join()
         self.finish("matmul_reduce_scatter", layout, call)

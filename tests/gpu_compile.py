@@ -91,6 +91,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         async_copies=ttgir.count("async_copy_global_to_local"),
         **mainloop_pipelining(ttgir),
         scope=constexprs.get("SCOPE"),
+        link=constexprs.get("LINK"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -185,11 +186,13 @@ def run_moeblaze_launchers() -> None:
 
 def run_overlap_launchers() -> None:
     """Llama-70B shapes at W=8: the persistent AG-GEMM and GEMM-RS at both memory scopes, the RS
-    reduction, the peers' ready wait and the fallback flag kernel."""
+    reduction, the peers' ready wait and the fallback flag kernel; the GEMMs and the reduction
+    with the emulated link of a LocalWorld too, and its one-warp wait."""
     from overlap.fused import GPU_REDUCE_BLOCK, GPU_TILE_CONFIG
     from overlap.kernels.ag_gemm import launch_ag_gemm
     from overlap.kernels.flags import launch_raise_flag, launch_wait_peers
     from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
+    from overlap.kernels.link import launch_link_wait
 
     W, M, hidden, ffn = 8, 8192, 8192, 28672
     m, n = M // W, ffn // W
@@ -200,18 +203,22 @@ def run_overlap_launchers() -> None:
     flags, status = empty(W * 2, dtype=torch.int32), empty(2, dtype=torch.int32)
     table = empty(W, dtype=torch.int64)
     common = dict(world_size=W, epoch=3, chunk_m=512, config=GPU_TILE_CONFIG, num_programs=132)
-    launch_ag_gemm(
-        empty(m, hidden),
-        empty(M, hidden),
-        empty(hidden, n),
-        empty(M, n),
-        flags,
-        status,
-        rank=5,
-        wait_budget=1000,
-        **common,
-    )
-    for scope in ("gpu", "sys"):
+    clock = empty(W + W * W * 2, dtype=torch.int64)
+    links = [{}, dict(link_clock=clock, link_ns_per_row=36.4)]  # LocalWorld(link_gbps=450)
+    for link in links:
+        launch_ag_gemm(
+            empty(m, hidden),
+            empty(M, hidden),
+            empty(hidden, n),
+            empty(M, n),
+            flags,
+            status,
+            rank=5,
+            wait_budget=1000,
+            **common,
+            **link,
+        )
+    for scope, link in [("gpu", links[0]), ("sys", links[0]), ("gpu", links[1])]:
         counters = empty(W * 2, dtype=torch.int32)
         launch_gemm_rs(
             empty(M, n),
@@ -222,6 +229,7 @@ def run_overlap_launchers() -> None:
             rank=5,
             scope=scope,
             **common,
+            **link,
         )
         launch_rs_reduce(
             table,
@@ -238,6 +246,7 @@ def run_overlap_launchers() -> None:
             block_r=GPU_REDUCE_BLOCK[0],
             block_n=GPU_REDUCE_BLOCK[1],
             scope=scope,
+            link_clock=link.get("link_clock"),
         )
     launch_wait_peers(
         table,
@@ -250,6 +259,8 @@ def run_overlap_launchers() -> None:
         scope="sys",
     )
     launch_raise_flag(flags, 7, 3)
+    for queue in (False, True):
+        launch_link_wait(clock, 5, 123_456, queue=queue)
 
 
 PACKAGES = {"moeblaze": run_moeblaze_launchers, "overlap": run_overlap_launchers}

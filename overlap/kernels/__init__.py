@@ -5,5 +5,6 @@ gemm_rs.py   GEMM+ReduceScatter producer (per-chunk tile counters raise flags) a
              fp32 reduction of the W partial chunks (flag waits)
 flags.py     the device side of the flag protocol: bounded waits, the peers' ready wait, the
              fallback flag-raising kernel
+link.py      the emulated link of a LocalWorld: waits on the GPU clock
 The GEMM main loop and tile order come from kernelbase.gemm.
 """

@@ -17,6 +17,10 @@ Before a tile of a peer's rows, a program waits (acquire, bounded) on the flags 
 holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_M. Once a wait
 of the launch has failed (a timeout, or a peer's different call found by wait_peers_kernel),
 the remaining tiles are written as NaN.
+
+With LINK (a LocalWorld's emulated link, overlap.link) the rank's link begins when the first
+program starts (`link_origin` on `link_clock`), and a tile of a peer's rows also waits until
+the bytes through its last chunk, in arrival order, have crossed it (`link_ns_per_row` each row).
 """
 
 import triton
@@ -24,6 +28,7 @@ import triton.language as tl
 
 from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
 from overlap.kernels.flags import wait_chunks
+from overlap.kernels.link import link_origin, wait_until
 
 
 # The row strides stay specialised: without their 16-divisibility Triton cannot prove the A rows
@@ -37,6 +42,7 @@ def ag_gemm_kernel(
     flags_ptr,
     status_ptr,
     tile_count_ptr,
+    link_clock_ptr,
     m,
     n,
     K,
@@ -44,6 +50,7 @@ def ag_gemm_kernel(
     epoch,
     wait_budget,
     chunk_m,
+    link_ns_per_row,
     stride_al,
     stride_g,
     stride_bk,
@@ -58,23 +65,27 @@ def ag_gemm_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SCOPE: tl.constexpr,
+    LINK: tl.constexpr,
 ):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
     tiles_per_rank = tiles_m * tiles_n
     chunks_per_rank = tl.cdiv(m, chunk_m)
     ok = 1
+    if LINK:
+        link_start = link_origin(link_clock_ptr)
     for tile in range(tl.program_id(0), WORLD_SIZE * tiles_per_rank, tl.num_programs(0)):
         step = tile // tiles_per_rank
         src = (rank + step) % WORLD_SIZE
         pid_m, pid_n = swizzle_tile(tile % tiles_per_rank, tiles_m, tiles_n, GROUP_M)
         row0 = pid_m * BLOCK_M
         if step > 0:
+            rows_end = tl.minimum(row0 + BLOCK_M, m)
             ok = wait_chunks(
                 flags_ptr,
                 src * chunks_per_rank,
                 row0,
-                tl.minimum(row0 + BLOCK_M, m),
+                rows_end,
                 chunk_m,
                 epoch,
                 status_ptr,
@@ -83,6 +94,11 @@ def ag_gemm_kernel(
                 ok,
                 SCOPE,
             )
+            if LINK:  # the rows through the tile's last chunk, in arrival order
+                rows_through = (step - 1) * m + tl.minimum(
+                    ((rows_end - 1) // chunk_m + 1) * chunk_m, m
+                )
+                wait_until(link_start + (rows_through * link_ns_per_row).to(tl.int64))
         # Local rows come straight from the shard; a peer's rows from the gather buffer.
         a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
         stride_a = stride_g
@@ -143,10 +159,14 @@ def launch_ag_gemm(
     num_programs: int,
     tile_counts=None,
     scope: str = "gpu",
+    link_clock=None,
+    link_ns_per_row: float = 0.0,
 ) -> None:
     """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
 
     `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
+    `link_clock` (int64 [1], zero; optional): the rank's emulated link (overlap.link), whose
+    rows take `link_ns_per_row` each.
 
     `tile_counts` (int32 [2, W * tiles per rank], zeros, optional; for tests): row 0 counts how
     often each output tile was computed, row 1 gets the position in the walk that computed it.
@@ -161,6 +181,7 @@ def launch_ag_gemm(
         flags,
         status,
         tile_counts if tile_counts is not None else flags,
+        link_clock if link_clock is not None else flags,
         m,
         n,
         K,
@@ -168,6 +189,7 @@ def launch_ag_gemm(
         epoch,
         wait_budget,
         chunk_m,
+        float(link_ns_per_row),
         a_local.stride(0),
         gathered.stride(0),
         b.stride(0),
@@ -181,6 +203,7 @@ def launch_ag_gemm(
         COUNT_TILES=tile_counts is not None,
         **dot_options(a_local.dtype),
         SCOPE=scope,
+        LINK=link_clock is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -22,6 +22,11 @@ buffer, sum the W partial blocks in fp32 (sources in the order their chunks for 
 d - 1, d - 2, ..., d) and store out_d (NaN where a wait failed). The partial buffers and
 headers + flags of the sources are separate allocations, reached through tables of their
 addresses, as peer buffers are.
+
+With LINK (a LocalWorld's emulated link, overlap.link): the producer queues each chunk it
+completes for another rank on its rank's link (`link_enqueue`, `link_ns_per_row` each row) and
+records the chunk's arrival in `link_clock` before raising its flag; the reduction, once a
+peer's flag is up, also waits for that arrival.
 """
 
 import triton
@@ -29,6 +34,7 @@ import triton.language as tl
 
 from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
 from overlap.kernels.flags import HEADER_WORDS, wait_chunks, wait_header
+from overlap.kernels.link import link_enqueue, wait_until
 
 
 @triton.jit(do_not_specialize=["rank", "epoch"])
@@ -39,12 +45,14 @@ def gemm_rs_kernel(
     counters_ptr,
     flags_ptr,
     tile_count_ptr,
+    link_clock_ptr,
     m,
     N,
     K,
     rank,
     epoch,
     chunk_m,
+    link_ns_per_row,
     stride_a,
     stride_bk,
     stride_bn,
@@ -58,6 +66,7 @@ def gemm_rs_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     SCOPE: tl.constexpr,
+    LINK: tl.constexpr,
 ):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -108,6 +117,14 @@ def gemm_rs_kernel(
             index = dest * chunks_per_rank + chunk
             done = tl.atomic_add(counters_ptr + index, 1, sem="acq_rel", scope=SCOPE) + 1
             if done == expected:
+                if LINK:  # when the chunk arrives at dest (at once for the local rows)
+                    arrival = tl.zeros((), dtype=tl.int64)
+                    if dest != rank:
+                        transfer = (chunk_rows_end - chunk_row0) * link_ns_per_row
+                        arrival = link_enqueue(link_clock_ptr + rank, transfer.to(tl.int64))
+                    chunk_word = WORLD_SIZE + (rank * WORLD_SIZE) * chunks_per_rank + index
+                    tl.store(link_clock_ptr + chunk_word, arrival)
+                    tl.debug_barrier()  # the arrival is stored before the flag publishes it
                 tl.atomic_xchg(flags_ptr + index, epoch, sem="release", scope=SCOPE)
 
 
@@ -117,6 +134,7 @@ def rs_reduce_kernel(
     header_table_ptr,  # [W] int64 addresses of the ranks' headers; their flags follow them
     out_ptr,
     status_ptr,
+    link_clock_ptr,
     m,
     N,
     dest,
@@ -129,6 +147,7 @@ def rs_reduce_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCOPE: tl.constexpr,
+    LINK: tl.constexpr,
 ):
     row_blocks = tl.cdiv(m, BLOCK_R)
     col_blocks = tl.cdiv(N, BLOCK_N)
@@ -153,11 +172,12 @@ def rs_reduce_kernel(
         for j in tl.static_range(WORLD_SIZE):
             src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
             header = tl.load(header_table_ptr + src).to(tl.pointer_type(tl.int32))
+            rows_end = tl.minimum(row0 + BLOCK_R, m)
             ok = wait_chunks(
                 header + HEADER_WORDS,
                 dest * chunks_per_rank,
                 row0,
-                tl.minimum(row0 + BLOCK_R, m),
+                rows_end,
                 chunk_m,
                 epoch,
                 status_ptr,
@@ -166,6 +186,16 @@ def rs_reduce_kernel(
                 ok,
                 SCOPE,
             )
+            # The chunks' arrivals over src's link, once their flags are up.
+            if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
+                if (ok != 0) & (src != dest):
+                    arrivals = (
+                        link_clock_ptr + WORLD_SIZE + (src * WORLD_SIZE + dest) * chunks_per_rank
+                    )
+                    arrival = tl.load(arrivals + row0 // chunk_m, volatile=True)
+                    for chunk in range(row0 // chunk_m + 1, (rows_end - 1) // chunk_m + 1):
+                        arrival = tl.maximum(arrival, tl.load(arrivals + chunk, volatile=True))
+                    wait_until(arrival)
             if ok != 0:
                 partial = tl.load(partial_table_ptr + src).to(
                     tl.pointer_type(out_ptr.dtype.element_ty)
@@ -192,11 +222,15 @@ def launch_gemm_rs(
     num_programs: int,
     tile_counts=None,
     scope: str = "gpu",
+    link_clock=None,
+    link_ns_per_row: float = 0.0,
 ) -> None:
     """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
 
     `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
     `scope`: memory scope of the counters and flags ("sys" when other GPUs read the flags).
+    `link_clock` (int64 [W + W*W*cpr], zero; optional): the world's emulated link
+    (overlap.kernels.link), whose rows take `link_ns_per_row` each.
     """
     M, K = a.shape
     N = b.shape[1]
@@ -207,12 +241,14 @@ def launch_gemm_rs(
         counters,
         flags,
         tile_counts if tile_counts is not None else counters,
+        link_clock if link_clock is not None else counters,
         M // world_size,
         N,
         K,
         rank,
         epoch,
         chunk_m,
+        float(link_ns_per_row),
         a.stride(0),
         b.stride(0),
         b.stride(1),
@@ -225,6 +261,7 @@ def launch_gemm_rs(
         COUNT_TILES=tile_counts is not None,
         **dot_options(a.dtype),
         SCOPE=scope,
+        LINK=link_clock is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -246,6 +283,7 @@ def launch_rs_reduce(
     block_r: int,
     block_n: int,
     scope: str = "gpu",
+    link_clock=None,
 ) -> None:
     """Run `rs_reduce_kernel` for rank `dest`: out [m, N] from the W partial buffers.
 
@@ -253,6 +291,7 @@ def launch_rs_reduce(
     partial buffers ([M, N], row stride `row_stride`, out's dtype) and headers (each
     [HEADER_WORDS] int32 followed by the source's [W*cpr] chunk flags).
     `scope`: memory scope of the flag polls ("sys" when the sources are other GPUs).
+    `link_clock`: the producers' emulated link (see `launch_gemm_rs`), optional.
     """
     m, N = out.shape
     rs_reduce_kernel[(num_programs,)](
@@ -260,6 +299,7 @@ def launch_rs_reduce(
         header_table,
         out,
         status,
+        link_clock if link_clock is not None else status,
         m,
         N,
         dest,
@@ -272,6 +312,7 @@ def launch_rs_reduce(
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         SCOPE=scope,
+        LINK=link_clock is not None,
         num_warps=4,
     )
 

@@ -223,6 +223,19 @@ def test_overlap_bench_compares_tiles(tmp_path):
         overlap_bench.main(["--tiles", "128x256:8"])
 
 
+def test_overlap_bench_with_an_emulated_link(tmp_path):
+    from bench import overlap as overlap_bench
+
+    argv = ["--shapes", "tiny", "--world-sizes", "2", "--emulate-link", "0.5"]
+    assert overlap_bench.main([*argv, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "overlap-cpu.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"ag", "rs"}
+    for r in rows:  # tiny: M=48, hidden 32, ffn 96 -> AG K=32, RS N=32; fp32 on the CPU
+        assert "error" not in r and r["emulated_link_GBps"] == 0.5, r
+        assert r["link_ms"] == pytest.approx(2 * 1 * 24 * 32 * 4 / 0.5 / 1e6), r
+        assert r["comm_ms"] >= r["link_ms"], r
+
+
 def test_overlap_dist_bench_end_to_end_on_cpu(tmp_path):
     from bench import overlap_dist
 

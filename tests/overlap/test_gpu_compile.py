@@ -7,7 +7,8 @@ from gpu_compile_testing import compile_reports
 
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
-    reports = {(r["kernel"], r["scope"]): r for r in compile_reports("overlap")}
+    all_reports = compile_reports("overlap")
+    reports = {(r["kernel"], r["scope"]): r for r in all_reports if not r["link"]}
     assert set(reports) == {
         ("ag_gemm_kernel", "gpu"),
         ("gemm_rs_kernel", "gpu"),
@@ -16,6 +17,7 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
         ("rs_reduce_kernel", "sys"),
         ("raise_flag_kernel", None),
         ("wait_peers_kernel", "sys"),
+        ("link_wait_kernel", None),
     }, sorted(reports)
     for key in [("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys")]:
         # Hopper tensor cores fed by software-pipelined async copies of both operands inside
@@ -53,5 +55,26 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
 
 
 @pytest.mark.slow
+def test_emulated_link_keeps_the_gemms_pipelined_and_waits_on_the_clock():
+    """LocalWorld(link_gbps=...) builds LINK variants: the same pipelined, spill-free main loop,
+    plus waits on the GPU clock (overlap.kernels.link)."""
+    reports = compile_reports("overlap")
+    plain = {r["kernel"]: r for r in reports if r["link"] is False and r["scope"] == "gpu"}
+    linked = {r["kernel"]: r for r in reports if r["link"]}
+    assert set(linked) == {"ag_gemm_kernel", "gemm_rs_kernel", "rs_reduce_kernel"}, linked
+    for kernel in ("ag_gemm_kernel", "gemm_rs_kernel"):
+        report = linked[kernel]
+        assert report["wgmma"] >= 1, report
+        assert report["register_operands"] == 0, report
+        assert report["copies_in_flight"] >= 1, report
+        assert report["wgmma_in_flight"] >= 1, report
+    for kernel, report in linked.items():
+        assert report["stack_bytes"] == 0, report
+        assert report["clock_reads"] > plain[kernel]["clock_reads"], (report, plain[kernel])
+    waits = [r for r in reports if r["kernel"] == "link_wait_kernel"]
+    assert len(waits) == 2 and all(r["clock_reads"] >= 2 for r in waits), waits
+
+
+@pytest.mark.slow
 def test_overlap_kernels_compile_for_ampere():
-    assert len(compile_reports("overlap", arch=80)) == 7
+    assert len(compile_reports("overlap", arch=80)) == 12

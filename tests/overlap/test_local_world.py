@@ -13,7 +13,7 @@ from tolerance import assert_close
 
 import overlap
 from overlap import tuning
-from overlap.protocol import EPOCH_LIMIT, raise_flag
+from overlap.protocol import EPOCH_LIMIT, ChunkLayout, raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,3 +213,81 @@ def test_opcheck():
     a, b = randn(2, 4, 8, seed=19, device=DEVICE), randn(2, 8, 8, seed=20, device=DEVICE)
     torch.library.opcheck(torch.ops.overlap.all_gather_matmul, (a, b, world.handle))
     torch.library.opcheck(torch.ops.overlap.matmul_reduce_scatter, (a, b, world.handle))
+
+
+# The emulated link (overlap.link). Under the interpreter the GPU clock reads 0, so the clock
+# words hold exactly the time each schedule charged its transfers. 16 fp32 columns = 64 bytes
+# per row; at 0.5 GB/s (bytes per ns) a row takes 128 ns.
+LINK_GBPS, ROW_NS = 0.5, 128
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_link_keeps_every_schedule_exact(mode):
+    W, m, K, n, chunk_m = 3, 13, 16, 16, 5
+    world = overlap.LocalWorld(
+        W,
+        DEVICE,
+        mode=mode,
+        config=overlap.OverlapConfig(chunk_m=chunk_m, count_tiles=mode == "fused"),
+        link_gbps=LINK_GBPS,
+    )
+    assert repr(world).endswith("link_gbps=0.5)")
+    for op, ref, a_shape in [
+        (overlap.all_gather_matmul, all_gather_matmul_ref, (W, m, K)),
+        (overlap.matmul_reduce_scatter, matmul_reduce_scatter_ref, (W, W * m, K)),
+    ]:
+        a = randn(*a_shape, seed=20, device=DEVICE).requires_grad_()
+        b = randn(W, K, n, seed=21, device=DEVICE).requires_grad_()
+        c = op(a, b, world)
+        _check_tiles_once(world, mode)
+        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        c64 = ref(a64, b64)
+        assert_close(c, c64, rtol=RTOL[DTYPE], name=f"{op.__name__} with a link")
+        dc = randn(*c.shape, seed=22, device=DEVICE)
+        c.backward(dc)
+        c64.backward(dc.double())
+        assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a")
+        assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_emulated_link_charges_each_schedule_its_bytes(mode):
+    """RS: every rank sends (W-1)*m rows to its peers; the serial and fused schedules queue them
+    on the rank's link, the pipelined one (all ranks' GEMMs of a chunk at once) on one link.
+    The fused producer records each chunk's arrival: rank s's chunks for its peers form a queue
+    on its link, with nothing for its own rows. AG: each rank's link takes its origin."""
+    W, m, K, chunk_m = 3, 13, 16, 5
+    world = overlap.LocalWorld(
+        W,
+        DEVICE,
+        mode=mode,
+        config=overlap.OverlapConfig(chunk_m=chunk_m),
+        link_gbps=LINK_GBPS,
+    )
+    b = randn(W, K, 16, seed=24, device=DEVICE)
+    overlap.matmul_reduce_scatter(randn(W, W * m, K, seed=23, device=DEVICE), b, world)
+    clock = world.link.clock.tolist()
+    per_rank = (W - 1) * m * ROW_NS
+    if mode == "pipelined":
+        assert clock[0] == W * per_rank
+    else:
+        assert clock[:W] == [per_rank] * W
+    if mode == "fused":
+        chunk_ns = [(hi - lo) * ROW_NS for lo, hi in map(ChunkLayout(m, chunk_m).rows, range(3))]
+        arrivals = torch.tensor(clock[W:]).view(W, W, len(chunk_ns))  # [source, dest, chunk]
+        for src in range(W):
+            assert arrivals[src, src].tolist() == [0] * len(chunk_ns)
+            times = sorted(arrivals[src].flatten().tolist())[len(chunk_ns) :]
+            steps = [t1 - t0 for t0, t1 in zip([0, *times], times, strict=False)]
+            assert sorted(steps) == sorted(chunk_ns * (W - 1)), (src, times)
+            # The rows for the next rank are produced, hence sent, first.
+            assert max(arrivals[src, (src + 1) % W]) < min(arrivals[src, (src + 2) % W])
+    overlap.all_gather_matmul(randn(W, m, K, seed=25, device=DEVICE), b, world)
+    assert world.link.clock[:W].tolist() == [1] * W  # origins (the interpreter's clock is 0)
+
+
+def test_link_gbps_is_checked():
+    for bad in (0, -450.0, float("inf"), float("nan"), True, "450"):
+        with pytest.raises(ValueError, match="link_gbps"):
+            overlap.LocalWorld(2, DEVICE, link_gbps=bad)
+    assert overlap.LocalWorld(2, DEVICE).link is None
