@@ -32,7 +32,7 @@ PROJECTED for W GPUs over NVLink (bench/overlap_model.py; link bandwidth --link-
 
     python -m bench.overlap                          # the GPU sweep above, results to bench/results
     python -m bench.overlap --world-sizes 8 --ms 8192 --ops ag
-    python -m bench.overlap --world-sizes 8 --ms 8192 --tiles 128x256x64:8:3,128x128x64:8:4
+    python -m bench.overlap --world-sizes 8 --ms 8192 --tiles 128x256x64:8:3,128x256x64:8:3:ptr
                                                      # fused GEMM tile configs side by side
     python -m bench.overlap --world-sizes 8 --emulate-link 450   # overlap efficiency on one GPU
     python -m bench.overlap --shapes tiny --out OUTDIR  # CPU smoke run (Triton interpreter)
@@ -161,25 +161,40 @@ def make_inputs(case: Case, dtype, device, seed=0):
     return a, b.mul_(case.inner**-0.5)
 
 
-def _world(case, device, mode, chunk_m, tile=None, emulated_link=None):
-    config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False, tile=tile)
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """The fused GEMMs' tile config (None: the world's) and operand loads (OverlapConfig.tma)."""
+
+    config: GemmConfig | None = None
+    tma: bool = True
+
+
+def _world(case, device, mode, chunk_m, tile=Tile(), emulated_link=None):
+    config = overlap.OverlapConfig(
+        chunk_m=chunk_m, sync_status=False, tile=tile.config, tma=tile.tma
+    )
     return overlap.LocalWorld(case.W, device, mode=mode, config=config, link_gbps=emulated_link)
 
 
-def parse_tile(text: str) -> GemmConfig:
-    """'BMxBNxBK:warps:stages' (e.g. 128x256x64:8:3) -> GemmConfig."""
+def parse_tile(text: str) -> Tile:
+    """'BMxBNxBK:warps:stages[:tma|:ptr]' (e.g. 128x256x64:8:3:ptr) -> Tile; tma by default."""
     try:
-        sizes, warps, stages = text.split(":")
+        sizes, warps, stages, *loads = text.split(":")
         block_m, block_n, block_k = (int(v) for v in sizes.split("x"))
-        return GemmConfig(block_m, block_n, block_k, num_warps=int(warps), num_stages=int(stages))
+        if loads not in ([], ["tma"], ["ptr"]):
+            raise ValueError(loads)
+        config = GemmConfig(block_m, block_n, block_k, num_warps=int(warps), num_stages=int(stages))
+        return Tile(config, tma=loads != ["ptr"])
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"a tile is BMxBNxBK:warps:stages, e.g. 128x256x64:8:3; got {text!r}"
+            f"a tile is BMxBNxBK:warps:stages[:tma|:ptr], e.g. 128x256x64:8:3 or "
+            f"128x256x64:8:3:ptr (pointer loads instead of tensor descriptors); got {text!r}"
         ) from None
 
 
-def describe_tile(tile: GemmConfig) -> str:
-    return f"{tile.block_m}x{tile.block_n}x{tile.block_k}:{tile.num_warps}:{tile.num_stages}"
+def describe_tile(config: GemmConfig, tma: bool) -> str:
+    sizes = f"{config.block_m}x{config.block_n}x{config.block_k}"
+    return f"{sizes}:{config.num_warps}:{config.num_stages}:{'tma' if tma else 'ptr'}"
 
 
 def _time(fn, device, rep_ms):
@@ -187,7 +202,7 @@ def _time(fn, device, rep_ms):
 
 
 def measure(
-    case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None, emulated_link=None
+    case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=Tile(), emulated_link=None
 ) -> dict:
     """One row: see the module docstring. `emulated_link`: GB/s of LocalWorld(link_gbps=...)."""
     a, b = make_inputs(case, dtype, device)
@@ -204,10 +219,10 @@ def measure(
         emulated_link_GBps=emulated_link,
     )
     fused_world = _world(case, device, "fused", chunk_m, tile, emulated_link)
-    row["tile"] = describe_tile(fused_world.fused.tile)
+    row["tile"] = describe_tile(fused_world.fused.tile, fused_world.fused.tma)
     for mode, world in (
-        ("serial", _world(case, device, "serial", chunk_m, None, emulated_link)),
-        ("pipelined", _world(case, device, "pipelined", chunk_m, None, emulated_link)),
+        ("serial", _world(case, device, "serial", chunk_m, Tile(), emulated_link)),
+        ("pipelined", _world(case, device, "pipelined", chunk_m, Tile(), emulated_link)),
         ("fused", fused_world),
         ("auto", _world(case, device, None, chunk_m, tile, emulated_link)),
     ):
@@ -297,6 +312,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
                 wait_budget=fused.wait_budget,
                 chunk_m=layout.chunk_m,
                 config=fused.tile,
+                tma=fused.tma,
                 num_programs=programs,
             )
 
@@ -364,6 +380,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
                 epoch=epoch,
                 chunk_m=layout.chunk_m,
                 config=fused.tile,
+                tma=fused.tma,
                 num_programs=programs,
             )
 
@@ -396,9 +413,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tiles",
         type=lambda text: [parse_tile(t) for t in text.split(",")],
-        default=[None],
-        help="fused GEMM tile configs BMxBNxBK:warps:stages, comma-separated; one row per case "
-        "and tile (default: the world's)",
+        default=[Tile()],
+        help="fused GEMM tile configs BMxBNxBK:warps:stages[:tma|:ptr] (operands through tensor "
+        "descriptors, the default, or pointer loads), comma-separated; one row per case and "
+        "tile (default: the world's)",
     )
     parser.add_argument(
         "--link-gbps",
@@ -455,7 +473,7 @@ def main(argv=None) -> int:
                     op=case.op,
                     W=case.W,
                     M=case.M,
-                    tile=describe_tile(tile) if tile else None,
+                    tile=describe_tile(tile.config, tile.tma) if tile.config else None,
                     error=f"{type(error).__name__}: {error}"[:300],
                 )
             )

@@ -56,7 +56,8 @@ step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"
 step tune_expert 540 python -m bench.tune_expert --out "$OUT"
 step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
-    --tiles 128x256x64:8:3,128x256x32:8:4,128x128x64:8:4,128x128x64:8:3 --out "$OUT/overlap_tiles"
+    --tiles 128x256x64:8:3,128x256x64:8:3:ptr,128x256x64:8:4,128x128x64:8:4,128x128x64:8:4:ptr \
+    --out "$OUT/overlap_tiles"
 step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450 \
     --out "$OUT/overlap_link"
 

@@ -4,6 +4,10 @@
     launch_meta    launcher side: the constexprs and launch options of a config for a dtype
     swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
     rows_matmul    fp32 product of BLOCK_M rows of A, picked by index, with a strided B tile
+    tiles_matmul   fp32 product of a tile of A and a tile of B read through tensor descriptors
+                   (TMA on Hopper), where both operands are plain row-major matrices
+    tma_descriptor launcher side: a descriptor of a matrix, or None where TMA cannot read it
+    matmul_descriptors  launcher side: the descriptors of A and B for `tiles_matmul`
 
 DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
 operands as their raw 16-bit storage, so launchers set it when interpreting.
@@ -14,6 +18,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernelbase.backend import interpreting
 
@@ -108,3 +113,61 @@ def rows_matmul(
                 b2 = b2.to(tl.float32)
             acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
     return acc, acc2
+
+
+@triton.jit
+def tiles_matmul(
+    a_desc,
+    a_row0,
+    b_desc,
+    col0,
+    K,
+    acc,
+    BLOCK_K: tl.constexpr,
+    B_KN: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc + A[a_row0 : a_row0 + BLOCK_M, :K] @ B[:K, col0 : col0 + BLOCK_N] in fp32, both
+    operands loaded through tensor descriptors (`tma_descriptor`): on Hopper the copy engine
+    (TMA) fills the pipeline's shared-memory stages, and whatever lies outside a descriptor's
+    shape reads as zero. B_KN: `b_desc` describes B [K, N] in [BLOCK_K, BLOCK_N] blocks; else
+    B^T [N, K] in [BLOCK_N, BLOCK_K] blocks (a transposed weight).
+    """
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([a_row0, k0])
+        b = b_desc.load([k0, col0]) if B_KN else b_desc.load([col0, k0]).T
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+def tma_descriptor(matrix: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor | None:
+    """A tensor descriptor of a 2-D `matrix` read in `block`s, or None where the copy engine
+    cannot read it: unit stride along rows, 16-byte aligned start and row stride."""
+    size = matrix.element_size()
+    if (
+        matrix.dim() != 2
+        or matrix.numel() == 0
+        or matrix.stride(1) != 1
+        or (matrix.stride(0) * size) % 16
+        or matrix.data_ptr() % 16
+        or block[1] * size < 16
+    ):
+        return None
+    return TensorDescriptor.from_tensor(matrix, list(block))
+
+
+def matmul_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
+    """(a_desc, b_desc, B_KN) for `tiles_matmul` with `config`'s tiles, or None unless both
+    matrices can be read through descriptors. b [K, N] is described as is when its rows are
+    contiguous, else as b^T [N, K] (B_KN False: a transposed weight)."""
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    b_kn = b.stride(1) == 1
+    b_desc = tma_descriptor(b, (bk, bn)) if b_kn else tma_descriptor(b.mT, (bn, bk))
+    a_desc = tma_descriptor(a, (bm, bk))
+    if a_desc is None or b_desc is None:
+        return None
+    return a_desc, b_desc, b_kn

@@ -7,7 +7,7 @@ A world that can run the FUSED schedule builds one context with itself (as Trito
 builds an AG-GEMM context once per layer), a subclass of `FusedContext` that owns everything a
 fused call needs besides its inputs and implements the two fused schedules of its world:
 
-    FusedContext (here)      tile config, wait budget, the world's side stream, the call
+    FusedContext (here)      tile config and operand loads (TMA), wait budget, the world's side stream, the call
                              epochs, one status word per rank whose kernels run in this process,
                              persistent grid sizes, tile logs, the AG chunk producer
     LocalFused (local_world) the W ranks' flags, gather buffers and GEMM-RS workspaces
@@ -82,6 +82,7 @@ class FusedContext(abc.ABC):
         self.config = config
         self.streams = streams
         self.tile = config.tile or default_tile_config(device)
+        self.tma = config.tma  # the GEMMs read their operands through tensor descriptors
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}
@@ -130,16 +131,18 @@ class FusedContext(abc.ABC):
         layout: ChunkLayout,
         epoch: int,
     ) -> None:
-        """AG producer of `rank`: copy the peers' chunks into its gather buffer [W*m, K] in
-        arrival order (`peer_chunks`), raising each chunk's flag after its copy. `shards[p]` is
-        rank p's [m, K] shard as this process sees it."""
+        """AG producer of `rank`: copy its own rows, then the peers' chunks in arrival order
+        (`peer_chunks`), into its gather buffer [W*m, K], raising each chunk's flag after its
+        copy. `shards[p]` is rank p's [m, K] shard as this process sees it. (The pointer-load
+        consumer reads the local rows from the shard; the TMA one from the gather buffer.)"""
         m = layout.m
+        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
+        for chunk in range(layout.count):
+            self.raise_flag(flags, rank * layout.count + chunk, epoch)
         for src, chunk in peer_chunks(rank, self.world_size, layout):
             lo, hi = layout.rows(chunk)
             gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
             self.raise_flag(flags, src * layout.count + chunk, epoch)
-        # The local rows: the kernel reads them from the shard; the copy is for backward.
-        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
 
     def programs(self, num_tiles: int, reserve: int) -> int:
         """Persistent grid: one program per SM left after `reserve` (CUDA), or per tile."""

@@ -89,9 +89,11 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         shared_bytes=kernel.metadata.shared,
         wgmma=ttgir.count("warp_group_dot "),
         async_copies=ttgir.count("async_copy_global_to_local"),
+        tma_copies=ttgir.count("async_tma_copy_global_to_local"),
         **mainloop_pipelining(ttgir),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
+        tma=constexprs.get("TMA"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -185,9 +187,10 @@ def run_moeblaze_launchers() -> None:
 
 
 def run_overlap_launchers() -> None:
-    """Llama-70B shapes at W=8: the persistent AG-GEMM and GEMM-RS at both memory scopes, the RS
-    reduction, the peers' ready wait and the fallback flag kernel; the GEMMs and the reduction
-    with the emulated link of a LocalWorld too, and its one-warp wait."""
+    """Llama-70B shapes at W=8: the persistent AG-GEMM and GEMM-RS at both memory scopes with
+    operands through tensor descriptors (TMA; the AG-GEMM with both layouts of b), and with
+    pointer loads; the RS reduction, the peers' ready wait and the fallback flag kernel; the GEMMs
+    and the reduction with the emulated link of a LocalWorld too, and its one-warp wait."""
     from overlap.fused import GPU_REDUCE_BLOCK, GPU_TILE_CONFIG
     from overlap.kernels.ag_gemm import launch_ag_gemm
     from overlap.kernels.flags import launch_raise_flag, launch_wait_peers
@@ -205,20 +208,32 @@ def run_overlap_launchers() -> None:
     common = dict(world_size=W, epoch=3, chunk_m=512, config=GPU_TILE_CONFIG, num_programs=132)
     clock = empty(W + W * W * 2, dtype=torch.int64)
     links = [{}, dict(link_clock=clock, link_ns_per_row=36.4)]  # LocalWorld(link_gbps=450)
-    for link in links:
+    weight_t = empty(n, hidden).mT  # [hidden, n], a Linear weight [n, hidden] transposed
+    for tma, link, b in [
+        (True, links[0], empty(hidden, n)),
+        (True, links[0], weight_t),
+        (False, links[0], empty(hidden, n)),
+        (True, links[1], empty(hidden, n)),
+    ]:
         launch_ag_gemm(
             empty(m, hidden),
             empty(M, hidden),
-            empty(hidden, n),
+            b,
             empty(M, n),
             flags,
             status,
             rank=5,
             wait_budget=1000,
+            tma=tma,
             **common,
             **link,
         )
-    for scope, link in [("gpu", links[0]), ("sys", links[0]), ("gpu", links[1])]:
+    for tma, scope, link in [
+        (True, "gpu", links[0]),
+        (True, "sys", links[0]),
+        (False, "gpu", links[0]),
+        (True, "gpu", links[1]),
+    ]:
         counters = empty(W * 2, dtype=torch.int32)
         launch_gemm_rs(
             empty(M, n),
@@ -228,6 +243,7 @@ def run_overlap_launchers() -> None:
             flags,
             rank=5,
             scope=scope,
+            tma=tma,
             **common,
             **link,
         )

@@ -18,6 +18,12 @@ holding that tile's rows: one chunk when BLOCK_M <= CH, several when CH < BLOCK_
 of the launch has failed (a timeout, or a peer's different call found by wait_peers_kernel),
 the remaining tiles are written as NaN.
 
+With TMA the operands are read through tensor descriptors (the copy engine on Hopper; the
+launcher uses them where the gather buffer and b allow, `tma=True`), else by pointer loads. A
+TMA kernel reads the local rows from the gather buffer too (one main loop, one descriptor: two
+would need two sets of shared-memory stages), so it waits on the local chunks' flags as well; the
+producer copies the local rows first (overlap.fused.FusedContext.pull_chunks).
+
 With LINK (a LocalWorld's emulated link, overlap.link) the rank's link begins when the first
 program starts (`link_origin` on `link_clock`), and a tile of a peer's rows also waits until
 the bytes through its last chunk, in arrival order, have crossed it (`link_ns_per_row` each row).
@@ -26,7 +32,14 @@ the bytes through its last chunk, in arrival order, have crossed it (`link_ns_pe
 import triton
 import triton.language as tl
 
-from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
+from kernelbase.gemm import (
+    GemmConfig,
+    dot_options,
+    matmul_descriptors,
+    rows_matmul,
+    swizzle_tile,
+    tiles_matmul,
+)
 from overlap.kernels.flags import wait_chunks
 from overlap.kernels.link import link_origin, wait_until
 
@@ -43,6 +56,8 @@ def ag_gemm_kernel(
     status_ptr,
     tile_count_ptr,
     link_clock_ptr,
+    gathered_desc,
+    b_desc,
     m,
     n,
     K,
@@ -66,6 +81,8 @@ def ag_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     SCOPE: tl.constexpr,
     LINK: tl.constexpr,
+    TMA: tl.constexpr,
+    B_KN: tl.constexpr,
 ):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(n, BLOCK_N)
@@ -79,7 +96,7 @@ def ag_gemm_kernel(
         src = (rank + step) % WORLD_SIZE
         pid_m, pid_n = swizzle_tile(tile % tiles_per_rank, tiles_m, tiles_n, GROUP_M)
         row0 = pid_m * BLOCK_M
-        if step > 0:
+        if (step > 0) | TMA:  # TMA reads the local rows from the gather buffer too
             rows_end = tl.minimum(row0 + BLOCK_M, m)
             ok = wait_chunks(
                 flags_ptr,
@@ -94,40 +111,56 @@ def ag_gemm_kernel(
                 ok,
                 SCOPE,
             )
-            if LINK:  # the rows through the tile's last chunk, in arrival order
-                rows_through = (step - 1) * m + tl.minimum(
-                    ((rows_end - 1) // chunk_m + 1) * chunk_m, m
-                )
-                wait_until(link_start + (rows_through * link_ns_per_row).to(tl.int64))
+            # A peer's rows: those through the tile's last chunk, in arrival order, cross the link.
+            if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
+                if step > 0:
+                    rows_through = (step - 1) * m + tl.minimum(
+                        ((rows_end - 1) // chunk_m + 1) * chunk_m, m
+                    )
+                    wait_until(link_start + (rows_through * link_ns_per_row).to(tl.int64))
         # Local rows come straight from the shard; a peer's rows from the gather buffer.
-        a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
-        stride_a = stride_g
-        if step == 0:
-            a_ptr = a_local_ptr
-            stride_a = stride_al
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < n
-        acc, _ = rows_matmul(
-            a_ptr,
-            rows,
-            row_mask,
-            stride_a,
-            b_ptr,
-            stride_bk,
-            stride_bn,
-            cols,
-            col_mask,
-            0,
-            K,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            False,
-            DOT_FP32,
-            INPUT_PRECISION,
-        )
+        if TMA:  # a tile of rank src's rows may read the next rank's first rows: masked below
+            acc = tiles_matmul(
+                gathered_desc,
+                src * m + row0,
+                b_desc,
+                pid_n * BLOCK_N,
+                K,
+                tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                BLOCK_K,
+                B_KN,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
+        else:
+            a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
+            stride_a = stride_g
+            if step == 0:
+                a_ptr = a_local_ptr
+                stride_a = stride_al
+            acc, _ = rows_matmul(
+                a_ptr,
+                rows,
+                row_mask,
+                stride_a,
+                b_ptr,
+                stride_bk,
+                stride_bn,
+                cols,
+                col_mask,
+                0,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                False,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
         # After a failed wait (a timeout, or a peer's different call) the rows read may be
         # stale: the tile is NaN, never a plausible result. (Selecting here rather than
         # branching around the matmul keeps one live accumulator: no register spill.)
@@ -161,8 +194,13 @@ def launch_ag_gemm(
     scope: str = "gpu",
     link_clock=None,
     link_ns_per_row: float = 0.0,
+    tma: bool = False,
 ) -> None:
     """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
+
+    `tma`: read the gather buffer and b through tensor descriptors where both allow it
+    (kernelbase.gemm.matmul_descriptors), else (or with False) by pointer loads. The TMA kernel
+    waits on the local rows' flags too.
 
     `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
     `link_clock` (int64 [1], zero; optional): the rank's emulated link (overlap.link), whose
@@ -173,6 +211,7 @@ def launch_ag_gemm(
     """
     m, K = a_local.shape
     n = b.shape[1]
+    descs = matmul_descriptors(gathered, b, config) if tma else None
     ag_gemm_kernel[(num_programs,)](
         a_local,
         gathered,
@@ -182,6 +221,7 @@ def launch_ag_gemm(
         status,
         tile_counts if tile_counts is not None else flags,
         link_clock if link_clock is not None else flags,
+        *(descs[:2] if descs else (gathered, b)),
         m,
         n,
         K,
@@ -204,6 +244,8 @@ def launch_ag_gemm(
         **dot_options(a_local.dtype),
         SCOPE=scope,
         LINK=link_clock is not None,
+        TMA=descs is not None,
+        B_KN=descs[2] if descs else True,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

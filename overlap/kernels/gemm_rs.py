@@ -32,7 +32,14 @@ peer's flag is up, also waits for that arrival.
 import triton
 import triton.language as tl
 
-from kernelbase.gemm import GemmConfig, dot_options, rows_matmul, swizzle_tile
+from kernelbase.gemm import (
+    GemmConfig,
+    dot_options,
+    matmul_descriptors,
+    rows_matmul,
+    swizzle_tile,
+    tiles_matmul,
+)
 from overlap.kernels.flags import HEADER_WORDS, wait_chunks, wait_header
 from overlap.kernels.link import link_enqueue, wait_until
 
@@ -46,6 +53,8 @@ def gemm_rs_kernel(
     flags_ptr,
     tile_count_ptr,
     link_clock_ptr,
+    a_desc,
+    b_desc,
     m,
     N,
     K,
@@ -67,6 +76,8 @@ def gemm_rs_kernel(
     INPUT_PRECISION: tl.constexpr,
     SCOPE: tl.constexpr,
     LINK: tl.constexpr,
+    TMA: tl.constexpr,
+    B_KN: tl.constexpr,
 ):
     tiles_m = tl.cdiv(m, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -80,25 +91,39 @@ def gemm_rs_kernel(
         row_mask = row0 + tl.arange(0, BLOCK_M) < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        acc, _ = rows_matmul(
-            a_ptr,
-            rows,
-            row_mask,
-            stride_a,
-            b_ptr,
-            stride_bk,
-            stride_bn,
-            cols,
-            col_mask,
-            0,
-            K,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            False,
-            DOT_FP32,
-            INPUT_PRECISION,
-        )
+        if TMA:  # the last row tile of dest may read the next dest's first rows: masked below
+            acc = tiles_matmul(
+                a_desc,
+                dest * m + row0,
+                b_desc,
+                pid_n * BLOCK_N,
+                K,
+                tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                BLOCK_K,
+                B_KN,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
+        else:
+            acc, _ = rows_matmul(
+                a_ptr,
+                rows,
+                row_mask,
+                stride_a,
+                b_ptr,
+                stride_bk,
+                stride_bn,
+                cols,
+                col_mask,
+                0,
+                K,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                False,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
         p_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * stride_p + cols.to(tl.int64)[None, :]
         tl.store(
             p_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
@@ -224,8 +249,11 @@ def launch_gemm_rs(
     scope: str = "gpu",
     link_clock=None,
     link_ns_per_row: float = 0.0,
+    tma: bool = False,
 ) -> None:
     """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
+
+    `tma`: read a and b through tensor descriptors where both allow it, as `launch_ag_gemm`.
 
     `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
     `scope`: memory scope of the counters and flags ("sys" when other GPUs read the flags).
@@ -234,6 +262,7 @@ def launch_gemm_rs(
     """
     M, K = a.shape
     N = b.shape[1]
+    descs = matmul_descriptors(a, b, config) if tma else None
     gemm_rs_kernel[(num_programs,)](
         a,
         b,
@@ -242,6 +271,7 @@ def launch_gemm_rs(
         flags,
         tile_counts if tile_counts is not None else counters,
         link_clock if link_clock is not None else counters,
+        *(descs[:2] if descs else (a, b)),
         M // world_size,
         N,
         K,
@@ -262,6 +292,8 @@ def launch_gemm_rs(
         **dot_options(a.dtype),
         SCOPE=scope,
         LINK=link_clock is not None,
+        TMA=descs is not None,
+        B_KN=descs[2] if descs else True,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -212,15 +212,17 @@ def test_overlap_bench_end_to_end_on_cpu(tmp_path):
 def test_overlap_bench_compares_tiles(tmp_path):
     from bench import overlap as overlap_bench
 
-    tiles = "16x16x16:1:1,16x32x16:2:1"
+    tiles = "16x16x16:1:1,16x32x16:2:1:ptr"
     argv = ["--shapes", "tiny", "--ops", "ag", "--world-sizes", "2", "--tiles", tiles]
     assert overlap_bench.main([*argv, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "overlap-cpu.json").read_text())["rows"]
-    assert [r["tile"] for r in rows] == tiles.split(","), rows
+    assert [r["tile"] for r in rows] == ["16x16x16:1:1:tma", "16x32x16:2:1:ptr"], rows
     for r in rows:
         assert "error" not in r and r["fused_present_ms"] > 0, r
     with pytest.raises(SystemExit):
         overlap_bench.main(["--tiles", "128x256:8"])
+    with pytest.raises(SystemExit):
+        overlap_bench.main(["--tiles", "128x256x64:8:3:fast"])
 
 
 def test_overlap_bench_with_an_emulated_link(tmp_path):

@@ -8,7 +8,10 @@ from gpu_compile_testing import compile_reports
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
     all_reports = compile_reports("overlap")
-    reports = {(r["kernel"], r["scope"]): r for r in all_reports if not r["link"]}
+    # The variants a world launches by default: operands through tensor descriptors, no link.
+    reports = {
+        (r["kernel"], r["scope"]): r for r in all_reports if not r["link"] and r["tma"] is not False
+    }
     assert set(reports) == {
         ("ag_gemm_kernel", "gpu"),
         ("gemm_rs_kernel", "gpu"),
@@ -19,15 +22,27 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
         ("wait_peers_kernel", "sys"),
         ("link_wait_kernel", None),
     }, sorted(reports)
-    for key in [("ag_gemm_kernel", "gpu"), ("gemm_rs_kernel", "gpu"), ("gemm_rs_kernel", "sys")]:
-        # Hopper tensor cores fed by software-pipelined async copies of both operands inside
-        # the persistent loop. (The AG-GEMM once loaded A synchronously and waited for every
-        # MMA, because its A stride was not specialised: 0.23 of cuBLAS on an H100.)
-        assert reports[key]["wgmma"] >= 1, reports[key]
-        assert reports[key]["register_operands"] == 0, reports[key]
-        assert reports[key]["copies_in_flight"] >= 1, reports[key]
-        assert reports[key]["wgmma_in_flight"] >= 1, reports[key]
-        assert reports[key]["stack_bytes"] == 0, reports[key]  # no register spills
+    gemms = [r for r in all_reports if r["kernel"] in ("ag_gemm_kernel", "gemm_rs_kernel")]
+    assert sorted((r["kernel"], r["tma"]) for r in gemms) == sorted(
+        [("ag_gemm_kernel", True)] * 3  # b [K, n] and b = weight^T; with a link
+        + [("ag_gemm_kernel", False)]
+        + [("gemm_rs_kernel", True)] * 3  # gpu and sys scope; with a link
+        + [("gemm_rs_kernel", False)]
+    ), gemms
+    for report in gemms:
+        # Hopper tensor cores fed from shared memory by a software pipeline inside the
+        # persistent loop: TMA copies issued stages ahead (2 per stage: A and B), or async
+        # copies left in flight; a wgmma in flight. (The AG-GEMM once loaded A synchronously and
+        # waited for every MMA, because its A stride was not specialised: 0.23 of cuBLAS.)
+        assert report["wgmma"] >= 1, report
+        assert report["register_operands"] == 0, report
+        assert report["wgmma_in_flight"] >= 1, report
+        assert report["stack_bytes"] == 0, report  # no register spills
+        assert report["shared_bytes"] <= 227 * 1024, report  # an H100 block's limit
+        if report["tma"]:
+            assert report["tma_copies"] >= 2 * 3 and report["async_copies"] == 0, report
+        else:
+            assert report["copies_in_flight"] >= 1 and report["tma_copies"] == 0, report
     # Every flag wait is bounded by the GPU clock, so timeout_s is real time.
     for key in [
         ("ag_gemm_kernel", "gpu"),
@@ -59,14 +74,18 @@ def test_emulated_link_keeps_the_gemms_pipelined_and_waits_on_the_clock():
     """LocalWorld(link_gbps=...) builds LINK variants: the same pipelined, spill-free main loop,
     plus waits on the GPU clock (overlap.kernels.link)."""
     reports = compile_reports("overlap")
-    plain = {r["kernel"]: r for r in reports if r["link"] is False and r["scope"] == "gpu"}
+    plain = {
+        r["kernel"]: r
+        for r in reports
+        if r["link"] is False and r["scope"] == "gpu" and r["tma"] is not False
+    }
     linked = {r["kernel"]: r for r in reports if r["link"]}
     assert set(linked) == {"ag_gemm_kernel", "gemm_rs_kernel", "rs_reduce_kernel"}, linked
     for kernel in ("ag_gemm_kernel", "gemm_rs_kernel"):
         report = linked[kernel]
         assert report["wgmma"] >= 1, report
         assert report["register_operands"] == 0, report
-        assert report["copies_in_flight"] >= 1, report
+        assert report["tma_copies"] == plain[kernel]["tma_copies"] >= 6, report
         assert report["wgmma_in_flight"] >= 1, report
     for kernel, report in linked.items():
         assert report["stack_bytes"] == 0, report
@@ -77,4 +96,7 @@ def test_emulated_link_keeps_the_gemms_pipelined_and_waits_on_the_clock():
 
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_ampere():
-    assert len(compile_reports("overlap", arch=80)) == 12
+    reports = compile_reports("overlap", arch=80)
+    assert len(reports) == 15, [(r["kernel"], r["tma"], r["link"]) for r in reports]
+    # Ampere has no TMA: Triton reads the descriptors' tiles with ordinary loads.
+    assert all(r["tma_copies"] == 0 for r in reports), reports

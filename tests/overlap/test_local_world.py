@@ -291,3 +291,27 @@ def test_link_gbps_is_checked():
         with pytest.raises(ValueError, match="link_gbps"):
             overlap.LocalWorld(2, DEVICE, link_gbps=bad)
     assert overlap.LocalWorld(2, DEVICE).link is None
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("weight_t", [False, True], ids=["b", "weight_t"])
+def test_fused_gemms_with_and_without_tensor_descriptors(tma, weight_t):
+    """OverlapConfig(tma=...): both main loops of both fused GEMMs, b as [K, n] or as a
+    transposed weight; every shape here can be read through descriptors. The TMA AG-GEMM reads
+    the local rows from the gather buffer, after their flags (the producer copies them first)."""
+    W, m, K, n = 3, 21, 16, 24
+    world = _world(W, "fused", 5, tma=tma)
+    assert world.fused.tma is tma
+    b = (
+        randn(W, n, K, seed=31, device=DEVICE).mT
+        if weight_t
+        else randn(W, K, n, seed=31, device=DEVICE)
+    )
+    a = randn(W, m, K, seed=30, device=DEVICE)
+    c = overlap.all_gather_matmul(a, b, world)
+    _check_tiles_once(world, "fused")
+    assert_close(c, all_gather_matmul_ref(a, b), rtol=RTOL[DTYPE], name="all_gather_matmul")
+    a = randn(W, W * m, K, seed=32, device=DEVICE)
+    c = overlap.matmul_reduce_scatter(a, b, world)
+    _check_tiles_once(world, "fused")
+    assert_close(c, matmul_reduce_scatter_ref(a, b), rtol=RTOL[DTYPE], name="reduce_scatter")
