@@ -12,8 +12,9 @@ GEMMs need is taken). The model, per rank, as the ranks run one after another:
     AG  rank r receives its (W-1) peers' shards, (W-1)*m*K*b bytes, through its link, chunks in
         arrival order (protocol.peer_chunks) from the moment its transfers begin (t0):
           serial     t0, the copy, wait until t0 + (W-1)*m*K*b / B, the GEMM
-          pipelined  (side stream) t0, then chunk by chunk: its copy, wait until t0 + the bytes
-                     through that chunk / B; the chunk's GEMM waits for that
+          pipelined  (side stream) t0 once the previous rank's GEMMs are done, then chunk by
+                     chunk: its copy, wait until t0 + the bytes through that chunk / B; the
+                     chunk's GEMM waits for that
           fused      the copies run before the consumer, which takes t0 when it starts and, before
                      a tile of a peer's rows, waits until t0 + the bytes through its last chunk / B
     RS  rank s sends each of its (W-1) peers its partial rows, (W-1)*m*N*b bytes, through its
@@ -25,8 +26,13 @@ GEMMs need is taken). The model, per rank, as the ranks run one after another:
                      arrival; the reduction waits for it; rank s+1's GEMM starts once rank s's
                      link is idle, so rank s's time is max(GEMM, its transfers)
 
-The serial and pipelined waits run in one-warp kernels (overlap.kernels.link). Under the
-Triton interpreter there is no clock: the schedules run as with a link, and nothing waits.
+In every schedule one rank's transfers overlap only that rank's GEMMs, never another rank's, so
+the LocalWorld's time is the sum of the ranks' times on W GPUs. The serial and pipelined waits
+run in one-warp kernels (overlap.kernels.link). Under the Triton interpreter there is no clock:
+the schedules run as with a link, and nothing waits. The flag waits of the fused kernels keep
+their bound (`OverlapConfig.timeout_s`): the fused RS reduction of a rank waits for flags of
+ranks whose GEMMs start only after the earlier ranks' links drained, so a link slow enough
+that this takes longer than `timeout_s` raises OverlapTimeoutError; raise the timeout with it.
 """
 
 import math

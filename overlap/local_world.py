@@ -154,11 +154,12 @@ class LocalWorld(World):
         streams = self.streams
         streams.fork()
         for rank in range(W):
-            torch.matmul(a_shard[rank], b[rank], out=out[rank, rank * m : (rank + 1) * m])
-            if link:
+            if link:  # rank's transfers begin with its first GEMM, after the previous rank's
+                streams.wait(streams.record(on_side=False), on_side=True)
                 with streams():
                     link.start(rank)
                 arrived_rows = 0
+            torch.matmul(a_shard[rank], b[rank], out=out[rank, rank * m : (rank + 1) * m])
             for src, chunk in peer_chunks(rank, W, layout):
                 lo, hi = layout.rows(chunk)
                 rows = slice(src * m + lo, src * m + hi)
