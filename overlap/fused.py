@@ -82,7 +82,10 @@ class FusedContext(abc.ABC):
         self.config = config
         self.streams = streams
         self.tile = config.tile or default_tile_config(device)
-        self.tma = config.tma  # the GEMMs read their operands through tensor descriptors
+        # The GEMMs read their operands through tensor descriptors (TMA: Hopper and later).
+        self.tma = config.tma and (
+            device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+        )
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}

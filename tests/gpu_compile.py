@@ -100,6 +100,8 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         sys_scope_atomics=len(re.findall(r"\.sys\.(?:acquire|release|acq_rel)", ptx)),
         # Flag waits bounded by the GPU's nanosecond clock (real time, not a count of polls).
         clock_reads=ptx.count("%globaltimer"),
+        # Acquired flags ordered before TMA loads of the rows they publish.
+        proxy_fences=ptx.count("fence.proxy.async"),
         **resource_usage(kernel.asm["cubin"]),
     )
 
@@ -209,6 +211,7 @@ def run_overlap_launchers() -> None:
     clock = empty(W + W * W * 2, dtype=torch.int64)
     links = [{}, dict(link_clock=clock, link_ns_per_row=36.4)]  # LocalWorld(link_gbps=450)
     weight_t = empty(n, hidden).mT  # [hidden, n], a Linear weight [n, hidden] transposed
+    hopper = ARCH >= 90  # TMA kernels fence the async proxy, an sm_90 instruction
     for tma, link, b in [
         (True, links[0], empty(hidden, n)),
         (True, links[0], weight_t),
@@ -224,7 +227,7 @@ def run_overlap_launchers() -> None:
             status,
             rank=5,
             wait_budget=1000,
-            tma=tma,
+            tma=tma and hopper,
             **common,
             **link,
         )
@@ -243,7 +246,7 @@ def run_overlap_launchers() -> None:
             flags,
             rank=5,
             scope=scope,
-            tma=tma,
+            tma=tma and hopper,
             **common,
             **link,
         )

@@ -40,7 +40,7 @@ from kernelbase.gemm import (
     swizzle_tile,
     tiles_matmul,
 )
-from overlap.kernels.flags import wait_chunks
+from overlap.kernels.flags import async_proxy_fence, wait_chunks
 from overlap.kernels.link import link_origin, wait_until
 
 
@@ -111,6 +111,8 @@ def ag_gemm_kernel(
                 ok,
                 SCOPE,
             )
+            if TMA:  # the rows are read through the async proxy
+                async_proxy_fence()
             # A peer's rows: those through the tile's last chunk, in arrival order, cross the link.
             if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
                 if step > 0:

@@ -28,6 +28,7 @@ The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Tr
 from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
 
     wait_flag, wait_chunks   device functions the consumer kernels call (ag_gemm, gemm_rs)
+    async_proxy_fence        after a wait, before TMA loads of what the flag published
     wait_header              a peer published this call, and the same call (rank agreement)
     wait_peers_kernel        one program: every peer published this call (DistWorld's AG)
     raise_flag_kernel        one program: a release store of a flag, where no stream write exists
@@ -58,6 +59,22 @@ def _clock_ns():
     return tl.inline_asm_elementwise(
         "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
     )
+
+
+@triton.jit
+def async_proxy_fence():
+    """Order this thread's earlier reads (the acquire of a flag) before its later reads through
+    the async proxy (TMA loads), as the PTX memory model asks of the two proxies (sm_90+; a no-op
+    under the interpreter)."""
+    if REAL_TIME:
+        tl.inline_asm_elementwise(
+            "fence.proxy.async.global; mov.u32 $0, 0;",
+            "=r",
+            [],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
 
 
 @triton.jit
