@@ -4,10 +4,10 @@
     launch_meta    launcher side: the constexprs and launch options of a config for a dtype
     swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
     rows_matmul    fp32 product of BLOCK_M rows of A, picked by index, with a strided B tile
-    tiles_matmul   fp32 product of a tile of A and a tile of B read through tensor descriptors
-                   (TMA on Hopper), where both operands are plain row-major matrices
+    tile_matmul    fp32 product of one output tile of plain row-major A and B, read through
+                   tensor descriptors (TMA on Hopper) or by pointer loads (rows_matmul)
     tma_descriptor launcher side: a descriptor of a matrix, or None where TMA cannot read it
-    matmul_descriptors  launcher side: the descriptors of A and B for `tiles_matmul`
+    matmul_descriptors  launcher side: the descriptors of A and B for `tile_matmul`
 
 DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
 operands as their raw 16-bit storage, so launchers set it when interpreting.
@@ -116,31 +116,67 @@ def rows_matmul(
 
 
 @triton.jit
-def tiles_matmul(
+def tile_matmul(
     a_desc,
-    a_row0,
     b_desc,
+    a_row0,
+    a_ptr,
+    a_rows,  # [BLOCK_M]
+    row_mask,  # [BLOCK_M]
+    stride_am,
+    b_ptr,
+    stride_bk,
+    stride_bn,
     col0,
+    cols,  # [BLOCK_N] = col0 + arange
+    col_mask,  # [BLOCK_N]
     K,
-    acc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TMA: tl.constexpr,
     B_KN: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """acc + A[a_row0 : a_row0 + BLOCK_M, :K] @ B[:K, col0 : col0 + BLOCK_N] in fp32, both
-    operands loaded through tensor descriptors (`tma_descriptor`): on Hopper the copy engine
-    (TMA) fills the pipeline's shared-memory stages, and whatever lies outside a descriptor's
-    shape reads as zero. B_KN: `b_desc` describes B [K, N] in [BLOCK_K, BLOCK_N] blocks; else
-    B^T [N, K] in [BLOCK_N, BLOCK_K] blocks (a transposed weight).
+    """The fp32 product of one BLOCK_M x BLOCK_N output tile of A @ B.
+
+    TMA: both operands through tensor descriptors (`matmul_descriptors`), rows a_row0 .. of A
+    and columns col0 .. of B; on Hopper the copy engine (TMA) fills the pipeline's shared-memory
+    stages, and whatever lies outside a descriptor's shape reads as zero. B_KN: `b_desc`
+    describes B [K, N] in [BLOCK_K, BLOCK_N] blocks; else B^T [N, K] in [BLOCK_N, BLOCK_K]
+    blocks (a transposed weight). Otherwise pointer loads (`rows_matmul`) of rows `a_rows` of
+    `a_ptr` and columns `cols` of `b_ptr`; the descriptors are then unused.
     """
-    for k0 in range(0, K, BLOCK_K):
-        a = a_desc.load([a_row0, k0])
-        b = b_desc.load([k0, col0]) if B_KN else b_desc.load([col0, k0]).T
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if TMA:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([a_row0, k0])
+            b = b_desc.load([k0, col0]) if B_KN else b_desc.load([col0, k0]).T
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        acc, _ = rows_matmul(
+            a_ptr,
+            a_rows,
+            row_mask,
+            stride_am,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            cols,
+            col_mask,
+            0,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            False,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
     return acc
 
 
@@ -161,7 +197,7 @@ def tma_descriptor(matrix: torch.Tensor, block: tuple[int, int]) -> TensorDescri
 
 
 def matmul_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
-    """(a_desc, b_desc, B_KN) for `tiles_matmul` with `config`'s tiles, or None unless both
+    """(a_desc, b_desc, B_KN) for `tile_matmul` with `config`'s tiles, or None unless both
     matrices can be read through descriptors. b [K, N] is described as is when its rows are
     contiguous, else as b^T [N, K] (B_KN False: a transposed weight)."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k

@@ -36,9 +36,8 @@ from kernelbase.gemm import (
     GemmConfig,
     dot_options,
     matmul_descriptors,
-    rows_matmul,
     swizzle_tile,
-    tiles_matmul,
+    tile_matmul,
 )
 from overlap.kernels.flags import async_proxy_fence, wait_chunks
 from overlap.kernels.link import link_origin, wait_until
@@ -120,49 +119,41 @@ def ag_gemm_kernel(
                         ((rows_end - 1) // chunk_m + 1) * chunk_m, m
                     )
                     wait_until(link_start + (rows_through * link_ns_per_row).to(tl.int64))
-        # Local rows come straight from the shard; a peer's rows from the gather buffer.
         rows = row0 + tl.arange(0, BLOCK_M)
         row_mask = rows < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < n
-        if TMA:  # a tile of rank src's rows may read the next rank's first rows: masked below
-            acc = tiles_matmul(
-                gathered_desc,
-                src * m + row0,
-                b_desc,
-                pid_n * BLOCK_N,
-                K,
-                tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                BLOCK_K,
-                B_KN,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
-        else:
-            a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
-            stride_a = stride_g
-            if step == 0:
-                a_ptr = a_local_ptr
-                stride_a = stride_al
-            acc, _ = rows_matmul(
-                a_ptr,
-                rows,
-                row_mask,
-                stride_a,
-                b_ptr,
-                stride_bk,
-                stride_bn,
-                cols,
-                col_mask,
-                0,
-                K,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                False,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
+        # Pointer loads: local rows come straight from the shard, a peer's rows from the gather
+        # buffer. TMA: every rank's rows from the gather buffer; a tile of rank src's rows may
+        # read the next rank's first rows, masked at the store.
+        a_ptr = gathered_ptr + (src * m).to(tl.int64) * stride_g
+        stride_a = stride_g
+        if step == 0:
+            a_ptr = a_local_ptr
+            stride_a = stride_al
+        acc = tile_matmul(
+            gathered_desc,
+            b_desc,
+            src * m + row0,
+            a_ptr,
+            rows,
+            row_mask,
+            stride_a,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            pid_n * BLOCK_N,
+            cols,
+            col_mask,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            TMA,
+            B_KN,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         # After a failed wait (a timeout, or a peer's different call) the rows read may be
         # stale: the tile is NaN, never a plausible result. (Selecting here rather than
         # branching around the matmul keeps one live accumulator: no register spill.)

@@ -36,9 +36,8 @@ from kernelbase.gemm import (
     GemmConfig,
     dot_options,
     matmul_descriptors,
-    rows_matmul,
     swizzle_tile,
-    tiles_matmul,
+    tile_matmul,
 )
 from overlap.kernels.flags import HEADER_WORDS, wait_chunks, wait_header
 from overlap.kernels.link import link_enqueue, wait_until
@@ -91,39 +90,30 @@ def gemm_rs_kernel(
         row_mask = row0 + tl.arange(0, BLOCK_M) < m
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
-        if TMA:  # the last row tile of dest may read the next dest's first rows: masked below
-            acc = tiles_matmul(
-                a_desc,
-                dest * m + row0,
-                b_desc,
-                pid_n * BLOCK_N,
-                K,
-                tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                BLOCK_K,
-                B_KN,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
-        else:
-            acc, _ = rows_matmul(
-                a_ptr,
-                rows,
-                row_mask,
-                stride_a,
-                b_ptr,
-                stride_bk,
-                stride_bn,
-                cols,
-                col_mask,
-                0,
-                K,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                False,
-                DOT_FP32,
-                INPUT_PRECISION,
-            )
+        # TMA: the last row tile of dest may read the next dest's first rows, masked below.
+        acc = tile_matmul(
+            a_desc,
+            b_desc,
+            dest * m + row0,
+            a_ptr,
+            rows,
+            row_mask,
+            stride_a,
+            b_ptr,
+            stride_bk,
+            stride_bn,
+            pid_n * BLOCK_N,
+            cols,
+            col_mask,
+            K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            TMA,
+            B_KN,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
         p_ptrs = partial_ptr + rows.to(tl.int64)[:, None] * stride_p + cols.to(tl.int64)[None, :]
         tl.store(
             p_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :]
