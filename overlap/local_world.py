@@ -148,7 +148,7 @@ class LocalWorld(World):
         layout = self.chunk_layout(m)
         out = torch.empty(W, W * m, b.shape[-1], dtype=a_shard.dtype, device=self.device)
         gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]
-        link, row_bytes, arrived_rows = self.link, K * a_shard.element_size(), 0
+        link, row_bytes = self.link, K * a_shard.element_size()
         if link:
             link.begin(W)
         streams = self.streams
