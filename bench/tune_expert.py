@@ -12,7 +12,8 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
 
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
-in moeblaze.kernels.expert_mlp.GPU_CONFIGS), ms (median, triton.testing.do_bench), TFLOP/s,
+in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" the row-tile kernels with every operand read
+by pointer loads, TritonStages(tma=False), else the weights go through tensor descriptors), ms (median, triton.testing.do_bench), TFLOP/s,
 frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
 bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
@@ -85,8 +86,9 @@ WGRAD_CANDIDATES = [
 INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 
-def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
-    """The current config of (kernel, block_m) first, then the other candidates."""
+def candidates(kernel: str, block_m: int) -> list[tuple[GemmConfig, bool]]:
+    """(config, tma) pairs: the current config of (kernel, block_m) first, then it with pointer
+    loads (the row-tile kernels), then the other candidates."""
     if torch.cuda.is_available():
         current = GPU_CONFIGS[kernel, None if kernel == "expert_wgrad" else block_m]
         if kernel == "expert_wgrad":
@@ -97,7 +99,8 @@ def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
         current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
         if kernel != "expert_wgrad":
             current, others = _cfg(block_m, 32, 32, 4, 1), [_cfg(block_m, 64, 16, 4, 1)]
-    return [current, *(c for c in others if c != current)]
+    pointer_loads = [] if kernel == "expert_wgrad" else [(current, False)]
+    return [(current, True), *pointer_loads, *((c, True) for c in others if c != current)]
 
 
 def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
@@ -157,14 +160,14 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                 dense[flops] = harness.dense_gemm_tflops(flops, dtype, device)
             dense_tflops = dense[flops]
             current_ms = current_out = None
-            for i, cfg in enumerate(candidates(kernel, block_m)):
+            for i, (cfg, tma) in enumerate(candidates(kernel, block_m)):
                 key = (kernel, None if kernel == "expert_wgrad" else block_m)
-                fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan)
+                fn = stage_call(stage, TritonStages({key: cfg}, tma=tma), tensors, plan)
                 row = dict(
                     shape=shape.name,
                     stage=stage,
                     block_m=block_m if kernel != "expert_wgrad" else None,
-                    config=_describe(cfg) + ("*" if i == 0 else ""),
+                    config=_describe(cfg) + ("" if tma else ":ptr") + ("*" if i == 0 else ""),
                     **{"dense_TFLOP/s": dense_tflops},
                 )
                 try:
@@ -187,6 +190,7 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                     # largest magnitude: summation order only (a few ulps of the dtype).
                     diff=_relative_diff(out, current_out),
                     cfg=cfg,
+                    tma=tma,
                 )
                 rows.append(row)
     return rows
@@ -224,11 +228,12 @@ def best_entries(rows) -> list[str]:
     for (shape, stage, block_m), row in best.items():
         cfg, speedup = row["cfg"], row["vs_current"]
         versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
+        loads = "" if row["tma"] else ", pointer loads"
         lines.append(
             f"{shape:>14} {stage:>12}: ({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
             f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
             f"num_stages={cfg.num_stages})  # {row['ms']:.3g} ms, {row['frac_cublas']:.2f} of "
-            f"cuBLAS, {versus}"
+            f"cuBLAS, {versus}{loads}"
         )
     return lines
 
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
         block_ms = [int(b) for b in args.block_ms.split(",")]
         stages = args.stages.split(",")
         rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms)
-        stored = [{k: v for k, v in r.items() if k != "cfg"} for r in rows]
+        stored = [{k: v for k, v in r.items() if k not in ("cfg", "tma")} for r in rows]
         path = harness.write_results("tune_expert", stored, env, args.out)  # kept if stopped
     print(f"\nexpert-MLP stages on {env['gpu']} ({dtype}; * = the current GPU_CONFIGS entry)")
     harness.print_table(rows, COLUMNS)

@@ -3,11 +3,13 @@
     GemmConfig     tile sizes and launch options of one GEMM kernel
     launch_meta    launcher side: the constexprs and launch options of a config for a dtype
     swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
-    rows_matmul    fp32 product of BLOCK_M rows of A, picked by index, with a strided B tile
-    tile_matmul    fp32 product of one output tile of plain row-major A and B, read through
-                   tensor descriptors (TMA on Hopper) or by pointer loads (rows_matmul)
-    tma_descriptor launcher side: a descriptor of a matrix, or None where TMA cannot read it
-    matmul_descriptors  launcher side: the descriptors of A and B for `tile_matmul`
+    tile_matmul    fp32 product of one output tile: BLOCK_M rows of A (picked by index, or
+                   consecutive rows through a tensor descriptor: TMA on Hopper) with a tile
+                   of one matrix B of a stack (strided pointers, or a descriptor)
+    tma_supported  launcher side: whether a device's kernels may use descriptors
+    tma_descriptor launcher side: a descriptor of a tensor, or None where TMA cannot read it
+    b_descriptor   launcher side: the descriptor of B or of a stack of B for `tile_matmul`
+    matmul_descriptors  launcher side: the descriptors of A and B
 
 DOT_FP32 upcasts the operands of tl.dot: the Triton 3.9 CPU interpreter multiplies bfloat16
 operands as their raw 16-bit storage, so launchers set it when interpreting.
@@ -68,142 +70,130 @@ def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def rows_matmul(
-    a_ptr,
+def tile_matmul(
+    a,
+    a_row0,
     a_rows,  # [BLOCK_M] row indices into A
     row_mask,  # [BLOCK_M]
     stride_am,
-    b_ptr,
-    stride_bk,
-    stride_bn,
-    cols,  # [BLOCK_N] column indices into B
-    col_mask,  # [BLOCK_N]
-    second_b_offset,
-    K,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DUAL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """acc[i, j] = sum_kk A[a_rows[i], kk] * B[kk, cols[j]] in fp32; A rows have unit K stride.
-
-    With DUAL, also the product with the B that starts `second_b_offset` elements later (the
-    up-projection rows of w13), reusing each loaded A block for both; else the second is zeros.
-    """
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_row_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am
-    b_col_ptrs = b_ptr + cols.to(tl.int64)[None, :] * stride_bn
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < K
-        a = tl.load(a_row_ptrs + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_ptrs = b_col_ptrs + kk.to(tl.int64)[:, None] * stride_bk
-        b_mask = k_mask[:, None] & col_mask[None, :]
-        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        if DUAL:
-            b2 = tl.load(b_ptrs + second_b_offset, mask=b_mask, other=0.0)
-            if DOT_FP32:
-                b2 = b2.to(tl.float32)
-            acc2 = tl.dot(a, b2, acc2, input_precision=INPUT_PRECISION)
-    return acc, acc2
-
-
-@triton.jit
-def tile_matmul(
-    a_desc,
-    b_desc,
-    a_row0,
-    a_ptr,
-    a_rows,  # [BLOCK_M]
-    row_mask,  # [BLOCK_M]
-    stride_am,
-    b_ptr,
+    b,
+    b_index,
+    stride_bi,
     stride_bk,
     stride_bn,
     col0,
     cols,  # [BLOCK_N] = col0 + arange
     col_mask,  # [BLOCK_N]
+    second_n,
     K,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    TMA: tl.constexpr,
+    DUAL: tl.constexpr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """The fp32 product of one BLOCK_M x BLOCK_N output tile of A @ B.
+    """acc[i, j] = sum_kk A[row i, kk] * B[kk, cols[j]] in fp32, B = matrix `b_index` of a stack.
 
-    TMA: both operands through tensor descriptors (`matmul_descriptors`), rows a_row0 .. of A
-    and columns col0 .. of B; on Hopper the copy engine (TMA) fills the pipeline's shared-memory
-    stages, and whatever lies outside a descriptor's shape reads as zero. B_KN: `b_desc`
-    describes B [K, N] in [BLOCK_K, BLOCK_N] blocks; else B^T [N, K] in [BLOCK_N, BLOCK_K]
-    blocks (a transposed weight). Otherwise pointer loads (`rows_matmul`) of rows `a_rows` of
-    `a_ptr` and columns `cols` of `b_ptr`; the descriptors are then unused.
+    A: with A_TMA, `a` is a tensor descriptor of A [rows, K] (`tma_descriptor`) read at rows
+    a_row0 ..; else `a` points at A with unit K stride and the rows are `a_rows` (by index: a
+    gather), masked by `row_mask`. B: with B_TMA, `b` is a descriptor of the stack (`b_descriptor`:
+    [I, K, N] if B_KN, else [I, N, K], a stack of transposed weights) read at columns col0 ..;
+    else `b` points at the stack (strides stride_bi, stride_bk, stride_bn) read at `cols`,
+    masked by `col_mask`. On Hopper the copy engine (TMA) fills the pipeline's shared-memory
+    stages of a descriptor's operand; what lies outside a descriptor's shape reads as zero, so a
+    weight tile never reads the next matrix of the stack.
+
+    With DUAL, also the product with the columns `second_n` further on (the up-projection rows of
+    w13), reusing each loaded A block for both; else the second accumulator is zeros.
     """
-    if TMA:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = a_desc.load([a_row0, k0])
-            b = b_desc.load([k0, col0]) if B_KN else b_desc.load([col0, k0]).T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if not A_TMA:
+        a_row_ptrs = a + a_rows.to(tl.int64)[:, None] * stride_am
+    if not B_TMA:
+        b_base = b + tl.cast(b_index, tl.int64) * stride_bi
+        b_col_ptrs = b_base + cols.to(tl.int64)[None, :] * stride_bn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K
+        if A_TMA:
+            a_tile = a.load([a_row0, k0])
+        else:
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            a_tile = tl.load(a_row_ptrs + kk[None, :], mask=a_mask, other=0.0)
+        if B_TMA:
+            b_tile = _stacked_tile(b, b_index, k0, col0, BLOCK_K, BLOCK_N, B_KN)
+        else:
+            b_ptrs = b_col_ptrs + kk.to(tl.int64)[:, None] * stride_bk
+            b_mask = k_mask[:, None] & col_mask[None, :]
+            b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if DOT_FP32:
+            a_tile = a_tile.to(tl.float32)
+            b_tile = b_tile.to(tl.float32)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=INPUT_PRECISION)
+        if DUAL:
+            if B_TMA:
+                b2 = _stacked_tile(b, b_index, k0, col0 + second_n, BLOCK_K, BLOCK_N, B_KN)
+            else:
+                b2 = tl.load(b_ptrs + second_n * stride_bn, mask=b_mask, other=0.0)
             if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    else:
-        acc, _ = rows_matmul(
-            a_ptr,
-            a_rows,
-            row_mask,
-            stride_am,
-            b_ptr,
-            stride_bk,
-            stride_bn,
-            cols,
-            col_mask,
-            0,
-            K,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            False,
-            DOT_FP32,
-            INPUT_PRECISION,
-        )
-    return acc
+                b2 = b2.to(tl.float32)
+            acc2 = tl.dot(a_tile, b2, acc2, input_precision=INPUT_PRECISION)
+    return acc, acc2
 
 
-def tma_descriptor(matrix: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor | None:
-    """A tensor descriptor of a 2-D `matrix` read in `block`s, or None where the copy engine
-    cannot read it: unit stride along rows, 16-byte aligned start and row stride."""
-    size = matrix.element_size()
+@triton.jit
+def _stacked_tile(
+    desc, index, k0, n0, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, B_KN: tl.constexpr
+):
+    """The [BLOCK_K, BLOCK_N] tile at (k0, n0) of matrix `index` of a `b_descriptor` stack."""
+    if B_KN:
+        return desc.load([index, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    return desc.load([index, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether kernels on `device` may read through tensor descriptors: Hopper and later GPUs,
+    and the CPU interpreter."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescriptor | None:
+    """A tensor descriptor of `tensor` read in `block`s, or None where the copy engine cannot
+    read it: unit stride along its last dimension, 16-byte aligned start and other strides."""
+    size = tensor.element_size()
     if (
-        matrix.dim() != 2
-        or matrix.numel() == 0
-        or matrix.stride(1) != 1
-        or (matrix.stride(0) * size) % 16
-        or matrix.data_ptr() % 16
-        or block[1] * size < 16
+        tensor.numel() == 0
+        or tensor.stride(-1) != 1
+        or any(stride * size % 16 for stride in tensor.stride()[:-1])
+        or tensor.data_ptr() % 16
+        or block[-1] * size < 16
     ):
         return None
-    return TensorDescriptor.from_tensor(matrix, list(block))
+    return TensorDescriptor.from_tensor(tensor, list(block))
+
+
+def b_descriptor(b: torch.Tensor, block_k: int, block_n: int):
+    """(desc, B_KN) of B [K, N], or of a stack of them [I, K, N], for `tile_matmul`'s B_TMA; or
+    None where the copy engine cannot read it. Described as is when B's rows are contiguous
+    (B_KN), else as B^T [I, N, K] (a transposed weight). A matrix is a stack of one."""
+    stack = b if b.dim() == 3 else b.unsqueeze(0)
+    if stack.stride(2) == 1:
+        desc = tma_descriptor(stack, (1, block_k, block_n))
+        return None if desc is None else (desc, True)
+    desc = tma_descriptor(stack.mT, (1, block_n, block_k))
+    return None if desc is None else (desc, False)
 
 
 def matmul_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
-    """(a_desc, b_desc, B_KN) for `tile_matmul` with `config`'s tiles, or None unless both
-    matrices can be read through descriptors. b [K, N] is described as is when its rows are
-    contiguous, else as b^T [N, K] (B_KN False: a transposed weight)."""
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    b_kn = b.stride(1) == 1
-    b_desc = tma_descriptor(b, (bk, bn)) if b_kn else tma_descriptor(b.mT, (bn, bk))
-    a_desc = tma_descriptor(a, (bm, bk))
+    """(a_desc, b_desc, B_KN) for `tile_matmul` with `config`'s tiles reading both operands
+    through descriptors, or None unless both can be (see `b_descriptor`)."""
+    a_desc = tma_descriptor(a, (config.block_m, config.block_k))
+    b_desc = b_descriptor(b, config.block_k, config.block_n)
     if a_desc is None or b_desc is None:
         return None
-    return a_desc, b_desc, b_kn
+    return a_desc, *b_desc

@@ -25,7 +25,7 @@ import abc
 import torch
 import triton
 
-from kernelbase.gemm import GemmConfig
+from kernelbase.gemm import GemmConfig, tma_supported
 from overlap.protocol import (
     EPOCH_LIMIT,
     FALLBACK_FREE_SMS,
@@ -83,9 +83,7 @@ class FusedContext(abc.ABC):
         self.streams = streams
         self.tile = config.tile or default_tile_config(device)
         # The GEMMs read their operands through tensor descriptors (TMA: Hopper and later).
-        self.tma = config.tma and (
-            device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
-        )
+        self.tma = config.tma and tma_supported(device)
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}

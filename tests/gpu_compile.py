@@ -93,7 +93,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         **mainloop_pipelining(ttgir),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
-        tma=constexprs.get("TMA"),
+        tma=constexprs.get("TMA", constexprs.get("B_TMA")),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -160,8 +160,10 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def run_moeblaze_launchers() -> None:
-    """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64)."""
-    from moeblaze.kernels.expert_mlp import TRITON_STAGES as stages
+    """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
+    with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
+    and with pointer loads."""
+    from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.routing_plan import launch_plan
     from moeblaze.routing_plan import RoutingPlan, plan_numel
 
@@ -172,20 +174,23 @@ def run_moeblaze_launchers() -> None:
 
     w13, w2 = empty(E, 2 * ffn, d), empty(E, d, ffn)
     # T = 2048 and 8192 tokens: 16384 and 65536 slots give block_m 64 and 128.
-    for T in (2048, 8192):
-        S = T * k
-        block_m = stages.block_m(S, E)
-        buffer = empty(plan_numel(S, E, block_m), dtype=torch.int32)
-        plan = RoutingPlan.from_buffer(buffer, S, E, k, block_m)
-        topk_ids, topk_weights = empty(T, k, dtype=torch.int64), empty(T, k, dtype=torch.float32)
-        x, dout = empty(T, d), empty(T, d)
-        launch_plan(topk_ids, plan)
-        h, a = stages.gate_up(x, w13, plan, store_h=True, store_a=True)
-        stages.down_combine(a, w2, topk_weights, plan, deterministic=False)
-        dh, _, a = stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True)
-        stages.grad_input(dh, w13, plan, deterministic=True)
-        stages.grad_w2(dout, a, topk_weights, plan)
-        stages.grad_w13(dh, x, plan)
+    for tma in (True, False) if ARCH >= 90 else (False,):
+        stages = TritonStages(tma=tma)
+        for T in (2048, 8192):
+            S = T * k
+            block_m = stages.block_m(S, E)
+            buffer = empty(plan_numel(S, E, block_m), dtype=torch.int32)
+            plan = RoutingPlan.from_buffer(buffer, S, E, k, block_m)
+            topk_ids = empty(T, k, dtype=torch.int64)
+            topk_weights = empty(T, k, dtype=torch.float32)
+            x, dout = empty(T, d), empty(T, d)
+            launch_plan(topk_ids, plan)
+            h, a = stages.gate_up(x, w13, plan, store_h=True, store_a=True)
+            stages.down_combine(a, w2, topk_weights, plan, deterministic=False)
+            dh, _, a = stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True)
+            stages.grad_input(dh, w13, plan, deterministic=True)
+            stages.grad_w2(dout, a, topk_weights, plan)
+            stages.grad_w13(dh, x, plan)
 
 
 def run_overlap_launchers() -> None:

@@ -15,7 +15,11 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
           expert_wgrad_kernel  dw2[e] = sum_p (w * dout[token(p)])^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
-The GEMM main loop and tile order are shared with overlap (kernelbase.gemm).
+The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
+(`w13`, `w2`), and the sorted rows scatter_rows reads, are passed as pointers or, where the
+launcher can describe them (Hopper, contiguous 16-byte aligned rows), as tensor descriptors
+that the copy engine (TMA) reads: the constexprs A_TMA / B_TMA / B_KN say which
+(kernelbase.gemm.tile_matmul). Gathered rows (x, dout by token) are always loaded by index.
 
 `TritonStages` at the end is the launcher: it allocates the outputs and launches these kernels on
 CUDA (or on the CPU under the Triton interpreter), with the tile configurations chosen per GPU.
@@ -31,7 +35,15 @@ import triton.language as tl
 
 from kernelbase import alloc
 from kernelbase.backend import interpreting
-from kernelbase.gemm import GemmConfig, launch_meta, rows_matmul, swizzle_tile
+from kernelbase.gemm import (
+    GemmConfig,
+    b_descriptor,
+    launch_meta,
+    swizzle_tile,
+    tile_matmul,
+    tma_descriptor,
+    tma_supported,
+)
 from moeblaze.routing_plan import RoutingPlan
 
 
@@ -50,23 +62,24 @@ def _plan_tile(
 ):
     """This program's plan tile and column block of an N-wide output.
 
-    Returns (valid, expert, rows [BLOCK_M] sorted positions, row_mask, slots, pid_n,
-    cols [BLOCK_N], col_mask). Programs past the plan's `num_tiles` get valid == False.
+    Returns (valid, expert, row0, rows [BLOCK_M] sorted positions row0 .., row_mask, slots,
+    pid_n, cols [BLOCK_N], col_mask). Programs past the plan's `num_tiles` get valid == False.
     """
     tile, pid_n = swizzle_tile(tl.program_id(0), max_tiles, tl.cdiv(N, BLOCK_N), GROUP_M)
     valid = tile < tl.load(num_tiles_ptr)
     expert = tl.where(valid, tl.load(tile_expert_ptr + tile), 0)  # padding tiles hold E
-    rows = tl.load(tile_row_start_ptr + tile) + tl.arange(0, BLOCK_M)
+    row0 = tl.load(tile_row_start_ptr + tile)
+    rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < tl.where(valid, tl.load(expert_offsets_ptr + expert + 1), 0)
     slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return valid, expert, rows, row_mask, slots, pid_n, cols, cols < N
+    return valid, expert, row0, rows, row_mask, slots, pid_n, cols, cols < N
 
 
 @triton.jit
 def gate_up_kernel(
     x_ptr,
-    w13_ptr,
+    w13,
     h_ptr,
     a_ptr,
     sorted_slots_ptr,
@@ -79,13 +92,15 @@ def gate_up_kernel(
     F,
     stride_x,
     stride_we,
-    stride_wn,
     stride_wk,
+    stride_wn,
     stride_h,
     stride_a,
     TOP_K: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_A: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -94,7 +109,7 @@ def gate_up_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = silu(h_gate) * h_up  [S, F]."""
-    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+    valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
         tile_expert_ptr,
@@ -107,22 +122,29 @@ def gate_up_kernel(
         GROUP_M,
     )
     if valid:
-        gate, up = rows_matmul(
+        gate, up = tile_matmul(
             x_ptr,
+            row0,
             slots // TOP_K,
             row_mask,
             stride_x,
-            w13_ptr + expert.to(tl.int64) * stride_we,
+            w13,
+            expert,
+            stride_we,
             stride_wk,
             stride_wn,
+            pid_n * BLOCK_N,
             cols,
             col_mask,
-            F * stride_wn,
+            F,
             D,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
             True,
+            False,
+            B_TMA,
+            B_KN,
             DOT_FP32,
             INPUT_PRECISION,
         )
@@ -189,7 +211,7 @@ def _split_columns(t, cols, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
 @triton.jit
 def grad_act_kernel(
     dout_ptr,
-    w2_ptr,
+    w2,
     h_ptr,
     weights_ptr,
     dh_ptr,
@@ -205,14 +227,16 @@ def grad_act_kernel(
     F,
     stride_dout,
     stride_we,
-    stride_wd,
-    stride_wf,
+    stride_wk,
+    stride_wn,
     stride_h,
     stride_dh,
     stride_a,
     TOP_K: tl.constexpr,
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -228,7 +252,7 @@ def grad_act_kernel(
     another, so that a wide tile's temporaries need not all be live in registers at once.
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
-    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+    valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
         tile_expert_ptr,
@@ -241,14 +265,18 @@ def grad_act_kernel(
         GROUP_M,
     )
     if valid:
-        g, _ = rows_matmul(
+        g, _ = tile_matmul(
             dout_ptr,
+            row0,
             slots // TOP_K,
             row_mask,
             stride_dout,
-            w2_ptr + expert.to(tl.int64) * stride_we,
-            stride_wd,
-            stride_wf,
+            w2,
+            expert,
+            stride_we,
+            stride_wk,
+            stride_wn,
+            pid_n * BLOCK_N,
             cols,
             col_mask,
             0,
@@ -257,6 +285,9 @@ def grad_act_kernel(
             BLOCK_N,
             BLOCK_K,
             False,
+            False,
+            B_TMA,
+            B_KN,
             DOT_FP32,
             INPUT_PRECISION,
         )
@@ -282,8 +313,8 @@ def grad_act_kernel(
 
 @triton.jit
 def scatter_rows_kernel(
-    in_ptr,
-    w_ptr,
+    rows_in,
+    w,
     weights_ptr,
     out_ptr,
     sorted_slots_ptr,
@@ -302,6 +333,9 @@ def scatter_rows_kernel(
     TOP_K: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     PER_SLOT: tl.constexpr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -309,12 +343,12 @@ def scatter_rows_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """y[p] = in[p] @ W[e] (times w[slot(p)] if HAS_WEIGHTS), combined into rows of `out`.
+    """y[p] = rows_in[p] @ W[e] (times w[slot(p)] if HAS_WEIGHTS), combined into rows of `out`.
 
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
     """
-    valid, expert, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
+    valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
         tile_expert_ptr,
@@ -327,14 +361,18 @@ def scatter_rows_kernel(
         GROUP_M,
     )
     if valid:
-        y, _ = rows_matmul(
-            in_ptr,
+        y, _ = tile_matmul(
+            rows_in,
+            row0,
             rows,
             row_mask,
             stride_in,
-            w_ptr + expert.to(tl.int64) * stride_we,
+            w,
+            expert,
+            stride_we,
             stride_wk,
             stride_wn,
+            pid_n * BLOCK_N,
             cols,
             col_mask,
             0,
@@ -343,6 +381,9 @@ def scatter_rows_kernel(
             BLOCK_N,
             BLOCK_K,
             False,
+            A_TMA,
+            B_TMA,
+            B_KN,
             DOT_FP32,
             INPUT_PRECISION,
         )
@@ -470,10 +511,16 @@ class TritonStages:
         configs: (kernel, block_m) -> GemmConfig entries used in place of GPU_CONFIGS (and of
             the interpreter's small tiles), as `bench.tune_expert` sweeps them; a kernel's
             BLOCK_M is always the plan's block_m (None for expert_wgrad).
+        tma: read the weights, and the sorted rows of scatter_rows, through tensor descriptors
+            where the device (Hopper and later, or the interpreter) and the tensors allow it
+            (kernelbase.gemm.tma_descriptor); False: pointer loads everywhere.
     """
 
-    def __init__(self, configs: dict[tuple[str, int | None], GemmConfig] | None = None):
+    def __init__(
+        self, configs: dict[tuple[str, int | None], GemmConfig] | None = None, *, tma: bool = True
+    ):
         self.configs = configs or {}
+        self.tma = tma
 
     def block_m(self, num_slots: int, num_experts: int) -> int:
         """Rows per grouped-GEMM tile, the routing plan's `block_m`."""
@@ -492,10 +539,11 @@ class TritonStages:
         cfg = self._config("gate_up", plan)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
+        w, w_strides, w_meta = self._weights(w13.mT, cfg)  # B = w13[e]^T [d, 2F]
         grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
         gate_up_kernel[grid](
             x,
-            w13,
+            w,
             h_arg,
             a_arg,
             *self._plan_args(plan),
@@ -503,27 +551,22 @@ class TritonStages:
             d,
             ffn,
             x.stride(0),
-            w13.stride(0),
-            w13.stride(1),
-            w13.stride(2),
+            *w_strides,
             h_arg.stride(0),
             a_arg.stride(0),
             TOP_K=plan.top_k,
             STORE_H=store_h,
             STORE_A=store_a,
+            **w_meta,
             **launch_meta(cfg, x.dtype),
         )
         return h, a
 
     def down_combine(self, a, w2, topk_weights, plan: RoutingPlan, *, deterministic: bool):
-        return self._scatter_rows(
-            a, w2, (w2.stride(2), w2.stride(1)), topk_weights, plan, w2.shape[1], deterministic
-        )
+        return self._scatter_rows(a, w2.mT, topk_weights, plan, deterministic)  # B = w2[e]^T
 
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool):
-        return self._scatter_rows(
-            dh, w13, (w13.stride(1), w13.stride(2)), None, plan, w13.shape[2], deterministic
-        )
+        return self._scatter_rows(dh, w13, None, plan, deterministic)
 
     def grad_act(self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool):
         num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
@@ -535,9 +578,10 @@ class TritonStages:
         cfg = self._config("grad_act", plan)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
+        w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
-            w2,
+            w,
             h,
             topk_weights,
             dh,
@@ -548,15 +592,14 @@ class TritonStages:
             d,
             ffn,
             dout.stride(0),
-            w2.stride(0),
-            w2.stride(1),
-            w2.stride(2),
+            *w_strides,
             h.stride(0),
             dh.stride(0),
             a.stride(0),
             TOP_K=plan.top_k,
             STORE_A=store_a,
             EPILOGUE_SPLIT=max(1, min(4, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS)),
+            **w_meta,
             **launch_meta(cfg, dout.dtype),
         )
         dweights = dw_partial.sum(dim=1).view(topk_weights.shape)  # fixed order: deterministic
@@ -568,9 +611,10 @@ class TritonStages:
     def grad_w13(self, dh, x, plan: RoutingPlan):
         return self._expert_wgrad(dh, x, None, plan, gather_left=False)
 
-    def _scatter_rows(self, rows_in, w, w_strides, topk_weights, plan, n, deterministic):
-        """Combine rows_in[p] @ W[e] (times the routing weight) into a [T, n] output."""
-        num_slots, top_k = plan.num_slots, plan.top_k
+    def _scatter_rows(self, rows_in, weights, topk_weights, plan, deterministic):
+        """Combine rows_in[p] @ weights[e] (times the routing weight) into a [T, n] output;
+        `weights` is the stack of B [E, K, n]."""
+        num_slots, top_k, n = plan.num_slots, plan.top_k, weights.shape[2]
         num_tokens = num_slots // top_k
         # One slot per token needs no reduction: store straight into the output.
         per_slot = deterministic or top_k == 1
@@ -582,8 +626,13 @@ class TritonStages:
             out = torch.zeros(num_tokens, n, dtype=torch.float32, device=rows_in.device)
         if num_slots > 0:
             cfg = self._config("scatter_rows", plan)
+            w, w_strides, w_meta = self._weights(weights, cfg)
+            # The rows of a tile are consecutive sorted positions: one descriptor block.
+            rows_desc = None
+            if self._tma(rows_in.device):
+                rows_desc = tma_descriptor(rows_in, (cfg.block_m, cfg.block_k))
             scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
-                rows_in,
+                rows_in if rows_desc is None else rows_desc,
                 w,
                 topk_weights if topk_weights is not None else rows_in,
                 out,
@@ -592,12 +641,13 @@ class TritonStages:
                 n,
                 rows_in.shape[1],
                 rows_in.stride(0),
-                w.stride(0),
                 *w_strides,
                 out.stride(0),
                 TOP_K=top_k,
                 HAS_WEIGHTS=topk_weights is not None,
                 PER_SLOT=per_slot,
+                A_TMA=rows_desc is not None,
+                **w_meta,
                 **launch_meta(cfg, rows_in.dtype),
             )
         if per_slot and top_k > 1:
@@ -641,6 +691,20 @@ class TritonStages:
         if kernel == "expert_wgrad":
             return _INTERPRETER
         return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
+
+    def _tma(self, device: torch.device) -> bool:
+        return self.tma and tma_supported(device)
+
+    def _weights(self, weights: torch.Tensor, cfg: GemmConfig):
+        """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
+        where `_tma` allows and the copy engine can read it), its strides, and the constexprs
+        B_TMA and B_KN (kernelbase.gemm.tile_matmul)."""
+        desc = None
+        if self._tma(weights.device):
+            desc = b_descriptor(weights, cfg.block_k, cfg.block_n)
+        if desc is None:
+            return weights, weights.stride(), dict(B_TMA=False, B_KN=True)
+        return desc[0], weights.stride(), dict(B_TMA=True, B_KN=desc[1])
 
     @staticmethod
     def _plan_args(plan: RoutingPlan):

@@ -131,24 +131,27 @@ def ag_gemm_kernel(
         if step == 0:
             a_ptr = a_local_ptr
             stride_a = stride_al
-        acc = tile_matmul(
-            gathered_desc,
-            b_desc,
+        acc, _ = tile_matmul(
+            gathered_desc if TMA else a_ptr,
             src * m + row0,
-            a_ptr,
             rows,
             row_mask,
             stride_a,
-            b_ptr,
+            b_desc if TMA else b_ptr,
+            0,
+            0,
             stride_bk,
             stride_bn,
             pid_n * BLOCK_N,
             cols,
             col_mask,
+            0,
             K,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
+            False,
+            TMA,
             TMA,
             B_KN,
             DOT_FP32,

@@ -91,24 +91,27 @@ def gemm_rs_kernel(
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < N
         # TMA: the last row tile of dest may read the next dest's first rows, masked below.
-        acc = tile_matmul(
-            a_desc,
-            b_desc,
+        acc, _ = tile_matmul(
+            a_desc if TMA else a_ptr,
             dest * m + row0,
-            a_ptr,
             rows,
             row_mask,
             stride_a,
-            b_ptr,
+            b_desc if TMA else b_ptr,
+            0,
+            0,
             stride_bk,
             stride_bn,
             pid_n * BLOCK_N,
             cols,
             col_mask,
+            0,
             K,
             BLOCK_M,
             BLOCK_N,
             BLOCK_K,
+            False,
+            TMA,
             TMA,
             B_KN,
             DOT_FP32,

@@ -6,6 +6,7 @@ from gpu_compile_testing import compile_reports
 from moeblaze.kernels.expert_mlp import GPU_CONFIGS
 
 PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
+ROW_TILE_KERNELS = ("gate_up_kernel", "grad_act_kernel", "scatter_rows_kernel")
 
 
 def _launched_configs(reports):
@@ -30,8 +31,20 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
         # operands, with copies and one wgmma in flight while the next step waits.
         assert report["wgmma"] >= 1, report
         assert report["register_operands"] == 0, report
-        assert report["copies_in_flight"] >= 1, report
         assert report["wgmma_in_flight"] >= 1, report
+        if report["tma"]:  # weights (and scatter_rows' sorted rows) through the copy engine
+            assert report["tma_copies"] >= 1, report
+            # The gathered rows of gate_up and grad_act stay async pointer copies.
+            gathers = report["kernel"] != "scatter_rows_kernel"
+            assert (report["async_copies"] > 0) == gathers, report
+            assert not gathers or report["copies_in_flight"] >= 1, report
+        else:
+            assert report["copies_in_flight"] >= 1, report
+    # The row-tile kernels are built with and without tensor descriptors.
+    row_tile = [r for r in reports if r["kernel"] in ROW_TILE_KERNELS]
+    assert {(r["kernel"], r["tma"]) for r in row_tile} == {
+        (kernel, tma) for kernel in ROW_TILE_KERNELS for tma in (True, False)
+    }
 
 
 def test_kernels_compile_for_ampere():
@@ -39,3 +52,4 @@ def test_kernels_compile_for_ampere():
     reports = compile_reports("moeblaze", arch=80)
     expected = {(kernel, cfg.block_m) for (kernel, _), cfg in GPU_CONFIGS.items()}
     assert _launched_configs(reports) == expected, reports
+    assert not any(r["tma"] or r["tma_copies"] for r in reports), reports  # pointer loads

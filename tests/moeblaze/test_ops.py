@@ -17,7 +17,7 @@ import moeblaze
 from kernelbase import alloc
 from kernelbase.backend import backend_for
 from kernelbase.gemm import GemmConfig
-from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.kernels.expert_mlp import TRITON_STAGES, TritonStages
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import plan_numel
@@ -53,6 +53,9 @@ SHAPES = {
     "one_expert_k1": (40, 24, 16, 5, 1, "one_expert"),
     "one_expert_k3": (20, 24, 16, 5, 3, "one_expert"),
     "empty_experts": (33, 24, 16, 8, 2, "skip_experts"),
+    # Rows of w2, a and dh that the copy engine cannot read (84 and 168 bytes): pointer loads
+    # of those beside tensor descriptors of w13.
+    "unaligned": (19, 36, 21, 4, 2, "random"),
 }
 SMALL = (21, 40, 24, 5, 2)
 SMALL_K1 = (21, 40, 24, 5, 1)
@@ -102,6 +105,25 @@ def test_matches_reference(shape, path, make_problem):
     empty = assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
     if routing != "random" or E == 256:
         assert empty > 0, "the case is meant to leave experts without tokens"
+
+
+@pytest.mark.parametrize("name", ["odd", "k1", "empty_experts"])
+def test_pointer_loads(name, make_problem, monkeypatch):
+    # TritonStages(tma=False): no operand through a tensor descriptor.
+    T, d, F, E, k, routing = SHAPES[name]
+    problem = make_problem(T, d, F, E, k, seed=1, routing=routing)
+    monkeypatch.setattr(TRITON_STAGES, "tma", False)
+    assert_matches_reference(problem.run(), problem.reference())
+
+
+def test_which_operands_are_read_through_tensor_descriptors():
+    config = GemmConfig(16, 32, 32)
+    w13 = torch.randn(4, 42, 36)  # 144-byte rows: described
+    w2 = torch.randn(4, 36, 21)  # 84-byte rows: pointer loads
+    assert TRITON_STAGES._weights(w13.mT, config)[2] == dict(B_TMA=True, B_KN=False)
+    assert TRITON_STAGES._weights(w13, config)[2] == dict(B_TMA=True, B_KN=True)
+    assert TRITON_STAGES._weights(w2, config)[2] == dict(B_TMA=False, B_KN=True)
+    assert TritonStages(tma=False)._weights(w13, config)[2]["B_TMA"] is False
 
 
 @pytest.mark.parametrize("block_n", [16, 32, 64], ids=lambda n: f"split{min(4, n // 16)}")
