@@ -35,6 +35,8 @@ SHAPES = {
     "empty_experts": (300, 128, 64, 16, 2, "skip_experts"),
     "one_expert": (1000, 128, 64, 8, 1, "one_expert"),
     "E256": (256, 128, 64, 256, 8, "random"),
+    # 392-byte rows of x and w13 (pointer loads of w13) beside 240-byte rows of w2 (TMA).
+    "unaligned": (300, 196, 120, 8, 2, "random"),
 }
 
 
@@ -57,6 +59,21 @@ def test_bf16_matches_reference(shape, make_problem):
             assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=f"{policy} {name}")
     counts = torch.bincount(problem.topk_ids.reshape(-1), minlength=E)
     assert not actual[3][counts == 0].any() and not actual[4][counts == 0].any()
+
+
+@pytest.mark.parametrize("shape", ["medium", "odd"])
+def test_bf16_pointer_loads_match_reference(shape, make_problem, monkeypatch):
+    # TritonStages(tma=False): the same kernels with no operand through a tensor descriptor.
+    T, d, F, E, k, routing = SHAPES[shape]
+    problem = make_problem(
+        T, d, F, E, k, dtype=torch.bfloat16, seed=4, routing=routing, device="cuda"
+    )
+    monkeypatch.setattr(STAGES[backend_for(torch.device("cuda"))], "tma", False)
+    expected = problem.reference()
+    baseline = _low_precision_baseline(problem, torch.bfloat16)
+    actual = problem.run()
+    for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=name)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
