@@ -164,12 +164,13 @@ def tma_supported(device: torch.device) -> bool:
 
 def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescriptor | None:
     """A tensor descriptor of `tensor` read in `block`s, or None where the copy engine cannot
-    read it: unit stride along its last dimension, 16-byte aligned start and other strides."""
+    read it: unit stride along its last dimension, 16-byte aligned start and other strides, no
+    broadcast (zero-stride) dimension."""
     size = tensor.element_size()
     if (
         tensor.numel() == 0
         or tensor.stride(-1) != 1
-        or any(stride * size % 16 for stride in tensor.stride()[:-1])
+        or any(stride * size % 16 or stride == 0 for stride in tensor.stride()[:-1])
         or tensor.data_ptr() % 16
         or block[-1] * size < 16
     ):

@@ -38,4 +38,5 @@ def test_tensors_the_copy_engine_cannot_read_get_no_descriptor():
     assert tma_descriptor(torch.randn(0, 16), (16, 16)) is None  # empty
     stack = torch.randn(64, dtype=torch.bfloat16).as_strided((3, 2, 8), (20, 8, 1))
     assert tma_descriptor(stack, (1, 2, 8)) is None  # matrices 40 bytes apart
+    assert tma_descriptor(torch.randn(1, 4, 8).expand(3, 4, 8), (1, 4, 8)) is None  # broadcast
     assert matmul_descriptors(torch.randn(8, 16), torch.randn(16, 17), CONFIG) is None
