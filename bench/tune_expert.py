@@ -62,8 +62,10 @@ def _cfg(bm, bn, bk, warps, stages) -> GemmConfig:
 
 
 # Candidates besides the current config: (BLOCK_N, BLOCK_K, warps, stages) for the row-tile
-# kernels at the plan's block_m; full configs for the weight gradient.
+# kernels at the plan's block_m (the configs before the current ones among them); full configs
+# for the weight gradient.
 ROW_TILE_CANDIDATES = [
+    (64, 64, 8, 4),  # gate_up and grad_act at BLOCK_M=128 before the wider tiles
     (64, 64, 4, 4),
     (128, 64, 4, 4),
     (128, 64, 8, 3),

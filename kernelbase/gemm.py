@@ -165,7 +165,8 @@ def tma_supported(device: torch.device) -> bool:
 def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescriptor | None:
     """A tensor descriptor of `tensor` read in `block`s, or None where the copy engine cannot
     read it: unit stride along its last dimension, 16-byte aligned start and other strides, no
-    broadcast (zero-stride) dimension."""
+    broadcast (zero-stride) dimension. Kernels must start blocks at 16-byte aligned offsets
+    along the last dimension (the Triton interpreter checks it)."""
     size = tensor.element_size()
     if (
         tensor.numel() == 0
@@ -178,12 +179,17 @@ def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescri
     return TensorDescriptor.from_tensor(tensor, list(block))
 
 
-def b_descriptor(b: torch.Tensor, block_k: int, block_n: int):
+def b_descriptor(b: torch.Tensor, block_k: int, block_n: int, second_n: int = 0):
     """(desc, B_KN) of B [K, N], or of a stack of them [I, K, N], for `tile_matmul`'s B_TMA; or
     None where the copy engine cannot read it. Described as is when B's rows are contiguous
-    (B_KN), else as B^T [I, N, K] (a transposed weight). A matrix is a stack of one."""
+    (B_KN), else as B^T [I, N, K] (a transposed weight). A matrix is a stack of one.
+
+    `second_n`: DUAL's column offset. A block starts at a 16-byte aligned column of its
+    descriptor's last dimension, so B_KN with a `second_n` that breaks this gets None."""
     stack = b if b.dim() == 3 else b.unsqueeze(0)
     if stack.stride(2) == 1:
+        if second_n * b.element_size() % 16:
+            return None
         desc = tma_descriptor(stack, (1, block_k, block_n))
         return None if desc is None else (desc, True)
     desc = tma_descriptor(stack.mT, (1, block_n, block_k))

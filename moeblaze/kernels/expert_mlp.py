@@ -171,21 +171,31 @@ def _grad_act_columns(
     row_mask,
     w_row,
     cols,
+    row0,
+    col0,
     F,
-    h_ptr,
+    h,
     dh_ptr,
     a_ptr,
     stride_h,
     stride_dh,
     stride_a,
     STORE_A: tl.constexpr,
+    H_TMA: tl.constexpr,
 ):
-    """The epilogue of grad_act on the columns `cols` of g: stores dh (and a); returns
-    rowsum(g * a) over these columns."""
+    """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a);
+    returns rowsum(g * a) over these columns. H_TMA: `h` is a tensor descriptor of h (blocks
+    of this slice's shape), else a pointer."""
     mask = row_mask[:, None] & (cols < F)[None, :]
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+    if H_TMA:
+        # Rows past the tile's expert and gate columns past F read other values of h: those
+        # products are masked below (g is zero there: its A rows and B columns read as zero).
+        gate = h.load([row0, col0]).to(tl.float32)
+        up = h.load([row0, F + col0]).to(tl.float32)
+    else:
+        h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
     # The forward's down GEMM consumed a rounded to its storage dtype; so does dw.
@@ -197,22 +207,107 @@ def _grad_act_columns(
     tl.store(dh_ptrs + F, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
     d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
     tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
-    return tl.sum(g * act.to(tl.float32), axis=1)
+    return tl.sum(tl.where(mask, g * act.to(tl.float32), 0.0), axis=1)
 
 
 @triton.jit
-def _split_columns(t, cols, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
-    """[BLOCK_M, 2*HALF] tile and its column indices -> (left half, right half, their cols)."""
-    left, right = tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-    cols_left, cols_right = tl.split(tl.permute(tl.reshape(cols, (2, HALF)), (1, 0)))
-    return left, right, cols_left, cols_right
+def _grad_act_slices(
+    g,
+    rows,
+    row_mask,
+    w_row,
+    cols,
+    row0,
+    col0,
+    F,
+    h,
+    dh_ptr,
+    a_ptr,
+    stride_h,
+    stride_dh,
+    stride_a,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STORE_A: tl.constexpr,
+    H_TMA: tl.constexpr,
+):
+    """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
+    after another (halving recursively), so that a wide tile's temporaries need not all be
+    live in registers at once. Returns the rowsum over all of them."""
+    if SPLIT == 1:
+        dw = _grad_act_columns(
+            g,
+            rows,
+            row_mask,
+            w_row,
+            cols,
+            row0,
+            col0,
+            F,
+            h,
+            dh_ptr,
+            a_ptr,
+            stride_h,
+            stride_dh,
+            stride_a,
+            STORE_A,
+            H_TMA,
+        )
+    else:
+        half: tl.constexpr = WIDTH // 2
+        left, right = tl.split(tl.permute(tl.reshape(g, (BLOCK_M, 2, half)), (0, 2, 1)))
+        cols_left, cols_right = tl.split(tl.permute(tl.reshape(cols, (2, half)), (1, 0)))
+        dw = _grad_act_slices(
+            left,
+            rows,
+            row_mask,
+            w_row,
+            cols_left,
+            row0,
+            col0,
+            F,
+            h,
+            dh_ptr,
+            a_ptr,
+            stride_h,
+            stride_dh,
+            stride_a,
+            BLOCK_M,
+            half,
+            SPLIT // 2,
+            STORE_A,
+            H_TMA,
+        )
+        dw += _grad_act_slices(
+            right,
+            rows,
+            row_mask,
+            w_row,
+            cols_right,
+            row0,
+            col0 + half,
+            F,
+            h,
+            dh_ptr,
+            a_ptr,
+            stride_h,
+            stride_dh,
+            stride_a,
+            BLOCK_M,
+            half,
+            SPLIT // 2,
+            STORE_A,
+            H_TMA,
+        )
+    return dw
 
 
 @triton.jit
 def grad_act_kernel(
     dout_ptr,
     w2,
-    h_ptr,
+    h,
     weights_ptr,
     dh_ptr,
     a_ptr,
@@ -235,6 +330,7 @@ def grad_act_kernel(
     TOP_K: tl.constexpr,
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
+    H_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -248,8 +344,8 @@ def grad_act_kernel(
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
-    The epilogue runs on EPILOGUE_SPLIT (1, 2 or 4) column slices of the tile one after
-    another, so that a wide tile's temporaries need not all be live in registers at once.
+    The epilogue runs on EPILOGUE_SPLIT (1, 2, 4 or 8) column slices of the tile one after
+    another (`_grad_act_slices`); with H_TMA it reads h through a tensor descriptor.
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
@@ -292,22 +388,27 @@ def grad_act_kernel(
             INPUT_PRECISION,
         )
         w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-        args = (F, h_ptr, dh_ptr, a_ptr, stride_h, stride_dh, stride_a, STORE_A)
-        if EPILOGUE_SPLIT == 1:
-            dw = _grad_act_columns(g, rows, row_mask, w_row, cols, *args)
-        else:
-            g0, g1, c0, c1 = _split_columns(g, cols, BLOCK_M, BLOCK_N // 2)
-            if EPILOGUE_SPLIT == 2:
-                dw = _grad_act_columns(g0, rows, row_mask, w_row, c0, *args)
-                dw += _grad_act_columns(g1, rows, row_mask, w_row, c1, *args)
-            else:
-                quarter: tl.constexpr = BLOCK_N // 4
-                g00, g01, c00, c01 = _split_columns(g0, c0, BLOCK_M, quarter)
-                g10, g11, c10, c11 = _split_columns(g1, c1, BLOCK_M, quarter)
-                dw = _grad_act_columns(g00, rows, row_mask, w_row, c00, *args)
-                dw += _grad_act_columns(g01, rows, row_mask, w_row, c01, *args)
-                dw += _grad_act_columns(g10, rows, row_mask, w_row, c10, *args)
-                dw += _grad_act_columns(g11, rows, row_mask, w_row, c11, *args)
+        dw = _grad_act_slices(
+            g,
+            rows,
+            row_mask,
+            w_row,
+            cols,
+            row0,
+            pid_n * BLOCK_N,
+            F,
+            h,
+            dh_ptr,
+            a_ptr,
+            stride_h,
+            stride_dh,
+            stride_a,
+            BLOCK_M,
+            BLOCK_N,
+            EPILOGUE_SPLIT,
+            STORE_A,
+            H_TMA,
+        )
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
 
@@ -474,21 +575,25 @@ def expert_wgrad_kernel(
 # Launcher
 
 # GPU tile configurations, by kernel and the plan's block_m (the kernels' BLOCK_M). Not yet
-# tuned on a GPU. Every one compiles for sm_90 without register spills; the register counts are
-# from Triton 3.9's sm_90 build of the launches these launchers make (tests/gpu_compile.py runs
-# them). With the earlier hand-written signatures these neighbours spilled: gate_up and
-# scatter_rows at BLOCK_M=128 with 4 warps, grad_act with BLOCK_N=128, or BLOCK_N=64 at
-# BLOCK_M=128.
+# tuned on a GPU. Every one compiles for sm_90 without register spills with Triton 3.9 and 3.6;
+# the register counts are from Triton 3.9's sm_90 build of the launches these launchers make,
+# with tensor descriptors (tests/gpu_compile.py runs them).
+#
+# The row-tile kernels re-read their A rows from L2 once per column tile and their B columns
+# once per row tile: 2·BM·BN / (2·(BM + BN)) FLOP per byte read. ncu on an H100 found grad_act
+# memory bound at 128x32 (26 FLOP/B, 200 TFLOP/s: ≈8 TB/s of L2) and gate_up at 128x64 with
+# its two accumulators (64 FLOP/B) at 520 TFLOP/s, so at BLOCK_M=128 (the bench shapes at
+# T=16384) the tiles are as wide as registers allow without spilling (bench/NOTES.md).
 GPU_CONFIGS = {
-    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 133 registers
-    ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),  # 133
-    # grad_act re-reads the gathered dout rows once per column tile (ncu on an H100: memory
-    # bound at 128x32), so its tiles are as wide as the epilogue allows without spilling,
-    # which its 4 column slices make 2x wider than before.
-    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 202
-    ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),  # 200
-    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 138-148
-    ("scatter_rows", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 124-138
+    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 96
+    # Two accumulators (gate and up): 128 x 256 outputs per A read, 85 FLOP/B.
+    ("gate_up", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 182
+    # grad_act's epilogue runs on 16-column slices of its tile (GRAD_ACT_EPILOGUE_COLUMNS),
+    # reading h through a tensor descriptor: that makes 128x128 spill-free.
+    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 145
+    ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 232
+    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-127
+    ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 227-231
     # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step. Its
     # operand rows are indexed by the positions' slots, loaded in the same loop: the pipeliner
     # spends stages on that chain, and below 5 stages the TTGIR waits for every copy before
@@ -496,9 +601,11 @@ GPU_CONFIGS = {
     # the old 128x128x32 s4 config "barely pipelined"). 5 stages keep 3-4 copy groups in flight.
     ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 105-124
 }
-# grad_act's epilogue works on up to 4 slices of at least this many columns of its tile
-# (EPILOGUE_SPLIT): 4 slices make 128x64 and 64x128 tiles spill-free on sm_90.
+# grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
+# (EPILOGUE_SPLIT). 4 slices make 128x64 and 64x128 tiles spill-free on sm_90; 8 slices, with
+# h read through a tensor descriptor, 128x128 (197 registers with Triton 3.9, 212 with 3.6).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
+GRAD_ACT_MAX_SPLIT = 8
 # The interpreter runs programs one after another: small blocks keep odd test shapes covering
 # several tiles per dimension without making each program slow.
 _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
@@ -539,7 +646,7 @@ class TritonStages:
         cfg = self._config("gate_up", plan)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
-        w, w_strides, w_meta = self._weights(w13.mT, cfg)  # B = w13[e]^T [d, 2F]
+        w, w_strides, w_meta = self._weights(w13.mT, cfg, second_n=ffn)  # B = w13[e]^T [d, 2F]
         grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
         gate_up_kernel[grid](
             x,
@@ -579,10 +686,15 @@ class TritonStages:
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
+        split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
+        h_desc = None
+        # One block per epilogue slice; the up blocks start F columns on.
+        if self._tma(h.device) and ffn * h.element_size() % 16 == 0:
+            h_desc = tma_descriptor(h, (cfg.block_m, cfg.block_n // split))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
-            h,
+            h if h_desc is None else h_desc,
             topk_weights,
             dh,
             a,
@@ -598,7 +710,8 @@ class TritonStages:
             a.stride(0),
             TOP_K=plan.top_k,
             STORE_A=store_a,
-            EPILOGUE_SPLIT=max(1, min(4, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS)),
+            EPILOGUE_SPLIT=split,
+            H_TMA=h_desc is not None,
             **w_meta,
             **launch_meta(cfg, dout.dtype),
         )
@@ -695,13 +808,13 @@ class TritonStages:
     def _tma(self, device: torch.device) -> bool:
         return self.tma and tma_supported(device)
 
-    def _weights(self, weights: torch.Tensor, cfg: GemmConfig):
+    def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
         where `_tma` allows and the copy engine can read it), its strides, and the constexprs
-        B_TMA and B_KN (kernelbase.gemm.tile_matmul)."""
+        B_TMA and B_KN (kernelbase.gemm.tile_matmul; `second_n`: its DUAL offset)."""
         desc = None
         if self._tma(weights.device):
-            desc = b_descriptor(weights, cfg.block_k, cfg.block_n)
+            desc = b_descriptor(weights, cfg.block_k, cfg.block_n, second_n)
         if desc is None:
             return weights, weights.stride(), dict(B_TMA=False, B_KN=True)
         return desc[0], weights.stride(), dict(B_TMA=True, B_KN=desc[1])

@@ -26,6 +26,11 @@ def test_descriptors_of_weight_stacks():
     desc, b_kn = b_descriptor(w13, 16, 32)  # B = w13[e] [2F, d] for the input gradient
     assert b_kn and list(desc.shape) == [5, 80, 48] and desc.block_shape == [1, 16, 32]
     assert b_descriptor(torch.randn(5, 80, 47), 16, 32) is None  # 188-byte rows
+    # DUAL's second block F = 6 columns on: 24 bytes into a row of a B_KN descriptor (a block
+    # must start 16-byte aligned), or 6 rows on in a B^T one.
+    assert b_descriptor(torch.randn(5, 48, 80), 16, 32, second_n=6) is None
+    assert b_descriptor(torch.randn(5, 48, 80), 16, 32, second_n=8) is not None
+    assert b_descriptor(w13.mT, 16, 32, second_n=6) is not None
     assert b_descriptor(torch.randn(5, 48, 80)[:, :, ::2], 16, 32) is None  # no unit stride
 
 

@@ -56,6 +56,8 @@ SHAPES = {
     # Rows of w2, a and dh that the copy engine cannot read (84 and 168 bytes): pointer loads
     # of those beside tensor descriptors of w13.
     "unaligned": (19, 36, 21, 4, 2, "random"),
+    # h's rows can be described (48 bytes) but its up half starts 24 bytes in: h by pointers.
+    "F6": (13, 16, 6, 3, 2, "random"),
 }
 SMALL = (21, 40, 24, 5, 2)
 SMALL_K1 = (21, 40, 24, 5, 1)
@@ -126,15 +128,18 @@ def test_which_operands_are_read_through_tensor_descriptors():
     assert TritonStages(tma=False)._weights(w13, config)[2]["B_TMA"] is False
 
 
-@pytest.mark.parametrize("block_n", [16, 32, 64], ids=lambda n: f"split{min(4, n // 16)}")
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+@pytest.mark.parametrize("block_n", [16, 32, 64, 128], ids=lambda n: f"split{min(8, n // 16)}")
 @pytest.mark.parametrize("policy", ["activation", "none"])
-def test_grad_act_epilogue_splits(block_n, policy, make_problem, monkeypatch):
-    # grad_act's epilogue runs on 1, 2 or 4 column slices of its tile (EPILOGUE_SPLIT); F = 40
-    # leaves the last tile's slices partly or wholly past F. "none" keeps a: no a is stored.
+def test_grad_act_epilogue_splits(block_n, policy, tma, make_problem, monkeypatch):
+    # grad_act's epilogue runs on 1, 2, 4 or 8 column slices of its tile (EPILOGUE_SPLIT), with
+    # h read through a tensor descriptor (tma) or by pointers; F = 40 leaves the last tile's
+    # slices partly or wholly past F. "none" keeps a: no a is stored.
     problem = make_problem(21, 24, 40, 5, 2, seed=16)
     block_m = TRITON_STAGES.block_m(42, 5)
     config = GemmConfig(block_m, block_n, 32, group_m=4)
     monkeypatch.setattr(TRITON_STAGES, "configs", {("grad_act", block_m): config})
+    monkeypatch.setattr(TRITON_STAGES, "tma", tma)
     assert_matches_reference(problem.run(recompute=policy), problem.reference())
 
 
