@@ -175,7 +175,7 @@ def run_moeblaze_launchers() -> None:
     w13, w2 = empty(E, 2 * ffn, d), empty(E, d, ffn)
     # T = 2048 and 8192 tokens: 16384 and 65536 slots give block_m 64 and 128.
     for tma in (True, False) if ARCH >= 90 else (False,):
-        stages = TritonStages(tma=tma)
+        stages = TritonStages(tma=tma, arch=ARCH)
         for T in (2048, 8192):
             S = T * k
             block_m = stages.block_m(S, E)

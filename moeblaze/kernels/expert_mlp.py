@@ -601,6 +601,11 @@ GPU_CONFIGS = {
     # the old 128x128x32 s4 config "barely pipelined"). 5 stages keep 3-4 copy groups in flight.
     ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 105-124
 }
+# Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
+# block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
+# configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
+# KB each). Not measured on such a GPU.
+PRE_HOPPER_ROW_TILE_STAGES = 3
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
 # (EPILOGUE_SPLIT). 4 slices make 128x64 and 64x128 tiles spill-free on sm_90; 8 slices, with
 # h read through a tensor descriptor, 128x128 (197 registers with Triton 3.9, 212 with 3.6).
@@ -621,13 +626,20 @@ class TritonStages:
         tma: read the weights, and the sorted rows of scatter_rows, through tensor descriptors
             where the device (Hopper and later, or the interpreter) and the tensors allow it
             (kernelbase.gemm.tma_descriptor); False: pointer loads everywhere.
+        arch: the GPU architecture (e.g. 80 for sm_80) whose configs to use; None: that of
+            the device the tensors are on.
     """
 
     def __init__(
-        self, configs: dict[tuple[str, int | None], GemmConfig] | None = None, *, tma: bool = True
+        self,
+        configs: dict[tuple[str, int | None], GemmConfig] | None = None,
+        *,
+        tma: bool = True,
+        arch: int | None = None,
     ):
         self.configs = configs or {}
         self.tma = tma
+        self.arch = arch
 
     def block_m(self, num_slots: int, num_experts: int) -> int:
         """Rows per grouped-GEMM tile, the routing plan's `block_m`."""
@@ -800,10 +812,23 @@ class TritonStages:
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
-            return GPU_CONFIGS[key]
+            config = GPU_CONFIGS[key]
+            if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
+                config = dataclasses.replace(
+                    config, num_stages=min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
+                )
+            return config
         if kernel == "expert_wgrad":
             return _INTERPRETER
         return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
+
+    def _arch(self, device: torch.device) -> int:
+        if self.arch is not None:
+            return self.arch
+        if device.type != "cuda":
+            return 90
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
 
     def _tma(self, device: torch.device) -> bool:
         return self.tma and tma_supported(device)
