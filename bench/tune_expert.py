@@ -12,8 +12,8 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
 
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
-in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" the row-tile kernels with every operand read
-by pointer loads, TritonStages(tma=False), else the weights go through tensor descriptors), ms (median, triton.testing.do_bench), TFLOP/s,
+in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" with every operand read by pointer loads,
+TritonStages(tma=False), else weights and sorted rows go through tensor descriptors), ms (median, triton.testing.do_bench), TFLOP/s,
 frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
 bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
@@ -90,7 +90,7 @@ INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 def candidates(kernel: str, block_m: int) -> list[tuple[GemmConfig, bool]]:
     """(config, tma) pairs: the current config of (kernel, block_m) first, then it with pointer
-    loads (the row-tile kernels), then the other candidates."""
+    loads, then the other candidates."""
     if torch.cuda.is_available():
         current = GPU_CONFIGS[kernel, None if kernel == "expert_wgrad" else block_m]
         if kernel == "expert_wgrad":
@@ -101,8 +101,7 @@ def candidates(kernel: str, block_m: int) -> list[tuple[GemmConfig, bool]]:
         current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
         if kernel != "expert_wgrad":
             current, others = _cfg(block_m, 32, 32, 4, 1), [_cfg(block_m, 64, 16, 4, 1)]
-    pointer_loads = [] if kernel == "expert_wgrad" else [(current, False)]
-    return [(current, True), *pointer_loads, *((c, True) for c in others if c != current)]
+    return [(current, True), (current, False), *((c, True) for c in others if c != current)]
 
 
 def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):

@@ -35,6 +35,8 @@ ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90
 TARGET = GPUTarget("cuda", ARCH, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# The constexpr that says whether a kernel variant reads through tensor descriptors.
+TMA_CONSTEXPRS = ("TMA", "B_TMA", "SORTED_TMA")
 META = torch.device("meta")
 
 
@@ -93,7 +95,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         **mainloop_pipelining(ttgir),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
-        tma=constexprs.get("TMA", constexprs.get("B_TMA")),
+        tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -110,7 +112,7 @@ def mainloop_pipelining(ttgir: str) -> dict:
     """How well the software pipeliner overlapped the GEMM main loops (the scf.for loops that
     issue a wgmma), from the TTGIR:
 
-    register_operands   dot operands stored into shared memory from registers
+    register_operands   dot operands the main loops store into shared memory from registers
                         (`ttg.local_alloc %t`): loaded synchronously, not by async copies
     copies_in_flight    min over the main loops of the async-copy groups left in flight when an
                         iteration waits for its operands (0: every load is waited for at once)
@@ -124,7 +126,10 @@ def mainloop_pipelining(ttgir: str) -> dict:
         if text.startswith("}"):
             stack.pop()
         if text.endswith("{"):
-            stack.append({"copies": [], "mma": [], "dots": 0} if "scf.for " in text else None)
+            region = (
+                {"copies": [], "mma": [], "dots": 0, "allocs": 0} if "scf.for " in text else None
+            )
+            stack.append(region)
             if stack[-1] is not None:
                 loops.append(stack[-1])
             continue
@@ -136,9 +141,10 @@ def mainloop_pipelining(ttgir: str) -> dict:
         if "warp_group_dot_wait " in text and (match := re.search(r"pendings = (\d+)", text)):
             loop["mma"].append(int(match[1]))
         loop["dots"] += "ttng.warp_group_dot " in text
+        loop["allocs"] += bool(re.search(r"ttg\.local_alloc %", text))
     main = [loop for loop in loops if loop["dots"]]
     return dict(
-        register_operands=len(re.findall(r"ttg\.local_alloc %", ttgir)),
+        register_operands=sum(loop["allocs"] for loop in main),
         copies_in_flight=min((min(lp["copies"], default=0) for lp in main), default=None),
         wgmma_in_flight=min((min(lp["mma"], default=0) for lp in main), default=None),
     )

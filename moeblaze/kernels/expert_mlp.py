@@ -16,10 +16,13 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           expert_wgrad_kernel  dw2[e] = sum_p (w * dout[token(p)])^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
-(`w13`, `w2`), and the sorted rows scatter_rows reads, are passed as pointers or, where the
+(`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
+grad_act's epilogue, the sorted side of expert_wgrad) are passed as pointers or, where the
 launcher can describe them (Hopper, contiguous 16-byte aligned rows), as tensor descriptors
-that the copy engine (TMA) reads: the constexprs A_TMA / B_TMA / B_KN say which
-(kernelbase.gemm.tile_matmul). Gathered rows (x, dout by token) are always loaded by index.
+that the copy engine (TMA) reads: the constexprs A_TMA / B_TMA / B_KN / H_TMA / SORTED_TMA say
+which. Gathered rows (x, dout by token) are always loaded by index. A descriptor block that
+reaches past a tile's expert reads rows of the next one only where they meet zeros of the other
+operand and masked stores (see each kernel); expert_wgrad reads none.
 
 `TritonStages` at the end is the launcher: it allocates the outputs and launches these kernels on
 CUDA (or on the CPU under the Triton interpreter), with the tile configurations chosen per GPU.
@@ -500,9 +503,82 @@ def scatter_rows_kernel(
 
 
 @triton.jit
+def _wgrad_step(
+    acc,
+    p0,
+    end,
+    left,
+    right,
+    weights_ptr,
+    sorted_slots_ptr,
+    i0,
+    j0,
+    ii,  # [BLOCK_M] = i0 + arange
+    jj,  # [BLOCK_N] = j0 + arange
+    i_mask,
+    j_mask,
+    stride_left,
+    stride_right,
+    TOP_K: tl.constexpr,
+    GATHER_LEFT: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    SORTED_TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """acc += left[rows]^T right[rows] over the BLOCK_K positions p0 .. (those below `end`).
+
+    One side is gathered (rows token(p), by index), the other sorted (rows p). SORTED_TMA: the
+    sorted side is a tensor descriptor read at rows p0 .. without a mask, so every position
+    must lie below `end`; else a pointer, masked.
+    """
+    pos = p0 + tl.arange(0, BLOCK_K)
+    p_mask = pos < end
+    slots = tl.load(sorted_slots_ptr + pos, mask=p_mask, other=0)
+    tokens = slots // TOP_K
+    if GATHER_LEFT:
+        left_tile = tl.load(
+            left + tokens.to(tl.int64)[None, :] * stride_left + ii[:, None],
+            mask=i_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_K]
+        if SORTED_TMA:
+            right_tile = right.load([p0, j0])
+        else:
+            right_tile = tl.load(
+                right + pos.to(tl.int64)[:, None] * stride_right + jj[None, :],
+                mask=p_mask[:, None] & j_mask[None, :],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_N]
+    else:
+        if SORTED_TMA:
+            left_tile = left.load([p0, i0]).T
+        else:
+            left_tile = tl.load(
+                left + pos.to(tl.int64)[None, :] * stride_left + ii[:, None],
+                mask=i_mask[:, None] & p_mask[None, :],
+                other=0.0,
+            )
+        right_tile = tl.load(
+            right + tokens.to(tl.int64)[:, None] * stride_right + jj[None, :],
+            mask=p_mask[:, None] & j_mask[None, :],
+            other=0.0,
+        )
+    if HAS_WEIGHTS:  # scales the gathered left rows
+        w = tl.load(weights_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)
+        left_tile = (left_tile.to(tl.float32) * w[None, :]).to(left.dtype.element_ty)
+    if DOT_FP32:
+        left_tile = left_tile.to(tl.float32)
+        right_tile = right_tile.to(tl.float32)
+    return tl.dot(left_tile, right_tile, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def expert_wgrad_kernel(
-    left_ptr,
-    right_ptr,
+    left,
+    right,
+    sorted_ptr,
     weights_ptr,
     out_ptr,
     sorted_slots_ptr,
@@ -516,8 +592,8 @@ def expert_wgrad_kernel(
     stride_on,
     TOP_K: tl.constexpr,
     GATHER_LEFT: tl.constexpr,
-    GATHER_RIGHT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    SORTED_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -527,42 +603,78 @@ def expert_wgrad_kernel(
 ):
     """out[e] [M, N] = sum over the positions p of expert e of left[row]^T right[row].
 
-    A row is token(p) for a GATHER_ side, p otherwise; HAS_WEIGHTS scales left rows by
-    w[slot(p)]. Each program owns one output tile: no atomics, the same sum order every run,
-    and experts without tokens get zeros.
+    GATHER_LEFT: left rows are token(p) and right rows p (the sorted side), else the reverse;
+    HAS_WEIGHTS (with GATHER_LEFT) scales left rows by w[slot(p)]. Each program owns one output
+    tile: no atomics, the same sum order every run, and experts without tokens get zeros.
+    SORTED_TMA: the sorted side is a tensor descriptor ([S, M] blocks [BLOCK_K, BLOCK_M], or
+    [S, N] blocks [BLOCK_K, BLOCK_N]); its blocks are read only for whole steps of BLOCK_K
+    positions of the expert, and the last, partial step by masked pointer loads of `sorted_ptr`
+    (the same tensor), so no block reads another expert's rows.
     """
     expert = tl.program_id(1)
     pid_m, pid_n = swizzle_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
-    ii = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    jj = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    i0 = pid_m * BLOCK_M
+    j0 = pid_n * BLOCK_N
+    ii = i0 + tl.arange(0, BLOCK_M)
+    jj = j0 + tl.arange(0, BLOCK_N)
     i_mask = ii < M
     j_mask = jj < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_K):
-        pos = p0 + tl.arange(0, BLOCK_K)
-        p_mask = pos < end
-        slots = tl.load(sorted_slots_ptr + pos, mask=p_mask, other=0)
-        left_rows = slots // TOP_K if GATHER_LEFT else pos
-        right_rows = slots // TOP_K if GATHER_RIGHT else pos
-        left = tl.load(
-            left_ptr + left_rows.to(tl.int64)[None, :] * stride_left + ii[:, None],
-            mask=i_mask[:, None] & p_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        right = tl.load(
-            right_ptr + right_rows.to(tl.int64)[:, None] * stride_right + jj[None, :],
-            mask=p_mask[:, None] & j_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_K, BLOCK_N]
-        if HAS_WEIGHTS:
-            w = tl.load(weights_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)
-            left = (left.to(tl.float32) * w[None, :]).to(left_ptr.dtype.element_ty)
-        if DOT_FP32:
-            left = left.to(tl.float32)
-            right = right.to(tl.float32)
-        acc = tl.dot(left, right, acc, input_precision=INPUT_PRECISION)
+    # SORTED_TMA: descriptor blocks for the whole steps, masked pointers for the rest.
+    full_end = start + (end - start) // BLOCK_K * BLOCK_K if SORTED_TMA else end
+    for p0 in range(start, full_end, BLOCK_K):
+        acc = _wgrad_step(
+            acc,
+            p0,
+            end,
+            left,
+            right,
+            weights_ptr,
+            sorted_slots_ptr,
+            i0,
+            j0,
+            ii,
+            jj,
+            i_mask,
+            j_mask,
+            stride_left,
+            stride_right,
+            TOP_K,
+            GATHER_LEFT,
+            HAS_WEIGHTS,
+            SORTED_TMA,
+            BLOCK_K,
+            DOT_FP32,
+            INPUT_PRECISION,
+        )
+    if SORTED_TMA:  # noqa: SIM102  (SORTED_TMA is a constexpr: the branch compiles away)
+        if full_end < end:
+            acc = _wgrad_step(
+                acc,
+                full_end,
+                end,
+                left if GATHER_LEFT else sorted_ptr,
+                sorted_ptr if GATHER_LEFT else right,
+                weights_ptr,
+                sorted_slots_ptr,
+                i0,
+                j0,
+                ii,
+                jj,
+                i_mask,
+                j_mask,
+                stride_left,
+                stride_right,
+                TOP_K,
+                GATHER_LEFT,
+                HAS_WEIGHTS,
+                False,
+                BLOCK_K,
+                DOT_FP32,
+                INPUT_PRECISION,
+            )
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + ii[:, None] * stride_om
     tl.store(
         out_ptrs + jj[None, :] * stride_on,
@@ -785,9 +897,16 @@ class TritonStages:
         out = alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
         cfg = self._config("expert_wgrad", plan)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
+        # The sorted side (rows p), read through a descriptor in whole steps of block_k rows.
+        rows = right if gather_left else left
+        desc = None
+        if self._tma(rows.device):
+            block = cfg.block_n if gather_left else cfg.block_m
+            desc = tma_descriptor(rows, (cfg.block_k, block))
         expert_wgrad_kernel[grid](
-            left,
-            right,
+            left if gather_left or desc is None else desc,
+            right if not gather_left or desc is None else desc,
+            rows,
             topk_weights if topk_weights is not None else left,
             out,
             plan.sorted_slots,
@@ -801,8 +920,8 @@ class TritonStages:
             out.stride(2),
             TOP_K=plan.top_k,
             GATHER_LEFT=gather_left,
-            GATHER_RIGHT=not gather_left,
             HAS_WEIGHTS=topk_weights is not None,
+            SORTED_TMA=desc is not None,
             **launch_meta(cfg, left.dtype),
         )
         return out

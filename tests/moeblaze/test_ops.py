@@ -20,7 +20,7 @@ from kernelbase.gemm import GemmConfig
 from moeblaze.kernels.expert_mlp import TRITON_STAGES, TritonStages
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
-from moeblaze.routing_plan import plan_numel
+from moeblaze.routing_plan import build_routing_plan, plan_numel
 
 POLICIES = moeblaze.RECOMPUTE_POLICIES
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -126,6 +126,27 @@ def test_which_operands_are_read_through_tensor_descriptors():
     assert TRITON_STAGES._weights(w13, config)[2] == dict(B_TMA=True, B_KN=True)
     assert TRITON_STAGES._weights(w2, config)[2] == dict(B_TMA=False, B_KN=True)
     assert TritonStages(tma=False)._weights(w13, config)[2]["B_TMA"] is False
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])
+def test_weight_gradients_read_no_other_experts_rows(tma, monkeypatch):
+    # Expert 0 holds 44 sorted positions (one whole step of the interpreter's 32, then 12),
+    # expert 1 the 6 after them, filled with NaN in dh and a: expert 0's weight gradients must
+    # not see them, whether the sorted rows come through descriptors (tma) or pointers.
+    monkeypatch.setattr(TRITON_STAGES, "tma", tma)
+    T, d, F = 50, 24, 16
+    topk_ids = torch.cat([torch.zeros(44, 1), torch.ones(6, 1)]).long()[torch.randperm(T)]
+    weights = torch.rand(T, 1)
+    plan = build_routing_plan(topk_ids, 2, block_m=TRITON_STAGES.block_m(T, 2))
+    x, dout = torch.randn(T, d), torch.randn(T, d)
+    dh, a = torch.randn(T, 2 * F), torch.randn(T, F)
+    dh[44:], a[44:] = float("nan"), float("nan")
+    tokens = plan.sorted_slots[:44].long()  # k = 1: slot = token
+    dw13 = TRITON_STAGES.grad_w13(dh, x, plan)
+    dw2 = TRITON_STAGES.grad_w2(dout, a, weights, plan)
+    assert_close(dw13[0], dh[:44].double().T @ x[tokens].double(), rtol=RTOL_FP32, name="dw13")
+    scaled = (weights[tokens] * dout[tokens]).double()
+    assert_close(dw2[0], scaled.T @ a[:44].double(), rtol=RTOL_FP32, name="dw2")
 
 
 @pytest.mark.parametrize(
