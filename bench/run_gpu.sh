@@ -5,8 +5,8 @@
 #   bash bench/run_gpu.sh OUTDIR [STEP ...]
 #
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
-# csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels, up to about
-# 9 minutes), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
+# csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
+# up to about 9 minutes), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles) and overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
 # OUTDIR/overlap_link) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
@@ -54,7 +54,8 @@ step routing_plan 40 python -m bench.routing_plan --out "$OUT"
 step overlap 110 python -m bench.overlap --out "$OUT"
 step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"
-step tune_expert 540 python -m bench.tune_expert --out "$OUT"
+# BLOCK_M=128 only: the plan's block_m at T=16384 for every bench shape (moe_layer's).
+step tune_expert 540 python -m bench.tune_expert --block-ms 128 --out "$OUT"
 step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
     --tiles 128x256x64:8:3,128x256x64:8:3:ptr,128x256x64:8:4,128x128x64:8:4,128x128x64:8:4:ptr \
     --out "$OUT/overlap_tiles"
