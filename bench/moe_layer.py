@@ -14,6 +14,14 @@ One row per shape, provider and mode (fwd, bwd, fwd+bwd), measured in one run on
                         (cross-checks saved_MiB; also sees tensors kept outside save_for_backward)
   speedup_vs_grouped_mm grouped_mm ms / ms, same shape and mode
 
+Then, per shape and provider (not the loop), where a fwd+bwd step's time goes (torch.profiler,
+bench.breakdown; in moe_layer_breakdown-<gpu>.json, skipped with --no-breakdown):
+  what = range          moeblaze's stages (kernelbase.profiling ranges): the GPU time of the
+                        kernels each launches (CPU time on CPU), with the stage's model FLOPs
+                        as TFLOP/s and frac_dense_gemm
+  what = kernel         the largest GPU kernels of the step (CUDA)
+  calls, ms             per step; share: of the step's GPU kernel time
+
 On CPU without TRITON_INTERPRET=1, the moeblaze providers run their torch implementations, on
 --threads torch threads (default 1): the CPU numbers show that the harness works, not how fast
 the kernels are, and the benchmark says so (and warns when the machine is busy).
@@ -33,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 import moeblaze
-from bench import harness
+from bench import breakdown, harness
 from bench.baselines import dense_dispatch_moe_mlp, loop_moe_mlp
 from kernelbase.profiling import profile_range
 
@@ -71,6 +79,29 @@ FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 # The per-expert loop is skipped on CPU above this many forward FLOPs (it would take minutes).
 CPU_LOOP_MAX_FLOPS = 1e10
 
+# Model FLOPs of one call of each expert-MLP stage (moeblaze.ops's ranges), in units of S*d*F.
+STAGE_FLOPS = {
+    "moeblaze.gate_up": 4,
+    "moeblaze.down_combine": 2,
+    "moeblaze.grad_act": 2,
+    "moeblaze.grad_w2": 2,
+    "moeblaze.grad_input": 4,
+    "moeblaze.grad_w13": 4,
+}
+PROFILED_STEPS = 5
+KERNELS_SHOWN = 8
+BREAKDOWN_COLUMNS = (
+    "shape",
+    "provider",
+    "what",
+    "name",
+    "calls",
+    "ms",
+    "share",
+    "TFLOP/s",
+    "frac_dense_gemm",
+)
+
 COLUMNS = (
     "shape",
     "provider",
@@ -83,6 +114,10 @@ COLUMNS = (
     "retained_MiB",
     "speedup_vs_grouped_mm",
 )
+
+
+# One cuBLAS timing per FLOP count, shared by every row that divides by it.
+dense_gemm_tflops = functools.cache(harness.dense_gemm_tflops)
 
 
 def provider_fn(name: str) -> Callable:
@@ -183,12 +218,46 @@ def _bench_mode(base, mode, fn, args, inputs, shape, dtype, device, rep_ms) -> d
     flops = FLOPS_PER_FWD[mode] * shape.fwd_flops
     tflops = flops / (ms * 1e-3) / 1e12
     row = dict(base, mode=mode, ms=ms, **{"TFLOP/s": tflops})
-    row["frac_dense_gemm"] = tflops / harness.dense_gemm_tflops(flops, dtype, device)
+    row["frac_dense_gemm"] = tflops / dense_gemm_tflops(flops, dtype, device)
     row["peak_mem_MiB"] = memory.peak_bytes / harness.MIB if memory else None
     if memory and mode == "fwd":
         out_bytes = shape.T * shape.d * torch.empty((), dtype=dtype).element_size()
         row["retained_MiB"] = (memory.retained_bytes - out_bytes) / harness.MIB
     return row
+
+
+def breakdown_rows(shape, provider, inputs, dtype, device) -> list[dict]:
+    """Where one fwd+bwd step of `provider` spends its time: moeblaze's stage ranges, then the
+    largest GPU kernels (see the module docstring)."""
+    fn = provider_fn(provider)
+    args = (inputs.x, inputs.topk_ids, inputs.topk_weights, inputs.w13, inputs.w2)
+    grad_out = torch.randn(shape.T, shape.d, dtype=dtype, device=device)
+
+    def step():
+        fn(*args).backward(grad_out)
+        for t in inputs.leaves:
+            t.grad = None
+
+    prof = breakdown.profile_step(step, iters=PROFILED_STEPS, device=device)
+    kernels = breakdown.kernel_times(prof, PROFILED_STEPS, top=10**9)
+    step_ms = sum(k.ms for k in kernels) or None
+    rows = []
+    base = dict(shape=shape.name, provider=provider)
+    slot_flops = shape.T * shape.k * shape.d * shape.F
+    for timed in breakdown.range_times(prof, "moeblaze.", PROFILED_STEPS, device):
+        row = dict(base, what="range", name=timed.name, calls=timed.calls, ms=timed.ms)
+        row["share"] = timed.ms / step_ms if step_ms else None
+        if timed.name in STAGE_FLOPS and timed.ms > 0:
+            flops = STAGE_FLOPS[timed.name] * slot_flops
+            tflops = flops * timed.calls / (timed.ms * 1e-3) / 1e12
+            row["TFLOP/s"] = tflops
+            row["frac_dense_gemm"] = tflops / dense_gemm_tflops(flops, dtype, device)
+        rows.append(row)
+    for timed in kernels[:KERNELS_SHOWN]:
+        row = dict(base, what="kernel", name=timed.name[:80], calls=timed.calls, ms=timed.ms)
+        row["share"] = timed.ms / step_ms
+        rows.append(row)
+    return rows
 
 
 def _failed(base: dict, mode: str, error: Exception) -> dict:
@@ -235,6 +304,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
+    parser.add_argument(
+        "--no-breakdown", action="store_true", help="skip the per-stage and per-kernel profile"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else harness.default_device()
@@ -256,6 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"# note: {note}", flush=True)
     print_row = harness.RowPrinter(COLUMNS, widths={"provider": max(map(len, PROVIDERS))})
     rows: list[dict] = []
+    stages: list[dict] = []  # the breakdown
     for shape in shapes:
         inputs = make_inputs(shape, dtype, device, args.seed)
         for provider in providers:
@@ -269,10 +342,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             path = harness.write_results("moe_layer", rows, env, args.out)  # after every provider
             for r in rows[-len(modes) :]:
                 print_row(r)
+            if not args.no_breakdown and provider != "loop":
+                try:
+                    stages += breakdown_rows(shape, provider, inputs, dtype, device)
+                except Exception as error:  # report it, keep benchmarking
+                    stages.append(
+                        _failed(dict(shape=shape.name, provider=provider), "breakdown", error)
+                    )
+                harness.write_results("moe_layer_breakdown", stages, env, args.out)
         del inputs
         if on_cuda:
             torch.cuda.empty_cache()
 
+    if stages:
+        print("\nwhere a fwd+bwd step's time goes (torch.profiler, per step):")
+        harness.print_table(stages, BREAKDOWN_COLUMNS)
     print()
     plot_args = dict(
         x=("shape", "mode"),

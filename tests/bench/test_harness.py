@@ -189,6 +189,14 @@ def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
     assert table[0].split() == list(moe_layer.COLUMNS), table[0]
     assert table[1].split()[:3] == ["tiny", "moeblaze-activation", "fwd"]
     assert torch.get_num_threads() == 1
+    # Where a fwd+bwd step's time goes: moeblaze's stage ranges, with the stages' FLOPs.
+    stored = json.loads((tmp_path / "moe_layer_breakdown-cpu.json").read_text())["rows"]
+    stages = {(r["provider"], r["name"]): r for r in stored if r["what"] == "range"}
+    for stage, calls in [("gate_up", 1), ("grad_act", 1), ("grad_w13", 1), ("down_combine", 1)]:
+        row = stages["moeblaze-activation", f"moeblaze.{stage}"]
+        assert row["calls"] == calls and row["ms"] > 0 and row["TFLOP/s"] > 0, row
+    assert stages["moeblaze-up_proj", "moeblaze.gate_up"]["calls"] == 2  # recomputed in backward
+    assert not any(p == "grouped_mm" for p, _ in stages)
     saved = {p: r["saved_MiB"] for p, r in rows.items()}
     # The tiny shape (T=256, k=2, d=128, F=96): h [S, 2F] is 0.375 MiB in float32, the dispatch
     # path keeps its [S, d] buffers and intermediates.
