@@ -34,6 +34,11 @@ VIEWS = {
             "speedup_vs_grouped_mm",
         ),
     ),
+    "moe_layer_breakdown": (
+        "MoE MLP stages, forward+backward, moeblaze-activation (torch.profiler)",
+        lambda row: row.get("provider") == "moeblaze-activation" and "TFLOP/s" in row,
+        ("shape", "name", "calls", "ms", "share", "TFLOP/s", "frac_dense_gemm"),
+    ),
     "routing_plan": (
         "Routing plan",
         lambda row: True,

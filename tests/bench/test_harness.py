@@ -159,6 +159,19 @@ def test_readme_table_without_and_with_gpu_results(tmp_path):
     assert "| tiny | 256 | 2 | 8 | torch | 0.5 | 1 |" in text
     assert text.startswith("intro\n") and text.endswith(f"{readme_table.END}\nrest\n")
 
+    # The breakdown shows the default policy's GEMM stages, not kernels or enclosing ranges.
+    base = {"shape": "tiny", "provider": "moeblaze-activation", "calls": 1, "ms": 0.2}
+    stages = [
+        dict(base, what="range", name="moeblaze.grad_act", **{"TFLOP/s": 300.0}),
+        dict(base, what="range", name="moeblaze.moe_mlp.backward"),
+        dict(base, what="kernel", name="grad_act_kernel"),
+        dict(base, provider="moeblaze-none", what="range", name="moeblaze.gate_up"),
+    ]
+    breakdown = {"benchmark": "moe_layer_breakdown", "env": env, "rows": stages}
+    text = readme_table.render([(tmp_path / "c.json", breakdown)])
+    assert "moeblaze.grad_act" in text and "300" in text
+    assert "moe_mlp.backward" not in text and "_kernel" not in text and "gate_up" not in text
+
 
 @pytest.mark.gpu
 def test_cuda_timing_and_memory():
