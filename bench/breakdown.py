@@ -48,8 +48,8 @@ def range_times(prof, prefix: str, iters: int, device: torch.device) -> list[Tim
     return rows
 
 
-def kernel_times(prof, iters: int, top: int) -> list[Timed]:
-    """The `top` GPU kernels by total time per step."""
+def kernel_times(prof, iters: int, top: int | None = None) -> list[Timed]:
+    """The GPU kernels by total time per step, the largest first (the `top` of them)."""
     kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return [

@@ -162,11 +162,16 @@ def tma_supported(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescriptor | None:
+def tma_descriptor(
+    tensor: torch.Tensor, block: tuple[int, ...], offsets: tuple[int, ...] = ()
+) -> TensorDescriptor | None:
     """A tensor descriptor of `tensor` read in `block`s, or None where the copy engine cannot
     read it: unit stride along its last dimension, 16-byte aligned start and other strides, no
-    broadcast (zero-stride) dimension. Kernels must start blocks at 16-byte aligned offsets
-    along the last dimension (the Triton interpreter checks it)."""
+    broadcast (zero-stride) dimension.
+
+    Blocks start at 16-byte aligned columns of the last dimension (the Triton interpreter checks
+    it): multiples of the block do; `offsets` are the other column offsets a kernel adds (e.g.
+    F, to the up half of [S, 2F] rows), and one that is not aligned also gives None."""
     size = tensor.element_size()
     if (
         tensor.numel() == 0
@@ -174,6 +179,7 @@ def tma_descriptor(tensor: torch.Tensor, block: tuple[int, ...]) -> TensorDescri
         or any(stride * size % 16 or stride == 0 for stride in tensor.stride()[:-1])
         or tensor.data_ptr() % 16
         or block[-1] * size < 16
+        or any(offset * size % 16 for offset in offsets)
     ):
         return None
     return TensorDescriptor.from_tensor(tensor, list(block))
@@ -184,13 +190,11 @@ def b_descriptor(b: torch.Tensor, block_k: int, block_n: int, second_n: int = 0)
     None where the copy engine cannot read it. Described as is when B's rows are contiguous
     (B_KN), else as B^T [I, N, K] (a transposed weight). A matrix is a stack of one.
 
-    `second_n`: DUAL's column offset. A block starts at a 16-byte aligned column of its
-    descriptor's last dimension, so B_KN with a `second_n` that breaks this gets None."""
+    `second_n`: DUAL's column offset, along the last dimension of a B_KN descriptor (see
+    `tma_descriptor`'s offsets)."""
     stack = b if b.dim() == 3 else b.unsqueeze(0)
     if stack.stride(2) == 1:
-        if second_n * b.element_size() % 16:
-            return None
-        desc = tma_descriptor(stack, (1, block_k, block_n))
+        desc = tma_descriptor(stack, (1, block_k, block_n), offsets=(second_n,))
         return None if desc is None else (desc, True)
     desc = tma_descriptor(stack.mT, (1, block_n, block_k))
     return None if desc is None else (desc, False)

@@ -811,10 +811,8 @@ class TritonStages:
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
-        h_desc = None
         # One block per epilogue slice; the up blocks start F columns on.
-        if self._tma(h.device) and ffn * h.element_size() % 16 == 0:
-            h_desc = tma_descriptor(h, (cfg.block_m, cfg.block_n // split))
+        h_desc = self._descriptor(h, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
@@ -865,9 +863,7 @@ class TritonStages:
             cfg = self._config("scatter_rows", plan)
             w, w_strides, w_meta = self._weights(weights, cfg)
             # The rows of a tile are consecutive sorted positions: one descriptor block.
-            rows_desc = None
-            if self._tma(rows_in.device):
-                rows_desc = tma_descriptor(rows_in, (cfg.block_m, cfg.block_k))
+            rows_desc = self._descriptor(rows_in, (cfg.block_m, cfg.block_k))
             scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
                 rows_in if rows_desc is None else rows_desc,
                 w,
@@ -899,10 +895,7 @@ class TritonStages:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
         # The sorted side (rows p), read through a descriptor in whole steps of block_k rows.
         rows = right if gather_left else left
-        desc = None
-        if self._tma(rows.device):
-            block = cfg.block_n if gather_left else cfg.block_m
-            desc = tma_descriptor(rows, (cfg.block_k, block))
+        desc = self._descriptor(rows, (cfg.block_k, cfg.block_n if gather_left else cfg.block_m))
         expert_wgrad_kernel[grid](
             left if gather_left or desc is None else desc,
             right if not gather_left or desc is None else desc,
@@ -951,6 +944,10 @@ class TritonStages:
 
     def _tma(self, device: torch.device) -> bool:
         return self.tma and tma_supported(device)
+
+    def _descriptor(self, tensor: torch.Tensor, block, offsets=()):
+        """kernelbase.gemm.tma_descriptor of `tensor` where `_tma` allows, else None."""
+        return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device) else None
 
     def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
