@@ -5,7 +5,7 @@ time, timed with candidate `GemmConfig`s against cuBLAS on a dense GEMM of the s
 
 Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     gate_up       [S, d] x w13 -> h [S, 2F] (the "activation" forward)      gate_up
-    down_combine  a [S, F] x w2 -> out [T, d], weighted                     scatter_rows
+    down_combine  a [S, F] (weighted) x w2 -> out [T, d]                    scatter_rows
     grad_act      dout [T, d] x w2^T -> dh [S, 2F] (and a)                  grad_act
     grad_input    dh [S, 2F] x w13 -> dx [T, d]                             scatter_rows
     grad_w2       dout^T a per expert -> [E, d, F]                          expert_wgrad
@@ -108,15 +108,15 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
     """A zero-argument function running `stage` with `stages` on prepared tensors."""
     t = tensors
     calls = {
-        "gate_up": lambda: stages.gate_up(t["x"], t["w13"], plan, store_h=True, store_a=False),
-        "down_combine": lambda: stages.down_combine(
-            t["a"], t["w2"], t["topk_weights"], plan, deterministic=False
+        "gate_up": lambda: stages.gate_up(
+            t["x"], t["w13"], t["topk_weights"], plan, store_h=True, store_a=False
         ),
+        "down_combine": lambda: stages.down_combine(t["a"], t["w2"], plan, deterministic=False),
         "grad_act": lambda: stages.grad_act(
             t["dout"], t["w2"], t["h"], t["topk_weights"], plan, store_a=True
         ),
         "grad_input": lambda: stages.grad_input(t["dh"], t["w13"], plan, deterministic=False),
-        "grad_w2": lambda: stages.grad_w2(t["dout"], t["a"], t["topk_weights"], plan),
+        "grad_w2": lambda: stages.grad_w2(t["dout"], t["a"], plan),
         "grad_w13": lambda: stages.grad_w13(t["dh"], t["x"], plan),
     }
     return calls[stage]
@@ -149,7 +149,9 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
     rows, dense = [], {}  # dense: FLOPs -> TFLOP/s of a dense GEMM
     for block_m in block_ms:
         plan = build_routing_plan(t["topk_ids"], shape.E, block_m=block_m)
-        h, _ = default.gate_up(t["x"], t["w13"], plan, store_h=True, store_a=False)
+        h, _ = default.gate_up(
+            t["x"], t["w13"], t["topk_weights"], plan, store_h=True, store_a=False
+        )
         dh, _, a = default.grad_act(t["dout"], t["w2"], h, t["topk_weights"], plan, store_a=True)
         tensors = dict(t, h=h, a=a, dh=dh)
         for stage in stage_names:

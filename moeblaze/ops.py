@@ -15,6 +15,9 @@ topk_weights and the plan:
     "up_proj"     nothing of size S*F; the gate/up GEMM is recomputed in backward
     "none"        h [S, 2F] and a [S, F]
 
+where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
+the down projection and dw2 multiply; moeblaze.kernels.expert_mlp).
+
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
 (`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`
 (moeblaze.reference), which both follow `Stages`. The ops are opaque to torch.compile (fake
@@ -45,19 +48,22 @@ class Stages(Protocol):
     """The stages of the expert MLP. Per-position tensors are in sorted order (routing_plan).
 
     Stage               reads                         returns
-    gate_up             x, w13                        h [S, 2F] if store_h, a [S, F] if store_a
-    down_combine        a, w2, topk_weights           out [T, d]
+    gate_up             x, w13, topk_weights          h [S, 2F] if store_h, a [S, F] if store_a
+    down_combine        a, w2                         out [T, d]
     grad_act            dout, w2, h, topk_weights     dh [S, 2F], dweights [T, k] fp32, a if store_a
     grad_input          dh, w13                       dx [T, d]
-    grad_w2 / grad_w13  dout, a, topk_weights / dh, x dw2 [E, d, F] / dw13 [E, 2F, d]
+    grad_w2 / grad_w13  dout, a / dh, x               dw2 [E, d, F] / dw13 [E, 2F, d]
+
+    a = w[slot] * silu(h_gate) * h_up, the activation scaled by the routing weight (rounded to the
+    dtype of x once, after the scaling), the same bits whichever stage computes it.
     """
 
     def block_m(self, num_slots: int, num_experts: int) -> int: ...
-    def gate_up(self, x, w13, plan: RoutingPlan, *, store_h: bool, store_a: bool): ...
-    def down_combine(self, a, w2, topk_weights, plan: RoutingPlan, *, deterministic: bool): ...
+    def gate_up(self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool): ...
+    def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_act(self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool): ...
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool): ...
-    def grad_w2(self, dout, a, topk_weights, plan: RoutingPlan): ...
+    def grad_w2(self, dout, a, plan: RoutingPlan): ...
     def grad_w13(self, dh, x, plan: RoutingPlan): ...
 
 
@@ -129,11 +135,9 @@ def _forward_op(
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     with profile_range("moeblaze.moe_mlp.forward"):
         with profile_range("moeblaze.gate_up"):
-            h, a = stages.gate_up(x, w13, routing_plan, store_h=keep_h, store_a=True)
+            h, a = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=keep_h, store_a=True)
         with profile_range("moeblaze.down_combine"):
-            out = stages.down_combine(
-                a, w2, topk_weights, routing_plan, deterministic=deterministic
-            )
+            out = stages.down_combine(a, w2, routing_plan, deterministic=deterministic)
     empty = x.new_empty(0)
     return out, h if keep_h else empty, a if keep_a else empty.clone()
 
@@ -171,7 +175,7 @@ def _grad_act_op(
     stages = STAGES[Backend(backend)]
     if not keep_h:
         with profile_range("moeblaze.gate_up"):
-            h, _ = stages.gate_up(x, w13, routing_plan, store_h=True, store_a=False)
+            h, _ = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=True, store_a=False)
     with profile_range("moeblaze.grad_act"):
         dh, dweights, a = stages.grad_act(
             dout, w2, h, topk_weights, routing_plan, store_a=not keep_a
@@ -199,7 +203,7 @@ def _grad_w2_op(
     """Returns dw2 [E, d, F]."""
     routing_plan = _plan(plan_buffer, topk_weights, w2.shape[0], block_m)
     with profile_range("moeblaze.grad_w2"):
-        dw2 = STAGES[Backend(backend)].grad_w2(dout, a, topk_weights, routing_plan)
+        dw2 = STAGES[Backend(backend)].grad_w2(dout, a, routing_plan)
     return dw2.to(w2.dtype)
 
 

@@ -85,7 +85,7 @@ class TorchStages:
     def block_m(self, num_slots: int, num_experts: int) -> int:
         return 64
 
-    def gate_up(self, x, w13, plan: "RoutingPlan", *, store_h: bool, store_a: bool):
+    def gate_up(self, x, w13, topk_weights, plan: "RoutingPlan", *, store_h: bool, store_a: bool):
         ffn = w13.shape[1] // 2
         h = (
             alloc.empty(plan.num_slots, 2 * ffn, dtype=x.dtype, device=x.device)
@@ -93,20 +93,20 @@ class TorchStages:
             else None
         )
         a = alloc.empty(plan.num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
+        weights = topk_weights.reshape(-1).float()
         for e, pos, slots in _expert_rows(plan):
             pre = (x[slots // plan.top_k].float() @ w13[e].float().t()).to(x.dtype)
             if store_h:
                 h[pos] = pre
             if store_a:
-                a[pos] = _swiglu(pre).to(x.dtype)
+                a[pos] = (_swiglu(pre) * weights[slots, None]).to(x.dtype)
         return h, a
 
-    def down_combine(self, a, w2, topk_weights, plan: "RoutingPlan", *, deterministic: bool):
-        weights = topk_weights.reshape(-1).float()
-        return self._combine(a, lambda e: w2[e].float().t(), weights, plan, w2.shape[1])
+    def down_combine(self, a, w2, plan: "RoutingPlan", *, deterministic: bool):
+        return self._combine(a, lambda e: w2[e].float().t(), plan, w2.shape[1])
 
     def grad_input(self, dh, w13, plan: "RoutingPlan", *, deterministic: bool):
-        return self._combine(dh, lambda e: w13[e].float(), None, plan, w13.shape[2])
+        return self._combine(dh, lambda e: w13[e].float(), plan, w13.shape[2])
 
     def grad_act(self, dout, w2, h, topk_weights, plan: "RoutingPlan", *, store_a: bool):
         ffn = w2.shape[2]
@@ -130,14 +130,12 @@ class TorchStages:
                 dh.dtype
             )
             if store_a:
-                a[pos] = act
+                a[pos] = (silu * up * weights[slots, None]).to(dout.dtype)
         return dh, dweights.view(topk_weights.shape), a
 
-    def grad_w2(self, dout, a, topk_weights, plan: "RoutingPlan"):
-        weights = topk_weights.reshape(-1).float()
-
+    def grad_w2(self, dout, a, plan: "RoutingPlan"):
         def rows(pos, slots):
-            return (dout[slots // plan.top_k].float() * weights[slots, None]).t() @ a[pos].float()
+            return dout[slots // plan.top_k].float().t() @ a[pos].float()
 
         return self._per_expert(rows, (plan.num_experts, dout.shape[1], a.shape[1]), dout, plan)
 
@@ -148,14 +146,12 @@ class TorchStages:
         return self._per_expert(rows, (plan.num_experts, dh.shape[1], x.shape[1]), dh, plan)
 
     @staticmethod
-    def _combine(rows_in, weight_of, weights, plan: "RoutingPlan", n):
+    def _combine(rows_in, weight_of, plan: "RoutingPlan", n):
         out = torch.zeros(
             plan.num_slots // plan.top_k, n, dtype=torch.float32, device=rows_in.device
         )
         for e, pos, slots in _expert_rows(plan):
             y = rows_in[pos].float() @ weight_of(e)
-            if weights is not None:
-                y = y * weights[slots, None]
             out.index_add_(0, slots // plan.top_k, y)  # sequential on the CPU: deterministic
         return out.to(rows_in.dtype)
 
@@ -177,8 +173,9 @@ def _expert_rows(plan: "RoutingPlan"):
 
 
 def _swiglu(pre: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in fp32, as grad_act recomputes it (the same bits)."""
     gate, up = pre.float().chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return gate * torch.sigmoid(gate) * up
 
 
 TORCH_STAGES = TorchStages()

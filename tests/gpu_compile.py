@@ -191,11 +191,11 @@ def run_moeblaze_launchers() -> None:
             topk_weights = empty(T, k, dtype=torch.float32)
             x, dout = empty(T, d), empty(T, d)
             launch_plan(topk_ids, plan)
-            h, a = stages.gate_up(x, w13, plan, store_h=True, store_a=True)
-            stages.down_combine(a, w2, topk_weights, plan, deterministic=False)
+            h, a = stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True)
+            stages.down_combine(a, w2, plan, deterministic=False)
             dh, _, a = stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True)
             stages.grad_input(dh, w13, plan, deterministic=True)
-            stages.grad_w2(dout, a, topk_weights, plan)
+            stages.grad_w2(dout, a, plan)
             stages.grad_w13(dh, x, plan)
 
 

@@ -8,13 +8,17 @@ Per-token tensors (x, dout, out, dx) are read or written through token(p); per-p
 (h = pre-activation [S, 2F], a = activation [S, F], dh [S, 2F]) live in sorted order. No
 [S, d] tensor is ever formed.
 
-forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;  a[p] = silu(h_gate) * h_up
-          scatter_rows_kernel  out[token(p)] += w[slot(p)] * (a[p] @ w2[e]^T)         (fp32)
-backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum(g * a[p]);
-                               dh[p] = SwiGLU backward of w[slot(p)] * g at h[p]
+forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;  a[p] = w[slot(p)] * silu(h_gate) * h_up
+          scatter_rows_kernel  out[token(p)] += a[p] @ w2[e]^T                        (fp32)
+backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum(g * act[p]);
+                               dh[p] = SwiGLU backward of w[slot(p)] * g at h[p];  a[p] again
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
-          expert_wgrad_kernel  dw2[e] = sum_p (w * dout[token(p)])^T a[p]
+          expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
+
+a is the activation act = silu(h_gate) * h_up already scaled by the routing weight, so that the
+down projection's combine and dw2 are plain products: no GEMM operand is scaled in registers (a
+scaled operand cannot go from shared memory straight to the tensor cores).
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
 (`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
 grad_act's epilogue, the sorted side of expert_wgrad) are passed as pointers or, where the
@@ -83,6 +87,7 @@ def _plan_tile(
 def gate_up_kernel(
     x_ptr,
     w13,
+    weights_ptr,
     h_ptr,
     a_ptr,
     sorted_slots_ptr,
@@ -111,7 +116,8 @@ def gate_up_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = silu(h_gate) * h_up  [S, F]."""
+    """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = w[slot(p)] * silu(h_gate) * h_up
+    [S, F]."""
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
@@ -125,6 +131,8 @@ def gate_up_kernel(
         GROUP_M,
     )
     if valid:
+        if STORE_A:  # loaded before the main loop: `slots` need not stay live through it
+            w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
         gate, up = tile_matmul(
             x_ptr,
             row0,
@@ -163,6 +171,7 @@ def gate_up_kernel(
         if STORE_A:
             gate = gate.to(tl.float32)
             act = gate * tl.sigmoid(gate) * up.to(tl.float32)
+            act *= w_row[:, None]
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
             tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=mask)
 
@@ -186,8 +195,8 @@ def _grad_act_columns(
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
 ):
-    """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a);
-    returns rowsum(g * a) over these columns. H_TMA: `h` is a tensor descriptor of h (blocks
+    """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
+    by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these columns. H_TMA: `h` is a tensor descriptor of h (blocks
     of this slice's shape), else a pointer."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if H_TMA:
@@ -201,10 +210,12 @@ def _grad_act_columns(
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    # The forward's down GEMM consumed a rounded to its storage dtype; so does dw.
-    act = (silu * up).to(a_ptr.dtype.element_ty)
-    if STORE_A:
-        tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], act, mask=mask)
+    act = silu * up
+    if STORE_A:  # bit for bit the forward's a
+        weighted = (act * w_row[:, None]).to(a_ptr.dtype.element_ty)
+        tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], weighted, mask=mask)
+    # dw reads the activation rounded to the storage dtype, as the torch stages do.
+    act = act.to(a_ptr.dtype.element_ty)
     d_act = g * w_row[:, None]
     dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + cols[None, :]
     tl.store(dh_ptrs + F, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
@@ -419,7 +430,6 @@ def grad_act_kernel(
 def scatter_rows_kernel(
     rows_in,
     w,
-    weights_ptr,
     out_ptr,
     sorted_slots_ptr,
     expert_offsets_ptr,
@@ -435,7 +445,6 @@ def scatter_rows_kernel(
     stride_wn,
     stride_out,
     TOP_K: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
     PER_SLOT: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
@@ -447,7 +456,7 @@ def scatter_rows_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """y[p] = rows_in[p] @ W[e] (times w[slot(p)] if HAS_WEIGHTS), combined into rows of `out`.
+    """y[p] = rows_in[p] @ W[e], combined into rows of `out`.
 
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
@@ -491,8 +500,6 @@ def scatter_rows_kernel(
             DOT_FP32,
             INPUT_PRECISION,
         )
-        if HAS_WEIGHTS:
-            y *= tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         mask = row_mask[:, None] & col_mask[None, :]
         if PER_SLOT:
             out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -509,7 +516,6 @@ def _wgrad_step(
     end,
     left,
     right,
-    weights_ptr,
     sorted_slots_ptr,
     i0,
     j0,
@@ -521,7 +527,6 @@ def _wgrad_step(
     stride_right,
     TOP_K: tl.constexpr,
     GATHER_LEFT: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
     SORTED_TMA: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -565,9 +570,6 @@ def _wgrad_step(
             mask=p_mask[:, None] & j_mask[None, :],
             other=0.0,
         )
-    if HAS_WEIGHTS:  # scales the gathered left rows
-        w = tl.load(weights_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)
-        left_tile = (left_tile.to(tl.float32) * w[None, :]).to(left.dtype.element_ty)
     if DOT_FP32:
         left_tile = left_tile.to(tl.float32)
         right_tile = right_tile.to(tl.float32)
@@ -579,7 +581,6 @@ def expert_wgrad_kernel(
     left,
     right,
     sorted_ptr,
-    weights_ptr,
     out_ptr,
     sorted_slots_ptr,
     expert_offsets_ptr,
@@ -592,7 +593,6 @@ def expert_wgrad_kernel(
     stride_on,
     TOP_K: tl.constexpr,
     GATHER_LEFT: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
     SORTED_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -603,9 +603,8 @@ def expert_wgrad_kernel(
 ):
     """out[e] [M, N] = sum over the positions p of expert e of left[row]^T right[row].
 
-    GATHER_LEFT: left rows are token(p) and right rows p (the sorted side), else the reverse;
-    HAS_WEIGHTS (with GATHER_LEFT) scales left rows by w[slot(p)]. Each program owns one output
-    tile: no atomics, the same sum order every run, and experts without tokens get zeros.
+    GATHER_LEFT: left rows are token(p) and right rows p (the sorted side), else the reverse.
+    Each program owns one output tile: no atomics, the same sum order every run, and experts without tokens get zeros.
     SORTED_TMA: the sorted side is a tensor descriptor ([S, M] blocks [BLOCK_K, BLOCK_M], or
     [S, N] blocks [BLOCK_K, BLOCK_N]); its blocks are read only for whole steps of BLOCK_K
     positions of the expert, and the last, partial step by masked pointer loads of `sorted_ptr`
@@ -631,7 +630,6 @@ def expert_wgrad_kernel(
             end,
             left,
             right,
-            weights_ptr,
             sorted_slots_ptr,
             i0,
             j0,
@@ -643,7 +641,6 @@ def expert_wgrad_kernel(
             stride_right,
             TOP_K,
             GATHER_LEFT,
-            HAS_WEIGHTS,
             SORTED_TMA,
             BLOCK_K,
             DOT_FP32,
@@ -657,7 +654,6 @@ def expert_wgrad_kernel(
                 end,
                 left if GATHER_LEFT else sorted_ptr,
                 sorted_ptr if GATHER_LEFT else right,
-                weights_ptr,
                 sorted_slots_ptr,
                 i0,
                 j0,
@@ -669,7 +665,6 @@ def expert_wgrad_kernel(
                 stride_right,
                 TOP_K,
                 GATHER_LEFT,
-                HAS_WEIGHTS,
                 False,
                 BLOCK_K,
                 DOT_FP32,
@@ -697,21 +692,21 @@ def expert_wgrad_kernel(
 # its two accumulators (64 FLOP/B) at 520 TFLOP/s, so at BLOCK_M=128 (the bench shapes at
 # T=16384) the tiles are as wide as registers allow without spilling (bench/NOTES.md).
 GPU_CONFIGS = {
-    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 96
+    ("gate_up", 64): GemmConfig(64, 64, 64, num_warps=4, num_stages=4),  # 130
     # Two accumulators (gate and up): 128 x 256 outputs per A read, 85 FLOP/B.
-    ("gate_up", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 182
+    ("gate_up", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 226
     # grad_act's epilogue runs on 16-column slices of its tile (GRAD_ACT_EPILOGUE_COLUMNS),
     # reading h through a tensor descriptor: that makes 128x128 spill-free.
     ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 145
-    ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 232
-    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-127
-    ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 227-231
+    ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 240
+    ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-128
+    ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 231-233
     # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step. Its
     # operand rows are indexed by the positions' slots, loaded in the same loop: the pipeliner
     # spends stages on that chain, and below 5 stages the TTGIR waits for every copy before
     # each MMA (no load in flight; sm_90 report field copies_in_flight = 0; ncu on an H100 saw
     # the old 128x128x32 s4 config "barely pipelined"). 5 stages keep 3-4 copy groups in flight.
-    ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 105-124
+    ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 98-100
 }
 # Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
 # block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
@@ -760,7 +755,7 @@ class TritonStages:
         # Many rows per expert amortise a taller tile; few rows waste less padding in a short one.
         return 128 if num_slots >= 512 * num_experts else 64
 
-    def gate_up(self, x, w13, plan: RoutingPlan, *, store_h: bool, store_a: bool):
+    def gate_up(self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool):
         num_slots, d = plan.num_slots, x.shape[1]
         ffn = w13.shape[1] // 2
         h = alloc.empty(num_slots, 2 * ffn, dtype=x.dtype, device=x.device) if store_h else None
@@ -775,6 +770,7 @@ class TritonStages:
         gate_up_kernel[grid](
             x,
             w,
+            topk_weights,
             h_arg,
             a_arg,
             *self._plan_args(plan),
@@ -793,11 +789,11 @@ class TritonStages:
         )
         return h, a
 
-    def down_combine(self, a, w2, topk_weights, plan: RoutingPlan, *, deterministic: bool):
-        return self._scatter_rows(a, w2.mT, topk_weights, plan, deterministic)  # B = w2[e]^T
+    def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool):
+        return self._scatter_rows(a, w2.mT, plan, deterministic)  # B = w2[e]^T
 
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool):
-        return self._scatter_rows(dh, w13, None, plan, deterministic)
+        return self._scatter_rows(dh, w13, plan, deterministic)
 
     def grad_act(self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool):
         num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
@@ -840,14 +836,14 @@ class TritonStages:
         dweights = dw_partial.sum(dim=1).view(topk_weights.shape)  # fixed order: deterministic
         return dh, dweights, a if store_a else None
 
-    def grad_w2(self, dout, a, topk_weights, plan: RoutingPlan):
-        return self._expert_wgrad(dout, a, topk_weights, plan, gather_left=True)
+    def grad_w2(self, dout, a, plan: RoutingPlan):
+        return self._expert_wgrad(dout, a, plan, gather_left=True)
 
     def grad_w13(self, dh, x, plan: RoutingPlan):
-        return self._expert_wgrad(dh, x, None, plan, gather_left=False)
+        return self._expert_wgrad(dh, x, plan, gather_left=False)
 
-    def _scatter_rows(self, rows_in, weights, topk_weights, plan, deterministic):
-        """Combine rows_in[p] @ weights[e] (times the routing weight) into a [T, n] output;
+    def _scatter_rows(self, rows_in, weights, plan, deterministic):
+        """Combine rows_in[p] @ weights[e] into a [T, n] output;
         `weights` is the stack of B [E, K, n]."""
         num_slots, top_k, n = plan.num_slots, plan.top_k, weights.shape[2]
         num_tokens = num_slots // top_k
@@ -867,7 +863,6 @@ class TritonStages:
             scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
                 rows_in if rows_desc is None else rows_desc,
                 w,
-                topk_weights if topk_weights is not None else rows_in,
                 out,
                 *self._plan_args(plan),
                 plan.max_tiles,
@@ -877,7 +872,6 @@ class TritonStages:
                 *w_strides,
                 out.stride(0),
                 TOP_K=top_k,
-                HAS_WEIGHTS=topk_weights is not None,
                 PER_SLOT=per_slot,
                 A_TMA=rows_desc is not None,
                 **w_meta,
@@ -887,7 +881,7 @@ class TritonStages:
             out = out.view(num_tokens, top_k, n).sum(dim=1)  # the k slots in a fixed order
         return out.to(rows_in.dtype)
 
-    def _expert_wgrad(self, left, right, topk_weights, plan, *, gather_left):
+    def _expert_wgrad(self, left, right, plan, *, gather_left):
         """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
         m, n = left.shape[1], right.shape[1]
         out = alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
@@ -900,7 +894,6 @@ class TritonStages:
             left if gather_left or desc is None else desc,
             right if not gather_left or desc is None else desc,
             rows,
-            topk_weights if topk_weights is not None else left,
             out,
             plan.sorted_slots,
             plan.expert_offsets,
@@ -913,7 +906,6 @@ class TritonStages:
             out.stride(2),
             TOP_K=plan.top_k,
             GATHER_LEFT=gather_left,
-            HAS_WEIGHTS=topk_weights is not None,
             SORTED_TMA=desc is not None,
             **launch_meta(cfg, left.dtype),
         )

@@ -136,17 +136,36 @@ def test_weight_gradients_read_no_other_experts_rows(tma, monkeypatch):
     monkeypatch.setattr(TRITON_STAGES, "tma", tma)
     T, d, F = 50, 24, 16
     topk_ids = torch.cat([torch.zeros(44, 1), torch.ones(6, 1)]).long()[torch.randperm(T)]
-    weights = torch.rand(T, 1)
     plan = build_routing_plan(topk_ids, 2, block_m=TRITON_STAGES.block_m(T, 2))
     x, dout = torch.randn(T, d), torch.randn(T, d)
     dh, a = torch.randn(T, 2 * F), torch.randn(T, F)
     dh[44:], a[44:] = float("nan"), float("nan")
     tokens = plan.sorted_slots[:44].long()  # k = 1: slot = token
     dw13 = TRITON_STAGES.grad_w13(dh, x, plan)
-    dw2 = TRITON_STAGES.grad_w2(dout, a, weights, plan)
+    dw2 = TRITON_STAGES.grad_w2(dout, a, plan)
     assert_close(dw13[0], dh[:44].double().T @ x[tokens].double(), rtol=RTOL_FP32, name="dw13")
-    scaled = (weights[tokens] * dout[tokens]).double()
-    assert_close(dw2[0], scaled.T @ a[:44].double(), rtol=RTOL_FP32, name="dw2")
+    assert_close(dw2[0], dout[tokens].double().T @ a[:44].double(), rtol=RTOL_FP32, name="dw2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stages", [TRITON_STAGES, TORCH_STAGES], ids=["kernels", "torch"])
+def test_weighted_activation_is_the_same_in_forward_and_backward(stages, dtype):
+    # a = w * SwiGLU(h), rounded once: gate_up (forward) and grad_act (backward, recomputing it
+    # from h) give the same bits, and it is what the reference computes.
+    T, d, F, E, k = 21, 40, 24, 5, 2
+    x, dout = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
+    w13, w2 = torch.randn(E, 2 * F, d, dtype=dtype), torch.randn(E, d, F, dtype=dtype)
+    topk_ids = torch.randint(0, E, (T, k))
+    topk_weights = torch.rand(T, k)
+    plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
+    h, a = stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True)
+    _, _, a_again = stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True)
+    assert torch.equal(a_again, a)
+    slots = plan.sorted_slots.long()
+    gate, up = h.double().chunk(2, dim=1)
+    expected = torch.nn.functional.silu(gate) * up * topk_weights.reshape(-1)[slots, None]
+    # bf16: one rounding (by truncation under the interpreter: up to 2**-8 relative).
+    assert_close(a, expected, rtol=RTOL_FP32 if dtype == torch.float32 else 2**-7, name="a")
 
 
 @pytest.mark.parametrize(
