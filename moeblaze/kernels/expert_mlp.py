@@ -8,7 +8,8 @@ Per-token tensors (x, dout, out, dx) are read or written through token(p); per-p
 (h = pre-activation [S, 2F], a = activation [S, F], dh [S, 2F]) live in sorted order. No
 [S, d] tensor is ever formed.
 
-forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;  a[p] = w[slot(p)] * silu(h_gate) * h_up
+forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;
+                               a[p] = w[slot(p)] * silu(h_gate) * h_up
           scatter_rows_kernel  out[token(p)] += a[p] @ w2[e]^T                        (fp32)
 backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum(g * act[p]);
                                dh[p] = SwiGLU backward of w[slot(p)] * g at h[p];  a[p] again
@@ -19,6 +20,7 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
 a is the activation act = silu(h_gate) * h_up already scaled by the routing weight, so that the
 down projection's combine and dw2 are plain products: no GEMM operand is scaled in registers (a
 scaled operand cannot go from shared memory straight to the tensor cores).
+
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
 (`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
 grad_act's epilogue, the sorted side of expert_wgrad) are passed as pointers or, where the
@@ -196,8 +198,9 @@ def _grad_act_columns(
     H_TMA: tl.constexpr,
 ):
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
-    by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these columns. H_TMA: `h` is a tensor descriptor of h (blocks
-    of this slice's shape), else a pointer."""
+    by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
+    columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's shape), else a
+    pointer."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if H_TMA:
         # Rows past the tile's expert and gate columns past F read other values of h: those
@@ -604,7 +607,8 @@ def expert_wgrad_kernel(
     """out[e] [M, N] = sum over the positions p of expert e of left[row]^T right[row].
 
     GATHER_LEFT: left rows are token(p) and right rows p (the sorted side), else the reverse.
-    Each program owns one output tile: no atomics, the same sum order every run, and experts without tokens get zeros.
+    Each program owns one output tile: no atomics, the same sum order every run, and experts
+    without tokens get zeros.
     SORTED_TMA: the sorted side is a tensor descriptor ([S, M] blocks [BLOCK_K, BLOCK_M], or
     [S, N] blocks [BLOCK_K, BLOCK_N]); its blocks are read only for whole steps of BLOCK_K
     positions of the expert, and the last, partial step by masked pointer loads of `sorted_ptr`
