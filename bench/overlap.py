@@ -161,30 +161,28 @@ def make_inputs(case: Case, dtype, device, seed=0):
     return a, b.mul_(case.inner**-0.5)
 
 
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    """The fused GEMMs' tile config (None: the world's) and operand loads (OverlapConfig.tma)."""
-
-    config: GemmConfig | None = None
-    tma: bool = True
-
-
-def _world(case, device, mode, chunk_m, tile=Tile(), emulated_link=None):
-    config = overlap.OverlapConfig(
-        chunk_m=chunk_m, sync_status=False, tile=tile.config, tma=tile.tma
-    )
+def _world(case, device, mode, chunk_m, tile=None, emulated_link=None):
+    """A LocalWorld of the case; `tile`: the fused GEMMs' GemmConfig (None: the world's)."""
+    config = overlap.OverlapConfig(chunk_m=chunk_m, sync_status=False, tile=tile)
     return overlap.LocalWorld(case.W, device, mode=mode, config=config, link_gbps=emulated_link)
 
 
-def parse_tile(text: str) -> Tile:
-    """'BMxBNxBK:warps:stages[:tma|:ptr]' (e.g. 128x256x64:8:3:ptr) -> Tile; tma by default."""
+def parse_tile(text: str) -> GemmConfig:
+    """'BMxBNxBK:warps:stages[:tma|:ptr]' (e.g. 128x256x64:8:3:ptr) -> GemmConfig; tma by
+    default."""
     try:
         sizes, warps, stages, *loads = text.split(":")
         block_m, block_n, block_k = (int(v) for v in sizes.split("x"))
         if loads not in ([], ["tma"], ["ptr"]):
             raise ValueError(loads)
-        config = GemmConfig(block_m, block_n, block_k, num_warps=int(warps), num_stages=int(stages))
-        return Tile(config, tma=loads != ["ptr"])
+        return GemmConfig(
+            block_m,
+            block_n,
+            block_k,
+            num_warps=int(warps),
+            num_stages=int(stages),
+            tma=loads != ["ptr"],
+        )
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"a tile is BMxBNxBK:warps:stages[:tma|:ptr], e.g. 128x256x64:8:3 or "
@@ -192,9 +190,9 @@ def parse_tile(text: str) -> Tile:
         ) from None
 
 
-def describe_tile(config: GemmConfig, tma: bool) -> str:
+def describe_tile(config: GemmConfig) -> str:
     sizes = f"{config.block_m}x{config.block_n}x{config.block_k}"
-    return f"{sizes}:{config.num_warps}:{config.num_stages}:{'tma' if tma else 'ptr'}"
+    return f"{sizes}:{config.num_warps}:{config.num_stages}:{'tma' if config.tma else 'ptr'}"
 
 
 def _time(fn, device, rep_ms):
@@ -202,7 +200,7 @@ def _time(fn, device, rep_ms):
 
 
 def measure(
-    case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=Tile(), emulated_link=None
+    case: Case, dtype, device, chunk_m, rep_ms, link_gbps, tile=None, emulated_link=None
 ) -> dict:
     """One row: see the module docstring. `emulated_link`: GB/s of LocalWorld(link_gbps=...)."""
     a, b = make_inputs(case, dtype, device)
@@ -219,10 +217,10 @@ def measure(
         emulated_link_GBps=emulated_link,
     )
     fused_world = _world(case, device, "fused", chunk_m, tile, emulated_link)
-    row["tile"] = describe_tile(fused_world.fused.tile, fused_world.fused.tma)
+    row["tile"] = describe_tile(fused_world.fused.tile)
     for mode, world in (
-        ("serial", _world(case, device, "serial", chunk_m, Tile(), emulated_link)),
-        ("pipelined", _world(case, device, "pipelined", chunk_m, Tile(), emulated_link)),
+        ("serial", _world(case, device, "serial", chunk_m, None, emulated_link)),
+        ("pipelined", _world(case, device, "pipelined", chunk_m, None, emulated_link)),
         ("fused", fused_world),
         ("auto", _world(case, device, None, chunk_m, tile, emulated_link)),
     ):
@@ -312,7 +310,6 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
                 wait_budget=fused.wait_budget,
                 chunk_m=layout.chunk_m,
                 config=fused.tile,
-                tma=fused.tma,
                 num_programs=programs,
             )
 
@@ -380,7 +377,6 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
                 epoch=epoch,
                 chunk_m=layout.chunk_m,
                 config=fused.tile,
-                tma=fused.tma,
                 num_programs=programs,
             )
 
@@ -413,7 +409,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tiles",
         type=lambda text: [parse_tile(t) for t in text.split(",")],
-        default=[Tile()],
+        default=[None],
         help="fused GEMM tile configs BMxBNxBK:warps:stages[:tma|:ptr] (operands through tensor "
         "descriptors, the default, or pointer loads), comma-separated; one row per case and "
         "tile (default: the world's)",
@@ -473,7 +469,7 @@ def main(argv=None) -> int:
                     op=case.op,
                     W=case.W,
                     M=case.M,
-                    tile=describe_tile(tile.config, tile.tma) if tile.config else None,
+                    tile=describe_tile(tile) if tile else None,
                     error=f"{type(error).__name__}: {error}"[:300],
                 )
             )

@@ -12,9 +12,9 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
 
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
-in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" with every operand read by pointer loads,
-TritonStages(tma=False), else weights and sorted rows go through tensor descriptors), ms (median, triton.testing.do_bench), TFLOP/s,
-frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
+in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" for GemmConfig(tma=False), every operand read
+by pointer loads, else weights and sorted rows go through tensor descriptors), ms (median,
+triton.testing.do_bench), TFLOP/s, frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
 bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
 stage's output from the current config's, relative to its largest value: a config that gives
@@ -31,6 +31,7 @@ that shows the script works, nothing about speed.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
@@ -88,9 +89,9 @@ WGRAD_CANDIDATES = [
 INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 
-def candidates(kernel: str, block_m: int) -> list[tuple[GemmConfig, bool]]:
-    """(config, tma) pairs: the current config of (kernel, block_m) first, then it with pointer
-    loads, then the other candidates."""
+def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
+    """The current config of (kernel, block_m) first, then it with the other operand loads
+    (GemmConfig.tma), then the other candidates (with tensor descriptors)."""
     if torch.cuda.is_available():
         current = GPU_CONFIGS[kernel, None if kernel == "expert_wgrad" else block_m]
         if kernel == "expert_wgrad":
@@ -101,7 +102,8 @@ def candidates(kernel: str, block_m: int) -> list[tuple[GemmConfig, bool]]:
         current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
         if kernel != "expert_wgrad":
             current, others = _cfg(block_m, 32, 32, 4, 1), [_cfg(block_m, 64, 16, 4, 1)]
-    return [(current, True), (current, False), *((c, True) for c in others if c != current)]
+    flipped = dataclasses.replace(current, tma=not current.tma)
+    return [current, flipped, *(c for c in others if c not in (current, flipped))]
 
 
 def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
@@ -163,14 +165,14 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                 dense[flops] = harness.dense_gemm_tflops(flops, dtype, device)
             dense_tflops = dense[flops]
             current_ms = current_out = None
-            for i, (cfg, tma) in enumerate(candidates(kernel, block_m)):
+            for i, cfg in enumerate(candidates(kernel, block_m)):
                 key = (kernel, None if kernel == "expert_wgrad" else block_m)
-                fn = stage_call(stage, TritonStages({key: cfg}, tma=tma), tensors, plan)
+                fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan)
                 row = dict(
                     shape=shape.name,
                     stage=stage,
                     block_m=block_m if kernel != "expert_wgrad" else None,
-                    config=_describe(cfg) + ("" if tma else ":ptr") + ("*" if i == 0 else ""),
+                    config=_describe(cfg) + ("*" if i == 0 else ""),
                     **{"dense_TFLOP/s": dense_tflops},
                 )
                 try:
@@ -193,7 +195,6 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                     # largest magnitude: summation order only (a few ulps of the dtype).
                     diff=_relative_diff(out, current_out),
                     cfg=cfg,
-                    tma=tma,
                 )
                 rows.append(row)
     return rows
@@ -212,7 +213,8 @@ def _relative_diff(out: torch.Tensor, reference: torch.Tensor | None) -> float |
 
 
 def _describe(cfg: GemmConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+    loads = "" if cfg.tma else ":ptr"
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{loads}"
 
 
 COLUMNS = ("shape", "stage", "config", "ms", "TFLOP/s", "frac_cublas", "vs_current", "diff")
@@ -231,12 +233,12 @@ def best_entries(rows) -> list[str]:
     for (shape, stage, block_m), row in best.items():
         cfg, speedup = row["cfg"], row["vs_current"]
         versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
-        loads = "" if row["tma"] else ", pointer loads"
+        loads = "" if cfg.tma else ", tma=False"
         lines.append(
             f"{shape:>14} {stage:>12}: ({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
             f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
-            f"num_stages={cfg.num_stages})  # {row['ms']:.3g} ms, {row['frac_cublas']:.2f} of "
-            f"cuBLAS, {versus}{loads}"
+            f"num_stages={cfg.num_stages}{loads})  # {row['ms']:.3g} ms, "
+            f"{row['frac_cublas']:.2f} of cuBLAS, {versus}"
         )
     return lines
 
@@ -263,7 +265,7 @@ def main(argv=None) -> int:
         block_ms = [int(b) for b in args.block_ms.split(",")]
         stages = args.stages.split(",")
         rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms)
-        stored = [{k: v for k, v in r.items() if k not in ("cfg", "tma")} for r in rows]
+        stored = [{k: v for k, v in r.items() if k != "cfg"} for r in rows]
         path = harness.write_results("tune_expert", stored, env, args.out)  # kept if stopped
     print(f"\nexpert-MLP stages on {env['gpu']} ({dtype}; * = the current GPU_CONFIGS entry)")
     harness.print_table(rows, COLUMNS)

@@ -37,6 +37,10 @@ class GemmConfig:
     num_stages: int = 3
     # Persistent kernels: upper bound on the grid (None: one program per SM, or per tile).
     max_programs: int | None = None
+    # Read the contiguous operands through tensor descriptors (the copy engine, TMA) where the
+    # device (Hopper and later, or the interpreter) and the tensors allow it; False: pointer
+    # loads (software-pipelined async copies). A per-kernel choice: tuning measures both.
+    tma: bool = True
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -202,7 +206,9 @@ def b_descriptor(b: torch.Tensor, block_k: int, block_n: int, second_n: int = 0)
 
 def matmul_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
     """(a_desc, b_desc, B_KN) for `tile_matmul` with `config`'s tiles reading both operands
-    through descriptors, or None unless both can be (see `b_descriptor`)."""
+    through descriptors, or None unless `config.tma` and both can be (see `b_descriptor`)."""
+    if not config.tma:
+        return None
     a_desc = tma_descriptor(a, (config.block_m, config.block_k))
     b_desc = b_descriptor(b, config.block_k, config.block_n)
     if a_desc is None or b_desc is None:

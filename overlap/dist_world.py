@@ -365,7 +365,6 @@ class PeerFused(FusedContext):
                 wait_budget=self.wait_budget,
                 chunk_m=layout.chunk_m,
                 config=self.tile,
-                tma=self.tma,
                 num_programs=programs,
                 tile_counts=counts,
             )
@@ -406,7 +405,6 @@ class PeerFused(FusedContext):
                 epoch=epoch,
                 chunk_m=layout.chunk_m,
                 config=self.tile,
-                tma=self.tma,
                 num_programs=programs,
                 tile_counts=counts,
                 scope="sys",

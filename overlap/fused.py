@@ -21,6 +21,7 @@ on the CPU), reads the status words, raising `OverlapTimeoutError` if a wait tim
 """
 
 import abc
+import dataclasses
 
 import torch
 import triton
@@ -81,9 +82,10 @@ class FusedContext(abc.ABC):
         self.device = device
         self.config = config
         self.streams = streams
-        self.tile = config.tile or default_tile_config(device)
-        # The GEMMs read their operands through tensor descriptors (TMA: Hopper and later).
-        self.tma = config.tma and tma_supported(device)
+        # The GEMMs' tiles; tile.tma: they read their operands through tensor descriptors (TMA:
+        # Hopper and later), as the tile config and OverlapConfig.tma both allow.
+        tile = config.tile or default_tile_config(device)
+        self.tile = dataclasses.replace(tile, tma=tile.tma and config.tma and tma_supported(device))
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}

@@ -58,9 +58,10 @@ class OverlapConfig:
     chunk_m: int | None = None  # rows per chunk of a rank's shard; None: DEFAULT_CHUNK_ROWS
     tile: GemmConfig | None = None  # GEMM tiles; None: overlap.fused.default_tile_config
     # The fused GEMMs read their operands through tensor descriptors (the copy engine, TMA, on
-    # Hopper and later GPUs; under the interpreter too) where the matrices allow it (unit stride
-    # along rows, 16-byte aligned rows); False, or an older GPU: pointer loads, software-
-    # pipelined async copies (compare: bench.overlap --tiles ...:ptr).
+    # Hopper and later GPUs; under the interpreter too) where the tile config (GemmConfig.tma)
+    # and the matrices allow it (unit stride along rows, 16-byte aligned rows); False, or an
+    # older GPU: pointer loads, software-pipelined async copies, whatever the tile says
+    # (compare: bench.overlap --tiles ...:ptr).
     tma: bool = True
     timeout_s: float = 10.0  # bound on every flag wait of the fused kernels
     # Read the kernels' status words after every fused call. On CUDA that synchronises the

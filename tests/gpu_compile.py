@@ -14,6 +14,7 @@ kernel variant.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -218,7 +219,7 @@ def run_overlap_launchers() -> None:
 
     flags, status = empty(W * 2, dtype=torch.int32), empty(2, dtype=torch.int32)
     table = empty(W, dtype=torch.int64)
-    common = dict(world_size=W, epoch=3, chunk_m=512, config=GPU_TILE_CONFIG, num_programs=132)
+    common = dict(world_size=W, epoch=3, chunk_m=512, num_programs=132)
     clock = empty(W + W * W * 2, dtype=torch.int64)
     links = [{}, dict(link_clock=clock, link_ns_per_row=36.4)]  # LocalWorld(link_gbps=450)
     weight_t = empty(n, hidden).mT  # [hidden, n], a Linear weight [n, hidden] transposed
@@ -238,7 +239,7 @@ def run_overlap_launchers() -> None:
             status,
             rank=5,
             wait_budget=1000,
-            tma=tma and hopper,
+            config=dataclasses.replace(GPU_TILE_CONFIG, tma=tma and hopper),
             **common,
             **link,
         )
@@ -257,7 +258,7 @@ def run_overlap_launchers() -> None:
             flags,
             rank=5,
             scope=scope,
-            tma=tma and hopper,
+            config=dataclasses.replace(GPU_TILE_CONFIG, tma=tma and hopper),
             **common,
             **link,
         )

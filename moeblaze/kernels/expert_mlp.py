@@ -735,8 +735,9 @@ class TritonStages:
             the interpreter's small tiles), as `bench.tune_expert` sweeps them; a kernel's
             BLOCK_M is always the plan's block_m (None for expert_wgrad).
         tma: read the weights, and the sorted rows of scatter_rows, through tensor descriptors
-            where the device (Hopper and later, or the interpreter) and the tensors allow it
-            (kernelbase.gemm.tma_descriptor); False: pointer loads everywhere.
+            where the kernel's config (GemmConfig.tma), the device (Hopper and later, or the
+            interpreter) and the tensors allow it (kernelbase.gemm.tma_descriptor); False:
+            pointer loads everywhere, whatever the configs say.
         arch: the GPU architecture (e.g. 80 for sm_80) whose configs to use; None: that of
             the device the tensors are on.
     """
@@ -812,7 +813,7 @@ class TritonStages:
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
         # One block per epilogue slice; the up blocks start F columns on.
-        h_desc = self._descriptor(h, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
+        h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
@@ -863,7 +864,7 @@ class TritonStages:
             cfg = self._config("scatter_rows", plan)
             w, w_strides, w_meta = self._weights(weights, cfg)
             # The rows of a tile are consecutive sorted positions: one descriptor block.
-            rows_desc = self._descriptor(rows_in, (cfg.block_m, cfg.block_k))
+            rows_desc = self._descriptor(rows_in, cfg, (cfg.block_m, cfg.block_k))
             scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
                 rows_in if rows_desc is None else rows_desc,
                 w,
@@ -893,7 +894,8 @@ class TritonStages:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
         # The sorted side (rows p), read through a descriptor in whole steps of block_k rows.
         rows = right if gather_left else left
-        desc = self._descriptor(rows, (cfg.block_k, cfg.block_n if gather_left else cfg.block_m))
+        block = (cfg.block_k, cfg.block_n if gather_left else cfg.block_m)
+        desc = self._descriptor(rows, cfg, block)
         expert_wgrad_kernel[grid](
             left if gather_left or desc is None else desc,
             right if not gather_left or desc is None else desc,
@@ -938,19 +940,19 @@ class TritonStages:
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
 
-    def _tma(self, device: torch.device) -> bool:
-        return self.tma and tma_supported(device)
+    def _tma(self, device: torch.device, cfg: GemmConfig) -> bool:
+        return self.tma and cfg.tma and tma_supported(device)
 
-    def _descriptor(self, tensor: torch.Tensor, block, offsets=()):
+    def _descriptor(self, tensor: torch.Tensor, cfg: GemmConfig, block, offsets=()):
         """kernelbase.gemm.tma_descriptor of `tensor` where `_tma` allows, else None."""
-        return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device) else None
+        return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device, cfg) else None
 
     def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
         where `_tma` allows and the copy engine can read it), its strides, and the constexprs
         B_TMA and B_KN (kernelbase.gemm.tile_matmul; `second_n`: its DUAL offset)."""
         desc = None
-        if self._tma(weights.device):
+        if self._tma(weights.device, cfg):
             desc = b_descriptor(weights, cfg.block_k, cfg.block_n, second_n)
         if desc is None:
             return weights, weights.stride(), dict(B_TMA=False, B_KN=True)

@@ -190,13 +190,12 @@ def launch_ag_gemm(
     scope: str = "gpu",
     link_clock=None,
     link_ns_per_row: float = 0.0,
-    tma: bool = False,
 ) -> None:
     """Run `ag_gemm_kernel` for one rank. Shapes as in the module docstring; no checks here.
 
-    `tma`: read the gather buffer and b through tensor descriptors where both allow it
+    `config.tma`: read the gather buffer and b through tensor descriptors where both allow it
     (kernelbase.gemm.matmul_descriptors), else (or with False) by pointer loads. The TMA kernel
-    waits on the local rows' flags too.
+    waits on the local rows' flags too. The caller sets it False where the device has no TMA.
 
     `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
     `link_clock` (int64 [1], zero; optional): the rank's emulated link (overlap.link), whose
@@ -207,7 +206,7 @@ def launch_ag_gemm(
     """
     m, K = a_local.shape
     n = b.shape[1]
-    descs = matmul_descriptors(gathered, b, config) if tma else None
+    descs = matmul_descriptors(gathered, b, config)
     ag_gemm_kernel[(num_programs,)](
         a_local,
         gathered,

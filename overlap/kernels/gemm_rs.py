@@ -242,11 +242,11 @@ def launch_gemm_rs(
     scope: str = "gpu",
     link_clock=None,
     link_ns_per_row: float = 0.0,
-    tma: bool = False,
 ) -> None:
     """Run `gemm_rs_kernel` for one rank; `counters` must be zero. No checks here.
 
-    `tma`: read a and b through tensor descriptors where both allow it, as `launch_ag_gemm`.
+    `config.tma`: read a and b through tensor descriptors where both allow it, as
+    `launch_ag_gemm`.
 
     `tile_counts`: as for `launch_ag_gemm` (output tiles indexed by destination rank).
     `scope`: memory scope of the counters and flags ("sys" when other GPUs read the flags).
@@ -255,7 +255,7 @@ def launch_gemm_rs(
     """
     M, K = a.shape
     N = b.shape[1]
-    descs = matmul_descriptors(a, b, config) if tma else None
+    descs = matmul_descriptors(a, b, config)
     gemm_rs_kernel[(num_programs,)](
         a,
         b,

@@ -17,7 +17,7 @@ import moeblaze
 from kernelbase import alloc
 from kernelbase.backend import backend_for
 from kernelbase.gemm import GemmConfig
-from moeblaze.kernels.expert_mlp import TRITON_STAGES, TritonStages
+from moeblaze.kernels.expert_mlp import _INTERPRETER, TRITON_STAGES, TritonStages
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan, plan_numel
@@ -110,11 +110,18 @@ def test_matches_reference(shape, path, make_problem):
 
 
 @pytest.mark.parametrize("name", ["odd", "k1", "empty_experts"])
-def test_pointer_loads(name, make_problem, monkeypatch):
-    # TritonStages(tma=False): no operand through a tensor descriptor.
+@pytest.mark.parametrize("where", ["everywhere", "per-kernel"])
+def test_pointer_loads(name, where, make_problem, monkeypatch):
+    # TritonStages(tma=False): no operand through a tensor descriptor. Per kernel
+    # (GemmConfig(tma=False)): grad_act and the weight gradients by pointers, the others not.
     T, d, F, E, k, routing = SHAPES[name]
     problem = make_problem(T, d, F, E, k, seed=1, routing=routing)
-    monkeypatch.setattr(TRITON_STAGES, "tma", False)
+    if where == "everywhere":
+        monkeypatch.setattr(TRITON_STAGES, "tma", False)
+    else:
+        pointers = dataclasses.replace(_INTERPRETER, tma=False)
+        configs = {("grad_act", pointers.block_m): pointers, ("expert_wgrad", None): pointers}
+        monkeypatch.setattr(TRITON_STAGES, "configs", configs)
     assert_matches_reference(problem.run(), problem.reference())
 
 
@@ -126,6 +133,10 @@ def test_which_operands_are_read_through_tensor_descriptors():
     assert TRITON_STAGES._weights(w13, config)[2] == dict(B_TMA=True, B_KN=True)
     assert TRITON_STAGES._weights(w2, config)[2] == dict(B_TMA=False, B_KN=True)
     assert TritonStages(tma=False)._weights(w13, config)[2]["B_TMA"] is False
+    pointers = dataclasses.replace(config, tma=False)  # one kernel's choice
+    assert TRITON_STAGES._weights(w13, pointers)[2]["B_TMA"] is False
+    assert TRITON_STAGES._descriptor(w13[0], config, (16, 32)) is not None
+    assert TRITON_STAGES._descriptor(w13[0], pointers, (16, 32)) is None
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "ptr"])

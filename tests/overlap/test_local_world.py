@@ -3,6 +3,7 @@
 # W ranks, m rows per rank shard, M = W*m, K / k inner, n / N columns
 """
 
+import dataclasses
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from tolerance import assert_close
 
 import overlap
 from overlap import tuning
+from overlap.fused import default_tile_config
 from overlap.protocol import EPOCH_LIMIT, ChunkLayout, raise_flag
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
@@ -29,6 +31,7 @@ SHAPES = [
     pytest.param(4, 9, 16, 24, 4, id="W4-ch4"),
 ]
 MODES = ["fused", "pipelined", "serial"]
+TILE = default_tile_config(torch.device(DEVICE))
 
 
 def _world(W, mode, chunk_m, **config):
@@ -293,15 +296,24 @@ def test_link_gbps_is_checked():
     assert overlap.LocalWorld(2, DEVICE).link is None
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize(
+    "tma, config",
+    [
+        (True, {}),
+        (False, dict(tma=False)),
+        (False, dict(tile=dataclasses.replace(TILE, tma=False))),
+    ],
+    ids=["tma", "pointers", "pointer-tile"],
+)
 @pytest.mark.parametrize("weight_t", [False, True], ids=["b", "weight_t"])
-def test_fused_gemms_with_and_without_tensor_descriptors(tma, weight_t):
-    """OverlapConfig(tma=...): both main loops of both fused GEMMs, b as [K, n] or as a
-    transposed weight; every shape here can be read through descriptors. The TMA AG-GEMM reads
-    the local rows from the gather buffer, after their flags (the producer copies them first)."""
+def test_fused_gemms_with_and_without_tensor_descriptors(tma, config, weight_t):
+    """OverlapConfig(tma=False) or a tile config with tma=False: pointer loads; else both main
+    loops of both fused GEMMs read through descriptors, b as [K, n] or as a transposed weight
+    (every shape here allows it). The TMA AG-GEMM reads the local rows from the gather buffer,
+    after their flags (the producer copies them first)."""
     W, m, K, n = 3, 21, 16, 24
-    world = _world(W, "fused", 5, tma=tma)
-    assert world.fused.tma is tma
+    world = _world(W, "fused", 5, **config)
+    assert world.fused.tile.tma is tma
     b = (
         randn(W, n, K, seed=31, device=DEVICE).mT
         if weight_t
