@@ -206,8 +206,9 @@ def b_descriptor(b: torch.Tensor, block_k: int, block_n: int, second_n: int = 0)
 
 def matmul_descriptors(a: torch.Tensor, b: torch.Tensor, config: GemmConfig):
     """(a_desc, b_desc, B_KN) for `tile_matmul` with `config`'s tiles reading both operands
-    through descriptors, or None unless `config.tma` and both can be (see `b_descriptor`)."""
-    if not config.tma:
+    through descriptors, or None unless `config.tma`, the device (`tma_supported`) and both
+    matrices allow it (see `b_descriptor`)."""
+    if not (config.tma and tma_supported(a.device)):
         return None
     a_desc = tma_descriptor(a, (config.block_m, config.block_k))
     b_desc = b_descriptor(b, config.block_k, config.block_n)

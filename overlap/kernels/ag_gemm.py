@@ -195,7 +195,7 @@ def launch_ag_gemm(
 
     `config.tma`: read the gather buffer and b through tensor descriptors where both allow it
     (kernelbase.gemm.matmul_descriptors), else (or with False) by pointer loads. The TMA kernel
-    waits on the local rows' flags too. The caller sets it False where the device has no TMA.
+    waits on the local rows' flags too.
 
     `scope`: memory scope of the flag polls ("gpu", or "sys" for flags raised from another GPU).
     `link_clock` (int64 [1], zero; optional): the rank's emulated link (overlap.link), whose

@@ -6,6 +6,7 @@ Outputs are NaN-poisoned before each launch, and a debug buffer counts how often
 tile was computed (and at which position of the walk), so a skipped or doubled tile fails.
 """
 
+import dataclasses
 import time
 
 import pytest
@@ -14,7 +15,7 @@ import triton
 from overlap_testing import RTOL, randn
 from tolerance import assert_close
 
-from overlap.fused import INTERPRETER_TILE_CONFIG as TILE
+from overlap.fused import INTERPRETER_TILE_CONFIG
 from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
 from overlap.kernels.flags import launch_wait_peers
 from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
@@ -22,6 +23,9 @@ from overlap.protocol import HEADER_WORDS, SLOT_WORDS, header_slot
 
 # The interpreter on CPU-only machines (tests/conftest.py), the compiled kernels on a GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Pointer loads: the AG-GEMM reads the local rows from the shard without waiting on their flags
+# (with tensor descriptors it reads them from the gather buffer: tests/overlap/test_local_world).
+TILE = dataclasses.replace(INTERPRETER_TILE_CONFIG, tma=False)
 
 # (W, m, K, n, chunk_m): odd W, m not a multiple of the chunk or of BLOCK_M, chunks smaller and
 # larger than BLOCK_M.
