@@ -11,6 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_patching
+
+    interpreter_patching.install()  # a third less interpreter time; results unchanged
 
 
 def pytest_collection_modifyitems(config, items):
