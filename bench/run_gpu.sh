@@ -7,13 +7,15 @@
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
 # csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
 # up to about 9 minutes), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
-# OUTDIR/overlap_tiles) and overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
-# OUTDIR/overlap_link) run only when named.
+# OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
+# OUTDIR/overlap_link) and kernel_profile (Nsight Compute counters of every kernel of a MoE step
+# and of the fused GEMM, to OUTDIR/kernel_profile) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt, overlap_link.txt (logs), the result
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt, overlap_link.txt,
+# kernel_profile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -61,6 +63,7 @@ step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
     --out "$OUT/overlap_tiles"
 step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450 \
     --out "$OUT/overlap_link"
+step kernel_profile 400 python -m bench.kernel_profile --out "$OUT/kernel_profile"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"
