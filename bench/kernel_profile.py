@@ -41,23 +41,34 @@ from bench import harness  # noqa: E402
 WORKLOADS = ("moe:mixtral", "moe:qwen3-30b-a3b", "gemm-ag")
 GEMM_AG_SHAPE = (8192, 8192, 7168)  # M, K, N
 NCU_PLACES = ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu")
-# ncu metric -> (column, scale of the base unit): ns -> us, bytes -> KiB.
+# ncu metric -> column (times in us, sizes in KiB, whatever units ncu printed them in).
 METRICS = {
-    "gpu__time_duration.sum": ("us", 1e-3),
-    "sm__throughput.avg.pct_of_peak_sustained_elapsed": ("sm_pct", 1),
-    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed": ("mem_pct", 1),
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed": ("dram_pct", 1),
-    "lts__t_sector_hit_rate.pct": ("l2_hit_pct", 1),
-    "sm__warps_active.avg.pct_of_peak_sustained_active": ("occupancy_pct", 1),
-    "launch__registers_per_thread": ("registers", 1),
-    "launch__shared_mem_per_block_static": ("smem_KiB", 1 / 1024),
-    "launch__shared_mem_per_block_dynamic": ("smem_KiB", 1 / 1024),
-    "launch__grid_size": ("grid", 1),
-    "launch__block_size": ("block", 1),
+    "gpu__time_duration.sum": "us",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_pct",
+    "gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed": "mem_pct",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct",
+    "lts__t_sector_hit_rate.pct": "l2_hit_pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy_pct",
+    "launch__registers_per_thread": "registers",
+    "launch__shared_mem_per_block_static": "smem_KiB",
+    "launch__shared_mem_per_block_dynamic": "smem_KiB",
+    "launch__grid_size": "grid",
+    "launch__block_size": "block",
 }
 # Not known to every ncu version: the run is repeated without it where ncu rejects it.
 OPTIONAL_METRICS = {
-    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": ("tensor_pct", 1),
+    "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active": "tensor_pct",
+}
+# Unit -> factor to the column's unit: times to microseconds, sizes to KiB (ncu's "Kbyte" is
+# 1000 bytes).
+UNITS = {
+    "nsecond": 1e-3,
+    "usecond": 1.0,
+    "msecond": 1e3,
+    "second": 1e6,
+    "byte": 1 / 1024,
+    "Kbyte": 1000 / 1024,
+    "Mbyte": 1e6 / 1024,
 }
 COLUMNS = (
     "workload",
@@ -193,12 +204,14 @@ def parse_ncu_csv(text: str, workload: str) -> list[dict]:
         for entry in table:
             if entry["Metric Name"] in known:
                 launch = launches.setdefault(entry["ID"], _launch(workload, entry["Kernel Name"]))
-                _add(launch, entry["Metric Name"], entry["Metric Value"], known)
+                column = known[entry["Metric Name"]]
+                _add(launch, column, entry["Metric Value"], entry["Metric Unit"])
     else:
-        for entry in table[1:]:  # table[0]: the units
+        units = table[0] if table else {}
+        for entry in table[1:]:
             launch = launches.setdefault(entry["ID"], _launch(workload, entry["Kernel Name"]))
             for metric in known.keys() & entry.keys():
-                _add(launch, metric, entry[metric], known)
+                _add(launch, known[metric], entry[metric], units[metric])
     return list(launches.values())
 
 
@@ -206,10 +219,9 @@ def _launch(workload: str, kernel: str) -> dict:
     return dict(workload=workload, kernel=kernel.split("(")[0][:80])
 
 
-def _add(launch: dict, metric: str, value: str, known: dict) -> None:
-    column, scale = known[metric]
+def _add(launch: dict, column: str, value: str, unit: str) -> None:
     try:
-        number = float(value.replace(",", "")) * scale
+        number = float(value.replace(",", "")) * UNITS.get(unit, 1.0)
     except ValueError:
         return  # "n/a" and the like
     launch[column] = launch.get(column, 0.0) + number  # smem: static + dynamic

@@ -24,8 +24,9 @@ LONG = """\
 
 WIDE = """\
 "ID","Kernel Name","gpu__time_duration.sum","sm__warps_active.avg.pct_of_peak_sustained_active","launch__grid_size"
-"","","nsecond","%",""
+"","","usecond","%",""
 "0","grad_act_kernel","2,000","24.5","16,128"
+"1","grad_act_kernel","3","24.5","16,128"
 """
 
 
@@ -50,10 +51,17 @@ def test_wide_form_csv_and_no_table():
         dict(
             workload="moe:qwen3-30b-a3b",
             kernel="grad_act_kernel",
-            us=2.0,
+            us=2000.0,
             occupancy_pct=24.5,
             grid=16128.0,
-        )
+        ),
+        dict(
+            workload="moe:qwen3-30b-a3b",
+            kernel="grad_act_kernel",
+            us=3.0,
+            occupancy_pct=24.5,
+            grid=16128.0,
+        ),
     ]
     assert kernel_profile.parse_ncu_csv("==PROF== nothing profiled\n", "gemm-ag") == []
 
