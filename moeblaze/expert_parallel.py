@@ -45,8 +45,8 @@ import torch.distributed as dist
 from torch import nn
 
 from kernelbase.profiling import profile_range
-from moeblaze.layers import MoELayer, SwiGLUMLP
-from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
+from moeblaze.layers import MoELayer, SwiGLUMLP, check_router_options
+from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 from moeblaze.routing_plan import build_routing_plan
 
@@ -265,6 +265,10 @@ class ExpertParallelMoELayer(nn.Module):
         **router_options,
     ):
         super().__init__()
+        own = (
+            "group, recompute, deterministic, recompute_dispatch, shared_expert_size, device, dtype"
+        )
+        check_router_options(router_options, type(self).__name__, own)
         self.group, self.world_size, self.rank = _resolve_group(group, type(self).__name__)
         if num_experts % self.world_size:
             raise ValueError(
@@ -273,8 +277,7 @@ class ExpertParallelMoELayer(nn.Module):
             )
         if ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
-        if recompute not in RECOMPUTE_POLICIES:
-            raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
+        check_recompute(recompute)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         num_local = num_experts // self.world_size

@@ -49,7 +49,7 @@ class MoELayer(nn.Module):
         check_recompute(recompute)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
-        _check_router_options(router_options)
+        check_router_options(router_options)
         factory = dict(device=device, dtype=dtype)
         self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
         self.w13 = nn.Parameter(
@@ -93,8 +93,13 @@ class MoELayer(nn.Module):
         return out.view(x.shape)
 
 
-def _check_router_options(options: dict) -> None:
-    """Name an unknown keyword of MoELayer here, with a close match, rather than in Router."""
+def check_router_options(
+    options: dict,
+    layer: str = "MoELayer",
+    own: str = "recompute, deterministic, shared_expert_size, device, dtype",
+) -> None:
+    """Name an unknown keyword of `layer` (whose own options are `own`) with a close match,
+    rather than leave it to Router."""
     known = [
         name
         for name, p in inspect.signature(Router.__init__).parameters.items()
@@ -105,9 +110,8 @@ def _check_router_options(options: dict) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise TypeError(
-                f"MoELayer got an unexpected keyword argument {name!r}{hint} Its own options are "
-                f"recompute, deterministic, shared_expert_size, device, dtype; router options "
-                f"are {', '.join(known)}"
+                f"{layer} got an unexpected keyword argument {name!r}{hint} Its own options "
+                f"are {own}; router options are {', '.join(known)}"
             )
 
 

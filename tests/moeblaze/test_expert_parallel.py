@@ -229,6 +229,9 @@ def test_expert_parallel_over_gloo(tmp_path):
 
 def test_needs_an_initialised_process_group():
     assert not dist.is_initialized()
+    # Unknown keywords are named first, process group or not.
+    with pytest.raises(TypeError, match=r"ExpertParallelMoELayer .*'score_fn'; did you mean"):
+        ExpertParallelMoELayer(D, FFN, E, K, score_fn="sigmoid")
     with pytest.raises(RuntimeError, match="none is initialised: call .*init_process_group"):
         ExpertParallelMoELayer(D, FFN, E, K)
     x, ids, weights = randn(3, D), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
