@@ -81,24 +81,24 @@ def tile_matmul(
     row_mask,  # [BLOCK_M]
     stride_am,
     b,
-    b_index,
-    stride_bi,
     stride_bk,
     stride_bn,
     col0,
     cols,  # [BLOCK_N] = col0 + arange
     col_mask,  # [BLOCK_N]
-    second_n,
     K,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DUAL: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    b_index=0,
+    stride_bi=0,
+    second_n=0,
+    DUAL: tl.constexpr = False,
 ):
     """acc[i, j] = sum_kk A[row i, kk] * B[kk, cols[j]] in fp32, B = matrix `b_index` of a stack.
 
@@ -112,7 +112,8 @@ def tile_matmul(
     weight tile never reads the next matrix of the stack.
 
     With DUAL, also the product with the columns `second_n` further on (the up-projection rows of
-    w13), reusing each loaded A block for both; else the second accumulator is zeros.
+    w13), reusing each loaded A block for both; else the second accumulator is zeros. Callers
+    name every argument: B is matrix 0 of a stack of one unless they give `b_index`.
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
