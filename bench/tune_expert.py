@@ -14,8 +14,8 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
 in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" for GemmConfig(tma=False), every operand read
 by pointer loads, else weights and sorted rows go through tensor descriptors), ms (median,
-triton.testing.do_bench), TFLOP/s, frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of the same FLOPs,
-bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
+triton.testing.do_bench), TFLOP/s, frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of
+the same FLOPs, bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
 stage's output from the current config's, relative to its largest value: a config that gives
 another result, beyond summation order, is a bug to report). The best config per stage is printed

@@ -265,10 +265,7 @@ class ExpertParallelMoELayer(nn.Module):
         **router_options,
     ):
         super().__init__()
-        own = (
-            "group, recompute, deterministic, recompute_dispatch, shared_expert_size, device, dtype"
-        )
-        check_router_options(router_options, type(self).__name__, own)
+        check_router_options(router_options, type(self))
         self.group, self.world_size, self.rank = _resolve_group(group, type(self).__name__)
         if num_experts % self.world_size:
             raise ValueError(

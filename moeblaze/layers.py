@@ -49,7 +49,7 @@ class MoELayer(nn.Module):
         check_recompute(recompute)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
-        check_router_options(router_options)
+        check_router_options(router_options, type(self))
         factory = dict(device=device, dtype=dtype)
         self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
         self.w13 = nn.Parameter(
@@ -93,25 +93,22 @@ class MoELayer(nn.Module):
         return out.view(x.shape)
 
 
-def check_router_options(
-    options: dict,
-    layer: str = "MoELayer",
-    own: str = "recompute, deterministic, shared_expert_size, device, dtype",
-) -> None:
-    """Name an unknown keyword of `layer` (whose own options are `own`) with a close match,
-    rather than leave it to Router."""
-    known = [
-        name
-        for name, p in inspect.signature(Router.__init__).parameters.items()
-        if p.kind is p.KEYWORD_ONLY and name not in ("device", "dtype")
-    ]
+def _keyword_only(init) -> list[str]:
+    return [n for n, p in inspect.signature(init).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def check_router_options(options: dict, layer: type) -> None:
+    """Name an unknown keyword of a `layer` class's constructor with a close match, rather than
+    leave it to Router."""
+    known = [name for name in _keyword_only(Router.__init__) if name not in ("device", "dtype")]
+    own = ", ".join(_keyword_only(layer.__init__))
     for name in options:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise TypeError(
-                f"{layer} got an unexpected keyword argument {name!r}{hint} Its own options "
-                f"are {own}; router options are {', '.join(known)}"
+                f"{layer.__name__} got an unexpected keyword argument {name!r}{hint} Its own "
+                f"options are {own}; router options are {', '.join(known)}"
             )
 
 

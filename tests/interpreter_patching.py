@@ -35,21 +35,21 @@ def install() -> bool:
     real = getattr(interpreter, "_patch_lang", None)
     if real is None or getattr(real, "once_per_launch", False):
         return real is not None
-    launch = {"depth": 0, "patched": set()}  # modules patched by the launch in progress
+    launch = {"running": False, "patched": set()}  # modules the running launch patched
 
     def patch_lang(fn):
         langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in _LANGS}
-        if launch["depth"]:  # a helper called inside a kernel
+        if launch["running"]:  # a helper called inside a kernel
             if langs <= launch["patched"]:
                 return _Nothing()
             launch["patched"] |= langs
             return real(fn)
         scope = real(fn)  # a kernel launch: its scope is restored when the grid has run
-        launch["depth"], launch["patched"] = 1, langs
+        launch["running"], launch["patched"] = True, langs
         restore = scope.restore
 
         def restore_and_end():
-            launch["depth"] = 0
+            launch["running"] = False
             restore()
 
         scope.restore = restore_and_end

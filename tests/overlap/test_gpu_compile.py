@@ -103,6 +103,7 @@ def test_emulated_link_keeps_the_gemms_pipelined_and_waits_on_the_clock():
 @pytest.mark.slow
 def test_overlap_kernels_compile_for_ampere():
     reports = compile_reports("overlap", arch=80)
-    # No TMA on Ampere: worlds there use pointer loads (FusedContext's tile.tma), as the report does.
+    # No TMA on Ampere: worlds there use pointer loads (FusedContext's tile.tma), as the report
+    # does.
     assert len(reports) == 13, [(r["kernel"], r["tma"], r["link"]) for r in reports]
     assert all(not r["tma"] and r["tma_copies"] == 0 for r in reports), reports
