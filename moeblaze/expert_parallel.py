@@ -45,9 +45,9 @@ import torch.distributed as dist
 from torch import nn
 
 from kernelbase.profiling import profile_range
-from moeblaze.layers import MoELayer, SwiGLUMLP, check_router_options
-from moeblaze.ops import check_recompute, moe_mlp
-from moeblaze.router import Router, RouterOutput
+from moeblaze.layers import MoEBlock, MoELayer, check_router_options
+from moeblaze.ops import moe_mlp
+from moeblaze.router import RouterOutput
 from moeblaze.routing_plan import build_routing_plan
 
 
@@ -236,7 +236,7 @@ def expert_parallel_mlp(
     return _Combine.apply(expert_out, token_of_row, row_of_slot, exchange)  # [T, d]
 
 
-class ExpertParallelMoELayer(nn.Module):
+class ExpertParallelMoELayer(MoEBlock):
     """`moeblaze.MoELayer` with its experts sharded over the ranks of a process group.
 
     Takes `MoELayer`'s arguments plus `group` (default: the default group) and
@@ -264,33 +264,30 @@ class ExpertParallelMoELayer(nn.Module):
         dtype=None,
         **router_options,
     ):
-        super().__init__()
         check_router_options(router_options, type(self))
-        self.group, self.world_size, self.rank = _resolve_group(group, type(self).__name__)
-        if num_experts % self.world_size:
+        group, world_size, rank = _resolve_group(group, type(self).__name__)
+        if num_experts % world_size:
             raise ValueError(
                 f"num_experts={num_experts} must be divisible by the size of the expert-parallel "
-                f"group ({self.world_size} ranks): each rank holds num_experts / world_size experts"
+                f"group ({world_size} ranks): each rank holds num_experts / world_size experts"
             )
-        if ffn_hidden_size < 1:
-            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
-        check_recompute(recompute)
-        if shared_expert_size is not None and shared_expert_size < 1:
-            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
-        num_local = num_experts // self.world_size
-        factory = dict(device=device, dtype=dtype)
-        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * ffn_hidden_size, hidden_size, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden_size, ffn_hidden_size, **factory))
-        self.shared_expert = (
-            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
+        num_local = num_experts // world_size
+        super().__init__(
+            hidden_size,
+            ffn_hidden_size,
+            num_experts,
+            top_k,
+            num_local,
+            recompute=recompute,
+            deterministic=deterministic,
+            shared_expert_size=shared_expert_size,
+            device=device,
+            dtype=dtype,
+            router_options=router_options,
         )
-        self.hidden_size = hidden_size
-        self.experts = slice(self.rank * num_local, (self.rank + 1) * num_local)  # global ids
-        self.recompute = recompute
-        self.deterministic = deterministic
+        self.group, self.world_size, self.rank = group, world_size, rank
+        self.experts = slice(rank * num_local, (rank + 1) * num_local)  # global ids
         self.recompute_dispatch = recompute_dispatch
-        self.last_router_output: RouterOutput | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -339,15 +336,8 @@ class ExpertParallelMoELayer(nn.Module):
         ep.w2 = nn.Parameter(layer.w2.detach()[ep.experts].clone())
         return ep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
-            )
-        tokens = x.reshape(-1, self.hidden_size)  # [N, d]
-        routing = self.router(tokens)
-        self.last_router_output = routing
-        out = expert_parallel_mlp(
+    def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        return expert_parallel_mlp(
             tokens,
             routing.topk_ids,
             routing.topk_weights,
@@ -358,9 +348,6 @@ class ExpertParallelMoELayer(nn.Module):
             deterministic=self.deterministic,
             recompute_dispatch=self.recompute_dispatch,
         )
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
-        return out.view(x.shape)
 
     def extra_repr(self) -> str:
         return (

@@ -1,5 +1,8 @@
 """`MoELayer`: router + index-routed SwiGLU experts (+ an optional shared expert).
 
+`MoEBlock` holds what every MoE layer of moeblaze shares (this one, the expert-parallel one and
+the Megatron-style one): parameters, checks and the forward around the routed experts.
+
 # N tokens (all leading dims of x flattened), d hidden, F ffn, E experts, k top-k
 
     x [..., d] -> [N, d] --Router--> topk_ids [N, k], topk_weights [N, k]
@@ -18,15 +21,81 @@ from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 
 
-class MoELayer(nn.Module):
+class MoEBlock(nn.Module):
+    """What `MoELayer` and `moeblaze.ExpertParallelMoELayer` share: the router, the SwiGLU
+    experts this module holds (`w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, E_l = `num_local_experts`
+    of the `num_experts` routed to), the optional shared expert, and the forward around the
+    routed experts' computation (`routed_mlp`, which a subclass defines)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        num_local_experts: int,
+        *,
+        recompute: str,
+        deterministic: bool,
+        shared_expert_size: int | None,
+        device,
+        dtype,
+        router_options: dict,
+    ):
+        super().__init__()
+        if ffn_hidden_size < 1:
+            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
+        check_recompute(recompute)
+        if shared_expert_size is not None and shared_expert_size < 1:
+            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
+        factory = dict(device=device, dtype=dtype)
+        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
+        self.w13 = nn.Parameter(
+            torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size, **factory)
+        )
+        self.w2 = nn.Parameter(
+            torch.empty(num_local_experts, hidden_size, ffn_hidden_size, **factory)
+        )
+        self.shared_expert = (
+            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
+        )
+        self.hidden_size = hidden_size
+        self.recompute = recompute
+        self.deterministic = deterministic
+        self.last_router_output: RouterOutput | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
+            )
+        tokens = x.reshape(-1, self.hidden_size)  # [N, d]
+        routing = self.router(tokens)
+        self.last_router_output = routing
+        out = self.routed_mlp(tokens, routing)
+        if self.shared_expert is not None:
+            out = out + self.shared_mlp(tokens)
+        return out.view(x.shape)
+
+    def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """The routed experts' weighted sum for each of `tokens [N, d]`, [N, d]."""
+        raise NotImplementedError
+
+    def shared_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The shared expert on `tokens [N, d]`."""
+        return self.shared_expert(tokens)
+
+
+class MoELayer(MoEBlock):
     """Mixture-of-Experts MLP block with SwiGLU experts in the Hugging Face weight layout.
 
-    Other keyword arguments are router options (`score_func`, `norm_topk_prob`, `num_groups`,
-    `topk_groups`, `expert_bias`, `aux_loss_coeff`, `z_loss_coeff`): they go to
-    `moeblaze.Router`, which documents and checks them; `recompute` and `deterministic` to
-    `moeblaze.moe_mlp`. `shared_expert_size` adds a dense SwiGLU MLP of that width that every
-    token goes through (Qwen-MoE, DeepSeek). After each forward, `last_router_output` holds the
-    router's `RouterOutput` (aux losses and tokens per expert, for logging).
+    Other keyword arguments are router options (`score_func`, `norm_topk_prob`,
+    `topk_scaling_factor`, `num_groups`, `topk_groups`, `expert_bias`, `aux_loss_coeff`,
+    `z_loss_coeff`): they go to `moeblaze.Router`, which documents and checks them; `recompute`
+    and `deterministic` to `moeblaze.moe_mlp`. `shared_expert_size` adds a dense SwiGLU MLP of
+    that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
+    `last_router_output` holds the router's `RouterOutput` (aux losses and tokens per expert,
+    for logging).
     """
 
     def __init__(
@@ -43,26 +112,20 @@ class MoELayer(nn.Module):
         dtype=None,
         **router_options,
     ):
-        super().__init__()
-        if ffn_hidden_size < 1:
-            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
-        check_recompute(recompute)
-        if shared_expert_size is not None and shared_expert_size < 1:
-            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         check_router_options(router_options, type(self))
-        factory = dict(device=device, dtype=dtype)
-        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
-        self.w13 = nn.Parameter(
-            torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size, **factory)
+        super().__init__(
+            hidden_size,
+            ffn_hidden_size,
+            num_experts,
+            top_k,
+            num_experts,
+            recompute=recompute,
+            deterministic=deterministic,
+            shared_expert_size=shared_expert_size,
+            device=device,
+            dtype=dtype,
+            router_options=router_options,
         )
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size, **factory))
-        self.shared_expert = (
-            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
-        )
-        self.hidden_size = hidden_size
-        self.recompute = recompute
-        self.deterministic = deterministic
-        self.last_router_output: RouterOutput | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -71,26 +134,16 @@ class MoELayer(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[2])
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(
-                f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
-            )
-        tokens = x.reshape(-1, self.hidden_size)  # [N, d]
-        router_output = self.router(tokens)
-        self.last_router_output = router_output
-        out = moe_mlp(
+    def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        return moe_mlp(
             tokens,
-            router_output.topk_ids,
-            router_output.topk_weights,
+            routing.topk_ids,
+            routing.topk_weights,
             self.w13,
             self.w2,
             recompute=self.recompute,
             deterministic=self.deterministic,
         )
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
-        return out.view(x.shape)
 
 
 def _keyword_only(init) -> list[str]:

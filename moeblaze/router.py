@@ -3,7 +3,7 @@
     # N tokens, d hidden, E experts, k top-k, G expert groups
     x [N, d] --float32--> logits = x @ weight.T [N, E] --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
-    scores.gather(topk_ids) --optional / sum--> topk_weights [N, k]
+    scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
     aux_loss_coeff * load-balancing loss + z_loss_coeff * z-loss --> gradient, through topk_weights
 
 Logits and scores are computed in float32 whatever the dtype of `x` and `weight`, as Megatron and
@@ -80,6 +80,8 @@ class Router(nn.Module):
 
     - `score_func`: `"softmax"` (Mixtral, Qwen-MoE, DeepSeek-V2) or `"sigmoid"` (DeepSeek-V3).
     - `norm_topk_prob`: divide the k chosen scores by their sum.
+    - `topk_scaling_factor`: multiply the k weights by this factor, after any renormalisation
+      (DeepSeek-V3's `routed_scaling_factor`, Megatron's `moe_router_topk_scaling_factor`).
     - `num_groups`, `topk_groups`: group-limited routing. Experts form `num_groups` contiguous
       groups; a group scores the sum of its top-2 scores (sigmoid) or its max (softmax); only
       the experts of the best `topk_groups` groups can be chosen.
@@ -105,6 +107,7 @@ class Router(nn.Module):
         *,
         score_func: str = "softmax",
         norm_topk_prob: bool = True,
+        topk_scaling_factor: float = 1.0,
         num_groups: int | None = None,
         topk_groups: int | None = None,
         expert_bias: bool = False,
@@ -123,12 +126,14 @@ class Router(nn.Module):
             topk_groups,
             aux_loss_coeff,
             z_loss_coeff,
+            topk_scaling_factor,
         )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
+        self.topk_scaling_factor = float(topk_scaling_factor)
         self.num_groups = num_groups
         self.topk_groups = topk_groups
         self.aux_loss_coeff = float(aux_loss_coeff)
@@ -171,6 +176,8 @@ class Router(nn.Module):
                 nonfinite = (~torch.isfinite(logits)).any().to(torch.int32).reshape(1)
                 deferred.defer(nonfinite, _describe_nonfinite_logits)
             topk_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
+            if self.topk_scaling_factor != 1.0:
+                topk_weights = topk_weights * self.topk_scaling_factor
 
             # scatter_add_ rather than bincount: bincount syncs with the host to size its output.
             flat_ids = topk_ids.flatten()  # [N*k]
@@ -274,6 +281,8 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         s = f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}"
         s += f", score_func={self.score_func!r}, norm_topk_prob={self.norm_topk_prob}"
+        if self.topk_scaling_factor != 1.0:
+            s += f", topk_scaling_factor={self.topk_scaling_factor}"
         if self.num_groups is not None:
             s += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
         s += f", expert_bias={self.expert_bias is not None}"
@@ -281,7 +290,7 @@ class Router(nn.Module):
 
 
 def _check_options(
-    hidden_size, num_experts, top_k, score_func, num_groups, topk_groups, aux_coeff, z_coeff
+    hidden_size, num_experts, top_k, score_func, num_groups, topk_groups, aux_coeff, z_coeff, scale
 ):
     if hidden_size < 1:
         raise ValueError(f"hidden_size={hidden_size} must be >= 1")
@@ -291,3 +300,5 @@ def _check_options(
     for name, value in (("aux_loss_coeff", aux_coeff), ("z_loss_coeff", z_coeff)):
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"topk_scaling_factor={scale} must be a finite number > 0")

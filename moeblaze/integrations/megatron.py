@@ -3,7 +3,7 @@
 # s sequence, b batch, h hidden, N = s*b tokens, F expert ffn, E experts, k top-k
 
     hidden_states [s, b, h] -> tokens [N, h] --moeblaze.Router--> topk_ids [N, k], topk_weights [N, k]
-    topk_weights (* moe_router_topk_scaling_factor)
+    (the router multiplies the weights by moe_router_topk_scaling_factor)
     moeblaze.moe_mlp(tokens, topk_ids, topk_weights, w13 [E, 2F, h], w2 [E, h, F])
     (+ shared expert, moeblaze.SwiGLUMLP) -> (output [s, b, h], None)
 
@@ -143,14 +143,14 @@ class LayerOptions:
     ffn_hidden_size: int  # F of each routed expert
     num_experts: int
     top_k: int
-    score_func: str  # moeblaze.Router options from here to z_loss_coeff
+    score_func: str  # moeblaze.Router options from here to topk_scaling_factor
     norm_topk_prob: bool
     num_groups: int | None
     topk_groups: int | None
     expert_bias: bool
     aux_loss_coeff: float
     z_loss_coeff: float
-    topk_scaling_factor: float | None  # multiplies the k routing weights
+    topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
     recompute: str  # moeblaze.moe_mlp's policy
     recompute_shared_expert: bool
@@ -165,6 +165,7 @@ class LayerOptions:
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
             z_loss_coeff=self.z_loss_coeff,
+            topk_scaling_factor=self.topk_scaling_factor,
         )
 
 
@@ -205,7 +206,7 @@ def layer_options(config) -> LayerOptions:
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
-        topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or None,
+        topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         recompute=recompute,
         recompute_shared_expert=selective and "shared_experts" in recompute_modules,
@@ -305,27 +306,12 @@ class MoELayer(moeblaze.MoELayer):
                 f"hidden_states must be [s, b, h={self.hidden_size}] (sequence first), got "
                 f"shape {tuple(hidden_states.shape)}"
             )
-        tokens = hidden_states.reshape(-1, self.hidden_size)  # [N, h]
-        routing = self.router(tokens)
-        self.last_router_output = routing
-        weights = routing.topk_weights  # [N, k] float32
-        if self.options.topk_scaling_factor:
-            weights = weights * self.options.topk_scaling_factor
-        out = moeblaze.moe_mlp(
-            tokens,
-            routing.topk_ids,
-            weights,
-            self.w13,
-            self.w2,
-            recompute=self.recompute,
-            deterministic=self.deterministic,
-        )
-        if self.shared_expert is not None:
-            if self.options.recompute_shared_expert and torch.is_grad_enabled():
-                out = out + checkpoint(self.shared_expert, tokens, use_reentrant=False)
-            else:
-                out = out + self.shared_expert(tokens)
-        return out.view(hidden_states.shape), None
+        return super().forward(hidden_states), None
+
+    def shared_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.options.recompute_shared_expert and torch.is_grad_enabled():
+            return checkpoint(self.shared_expert, tokens, use_reentrant=False)
+        return self.shared_expert(tokens)
 
     def _padding_mask_matters(self) -> bool:
         router = self.router

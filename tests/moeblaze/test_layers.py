@@ -73,6 +73,15 @@ def test_layer_matches_hand_composition(shared, recompute):
         assert_close(a, e, rtol=RTOL, name=name)
 
 
+def test_topk_scaling_factor_scales_the_routed_experts_only():
+    plain = _layer(shared_expert_size=SHARED, score_func="sigmoid")
+    scaled = _layer(shared_expert_size=SHARED, score_func="sigmoid", topk_scaling_factor=2.5)
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(B, L, D, generator=torch.Generator().manual_seed(3))
+    shared = plain.shared_expert(x)
+    assert_close(scaled(x) - shared, 2.5 * (plain(x) - shared), rtol=RTOL, name="out")
+
+
 def _aux_loss_grad(layer, x, coeff):
     """d(coeff * switch load-balancing loss) / d router.weight, written out by hand."""
     weight = layer.router.weight.detach().clone().requires_grad_()

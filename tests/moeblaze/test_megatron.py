@@ -550,9 +550,8 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     def dense(ids, weights):  # [N, k] -> [N, E]
         return torch.zeros(ids.shape[0], E).scatter(1, ids, weights)
 
-    routing_out = layer.router(tokens)
-    weights = routing_out.topk_weights * (cfg.moe_router_topk_scaling_factor or 1.0)
-    ours = dense(routing_out.topk_ids, weights)
+    routing_out = layer.router(tokens)  # the router applies moe_router_topk_scaling_factor
+    ours = dense(routing_out.topk_ids, routing_out.topk_weights)
     (ours * upstream).sum().backward()
     ours_grad = layer.router.weight.grad.clone()
 

@@ -137,6 +137,25 @@ def test_expert_bias_changes_selection_not_weights():
     torch.testing.assert_close(out.topk_weights, _normalise(scores.gather(1, out.topk_ids)))
 
 
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+def test_topk_scaling_factor_multiplies_the_weights_after_renormalisation(norm):
+    plain = _router(score_func="sigmoid", norm_topk_prob=norm, aux_loss_coeff=0.1)
+    scaled = _router(
+        score_func="sigmoid", norm_topk_prob=norm, aux_loss_coeff=0.1, topk_scaling_factor=2.5
+    )
+    scaled.load_state_dict(plain.state_dict())
+    x = _x(29, seed=4)
+    ref, out = plain(x), scaled(x)
+    assert torch.equal(out.topk_ids, ref.topk_ids)
+    torch.testing.assert_close(out.topk_weights, 2.5 * ref.topk_weights)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)  # from the scores, not the weights
+    upstream = torch.randn(ref.topk_weights.shape, generator=torch.Generator().manual_seed(5))
+    (ref.topk_weights * upstream).sum().backward()
+    (out.topk_weights * upstream / 2.5).sum().backward()
+    torch.testing.assert_close(scaled.weight.grad, plain.weight.grad)
+    assert "topk_scaling_factor=2.5" in repr(scaled) and "scaling" not in repr(plain)
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_update_expert_bias_moves_toward_balance(score_func):
     router = _router(score_func=score_func, expert_bias=True)
@@ -339,6 +358,8 @@ def test_profile_range():
         (dict(num_groups=4, topk_groups=1, top_k=4), r"top_k=4 must be <= topk_groups"),
         (dict(aux_loss_coeff=-0.1), r"aux_loss_coeff=-0.1 must be >= 0"),
         (dict(z_loss_coeff=-1.0), r"z_loss_coeff=-1.0 must be >= 0"),
+        (dict(topk_scaling_factor=0.0), r"topk_scaling_factor=0.0 must be a finite number > 0"),
+        (dict(topk_scaling_factor=float("inf")), r"topk_scaling_factor=inf must be a finite"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
