@@ -57,9 +57,8 @@ from bench import harness  # noqa: E402
 from bench.overlap_model import DEFAULT_LINK_GBPS, project  # noqa: E402
 from kernelbase.gemm import GemmConfig  # noqa: E402
 from kernelbase.profiling import profile_range  # noqa: E402
-from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm  # noqa: E402
-from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce  # noqa: E402
-from overlap.protocol import HEADER_WORDS  # noqa: E402
+from overlap.kernels.ag_gemm import ag_gemm_tiles  # noqa: E402
+from overlap.kernels.gemm_rs import gemm_rs_tiles  # noqa: E402
 
 HIDDEN, FFN = 8192, 28672  # Llama-70B
 GPU_WORLD_SIZES, GPU_MS = (2, 4, 8), (1024, 2048, 4096, 8192)
@@ -282,7 +281,6 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
     layout = fused.chunk_layout(m)
     gathered = [a_shard.new_empty(M, K) for _ in range(W)]
     flags = [torch.zeros(W * layout.count, dtype=torch.int32, device=device) for _ in range(W)]
-    status = torch.zeros(2, dtype=torch.int32, device=device)
     out = a_shard.new_empty(W, M, n)
     full = a_shard.reshape(M, K)
     programs = fused.programs(ag_gemm_tiles(m, n, W, fused.tile), 0)
@@ -297,21 +295,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     def fused_present():  # every flag is up (the producer above raised them to epoch 1)
         for rank in range(W):
-            launch_ag_gemm(
-                a_shard[rank],
-                full,
-                b[rank],
-                out[rank],
-                flags[rank],
-                status,
-                rank=rank,
-                world_size=W,
-                epoch=1,
-                wait_budget=fused.wait_budget,
-                chunk_m=layout.chunk_m,
-                config=fused.tile,
-                num_programs=programs,
-            )
+            fused.ag_gemm(rank, a_shard, full, b[rank], out[rank], flags[rank], 1, layout, programs)
 
     def chunked():
         for rank in range(W):
@@ -323,7 +307,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     parts = dict(comm_ms=_time(producer, device, rep_ms), compute_ms=_time(cublas, device, rep_ms))
     parts["fused_present_ms"] = _time(fused_present, device, rep_ms)
-    assert int(status[0]) == 0, "a flag wait timed out with every flag raised"
+    world.check_status()  # no flag wait may time out with every flag raised
     parts["chunked_ms"] = _time(chunked, device, rep_ms)
     return parts
 
@@ -337,27 +321,12 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     overlap.matmul_reduce_scatter(a, b, world)  # fills the workspace, raises every flag
     ws, epoch = fused.rs_workspace, fused.epoch
     out = a.new_empty(W, m, N)
-    reduce_programs, _, block_r, block_n = fused.reduce_plan(m, N)
     partials = [a.new_empty(M, N) for _ in range(W)]
     programs = fused.programs(gemm_rs_tiles(m, N, W, fused.tile), 0)
 
     def reduction():
         for dest in range(W):
-            launch_rs_reduce(
-                ws.partial_table,
-                ws.header_table,
-                out[dest],
-                fused.status[dest],
-                dest=dest,
-                world_size=W,
-                row_stride=N,
-                epoch=epoch,
-                wait_budget=fused.wait_budget,
-                chunk_m=layout.chunk_m,
-                num_programs=reduce_programs,
-                block_r=block_r,
-                block_n=block_n,
-            )
+            fused.rs_reduce(dest, ws, out[dest], epoch, layout)
 
     def cublas():
         for rank in range(W):
@@ -366,19 +335,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     def fused_present():  # the GEMM-RS producer kernels without the reduction
         for rank in range(W):
             ws.counters[rank].zero_()
-            launch_gemm_rs(
-                a[rank],
-                b[rank],
-                ws.partials[rank],
-                ws.counters[rank],
-                ws.flags[rank][HEADER_WORDS:],
-                rank=rank,
-                world_size=W,
-                epoch=epoch,
-                chunk_m=layout.chunk_m,
-                config=fused.tile,
-                num_programs=programs,
-            )
+            fused.rs_gemm(rank, a[rank], b[rank], ws, epoch, layout, programs)
 
     def chunked():
         for dest in range(W):

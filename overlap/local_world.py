@@ -254,25 +254,18 @@ class LocalFused(FusedContext):
             # once rank r's copies are done; rank r+1's copies run beside it.
             self.streams.wait(self.streams.record(on_side=True), on_side=False)
             with profile_range("overlap.ag.gemm"):
-                launch_ag_gemm(
-                    a_shard[rank],
+                self.ag_gemm(
+                    rank,
+                    a_shard,
                     gathered[rank],
                     b[rank],
                     out[rank],
                     self.ag_flags[rank],
-                    self.status[rank],
-                    rank=rank,
-                    world_size=W,
-                    epoch=epoch,
-                    wait_budget=self.wait_budget,
-                    chunk_m=layout.chunk_m,
-                    config=self.tile,
-                    num_programs=programs,
+                    epoch,
+                    layout,
+                    programs,
                     tile_counts=counts[rank],
                     link_clock=link_clock[rank:] if self.link else None,
-                    link_ns_per_row=self.link.ns_per_row(K * a_shard.element_size())
-                    if self.link
-                    else 0.0,
                 )
         self.streams.join()
         call = self.signature("all_gather_matmul", (m, K, n), a_shard.dtype, layout)
@@ -310,7 +303,7 @@ class LocalFused(FusedContext):
         for counters in ws.counters:
             counters.zero_()
         out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
-        reduce_programs, reserve, block_r, block_n = self.reduce_plan(m, N)
+        reserve = self.reduce_plan(m, N)[1]  # SMs the GEMM leaves the reductions
         num_tiles = gemm_rs_tiles(m, N, W, self.tile)
         programs = self.programs(num_tiles, reserve)
         counts = self.tile_counts(W, num_tiles)
@@ -321,43 +314,106 @@ class LocalFused(FusedContext):
         with profile_range("overlap.rs.gemm"):
             for rank in range(W):
                 self.publish(ws.flags[rank][:HEADER_WORDS], epoch, call)
-                launch_gemm_rs(
+                self.rs_gemm(
+                    rank,
                     a[rank],
                     b[rank],
-                    ws.partials[rank],
-                    ws.counters[rank],
-                    ws.flags[rank][HEADER_WORDS:],
-                    rank=rank,
-                    world_size=W,
-                    epoch=epoch,
-                    chunk_m=layout.chunk_m,
-                    config=self.tile,
-                    num_programs=programs,
+                    ws,
+                    epoch,
+                    layout,
+                    programs,
                     tile_counts=counts[rank],
                     link_clock=link_clock,
-                    link_ns_per_row=link.ns_per_row(N * a.element_size()) if link else 0.0,
                 )
                 if link:  # the next rank's GEMM starts once this rank's transfers are done
                     link.drain(rank)
         # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
         with self.streams(), profile_range("overlap.rs.reduce"):
             for dest in range(W):
-                launch_rs_reduce(
-                    ws.partial_table,
-                    ws.header_table,
-                    out[dest],
-                    self.status[dest],
-                    dest=dest,
-                    world_size=W,
-                    row_stride=ws.partials[0].stride(0),
-                    epoch=epoch,
-                    wait_budget=self.wait_budget,
-                    chunk_m=layout.chunk_m,
-                    num_programs=reduce_programs,
-                    block_r=block_r,
-                    block_n=block_n,
-                    link_clock=link_clock,
-                )
+                self.rs_reduce(dest, ws, out[dest], epoch, layout, link_clock=link_clock)
         self.streams.join()
         self.finish("matmul_reduce_scatter", layout, call)
         return out
+
+    # One rank's kernel of each fused schedule (also timed alone by bench.overlap).
+
+    def ag_gemm(
+        self,
+        rank,
+        a_shard,
+        gathered,
+        b,
+        out,
+        flags,
+        epoch,
+        layout,
+        programs,
+        *,
+        tile_counts=None,
+        link_clock=None,
+    ):
+        """Rank `rank`'s AG-GEMM consumer: out [M, n] = its gather buffer [M, K] @ b [K, n],
+        waiting on `flags` raised to `epoch` (a_shard [W, m, K]: every rank's shard)."""
+        row_bytes = a_shard.shape[-1] * a_shard.element_size()
+        launch_ag_gemm(
+            a_shard[rank],
+            gathered,
+            b,
+            out,
+            flags,
+            self.status[rank],
+            rank=rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            wait_budget=self.wait_budget,
+            chunk_m=layout.chunk_m,
+            config=self.tile,
+            num_programs=programs,
+            tile_counts=tile_counts,
+            link_clock=link_clock,
+            link_ns_per_row=self.link.ns_per_row(row_bytes) if link_clock is not None else 0.0,
+        )
+
+    def rs_gemm(
+        self, rank, a, b, ws, epoch, layout, programs, *, tile_counts=None, link_clock=None
+    ):
+        """Rank `rank`'s GEMM-RS producer: a [M, k] @ b [k, N] into its partial buffer of `ws`,
+        raising its chunk flags to `epoch`."""
+        row_bytes = b.shape[-1] * a.element_size()
+        launch_gemm_rs(
+            a,
+            b,
+            ws.partials[rank],
+            ws.counters[rank],
+            ws.flags[rank][HEADER_WORDS:],
+            rank=rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            chunk_m=layout.chunk_m,
+            config=self.tile,
+            num_programs=programs,
+            tile_counts=tile_counts,
+            link_clock=link_clock,
+            link_ns_per_row=self.link.ns_per_row(row_bytes) if link_clock is not None else 0.0,
+        )
+
+    def rs_reduce(self, dest, ws, out, epoch, layout, *, link_clock=None):
+        """Rank `dest`'s GEMM-RS consumer: out [m, N] = the sum of its rows of every partial
+        buffer of `ws`, each chunk once its flag is raised to `epoch`."""
+        reduce_programs, _, block_r, block_n = self.reduce_plan(*out.shape)
+        launch_rs_reduce(
+            ws.partial_table,
+            ws.header_table,
+            out,
+            self.status[dest],
+            dest=dest,
+            world_size=self.world_size,
+            row_stride=ws.partials[0].stride(0),
+            epoch=epoch,
+            wait_budget=self.wait_budget,
+            chunk_m=layout.chunk_m,
+            num_programs=reduce_programs,
+            block_r=block_r,
+            block_n=block_n,
+            link_clock=link_clock,
+        )
