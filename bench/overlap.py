@@ -59,6 +59,7 @@ from kernelbase.gemm import GemmConfig  # noqa: E402
 from kernelbase.profiling import profile_range  # noqa: E402
 from overlap.kernels.ag_gemm import ag_gemm_tiles  # noqa: E402
 from overlap.kernels.gemm_rs import gemm_rs_tiles  # noqa: E402
+from overlap.protocol import HEADER_WORDS  # noqa: E402
 
 HIDDEN, FFN = 8192, 28672  # Llama-70B
 GPU_WORLD_SIZES, GPU_MS = (2, 4, 8), (1024, 2048, 4096, 8192)
@@ -295,7 +296,9 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     def fused_present():  # every flag is up (the producer above raised them to epoch 1)
         for rank in range(W):
-            fused.ag_gemm(rank, a_shard, full, b[rank], out[rank], flags[rank], 1, layout, programs)
+            fused.ag_gemm(
+                rank, a_shard[rank], full, b[rank], out[rank], flags[rank], 1, layout, programs
+            )
 
     def chunked():
         for rank in range(W):
@@ -326,7 +329,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
 
     def reduction():
         for dest in range(W):
-            fused.rs_reduce(dest, ws, out[dest], epoch, layout)
+            fused.rs_reduce(dest, ws.partial_table, ws.header_table, out[dest], epoch, layout)
 
     def cublas():
         for rank in range(W):
@@ -335,7 +338,9 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     def fused_present():  # the GEMM-RS producer kernels without the reduction
         for rank in range(W):
             ws.counters[rank].zero_()
-            fused.rs_gemm(rank, a[rank], b[rank], ws, epoch, layout, programs)
+            flags = ws.flags[rank][HEADER_WORDS:]
+            partial, counters = ws.partials[rank], ws.counters[rank]
+            fused.rs_gemm(rank, a[rank], b[rank], partial, counters, flags, epoch, layout, programs)
 
     def chunked():
         for dest in range(W):

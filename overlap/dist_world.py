@@ -50,9 +50,9 @@ import torch.distributed as dist
 
 from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
-from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
+from overlap.kernels.ag_gemm import ag_gemm_tiles
 from overlap.kernels.flags import launch_wait_peers
-from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+from overlap.kernels.gemm_rs import gemm_rs_tiles
 from overlap.peer_memory import PeerBuffer, PeerMemory
 from overlap.protocol import (
     HEADER_WORDS,
@@ -223,6 +223,8 @@ HEADER_BUFFER = {"all_gather_matmul": "ag.ready", "matmul_reduce_scatter": "rs.f
 class PeerFused(FusedContext):
     """The fused schedules of a DistWorld over peer memory (see the module docstring)."""
 
+    scope = "sys"  # the GEMM-RS flags are read by the other GPUs
+
     def __init__(self, world: DistWorld, peers: PeerMemory):
         super().__init__(world.world_size, world.device, world.config, world.streams, [world.rank])
         self.group, self.rank = world.group, world.rank
@@ -352,21 +354,8 @@ class PeerFused(FusedContext):
         with self.streams(), profile_range("overlap.ag.copy"):
             self.pull_chunks(r, shards, gathered, flags, layout, epoch)
         with profile_range("overlap.ag.gemm"):
-            launch_ag_gemm(
-                a_shard,
-                gathered,
-                b,
-                out,
-                flags,
-                self.status[r],
-                rank=r,
-                world_size=W,
-                epoch=epoch,
-                wait_budget=self.wait_budget,
-                chunk_m=layout.chunk_m,
-                config=self.tile,
-                num_programs=programs,
-                tile_counts=counts,
+            self.ag_gemm(
+                r, a_shard, gathered, b, out, flags, epoch, layout, programs, tile_counts=counts
             )
         self.streams.join()
         self.finish(op, layout, call)
@@ -386,7 +375,7 @@ class PeerFused(FusedContext):
         counters = self._local_flags("rs.counters", W * layout.count)
         counters.zero_()
         out = a.new_empty(m, N)
-        reduce_programs, reserve, block_r, block_n = self.reduce_plan(m, N)
+        reserve = self.reduce_plan(m, N)[1]  # SMs the GEMM leaves the reductions
         num_tiles = gemm_rs_tiles(m, N, W, self.tile)
         programs = self.programs(num_tiles, reserve)
         (counts,) = self.tile_counts(1, num_tiles)
@@ -394,37 +383,26 @@ class PeerFused(FusedContext):
         self.streams.fork()
         with profile_range("overlap.rs.gemm"):
             self.publish(header_and_flags[:HEADER_WORDS], epoch, call)
-            launch_gemm_rs(
+            self.rs_gemm(
+                r,
                 a,
                 b,
                 partials.view(r, a.dtype, (M, N), offset),
                 counters,
                 header_and_flags[HEADER_WORDS:],
-                rank=r,
-                world_size=W,
-                epoch=epoch,
-                chunk_m=layout.chunk_m,
-                config=self.tile,
-                num_programs=programs,
+                epoch,
+                layout,
+                programs,
                 tile_counts=counts,
-                scope="sys",
             )
         with self.streams(), profile_range("overlap.rs.reduce"):
-            launch_rs_reduce(
+            self.rs_reduce(
+                r,
                 self._table("rs.partials", offset),
                 self._table("rs.flags", 0),
                 out,
-                self.status[r],
-                dest=r,
-                world_size=W,
-                row_stride=N,
-                epoch=epoch,
-                wait_budget=self.wait_budget,
-                chunk_m=layout.chunk_m,
-                num_programs=reduce_programs,
-                block_r=block_r,
-                block_n=block_n,
-                scope="sys",
+                epoch,
+                layout,
             )
         self.streams.join()
         self.finish(op, layout, call)

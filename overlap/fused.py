@@ -9,7 +9,8 @@ fused call needs besides its inputs and implements the two fused schedules of it
 
     FusedContext (here)      tile config and operand loads (TMA), wait budget, the world's side stream, the call
                              epochs, one status word per rank whose kernels run in this process,
-                             persistent grid sizes, tile logs, the AG chunk producer
+                             persistent grid sizes, tile logs, the AG chunk producer, and
+                             one rank's launch of each fused kernel (ag_gemm, rs_gemm, rs_reduce)
     LocalFused (local_world) the W ranks' flags, gather buffers and GEMM-RS workspaces
     PeerFused (dist_world)   peer buffers (symmetric / shared memory), their address tables and
                              this rank's local flags
@@ -27,6 +28,8 @@ import torch
 import triton
 
 from kernelbase.gemm import GemmConfig, tma_supported
+from overlap.kernels.ag_gemm import launch_ag_gemm
+from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
 from overlap.protocol import (
     EPOCH_LIMIT,
     FALLBACK_FREE_SMS,
@@ -69,6 +72,11 @@ class FusedContext(abc.ABC):
     `ranks` are the ranks whose kernels run in this process (all W for a LocalWorld, one for a
     DistWorld): each gets a status word.
     """
+
+    # Memory scope of the GEMM-RS flags and counters: "sys" where other GPUs read them.
+    scope = "gpu"
+    # A LocalWorld's emulated link (overlap.link.EmulatedLink), if any.
+    link = None
 
     def __init__(
         self,
@@ -146,6 +154,111 @@ class FusedContext(abc.ABC):
             lo, hi = layout.rows(chunk)
             gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
             self.raise_flag(flags, src * layout.count + chunk, epoch)
+
+    # One rank's fused kernels (also timed alone by bench.overlap). `link_clock`: a LocalWorld's
+    # emulated link (`self.link`).
+
+    def ag_gemm(
+        self,
+        rank,
+        a_local,
+        gathered,
+        b,
+        out,
+        flags,
+        epoch,
+        layout,
+        programs,
+        *,
+        tile_counts=None,
+        link_clock=None,
+    ):
+        """Rank `rank`'s AG-GEMM consumer: out [W*m, n] = the gathered rows [W*m, K] @ b [K, n],
+        waiting on `flags` raised to `epoch`; its own rows `a_local` [m, K]. The flags are
+        raised on this GPU (by its own pulls), so they are polled at GPU scope."""
+        row_bytes = a_local.shape[1] * a_local.element_size()
+        launch_ag_gemm(
+            a_local,
+            gathered,
+            b,
+            out,
+            flags,
+            self.status[rank],
+            rank=rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            wait_budget=self.wait_budget,
+            chunk_m=layout.chunk_m,
+            config=self.tile,
+            num_programs=programs,
+            tile_counts=tile_counts,
+            link_clock=link_clock,
+            link_ns_per_row=self._link_ns_per_row(link_clock, row_bytes),
+        )
+
+    def rs_gemm(
+        self,
+        rank,
+        a,
+        b,
+        partial,
+        counters,
+        flags,
+        epoch,
+        layout,
+        programs,
+        *,
+        tile_counts=None,
+        link_clock=None,
+    ):
+        """Rank `rank`'s GEMM-RS producer: partial [M, N] = a [M, k] @ b [k, N], raising `flags`
+        to `epoch` as `counters` see each chunk's tiles done (at memory scope `self.scope`: the
+        consumers may be other GPUs)."""
+        row_bytes = b.shape[1] * a.element_size()
+        launch_gemm_rs(
+            a,
+            b,
+            partial,
+            counters,
+            flags,
+            rank=rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            chunk_m=layout.chunk_m,
+            config=self.tile,
+            num_programs=programs,
+            tile_counts=tile_counts,
+            scope=self.scope,
+            link_clock=link_clock,
+            link_ns_per_row=self._link_ns_per_row(link_clock, row_bytes),
+        )
+
+    def rs_reduce(self, dest, partial_table, header_table, out, epoch, layout, *, link_clock=None):
+        """Rank `dest`'s GEMM-RS consumer: out [m, N] = the sum of its rows of every rank's
+        partial buffer (contiguous [M, N], addresses in `partial_table`), each chunk once the
+        flag after the header at `header_table` is raised to `epoch`."""
+        m, N = out.shape
+        programs, _, block_r, block_n = self.reduce_plan(m, N)
+        launch_rs_reduce(
+            partial_table,
+            header_table,
+            out,
+            self.status[dest],
+            dest=dest,
+            world_size=self.world_size,
+            row_stride=N,
+            epoch=epoch,
+            wait_budget=self.wait_budget,
+            chunk_m=layout.chunk_m,
+            num_programs=programs,
+            block_r=block_r,
+            block_n=block_n,
+            scope=self.scope,
+            link_clock=link_clock,
+        )
+
+    def _link_ns_per_row(self, link_clock, row_bytes: int) -> float:
+        return self.link.ns_per_row(row_bytes) if link_clock is not None else 0.0
 
     def programs(self, num_tiles: int, reserve: int) -> int:
         """Persistent grid: one program per SM left after `reserve` (CUDA), or per tile."""

@@ -34,8 +34,8 @@ import torch
 from kernelbase.backend import Backend, backend_for, info, late_interpreter_hint
 from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
-from overlap.kernels.ag_gemm import ag_gemm_tiles, launch_ag_gemm
-from overlap.kernels.gemm_rs import gemm_rs_tiles, launch_gemm_rs, launch_rs_reduce
+from overlap.kernels.ag_gemm import ag_gemm_tiles
+from overlap.kernels.gemm_rs import gemm_rs_tiles
 from overlap.link import EmulatedLink
 from overlap.protocol import HEADER_WORDS, peer_chunks
 from overlap.world import OverlapConfig, World, acc_dtype
@@ -256,7 +256,7 @@ class LocalFused(FusedContext):
             with profile_range("overlap.ag.gemm"):
                 self.ag_gemm(
                     rank,
-                    a_shard,
+                    a_shard[rank],
                     gathered[rank],
                     b[rank],
                     out[rank],
@@ -318,7 +318,9 @@ class LocalFused(FusedContext):
                     rank,
                     a[rank],
                     b[rank],
-                    ws,
+                    ws.partials[rank],
+                    ws.counters[rank],
+                    ws.flags[rank][HEADER_WORDS:],
                     epoch,
                     layout,
                     programs,
@@ -330,90 +332,15 @@ class LocalFused(FusedContext):
         # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
         with self.streams(), profile_range("overlap.rs.reduce"):
             for dest in range(W):
-                self.rs_reduce(dest, ws, out[dest], epoch, layout, link_clock=link_clock)
+                self.rs_reduce(
+                    dest,
+                    ws.partial_table,
+                    ws.header_table,
+                    out[dest],
+                    epoch,
+                    layout,
+                    link_clock=link_clock,
+                )
         self.streams.join()
         self.finish("matmul_reduce_scatter", layout, call)
         return out
-
-    # One rank's kernel of each fused schedule (also timed alone by bench.overlap).
-
-    def ag_gemm(
-        self,
-        rank,
-        a_shard,
-        gathered,
-        b,
-        out,
-        flags,
-        epoch,
-        layout,
-        programs,
-        *,
-        tile_counts=None,
-        link_clock=None,
-    ):
-        """Rank `rank`'s AG-GEMM consumer: out [M, n] = its gather buffer [M, K] @ b [K, n],
-        waiting on `flags` raised to `epoch` (a_shard [W, m, K]: every rank's shard)."""
-        row_bytes = a_shard.shape[-1] * a_shard.element_size()
-        launch_ag_gemm(
-            a_shard[rank],
-            gathered,
-            b,
-            out,
-            flags,
-            self.status[rank],
-            rank=rank,
-            world_size=self.world_size,
-            epoch=epoch,
-            wait_budget=self.wait_budget,
-            chunk_m=layout.chunk_m,
-            config=self.tile,
-            num_programs=programs,
-            tile_counts=tile_counts,
-            link_clock=link_clock,
-            link_ns_per_row=self.link.ns_per_row(row_bytes) if link_clock is not None else 0.0,
-        )
-
-    def rs_gemm(
-        self, rank, a, b, ws, epoch, layout, programs, *, tile_counts=None, link_clock=None
-    ):
-        """Rank `rank`'s GEMM-RS producer: a [M, k] @ b [k, N] into its partial buffer of `ws`,
-        raising its chunk flags to `epoch`."""
-        row_bytes = b.shape[-1] * a.element_size()
-        launch_gemm_rs(
-            a,
-            b,
-            ws.partials[rank],
-            ws.counters[rank],
-            ws.flags[rank][HEADER_WORDS:],
-            rank=rank,
-            world_size=self.world_size,
-            epoch=epoch,
-            chunk_m=layout.chunk_m,
-            config=self.tile,
-            num_programs=programs,
-            tile_counts=tile_counts,
-            link_clock=link_clock,
-            link_ns_per_row=self.link.ns_per_row(row_bytes) if link_clock is not None else 0.0,
-        )
-
-    def rs_reduce(self, dest, ws, out, epoch, layout, *, link_clock=None):
-        """Rank `dest`'s GEMM-RS consumer: out [m, N] = the sum of its rows of every partial
-        buffer of `ws`, each chunk once its flag is raised to `epoch`."""
-        reduce_programs, _, block_r, block_n = self.reduce_plan(*out.shape)
-        launch_rs_reduce(
-            ws.partial_table,
-            ws.header_table,
-            out,
-            self.status[dest],
-            dest=dest,
-            world_size=self.world_size,
-            row_stride=ws.partials[0].stride(0),
-            epoch=epoch,
-            wait_budget=self.wait_budget,
-            chunk_m=layout.chunk_m,
-            num_programs=reduce_programs,
-            block_r=block_r,
-            block_n=block_n,
-            link_clock=link_clock,
-        )
