@@ -1,5 +1,6 @@
 """Hugging Face integration: tiny random models with experts_implementation="moeblaze" against
-"eager" (logits, loss, every gradient), per model family; the recompute variants; loading with
+"eager" (logits, loss, every gradient), per model family (hand-written tiny configs, and
+default configs made tiny); the recompute variants; loading with
 from_pretrained; expert-parallel sentinel ids; the families moeblaze cannot run.
 
 # B batch, L sequence, T = B*L tokens, d hidden, F expert ffn, E experts, k top-k
@@ -131,6 +132,59 @@ def _models(family, dtype=torch.float32, device="cpu"):
     return [m.to(device=device, dtype=dtype).train() for m in (model, eager)]
 
 
+# More families, each from its default config made tiny: the COMMON sizes and these MoE fields,
+# where the config has them (E=4 experts, k=2, F=16, one shared expert, every layer sparse).
+TINY_MOE_FIELDS = dict(
+    intermediate_size=24,
+    moe_intermediate_size=16,
+    expert_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_k=2,
+    num_shared_experts=1,
+    n_shared_experts=1,
+    moe_num_shared_experts=1,
+    moe_layer_start_index=0,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    head_dim=16,
+    kv_lora_rank=8,
+    q_lora_rank=None,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+)
+DEFAULT_CONFIG_FAMILIES = (
+    "phimoe",
+    "glm4_moe",
+    "dots1",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "granitemoeshared",
+    "deepseek_v2",
+    "minimax",
+    "exaone_moe",
+    "solar_open",
+    "cohere2_moe",
+    "afmoe",
+)
+
+
+def _default_config(family: str):
+    config_class = transformers.models.auto.configuration_auto.CONFIG_MAPPING[family]
+    defaults = config_class()
+    fields = {k: v for k, v in {**COMMON, **TINY_MOE_FIELDS}.items() if hasattr(defaults, k)}
+    return config_class(**fields)
+
+
 def _step(model, input_ids):
     """{"logits", "loss", "<param>.grad" ...} of a forward + backward with labels = input_ids."""
     model.zero_grad(set_to_none=True)
@@ -166,6 +220,23 @@ def test_family_matches_eager(family, monkeypatch):
     assert any("gate_up_proj" in name for name in actual), "no expert weight got a gradient"
     for name, value in expected.items():
         assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see a bug"
+        assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
+
+
+@pytest.mark.parametrize("family", DEFAULT_CONFIG_FAMILIES)
+def test_family_from_its_default_config_matches_eager(family, monkeypatch):
+    torch.manual_seed(0)
+    auto = transformers.AutoModelForCausalLM
+    model = auto.from_config(_default_config(family), experts_implementation="moeblaze").train()
+    eager = auto.from_config(_default_config(family), experts_implementation="eager").train()
+    eager.load_state_dict(model.state_dict())
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    calls = _record_moe_mlp_calls(monkeypatch)
+    actual = _step(model, input_ids)
+    assert calls, "moeblaze did not run"
+    expected = _step(eager, input_ids)
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
         assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
 
 
