@@ -121,13 +121,13 @@ def _config(family: str, **overrides):
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "aria")
 
 
-def _models(family, dtype=torch.float32, device="cpu"):
+def _models(family, dtype=torch.float32, device="cpu", make_config=_config):
     """(moeblaze model built by from_config, eager model with the same weights)."""
     # One config each: from_config(..., experts_implementation=) writes it into the config.
     torch.manual_seed(0)
     auto = transformers.AutoModelForCausalLM
-    model = auto.from_config(_config(family), experts_implementation="moeblaze")
-    eager = auto.from_config(_config(family), experts_implementation="eager")
+    model = auto.from_config(make_config(family), experts_implementation="moeblaze")
+    eager = auto.from_config(make_config(family), experts_implementation="eager")
     eager.load_state_dict(model.state_dict())
     return [m.to(device=device, dtype=dtype).train() for m in (model, eager)]
 
@@ -178,6 +178,11 @@ DEFAULT_CONFIG_FAMILIES = (
 )
 
 
+# Gradients that are zero in "eager" too: PhiMoE's sparsemixer router gives its weight none
+# in these tiny models.
+ZERO_IN_EAGER = {"phimoe": ("model.layers.0.mlp.router.weight.grad",)}
+
+
 def _default_config(family: str):
     config_class = transformers.models.auto.configuration_auto.CONFIG_MAPPING[family]
     defaults = config_class()
@@ -209,7 +214,17 @@ def _record_moe_mlp_calls(monkeypatch, run=None) -> list:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_eager(family, monkeypatch):
-    model, eager = _models(family)
+    _check_matches_eager(family, _config, monkeypatch)
+
+
+@pytest.mark.parametrize("family", DEFAULT_CONFIG_FAMILIES)
+def test_family_from_its_default_config_matches_eager(family, monkeypatch):
+    _check_matches_eager(family, _default_config, monkeypatch)
+
+
+def _check_matches_eager(family, make_config, monkeypatch):
+    """The family's model from `make_config(family)` with "moeblaze" against "eager"."""
+    model, eager = _models(family, make_config=make_config)
     assert model.config._experts_implementation == "moeblaze"
     input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
     calls = _record_moe_mlp_calls(monkeypatch)
@@ -219,24 +234,8 @@ def test_family_matches_eager(family, monkeypatch):
     assert actual.keys() == expected.keys()
     assert any("gate_up_proj" in name for name in actual), "no expert weight got a gradient"
     for name, value in expected.items():
-        assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see a bug"
-        assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
-
-
-@pytest.mark.parametrize("family", DEFAULT_CONFIG_FAMILIES)
-def test_family_from_its_default_config_matches_eager(family, monkeypatch):
-    torch.manual_seed(0)
-    auto = transformers.AutoModelForCausalLM
-    model = auto.from_config(_default_config(family), experts_implementation="moeblaze").train()
-    eager = auto.from_config(_default_config(family), experts_implementation="eager").train()
-    eager.load_state_dict(model.state_dict())
-    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
-    calls = _record_moe_mlp_calls(monkeypatch)
-    actual = _step(model, input_ids)
-    assert calls, "moeblaze did not run"
-    expected = _step(eager, input_ids)
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
+        if name not in ZERO_IN_EAGER.get(family, ()):
+            assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see it"
         assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
 
 
