@@ -9,7 +9,7 @@ by index and write the weighted top-k combine straight into the [T, d] output.
     routing_plan.py  the plan (RoutingPlan) and its builder
     ops.py           moe_mlp: torch.library ops with autograd
     router.py        Router (nn.Module): scores, top-k, aux losses
-    layers.py        MoELayer, SwiGLUMLP (nn.Modules)
+    layers.py        MoELayer, SwiGLUMLP (nn.Modules); MoEBlock, what the MoE layers share
     expert_parallel.py  ExpertParallelMoELayer: experts sharded over a process group, all-to-all
     integrations/    Hugging Face experts implementation, Megatron-style MoELayer (imported
                      explicitly: moeblaze.integrations.huggingface / .megatron)
