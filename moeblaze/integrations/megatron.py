@@ -43,6 +43,7 @@ or `megatron_expert_weights` (experts only).
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -487,6 +488,9 @@ def _invalid_fields(cfg) -> list[str]:
         problems.append(f"moe_aux_loss_coeff={cfg['moe_aux_loss_coeff']!r} must be >= 0")
     if (cfg["moe_z_loss_coeff"] or 0.0) < 0:
         problems.append(f"moe_z_loss_coeff={cfg['moe_z_loss_coeff']!r} must be >= 0")
+    scale = cfg["moe_router_topk_scaling_factor"]
+    if scale and not (isinstance(scale, int | float) and 0 < scale < math.inf):  # 0: no scaling
+        problems.append(f"moe_router_topk_scaling_factor={scale!r} must be a finite number > 0")
     shared = cfg["moe_shared_expert_intermediate_size"]
     if shared is not None and (not isinstance(shared, int) or shared < 1):
         problems.append(f"moe_shared_expert_intermediate_size={shared!r} must be >= 1 or None")

@@ -271,6 +271,11 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["moe_router_num_groups=3"],
         ),
         (dict(params_dtype=torch.float64), ValueError, ["params_dtype=torch.float64"]),
+        (
+            dict(moe_router_topk_scaling_factor=-2.0),
+            ValueError,
+            ["moe_router_topk_scaling_factor=-2.0"],
+        ),
     ],
     ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else None,
 )
