@@ -1,10 +1,12 @@
 """GPU tests of moeblaze (`pytest -m gpu`; skipped without CUDA by tests/conftest.py): compiled
 Triton kernels in bf16 / fp16 / fp32 against the float64 reference, the CUDA routing plan, bitwise
-determinism, peak memory against the dense-dispatch baseline, device checks, torch.compile with
-inductor and CUDA-graph capture.
+determinism, peak memory against the dense-dispatch baseline and of recompute="up_proj", device
+checks, torch.compile with inductor and CUDA-graph capture.
 
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 """
+
+import functools
 
 import pytest
 import torch
@@ -239,6 +241,22 @@ def test_peak_memory(make_problem):
     assert forward < forward_floor + slots_by_hidden // 2, report
     assert step < step_floor + slots_by_hidden // 2, report
     assert step < dense_step and forward < dense_forward, report
+
+
+def test_up_proj_backward_never_stores_the_pre_activation(make_problem):
+    # Small weights, many slots: the peak of forward + backward is at grad_act, where
+    # "activation" holds h [S, 2F] (kept) beside out, dh [S, 2F] and a [S, F] (674 MiB here).
+    # "up_proj" recomputes h inside grad_act, tile by tile: its peak is lower by about h's size
+    # (256 MiB). A separate recompute of h before grad_act would peak as high as "activation".
+    T, d, F, E, k = 16384, 1024, 512, 8, 8
+    S = T * k
+    problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=8, device="cuda")
+    h_bytes = S * 2 * F * 2
+    peaks = {
+        policy: _peak_bytes(functools.partial(moeblaze.moe_mlp, recompute=policy), problem)[1]
+        for policy in ("activation", "up_proj")
+    }
+    assert peaks["up_proj"] < peaks["activation"] - h_bytes * 3 // 4, peaks
 
 
 @pytest.mark.parametrize("name", ["topk_ids", "topk_weights", "w13", "w2"])
