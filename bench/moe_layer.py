@@ -84,7 +84,6 @@ STAGE_FLOPS = {
     "moeblaze.gate_up": 4,
     "moeblaze.down_combine": 2,
     "moeblaze.grad_act": 2,
-    "moeblaze.grad_act_up_proj": 6,  # grad_act and the gate/up GEMM it recomputes
     "moeblaze.grad_w2": 2,
     "moeblaze.grad_input": 4,
     "moeblaze.grad_w13": 4,

@@ -7,8 +7,6 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     gate_up       [S, d] x w13 -> h [S, 2F] (the "activation" forward)      gate_up
     down_combine  a [S, F] (weighted) x w2 -> out [T, d]                    scatter_rows
     grad_act      dout [T, d] x w2^T -> dh [S, 2F] (and a)                  grad_act
-    grad_act_up_proj  the same, recomputing h from x and w13 (recompute="up_proj")
-                                                                            grad_act_up_proj
     grad_input    dh [S, 2F] x w13 -> dx [T, d]                             scatter_rows
     grad_w2       dout^T a per expert -> [E, d, F]                          expert_wgrad
     grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
@@ -54,7 +52,6 @@ STAGE_KERNEL = {
     "gate_up": "gate_up",
     "down_combine": "scatter_rows",
     "grad_act": "grad_act",
-    "grad_act_up_proj": "grad_act_up_proj",
     "grad_input": "scatter_rows",
     "grad_w2": "expert_wgrad",
     "grad_w13": "expert_wgrad",
@@ -120,9 +117,6 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
         "grad_act": lambda: stages.grad_act(
             t["dout"], t["w2"], t["h"], t["topk_weights"], plan, store_a=True
         ),
-        "grad_act_up_proj": lambda: stages.grad_act(
-            t["dout"], t["w2"], None, t["topk_weights"], plan, store_a=True, x=t["x"], w13=t["w13"]
-        ),
         "grad_input": lambda: stages.grad_input(t["dh"], t["w13"], plan, deterministic=False),
         "grad_w2": lambda: stages.grad_w2(t["dout"], t["a"], plan),
         "grad_w13": lambda: stages.grad_w13(t["dh"], t["x"], plan),
@@ -133,8 +127,7 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
 def stage_flops(stage: str, shape: Shape) -> int:
     """Model FLOPs of one call of `stage`."""
     S, d, F = shape.T * shape.k, shape.d, shape.F
-    products = {"gate_up": 2, "grad_input": 2, "grad_w13": 2, "grad_act_up_proj": 3}
-    return 2 * S * d * F * products.get(stage, 1)
+    return 2 * S * d * F * (2 if stage in ("gate_up", "grad_input", "grad_w13") else 1)
 
 
 def prepare(shape: Shape, dtype, device) -> dict:
@@ -250,25 +243,6 @@ def best_entries(rows) -> list[str]:
     return lines
 
 
-def up_proj_comparison(rows) -> list[str]:
-    """Per (shape, block_m), the fastest grad_act_up_proj against the fastest gate_up plus the
-    fastest grad_act: what recomputing h inside grad_act gains or loses (it never stores h)."""
-    best = {}
-    for row in rows:
-        if "ms" in row:
-            key = (row["shape"], row["block_m"], row["stage"])
-            best[key] = min(best.get(key, float("inf")), row["ms"])
-    lines = []
-    for (shape, block_m, stage), fused in best.items():
-        separate = [best.get((shape, block_m, s)) for s in ("gate_up", "grad_act")]
-        if stage == "grad_act_up_proj" and None not in separate:
-            lines.append(
-                f"{shape:>14} block_m {block_m}: {fused:.3g} ms vs {sum(separate):.3g} ms "
-                f"({sum(separate) / fused:.2f}x)"
-            )
-    return lines or ["(needs the stages gate_up, grad_act and grad_act_up_proj)"]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     on_gpu = torch.cuda.is_available()
@@ -297,8 +271,6 @@ def main(argv=None) -> int:
     harness.print_table(rows, COLUMNS)
     print("\nfastest per shape and stage:")
     print("\n".join(best_entries(rows)))
-    print('\nrecompute="up_proj" backward, grad_act recomputing h vs gate_up then grad_act:')
-    print("\n".join(up_proj_comparison(rows)))
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -12,8 +12,8 @@ What forward keeps for backward (`Saved`), by `recompute` policy, besides x, the
 topk_weights and the plan:
 
     "activation"  h [S, 2F], the pre-activation; SwiGLU is recomputed in backward
-    "up_proj"     nothing of size S*F; the gate/up GEMM is recomputed in backward, inside
-                  grad_act: h is never stored, in backward either
+    "up_proj"     nothing of size S*F; the gate/up GEMM is recomputed in backward, and dh
+                  is written over the recomputed h
     "none"        h [S, 2F] and a [S, F]
 
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
@@ -52,7 +52,7 @@ class Stages(Protocol):
     gate_up             x, w13, topk_weights          h [S, 2F] if store_h, a [S, F] if store_a
     down_combine        a, w2                         out [T, d]
     grad_act            dout, w2, h, topk_weights     dh [S, 2F], dweights [T, k] fp32, a if store_a
-                        (h None: recomputed from x, w13 tile by tile, never stored)
+                                                      (dh written over h if overwrite_h)
     grad_input          dh, w13                       dx [T, d]
     grad_w2 / grad_w13  dout, a / dh, x               dw2 [E, d, F] / dw13 [E, 2F, d]
 
@@ -64,7 +64,7 @@ class Stages(Protocol):
     def gate_up(self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool): ...
     def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, x=None, w13=None
+        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, overwrite_h=False
     ): ...
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_w2(self, dout, a, plan: RoutingPlan): ...
@@ -173,20 +173,17 @@ def _grad_act_op(
     keep_a: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a); unless keep_h,
-    grad_act recomputes h from x and w13 tile by tile, never storing it."""
+    """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a); h is recomputed
+    from x and w13 unless keep_h, and then dh is written over it."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    with profile_range("moeblaze.grad_act" if keep_h else "moeblaze.grad_act_up_proj"):
+    if not keep_h:
+        with profile_range("moeblaze.gate_up"):
+            h, _ = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=True, store_a=False)
+    with profile_range("moeblaze.grad_act"):
+        # A recomputed h is this op's own: dh takes its memory, one [S, 2F] tensor, not two.
         dh, dweights, a = stages.grad_act(
-            dout,
-            w2,
-            h if keep_h else None,
-            topk_weights,
-            routing_plan,
-            store_a=not keep_a,
-            x=x,
-            w13=w13,
+            dout, w2, h, topk_weights, routing_plan, store_a=not keep_a, overwrite_h=not keep_h
         )
     return dh, dweights.to(topk_weights.dtype), a if not keep_a else x.new_empty(0)
 

@@ -95,7 +95,7 @@ class TorchStages:
         a = alloc.empty(plan.num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         weights = topk_weights.reshape(-1).float()
         for e, pos, slots in _expert_rows(plan):
-            pre = _pre_activation(x, w13, e, slots, plan.top_k)
+            pre = (x[slots // plan.top_k].float() @ w13[e].float().t()).to(x.dtype)
             if store_h:
                 h[pos] = pre
             if store_a:
@@ -109,11 +109,14 @@ class TorchStages:
         return self._combine(dh, lambda e: w13[e].float(), plan, w13.shape[2])
 
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: "RoutingPlan", *, store_a: bool, x=None, w13=None
+        self, dout, w2, h, topk_weights, plan: "RoutingPlan", *, store_a: bool, overwrite_h=False
     ):
         ffn = w2.shape[2]
         weights = topk_weights.reshape(-1).float()
-        dh = alloc.empty(plan.num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
+        if overwrite_h:
+            dh = h
+        else:
+            dh = alloc.empty(plan.num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
         a = (
             alloc.empty(plan.num_slots, ffn, dtype=dout.dtype, device=dout.device)
             if store_a
@@ -122,8 +125,7 @@ class TorchStages:
         dweights = torch.zeros(plan.num_slots, dtype=torch.float32, device=dout.device)
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
-            pre = _pre_activation(x, w13, e, slots, plan.top_k) if h is None else h[pos]
-            gate, up = pre.float().chunk(2, dim=1)
+            gate, up = h[pos].to(torch.float32, copy=True).chunk(2, dim=1)  # dh may overwrite h
             sig = torch.sigmoid(gate)
             silu = gate * sig
             act = (silu * up).to(dout.dtype)
@@ -173,12 +175,6 @@ def _expert_rows(plan: "RoutingPlan"):
         if offsets[e + 1] > offsets[e]:
             pos = slice(offsets[e], offsets[e + 1])
             yield e, pos, plan.sorted_slots[pos].long()
-
-
-def _pre_activation(x, w13, e: int, slots: torch.Tensor, top_k: int) -> torch.Tensor:
-    """h at the positions of `slots` of expert e: x[token] @ w13[e]^T in fp32, rounded to x's
-    dtype as the forward stores it."""
-    return (x[slots // top_k].float() @ w13[e].float().t()).to(x.dtype)
 
 
 def _swiglu(pre: torch.Tensor) -> torch.Tensor:

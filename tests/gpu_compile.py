@@ -87,10 +87,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     return dict(
         kernel=fn.__name__,
-        # Tile sizes, and where grad_act's pre-activation comes from (recomputed or read).
-        constexprs={
-            k: v for k, v in constexprs.items() if k.startswith("BLOCK") or k == "H_SOURCE"
-        },
+        constexprs={k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
         num_warps=options.get("num_warps", 4),
         shared_bytes=kernel.metadata.shared,
         wgmma=ttgir.count("warp_group_dot "),
@@ -170,8 +167,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 def run_moeblaze_launchers() -> None:
-    """The plan and every expert-MLP stage (grad_act reading h, and recomputing it) at both
-    block_m values (bf16, d=4096, F=1408, E=64),
+    """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
     and with pointer loads."""
     from moeblaze.kernels.expert_mlp import TritonStages
@@ -199,7 +195,6 @@ def run_moeblaze_launchers() -> None:
             h, a = stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True)
             stages.down_combine(a, w2, plan, deterministic=False)
             dh, _, a = stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True)
-            stages.grad_act(dout, w2, None, topk_weights, plan, store_a=True, x=x, w13=w13)
             stages.grad_input(dh, w13, plan, deterministic=True)
             stages.grad_w2(dout, a, plan)
             stages.grad_w13(dh, x, plan)

@@ -12,8 +12,8 @@ forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;
                                a[p] = w[slot(p)] * silu(h_gate) * h_up
           scatter_rows_kernel  out[token(p)] += a[p] @ w2[e]^T                        (fp32)
 backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum(g * act[p]);
-                               dh[p] = SwiGLU backward of w[slot(p)] * g at h[p];  a[p] again;
-                               h[p] read, or recomputed as gate_up computes it (up_proj)
+                               dh[p] = SwiGLU backward of w[slot(p)] * g at h[p];  a[p] again
+                               (dh may overwrite h: recompute="up_proj")
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
           expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
@@ -182,8 +182,6 @@ def gate_up_kernel(
 @triton.jit
 def _grad_act_columns(
     g,
-    gate,
-    up,
     rows,
     row_mask,
     w_row,
@@ -198,19 +196,14 @@ def _grad_act_columns(
     stride_dh,
     stride_a,
     STORE_A: tl.constexpr,
-    H_SOURCE: tl.constexpr,
+    H_TMA: tl.constexpr,
 ):
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
-    columns. The pre-activation of these columns comes from H_SOURCE: "registers" (`gate` and
-    `up`, recomputed by this program), "tma" (`h` is a tensor descriptor of h, blocks of this
-    slice's shape) or "pointers" (`h` points at h); `gate` and `up` are unused unless
-    "registers"."""
+    columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's shape), else a
+    pointer."""
     mask = row_mask[:, None] & (cols < F)[None, :]
-    if H_SOURCE == "registers":
-        gate = gate.to(tl.float32)
-        up = up.to(tl.float32)
-    elif H_SOURCE == "tma":
+    if H_TMA:
         # Rows past the tile's expert and gate columns past F read other values of h: those
         # products are masked below (g is zero there: its A rows and B columns read as zero).
         gate = h.load([row0, col0]).to(tl.float32)
@@ -236,16 +229,8 @@ def _grad_act_columns(
 
 
 @triton.jit
-def _halves(t, BLOCK_M: tl.constexpr, HALF: tl.constexpr):
-    """The left and right column halves of t [BLOCK_M, 2 * HALF]."""
-    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, HALF)), (0, 2, 1)))
-
-
-@triton.jit
 def _grad_act_slices(
     g,
-    gate,
-    up,
     rows,
     row_mask,
     w_row,
@@ -263,16 +248,14 @@ def _grad_act_slices(
     WIDTH: tl.constexpr,
     SPLIT: tl.constexpr,
     STORE_A: tl.constexpr,
-    H_SOURCE: tl.constexpr,
+    H_TMA: tl.constexpr,
 ):
-    """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH] (and of
-    gate and up), one after another (halving recursively), so that a wide tile's temporaries
-    need not all be live in registers at once. Returns the rowsum over all of them."""
+    """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
+    after another (halving recursively), so that a wide tile's temporaries need not all be
+    live in registers at once. Returns the rowsum over all of them."""
     if SPLIT == 1:
         dw = _grad_act_columns(
             g,
-            gate,
-            up,
             rows,
             row_mask,
             w_row,
@@ -287,18 +270,14 @@ def _grad_act_slices(
             stride_dh,
             stride_a,
             STORE_A,
-            H_SOURCE,
+            H_TMA,
         )
     else:
         half: tl.constexpr = WIDTH // 2
-        g_left, g_right = _halves(g, BLOCK_M, half)
-        gate_left, gate_right = _halves(gate, BLOCK_M, half)
-        up_left, up_right = _halves(up, BLOCK_M, half)
+        left, right = tl.split(tl.permute(tl.reshape(g, (BLOCK_M, 2, half)), (0, 2, 1)))
         cols_left, cols_right = tl.split(tl.permute(tl.reshape(cols, (2, half)), (1, 0)))
         dw = _grad_act_slices(
-            g_left,
-            gate_left,
-            up_left,
+            left,
             rows,
             row_mask,
             w_row,
@@ -316,12 +295,10 @@ def _grad_act_slices(
             half,
             SPLIT // 2,
             STORE_A,
-            H_SOURCE,
+            H_TMA,
         )
         dw += _grad_act_slices(
-            g_right,
-            gate_right,
-            up_right,
+            right,
             rows,
             row_mask,
             w_row,
@@ -339,7 +316,7 @@ def _grad_act_slices(
             half,
             SPLIT // 2,
             STORE_A,
-            H_SOURCE,
+            H_TMA,
         )
     return dw
 
@@ -349,8 +326,6 @@ def grad_act_kernel(
     dout_ptr,
     w2,
     h,
-    x_ptr,
-    w13,
     weights_ptr,
     dh_ptr,
     a_ptr,
@@ -364,24 +339,18 @@ def grad_act_kernel(
     D,
     F,
     stride_dout,
-    stride_w2e,
-    stride_w2k,
-    stride_w2n,
+    stride_we,
+    stride_wk,
+    stride_wn,
     stride_h,
-    stride_x,
-    stride_w13e,
-    stride_w13k,
-    stride_w13n,
     stride_dh,
     stride_a,
     TOP_K: tl.constexpr,
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
-    H_SOURCE: tl.constexpr,
+    H_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
-    W13_TMA: tl.constexpr,
-    W13_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -394,11 +363,11 @@ def grad_act_kernel(
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
     The epilogue runs on EPILOGUE_SPLIT (1, 2, 4 or 8) column slices of the tile one after
-    another (`_grad_act_slices`). The pre-activation h of the tile comes from H_SOURCE: "tma"
-    or "pointers" read the h forward kept (`h`: a tensor descriptor or a pointer); "registers"
-    recomputes it first, x[token(p)] @ w13[e]^T for the tile's gate and up columns (B = w13^T
-    as in gate_up, a descriptor if W13_TMA), rounded as gate_up rounds it: recompute="up_proj"
-    never stores h.
+    another (`_grad_act_slices`); with H_TMA it reads h through a tensor descriptor.
+
+    dh may be h itself: a program reads the h elements of its rows and columns (gate and up)
+    before it stores theirs of dh, and no other program reads them except in lanes it masks
+    (a descriptor block past the tile's expert or past F), so dh overwrites h safely.
     """
     num_pid_n = tl.cdiv(F, BLOCK_N)
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
@@ -414,49 +383,17 @@ def grad_act_kernel(
         GROUP_M,
     )
     if valid:
-        tokens = slots // TOP_K
-        if H_SOURCE == "registers":
-            # First, so that only the rounded gate and up (not their fp32 accumulators) are
-            # live through g's main loop.
-            gate, up = tile_matmul(
-                a=x_ptr,
-                a_row0=row0,
-                a_rows=tokens,
-                row_mask=row_mask,
-                stride_am=stride_x,
-                b=w13,
-                b_index=expert,
-                stride_bi=stride_w13e,
-                stride_bk=stride_w13k,
-                stride_bn=stride_w13n,
-                col0=pid_n * BLOCK_N,
-                cols=cols,
-                col_mask=col_mask,
-                second_n=F,
-                K=D,
-                BLOCK_M=BLOCK_M,
-                BLOCK_N=BLOCK_N,
-                BLOCK_K=BLOCK_K,
-                DUAL=True,
-                A_TMA=False,
-                B_TMA=W13_TMA,
-                B_KN=W13_KN,
-                DOT_FP32=DOT_FP32,
-                INPUT_PRECISION=INPUT_PRECISION,
-            )
-            gate = gate.to(x_ptr.dtype.element_ty)
-            up = up.to(x_ptr.dtype.element_ty)
         g, _ = tile_matmul(
             a=dout_ptr,
             a_row0=row0,
-            a_rows=tokens,
+            a_rows=slots // TOP_K,
             row_mask=row_mask,
             stride_am=stride_dout,
             b=w2,
             b_index=expert,
-            stride_bi=stride_w2e,
-            stride_bk=stride_w2k,
-            stride_bn=stride_w2n,
+            stride_bi=stride_we,
+            stride_bk=stride_wk,
+            stride_bn=stride_wn,
             col0=pid_n * BLOCK_N,
             cols=cols,
             col_mask=col_mask,
@@ -470,13 +407,9 @@ def grad_act_kernel(
             DOT_FP32=DOT_FP32,
             INPUT_PRECISION=INPUT_PRECISION,
         )
-        if H_SOURCE != "registers":
-            gate, up = g, g  # unused: the epilogue reads h
         w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
         dw = _grad_act_slices(
             g,
-            gate,
-            up,
             rows,
             row_mask,
             w_row,
@@ -494,7 +427,7 @@ def grad_act_kernel(
             BLOCK_N,
             EPILOGUE_SPLIT,
             STORE_A,
-            H_SOURCE,
+            H_TMA,
         )
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
@@ -771,11 +704,6 @@ GPU_CONFIGS = {
     # reading h through a tensor descriptor: that makes 128x128 spill-free.
     ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 145
     ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 240
-    # grad_act recomputing h (recompute="up_proj"): the rounded gate and up stay in registers
-    # through g's main loop, beside its accumulator, so 128x128 spills (224-264 B with 8 warps,
-    # 64-320 B with 16).
-    ("grad_act_up_proj", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 144
-    ("grad_act_up_proj", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),  # 223
     ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-128
     ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 231-233
     # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step. Its
@@ -874,36 +802,28 @@ class TritonStages:
         return self._scatter_rows(dh, w13, plan, deterministic)
 
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, x=None, w13=None
+        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, overwrite_h=False
     ):
         num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
-        dh = alloc.empty(num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
+        if overwrite_h:  # each program reads its h elements before it writes theirs of dh
+            dh = h
+        else:
+            dh = alloc.empty(num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
         a = alloc.empty(num_slots if store_a else 0, ffn, dtype=dout.dtype, device=dout.device)
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        recompute = h is None
-        cfg = self._config("grad_act_up_proj" if recompute else "grad_act", plan)
+        cfg = self._config("grad_act", plan)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
-        if recompute:
-            # B = w13[e]^T [d, 2F], gate_up's; h is an output not read (a valid pointer).
-            w13_arg, w13_strides, w13_meta = self._weights(w13.mT, cfg, second_n=ffn)
-            h_arg, h_source = dh, "registers"
-        else:
-            # One block per epilogue slice; the up blocks start F columns on.
-            h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
-            h_arg, h_source = (h, "pointers") if h_desc is None else (h_desc, "tma")
-            x, w13_arg, w13_strides = dout, w2, w2.stride()  # not read
-            w13_meta = dict(B_TMA=False, B_KN=True)
+        # One block per epilogue slice; the up blocks start F columns on.
+        h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
-            h_arg,
-            x,
-            w13_arg,
+            h if h_desc is None else h_desc,
             topk_weights,
             dh,
             a,
@@ -914,17 +834,13 @@ class TritonStages:
             ffn,
             dout.stride(0),
             *w_strides,
-            dh.stride(0) if recompute else h.stride(0),
-            x.stride(0),
-            *w13_strides,
+            h.stride(0),
             dh.stride(0),
             a.stride(0),
             TOP_K=plan.top_k,
             STORE_A=store_a,
             EPILOGUE_SPLIT=split,
-            H_SOURCE=h_source,
-            W13_TMA=w13_meta["B_TMA"],
-            W13_KN=w13_meta["B_KN"],
+            H_TMA=h_desc is not None,
             **w_meta,
             **launch_meta(cfg, dout.dtype),
         )

@@ -243,11 +243,11 @@ def test_peak_memory(make_problem):
     assert step < dense_step and forward < dense_forward, report
 
 
-def test_up_proj_backward_never_stores_the_pre_activation(make_problem):
+def test_up_proj_backward_writes_dh_over_the_recomputed_pre_activation(make_problem):
     # Small weights, many slots: the peak of forward + backward is at grad_act, where
-    # "activation" holds h [S, 2F] (kept) beside out, dh [S, 2F] and a [S, F] (674 MiB here).
-    # "up_proj" recomputes h inside grad_act, tile by tile: its peak is lower by about h's size
-    # (256 MiB). A separate recompute of h before grad_act would peak as high as "activation".
+    # "activation" holds h [S, 2F] (kept) beside out, dh [S, 2F] and a [S, F] (672 MiB here).
+    # "up_proj" recomputes h and writes dh over it: its peak is lower by about h's size
+    # (256 MiB). With a separate dh it would peak as high as "activation".
     T, d, F, E, k = 16384, 1024, 512, 8, 8
     S = T * k
     problem = make_problem(T, d, F, E, k, dtype=torch.bfloat16, seed=8, device="cuda")

@@ -9,16 +9,9 @@ PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
 GEMM_KERNELS = ("gate_up_kernel", "grad_act_kernel", "scatter_rows_kernel", "expert_wgrad_kernel")
 
 
-def _config_key(report) -> str:
-    """The GPU_CONFIGS kernel name of a report: grad_act recomputing h has its own configs."""
-    if report["constexprs"].get("H_SOURCE") == "registers":
-        return "grad_act_up_proj"
-    return report["kernel"].removesuffix("_kernel")
-
-
 def _launched_configs(reports):
     return {
-        (_config_key(r), r["constexprs"]["BLOCK_M"])
+        (r["kernel"].removesuffix("_kernel"), r["constexprs"]["BLOCK_M"])
         for r in reports
         if r["kernel"] not in PLAN_KERNELS
     }
