@@ -424,15 +424,24 @@ def test_no_slots_by_hidden_allocation_in_default_mode(make_problem):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_backward_materializes_no_gradients_for_kept_tensors(policy, make_problem):
+def test_what_backward_allocates(policy, path, make_problem, monkeypatch):
     # h and a are outputs of the forward op only so that backward gets them back. Nothing flows
     # into them, so backward must not allocate zero "gradients" of [S, 2F] / [S, F] for them.
+    # And backward allocates one [S, 2F] tensor: dh ("activation" and "none" read the h forward
+    # kept), or the recomputed h that dh is then written over ("up_proj"), so up_proj's
+    # backward peak is h's size below that of a separate dh (1792 MiB for the mixtral shape at
+    # T=16384).
     T, d, F, E, k = 20, 24, 8, 4, 2
     S = T * k
     problem = make_problem(T, d, F, E, k, seed=12)
     x, weights, w13, w2 = problem.leaves()
     out = moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2, recompute=policy)
-    created = []
+    zeros, allocated = [], []
+    real_empty = alloc.empty
+
+    def empty(*shape, **kwargs):
+        allocated.append(shape)
+        return real_empty(*shape, **kwargs)
 
     zero_ops = (torch.ops.aten.zeros, torch.ops.aten.zeros_like, torch.ops.aten.new_zeros)
 
@@ -440,13 +449,15 @@ def test_backward_materializes_no_gradients_for_kept_tensors(policy, make_proble
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             result = func(*args, **(kwargs or {}))
             if func.overloadpacket in zero_ops:
-                created.append(tuple(result.shape))
+                zeros.append(tuple(result.shape))
             return result
 
+    monkeypatch.setattr(alloc, "empty", empty)
     with Record():
         out.backward(problem.dout)
-    wasted = [shape for shape in created if shape in ((S, 2 * F), (S, F))]
+    wasted = [shape for shape in zeros if shape in ((S, 2 * F), (S, F))]
     assert not wasted, f"backward allocated zero gradients of shapes {wasted} for h / a"
+    assert allocated.count((S, 2 * F)) == 1, allocated
 
 
 # --- torch.library, torch.compile, profiler --------------------------------------------------
@@ -544,31 +555,6 @@ def test_profiler_ranges_up_proj_recompute():
         backward[0].time_range.start <= g.time_range.start <= backward[0].time_range.end
         for g in gate_up
     )
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-def test_backward_allocates_one_pre_activation_sized_tensor(
-    policy, path, make_problem, monkeypatch
-):
-    # Backward allocates one [S, 2F] tensor: dh ("activation" and "none" read the h forward
-    # kept), or the recomputed h that dh is then written over ("up_proj"). So up_proj's
-    # backward peak is h's size below that of a separate dh (1792 MiB for the mixtral shape at
-    # T=16384), and as high as "activation"'s less the h it keeps.
-    T, d, F, E, k = 20, 24, 8, 4, 2
-    S = T * k
-    problem = make_problem(T, d, F, E, k, seed=13)
-    x, weights, w13, w2 = problem.leaves()
-    out = moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2, recompute=policy)
-    created = []
-    real_empty = alloc.empty
-
-    def empty(*shape, **kwargs):
-        created.append(shape)
-        return real_empty(*shape, **kwargs)
-
-    monkeypatch.setattr(alloc, "empty", empty)
-    out.backward(problem.dout)
-    assert created.count((S, 2 * F)) == 1, created
 
 
 # --- bad input --------------------------------------------------------------------------------
