@@ -87,8 +87,6 @@ def tile_matmul(
     cols,  # [BLOCK_N] = col0 + arange
     col_mask,  # [BLOCK_N]
     K,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
@@ -100,7 +98,8 @@ def tile_matmul(
     second_n=0,
     DUAL: tl.constexpr = False,
 ):
-    """acc[i, j] = sum_kk A[row i, kk] * B[kk, cols[j]] in fp32, B = matrix `b_index` of a stack.
+    """acc[i, j] = sum_kk A[row i, kk] * B[kk, cols[j]] in fp32, B = matrix `b_index` of a stack;
+    the tile is BLOCK_M x BLOCK_N, the lengths of `row_mask` and `col_mask`.
 
     A: with A_TMA, `a` is a tensor descriptor of A [rows, K] (`tma_descriptor`) read at rows
     a_row0 ..; else `a` points at A with unit K stride and the rows are `a_rows` (by index: a
@@ -115,6 +114,8 @@ def tile_matmul(
     w13), reusing each loaded A block for both; else the second accumulator is zeros. Callers
     name every argument: B is matrix 0 of a stack of one unless they give `b_index`.
     """
+    BLOCK_M: tl.constexpr = row_mask.shape[0]
+    BLOCK_N: tl.constexpr = col_mask.shape[0]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if not A_TMA:

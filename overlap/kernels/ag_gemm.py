@@ -144,8 +144,6 @@ def ag_gemm_kernel(
             cols=cols,
             col_mask=col_mask,
             K=K,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
             A_TMA=TMA,
             B_TMA=TMA,

@@ -104,8 +104,6 @@ def gemm_rs_kernel(
             cols=cols,
             col_mask=col_mask,
             K=K,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
             A_TMA=TMA,
             B_TMA=TMA,
