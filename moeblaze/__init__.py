@@ -6,6 +6,7 @@ by index and write the weighted top-k combine straight into the [T, d] output.
 
     kernels/         Triton kernels, each file with its launcher (routing plan, expert MLP)
     reference.py     the same computations in plain torch: the test oracle and the torch backend
+    activation.py    SwiGLU: the experts' gated activation (plain, clamped, quick-GELU)
     routing_plan.py  the plan (RoutingPlan) and its builder
     ops.py           moe_mlp: torch.library ops with autograd
     router.py        Router (nn.Module): scores, top-k, aux losses
@@ -21,6 +22,7 @@ says what runs and why.
 
 from kernelbase import __version__, info, set_backend, use_backend
 from kernelbase.deferred import check as check_errors
+from moeblaze.activation import SwiGLU
 from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
 from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
@@ -36,6 +38,7 @@ __all__ = [
     "Router",
     "RouterOutput",
     "RoutingPlan",
+    "SwiGLU",
     "SwiGLUMLP",
     "build_routing_plan",
     "check_errors",

@@ -17,7 +17,8 @@ topk_weights and the plan:
     "none"        h [S, 2F] and a [S, F]
 
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
-the down projection and dw2 multiply; moeblaze.kernels.expert_mlp).
+the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
+or a clamped / quick-GELU form of it (moeblaze.activation), passed to the ops as three numbers.
 
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
 (`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`
@@ -32,6 +33,7 @@ import torch
 
 from kernelbase.backend import Backend, backend_for
 from kernelbase.profiling import profile_range
+from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import (
@@ -56,15 +58,18 @@ class Stages(Protocol):
     grad_input          dh, w13                       dx [T, d]
     grad_w2 / grad_w13  dout, a / dh, x               dw2 [E, d, F] / dw13 [E, 2F, d]
 
-    a = w[slot] * silu(h_gate) * h_up, the activation scaled by the routing weight (rounded to the
-    dtype of x once, after the scaling), the same bits whichever stage computes it.
+    a = w[slot] * SwiGLU(h_gate, h_up), the activation scaled by the routing weight (rounded to
+    the dtype of x once, after the scaling), the same bits whichever stage computes it. gate_up
+    and grad_act take the SwiGLU as `activation` (moeblaze.activation; default plain SwiGLU).
     """
 
     def block_m(self, num_slots: int, num_experts: int) -> int: ...
-    def gate_up(self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool): ...
+    def gate_up(
+        self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool, activation
+    ): ...
     def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, overwrite_h=False
+        self, dout, w2, h, topk_weights, plan, *, store_a: bool, overwrite_h=False, activation
     ): ...
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_w2(self, dout, a, plan: RoutingPlan): ...
@@ -132,14 +137,27 @@ def _forward_op(
     keep_a: bool,
     deterministic: bool,
     backend: str,
+    alpha: float,
+    limit: float | None,
+    up_offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward."""
+    """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward.
+    alpha, limit, up_offset: the SwiGLU (moeblaze.activation)."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
+    activation = SwiGLU(alpha, limit, up_offset)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     with profile_range("moeblaze.moe_mlp.forward"):
         with profile_range("moeblaze.gate_up"):
-            h, a = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=keep_h, store_a=True)
+            h, a = stages.gate_up(
+                x,
+                w13,
+                topk_weights,
+                routing_plan,
+                store_h=keep_h,
+                store_a=True,
+                activation=activation,
+            )
         with profile_range("moeblaze.down_combine"):
             out = stages.down_combine(a, w2, routing_plan, deterministic=deterministic)
     empty = x.new_empty(0)
@@ -147,7 +165,7 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(x, topk_weights, w13, w2, plan_buffer, block_m, keep_h, keep_a, deterministic, backend):
+def _(x, topk_weights, w13, w2, plan_buffer, block_m, keep_h, keep_a, deterministic, backend, *_):
     num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
     h = x.new_empty(num_slots, 2 * ffn) if keep_h else x.new_empty(0)
     a = x.new_empty(num_slots, ffn) if keep_a else x.new_empty(0)
@@ -172,24 +190,34 @@ def _grad_act_op(
     keep_h: bool,
     keep_a: bool,
     backend: str,
+    alpha: float,
+    limit: float | None,
+    up_offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a); h is recomputed
     from x and w13 unless keep_h, and then dh is written over it."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    if not keep_h:
+    if not keep_h:  # h alone: the activation is not needed
         with profile_range("moeblaze.gate_up"):
             h, _ = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=True, store_a=False)
     with profile_range("moeblaze.grad_act"):
         # A recomputed h is this op's own: dh takes its memory, one [S, 2F] tensor, not two.
         dh, dweights, a = stages.grad_act(
-            dout, w2, h, topk_weights, routing_plan, store_a=not keep_a, overwrite_h=not keep_h
+            dout,
+            w2,
+            h,
+            topk_weights,
+            routing_plan,
+            store_a=not keep_a,
+            overwrite_h=not keep_h,
+            activation=SwiGLU(alpha, limit, up_offset),
         )
     return dh, dweights.to(topk_weights.dtype), a if not keep_a else x.new_empty(0)
 
 
 @_grad_act_op.register_fake
-def _(dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend):
+def _(dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend, *_):
     num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
     a = x.new_empty(0) if keep_a else x.new_empty(num_slots, ffn)
     return x.new_empty(num_slots, 2 * ffn), topk_weights.new_empty(topk_weights.shape), a
@@ -247,7 +275,7 @@ def _setup_context(ctx, inputs, output):
     x, topk_weights, w13, w2, plan_buffer, *options = inputs
     _, h, a = output
     ctx.save_for_backward(x, topk_weights, w13, w2, plan_buffer, h, a)
-    ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend
+    ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend, *SwiGLU.constants
     # h and a are outputs only so that backward can keep them: no gradient flows into them, and
     # autograd must not allocate zero gradients of their size.
     ctx.mark_non_differentiable(h, a)
@@ -257,17 +285,28 @@ def _setup_context(ctx, inputs, output):
 @torch.autograd.function.once_differentiable
 def _backward(ctx, dout, _dh, _da):
     if dout is None:
-        return (None,) * 10
+        return (None,) * 13
     x, topk_weights, w13, w2, plan_buffer, h, a = ctx.saved_tensors
     # Autograd would hold h and a until this function returns; drop its references now (unless
     # the graph is retained), so that each dies after the op that reads it last.
     ctx.maybe_clear_saved_tensors()
-    block_m, keep_h, keep_a, deterministic, backend = ctx.options
+    block_m, keep_h, keep_a, deterministic, backend, *activation = ctx.options
     dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
     ops = torch.ops.moeblaze
     with profile_range("moeblaze.moe_mlp.backward"):
         dh, dweights, a_computed = ops.moe_mlp_grad_act(
-            dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend
+            dout,
+            x,
+            topk_weights,
+            w13,
+            w2,
+            plan_buffer,
+            h,
+            block_m,
+            keep_h,
+            keep_a,
+            backend,
+            *activation,
         )
         del h
         if not keep_a:
@@ -278,7 +317,7 @@ def _backward(ctx, dout, _dh, _da):
         dx, dw13 = ops.moe_mlp_grad_input(
             dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend
         )
-    return dx, dweights, dw13, dw2, *(None,) * 6
+    return dx, dweights, dw13, dw2, *(None,) * 9
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -313,11 +352,12 @@ def moe_mlp(
     recompute: str = "activation",
     deterministic: bool = False,
     check_ids: bool | None = None,
+    activation: SwiGLU = SWIGLU,
 ) -> torch.Tensor:
     """SwiGLU experts applied to routed tokens, combined with the routing weights.
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :F] @ x[t]) * (w13[e, F:] @ x[t]))
-    with e = topk_ids[t, j].
+    with e = topk_ids[t, j] (with the default `activation`).
 
     Args:
         x: [T, d] float16, bfloat16 or float32.
@@ -338,6 +378,10 @@ def moe_mlp(
             (default) without a host synchronisation (on CUDA at the latest at the next
             moeblaze call, or at `moeblaze.check_errors()`), True at once (debugging; one
             synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.
+        activation: the gated activation of the gate and up halves: `moeblaze.SwiGLU()`
+            (default, silu(gate) * up) or its clamped / quick-GELU forms, e.g.
+            `SwiGLU(limit=10.0)` (DeepSeek-V4), `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)`
+            (GPT-OSS's activation); see moeblaze.activation.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
@@ -348,10 +392,17 @@ def moe_mlp(
         # output comes in it; topk_weights keep their dtype. Inside, autocast is off, so every
         # backend computes exactly what it computes for inputs of that dtype.
         x, w13, w2 = _autocast_cast(device_type, x, w13, w2)
-        options = dict(recompute=recompute, deterministic=deterministic, check_ids=check_ids)
+        options = dict(
+            recompute=recompute,
+            deterministic=deterministic,
+            check_ids=check_ids,
+            activation=activation,
+        )
         with torch.autocast(device_type, enabled=False):
             return moe_mlp(x, topk_ids, topk_weights, w13, w2, **options)
     _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids)
+    if not isinstance(activation, SwiGLU):
+        raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))
     saved = Saved.of(recompute, backward)
     backend = backend_for(x.device)
@@ -363,7 +414,7 @@ def moe_mlp(
     # Eager: through _MoeMLP, so torch.func transforms work. Under torch.compile: the op itself,
     # with its registered autograd (dynamo cannot trace _MoeMLP's dispatch guard).
     forward = torch.ops.moeblaze.moe_mlp_forward if torch.compiler.is_compiling() else _MoeMLP.apply
-    options = (block_m, saved.h, saved.a, deterministic, backend.value)
+    options = (block_m, saved.h, saved.a, deterministic, backend.value, *activation.constants)
     out, _, _ = forward(x, topk_weights, w13, w2, plan_buffer, *options)
     return out
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelbase import alloc
+from moeblaze.activation import SWIGLU, SwiGLU
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
@@ -30,15 +31,23 @@ def moe_mlp_reference(
     topk_weights: torch.Tensor,  # [T, k]
     w13: torch.Tensor,  # [E, 2F, d]
     w2: torch.Tensor,  # [E, d, F]
+    activation: SwiGLU = SWIGLU,
 ) -> torch.Tensor:  # [T, d]
-    """out[t] = sum_j topk_weights[t, j] * w2[e] @ swiglu(w13[e] @ x[t]), e = topk_ids[t, j]."""
+    """out[t] = sum_j topk_weights[t, j] * w2[e] @ act(w13[e] @ x[t]), e = topk_ids[t, j], with
+    act the SwiGLU `activation` of the gate and up halves, written out with torch ops (so that
+    autograd differentiates it: an oracle independent of SwiGLU.backward)."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
         gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[e])  # [n_e, d]
+        if activation.limit is not None:
+            gate = gate.clamp(max=activation.limit)
+            up = up.clamp(-activation.limit, activation.limit)
+        alpha, up_offset = activation.alpha, activation.up_offset
+        glu = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(alpha * gate)
+        y = F.linear(glu * (up + up_offset if up_offset else up), w2[e])  # [n_e, d]
         out = out.index_add(0, token, y * topk_weights[token, choice, None].to(y.dtype))
     return out
 
@@ -85,7 +94,17 @@ class TorchStages:
     def block_m(self, num_slots: int, num_experts: int) -> int:
         return 64
 
-    def gate_up(self, x, w13, topk_weights, plan: "RoutingPlan", *, store_h: bool, store_a: bool):
+    def gate_up(
+        self,
+        x,
+        w13,
+        topk_weights,
+        plan: "RoutingPlan",
+        *,
+        store_h: bool,
+        store_a: bool,
+        activation: SwiGLU = SWIGLU,
+    ):
         ffn = w13.shape[1] // 2
         h = (
             alloc.empty(plan.num_slots, 2 * ffn, dtype=x.dtype, device=x.device)
@@ -99,7 +118,8 @@ class TorchStages:
             if store_h:
                 h[pos] = pre
             if store_a:
-                a[pos] = (_swiglu(pre) * weights[slots, None]).to(x.dtype)
+                act = activation.forward(*pre.float().chunk(2, dim=-1))
+                a[pos] = (act * weights[slots, None]).to(x.dtype)
         return h, a
 
     def down_combine(self, a, w2, plan: "RoutingPlan", *, deterministic: bool):
@@ -109,7 +129,16 @@ class TorchStages:
         return self._combine(dh, lambda e: w13[e].float(), plan, w13.shape[2])
 
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: "RoutingPlan", *, store_a: bool, overwrite_h=False
+        self,
+        dout,
+        w2,
+        h,
+        topk_weights,
+        plan: "RoutingPlan",
+        *,
+        store_a: bool,
+        overwrite_h=False,
+        activation: SwiGLU = SWIGLU,
     ):
         ffn = w2.shape[2]
         weights = topk_weights.reshape(-1).float()
@@ -126,16 +155,12 @@ class TorchStages:
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
             gate, up = h[pos].to(torch.float32, copy=True).chunk(2, dim=1)  # dh may overwrite h
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
-            act = (silu * up).to(dout.dtype)
-            dweights[slots] = (g * act.float()).sum(dim=1)
-            d_act = g * weights[slots, None]
-            dh[pos] = torch.cat([d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu], 1).to(
-                dh.dtype
-            )
+            act = activation.forward(gate, up)
+            dweights[slots] = (g * act.to(dout.dtype).float()).sum(dim=1)
+            d_gate, d_up = activation.backward(gate, up, g * weights[slots, None])
+            dh[pos] = torch.cat([d_gate, d_up], 1).to(dh.dtype)
             if store_a:
-                a[pos] = (silu * up * weights[slots, None]).to(dout.dtype)
+                a[pos] = (act * weights[slots, None]).to(dout.dtype)
         return dh, dweights.view(topk_weights.shape), a
 
     def grad_w2(self, dout, a, plan: "RoutingPlan"):
@@ -175,12 +200,6 @@ def _expert_rows(plan: "RoutingPlan"):
         if offsets[e + 1] > offsets[e]:
             pos = slice(offsets[e], offsets[e + 1])
             yield e, pos, plan.sorted_slots[pos].long()
-
-
-def _swiglu(pre: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up in fp32, as grad_act recomputes it (the same bits)."""
-    gate, up = pre.float().chunk(2, dim=-1)
-    return gate * torch.sigmoid(gate) * up
 
 
 TORCH_STAGES = TorchStages()

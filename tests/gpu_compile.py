@@ -97,6 +97,10 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
+        # The SwiGLU constants (moeblaze.activation) of the kernels that take them.
+        swiglu=[constexprs[k] for k in ("ALPHA", "LIMIT", "UP_OFFSET")]
+        if "ALPHA" in constexprs
+        else None,
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -169,7 +173,9 @@ def resource_usage(cubin: bytes) -> dict:
 def run_moeblaze_launchers() -> None:
     """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
-    and with pointer loads."""
+    and with pointer loads; gate_up and grad_act also with GPT-OSS's clamped quick-GELU SwiGLU
+    (their largest epilogue)."""
+    from moeblaze.activation import SwiGLU
     from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.routing_plan import launch_plan
     from moeblaze.routing_plan import RoutingPlan, plan_numel
@@ -198,6 +204,11 @@ def run_moeblaze_launchers() -> None:
             stages.grad_input(dh, w13, plan, deterministic=True)
             stages.grad_w2(dout, a, plan)
             stages.grad_w13(dh, x, plan)
+            gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)
+            stages.gate_up(
+                x, w13, topk_weights, plan, store_h=True, store_a=True, activation=gpt_oss
+            )
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=gpt_oss)
 
 
 def run_overlap_launchers() -> None:

@@ -9,7 +9,7 @@ Per-token tensors (x, dout, out, dx) are read or written through token(p); per-p
 [S, d] tensor is ever formed.
 
 forward   gate_up_kernel       h[p] = x[token(p)] @ w13[e]^T;
-                               a[p] = w[slot(p)] * silu(h_gate) * h_up
+                               a[p] = w[slot(p)] * SwiGLU(h_gate, h_up)
           scatter_rows_kernel  out[token(p)] += a[p] @ w2[e]^T                        (fp32)
 backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum(g * act[p]);
                                dh[p] = SwiGLU backward of w[slot(p)] * g at h[p];  a[p] again
@@ -18,9 +18,11 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 
-a is the activation act = silu(h_gate) * h_up already scaled by the routing weight, so that the
-down projection's combine and dw2 are plain products: no GEMM operand is scaled in registers (a
-scaled operand cannot go from shared memory straight to the tensor cores).
+SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU form (moeblaze.activation), whose
+three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET. a is the activation act =
+SwiGLU(h_gate, h_up) already scaled by the routing weight, so that the down projection's combine
+and dw2 are plain products: no GEMM operand is scaled in registers (a scaled operand cannot go
+from shared memory straight to the tensor cores).
 
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
 (`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
@@ -54,6 +56,7 @@ from kernelbase.gemm import (
     tma_descriptor,
     tma_supported,
 )
+from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.routing_plan import RoutingPlan
 
 
@@ -110,6 +113,9 @@ def gate_up_kernel(
     TOP_K: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_A: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -119,8 +125,8 @@ def gate_up_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = w[slot(p)] * silu(h_gate) * h_up
-    [S, F]."""
+    """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate, h_up)
+    [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET: `_swiglu`)."""
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
@@ -170,11 +176,28 @@ def gate_up_kernel(
             tl.store(h_ptrs, gate, mask=mask)
             tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
-            gate = gate.to(tl.float32)
-            act = gate * tl.sigmoid(gate) * up.to(tl.float32)
+            act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
             act *= w_row[:, None]
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
             tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu(gate, up, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr):
+    """moeblaze.activation.SwiGLU(ALPHA, LIMIT, UP_OFFSET) of the halves gate and up, in fp32:
+    returns (act, gate' * sig, sig = sigmoid(ALPHA * gate'), gate', up' + UP_OFFSET) with gate'
+    and up' the clamped halves. The constants are compile-time: plain SwiGLU (1.0, None, 0.0)
+    compiles to silu(gate) * up and nothing more."""
+    gate = gate.to(tl.float32)
+    if LIMIT is not None:  # clamps that keep NaN, as torch.clamp does
+        gate = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+        up = tl.clamp(up.to(tl.float32), -LIMIT, LIMIT, propagate_nan=tl.PropagateNan.ALL)
+    sig = tl.sigmoid(gate) if ALPHA == 1.0 else tl.sigmoid(ALPHA * gate)
+    glu = gate * sig
+    up = up.to(tl.float32)  # converted here, after the sigmoid: fewer registers live
+    if UP_OFFSET != 0.0:
+        up = up + UP_OFFSET
+    return glu * up, glu, sig, gate, up
 
 
 @triton.jit
@@ -195,11 +218,14 @@ def _grad_act_columns(
     stride_a,
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
 ):
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's shape), else a
-    pointer."""
+    pointer. ALPHA, LIMIT, UP_OFFSET: the SwiGLU (`_swiglu`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if H_TMA:
         # Rows past the tile's expert and gate columns past F read other values of h: those
@@ -210,9 +236,7 @@ def _grad_act_columns(
         h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    act = silu * up
+    act, glu, sig, gate_c, up_c = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
     if STORE_A:  # bit for bit the forward's a
         weighted = (act * w_row[:, None]).to(a_ptr.dtype.element_ty)
         tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], weighted, mask=mask)
@@ -220,8 +244,16 @@ def _grad_act_columns(
     act = act.to(a_ptr.dtype.element_ty)
     d_act = g * w_row[:, None]
     dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + cols[None, :]
-    tl.store(dh_ptrs + F, (d_act * silu).to(dh_ptr.dtype.element_ty), mask=mask)
-    d_gate = d_act * up * sig * (1.0 + gate * (1.0 - sig))
+    d_up = d_act * glu
+    if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
+        d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
+    tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+    if ALPHA == 1.0:
+        d_gate = d_act * up_c * sig * (1.0 + gate_c * (1.0 - sig))
+    else:
+        d_gate = d_act * up_c * sig * (1.0 + ALPHA * gate_c * (1.0 - sig))
+    if LIMIT is not None:
+        d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
     tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
     return tl.sum(tl.where(mask, g * act.to(tl.float32), 0.0), axis=1)
 
@@ -247,6 +279,9 @@ def _grad_act_slices(
     SPLIT: tl.constexpr,
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
 ):
     """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
     after another (halving recursively), so that a wide tile's temporaries need not all be
@@ -269,6 +304,9 @@ def _grad_act_slices(
             stride_a,
             STORE_A,
             H_TMA,
+            ALPHA,
+            LIMIT,
+            UP_OFFSET,
         )
     else:
         half: tl.constexpr = WIDTH // 2
@@ -294,6 +332,9 @@ def _grad_act_slices(
             SPLIT // 2,
             STORE_A,
             H_TMA,
+            ALPHA,
+            LIMIT,
+            UP_OFFSET,
         )
         dw += _grad_act_slices(
             right,
@@ -315,6 +356,9 @@ def _grad_act_slices(
             SPLIT // 2,
             STORE_A,
             H_TMA,
+            ALPHA,
+            LIMIT,
+            UP_OFFSET,
         )
     return dw
 
@@ -347,6 +391,9 @@ def grad_act_kernel(
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
     H_TMA: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -356,7 +403,8 @@ def grad_act_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Backward through the down projection, the routing weight and SwiGLU, in one epilogue.
+    """Backward through the down projection, the routing weight and SwiGLU (the constants
+    ALPHA, LIMIT, UP_OFFSET: `_swiglu`), in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
@@ -424,6 +472,9 @@ def grad_act_kernel(
             EPILOGUE_SPLIT,
             STORE_A,
             H_TMA,
+            ALPHA,
+            LIMIT,
+            UP_OFFSET,
         )
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
@@ -755,7 +806,17 @@ class TritonStages:
         # Many rows per expert amortise a taller tile; few rows waste less padding in a short one.
         return 128 if num_slots >= 512 * num_experts else 64
 
-    def gate_up(self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool):
+    def gate_up(
+        self,
+        x,
+        w13,
+        topk_weights,
+        plan: RoutingPlan,
+        *,
+        store_h: bool,
+        store_a: bool,
+        activation: SwiGLU = SWIGLU,
+    ):
         num_slots, d = plan.num_slots, x.shape[1]
         ffn = w13.shape[1] // 2
         h = alloc.empty(num_slots, 2 * ffn, dtype=x.dtype, device=x.device) if store_h else None
@@ -784,6 +845,7 @@ class TritonStages:
             TOP_K=plan.top_k,
             STORE_H=store_h,
             STORE_A=store_a,
+            **_activation_meta(activation),
             **w_meta,
             **launch_meta(cfg, x.dtype),
         )
@@ -796,7 +858,16 @@ class TritonStages:
         return self._scatter_rows(dh, w13, plan, deterministic)
 
     def grad_act(
-        self, dout, w2, h, topk_weights, plan: RoutingPlan, *, store_a: bool, overwrite_h=False
+        self,
+        dout,
+        w2,
+        h,
+        topk_weights,
+        plan: RoutingPlan,
+        *,
+        store_a: bool,
+        overwrite_h=False,
+        activation: SwiGLU = SWIGLU,
     ):
         num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
         if overwrite_h:  # each program reads its h elements before it writes theirs of dh
@@ -835,6 +906,7 @@ class TritonStages:
             STORE_A=store_a,
             EPILOGUE_SPLIT=split,
             H_TMA=h_desc is not None,
+            **_activation_meta(activation),
             **w_meta,
             **launch_meta(cfg, dout.dtype),
         )
@@ -967,6 +1039,12 @@ class TritonStages:
             plan.tile_row_start,
             plan.num_tiles,
         )
+
+
+def _activation_meta(activation: SwiGLU) -> dict:
+    """The SwiGLU's constexprs of gate_up_kernel and grad_act_kernel."""
+    alpha, limit, up_offset = activation.constants
+    return dict(ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset)
 
 
 TRITON_STAGES = TritonStages()

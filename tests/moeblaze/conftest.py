@@ -11,6 +11,10 @@ import torch
 
 import moeblaze
 from kernelbase import alloc
+from kernelbase.backend import backend_for
+from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.ops import STAGES
+from moeblaze.reference import TORCH_STAGES
 
 # What `MoEProblem.run` returns, in order.
 OUTPUT_NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -31,6 +35,16 @@ def torch_stages():
     """Run moeblaze on its torch (non-Triton) backend."""
     with moeblaze.use_backend("torch"):
         yield
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def path(request):
+    """'kernels': Triton under the interpreter; 'torch': the torch stages."""
+    if request.param == "torch":
+        request.getfixturevalue("torch_stages")
+    expected = TORCH_STAGES if request.param == "torch" else TRITON_STAGES
+    assert STAGES[backend_for(torch.device("cpu"))] is expected
+    return request.param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +83,16 @@ class MoEProblem:
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves]
         return [out.detach(), *grads]
 
-    def reference(self):
+    def reference(self, **kwargs):
         """The float64 oracle: moeblaze.moe_mlp_reference run on float64 copies."""
         return self.run(
-            moeblaze.moe_mlp_reference, dtype=torch.float64, weights_dtype=torch.float64
+            moeblaze.moe_mlp_reference, dtype=torch.float64, weights_dtype=torch.float64, **kwargs
         )
 
-    def torch_bf16(self):
+    def torch_bf16(self, **kwargs):
         """Plain PyTorch in bf16 (float32 routing weights, as the Router returns them)."""
         return self.run(
-            moeblaze.moe_mlp_reference, dtype=torch.bfloat16, weights_dtype=torch.float32
+            moeblaze.moe_mlp_reference, dtype=torch.bfloat16, weights_dtype=torch.float32, **kwargs
         )
 
 

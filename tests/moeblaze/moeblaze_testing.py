@@ -6,8 +6,35 @@
 import math
 
 import torch
+from tolerance import assert_close
 
 from moeblaze.routing_plan import max_tiles, plan_numel
+
+NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
+
+# float32 against the float64 oracle. Measured errors are 1e-7..7e-7 (fp32 eps is 1.2e-7; the
+# worst is dtopk_weights at T=1, a single short dot product). 1e-5 leaves >10x margin for
+# longer reductions and other summation orders, while one wrong or missing row of a [37, 48]
+# output already gives a relative error above 1e-2.
+RTOL_FP32 = 1e-5
+
+# bfloat16, measured against plain PyTorch in bf16. The Triton 3.9 CPU interpreter rounds
+# float32 -> bfloat16 by truncation (round toward zero), not to nearest: every rounding shrinks
+# magnitudes by 2**-9 on average, the biases of the roundings on a path add up, and the kernels'
+# bf16 results carry 2-3.5x the error of PyTorch's round-to-nearest (measured: up to 3.4x, on
+# dw2). Hence factor 4 under the interpreter. The torch stages round to nearest, like the GPU
+# (tests/moeblaze/test_gpu.py): factor 2, the bound of the design brief.
+BF16_FACTOR_INTERPRETER = 4
+BF16_FACTOR = 2
+
+# (T, d, F, E, k): a small problem whose sizes are no multiple of any block.
+SMALL = (21, 40, 24, 5, 2)
+
+
+def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
+    for name, a, e in zip(NAMES, actual, expected, strict=True):
+        assert a.shape == e.shape, f"{what}{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert_close(a, e, rtol=rtol, name=f"{what}{name}")
 
 
 def check_plan(plan, topk_ids, num_experts, block_m):

@@ -46,6 +46,18 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     assert {(r["kernel"], r["tma"]) for r in gemms} == {
         (kernel, tma) for kernel in GEMM_KERNELS for tma in (True, False)
     }
+    # The SwiGLU epilogues are built plain and clamped (GPT-OSS), at both tile heights.
+    clamped = {
+        (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
+        for r in reports
+        if r["swiglu"] is not None and r["swiglu"][1] is not None
+    }
+    assert clamped == {
+        (kernel, block_m, tma)
+        for kernel in ("gate_up_kernel", "grad_act_kernel")
+        for block_m in (64, 128)
+        for tma in (True, False)
+    }, reports
 
 
 def test_kernels_compile_for_ampere():

@@ -11,35 +11,27 @@ import weakref
 
 import pytest
 import torch
+from moeblaze_testing import (
+    BF16_FACTOR,
+    BF16_FACTOR_INTERPRETER,
+    NAMES,
+    RTOL_FP32,
+    SMALL,
+    assert_matches_reference,
+)
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
 from kernelbase import alloc
 from kernelbase.backend import backend_for
 from kernelbase.gemm import GemmConfig
+from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.kernels.expert_mlp import _INTERPRETER, TRITON_STAGES, TritonStages
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan, plan_numel
 
 POLICIES = moeblaze.RECOMPUTE_POLICIES
-NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
-
-# float32 against the float64 oracle. Measured errors are 1e-7..7e-7 (fp32 eps is 1.2e-7; the
-# worst is dtopk_weights at T=1, a single short dot product). 1e-5 leaves >10x margin for
-# longer reductions and other summation orders, while one wrong or missing row of a [37, 48]
-# output already gives a relative error above 1e-2.
-RTOL_FP32 = 1e-5
-
-# bfloat16, measured against plain PyTorch in bf16. The Triton 3.9 CPU interpreter rounds
-# float32 -> bfloat16 by truncation (round toward zero), not to nearest: every rounding shrinks
-# magnitudes by 2**-9 on average, the biases of the roundings on a path add up, and the kernels'
-# bf16 results carry 2-3.5x the error of PyTorch's round-to-nearest (measured: up to 3.4x, on
-# dw2). Hence factor 4 under the interpreter. The torch stages round to nearest, like the GPU
-# (tests/moeblaze/test_gpu.py): factor 2, the bound of the design brief.
-BF16_FACTOR_INTERPRETER = 4
-BF16_FACTOR = 2
-
 # (T, d, F, E, k, routing). d, F and T are not multiples of any block (16 / 32 under the
 # interpreter) where it matters.
 SHAPES = {
@@ -59,20 +51,9 @@ SHAPES = {
     # h's rows can be described (48 bytes) but its up half starts 24 bytes in: h by pointers.
     "F6": (13, 16, 6, 3, 2, "random"),
 }
-SMALL = (21, 40, 24, 5, 2)
+# GPT-OSS's SwiGLU with a limit that clamps a good part of the N(0, 1) pre-activations.
+GPT_OSS_SMALL = SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0)
 SMALL_K1 = (21, 40, 24, 5, 1)
-
-PATHS = ["kernels", "torch"]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """'kernels': Triton under the interpreter; 'torch': the torch stages."""
-    if request.param == "torch":
-        request.getfixturevalue("torch_stages")
-    expected = TORCH_STAGES if request.param == "torch" else TRITON_STAGES
-    assert STAGES[backend_for(torch.device("cpu"))] is expected
-    return request.param
 
 
 def test_outputs_are_poisoned():
@@ -80,12 +61,6 @@ def test_outputs_are_poisoned():
     assert alloc.poison
     assert torch.isnan(alloc.empty(3, 5, dtype=torch.float32, device="cpu")).all()
     assert (alloc.empty(4, dtype=torch.int32, device="cpu") == -(2**30)).all()
-
-
-def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
-    for name, a, e in zip(NAMES, actual, expected, strict=True):
-        assert a.shape == e.shape, f"{what}{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        assert_close(a, e, rtol=rtol, name=f"{what}{name}")
 
 
 def assert_empty_experts_get_zero_grads(problem, dw13, dw2):
@@ -161,10 +136,13 @@ def test_weight_gradients_read_no_other_experts_rows(tma, monkeypatch):
 # Writing dh over h, the lanes a program masks may read another tile's dh (larger than h here)
 # as a pre-activation: the interpreter's numpy warns when their sigmoid overflows.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("activation", [SWIGLU, GPT_OSS_SMALL], ids=["swiglu", "gpt-oss"])
 @pytest.mark.parametrize("overwrite_h", [False, True], ids=["dh-new", "dh-over-h"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stages", [TRITON_STAGES, TORCH_STAGES], ids=["kernels", "torch"])
-def test_weighted_activation_is_the_same_in_forward_and_backward(stages, dtype, overwrite_h):
+def test_weighted_activation_is_the_same_in_forward_and_backward(
+    stages, dtype, overwrite_h, activation
+):
     # a = w * SwiGLU(h), rounded once: gate_up (forward) and grad_act (backward, recomputing it
     # from h) give the same bits, and it is what the reference computes; also when grad_act
     # writes dh over h (recompute="up_proj"), and then dh is the same as in a new tensor.
@@ -174,19 +152,22 @@ def test_weighted_activation_is_the_same_in_forward_and_backward(stages, dtype, 
     topk_ids = torch.randint(0, E, (T, k))
     topk_weights = torch.rand(T, k)
     plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
-    h, a = stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True)
+    swiglu = dict(activation=activation)
+    h, a = stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True, **swiglu)
     h_read = h.clone()
     dh, _, a_again = stages.grad_act(
-        dout, w2, h, topk_weights, plan, store_a=True, overwrite_h=overwrite_h
+        dout, w2, h, topk_weights, plan, store_a=True, overwrite_h=overwrite_h, **swiglu
     )
     assert torch.equal(a_again, a)
     assert (dh.data_ptr() == h.data_ptr()) == overwrite_h
     if overwrite_h:
-        dh_new, _, _ = stages.grad_act(dout, w2, h_read, topk_weights, plan, store_a=False)
+        dh_new, _, _ = stages.grad_act(
+            dout, w2, h_read, topk_weights, plan, store_a=False, **swiglu
+        )
         assert torch.equal(dh, dh_new)
     slots = plan.sorted_slots.long()
     gate, up = h_read.double().chunk(2, dim=1)
-    expected = torch.nn.functional.silu(gate) * up * topk_weights.reshape(-1)[slots, None]
+    expected = activation.forward(gate, up) * topk_weights.reshape(-1)[slots, None]
     # bf16: one rounding (by truncation under the interpreter: up to 2**-8 relative).
     assert_close(a, expected, rtol=RTOL_FP32 if dtype == torch.float32 else 2**-7, name="a")
 
@@ -333,7 +314,7 @@ def test_bytes_kept_for_backward(dtype, make_problem):
     elsize = problem.x.element_size()
     policy_bytes = {"activation": S * 2 * F * elsize, "none": S * 3 * F * elsize, "up_proj": 0}
     kept = {}
-    for path in PATHS:
+    for path in ("kernels", "torch"):
         with moeblaze.use_backend("torch" if path == "torch" else None):
             block_m = STAGES[backend_for(problem.x.device)].block_m(S, E)
             plan_bytes = plan_numel(S, E, block_m) * 4
@@ -469,16 +450,19 @@ def test_opcheck(make_problem):
     plan_args = (problem.topk_ids, 4, 16, backend, None)
     torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
     plan = torch.ops.moeblaze.routing_plan(*plan_args)
-    for policy in POLICIES:
+    # Each policy with another SwiGLU: the limit is a float or None in the ops' schemas.
+    activations = (SwiGLU(), SwiGLU(limit=0.5), SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0))
+    for policy, activation in zip(POLICIES, activations, strict=True):
         x, weights, w13, w2 = problem.leaves()
         saved = Saved.of(policy, backward=True)
-        args = (x, weights, w13, w2, plan, 16, saved.h, saved.a, False, backend)
+        swiglu = activation.constants
+        args = (x, weights, w13, w2, plan, 16, saved.h, saved.a, False, backend, *swiglu)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_forward.default, args)
         _, h, a = torch.ops.moeblaze.moe_mlp_forward(*args)
         # The backward ops have no derivatives of their own (once_differentiable).
         x, weights, w13, w2 = (t.detach() for t in (x, weights, w13, w2))
         dout = problem.dout
-        args = (dout, x, weights, w13, w2, plan, h, 16, saved.h, saved.a, backend)
+        args = (dout, x, weights, w13, w2, plan, h, 16, saved.h, saved.a, backend, *swiglu)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_grad_act.default, args)
         dh, _, a_computed = torch.ops.moeblaze.moe_mlp_grad_act(*args)
         a = a if saved.a else a_computed

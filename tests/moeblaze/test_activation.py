@@ -1,0 +1,164 @@
+"""The experts' SwiGLU (moeblaze.activation): its torch forward and backward against autograd,
+the kernels' epilogues against them at the clamp, and moe_mlp with the clamped and quick-GELU
+forms against the float64 reference on both paths (Triton under the interpreter, torch).
+
+# T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
+"""
+
+import math
+
+import pytest
+import torch
+from moeblaze_testing import (
+    BF16_FACTOR,
+    BF16_FACTOR_INTERPRETER,
+    NAMES,
+    SMALL,
+    assert_matches_reference,
+)
+from tolerance import assert_bf16_close, assert_close
+
+import moeblaze
+from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.reference import TORCH_STAGES
+from moeblaze.routing_plan import build_routing_plan
+
+# Limits far below the real models' (DeepSeek-V4 10, GPT-OSS 7), so that a good part of the
+# N(0, 1) pre-activations of the test problems is clamped.
+ACTIVATIONS = {
+    "deepseek-v4": SwiGLU(limit=0.5),
+    "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0),
+    "quick-gelu": SwiGLU(alpha=1.702),
+}
+CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
+
+
+def test_defaults_and_repr():
+    assert SwiGLU() == SWIGLU and SWIGLU.constants == (1.0, None, 0.0)
+    assert repr(SWIGLU) == "SwiGLU()"
+    gpt_oss = SwiGLU(alpha=1.702, limit=7, up_offset=1)
+    assert gpt_oss.constants == (1.702, 7.0, 1.0)
+    assert all(type(c) is float for c in gpt_oss.constants)  # one compiled variant per value
+    assert repr(gpt_oss) == "SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(alpha=0.0), ValueError, r"alpha=0.0 must be > 0"),
+        (dict(alpha=math.inf), ValueError, r"alpha=inf must be finite"),
+        (dict(alpha="1"), TypeError, r"alpha must be a number, got '1'"),
+        (dict(alpha=True), TypeError, r"alpha must be a number, got True"),
+        (dict(limit=0), ValueError, r"limit=0 must be a finite number > 0"),
+        (dict(limit=-7.0), ValueError, r"limit=-7.0 must be a finite number > 0"),
+        (dict(limit=math.nan), ValueError, r"limit=nan must be a finite number > 0"),
+        (dict(limit="7"), TypeError, r"limit must be a number or None, got '7'"),
+        (dict(up_offset=math.nan), ValueError, r"up_offset=nan must be finite"),
+    ],
+)
+def test_bad_values_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SwiGLU(**kwargs)
+
+
+def test_moe_mlp_names_a_wrong_activation(make_problem):
+    problem = make_problem(*SMALL)
+    with pytest.raises(TypeError, match=r"activation must be a moeblaze.SwiGLU, got 'gelu'"):
+        problem.run(activation="gelu")
+
+
+def _halves_around_the_limit(limit: float, n: int = 64):
+    """float64 gate and up [4, n]: random values, and values at, just inside and just past
+    +-limit (where the clamps start and their gradients stop)."""
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([limit, -limit, limit * (1 - 1e-6), limit * (1 + 1e-6), 3 * limit])
+    edges = torch.cat([edges, -edges]).double()
+    gate = torch.randn(4, n, generator=g, dtype=torch.float64) * limit
+    up = torch.randn(4, n, generator=g, dtype=torch.float64) * limit
+    gate[0, : edges.numel()], up[1, : edges.numel()] = edges, edges
+    gate[2, : edges.numel()], up[2, : edges.numel()] = edges, edges.flip(0)
+    return gate, up
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_backward_is_the_gradient_of_forward(name):
+    # SwiGLU.backward (what the torch stages and, in Triton, grad_act's epilogue compute) is
+    # autograd's gradient of the forward, also exactly at the clamp: torch.clamp passes the
+    # gradient at the limit and stops it past the limit.
+    activation = ACTIVATIONS[name]
+    gate, up = _halves_around_the_limit(activation.limit or 2.0)
+    gate.requires_grad_()
+    up.requires_grad_()
+    d_act = torch.randn(gate.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(activation.forward(gate, up), (gate, up), d_act)
+    actual = activation.backward(gate.detach(), up.detach(), d_act)
+    for what, a, e in zip(("d_gate", "d_up"), actual, expected, strict=True):
+        assert_close(a, e, rtol=1e-12, name=what)
+    if activation.limit is not None:  # the clamps did stop some gradients
+        assert (actual[0] == 0).sum() >= 4 and (actual[1] == 0).sum() >= 4
+
+
+def test_forward_is_the_written_out_activation():
+    gate, up = _halves_around_the_limit(7.0)
+    assert torch.equal(SWIGLU.forward(gate, up), gate * torch.sigmoid(gate) * up)
+    gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)  # transformers' GptOssExperts
+    g, u = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+    expected = g * torch.sigmoid(1.702 * g) * (u + 1)
+    assert_close(gpt_oss.forward(gate, up), expected, rtol=1e-15, name="act")
+    nan = torch.tensor([math.nan])
+    assert gpt_oss.forward(nan, torch.ones(1)).isnan().all()  # a clamp keeps NaN
+    assert gpt_oss.forward(torch.ones(1), nan).isnan().all()
+
+
+@pytest.mark.parametrize("name", CLAMPED)
+def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name):
+    # grad_act's epilogue (Triton) and the torch stage on the same h, whose halves hold values
+    # at and around +-limit: the same dh, a and routing-weight gradient.
+    activation = ACTIVATIONS[name]
+    T, d, F, E, k = 6, 16, 24, 2, 2  # S = 12 rows of h, F columns per half
+    g = torch.Generator().manual_seed(1)
+    topk_ids = torch.tensor([[0, 1]] * T)
+    topk_weights = torch.rand(T, k, generator=g)
+    dout, w2 = torch.randn(T, d, generator=g), torch.randn(E, d, F, generator=g) / F**0.5
+    gate, up = _halves_around_the_limit(activation.limit, n=F)
+    rows = [torch.cat(halves, 1) for halves in ((gate, up), (up, gate), (gate.flip(1), up))]
+    h = torch.cat(rows).float()  # [S, 2F]
+    results = []
+    for stages in (TRITON_STAGES, TORCH_STAGES):
+        plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
+        results.append(
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=activation)
+        )
+    for what, a, e in zip(("dh", "dtopk_weights", "a"), *results, strict=True):
+        assert_close(a, e, rtol=1e-6, name=what)
+
+
+def _clamped_fraction(problem, limit: float) -> float:
+    """The fraction of gate values of all (token, expert) pairs above `limit`."""
+    ffn = problem.w13.shape[1] // 2
+    pre = torch.einsum("td,efd->tef", problem.x.double(), problem.w13.double()[:, :ffn])
+    return (pre > limit).double().mean().item()
+
+
+@pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_moe_mlp_matches_reference(name, policy, path, make_problem):
+    activation = ACTIVATIONS[name]
+    problem = make_problem(*SMALL, seed=21)
+    if activation.limit is not None:
+        assert _clamped_fraction(problem, activation.limit) > 0.2
+    actual = problem.run(recompute=policy, activation=activation)
+    assert_matches_reference(actual, problem.reference(activation=activation))
+
+
+@pytest.mark.parametrize("name", ["gpt-oss"])
+def test_bfloat16(name, path, make_problem):
+    activation = ACTIVATIONS[name]
+    problem = make_problem(*SMALL, dtype=torch.bfloat16, seed=22)
+    actual = problem.run(activation=activation)
+    expected = problem.reference(activation=activation)
+    baseline = problem.torch_bf16(activation=activation)
+    factor = BF16_FACTOR_INTERPRETER if path == "kernels" else BF16_FACTOR
+    for what, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        assert_bf16_close(a, e, b, factor=factor, name=what)
