@@ -10,13 +10,15 @@
 
 The kernels take the three numbers as compile-time constants (moeblaze.kernels.expert_mlp), so
 plain SwiGLU builds exactly the code it always did. `forward` and `backward` here are the same
-computation in torch, what the torch backend runs (moeblaze.reference.TorchStages).
+computation in torch, what the torch backend (moeblaze.reference.TorchStages), the oracle
+(moe_mlp_reference) and the dense SwiGLUMLP run.
 """
 
 import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +56,11 @@ class SwiGLU:
             object.__setattr__(self, "limit", float(self.limit))
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """act from the two halves of the pre-activation (computed in their dtype)."""
+        """act from the two halves of the pre-activation, in their dtype (differentiable;
+        plain SwiGLU is exactly `F.silu(gate) * up`)."""
         gate, up = self._clamp(gate, up)
-        return gate * torch.sigmoid(self.alpha * gate) * (up + self.up_offset)
+        glu = F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
+        return glu * (up + self.up_offset if self.up_offset else up)
 
     def backward(self, gate: torch.Tensor, up: torch.Tensor, d_act: torch.Tensor):
         """(d_gate, d_up) from the pre-activation halves and the gradient of act (fp32)."""

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernelbase.profiling import profile_range
+from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.layers import MoEBlock, MoELayer, check_router_options
 from moeblaze.ops import moe_mlp
 from moeblaze.router import RouterOutput
@@ -189,6 +190,7 @@ def expert_parallel_mlp(
     recompute: str = "activation",
     deterministic: bool = False,
     recompute_dispatch: bool = True,
+    activation: SwiGLU = SWIGLU,
 ) -> torch.Tensor:
     """`moeblaze.moe_mlp` with the E = W * E_l experts sharded over the W ranks of `group`.
 
@@ -202,7 +204,8 @@ def expert_parallel_mlp(
         w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
         w2: [E_l, d, F].
         group: the expert-parallel process group (default: the default group).
-        recompute, deterministic: passed to `moeblaze.moe_mlp` for the local experts. With
+        recompute, deterministic, activation: passed to `moeblaze.moe_mlp` for the local
+            experts. With
             k = 1 there, `deterministic` changes nothing; the sums of this function (the k rows
             of a token, in out and in dx) run in a fixed order, without atomics.
         recompute_dispatch: True (default): backward runs the dispatch all-to-all of x again
@@ -230,7 +233,14 @@ def expert_parallel_mlp(
     )
     with keep, profile_range("moeblaze.ep.experts"):
         expert_out = moe_mlp(
-            rows, local_ids, weights, w13, w2, recompute=recompute, deterministic=deterministic
+            rows,
+            local_ids,
+            weights,
+            w13,
+            w2,
+            recompute=recompute,
+            deterministic=deterministic,
+            activation=activation,
         )  # [R, d], weighted
     del rows  # freed before the combine's receive buffer is allocated (unless kept for backward)
     return _Combine.apply(expert_out, token_of_row, row_of_slot, exchange)  # [T, d]
@@ -260,6 +270,7 @@ class ExpertParallelMoELayer(MoEBlock):
         deterministic: bool = False,
         recompute_dispatch: bool = True,
         shared_expert_size: int | None = None,
+        activation: SwiGLU = SWIGLU,
         device=None,
         dtype=None,
         **router_options,
@@ -284,6 +295,7 @@ class ExpertParallelMoELayer(MoEBlock):
             device=device,
             dtype=dtype,
             router_options=router_options,
+            activation=activation,
         )
         self.group, self.world_size, self.rank = group, world_size, rank
         self.experts = slice(rank * num_local, (rank + 1) * num_local)  # global ids
@@ -327,6 +339,7 @@ class ExpertParallelMoELayer(MoEBlock):
             recompute=layer.recompute,
             deterministic=layer.deterministic,
             recompute_dispatch=recompute_dispatch,
+            activation=layer.activation,
             device="meta",
             dtype=layer.w13.dtype,
         )
@@ -347,6 +360,7 @@ class ExpertParallelMoELayer(MoEBlock):
             recompute=self.recompute,
             deterministic=self.deterministic,
             recompute_dispatch=self.recompute_dispatch,
+            activation=self.activation,
         )
 
     def extra_repr(self) -> str:

@@ -14,9 +14,9 @@ import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 
@@ -41,11 +41,14 @@ class MoEBlock(nn.Module):
         device,
         dtype,
         router_options: dict,
+        activation: SwiGLU = SWIGLU,
     ):
         super().__init__()
         if ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
         check_recompute(recompute)
+        if not isinstance(activation, SwiGLU):
+            raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         factory = dict(device=device, dtype=dtype)
@@ -57,11 +60,14 @@ class MoEBlock(nn.Module):
             torch.empty(num_local_experts, hidden_size, ffn_hidden_size, **factory)
         )
         self.shared_expert = (
-            SwiGLUMLP(hidden_size, shared_expert_size, **factory) if shared_expert_size else None
+            SwiGLUMLP(hidden_size, shared_expert_size, activation=activation, **factory)
+            if shared_expert_size
+            else None
         )
         self.hidden_size = hidden_size
         self.recompute = recompute
         self.deterministic = deterministic
+        self.activation = activation
         self.last_router_output: RouterOutput | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +98,9 @@ class MoELayer(MoEBlock):
     Other keyword arguments are router options (`score_func`, `norm_topk_prob`,
     `topk_scaling_factor`, `num_groups`, `topk_groups`, `expert_bias`, `aux_loss_coeff`,
     `z_loss_coeff`): they go to `moeblaze.Router`, which documents and checks them; `recompute`
-    and `deterministic` to `moeblaze.moe_mlp`. `shared_expert_size` adds a dense SwiGLU MLP of
-    that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
+    and `deterministic` to `moeblaze.moe_mlp`, and `activation` (a `moeblaze.SwiGLU`: plain,
+    clamped as in DeepSeek-V4, or GPT-OSS's) to it and to the shared expert. `shared_expert_size`
+    adds a dense SwiGLU MLP of that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
     `last_router_output` holds the router's `RouterOutput` (aux losses and tokens per expert,
     for logging).
     """
@@ -108,6 +115,7 @@ class MoELayer(MoEBlock):
         recompute: str = "activation",
         deterministic: bool = False,
         shared_expert_size: int | None = None,
+        activation: SwiGLU = SWIGLU,
         device=None,
         dtype=None,
         **router_options,
@@ -125,6 +133,7 @@ class MoELayer(MoEBlock):
             device=device,
             dtype=dtype,
             router_options=router_options,
+            activation=activation,
         )
         self.reset_parameters()
 
@@ -143,6 +152,7 @@ class MoELayer(MoEBlock):
             self.w2,
             recompute=self.recompute,
             deterministic=self.deterministic,
+            activation=self.activation,
         )
 
 
@@ -166,10 +176,21 @@ def check_router_options(options: dict, layer: type) -> None:
 
 
 class SwiGLUMLP(nn.Module):
-    """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix."""
+    """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix;
+    `activation` (a `moeblaze.SwiGLU`) replaces silu(gate) * up by its clamped or quick-GELU
+    form."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        device=None,
+        dtype=None,
+        *,
+        activation: SwiGLU = SWIGLU,
+    ):
         super().__init__()
+        self.activation = activation
         self.gate_up = nn.Linear(
             hidden_size, 2 * ffn_hidden_size, bias=False, device=device, dtype=dtype
         )
@@ -177,4 +198,4 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.activation.forward(gate, up))

@@ -34,20 +34,15 @@ def moe_mlp_reference(
     activation: SwiGLU = SWIGLU,
 ) -> torch.Tensor:  # [T, d]
     """out[t] = sum_j topk_weights[t, j] * w2[e] @ act(w13[e] @ x[t]), e = topk_ids[t, j], with
-    act the SwiGLU `activation` of the gate and up halves, written out with torch ops (so that
-    autograd differentiates it: an oracle independent of SwiGLU.backward)."""
+    act the SwiGLU `activation` of the gate and up halves (differentiated by autograd: an
+    oracle independent of SwiGLU.backward)."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
         gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-        if activation.limit is not None:
-            gate = gate.clamp(max=activation.limit)
-            up = up.clamp(-activation.limit, activation.limit)
-        alpha, up_offset = activation.alpha, activation.up_offset
-        glu = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(alpha * gate)
-        y = F.linear(glu * (up + up_offset if up_offset else up), w2[e])  # [n_e, d]
+        y = F.linear(activation.forward(gate, up), w2[e])  # [n_e, d]
         out = out.index_add(0, token, y * topk_weights[token, choice, None].to(y.dtype))
     return out
 

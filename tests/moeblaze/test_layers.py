@@ -15,7 +15,9 @@ import moeblaze
 from moeblaze import MoELayer, RouterOutput
 
 B, L, D, FFN, E, K, SHARED = 2, 7, 24, 16, 6, 2, 12
-RTOL = 1e-5  # float32 layer against the float64 experts (see test_moe_mlp.RTOL_FP32)
+RTOL = 1e-5  # float32 layer against the float64 experts (see moeblaze_testing.RTOL_FP32)
+# GPT-OSS's SwiGLU with a limit that clamps part of this layer's pre-activations (std ~0.6).
+GPT_OSS = moeblaze.SwiGLU(alpha=1.702, limit=0.3, up_offset=1.0)
 
 
 def _layer(seed=0, **kwargs):
@@ -33,12 +35,18 @@ def _hand_composition(layer, x):
         routing.topk_weights.double(),
         layer.w13.double(),
         layer.w2.double(),
+        activation=layer.activation,
     )
     if layer.shared_expert is not None:
         gate, up = F.linear(tokens.double(), layer.shared_expert.gate_up.weight.double()).chunk(
             2, -1
         )
-        out = out + F.linear(F.silu(gate) * up, layer.shared_expert.down.weight.double())
+        if layer.activation.limit is not None:  # GPT_OSS below: its SwiGLU written out
+            gate, up = gate.clamp(max=GPT_OSS.limit), up.clamp(-GPT_OSS.limit, GPT_OSS.limit)
+            act = gate * torch.sigmoid(GPT_OSS.alpha * gate) * (up + GPT_OSS.up_offset)
+        else:
+            act = F.silu(gate) * up
+        out = out + F.linear(act, layer.shared_expert.down.weight.double())
     return out.view(x.shape)
 
 
@@ -53,10 +61,13 @@ def _step(fn, layer, x, dout):
     return [out.detach(), x.grad, *grads]
 
 
+@pytest.mark.parametrize("activation", [None, GPT_OSS], ids=["swiglu", "gpt-oss"])
 @pytest.mark.parametrize("shared", [None, SHARED], ids=["routed_only", "shared_expert"])
 @pytest.mark.parametrize("recompute", ["activation", "up_proj"])
-def test_layer_matches_hand_composition(shared, recompute):
-    layer = _layer(shared_expert_size=shared, recompute=recompute)
+def test_layer_matches_hand_composition(shared, recompute, activation):
+    # The SwiGLU reaches the routed experts and the shared expert.
+    options = {} if activation is None else dict(activation=activation)
+    layer = _layer(shared_expert_size=shared, recompute=recompute, **options)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, L, D, generator=g)
     dout = torch.randn(B, L, D, generator=g)
@@ -147,13 +158,14 @@ def test_any_leading_shape():
         (dict(recompute="bogus"), "recompute must be one of"),
         (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
+        (dict(activation="silu"), "activation must be a moeblaze.SwiGLU, got 'silu'"),
     ],
-    ids=["ffn0", "recompute", "shared0", "k>E"],
+    ids=["ffn0", "recompute", "shared0", "k>E", "activation"],
 )
 def test_bad_options(kwargs, match):
     args = dict(hidden_size=D, ffn_hidden_size=FFN, num_experts=E, top_k=K)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         MoELayer(
             args.pop("hidden_size"),
             args.pop("ffn_hidden_size"),
