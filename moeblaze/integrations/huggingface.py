@@ -27,11 +27,13 @@ default, so the policy is chosen per model, with no global state:
 The experts' own parameters are used as they are, with no conversion and no copy per call:
 `gate_up_proj [E, 2F, d]` (gate rows, then up rows) is `w13` and `down_proj [E, d, F]` is `w2`;
 families that store them transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are
-passed as transposed views, which the kernels read through their strides. Experts that compute
-anything but `down(silu(gate(x)) * up(x))` raise `NotImplementedError` naming the experts class,
-its model family and what moeblaze lacks: interleaved gate/up columns, biases, no gate
-(`up_proj` only), another activation, a custom `_apply_gate` (GPT-OSS's clamped SwiGLU,
-DeepSeek-V4's clamp), a post-expert norm.
+passed as transposed views, which the kernels read through their strides. The activation is
+`act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a `moeblaze.SwiGLU`
+(`CUSTOM_GATES`: DeepSeek-V4's clamped SwiGLU; GPT-OSS's, whose experts also need what is
+missing below), checked against the class's own `_apply_gate` before first use. Experts that
+compute anything else raise `NotImplementedError` naming the experts class, its model family and
+what moeblaze lacks: interleaved gate/up columns, biases, no gate (`up_proj` only), another
+activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they are sent to expert E-1 with weight 0 (computed and discarded, as
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 import moeblaze
+from moeblaze.activation import SWIGLU, SwiGLU
 
 try:
     from transformers.activations import SiLUActivation
@@ -77,13 +80,20 @@ def moeblaze_experts_forward(
     function is what its `forward` calls once "moeblaze" is its experts implementation.
     """
     w13, w2 = expert_weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
+    activation, _ = _swiglu_of(experts)  # checked by expert_weights
     if getattr(experts, "_is_expert_parallel", False):
         off_rank = top_k_index >= w13.shape[0]  # [T, k] slots of another rank's experts
         top_k_index = top_k_index.clamp(max=w13.shape[0] - 1)
         top_k_weights = top_k_weights.masked_fill(off_rank, 0.0)
     # Under autocast the input may be float32 while the weights are bf16, as in "grouped_mm".
     out = moeblaze.moe_mlp(
-        hidden_states.to(w13.dtype), top_k_index, top_k_weights, w13, w2, recompute=recompute
+        hidden_states.to(w13.dtype),
+        top_k_index,
+        top_k_weights,
+        w13,
+        w2,
+        recompute=recompute,
+        activation=activation,
     )
     return out.to(hidden_states.dtype)
 
@@ -100,7 +110,7 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         family = cls.__module__.removeprefix("transformers.models.").split(".")[0]
         raise NotImplementedError(
             f"experts_implementation='moeblaze' cannot run {cls.__name__} (model family "
-            f"{family!r}): moeblaze computes down(silu(gate(x)) * up(x)) with gate_up_proj "
+            f"{family!r}): moeblaze computes down(SwiGLU(gate(x), up(x))) with gate_up_proj "
             f"[E, 2F, d] (gate rows, then up rows) and down_proj [E, d, F], but these experts "
             f"have {'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' "
             f"for this model."
@@ -130,17 +140,63 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
         missing.append("biases (has_bias=True: gate_up_proj_bias, down_proj_bias)")
     if getattr(experts, "has_post_expert_norm", False):
         missing.append("a norm after each expert (has_post_expert_norm=True)")
-    # A transformers without this default would make every gate "custom": loud, never wrong.
-    if cls._apply_gate is not getattr(hf_moe, "_default_apply_gate", None):
-        missing.append(
-            f"their own gate activation {cls.__name__}._apply_gate (for example a clamped "
-            f"or soft-capped SwiGLU) instead of act_fn(gate) * up"
-        )
-    else:
-        act = getattr(experts, "act_fn", None)
-        if not (isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu):
-            missing.append(f"the activation {act!r} where moeblaze computes SiLU")
+    _, problem = _swiglu_of(experts)
+    if problem:
+        missing.append(problem)
     return missing
+
+
+# Experts classes with their own `_apply_gate` that is a moeblaze.SwiGLU, and how to read its
+# numbers from the module. Before first use, the SwiGLU is checked against `_apply_gate` itself
+# (`_computes`), so a class that changes its gate in a later transformers is refused, not
+# computed wrong.
+CUSTOM_GATES = {
+    # clamp, then act_fn(gate) * up
+    "DeepseekV4Experts": lambda experts: SwiGLU(limit=experts.limit),
+    # clamp, then gate * sigmoid(alpha * gate) * (up + 1)
+    "GptOssExperts": lambda e: SwiGLU(alpha=e.alpha, limit=e.limit, up_offset=1.0),
+}
+
+
+def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
+    """(the SwiGLU the experts compute, None), or (None, what they compute instead)."""
+    cls = type(experts)
+    act = getattr(experts, "act_fn", None)
+    # A transformers without this default would make every gate "custom": loud, never wrong.
+    if cls._apply_gate is getattr(hf_moe, "_default_apply_gate", None):
+        if isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu:
+            return SWIGLU, None
+        return None, f"the activation {act!r} where moeblaze computes SiLU"
+    read = CUSTOM_GATES.get(cls.__name__)
+    activation = read(experts) if read is not None else None
+    concatenated = experts.is_concatenated
+    if activation is not None and _computes(cls, cls._apply_gate, act, activation, concatenated):
+        return activation, None
+    known = f" (not {activation!r} as expected)" if activation is not None else ""
+    return None, (
+        f"their own gate activation {cls.__name__}._apply_gate{known}, which no "
+        f"moeblaze.SwiGLU computes (for example a soft-capped SwiGLU)"
+    )
+
+
+@functools.cache
+def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU, concatenated: bool) -> bool:
+    """Whether `apply_gate` (`cls._apply_gate`) computes `activation` (float64, on CPU, at points
+    across and around its clamps) for experts of that class with this `act_fn`."""
+    bound = 2 * (activation.limit or 4.0)
+    grid = torch.linspace(-bound, bound, 41, dtype=torch.float64)
+    gate, up = grid[:, None].expand(41, 41), grid[None, :].expand(41, 41)  # every pair
+    if concatenated:
+        gate_up = torch.cat([gate, up], dim=-1)  # [41, 82]
+    else:
+        gate_up = torch.stack([gate, up], dim=-1).flatten(-2)  # gate0, up0, gate1, ...
+    probe = object.__new__(cls)  # the module's attributes the gate reads, nothing else
+    probe.__dict__.update(act_fn=act_fn, limit=activation.limit, alpha=activation.alpha)
+    try:
+        computed = apply_gate(probe, gate_up)
+    except Exception:  # a gate that reads more than these attributes is not one we know
+        return False
+    return torch.allclose(computed, activation.forward(gate, up), rtol=1e-9, atol=1e-12)
 
 
 for _name, _policy in IMPLEMENTATIONS.items():

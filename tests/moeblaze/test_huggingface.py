@@ -199,6 +199,11 @@ def _step(model, input_ids):
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
 
 
+def _reference_moe_mlp(*args, recompute, activation):
+    """moeblaze.moe_mlp_reference in moeblaze.moe_mlp's place (it has no recompute policies)."""
+    return moeblaze.moe_mlp_reference(*args, activation=activation)
+
+
 def _record_moe_mlp_calls(monkeypatch, run=None) -> list:
     """Record the recompute policy of every moeblaze.moe_mlp call (the integration looks the
     function up at call time); `run` replaces the computation (default: moeblaze.moe_mlp)."""
@@ -248,9 +253,7 @@ def test_recompute_variants(monkeypatch):
         "moeblaze-up_proj": "up_proj",
         "moeblaze-none": "none",
     }
-    calls = _record_moe_mlp_calls(
-        monkeypatch, lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
-    )
+    calls = _record_moe_mlp_calls(monkeypatch, _reference_moe_mlp)
     model, _ = _models("olmoe")
     input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(2))
     for name in hf.IMPLEMENTATIONS:
@@ -281,9 +284,7 @@ def test_expert_parallel_sentinels(monkeypatch):
         outs = [module(x, ids, weights) for module in experts]
     assert_close(*outs, rtol=RTOL, name="out")
 
-    monkeypatch.setattr(
-        moeblaze, "moe_mlp", lambda *args, recompute: moeblaze.moe_mlp_reference(*args)
-    )
+    monkeypatch.setattr(moeblaze, "moe_mlp", _reference_moe_mlp)
     grads = []
     for module in experts:
         leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
@@ -300,7 +301,7 @@ def test_expert_parallel_sentinels(monkeypatch):
             "gpt_oss",
             "GptOssConfig",
             dict(num_local_experts=4, intermediate_size=16),
-            ["interleaved", "biases", "GptOssExperts._apply_gate"],
+            ["interleaved", "biases"],  # its gate is a moeblaze.SwiGLU: not named
         ),
         (
             "nemotron_h",
@@ -309,19 +310,13 @@ def test_expert_parallel_sentinels(monkeypatch):
             ["no gate projection", "ReLUSquared"],
         ),
         (
-            "deepseek_v4",
-            "DeepseekV4Config",
-            dict(n_routed_experts=4, moe_intermediate_size=16),
-            ["DeepseekV4Experts._apply_gate"],
-        ),
-        (
             "mixtral",
             "MixtralConfig",
             dict(num_local_experts=4, intermediate_size=16, hidden_act="gelu"),
             ["GELU"],
         ),
     ],
-    ids=["gpt_oss", "nemotron_h", "deepseek_v4", "mixtral_gelu"],
+    ids=["gpt_oss", "nemotron_h", "mixtral_gelu"],
 )
 def test_unsupported_experts_raise(family, config_class, config_kwargs, missing):
     modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
@@ -335,6 +330,60 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
     message = str(error.value)
     for text in [experts_class, f"model family {family!r}", *missing]:
         assert text in message, f"{text!r} not in: {message}"
+    assert "_apply_gate" not in message  # GPT-OSS's gate is a moeblaze.SwiGLU
+
+
+def _deepseek_v4_experts(limit: float):
+    """Two DeepseekV4Experts, one on "eager" and one on "moeblaze", with the same random
+    weights and a SwiGLU limit of `limit`."""
+    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    experts = []
+    for implementation in ("eager", "moeblaze"):
+        config = transformers.DeepseekV4Config(
+            hidden_size=32, n_routed_experts=4, moe_intermediate_size=16, swiglu_limit=limit
+        )
+        config._experts_implementation = implementation
+        torch.manual_seed(3)
+        module = modeling.DeepseekV4Experts(config)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
+        experts.append(module)
+    return experts
+
+
+def test_deepseek_v4_clamped_swiglu_matches_eager():
+    # DeepseekV4Experts._apply_gate clamps gate and up: moeblaze runs it as SwiGLU(limit=...),
+    # here with a limit that clamps a good part of the pre-activations.
+    experts = _deepseek_v4_experts(limit=0.5)
+    assert hf._swiglu_of(experts[1]) == (moeblaze.SwiGLU(limit=0.5), None)
+    x, ids, weights = _experts_inputs()
+    results = []
+    for module in experts:
+        leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+        out = module(leaves[0], ids, leaves[1])
+        out.backward(torch.ones_like(out))
+        results.append(
+            [out.detach(), *(t.grad for t in leaves), *(p.grad for p in module.parameters())]
+        )
+    names = ["out", "dx", "dweights", *(n for n, _ in experts[0].named_parameters())]
+    for name, eager, ours in zip(names, *results, strict=True):
+        assert_close(ours, eager, rtol=RTOL, name=name)
+
+
+def test_a_changed_custom_gate_is_refused(monkeypatch):
+    # Were DeepseekV4Experts._apply_gate to compute something else (here a soft cap), the check
+    # against the class's own gate refuses it instead of computing the clamp.
+    experts = _deepseek_v4_experts(limit=0.5)[1]
+    cls = type(experts)
+    monkeypatch.setattr(
+        cls, "_apply_gate", lambda self, gate_up: self.act_fn(gate_up.chunk(2, -1)[0].tanh())
+    )
+    x, ids, weights = _experts_inputs()
+    with pytest.raises(
+        NotImplementedError, match=r"DeepseekV4Experts._apply_gate \(not SwiGLU\(limit=0.5\)"
+    ):
+        experts(x, ids, weights)
 
 
 @pytest.mark.gpu
