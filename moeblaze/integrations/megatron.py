@@ -12,6 +12,11 @@ lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(c
 translates the fields into moeblaze's terms and raises `NotImplementedError` (a feature moeblaze
 lacks) or `ValueError` (an invalid value) naming every offending field with its value.
 
+The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
+glu_linear_offset)` with gate' and up' clamped at `activation_func_clamp_value`, for
+`activation_func` F.silu or quick_gelu: `moeblaze.SwiGLU(alpha, limit, up_offset)` (GPT-OSS's
+settings are quick_gelu, 7.0 and 1.0; its biases, `add_bias_linear=True`, are not supported).
+
 Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`):
 
 - softmax, `moe_router_pre_softmax=False`: top-k of the logits, softmax over the k chosen, i.e.
@@ -122,8 +127,6 @@ _UNSUPPORTED = {
     "moe_shared_expert_gate": ("a sigmoid gate on the shared expert", _OFF),
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "add_bias_linear": ("expert and router biases; set add_bias_linear=False", _OFF),
-    "glu_linear_offset": ("an offset on the up half of the GLU", _OFF),
-    "activation_func_clamp_value": ("a clamped GLU", lambda value: value is None),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
     "tensor_model_parallel_size": ("tensor parallelism", _ONE_RANK),
@@ -153,6 +156,7 @@ class LayerOptions:
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
+    activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
     recompute: str  # moeblaze.moe_mlp's policy
     recompute_shared_expert: bool
     params_dtype: torch.dtype
@@ -209,6 +213,11 @@ def layer_options(config) -> LayerOptions:
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
+        activation=moeblaze.SwiGLU(
+            alpha=_glu_alpha(cfg["activation_func"]),
+            limit=cfg["activation_func_clamp_value"],
+            up_offset=cfg["glu_linear_offset"],
+        ),
         recompute=recompute,
         recompute_shared_expert=selective and "shared_experts" in recompute_modules,
         params_dtype=cfg["params_dtype"],
@@ -259,6 +268,7 @@ class MoELayer(moeblaze.MoELayer):
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             shared_expert_size=options.shared_expert_size,
+            activation=options.activation,
             device=device,
             dtype=options.params_dtype,
             **options.router_options(),
@@ -436,8 +446,36 @@ def _loss_coeffs(cfg) -> dict[str, float]:
     return {t: float(c) for t, c in zip(types, coeffs, strict=True)}
 
 
+# The activation_func values of a GLU that moeblaze.SwiGLU computes: y * sigmoid(alpha * y).
+GLU_ALPHAS = {"silu": 1.0, "quick_gelu": 1.702}
+
+
+def _glu_alpha(fn) -> float | None:
+    """SwiGLU's alpha for Megatron's `activation_func` (F.silu: 1.0, quick_gelu: 1.702), found
+    by evaluating it, so that any function computing one of them is recognised; None for
+    others."""
+    y = torch.linspace(-8.0, 8.0, 33, dtype=torch.float64)
+    try:
+        values = fn(y)
+    except Exception:  # not an elementwise torch function
+        return None
+    for alpha in GLU_ALPHAS.values():
+        expected = y * torch.sigmoid(alpha * y)
+        if torch.is_tensor(values) and torch.allclose(values, expected, rtol=1e-6, atol=1e-9):
+            return alpha
+    return None
+
+
 def _invalid_fields(cfg) -> list[str]:
     problems = []
+    clamp = cfg["activation_func_clamp_value"]
+    if clamp is not None and not (isinstance(clamp, int | float) and 0 < clamp < math.inf):
+        problems.append(
+            f"activation_func_clamp_value={clamp!r} must be None or a finite number > 0"
+        )
+    offset = cfg["glu_linear_offset"]
+    if not (isinstance(offset, int | float) and math.isfinite(offset)):
+        problems.append(f"glu_linear_offset={offset!r} must be a finite number")
     hidden, experts = cfg["hidden_size"], cfg["num_moe_experts"]
     if not isinstance(hidden, int) or hidden < 1:
         problems.append(f"hidden_size={hidden!r} must be a positive int")
@@ -505,11 +543,12 @@ def _unsupported_fields(cfg) -> list[str]:
         for name, (what, accepted) in _UNSUPPORTED.items()
         if not accepted(cfg[name])
     ]
-    if not cfg["gated_linear_unit"] or cfg["activation_func"] is not F.silu:
+    if not cfg["gated_linear_unit"] or _glu_alpha(cfg["activation_func"]) is None:
         act = getattr(cfg["activation_func"], "__name__", repr(cfg["activation_func"]))
         problems.append(
             f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
-            f"(moeblaze experts are SwiGLU: gated_linear_unit=True, activation_func=F.silu)"
+            f"(moeblaze experts are SwiGLU: gated_linear_unit=True with activation_func "
+            f"F.silu or quick_gelu)"
         )
     coeffs = _loss_coeffs(cfg)
     for kind in ("seq_aux_loss", "global_aux_loss"):

@@ -57,6 +57,8 @@ def _config(**overrides):
         moe_layer_recompute=False,
         gated_linear_unit=True,
         activation_func=F.silu,
+        glu_linear_offset=0.0,
+        activation_func_clamp_value=None,
         add_bias_linear=False,
         moe_router_topk_scaling_factor=None,
         moe_router_pre_softmax=False,
@@ -122,11 +124,26 @@ def _megatron_transcription(layer, x, cfg):
         )
     if cfg.moe_z_loss_coeff:
         losses = losses + torch.logsumexp(logits, -1).square().mean() * cfg.moe_z_loss_coeff
-    out = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13.double(), layer.w2.double())
+    w13, w2 = layer.w13.double(), layer.w2.double()
+    out = _glu_experts(
+        tokens, ids, probs, lambda e, rows: F.linear(_glu(F.linear(rows, w13[e]), cfg), w2[e])
+    )
     if layer.shared_expert is not None:
-        gate, up = F.linear(tokens, layer.shared_expert.gate_up.weight.double()).chunk(2, -1)
-        out = out + F.linear(F.silu(gate) * up, layer.shared_expert.down.weight.double())
+        fc1 = F.linear(tokens, layer.shared_expert.gate_up.weight.double())
+        out = out + F.linear(_glu(fc1, cfg), layer.shared_expert.down.weight.double())
     return out.view(x.shape), losses
+
+
+def quick_gelu(y):  # megatron.core.fusions.fused_bias_geglu.quick_gelu
+    return y * torch.sigmoid(1.702 * y)
+
+
+def _glu(h, cfg):
+    """Megatron's glu (its MLP and experts): clamp, activation_func(gate) * (up + offset)."""
+    gate, up = torch.chunk(h, 2, dim=-1)
+    if (val := cfg.activation_func_clamp_value) is not None:
+        gate, up = gate.clamp(min=None, max=val), up.clamp(min=-val, max=val)
+    return cfg.activation_func(gate) * (up + cfg.glu_linear_offset)
 
 
 VARIANTS = {
@@ -147,6 +164,14 @@ VARIANTS = {
         moe_router_num_groups=2,
         moe_router_group_topk=1,
         moe_router_topk_scaling_factor=2.5,
+    ),
+    # GPT-OSS's GLU (quick_gelu, up + 1, a clamp; here one that clamps part of the
+    # pre-activations) in the routed and the shared experts.
+    "quick_gelu_clamped_offset_shared": dict(
+        activation_func=quick_gelu,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=0.2,
+        moe_shared_expert_intermediate_size=SHARED,
     ),
 }
 
