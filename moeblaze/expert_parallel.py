@@ -205,9 +205,9 @@ def expert_parallel_mlp(
         w2: [E_l, d, F].
         group: the expert-parallel process group (default: the default group).
         recompute, deterministic, activation: passed to `moeblaze.moe_mlp` for the local
-            experts. With
-            k = 1 there, `deterministic` changes nothing; the sums of this function (the k rows
-            of a token, in out and in dx) run in a fixed order, without atomics.
+            experts. With k = 1 there, `deterministic` changes nothing; the sums of this
+            function (the k rows of a token, in out and in dx) run in a fixed order, without
+            atomics.
         recompute_dispatch: True (default): backward runs the dispatch all-to-all of x again
             instead of keeping the received rows [R, d]; False keeps them.
 

@@ -290,7 +290,7 @@ def _backward(ctx, dout, _dh, _da):
     # Autograd would hold h and a until this function returns; drop its references now (unless
     # the graph is retained), so that each dies after the op that reads it last.
     ctx.maybe_clear_saved_tensors()
-    block_m, keep_h, keep_a, deterministic, backend, *activation = ctx.options
+    block_m, keep_h, keep_a, deterministic, backend, *swiglu = ctx.options
     dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
     ops = torch.ops.moeblaze
     with profile_range("moeblaze.moe_mlp.backward"):
@@ -306,7 +306,7 @@ def _backward(ctx, dout, _dh, _da):
             keep_h,
             keep_a,
             backend,
-            *activation,
+            *swiglu,
         )
         del h
         if not keep_a:
