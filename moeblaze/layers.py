@@ -197,5 +197,5 @@ class SwiGLUMLP(nn.Module):
         self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = self.activation.split(self.gate_up(x))
         return self.down(self.activation.forward(gate, up))

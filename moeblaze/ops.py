@@ -3,10 +3,11 @@
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 
     topk_ids ──► moeblaze::routing_plan ──► plan_buffer (int32, O(S + E): a RoutingPlan)
-    x, topk_weights, w13, w2, plan_buffer ──► moeblaze::moe_mlp_forward ──► out [T, d]  (+ what backward keeps)
-    dout, saved ──► moeblaze::moe_mlp_grad_act   ──► dh [S, 2F], dtopk_weights (+ a [S, F])
+    x, topk_weights, w13, w2, (b13, b2), plan_buffer ──► moeblaze::moe_mlp_forward ──► out [T, d]
+                                                         (+ what backward keeps)
+    dout, saved ──► moeblaze::moe_mlp_grad_act   ──► dh [S, 2F], dtopk_weights (+ a [S, F], db2)
     dout, a     ──► moeblaze::moe_mlp_grad_w2    ──► dw2
-    dh, x       ──► moeblaze::moe_mlp_grad_input ──► dx, dw13
+    dh, x       ──► moeblaze::moe_mlp_grad_input ──► dx, dw13 (+ db13)
 
 What forward keeps for backward (`Saved`), by `recompute` policy, besides x, the weights,
 topk_weights and the plan:
@@ -18,7 +19,11 @@ topk_weights and the plan:
 
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
 the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
-or a clamped / quick-GELU form of it (moeblaze.activation), passed to the ops as three numbers.
+or a clamped / quick-GELU form of it, with gate and up concatenated or interleaved
+(moeblaze.activation), passed to the ops as its four fields. The optional expert biases b13
+[E, 2F] and b2 [E, d] are added in the epilogues of gate_up and of the down combine (weighted
+by the routing weight, as the expert's output is); their gradients are per-expert sums of dh and
+of w * dout (`grad_b13`, `grad_b2`).
 
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
 (`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`
@@ -51,12 +56,14 @@ class Stages(Protocol):
     """The stages of the expert MLP. Per-position tensors are in sorted order (routing_plan).
 
     Stage               reads                         returns
-    gate_up             x, w13, topk_weights          h [S, 2F] if store_h, a [S, F] if store_a
-    down_combine        a, w2                         out [T, d]
+    gate_up             x, w13, topk_weights (, b13)  h [S, 2F] if store_h, a [S, F] if store_a
+    down_combine        a, w2 (, b2, topk_weights)    out [T, d]
     grad_act            dout, w2, h, topk_weights     dh [S, 2F], dweights [T, k] fp32, a if store_a
                                                       (dh written over h if overwrite_h)
     grad_input          dh, w13                       dx [T, d]
     grad_w2 / grad_w13  dout, a / dh, x               dw2 [E, d, F] / dw13 [E, 2F, d]
+    grad_b13            dh                            db13 [E, 2F]: each expert's sum of dh
+    grad_b2             dout, topk_weights, b2        db2 [E, d], dtopk_weights' b2 part [T, k]
 
     a = w[slot] * SwiGLU(h_gate, h_up), the activation scaled by the routing weight (rounded to
     the dtype of x once, after the scaling), the same bits whichever stage computes it. gate_up
@@ -65,15 +72,28 @@ class Stages(Protocol):
 
     def block_m(self, num_slots: int, num_experts: int) -> int: ...
     def gate_up(
-        self, x, w13, topk_weights, plan: RoutingPlan, *, store_h: bool, store_a: bool, activation
+        self,
+        x,
+        w13,
+        topk_weights,
+        plan: RoutingPlan,
+        *,
+        store_h: bool,
+        store_a: bool,
+        activation,
+        bias=None,
     ): ...
-    def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool): ...
+    def down_combine(
+        self, a, w2, plan: RoutingPlan, *, deterministic: bool, bias=None, topk_weights=None
+    ): ...
     def grad_act(
         self, dout, w2, h, topk_weights, plan, *, store_a: bool, overwrite_h=False, activation
     ): ...
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool): ...
     def grad_w2(self, dout, a, plan: RoutingPlan): ...
     def grad_w13(self, dh, x, plan: RoutingPlan): ...
+    def grad_b13(self, dh, plan: RoutingPlan, dtype): ...
+    def grad_b2(self, dout, topk_weights, b2, plan: RoutingPlan): ...
 
 
 STAGES: dict[Backend, Stages] = {
@@ -131,6 +151,8 @@ def _forward_op(
     topk_weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
     plan_buffer: torch.Tensor,
     block_m: int,
     keep_h: bool,
@@ -140,12 +162,14 @@ def _forward_op(
     alpha: float,
     limit: float | None,
     up_offset: float,
+    interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward.
-    alpha, limit, up_offset: the SwiGLU (moeblaze.activation)."""
+    alpha, limit, up_offset, interleaved: the SwiGLU (moeblaze.activation)."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    activation = SwiGLU(alpha, limit, up_offset)
+    activation = SwiGLU(alpha, limit, up_offset, interleaved)
+    b13, b2 = _contiguous(b13), _contiguous(b2)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     with profile_range("moeblaze.moe_mlp.forward"):
         with profile_range("moeblaze.gate_up"):
@@ -157,15 +181,23 @@ def _forward_op(
                 store_h=keep_h,
                 store_a=True,
                 activation=activation,
+                bias=b13,
             )
         with profile_range("moeblaze.down_combine"):
-            out = stages.down_combine(a, w2, routing_plan, deterministic=deterministic)
+            out = stages.down_combine(
+                a,
+                w2,
+                routing_plan,
+                deterministic=deterministic,
+                bias=b2,
+                topk_weights=topk_weights,
+            )
     empty = x.new_empty(0)
     return out, h if keep_h else empty, a if keep_a else empty.clone()
 
 
 @_forward_op.register_fake
-def _(x, topk_weights, w13, w2, plan_buffer, block_m, keep_h, keep_a, deterministic, backend, *_):
+def _(x, topk_weights, w13, w2, b13, b2, plan_buffer, block_m, keep_h, keep_a, *_):
     num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
     h = x.new_empty(num_slots, 2 * ffn) if keep_h else x.new_empty(0)
     a = x.new_empty(num_slots, ffn) if keep_a else x.new_empty(0)
@@ -184,6 +216,8 @@ def _grad_act_op(
     topk_weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
     plan_buffer: torch.Tensor,
     h: torch.Tensor,
     block_m: int,
@@ -193,14 +227,27 @@ def _grad_act_op(
     alpha: float,
     limit: float | None,
     up_offset: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a); h is recomputed
-    from x and w13 unless keep_h, and then dh is written over it."""
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a, db2 [E, d] or
+    empty without b2); h is recomputed from x, w13 and b13 unless keep_h, and then dh is written
+    over it."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
+    activation = SwiGLU(alpha, limit, up_offset, interleaved)
+    b13, b2 = _contiguous(b13), _contiguous(b2)
     if not keep_h:  # h alone: the activation is not needed
         with profile_range("moeblaze.gate_up"):
-            h, _ = stages.gate_up(x, w13, topk_weights, routing_plan, store_h=True, store_a=False)
+            h, _ = stages.gate_up(
+                x,
+                w13,
+                topk_weights,
+                routing_plan,
+                store_h=True,
+                store_a=False,
+                activation=activation,
+                bias=b13,
+            )
     with profile_range("moeblaze.grad_act"):
         # A recomputed h is this op's own: dh takes its memory, one [S, 2F] tensor, not two.
         dh, dweights, a = stages.grad_act(
@@ -211,16 +258,22 @@ def _grad_act_op(
             routing_plan,
             store_a=not keep_a,
             overwrite_h=not keep_h,
-            activation=SwiGLU(alpha, limit, up_offset),
+            activation=activation,
         )
-    return dh, dweights.to(topk_weights.dtype), a if not keep_a else x.new_empty(0)
+    db2 = x.new_empty(0)
+    if b2 is not None:
+        with profile_range("moeblaze.grad_b2"):
+            db2, dweights_b2 = stages.grad_b2(dout, topk_weights, b2, routing_plan)
+        dweights += dweights_b2
+    return dh, dweights.to(topk_weights.dtype), a if not keep_a else x.new_empty(0), db2
 
 
 @_grad_act_op.register_fake
-def _(dout, x, topk_weights, w13, w2, plan_buffer, h, block_m, keep_h, keep_a, backend, *_):
+def _(dout, x, topk_weights, w13, w2, b13, b2, plan_buffer, h, block_m, keep_h, keep_a, *_):
     num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
     a = x.new_empty(0) if keep_a else x.new_empty(num_slots, ffn)
-    return x.new_empty(num_slots, 2 * ffn), topk_weights.new_empty(topk_weights.shape), a
+    db2 = x.new_empty(0) if b2 is None else b2.new_empty(b2.shape)
+    return x.new_empty(num_slots, 2 * ffn), topk_weights.new_empty(topk_weights.shape), a, db2
 
 
 @torch.library.custom_op("moeblaze::moe_mlp_grad_w2", mutates_args=())
@@ -255,26 +308,41 @@ def _grad_input_op(
     block_m: int,
     deterministic: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (dx [T, d], dw13 [E, 2F, d])."""
+    has_b13: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx [T, d], dw13 [E, 2F, d], db13 [E, 2F] if has_b13 else empty)."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
     with profile_range("moeblaze.grad_input"):
         dx = stages.grad_input(dh, w13, routing_plan, deterministic=deterministic)
     with profile_range("moeblaze.grad_w13"):
         dw13 = stages.grad_w13(dh, x, routing_plan)
-    return dx, dw13.to(w13.dtype)
+    db13 = x.new_empty(0)
+    if has_b13:
+        with profile_range("moeblaze.grad_b13"):
+            db13 = stages.grad_b13(dh, routing_plan, w13.dtype)
+    return dx, dw13.to(w13.dtype), db13
 
 
 @_grad_input_op.register_fake
-def _(dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend):
-    return x.new_empty(x.shape), w13.new_empty(w13.shape)
+def _(dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend, has_b13):
+    db13 = w13.new_empty(w13.shape[:2]) if has_b13 else x.new_empty(0)
+    return x.new_empty(x.shape), w13.new_empty(w13.shape), db13
+
+
+def _contiguous(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias with the unit column stride the kernels read (a copy only if it lacks it)."""
+    return None if bias is None else bias.contiguous()
+
+
+# The forward op's inputs: x, topk_weights, w13, w2, b13, b2 (differentiable), then the rest.
+_NUM_INPUTS = 16
 
 
 def _setup_context(ctx, inputs, output):
-    x, topk_weights, w13, w2, plan_buffer, *options = inputs
+    x, topk_weights, w13, w2, b13, b2, plan_buffer, *options = inputs
     _, h, a = output
-    ctx.save_for_backward(x, topk_weights, w13, w2, plan_buffer, h, a)
+    ctx.save_for_backward(x, topk_weights, w13, w2, b13, b2, plan_buffer, h, a)
     ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend, *SwiGLU.constants
     # h and a are outputs only so that backward can keep them: no gradient flows into them, and
     # autograd must not allocate zero gradients of their size.
@@ -285,8 +353,8 @@ def _setup_context(ctx, inputs, output):
 @torch.autograd.function.once_differentiable
 def _backward(ctx, dout, _dh, _da):
     if dout is None:
-        return (None,) * 13
-    x, topk_weights, w13, w2, plan_buffer, h, a = ctx.saved_tensors
+        return (None,) * _NUM_INPUTS
+    x, topk_weights, w13, w2, b13, b2, plan_buffer, h, a = ctx.saved_tensors
     # Autograd would hold h and a until this function returns; drop its references now (unless
     # the graph is retained), so that each dies after the op that reads it last.
     ctx.maybe_clear_saved_tensors()
@@ -294,12 +362,14 @@ def _backward(ctx, dout, _dh, _da):
     dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
     ops = torch.ops.moeblaze
     with profile_range("moeblaze.moe_mlp.backward"):
-        dh, dweights, a_computed = ops.moe_mlp_grad_act(
+        dh, dweights, a_computed, db2 = ops.moe_mlp_grad_act(
             dout,
             x,
             topk_weights,
             w13,
             w2,
+            b13,
+            b2,
             plan_buffer,
             h,
             block_m,
@@ -314,10 +384,14 @@ def _backward(ctx, dout, _dh, _da):
         del a_computed
         dw2 = ops.moe_mlp_grad_w2(dout, a, topk_weights, w2, plan_buffer, block_m, backend)
         del a
-        dx, dw13 = ops.moe_mlp_grad_input(
-            dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend
+        dx, dw13, db13 = ops.moe_mlp_grad_input(
+            dh, x, topk_weights, w13, plan_buffer, block_m, deterministic, backend, b13 is not None
         )
-    return dx, dweights, dw13, dw2, *(None,) * 9
+    if b13 is None:
+        db13 = None
+    if b2 is None:
+        db2 = None
+    return dx, dweights, dw13, dw2, db13, db2, *(None,) * (_NUM_INPUTS - 6)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -349,6 +423,8 @@ def moe_mlp(
     w13: torch.Tensor,
     w2: torch.Tensor,
     *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
     recompute: str = "activation",
     deterministic: bool = False,
     check_ids: bool | None = None,
@@ -357,7 +433,8 @@ def moe_mlp(
     """SwiGLU experts applied to routed tokens, combined with the routing weights.
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :F] @ x[t]) * (w13[e, F:] @ x[t]))
-    with e = topk_ids[t, j] (with the default `activation`).
+    with e = topk_ids[t, j] (with the default `activation` and no biases; with them, each
+    expert computes w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]).
 
     Args:
         x: [T, d] float16, bfloat16 or float32.
@@ -365,6 +442,9 @@ def moe_mlp(
         topk_weights: [T, k] floating routing weights (any float dtype; the gradient keeps it).
         w13: [E, 2F, d] gate rows then up rows (Hugging Face layout), x's dtype.
         w2: [E, d, F], x's dtype.
+        b13: optional [E, 2F] bias of the gate/up projection (laid out as w13's rows), x's dtype.
+        b2: optional [E, d] bias of the down projection, x's dtype; like the rest of the
+            expert's output it is scaled by the routing weight.
         recompute: what forward keeps for backward: "activation" (default; the pre-activation
             [T*k, 2F]), "up_proj" (nothing of size T*k*F; the gate/up GEMM runs again in
             backward) or "none" (pre-activation and activation). When no input requires grad
@@ -380,19 +460,22 @@ def moe_mlp(
             synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.
         activation: the gated activation of the gate and up halves: `moeblaze.SwiGLU()`
             (default, silu(gate) * up) or its clamped / quick-GELU forms, e.g.
-            `SwiGLU(limit=10.0)` (DeepSeek-V4), `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)`
-            (GPT-OSS's activation); see moeblaze.activation.
+            `SwiGLU(limit=10.0)` (DeepSeek-V4),
+            `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)` (GPT-OSS: gate
+            and up rows of w13, and entries of b13, alternate); see moeblaze.activation.
 
     Returns:
-        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
+        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
     """
     device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
     if torch.is_autocast_enabled(device_type):
         # As nn.Linear under autocast: x and the weights are cast to the autocast dtype and the
         # output comes in it; topk_weights keep their dtype. Inside, autocast is off, so every
         # backend computes exactly what it computes for inputs of that dtype.
-        x, w13, w2 = _autocast_cast(device_type, x, w13, w2)
+        x, w13, w2, b13, b2 = _autocast_cast(device_type, x, w13, w2, b13, b2)
         options = dict(
+            b13=b13,
+            b2=b2,
             recompute=recompute,
             deterministic=deterministic,
             check_ids=check_ids,
@@ -401,9 +484,11 @@ def moe_mlp(
         with torch.autocast(device_type, enabled=False):
             return moe_mlp(x, topk_ids, topk_weights, w13, w2, **options)
     _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids)
+    _check_biases(x, w13, b13, b2)
     if not isinstance(activation, SwiGLU):
         raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, topk_weights, w13, w2))
+    inputs = (x, topk_weights, w13, w2, b13, b2)
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     saved = Saved.of(recompute, backward)
     backend = backend_for(x.device)
     num_experts = w13.shape[0]
@@ -415,8 +500,25 @@ def moe_mlp(
     # with its registered autograd (dynamo cannot trace _MoeMLP's dispatch guard).
     forward = torch.ops.moeblaze.moe_mlp_forward if torch.compiler.is_compiling() else _MoeMLP.apply
     options = (block_m, saved.h, saved.a, deterministic, backend.value, *activation.constants)
-    out, _, _ = forward(x, topk_weights, w13, w2, plan_buffer, *options)
+    out, _, _ = forward(x, topk_weights, w13, w2, b13, b2, plan_buffer, *options)
     return out
+
+
+def _check_biases(x, w13, b13, b2) -> None:
+    num_experts, ffn, d = w13.shape[0], w13.shape[1] // 2, x.shape[1]
+    for name, bias, shape in (("b13", b13, (num_experts, 2 * ffn)), ("b2", b2, (num_experts, d))):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != shape:
+            raise ValueError(
+                f"{name} must be {list(shape)} to match w13 and x, got shape {tuple(bias.shape)}"
+            )
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {bias.dtype}; expected x's dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"{name} is on {bias.device}; expected x's device {x.device}")
 
 
 def _autocast_cast(device_type: str, *tensors):

@@ -32,17 +32,20 @@ def moe_mlp_reference(
     w13: torch.Tensor,  # [E, 2F, d]
     w2: torch.Tensor,  # [E, d, F]
     activation: SwiGLU = SWIGLU,
+    b13: torch.Tensor | None = None,  # [E, 2F]
+    b2: torch.Tensor | None = None,  # [E, d]
 ) -> torch.Tensor:  # [T, d]
-    """out[t] = sum_j topk_weights[t, j] * w2[e] @ act(w13[e] @ x[t]), e = topk_ids[t, j], with
-    act the SwiGLU `activation` of the gate and up halves (differentiated by autograd: an
-    oracle independent of SwiGLU.backward)."""
+    """out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]),
+    e = topk_ids[t, j], with act the SwiGLU `activation` of the gate and up halves
+    (differentiated by autograd: an oracle independent of SwiGLU.backward)."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-        y = F.linear(activation.forward(gate, up), w2[e])  # [n_e, d]
+        bias13 = None if b13 is None else b13[e]
+        gate, up = activation.split(F.linear(x[token], w13[e], bias13))
+        y = F.linear(activation.forward(gate, up), w2[e], None if b2 is None else b2[e])
         out = out.index_add(0, token, y * topk_weights[token, choice, None].to(y.dtype))
     return out
 
@@ -99,6 +102,7 @@ class TorchStages:
         store_h: bool,
         store_a: bool,
         activation: SwiGLU = SWIGLU,
+        bias=None,
     ):
         ffn = w13.shape[1] // 2
         h = (
@@ -109,16 +113,29 @@ class TorchStages:
         a = alloc.empty(plan.num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         weights = topk_weights.reshape(-1).float()
         for e, pos, slots in _expert_rows(plan):
-            pre = (x[slots // plan.top_k].float() @ w13[e].float().t()).to(x.dtype)
+            pre = x[slots // plan.top_k].float() @ w13[e].float().t()
+            if bias is not None:
+                pre += bias[e].float()
+            pre = pre.to(x.dtype)
             if store_h:
                 h[pos] = pre
             if store_a:
-                act = activation.forward(*pre.float().chunk(2, dim=-1))
+                act = activation.forward(*activation.split(pre.float()))
                 a[pos] = (act * weights[slots, None]).to(x.dtype)
         return h, a
 
-    def down_combine(self, a, w2, plan: "RoutingPlan", *, deterministic: bool):
-        return self._combine(a, lambda e: w2[e].float().t(), plan, w2.shape[1])
+    def down_combine(
+        self, a, w2, plan: "RoutingPlan", *, deterministic: bool, bias=None, topk_weights=None
+    ):
+        if bias is None:
+            return self._combine(a, lambda e: w2[e].float().t(), plan, w2.shape[1])
+        weights = topk_weights.reshape(-1).float()
+
+        def rows(e, pos, slots):  # the bias weighted as the rows of a are
+            y = a[pos].float() @ w2[e].float().t()
+            return y + weights[slots, None] * bias[e].float()
+
+        return self._combine_rows(rows, plan, w2.shape[1], a)
 
     def grad_input(self, dh, w13, plan: "RoutingPlan", *, deterministic: bool):
         return self._combine(dh, lambda e: w13[e].float(), plan, w13.shape[2])
@@ -149,11 +166,11 @@ class TorchStages:
         dweights = torch.zeros(plan.num_slots, dtype=torch.float32, device=dout.device)
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
-            gate, up = h[pos].to(torch.float32, copy=True).chunk(2, dim=1)  # dh may overwrite h
+            gate, up = activation.split(h[pos].to(torch.float32, copy=True))  # dh may overwrite h
             act = activation.forward(gate, up)
             dweights[slots] = (g * act.to(dout.dtype).float()).sum(dim=1)
             d_gate, d_up = activation.backward(gate, up, g * weights[slots, None])
-            dh[pos] = torch.cat([d_gate, d_up], 1).to(dh.dtype)
+            dh[pos] = activation.join(d_gate, d_up).to(dh.dtype)
             if store_a:
                 a[pos] = (act * weights[slots, None]).to(dout.dtype)
         return dh, dweights.view(topk_weights.shape), a
@@ -170,15 +187,35 @@ class TorchStages:
 
         return self._per_expert(rows, (plan.num_experts, dh.shape[1], x.shape[1]), dh, plan)
 
-    @staticmethod
-    def _combine(rows_in, weight_of, plan: "RoutingPlan", n):
-        out = torch.zeros(
-            plan.num_slots // plan.top_k, n, dtype=torch.float32, device=rows_in.device
+    def grad_b13(self, dh, plan: "RoutingPlan", dtype):
+        out = torch.zeros(plan.num_experts, dh.shape[1], dtype=dtype, device=dh.device)
+        for e, pos, _ in _expert_rows(plan):
+            out[e] = dh[pos].float().sum(dim=0).to(dtype)
+        return out
+
+    def grad_b2(self, dout, topk_weights, b2, plan: "RoutingPlan"):
+        db2 = torch.zeros(b2.shape, dtype=b2.dtype, device=dout.device)
+        dweights = torch.zeros(plan.num_slots, dtype=torch.float32, device=dout.device)
+        weights = topk_weights.reshape(-1).float()
+        for e, _, slots in _expert_rows(plan):
+            rows = dout[slots // plan.top_k].float()
+            db2[e] = (weights[slots, None] * rows).sum(dim=0).to(b2.dtype)
+            dweights[slots] = rows @ b2[e].float()
+        return db2, dweights.view(topk_weights.shape)
+
+    def _combine(self, rows_in, weight_of, plan: "RoutingPlan", n):
+        return self._combine_rows(
+            lambda e, pos, slots: rows_in[pos].float() @ weight_of(e), plan, n, rows_in
         )
+
+    @staticmethod
+    def _combine_rows(rows, plan: "RoutingPlan", n, like):
+        """sum over the k slots of each token of rows(e, pos, slots) [n_e, n], in like's dtype."""
+        out = torch.zeros(plan.num_slots // plan.top_k, n, dtype=torch.float32, device=like.device)
         for e, pos, slots in _expert_rows(plan):
-            y = rows_in[pos].float() @ weight_of(e)
-            out.index_add_(0, slots // plan.top_k, y)  # sequential on the CPU: deterministic
-        return out.to(rows_in.dtype)
+            # sequential on the CPU: deterministic
+            out.index_add_(0, slots // plan.top_k, rows(e, pos, slots))
+        return out.to(like.dtype)
 
     @staticmethod
     def _per_expert(rows, shape, like, plan: "RoutingPlan"):

@@ -93,6 +93,7 @@ def _plan_tile(
 def gate_up_kernel(
     x_ptr,
     w13,
+    bias_ptr,
     weights_ptr,
     h_ptr,
     a_ptr,
@@ -108,14 +109,17 @@ def gate_up_kernel(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_bias,
     stride_h,
     stride_a,
     TOP_K: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -125,8 +129,13 @@ def gate_up_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """h[p] = x[token(p)] @ w13[e]^T  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate, h_up)
-    [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET: `_swiglu`)."""
+    """h[p] = x[token(p)] @ w13[e]^T + b13[e]  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate,
+    h_up) [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`).
+
+    A program computes the activation columns `cols`: with INTERLEAVED the 2 * BLOCK_N
+    consecutive columns of h from 2 * cols[0] on (gate, up alternating; one product, split in
+    the epilogue), else the gate columns `cols` and the up columns F further on (DUAL). The
+    bias b13 [E, 2F] (HAS_BIAS; unit column stride) is added in fp32."""
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
@@ -142,39 +151,78 @@ def gate_up_kernel(
     if valid:
         if STORE_A:  # loaded before the main loop: `slots` need not stay live through it
             w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-        gate, up = tile_matmul(
-            a=x_ptr,
-            a_row0=row0,
-            a_rows=slots // TOP_K,
-            row_mask=row_mask,
-            stride_am=stride_x,
-            b=w13,
-            b_index=expert,
-            stride_bi=stride_we,
-            stride_bk=stride_wk,
-            stride_bn=stride_wn,
-            col0=pid_n * BLOCK_N,
-            cols=cols,
-            col_mask=col_mask,
-            second_n=F,
-            K=D,
-            BLOCK_K=BLOCK_K,
-            DUAL=True,
-            A_TMA=False,
-            B_TMA=B_TMA,
-            B_KN=B_KN,
-            DOT_FP32=DOT_FP32,
-            INPUT_PRECISION=INPUT_PRECISION,
-        )
-        # Round to the storage dtype first: SwiGLU recomputed in backward from the stored h
-        # then sees exactly the values the forward used.
-        gate = gate.to(x_ptr.dtype.element_ty)
-        up = up.to(x_ptr.dtype.element_ty)
         mask = row_mask[:, None] & col_mask[None, :]
-        if STORE_H:
-            h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-            tl.store(h_ptrs, gate, mask=mask)
-            tl.store(h_ptrs + F, up, mask=mask)
+        if INTERLEAVED:
+            pre_cols = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+            pre_mask = pre_cols < 2 * F
+            pre, _ = tile_matmul(
+                a=x_ptr,
+                a_row0=row0,
+                a_rows=slots // TOP_K,
+                row_mask=row_mask,
+                stride_am=stride_x,
+                b=w13,
+                b_index=expert,
+                stride_bi=stride_we,
+                stride_bk=stride_wk,
+                stride_bn=stride_wn,
+                col0=2 * pid_n * BLOCK_N,
+                cols=pre_cols,
+                col_mask=pre_mask,
+                K=D,
+                BLOCK_K=BLOCK_K,
+                A_TMA=False,
+                B_TMA=B_TMA,
+                B_KN=B_KN,
+                DOT_FP32=DOT_FP32,
+                INPUT_PRECISION=INPUT_PRECISION,
+            )
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + expert * stride_bias + pre_cols, mask=pre_mask, other=0.0)
+                pre += bias.to(tl.float32)[None, :]
+            # Rounded to the storage dtype first, as below.
+            pre = pre.to(x_ptr.dtype.element_ty)
+            if STORE_H:
+                h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + pre_cols[None, :]
+                tl.store(h_ptrs, pre, mask=row_mask[:, None] & pre_mask[None, :])
+            gate, up = tl.split(tl.reshape(pre, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            gate, up = tile_matmul(
+                a=x_ptr,
+                a_row0=row0,
+                a_rows=slots // TOP_K,
+                row_mask=row_mask,
+                stride_am=stride_x,
+                b=w13,
+                b_index=expert,
+                stride_bi=stride_we,
+                stride_bk=stride_wk,
+                stride_bn=stride_wn,
+                col0=pid_n * BLOCK_N,
+                cols=cols,
+                col_mask=col_mask,
+                second_n=F,
+                K=D,
+                BLOCK_K=BLOCK_K,
+                DUAL=True,
+                A_TMA=False,
+                B_TMA=B_TMA,
+                B_KN=B_KN,
+                DOT_FP32=DOT_FP32,
+                INPUT_PRECISION=INPUT_PRECISION,
+            )
+            if HAS_BIAS:
+                bias_ptrs = bias_ptr + expert * stride_bias + cols
+                gate += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                up += tl.load(bias_ptrs + F, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            # Round to the storage dtype first: SwiGLU recomputed in backward from the stored h
+            # then sees exactly the values the forward used.
+            gate = gate.to(x_ptr.dtype.element_ty)
+            up = up.to(x_ptr.dtype.element_ty)
+            if STORE_H:
+                h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+                tl.store(h_ptrs, gate, mask=mask)
+                tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
             act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
             act *= w_row[:, None]
@@ -184,7 +232,8 @@ def gate_up_kernel(
 
 @triton.jit
 def _swiglu(gate, up, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr):
-    """moeblaze.activation.SwiGLU(ALPHA, LIMIT, UP_OFFSET) of the halves gate and up, in fp32:
+    """moeblaze.activation.SwiGLU(ALPHA, LIMIT, UP_OFFSET) of the halves gate and up (split
+    from h by the caller, as INTERLEAVED says), in fp32:
     returns (act, gate' * sig, sig = sigmoid(ALPHA * gate'), gate', up' + UP_OFFSET) with gate'
     and up' the clamped halves. The constants are compile-time: plain SwiGLU (1.0, None, 0.0)
     compiles to silu(gate) * up and nothing more."""
@@ -221,13 +270,29 @@ def _grad_act_columns(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
-    columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's shape), else a
-    pointer. ALPHA, LIMIT, UP_OFFSET: the SwiGLU (`_swiglu`)."""
+    columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
+    columns), else a pointer. ALPHA, LIMIT, UP_OFFSET: the SwiGLU (`_swiglu`); INTERLEAVED: h
+    and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate
+    columns `cols` and the up columns F further on."""
     mask = row_mask[:, None] & (cols < F)[None, :]
-    if H_TMA:
+    if INTERLEAVED:
+        BLOCK_M: tl.constexpr = row_mask.shape[0]
+        WIDTH: tl.constexpr = cols.shape[0]
+        pre_cols = tl.reshape(tl.join(2 * cols, 2 * cols + 1), (2 * WIDTH,))
+        pre_mask = row_mask[:, None] & (pre_cols < 2 * F)[None, :]
+        if H_TMA:  # other values of h past the expert and past 2F: masked, as below
+            pre = h.load([row0, 2 * col0])
+        else:
+            h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + pre_cols[None, :]
+            pre = tl.load(h_ptrs, mask=pre_mask, other=0.0)
+        gate, up = tl.split(tl.reshape(pre, (BLOCK_M, WIDTH, 2)))
+        gate = gate.to(tl.float32)
+        up = up.to(tl.float32)
+    elif H_TMA:
         # Rows past the tile's expert and gate columns past F read other values of h: those
         # products are masked below (g is zero there: its A rows and B columns read as zero).
         gate = h.load([row0, col0]).to(tl.float32)
@@ -247,14 +312,20 @@ def _grad_act_columns(
     d_up = d_act * glu
     if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
         d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
-    tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+    if not INTERLEAVED:  # stored now: fewer registers live
+        tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
     if ALPHA == 1.0:
         d_gate = d_act * up_c * sig * (1.0 + gate_c * (1.0 - sig))
     else:
         d_gate = d_act * up_c * sig * (1.0 + ALPHA * gate_c * (1.0 - sig))
     if LIMIT is not None:
         d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
-    tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+    if INTERLEAVED:
+        d_pre = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * WIDTH))
+        d_pre_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + pre_cols[None, :]
+        tl.store(d_pre_ptrs, d_pre.to(dh_ptr.dtype.element_ty), mask=pre_mask)
+    else:
+        tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
     return tl.sum(tl.where(mask, g * act.to(tl.float32), 0.0), axis=1)
 
 
@@ -282,6 +353,7 @@ def _grad_act_slices(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
 ):
     """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
     after another (halving recursively), so that a wide tile's temporaries need not all be
@@ -307,6 +379,7 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            INTERLEAVED,
         )
     else:
         half: tl.constexpr = WIDTH // 2
@@ -335,6 +408,7 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            INTERLEAVED,
         )
         dw += _grad_act_slices(
             right,
@@ -359,6 +433,7 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            INTERLEAVED,
         )
     return dw
 
@@ -394,6 +469,7 @@ def grad_act_kernel(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -404,7 +480,7 @@ def grad_act_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """Backward through the down projection, the routing weight and SwiGLU (the constants
-    ALPHA, LIMIT, UP_OFFSET: `_swiglu`), in one epilogue.
+    ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`, `_grad_act_columns`), in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
@@ -475,6 +551,7 @@ def grad_act_kernel(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            INTERLEAVED,
         )
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
@@ -484,6 +561,8 @@ def scatter_rows_kernel(
     rows_in,
     w,
     out_ptr,
+    bias_ptr,
+    weights_ptr,
     sorted_slots_ptr,
     expert_offsets_ptr,
     tile_expert_ptr,
@@ -496,9 +575,11 @@ def scatter_rows_kernel(
     stride_we,
     stride_wk,
     stride_wn,
+    stride_bias,
     stride_out,
     TOP_K: tl.constexpr,
     PER_SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
@@ -509,7 +590,8 @@ def scatter_rows_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """y[p] = rows_in[p] @ W[e], combined into rows of `out`.
+    """y[p] = rows_in[p] @ W[e] (+ w[slot(p)] * bias[e] if HAS_BIAS: the down projection's
+    bias [E, N], unit column stride, weighted as a's rows are), combined into rows of `out`.
 
     PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
     PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
@@ -549,6 +631,10 @@ def scatter_rows_kernel(
             DOT_FP32=DOT_FP32,
             INPUT_PRECISION=INPUT_PRECISION,
         )
+        if HAS_BIAS:
+            w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+            bias = tl.load(bias_ptr + expert * stride_bias + cols, mask=col_mask, other=0.0)
+            y += w_row[:, None] * bias.to(tl.float32)[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
         if PER_SLOT:
             out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_out + cols[None, :]
@@ -728,6 +814,66 @@ def expert_wgrad_kernel(
     )
 
 
+@triton.jit
+def expert_bias_grad_kernel(
+    rows_ptr,
+    weights_ptr,
+    bias_ptr,
+    out_ptr,
+    dw_partial_ptr,
+    sorted_slots_ptr,
+    expert_offsets_ptr,
+    N,
+    stride_rows,
+    stride_bias,
+    stride_out,
+    TOP_K: tl.constexpr,
+    GATHER: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out[e] [N] = the sum over the positions p of expert e of a row, in fp32: the gradient of
+    a per-expert bias. Program (pid_n, e) owns BLOCK_N columns of out[e] and adds its rows
+    BLOCK_P at a time, in order: no atomics, the same sum every run, zeros for an expert
+    without tokens. Rows have unit column stride.
+
+    GATHER=False: rows[p]: dh [S, 2F] gives db13.
+    GATHER=True:  w[slot(p)] * rows[token(p)]: dout [T, d] gives db2; and dw_partial[slot(p),
+                  pid_n] = rows[token(p)] . bias[e] over the program's columns, the bias's part
+                  of the routing-weight gradient (summed over pid_n by the launcher).
+    """
+    pid_n = tl.program_id(0)
+    expert = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    start = tl.load(expert_offsets_ptr + expert)
+    end = tl.load(expert_offsets_ptr + expert + 1)
+    if GATHER:
+        bias = tl.load(bias_ptr + expert * stride_bias + cols, mask=col_mask, other=0.0)
+        bias = bias.to(tl.float32)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        pos = p0 + tl.arange(0, BLOCK_P)
+        p_mask = pos < end
+        if GATHER:
+            slots = tl.load(sorted_slots_ptr + pos, mask=p_mask, other=0)
+            row = slots // TOP_K
+        else:
+            row = pos
+        row_ptrs = rows_ptr + row.to(tl.int64)[:, None] * stride_rows + cols[None, :]
+        mask = p_mask[:, None] & col_mask[None, :]
+        tile = tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_N]
+        if GATHER:
+            w = tl.load(weights_ptr + slots, mask=p_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(tile * w[:, None], axis=0)
+            dw = tl.sum(tile * bias[None, :], axis=1)
+            tl.store(dw_partial_ptr + slots * tl.num_programs(0) + pid_n, dw, mask=p_mask)
+        else:
+            acc += tl.sum(tile, axis=0)
+    out_ptrs = out_ptr + expert.to(tl.int64) * stride_out + cols
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
@@ -768,9 +914,13 @@ PRE_HOPPER_ROW_TILE_STAGES = 3
 # h read through a tensor descriptor, 128x128 (197 registers with Triton 3.9, 212 with 3.6).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
+# expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of
+# dh or dout once. Not measured on a GPU.
+BIAS_GRAD_BLOCKS = (32, 128)
 # The interpreter runs programs one after another: small blocks keep odd test shapes covering
 # several tiles per dimension without making each program slow.
 _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
+_INTERPRETER_BIAS_GRAD = (8, 32)
 
 
 class TritonStages:
@@ -816,6 +966,7 @@ class TritonStages:
         store_h: bool,
         store_a: bool,
         activation: SwiGLU = SWIGLU,
+        bias=None,
     ):
         num_slots, d = plan.num_slots, x.shape[1]
         ffn = w13.shape[1] // 2
@@ -826,11 +977,17 @@ class TritonStages:
         cfg = self._config("gate_up", plan)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
-        w, w_strides, w_meta = self._weights(w13.mT, cfg, second_n=ffn)  # B = w13[e]^T [d, 2F]
+        # B = w13[e]^T [d, 2F], read in tiles of the gate and up columns of block_n activation
+        # columns: two tiles F apart, or one of 2 * block_n interleaved columns.
+        if activation.interleaved:
+            w, w_strides, w_meta = self._weights(w13.mT, cfg, block_n=2 * cfg.block_n)
+        else:
+            w, w_strides, w_meta = self._weights(w13.mT, cfg, second_n=ffn)
         grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
         gate_up_kernel[grid](
             x,
             w,
+            x if bias is None else bias,
             topk_weights,
             h_arg,
             a_arg,
@@ -840,19 +997,23 @@ class TritonStages:
             ffn,
             x.stride(0),
             *w_strides,
+            0 if bias is None else bias.stride(0),
             h_arg.stride(0),
             a_arg.stride(0),
             TOP_K=plan.top_k,
             STORE_H=store_h,
             STORE_A=store_a,
+            HAS_BIAS=bias is not None,
             **_activation_meta(activation),
             **w_meta,
             **launch_meta(cfg, x.dtype),
         )
         return h, a
 
-    def down_combine(self, a, w2, plan: RoutingPlan, *, deterministic: bool):
-        return self._scatter_rows(a, w2.mT, plan, deterministic)  # B = w2[e]^T
+    def down_combine(
+        self, a, w2, plan: RoutingPlan, *, deterministic: bool, bias=None, topk_weights=None
+    ):
+        return self._scatter_rows(a, w2.mT, plan, deterministic, bias, topk_weights)  # B = w2^T
 
     def grad_input(self, dh, w13, plan: RoutingPlan, *, deterministic: bool):
         return self._scatter_rows(dh, w13, plan, deterministic)
@@ -883,8 +1044,13 @@ class TritonStages:
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
-        # One block per epilogue slice; the up blocks start F columns on.
-        h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split), offsets=(ffn,))
+        # One block per epilogue slice: its gate and up columns interleaved, or two blocks of
+        # which the up one starts F columns on.
+        if activation.interleaved:
+            h_desc = self._descriptor(h, cfg, (cfg.block_m, 2 * cfg.block_n // split))
+        else:
+            block = (cfg.block_m, cfg.block_n // split)
+            h_desc = self._descriptor(h, cfg, block, offsets=(ffn,))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
@@ -919,8 +1085,15 @@ class TritonStages:
     def grad_w13(self, dh, x, plan: RoutingPlan):
         return self._expert_wgrad(dh, x, plan, gather_left=False)
 
-    def _scatter_rows(self, rows_in, weights, plan, deterministic):
-        """Combine rows_in[p] @ weights[e] into a [T, n] output;
+    def grad_b13(self, dh, plan: RoutingPlan, dtype):
+        db13, _ = self._expert_bias_grad(dh, plan, dtype)
+        return db13
+
+    def grad_b2(self, dout, topk_weights, b2, plan: RoutingPlan):
+        return self._expert_bias_grad(dout, plan, b2.dtype, topk_weights, b2)
+
+    def _scatter_rows(self, rows_in, weights, plan, deterministic, bias=None, topk_weights=None):
+        """Combine rows_in[p] @ weights[e] (+ w[slot(p)] * bias[e]) into a [T, n] output;
         `weights` is the stack of B [E, K, n]."""
         num_slots, top_k, n = plan.num_slots, plan.top_k, weights.shape[2]
         num_tokens = num_slots // top_k
@@ -941,15 +1114,19 @@ class TritonStages:
                 rows_in if rows_desc is None else rows_desc,
                 w,
                 out,
+                out if bias is None else bias,
+                out if bias is None else topk_weights,
                 *self._plan_args(plan),
                 plan.max_tiles,
                 n,
                 rows_in.shape[1],
                 rows_in.stride(0),
                 *w_strides,
+                0 if bias is None else bias.stride(0),
                 out.stride(0),
                 TOP_K=top_k,
                 PER_SLOT=per_slot,
+                HAS_BIAS=bias is not None,
                 A_TMA=rows_desc is not None,
                 **w_meta,
                 **launch_meta(cfg, rows_in.dtype),
@@ -957,6 +1134,40 @@ class TritonStages:
         if per_slot and top_k > 1:
             out = out.view(num_tokens, top_k, n).sum(dim=1)  # the k slots in a fixed order
         return out.to(rows_in.dtype)
+
+    def _expert_bias_grad(self, rows, plan, dtype, topk_weights=None, bias=None):
+        """(out [E, n] in `dtype`: each expert's sum of its rows, dweights [T, k] fp32 or None):
+        expert_bias_grad_kernel on dh [S, n] (sorted) or, with `bias`, on dout [T, n]."""
+        n, gather = rows.shape[1], bias is not None
+        out = alloc.empty(plan.num_experts, n, dtype=dtype, device=rows.device)
+        block_p, block_n = _INTERPRETER_BIAS_GRAD if interpreting() else BIAS_GRAD_BLOCKS
+        num_pid_n = triton.cdiv(n, block_n)
+        dw_partial = None
+        if gather:
+            dw_partial = alloc.empty(
+                plan.num_slots, num_pid_n, dtype=torch.float32, device=rows.device
+            )
+        if out.numel() > 0:
+            expert_bias_grad_kernel[(num_pid_n, plan.num_experts)](
+                rows,
+                topk_weights if gather else rows,
+                bias if gather else rows,
+                out,
+                dw_partial if gather else out,
+                plan.sorted_slots,
+                plan.expert_offsets,
+                n,
+                rows.stride(0),
+                bias.stride(0) if gather else 0,
+                out.stride(0),
+                TOP_K=plan.top_k,
+                GATHER=gather,
+                BLOCK_P=block_p,
+                BLOCK_N=block_n,
+            )
+        if not gather:
+            return out, None
+        return out, dw_partial.sum(dim=1).view(topk_weights.shape)  # fixed order
 
     def _expert_wgrad(self, left, right, plan, *, gather_left):
         """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
@@ -1019,13 +1230,16 @@ class TritonStages:
         """kernelbase.gemm.tma_descriptor of `tensor` where `_tma` allows, else None."""
         return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device, cfg) else None
 
-    def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0):
+    def _weights(
+        self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0, block_n: int = 0
+    ):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
         where `_tma` allows and the copy engine can read it), its strides, and the constexprs
-        B_TMA and B_KN (kernelbase.gemm.tile_matmul; `second_n`: its DUAL offset)."""
+        B_TMA and B_KN (kernelbase.gemm.tile_matmul; `second_n`: its DUAL offset; `block_n`:
+        the tile's columns when not cfg.block_n)."""
         desc = None
         if self._tma(weights.device, cfg):
-            desc = b_descriptor(weights, cfg.block_k, cfg.block_n, second_n)
+            desc = b_descriptor(weights, cfg.block_k, block_n or cfg.block_n, second_n)
         if desc is None:
             return weights, weights.stride(), dict(B_TMA=False, B_KN=True)
         return desc[0], weights.stride(), dict(B_TMA=True, B_KN=desc[1])
@@ -1043,8 +1257,8 @@ class TritonStages:
 
 def _activation_meta(activation: SwiGLU) -> dict:
     """The SwiGLU's constexprs of gate_up_kernel and grad_act_kernel."""
-    alpha, limit, up_offset = activation.constants
-    return dict(ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset)
+    alpha, limit, up_offset, interleaved = activation.constants
+    return dict(ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset, INTERLEAVED=interleaved)
 
 
 TRITON_STAGES = TritonStages()

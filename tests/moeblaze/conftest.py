@@ -16,8 +16,6 @@ from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.ops import STAGES
 from moeblaze.reference import TORCH_STAGES
 
-# What `MoEProblem.run` returns, in order.
-OUTPUT_NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
 ROUTINGS = ("random", "one_expert", "skip_experts")
 
 
@@ -57,26 +55,37 @@ class MoEProblem:
     w13: torch.Tensor  # [E, 2F, d]
     w2: torch.Tensor  # [E, d, F]
     dout: torch.Tensor  # [T, d]
+    b13: torch.Tensor | None = None  # [E, 2F]
+    b2: torch.Tensor | None = None  # [E, d]
 
     @property
     def num_slots(self) -> int:
         return self.topk_ids.numel()
 
+    @property
+    def biases(self) -> tuple[torch.Tensor, ...]:
+        return () if self.b13 is None else (self.b13, self.b2)
+
     def leaves(self, dtype=None, weights_dtype=None) -> list[torch.Tensor]:
-        """Fresh leaf copies [x, topk_weights, w13, w2] (cast) that require grad."""
-        dtypes = (dtype, weights_dtype, dtype, dtype)
+        """Fresh leaf copies [x, topk_weights, w13, w2] (+ [b13, b2]) (cast) that require grad."""
+        tensors = (self.x, self.topk_weights, self.w13, self.w2, *self.biases)
+        dtypes = (dtype, weights_dtype, *(dtype,) * (len(tensors) - 2))
         return [
             t.detach().to(dt or t.dtype, copy=True).requires_grad_()
-            for t, dt in zip((self.x, self.topk_weights, self.w13, self.w2), dtypes, strict=True)
+            for t, dt in zip(tensors, dtypes, strict=True)
         ]
 
     def run(self, fn=moeblaze.moe_mlp, *, dtype=None, weights_dtype=None, **kwargs):
-        """Forward + backward of `fn(x, topk_ids, topk_weights, w13, w2, **kwargs)`.
+        """Forward + backward of `fn(x, topk_ids, topk_weights, w13, w2, **kwargs)` (and
+        b13=, b2= for a problem with biases).
 
-        Returns [out, dx, dtopk_weights, dw13, dw2] (OUTPUT_NAMES). Where the output does not
-        depend on an input (T = 0 through the reference's empty loop), its gradient is zeros.
+        Returns [out, dx, dtopk_weights, dw13, dw2] (moeblaze_testing.NAMES), then [db13, db2] with
+        biases. Where the output does not depend on an input (T = 0 through the reference's
+        empty loop), its gradient is zeros.
         """
-        x, weights, w13, w2 = leaves = self.leaves(dtype, weights_dtype)
+        x, weights, w13, w2, *biases = leaves = self.leaves(dtype, weights_dtype)
+        if biases:
+            kwargs = dict(kwargs, b13=biases[0], b2=biases[1])
         out = fn(x, self.topk_ids, weights, w13, w2, **kwargs)
         if out.requires_grad:
             out.backward(self.dout.to(out.dtype))
@@ -124,18 +133,21 @@ def _weights(T, k, g):
 
 
 def _make_problem(
-    T, d, F, E, k, dtype=torch.float32, seed=0, routing="random", device="cpu"
+    T, d, F, E, k, dtype=torch.float32, seed=0, routing="random", device="cpu", biases=False
 ) -> MoEProblem:
-    """Random (never zero) inputs; weights scaled ~1/sqrt(fan_in) like nn.Linear."""
+    """Random (never zero) inputs; weights scaled ~1/sqrt(fan_in) like nn.Linear; with
+    `biases`, b13 and b2 of the size of a pre-activation and an output."""
     g = torch.Generator().manual_seed(seed)
     topk_ids, topk_weights = _routing(T, E, k, routing, g)
     x = torch.randn(T, d, generator=g)
     w13 = torch.randn(E, 2 * F, d, generator=g) / d**0.5
     w2 = torch.randn(E, d, F, generator=g) / F**0.5
     dout = torch.randn(T, d, generator=g)
+    b13 = torch.randn(E, 2 * F, generator=g) if biases else None
+    b2 = torch.randn(E, d, generator=g) if biases else None
 
     def put(t, dt):
-        return t.to(device=device, dtype=dt)
+        return None if t is None else t.to(device=device, dtype=dt)
 
     return MoEProblem(
         x=put(x, dtype),
@@ -144,11 +156,13 @@ def _make_problem(
         w13=put(w13, dtype),
         w2=put(w2, dtype),
         dout=put(dout, dtype),
+        b13=put(b13, dtype),
+        b2=put(b2, dtype),
     )
 
 
 @pytest.fixture(scope="session")
 def make_problem():
     """`make_problem(T, d, F, E, k, dtype, seed, routing="random"|"one_expert"|"skip_experts",
-    device="cpu") -> MoEProblem` (session-scoped: it is a pure function)."""
+    device="cpu", biases=False) -> MoEProblem` (session-scoped: it is a pure function)."""
     return _make_problem

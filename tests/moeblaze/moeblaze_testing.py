@@ -11,6 +11,7 @@ from tolerance import assert_close
 from moeblaze.routing_plan import max_tiles, plan_numel
 
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
+BIAS_NAMES = ("db13", "db2")  # after NAMES, for a problem with biases
 
 # float32 against the float64 oracle. Measured errors are 1e-7..7e-7 (fp32 eps is 1.2e-7; the
 # worst is dtopk_weights at T=1, a single short dot product). 1e-5 leaves >10x margin for
@@ -31,8 +32,13 @@ BF16_FACTOR = 2
 SMALL = (21, 40, 24, 5, 2)
 
 
+def output_names(outputs) -> tuple[str, ...]:
+    """The names of MoEProblem.run's outputs: NAMES, and BIAS_NAMES for a problem with biases."""
+    return NAMES if len(outputs) == len(NAMES) else NAMES + BIAS_NAMES
+
+
 def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
-    for name, a, e in zip(NAMES, actual, expected, strict=True):
+    for name, a, e in zip(output_names(expected), actual, expected, strict=True):
         assert a.shape == e.shape, f"{what}{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
         assert_close(a, e, rtol=rtol, name=f"{what}{name}")
 

@@ -28,19 +28,32 @@ from moeblaze.routing_plan import build_routing_plan
 # N(0, 1) pre-activations of the test problems is clamped.
 ACTIVATIONS = {
     "deepseek-v4": SwiGLU(limit=0.5),
-    "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0),
+    "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
     "quick-gelu": SwiGLU(alpha=1.702),
+    "interleaved": SwiGLU(interleaved=True),
 }
 CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
 
 
 def test_defaults_and_repr():
-    assert SwiGLU() == SWIGLU and SWIGLU.constants == (1.0, None, 0.0)
+    assert SwiGLU() == SWIGLU and SWIGLU.constants == (1.0, None, 0.0, False)
     assert repr(SWIGLU) == "SwiGLU()"
-    gpt_oss = SwiGLU(alpha=1.702, limit=7, up_offset=1)
-    assert gpt_oss.constants == (1.702, 7.0, 1.0)
-    assert all(type(c) is float for c in gpt_oss.constants)  # one compiled variant per value
-    assert repr(gpt_oss) == "SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)"
+    gpt_oss = SwiGLU(alpha=1.702, limit=7, up_offset=1, interleaved=True)
+    assert gpt_oss.constants == (1.702, 7.0, 1.0, True)
+    # one compiled variant per value
+    assert all(type(c) is float for c in gpt_oss.constants[:3])
+    assert repr(gpt_oss) == "SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)"
+
+
+def test_split_and_join():
+    pre = torch.arange(12.0).view(2, 6)  # [.., 2F], F = 3
+    gate, up = SWIGLU.split(pre)
+    assert gate.tolist() == [[0, 1, 2], [6, 7, 8]] and up.tolist() == [[3, 4, 5], [9, 10, 11]]
+    interleaved = SwiGLU(interleaved=True)
+    gate, up = interleaved.split(pre)
+    assert gate.tolist() == [[0, 2, 4], [6, 8, 10]] and up.tolist() == [[1, 3, 5], [7, 9, 11]]
+    for activation in (SWIGLU, interleaved):
+        assert torch.equal(activation.join(*activation.split(pre)), pre)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +68,7 @@ def test_defaults_and_repr():
         (dict(limit=math.nan), ValueError, r"limit=nan must be a finite number > 0"),
         (dict(limit="7"), TypeError, r"limit must be a number or None, got '7'"),
         (dict(up_offset=math.nan), ValueError, r"up_offset=nan must be finite"),
+        (dict(interleaved=1), TypeError, r"interleaved must be a bool, got 1"),
     ],
 )
 def test_bad_values_are_named(kwargs, error, match):
@@ -122,7 +136,8 @@ def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name):
     topk_weights = torch.rand(T, k, generator=g)
     dout, w2 = torch.randn(T, d, generator=g), torch.randn(E, d, F, generator=g) / F**0.5
     gate, up = _halves_around_the_limit(activation.limit, n=F)
-    rows = [torch.cat(halves, 1) for halves in ((gate, up), (up, gate), (gate.flip(1), up))]
+    halves = ((gate, up), (up, gate), (gate.flip(1), up))
+    rows = [activation.join(*pair) for pair in halves]
     h = torch.cat(rows).float()  # [S, 2F]
     results = []
     for stages in (TRITON_STAGES, TORCH_STAGES):
@@ -134,11 +149,11 @@ def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name):
         assert_close(a, e, rtol=1e-6, name=what)
 
 
-def _clamped_fraction(problem, limit: float) -> float:
-    """The fraction of gate values of all (token, expert) pairs above `limit`."""
-    ffn = problem.w13.shape[1] // 2
-    pre = torch.einsum("td,efd->tef", problem.x.double(), problem.w13.double()[:, :ffn])
-    return (pre > limit).double().mean().item()
+def _clamped_fraction(problem, activation: SwiGLU) -> float:
+    """The fraction of gate values of all (token, expert) pairs above the activation's limit."""
+    w_gate, _ = activation.split(problem.w13.double().mT)  # [E, d, F]
+    pre = torch.einsum("td,edf->tef", problem.x.double(), w_gate)
+    return (pre > activation.limit).double().mean().item()
 
 
 @pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
@@ -147,7 +162,7 @@ def test_moe_mlp_matches_reference(name, policy, path, make_problem):
     activation = ACTIVATIONS[name]
     problem = make_problem(*SMALL, seed=21)
     if activation.limit is not None:
-        assert _clamped_fraction(problem, activation.limit) > 0.2
+        assert _clamped_fraction(problem, activation) > 0.2
     actual = problem.run(recompute=policy, activation=activation)
     assert_matches_reference(actual, problem.reference(activation=activation))
 

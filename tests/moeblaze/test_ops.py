@@ -445,30 +445,39 @@ def test_what_backward_allocates(policy, path, make_problem, monkeypatch):
 
 
 def test_opcheck(make_problem):
-    problem = make_problem(12, 16, 8, 4, 2, seed=13)
+    problem = make_problem(12, 16, 8, 4, 2, seed=13, biases=True)
     backend = backend_for(problem.x.device).value
     plan_args = (problem.topk_ids, 4, 16, backend, None)
     torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
     plan = torch.ops.moeblaze.routing_plan(*plan_args)
-    # Each policy with another SwiGLU: the limit is a float or None in the ops' schemas.
-    activations = (SwiGLU(), SwiGLU(limit=0.5), SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0))
-    for policy, activation in zip(POLICIES, activations, strict=True):
-        x, weights, w13, w2 = problem.leaves()
+    # Each policy with another SwiGLU (the limit is a float or None in the ops' schemas) and
+    # other biases (each optional).
+    activations = (
+        SwiGLU(),
+        SwiGLU(limit=0.5),
+        SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
+    )
+    for i, (policy, activation) in enumerate(zip(POLICIES, activations, strict=True)):
+        x, weights, w13, w2, b13, b2 = problem.leaves()
+        b13, b2 = (b13, None, b13)[i], (None, b2, b2)[i]
         saved = Saved.of(policy, backward=True)
         swiglu = activation.constants
-        args = (x, weights, w13, w2, plan, 16, saved.h, saved.a, False, backend, *swiglu)
+        options = (16, saved.h, saved.a, False, backend, *swiglu)
+        args = (x, weights, w13, w2, b13, b2, plan, *options)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_forward.default, args)
         _, h, a = torch.ops.moeblaze.moe_mlp_forward(*args)
         # The backward ops have no derivatives of their own (once_differentiable).
         x, weights, w13, w2 = (t.detach() for t in (x, weights, w13, w2))
+        b13, b2 = (None if t is None else t.detach() for t in (b13, b2))
         dout = problem.dout
-        args = (dout, x, weights, w13, w2, plan, h, 16, saved.h, saved.a, backend, *swiglu)
+        options = (16, saved.h, saved.a, backend, *swiglu)
+        args = (dout, x, weights, w13, w2, b13, b2, plan, h, *options)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_grad_act.default, args)
-        dh, _, a_computed = torch.ops.moeblaze.moe_mlp_grad_act(*args)
+        dh, _, a_computed, _ = torch.ops.moeblaze.moe_mlp_grad_act(*args)
         a = a if saved.a else a_computed
         args = (dout, a, weights, w2, plan, 16, backend)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_grad_w2.default, args)
-        args = (dh, x, weights, w13, plan, 16, False, backend)
+        args = (dh, x, weights, w13, plan, 16, False, backend, b13 is not None)
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_grad_input.default, args)
 
 
