@@ -98,9 +98,10 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
         # The SwiGLU constants (moeblaze.activation) of the kernels that take them.
-        swiglu=[constexprs[k] for k in ("ALPHA", "LIMIT", "UP_OFFSET")]
+        swiglu=[constexprs[k] for k in ("ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")]
         if "ALPHA" in constexprs
         else None,
+        bias=constexprs.get("HAS_BIAS"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
         acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
@@ -173,8 +174,9 @@ def resource_usage(cubin: bytes) -> dict:
 def run_moeblaze_launchers() -> None:
     """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
-    and with pointer loads; gate_up and grad_act also with GPT-OSS's clamped quick-GELU SwiGLU
-    (their largest epilogue)."""
+    and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
+    largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
+    and up interleaved, biases, transposed weights), with the bias gradients."""
     from moeblaze.activation import SwiGLU
     from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.routing_plan import launch_plan
@@ -204,11 +206,25 @@ def run_moeblaze_launchers() -> None:
             stages.grad_input(dh, w13, plan, deterministic=True)
             stages.grad_w2(dout, a, plan)
             stages.grad_w13(dh, x, plan)
-            gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)
+            clamped = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0)
             stages.gate_up(
-                x, w13, topk_weights, plan, store_h=True, store_a=True, activation=gpt_oss
+                x, w13, topk_weights, plan, store_h=True, store_a=True, activation=clamped
             )
-            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=gpt_oss)
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=clamped)
+            # GPT-OSS: gate_up_proj [E, d, 2F] and down_proj [E, F, d], read transposed.
+            gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
+            w13_t, w2_t = empty(E, d, 2 * ffn).mT, empty(E, ffn, d).mT
+            b13, b2 = empty(E, 2 * ffn), empty(E, d)
+            h, a = stages.gate_up(
+                x, w13_t, topk_weights, plan, store_h=True, store_a=True, activation=gpt_oss,
+                bias=b13,
+            )  # fmt: skip
+            stages.down_combine(
+                a, w2_t, plan, deterministic=False, bias=b2, topk_weights=topk_weights
+            )
+            stages.grad_act(dout, w2_t, h, topk_weights, plan, store_a=True, activation=gpt_oss)
+            stages.grad_b13(dh, plan, torch.bfloat16)
+            stages.grad_b2(dout, topk_weights, b2, plan)
 
 
 def run_overlap_launchers() -> None:

@@ -10,7 +10,8 @@ transformers v5 keeps the experts of an MoE block in one module whose class is d
     experts(hidden_states [T, d], top_k_index, top_k_weights)
       -> ExpertsInterface[config._experts_implementation](experts, hidden_states, ...)
       -> moeblaze.moe_mlp(hidden_states, top_k_index, top_k_weights,
-                          w13 = gate_up_proj [E, 2F, d], w2 = down_proj [E, d, F]) -> [T, d]
+                          w13 = gate_up_proj [E, 2F, d], w2 = down_proj [E, d, F],
+                          b13 = gate_up_proj_bias, b2 = down_proj_bias) -> [T, d]
 
 Importing this module registers one name per `moeblaze.RECOMPUTE_POLICIES` entry, plus the
 default, so the policy is chosen per model, with no global state:
@@ -25,15 +26,15 @@ default, so the policy is chosen per model, with no global state:
     model.set_experts_implementation("moeblaze-up_proj")  # switch policy later
 
 The experts' own parameters are used as they are, with no conversion and no copy per call:
-`gate_up_proj [E, 2F, d]` (gate rows, then up rows) is `w13` and `down_proj [E, d, F]` is `w2`;
-families that store them transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are
-passed as transposed views, which the kernels read through their strides. The activation is
-`act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a `moeblaze.SwiGLU`
-(`CUSTOM_GATES`: DeepSeek-V4's clamped SwiGLU; GPT-OSS's, whose experts also need what is
-missing below), checked against the class's own `_apply_gate` before first use. Experts that
-compute anything else raise `NotImplementedError` naming the experts class, its model family and
-what moeblaze lacks: interleaved gate/up columns, biases, no gate (`up_proj` only), another
-activation, another custom `_apply_gate`, a post-expert norm.
+`gate_up_proj [E, 2F, d]` is `w13` and `down_proj [E, d, F]` is `w2`; families that store them
+transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are passed as transposed views,
+which the kernels read through their strides; biases (`has_bias=True`) are `b13` and `b2`. The
+activation is `act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a
+`moeblaze.SwiGLU` (`CUSTOM_GATES`: DeepSeek-V4's clamped SwiGLU; GPT-OSS's clamped quick-GELU
+one, on gate and up columns interleaved as `is_concatenated=False` says), checked against the
+class's own `_apply_gate` before first use. Experts that compute anything else raise
+`NotImplementedError` naming the experts class, its model family and what moeblaze lacks: no
+gate (`up_proj` only), another activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they are sent to expert E-1 with weight 0 (computed and discarded, as
@@ -80,6 +81,7 @@ def moeblaze_experts_forward(
     function is what its `forward` calls once "moeblaze" is its experts implementation.
     """
     w13, w2 = expert_weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
+    b13, b2 = expert_biases(experts)  # [E, 2F], [E, d] or None
     activation, _ = _swiglu_of(experts)  # checked by expert_weights
     if getattr(experts, "_is_expert_parallel", False):
         off_rank = top_k_index >= w13.shape[0]  # [T, k] slots of another rank's experts
@@ -92,6 +94,8 @@ def moeblaze_experts_forward(
         top_k_weights,
         w13,
         w2,
+        b13=b13,
+        b2=b2,
         recompute=recompute,
         activation=activation,
     )
@@ -111,13 +115,21 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(
             f"experts_implementation='moeblaze' cannot run {cls.__name__} (model family "
             f"{family!r}): moeblaze computes down(SwiGLU(gate(x), up(x))) with gate_up_proj "
-            f"[E, 2F, d] (gate rows, then up rows) and down_proj [E, d, F], but these experts "
-            f"have {'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' "
-            f"for this model."
+            f"[E, 2F, d] and down_proj [E, d, F] (or transposed), but these experts have "
+            f"{'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' for "
+            f"this model."
         )
     if experts.is_transposed:  # gate_up_proj [E, d, 2F], down_proj [E, F, d]
         return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
     return experts.gate_up_proj, experts.down_proj
+
+
+def expert_biases(experts: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(b13 [E, 2F], b2 [E, d]) of experts with `has_bias=True` (their parameters), else
+    (None, None)."""
+    if not experts.has_bias:
+        return None, None
+    return experts.gate_up_proj_bias, experts.down_proj_bias
 
 
 def _unsupported_features(experts: nn.Module) -> list[str]:
@@ -131,13 +143,6 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
     missing = []
     if not experts.has_gate:
         missing.append("no gate projection (has_gate=False: up_proj and down_proj only)")
-    if experts.has_gate and not experts.is_concatenated:
-        missing.append(
-            "gate and up columns interleaved (is_concatenated=False: gate0, up0, gate1, ...), "
-            "which moeblaze could only read from a copy of gate_up_proj made every call"
-        )
-    if experts.has_bias:
-        missing.append("biases (has_bias=True: gate_up_proj_bias, down_proj_bias)")
     if getattr(experts, "has_post_expert_norm", False):
         missing.append("a norm after each expert (has_post_expert_norm=True)")
     _, problem = _swiglu_of(experts)
@@ -147,14 +152,15 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
 
 
 # Experts classes with their own `_apply_gate` that is a moeblaze.SwiGLU, and how to read its
-# numbers from the module. Before first use, the SwiGLU is checked against `_apply_gate` itself
-# (`_computes`), so a class that changes its gate in a later transformers is refused, not
-# computed wrong.
+# numbers from the module (the gate/up layout is the module's `is_concatenated`). Before first
+# use, the SwiGLU is checked against `_apply_gate` itself (`_computes`), so a class that changes
+# its gate in a later transformers is refused, not computed wrong.
 CUSTOM_GATES = {
     # clamp, then act_fn(gate) * up
-    "DeepseekV4Experts": lambda experts: SwiGLU(limit=experts.limit),
-    # clamp, then gate * sigmoid(alpha * gate) * (up + 1)
-    "GptOssExperts": lambda e: SwiGLU(alpha=e.alpha, limit=e.limit, up_offset=1.0),
+    "DeepseekV4Experts": lambda experts: dict(limit=experts.limit),
+    # gate, up = gate_up[..., ::2], gate_up[..., 1::2]; clamp; gate * sigmoid(alpha * gate) *
+    # (up + 1)
+    "GptOssExperts": lambda experts: dict(alpha=experts.alpha, limit=experts.limit, up_offset=1.0),
 }
 
 
@@ -168,9 +174,10 @@ def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
             return SWIGLU, None
         return None, f"the activation {act!r} where moeblaze computes SiLU"
     read = CUSTOM_GATES.get(cls.__name__)
-    activation = read(experts) if read is not None else None
-    concatenated = experts.is_concatenated
-    if activation is not None and _computes(cls, cls._apply_gate, act, activation, concatenated):
+    activation = None
+    if read is not None:
+        activation = SwiGLU(**read(experts), interleaved=not experts.is_concatenated)
+    if activation is not None and _computes(cls, cls._apply_gate, act, activation):
         return activation, None
     known = f" (not {activation!r} as expected)" if activation is not None else ""
     return None, (
@@ -180,16 +187,14 @@ def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
 
 
 @functools.cache
-def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU, concatenated: bool) -> bool:
+def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
     """Whether `apply_gate` (`cls._apply_gate`) computes `activation` (float64, on CPU, at points
-    across and around its clamps) for experts of that class with this `act_fn`."""
+    across and around its clamps, from gate and up laid out as `activation` says) for experts of
+    that class with this `act_fn`."""
     bound = 2 * (activation.limit or 4.0)
     grid = torch.linspace(-bound, bound, 41, dtype=torch.float64)
     gate, up = grid[:, None].expand(41, 41), grid[None, :].expand(41, 41)  # every pair
-    if concatenated:
-        gate_up = torch.cat([gate, up], dim=-1)  # [41, 82]
-    else:
-        gate_up = torch.stack([gate, up], dim=-1).flatten(-2)  # gate0, up0, gate1, ...
+    gate_up = activation.join(gate, up)  # [41, 82]
     probe = object.__new__(cls)  # the module's attributes the gate reads, nothing else
     probe.__dict__.update(act_fn=act_fn, limit=activation.limit, alpha=activation.alpha)
     try:

@@ -151,7 +151,6 @@ def gate_up_kernel(
     if valid:
         if STORE_A:  # loaded before the main loop: `slots` need not stay live through it
             w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-        mask = row_mask[:, None] & col_mask[None, :]
         if INTERLEAVED:
             pre_cols = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
             pre_mask = pre_cols < 2 * F
@@ -219,6 +218,7 @@ def gate_up_kernel(
             # then sees exactly the values the forward used.
             gate = gate.to(x_ptr.dtype.element_ty)
             up = up.to(x_ptr.dtype.element_ty)
+            mask = row_mask[:, None] & col_mask[None, :]
             if STORE_H:
                 h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
                 tl.store(h_ptrs, gate, mask=mask)
@@ -227,6 +227,7 @@ def gate_up_kernel(
             act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
             act *= w_row[:, None]
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
+            mask = row_mask[:, None] & col_mask[None, :]
             tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -904,6 +905,13 @@ GPU_CONFIGS = {
     # the old 128x128x32 s4 config "barely pipelined"). 5 stages keep 3-4 copy groups in flight.
     ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 98-100
 }
+# With gate and up interleaved (SwiGLU(interleaved=True), GPT-OSS), grad_act's epilogue joins
+# d_gate and d_up into one block of dh: at 128x128 that spills 8-16 B with Triton 3.6 (255
+# registers); 128x64 builds in 199 (3.6) / 177 (3.9). gate_up keeps its 128x128 tile there: one
+# accumulator over 256 interleaved columns, 255 registers with both, no spills.
+GPU_CONFIGS_INTERLEAVED = {
+    ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
+}
 # Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
 # block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
 # configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
@@ -974,7 +982,7 @@ class TritonStages:
         a = alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         if num_slots == 0:
             return h, a
-        cfg = self._config("gate_up", plan)
+        cfg = self._config("gate_up", plan, activation.interleaved)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
         # B = w13[e]^T [d, 2F], read in tiles of the gate and up columns of block_n activation
@@ -1039,7 +1047,7 @@ class TritonStages:
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        cfg = self._config("grad_act", plan)
+        cfg = self._config("grad_act", plan, activation.interleaved)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
@@ -1200,12 +1208,14 @@ class TritonStages:
         )
         return out
 
-    def _config(self, kernel: str, plan: RoutingPlan) -> GemmConfig:
+    def _config(self, kernel: str, plan: RoutingPlan, interleaved: bool = False) -> GemmConfig:
         key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
             config = GPU_CONFIGS[key]
+            if interleaved:
+                config = GPU_CONFIGS_INTERLEAVED.get(key, config)
             if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
                 config = dataclasses.replace(
                     config, num_stages=min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)

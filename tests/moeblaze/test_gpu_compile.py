@@ -6,6 +6,7 @@ from gpu_compile_testing import compile_reports
 from moeblaze.kernels.expert_mlp import GPU_CONFIGS
 
 PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
+OTHER_KERNELS = (*PLAN_KERNELS, "expert_bias_grad_kernel")  # no GEMM
 GEMM_KERNELS = ("gate_up_kernel", "grad_act_kernel", "scatter_rows_kernel", "expert_wgrad_kernel")
 
 
@@ -13,7 +14,7 @@ def _launched_configs(reports):
     return {
         (r["kernel"].removesuffix("_kernel"), r["constexprs"]["BLOCK_M"])
         for r in reports
-        if r["kernel"] not in PLAN_KERNELS
+        if r["kernel"] not in OTHER_KERNELS
     }
 
 
@@ -22,10 +23,10 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     # Every GPU configuration moeblaze launches was compiled (wgrad: BLOCK_M of its output).
     expected = {(kernel, cfg.block_m) for (kernel, _), cfg in GPU_CONFIGS.items()}
     assert _launched_configs(reports) == expected, reports
-    assert {r["kernel"] for r in reports} >= set(PLAN_KERNELS)
+    assert {r["kernel"] for r in reports} >= set(OTHER_KERNELS)
     for report in reports:
         assert report["stack_bytes"] == 0, report  # no register spills
-        if report["kernel"] in PLAN_KERNELS:
+        if report["kernel"] in OTHER_KERNELS:
             continue
         # Every GEMM uses Hopper tensor cores fed by software-pipelined async copies of both
         # operands, with copies and one wgmma in flight while the next step waits. (The weight
@@ -46,15 +47,23 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     assert {(r["kernel"], r["tma"]) for r in gemms} == {
         (kernel, tma) for kernel in GEMM_KERNELS for tma in (True, False)
     }
-    # The SwiGLU epilogues are built plain and clamped (GPT-OSS), at both tile heights.
-    clamped = {
-        (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
-        for r in reports
-        if r["swiglu"] is not None and r["swiglu"][1] is not None
+    # The SwiGLU epilogues are built plain and clamped, with gate and up concatenated and
+    # interleaved (GPT-OSS), at both tile heights; the biases in gate_up's and the combine's.
+    swiglu_epilogues = {("gate_up_kernel", b) for b in (64, 128)} | {
+        ("grad_act_kernel", b) for b in (64, 128)
     }
-    assert clamped == {
+    for interleaved in (False, True):
+        clamped = {
+            (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
+            for r in reports
+            if r["swiglu"] is not None and r["swiglu"][1] is not None
+            and r["swiglu"][3] == interleaved
+        }  # fmt: skip
+        assert clamped == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
+    biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
+    assert biased == {
         (kernel, block_m, tma)
-        for kernel in ("gate_up_kernel", "grad_act_kernel")
+        for kernel in ("gate_up_kernel", "scatter_rows_kernel")
         for block_m in (64, 128)
         for tma in (True, False)
     }, reports

@@ -102,6 +102,18 @@ def _config(family: str, **overrides):
                 qk_nope_head_dim=8,
             ),
         ),
+        # Gate and up columns interleaved (is_concatenated=False), biases, transposed weights,
+        # a clamped quick-GELU SwiGLU.
+        "gpt_oss": (
+            "GptOssConfig",
+            dict(
+                intermediate_size=16,
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                head_dim=16,
+                output_router_logits=True,
+            ),
+        ),
         # Transposed expert weights (is_transposed=True): gate_up_proj [E, d, 2F].
         "aria": (
             "AriaTextConfig",
@@ -118,7 +130,7 @@ def _config(family: str, **overrides):
     return getattr(transformers, name)(**{**COMMON, **kwargs, **overrides})
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "aria")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "aria")
 
 
 def _models(family, dtype=torch.float32, device="cpu", make_config=_config):
@@ -199,9 +211,9 @@ def _step(model, input_ids):
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), **grads}
 
 
-def _reference_moe_mlp(*args, recompute, activation):
+def _reference_moe_mlp(*args, recompute, **kwargs):
     """moeblaze.moe_mlp_reference in moeblaze.moe_mlp's place (it has no recompute policies)."""
-    return moeblaze.moe_mlp_reference(*args, activation=activation)
+    return moeblaze.moe_mlp_reference(*args, **kwargs)
 
 
 def _record_moe_mlp_calls(monkeypatch, run=None) -> list:
@@ -298,12 +310,6 @@ def test_expert_parallel_sentinels(monkeypatch):
     ("family", "config_class", "config_kwargs", "missing"),
     [
         (
-            "gpt_oss",
-            "GptOssConfig",
-            dict(num_local_experts=4, intermediate_size=16),
-            ["interleaved", "biases"],  # its gate is a moeblaze.SwiGLU: not named
-        ),
-        (
             "nemotron_h",
             "NemotronHConfig",
             dict(n_routed_experts=4, moe_intermediate_size=16),
@@ -316,7 +322,7 @@ def test_expert_parallel_sentinels(monkeypatch):
             ["GELU"],
         ),
     ],
-    ids=["gpt_oss", "nemotron_h", "mixtral_gelu"],
+    ids=["nemotron_h", "mixtral_gelu"],
 )
 def test_unsupported_experts_raise(family, config_class, config_kwargs, missing):
     modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
@@ -330,21 +336,21 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
     message = str(error.value)
     for text in [experts_class, f"model family {family!r}", *missing]:
         assert text in message, f"{text!r} not in: {message}"
-    assert "_apply_gate" not in message  # GPT-OSS's gate is a moeblaze.SwiGLU
+    assert "_apply_gate" not in message  # the gates moeblaze knows are not named
 
 
-def _deepseek_v4_experts(limit: float):
-    """Two DeepseekV4Experts, one on "eager" and one on "moeblaze", with the same random
-    weights and a SwiGLU limit of `limit`."""
-    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+def _experts_pair(family: str, config_class: str, **fields):
+    """Two experts modules of `family` (its one *Experts class), one on "eager" and one on
+    "moeblaze", from `config_class(hidden_size=32, **fields)`, with the same random parameters
+    (biases too) of the scale of nn.Linear's."""
+    modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
+    (experts_class,) = [n for n in dir(modeling) if n.endswith("Experts")]
     experts = []
     for implementation in ("eager", "moeblaze"):
-        config = transformers.DeepseekV4Config(
-            hidden_size=32, n_routed_experts=4, moe_intermediate_size=16, swiglu_limit=limit
-        )
+        config = getattr(transformers, config_class)(hidden_size=32, **fields)
         config._experts_implementation = implementation
         torch.manual_seed(3)
-        module = modeling.DeepseekV4Experts(config)
+        module = getattr(modeling, experts_class)(config)
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
@@ -352,12 +358,43 @@ def _deepseek_v4_experts(limit: float):
     return experts
 
 
-def test_deepseek_v4_clamped_swiglu_matches_eager():
-    # DeepseekV4Experts._apply_gate clamps gate and up: moeblaze runs it as SwiGLU(limit=...),
-    # here with a limit that clamps a good part of the pre-activations.
-    experts = _deepseek_v4_experts(limit=0.5)
-    assert hf._swiglu_of(experts[1]) == (moeblaze.SwiGLU(limit=0.5), None)
+def _deepseek_v4_experts(limit: float):
+    return _experts_pair(
+        "deepseek_v4",
+        "DeepseekV4Config",
+        n_routed_experts=4,
+        moe_intermediate_size=16,
+        swiglu_limit=limit,
+    )
+
+
+def _gpt_oss_experts(limit: float):
+    return _experts_pair(
+        "gpt_oss", "GptOssConfig", num_local_experts=4, intermediate_size=16, swiglu_limit=limit
+    )
+
+
+# Limits that clamp a good part of the pre-activations of these random experts.
+CUSTOM_GATE_EXPERTS = {
+    "deepseek_v4": (_deepseek_v4_experts, moeblaze.SwiGLU(limit=0.5)),
+    "gpt_oss": (
+        _gpt_oss_experts,
+        moeblaze.SwiGLU(alpha=1.702, limit=0.5, up_offset=1.0, interleaved=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", CUSTOM_GATE_EXPERTS)
+def test_custom_gate_experts_match_eager(family):
+    # DeepseekV4Experts._apply_gate clamps gate and up: moeblaze runs it as SwiGLU(limit=...).
+    # GptOssExperts clamps too, with quick GELU on gate and up interleaved, and has biases.
+    make, activation = CUSTOM_GATE_EXPERTS[family]
+    experts = make(limit=activation.limit)
+    assert hf._swiglu_of(experts[1]) == (activation, None)
     x, ids, weights = _experts_inputs()
+    (w13, _), (b13, _) = hf.expert_weights(experts[1]), hf.expert_biases(experts[1])
+    pre = torch.einsum("td,efd->tef", x, w13) + (0 if b13 is None else b13)  # every expert
+    assert (activation.split(pre)[0] > activation.limit).float().mean() > 0.1  # clamps
     results = []
     for module in experts:
         leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
