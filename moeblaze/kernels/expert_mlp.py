@@ -1240,9 +1240,7 @@ class TritonStages:
         """kernelbase.gemm.tma_descriptor of `tensor` where `_tma` allows, else None."""
         return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device, cfg) else None
 
-    def _weights(
-        self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0, block_n: int = 0
-    ):
+    def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0, block_n: int = 0):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
         where `_tma` allows and the copy engine can read it), its strides, and the constexprs
         B_TMA and B_KN (kernelbase.gemm.tile_matmul; `second_n`: its DUAL offset; `block_n`:
