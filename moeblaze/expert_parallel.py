@@ -187,6 +187,8 @@ def expert_parallel_mlp(
     w2: torch.Tensor,
     group: dist.ProcessGroup | None = None,
     *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
     recompute: str = "activation",
     deterministic: bool = False,
     recompute_dispatch: bool = True,
@@ -203,6 +205,7 @@ def expert_parallel_mlp(
         topk_weights: [T, k] floating routing weights.
         w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
         w2: [E_l, d, F].
+        b13, b2: optional biases of this rank's experts, [E_l, 2F] and [E_l, d] (moe_mlp's).
         group: the expert-parallel process group (default: the default group).
         recompute, deterministic, activation: passed to `moeblaze.moe_mlp` for the local
             experts. With k = 1 there, `deterministic` changes nothing; the sums of this
@@ -212,7 +215,7 @@ def expert_parallel_mlp(
             instead of keeping the received rows [R, d]; False keeps them.
 
     Returns:
-        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13 and w2.
+        out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
     """
     _check_args(x, topk_ids, topk_weights, w13, w2)
     group, world_size, _ = _resolve_group(group, "expert_parallel_mlp")
@@ -238,6 +241,8 @@ def expert_parallel_mlp(
             weights,
             w13,
             w2,
+            b13=b13,
+            b2=b2,
             recompute=recompute,
             deterministic=deterministic,
             activation=activation,
@@ -251,7 +256,8 @@ class ExpertParallelMoELayer(MoEBlock):
 
     Takes `MoELayer`'s arguments plus `group` (default: the default group) and
     `recompute_dispatch` (see `expert_parallel_mlp`). Rank r holds experts
-    [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, gradients
+    [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2 [E_l, d, F]` (and with
+    `bias=True` `b13 [E_l, 2F]`, `b2 [E_l, d]`), gradients
     complete for the global batch. The router and the shared expert are replicated: seed every
     rank alike before building (see `reset_parameters` for the experts), and all-reduce their
     gradients over the group like data-parallel parameters. The router's aux losses and token
@@ -271,6 +277,7 @@ class ExpertParallelMoELayer(MoEBlock):
         recompute_dispatch: bool = True,
         shared_expert_size: int | None = None,
         activation: SwiGLU = SWIGLU,
+        bias: bool = False,
         device=None,
         dtype=None,
         **router_options,
@@ -296,6 +303,7 @@ class ExpertParallelMoELayer(MoEBlock):
             dtype=dtype,
             router_options=router_options,
             activation=activation,
+            bias=bias,
         )
         self.group, self.world_size, self.rank = group, world_size, rank
         self.experts = slice(rank * num_local, (rank + 1) * num_local)  # global ids
@@ -303,7 +311,7 @@ class ExpertParallelMoELayer(MoEBlock):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in)).
+        """Each expert's matrices and biases like `nn.Linear`'s (uniform, bound 1/sqrt(fan_in)).
 
         Expert e draws from a generator seeded with (one draw of the default generator) + e: on
         ranks seeded alike, as the replicated router needs, the experts still differ, and the
@@ -316,9 +324,10 @@ class ExpertParallelMoELayer(MoEBlock):
         with torch.no_grad():
             for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
                 generator.manual_seed(seed + expert)
-                for w in (self.w13[local], self.w2[local]):  # [2F, d], [d, F]
-                    bound = 1.0 / math.sqrt(w.shape[1])
-                    w.uniform_(-bound, bound, generator=generator)
+                for w, b in ((self.w13, self.b13), (self.w2, self.b2)):  # [2F, d], [d, F]
+                    bound = 1.0 / math.sqrt(w.shape[2])
+                    for t in (w, b) if b is not None else (w,):
+                        t[local].uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_moe_layer(
@@ -340,6 +349,7 @@ class ExpertParallelMoELayer(MoEBlock):
             deterministic=layer.deterministic,
             recompute_dispatch=recompute_dispatch,
             activation=layer.activation,
+            bias=layer.b13 is not None,
             device="meta",
             dtype=layer.w13.dtype,
         )
@@ -347,6 +357,9 @@ class ExpertParallelMoELayer(MoEBlock):
         ep.shared_expert = copy.deepcopy(layer.shared_expert)
         ep.w13 = nn.Parameter(layer.w13.detach()[ep.experts].clone())
         ep.w2 = nn.Parameter(layer.w2.detach()[ep.experts].clone())
+        if layer.b13 is not None:
+            ep.b13 = nn.Parameter(layer.b13.detach()[ep.experts].clone())
+            ep.b2 = nn.Parameter(layer.b2.detach()[ep.experts].clone())
         return ep
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
@@ -357,6 +370,8 @@ class ExpertParallelMoELayer(MoEBlock):
             self.w13,
             self.w2,
             self.group,
+            b13=self.b13,
+            b2=self.b2,
             recompute=self.recompute,
             deterministic=self.deterministic,
             recompute_dispatch=self.recompute_dispatch,

@@ -24,8 +24,9 @@ from moeblaze.router import Router, RouterOutput
 class MoEBlock(nn.Module):
     """What `MoELayer` and `moeblaze.ExpertParallelMoELayer` share: the router, the SwiGLU
     experts this module holds (`w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, E_l = `num_local_experts`
-    of the `num_experts` routed to), the optional shared expert, and the forward around the
-    routed experts' computation (`routed_mlp`, which a subclass defines)."""
+    of the `num_experts` routed to; with `bias`, also `b13 [E_l, 2F]` and `b2 [E_l, d]`, else
+    None), the optional shared expert, and the forward around the routed experts' computation
+    (`routed_mlp`, which a subclass defines)."""
 
     def __init__(
         self,
@@ -42,6 +43,7 @@ class MoEBlock(nn.Module):
         dtype,
         router_options: dict,
         activation: SwiGLU = SWIGLU,
+        bias: bool = False,
     ):
         super().__init__()
         if ffn_hidden_size < 1:
@@ -59,6 +61,10 @@ class MoEBlock(nn.Module):
         self.w2 = nn.Parameter(
             torch.empty(num_local_experts, hidden_size, ffn_hidden_size, **factory)
         )
+        self.b13 = self.b2 = None
+        if bias:
+            self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, **factory))
+            self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, **factory))
         self.shared_expert = (
             SwiGLUMLP(hidden_size, shared_expert_size, activation=activation, **factory)
             if shared_expert_size
@@ -99,8 +105,9 @@ class MoELayer(MoEBlock):
     `topk_scaling_factor`, `num_groups`, `topk_groups`, `expert_bias`, `aux_loss_coeff`,
     `z_loss_coeff`): they go to `moeblaze.Router`, which documents and checks them; `recompute`
     and `deterministic` to `moeblaze.moe_mlp`, and `activation` (a `moeblaze.SwiGLU`: plain,
-    clamped as in DeepSeek-V4, or GPT-OSS's) to it and to the shared expert. `shared_expert_size`
-    adds a dense SwiGLU MLP of that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
+    clamped as in DeepSeek-V4, or GPT-OSS's) to it and to the shared expert. `bias=True` gives
+    each expert biases `b13 [E, 2F]` and `b2 [E, d]` (GPT-OSS). `shared_expert_size` adds a
+    dense SwiGLU MLP of that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
     `last_router_output` holds the router's `RouterOutput` (aux losses and tokens per expert,
     for logging).
     """
@@ -116,6 +123,7 @@ class MoELayer(MoEBlock):
         deterministic: bool = False,
         shared_expert_size: int | None = None,
         activation: SwiGLU = SWIGLU,
+        bias: bool = False,
         device=None,
         dtype=None,
         **router_options,
@@ -127,6 +135,7 @@ class MoELayer(MoEBlock):
             num_experts,
             top_k,
             num_experts,
+            bias=bias,
             recompute=recompute,
             deterministic=deterministic,
             shared_expert_size=shared_expert_size,
@@ -138,10 +147,11 @@ class MoELayer(MoEBlock):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Each expert's matrices like `nn.Linear` weights (uniform, bound 1/sqrt(fan_in))."""
-        for w in (self.w13, self.w2):
+        """Each expert's matrices and biases like `nn.Linear`'s (uniform, bound 1/sqrt(fan_in))."""
+        for w, b in ((self.w13, self.b13), (self.w2, self.b2)):
             bound = 1.0 / math.sqrt(w.shape[2])
-            nn.init.uniform_(w, -bound, bound)
+            for t in (w, b) if b is not None else (w,):
+                nn.init.uniform_(t, -bound, bound)
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return moe_mlp(
@@ -150,6 +160,8 @@ class MoELayer(MoEBlock):
             routing.topk_weights,
             self.w13,
             self.w2,
+            b13=self.b13,
+            b2=self.b2,
             recompute=self.recompute,
             deterministic=self.deterministic,
             activation=self.activation,

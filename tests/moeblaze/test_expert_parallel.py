@@ -134,7 +134,7 @@ def _check_case(case: Case, group, device="cpu") -> None:
     assert_close(x.grad, case.grads["x"][mine], rtol=RTOL, name=f"{where}: dx")
     for name, p in layer.named_parameters():
         expected = case.grads[name]
-        if name in ("w13", "w2"):  # this rank's experts: complete gradients
+        if name in ("w13", "w2", "b13", "b2"):  # this rank's experts: complete gradients
             expected = expected[layer.experts]
             grad = p.grad
         else:  # replicated: the data-parallel all-reduce
@@ -220,6 +220,7 @@ def test_expert_parallel_over_gloo(tmp_path):
         receivers=(1, 2, 3),
         recompute="up_proj",
         shared_expert_size=SHARED,
+        bias=True,
     )
     init_method = f"file://{tmp_path / 'store'}"
     mp.start_processes(

@@ -36,6 +36,8 @@ def _hand_composition(layer, x):
         layer.w13.double(),
         layer.w2.double(),
         activation=layer.activation,
+        b13=None if layer.b13 is None else layer.b13.double(),
+        b2=None if layer.b2 is None else layer.b2.double(),
     )
     if layer.shared_expert is not None:
         gate, up = F.linear(tokens.double(), layer.shared_expert.gate_up.weight.double()).chunk(
@@ -61,13 +63,14 @@ def _step(fn, layer, x, dout):
     return [out.detach(), x.grad, *grads]
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("activation", [None, GPT_OSS], ids=["swiglu", "gpt-oss"])
 @pytest.mark.parametrize("shared", [None, SHARED], ids=["routed_only", "shared_expert"])
 @pytest.mark.parametrize("recompute", ["activation", "up_proj"])
-def test_layer_matches_hand_composition(shared, recompute, activation):
+def test_layer_matches_hand_composition(shared, recompute, activation, bias):
     # The SwiGLU reaches the routed experts and the shared expert.
     options = {} if activation is None else dict(activation=activation)
-    layer = _layer(shared_expert_size=shared, recompute=recompute, **options)
+    layer = _layer(shared_expert_size=shared, recompute=recompute, bias=bias, **options)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, L, D, generator=g)
     dout = torch.randn(B, L, D, generator=g)
@@ -76,6 +79,7 @@ def test_layer_matches_hand_composition(shared, recompute, activation):
     assert actual[0].shape == (B, L, D) and actual[0].dtype == torch.float32
     names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
     assert "router.weight" in names and "w13" in names and "w2" in names
+    assert ("b13" in names and "b2" in names) == bias
     if shared:
         assert "shared_expert.gate_up.weight" in names and "shared_expert.down.weight" in names
     for name, a, e in zip(names, actual, expected, strict=True):
