@@ -10,7 +10,7 @@ import functools
 
 import pytest
 import torch
-from moeblaze_testing import check_plan
+from moeblaze_testing import NAMES, check_plan, output_names
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
@@ -21,7 +21,6 @@ from moeblaze.routing_plan import plan_numel
 
 pytestmark = pytest.mark.gpu
 
-NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
 # The kernel may be at most 2x as far from the float64 oracle as plain PyTorch in the same
 # low precision (design brief; flash-attention's rule). On the GPU both round to nearest.
 LOW_PRECISION_FACTOR = 2
@@ -39,6 +38,8 @@ SHAPES = {
     "E256": (256, 128, 64, 256, 8, "random"),
     # 392-byte rows of x and w13 (pointer loads of w13) beside 240-byte rows of w2 (TMA).
     "unaligned": (300, 196, 120, 8, 2, "random"),
+    # S >= 512 E: the plan's block_m is 128 (the other shapes' is 64).
+    "tall": (4096, 256, 192, 8, 2, "random"),
 }
 
 
@@ -66,26 +67,28 @@ def test_bf16_matches_reference(shape, make_problem):
 
 
 # DeepSeek-V4's and GPT-OSS's forms, with limits that clamp part of the pre-activations (their
-# std is about 1 at these shapes).
+# std is about 1 at these shapes); GPT-OSS's as its experts are stored: gate and up
+# interleaved, with biases. (activation, biases)
 ACTIVATIONS = {
-    "deepseek-v4": moeblaze.SwiGLU(limit=0.5),
-    "gpt-oss": moeblaze.SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0),
+    "deepseek-v4": (moeblaze.SwiGLU(limit=0.5), False),
+    "gpt-oss": (moeblaze.SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True), True),
 }
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
-@pytest.mark.parametrize("shape", ["medium", "odd"])
+@pytest.mark.parametrize("shape", ["medium", "odd", "tall"])
 def test_bf16_clamped_swiglu_matches_reference(shape, name, make_problem):
     T, d, F, E, k, routing = SHAPES[shape]
+    activation, biases = ACTIVATIONS[name]
     problem = make_problem(
-        T, d, F, E, k, dtype=torch.bfloat16, seed=2, routing=routing, device="cuda"
+        T, d, F, E, k, dtype=torch.bfloat16, seed=2, routing=routing, device="cuda", biases=biases
     )
-    activation = ACTIVATIONS[name]
     expected = problem.reference(activation=activation)
     baseline = _low_precision_baseline(problem, torch.bfloat16, activation=activation)
     for policy in moeblaze.RECOMPUTE_POLICIES:
         actual = problem.run(recompute=policy, activation=activation)
-        for what, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        names = output_names(actual)
+        for what, a, e, b in zip(names, actual, expected, baseline, strict=True):
             assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=f"{policy} {what}")
 
 
