@@ -151,31 +151,38 @@ def gate_up_kernel(
     if valid:
         if STORE_A:  # loaded before the main loop: `slots` need not stay live through it
             w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-        if INTERLEAVED:
-            pre_cols = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        if INTERLEAVED:  # B's columns (h's) of this program's gate and up, alternating
+            pre_col0 = 2 * pid_n * BLOCK_N
+            pre_cols = pre_col0 + tl.arange(0, 2 * BLOCK_N)
             pre_mask = pre_cols < 2 * F
-            pre, _ = tile_matmul(
-                a=x_ptr,
-                a_row0=row0,
-                a_rows=slots // TOP_K,
-                row_mask=row_mask,
-                stride_am=stride_x,
-                b=w13,
-                b_index=expert,
-                stride_bi=stride_we,
-                stride_bk=stride_wk,
-                stride_bn=stride_wn,
-                col0=2 * pid_n * BLOCK_N,
-                cols=pre_cols,
-                col_mask=pre_mask,
-                K=D,
-                BLOCK_K=BLOCK_K,
-                A_TMA=False,
-                B_TMA=B_TMA,
-                B_KN=B_KN,
-                DOT_FP32=DOT_FP32,
-                INPUT_PRECISION=INPUT_PRECISION,
-            )
+        else:  # its gate columns, and (DUAL) the up columns F further on
+            pre_col0, pre_cols, pre_mask = pid_n * BLOCK_N, cols, col_mask
+        gate, up = tile_matmul(
+            a=x_ptr,
+            a_row0=row0,
+            a_rows=slots // TOP_K,
+            row_mask=row_mask,
+            stride_am=stride_x,
+            b=w13,
+            b_index=expert,
+            stride_bi=stride_we,
+            stride_bk=stride_wk,
+            stride_bn=stride_wn,
+            col0=pre_col0,
+            cols=pre_cols,
+            col_mask=pre_mask,
+            second_n=F,
+            K=D,
+            BLOCK_K=BLOCK_K,
+            DUAL=not INTERLEAVED,
+            A_TMA=False,
+            B_TMA=B_TMA,
+            B_KN=B_KN,
+            DOT_FP32=DOT_FP32,
+            INPUT_PRECISION=INPUT_PRECISION,
+        )
+        if INTERLEAVED:
+            pre = gate  # [BLOCK_M, 2 * BLOCK_N]: gate, up, gate, ...
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + expert * stride_bias + pre_cols, mask=pre_mask, other=0.0)
                 pre += bias.to(tl.float32)[None, :]
@@ -186,30 +193,6 @@ def gate_up_kernel(
                 tl.store(h_ptrs, pre, mask=row_mask[:, None] & pre_mask[None, :])
             gate, up = tl.split(tl.reshape(pre, (BLOCK_M, BLOCK_N, 2)))
         else:
-            gate, up = tile_matmul(
-                a=x_ptr,
-                a_row0=row0,
-                a_rows=slots // TOP_K,
-                row_mask=row_mask,
-                stride_am=stride_x,
-                b=w13,
-                b_index=expert,
-                stride_bi=stride_we,
-                stride_bk=stride_wk,
-                stride_bn=stride_wn,
-                col0=pid_n * BLOCK_N,
-                cols=cols,
-                col_mask=col_mask,
-                second_n=F,
-                K=D,
-                BLOCK_K=BLOCK_K,
-                DUAL=True,
-                A_TMA=False,
-                B_TMA=B_TMA,
-                B_KN=B_KN,
-                DOT_FP32=DOT_FP32,
-                INPUT_PRECISION=INPUT_PRECISION,
-            )
             if HAS_BIAS:
                 bias_ptrs = bias_ptr + expert * stride_bias + cols
                 gate += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
