@@ -23,6 +23,7 @@ TRITON_INTERPRET=1; the CPU numbers show that the benchmark works, not how fast 
 
     python -m bench.hf_model                      # model configs on CUDA, `tiny` on CPU
     python -m bench.hf_model --configs olmoe-4l --providers grouped_mm,moeblaze
+    python -m bench.hf_model --configs gpt-oss-20b-4l   # GPT-OSS's experts (biases, interleaved)
     nsys profile -t cuda,nvtx -o hf_model python -m bench.hf_model --configs olmoe-4l
 """
 
@@ -104,6 +105,21 @@ CONFIGS = {
                 num_experts_per_tok=8,
                 head_dim=128,
                 **_attention(2048, 32, 4, 4, 32000),
+            ),
+        ),
+        # 4 of GPT-OSS-20B's 24 layers: d=2880, F=2880, E=32, k=4; gate and up interleaved,
+        # biases, clamped quick-GELU SwiGLU (vocab cut to 32k). Named only (--configs).
+        ModelConfig(
+            "gpt-oss-20b-4l",
+            "GptOssConfig",
+            batch=4,
+            seq=2048,
+            fields=dict(
+                intermediate_size=2880,
+                num_local_experts=32,
+                num_experts_per_tok=4,
+                head_dim=64,
+                **_attention(2880, 64, 8, 4, 32000),
             ),
         ),
     ]
