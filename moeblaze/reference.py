@@ -127,18 +127,21 @@ class TorchStages:
     def down_combine(
         self, a, w2, plan: "RoutingPlan", *, deterministic: bool, bias=None, topk_weights=None
     ):
-        if bias is None:
-            return self._combine(a, lambda e: w2[e].float().t(), plan, w2.shape[1])
-        weights = topk_weights.reshape(-1).float()
+        weights = None if bias is None else topk_weights.reshape(-1).float()
 
-        def rows(e, pos, slots):  # the bias weighted as the rows of a are
+        def rows(e, pos, slots):
             y = a[pos].float() @ w2[e].float().t()
-            return y + weights[slots, None] * bias[e].float()
+            if bias is not None:  # weighted as the rows of a are
+                y = y + weights[slots, None] * bias[e].float()
+            return y
 
-        return self._combine_rows(rows, plan, w2.shape[1], a)
+        return self._combine(rows, plan, w2.shape[1], a)
 
     def grad_input(self, dh, w13, plan: "RoutingPlan", *, deterministic: bool):
-        return self._combine(dh, lambda e: w13[e].float(), plan, w13.shape[2])
+        def rows(e, pos, slots):
+            return dh[pos].float() @ w13[e].float()
+
+        return self._combine(rows, plan, w13.shape[2], dh)
 
     def grad_act(
         self,
@@ -203,13 +206,8 @@ class TorchStages:
             dweights[slots] = rows @ b2[e].float()
         return db2, dweights.view(topk_weights.shape)
 
-    def _combine(self, rows_in, weight_of, plan: "RoutingPlan", n):
-        return self._combine_rows(
-            lambda e, pos, slots: rows_in[pos].float() @ weight_of(e), plan, n, rows_in
-        )
-
     @staticmethod
-    def _combine_rows(rows, plan: "RoutingPlan", n, like):
+    def _combine(rows, plan: "RoutingPlan", n, like):
         """sum over the k slots of each token of rows(e, pos, slots) [n_e, n], in like's dtype."""
         out = torch.zeros(plan.num_slots // plan.top_k, n, dtype=torch.float32, device=like.device)
         for e, pos, slots in _expert_rows(plan):
