@@ -26,7 +26,8 @@ class MoEBlock(nn.Module):
     experts this module holds (`w13 [E_l, 2F, d]`, `w2 [E_l, d, F]`, E_l = `num_local_experts`
     of the `num_experts` routed to; with `bias`, also `b13 [E_l, 2F]` and `b2 [E_l, d]`, else
     None), the optional shared expert, and the forward around the routed experts' computation
-    (`routed_mlp`, which a subclass defines)."""
+    (`routed_mlp`, which a subclass defines). `bias` gives every linear map a bias: the router's,
+    the experts' and the shared expert's."""
 
     def __init__(
         self,
@@ -54,7 +55,9 @@ class MoEBlock(nn.Module):
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         factory = dict(device=device, dtype=dtype)
-        self.router = Router(hidden_size, num_experts, top_k, **router_options, **factory)
+        self.router = Router(
+            hidden_size, num_experts, top_k, bias=bias, **router_options, **factory
+        )
         self.w13 = nn.Parameter(
             torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size, **factory)
         )
@@ -66,7 +69,7 @@ class MoEBlock(nn.Module):
             self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, **factory))
             self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, **factory))
         self.shared_expert = (
-            SwiGLUMLP(hidden_size, shared_expert_size, activation=activation, **factory)
+            SwiGLUMLP(hidden_size, shared_expert_size, activation=activation, bias=bias, **factory)
             if shared_expert_size
             else None
         )
@@ -106,10 +109,11 @@ class MoELayer(MoEBlock):
     `z_loss_coeff`): they go to `moeblaze.Router`, which documents and checks them; `recompute`
     and `deterministic` to `moeblaze.moe_mlp`, and `activation` (a `moeblaze.SwiGLU`: plain,
     clamped as in DeepSeek-V4, or GPT-OSS's) to it and to the shared expert. `bias=True` gives
-    each expert biases `b13 [E, 2F]` and `b2 [E, d]` (GPT-OSS). `shared_expert_size` adds a
-    dense SwiGLU MLP of that width that every token goes through (Qwen-MoE, DeepSeek). After each forward,
-    `last_router_output` holds the router's `RouterOutput` (aux losses and tokens per expert,
-    for logging).
+    every linear map a bias, as GPT-OSS and Megatron's `add_bias_linear=True` have: `router.bias
+    [E]`, each expert's `b13 [E, 2F]` and `b2 [E, d]`, and the shared expert's.
+    `shared_expert_size` adds a dense SwiGLU MLP of that width that every token goes through
+    (Qwen-MoE, DeepSeek). After each forward, `last_router_output` holds the router's
+    `RouterOutput` (aux losses and tokens per expert, for logging).
     """
 
     def __init__(
@@ -175,7 +179,8 @@ def _keyword_only(init) -> list[str]:
 def check_router_options(options: dict, layer: type) -> None:
     """Name an unknown keyword of a `layer` class's constructor with a close match, rather than
     leave it to Router."""
-    known = [name for name in _keyword_only(Router.__init__) if name not in ("device", "dtype")]
+    own_names = ("device", "dtype", "bias")  # the layer's own, passed on to the router
+    known = [name for name in _keyword_only(Router.__init__) if name not in own_names]
     own = ", ".join(_keyword_only(layer.__init__))
     for name in options:
         if name not in known:
@@ -188,9 +193,9 @@ def check_router_options(options: dict, layer: type) -> None:
 
 
 class SwiGLUMLP(nn.Module):
-    """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix;
-    `activation` (a `moeblaze.SwiGLU`) replaces silu(gate) * up by its clamped or quick-GELU
-    form."""
+    """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix
+    (rows as `activation.split` reads them); `activation` (a `moeblaze.SwiGLU`) replaces
+    silu(gate) * up by its clamped or quick-GELU form. `bias`: both linear maps have one."""
 
     def __init__(
         self,
@@ -200,13 +205,13 @@ class SwiGLUMLP(nn.Module):
         dtype=None,
         *,
         activation: SwiGLU = SWIGLU,
+        bias: bool = False,
     ):
         super().__init__()
         self.activation = activation
-        self.gate_up = nn.Linear(
-            hidden_size, 2 * ffn_hidden_size, bias=False, device=device, dtype=dtype
-        )
-        self.down = nn.Linear(ffn_hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+        factory = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden_size, **factory)
+        self.down = nn.Linear(ffn_hidden_size, hidden_size, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.activation.split(self.gate_up(x))

@@ -1,7 +1,7 @@
 """Token router: score every token against every expert and keep the top-k.
 
     # N tokens, d hidden, E experts, k top-k, G expert groups
-    x [N, d] --float32--> logits = x @ weight.T [N, E] --softmax | sigmoid--> scores [N, E]
+    x [N, d] --float32--> logits = x @ weight.T (+ bias) [N, E] --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
     aux_loss_coeff * load-balancing loss + z_loss_coeff * z-loss --> gradient, through topk_weights
@@ -74,10 +74,13 @@ class _InjectLossGrad(torch.autograd.Function):
 
 
 class Router(nn.Module):
-    """Linear gate `[E, d]` (Hugging Face layout) followed by top-k expert selection.
+    """Linear gate `weight [E, d]` (Hugging Face layout) followed by top-k expert selection.
 
     `forward(x [N, d]) -> RouterOutput`. Options:
 
+    - `bias`: the gate has a learnable `bias [E]` added to the logits (GPT-OSS, Megatron's
+      `add_bias_linear=True`); it changes scores and weights alike. Not to be confused with
+      `expert_bias`.
     - `score_func`: `"softmax"` (Mixtral, Qwen-MoE, DeepSeek-V2) or `"sigmoid"` (DeepSeek-V3).
     - `norm_topk_prob`: divide the k chosen scores by their sum.
     - `topk_scaling_factor`: multiply the k weights by this factor, after any renormalisation
@@ -107,6 +110,7 @@ class Router(nn.Module):
         *,
         score_func: str = "softmax",
         norm_topk_prob: bool = True,
+        bias: bool = False,
         topk_scaling_factor: float = 1.0,
         num_groups: int | None = None,
         topk_groups: int | None = None,
@@ -140,6 +144,9 @@ class Router(nn.Module):
         self.z_loss_coeff = float(z_loss_coeff)
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
         self.weight = nn.Parameter(weight)
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, device=device, dtype=dtype)) if bias else None
+        )
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts, device=device))
             self.register_buffer(
@@ -153,8 +160,11 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weight like `nn.Linear`; expert bias and accumulated counts to zero."""
+        """Weight and bias like `nn.Linear`'s; expert bias and accumulated counts to zero."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.hidden_size)
+            nn.init.uniform_(self.bias, -bound, bound)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
             self.tokens_per_expert_accum.zero_()
@@ -170,6 +180,8 @@ class Router(nn.Module):
             n, num_experts = x.shape[0], self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = x.float() @ self.weight.float().t()  # [N, E]
+                if self.bias is not None:
+                    logits = logits + self.bias.float()
             # A look at the values: at once on the CPU, without a host synchronisation on CUDA
             # (raised at the latest by the next moeblaze call); torch.compile skips it.
             if not torch.compiler.is_compiling():
@@ -281,6 +293,7 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         s = f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}"
         s += f", score_func={self.score_func!r}, norm_topk_prob={self.norm_topk_prob}"
+        s += f", bias={self.bias is not None}"
         if self.topk_scaling_factor != 1.0:
             s += f", topk_scaling_factor={self.topk_scaling_factor}"
         if self.num_groups is not None:

@@ -4,7 +4,7 @@
 
     hidden_states [s, b, h] -> tokens [N, h] --moeblaze.Router--> topk_ids [N, k], topk_weights [N, k]
     (the router multiplies the weights by moe_router_topk_scaling_factor)
-    moeblaze.moe_mlp(tokens, topk_ids, topk_weights, w13 [E, 2F, h], w2 [E, h, F])
+    moeblaze.moe_mlp(tokens, topk_ids, topk_weights, w13 [E, 2F, h], w2 [E, h, F], b13, b2)
     (+ shared expert, moeblaze.SwiGLUMLP) -> (output [s, b, h], None)
 
 `config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
@@ -15,7 +15,12 @@ lacks) or `ValueError` (an invalid value) naming every offending field with its 
 The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
 glu_linear_offset)` with gate' and up' clamped at `activation_func_clamp_value`, for
 `activation_func` F.silu or quick_gelu: `moeblaze.SwiGLU(alpha, limit, up_offset)` (GPT-OSS's
-settings are quick_gelu, 7.0 and 1.0; its biases, `add_bias_linear=True`, are not supported).
+settings are quick_gelu, 7.0 and 1.0, with `add_bias_linear=True`).
+
+`add_bias_linear=True` (megatron-core's default) gives the router's logits a bias `router.bias
+[E]` and each expert `b13 [E, 2F]` (fc1's, added before the GLU) and `b2 [E, h]` (fc2's, weighted
+by the routing weight like the rest of the expert's output, as Megatron's experts do). Megatron's
+shared experts have no biases, so a shared expert with `add_bias_linear=True` is a ValueError.
 
 Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`):
 
@@ -44,7 +49,8 @@ recomputed from the kept pre-activation, which is Megatron's "moe_act"). "shared
 
 Expert weights of an existing Megatron model load with `MoELayer.load_megatron_state_dict`
 (router, experts in the SequentialMLP, TEGroupedMLP or legacy GroupedMLP layout, shared expert)
-or `megatron_expert_weights` (experts only).
+or `megatron_expert_weights` / `megatron_expert_params` (experts only; the latter with their
+biases).
 """
 
 import dataclasses
@@ -126,7 +132,6 @@ _UNSUPPORTED = {
     "moe_latent_size": ("latent projections", _OFF),
     "moe_shared_expert_gate": ("a sigmoid gate on the shared expert", _OFF),
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
-    "add_bias_linear": ("expert and router biases; set add_bias_linear=False", _OFF),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
     "tensor_model_parallel_size": ("tensor parallelism", _ONE_RANK),
@@ -156,6 +161,7 @@ class LayerOptions:
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
+    bias: bool  # router and expert biases (add_bias_linear)
     activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
     recompute: str  # moeblaze.moe_mlp's policy
     recompute_shared_expert: bool
@@ -213,6 +219,7 @@ def layer_options(config) -> LayerOptions:
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
+        bias=bool(cfg["add_bias_linear"]),
         activation=moeblaze.SwiGLU(
             alpha=_glu_alpha(cfg["activation_func"]),
             limit=cfg["activation_func_clamp_value"],
@@ -228,12 +235,14 @@ class MoELayer(moeblaze.MoELayer):
     """moeblaze's MoE layer built from a Megatron `TransformerConfig`, Megatron's interface.
 
     `forward(hidden_states [s, b, h]) -> (output [s, b, h], None)`. Parameters: `router.weight
-    [E, h]` (and the buffer `router.expert_bias [E]`, both named as in Megatron), `w13 [E, 2F, h]`
-    (gate rows, then up rows), `w2 [E, h, F]`, `shared_expert.gate_up.weight [2Fs, h]`,
-    `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. They are initialised with
-    `config.init_method` (router, w13 per expert, shared gate/up) and
+    [E, h]` (and `router.bias [E]` with `add_bias_linear`, and the buffer `router.expert_bias
+    [E]`, named as in Megatron), `w13 [E, 2F, h]` (gate rows, then up rows), `w2 [E, h, F]`
+    (with `add_bias_linear`, `b13 [E, 2F]` and `b2 [E, h]`), `shared_expert.gate_up.weight [2Fs,
+    h]`, `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. They are initialised
+    with `config.init_method` (router weight and bias, w13 per expert, shared gate/up) and
     `config.output_layer_init_method` (w2 per expert, shared down) when
-    `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does.
+    `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does; the
+    expert biases start at zero then, as Megatron's do.
 
     `submodules` and `pg_collection` are accepted so that a Megatron `ModuleSpec` can name this
     class; moeblaze builds its own router and experts, and runs on one rank (tensor, expert,
@@ -269,6 +278,7 @@ class MoELayer(moeblaze.MoELayer):
             deterministic=deterministic,
             shared_expert_size=options.shared_expert_size,
             activation=options.activation,
+            bias=options.bias,
             device=device,
             dtype=options.params_dtype,
             **options.router_options(),
@@ -284,8 +294,14 @@ class MoELayer(moeblaze.MoELayer):
 
     @torch.no_grad()
     def _megatron_init(self, init_method: Callable | None, output_init_method: Callable | None):
-        """Megatron initialises each expert's [out, in] weight like one linear layer."""
+        """Megatron initialises each expert's [out, in] weight like one linear layer, the router's
+        bias like its weight, and the experts' biases to zero."""
+        if self.b13 is not None:
+            self.b13.zero_()
+            self.b2.zero_()
         fc1 = [self.router.weight, *self.w13]
+        if self.router.bias is not None:
+            fc1.append(self.router.bias)
         fc2 = list(self.w2)
         if self.shared_expert is not None:
             fc1.append(self.shared_expert.gate_up.weight)
@@ -333,16 +349,23 @@ class MoELayer(moeblaze.MoELayer):
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load the state dict of a megatron-core `MoELayer` (tensor/expert parallel size 1).
 
-        Reads `router.weight`, `router.expert_bias`, the experts in any layout that
-        `megatron_expert_weights` reads (under `experts.`) and `shared_experts.linear_fc1.weight`
-        / `linear_fc2.weight` (gate rows, then up rows, as moeblaze.SwiGLUMLP). With `strict`,
-        a key with no place here (other than `_extra_state` and non-persistent buffers) raises
-        ValueError. Returns what `load_state_dict` returns.
+        Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
+        that `megatron_expert_weights` reads (under `experts.`), with their biases, and
+        `shared_experts.linear_fc1.weight` / `linear_fc2.weight` (gate rows, then up rows, as
+        moeblaze.SwiGLUMLP). With `strict`, a key with no place here (other than `_extra_state`
+        and non-persistent buffers) raises ValueError, and so do biases in a layer built with
+        `add_bias_linear=False` or missing from one built with it. Returns what
+        `load_state_dict` returns.
         """
-        w13, w2, used = _expert_weights(state_dict, self.w13.shape[0], "experts.")
-        converted = {"w13": w13, "w2": w2}
+        converted, used = _expert_params(state_dict, self.w13.shape[0], "experts.")
+        if strict and ("b13" in converted) != (self.b13 is not None):
+            raise ValueError(
+                f"this layer was built with add_bias_linear={self.b13 is not None} but the "
+                f"Megatron state_dict {'has' if 'b13' in converted else 'lacks'} expert biases"
+            )
         renames = {
             "router.weight": "router.weight",
+            "router.bias": "router.bias",
             "router.expert_bias": "router.expert_bias",
             "shared_experts.linear_fc1.weight": "shared_expert.gate_up.weight",
             "shared_experts.linear_fc2.weight": "shared_expert.down.weight",
@@ -374,35 +397,50 @@ def megatron_expert_weights(
         TEGroupedMLP   linear_fc1.weight{e} [2F, h], linear_fc2.weight{e} [h, F]
         GroupedMLP     weight1 [h, E*2F] holding [E, h, 2F], weight2 [E*F, h] holding [E, F, h]
 
-    The GroupedMLP result is a view of its tensors; the others are stacked copies.
+    The GroupedMLP result is a view of its tensors; the others are stacked copies. Experts with
+    biases (`add_bias_linear=True`; SequentialMLP `...linear_fc1.bias`, TEGroupedMLP
+    `linear_fc1.bias{e}`) raise ValueError here, lest they be dropped: read them with
+    `megatron_expert_params`.
     """
-    w13, w2, _ = _expert_weights(state_dict, num_experts, prefix)
-    return w13, w2
+    params, _ = _expert_params(state_dict, num_experts, prefix)
+    if "b13" in params:
+        raise ValueError(
+            "the Megatron experts have biases (add_bias_linear=True), which (w13, w2) would "
+            "drop: use megatron_expert_params, which returns them as b13 and b2"
+        )
+    return params["w13"], params["w2"]
 
 
-def _expert_weights(state_dict, num_experts, prefix):
-    """megatron_expert_weights, plus the set of keys it read."""
+def megatron_expert_params(
+    state_dict: Mapping[str, torch.Tensor], num_experts: int, prefix: str = "experts."
+) -> dict[str, torch.Tensor]:
+    """`{"w13", "w2"}`, plus `"b13" [E, 2F]` and `"b2" [E, h]` for experts with biases: the
+    keyword arguments of `moeblaze.moe_mlp` (and the parameter names of `moeblaze.MoELayer`),
+    read from any layout `megatron_expert_weights` reads."""
+    params, _ = _expert_params(state_dict, num_experts, prefix)
+    return params
+
+
+def _expert_params(state_dict, num_experts, prefix):
+    """megatron_expert_params, plus the set of keys it read."""
     sequential = f"{prefix}local_experts.{{e}}.linear_fc{{i}}.{{what}}"
     te_grouped = f"{prefix}linear_fc{{i}}.{{what}}{{e}}"
     for layout in (sequential, te_grouped):
         if layout.format(e=0, i=1, what="weight") not in state_dict:
             continue
-        for i in (1, 2):
-            if layout.format(e=0, i=i, what="bias") in state_dict:
-                raise NotImplementedError(
-                    f"expert biases ({layout.format(e=0, i=i, what='bias')}) are not supported: "
-                    f"moeblaze experts have no bias (Megatron add_bias_linear=False)"
-                )
-        keys = [
-            [layout.format(e=e, i=i, what="weight") for e in range(num_experts)] for i in (1, 2)
-        ]
-        missing = [k for k in keys[0] + keys[1] if k not in state_dict]
+        names = {("weight", 1): "w13", ("weight", 2): "w2", ("bias", 1): "b13", ("bias", 2): "b2"}
+        if layout.format(e=0, i=1, what="bias") not in state_dict:
+            names = {key: name for key, name in names.items() if key[0] == "weight"}
+        keys = {
+            name: [layout.format(e=e, i=i, what=what) for e in range(num_experts)]
+            for (what, i), name in names.items()
+        }
+        missing = [k for ks in keys.values() for k in ks if k not in state_dict]
         if missing:
             raise ValueError(f"num_experts={num_experts} but the state_dict lacks {missing}")
-        w13 = torch.stack([state_dict[k] for k in keys[0]])  # [E, 2F, h]
-        w2 = torch.stack([state_dict[k] for k in keys[1]])  # [E, h, F]
-        _check_expert_shapes(w13, w2, keys[0][0], keys[1][0])
-        return w13, w2, set(keys[0] + keys[1])
+        params = {name: torch.stack([state_dict[k] for k in ks]) for name, ks in keys.items()}
+        _check_expert_shapes(params, {name: ks[0] for name, ks in keys.items()})
+        return params, {k for ks in keys.values() for k in ks}
     weight1, weight2 = f"{prefix}weight1", f"{prefix}weight2"
     if weight1 in state_dict and weight2 in state_dict:
         w1, w2_flat = state_dict[weight1], state_dict[weight2]  # [h, E*2F], [E*F, h]
@@ -421,7 +459,7 @@ def _expert_weights(state_dict, num_experts, prefix):
         # GroupedMLP.forward reads weight1.view(E, h, -1) and weight2.view(E, -1, h).
         w13 = w1.view(num_experts, hidden, 2 * ffn).transpose(1, 2)  # [E, 2F, h]
         w2 = w2_flat.view(num_experts, ffn, hidden).transpose(1, 2)  # [E, h, F]
-        return w13, w2, {weight1, weight2}
+        return {"w13": w13, "w2": w2}, {weight1, weight2}
     raise ValueError(
         f"no Megatron expert weights under prefix {prefix!r}: expected "
         f"{sequential.format(e=0, i=1, what='weight')!r} (SequentialMLP), "
@@ -430,12 +468,21 @@ def _expert_weights(state_dict, num_experts, prefix):
     )
 
 
-def _check_expert_shapes(w13, w2, fc1_key, fc2_key):
+def _check_expert_shapes(params, keys):
+    """Gated experts: w13 [E, 2F, h], w2 [E, h, F] (and b13 [E, 2F], b2 [E, h]); `keys` names
+    each tensor's first key, for the error."""
+    w13, w2 = params["w13"], params["w2"]
     if w13.shape[1] % 2 or w2.shape[1:] != (w13.shape[2], w13.shape[1] // 2):
         raise ValueError(
-            f"{fc1_key} must be [2F, h] and {fc2_key} [h, F] for gated experts, got "
+            f"{keys['w13']} must be [2F, h] and {keys['w2']} [h, F] for gated experts, got "
             f"{tuple(w13.shape[1:])} and {tuple(w2.shape[1:])}"
         )
+    for name, weight in (("b13", w13), ("b2", w2)):
+        if name in params and params[name].shape[1:] != weight.shape[1:2]:
+            raise ValueError(
+                f"{keys[name]} must be [{weight.shape[1]}] (the out features of its weight), "
+                f"got shape {tuple(params[name].shape[1:])}"
+            )
 
 
 def _loss_coeffs(cfg) -> dict[str, float]:
@@ -532,6 +579,11 @@ def _invalid_fields(cfg) -> list[str]:
     shared = cfg["moe_shared_expert_intermediate_size"]
     if shared is not None and (not isinstance(shared, int) or shared < 1):
         problems.append(f"moe_shared_expert_intermediate_size={shared!r} must be >= 1 or None")
+    elif shared is not None and cfg["add_bias_linear"]:
+        problems.append(
+            f"moe_shared_expert_intermediate_size={shared} with add_bias_linear=True (Megatron's "
+            f"shared experts have no biases: set add_bias_linear=False)"
+        )
     if cfg["params_dtype"] not in _PARAMS_DTYPES:
         problems.append(f"params_dtype={cfg['params_dtype']} must be one of {_PARAMS_DTYPES}")
     return problems

@@ -304,9 +304,12 @@ def test_devices_must_agree(name, make_problem):
         moeblaze.moe_mlp(*args.values())
 
 
-def test_compile_inductor_on_cuda():
+@pytest.mark.parametrize("bias", [False, True], ids=["swiglu", "gpt_oss"])
+def test_compile_inductor_on_cuda(bias):
     torch.manual_seed(10)
-    layer = moeblaze.MoELayer(256, 128, 8, 2, shared_expert_size=64, device="cuda")
+    # GPT-OSS's layer: biases everywhere (router, experts, shared expert), its SwiGLU.
+    options = dict(bias=True, activation=ACTIVATIONS["gpt-oss"][0]) if bias else {}
+    layer = moeblaze.MoELayer(256, 128, 8, 2, shared_expert_size=64, device="cuda", **options)
     x = torch.randn(4, 128, 256, device="cuda")
     dout = torch.randn_like(x)
 

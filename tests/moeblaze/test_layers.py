@@ -25,8 +25,15 @@ def _layer(seed=0, **kwargs):
     return MoELayer(D, FFN, E, K, **kwargs)
 
 
+def _linear64(x, linear):
+    """`linear` (an nn.Linear, bias or not) in float64."""
+    bias = None if linear.bias is None else linear.bias.double()
+    return F.linear(x, linear.weight.double(), bias)
+
+
 def _hand_composition(layer, x):
-    """Router (float32, as the layer runs it) -> float64 reference experts + shared expert."""
+    """Router (float32, as the layer runs it, with its bias) -> float64 reference experts +
+    shared expert."""
     tokens = x.reshape(-1, D)  # [N, d]
     routing = layer.router(tokens)
     out = moeblaze.moe_mlp_reference(
@@ -40,15 +47,13 @@ def _hand_composition(layer, x):
         b2=None if layer.b2 is None else layer.b2.double(),
     )
     if layer.shared_expert is not None:
-        gate, up = F.linear(tokens.double(), layer.shared_expert.gate_up.weight.double()).chunk(
-            2, -1
-        )
+        gate, up = _linear64(tokens.double(), layer.shared_expert.gate_up).chunk(2, -1)
         if layer.activation.limit is not None:  # GPT_OSS below: its SwiGLU written out
             gate, up = gate.clamp(max=GPT_OSS.limit), up.clamp(-GPT_OSS.limit, GPT_OSS.limit)
             act = gate * torch.sigmoid(GPT_OSS.alpha * gate) * (up + GPT_OSS.up_offset)
         else:
             act = F.silu(gate) * up
-        out = out + F.linear(act, layer.shared_expert.down.weight.double())
+        out = out + _linear64(act, layer.shared_expert.down)
     return out.view(x.shape)
 
 
@@ -79,9 +84,12 @@ def test_layer_matches_hand_composition(shared, recompute, activation, bias):
     assert actual[0].shape == (B, L, D) and actual[0].dtype == torch.float32
     names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
     assert "router.weight" in names and "w13" in names and "w2" in names
-    assert ("b13" in names and "b2" in names) == bias
+    assert ("router.bias" in names and "b13" in names and "b2" in names) == bias
     if shared:
         assert "shared_expert.gate_up.weight" in names and "shared_expert.down.weight" in names
+        assert (
+            "shared_expert.gate_up.bias" in names and "shared_expert.down.bias" in names
+        ) == bias
     for name, a, e in zip(names, actual, expected, strict=True):
         assert a is not None, f"no gradient reached {name}"
         assert a.abs().sum() > 0, f"zero gradient for {name}"

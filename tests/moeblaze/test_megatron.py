@@ -88,6 +88,8 @@ def _megatron_transcription(layer, x, cfg):
     tokens = x.reshape(-1, H).double()  # [N, h]
     n = tokens.shape[0]
     logits = tokens @ layer.router.weight.double().t()  # [N, E]
+    if layer.router.bias is not None:  # add_bias_linear
+        logits = logits + layer.router.bias.double()
     grouped = cfg.moe_router_group_topk
     if cfg.moe_router_score_function == "softmax":
         choice = logits.softmax(-1) if cfg.moe_router_pre_softmax else logits
@@ -125,9 +127,13 @@ def _megatron_transcription(layer, x, cfg):
     if cfg.moe_z_loss_coeff:
         losses = losses + torch.logsumexp(logits, -1).square().mean() * cfg.moe_z_loss_coeff
     w13, w2 = layer.w13.double(), layer.w2.double()
-    out = _glu_experts(
-        tokens, ids, probs, lambda e, rows: F.linear(_glu(F.linear(rows, w13[e]), cfg), w2[e])
-    )
+    b13, b2 = (None, None) if layer.b13 is None else (layer.b13.double(), layer.b2.double())
+
+    def expert(e, rows):  # fc2's bias is scaled by the routing weight with the rest
+        fc1 = F.linear(rows, w13[e], None if b13 is None else b13[e])
+        return F.linear(_glu(fc1, cfg), w2[e], None if b2 is None else b2[e])
+
+    out = _glu_experts(tokens, ids, probs, expert)
     if layer.shared_expert is not None:
         fc1 = F.linear(tokens, layer.shared_expert.gate_up.weight.double())
         out = out + F.linear(_glu(fc1, cfg), layer.shared_expert.down.weight.double())
@@ -173,6 +179,15 @@ VARIANTS = {
         activation_func_clamp_value=0.2,
         moe_shared_expert_intermediate_size=SHARED,
     ),
+    # GPT-OSS in Megatron: its GLU with add_bias_linear=True (router and expert biases), and
+    # the aux loss, which sees the biased logits.
+    "gpt_oss_biases_aux": dict(
+        activation_func=quick_gelu,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=0.2,
+        add_bias_linear=True,
+        moe_aux_loss_coeff=1e-1,
+    ),
 }
 
 
@@ -184,6 +199,11 @@ def test_layer_matches_megatron_transcription(variant):
     if layer.router.expert_bias is not None:  # a bias that changes the choice of experts
         layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
     g = torch.Generator().manual_seed(1)
+    if layer.b13 is not None:  # Megatron starts them at zero: give them values to compute with
+        with torch.no_grad():
+            assert not layer.b13.any() and not layer.b2.any()
+            layer.b13.normal_(generator=g)
+            layer.b2.normal_(generator=g)
     x = torch.randn(S, BATCH, H, generator=g)  # [s, b, h], sequence first
     dout = torch.randn(S, BATCH, H, generator=g)
 
@@ -234,7 +254,11 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
 @pytest.mark.parametrize(
     ("fields", "error", "names"),
     [
-        (dict(add_bias_linear=True), NotImplementedError, ["add_bias_linear=True"]),
+        (
+            dict(add_bias_linear=True, moe_shared_expert_intermediate_size=SHARED),
+            ValueError,
+            [f"moe_shared_expert_intermediate_size={SHARED} with add_bias_linear=True"],
+        ),
         (
             dict(moe_expert_capacity_factor=1.0),
             NotImplementedError,
@@ -339,21 +363,28 @@ def _swiglu(h):  # Megatron's glu: activation_func(first half) * second half
     return F.silu(gate) * up
 
 
-@pytest.mark.parametrize("layout", ["te_grouped_mlp", "grouped_mlp"])
+@pytest.mark.parametrize("layout", ["te_grouped_mlp", "te_grouped_mlp_biases", "grouped_mlp"])
 def test_load_grouped_layouts(layout):
-    """TEGroupedMLP / legacy GroupedMLP state dicts, against each module's forward math."""
+    """TEGroupedMLP (with and without biases) / legacy GroupedMLP state dicts, against each
+    module's forward math."""
     g = torch.Generator().manual_seed(5)
     fc1, fc2 = _megatron_weights(g)
-    if layout == "te_grouped_mlp":  # TE GroupedLinear: weight{e} [out, in], y = x @ W^T
+    biases = layout == "te_grouped_mlp_biases"
+    if layout.startswith("te_grouped_mlp"):  # TE GroupedLinear: weight{e} [out, in], y = x @ W^T
         state = {f"experts.linear_fc1.weight{e}": fc1[e] for e in range(E)}
         state |= {f"experts.linear_fc2.weight{e}": fc2[e] for e in range(E)}
         state["experts.linear_fc1._extra_state"] = None
+        if biases:  # TEGroupedMLP adds fc1's bias in the GEMM, and fc2's times the weight
+            state |= {
+                f"experts.linear_fc1.bias{e}": torch.randn(2 * FFN, generator=g) for e in range(E)
+            }
+            state |= {f"experts.linear_fc2.bias{e}": torch.randn(H, generator=g) for e in range(E)}
+            state["router.bias"] = torch.randn(E, generator=g)
 
         def expert(e, rows):
-            return F.linear(
-                _swiglu(F.linear(rows, state[f"experts.linear_fc1.weight{e}"])),
-                state[f"experts.linear_fc2.weight{e}"],
-            )
+            b1, b2 = (state.get(f"experts.linear_fc{i}.bias{e}") for i in (1, 2))
+            fc1_out = F.linear(rows, state[f"experts.linear_fc1.weight{e}"], b1)
+            return F.linear(_swiglu(fc1_out), state[f"experts.linear_fc2.weight{e}"], b2)
     else:  # GroupedMLP.__init__ shapes, GroupedMLP.forward's views and gmm(trans_b=False)
         weight1 = fc1.transpose(1, 2).reshape(H, E * 2 * FFN)  # [h, E*2F]
         weight2 = fc2.transpose(1, 2).reshape(E * FFN, H)  # [E*F, h]
@@ -365,16 +396,28 @@ def test_load_grouped_layouts(layout):
             return _swiglu(rows @ w1[e]) @ w2[e]
 
     state["router.weight"] = torch.randn(E, H, generator=g)
-    layer = mb.MoELayer(_config())
+    layer = mb.MoELayer(_config(add_bias_linear=biases))
     layer.load_megatron_state_dict(state)
     assert torch.equal(layer.router.weight, state["router.weight"])
+    if biases:
+        assert torch.equal(layer.router.bias, state["router.bias"])
     tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(S * BATCH)])  # [N, k]
     probs = torch.rand(S * BATCH, K, generator=g)  # [N, k]
-    actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
+    actual = moeblaze.moe_mlp_reference(
+        tokens, ids, probs, layer.w13, layer.w2, b13=layer.b13, b2=layer.b2
+    )
     assert_close(actual, _glu_experts(tokens, ids, probs, expert), rtol=RTOL, name=layout)
-    w13, w2 = mb.megatron_expert_weights(state, E)
-    assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
+    params = mb.megatron_expert_params(state, E)
+    assert params.keys() == ({"w13", "w2", "b13", "b2"} if biases else {"w13", "w2"})
+    for name, value in params.items():
+        assert torch.equal(value, getattr(layer, name)), name
+    if biases:
+        with pytest.raises(ValueError, match="the Megatron experts have biases.*b13 and b2"):
+            mb.megatron_expert_weights(state, E)
+    else:
+        w13, w2 = mb.megatron_expert_weights(state, E)
+        assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
 
 
 def test_load_errors():
@@ -388,8 +431,17 @@ def test_load_errors():
         layer.load_megatron_state_dict({**state, "shared_experts.gate_weight": torch.ones(1, H)})
     with pytest.raises(ValueError, match="num_experts=8 but the state_dict lacks"):
         mb.megatron_expert_weights(state, 8)
-    with pytest.raises(NotImplementedError, match="expert biases"):
-        mb.megatron_expert_weights({**state, "experts.linear_fc1.bias0": torch.zeros(2 * FFN)}, E)
+    biased = {f"experts.linear_fc1.bias{e}": torch.zeros(2 * FFN) for e in range(E)}
+    biased |= {f"experts.linear_fc2.bias{e}": torch.zeros(H) for e in range(E)}
+    with pytest.raises(ValueError, match="add_bias_linear=False but the Megatron state_dict has"):
+        layer.load_megatron_state_dict({**state, **biased})
+    with pytest.raises(ValueError, match="add_bias_linear=True but the Megatron state_dict lacks"):
+        mb.MoELayer(_config(add_bias_linear=True)).load_megatron_state_dict(state)
+    with pytest.raises(ValueError, match=r"lacks \['experts.linear_fc2.bias0'"):
+        mb.megatron_expert_params({**state, "experts.linear_fc1.bias0": torch.zeros(2 * FFN)}, 1)
+    short = {f"experts.linear_fc2.bias{e}": torch.zeros(3) for e in range(E)}
+    with pytest.raises(ValueError, match=rf"linear_fc2.bias0 must be \[{H}\].*got shape \(3,\)"):
+        mb.megatron_expert_params({**state, **biased, **short}, E)
     with pytest.raises(ValueError, match="no Megatron expert weights under prefix 'moe.'"):
         mb.megatron_expert_weights(state, E, prefix="moe.")
 
@@ -462,26 +514,45 @@ def _transformer_config(megatron, **fields):
     return TransformerConfig(**{**base, **fields})
 
 
-def test_megatron_sequential_mlp_state_dict(megatron):
-    """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees."""
+@pytest.mark.parametrize("biases", [False, True], ids=["shared_expert", "add_bias_linear"])
+def test_megatron_sequential_mlp_state_dict(megatron, biases):
+    """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees; with
+    add_bias_linear=True, its experts' biases (set to random values) too."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    config = _transformer_config(megatron, moe_shared_expert_intermediate_size=SHARED)
+    fields = (
+        dict(add_bias_linear=True) if biases else dict(moe_shared_expert_intermediate_size=SHARED)
+    )
+    config = _transformer_config(megatron, **fields)
     group = torch.distributed.group.WORLD
     groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
     torch.manual_seed(7)
     submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     experts = SequentialMLP(E, config, submodules, pg_collection=groups)
+    if biases:  # Megatron starts them at zero
+        with torch.no_grad():
+            for name, p in experts.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
     layer = mb.MoELayer(config)  # a real TransformerConfig is accepted as it is
     state = {f"experts.{k}": v for k, v in experts.state_dict().items()}
     state["router.weight"] = torch.randn(E, H)
-    state["shared_experts.linear_fc1.weight"] = torch.randn(2 * SHARED, H)
-    state["shared_experts.linear_fc2.weight"] = torch.randn(H, SHARED)
+    if biases:
+        state["router.bias"] = torch.randn(E)
+    else:
+        state["shared_experts.linear_fc1.weight"] = torch.randn(2 * SHARED, H)
+        state["shared_experts.linear_fc2.weight"] = torch.randn(H, SHARED)
     layer.load_megatron_state_dict(state)
-    assert torch.equal(layer.shared_expert.down.weight, state["shared_experts.linear_fc2.weight"])
+    if biases:
+        assert torch.equal(layer.router.bias, state["router.bias"])
+        assert torch.equal(layer.b2[1], state["experts.local_experts.1.linear_fc2.bias"])
+    else:
+        assert torch.equal(
+            layer.shared_expert.down.weight, state["shared_experts.linear_fc2.weight"]
+        )
 
     g = torch.Generator().manual_seed(8)
     tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
@@ -494,7 +565,9 @@ def test_megatron_sequential_mlp_state_dict(megatron):
             tokens[token], torch.bincount(ids.flatten(), minlength=E), probs[token, slot]
         )
     expected = torch.zeros_like(tokens).index_add_(0, token, rows)
-    actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2)
+    actual = moeblaze.moe_mlp_reference(
+        tokens, ids, probs, layer.w13, layer.w2, b13=layer.b13, b2=layer.b2
+    )
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
 
 
@@ -533,12 +606,14 @@ def test_megatron_transformer_layer_spec(megatron, monkeypatch):
 
 
 def test_megatron_default_config_is_rejected(megatron):
-    """megatron-core's defaults (biases, GeLU MLP) are not SwiGLU experts: named in the error."""
+    """megatron-core's default GeLU MLP is not SwiGLU experts: named in the error. Its default
+    add_bias_linear=True is supported, so the error does not name it."""
     config = _transformer_config(
         megatron, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu
     )
-    with pytest.raises(NotImplementedError, match="add_bias_linear=True.*gated_linear_unit=False"):
+    with pytest.raises(NotImplementedError, match="gated_linear_unit=False") as raised:
         mb.MoELayer(config)
+    assert "add_bias_linear" not in str(raised.value)
 
 
 ROUTINGS = {
@@ -548,6 +623,9 @@ ROUTINGS = {
     ),
     "sigmoid_aux": dict(moe_router_score_function="sigmoid", moe_aux_loss_coeff=1e-1),
     "sigmoid_top1": dict(moe_router_score_function="sigmoid", moe_router_topk=1),
+    "softmax_router_bias_aux_z": dict(
+        add_bias_linear=True, moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2
+    ),
     "sigmoid_bias_groups": dict(
         moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True,
@@ -583,10 +661,16 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     routing_out = layer.router(tokens)  # the router applies moe_router_topk_scaling_factor
     ours = dense(routing_out.topk_ids, routing_out.topk_weights)
     (ours * upstream).sum().backward()
-    ours_grad = layer.router.weight.grad.clone()
+    router_params = dict(layer.router.named_parameters())  # weight, and bias if add_bias_linear
+    ours_grads = {name: p.grad.clone() for name, p in router_params.items()}
 
-    weight = layer.router.weight.detach().clone().requires_grad_()
+    megatron_params = {n: p.detach().clone().requires_grad_() for n, p in router_params.items()}
+    # TopKRouter.gating's RouterGatingLinearFunction without TransformerEngine (which this
+    # megatron-core needs to run it): addmm in float32.
+    weight, gate_bias = megatron_params["weight"], megatron_params.get("bias")
     logits = tokens @ weight.t()  # [N, E]
+    if gate_bias is not None:
+        logits = torch.addmm(gate_bias, tokens, weight.t())
     if cfg.moe_z_loss_coeff:
         logits = mu.MoEAuxLossAutoScaler.apply(logits, mu.z_loss_func(logits, cfg.moe_z_loss_coeff))
     probs, routing_map = mu.topk_routing_with_score_function(
@@ -611,4 +695,6 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"
     assert_close(ours.detach(), probs.detach(), rtol=1e-6, name=f"{routing} routing weights")
-    assert_close(ours_grad, weight.grad, rtol=1e-5, name=f"{routing} router.weight.grad")
+    assert router_params.keys() == ({"weight", "bias"} if cfg.add_bias_linear else {"weight"})
+    for name, p in megatron_params.items():
+        assert_close(ours_grads[name], p.grad, rtol=1e-5, name=f"{routing} router.{name}.grad")

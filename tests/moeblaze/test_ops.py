@@ -492,9 +492,17 @@ def _layer_step(layer, x):
     return results
 
 
-def _compiled_matches_eager(backend, recompute="activation"):
+# GPT-OSS's layer: biases everywhere (router, experts, shared expert), gate/up interleaved.
+GPT_OSS_LAYER = dict(
+    bias=True, activation=SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True)
+)
+
+
+def _compiled_matches_eager(backend, recompute="activation", options=None):
     torch.manual_seed(14)
-    layer = moeblaze.MoELayer(24, 16, 6, 2, recompute=recompute, shared_expert_size=8)
+    layer = moeblaze.MoELayer(
+        24, 16, 6, 2, recompute=recompute, shared_expert_size=8, **(options or {})
+    )
     x = torch.randn(2, 9, 24)
     eager = _layer_step(layer, x)
     torch._dynamo.reset()
@@ -504,9 +512,13 @@ def _compiled_matches_eager(backend, recompute="activation"):
         assert_close(a, e, rtol=1e-6, name=f"{backend}: {name}")
 
 
-@pytest.mark.parametrize("recompute", ["activation", "up_proj"])
-def test_compile_aot_eager(recompute):
-    _compiled_matches_eager("aot_eager", recompute)
+@pytest.mark.parametrize(
+    ("recompute", "options"),
+    [("activation", None), ("up_proj", None), ("activation", GPT_OSS_LAYER)],
+    ids=["activation", "up_proj", "activation-gpt_oss"],
+)
+def test_compile_aot_eager(recompute, options):
+    _compiled_matches_eager("aot_eager", recompute, options)
 
 
 @pytest.mark.slow

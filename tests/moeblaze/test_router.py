@@ -66,6 +66,34 @@ def test_topk_matches_plain_torch(score_func, norm):
         torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(37))
 
 
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_gate_bias_shifts_logits_and_learns(score_func):
+    """`bias=True`: logits = x @ weight.T + bias, so it changes the choice and the weights, and
+    its gradient is that of a plain-torch float64 router."""
+    router = _router(score_func=score_func, bias=True)
+    assert router.bias.shape == (E,) and "bias" in dict(router.named_parameters())
+    assert router.bias.abs().max() <= 1 / D**0.5 and router.bias.std() > 0  # nn.Linear's init
+    with torch.no_grad():
+        router.bias.copy_(torch.linspace(-2.0, 2.0, E))  # large enough to change choices
+    x = _x(37)
+    upstream = torch.randn(37, 3, generator=torch.Generator().manual_seed(5))
+    out = router(x)
+    (out.topk_weights * upstream).sum().backward()
+
+    weight = router.weight.detach().double().requires_grad_()
+    bias = router.bias.detach().double().requires_grad_()
+    logits = x.double() @ weight.T + bias
+    top, ids = _scores(logits, score_func).topk(3, dim=-1)
+    (_normalise(top) * upstream.double()).sum().backward()
+    assert torch.equal(out.topk_ids, ids)
+    assert not torch.equal(ids, (x.double() @ weight.T).topk(3, dim=-1).indices)
+    torch.testing.assert_close(out.logits, logits.float())
+    torch.testing.assert_close(out.topk_weights, _normalise(top).float())
+    torch.testing.assert_close(router.bias.grad, bias.grad.float())
+    torch.testing.assert_close(router.weight.grad, weight.grad.float())
+    assert "bias=True" in repr(router)
+
+
 def test_low_precision_input_routes_in_float32():
     router = _router().to(torch.bfloat16)
     x = _x(19, dtype=torch.bfloat16)
@@ -336,7 +364,7 @@ def test_layout_and_init():
     assert router.weight.shape == (E, D) and router.weight.dtype == torch.float64
     bound = 1 / D**0.5  # nn.Linear init
     assert router.weight.abs().max() <= bound and router.weight.std() > bound / 4
-    assert router.expert_bias is None
+    assert router.expert_bias is None and router.bias is None
 
 
 def test_profile_range():
