@@ -1,7 +1,8 @@
 """Hugging Face integration: tiny random models with experts_implementation="moeblaze" against
 "eager" (logits, loss, every gradient), per model family (hand-written tiny configs, and
 default configs made tiny); the recompute variants; loading with
-from_pretrained; expert-parallel sentinel ids; the families moeblaze cannot run.
+from_pretrained; expert-parallel sentinel ids; the families moeblaze cannot run; GPT-OSS's MoE
+block (router and experts) as a moeblaze.MoELayer.
 
 # B batch, L sequence, T = B*L tokens, d hidden, F expert ffn, E experts, k top-k
 """
@@ -406,6 +407,62 @@ def test_custom_gate_experts_match_eager(family):
     names = ["out", "dx", "dweights", *(n for n, _ in experts[0].named_parameters())]
     for name, eager, ours in zip(names, *results, strict=True):
         assert_close(ours, eager, rtol=RTOL, name=name)
+
+
+def test_gpt_oss_block_is_a_moeblaze_layer():
+    """moeblaze.MoELayer(bias=True) with GPT-OSS's SwiGLU, given a GptOssMLP's parameters,
+    computes that block: its router's bias, softmax over the top-k logits (= norm_topk_prob),
+    interleaved experts with biases; output and every gradient against the block on "eager"."""
+    modeling = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    d, ffn, experts, k = 32, 16, 4, 2
+    config = transformers.GptOssConfig(
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_local_experts=experts,
+        num_experts_per_tok=k,
+        swiglu_limit=0.5,
+    )
+    config._experts_implementation = "eager"
+    torch.manual_seed(4)
+    block = modeling.GptOssMLP(config)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
+    swiglu = moeblaze.SwiGLU(
+        alpha=config.swiglu_alpha, limit=config.swiglu_limit, up_offset=1.0, interleaved=True
+    )
+    layer = moeblaze.MoELayer(d, ffn, experts, k, bias=True, activation=swiglu)
+    transpose = lambda t: t.transpose(1, 2)  # noqa: E731  [E, in, out] <-> [E, out, in]
+    same = lambda t: t  # noqa: E731
+    theirs = {  # moeblaze name: (GptOssMLP name, their layout -> ours)
+        "router.weight": ("router.weight", same),
+        "router.bias": ("router.bias", same),
+        "w13": ("experts.gate_up_proj", transpose),
+        "b13": ("experts.gate_up_proj_bias", same),
+        "w2": ("experts.down_proj", transpose),
+        "b2": ("experts.down_proj_bias", same),
+    }
+    block_params = dict(block.named_parameters())
+    assert dict(layer.named_parameters()).keys() == theirs.keys()
+    assert block_params.keys() == {name for name, _ in theirs.values()}
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            block_name, convert = theirs[name]
+            p.copy_(convert(block_params[block_name]))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, L, d, generator=g)
+    dout = torch.randn(B, L, d, generator=g)
+    results = []
+    for run in (lambda t: block(t)[0], layer):
+        leaf = x.clone().requires_grad_()
+        out = run(leaf)
+        out.backward(dout)
+        results.append((out.detach(), leaf.grad))
+    assert_close(results[1][0], results[0][0], rtol=RTOL, name="out")
+    assert_close(results[1][1], results[0][1], rtol=RTOL, name="dx")
+    for name, p in layer.named_parameters():
+        block_name, convert = theirs[name]
+        assert_close(p.grad, convert(block_params[block_name].grad), rtol=RTOL, name=name)
 
 
 def test_a_changed_custom_gate_is_refused(monkeypatch):
