@@ -37,7 +37,6 @@ runs collectives of the group.
 import contextlib
 import copy
 import dataclasses
-import math
 import weakref
 
 import torch
@@ -304,30 +303,11 @@ class ExpertParallelMoELayer(MoEBlock):
             router_options=router_options,
             activation=activation,
             bias=bias,
+            first_expert=rank * num_local,
         )
         self.group, self.world_size, self.rank = group, world_size, rank
-        self.experts = slice(rank * num_local, (rank + 1) * num_local)  # global ids
         self.recompute_dispatch = recompute_dispatch
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Each expert's matrices and biases like `nn.Linear`'s (uniform, bound 1/sqrt(fan_in)).
-
-        Expert e draws from a generator seeded with (one draw of the default generator) + e: on
-        ranks seeded alike, as the replicated router needs, the experts still differ, and the
-        initial model is the same whatever the number of ranks.
-        """
-        if self.w13.is_meta:  # from_moe_layer fills it
-            return
-        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
-        generator = torch.Generator(self.w13.device)
-        with torch.no_grad():
-            for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
-                generator.manual_seed(seed + expert)
-                for w, b in ((self.w13, self.b13), (self.w2, self.b2)):  # [2F, d], [d, F]
-                    bound = 1.0 / math.sqrt(w.shape[2])
-                    for t in (w, b) if b is not None else (w,):
-                        t[local].uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_moe_layer(
@@ -370,12 +350,8 @@ class ExpertParallelMoELayer(MoEBlock):
             self.w13,
             self.w2,
             self.group,
-            b13=self.b13,
-            b2=self.b2,
-            recompute=self.recompute,
-            deterministic=self.deterministic,
             recompute_dispatch=self.recompute_dispatch,
-            activation=self.activation,
+            **self.expert_options(),
         )
 
     def extra_repr(self) -> str:

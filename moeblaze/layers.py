@@ -27,7 +27,8 @@ class MoEBlock(nn.Module):
     of the `num_experts` routed to; with `bias`, also `b13 [E_l, 2F]` and `b2 [E_l, d]`, else
     None), the optional shared expert, and the forward around the routed experts' computation
     (`routed_mlp`, which a subclass defines). `bias` gives every linear map a bias: the router's,
-    the experts' and the shared expert's."""
+    the experts' and the shared expert's. The experts held are those of global ids `experts`,
+    a slice of `num_local_experts` from `first_expert`."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class MoEBlock(nn.Module):
         router_options: dict,
         activation: SwiGLU = SWIGLU,
         bias: bool = False,
+        first_expert: int = 0,
     ):
         super().__init__()
         if ffn_hidden_size < 1:
@@ -73,11 +75,31 @@ class MoEBlock(nn.Module):
             if shared_expert_size
             else None
         )
+        self.experts = slice(first_expert, first_expert + num_local_experts)  # global ids
         self.hidden_size = hidden_size
         self.recompute = recompute
         self.deterministic = deterministic
         self.activation = activation
         self.last_router_output: RouterOutput | None = None
+
+    def reset_parameters(self) -> None:
+        """Each expert's matrices and biases like `nn.Linear`'s (uniform, bound 1/sqrt(fan_in)).
+
+        Expert e draws from a generator seeded with (one draw of the default generator) + e: on
+        ranks seeded alike, as a replicated router needs, the experts still differ, and the
+        initial model is the same whatever the number of ranks holding the experts.
+        """
+        if self.w13.is_meta:  # filled later (ExpertParallelMoELayer.from_moe_layer)
+            return
+        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
+        generator = torch.Generator(self.w13.device)
+        with torch.no_grad():
+            for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
+                generator.manual_seed(seed + expert)
+                for w, b in ((self.w13, self.b13), (self.w2, self.b2)):  # [2F, d], [d, F]
+                    bound = 1.0 / math.sqrt(w.shape[2])
+                    for t in (w, b) if b is not None else (w,):
+                        t[local].uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
@@ -95,6 +117,16 @@ class MoEBlock(nn.Module):
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """The routed experts' weighted sum for each of `tokens [N, d]`, [N, d]."""
         raise NotImplementedError
+
+    def expert_options(self) -> dict:
+        """The keyword arguments of `moe_mlp` (and `expert_parallel_mlp`) these experts take."""
+        return dict(
+            b13=self.b13,
+            b2=self.b2,
+            recompute=self.recompute,
+            deterministic=self.deterministic,
+            activation=self.activation,
+        )
 
     def shared_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
         """The shared expert on `tokens [N, d]`."""
@@ -150,13 +182,6 @@ class MoELayer(MoEBlock):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Each expert's matrices and biases like `nn.Linear`'s (uniform, bound 1/sqrt(fan_in))."""
-        for w, b in ((self.w13, self.b13), (self.w2, self.b2)):
-            bound = 1.0 / math.sqrt(w.shape[2])
-            for t in (w, b) if b is not None else (w,):
-                nn.init.uniform_(t, -bound, bound)
-
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         return moe_mlp(
             tokens,
@@ -164,11 +189,7 @@ class MoELayer(MoEBlock):
             routing.topk_weights,
             self.w13,
             self.w2,
-            b13=self.b13,
-            b2=self.b2,
-            recompute=self.recompute,
-            deterministic=self.deterministic,
-            activation=self.activation,
+            **self.expert_options(),
         )
 
 

@@ -7,6 +7,11 @@
     moeblaze.moe_mlp(tokens, topk_ids, topk_weights, w13 [E, 2F, h], w2 [E, h, F], b13, b2)
     (+ shared expert, moeblaze.SwiGLUMLP) -> (output [s, b, h], None)
 
+With `expert_model_parallel_size` W > 1 the experts are sharded over Megatron's expert-parallel
+group as in Megatron (rank r of the group holds experts [r*E/W, (r+1)*E/W)), and
+`moeblaze.expert_parallel_mlp` replaces `moe_mlp`: rows travel to their experts' ranks and back
+by all-to-all. The router and the shared expert are replicated, like Megatron's.
+
 `config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
 lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(config)`
 translates the fields into moeblaze's terms and raises `NotImplementedError` (a feature moeblaze
@@ -58,10 +63,15 @@ import math
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
+from moeblaze.expert_parallel import expert_parallel_mlp
+from moeblaze.layers import MoEBlock
+from moeblaze.ops import moe_mlp
+from moeblaze.router import RouterOutput
 
 # The TransformerConfig fields this module reads, with their megatron-core 0.16 defaults.
 MEGATRON_DEFAULTS = {
@@ -135,7 +145,6 @@ _UNSUPPORTED = {
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
     "tensor_model_parallel_size": ("tensor parallelism", _ONE_RANK),
-    "expert_model_parallel_size": ("expert parallelism", _ONE_RANK),
     "expert_tensor_parallel_size": ("expert tensor parallelism", _ONE_RANK),
     "context_parallel_size": ("context parallelism", _ONE_RANK),
     "sequence_parallel": ("sequence parallelism", _OFF),
@@ -161,6 +170,7 @@ class LayerOptions:
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
+    expert_parallel_size: int  # ranks the experts are sharded over
     bias: bool  # router and expert biases (add_bias_linear)
     activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
     recompute: str  # moeblaze.moe_mlp's policy
@@ -219,6 +229,7 @@ def layer_options(config) -> LayerOptions:
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
+        expert_parallel_size=cfg["expert_model_parallel_size"] or 1,
         bias=bool(cfg["add_bias_linear"]),
         activation=moeblaze.SwiGLU(
             alpha=_glu_alpha(cfg["activation_func"]),
@@ -231,25 +242,31 @@ def layer_options(config) -> LayerOptions:
     )
 
 
-class MoELayer(moeblaze.MoELayer):
+class MoELayer(MoEBlock):
     """moeblaze's MoE layer built from a Megatron `TransformerConfig`, Megatron's interface.
 
     `forward(hidden_states [s, b, h]) -> (output [s, b, h], None)`. Parameters: `router.weight
     [E, h]` (and `router.bias [E]` with `add_bias_linear`, and the buffer `router.expert_bias
-    [E]`, named as in Megatron), `w13 [E, 2F, h]` (gate rows, then up rows), `w2 [E, h, F]`
-    (with `add_bias_linear`, `b13 [E, 2F]` and `b2 [E, h]`), `shared_expert.gate_up.weight [2Fs,
-    h]`, `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. They are initialised
-    with `config.init_method` (router weight and bias, w13 per expert, shared gate/up) and
-    `config.output_layer_init_method` (w2 per expert, shared down) when
-    `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does; the
-    expert biases start at zero then, as Megatron's do.
+    [E]`, named as in Megatron), `w13 [E_l, 2F, h]` (gate rows, then up rows), `w2 [E_l, h, F]`
+    (with `add_bias_linear`, `b13 [E_l, 2F]` and `b2 [E_l, h]`), `shared_expert.gate_up.weight
+    [2Fs, h]`, `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. E_l = E / W
+    experts of global ids `experts` (a slice) with W = `expert_model_parallel_size`; E_l = E on
+    one rank. They are initialised with `config.init_method` (router weight and bias, w13 per
+    expert, shared gate/up) and `config.output_layer_init_method` (w2 per expert, shared down)
+    when `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does;
+    the expert biases start at zero then, as Megatron's do. Each expert draws from its own seed
+    (see `MoEBlock.reset_parameters`): ranks seeded alike hold distinct experts, and the initial
+    model does not depend on W.
 
-    `submodules` and `pg_collection` are accepted so that a Megatron `ModuleSpec` can name this
-    class; moeblaze builds its own router and experts, and runs on one rank (tensor, expert,
-    context and sequence parallel sizes must be 1). `device` defaults to the current CUDA device,
-    as in Megatron, unless `config.use_cpu_initialization` is set or CUDA is unavailable.
-    `recompute` overrides the policy read from the config (see the module docstring).
-    Update an expert bias once per optimizer step with
+    `submodules` is accepted so that a Megatron `ModuleSpec` can name this class; moeblaze
+    builds its own router and experts. With W > 1, the expert-parallel group is
+    `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
+    carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
+    reduces their gradients over the expert-data-parallel group. Tensor, context and sequence
+    parallel sizes must be 1. `device` defaults to the current CUDA device, as in Megatron,
+    unless `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides
+    the policy read from the config (see the module docstring); `recompute_dispatch` is
+    `moeblaze.expert_parallel_mlp`'s (W > 1). Update an expert bias once per optimizer step with
     `layer.router.update_expert_bias(config.moe_router_bias_update_rate)`, after summing
     `layer.router.tokens_per_expert_accum` over the data-parallel ranks.
     """
@@ -263,9 +280,13 @@ class MoELayer(moeblaze.MoELayer):
         *,
         recompute: str | None = None,
         deterministic: bool = False,
+        recompute_dispatch: bool = True,
         device=None,
     ):
         options = layer_options(config)
+        group = _expert_parallel_group(options, pg_collection)
+        rank = 0 if group is None else dist.get_rank(group)
+        num_local = options.num_experts // options.expert_parallel_size
         cpu_init = getattr(config, "use_cpu_initialization", False)
         if device is None and torch.cuda.is_available() and not cpu_init:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -274,6 +295,8 @@ class MoELayer(moeblaze.MoELayer):
             options.ffn_hidden_size,
             options.num_experts,
             options.top_k,
+            num_local,
+            first_expert=rank * num_local,
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             shared_expert_size=options.shared_expert_size,
@@ -281,35 +304,64 @@ class MoELayer(moeblaze.MoELayer):
             bias=options.bias,
             device=device,
             dtype=options.params_dtype,
-            **options.router_options(),
+            router_options=options.router_options(),
         )
         self.config = config
         self.options = options
         self.layer_number = layer_number
+        self.group = group
+        self.recompute_dispatch = recompute_dispatch
+        self.reset_parameters()
         if getattr(config, "perform_initialization", True):
             self._megatron_init(
                 getattr(config, "init_method", None),
                 getattr(config, "output_layer_init_method", None),
             )
+        if self.group is not None:  # Megatron's DDP: reduced over the expert-data-parallel group
+            for p in (self.w13, self.w2, self.b13, self.b2):
+                if p is not None:
+                    p.allreduce = False
 
     @torch.no_grad()
     def _megatron_init(self, init_method: Callable | None, output_init_method: Callable | None):
         """Megatron initialises each expert's [out, in] weight like one linear layer, the router's
-        bias like its weight, and the experts' biases to zero."""
+        bias like its weight, and the experts' biases to zero. Expert e's weights are drawn after
+        seeding the default generator of their device with (one draw) + e, inside a fork of its
+        state, as `MoEBlock.reset_parameters` does."""
         if self.b13 is not None:
             self.b13.zero_()
             self.b2.zero_()
-        fc1 = [self.router.weight, *self.w13]
+        fc1 = [self.router.weight]
         if self.router.bias is not None:
             fc1.append(self.router.bias)
-        fc2 = list(self.w2)
+        fc2 = []
         if self.shared_expert is not None:
             fc1.append(self.shared_expert.gate_up.weight)
             fc2.append(self.shared_expert.down.weight)
-        for method, weights in ((init_method, fc1), (output_init_method, fc2)):
+        for method, tensors in ((init_method, fc1), (output_init_method, fc2)):
             if method is not None:
-                for weight in weights:
-                    method(weight)
+                for t in tensors:
+                    method(t)
+        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
+        device = self.w13.device
+        cuda = device.type == "cuda"
+        for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
+            with torch.random.fork_rng(devices=[device] if cuda else []):
+                generator = (
+                    torch.cuda.default_generators[device.index] if cuda else torch.default_generator
+                )
+                generator.manual_seed(seed + expert)
+                for method, weight in ((init_method, self.w13), (output_init_method, self.w2)):
+                    if method is not None:
+                        method(weight[local])
+
+    def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        args = (tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2)
+        if self.group is None:
+            return moe_mlp(*args, **self.expert_options())
+        return expert_parallel_mlp(
+            *args, self.group, recompute_dispatch=self.recompute_dispatch, **self.expert_options()
+        )
 
     def forward(
         self,
@@ -347,7 +399,9 @@ class MoELayer(moeblaze.MoELayer):
         )
 
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load the state dict of a megatron-core `MoELayer` (tensor/expert parallel size 1).
+        """Load the state dict of a megatron-core `MoELayer` (tensor parallel size 1). Under
+        expert parallelism, each rank loads its own `state_dict()`, which holds its E_l local
+        experts numbered from 0, as Megatron numbers them there.
 
         Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
         that `megatron_expert_weights` reads (under `experts.`), with their biases, and
@@ -383,6 +437,34 @@ class MoELayer(moeblaze.MoELayer):
                 f"the Megatron state_dict has keys this layer has no place for: {sorted(left)}"
             )
         return self.load_state_dict(converted, strict=strict)
+
+
+def _expert_parallel_group(options: LayerOptions, pg_collection):
+    """The process group the experts are sharded over (None on one rank): `pg_collection.ep`,
+    else megatron-core's parallel_state group; its size must be expert_model_parallel_size."""
+    size = options.expert_parallel_size
+    if size == 1:
+        return None
+    group = getattr(pg_collection, "ep", None)
+    if group is None:
+        try:
+            from megatron.core import parallel_state
+        except ImportError:
+            parallel_state = None
+        if parallel_state is not None:
+            group = parallel_state.get_expert_model_parallel_group(check_initialized=False)
+    if group is None:
+        raise ValueError(
+            f"expert_model_parallel_size={size} needs the expert-parallel process group: pass "
+            f"pg_collection with an `ep` group, or initialise megatron.core.parallel_state "
+            f"(initialize_model_parallel(expert_model_parallel_size={size}))"
+        )
+    if not dist.is_initialized() or dist.get_world_size(group) != size:
+        found = dist.get_world_size(group) if dist.is_initialized() else "no initialised"
+        raise ValueError(
+            f"expert_model_parallel_size={size} but the expert-parallel group has {found} ranks"
+        )
+    return group
 
 
 def megatron_expert_weights(
@@ -529,6 +611,12 @@ def _invalid_fields(cfg) -> list[str]:
     if not isinstance(experts, int) or experts < 1:
         problems.append(f"num_moe_experts={experts!r} must be a positive int")
         experts = None
+    ep = cfg["expert_model_parallel_size"] or 1
+    if not isinstance(ep, int) or ep < 1 or (experts and experts % ep):
+        problems.append(
+            f"expert_model_parallel_size={cfg['expert_model_parallel_size']!r} must be a positive "
+            f"int dividing num_moe_experts={experts}"
+        )
     ffn = cfg["moe_ffn_hidden_size"] or cfg["ffn_hidden_size"]
     if not isinstance(ffn, int) or ffn < 1:
         problems.append(

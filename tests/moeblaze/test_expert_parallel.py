@@ -10,6 +10,10 @@ tokens of all ranks (forward and backward); each worker runs
 experts' slices of dw13 and dw2, and the all-reduced (data-parallel) gradients of the
 replicated router and shared expert.
 
+A run of 2 gloo processes checks the Megatron-style layer with expert_model_parallel_size=2
+against the one-rank Megatron-style layer: initial model, loading a rank's state dict, output,
+dx and gradients.
+
 The gloo workers are forked, not spawned: they start with the parent's imports, its warm Triton
 interpreter and its NaN-poisoned allocations (the autouse `poison` fixture), so a row that no
 kernel wrote fails the comparison in the workers too, and the run stays within seconds.
@@ -19,8 +23,10 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import time
+import types
 import weakref
 
 import pytest
@@ -153,7 +159,7 @@ def _check_ranges(profile, case: Case) -> None:
 
 def _check_init(groups) -> None:
     """Ranks seeded alike: the same router on every rank, distinct experts, and the same experts
-    whatever the number of ranks."""
+    whatever the number of ranks, those of a MoELayer seeded alike."""
     experts = []
     for group in groups:
         torch.manual_seed(3)
@@ -168,6 +174,8 @@ def _check_init(groups) -> None:
         assert all(torch.equal(r, routers[0]) for r in routers), "router weights differ"
         experts.append(torch.cat(shards))  # [E, 2F, d]
     assert torch.equal(experts[0], experts[1]), "the experts depend on the number of ranks"
+    torch.manual_seed(3)
+    assert torch.equal(moeblaze.MoELayer(D, FFN, E, K).w13, experts[0]), "differ from MoELayer's"
     assert len({tuple(w.flatten().tolist()) for w in experts[0]}) == E, "identical experts"
 
 
@@ -295,3 +303,121 @@ def test_expert_parallel_over_nccl(tmp_path):
         _case("all_to_1", (29, 41), seed=60, receivers=(1,), recompute_dispatch=False),
     ]
     mp.spawn(_nccl_worker, args=(f"file://{tmp_path / 'store'}", cases), nprocs=2, join=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Megatron-style layer with expert_model_parallel_size = 2
+
+
+def _megatron_config(**fields):
+    """A megatron-core TransformerConfig look-alike: biases, Megatron's init methods."""
+    return types.SimpleNamespace(
+        hidden_size=D,
+        num_moe_experts=E,
+        moe_ffn_hidden_size=FFN,
+        moe_router_topk=K,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=True,
+        init_method=functools.partial(torch.nn.init.normal_, std=0.02),
+        output_layer_init_method=functools.partial(torch.nn.init.normal_, std=0.01),
+        **fields,
+    )
+
+
+def _megatron_worker(rank, init_method, initial, trained, x, dout, expected):
+    from megatron.core import parallel_state
+
+    from moeblaze.integrations import megatron as mb
+
+    W = 2
+    with gloo_rank(rank, W, init_method, timeout_s=60):
+        torch.set_num_threads(1)
+        singles = [dist.new_group([r]) for r in range(W)]  # every rank creates both
+        parallel_state.initialize_model_parallel(expert_model_parallel_size=W)
+        try:
+            # The group from megatron-core's parallel_state; seeded as the one-rank layer was.
+            torch.manual_seed(5)
+            layer = mb.MoELayer(_megatron_config(expert_model_parallel_size=W))
+            num_local = E // W
+            assert layer.experts == slice(rank * num_local, (rank + 1) * num_local)
+            for name, p in layer.named_parameters():  # the same model whatever W
+                local = name in ("w13", "w2", "b13", "b2")
+                want = initial[name][layer.experts] if local else initial[name]
+                assert torch.equal(p, want), f"rank {rank}: initial {name}"
+                assert getattr(p, "allreduce", True) is not local, f"rank {rank}: {name}"
+
+            # This rank's own Megatron state dict (TEGroupedMLP: local experts numbered from 0).
+            state = {
+                "router.weight": trained["router.weight"],
+                "router.bias": trained["router.bias"],
+            }
+            for i, e in enumerate(range(layer.experts.start, layer.experts.stop)):
+                state[f"experts.linear_fc1.weight{i}"] = trained["w13"][e]
+                state[f"experts.linear_fc2.weight{i}"] = trained["w2"][e]
+                state[f"experts.linear_fc1.bias{i}"] = trained["b13"][e]
+                state[f"experts.linear_fc2.bias{i}"] = trained["b2"][e]
+            groups = types.SimpleNamespace(ep=dist.group.WORLD)  # the group from pg_collection
+            layer = mb.MoELayer(
+                _megatron_config(expert_model_parallel_size=W), pg_collection=groups
+            )
+            layer.load_megatron_state_dict(state)
+            mine = slice(rank, rank + 1)  # this rank's sequence of the batch [s, b, h]
+            leaf = x[:, mine].clone().requires_grad_()
+            out, bias = layer(leaf)
+            assert bias is None
+            out.backward(dout[:, mine])
+            where = f"Megatron layer, expert_model_parallel_size={W}, rank {rank}"
+            assert_close(out, expected["out"][:, mine], rtol=RTOL, name=f"{where}: out")
+            assert_close(leaf.grad, expected["x"][:, mine], rtol=RTOL, name=f"{where}: dx")
+            for name, p in layer.named_parameters():
+                if name in ("w13", "w2", "b13", "b2"):  # complete for the global batch
+                    grad, want = p.grad, expected[name][layer.experts]
+                else:  # replicated: Megatron's data-parallel all-reduce
+                    grad, want = p.grad.clone(), expected[name]
+                    dist.all_reduce(grad)
+                assert_close(grad, want, rtol=RTOL, name=f"{where}: grad {name}")
+
+            with pytest.raises(
+                ValueError, match=r"expert_model_parallel_size=2 but .* has 1 ranks"
+            ):
+                mb.MoELayer(
+                    _megatron_config(expert_model_parallel_size=W),
+                    pg_collection=types.SimpleNamespace(ep=singles[rank]),
+                )
+        finally:
+            parallel_state.destroy_model_parallel()
+
+
+def test_megatron_layer_expert_parallel_over_gloo(tmp_path):
+    """moeblaze.integrations.megatron.MoELayer with expert_model_parallel_size=2 over 2 gloo
+    processes (the group from megatron-core's parallel_state, and from pg_collection): its
+    initial model is the one-rank layer's, it loads a rank's own Megatron state dict, and its
+    output, dx and gradients are the one-rank layer's on all tokens."""
+    pytest.importorskip("megatron.core")
+    from moeblaze.integrations import megatron as mb
+
+    if dist.is_initialized():
+        pytest.fail("a torch.distributed group is initialised in the test process")
+    torch.manual_seed(5)
+    layer = mb.MoELayer(_megatron_config())
+    initial = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    with torch.no_grad():  # Megatron starts the expert biases at zero: give them values
+        layer.b13.normal_(generator=torch.Generator().manual_seed(6))
+        layer.b2.normal_(generator=torch.Generator().manual_seed(7))
+    trained = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    x, dout = randn(5, 2, D, seed=8), randn(5, 2, D, seed=9)  # [s, b, h]: one sequence a rank
+    leaf = x.clone().requires_grad_()
+    out, _ = layer(leaf)
+    out.backward(dout)
+    expected = {
+        "out": out.detach(),
+        "x": leaf.grad,
+        **{n: p.grad for n, p in layer.named_parameters()},
+    }
+    mp.start_processes(
+        _megatron_worker,
+        args=(f"file://{tmp_path / 'store'}", initial, trained, x, dout, expected),
+        nprocs=2,
+        start_method="fork",
+    )

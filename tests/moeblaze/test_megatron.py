@@ -296,10 +296,13 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         ),
         (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
         (
-            dict(tensor_model_parallel_size=2, expert_model_parallel_size=2),
+            dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2),
             NotImplementedError,
-            ["tensor_model_parallel_size=2", "expert_model_parallel_size=2"],
+            ["tensor_model_parallel_size=2", "expert_tensor_parallel_size=2"],
         ),
+        (dict(expert_model_parallel_size=3), ValueError, ["expert_model_parallel_size=3"]),
+        # No expert-parallel group of 2 ranks here (see test_expert_parallel for one).
+        (dict(expert_model_parallel_size=2), ValueError, ["expert_model_parallel_size=2"]),
         (
             dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True),
             NotImplementedError,
@@ -571,19 +574,13 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
 
 
-def test_megatron_transformer_layer_spec(megatron, monkeypatch):
+def test_megatron_transformer_layer_spec(megatron):
     """The layer named in a megatron-core GPT layer spec: Megatron builds it and runs its MLP
     block (pre-MLP norm, the layer, bias-dropout-add) forward and backward. (The whole
-    TransformerLayer needs CUDA for Megatron's attention; the float64 reference stands in for
-    moe_mlp, which the transcription test runs.)"""
+    TransformerLayer needs CUDA for Megatron's attention.)"""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    monkeypatch.setattr(
-        moeblaze,
-        "moe_mlp",
-        lambda *args, recompute, deterministic: moeblaze.moe_mlp_reference(*args),
-    )
     config = _transformer_config(
         megatron,
         moe_aux_loss_coeff=1e-2,
