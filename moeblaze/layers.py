@@ -41,6 +41,7 @@ class MoEBlock(nn.Module):
         recompute: str,
         deterministic: bool,
         shared_expert_size: int | None,
+        shared_expert_gate: bool = False,
         device,
         dtype,
         router_options: dict,
@@ -56,6 +57,8 @@ class MoEBlock(nn.Module):
             raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
+        if shared_expert_gate and not shared_expert_size:
+            raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_size)")
         factory = dict(device=device, dtype=dtype)
         self.router = Router(
             hidden_size, num_experts, top_k, bias=bias, **router_options, **factory
@@ -71,7 +74,14 @@ class MoEBlock(nn.Module):
             self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, **factory))
             self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, **factory))
         self.shared_expert = (
-            SwiGLUMLP(hidden_size, shared_expert_size, activation=activation, bias=bias, **factory)
+            SwiGLUMLP(
+                hidden_size,
+                shared_expert_size,
+                activation=activation,
+                bias=bias,
+                sigmoid_gate=shared_expert_gate,
+                **factory,
+            )
             if shared_expert_size
             else None
         )
@@ -144,7 +154,8 @@ class MoELayer(MoEBlock):
     every linear map a bias, as GPT-OSS and Megatron's `add_bias_linear=True` have: `router.bias
     [E]`, each expert's `b13 [E, 2F]` and `b2 [E, d]`, and the shared expert's.
     `shared_expert_size` adds a dense SwiGLU MLP of that width that every token goes through
-    (Qwen-MoE, DeepSeek). After each forward, `last_router_output` holds the router's
+    (Qwen-MoE, DeepSeek); `shared_expert_gate=True` scales its output by sigmoid(x @ g) with a
+    learnable `g [d]` (Qwen2-MoE's `shared_expert_gate`, Megatron's `moe_shared_expert_gate`). After each forward, `last_router_output` holds the router's
     `RouterOutput` (aux losses and tokens per expert, for logging).
     """
 
@@ -158,6 +169,7 @@ class MoELayer(MoEBlock):
         recompute: str = "activation",
         deterministic: bool = False,
         shared_expert_size: int | None = None,
+        shared_expert_gate: bool = False,
         activation: SwiGLU = SWIGLU,
         bias: bool = False,
         device=None,
@@ -175,6 +187,7 @@ class MoELayer(MoEBlock):
             recompute=recompute,
             deterministic=deterministic,
             shared_expert_size=shared_expert_size,
+            shared_expert_gate=shared_expert_gate,
             device=device,
             dtype=dtype,
             router_options=router_options,
@@ -216,7 +229,9 @@ def check_router_options(options: dict, layer: type) -> None:
 class SwiGLUMLP(nn.Module):
     """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix
     (rows as `activation.split` reads them); `activation` (a `moeblaze.SwiGLU`) replaces
-    silu(gate) * up by its clamped or quick-GELU form. `bias`: both linear maps have one."""
+    silu(gate) * up by its clamped or quick-GELU form. `bias`: both linear maps have one.
+    `sigmoid_gate`: the output is scaled by sigmoid(x @ g), `sigmoid_gate.weight [1, d]` (no
+    bias), as Qwen2-MoE and Megatron gate their shared experts."""
 
     def __init__(
         self,
@@ -227,13 +242,22 @@ class SwiGLUMLP(nn.Module):
         *,
         activation: SwiGLU = SWIGLU,
         bias: bool = False,
+        sigmoid_gate: bool = False,
     ):
         super().__init__()
         self.activation = activation
         factory = dict(bias=bias, device=device, dtype=dtype)
         self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden_size, **factory)
         self.down = nn.Linear(ffn_hidden_size, hidden_size, **factory)
+        self.sigmoid_gate = (
+            nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
+            if sigmoid_gate
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.activation.split(self.gate_up(x))
-        return self.down(self.activation.forward(gate, up))
+        out = self.down(self.activation.forward(gate, up))
+        if self.sigmoid_gate is not None:
+            out = out * torch.sigmoid(self.sigmoid_gate(x))
+        return out

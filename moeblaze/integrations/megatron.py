@@ -140,7 +140,6 @@ _UNSUPPORTED = {
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
     "moe_apply_probs_on_input": ("routing weights applied to the expert input", _OFF),
     "moe_latent_size": ("latent projections", _OFF),
-    "moe_shared_expert_gate": ("a sigmoid gate on the shared expert", _OFF),
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
@@ -170,6 +169,7 @@ class LayerOptions:
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
+    shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
     bias: bool  # router and expert biases (add_bias_linear)
     activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
@@ -229,6 +229,9 @@ def layer_options(config) -> LayerOptions:
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
+        # Megatron builds the gate only inside a shared expert.
+        shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
+        and cfg["moe_shared_expert_intermediate_size"] is not None,
         expert_parallel_size=cfg["expert_model_parallel_size"] or 1,
         bias=bool(cfg["add_bias_linear"]),
         activation=moeblaze.SwiGLU(
@@ -245,18 +248,20 @@ def layer_options(config) -> LayerOptions:
 class MoELayer(MoEBlock):
     """moeblaze's MoE layer built from a Megatron `TransformerConfig`, Megatron's interface.
 
-    `forward(hidden_states [s, b, h]) -> (output [s, b, h], None)`. Parameters: `router.weight
-    [E, h]` (and `router.bias [E]` with `add_bias_linear`, and the buffer `router.expert_bias
-    [E]`, named as in Megatron), `w13 [E_l, 2F, h]` (gate rows, then up rows), `w2 [E_l, h, F]`
-    (with `add_bias_linear`, `b13 [E_l, 2F]` and `b2 [E_l, h]`), `shared_expert.gate_up.weight
-    [2Fs, h]`, `shared_expert.down.weight [h, Fs]`; dtype `config.params_dtype`. E_l = E / W
-    experts of global ids `experts` (a slice) with W = `expert_model_parallel_size`; E_l = E on
-    one rank. They are initialised with `config.init_method` (router weight and bias, w13 per
-    expert, shared gate/up) and `config.output_layer_init_method` (w2 per expert, shared down)
-    when `config.perform_initialization` and those are set, else as `moeblaze.MoELayer` does;
-    the expert biases start at zero then, as Megatron's do. Each expert draws from its own seed
-    (see `MoEBlock.reset_parameters`): ranks seeded alike hold distinct experts, and the initial
-    model does not depend on W.
+    `forward(hidden_states [s, b, h]) -> (output [s, b, h], None)`. Parameters, named as in
+    Megatron where Megatron has them: `router.weight [E, h]` (and `router.bias [E]` with
+    `add_bias_linear`, and the buffer `router.expert_bias [E]`), `w13 [E_l, 2F, h]` (gate rows,
+    then up rows), `w2 [E_l, h, F]` (with `add_bias_linear`, `b13 [E_l, 2F]` and `b2 [E_l, h]`),
+    `shared_expert.gate_up.weight [2Fs, h]`, `shared_expert.down.weight [h, Fs]` (and with
+    `moe_shared_expert_gate`, `shared_expert.sigmoid_gate.weight [1, h]`, Megatron's
+    `gate_weight`); dtype `config.params_dtype`. The E_l = E / W experts held, W =
+    `expert_model_parallel_size`, are those of global ids `experts` (a slice); E_l = E on one
+    rank. They are initialised with `config.init_method` (router weight and bias, w13 per
+    expert, shared gate/up and sigmoid gate) and `config.output_layer_init_method` (w2 per
+    expert, shared down) when `config.perform_initialization` and those are set, else as
+    `moeblaze.MoELayer` does; the expert biases start at zero then, as Megatron's do. Each
+    expert draws from its own seed (see `MoEBlock.reset_parameters`): ranks seeded alike hold
+    distinct experts, and the initial model does not depend on W.
 
     `submodules` is accepted so that a Megatron `ModuleSpec` can name this class; moeblaze
     builds its own router and experts. With W > 1, the expert-parallel group is
@@ -300,6 +305,7 @@ class MoELayer(MoEBlock):
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             shared_expert_size=options.shared_expert_size,
+            shared_expert_gate=options.shared_expert_gate,
             activation=options.activation,
             bias=options.bias,
             device=device,
@@ -338,6 +344,8 @@ class MoELayer(MoEBlock):
         if self.shared_expert is not None:
             fc1.append(self.shared_expert.gate_up.weight)
             fc2.append(self.shared_expert.down.weight)
+            if self.shared_expert.sigmoid_gate is not None:
+                fc1.append(self.shared_expert.sigmoid_gate.weight)
         for method, tensors in ((init_method, fc1), (output_init_method, fc2)):
             if method is not None:
                 for t in tensors:
@@ -406,7 +414,7 @@ class MoELayer(MoEBlock):
         Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
         that `megatron_expert_weights` reads (under `experts.`), with their biases, and
         `shared_experts.linear_fc1.weight` / `linear_fc2.weight` (gate rows, then up rows, as
-        moeblaze.SwiGLUMLP). With `strict`, a key with no place here (other than `_extra_state`
+        moeblaze.SwiGLUMLP) / `gate_weight`. With `strict`, a key with no place here (other than `_extra_state`
         and non-persistent buffers) raises ValueError, and so do biases in a layer built with
         `add_bias_linear=False` or missing from one built with it. Returns what
         `load_state_dict` returns.
@@ -423,9 +431,11 @@ class MoELayer(MoEBlock):
             "router.expert_bias": "router.expert_bias",
             "shared_experts.linear_fc1.weight": "shared_expert.gate_up.weight",
             "shared_experts.linear_fc2.weight": "shared_expert.down.weight",
+            "shared_experts.gate_weight": "shared_expert.sigmoid_gate.weight",
         }
+        ours = self.state_dict().keys()
         for megatron_key, key in renames.items():
-            if megatron_key in state_dict:
+            if megatron_key in state_dict and key in ours:
                 converted[key] = state_dict[megatron_key]
                 used.add(megatron_key)
         ignored = {"router.local_tokens_per_expert", "router.global_tokens_per_expert"}

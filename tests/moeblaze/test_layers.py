@@ -53,7 +53,12 @@ def _hand_composition(layer, x):
             act = gate * torch.sigmoid(GPT_OSS.alpha * gate) * (up + GPT_OSS.up_offset)
         else:
             act = F.silu(gate) * up
-        out = out + _linear64(act, layer.shared_expert.down)
+        shared = _linear64(act, layer.shared_expert.down)
+        if layer.shared_expert.sigmoid_gate is not None:
+            shared = shared * torch.sigmoid(
+                _linear64(tokens.double(), layer.shared_expert.sigmoid_gate)
+            )
+        out = out + shared
     return out.view(x.shape)
 
 
@@ -70,12 +75,16 @@ def _step(fn, layer, x, dout):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("activation", [None, GPT_OSS], ids=["swiglu", "gpt-oss"])
-@pytest.mark.parametrize("shared", [None, SHARED], ids=["routed_only", "shared_expert"])
+@pytest.mark.parametrize(
+    "shared", [None, "plain", "gated"], ids=["routed_only", "shared_expert", "gated_shared_expert"]
+)
 @pytest.mark.parametrize("recompute", ["activation", "up_proj"])
 def test_layer_matches_hand_composition(shared, recompute, activation, bias):
     # The SwiGLU reaches the routed experts and the shared expert.
     options = {} if activation is None else dict(activation=activation)
-    layer = _layer(shared_expert_size=shared, recompute=recompute, bias=bias, **options)
+    if shared:
+        options |= dict(shared_expert_size=SHARED, shared_expert_gate=shared == "gated")
+    layer = _layer(recompute=recompute, bias=bias, **options)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, L, D, generator=g)
     dout = torch.randn(B, L, D, generator=g)
@@ -90,6 +99,7 @@ def test_layer_matches_hand_composition(shared, recompute, activation, bias):
         assert (
             "shared_expert.gate_up.bias" in names and "shared_expert.down.bias" in names
         ) == bias
+        assert ("shared_expert.sigmoid_gate.weight" in names) == (shared == "gated")
     for name, a, e in zip(names, actual, expected, strict=True):
         assert a is not None, f"no gradient reached {name}"
         assert a.abs().sum() > 0, f"zero gradient for {name}"
@@ -169,10 +179,11 @@ def test_any_leading_shape():
         (dict(ffn_hidden_size=0), "ffn_hidden_size must be >= 1"),
         (dict(recompute="bogus"), "recompute must be one of"),
         (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
+        (dict(shared_expert_gate=True), r"shared_expert_gate=True needs a shared expert"),
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
         (dict(activation="silu"), "activation must be a moeblaze.SwiGLU, got 'silu'"),
     ],
-    ids=["ffn0", "recompute", "shared0", "k>E", "activation"],
+    ids=["ffn0", "recompute", "shared0", "gate_alone", "k>E", "activation"],
 )
 def test_bad_options(kwargs, match):
     args = dict(hidden_size=D, ffn_hidden_size=FFN, num_experts=E, top_k=K)

@@ -54,6 +54,7 @@ def _config(**overrides):
         moe_router_num_groups=None,
         moe_router_group_topk=None,
         moe_shared_expert_intermediate_size=None,
+        moe_shared_expert_gate=False,
         moe_layer_recompute=False,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -134,9 +135,13 @@ def _megatron_transcription(layer, x, cfg):
         return F.linear(_glu(fc1, cfg), w2[e], None if b2 is None else b2[e])
 
     out = _glu_experts(tokens, ids, probs, expert)
-    if layer.shared_expert is not None:
+    if layer.shared_expert is not None:  # SharedExpertMLP
         fc1 = F.linear(tokens, layer.shared_expert.gate_up.weight.double())
-        out = out + F.linear(_glu(fc1, cfg), layer.shared_expert.down.weight.double())
+        shared = F.linear(_glu(fc1, cfg), layer.shared_expert.down.weight.double())
+        if cfg.moe_shared_expert_gate:
+            gate_weight = layer.shared_expert.sigmoid_gate.weight.double()  # [1, h]
+            shared = shared * torch.sigmoid(F.linear(tokens, gate_weight))
+        out = out + shared
     return out.view(x.shape), losses
 
 
@@ -153,12 +158,14 @@ def _glu(h, cfg):
 
 
 VARIANTS = {
-    # Megatron's default routing, both aux losses, a shared expert; "moe" and "shared_experts"
-    # recompute: the experts keep nothing of size N*k*F, the shared expert is checkpointed.
-    "softmax_aux_z_shared_recompute": dict(
+    # Megatron's default routing, both aux losses, a gated shared expert; "moe" and
+    # "shared_experts" recompute: the experts keep nothing of size N*k*F, the shared expert
+    # (gate included) is checkpointed.
+    "softmax_aux_z_gated_shared_recompute": dict(
         moe_aux_loss_coeff=1e-1,
         moe_z_loss_coeff=1e-2,
         moe_shared_expert_intermediate_size=SHARED,
+        moe_shared_expert_gate=True,
         recompute_granularity="selective",
         recompute_modules=["moe", "shared_experts"],
     ),
@@ -303,11 +310,6 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         (dict(expert_model_parallel_size=3), ValueError, ["expert_model_parallel_size=3"]),
         # No expert-parallel group of 2 ranks here (see test_expert_parallel for one).
         (dict(expert_model_parallel_size=2), ValueError, ["expert_model_parallel_size=2"]),
-        (
-            dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True),
-            NotImplementedError,
-            ["moe_shared_expert_gate=True"],
-        ),
         (dict(moe_router_topk=5), ValueError, ["moe_router_topk=5"]),
         (dict(num_moe_experts=None), ValueError, ["num_moe_experts=None"]),
         (dict(moe_ffn_hidden_size=None), ValueError, ["moe_ffn_hidden_size=None"]),
@@ -517,7 +519,7 @@ def _transformer_config(megatron, **fields):
     return TransformerConfig(**{**base, **fields})
 
 
-@pytest.mark.parametrize("biases", [False, True], ids=["shared_expert", "add_bias_linear"])
+@pytest.mark.parametrize("biases", [False, True], ids=["gated_shared_expert", "add_bias_linear"])
 def test_megatron_sequential_mlp_state_dict(megatron, biases):
     """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees; with
     add_bias_linear=True, its experts' biases (set to random values) too."""
@@ -527,7 +529,9 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
     fields = (
-        dict(add_bias_linear=True) if biases else dict(moe_shared_expert_intermediate_size=SHARED)
+        dict(add_bias_linear=True)
+        if biases
+        else dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True)
     )
     config = _transformer_config(megatron, **fields)
     group = torch.distributed.group.WORLD
@@ -548,6 +552,7 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
     else:
         state["shared_experts.linear_fc1.weight"] = torch.randn(2 * SHARED, H)
         state["shared_experts.linear_fc2.weight"] = torch.randn(H, SHARED)
+        state["shared_experts.gate_weight"] = torch.randn(1, H)
     layer.load_megatron_state_dict(state)
     if biases:
         assert torch.equal(layer.router.bias, state["router.bias"])
@@ -556,6 +561,8 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
         assert torch.equal(
             layer.shared_expert.down.weight, state["shared_experts.linear_fc2.weight"]
         )
+        gate = layer.shared_expert.sigmoid_gate.weight
+        assert torch.equal(gate, state["shared_experts.gate_weight"])
 
     g = torch.Generator().manual_seed(8)
     tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
