@@ -434,6 +434,10 @@ def test_load_errors():
     layer = mb.MoELayer(_config())
     with pytest.raises(ValueError, match="no place for.*shared_experts.gate_weight"):
         layer.load_megatron_state_dict({**state, "shared_experts.gate_weight": torch.ones(1, H)})
+    with pytest.raises(
+        ValueError, match=r"no place for: \['router.bias'\]"
+    ):  # add_bias_linear=False
+        layer.load_megatron_state_dict({**state, "router.bias": torch.zeros(E)})
     with pytest.raises(ValueError, match="num_experts=8 but the state_dict lacks"):
         mb.megatron_expert_weights(state, 8)
     biased = {f"experts.linear_fc1.bias{e}": torch.zeros(2 * FFN) for e in range(E)}
