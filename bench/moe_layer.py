@@ -68,6 +68,7 @@ SHAPES = {
         Shape("mixtral", T=16384, d=4096, F=14336, E=8, k=2),
         Shape("qwen3-30b-a3b", T=16384, d=2048, F=768, E=128, k=8),
         Shape("deepseek-ish", T=16384, d=2048, F=1408, E=64, k=6),
+        Shape("gpt-oss-20b", T=16384, d=2880, F=2880, E=32, k=4),
     ]
 }
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")

@@ -6,7 +6,8 @@
 #
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
 # csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
-# up to about 9 minutes), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
+# up to about 9 minutes), tune_gpt_oss (gate_up and grad_act with GPT-OSS's interleaved SwiGLU
+# at its shape, to OUTDIR/tune_gpt_oss), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
 # OUTDIR/overlap_link) and kernel_profile (Nsight Compute counters of every kernel of a MoE step
 # and of the fused GEMM, to OUTDIR/kernel_profile) run only when named.
@@ -14,7 +15,7 @@
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt, overlap_tiles.txt, overlap_link.txt,
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, overlap_tiles.txt, overlap_link.txt,
 # kernel_profile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
@@ -58,6 +59,8 @@ step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"
 # BLOCK_M=128 only: the plan's block_m at T=16384 for every bench shape (moe_layer's).
 step tune_expert 540 python -m bench.tune_expert --block-ms 128 --out "$OUT"
+step tune_gpt_oss 200 python -m bench.tune_expert --shapes gpt-oss-20b --stages gate_up,grad_act \
+    --activation gpt-oss --block-ms 128 --out "$OUT/tune_gpt_oss"
 step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
     --tiles 128x256x64:8:3,128x256x64:8:3:ptr,128x256x64:8:4,128x128x64:8:4,128x128x64:8:4:ptr \
     --out "$OUT/overlap_tiles"

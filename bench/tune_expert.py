@@ -22,8 +22,13 @@ another result, beyond summation order, is a bug to report). The best config per
 as the GPU_CONFIGS entry to put in; a candidate that fails to compile or run is reported and
 skipped. Results go to tune_expert-<gpu>.json.
 
+`--activation gpt-oss` runs gate_up and grad_act with GPT-OSS's SwiGLU, gate and up
+interleaved (their other kernel variants, INTERLEAVED); its "*" config is then the
+GPU_CONFIGS_INTERLEAVED entry where there is one, and the winners are printed for that table.
+
     python -m bench.tune_expert                               # GPU: mixtral, qwen3, deepseek-ish
     python -m bench.tune_expert --shapes qwen3-30b-a3b --stages grad_act,grad_w13 --block-ms 64
+    python -m bench.tune_expert --shapes gpt-oss-20b --stages gate_up,grad_act --activation gpt-oss
     python -m bench.tune_expert --shapes tiny --out OUTDIR    # CPU smoke run (interpreter)
 
 On the CPU the kernels run under the Triton interpreter with interpreter-sized candidates:
@@ -44,10 +49,20 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
 from bench import harness  # noqa: E402
 from bench.moe_layer import SHAPES, Shape, make_inputs  # noqa: E402
 from kernelbase.gemm import GemmConfig  # noqa: E402
-from moeblaze.kernels.expert_mlp import GPU_CONFIGS, TritonStages  # noqa: E402
+from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
+from moeblaze.kernels.expert_mlp import (  # noqa: E402
+    GPU_CONFIGS,
+    GPU_CONFIGS_INTERLEAVED,
+    TritonStages,
+)
 from moeblaze.routing_plan import build_routing_plan  # noqa: E402
 
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
+# The SwiGLU of gate_up and grad_act (the other stages do not depend on it).
+ACTIVATIONS = {
+    "swiglu": SWIGLU,
+    "gpt-oss": SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True),
+}
 STAGE_KERNEL = {
     "gate_up": "gate_up",
     "down_combine": "scatter_rows",
@@ -89,11 +104,15 @@ WGRAD_CANDIDATES = [
 INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 
-def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
-    """The current config of (kernel, block_m) first, then it with the other operand loads
-    (GemmConfig.tma), then the other candidates (with tensor descriptors)."""
+def candidates(kernel: str, block_m: int, interleaved: bool = False) -> list[GemmConfig]:
+    """The current config of (kernel, block_m) first (for an interleaved SwiGLU where
+    `interleaved`), then it with the other operand loads (GemmConfig.tma), then the other
+    candidates (with tensor descriptors)."""
     if torch.cuda.is_available():
-        current = GPU_CONFIGS[kernel, None if kernel == "expert_wgrad" else block_m]
+        key = (kernel, None if kernel == "expert_wgrad" else block_m)
+        current = GPU_CONFIGS[key]
+        if interleaved:
+            current = GPU_CONFIGS_INTERLEAVED.get(key, current)
         if kernel == "expert_wgrad":
             others = WGRAD_CANDIDATES
         else:
@@ -106,16 +125,22 @@ def candidates(kernel: str, block_m: int) -> list[GemmConfig]:
     return [current, flipped, *(c for c in others if c not in (current, flipped))]
 
 
-def stage_call(stage: str, stages: TritonStages, tensors: dict, plan):
+def stage_call(stage: str, stages: TritonStages, tensors: dict, plan, activation=SWIGLU):
     """A zero-argument function running `stage` with `stages` on prepared tensors."""
     t = tensors
     calls = {
         "gate_up": lambda: stages.gate_up(
-            t["x"], t["w13"], t["topk_weights"], plan, store_h=True, store_a=False
+            t["x"],
+            t["w13"],
+            t["topk_weights"],
+            plan,
+            store_h=True,
+            store_a=False,
+            activation=activation,
         ),
         "down_combine": lambda: stages.down_combine(t["a"], t["w2"], plan, deterministic=False),
         "grad_act": lambda: stages.grad_act(
-            t["dout"], t["w2"], t["h"], t["topk_weights"], plan, store_a=True
+            t["dout"], t["w2"], t["h"], t["topk_weights"], plan, store_a=True, activation=activation
         ),
         "grad_input": lambda: stages.grad_input(t["dh"], t["w13"], plan, deterministic=False),
         "grad_w2": lambda: stages.grad_w2(t["dout"], t["a"], plan),
@@ -145,16 +170,26 @@ def prepare(shape: Shape, dtype, device) -> dict:
     return t
 
 
-def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> list[dict]:
+def sweep_shape(
+    shape: Shape, stage_names, block_ms, dtype, device, rep_ms, activation=SWIGLU
+) -> list[dict]:
     t = prepare(shape, dtype, device)
     default = TritonStages()
     rows, dense = [], {}  # dense: FLOPs -> TFLOP/s of a dense GEMM
     for block_m in block_ms:
         plan = build_routing_plan(t["topk_ids"], shape.E, block_m=block_m)
         h, _ = default.gate_up(
-            t["x"], t["w13"], t["topk_weights"], plan, store_h=True, store_a=False
+            t["x"],
+            t["w13"],
+            t["topk_weights"],
+            plan,
+            store_h=True,
+            store_a=False,
+            activation=activation,
         )
-        dh, _, a = default.grad_act(t["dout"], t["w2"], h, t["topk_weights"], plan, store_a=True)
+        dh, _, a = default.grad_act(
+            t["dout"], t["w2"], h, t["topk_weights"], plan, store_a=True, activation=activation
+        )
         tensors = dict(t, h=h, a=a, dh=dh)
         for stage in stage_names:
             kernel = STAGE_KERNEL[stage]
@@ -165,9 +200,9 @@ def sweep_shape(shape: Shape, stage_names, block_ms, dtype, device, rep_ms) -> l
                 dense[flops] = harness.dense_gemm_tflops(flops, dtype, device)
             dense_tflops = dense[flops]
             current_ms = current_out = None
-            for i, cfg in enumerate(candidates(kernel, block_m)):
+            for i, cfg in enumerate(candidates(kernel, block_m, activation.interleaved)):
                 key = (kernel, None if kernel == "expert_wgrad" else block_m)
-                fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan)
+                fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan, activation)
                 row = dict(
                     shape=shape.name,
                     stage=stage,
@@ -220,8 +255,10 @@ def _describe(cfg: GemmConfig) -> str:
 COLUMNS = ("shape", "stage", "config", "ms", "TFLOP/s", "frac_cublas", "vs_current", "diff")
 
 
-def best_entries(rows) -> list[str]:
-    """Per (shape, stage, block_m), the fastest config, as a GPU_CONFIGS line."""
+def best_entries(rows, interleaved: bool = False) -> list[str]:
+    """Per (shape, stage, block_m), the fastest config, as a GPU_CONFIGS line (for
+    GPU_CONFIGS_INTERLEAVED where `interleaved`, for the stages whose kernels have such
+    variants)."""
     best = {}
     for row in rows:
         if "ms" not in row:
@@ -234,8 +271,9 @@ def best_entries(rows) -> list[str]:
         cfg, speedup = row["cfg"], row["vs_current"]
         versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
         loads = "" if cfg.tma else ", tma=False"
+        table = "INTERLEAVED " if interleaved and stage in ("gate_up", "grad_act") else ""
         lines.append(
-            f"{shape:>14} {stage:>12}: ({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
+            f"{shape:>14} {stage:>12}: {table}({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
             f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
             f"num_stages={cfg.num_stages}{loads})  # {row['ms']:.3g} ms, "
             f"{row['frac_cublas']:.2f} of cuBLAS, {versus}"
@@ -250,6 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default=",".join(STAGE_KERNEL))
     parser.add_argument("--block-ms", default="64,128", help="the plan's block_m values")
     parser.add_argument("--rep-ms", type=float, default=50 if on_gpu else 1)
+    parser.add_argument(
+        "--activation", default="swiglu", choices=list(ACTIVATIONS), help="gate_up/grad_act's"
+    )
     parser.add_argument("--out", default=str(harness.RESULTS_DIR))
     args = parser.parse_args(argv)
     device = harness.default_device()
@@ -264,13 +305,17 @@ def main(argv=None) -> int:
             parser.error(f"unknown shape {name!r}; choose from {list(SHAPES)}")
         block_ms = [int(b) for b in args.block_ms.split(",")]
         stages = args.stages.split(",")
-        rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms)
+        activation = ACTIVATIONS[args.activation]
+        rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms, activation)
         stored = [{k: v for k, v in r.items() if k != "cfg"} for r in rows]
         path = harness.write_results("tune_expert", stored, env, args.out)  # kept if stopped
-    print(f"\nexpert-MLP stages on {env['gpu']} ({dtype}; * = the current GPU_CONFIGS entry)")
+    print(
+        f"\nexpert-MLP stages on {env['gpu']} ({dtype}, {args.activation}; * = the current "
+        f"GPU_CONFIGS entry)"
+    )
     harness.print_table(rows, COLUMNS)
     print("\nfastest per shape and stage:")
-    print("\n".join(best_entries(rows)))
+    print("\n".join(best_entries(rows, ACTIVATIONS[args.activation].interleaved)))
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -291,3 +291,19 @@ def test_tune_expert_sweeps_configs_on_cpu(tmp_path, capsys):
         assert r["ms"] > 0 and r["dense_TFLOP/s"] > 0, r
         assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
     assert "('scatter_rows', 64): GemmConfig(" in capsys.readouterr().out
+
+
+def test_tune_expert_sweeps_interleaved_kernels_on_cpu(tmp_path, capsys):
+    """--activation gpt-oss: gate_up and grad_act run their interleaved variants, every config
+    to the same result, and the winners are printed for GPU_CONFIGS_INTERLEAVED."""
+    from bench import tune_expert
+
+    argv = ["--shapes", "tiny", "--stages", "gate_up,grad_act", "--block-ms", "64"]
+    assert tune_expert.main([*argv, "--activation", "gpt-oss", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "tune_expert-cpu.json").read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["gate_up"] * 3 + ["grad_act"] * 3
+    for r in rows:
+        assert r["ms"] > 0, r
+        assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
+    out = capsys.readouterr().out
+    assert "gpt-oss" in out and "INTERLEAVED ('grad_act', 64): GemmConfig(" in out
