@@ -178,18 +178,8 @@ def sweep_shape(
     rows, dense = [], {}  # dense: FLOPs -> TFLOP/s of a dense GEMM
     for block_m in block_ms:
         plan = build_routing_plan(t["topk_ids"], shape.E, block_m=block_m)
-        h, _ = default.gate_up(
-            t["x"],
-            t["w13"],
-            t["topk_weights"],
-            plan,
-            store_h=True,
-            store_a=False,
-            activation=activation,
-        )
-        dh, _, a = default.grad_act(
-            t["dout"], t["w2"], h, t["topk_weights"], plan, store_a=True, activation=activation
-        )
+        h, _ = stage_call("gate_up", default, t, plan, activation)()
+        dh, _, a = stage_call("grad_act", default, dict(t, h=h), plan, activation)()
         tensors = dict(t, h=h, a=a, dh=dh)
         for stage in stage_names:
             kernel = STAGE_KERNEL[stage]
