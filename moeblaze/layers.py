@@ -117,7 +117,8 @@ class MoEBlock(nn.Module):
                 f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
             )
         tokens = x.reshape(-1, self.hidden_size)  # [N, d]
-        routing = self.router(tokens)
+        sequences = self.sequences(x) if self.router.seq_aux_loss_coeff > 0 else (None, None)
+        routing = self.router(tokens, *sequences)
         self.last_router_output = routing
         out = self.routed_mlp(tokens, routing)
         if self.shared_expert is not None:
@@ -127,6 +128,14 @@ class MoEBlock(nn.Module):
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """The routed experts' weighted sum for each of `tokens [N, d]`, [N, d]."""
         raise NotImplementedError
+
+    def sequences(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(sequence of each token [N], number of sequences) for the router's sequence-level
+        loss: `x [..., L, d]` is batch first, L tokens a sequence (`x [L, d]`: one sequence)."""
+        length = x.shape[-2] if x.dim() >= 2 else 1
+        n = x.numel() // self.hidden_size
+        ids = torch.arange(n, device=x.device) // max(length, 1)
+        return ids, n // length if length else 0
 
     def expert_options(self) -> dict:
         """The keyword arguments of `moe_mlp` (and `expert_parallel_mlp`) these experts take."""

@@ -4,7 +4,8 @@
     x [N, d] --float32--> logits = x @ weight.T (+ bias) [N, E] --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
-    aux_loss_coeff * load-balancing loss + z_loss_coeff * z-loss --> gradient, through topk_weights
+    aux_loss_coeff * load-balancing loss (+ seq_aux_loss_coeff * its mean over sequences)
+        + z_loss_coeff * z-loss --> gradient, through topk_weights
 
 Logits and scores are computed in float32 whatever the dtype of `x` and `weight`, as Megatron and
 Hugging Face do, because top-k selection is sensitive to rounding.
@@ -29,7 +30,9 @@ from torch import nn
 from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
-from moeblaze.reference import check_selection_options, router_topk_reference
+from moeblaze.reference import check_selection_options, router_topk_reference, select_experts
+
+AUX_COUNTS = ("routed", "scores")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,10 @@ class RouterOutput:
     logits: torch.Tensor  # [N, E] float32, differentiable
     aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
     z_loss: torch.Tensor  # [] float64 z-loss mean(logsumexp(logits)^2), *unscaled*
-    router_loss: torch.Tensor  # [] aux_loss_coeff * aux_loss + z_loss_coeff * z_loss (used terms)
+    router_loss: torch.Tensor  # [] the weighted sum of the losses in use (their coeff > 0)
     tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
+    # [] the load-balancing loss per sequence, averaged, *unscaled*; 0 without sequence_ids
+    seq_aux_loss: torch.Tensor
 
 
 def _describe_nonfinite_logits(nonfinite: list[int]) -> str | None:
@@ -93,6 +98,12 @@ class Router(nn.Module):
       see `update_expert_bias`.
     - `aux_loss_coeff`, `z_loss_coeff`: weights of the load-balancing loss and the z-loss that
       are injected into the gradient (see the module docstring).
+    - `seq_aux_loss_coeff`: weight of the load-balancing loss computed per sequence and averaged
+      over the sequences (DeepSeek-V3's sequence-wise balance loss, Megatron's
+      "seq_aux_loss"); `forward` then needs `sequence_ids`.
+    - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
+      `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
+      and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
 
     `aux_loss_scale` (class attribute, default 1.0; set it with `Router.set_aux_loss_scale` or per
     instance) multiplies the injected gradient. Set it to the factor your loss is multiplied by
@@ -116,6 +127,8 @@ class Router(nn.Module):
         topk_groups: int | None = None,
         expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
+        seq_aux_loss_coeff: float = 0.0,
+        aux_counts: str = "routed",
         z_loss_coeff: float = 0.0,
         device=None,
         dtype=None,
@@ -129,9 +142,12 @@ class Router(nn.Module):
             num_groups,
             topk_groups,
             aux_loss_coeff,
+            seq_aux_loss_coeff,
             z_loss_coeff,
             topk_scaling_factor,
         )
+        if aux_counts not in AUX_COUNTS:
+            raise ValueError(f"aux_counts={aux_counts!r} must be one of {AUX_COUNTS}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -141,6 +157,8 @@ class Router(nn.Module):
         self.num_groups = num_groups
         self.topk_groups = topk_groups
         self.aux_loss_coeff = float(aux_loss_coeff)
+        self.seq_aux_loss_coeff = float(seq_aux_loss_coeff)
+        self.aux_counts = aux_counts
         self.z_loss_coeff = float(z_loss_coeff)
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
         self.weight = nn.Parameter(weight)
@@ -174,9 +192,18 @@ class Router(nn.Module):
         """Set the factor on the injected aux-loss gradient for every Router (default 1.0)."""
         cls.aux_loss_scale = float(scale)
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sequence_ids: torch.Tensor | None = None,
+        num_sequences: int | None = None,
+    ) -> RouterOutput:
+        """Route `x [N, d]`. `sequence_ids [N]` (integers in [0, `num_sequences`)) says which
+        sequence each token belongs to, for the sequence-level loss: needed when
+        `seq_aux_loss_coeff` > 0, used for the logged `seq_aux_loss` whenever given."""
         with profile_range("moeblaze.router"):
             self._check_input(x)
+            self._check_sequences(x, sequence_ids, num_sequences)
             n, num_experts = x.shape[0], self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = x.float() @ self.weight.float().t()  # [N, E]
@@ -201,7 +228,19 @@ class Router(nn.Module):
                 with torch.no_grad():
                     self.tokens_per_expert_accum += tokens_per_expert
 
-            aux_loss = self._load_balancing_loss(scores, tokens_per_expert)
+            aux_ids, aux_tokens_per_expert = topk_ids, tokens_per_expert
+            biased = self.expert_bias is not None or self.num_groups is not None
+            if self.aux_counts == "scores" and biased:
+                aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
+                aux_tokens_per_expert = torch.zeros_like(tokens_per_expert).scatter_add_(
+                    0, aux_ids.flatten(), torch.ones_like(flat_ids)
+                )
+            aux_loss = self._load_balancing_loss(scores, aux_tokens_per_expert)
+            seq_aux_loss = logits.new_zeros(())
+            if sequence_ids is not None:
+                seq_aux_loss = self._sequence_balancing_loss(
+                    scores, aux_ids, sequence_ids, num_sequences
+                )
             # float64: logsumexp ~1e20 squares past float32's range.
             z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(n, 1)
             # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
@@ -209,9 +248,11 @@ class Router(nn.Module):
             router_loss = logits.new_zeros(())
             if self.aux_loss_coeff > 0:
                 router_loss = router_loss + self.aux_loss_coeff * aux_loss
+            if self.seq_aux_loss_coeff > 0:
+                router_loss = router_loss + self.seq_aux_loss_coeff * seq_aux_loss
             if self.z_loss_coeff > 0:
                 router_loss = router_loss + self.z_loss_coeff * z_loss.float()
-            inject = self.aux_loss_coeff > 0 or self.z_loss_coeff > 0
+            inject = self.aux_loss_coeff > 0 or self.seq_aux_loss_coeff > 0 or self.z_loss_coeff > 0
             if inject and self.training and torch.is_grad_enabled():
                 topk_weights = _InjectLossGrad.apply(
                     topk_weights, router_loss, float(self.aux_loss_scale)
@@ -224,6 +265,7 @@ class Router(nn.Module):
                 z_loss=z_loss.detach(),
                 router_loss=router_loss.detach(),
                 tokens_per_expert=tokens_per_expert,
+                seq_aux_loss=seq_aux_loss.detach(),
             )
 
     @torch.no_grad()
@@ -264,14 +306,62 @@ class Router(nn.Module):
                 return RouterTopK.apply(logits, *options)
         return router_topk_reference(logits, *options)
 
+    def _balancing_probs(self, scores):
+        """Each token's scores as a distribution over the experts (sigmoid ones normalised)."""
+        if self.score_func == "sigmoid":
+            return scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        return scores
+
     def _load_balancing_loss(self, scores, tokens_per_expert):
         """Switch loss `E * sum_e f_e * P_e`: f_e share of the N*k slots, P_e mean probability."""
         n = scores.shape[0]
-        if self.score_func == "sigmoid":  # make each token's scores a distribution
-            scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
         slot_share = tokens_per_expert.float() / max(n * self.top_k, 1)  # [E], no grad
-        mean_prob = scores.sum(0) / max(n, 1)  # [E]
+        mean_prob = self._balancing_probs(scores).sum(0) / max(n, 1)  # [E]
         return self.num_experts * (slot_share * mean_prob).sum()
+
+    def _sequence_balancing_loss(self, scores, aux_ids, sequence_ids, num_sequences):
+        """The switch loss of each sequence's tokens, averaged over the `num_sequences`
+        sequences (an empty one counts 0): one scatter per statistic, no loop, no host sync."""
+        num_experts, k = self.num_experts, self.top_k
+        if num_sequences == 0:
+            return scores.new_zeros(())
+        slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
+        slots = slot_sequence * num_experts + aux_ids.flatten()  # [N*k] (sequence, expert)
+        counts = torch.zeros(num_sequences * num_experts, device=scores.device)
+        counts.scatter_add_(0, slots, torch.ones_like(slots, dtype=counts.dtype))  # no grad
+        tokens = (
+            torch.zeros(num_sequences, device=scores.device)
+            .index_add_(0, sequence_ids, torch.ones_like(sequence_ids, dtype=torch.float32))
+            .clamp_min(1)
+        )  # [G]
+        prob_sums = scores.new_zeros(num_sequences, num_experts).index_add(
+            0, sequence_ids, self._balancing_probs(scores)
+        )  # [G, E]
+        slot_share = counts.view(num_sequences, num_experts) / (tokens * k).unsqueeze(1)
+        per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [G]
+        return num_experts * per_sequence.sum() / num_sequences
+
+    def _check_sequences(self, x, sequence_ids, num_sequences) -> None:
+        if sequence_ids is None:
+            if self.seq_aux_loss_coeff > 0:
+                raise ValueError(
+                    f"seq_aux_loss_coeff={self.seq_aux_loss_coeff} needs sequence_ids (the "
+                    f"sequence of each token) and num_sequences"
+                )
+            return
+        if not isinstance(num_sequences, int) or num_sequences < 0:
+            raise ValueError(
+                f"num_sequences must be an int >= 0 with sequence_ids, got {num_sequences!r}"
+            )
+        if (
+            sequence_ids.dtype not in (torch.int32, torch.int64)
+            or tuple(sequence_ids.shape) != (x.shape[0],)
+            or sequence_ids.device != x.device
+        ):
+            raise ValueError(
+                f"sequence_ids must be int32 or int64 [N={x.shape[0]}] on {x.device}, got "
+                f"{sequence_ids.dtype} {tuple(sequence_ids.shape)} on {sequence_ids.device}"
+            )
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not x.is_floating_point():
@@ -299,18 +389,34 @@ class Router(nn.Module):
         if self.num_groups is not None:
             s += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
         s += f", expert_bias={self.expert_bias is not None}"
-        return s + f", aux_loss_coeff={self.aux_loss_coeff}, z_loss_coeff={self.z_loss_coeff}"
+        s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
+        s += f", aux_counts={self.aux_counts!r}"
+        return s + f", z_loss_coeff={self.z_loss_coeff}"
 
 
 def _check_options(
-    hidden_size, num_experts, top_k, score_func, num_groups, topk_groups, aux_coeff, z_coeff, scale
+    hidden_size,
+    num_experts,
+    top_k,
+    score_func,
+    num_groups,
+    topk_groups,
+    aux_coeff,
+    seq_aux_coeff,
+    z_coeff,
+    scale,
 ):
     if hidden_size < 1:
         raise ValueError(f"hidden_size={hidden_size} must be >= 1")
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
     check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups)
-    for name, value in (("aux_loss_coeff", aux_coeff), ("z_loss_coeff", z_coeff)):
+    coeffs = (
+        ("aux_loss_coeff", aux_coeff),
+        ("seq_aux_loss_coeff", seq_aux_coeff),
+        ("z_loss_coeff", z_coeff),
+    )
+    for name, value in coeffs:
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
     if not (math.isfinite(scale) and scale > 0):

@@ -35,7 +35,10 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - sigmoid: top-k of the scores (plus the expert bias, for selection only), divided by their sum
   when k > 1.
 - `moe_router_topk_scaling_factor` multiplies the k weights.
-- The "aux_loss" load-balancing loss (`moe_aux_loss_coeff`) and the z-loss (`moe_z_loss_coeff`)
+- The "aux_loss" and "seq_aux_loss" load-balancing losses (`moe_aux_loss_coeff`; the second per
+  sequence, each of the b sequences of `[s, b, h]` alone, averaged: DeepSeek-V3's) count the
+  top-k of the scores without expert bias or group limit, as Megatron's do
+  (`moeblaze.Router(aux_counts="scores")`). They and the z-loss (`moe_z_loss_coeff`)
   reach the gradient through the routing weights, as Megatron's `MoEAuxLossAutoScaler` does:
   the injected gradient is `coeff * d(loss)` times `moeblaze.Router.aux_loss_scale`. Megatron's
   schedule sets its scale (`loss_scale / num_microbatches`) before each backward; set
@@ -166,6 +169,7 @@ class LayerOptions:
     topk_groups: int | None
     expert_bias: bool
     aux_loss_coeff: float
+    seq_aux_loss_coeff: float
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
@@ -185,6 +189,8 @@ class LayerOptions:
             topk_groups=self.topk_groups,
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
+            seq_aux_loss_coeff=self.seq_aux_loss_coeff,
+            aux_counts="scores",  # Megatron counts the top-k of the scores alone
             z_loss_coeff=self.z_loss_coeff,
             topk_scaling_factor=self.topk_scaling_factor,
         )
@@ -226,6 +232,7 @@ def layer_options(config) -> LayerOptions:
         topk_groups=cfg["moe_router_group_topk"] if grouped else None,
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
+        seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
@@ -400,11 +407,16 @@ class MoELayer(MoEBlock):
             return checkpoint(self.shared_expert, tokens, use_reentrant=False)
         return self.shared_expert(tokens)
 
+    def sequences(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Megatron's hidden states are sequence first: token i of `x [s, b, h]` flattened
+        belongs to sequence i % b."""
+        s, b = x.shape[:2]
+        return torch.arange(s * b, device=x.device) % b, b
+
     def _padding_mask_matters(self) -> bool:
         router = self.router
-        return (
-            router.aux_loss_coeff > 0 or router.z_loss_coeff > 0 or router.expert_bias is not None
-        )
+        losses = router.aux_loss_coeff + router.seq_aux_loss_coeff + router.z_loss_coeff
+        return losses > 0 or router.expert_bias is not None
 
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load the state dict of a megatron-core `MoELayer` (tensor parallel size 1). Under
@@ -701,21 +713,15 @@ def _unsupported_fields(cfg) -> list[str]:
             f"F.silu or quick_gelu)"
         )
     coeffs = _loss_coeffs(cfg)
-    for kind in ("seq_aux_loss", "global_aux_loss"):
-        if coeffs.get(kind, 0.0) > 0:
-            problems.append(
-                f"moe_router_load_balancing_type={kind!r} with moe_aux_loss_coeff="
-                f"{coeffs[kind]} (moeblaze.Router has the micro-batch 'aux_loss' only)"
-            )
+    if coeffs.get("global_aux_loss", 0.0) > 0:
+        problems.append(
+            f"moe_router_load_balancing_type='global_aux_loss' with moe_aux_loss_coeff="
+            f"{coeffs['global_aux_loss']} (moeblaze.Router has the micro-batch and "
+            f"per-sequence losses only)"
+        )
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
     grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
-    if coeffs.get("aux_loss", 0.0) > 0 and (grouped or cfg["moe_router_enable_expert_bias"]):
-        problems.append(
-            f"moe_aux_loss_coeff={coeffs['aux_loss']} together with group-limited routing or "
-            f"moe_router_enable_expert_bias=True (Megatron's aux loss counts the tokens of a "
-            f"plain top-k; moeblaze.Router counts the tokens it routes)"
-        )
     if grouped:
         per_group = cfg["moe_router_topk"] // cfg["moe_router_group_topk"]
         group_size = cfg["num_moe_experts"] // cfg["moe_router_num_groups"]

@@ -69,6 +69,14 @@ def _config(**overrides):
     return types.SimpleNamespace(**{**fields, **overrides})
 
 
+def _loss_coeffs(cfg) -> dict:
+    """{load-balancing type: coefficient} of a config (a type or a list of them)."""
+    types, coeffs = cfg.moe_router_load_balancing_type, cfg.moe_aux_loss_coeff
+    if isinstance(types, str):
+        return {types: coeffs}
+    return dict(zip(types, coeffs, strict=True))
+
+
 def _group_limited_topk(scores, k, num_groups, group_topk):
     """megatron-core group_limited_topk: groups scored by the sum of their top k // group_topk."""
     n = scores.shape[0]
@@ -117,13 +125,24 @@ def _megatron_transcription(layer, x, cfg):
     if cfg.moe_router_topk_scaling_factor:
         probs = probs * cfg.moe_router_topk_scaling_factor
     losses = logits.new_zeros(())
-    if cfg.moe_aux_loss_coeff:
-        aux_scores = logits.softmax(-1)  # softmax routing; sigmoid is normalised instead
-        counts = torch.zeros(E, dtype=logits.dtype).index_add_(
-            0, aux_scores.topk(K, dim=-1).indices.flatten(), torch.ones(n * K, dtype=logits.dtype)
-        )  # [E]
-        losses = losses + (aux_scores.sum(0) * counts).sum() * (
-            E * cfg.moe_aux_loss_coeff / (K * n * n)
+    coeffs = _loss_coeffs(cfg)
+    # compute_routing_scores_for_aux_loss: the scores as a distribution, their plain top-k
+    aux_scores = logits.softmax(-1) if cfg.moe_router_score_function == "softmax" else None
+    if aux_scores is None:
+        aux_scores = logits.sigmoid() / (logits.sigmoid().sum(-1, keepdim=True) + 1e-20)
+    aux_map = torch.zeros_like(aux_scores).scatter(1, aux_scores.topk(K, dim=-1).indices, 1.0)
+    if coeffs.get("aux_loss"):  # switch_load_balancing_loss_func over the N tokens
+        losses = losses + (aux_scores.sum(0) * aux_map.sum(0)).sum() * (
+            E * coeffs["aux_loss"] / (K * n * n)
+        )
+    if coeffs.get("seq_aux_loss"):  # _apply_seq_aux_loss: each of the b sequences of s tokens
+        s, b = x.shape[:2]
+        seq_scores, seq_map = aux_scores.view(s, b * E), aux_map.view(s, b * E)
+        losses = (
+            losses
+            + (seq_scores.sum(0) * seq_map.sum(0)).sum()
+            * (E * coeffs["seq_aux_loss"] / (K * s * s))
+            / b
         )
     if cfg.moe_z_loss_coeff:
         losses = losses + torch.logsumexp(logits, -1).square().mean() * cfg.moe_z_loss_coeff
@@ -185,6 +204,17 @@ VARIANTS = {
         glu_linear_offset=1.0,
         activation_func_clamp_value=0.2,
         moe_shared_expert_intermediate_size=SHARED,
+    ),
+    # DeepSeek-V3 in Megatron: sigmoid, expert bias, groups, scaling, and both balancing losses
+    # (counting the top-k of the scores alone, without the bias or the group limit).
+    "deepseek_v3_aux_seq_aux": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+        moe_aux_loss_coeff=[1e-1, 2e-1],
     ),
     # GPT-OSS in Megatron: its GLU with add_bias_linear=True (router and expert biases), and
     # the aux loss, which sees the biased logits.
@@ -277,20 +307,11 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["gated_linear_unit=False", "activation_func=gelu"],
         ),
         (
-            dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3),
+            dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=1e-3),
             NotImplementedError,
-            ["moe_router_load_balancing_type='seq_aux_loss'"],
+            ["moe_router_load_balancing_type='global_aux_loss'"],
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
-        (
-            dict(
-                moe_router_score_function="sigmoid",
-                moe_router_enable_expert_bias=True,
-                moe_aux_loss_coeff=1e-2,
-            ),
-            NotImplementedError,
-            ["moe_aux_loss_coeff=0.01"],
-        ),
         (
             dict(
                 moe_router_score_function="sigmoid",
