@@ -239,3 +239,18 @@ def test_checkpointed_layer_counts_expert_choices_once():
     y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
     y.square().mean().backward()
     assert int(layer.router.tokens_per_expert_accum.sum()) == 60 * layer.router.top_k
+
+
+def test_sequence_loss_takes_batch_first_sequences():
+    """seq_aux_loss_coeff: x [B, L, d] holds B sequences of L tokens; the layer's logged loss is
+    the router's with those sequence ids, and differs from the micro-batch loss."""
+    layer = _layer(seq_aux_loss_coeff=0.1, aux_loss_coeff=0.1)
+    x = torch.randn(B, L, D, generator=torch.Generator().manual_seed(9))
+    layer(x)
+    logged = layer.last_router_output
+    ids, count = layer.sequences(x)
+    assert count == B and torch.equal(ids, torch.arange(B * L) // L)
+    expected = layer.router(x.reshape(-1, D), ids, count)
+    assert_close(logged.seq_aux_loss, expected.seq_aux_loss, rtol=0, name="seq_aux_loss")
+    assert not torch.allclose(logged.seq_aux_loss, logged.aux_loss)
+    assert layer.sequences(x[0])[1] == 1  # x [L, d]: one sequence

@@ -662,6 +662,16 @@ ROUTINGS = {
         moe_router_group_topk=1,
         moe_router_load_balancing_type="none",
     ),
+    "softmax_seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=2e-1),
+    # DeepSeek-V3's routing in Megatron, with both balancing losses.
+    "sigmoid_bias_groups_aux_seq_aux": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+        moe_aux_loss_coeff=[1e-1, 2e-1],
+    ),
 }
 
 
@@ -687,7 +697,8 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     def dense(ids, weights):  # [N, k] -> [N, E]
         return torch.zeros(ids.shape[0], E).scatter(1, ids, weights)
 
-    routing_out = layer.router(tokens)  # the router applies moe_router_topk_scaling_factor
+    # The router applies moe_router_topk_scaling_factor; the tokens are [s, b, h] flattened.
+    routing_out = layer.router(tokens, *layer.sequences(tokens.view(S, BATCH, H)))
     ours = dense(routing_out.topk_ids, routing_out.topk_weights)
     (ours * upstream).sum().backward()
     router_params = dict(layer.router.named_parameters())  # weight, and bias if add_bias_linear
@@ -712,14 +723,21 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
         score_function=cfg.moe_router_score_function,
         expert_bias=bias,
     )
-    if cfg.moe_aux_loss_coeff:
-        aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
-            logits, k, cfg.moe_router_score_function
-        )
+    coeffs = _loss_coeffs(cfg)
+    aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
+        logits, k, cfg.moe_router_score_function
+    )
+    if coeffs.get("aux_loss"):  # TopKRouter._apply_aux_loss
         aux = mu.switch_load_balancing_loss_func(
-            aux_scores, aux_map.sum(0), tokens.shape[0], k, E, cfg.moe_aux_loss_coeff
+            aux_scores, aux_map.sum(0), tokens.shape[0], k, E, coeffs["aux_loss"]
         )
         probs = mu.MoEAuxLossAutoScaler.apply(probs, aux)
+    if coeffs.get("seq_aux_loss"):  # TopKRouter._apply_seq_aux_loss, one rank, no padding
+        seq_scores, seq_map = aux_scores.reshape(S, -1), aux_map.reshape(S, -1)
+        seq_aux = mu.switch_load_balancing_loss_func(
+            seq_scores, seq_map.sum(0), S, k, E, coeffs["seq_aux_loss"]
+        )
+        probs = mu.MoEAuxLossAutoScaler.apply(probs, seq_aux / BATCH)
     (probs * upstream).sum().backward()
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"

@@ -308,6 +308,86 @@ def test_aux_loss_scale_multiplies_injected_gradient(monkeypatch):
         torch.testing.assert_close(g, w)
 
 
+def _hand_sequence_loss(logits, ids, sequence_ids, num_sequences, score_func):
+    """The switch loss of each sequence's tokens on its own (a loop), averaged over sequences."""
+    losses = []
+    for j in range(num_sequences):
+        mine = sequence_ids == j
+        aux, _ = _hand_losses(logits[mine], ids[mine], score_func, E)
+        losses.append(aux)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_sequence_loss_matches_a_loop_over_sequences(score_func):
+    """seq_aux_loss over uneven, interleaved sequences: value, and gradient through injection."""
+    g = torch.Generator().manual_seed(11)
+    sequence_ids = torch.randint(0, 4, (41,), generator=g)  # 4 sequences, interleaved, uneven
+    x, c = _x(41, seed=12), _x(41, d=3, seed=13)
+    kwargs = dict(score_func=score_func, seed=6)
+    injected = _router(seq_aux_loss_coeff=0.5, **kwargs)
+    with torch.no_grad():
+        injected.weight *= 4.0  # sharper probabilities, so the loss gradient is not tiny
+    by_hand = _router(**kwargs)
+    by_hand.load_state_dict(injected.state_dict())
+
+    out = injected(x, sequence_ids, 4)
+    want = _hand_sequence_loss(out.logits.detach(), out.topk_ids, sequence_ids, 4, score_func)
+    torch.testing.assert_close(out.seq_aux_loss, want)
+    torch.testing.assert_close(out.router_loss, 0.5 * want)
+
+    def run(router, extra=None):
+        router.zero_grad()
+        leaf = x.clone().requires_grad_()
+        routed = router(leaf, sequence_ids, 4)
+        loss = (routed.topk_weights * c).sum()
+        if extra is not None:
+            loss = loss + 0.5 * _hand_sequence_loss(
+                routed.logits, routed.topk_ids, sequence_ids, 4, score_func
+            )
+        loss.backward()
+        return router.weight.grad.clone(), leaf.grad.clone()
+
+    got, wanted, plain = run(injected), run(by_hand, extra=True), run(by_hand)
+    for a, w, p in zip(got, wanted, plain, strict=True):
+        torch.testing.assert_close(a, w)
+        assert (a - p).abs().max() > 1e-4, "the injected loss must change the gradient"
+
+
+def test_aux_counts_scores_ignore_expert_bias_and_groups():
+    """aux_counts="scores": the balancing losses count the plain top-k of the scores, whatever
+    the expert bias and the group limit chose; "routed" counts the choices."""
+    x, sequence_ids = _x(33, seed=14), torch.arange(33) % 3
+    options = dict(score_func="sigmoid", expert_bias=True, num_groups=4, topk_groups=1, seed=3)
+    routers = {c: _router(aux_counts=c, **options) for c in ("routed", "scores")}
+    for router in routers.values():
+        router.expert_bias.copy_(torch.linspace(0.3, -0.3, E))
+    outs = {c: r(x, sequence_ids, 3) for c, r in routers.items()}
+    plain = outs["scores"].logits.sigmoid().topk(3, dim=-1).indices  # [N, k]
+    assert torch.equal(outs["scores"].topk_ids, outs["routed"].topk_ids)
+    assert not torch.equal(plain.sort(-1).values, outs["routed"].topk_ids.sort(-1).values)
+    for counts, ids in (("scores", plain), ("routed", outs["routed"].topk_ids)):
+        out = outs[counts]
+        aux, _ = _hand_losses(out.logits, ids, "sigmoid", E)
+        torch.testing.assert_close(out.aux_loss, aux)
+        seq = _hand_sequence_loss(out.logits, ids, sequence_ids, 3, "sigmoid")
+        torch.testing.assert_close(out.seq_aux_loss, seq)
+
+
+def test_sequence_loss_errors():
+    router = _router(seq_aux_loss_coeff=0.1)
+    with pytest.raises(ValueError, match=r"seq_aux_loss_coeff=0.1 needs sequence_ids"):
+        router(_x(5))
+    with pytest.raises(ValueError, match=r"sequence_ids must be int32 or int64 \[N=5\]"):
+        router(_x(5), torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match=r"num_sequences must be an int >= 0"):
+        router(_x(5), torch.zeros(5, dtype=torch.long), None)
+    with pytest.raises(ValueError, match=r"aux_counts='plain' must be one of"):
+        _router(aux_counts="plain")
+    with pytest.raises(ValueError, match=r"seq_aux_loss_coeff=-1.0 must be >= 0"):
+        _router(seq_aux_loss_coeff=-1.0)
+
+
 @pytest.mark.parametrize("case", ["coeff_zero", "eval"])
 def test_no_injection_when_disabled(case):
     coeff = 0.0 if case == "coeff_zero" else 0.1
