@@ -366,8 +366,8 @@ def test_cuda_graph_capture_of_forward(make_problem):
 @pytest.mark.parametrize("recompute", moeblaze.RECOMPUTE_POLICIES)
 def test_layer_forward_and_backward_never_synchronise(recompute, bias):
     """Nothing in a MoELayer step waits for the device: router, plan (compiled or Triton), the
-    expert kernels and their backward (the bias kernels too), and the deferred id and logit
-    checks."""
+    expert kernels and their backward (the bias kernels too), the balancing losses (per
+    sequence too), and the deferred id and logit checks."""
     torch.manual_seed(0)
     layer = moeblaze.MoELayer(
         256,
@@ -377,6 +377,7 @@ def test_layer_forward_and_backward_never_synchronise(recompute, bias):
         recompute=recompute,
         bias=bias,
         aux_loss_coeff=1e-2,
+        seq_aux_loss_coeff=1e-2,
         device="cuda",
         dtype=torch.bfloat16,
     )
