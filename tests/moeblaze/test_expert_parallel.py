@@ -12,7 +12,9 @@ replicated router and shared expert.
 
 A run of 2 gloo processes checks the Megatron-style layer with expert_model_parallel_size=2
 against the one-rank Megatron-style layer: initial model, loading a rank's state dict, output,
-dx and gradients.
+dx and gradients. Those two are spawned: forked from a process that has run megatron-core's
+parallel_state (test_megatron, in the same pytest worker), their initialize_model_parallel
+hangs.
 
 The gloo workers are forked, not spawned: they start with the parent's imports, its warm Triton
 interpreter and its NaN-poisoned allocations (the autouse `poison` fixture), so a row that no
@@ -419,5 +421,7 @@ def test_megatron_layer_expert_parallel_over_gloo(tmp_path):
         _megatron_worker,
         args=(f"file://{tmp_path / 'store'}", initial, trained, x, dout, expected),
         nprocs=2,
-        start_method="fork",
+        # Spawned, not forked: a process that has run megatron-core's parallel_state before
+        # (test_megatron's fixture) forks workers whose initialize_model_parallel hangs.
+        start_method="spawn",
     )
