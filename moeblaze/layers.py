@@ -101,15 +101,21 @@ class MoEBlock(nn.Module):
         """
         if self.w13.is_meta:  # filled later (ExpertParallelMoELayer.from_moe_layer)
             return
-        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
         generator = torch.Generator(self.w13.device)
         with torch.no_grad():
-            for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
-                generator.manual_seed(seed + expert)
+            for local, seed in self.expert_seeds():
+                generator.manual_seed(seed)
                 for w, b in ((self.w13, self.b13), (self.w2, self.b2)):  # [2F, d], [d, F]
                     bound = 1.0 / math.sqrt(w.shape[2])
                     for t in (w, b) if b is not None else (w,):
                         t[local].uniform_(-bound, bound, generator=generator)
+
+    def expert_seeds(self) -> list[tuple[int, int]]:
+        """(local index, seed) of each expert held: one draw of the default generator (the same
+        on every rank seeded alike) plus the expert's global id."""
+        seed = int(torch.randint(2**62, ()))
+        experts = range(self.experts.start, self.experts.stop)
+        return [(local, seed + expert) for local, expert in enumerate(experts)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size:
@@ -132,10 +138,9 @@ class MoEBlock(nn.Module):
     def sequences(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(sequence of each token [N], number of sequences) for the router's sequence-level
         loss: `x [..., L, d]` is batch first, L tokens a sequence (`x [L, d]`: one sequence)."""
-        length = x.shape[-2] if x.dim() >= 2 else 1
+        length = max(x.shape[-2] if x.dim() >= 2 else 1, 1)  # an empty x has no token anyway
         n = x.numel() // self.hidden_size
-        ids = torch.arange(n, device=x.device) // max(length, 1)
-        return ids, n // length if length else 0
+        return torch.arange(n, device=x.device) // length, n // length
 
     def expert_options(self) -> dict:
         """The keyword arguments of `moe_mlp` (and `expert_parallel_mlp`) these experts take."""
@@ -164,8 +169,9 @@ class MoELayer(MoEBlock):
     [E]`, each expert's `b13 [E, 2F]` and `b2 [E, d]`, and the shared expert's.
     `shared_expert_size` adds a dense SwiGLU MLP of that width that every token goes through
     (Qwen-MoE, DeepSeek); `shared_expert_gate=True` scales its output by sigmoid(x @ g) with a
-    learnable `g [d]` (Qwen2-MoE's `shared_expert_gate`, Megatron's `moe_shared_expert_gate`). After each forward, `last_router_output` holds the router's
-    `RouterOutput` (aux losses and tokens per expert, for logging).
+    learnable `g [d]` (Qwen2-MoE's `shared_expert_gate`, Megatron's `moe_shared_expert_gate`).
+    After each forward, `last_router_output` holds the router's `RouterOutput` (aux losses and
+    tokens per expert, for logging).
     """
 
     def __init__(

@@ -218,10 +218,7 @@ class Router(nn.Module):
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
 
-            # scatter_add_ rather than bincount: bincount syncs with the host to size its output.
-            flat_ids = topk_ids.flatten()  # [N*k]
-            tokens_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=x.device)
-            tokens_per_expert.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # [E]
+            tokens_per_expert = _slots_per_expert(topk_ids, num_experts)  # [E]
             # Counted once per real forward: not again when activation checkpointing reruns the
             # forward inside backward.
             if self.expert_bias is not None and self.training and not _recomputing():
@@ -232,9 +229,7 @@ class Router(nn.Module):
             biased = self.expert_bias is not None or self.num_groups is not None
             if self.aux_counts == "scores" and biased:
                 aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
-                aux_tokens_per_expert = torch.zeros_like(tokens_per_expert).scatter_add_(
-                    0, aux_ids.flatten(), torch.ones_like(flat_ids)
-                )
+                aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts)
             aux_loss = self._load_balancing_loss(scores, aux_tokens_per_expert)
             seq_aux_loss = logits.new_zeros(())
             if sequence_ids is not None:
@@ -329,15 +324,12 @@ class Router(nn.Module):
         slots = slot_sequence * num_experts + aux_ids.flatten()  # [N*k] (sequence, expert)
         counts = torch.zeros(num_sequences * num_experts, device=scores.device)
         counts.scatter_add_(0, slots, torch.ones_like(slots, dtype=counts.dtype))  # no grad
-        tokens = (
-            torch.zeros(num_sequences, device=scores.device)
-            .index_add_(0, sequence_ids, torch.ones_like(sequence_ids, dtype=torch.float32))
-            .clamp_min(1)
-        )  # [G]
+        counts = counts.view(num_sequences, num_experts)  # [G, E]
+        tokens = (counts.sum(-1) / k).clamp_min(1)  # [G]: each token fills k slots
         prob_sums = scores.new_zeros(num_sequences, num_experts).index_add(
             0, sequence_ids, self._balancing_probs(scores)
         )  # [G, E]
-        slot_share = counts.view(num_sequences, num_experts) / (tokens * k).unsqueeze(1)
+        slot_share = counts / (tokens * k).unsqueeze(1)
         per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [G]
         return num_experts * per_sequence.sum() / num_sequences
 
@@ -392,6 +384,14 @@ class Router(nn.Module):
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"
         return s + f", z_loss_coeff={self.z_loss_coeff}"
+
+
+def _slots_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 count of each expert's slots in `ids [N, k]`; scatter_add_ rather than
+    bincount, which syncs with the host to size its output."""
+    flat = ids.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def _check_options(

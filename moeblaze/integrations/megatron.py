@@ -357,15 +357,14 @@ class MoELayer(MoEBlock):
             if method is not None:
                 for t in tensors:
                     method(t)
-        seed = int(torch.randint(2**62, ()))  # the same on every rank seeded alike
         device = self.w13.device
         cuda = device.type == "cuda"
-        for local, expert in enumerate(range(self.experts.start, self.experts.stop)):
+        for local, seed in self.expert_seeds():
             with torch.random.fork_rng(devices=[device] if cuda else []):
                 generator = (
                     torch.cuda.default_generators[device.index] if cuda else torch.default_generator
                 )
-                generator.manual_seed(seed + expert)
+                generator.manual_seed(seed)
                 for method, weight in ((init_method, self.w13), (output_init_method, self.w2)):
                     if method is not None:
                         method(weight[local])
@@ -426,9 +425,9 @@ class MoELayer(MoEBlock):
         Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
         that `megatron_expert_weights` reads (under `experts.`), with their biases, and
         `shared_experts.linear_fc1.weight` / `linear_fc2.weight` (gate rows, then up rows, as
-        moeblaze.SwiGLUMLP) / `gate_weight`. With `strict`, a key with no place here (other than `_extra_state`
-        and non-persistent buffers) raises ValueError, and so do biases in a layer built with
-        `add_bias_linear=False` or missing from one built with it. Returns what
+        moeblaze.SwiGLUMLP) / `gate_weight`. With `strict`, a key with no place here (other
+        than `_extra_state` and non-persistent buffers) raises ValueError, and so do biases in a
+        layer built with `add_bias_linear=False` or missing from one built with it. Returns what
         `load_state_dict` returns.
         """
         converted, used = _expert_params(state_dict, self.w13.shape[0], "experts.")

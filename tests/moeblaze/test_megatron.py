@@ -69,14 +69,6 @@ def _config(**overrides):
     return types.SimpleNamespace(**{**fields, **overrides})
 
 
-def _loss_coeffs(cfg) -> dict:
-    """{load-balancing type: coefficient} of a config (a type or a list of them)."""
-    types, coeffs = cfg.moe_router_load_balancing_type, cfg.moe_aux_loss_coeff
-    if isinstance(types, str):
-        return {types: coeffs}
-    return dict(zip(types, coeffs, strict=True))
-
-
 def _group_limited_topk(scores, k, num_groups, group_topk):
     """megatron-core group_limited_topk: groups scored by the sum of their top k // group_topk."""
     n = scores.shape[0]
@@ -125,7 +117,7 @@ def _megatron_transcription(layer, x, cfg):
     if cfg.moe_router_topk_scaling_factor:
         probs = probs * cfg.moe_router_topk_scaling_factor
     losses = logits.new_zeros(())
-    coeffs = _loss_coeffs(cfg)
+    coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     # compute_routing_scores_for_aux_loss: the scores as a distribution, their plain top-k
     aux_scores = logits.softmax(-1) if cfg.moe_router_score_function == "softmax" else None
     if aux_scores is None:
@@ -723,7 +715,7 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
         score_function=cfg.moe_router_score_function,
         expert_bias=bias,
     )
-    coeffs = _loss_coeffs(cfg)
+    coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
         logits, k, cfg.moe_router_score_function
     )
