@@ -66,7 +66,8 @@ def _recomputing() -> bool:
 
 
 class _InjectLossGrad(torch.autograd.Function):
-    """Identity on `topk_weights`; backward also returns `scale` as the gradient of `loss`."""
+    """Identity on `topk_weights`; backward also returns `scale` as the gradient of `loss` (a
+    number, or a callable called then that returns a number or a one-element tensor)."""
 
     @staticmethod
     def forward(ctx, topk_weights, loss, scale):
@@ -75,7 +76,10 @@ class _InjectLossGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad.new_full((), ctx.scale), None
+        scale = ctx.scale() if callable(ctx.scale) else ctx.scale
+        if torch.is_tensor(scale):  # no copy from the host
+            return grad, scale.to(grad.device, torch.float32).reshape(()), None
+        return grad, grad.new_full((), float(scale), dtype=torch.float32), None
 
 
 class Router(nn.Module):
@@ -108,7 +112,13 @@ class Router(nn.Module):
     `aux_loss_scale` (class attribute, default 1.0; set it with `Router.set_aux_loss_scale` or per
     instance) multiplies the injected gradient. Set it to the factor your loss is multiplied by
     before `backward()`: `1 / num_microbatches` under gradient accumulation, times the loss scale
-    when scaling the loss for fp16. It is read at forward time.
+    when scaling the loss for fp16. A number is read at forward time; an instance's may also be
+    a callable without arguments, called in backward, that returns a number or a one-element
+    tensor (the Megatron-style layer reads Megatron's `MoEAuxLossAutoScaler` this way).
+
+    `local_tokens_per_expert` is `tokens_per_expert_accum` under Megatron's name, so that
+    megatron-core's `finalize_model_grads` (which all-reduces it over the data-parallel ranks,
+    updates `expert_bias` and zeroes it) drives the expert bias of this router too.
     """
 
     aux_loss_scale: float = 1.0
@@ -249,8 +259,9 @@ class Router(nn.Module):
                 router_loss = router_loss + self.z_loss_coeff * z_loss.float()
             inject = self.aux_loss_coeff > 0 or self.seq_aux_loss_coeff > 0 or self.z_loss_coeff > 0
             if inject and self.training and torch.is_grad_enabled():
+                scale = self.aux_loss_scale
                 topk_weights = _InjectLossGrad.apply(
-                    topk_weights, router_loss, float(self.aux_loss_scale)
+                    topk_weights, router_loss, scale if callable(scale) else float(scale)
                 )
             return RouterOutput(
                 topk_ids=topk_ids,
@@ -262,6 +273,11 @@ class Router(nn.Module):
                 tokens_per_expert=tokens_per_expert,
                 seq_aux_loss=seq_aux_loss.detach(),
             )
+
+    @property
+    def local_tokens_per_expert(self) -> torch.Tensor | None:
+        """`tokens_per_expert_accum`, under the name megatron-core's training loop reads."""
+        return self.tokens_per_expert_accum
 
     @torch.no_grad()
     def update_expert_bias(self, update_rate: float = 1e-3) -> None:

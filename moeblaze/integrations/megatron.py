@@ -40,10 +40,15 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   top-k of the scores without expert bias or group limit, as Megatron's do
   (`moeblaze.Router(aux_counts="scores")`). They and the z-loss (`moe_z_loss_coeff`)
   reach the gradient through the routing weights, as Megatron's `MoEAuxLossAutoScaler` does:
-  the injected gradient is `coeff * d(loss)` times `moeblaze.Router.aux_loss_scale`. Megatron's
-  schedule sets its scale (`loss_scale / num_microbatches`) before each backward; set
-  `moeblaze.Router.set_aux_loss_scale(loss_scale / num_microbatches)` before a step's forwards
-  (moeblaze reads it at forward time).
+  the injected gradient is `coeff * d(loss)` times the scale Megatron's schedule gives
+  `MoEAuxLossAutoScaler` (`loss_scale / num_microbatches`, set after each forward), read in
+  backward as Megatron reads it. Outside Megatron's schedule (megatron-core not imported, or
+  that scale never set), `moeblaze.Router.aux_loss_scale` is used instead: set it with
+  `moeblaze.Router.set_aux_loss_scale(loss_scale / num_microbatches)` before a step's
+  forwards.
+- Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
+  `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
+  router's counts carry Megatron's name, `router.local_tokens_per_expert`.
 - Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`).
 
 Recompute: `moe_layer_recompute=True` (or `recompute_granularity='selective'` with "moe" in
@@ -63,6 +68,7 @@ biases).
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Mapping
 
 import torch
@@ -278,9 +284,11 @@ class MoELayer(MoEBlock):
     parallel sizes must be 1. `device` defaults to the current CUDA device, as in Megatron,
     unless `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides
     the policy read from the config (see the module docstring); `recompute_dispatch` is
-    `moeblaze.expert_parallel_mlp`'s (W > 1). Update an expert bias once per optimizer step with
-    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)`, after summing
-    `layer.router.tokens_per_expert_accum` over the data-parallel ranks.
+    `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an
+    expert bias after each step; outside Megatron's training loop, sum
+    `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer
+    step.
     """
 
     def __init__(
@@ -324,6 +332,7 @@ class MoELayer(MoEBlock):
         self.layer_number = layer_number
         self.group = group
         self.recompute_dispatch = recompute_dispatch
+        self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
         self.reset_parameters()
         if getattr(config, "perform_initialization", True):
             self._megatron_init(
@@ -586,6 +595,14 @@ def _check_expert_shapes(params, keys):
                 f"{keys[name]} must be [{weight.shape[1]}] (the out features of its weight), "
                 f"got shape {tuple(params[name].shape[1:])}"
             )
+
+
+def _megatron_aux_loss_scale() -> float | torch.Tensor:
+    """The scale of the router losses' gradient that Megatron's schedule sets (after each forward,
+    read in backward), where megatron-core runs and has set it; else `moeblaze.Router`'s."""
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    scale = None if moe_utils is None else moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale
+    return moeblaze.Router.aux_loss_scale if scale is None else scale
 
 
 def _loss_coeffs(cfg) -> dict[str, float]:

@@ -670,11 +670,12 @@ ROUTINGS = {
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_routing_matches_megatron(routing, megatron, monkeypatch):
     """Routing weights per (token, expert) and the router-weight gradient, aux losses included
-    with a loss scale of 0.5 (MoEAuxLossAutoScaler.set_loss_scale / Router.set_aux_loss_scale)."""
+    with the loss scale Megatron's schedule sets (MoEAuxLossAutoScaler.set_loss_scale), which the
+    layer reads in backward, before moeblaze.Router's own."""
     mu = megatron.moe_utils
     cfg = _config(**ROUTINGS[routing])
-    monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", torch.tensor(0.5))
-    monkeypatch.setattr(moeblaze.Router, "aux_loss_scale", 0.5)
+    monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    monkeypatch.setattr(moeblaze.Router, "aux_loss_scale", 3.0)  # not Megatron's: unused
     torch.manual_seed(9)
     layer = mb.MoELayer(cfg).train()
     bias = None
@@ -692,6 +693,8 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     # The router applies moe_router_topk_scaling_factor; the tokens are [s, b, h] flattened.
     routing_out = layer.router(tokens, *layer.sequences(tokens.view(S, BATCH, H)))
     ours = dense(routing_out.topk_ids, routing_out.topk_weights)
+    assert mb._megatron_aux_loss_scale() == 3.0  # Megatron's unset: moeblaze.Router's
+    mu.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([0.5]))  # after the forward, as Megatron
     (ours * upstream).sum().backward()
     router_params = dict(layer.router.named_parameters())  # weight, and bias if add_bias_linear
     ours_grads = {name: p.grad.clone() for name, p in router_params.items()}
@@ -737,3 +740,32 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     assert router_params.keys() == ({"weight", "bias"} if cfg.add_bias_linear else {"weight"})
     for name, p in megatron_params.items():
         assert_close(ours_grads[name], p.grad, rtol=1e-5, name=f"{routing} router.{name}.grad")
+
+
+def test_megatron_training_loop_updates_the_expert_bias(megatron):
+    """megatron-core's own steps of finalize_model_grads (_update_router_expert_bias, then
+    reset_model_temporary_tensors) drive the router's expert bias: the counts of a step's
+    training forwards, all-reduced, move it by moe_router_bias_update_rate; then they reset."""
+    import importlib
+
+    finalize_model_grads = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    rate = 0.25
+    config = _transformer_config(
+        megatron,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="none",
+        moe_router_bias_update_rate=rate,
+    )
+    torch.manual_seed(12)
+    layer = mb.MoELayer(config).train()
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(13))  # [s, b, h]
+    for _ in range(2):  # two micro-batches
+        layer(x)[0].square().sum().backward()
+    counts = layer.router.tokens_per_expert_accum.clone()
+    assert counts.sum() == 2 * S * BATCH * K and counts.min() < counts.max()
+    expected = rate * torch.sign(counts.float().mean() - counts.float())
+    finalize_model_grads._update_router_expert_bias([layer], config)
+    finalize_model_grads.reset_model_temporary_tensors(config, [layer])
+    assert torch.equal(layer.router.expert_bias, expected)
+    assert not layer.router.tokens_per_expert_accum.any()
