@@ -25,6 +25,7 @@ import dataclasses
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kernelbase import compiled, deferred
@@ -108,6 +109,14 @@ class Router(nn.Module):
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
+    - `loss_group`: a `torch.distributed` process group whose ranks each route a shard of one
+      batch (sequence or context parallelism: Megatron's tensor-and-context-parallel group).
+      The losses then count the expert choices of the whole batch (one all-reduce of the [E]
+      counts, and of the [S, E] counts per sequence, per forward) and each rank's losses are
+      its share: summed over the group they are the whole batch's, and the gradient a rank
+      injects is that of the whole batch's losses with respect to its own tokens' scores (its
+      z-loss share is its tokens' mean divided by the group size, as Megatron's). The logged
+      `aux_loss`, `seq_aux_loss` and `z_loss` are these shares.
 
     `aux_loss_scale` (class attribute, default 1.0; set it with `Router.set_aux_loss_scale` or per
     instance) multiplies the injected gradient. Set it to the factor your loss is multiplied by
@@ -140,6 +149,7 @@ class Router(nn.Module):
         seq_aux_loss_coeff: float = 0.0,
         aux_counts: str = "routed",
         z_loss_coeff: float = 0.0,
+        loss_group=None,
         device=None,
         dtype=None,
     ):
@@ -170,6 +180,7 @@ class Router(nn.Module):
         self.seq_aux_loss_coeff = float(seq_aux_loss_coeff)
         self.aux_counts = aux_counts
         self.z_loss_coeff = float(z_loss_coeff)
+        self.loss_group = loss_group
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
         self.weight = nn.Parameter(weight)
         self.bias = (
@@ -240,14 +251,20 @@ class Router(nn.Module):
             if self.aux_counts == "scores" and biased:
                 aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
                 aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts)
+            sequence_counts = None  # [S, E] slots of each (sequence, expert)
+            if sequence_ids is not None:
+                sequence_counts = _sequence_slots(aux_ids, sequence_ids, num_sequences, num_experts)
+            if self._loss_group_size() > 1:  # the whole batch's counts
+                aux_tokens_per_expert, sequence_counts = _summed_over(
+                    self.loss_group, aux_tokens_per_expert, sequence_counts
+                )
             aux_loss = self._load_balancing_loss(scores, aux_tokens_per_expert)
             seq_aux_loss = logits.new_zeros(())
             if sequence_ids is not None:
-                seq_aux_loss = self._sequence_balancing_loss(
-                    scores, aux_ids, sequence_ids, num_sequences
-                )
+                seq_aux_loss = self._sequence_balancing_loss(scores, sequence_ids, sequence_counts)
             # float64: logsumexp ~1e20 squares past float32's range.
             z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(n, 1)
+            z_loss = z_loss / self._loss_group_size()  # this rank's share of the batch's mean
             # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
             # injected loss inf or NaN.
             router_loss = logits.new_zeros(())
@@ -324,30 +341,32 @@ class Router(nn.Module):
         return scores
 
     def _load_balancing_loss(self, scores, tokens_per_expert):
-        """Switch loss `E * sum_e f_e * P_e`: f_e share of the N*k slots, P_e mean probability."""
-        n = scores.shape[0]
-        slot_share = tokens_per_expert.float() / max(n * self.top_k, 1)  # [E], no grad
-        mean_prob = self._balancing_probs(scores).sum(0) / max(n, 1)  # [E]
+        """Switch loss `E * sum_e f_e * P_e`: f_e share of the slots counted in
+        `tokens_per_expert`, P_e the probabilities of these `scores` summed over the tokens
+        counted (this rank's share of the mean, with a loss group)."""
+        slots = tokens_per_expert.sum().clamp_min(1).float()  # every token fills k of them
+        slot_share = tokens_per_expert.float() / slots  # [E], no grad
+        mean_prob = self._balancing_probs(scores).sum(0) / (slots / self.top_k)  # [E]
         return self.num_experts * (slot_share * mean_prob).sum()
 
-    def _sequence_balancing_loss(self, scores, aux_ids, sequence_ids, num_sequences):
-        """The switch loss of each sequence's tokens, averaged over the `num_sequences`
-        sequences (an empty one counts 0): one scatter per statistic, no loop, no host sync."""
-        num_experts, k = self.num_experts, self.top_k
+    def _sequence_balancing_loss(self, scores, sequence_ids, counts):
+        """The switch loss of each sequence's tokens, averaged over the S sequences of
+        `counts [S, E]` (an empty one counts 0): one scatter per statistic, no loop, no host
+        sync."""
+        num_sequences, num_experts = counts.shape
         if num_sequences == 0:
             return scores.new_zeros(())
-        slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
-        slots = slot_sequence * num_experts + aux_ids.flatten()  # [N*k] (sequence, expert)
-        counts = torch.zeros(num_sequences * num_experts, device=scores.device)
-        counts.scatter_add_(0, slots, torch.ones_like(slots, dtype=counts.dtype))  # no grad
-        counts = counts.view(num_sequences, num_experts)  # [G, E]
-        tokens = (counts.sum(-1) / k).clamp_min(1)  # [G]: each token fills k slots
+        counts = counts.float()
+        tokens = (counts.sum(-1) / self.top_k).clamp_min(1)  # [S]: each token fills k slots
         prob_sums = scores.new_zeros(num_sequences, num_experts).index_add(
             0, sequence_ids, self._balancing_probs(scores)
-        )  # [G, E]
-        slot_share = counts / (tokens * k).unsqueeze(1)
-        per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [G]
+        )  # [S, E]
+        slot_share = counts / (tokens * self.top_k).unsqueeze(1)
+        per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [S]
         return num_experts * per_sequence.sum() / num_sequences
+
+    def _loss_group_size(self) -> int:
+        return 1 if self.loss_group is None else dist.get_world_size(self.loss_group)
 
     def _check_sequences(self, x, sequence_ids, num_sequences) -> None:
         if sequence_ids is None:
@@ -399,7 +418,32 @@ class Router(nn.Module):
         s += f", expert_bias={self.expert_bias is not None}"
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"
+        if self.loss_group is not None:
+            s += f", loss_group=<{self._loss_group_size()} ranks>"
         return s + f", z_loss_coeff={self.z_loss_coeff}"
+
+
+def _sequence_slots(ids, sequence_ids, num_sequences: int, num_experts: int) -> torch.Tensor:
+    """[S, E] int64 count of the slots of `ids [N, k]` per (sequence, expert), token t being of
+    sequence `sequence_ids[t]`."""
+    k = ids.shape[1]
+    slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
+    slots = slot_sequence * num_experts + ids.flatten()  # [N*k]
+    counts = torch.zeros(num_sequences * num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, slots, torch.ones_like(slots))
+    return counts.view(num_sequences, num_experts)
+
+
+def _summed_over(group, tokens_per_expert, sequence_counts):
+    """`tokens_per_expert [E]` and `sequence_counts [S, E]` (or None) summed over the ranks of
+    `group`, in one all-reduce (no host synchronisation)."""
+    parts = [tokens_per_expert] if sequence_counts is None else [tokens_per_expert, sequence_counts]
+    flat = torch.cat([p.flatten() for p in parts])
+    dist.all_reduce(flat, group=group)
+    tokens_per_expert = flat[: tokens_per_expert.numel()]
+    if sequence_counts is not None:
+        sequence_counts = flat[tokens_per_expert.numel() :].view(sequence_counts.shape)
+    return tokens_per_expert, sequence_counts
 
 
 def _slots_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -12,6 +12,25 @@ group as in Megatron (rank r of the group holds experts [r*E/W, (r+1)*E/W)), and
 `moeblaze.expert_parallel_mlp` replaces `moe_mlp`: rows travel to their experts' ranks and back
 by all-to-all. The router and the shared expert are replicated, like Megatron's.
 
+Tensor parallelism (`tensor_model_parallel_size` T > 1) needs `sequence_parallel=True`, as
+Megatron's MoE layer does in training, and whole experts (`expert_tensor_parallel_size=1`; its
+Megatron default is T). Context parallelism (`context_parallel_size` C) is supported. Each rank
+routes its own shard of the sequence ([s/T, b, h], or its context-parallel chunks) through the
+experts it holds, as Megatron does with ETP = 1:
+
+- The balancing losses count the expert choices of the whole sequence: `moeblaze.Router`'s
+  `loss_group` is Megatron's tensor-and-context-parallel group (`pg_collection.tp_cp`), and
+  each rank's losses are its share, as in Megatron's TopKRouter.
+- The shared expert is split over the TP group as Megatron's SharedExpertMLP is
+  (`TensorParallelSwiGLUMLP`: `overlap.ColumnParallelLinear` gathers the TP ranks' tokens into
+  the up-projection, `overlap.RowParallelLinear` reduce-scatters the down-projection); each rank
+  holds and loads its shards.
+- Gradients are left for Megatron's training loop to reduce, as Megatron's are: the router's
+  and the shared expert's gate carry `sequence_parallel` (`finalize_model_grads` sums them over
+  the TP group), and under TP the experts carry `allreduce = False` even when E is not sharded,
+  so that Megatron's DDP sums them over the expert-data-parallel group, which holds the TP
+  ranks. (Megatron's own experts keep `allreduce = True` with EP = 1.)
+
 `config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
 lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(config)`
 translates the fields into moeblaze's terms and raises `NotImplementedError` (a feature moeblaze
@@ -66,6 +85,7 @@ or `megatron_expert_weights` / `megatron_expert_params` (experts only; the latte
 biases).
 """
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -74,13 +94,16 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
+from moeblaze.activation import SwiGLU
 from moeblaze.expert_parallel import expert_parallel_mlp
-from moeblaze.layers import MoEBlock
+from moeblaze.layers import MoEBlock, SwiGLUMLP
 from moeblaze.ops import moe_mlp
 from moeblaze.router import RouterOutput
+from overlap import ColumnParallelLinear, DistWorld, RowParallelLinear
 
 # The TransformerConfig fields this module reads, with their megatron-core 0.16 defaults.
 MEGATRON_DEFAULTS = {
@@ -152,10 +175,6 @@ _UNSUPPORTED = {
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
-    "tensor_model_parallel_size": ("tensor parallelism", _ONE_RANK),
-    "expert_tensor_parallel_size": ("expert tensor parallelism", _ONE_RANK),
-    "context_parallel_size": ("context parallelism", _ONE_RANK),
-    "sequence_parallel": ("sequence parallelism", _OFF),
 }
 _LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
 _PARAMS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -181,6 +200,9 @@ class LayerOptions:
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
+    tensor_parallel_size: int  # ranks holding shards of one sequence (sequence parallel)
+    context_parallel_size: int  # ranks holding chunks of one sequence (context parallel)
+    sequence_parallel: bool
     bias: bool  # router and expert biases (add_bias_linear)
     activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
     recompute: str  # moeblaze.moe_mlp's policy
@@ -246,6 +268,9 @@ def layer_options(config) -> LayerOptions:
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
         and cfg["moe_shared_expert_intermediate_size"] is not None,
         expert_parallel_size=cfg["expert_model_parallel_size"] or 1,
+        tensor_parallel_size=cfg["tensor_model_parallel_size"] or 1,
+        context_parallel_size=cfg["context_parallel_size"] or 1,
+        sequence_parallel=bool(cfg["sequence_parallel"]),
         bias=bool(cfg["add_bias_linear"]),
         activation=moeblaze.SwiGLU(
             alpha=_glu_alpha(cfg["activation_func"]),
@@ -280,8 +305,9 @@ class MoELayer(MoEBlock):
     builds its own router and experts. With W > 1, the expert-parallel group is
     `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
     carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
-    reduces their gradients over the expert-data-parallel group. Tensor, context and sequence
-    parallel sizes must be 1. `device` defaults to the current CUDA device, as in Megatron,
+    reduces their gradients over the expert-data-parallel group. Under tensor and context
+    parallelism (see the module docstring) the groups are `pg_collection.tp` and `.tp_cp`, else
+    `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`. `device` defaults to the current CUDA device, as in Megatron,
     unless `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides
     the policy read from the config (see the module docstring); `recompute_dispatch` is
     `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an
@@ -304,12 +330,16 @@ class MoELayer(MoEBlock):
         device=None,
     ):
         options = layer_options(config)
-        group = _expert_parallel_group(options, pg_collection)
+        tp, cp = options.tensor_parallel_size, options.context_parallel_size
+        group = _megatron_group(pg_collection, "ep", options.expert_parallel_size)
+        tp_group = _megatron_group(pg_collection, "tp", tp)
         rank = 0 if group is None else dist.get_rank(group)
         num_local = options.num_experts // options.expert_parallel_size
         cpu_init = getattr(config, "use_cpu_initialization", False)
         if device is None and torch.cuda.is_available() and not cpu_init:
             device = torch.device("cuda", torch.cuda.current_device())
+        router_options = options.router_options()
+        router_options["loss_group"] = _megatron_group(pg_collection, "tp_cp", tp * cp)
         super().__init__(
             options.hidden_size,
             options.ffn_hidden_size,
@@ -319,18 +349,29 @@ class MoELayer(MoEBlock):
             first_expert=rank * num_local,
             recompute=recompute or options.recompute,
             deterministic=deterministic,
-            shared_expert_size=options.shared_expert_size,
-            shared_expert_gate=options.shared_expert_gate,
+            # Under tensor parallelism, split below rather than built whole.
+            shared_expert_size=options.shared_expert_size if tp_group is None else None,
+            shared_expert_gate=options.shared_expert_gate and tp_group is None,
             activation=options.activation,
             bias=options.bias,
             device=device,
             dtype=options.params_dtype,
-            router_options=options.router_options(),
+            router_options=router_options,
         )
+        if tp_group is not None and options.shared_expert_size:
+            self.shared_expert = TensorParallelSwiGLUMLP(
+                options.hidden_size,
+                options.shared_expert_size,
+                DistWorld(tp_group, device=self.w13.device),
+                activation=options.activation,
+                sigmoid_gate=options.shared_expert_gate,
+                dtype=options.params_dtype,
+            )
         self.config = config
         self.options = options
         self.layer_number = layer_number
         self.group = group
+        self.tp_group = tp_group
         self.recompute_dispatch = recompute_dispatch
         self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
         self.reset_parameters()
@@ -339,10 +380,21 @@ class MoELayer(MoEBlock):
                 getattr(config, "init_method", None),
                 getattr(config, "output_layer_init_method", None),
             )
-        if self.group is not None:  # Megatron's DDP: reduced over the expert-data-parallel group
+        # Megatron's DDP reduces `allreduce=False` parameters over the expert-data-parallel
+        # group, which holds the ranks whose tokens reach the same experts: the EP group's
+        # others, and under tensor parallelism (experts whole on every rank) the TP group.
+        if self.group is not None or tp_group is not None:
             for p in (self.w13, self.w2, self.b13, self.b2):
                 if p is not None:
                     p.allreduce = False
+        # Replicated over the TP ranks, each with its own tokens: Megatron's finalize_model_grads
+        # all-reduces the gradients so marked over the TP group under sequence parallelism.
+        replicated = [self.router.weight, self.router.bias]
+        if self.shared_expert is not None and self.shared_expert.sigmoid_gate is not None:
+            replicated.append(self.shared_expert.sigmoid_gate.weight)
+        for p in replicated:
+            if p is not None:
+                p.sequence_parallel = options.sequence_parallel
 
     @torch.no_grad()
     def _megatron_init(self, init_method: Callable | None, output_init_method: Callable | None):
@@ -357,26 +409,30 @@ class MoELayer(MoEBlock):
         if self.router.bias is not None:
             fc1.append(self.router.bias)
         fc2 = []
-        if self.shared_expert is not None:
+        if isinstance(self.shared_expert, SwiGLUMLP):  # else split: drawn per rank below
             fc1.append(self.shared_expert.gate_up.weight)
             fc2.append(self.shared_expert.down.weight)
-            if self.shared_expert.sigmoid_gate is not None:
-                fc1.append(self.shared_expert.sigmoid_gate.weight)
+        if self.shared_expert is not None and self.shared_expert.sigmoid_gate is not None:
+            fc1.append(self.shared_expert.sigmoid_gate.weight)
         for method, tensors in ((init_method, fc1), (output_init_method, fc2)):
             if method is not None:
                 for t in tensors:
                     method(t)
-        device = self.w13.device
-        cuda = device.type == "cuda"
         for local, seed in self.expert_seeds():
-            with torch.random.fork_rng(devices=[device] if cuda else []):
-                generator = (
-                    torch.cuda.default_generators[device.index] if cuda else torch.default_generator
-                )
-                generator.manual_seed(seed)
+            with _seeded(self.w13.device, seed):
                 for method, weight in ((init_method, self.w13), (output_init_method, self.w2)):
                     if method is not None:
                         method(weight[local])
+        if isinstance(self.shared_expert, TensorParallelSwiGLUMLP):
+            seed = int(torch.randint(2**62, ())) + dist.get_rank(self.tp_group)
+            shards = (
+                (init_method, self.shared_expert.gate_up),
+                (output_init_method, self.shared_expert.down),
+            )
+            with _seeded(self.w13.device, seed):  # the shards of one rank differ from another's
+                for method, linear in shards:
+                    if method is not None:
+                        method(linear.weight)
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         args = (tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2)
@@ -427,9 +483,10 @@ class MoELayer(MoEBlock):
         return losses > 0 or router.expert_bias is not None
 
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-        """Load the state dict of a megatron-core `MoELayer` (tensor parallel size 1). Under
-        expert parallelism, each rank loads its own `state_dict()`, which holds its E_l local
-        experts numbered from 0, as Megatron numbers them there.
+        """Load the state dict of a megatron-core `MoELayer`. Under expert parallelism, each rank
+        loads its own `state_dict()`, which holds its E_l local experts numbered from 0, as
+        Megatron numbers them there; under tensor parallelism, its own shards of the shared
+        expert (fc1 [2Fs/T, h]: its gate rows, then its up rows; fc2 [h, Fs/T]).
 
         Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
         that `megatron_expert_weights` reads (under `experts.`), with their biases, and
@@ -469,31 +526,40 @@ class MoELayer(MoEBlock):
         return self.load_state_dict(converted, strict=strict)
 
 
-def _expert_parallel_group(options: LayerOptions, pg_collection):
-    """The process group the experts are sharded over (None on one rank): `pg_collection.ep`,
-    else megatron-core's parallel_state group; its size must be expert_model_parallel_size."""
-    size = options.expert_parallel_size
+# pg_collection's groups: (the TransformerConfig field of their size, megatron-core
+# parallel_state's getter).
+_GROUPS = {
+    "ep": ("expert_model_parallel_size", "get_expert_model_parallel_group"),
+    "tp": ("tensor_model_parallel_size", "get_tensor_model_parallel_group"),
+    "tp_cp": (
+        "tensor_model_parallel_size * context_parallel_size",
+        "get_tensor_and_context_parallel_group",
+    ),
+}
+
+
+def _megatron_group(pg_collection, name: str, size: int):
+    """The process group `name` of `_GROUPS` (None for one rank): `pg_collection.<name>`, else
+    megatron-core's parallel_state one; it must have `size` ranks."""
     if size == 1:
         return None
-    group = getattr(pg_collection, "ep", None)
+    field, getter = _GROUPS[name]
+    group = getattr(pg_collection, name, None)
     if group is None:
         try:
             from megatron.core import parallel_state
         except ImportError:
             parallel_state = None
         if parallel_state is not None:
-            group = parallel_state.get_expert_model_parallel_group(check_initialized=False)
+            group = getattr(parallel_state, getter)(check_initialized=False)
     if group is None:
         raise ValueError(
-            f"expert_model_parallel_size={size} needs the expert-parallel process group: pass "
-            f"pg_collection with an `ep` group, or initialise megatron.core.parallel_state "
-            f"(initialize_model_parallel(expert_model_parallel_size={size}))"
+            f"{field}={size} needs a process group: pass pg_collection with a `{name}` group, or "
+            f"initialise megatron.core.parallel_state (initialize_model_parallel)"
         )
     if not dist.is_initialized() or dist.get_world_size(group) != size:
         found = dist.get_world_size(group) if dist.is_initialized() else "no initialised"
-        raise ValueError(
-            f"expert_model_parallel_size={size} but the expert-parallel group has {found} ranks"
-        )
+        raise ValueError(f"{field}={size} but the `{name}` process group has {found} ranks")
     return group
 
 
@@ -597,6 +663,60 @@ def _check_expert_shapes(params, keys):
             )
 
 
+class TensorParallelSwiGLUMLP(nn.Module):
+    """The shared expert under Megatron's tensor and sequence parallelism: `moeblaze.SwiGLUMLP`'s
+    computation and parameter names, its `gate_up` rows and `down` columns split over the W
+    ranks of `world` (an `overlap.DistWorld`) as in Megatron's SharedExpertMLP.
+
+        tokens [N_l, h] --overlap.ColumnParallelLinear: all-gather, GEMM--> [W*N_l, 2F/W]
+        --SwiGLU--> [W*N_l, F/W] --overlap.RowParallelLinear: GEMM, reduce-scatter--> [N_l, h]
+        (* sigmoid(tokens @ sigmoid_gate.weight^T), on this rank's tokens)
+
+    Rank r holds `gate_up.weight [2F/W, h]` (its shard of the gate rows, then of the up rows:
+    Megatron's local fc1 layout), `down.weight [h, F/W]` and the replicated `sigmoid_gate.weight
+    [1, h]`. The weights start as the `overlap` layers start (one matrix drawn alike on every
+    rank, split)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        world: DistWorld,
+        *,
+        activation: SwiGLU,
+        sigmoid_gate: bool = False,
+        dtype=None,
+    ):
+        super().__init__()
+        self.activation = activation
+        self.gate_up = ColumnParallelLinear(
+            hidden_size, 2 * ffn_hidden_size, world, bias=False, dtype=dtype
+        )
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, world, bias=False, dtype=dtype)
+        self.sigmoid_gate = (
+            nn.Linear(hidden_size, 1, bias=False, device=world.device, dtype=dtype)
+            if sigmoid_gate
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N_l, h]
+        gate, up = self.activation.split(self.gate_up(x)[0])  # every rank's tokens
+        out = self.down(self.activation.forward(gate, up))[0]  # [N_l, h]
+        if self.sigmoid_gate is not None:
+            out = out * torch.sigmoid(self.sigmoid_gate(x))
+        return out
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int):
+    """The default generator of `device` seeded with `seed`, inside a fork of its state."""
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        generator = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
+        generator.manual_seed(seed)
+        yield
+
+
 def _megatron_aux_loss_scale() -> float | torch.Tensor:
     """The scale of the router losses' gradient that Megatron's schedule sets (after each forward,
     read in backward), where megatron-core runs and has set it; else `moeblaze.Router`'s."""
@@ -655,6 +775,16 @@ def _invalid_fields(cfg) -> list[str]:
             f"expert_model_parallel_size={cfg['expert_model_parallel_size']!r} must be a positive "
             f"int dividing num_moe_experts={experts}"
         )
+    for name in ("tensor_model_parallel_size", "context_parallel_size"):
+        value = cfg[name] or 1
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{name}={cfg[name]!r} must be a positive int")
+    tp = cfg["tensor_model_parallel_size"] or 1
+    if isinstance(tp, int) and tp > 1 and not cfg["sequence_parallel"]:
+        problems.append(
+            f"tensor_model_parallel_size={tp} needs sequence_parallel=True (Megatron's MoE layer "
+            f"refuses tensor parallelism without it in training too)"
+        )
     ffn = cfg["moe_ffn_hidden_size"] or cfg["ffn_hidden_size"]
     if not isinstance(ffn, int) or ffn < 1:
         problems.append(
@@ -705,6 +835,11 @@ def _invalid_fields(cfg) -> list[str]:
     shared = cfg["moe_shared_expert_intermediate_size"]
     if shared is not None and (not isinstance(shared, int) or shared < 1):
         problems.append(f"moe_shared_expert_intermediate_size={shared!r} must be >= 1 or None")
+    elif shared is not None and isinstance(tp, int) and tp > 1 and shared % tp:
+        problems.append(
+            f"moe_shared_expert_intermediate_size={shared} must be divisible by "
+            f"tensor_model_parallel_size={tp} (the shared expert is split over its ranks)"
+        )
     elif shared is not None and cfg["add_bias_linear"]:
         problems.append(
             f"moe_shared_expert_intermediate_size={shared} with add_bias_linear=True (Megatron's "
@@ -727,6 +862,13 @@ def _unsupported_fields(cfg) -> list[str]:
             f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
             f"(moeblaze experts are SwiGLU: gated_linear_unit=True with activation_func "
             f"F.silu or quick_gelu)"
+        )
+    tp, etp = cfg["tensor_model_parallel_size"] or 1, cfg["expert_tensor_parallel_size"]
+    if (tp if etp is None else etp) != 1:  # Megatron's default is the tensor-parallel size
+        problems.append(
+            f"expert_tensor_parallel_size={etp!r} with tensor_model_parallel_size={tp} (expert "
+            f"tensor parallelism: each expert split over {tp if etp is None else etp} ranks; "
+            f"set expert_tensor_parallel_size=1 to keep the experts whole)"
         )
     coeffs = _loss_coeffs(cfg)
     if coeffs.get("global_aux_loss", 0.0) > 0:

@@ -316,9 +316,42 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         ),
         (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
         (
-            dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=2),
+            dict(tensor_model_parallel_size=2, sequence_parallel=True),  # Megatron: ETP = TP
             NotImplementedError,
-            ["tensor_model_parallel_size=2", "expert_tensor_parallel_size=2"],
+            ["expert_tensor_parallel_size=None with tensor_model_parallel_size=2"],
+        ),
+        (
+            dict(expert_tensor_parallel_size=2),
+            NotImplementedError,
+            ["expert_tensor_parallel_size=2 with tensor_model_parallel_size=1"],
+        ),
+        (
+            dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1),
+            ValueError,
+            ["tensor_model_parallel_size=2 needs sequence_parallel=True"],
+        ),
+        (
+            dict(
+                tensor_model_parallel_size=5,
+                expert_tensor_parallel_size=1,
+                sequence_parallel=True,
+                moe_shared_expert_intermediate_size=SHARED,
+            ),
+            ValueError,
+            [f"moe_shared_expert_intermediate_size={SHARED} must be divisible by "],
+        ),
+        # No tensor- or context-parallel group of 2 ranks here (see test_megatron_parallel).
+        (
+            dict(
+                tensor_model_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True
+            ),
+            ValueError,
+            ["tensor_model_parallel_size=2 "],
+        ),
+        (
+            dict(context_parallel_size=2),
+            ValueError,
+            ["tensor_model_parallel_size * context_parallel_size=2 "],
         ),
         (dict(expert_model_parallel_size=3), ValueError, ["expert_model_parallel_size=3"]),
         # No expert-parallel group of 2 ranks here (see test_expert_parallel for one).
