@@ -249,19 +249,23 @@ def router_topk_reference(
     num_groups: int | None = None,
     topk_groups: int | None = None,
     norm_topk_prob: bool = True,
+    group_score_topk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router's selection in plain torch (any device, differentiable in `logits [N, E]`):
     what `Router.forward` runs off CUDA, and the oracle of the compiled `router_topk`.
 
     Returns (topk_ids [N, k] int64 best first, topk_weights [N, k], scores [N, E]): scores =
     softmax or sigmoid of the logits; experts ranked by scores + `expert_bias` (selection only)
-    within the best `topk_groups` of `num_groups` groups; weights the unbiased scores of the
-    chosen experts, renormalised if `norm_topk_prob`. Ties go to the lower index (stable sort).
+    within the best `topk_groups` of `num_groups` groups (a group scores the sum of its best
+    `group_score_topk` values; see `select_experts`); weights the unbiased scores of the chosen
+    experts, renormalised if `norm_topk_prob`. Ties go to the lower index (stable sort).
     """
-    check_selection_options(logits.shape[-1], top_k, score_func, num_groups, topk_groups)
+    check_selection_options(
+        logits.shape[-1], top_k, score_func, num_groups, topk_groups, group_score_topk
+    )
     scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
     topk_ids = select_experts(
-        scores.detach(), top_k, score_func, expert_bias, num_groups, topk_groups
+        scores.detach(), top_k, score_func, expert_bias, num_groups, topk_groups, group_score_topk
     )
     topk_weights = scores.gather(1, topk_ids)  # [N, k]
     if norm_topk_prob:
@@ -276,16 +280,22 @@ def select_experts(
     expert_bias: torch.Tensor | None = None,
     num_groups: int | None = None,
     topk_groups: int | None = None,
+    group_score_topk: int | None = None,
 ) -> torch.Tensor:
-    """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does."""
+    """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does.
+
+    A group scores the sum of its `group_score_topk` best selection values; by default
+    (`default_group_score_topk`) the top 2 for sigmoid (DeepSeek-V3), the max for softmax
+    (DeepSeek-V2 in Hugging Face); Megatron sums the top `top_k // topk_groups`."""
     choice = scores if expert_bias is None else scores + expert_bias.float()  # [N, E]
     if num_groups is not None:
         n, num_experts = choice.shape
         grouped = choice.view(n, num_groups, num_experts // num_groups)  # [N, G, E/G]
-        if score_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 values of the group
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
-        else:  # DeepSeek-V2: max value of the group
+        per_group = group_score_topk or default_group_score_topk(score_func, grouped.shape[-1])
+        if per_group == 1:
             group_scores = grouped.amax(-1)  # [N, G]
+        else:
+            group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
         best = _stable_topk(group_scores, topk_groups)  # [N, topk_groups]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, num_experts)
@@ -297,7 +307,15 @@ def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]
 
 
-def check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups) -> None:
+def default_group_score_topk(score_func: str, group_size: int) -> int:
+    """How many of a group's best values make its score unless told: 2 for sigmoid (1 in groups
+    of one), 1 (the max) for softmax. The compiled router top-k computes these only."""
+    return min(2, group_size) if score_func == "sigmoid" else 1
+
+
+def check_selection_options(
+    num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk=None
+) -> None:
     """The options of an expert selection that fit `num_experts` experts (ValueError if not)."""
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
@@ -309,12 +327,20 @@ def check_selection_options(num_experts, top_k, score_func, num_groups, topk_gro
         raise ValueError(
             f"num_groups={num_groups} and topk_groups={topk_groups} must be set together"
         )
+    if num_groups is None and group_score_topk is not None:
+        raise ValueError(f"group_score_topk={group_score_topk} needs num_groups and topk_groups")
     if num_groups is not None:
         if num_groups < 1 or num_experts % num_groups:
             raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
         if not 1 <= topk_groups <= num_groups:
             raise ValueError(f"topk_groups={topk_groups} must be in [1, num_groups={num_groups}]")
-        capacity = topk_groups * (num_experts // num_groups)
+        size = num_experts // num_groups
+        if group_score_topk is not None and not 1 <= group_score_topk <= size:
+            raise ValueError(
+                f"group_score_topk={group_score_topk} must be in [1, num_experts / num_groups = "
+                f"{size}]"
+            )
+        capacity = topk_groups * size
         if top_k > capacity:
             raise ValueError(
                 f"top_k={top_k} must be <= topk_groups * num_experts / num_groups = {capacity}"

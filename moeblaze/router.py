@@ -31,7 +31,12 @@ from torch import nn
 from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
-from moeblaze.reference import check_selection_options, router_topk_reference, select_experts
+from moeblaze.reference import (
+    check_selection_options,
+    default_group_score_topk,
+    router_topk_reference,
+    select_experts,
+)
 
 AUX_COUNTS = ("routed", "scores")
 
@@ -96,8 +101,9 @@ class Router(nn.Module):
     - `topk_scaling_factor`: multiply the k weights by this factor, after any renormalisation
       (DeepSeek-V3's `routed_scaling_factor`, Megatron's `moe_router_topk_scaling_factor`).
     - `num_groups`, `topk_groups`: group-limited routing. Experts form `num_groups` contiguous
-      groups; a group scores the sum of its top-2 scores (sigmoid) or its max (softmax); only
-      the experts of the best `topk_groups` groups can be chosen.
+      groups; a group scores the sum of its top `group_score_topk` scores (default: 2 for
+      sigmoid, DeepSeek-V3; 1, the max, for softmax, DeepSeek-V2; Megatron sums the top
+      `top_k // topk_groups`); only the experts of the best `topk_groups` groups can be chosen.
     - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
       only, and a buffer `tokens_per_expert_accum [E]` counting choices over training forwards;
       see `update_expert_bias`.
@@ -144,6 +150,7 @@ class Router(nn.Module):
         topk_scaling_factor: float = 1.0,
         num_groups: int | None = None,
         topk_groups: int | None = None,
+        group_score_topk: int | None = None,
         expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
@@ -161,6 +168,7 @@ class Router(nn.Module):
             score_func,
             num_groups,
             topk_groups,
+            group_score_topk,
             aux_loss_coeff,
             seq_aux_loss_coeff,
             z_loss_coeff,
@@ -176,6 +184,7 @@ class Router(nn.Module):
         self.topk_scaling_factor = float(topk_scaling_factor)
         self.num_groups = num_groups
         self.topk_groups = topk_groups
+        self.group_score_topk = group_score_topk
         self.aux_loss_coeff = float(aux_loss_coeff)
         self.seq_aux_loss_coeff = float(seq_aux_loss_coeff)
         self.aux_counts = aux_counts
@@ -324,7 +333,11 @@ class Router(nn.Module):
             self.topk_groups,
             self.norm_topk_prob,
         )
-        if logits.is_cuda and not torch.compiler.is_compiling():
+        per_group = self.group_score_topk
+        if self.num_groups is not None and per_group is not None:
+            default = default_group_score_topk(self.score_func, self.num_experts // self.num_groups)
+            per_group = None if per_group == default else per_group  # else not the kernel's rule
+        if logits.is_cuda and not torch.compiler.is_compiling() and per_group is None:
             module = compiled.load("moeblaze")
             fits = module is not None and (
                 self.num_experts <= module.MAX_ROUTER_EXPERTS
@@ -332,7 +345,7 @@ class Router(nn.Module):
             )
             if fits:
                 return RouterTopK.apply(logits, *options)
-        return router_topk_reference(logits, *options)
+        return router_topk_reference(logits, *options, per_group)
 
     def _balancing_probs(self, scores):
         """Each token's scores as a distribution over the experts (sigmoid ones normalised)."""
@@ -415,6 +428,8 @@ class Router(nn.Module):
             s += f", topk_scaling_factor={self.topk_scaling_factor}"
         if self.num_groups is not None:
             s += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
+            if self.group_score_topk is not None:
+                s += f", group_score_topk={self.group_score_topk}"
         s += f", expert_bias={self.expert_bias is not None}"
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"
@@ -461,6 +476,7 @@ def _check_options(
     score_func,
     num_groups,
     topk_groups,
+    group_score_topk,
     aux_coeff,
     seq_aux_coeff,
     z_coeff,
@@ -470,7 +486,9 @@ def _check_options(
         raise ValueError(f"hidden_size={hidden_size} must be >= 1")
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
-    check_selection_options(num_experts, top_k, score_func, num_groups, topk_groups)
+    check_selection_options(
+        num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk
+    )
     coeffs = (
         ("aux_loss_coeff", aux_coeff),
         ("seq_aux_loss_coeff", seq_aux_coeff),

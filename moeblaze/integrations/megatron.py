@@ -192,6 +192,7 @@ class LayerOptions:
     norm_topk_prob: bool
     num_groups: int | None
     topk_groups: int | None
+    group_score_topk: int | None  # a group's score: the sum of its top this many
     expert_bias: bool
     aux_loss_coeff: float
     seq_aux_loss_coeff: float
@@ -215,6 +216,7 @@ class LayerOptions:
             norm_topk_prob=self.norm_topk_prob,
             num_groups=self.num_groups,
             topk_groups=self.topk_groups,
+            group_score_topk=self.group_score_topk,
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
             seq_aux_loss_coeff=self.seq_aux_loss_coeff,
@@ -258,6 +260,7 @@ def layer_options(config) -> LayerOptions:
         norm_topk_prob=norm_topk_prob,
         num_groups=cfg["moe_router_num_groups"] if grouped else None,
         topk_groups=cfg["moe_router_group_topk"] if grouped else None,
+        group_score_topk=top_k // cfg["moe_router_group_topk"] if grouped else None,
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
         seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
@@ -880,18 +883,17 @@ def _unsupported_fields(cfg) -> list[str]:
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
     grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
-    if grouped:
-        per_group = cfg["moe_router_topk"] // cfg["moe_router_group_topk"]
-        group_size = cfg["num_moe_experts"] // cfg["moe_router_num_groups"]
-        ours = min(2, group_size) if cfg["moe_router_score_function"] == "sigmoid" else 1
-        if per_group != ours:
-            problems.append(
-                f"moe_router_num_groups={cfg['moe_router_num_groups']} with "
-                f"moe_router_group_topk={cfg['moe_router_group_topk']} and moe_router_topk="
-                f"{cfg['moe_router_topk']}: Megatron scores a group by the sum of its top "
-                f"topk // group_topk = {per_group} scores, moeblaze.Router by its top {ours} "
-                f"({cfg['moe_router_score_function']})"
-            )
+    softmax_of_chosen = (
+        cfg["moe_router_score_function"] == "softmax" and not cfg["moe_router_pre_softmax"]
+    )
+    if grouped and softmax_of_chosen and cfg["moe_router_topk"] // cfg["moe_router_group_topk"] > 1:
+        problems.append(
+            f"moe_router_num_groups={cfg['moe_router_num_groups']} with moe_router_group_topk="
+            f"{cfg['moe_router_group_topk']}, moe_router_topk={cfg['moe_router_topk']} and "
+            f"softmax without moe_router_pre_softmax: Megatron then scores a group by the sum of "
+            f"its top {cfg['moe_router_topk'] // cfg['moe_router_group_topk']} logits, "
+            f"moeblaze.Router by its scores (set moe_router_pre_softmax=True)"
+        )
     uses_losses = sum(coeffs.values()) > 0 or (cfg["moe_z_loss_coeff"] or 0.0) > 0
     if uses_losses and cfg["calculate_per_token_loss"]:
         problems.append("calculate_per_token_loss=True with aux losses (per-token loss scaling)")

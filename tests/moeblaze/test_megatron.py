@@ -305,14 +305,9 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
         (
-            dict(
-                moe_router_score_function="sigmoid",
-                moe_router_num_groups=2,
-                moe_router_group_topk=2,
-                moe_aux_loss_coeff=0.0,
-            ),
+            dict(moe_router_num_groups=2, moe_router_group_topk=1),  # softmax of the chosen
             NotImplementedError,
-            ["moe_router_group_topk=2", "top topk // group_topk = 1"],
+            ["moe_router_group_topk=1", "sum of its top 2 logits", "moe_router_pre_softmax=True"],
         ),
         (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
         (
@@ -686,6 +681,11 @@ ROUTINGS = {
         moe_router_num_groups=2,
         moe_router_group_topk=1,
         moe_router_load_balancing_type="none",
+    ),
+    # Groups scored by the sum of their top topk // group_topk = 2 (moeblaze's softmax default:
+    # the max).
+    "softmax_pre_softmax_groups": dict(
+        moe_router_pre_softmax=True, moe_router_num_groups=2, moe_router_group_topk=1
     ),
     "softmax_seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=2e-1),
     # DeepSeek-V3's routing in Megatron, with both balancing losses.

@@ -104,8 +104,9 @@ def test_low_precision_input_routes_in_float32():
     assert torch.equal(out.topk_ids, ref.softmax(-1).topk(3, -1).indices)
 
 
-def _group_reference(scores, bias, num_groups, topk_groups, k, score_func):
-    """Per-token loop: rank groups, then rank experts inside the kept groups."""
+def _group_reference(scores, bias, num_groups, topk_groups, k, score_func, per_group=None):
+    """Per-token loop: rank groups (by the sum of their top `per_group` values: by default 2
+    for sigmoid, 1 for softmax), then rank experts inside the kept groups."""
     n, num_experts = scores.shape
     size = num_experts // num_groups
     choice = scores + bias
@@ -114,22 +115,25 @@ def _group_reference(scores, bias, num_groups, topk_groups, k, score_func):
         group_scores = []
         for g in range(num_groups):
             members = sorted(choice[t, g * size : (g + 1) * size].tolist(), reverse=True)
-            group_scores.append(sum(members[:2]) if score_func == "sigmoid" else members[0])
+            top = per_group or (2 if score_func == "sigmoid" else 1)
+            group_scores.append(sum(members[:top]))
         kept = sorted(range(num_groups), key=lambda g: -group_scores[g])[:topk_groups]
         candidates = [e for e in range(num_experts) if e // size in kept]
         ids[t] = torch.tensor(sorted(candidates, key=lambda e: -choice[t, e].item())[:k])
     return ids
 
 
+@pytest.mark.parametrize("per_group", [None, 1, 3], ids=["default", "top1", "top3"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-def test_group_limited_routing(score_func, with_bias):
+def test_group_limited_routing(score_func, with_bias, per_group):
     groups, topk_groups, k = 4, 2, 4
     router = _router(
         score_func=score_func,
         top_k=k,
         num_groups=groups,
         topk_groups=topk_groups,
+        group_score_topk=per_group,
         expert_bias=with_bias,
     )
     bias = torch.zeros(E)
@@ -141,7 +145,7 @@ def test_group_limited_routing(score_func, with_bias):
     out = router(x)
 
     scores = _scores(x @ router.weight.detach().T, score_func)
-    ref_ids = _group_reference(scores, bias, groups, topk_groups, k, score_func)
+    ref_ids = _group_reference(scores, bias, groups, topk_groups, k, score_func, per_group)
     assert torch.equal(out.topk_ids, ref_ids)
     # Every token uses at most topk_groups groups, and weights are the unbiased scores.
     used_groups = out.topk_ids // (E // groups)
@@ -464,6 +468,11 @@ def test_profile_range():
         (dict(num_groups=5, topk_groups=2), r"num_groups=5 must divide num_experts=12"),
         (dict(num_groups=4, topk_groups=5), r"topk_groups=5 must be in \[1, num_groups=4\]"),
         (dict(num_groups=4, topk_groups=1, top_k=4), r"top_k=4 must be <= topk_groups"),
+        (
+            dict(num_groups=4, topk_groups=1, group_score_topk=4),
+            r"group_score_topk=4 must be in \[1, num_experts / num_groups = 3\]",
+        ),
+        (dict(group_score_topk=2), r"group_score_topk=2 needs num_groups and topk_groups"),
         (dict(aux_loss_coeff=-0.1), r"aux_loss_coeff=-0.1 must be >= 0"),
         (dict(z_loss_coeff=-1.0), r"z_loss_coeff=-1.0 must be >= 0"),
         (dict(topk_scaling_factor=0.0), r"topk_scaling_factor=0.0 must be a finite number > 0"),
