@@ -4,7 +4,8 @@
     x [N, d] --float32--> logits = x @ weight.T (+ bias) [N, E] --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
-    aux_loss_coeff * load-balancing loss (+ seq_aux_loss_coeff * its mean over sequences)
+    aux_loss_coeff * load-balancing loss (+ seq_aux_loss_coeff * its mean over sequences
+        + global_aux_loss_coeff * its version with the global batch's counts)
         + z_loss_coeff * z-loss --> gradient, through topk_weights
 
 Logits and scores are computed in float32 whatever the dtype of `x` and `weight`, as Megatron and
@@ -54,6 +55,9 @@ class RouterOutput:
     tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
     # [] the load-balancing loss per sequence, averaged, *unscaled*; 0 without sequence_ids
     seq_aux_loss: torch.Tensor
+    # [] the load-balancing loss against the global batch's counts, *unscaled*; 0 unless its
+    # coefficient is > 0
+    global_aux_loss: torch.Tensor
 
 
 def _describe_nonfinite_logits(nonfinite: list[int]) -> str | None:
@@ -112,6 +116,13 @@ class Router(nn.Module):
     - `seq_aux_loss_coeff`: weight of the load-balancing loss computed per sequence and averaged
       over the sequences (DeepSeek-V3's sequence-wise balance loss, Megatron's
       "seq_aux_loss"); `forward` then needs `sequence_ids`.
+    - `global_aux_loss_coeff`, `global_group`: weight of the load-balancing loss whose expert
+      counts are those of the global batch (Megatron's "global_aux_loss", global-batch
+      balancing): this forward's counts summed over the ranks of `global_group` (the
+      data-parallel ranks, and those sharing a batch; Megatron's tensor-data-and-context-
+      parallel group) and averaged over the training forwards since the last
+      `reset_global_aux_loss_tracker()` (call it once per optimizer step), against this
+      forward's scores.
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
@@ -154,9 +165,11 @@ class Router(nn.Module):
         expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
+        global_aux_loss_coeff: float = 0.0,
         aux_counts: str = "routed",
         z_loss_coeff: float = 0.0,
         loss_group=None,
+        global_group=None,
         device=None,
         dtype=None,
     ):
@@ -171,6 +184,7 @@ class Router(nn.Module):
             group_score_topk,
             aux_loss_coeff,
             seq_aux_loss_coeff,
+            global_aux_loss_coeff,
             z_loss_coeff,
             topk_scaling_factor,
         )
@@ -189,7 +203,9 @@ class Router(nn.Module):
         self.seq_aux_loss_coeff = float(seq_aux_loss_coeff)
         self.aux_counts = aux_counts
         self.z_loss_coeff = float(z_loss_coeff)
+        self.global_aux_loss_coeff = float(global_aux_loss_coeff)
         self.loss_group = loss_group
+        self.global_group = global_group
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
         self.weight = nn.Parameter(weight)
         self.bias = (
@@ -205,6 +221,12 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
             self.tokens_per_expert_accum = None
+        # The global load-balancing loss's tracker (None without that loss).
+        factory = dict(dtype=torch.float32, device=device)
+        tracking = self.global_aux_loss_coeff > 0
+        for name, shape in (("global_tokens_per_expert", (num_experts,)), ("global_aux_steps", ())):
+            buffer = torch.zeros(shape, **factory) if tracking else None
+            self.register_buffer(name, buffer, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -216,6 +238,7 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias.zero_()
             self.tokens_per_expert_accum.zero_()
+        self.reset_global_aux_loss_tracker()
 
     @classmethod
     def set_aux_loss_scale(cls, scale: float) -> None:
@@ -234,7 +257,7 @@ class Router(nn.Module):
         with profile_range("moeblaze.router"):
             self._check_input(x)
             self._check_sequences(x, sequence_ids, num_sequences)
-            n, num_experts = x.shape[0], self.num_experts
+            num_experts = self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = x.float() @ self.weight.float().t()  # [N, E]
                 if self.bias is not None:
@@ -255,35 +278,17 @@ class Router(nn.Module):
                 with torch.no_grad():
                     self.tokens_per_expert_accum += tokens_per_expert
 
-            aux_ids, aux_tokens_per_expert = topk_ids, tokens_per_expert
-            biased = self.expert_bias is not None or self.num_groups is not None
-            if self.aux_counts == "scores" and biased:
-                aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
-                aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts)
-            sequence_counts = None  # [S, E] slots of each (sequence, expert)
-            if sequence_ids is not None:
-                sequence_counts = _sequence_slots(aux_ids, sequence_ids, num_sequences, num_experts)
-            if self._loss_group_size() > 1:  # the whole batch's counts
-                aux_tokens_per_expert, sequence_counts = _summed_over(
-                    self.loss_group, aux_tokens_per_expert, sequence_counts
-                )
-            aux_loss = self._load_balancing_loss(scores, aux_tokens_per_expert)
-            seq_aux_loss = logits.new_zeros(())
-            if sequence_ids is not None:
-                seq_aux_loss = self._sequence_balancing_loss(scores, sequence_ids, sequence_counts)
-            # float64: logsumexp ~1e20 squares past float32's range.
-            z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(n, 1)
-            z_loss = z_loss / self._loss_group_size()  # this rank's share of the batch's mean
+            losses = self._losses(
+                logits, scores, topk_ids, tokens_per_expert, sequence_ids, num_sequences
+            )
             # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
             # injected loss inf or NaN.
             router_loss = logits.new_zeros(())
-            if self.aux_loss_coeff > 0:
-                router_loss = router_loss + self.aux_loss_coeff * aux_loss
-            if self.seq_aux_loss_coeff > 0:
-                router_loss = router_loss + self.seq_aux_loss_coeff * seq_aux_loss
-            if self.z_loss_coeff > 0:
-                router_loss = router_loss + self.z_loss_coeff * z_loss.float()
-            inject = self.aux_loss_coeff > 0 or self.seq_aux_loss_coeff > 0 or self.z_loss_coeff > 0
+            coeffs = self.loss_coeffs()
+            for name, coeff in coeffs.items():
+                if coeff > 0:
+                    router_loss = router_loss + coeff * losses[name].float()
+            inject = any(coeff > 0 for coeff in coeffs.values())
             if inject and self.training and torch.is_grad_enabled():
                 scale = self.aux_loss_scale
                 topk_weights = _InjectLossGrad.apply(
@@ -293,12 +298,75 @@ class Router(nn.Module):
                 topk_ids=topk_ids,
                 topk_weights=topk_weights,
                 logits=logits,
-                aux_loss=aux_loss.detach(),
-                z_loss=z_loss.detach(),
                 router_loss=router_loss.detach(),
                 tokens_per_expert=tokens_per_expert,
-                seq_aux_loss=seq_aux_loss.detach(),
+                **{name: loss.detach() for name, loss in losses.items()},
             )
+
+    def loss_coeffs(self) -> dict[str, float]:
+        """{name of the loss in RouterOutput: its coefficient}."""
+        return {
+            "aux_loss": self.aux_loss_coeff,
+            "seq_aux_loss": self.seq_aux_loss_coeff,
+            "global_aux_loss": self.global_aux_loss_coeff,
+            "z_loss": self.z_loss_coeff,
+        }
+
+    def _losses(self, logits, scores, topk_ids, tokens_per_expert, sequence_ids, num_sequences):
+        """The unscaled losses of `loss_coeffs` (this rank's shares, with a loss group)."""
+        num_experts = self.num_experts
+        aux_ids, aux_tokens_per_expert = topk_ids, tokens_per_expert
+        biased = self.expert_bias is not None or self.num_groups is not None
+        if self.aux_counts == "scores" and biased:
+            aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
+            aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts)
+        global_aux_loss = scores.new_zeros(())
+        if self.global_aux_loss_coeff > 0:
+            global_aux_loss = self._global_balancing_loss(scores, aux_tokens_per_expert)
+        sequence_counts = None  # [S, E] slots of each (sequence, expert)
+        if sequence_ids is not None:
+            sequence_counts = _sequence_slots(aux_ids, sequence_ids, num_sequences, num_experts)
+        if _group_size(self.loss_group) > 1:  # the whole batch's counts
+            aux_tokens_per_expert, sequence_counts = _summed_over(
+                self.loss_group, aux_tokens_per_expert, sequence_counts
+            )
+        seq_aux_loss = scores.new_zeros(())
+        if sequence_ids is not None:
+            seq_aux_loss = self._sequence_balancing_loss(scores, sequence_ids, sequence_counts)
+        # float64: logsumexp ~1e20 squares past float32's range.
+        z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(logits.shape[0], 1)
+        return dict(
+            aux_loss=self._load_balancing_loss(scores, aux_tokens_per_expert),
+            seq_aux_loss=seq_aux_loss,
+            global_aux_loss=global_aux_loss,
+            # This rank's share of the batch's mean.
+            z_loss=z_loss / _group_size(self.loss_group),
+        )
+
+    def _global_balancing_loss(self, scores, tokens_per_expert):
+        """The load-balancing loss of these `scores` against the counts of the global batch:
+        `tokens_per_expert` summed over `global_group`, averaged over the training forwards since
+        the last `reset_global_aux_loss_tracker` (this one included; not counted again when
+        activation checkpointing reruns it); outside training, this forward's alone."""
+        counts = tokens_per_expert.float()
+        if _group_size(self.global_group) > 1:
+            dist.all_reduce(counts, group=self.global_group)
+        if not (self.training and torch.is_grad_enabled()):
+            return self._load_balancing_loss(scores, counts)
+        if not _recomputing():
+            with torch.no_grad():
+                self.global_tokens_per_expert += counts
+                self.global_aux_steps += 1
+        averaged = self.global_tokens_per_expert / self.global_aux_steps.clamp_min(1)
+        return self._load_balancing_loss(scores, averaged)
+
+    @torch.no_grad()
+    def reset_global_aux_loss_tracker(self) -> None:
+        """Start a new global batch for the global load-balancing loss (once per optimizer step;
+        megatron-core's finalize_model_grads calls it by this name)."""
+        if self.global_tokens_per_expert is not None:
+            self.global_tokens_per_expert.zero_()
+            self.global_aux_steps.zero_()
 
     @property
     def local_tokens_per_expert(self) -> torch.Tensor | None:
@@ -378,9 +446,6 @@ class Router(nn.Module):
         per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [S]
         return num_experts * per_sequence.sum() / num_sequences
 
-    def _loss_group_size(self) -> int:
-        return 1 if self.loss_group is None else dist.get_world_size(self.loss_group)
-
     def _check_sequences(self, x, sequence_ids, num_sequences) -> None:
         if sequence_ids is None:
             if self.seq_aux_loss_coeff > 0:
@@ -434,8 +499,14 @@ class Router(nn.Module):
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"
         if self.loss_group is not None:
-            s += f", loss_group=<{self._loss_group_size()} ranks>"
+            s += f", loss_group=<{_group_size(self.loss_group)} ranks>"
+        if self.global_aux_loss_coeff > 0:
+            s += f", global_aux_loss_coeff={self.global_aux_loss_coeff}"
         return s + f", z_loss_coeff={self.z_loss_coeff}"
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def _sequence_slots(ids, sequence_ids, num_sequences: int, num_experts: int) -> torch.Tensor:
@@ -479,6 +550,7 @@ def _check_options(
     group_score_topk,
     aux_coeff,
     seq_aux_coeff,
+    global_aux_coeff,
     z_coeff,
     scale,
 ):
@@ -492,6 +564,7 @@ def _check_options(
     coeffs = (
         ("aux_loss_coeff", aux_coeff),
         ("seq_aux_loss_coeff", seq_aux_coeff),
+        ("global_aux_loss_coeff", global_aux_coeff),
         ("z_loss_coeff", z_coeff),
     )
     for name, value in coeffs:

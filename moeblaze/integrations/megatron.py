@@ -54,9 +54,13 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - sigmoid: top-k of the scores (plus the expert bias, for selection only), divided by their sum
   when k > 1.
 - `moe_router_topk_scaling_factor` multiplies the k weights.
-- The "aux_loss" and "seq_aux_loss" load-balancing losses (`moe_aux_loss_coeff`; the second per
-  sequence, each of the b sequences of `[s, b, h]` alone, averaged: DeepSeek-V3's) count the
-  top-k of the scores without expert bias or group limit, as Megatron's do
+- The "aux_loss", "seq_aux_loss" and "global_aux_loss" load-balancing losses
+  (`moe_aux_loss_coeff`; the second per sequence, each of the b sequences of `[s, b, h]` alone,
+  averaged: DeepSeek-V3's; the third against the counts of the global batch, summed over
+  Megatron's tensor-data-and-context-parallel group and averaged over the micro-batches of the
+  step: `moeblaze.Router(global_aux_loss_coeff=, global_group=)`, whose tracker Megatron's
+  `finalize_model_grads` resets by `reset_global_aux_loss_tracker`, as its own router's) count
+  the top-k of the scores without expert bias or group limit, as Megatron's do
   (`moeblaze.Router(aux_counts="scores")`). They and the z-loss (`moe_z_loss_coeff`)
   reach the gradient through the routing weights, as Megatron's `MoEAuxLossAutoScaler` does:
   the injected gradient is `coeff * d(loss)` times the scale Megatron's schedule gives
@@ -196,6 +200,7 @@ class LayerOptions:
     expert_bias: bool
     aux_loss_coeff: float
     seq_aux_loss_coeff: float
+    global_aux_loss_coeff: float
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
     shared_expert_size: int | None
@@ -220,6 +225,7 @@ class LayerOptions:
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
             seq_aux_loss_coeff=self.seq_aux_loss_coeff,
+            global_aux_loss_coeff=self.global_aux_loss_coeff,
             aux_counts="scores",  # Megatron counts the top-k of the scores alone
             z_loss_coeff=self.z_loss_coeff,
             topk_scaling_factor=self.topk_scaling_factor,
@@ -264,6 +270,7 @@ def layer_options(config) -> LayerOptions:
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
         seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
+        global_aux_loss_coeff=_loss_coeffs(cfg).get("global_aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
@@ -310,14 +317,13 @@ class MoELayer(MoEBlock):
     carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
     reduces their gradients over the expert-data-parallel group. Under tensor and context
     parallelism (see the module docstring) the groups are `pg_collection.tp` and `.tp_cp`, else
-    `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`. `device` defaults to the current CUDA device, as in Megatron,
-    unless `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides
-    the policy read from the config (see the module docstring); `recompute_dispatch` is
-    `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an
-    expert bias after each step; outside Megatron's training loop, sum
-    `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
-    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer
-    step.
+    `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`. `device` defaults to
+    the current CUDA device, as in Megatron, unless `config.use_cpu_initialization` is set or CUDA
+    is unavailable. `recompute` overrides the policy read from the config (see the module
+    docstring); `recompute_dispatch` is `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's
+    `finalize_model_grads` updates an expert bias after each step; outside Megatron's training loop,
+    sum `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer step.
     """
 
     def __init__(
@@ -343,6 +349,8 @@ class MoELayer(MoEBlock):
             device = torch.device("cuda", torch.cuda.current_device())
         router_options = options.router_options()
         router_options["loss_group"] = _megatron_group(pg_collection, "tp_cp", tp * cp)
+        if options.global_aux_loss_coeff > 0:
+            router_options["global_group"] = _global_batch_group(pg_collection)
         super().__init__(
             options.hidden_size,
             options.ffn_hidden_size,
@@ -482,8 +490,7 @@ class MoELayer(MoEBlock):
 
     def _padding_mask_matters(self) -> bool:
         router = self.router
-        losses = router.aux_loss_coeff + router.seq_aux_loss_coeff + router.z_loss_coeff
-        return losses > 0 or router.expert_bias is not None
+        return sum(router.loss_coeffs().values()) > 0 or router.expert_bias is not None
 
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load the state dict of a megatron-core `MoELayer`. Under expert parallelism, each rank
@@ -539,6 +546,29 @@ _GROUPS = {
         "get_tensor_and_context_parallel_group",
     ),
 }
+
+
+def _global_batch_group(pg_collection):
+    """The ranks of a global batch, for "global_aux_loss": `pg_collection.tp_dp_cp`, else
+    megatron-core parallel_state's tensor-data-and-context-parallel group; None in a single
+    process."""
+    group = getattr(pg_collection, "tp_dp_cp", None)
+    if group is None:
+        try:
+            from megatron.core import parallel_state
+        except ImportError:
+            parallel_state = None
+        if parallel_state is not None:
+            group = parallel_state.get_tensor_and_data_parallel_group(
+                check_initialized=False, with_context_parallel=True
+            )
+    if group is None and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            "moe_router_load_balancing_type='global_aux_loss' needs the ranks of the global "
+            "batch: pass pg_collection with a `tp_dp_cp` group, or initialise "
+            "megatron.core.parallel_state (initialize_model_parallel)"
+        )
+    return group
 
 
 def _megatron_group(pg_collection, name: str, size: int):
@@ -874,12 +904,6 @@ def _unsupported_fields(cfg) -> list[str]:
             f"set expert_tensor_parallel_size=1 to keep the experts whole)"
         )
     coeffs = _loss_coeffs(cfg)
-    if coeffs.get("global_aux_loss", 0.0) > 0:
-        problems.append(
-            f"moe_router_load_balancing_type='global_aux_loss' with moe_aux_loss_coeff="
-            f"{coeffs['global_aux_loss']} (moeblaze.Router has the micro-batch and "
-            f"per-sequence losses only)"
-        )
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
     grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]

@@ -298,11 +298,6 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             NotImplementedError,
             ["gated_linear_unit=False", "activation_func=gelu"],
         ),
-        (
-            dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=1e-3),
-            NotImplementedError,
-            ["moe_router_load_balancing_type='global_aux_loss'"],
-        ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
         (
             dict(moe_router_num_groups=2, moe_router_group_topk=1),  # softmax of the chosen
@@ -802,3 +797,43 @@ def test_megatron_training_loop_updates_the_expert_bias(megatron):
     finalize_model_grads.reset_model_temporary_tensors(config, [layer])
     assert torch.equal(layer.router.expert_bias, expected)
     assert not layer.router.tokens_per_expert_accum.any()
+
+
+def test_global_aux_loss_matches_megatron(megatron, monkeypatch):
+    """Megatron's "global_aux_loss" over two micro-batches: the loss and the router-weight gradient of each
+    against Megatron's _apply_global_aux_loss (its counts averaged over the step's micro-batches;
+    one rank here), then megatron-core's reset_model_temporary_tensors starts a new step."""
+    import importlib
+
+    finalize_model_grads = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    mu, coeff = megatron.moe_utils, 0.3
+    config = _transformer_config(
+        megatron, moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=coeff
+    )
+    monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", torch.tensor(1.0))
+    torch.manual_seed(14)
+    router = mb.MoELayer(config).train().router
+    g = torch.Generator().manual_seed(15)
+    counts = torch.zeros(E)  # Megatron's global_tokens_per_expert
+    for step in range(1, 3):
+        tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+        upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight
+        router.zero_grad()
+        out = router(tokens)
+        ours = torch.zeros(S * BATCH, E).scatter(1, out.topk_ids, out.topk_weights)
+        (ours * upstream).sum().backward()
+
+        weight = router.weight.detach().clone().requires_grad_()
+        logits = tokens @ weight.t()
+        probs, _ = mu.topk_routing_with_score_function(logits, K, score_function="softmax")
+        aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(logits, K, "softmax")
+        counts += aux_map.sum(0)
+        loss = mu.switch_load_balancing_loss_func(
+            aux_scores, counts / step, tokens.shape[0], K, E, coeff
+        )
+        (mu.MoEAuxLossAutoScaler.apply(probs, loss) * upstream).sum().backward()
+        where = f"micro-batch {step}"
+        assert_close(coeff * out.global_aux_loss, loss.detach(), rtol=1e-6, name=where)
+        assert_close(router.weight.grad, weight.grad, rtol=1e-5, name=f"{where}: grad")
+    finalize_model_grads.reset_model_temporary_tensors(config, [router])
+    assert not router.global_tokens_per_expert.any() and router.global_aux_steps == 0

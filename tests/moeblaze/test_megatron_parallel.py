@@ -30,7 +30,7 @@ from tolerance import assert_close
 S, BATCH, D, FFN, E, K, SHARED = 8, 2, 16, 8, 4, 2, 12
 W = 2
 RTOL = 1e-5  # float32 against float32: the same kernels, sums in another order
-LOSSES = ("aux_loss", "seq_aux_loss", "z_loss")
+LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
 
 
 def _config(**fields):
@@ -41,8 +41,8 @@ def _config(**fields):
         num_moe_experts=E,
         moe_ffn_hidden_size=FFN,
         moe_router_topk=K,
-        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
-        moe_aux_loss_coeff=[1e-1, 2e-1],
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"],
+        moe_aux_loss_coeff=[1e-1, 2e-1, 5e-2],
         moe_z_loss_coeff=1e-2,
         moe_shared_expert_intermediate_size=SHARED,
         moe_shared_expert_gate=True,
