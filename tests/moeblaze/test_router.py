@@ -540,3 +540,22 @@ def test_checkpoint_recompute_does_not_count_choices_twice():
     )
     out.sum().backward()
     assert int(router.tokens_per_expert_accum.sum()) == 30 * router.top_k
+
+
+def test_global_aux_loss_averages_the_counts_of_the_training_forwards():
+    """The global loss takes the counts averaged over the training forwards since the last
+    reset (one process: no group to sum over); outside training, or right after a reset, the
+    forward's own counts, where it equals the micro-batch loss."""
+    router = _router(global_aux_loss_coeff=0.1).train()
+    x1, x2 = _x(40, seed=1), _x(40, seed=2)
+    first, second = router(x1), router(x2)
+    assert torch.equal(first.global_aux_loss, first.aux_loss)
+    counts = (first.tokens_per_expert + second.tokens_per_expert).float() / 2
+    averaged = router._load_balancing_loss(_scores(second.logits, "softmax"), counts)
+    torch.testing.assert_close(second.global_aux_loss, averaged.detach())
+    assert not torch.allclose(second.global_aux_loss, second.aux_loss)
+    with torch.no_grad():
+        assert torch.equal(router(x2).global_aux_loss, second.aux_loss)
+    router.reset_global_aux_loss_tracker()
+    assert torch.equal(router(x2).global_aux_loss, second.aux_loss)
+    assert router.global_aux_steps == 1
