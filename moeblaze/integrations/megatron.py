@@ -548,20 +548,29 @@ _GROUPS = {
 }
 
 
-def _global_batch_group(pg_collection):
-    """The ranks of a global batch, for "global_aux_loss": `pg_collection.tp_dp_cp`, else
-    megatron-core parallel_state's tensor-data-and-context-parallel group; None in a single
-    process."""
-    group = getattr(pg_collection, "tp_dp_cp", None)
+def _find_group(pg_collection, name: str, getter: str, **getter_options):
+    """`pg_collection.<name>`, else megatron-core parallel_state's `getter` group (None where
+    neither has one)."""
+    group = getattr(pg_collection, name, None)
     if group is None:
         try:
             from megatron.core import parallel_state
         except ImportError:
-            parallel_state = None
-        if parallel_state is not None:
-            group = parallel_state.get_tensor_and_data_parallel_group(
-                check_initialized=False, with_context_parallel=True
-            )
+            return None
+        group = getattr(parallel_state, getter)(check_initialized=False, **getter_options)
+    return group
+
+
+def _global_batch_group(pg_collection):
+    """The ranks of a global batch, for "global_aux_loss": `pg_collection.tp_dp_cp`, else
+    megatron-core parallel_state's tensor-data-and-context-parallel group; None in a single
+    process."""
+    group = _find_group(
+        pg_collection,
+        "tp_dp_cp",
+        "get_tensor_and_data_parallel_group",
+        with_context_parallel=True,
+    )
     if group is None and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
             "moe_router_load_balancing_type='global_aux_loss' needs the ranks of the global "
@@ -577,14 +586,7 @@ def _megatron_group(pg_collection, name: str, size: int):
     if size == 1:
         return None
     field, getter = _GROUPS[name]
-    group = getattr(pg_collection, name, None)
-    if group is None:
-        try:
-            from megatron.core import parallel_state
-        except ImportError:
-            parallel_state = None
-        if parallel_state is not None:
-            group = getattr(parallel_state, getter)(check_initialized=False)
+    group = _find_group(pg_collection, name, getter)
     if group is None:
         raise ValueError(
             f"{field}={size} needs a process group: pass pg_collection with a `{name}` group, or "
@@ -897,10 +899,11 @@ def _unsupported_fields(cfg) -> list[str]:
             f"F.silu or quick_gelu)"
         )
     tp, etp = cfg["tensor_model_parallel_size"] or 1, cfg["expert_tensor_parallel_size"]
-    if (tp if etp is None else etp) != 1:  # Megatron's default is the tensor-parallel size
+    expert_split = tp if etp is None else etp  # Megatron's default is the tensor-parallel size
+    if expert_split != 1:
         problems.append(
             f"expert_tensor_parallel_size={etp!r} with tensor_model_parallel_size={tp} (expert "
-            f"tensor parallelism: each expert split over {tp if etp is None else etp} ranks; "
+            f"tensor parallelism: each expert split over {expert_split} ranks; "
             f"set expert_tensor_parallel_size=1 to keep the experts whole)"
         )
     coeffs = _loss_coeffs(cfg)
