@@ -28,7 +28,9 @@ class MoEBlock(nn.Module):
     None), the optional shared expert, and the forward around the routed experts' computation
     (`routed_mlp`, which a subclass defines). `bias` gives every linear map a bias: the router's,
     the experts' and the shared expert's. The experts held are those of global ids `experts`,
-    a slice of `num_local_experts` from `first_expert`."""
+    a slice of `num_local_experts` from `first_expert`. `ffn_shard=(r, n)` holds shard r of n
+    of each expert's F columns (expert tensor parallelism): `w13 [E_l, 2F/n, d]` holds gate rows
+    r, then up rows r, `w2 [E_l, d, F/n]` columns r, `b13` the rows of `w13`; `b2` is whole."""
 
     def __init__(
         self,
@@ -48,10 +50,17 @@ class MoEBlock(nn.Module):
         activation: SwiGLU = SWIGLU,
         bias: bool = False,
         first_expert: int = 0,
+        ffn_shard: tuple[int, int] = (0, 1),
     ):
         super().__init__()
         if ffn_hidden_size < 1:
             raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
+        shard, shards = ffn_shard
+        if not 0 <= shard < shards or ffn_hidden_size % shards:
+            raise ValueError(
+                f"ffn_shard={ffn_shard} must be (r, n) with 0 <= r < n and n dividing "
+                f"ffn_hidden_size={ffn_hidden_size}"
+            )
         check_recompute(recompute)
         if not isinstance(activation, SwiGLU):
             raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
@@ -63,15 +72,12 @@ class MoEBlock(nn.Module):
         self.router = Router(
             hidden_size, num_experts, top_k, bias=bias, **router_options, **factory
         )
-        self.w13 = nn.Parameter(
-            torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size, **factory)
-        )
-        self.w2 = nn.Parameter(
-            torch.empty(num_local_experts, hidden_size, ffn_hidden_size, **factory)
-        )
+        ffn = ffn_hidden_size // shards  # the columns of each expert held here
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden_size, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn, **factory))
         self.b13 = self.b2 = None
         if bias:
-            self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, **factory))
+            self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, **factory))
             self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, **factory))
         self.shared_expert = (
             SwiGLUMLP(
@@ -86,6 +92,8 @@ class MoEBlock(nn.Module):
             else None
         )
         self.experts = slice(first_expert, first_expert + num_local_experts)  # global ids
+        self.ffn_hidden_size = ffn_hidden_size  # F, of the whole expert
+        self.ffn_shard = ffn_shard
         self.hidden_size = hidden_size
         self.recompute = recompute
         self.deterministic = deterministic
@@ -97,18 +105,37 @@ class MoEBlock(nn.Module):
 
         Expert e draws from a generator seeded with (one draw of the default generator) + e: on
         ranks seeded alike, as a replicated router needs, the experts still differ, and the
-        initial model is the same whatever the number of ranks holding the experts.
+        initial model is the same whatever the number of ranks holding the experts or their
+        shards (a shard is cut from the whole expert's draw).
         """
         if self.w13.is_meta:  # filled later (ExpertParallelMoELayer.from_moe_layer)
             return
         generator = torch.Generator(self.w13.device)
+        d, f = self.hidden_size, self.ffn_hidden_size
+        whole = {"w13": (2 * f, d), "b13": (2 * f,), "w2": (d, f), "b2": (d,)}
         with torch.no_grad():
             for local, seed in self.expert_seeds():
                 generator.manual_seed(seed)
-                for w, b in ((self.w13, self.b13), (self.w2, self.b2)):  # [2F, d], [d, F]
-                    bound = 1.0 / math.sqrt(w.shape[2])
-                    for t in (w, b) if b is not None else (w,):
-                        t[local].uniform_(-bound, bound, generator=generator)
+                for names, fan_in in ((("w13", "b13"), d), (("w2", "b2"), f)):
+                    bound = 1.0 / math.sqrt(fan_in)
+                    for name in names:
+                        if getattr(self, name) is not None:
+                            t = self.w13.new_empty(whole[name]).uniform_(
+                                -bound, bound, generator=generator
+                            )
+                            self.set_expert(name, local, t)
+
+    def set_expert(self, name: str, local: int, whole: torch.Tensor) -> None:
+        """Set local expert `local`'s `name` ("w13", "b13", "w2" or "b2") from the whole expert's
+        tensor (`[2F, d]`, `[2F]`, `[d, F]`, `[d]`): its shard of `ffn_shard`."""
+        shard, shards = self.ffn_shard
+        f = self.ffn_hidden_size // shards
+        if name in ("w13", "b13"):  # gate rows r, then up rows r
+            gate, up = whole.chunk(2)
+            whole = torch.cat([gate[shard * f : (shard + 1) * f], up[shard * f : (shard + 1) * f]])
+        elif name == "w2":
+            whole = whole[:, shard * f : (shard + 1) * f]
+        getattr(self, name)[local].copy_(whole)
 
     def expert_seeds(self) -> list[tuple[int, int]]:
         """(local index, seed) of each expert held: one draw of the default generator (the same

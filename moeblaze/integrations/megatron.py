@@ -13,10 +13,21 @@ group as in Megatron (rank r of the group holds experts [r*E/W, (r+1)*E/W)), and
 by all-to-all. The router and the shared expert are replicated, like Megatron's.
 
 Tensor parallelism (`tensor_model_parallel_size` T > 1) needs `sequence_parallel=True`, as
-Megatron's MoE layer does in training, and whole experts (`expert_tensor_parallel_size=1`; its
-Megatron default is T). Context parallelism (`context_parallel_size` C) is supported. Each rank
-routes its own shard of the sequence ([s/T, b, h], or its context-parallel chunks) through the
-experts it holds, as Megatron does with ETP = 1:
+Megatron's MoE layer does in training. Context parallelism (`context_parallel_size` C) is
+supported. Each rank routes its own shard of the sequence ([s/T, b, h], or its context-parallel
+chunks):
+
+- With whole experts (`expert_tensor_parallel_size` ETP = 1), each rank runs its own tokens
+  through the experts it holds.
+- With expert tensor parallelism (ETP > 1; Megatron's default ETP is T), each expert's F columns
+  are split over Megatron's expert-tensor-parallel group (`pg_collection.expt_tp`): rank r holds
+  `w13 [E_l, 2F/ETP, h]` (its gate rows, then its up rows, Megatron's local fc1 layout), `w2
+  [E_l, h, F/ETP]`, `b13` with w13's rows and the whole `b2`. The group's tokens, routing ids
+  and weights are all-gathered, each rank runs them all through its shards (and the expert
+  parallelism below, over the ranks that hold the same shard), and the partial outputs are
+  reduce-scattered back, as Megatron's dispatchers do. Megatron's grouped experts add fc2's
+  bias on every ETP rank before that sum (as far as megatron-core 0.16's TEGroupedMLP reads);
+  moeblaze adds it once, as the unsplit layer does.
 
 - The balancing losses count the expert choices of the whole sequence: `moeblaze.Router`'s
   `loss_group` is Megatron's tensor-and-context-parallel group (`pg_collection.tp_cp`), and
@@ -28,8 +39,10 @@ experts it holds, as Megatron does with ETP = 1:
 - Gradients are left for Megatron's training loop to reduce, as Megatron's are: the router's
   and the shared expert's gate carry `sequence_parallel` (`finalize_model_grads` sums them over
   the TP group), and under TP the experts carry `allreduce = False` even when E is not sharded,
-  so that Megatron's DDP sums them over the expert-data-parallel group, which holds the TP
-  ranks. (Megatron's own experts keep `allreduce = True` with EP = 1.)
+  so that Megatron's DDP sums them over the expert-data-parallel group, which holds the ranks
+  whose tokens reach the same expert shards (with ETP = 1, the TP ranks). (Megatron's own experts
+  keep `allreduce = True` with EP = 1.) A split expert's gradient is complete on each rank of
+  its expert-tensor-parallel group (b2's, which every rank holds, alike on them).
 
 `config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
 lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(config)`
@@ -97,6 +110,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -206,6 +220,7 @@ class LayerOptions:
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
+    expert_tensor_parallel_size: int  # ranks each expert's F columns are split over
     tensor_parallel_size: int  # ranks holding shards of one sequence (sequence parallel)
     context_parallel_size: int  # ranks holding chunks of one sequence (context parallel)
     sequence_parallel: bool
@@ -278,6 +293,7 @@ def layer_options(config) -> LayerOptions:
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
         and cfg["moe_shared_expert_intermediate_size"] is not None,
         expert_parallel_size=cfg["expert_model_parallel_size"] or 1,
+        expert_tensor_parallel_size=_expert_tensor_parallel_size(cfg),
         tensor_parallel_size=cfg["tensor_model_parallel_size"] or 1,
         context_parallel_size=cfg["context_parallel_size"] or 1,
         sequence_parallel=bool(cfg["sequence_parallel"]),
@@ -304,19 +320,21 @@ class MoELayer(MoEBlock):
     `moe_shared_expert_gate`, `shared_expert.sigmoid_gate.weight [1, h]`, Megatron's
     `gate_weight`); dtype `config.params_dtype`. The E_l = E / W experts held, W =
     `expert_model_parallel_size`, are those of global ids `experts` (a slice); E_l = E on one
-    rank. They are initialised with `config.init_method` (router weight and bias, w13 per
+    rank; under expert tensor parallelism, their shards (`ffn_shard`, see the module docstring).
+    They are initialised with `config.init_method` (router weight and bias, w13 per
     expert, shared gate/up and sigmoid gate) and `config.output_layer_init_method` (w2 per
     expert, shared down) when `config.perform_initialization` and those are set, else as
     `moeblaze.MoELayer` does; the expert biases start at zero then, as Megatron's do. Each
     expert draws from its own seed (see `MoEBlock.reset_parameters`): ranks seeded alike hold
-    distinct experts, and the initial model does not depend on W.
+    distinct experts, and the initial model does not depend on W (nor on ETP: shards are cut
+    from whole experts).
 
     `submodules` is accepted so that a Megatron `ModuleSpec` can name this class; moeblaze
     builds its own router and experts. With W > 1, the expert-parallel group is
     `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
     carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
     reduces their gradients over the expert-data-parallel group. Under tensor and context
-    parallelism (see the module docstring) the groups are `pg_collection.tp` and `.tp_cp`, else
+    parallelism (see the module docstring) the groups are `pg_collection.tp`, `.tp_cp` and `.expt_tp`, else
     `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`. `device` defaults to
     the current CUDA device, as in Megatron, unless `config.use_cpu_initialization` is set or CUDA
     is unavailable. `recompute` overrides the policy read from the config (see the module
@@ -342,6 +360,8 @@ class MoELayer(MoEBlock):
         tp, cp = options.tensor_parallel_size, options.context_parallel_size
         group = _megatron_group(pg_collection, "ep", options.expert_parallel_size)
         tp_group = _megatron_group(pg_collection, "tp", tp)
+        etp = options.expert_tensor_parallel_size
+        etp_group = _megatron_group(pg_collection, "expt_tp", etp)
         rank = 0 if group is None else dist.get_rank(group)
         num_local = options.num_experts // options.expert_parallel_size
         cpu_init = getattr(config, "use_cpu_initialization", False)
@@ -358,6 +378,7 @@ class MoELayer(MoEBlock):
             options.top_k,
             num_local,
             first_expert=rank * num_local,
+            ffn_shard=(0 if etp_group is None else dist.get_rank(etp_group), etp),
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             # Under tensor parallelism, split below rather than built whole.
@@ -383,6 +404,7 @@ class MoELayer(MoEBlock):
         self.layer_number = layer_number
         self.group = group
         self.tp_group = tp_group
+        self.etp_group = etp_group
         self.recompute_dispatch = recompute_dispatch
         self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
         self.reset_parameters()
@@ -392,9 +414,9 @@ class MoELayer(MoEBlock):
                 getattr(config, "output_layer_init_method", None),
             )
         # Megatron's DDP reduces `allreduce=False` parameters over the expert-data-parallel
-        # group, which holds the ranks whose tokens reach the same experts: the EP group's
-        # others, and under tensor parallelism (experts whole on every rank) the TP group.
-        if self.group is not None or tp_group is not None:
+        # group, which holds the ranks whose tokens reach the same expert shards: the EP group's
+        # others, and under tensor parallelism with whole experts the TP group.
+        if self.group is not None or tp_group is not None or etp_group is not None:
             for p in (self.w13, self.w2, self.b13, self.b2):
                 if p is not None:
                     p.allreduce = False
@@ -429,11 +451,17 @@ class MoELayer(MoEBlock):
             if method is not None:
                 for t in tensors:
                     method(t)
+        d, f = self.hidden_size, self.ffn_hidden_size
         for local, seed in self.expert_seeds():
-            with _seeded(self.w13.device, seed):
-                for method, weight in ((init_method, self.w13), (output_init_method, self.w2)):
+            with _seeded(self.w13.device, seed):  # drawn whole, then cut into shards
+                for method, name, shape in (
+                    (init_method, "w13", (2 * f, d)),
+                    (output_init_method, "w2", (d, f)),
+                ):
                     if method is not None:
-                        method(weight[local])
+                        whole = self.w13.new_empty(shape)
+                        method(whole)
+                        self.set_expert(name, local, whole)
         if isinstance(self.shared_expert, TensorParallelSwiGLUMLP):
             seed = int(torch.randint(2**62, ())) + dist.get_rank(self.tp_group)
             shards = (
@@ -446,12 +474,24 @@ class MoELayer(MoEBlock):
                         method(linear.weight)
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        args = (tokens, routing.topk_ids, routing.topk_weights, self.w13, self.w2)
+        ids, weights, options = routing.topk_ids, routing.topk_weights, self.expert_options()
+        if self.etp_group is not None:
+            # Every rank of the group runs all its tokens through its F/ETP columns of each
+            # expert; the partial sums add up in the reduce-scatter below. b2 enters each
+            # partial sum divided by ETP, and its gradient whole.
+            tokens, ids, weights = (_gather_rows(t, self.etp_group) for t in (tokens, ids, weights))
+            if self.b2 is not None:
+                options["b2"] = self.b2 - self.b2.detach() * (1 - 1 / self.ffn_shard[1])
+        args = (tokens, ids, weights, self.w13, self.w2)
         if self.group is None:
-            return moe_mlp(*args, **self.expert_options())
-        return expert_parallel_mlp(
-            *args, self.group, recompute_dispatch=self.recompute_dispatch, **self.expert_options()
-        )
+            out = moe_mlp(*args, **options)
+        else:
+            out = expert_parallel_mlp(
+                *args, self.group, recompute_dispatch=self.recompute_dispatch, **options
+            )
+        if self.etp_group is not None:
+            out = _summed_shard(out, self.etp_group)
+        return out
 
     def forward(
         self,
@@ -496,7 +536,9 @@ class MoELayer(MoEBlock):
         """Load the state dict of a megatron-core `MoELayer`. Under expert parallelism, each rank
         loads its own `state_dict()`, which holds its E_l local experts numbered from 0, as
         Megatron numbers them there; under tensor parallelism, its own shards of the shared
-        expert (fc1 [2Fs/T, h]: its gate rows, then its up rows; fc2 [h, Fs/T]).
+        expert (fc1 [2Fs/T, h]: its gate rows, then its up rows; fc2 [h, Fs/T]), and under expert
+        tensor parallelism its shards of the experts (fc1 [2F/ETP, h] and its bias alike, fc2
+        [h, F/ETP], fc2's bias whole).
 
         Reads `router.weight`, `router.bias`, `router.expert_bias`, the experts in any layout
         that `megatron_expert_weights` reads (under `experts.`), with their biases, and
@@ -545,6 +587,7 @@ _GROUPS = {
         "tensor_model_parallel_size * context_parallel_size",
         "get_tensor_and_context_parallel_group",
     ),
+    "expt_tp": ("expert_tensor_parallel_size", "get_expert_tensor_parallel_group"),
 }
 
 
@@ -559,6 +602,27 @@ def _find_group(pg_collection, name: str, getter: str, **getter_options):
             return None
         group = getattr(parallel_state, getter)(check_initialized=False, **getter_options)
     return group
+
+
+# torch >= 2.13's names where present.
+_ALL_GATHER = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
+_REDUCE_SCATTER = getattr(funcol, "reduce_scatter_single_autograd", None) or (
+    funcol.reduce_scatter_tensor_autograd
+)
+
+
+def _gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
+    """The rows of every rank of `group`, in rank order; the gradient is summed over the ranks
+    and scattered back (Megatron's gather_from_sequence_parallel_region)."""
+    return funcol.wait_tensor(_ALL_GATHER(rows.contiguous(), 0, group))
+
+
+def _summed_shard(rows: torch.Tensor, group) -> torch.Tensor:
+    """This rank's block of rows of the sum of `rows` over `group`; the gradient is gathered
+    (Megatron's reduce_scatter_to_sequence_parallel_region)."""
+    return funcol.wait_tensor(_REDUCE_SCATTER(rows.contiguous(), "sum", 0, group))
 
 
 def _global_batch_group(pg_collection):
@@ -760,6 +824,12 @@ def _megatron_aux_loss_scale() -> float | torch.Tensor:
     return moeblaze.Router.aux_loss_scale if scale is None else scale
 
 
+def _expert_tensor_parallel_size(cfg):
+    """Megatron's expert_tensor_parallel_size, whose default (None) is the tensor-parallel size."""
+    etp = cfg["expert_tensor_parallel_size"]
+    return (cfg["tensor_model_parallel_size"] or 1) if etp is None else etp
+
+
 def _loss_coeffs(cfg) -> dict[str, float]:
     """{load-balancing type: coefficient} from moe_router_load_balancing_type / _aux_loss_coeff."""
     types, coeffs = cfg["moe_router_load_balancing_type"], cfg["moe_aux_loss_coeff"]
@@ -825,6 +895,14 @@ def _invalid_fields(cfg) -> list[str]:
         problems.append(
             f"moe_ffn_hidden_size={cfg['moe_ffn_hidden_size']!r} (or ffn_hidden_size="
             f"{cfg['ffn_hidden_size']!r}) must be a positive int"
+        )
+        ffn = None
+    etp = _expert_tensor_parallel_size(cfg)
+    if not isinstance(etp, int) or etp < 1 or (ffn and ffn % etp):
+        problems.append(
+            f"expert_tensor_parallel_size={cfg['expert_tensor_parallel_size']!r} (None: "
+            f"tensor_model_parallel_size={tp!r}) must be a positive int dividing each expert's "
+            f"ffn size {ffn} (its columns are split over the ranks)"
         )
     top_k = cfg["moe_router_topk"]
     if not isinstance(top_k, int) or top_k < 1 or (experts and top_k > experts):
@@ -897,14 +975,6 @@ def _unsupported_fields(cfg) -> list[str]:
             f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
             f"(moeblaze experts are SwiGLU: gated_linear_unit=True with activation_func "
             f"F.silu or quick_gelu)"
-        )
-    tp, etp = cfg["tensor_model_parallel_size"] or 1, cfg["expert_tensor_parallel_size"]
-    expert_split = tp if etp is None else etp  # Megatron's default is the tensor-parallel size
-    if expert_split != 1:
-        problems.append(
-            f"expert_tensor_parallel_size={etp!r} with tensor_model_parallel_size={tp} (expert "
-            f"tensor parallelism: each expert split over {expert_split} ranks; "
-            f"set expert_tensor_parallel_size=1 to keep the experts whole)"
         )
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:

@@ -306,14 +306,14 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         ),
         (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
         (
-            dict(tensor_model_parallel_size=2, sequence_parallel=True),  # Megatron: ETP = TP
-            NotImplementedError,
-            ["expert_tensor_parallel_size=None with tensor_model_parallel_size=2"],
+            dict(tensor_model_parallel_size=3, sequence_parallel=True),  # Megatron: ETP = TP
+            ValueError,
+            ["expert_tensor_parallel_size=None (None: tensor_model_parallel_size=3) must be"],
         ),
         (
-            dict(expert_tensor_parallel_size=2),
-            NotImplementedError,
-            ["expert_tensor_parallel_size=2 with tensor_model_parallel_size=1"],
+            dict(expert_tensor_parallel_size=0),
+            ValueError,
+            ["expert_tensor_parallel_size=0 (None: tensor_model_parallel_size=1) must be"],
         ),
         (
             dict(tensor_model_parallel_size=2, expert_tensor_parallel_size=1),
@@ -344,6 +344,8 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["tensor_model_parallel_size * context_parallel_size=2 "],
         ),
         (dict(expert_model_parallel_size=3), ValueError, ["expert_model_parallel_size=3"]),
+        # No expert-tensor-parallel group of 2 ranks here (see test_megatron_parallel).
+        (dict(expert_tensor_parallel_size=2), ValueError, ["expert_tensor_parallel_size=2 "]),
         # No expert-parallel group of 2 ranks here (see test_expert_parallel for one).
         (dict(expert_model_parallel_size=2), ValueError, ["expert_model_parallel_size=2"]),
         (dict(moe_router_topk=5), ValueError, ["moe_router_topk=5"]),

@@ -1,5 +1,6 @@
-"""The Megatron-style layer under tensor, sequence and context parallelism, over 2 gloo processes,
-against the one-rank layer with the same weights.
+"""The Megatron-style layer under tensor, sequence, context and expert tensor parallelism, over 2
+gloo processes (and expert tensor with expert parallelism over 4), against the one-rank layer
+with the same weights.
 
 # s sequence, b batch, h hidden, W = 2 ranks
 
@@ -9,9 +10,9 @@ output and dx of its rows; the losses, whose shares sum over the ranks to the wh
 the gradients, reduced as Megatron's training loop reduces them (the replicated router summed
 over the ranks: DDP over the context-parallel ranks, `finalize_model_grads` over the
 tensor-parallel ones for parameters marked `sequence_parallel`; whole experts summed over the
-expert-data-parallel group, which `allreduce = False` selects; the shared expert's shards
-complete on each rank). Each rank loads its own Megatron state dict, the shared expert's shards
-included.
+expert-data-parallel group, which `allreduce = False` selects; the shards of split experts and
+of the shared expert complete on each rank). Each rank loads its own Megatron state dict, its
+shards included.
 
 The workers are spawned: forked from a process that has run megatron-core's parallel_state
 (test_megatron, in the same pytest worker), their initialize_model_parallel hangs.
@@ -33,9 +34,23 @@ RTOL = 1e-5  # float32 against float32: the same kernels, sums in another order
 LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
 
 
-def _config(**fields):
-    """A megatron-core TransformerConfig look-alike: every balancing loss, a gated shared
-    expert, Megatron's init methods."""
+# The models compared: a gated shared expert and no biases, or biases and no shared expert
+# (Megatron's shared experts have none).
+MODELS = {
+    "shared": dict(moe_shared_expert_intermediate_size=SHARED, add_bias_linear=False),
+    "biases": dict(moe_shared_expert_intermediate_size=None, add_bias_linear=True),
+}
+
+
+def _config(model="shared", **fields):
+    """A megatron-core TransformerConfig look-alike: every balancing loss, `MODELS[model]`,
+    Megatron's init methods."""
+    fields = {
+        "init_method": functools.partial(torch.nn.init.normal_, std=0.02),
+        "output_layer_init_method": functools.partial(torch.nn.init.normal_, std=0.01),
+        **MODELS[model],
+        **fields,
+    }
     return types.SimpleNamespace(
         hidden_size=D,
         num_moe_experts=E,
@@ -44,24 +59,25 @@ def _config(**fields):
         moe_router_load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"],
         moe_aux_loss_coeff=[1e-1, 2e-1, 5e-2],
         moe_z_loss_coeff=1e-2,
-        moe_shared_expert_intermediate_size=SHARED,
         moe_shared_expert_gate=True,
         gated_linear_unit=True,
         activation_func=torch.nn.functional.silu,
-        add_bias_linear=False,
-        init_method=functools.partial(torch.nn.init.normal_, std=0.02),
-        output_layer_init_method=functools.partial(torch.nn.init.normal_, std=0.01),
         **fields,
     )
 
 
-# (parallel_state.initialize_model_parallel's sizes, the config's fields) of each run.
+# (parallel_state.initialize_model_parallel's sizes, the config's fields, the model) of each run
+# on W ranks, then on 2W.
+TP_SP = dict(tensor_model_parallel_size=W, sequence_parallel=True)  # and Megatron's ETP = TP
 CONFIGS = {
+    "expert_tensor_parallel": (dict(tensor_model_parallel_size=W), TP_SP, "shared"),
+    "expert_tensor_parallel_biases": (dict(tensor_model_parallel_size=W), TP_SP, "biases"),
     "tensor_sequence_parallel": (
         dict(tensor_model_parallel_size=W, expert_tensor_parallel_size=1),
         dict(tensor_model_parallel_size=W, expert_tensor_parallel_size=1, sequence_parallel=True),
+        "shared",
     ),
-    "context_parallel": (dict(context_parallel_size=W), dict(context_parallel_size=W)),
+    "context_parallel": (dict(context_parallel_size=W), dict(context_parallel_size=W), "shared"),
     "tensor_sequence_and_expert_parallel": (
         dict(
             tensor_model_parallel_size=W,
@@ -74,45 +90,98 @@ CONFIGS = {
             sequence_parallel=True,
             expert_model_parallel_size=W,
         ),
+        "shared",
+    ),
+}
+CP_EP = dict(context_parallel_size=2, expert_model_parallel_size=2)
+CONFIGS_2W = {  # ETP x EP over the four TP x CP ranks
+    "expert_tensor_and_expert_parallel": (
+        dict(tensor_model_parallel_size=W, **CP_EP),
+        dict(**TP_SP, **CP_EP),
+        "biases",
     ),
 }
 
 
-def _rank_state(trained, layer, rank: int) -> dict[str, torch.Tensor]:
-    """This rank's Megatron state dict (TEGroupedMLP experts, local ones numbered from 0; under
-    tensor parallelism the shared expert's shards: fc1 rows [gate_r; up_r], fc2 columns r)."""
+def _shard_of(name: str, whole: torch.Tensor, group) -> torch.Tensor:
+    """This rank's shard of a tensor split over `group`: `name` "fc1" ([2F, ...]: gate rows r,
+    then up rows r) or "fc2" ([h, F]: columns r)."""
+    rank, count = dist.get_rank(group), dist.get_world_size(group)
+    if name == "fc1":
+        gate, up = whole.chunk(2)
+        return torch.cat([gate.chunk(count)[rank], up.chunk(count)[rank]])
+    return whole.chunk(count, dim=1)[rank]
+
+
+def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
+    """This rank's Megatron state dict (TEGroupedMLP experts, local ones numbered from 0, with
+    expert tensor parallelism their shards; under tensor parallelism the shared expert's
+    shards)."""
     state = {"router.weight": trained["router.weight"]}
+    if "router.bias" in trained:
+        state["router.bias"] = trained["router.bias"]
+    split = layer.etp_group is not None
     for i, e in enumerate(range(layer.experts.start, layer.experts.stop)):
-        state[f"experts.linear_fc1.weight{i}"] = trained["w13"][e]
-        state[f"experts.linear_fc2.weight{i}"] = trained["w2"][e]
-    gate_up, down = trained["shared_expert.gate_up.weight"], trained["shared_expert.down.weight"]
-    if layer.tp_group is not None:
-        gate, up = gate_up.chunk(2)
-        gate_up = torch.cat([gate.chunk(W)[rank], up.chunk(W)[rank]])
-        down = down.chunk(W, dim=1)[rank]
-    state["shared_experts.linear_fc1.weight"] = gate_up
-    state["shared_experts.linear_fc2.weight"] = down
-    state["shared_experts.gate_weight"] = trained["shared_expert.sigmoid_gate.weight"]
+        for ours, fc, what in (("w13", 1, "weight"), ("w2", 2, "weight"), ("b13", 1, "bias")):
+            if ours in trained:
+                whole = trained[ours][e]
+                shard = _shard_of(f"fc{fc}", whole, layer.etp_group) if split else whole
+                state[f"experts.linear_fc{fc}.{what}{i}"] = shard
+        if "b2" in trained:
+            state[f"experts.linear_fc2.bias{i}"] = trained["b2"][e]
+    if "shared_expert.gate_up.weight" in trained:
+        gate_up = trained["shared_expert.gate_up.weight"]
+        down = trained["shared_expert.down.weight"]
+        if layer.tp_group is not None:
+            gate_up = _shard_of("fc1", gate_up, layer.tp_group)
+            down = _shard_of("fc2", down, layer.tp_group)
+        state["shared_experts.linear_fc1.weight"] = gate_up
+        state["shared_experts.linear_fc2.weight"] = down
+        state["shared_experts.gate_weight"] = trained["shared_expert.sigmoid_gate.weight"]
     return state
 
 
-def _check_run(name, rank, trained, x, dout, expected):
+def _check_initial_shards(layer, fields, where):
+    """The split experts start as the shards of the one-rank layer's, drawn alike."""
+    for init in ("megatron", "moeblaze"):
+        plain = {} if init == "megatron" else dict(init_method=None, output_layer_init_method=None)
+        torch.manual_seed(11)
+        split = mb().MoELayer(_config("biases", **fields, **plain))
+        torch.manual_seed(11)
+        whole = mb().MoELayer(_config("biases", **plain))
+        for name, fc in (("w13", "fc1"), ("w2", "fc2"), ("b13", "fc1"), ("b2", None)):
+            for local, e in enumerate(range(split.experts.start, split.experts.stop)):
+                want = getattr(whole, name)[e]
+                want = want if fc is None else _shard_of(fc, want, split.etp_group)
+                got = getattr(split, name)[local]
+                assert torch.equal(got, want), f"{where}: {init} {name}[{e}]"
+
+
+def mb():
+    from moeblaze.integrations import megatron
+
+    return megatron
+
+
+def _check_run(config, rank, trained, x, dout, expected):
     from megatron.core import parallel_state
 
-    from moeblaze.integrations import megatron as mb
-
-    sizes, fields = CONFIGS[name]
+    name, (sizes, fields, model) = config
+    trained, expected = trained[model], expected[model]
     parallel_state.initialize_model_parallel(**sizes)
     try:
         where = f"{name}, rank {rank}"
         torch.manual_seed(5)
-        layer = mb.MoELayer(_config(**fields))
-        if layer.tp_group is not None:  # ranks seeded alike draw distinct shards
-            shards = [torch.empty_like(layer.shared_expert.gate_up.weight) for _ in range(W)]
+        layer = mb().MoELayer(_config(model, **fields))
+        if layer.tp_group is not None and layer.shared_expert is not None:
+            shards = [torch.empty_like(layer.shared_expert.gate_up.weight) for _ in range(2)]
             dist.all_gather(shards, layer.shared_expert.gate_up.weight.detach())
             assert not torch.equal(shards[0], shards[1]), f"{where}: equal shared-expert shards"
-        layer.load_megatron_state_dict(_rank_state(trained, layer, rank))
-        mine = slice(rank * S // W, (rank + 1) * S // W)  # this rank's shard of the sequence
+        if layer.etp_group is not None:
+            _check_initial_shards(layer, fields, where)
+        layer.load_megatron_state_dict(_rank_state(trained, layer))
+        world = dist.get_world_size()
+        mine = slice(rank * S // world, (rank + 1) * S // world)  # its shard of the sequence
         leaf = x[mine].clone().requires_grad_()
         out, _ = layer(leaf)
         out.backward(dout[mine])
@@ -123,19 +192,22 @@ def _check_run(name, rank, trained, x, dout, expected):
             share = getattr(routing, loss).clone().float()
             dist.all_reduce(share)
             assert_close(share, expected[loss].float(), rtol=RTOL, name=f"{where}: {loss}")
-        tp = layer.tp_group is not None
+        tp, split = layer.tp_group is not None, layer.etp_group is not None
         for pname, p in layer.named_parameters():
             want = expected[pname]
-            expert = pname in ("w13", "w2")
+            expert = pname in ("w13", "w2", "b13", "b2")
             if expert:
                 want = want[layer.experts]
                 assert getattr(p, "allreduce", True) is not (tp or layer.group is not None), pname
-            if tp and pname == "shared_expert.gate_up.weight":  # this rank's shard, complete
-                gate, up = want.chunk(2)
-                grad, want = p.grad, torch.cat([gate.chunk(W)[rank], up.chunk(W)[rank]])
+            if split and pname in ("w13", "b13", "w2"):  # this rank's shards, complete
+                fc = "fc2" if pname == "w2" else "fc1"
+                want = torch.stack([_shard_of(fc, w, layer.etp_group) for w in want])
+                grad = p.grad
+            elif tp and pname == "shared_expert.gate_up.weight":  # this rank's shard, complete
+                grad, want = p.grad, _shard_of("fc1", want, layer.tp_group)
             elif tp and pname == "shared_expert.down.weight":
-                grad, want = p.grad, want.chunk(W, dim=1)[rank]
-            elif expert and layer.group is not None:  # sharded experts: complete here
+                grad, want = p.grad, _shard_of("fc2", want, layer.tp_group)
+            elif expert and (layer.group is not None or split):  # sharded experts: complete here
                 grad = p.grad
             else:  # replicated over ranks with their own tokens: summed by the training loop
                 grad = p.grad.clone()
@@ -147,39 +219,44 @@ def _check_run(name, rank, trained, x, dout, expected):
         parallel_state.destroy_model_parallel()
 
 
-def _worker(rank, init_method, trained, x, dout, expected):
-    with gloo_rank(rank, W, init_method, timeout_s=60):
+def _worker(rank, world, init_method, trained, x, dout, expected):
+    with gloo_rank(rank, world, init_method, timeout_s=60):
         torch.set_num_threads(1)
-        for name in CONFIGS:
-            _check_run(name, rank, trained, x, dout, expected)
+        for config in (CONFIGS if world == W else CONFIGS_2W).items():
+            _check_run(config, rank, trained, x, dout, expected)
 
 
 def test_megatron_layer_under_tensor_sequence_and_context_parallelism(tmp_path):
-    """Tensor + sequence parallelism (the shared expert split through overlap's TP linears),
-    context parallelism, and both with expert parallelism: out, dx, losses and gradients are
-    the one-rank layer's on the whole batch."""
+    """Tensor + sequence parallelism (the shared expert split through overlap's TP linears;
+    the experts whole or split over the TP ranks), context parallelism, and both with expert
+    parallelism: out, dx, losses and gradients are the one-rank layer's on the whole batch."""
     pytest.importorskip("megatron.core")
-    from moeblaze.integrations import megatron as mb
-
     if dist.is_initialized():
         pytest.fail("a torch.distributed group is initialised in the test process")
-    torch.manual_seed(5)
-    layer = mb.MoELayer(_config()).train()
-    trained = {n: p.detach().clone() for n, p in layer.named_parameters()}
     x, dout = randn(S, BATCH, D, seed=8), randn(S, BATCH, D, seed=9)  # [s, b, h]
-    leaf = x.clone().requires_grad_()
-    out, _ = layer(leaf)
-    out.backward(dout)
-    routing = layer.last_router_output
-    expected = {
-        "out": out.detach(),
-        "x": leaf.grad,
-        **{loss: getattr(routing, loss) for loss in LOSSES},
-        **{n: p.grad for n, p in layer.named_parameters()},
-    }
-    mp.start_processes(
-        _worker,
-        args=(f"file://{tmp_path / 'store'}", trained, x, dout, expected),
-        nprocs=W,
-        start_method="spawn",
-    )
+    trained, expected = {}, {}
+    for model in MODELS:
+        torch.manual_seed(5)
+        layer = mb().MoELayer(_config(model)).train()
+        if layer.b13 is not None:  # Megatron starts them at zero
+            with torch.no_grad():
+                for seed, p in enumerate((layer.b13, layer.b2, layer.router.bias)):
+                    p.copy_(randn(*p.shape, seed=20 + seed))
+        trained[model] = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        leaf = x.clone().requires_grad_()
+        out, _ = layer(leaf)
+        out.backward(dout)
+        routing = layer.last_router_output
+        expected[model] = {
+            "out": out.detach(),
+            "x": leaf.grad,
+            **{loss: getattr(routing, loss) for loss in LOSSES},
+            **{n: p.grad for n, p in layer.named_parameters()},
+        }
+    for world in (W, 2 * W):
+        mp.start_processes(
+            _worker,
+            args=(world, f"file://{tmp_path / f'store{world}'}", trained, x, dout, expected),
+            nprocs=world,
+            start_method="spawn",
+        )
