@@ -144,14 +144,22 @@ class MoEBlock(nn.Module):
         experts = range(self.experts.start, self.experts.stop)
         return [(local, seed + expert) for local, expert in enumerate(experts)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x [..., d]` -> `[..., d]`. `token_mask [...]` (bool, x's leading shape; True for a
+        real token) leaves padding out of the router's statistics (`moeblaze.Router`)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
             )
+        if token_mask is not None and tuple(token_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"token_mask must have x's leading shape {tuple(x.shape[:-1])}, got "
+                f"{tuple(token_mask.shape)}"
+            )
         tokens = x.reshape(-1, self.hidden_size)  # [N, d]
         sequences = self.sequences(x) if self.router.seq_aux_loss_coeff > 0 else (None, None)
-        routing = self.router(tokens, *sequences)
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        routing = self.router(tokens, *sequences, token_mask=mask)
         self.last_router_output = routing
         out = self.routed_mlp(tokens, routing)
         if self.shared_expert is not None:
@@ -198,7 +206,9 @@ class MoELayer(MoEBlock):
     (Qwen-MoE, DeepSeek); `shared_expert_gate=True` scales its output by sigmoid(x @ g) with a
     learnable `g [d]` (Qwen2-MoE's `shared_expert_gate`, Megatron's `moe_shared_expert_gate`).
     After each forward, `last_router_output` holds the router's `RouterOutput` (aux losses and
-    tokens per expert, for logging).
+    tokens per expert, for logging). `forward(x, token_mask)` leaves the tokens outside
+    `token_mask` (padding) out of the balancing losses, the z-loss and the expert-bias counts;
+    they still go through the experts.
     """
 
     def __init__(

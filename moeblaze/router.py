@@ -122,7 +122,8 @@ class Router(nn.Module):
       data-parallel ranks, and those sharing a batch; Megatron's tensor-data-and-context-
       parallel group) and averaged over the training forwards since the last
       `reset_global_aux_loss_tracker()` (call it once per optimizer step), against this
-      forward's scores.
+      forward's scores; the token count it divides by is this forward's over the group, as
+      Megatron's.
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
@@ -134,6 +135,9 @@ class Router(nn.Module):
       injects is that of the whole batch's losses with respect to its own tokens' scores (its
       z-loss share is its tokens' mean divided by the group size, as Megatron's). The logged
       `aux_loss`, `seq_aux_loss` and `z_loss` are these shares.
+
+    `forward(..., token_mask=)` leaves padding tokens out of the losses and the expert-bias
+    counts (Megatron's `padding_mask`, inverted).
 
     `aux_loss_scale` (class attribute, default 1.0; set it with `Router.set_aux_loss_scale` or per
     instance) multiplies the injected gradient. Set it to the factor your loss is multiplied by
@@ -250,13 +254,21 @@ class Router(nn.Module):
         x: torch.Tensor,
         sequence_ids: torch.Tensor | None = None,
         num_sequences: int | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> RouterOutput:
         """Route `x [N, d]`. `sequence_ids [N]` (integers in [0, `num_sequences`)) says which
         sequence each token belongs to, for the sequence-level loss: needed when
-        `seq_aux_loss_coeff` > 0, used for the logged `seq_aux_loss` whenever given."""
+        `seq_aux_loss_coeff` > 0, used for the logged `seq_aux_loss` whenever given.
+
+        `token_mask [N]` (bool, True for a real token) leaves the other tokens (padding) out of
+        every statistic: the balancing losses (their choices and probabilities; a sequence's and
+        the batch's token counts are its real tokens), the z-loss (the mean over the real
+        tokens) and the expert-bias counts. They are still routed, and `tokens_per_expert`
+        counts every token's choices."""
         with profile_range("moeblaze.router"):
             self._check_input(x)
             self._check_sequences(x, sequence_ids, num_sequences)
+            self._check_token_mask(x, token_mask)
             num_experts = self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = x.float() @ self.weight.float().t()  # [N, E]
@@ -272,14 +284,17 @@ class Router(nn.Module):
                 topk_weights = topk_weights * self.topk_scaling_factor
 
             tokens_per_expert = _slots_per_expert(topk_ids, num_experts)  # [E]
+            counted = tokens_per_expert  # [E], of the real tokens
+            if token_mask is not None:
+                counted = _slots_per_expert(topk_ids, num_experts, token_mask)
             # Counted once per real forward: not again when activation checkpointing reruns the
             # forward inside backward.
             if self.expert_bias is not None and self.training and not _recomputing():
                 with torch.no_grad():
-                    self.tokens_per_expert_accum += tokens_per_expert
+                    self.tokens_per_expert_accum += counted
 
             losses = self._losses(
-                logits, scores, topk_ids, tokens_per_expert, sequence_ids, num_sequences
+                logits, scores, topk_ids, counted, sequence_ids, num_sequences, token_mask
             )
             # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
             # injected loss inf or NaN.
@@ -312,53 +327,65 @@ class Router(nn.Module):
             "z_loss": self.z_loss_coeff,
         }
 
-    def _losses(self, logits, scores, topk_ids, tokens_per_expert, sequence_ids, num_sequences):
-        """The unscaled losses of `loss_coeffs` (this rank's shares, with a loss group)."""
+    def _losses(
+        self, logits, scores, topk_ids, tokens_per_expert, sequence_ids, num_sequences, token_mask
+    ):
+        """The unscaled losses of `loss_coeffs` (this rank's shares, with a loss group), over the
+        real tokens of `token_mask` (all without one); `tokens_per_expert` counts their choices."""
         num_experts = self.num_experts
         aux_ids, aux_tokens_per_expert = topk_ids, tokens_per_expert
         biased = self.expert_bias is not None or self.num_groups is not None
         if self.aux_counts == "scores" and biased:
             aux_ids = select_experts(scores.detach(), self.top_k, self.score_func)  # [N, k]
-            aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts)
+            aux_tokens_per_expert = _slots_per_expert(aux_ids, num_experts, token_mask)
+        probs = self._balancing_probs(scores)  # [N, E]
+        z_terms = torch.logsumexp(logits, -1).double().square()  # [N]; float64: lse ~1e20
+        real_tokens = max(logits.shape[0], 1)
+        if token_mask is not None:
+            probs = probs * token_mask.unsqueeze(-1)
+            z_terms = torch.where(token_mask, z_terms, 0.0)
+            real_tokens = token_mask.sum().clamp_min(1)
         global_aux_loss = scores.new_zeros(())
         if self.global_aux_loss_coeff > 0:
-            global_aux_loss = self._global_balancing_loss(scores, aux_tokens_per_expert)
+            global_aux_loss = self._global_balancing_loss(probs, aux_tokens_per_expert)
         sequence_counts = None  # [S, E] slots of each (sequence, expert)
         if sequence_ids is not None:
-            sequence_counts = _sequence_slots(aux_ids, sequence_ids, num_sequences, num_experts)
+            sequence_counts = _sequence_slots(
+                aux_ids, sequence_ids, num_sequences, num_experts, token_mask
+            )
         if _group_size(self.loss_group) > 1:  # the whole batch's counts
             aux_tokens_per_expert, sequence_counts = _summed_over(
                 self.loss_group, aux_tokens_per_expert, sequence_counts
             )
         seq_aux_loss = scores.new_zeros(())
         if sequence_ids is not None:
-            seq_aux_loss = self._sequence_balancing_loss(scores, sequence_ids, sequence_counts)
-        # float64: logsumexp ~1e20 squares past float32's range.
-        z_loss = torch.logsumexp(logits, -1).double().square().sum() / max(logits.shape[0], 1)
+            seq_aux_loss = self._sequence_balancing_loss(probs, sequence_ids, sequence_counts)
+        z_loss = z_terms.sum() / real_tokens
         return dict(
-            aux_loss=self._load_balancing_loss(scores, aux_tokens_per_expert),
+            aux_loss=self._load_balancing_loss(probs, aux_tokens_per_expert),
             seq_aux_loss=seq_aux_loss,
             global_aux_loss=global_aux_loss,
             # This rank's share of the batch's mean.
             z_loss=z_loss / _group_size(self.loss_group),
         )
 
-    def _global_balancing_loss(self, scores, tokens_per_expert):
-        """The load-balancing loss of these `scores` against the counts of the global batch:
+    def _global_balancing_loss(self, probs, tokens_per_expert):
+        """The load-balancing loss of these `probs` against the counts of the global batch:
         `tokens_per_expert` summed over `global_group`, averaged over the training forwards since
         the last `reset_global_aux_loss_tracker` (this one included; not counted again when
-        activation checkpointing reruns it); outside training, this forward's alone."""
+        activation checkpointing reruns it); outside training, this forward's alone. The token
+        count it divides by is this forward's over the group, as Megatron's."""
         counts = tokens_per_expert.float()
         if _group_size(self.global_group) > 1:
             dist.all_reduce(counts, group=self.global_group)
         if not (self.training and torch.is_grad_enabled()):
-            return self._load_balancing_loss(scores, counts)
+            return self._load_balancing_loss(probs, counts)
         if not _recomputing():
             with torch.no_grad():
                 self.global_tokens_per_expert += counts
                 self.global_aux_steps += 1
         averaged = self.global_tokens_per_expert / self.global_aux_steps.clamp_min(1)
-        return self._load_balancing_loss(scores, averaged)
+        return self._load_balancing_loss(probs, averaged, slots=counts.sum())
 
     @torch.no_grad()
     def reset_global_aux_loss_tracker(self) -> None:
@@ -421,26 +448,29 @@ class Router(nn.Module):
             return scores / (scores.sum(-1, keepdim=True) + 1e-20)
         return scores
 
-    def _load_balancing_loss(self, scores, tokens_per_expert):
-        """Switch loss `E * sum_e f_e * P_e`: f_e share of the slots counted in
-        `tokens_per_expert`, P_e the probabilities of these `scores` summed over the tokens
-        counted (this rank's share of the mean, with a loss group)."""
-        slots = tokens_per_expert.sum().clamp_min(1).float()  # every token fills k of them
+    def _load_balancing_loss(self, probs, tokens_per_expert, slots=None):
+        """Switch loss `E * sum_e f_e * P_e`: f_e share of the `slots` (default: all those
+        counted in `tokens_per_expert`; every token fills k of them), P_e the `probs [N, E]`
+        (`_balancing_probs`) summed over the tokens of the slots (this rank's share of the mean,
+        with a loss group)."""
+        if slots is None:
+            slots = tokens_per_expert.sum()
+        slots = slots.clamp_min(1).float()
         slot_share = tokens_per_expert.float() / slots  # [E], no grad
-        mean_prob = self._balancing_probs(scores).sum(0) / (slots / self.top_k)  # [E]
+        mean_prob = probs.sum(0) / (slots / self.top_k)  # [E]
         return self.num_experts * (slot_share * mean_prob).sum()
 
-    def _sequence_balancing_loss(self, scores, sequence_ids, counts):
+    def _sequence_balancing_loss(self, probs, sequence_ids, counts):
         """The switch loss of each sequence's tokens, averaged over the S sequences of
         `counts [S, E]` (an empty one counts 0): one scatter per statistic, no loop, no host
         sync."""
         num_sequences, num_experts = counts.shape
         if num_sequences == 0:
-            return scores.new_zeros(())
+            return probs.new_zeros(())
         counts = counts.float()
         tokens = (counts.sum(-1) / self.top_k).clamp_min(1)  # [S]: each token fills k slots
-        prob_sums = scores.new_zeros(num_sequences, num_experts).index_add(
-            0, sequence_ids, self._balancing_probs(scores)
+        prob_sums = probs.new_zeros(num_sequences, num_experts).index_add(
+            0, sequence_ids, probs
         )  # [S, E]
         slot_share = counts / (tokens * self.top_k).unsqueeze(1)
         per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [S]
@@ -466,6 +496,17 @@ class Router(nn.Module):
             raise ValueError(
                 f"sequence_ids must be int32 or int64 [N={x.shape[0]}] on {x.device}, got "
                 f"{sequence_ids.dtype} {tuple(sequence_ids.shape)} on {sequence_ids.device}"
+            )
+
+    def _check_token_mask(self, x, token_mask) -> None:
+        if token_mask is not None and (
+            token_mask.dtype != torch.bool
+            or tuple(token_mask.shape) != (x.shape[0],)
+            or token_mask.device != x.device
+        ):
+            raise ValueError(
+                f"token_mask must be bool [N={x.shape[0]}] on {x.device} (True: a real token), "
+                f"got {token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
             )
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -509,15 +550,25 @@ def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _sequence_slots(ids, sequence_ids, num_sequences: int, num_experts: int) -> torch.Tensor:
+def _sequence_slots(
+    ids, sequence_ids, num_sequences: int, num_experts: int, token_mask=None
+) -> torch.Tensor:
     """[S, E] int64 count of the slots of `ids [N, k]` per (sequence, expert), token t being of
-    sequence `sequence_ids[t]`."""
+    sequence `sequence_ids[t]` (only the tokens of `token_mask [N]` where given)."""
     k = ids.shape[1]
     slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
     slots = slot_sequence * num_experts + ids.flatten()  # [N*k]
     counts = torch.zeros(num_sequences * num_experts, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, slots, torch.ones_like(slots))
+    counts.scatter_add_(0, slots, _slot_weights(ids, token_mask))
     return counts.view(num_sequences, num_experts)
+
+
+def _slot_weights(ids: torch.Tensor, token_mask) -> torch.Tensor:
+    """[N*k] int64: 1 for each slot of `ids [N, k]` (0 for those of tokens outside
+    `token_mask [N]`)."""
+    if token_mask is None:
+        return torch.ones(ids.numel(), dtype=torch.int64, device=ids.device)
+    return token_mask.view(-1, 1).expand(ids.shape).reshape(-1).long()
 
 
 def _summed_over(group, tokens_per_expert, sequence_counts):
@@ -532,12 +583,12 @@ def _summed_over(group, tokens_per_expert, sequence_counts):
     return tokens_per_expert, sequence_counts
 
 
-def _slots_per_expert(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[E] int64 count of each expert's slots in `ids [N, k]`; scatter_add_ rather than
-    bincount, which syncs with the host to size its output."""
-    flat = ids.flatten()
+def _slots_per_expert(ids: torch.Tensor, num_experts: int, token_mask=None) -> torch.Tensor:
+    """[E] int64 count of each expert's slots in `ids [N, k]` (of the tokens of `token_mask [N]`
+    where given); scatter_add_ rather than bincount, which syncs with the host to size its
+    output."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return counts.scatter_add_(0, ids.flatten().long(), _slot_weights(ids, token_mask))
 
 
 def _check_options(

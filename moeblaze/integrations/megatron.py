@@ -82,6 +82,15 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   that scale never set), `moeblaze.Router.aux_loss_scale` is used instead: set it with
   `moeblaze.Router.set_aux_loss_scale(loss_scale / num_microbatches)` before a step's
   forwards.
+- `forward(hidden_states, padding_mask=)`: Megatron's `[b, s]` mask, True for padding (the
+  convention of megatron-core's code and GPTModel, whose MoE docstrings say the opposite). The
+  padding tokens are routed and computed as the others, and left out of the balancing losses
+  (their choices and probabilities; the token counts are the real tokens'), the z-loss (the
+  mean over the real tokens) and the expert-bias counts (`moeblaze.Router`'s `token_mask`).
+  Megatron's sequence loss then divides every sequence's by the batch's mean number of real
+  tokens, moeblaze each by its own: they agree where every sequence has as many. (megatron-core
+  0.16's expert-bias count fails with a padding mask, Megatron-LM issue #6111; moeblaze counts
+  the real tokens' choices.)
 - Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
@@ -504,18 +513,21 @@ class MoELayer(MoEBlock):
                 "intermediate_tensors (Megatron's partial CUDA-graph capture of the MoE layer) is "
                 "not supported; pass None"
             )
-        if padding_mask is not None and self._padding_mask_matters():
-            raise NotImplementedError(
-                "padding_mask is not supported with aux losses or an expert bias (Megatron "
-                "leaves padding tokens out of their statistics; moeblaze.Router counts every "
-                "token); pass None"
-            )
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"hidden_states must be [s, b, h={self.hidden_size}] (sequence first), got "
                 f"shape {tuple(hidden_states.shape)}"
             )
-        return super().forward(hidden_states), None
+        token_mask = None
+        if padding_mask is not None:
+            s, b = hidden_states.shape[:2]
+            if tuple(padding_mask.shape) != (b, s):
+                raise ValueError(
+                    f"padding_mask must be [b={b}, s={s}] (batch first, True for padding, as "
+                    f"Megatron's), got shape {tuple(padding_mask.shape)}"
+                )
+            token_mask = ~padding_mask.bool().t()  # [s, b], True for a real token
+        return super().forward(hidden_states, token_mask), None
 
     def shared_mlp(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.options.recompute_shared_expert and torch.is_grad_enabled():
@@ -527,10 +539,6 @@ class MoELayer(MoEBlock):
         belongs to sequence i % b."""
         s, b = x.shape[:2]
         return torch.arange(s * b, device=x.device) % b, b
-
-    def _padding_mask_matters(self) -> bool:
-        router = self.router
-        return sum(router.loss_coeffs().values()) > 0 or router.expert_bias is not None
 
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load the state dict of a megatron-core `MoELayer`. Under expert parallelism, each rank

@@ -382,8 +382,8 @@ def test_forward_errors():
     layer = mb.MoELayer(_config(moe_aux_loss_coeff=1e-2))
     with pytest.raises(ValueError, match=r"hidden_states must be \[s, b, h=32\]"):
         layer(torch.randn(S * BATCH, H))
-    with pytest.raises(NotImplementedError, match="padding_mask"):
-        layer(torch.randn(S, BATCH, H), padding_mask=torch.ones(BATCH, S, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"padding_mask must be \[b=2, s=5\]"):
+        layer(torch.randn(S, BATCH, H), padding_mask=torch.ones(S, BATCH, dtype=torch.bool))
 
 
 def _megatron_weights(g):
@@ -697,11 +697,24 @@ ROUTINGS = {
 }
 
 
+def _padding_mask(even: bool) -> torch.Tensor:
+    """Megatron's padding_mask [b, s] (True for padding): the last 2 tokens of every sequence
+    (`even`), else 1 of the first sequence and 3 of the second."""
+    mask = torch.zeros(BATCH, S, dtype=torch.bool)
+    for b, pad in enumerate((2, 2) if even else (1, 3)):
+        mask[b, S - pad :] = True
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["", "padded"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
-def test_routing_matches_megatron(routing, megatron, monkeypatch):
+def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     """Routing weights per (token, expert) and the router-weight gradient, aux losses included
     with the loss scale Megatron's schedule sets (MoEAuxLossAutoScaler.set_loss_scale), which the
-    layer reads in backward, before moeblaze.Router's own."""
+    layer reads in backward, before moeblaze.Router's own. `padded`: with Megatron's
+    padding_mask, whose tokens the losses leave out (as many in each sequence where the
+    sequence loss is on: Megatron then divides every sequence's by their mean real length,
+    moeblaze each by its own)."""
     mu = megatron.moe_utils
     cfg = _config(**ROUTINGS[routing])
     monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
@@ -720,8 +733,11 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     def dense(ids, weights):  # [N, k] -> [N, E]
         return torch.zeros(ids.shape[0], E).scatter(1, ids, weights)
 
+    coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
+    padding = _padding_mask(even="seq_aux_loss" in coeffs) if padded else None  # [b, s]
     # The router applies moe_router_topk_scaling_factor; the tokens are [s, b, h] flattened.
-    routing_out = layer.router(tokens, *layer.sequences(tokens.view(S, BATCH, H)))
+    layer(tokens.view(S, BATCH, H), padding_mask=padding)
+    routing_out = layer.last_router_output
     ours = dense(routing_out.topk_ids, routing_out.topk_weights)
     assert mb._megatron_aux_loss_scale() == 3.0  # Megatron's unset: moeblaze.Router's
     mu.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([0.5]))  # after the forward, as Megatron
@@ -736,8 +752,10 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
     logits = tokens @ weight.t()  # [N, E]
     if gate_bias is not None:
         logits = torch.addmm(gate_bias, tokens, weight.t())
+    padding = None if padding is None else padding.t().reshape(-1)  # [N], TopKRouter.routing
     if cfg.moe_z_loss_coeff:
-        logits = mu.MoEAuxLossAutoScaler.apply(logits, mu.z_loss_func(logits, cfg.moe_z_loss_coeff))
+        z_loss = mu.z_loss_func(logits, cfg.moe_z_loss_coeff, padding_mask=padding)
+        logits = mu.MoEAuxLossAutoScaler.apply(logits, z_loss)
     probs, routing_map = mu.topk_routing_with_score_function(
         logits,
         k,
@@ -748,19 +766,19 @@ def test_routing_matches_megatron(routing, megatron, monkeypatch):
         score_function=cfg.moe_router_score_function,
         expert_bias=bias,
     )
-    coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
-        logits, k, cfg.moe_router_score_function
+        logits, k, cfg.moe_router_score_function, padding_mask=padding
     )
+    # get_tokens_per_expert_and_token_count on one rank: the real tokens, k slots each.
     if coeffs.get("aux_loss"):  # TopKRouter._apply_aux_loss
         aux = mu.switch_load_balancing_loss_func(
-            aux_scores, aux_map.sum(0), tokens.shape[0], k, E, coeffs["aux_loss"]
+            aux_scores, aux_map.sum(0), aux_map.sum() / k, k, E, coeffs["aux_loss"]
         )
         probs = mu.MoEAuxLossAutoScaler.apply(probs, aux)
-    if coeffs.get("seq_aux_loss"):  # TopKRouter._apply_seq_aux_loss, one rank, no padding
+    if coeffs.get("seq_aux_loss"):  # TopKRouter._apply_seq_aux_loss, one rank
         seq_scores, seq_map = aux_scores.reshape(S, -1), aux_map.reshape(S, -1)
         seq_aux = mu.switch_load_balancing_loss_func(
-            seq_scores, seq_map.sum(0), S, k, E, coeffs["seq_aux_loss"]
+            seq_scores, seq_map.sum(0), seq_map.sum() / (k * BATCH), k, E, coeffs["seq_aux_loss"]
         )
         probs = mu.MoEAuxLossAutoScaler.apply(probs, seq_aux / BATCH)
     (probs * upstream).sum().backward()
@@ -802,9 +820,10 @@ def test_megatron_training_loop_updates_the_expert_bias(megatron):
 
 
 def test_global_aux_loss_matches_megatron(megatron, monkeypatch):
-    """Megatron's "global_aux_loss" over two micro-batches: the loss and the router-weight gradient of each
-    against Megatron's _apply_global_aux_loss (its counts averaged over the step's micro-batches;
-    one rank here), then megatron-core's reset_model_temporary_tensors starts a new step."""
+    """Megatron's "global_aux_loss" over two micro-batches, the second padded: the loss and the
+    router-weight gradient of each against Megatron's _apply_global_aux_loss (its counts, of real
+    tokens, averaged over the step's micro-batches, against this micro-batch's real tokens; one
+    rank here), then megatron-core's reset_model_temporary_tensors starts a new step."""
     import importlib
 
     finalize_model_grads = importlib.import_module("megatron.core.distributed.finalize_model_grads")
@@ -820,18 +839,21 @@ def test_global_aux_loss_matches_megatron(megatron, monkeypatch):
     for step in range(1, 3):
         tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
         upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight
+        padding = None if step == 1 else _padding_mask(even=False).t().reshape(-1)  # [N]
         router.zero_grad()
-        out = router(tokens)
+        out = router(tokens, token_mask=None if padding is None else ~padding)
         ours = torch.zeros(S * BATCH, E).scatter(1, out.topk_ids, out.topk_weights)
         (ours * upstream).sum().backward()
 
         weight = router.weight.detach().clone().requires_grad_()
         logits = tokens @ weight.t()
         probs, _ = mu.topk_routing_with_score_function(logits, K, score_function="softmax")
-        aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(logits, K, "softmax")
+        aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
+            logits, K, "softmax", padding_mask=padding
+        )
         counts += aux_map.sum(0)
         loss = mu.switch_load_balancing_loss_func(
-            aux_scores, counts / step, tokens.shape[0], K, E, coeff
+            aux_scores, counts / step, aux_map.sum() / K, K, E, coeff
         )
         (mu.MoEAuxLossAutoScaler.apply(probs, loss) * upstream).sum().backward()
         where = f"micro-batch {step}"

@@ -551,7 +551,7 @@ def test_global_aux_loss_averages_the_counts_of_the_training_forwards():
     first, second = router(x1), router(x2)
     assert torch.equal(first.global_aux_loss, first.aux_loss)
     counts = (first.tokens_per_expert + second.tokens_per_expert).float() / 2
-    averaged = router._load_balancing_loss(_scores(second.logits, "softmax"), counts)
+    averaged = router._load_balancing_loss(_scores(second.logits, "softmax"), counts)  # probs
     torch.testing.assert_close(second.global_aux_loss, averaged.detach())
     assert not torch.allclose(second.global_aux_loss, second.aux_loss)
     with torch.no_grad():
@@ -559,3 +559,60 @@ def test_global_aux_loss_averages_the_counts_of_the_training_forwards():
     router.reset_global_aux_loss_tracker()
     assert torch.equal(router(x2).global_aux_loss, second.aux_loss)
     assert router.global_aux_steps == 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.2, z_loss_coeff=0.01),
+        dict(
+            score_func="sigmoid",
+            expert_bias=True,
+            num_groups=3,
+            topk_groups=2,
+            aux_counts="scores",
+            aux_loss_coeff=0.1,
+            seq_aux_loss_coeff=0.2,
+            global_aux_loss_coeff=0.3,
+        ),
+    ],
+    ids=["softmax", "sigmoid_bias_groups_scores"],
+)
+def test_token_mask_counts_as_if_the_padding_were_not_there(options):
+    """Tokens outside `token_mask` (padding: a different number in each sequence, one sequence
+    all padding) leave every loss, the injected gradient and the expert-bias counts as the real
+    tokens routed alone give them; they are still routed."""
+    n, num_sequences = 30, 4
+    x = _x(n, seed=3)
+    sequence_ids = torch.arange(n) % num_sequences
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[[0, 5, 9, 13, 17, 21, 25]] = False  # sequence 1 loses 5 of its 8, sequence 0 one
+    mask[sequence_ids == 3] = False
+    upstream = torch.randn(n, 3, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for name, rows, token_mask in (("masked", slice(None), mask), ("alone", mask, None)):
+        router = _router(**options).train()
+        if router.expert_bias is not None:
+            router.expert_bias.copy_(torch.linspace(-0.3, 0.3, E))
+        out = router(x[rows], sequence_ids[rows], num_sequences, token_mask=token_mask)
+        weights = out.topk_weights if token_mask is None else out.topk_weights[mask]
+        (weights * upstream[mask]).sum().backward()
+        runs[name] = (router, out)
+    (masked, out), (alone, expected) = runs["masked"], runs["alone"]
+    assert torch.equal(out.topk_ids[mask], expected.topk_ids)
+    assert int(out.tokens_per_expert.sum()) == n * 3  # every token routed
+    for loss in ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(out, loss), getattr(expected, loss), msg=loss)
+    torch.testing.assert_close(masked.weight.grad, alone.weight.grad)
+    if masked.expert_bias is not None:
+        assert torch.equal(masked.tokens_per_expert_accum, alone.tokens_per_expert_accum)
+        assert masked.tokens_per_expert_accum.sum() == int(mask.sum()) * 3
+        assert torch.equal(masked.global_tokens_per_expert, alone.global_tokens_per_expert)
+
+
+def test_token_mask_errors():
+    router = _router()
+    with pytest.raises(ValueError, match=r"token_mask must be bool \[N=5\] .* got torch.int64"):
+        router(_x(5), token_mask=torch.ones(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"got torch.bool \(4,\)"):
+        router(_x(5), token_mask=torch.ones(4, dtype=torch.bool))
