@@ -481,11 +481,11 @@ def test_opcheck(make_problem):
         torch.library.opcheck(torch.ops.moeblaze.moe_mlp_grad_input.default, args)
 
 
-def _layer_step(layer, x):
+def _layer_step(layer, x, **forward_options):
     """Forward + backward of `layer`; returns [out, x.grad, *parameter grads] and clears them."""
     x = x.detach().clone().requires_grad_()
     layer.zero_grad(set_to_none=True)
-    out = layer(x)
+    out = layer(x, **forward_options)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
     results = [out.detach(), x.grad, *(p.grad for p in layer.parameters())]
     layer.zero_grad(set_to_none=True)
@@ -498,27 +498,39 @@ GPT_OSS_LAYER = dict(
 )
 
 
-def _compiled_matches_eager(backend, recompute="activation", options=None):
+def _compiled_matches_eager(backend, recompute="activation", options=None, forward_options=None):
     torch.manual_seed(14)
     layer = moeblaze.MoELayer(
         24, 16, 6, 2, recompute=recompute, shared_expert_size=8, **(options or {})
-    )
+    ).train()
     x = torch.randn(2, 9, 24)
-    eager = _layer_step(layer, x)
+    forward_options = forward_options or {}
+    eager = _layer_step(layer, x, **forward_options)
     torch._dynamo.reset()
-    compiled = _layer_step(torch.compile(layer, fullgraph=True, backend=backend), x)
+    compiled_layer = torch.compile(layer, fullgraph=True, backend=backend)
+    compiled = _layer_step(compiled_layer, x, **forward_options)
     names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
     for name, a, e in zip(names, compiled, eager, strict=True):
         assert_close(a, e, rtol=1e-6, name=f"{backend}: {name}")
 
 
+# Every router loss, over the real tokens of a padded batch.
+LOSSES = dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.2, z_loss_coeff=0.01)
+PADDED = dict(token_mask=torch.arange(18).view(2, 9) % 9 < torch.tensor([[7], [4]]))
+
+
 @pytest.mark.parametrize(
-    ("recompute", "options"),
-    [("activation", None), ("up_proj", None), ("activation", GPT_OSS_LAYER)],
-    ids=["activation", "up_proj", "activation-gpt_oss"],
+    ("recompute", "options", "forward_options"),
+    [
+        ("activation", None, None),
+        ("up_proj", None, None),
+        ("activation", GPT_OSS_LAYER, None),
+        ("activation", LOSSES, PADDED),
+    ],
+    ids=["activation", "up_proj", "activation-gpt_oss", "activation-losses-padded"],
 )
-def test_compile_aot_eager(recompute, options):
-    _compiled_matches_eager("aot_eager", recompute, options)
+def test_compile_aot_eager(recompute, options, forward_options):
+    _compiled_matches_eager("aot_eager", recompute, options, forward_options)
 
 
 @pytest.mark.slow
