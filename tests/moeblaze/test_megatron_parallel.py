@@ -5,7 +5,7 @@ with the same weights.
 # s sequence, b batch, h hidden, W = 2 ranks
 
 Each configuration gives every rank its shard of the batch's sequence (`[s/W, b, h]`, sequence
-parallel or context parallel) and checks, against the one-rank layer on the whole batch: the
+parallel or context parallel) and of Megatron's padding mask, and checks, against the one-rank layer on the whole batch: the
 output and dx of its rows; the losses, whose shares sum over the ranks to the whole batch's; and
 the gradients, reduced as Megatron's training loop reduces them (the replicated router summed
 over the ranks: DDP over the context-parallel ranks, `finalize_model_grads` over the
@@ -32,6 +32,9 @@ S, BATCH, D, FFN, E, K, SHARED = 8, 2, 16, 8, 4, 2, 12
 W = 2
 RTOL = 1e-5  # float32 against float32: the same kernels, sums in another order
 LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "z_loss")
+# Megatron's padding_mask [b, s] (True: padding), as many padded tokens on every rank and in every
+# sequence (the z-loss shares are means over each rank's real tokens, as Megatron's).
+PADDING = (torch.arange(S) % 2 == 1).expand(BATCH, S)
 
 
 # The models compared: a gated shared expert and no biases, or biases and no shared expert
@@ -183,7 +186,7 @@ def _check_run(config, rank, trained, x, dout, expected):
         world = dist.get_world_size()
         mine = slice(rank * S // world, (rank + 1) * S // world)  # its shard of the sequence
         leaf = x[mine].clone().requires_grad_()
-        out, _ = layer(leaf)
+        out, _ = layer(leaf, padding_mask=PADDING[:, mine])
         out.backward(dout[mine])
         assert_close(out, expected["out"][mine], rtol=RTOL, name=f"{where}: out")
         assert_close(leaf.grad, expected["x"][mine], rtol=RTOL, name=f"{where}: dx")
@@ -244,7 +247,7 @@ def test_megatron_layer_under_tensor_sequence_and_context_parallelism(tmp_path):
                     p.copy_(randn(*p.shape, seed=20 + seed))
         trained[model] = {n: p.detach().clone() for n, p in layer.named_parameters()}
         leaf = x.clone().requires_grad_()
-        out, _ = layer(leaf)
+        out, _ = layer(leaf, padding_mask=PADDING)
         out.backward(dout)
         routing = layer.last_router_output
         expected[model] = {
