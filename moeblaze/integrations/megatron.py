@@ -105,6 +105,12 @@ twice). Otherwise the experts use moeblaze's default `recompute="activation"` (S
 recomputed from the kept pre-activation, which is Megatron's "moe_act"). "shared_experts" in
 `recompute_modules` checkpoints the shared expert (`torch.utils.checkpoint`, non-reentrant).
 
+Megatron's distributed checkpointing (`megatron.core.dist_checkpointing`, the "torch_dist"
+format) saves and loads the layer through `MoELayer.sharded_state_dict`: every tensor a shard of
+the whole layer's, whatever the expert, expert-tensor and tensor parallelism, so that a
+checkpoint saved under one layout can load under another. Without it Megatron would take the
+expert shards for replicas and save one rank's.
+
 Expert weights of an existing Megatron model load with `MoELayer.load_megatron_state_dict`
 (router, experts in the SequentialMLP, TEGroupedMLP or legacy GroupedMLP layout, shared expert)
 or `megatron_expert_weights` / `megatron_expert_params` (experts only; the latter with their
@@ -414,6 +420,10 @@ class MoELayer(MoEBlock):
         self.group = group
         self.tp_group = tp_group
         self.etp_group = etp_group
+        # The ranks holding the same expert shards (for checkpoint replica ids).
+        self.expert_data_group = _find_group(
+            pg_collection, "expt_dp", "get_expert_data_parallel_group"
+        )
         self.recompute_dispatch = recompute_dispatch
         self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
         self.reset_parameters()
@@ -540,6 +550,76 @@ class MoELayer(MoEBlock):
         s, b = x.shape[:2]
         return torch.arange(s * b, device=x.device) % b, b
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        """This layer's state for megatron-core's distributed checkpointing
+        (`megatron.core.dist_checkpointing`), which calls it by this name: each tensor a
+        `ShardedTensor` of the whole layer's, so that a checkpoint saved under one layout of
+        expert, expert-tensor and tensor parallelism loads under another.
+
+        The experts are `w13 [E, 2, F, h]` (gate, up; a view of the parameter, through a
+        `ShardedTensorFactory`), `w2 [E, h, F]`, `b13 [E, 2, F]`, `b2 [E, h]`, split over the
+        expert-parallel ranks (E) and the expert-tensor-parallel ones (F); the TP shared expert's
+        `gate_up.weight [2, Fs, h]` and `down.weight [h, Fs]` split over the TP ranks (Fs); the
+        rest whole. Replicas are told apart as Megatron's: by TP and data-parallel rank
+        (`metadata["dp_cp_group"]`) for the replicated tensors, by expert-data-parallel rank for
+        the experts. `sharded_offsets` (the layer's place in the model) prefix every tensor's.
+        """
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_rank, dp_rank = _rank(self.tp_group), _rank(metadata["dp_cp_group"])
+        ep, etp = (
+            (_rank(self.group), _size(self.group)),
+            (_rank(self.etp_group), _size(self.etp_group)),
+        )
+        expert_replica = (0, 0, _rank(self.expert_data_group))
+        num_axes = len(sharded_offsets)
+        # name: (its split axes of the stored shape, (axis, rank, ranks) each; replica id)
+        splits = {
+            "w13": ([(0, *ep), (2, *etp)], expert_replica),
+            "w2": ([(0, *ep), (2, *etp)], expert_replica),
+            "b13": ([(0, *ep), (2, *etp)], expert_replica),
+            "b2": ([(0, *ep)], (0, etp[0], expert_replica[2])),  # whole on the ETP ranks
+        }
+        if isinstance(self.shared_expert, TensorParallelSwiGLUMLP):
+            tp = (tp_rank, _size(self.tp_group))
+            splits["shared_expert.gate_up.weight"] = ([(1, *tp)], (0, 0, dp_rank))
+            splits["shared_expert.down.weight"] = ([(1, *tp)], (0, 0, dp_rank))
+        # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits.
+        glu_axes = {"w13": 1, "b13": 1, "shared_expert.gate_up.weight": 0}
+        sharded = {}
+        for name, tensor in self.state_dict(keep_vars=True).items():
+            key = f"{prefix}{name}"
+            split, replica = splits.get(name, ([], (0, tp_rank, dp_rank)))
+            offsets = [*sharded_offsets, *((num_axes + a, r, n) for a, r, n in split)]
+            glu_axis = glu_axes.get(name)
+
+            def build(key, t, replica_id, flattened_range, offsets=offsets, glu_axis=glu_axis):
+                if flattened_range is not None:
+                    raise NotImplementedError(
+                        f"{key}: flattened checkpoint shards (flattened_range) are not supported"
+                    )
+                if glu_axis is not None:  # [.., 2F, ..] stored as [.., 2, F, ..]
+                    shape = list(t.shape)
+                    t = t.view(*shape[:glu_axis], 2, shape[glu_axis] // 2, *shape[glu_axis + 1 :])
+                return ShardedTensor.from_rank_offsets(
+                    key, t, *offsets, replica_id=replica_id, prepend_axis_num=num_axes
+                )
+
+            if glu_axis is None:
+                sharded[key] = build(key, tensor, replica, None)
+            else:
+                shape = tensor.shape
+                sharded[key] = ShardedTensorFactory(
+                    key,
+                    tensor,
+                    build,
+                    lambda loaded, shape=shape: loaded.reshape(shape),
+                    replica,
+                )
+        return sharded
+
     def load_megatron_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
         """Load the state dict of a megatron-core `MoELayer`. Under expert parallelism, each rank
         loads its own `state_dict()`, which holds its E_l local experts numbered from 0, as
@@ -631,6 +711,15 @@ def _summed_shard(rows: torch.Tensor, group) -> torch.Tensor:
     """This rank's block of rows of the sum of `rows` over `group`; the gradient is gathered
     (Megatron's reduce_scatter_to_sequence_parallel_region)."""
     return funcol.wait_tensor(_REDUCE_SCATTER(rows.contiguous(), "sum", 0, group))
+
+
+def _rank(group) -> int:
+    """This process's rank in `group` (0 in none)."""
+    return 0 if group is None or not dist.is_initialized() else dist.get_rank(group)
+
+
+def _size(group) -> int:
+    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
 
 
 def _global_batch_group(pg_collection):

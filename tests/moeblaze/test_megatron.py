@@ -861,3 +861,20 @@ def test_global_aux_loss_matches_megatron(megatron, monkeypatch):
         assert_close(router.weight.grad, weight.grad, rtol=1e-5, name=f"{where}: grad")
     finalize_model_grads.reset_model_temporary_tensors(config, [router])
     assert not router.global_tokens_per_expert.any() and router.global_aux_steps == 0
+
+
+def test_sharded_state_dict_places_the_layer_in_the_model(megatron):
+    """`sharded_state_dict` (megatron-core's distributed checkpointing) prefixes the layer's
+    place among the model's layers to every tensor, and stores w13's 2F axis as (2, F)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    layer = mb.MoELayer(_config(moe_shared_expert_intermediate_size=SHARED))
+    sharded = layer.sharded_state_dict("decoder.layers.mlp.", ((0, 3, 8),), {"dp_cp_group": None})
+    assert set(sharded) == {f"decoder.layers.mlp.{name}" for name in layer.state_dict()}
+    w13 = sharded["decoder.layers.mlp.w13"]
+    assert isinstance(w13, ShardedTensorFactory)
+    built = w13.build()
+    assert built.global_shape == (8, E, 2, FFN, H) and built.global_offset == (3, 0, 0, 0, 0)
+    assert torch.equal(built.data.reshape(layer.w13.shape), layer.w13.detach())
+    w2 = sharded["decoder.layers.mlp.w2"]
+    assert w2.global_shape == (8, E, H, FFN) and w2.global_offset[0] == 3

@@ -166,6 +166,40 @@ def mb():
     return megatron
 
 
+def _check_checkpoint(layer, trained, where):
+    """The layer's `sharded_state_dict` (megatron-core distributed checkpointing): the main
+    replicas of all ranks tile each whole tensor exactly once, and their pieces are the
+    one-rank layer's (w13, b13 and the shared gate_up stored with their 2F axis as (2, F));
+    a factory's tensor comes back from what it builds."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, is_main_replica
+
+    pieces = []
+    for key, item in layer.sharded_state_dict(prefix="mlp.").items():
+        if isinstance(item, ShardedTensorFactory):
+            built = item.build()
+            assert torch.equal(item.merge_fn(built.data), item.data), f"{where}: {key} merge"
+            item = built
+        if is_main_replica(item.replica_id):
+            offset = item.global_offset
+            pieces.append((key, item.global_shape, offset, item.data.detach().clone()))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, pieces)
+    wholes, covered = {}, {}
+    for key, shape, offset, data in (piece for rank in everyone for piece in rank):
+        whole = wholes.setdefault(key, torch.zeros(shape))
+        count = covered.setdefault(key, torch.zeros(shape, dtype=torch.int64))
+        where_in = tuple(slice(o, o + n) for o, n in zip(offset, data.shape, strict=True))
+        whole[where_in] = data
+        count[where_in] += 1
+    assert wholes.keys() == {f"mlp.{name}" for name in trained}, where
+    for name, want in trained.items():
+        key = f"mlp.{name}"
+        assert (covered[key] == 1).all(), f"{where}: {key} not tiled once by the main replicas"
+        assert torch.equal(wholes[key].flatten(), want.flatten()), f"{where}: {key}"
+        glu = name in ("w13", "b13", "shared_expert.gate_up.weight")
+        assert wholes[key].dim() == want.dim() + glu, f"{where}: {key} shape"
+
+
 def _check_run(config, rank, trained, x, dout, expected):
     from megatron.core import parallel_state
 
@@ -218,6 +252,7 @@ def _check_run(config, rank, trained, x, dout, expected):
                 if tp and not expert:
                     assert getattr(p, "sequence_parallel", False), f"{where}: {pname} unmarked"
             assert_close(grad, want, rtol=RTOL, name=f"{where}: grad {pname}")
+        _check_checkpoint(layer, trained, where)
     finally:
         parallel_state.destroy_model_parallel()
 
