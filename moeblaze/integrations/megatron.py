@@ -29,6 +29,8 @@ chunks):
   bias on every ETP rank before that sum (as far as megatron-core 0.16's TEGroupedMLP reads);
   moeblaze adds it once, as the unsplit layer does.
 
+Under tensor and context parallelism:
+
 - The balancing losses count the expert choices of the whole sequence: `moeblaze.Router`'s
   `loss_group` is Megatron's tensor-and-context-parallel group (`pg_collection.tp_cp`), and
   each rank's losses are its share, as in Megatron's TopKRouter.
@@ -349,10 +351,10 @@ class MoELayer(MoEBlock):
     `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
     carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
     reduces their gradients over the expert-data-parallel group. Under tensor and context
-    parallelism (see the module docstring) the groups are `pg_collection.tp`, `.tp_cp` and `.expt_tp`, else
-    `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`. `device` defaults to
-    the current CUDA device, as in Megatron, unless `config.use_cpu_initialization` is set or CUDA
-    is unavailable. `recompute` overrides the policy read from the config (see the module
+    parallelism (see the module docstring) the groups are `pg_collection.tp`, `.tp_cp` and
+    `.expt_tp`, else `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`.
+    `device` defaults to the current CUDA device, as in Megatron, unless
+    `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides the policy read from the config (see the module
     docstring); `recompute_dispatch` is `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's
     `finalize_model_grads` updates an expert bias after each step; outside Megatron's training loop,
     sum `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
@@ -377,7 +379,7 @@ class MoELayer(MoEBlock):
         tp_group = _megatron_group(pg_collection, "tp", tp)
         etp = options.expert_tensor_parallel_size
         etp_group = _megatron_group(pg_collection, "expt_tp", etp)
-        rank = 0 if group is None else dist.get_rank(group)
+        rank = _rank(group)
         num_local = options.num_experts // options.expert_parallel_size
         cpu_init = getattr(config, "use_cpu_initialization", False)
         if device is None and torch.cuda.is_available() and not cpu_init:
@@ -393,7 +395,7 @@ class MoELayer(MoEBlock):
             options.top_k,
             num_local,
             first_expert=rank * num_local,
-            ffn_shard=(0 if etp_group is None else dist.get_rank(etp_group), etp),
+            ffn_shard=(_rank(etp_group), etp),
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             # Under tensor parallelism, split below rather than built whole.
