@@ -137,7 +137,7 @@ from moeblaze.activation import SwiGLU
 from moeblaze.expert_parallel import expert_parallel_mlp
 from moeblaze.layers import MoEBlock, SwiGLUMLP
 from moeblaze.ops import moe_mlp
-from moeblaze.router import RouterOutput
+from moeblaze.router import RouterOutput, _group_size
 from overlap import ColumnParallelLinear, DistWorld, RowParallelLinear
 
 # The TransformerConfig fields this module reads, with their megatron-core 0.16 defaults.
@@ -571,10 +571,7 @@ class MoELayer(MoEBlock):
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         tp_rank, dp_rank = _rank(self.tp_group), _rank(metadata["dp_cp_group"])
-        ep, etp = (
-            (_rank(self.group), _size(self.group)),
-            (_rank(self.etp_group), _size(self.etp_group)),
-        )
+        ep, etp = (_rank(self.group), _group_size(self.group)), self.ffn_shard
         expert_replica = (0, 0, _rank(self.expert_data_group))
         num_axes = len(sharded_offsets)
         # name: (its split axes of the stored shape, (axis, rank, ranks) each; replica id)
@@ -585,7 +582,7 @@ class MoELayer(MoEBlock):
             "b2": ([(0, *ep)], (0, etp[0], expert_replica[2])),  # whole on the ETP ranks
         }
         if isinstance(self.shared_expert, TensorParallelSwiGLUMLP):
-            tp = (tp_rank, _size(self.tp_group))
+            tp = (tp_rank, _group_size(self.tp_group))
             splits["shared_expert.gate_up.weight"] = ([(1, *tp)], (0, 0, dp_rank))
             splits["shared_expert.down.weight"] = ([(1, *tp)], (0, 0, dp_rank))
         # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits.
@@ -717,11 +714,7 @@ def _summed_shard(rows: torch.Tensor, group) -> torch.Tensor:
 
 def _rank(group) -> int:
     """This process's rank in `group` (0 in none)."""
-    return 0 if group is None or not dist.is_initialized() else dist.get_rank(group)
-
-
-def _size(group) -> int:
-    return 1 if group is None or not dist.is_initialized() else dist.get_world_size(group)
+    return 0 if group is None else dist.get_rank(group)
 
 
 def _global_batch_group(pg_collection):
