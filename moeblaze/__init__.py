@@ -28,9 +28,10 @@ from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
 from moeblaze.reference import moe_mlp_reference
 from moeblaze.router import Router, RouterOutput
-from moeblaze.routing_plan import RoutingPlan, build_routing_plan
+from moeblaze.routing_plan import DROPPED, RoutingPlan, build_routing_plan
 
 __all__ = [
+    "DROPPED",
     "RECOMPUTE_POLICIES",
     "__version__",
     "ExpertParallelMoELayer",

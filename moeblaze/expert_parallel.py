@@ -18,6 +18,9 @@ rank, like data-parallel parameters) and each rank routes its own tokens. Per la
     combine:  [R, d] --all-to-all back--> [S, d] in sorted order --the k rows of each token summed
               in fp32, in a fixed order--> out [T, d]
 
+A dropped slot (id `DROPPED`, -1) is placed nowhere by the plan: it is sent nowhere, the [S, d]
+buffers hold the P < S placed slots only, and the combine reads a row of zeros for it.
+
 Backward mirrors forward: the gradient of a dispatch is a combine and that of a combine is a
 dispatch, with the splits of forward (no host sync in backward). The `[S, d]` buffers are what
 the all-to-alls send and receive; none outlives the call. Backward keeps: x (as `moe_mlp`
@@ -48,7 +51,7 @@ from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.layers import MoEBlock, MoELayer, check_router_options
 from moeblaze.ops import moe_mlp
 from moeblaze.router import RouterOutput
-from moeblaze.routing_plan import build_routing_plan
+from moeblaze.routing_plan import DROPPED, build_routing_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,7 @@ class _Exchange:
     group: dist.ProcessGroup
     send_splits: tuple[int, ...]  # [W] rows this rank sends to each rank
     recv_splits: tuple[int, ...]  # [W] rows this rank receives from each rank
+    dropped: bool  # some slots of this rank go to no expert (id DROPPED): they send no row
 
 
 def _all_to_all(rows: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
@@ -78,7 +82,10 @@ def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange)
     """rows [R, c] -> [n, c]: out[i] = sum_j (row row_of_slot[i, j] of the sorted order)."""
     with profile_range("moeblaze.ep.combine"):
         back = _all_to_all(rows, exchange.send_splits, exchange.recv_splits, exchange.group)
-        # back [S, c] in sorted order; accumulate in fp32, j = 0..k-1: bitwise reproducible.
+        if exchange.dropped:  # row P of zeros, where the dropped slots point
+            back = torch.cat([back, back.new_zeros(1, *back.shape[1:])])
+        # back [P, c] in sorted order, P placed slots; accumulate in fp32, j = 0..k-1: bitwise
+        # reproducible.
         out = back.index_select(0, row_of_slot[:, 0]).float()  # [n, c]
         for j in range(1, row_of_slot.shape[1]):
             out += back.index_select(0, row_of_slot[:, j])
@@ -118,13 +125,16 @@ class _Combine(torch.autograd.Function):
 def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size: int):
     """Routing plan, row splits and the local expert [R, 1] of every row this rank receives.
 
-    The all-to-all of counts also carries each rank's number of ids outside [0, E), so that bad
-    ids raise on every rank instead of leaving the others waiting in the next collective.
+    The all-to-all of counts also carries each rank's number of ids outside [0, E) (DROPPED
+    aside), so that bad ids raise on every rank instead of leaving the others waiting in the
+    next collective.
     """
     num_local = num_experts // world_size
-    invalid = ((topk_ids < 0) | (topk_ids >= num_experts)).sum(dtype=torch.int32)  # []
+    dropped = topk_ids == DROPPED
+    bad_ids = ((topk_ids < 0) | (topk_ids >= num_experts)) & ~dropped  # [T, k]
+    invalid = bad_ids.sum(dtype=torch.int32)  # []
     # Clamped so that the plan stays in bounds; invalid ids raise below, after the exchange.
-    clamped = topk_ids.clamp(0, num_experts - 1)
+    clamped = torch.where(dropped, DROPPED, topk_ids.clamp(0, num_experts - 1))
     plan = build_routing_plan(clamped, num_experts, check_ids=False)
     counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
     send = torch.cat([counts, invalid.expand(world_size, 1)], dim=1)  # [W, E_l + 1]
@@ -140,14 +150,15 @@ def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size
             f"outside [0, num_experts={num_experts})"
         )
         if invalid.item():
-            bad = topk_ids[(topk_ids < 0) | (topk_ids >= num_experts)][0].item()
-            message += f"; this rank's first one is {bad}"
+            message += f"; this rank's first one is {topk_ids[bad_ids][0].item()}"
         raise ValueError(message)
     local_expert = torch.arange(num_local, device=topk_ids.device).repeat(world_size)  # [W*E_l]
     local_ids = torch.repeat_interleave(
         local_expert, recv_counts.flatten(), output_size=sum(recv_splits)
     )  # [R]
-    return plan, _Exchange(group, tuple(send_splits), tuple(recv_splits)), local_ids.view(-1, 1)
+    dropped_any = sum(send_splits) < plan.num_slots
+    exchange = _Exchange(group, tuple(send_splits), tuple(recv_splits), dropped_any)
+    return plan, exchange, local_ids.view(-1, 1)
 
 
 _RECEIVED_ROWS = object()  # kept for backward in place of the received rows
@@ -200,7 +211,8 @@ def expert_parallel_mlp(
 
     Args:
         x: [T, d] this rank's tokens, float16, bfloat16 or float32.
-        topk_ids: [T, k] integer global expert ids in [0, E).
+        topk_ids: [T, k] integer global expert ids in [0, E), or -1 (`moeblaze.DROPPED`) for a
+            slot that goes to no expert: it sends no row and adds nothing.
         topk_weights: [T, k] floating routing weights.
         w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
         w2: [E_l, d, F].
@@ -222,11 +234,15 @@ def expert_parallel_mlp(
     num_tokens, top_k = topk_ids.shape
     with profile_range("moeblaze.ep.exchange_counts"):
         plan, exchange, local_ids = _exchange_counts(topk_ids, num_experts, group, world_size)
-    token_of_row = plan.sorted_slots // top_k  # [S] token of each slot in sorted order
+    placed = sum(exchange.send_splits)  # P: the slots not dropped, first in sorted order
+    slot_of_row = plan.sorted_slots[:placed]  # [P] slot of each sent row
+    token_of_row = slot_of_row // top_k  # [P] its token
     row_of_slot = plan.slot_positions.view(num_tokens, top_k)  # [T, k] sorted row of each slot
+    if exchange.dropped:  # a dropped slot reads row P, zeros (_combine)
+        row_of_slot = torch.where(topk_ids == DROPPED, placed, row_of_slot)
     rows = _Dispatch.apply(x, token_of_row, row_of_slot, exchange)  # [R, d]
     weights = _Dispatch.apply(
-        topk_weights.reshape(-1, 1), plan.sorted_slots, plan.slot_positions.view(-1, 1), exchange
+        topk_weights.reshape(-1, 1), slot_of_row, row_of_slot.view(-1, 1), exchange
     )  # [R, 1]
     keep = (
         _dispatch_again_in_backward(rows, x, token_of_row, exchange)

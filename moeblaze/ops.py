@@ -434,11 +434,13 @@ def moe_mlp(
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :F] @ x[t]) * (w13[e, F:] @ x[t]))
     with e = topk_ids[t, j] (with the default `activation` and no biases; with them, each
-    expert computes w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]).
+    expert computes w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]). A slot with e = -1
+    (`moeblaze.DROPPED`: a token dropped for capacity, or padding) goes to no expert: it adds
+    nothing to out, costs no expert GEMM rows, and its routing weight gets gradient 0.
 
     Args:
         x: [T, d] float16, bfloat16 or float32.
-        topk_ids: [T, k] integer expert ids in [0, E).
+        topk_ids: [T, k] integer expert ids in [0, E), or -1 for a dropped slot.
         topk_weights: [T, k] floating routing weights (any float dtype; the gradient keeps it).
         w13: [E, 2F, d] gate rows then up rows (Hugging Face layout), x's dtype.
         w2: [E, d, F], x's dtype.
@@ -454,7 +456,8 @@ def moe_mlp(
             (4*T*k*d bytes, freed before the op returns; never kept for backward) and are summed
             in a fixed order, instead of fp32 atomics into [T, d]. All other results are
             reproducible in either mode. With k = 1 both modes are the same.
-        check_ids: when an id outside [0, E) raises ValueError (`build_routing_plan`): None
+        check_ids: when an id outside [0, E), -1 aside, raises ValueError
+            (`build_routing_plan`): None
             (default) without a host synchronisation (on CUDA at the latest at the next
             moeblaze call, or at `moeblaze.check_errors()`), True at once (debugging; one
             synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.

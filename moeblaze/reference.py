@@ -37,7 +37,8 @@ def moe_mlp_reference(
 ) -> torch.Tensor:  # [T, d]
     """out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]),
     e = topk_ids[t, j], with act the SwiGLU `activation` of the gate and up halves
-    (differentiated by autograd: an oracle independent of SwiGLU.backward)."""
+    (differentiated by autograd: an oracle independent of SwiGLU.backward); a dropped slot
+    (e = -1) adds nothing."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)
@@ -51,15 +52,16 @@ def moe_mlp_reference(
 
 
 def fill_plan_torch(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
-    """The routing plan's fields from `topk_ids [T, k]`, with torch ops. Ids outside [0, E) are
-    placed nowhere, as the kernels do (their slots sort after every expert's), and counted in
-    `invalid_ids`."""
+    """The routing plan's fields from `topk_ids [T, k]`, with torch ops. Dropped slots (id -1)
+    and ids outside [0, E) are placed nowhere, as the kernels do (their slots sort after every
+    expert's); the latter are counted in `invalid_ids`."""
     num_slots, num_experts, block_m = plan.num_slots, plan.num_experts, plan.block_m
     device = topk_ids.device
     ids = topk_ids.reshape(-1)  # [S]
     slots = torch.arange(num_slots, device=device)
-    invalid = (ids < 0) | (ids >= num_experts)  # [S]
-    keys = torch.where(invalid, num_experts, ids.long())  # invalid ids: past the last expert
+    unplaced = (ids < 0) | (ids >= num_experts)  # [S]
+    invalid = unplaced & (ids != -1)
+    keys = torch.where(unplaced, num_experts, ids.long())  # placed nowhere: past the last expert
     order = torch.sort(keys, stable=True).indices  # [S]
     counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]  # [E]
     plan.sorted_slots.copy_(order)

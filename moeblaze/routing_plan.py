@@ -2,6 +2,9 @@
 
 # T tokens, k top-k, E experts, S = T*k slots (slot s = t*k + j routes token t to topk_ids[t, j])
 
+A slot whose id is `DROPPED` (-1) goes to no expert: a token dropped for capacity, or padding.
+The plan places it nowhere, as it does ids outside [0, E), but it is no error.
+
 The expert GEMMs never copy tokens into an expert-sorted buffer. They walk *sorted positions*
 p = 0..S-1 (slots grouped by expert, token order kept inside an expert) and read the row of `x`
 of token `sorted_slots[p] // k` through the plan. The grouped GEMMs cut each expert's positions
@@ -24,6 +27,8 @@ from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import fill_routing_plan
 from moeblaze.kernels.routing_plan import launch_plan
 from moeblaze.reference import fill_plan_torch
+
+DROPPED = -1  # the expert id of a slot that goes to no expert
 
 
 def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -51,8 +56,9 @@ class RoutingPlan:
     tile_expert: torch.Tensor  # [max_tiles] expert of each GEMM tile (E past num_tiles)
     tile_row_start: torch.Tensor  # [max_tiles] sorted position of the tile's first row (S past)
     num_tiles: torch.Tensor  # [1]         number of valid tiles
-    # [2] (number of ids outside [0, E), S - the lowest slot holding one); (0, 0) when all are
-    # valid. Invalid slots are placed nowhere: expert_offsets[E] = S - their number.
+    # [2] (number of ids outside [0, E) other than DROPPED, S - the lowest slot holding one);
+    # (0, 0) when all are valid. Invalid and dropped slots are placed nowhere: expert_offsets[E]
+    # = S - their number; their entries of sorted_slots and slot_positions are undefined.
     invalid_ids: torch.Tensor
 
     @classmethod
@@ -81,8 +87,9 @@ def build_routing_plan(
 
     One stable counting sort: the compiled CUDA kernel (moeblaze._C) or Triton kernels on CUDA,
     Triton under the interpreter, torch ops elsewhere (`kernelbase.backend_for`); all fill the
-    same fields. Ids outside `[0, num_experts)` are placed nowhere and counted in
-    `plan.invalid_ids`; whether that raises ValueError is `check_ids`:
+    same fields. Slots of id `DROPPED` (-1) are placed nowhere. So are ids outside
+    `[0, num_experts)`, which are also counted in `plan.invalid_ids`; whether that raises
+    ValueError is `check_ids`:
 
         None (default)  at once where that costs no host synchronisation (CPU tensors, the torch
                         backend); on CUDA the count is read back without one and raised at the
@@ -141,7 +148,8 @@ def _report_invalid_ids(plan: RoutingPlan, topk_ids, check_ids: bool | None, imm
         bad = int(topk_ids.reshape(-1)[slot])
         return (
             f"topk_ids contains expert id {bad} (topk_ids[{token}, {choice}], the first of "
-            f"{count} ids out of range); expected ids in [0, num_experts={plan.num_experts})"
+            f"{count} ids out of range); expected ids in [0, num_experts={plan.num_experts}) "
+            f"or {DROPPED} for a dropped slot"
         )
 
     if check_ids or immediately:

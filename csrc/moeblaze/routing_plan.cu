@@ -8,9 +8,10 @@
 //   expert_counts [E], expert_offsets [E+1], sorted_slots [S] (slots by expert, slot order kept
 //   inside an expert), slot_positions [S] (the inverse), tile_expert / tile_row_start
 //   [ceil(S/bm) + E] (tiles past num_tiles: expert E, row start S), num_tiles [1],
-//   invalid [2] = (number of ids outside [0, E), S - the lowest slot holding one; 0 if none).
-// Ids outside [0, E) are never used as an index and are placed nowhere: expert_offsets[E] is S
-// less their number, and their entries of sorted_slots / slot_positions are not written.
+//   invalid [2] = (number of ids outside [0, E) other than -1, S - the lowest slot holding one;
+//   0 if none). Dropped slots (id -1) and invalid ids are never used as an index and are placed
+//   nowhere: expert_offsets[E] is S less their number, and their entries of sorted_slots /
+//   slot_positions are not written.
 //
 // Algorithm. The slots are cut into C*W contiguous warp segments of 32*R slots; warp w of block
 // c owns segment c*W + w, so (chunk, warp, round, lane) is slot order.
@@ -65,7 +66,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxChunks = 512;                 // phase 2: 16 column loads per lane
 constexpr int kMinSlotsPerChunk = kWarps * 64;  // at least two rounds of 32 slots per warp
 constexpr int kCachedRounds = 8;                // rounds whose ids stay in registers
-constexpr int kPastEnd = -1;                    // "expert" of a slot >= S
+constexpr int kPastEnd = -1;                    // "expert" of a slot >= S or dropped
 constexpr int kInvalid = -2;                    // "expert" of an id outside [0, E)
 
 struct PlanArgs {
@@ -87,11 +88,13 @@ struct PlanArgs {
   int slots_per_warp;   // 32 * R
 };
 
-// Expert of `slot`: its id, kInvalid for an id outside [0, E), kPastEnd past the last slot.
+// Expert of `slot`: its id, kInvalid for an id outside [0, E) other than -1, kPastEnd past the
+// last slot and for a dropped slot (id -1): both are placed nowhere and not counted.
 template <class Id>
 __device__ __forceinline__ int load_expert(const Id* ids, int64_t slot, const PlanArgs& a) {
   if (slot >= a.num_slots) return kPastEnd;
   const Id id = ids[slot];
+  if (id == Id{-1}) return kPastEnd;
   return (id >= 0 && id < a.num_experts) ? static_cast<int>(id) : kInvalid;
 }
 

@@ -40,9 +40,10 @@ def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
     views into `plan.buffer` (RoutingPlan.from_buffer); afterwards they hold exactly what the
     Triton / torch plan holds, tiles past `num_tiles` included (expert E, row start S).
 
-    `plan.invalid_ids` receives (number of ids outside [0, E), S - the lowest slot holding one;
-    (0, 0) when all ids are valid); invalid ids are never used as an index and are placed
-    nowhere (RoutingPlan). Nothing here synchronises with the host.
+    `plan.invalid_ids` receives (number of ids outside [0, E) other than -1, S - the lowest slot
+    holding one; (0, 0) when all ids are valid); invalid ids and dropped slots (-1) are never
+    used as an index and are placed nowhere (RoutingPlan). Nothing here synchronises with the
+    host.
     """
     check_cuda_tensor("topk_ids", topk_ids, _ID_DTYPES, dim=2)
     device = topk_ids.device

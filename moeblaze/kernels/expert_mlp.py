@@ -1032,7 +1032,8 @@ class TritonStages:
             return dh, dweights, a if store_a else None
         cfg = self._config("grad_act", plan, activation.interleaved)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
-        dw_partial = alloc.empty(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
+        # Zeros: a dropped slot's routing weight gets no gradient.
+        dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
         # One block per epilogue slice: its gate and up columns interleaved, or two blocks of
@@ -1088,12 +1089,13 @@ class TritonStages:
         `weights` is the stack of B [E, K, n]."""
         num_slots, top_k, n = plan.num_slots, plan.top_k, weights.shape[2]
         num_tokens = num_slots // top_k
-        # One slot per token needs no reduction: store straight into the output.
+        # One slot per token needs no reduction: store straight into the output. Zeros first
+        # everywhere: a dropped slot (placed nowhere) adds nothing.
         per_slot = deterministic or top_k == 1
         if per_slot:
             rows = num_slots if top_k > 1 else num_tokens
             dtype = torch.float32 if top_k > 1 else rows_in.dtype
-            out = alloc.empty(rows, n, dtype=dtype, device=rows_in.device)
+            out = torch.zeros(rows, n, dtype=dtype, device=rows_in.device)
         else:
             out = torch.zeros(num_tokens, n, dtype=torch.float32, device=rows_in.device)
         if num_slots > 0:
@@ -1134,8 +1136,8 @@ class TritonStages:
         block_p, block_n = _INTERPRETER_BIAS_GRAD if interpreting() else BIAS_GRAD_BLOCKS
         num_pid_n = triton.cdiv(n, block_n)
         dw_partial = None
-        if gather:
-            dw_partial = alloc.empty(
+        if gather:  # zeros: a dropped slot's routing weight gets no gradient
+            dw_partial = torch.zeros(
                 plan.num_slots, num_pid_n, dtype=torch.float32, device=rows.device
             )
         if out.numel() > 0:

@@ -11,8 +11,8 @@ Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per pro
    `sorted_slots [S]` and the inverse `slot_positions [S]`. The programs also share the tile
    metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile count.
 
-Ids outside [0, E) are placed nowhere (expert_offsets[E] is then less than S) and counted in
-`invalid_ids`, the only atomics, so an invalid id can never make a kernel read or write out of
+Dropped slots (id -1) and ids outside [0, E) are placed nowhere (expert_offsets[E] is then
+less than S); the latter are counted in `invalid_ids`, the only atomics, so an invalid id can never make a kernel read or write out of
 bounds. Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
 same on every run. `chunk_counts[1]` is per-program scratch: each program stores the base
 position of each expert there and reads it back by expert id (a gather registers cannot do).
@@ -38,14 +38,16 @@ def _load_ids(
 ):
     """The chunk's slots [CHUNK], their expert ids as int32 and which ids are invalid.
 
-    Slots past the end and ids outside [0, num_experts) (compared before the int32 cast, so
-    that no id wraps into range) read as E_PAD, no expert: they are placed nowhere.
+    Slots past the end, dropped slots (id -1) and ids outside [0, num_experts) (compared before
+    the int32 cast, so that no id wraps into range) read as E_PAD, no expert: they are placed
+    nowhere. Only the last are invalid.
     """
     slots = chunk * CHUNK + tl.arange(0, CHUNK)
     in_range = slots < num_slots
     raw = tl.load(topk_ids_ptr + slots, mask=in_range, other=0)
-    invalid = in_range & ((raw < 0) | (raw >= num_experts))
-    return slots, tl.where(in_range & ~invalid, raw.to(tl.int32), E_PAD), invalid
+    placed = in_range & (raw >= 0) & (raw < num_experts)
+    invalid = in_range & ~placed & (raw.to(tl.int64) != -1)  # (cast: ids may be unsigned)
+    return slots, tl.where(placed, raw.to(tl.int32), E_PAD), invalid
 
 
 @triton.jit

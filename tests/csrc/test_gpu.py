@@ -128,17 +128,19 @@ def test_plan_is_reproducible_and_never_syncs():
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 def test_invalid_ids_are_counted_and_the_first_reported(dtype):
+    # Dropped slots (-1) are placed nowhere too, and not counted.
     T, E, k = 5000, 32, 4
     topk_ids = _routing(T, E, k, "random", seed=5, dtype=dtype)
     flat = topk_ids.view(-1)
     bad_slots = torch.tensor([7, 123, 4096, 19_999], device="cuda")
-    bad_values = [E, -1, 2**31 - 1 if dtype == torch.int32 else 2**40, -(2**20)]
+    bad_values = [E, -2, 2**31 - 1 if dtype == torch.int32 else 2**40, -(2**20)]
     flat[bad_slots] = torch.tensor(bad_values, device="cuda", dtype=dtype)
+    flat[torch.tensor([3, 8, 4097, 19_998], device="cuda")] = -1  # dropped: no error
     plan, invalid = _compiled_plan(topk_ids, E, 64)
     assert invalid.tolist() == [4, T * k - 7]  # (count, S - the lowest invalid slot)
     counts = torch.bincount(flat[(flat >= 0) & (flat < E)].long(), minlength=E)
     assert torch.equal(plan.expert_counts.long(), counts)  # valid ids still counted exactly
-    assert int(plan.expert_offsets[E]) == T * k - 4  # invalid slots are placed nowhere
+    assert int(plan.expert_offsets[E]) == T * k - 8  # invalid and dropped slots placed nowhere
     # The Triton plan handles invalid ids the same way, field for field where both are defined.
     triton_plan = _empty_plan(T, k, E, 64)
     launch_plan(topk_ids, triton_plan)

@@ -16,7 +16,7 @@ from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.ops import STAGES
 from moeblaze.reference import TORCH_STAGES
 
-ROUTINGS = ("random", "one_expert", "skip_experts")
+ROUTINGS = ("random", "one_expert", "skip_experts", "dropped")
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +107,12 @@ class MoEProblem:
 
 def _routing(T, E, k, routing, g):
     """topk_ids [T, k] (distinct per token) and topk_weights [T, k] > 0."""
+    if routing == "dropped":
+        # Random, then about a third of the slots dropped (id -1), all of token 0's.
+        ids, weights = _routing(T, E, k, "random", g)
+        drop = torch.rand(T, k, generator=g) < 1 / 3
+        drop[:1] = True
+        return ids.masked_fill(drop, moeblaze.DROPPED), weights
     if routing == "random":
         allowed = torch.arange(E)
     elif routing == "one_expert":
@@ -163,6 +169,7 @@ def _make_problem(
 
 @pytest.fixture(scope="session")
 def make_problem():
-    """`make_problem(T, d, F, E, k, dtype, seed, routing="random"|"one_expert"|"skip_experts",
-    device="cpu", biases=False) -> MoEProblem` (session-scoped: it is a pure function)."""
+    """`make_problem(T, d, F, E, k, dtype, seed, routing="random"|"one_expert"|"skip_experts"|
+    "dropped", device="cpu", biases=False) -> MoEProblem` (session-scoped: it is a pure
+    function)."""
     return _make_problem

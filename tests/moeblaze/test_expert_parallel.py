@@ -8,7 +8,8 @@ subgroups {0, 1} and {2, 3} at the same time. The parent process runs `moeblaze.
 tokens of all ranks (forward and backward); each worker runs
 `ExpertParallelMoELayer.from_moe_layer` on its own tokens and compares its output, dx, its
 experts' slices of dw13 and dw2, and the all-reduced (data-parallel) gradients of the
-replicated router and shared expert.
+replicated router and shared expert. The workers also run expert_parallel_mlp on routings with
+dropped slots against moe_mlp on every rank's tokens.
 
 A run of 2 gloo processes checks the Megatron-style layer with expert_model_parallel_size=2
 against the one-rank Megatron-style layer: initial model, loading a rank's state dict, output,
@@ -195,6 +196,40 @@ def _check_errors(group) -> None:
         expert_parallel_mlp(x, ids, torch.ones(3, 1), w13, w2, group)
 
 
+def _check_dropped(group) -> None:
+    """Dropped slots (-1) on every rank, all of one rank's tokens on one rank: expert_parallel_mlp
+    on this rank's tokens matches moe_mlp on every rank's (out, dx, dtopk_weights, this rank's
+    dw13 and dw2), and a dropped slot's weight gets gradient 0."""
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    tokens = [6, 0, 5, 4][:W]
+    x, dout = randn(sum(tokens), D, seed=40), randn(sum(tokens), D, seed=41)
+    w13, w2 = randn(E, 2 * FFN, D, seed=42) / D**0.5, randn(E, D, FFN, seed=43) / FFN**0.5
+    g = torch.Generator().manual_seed(44)
+    ids = torch.rand(sum(tokens), E, generator=g).topk(K, dim=-1).indices
+    ids[torch.rand(ids.shape, generator=g) < 0.4] = moeblaze.DROPPED
+    ids[: tokens[0]] = moeblaze.DROPPED  # rank 0 sends nothing at all
+    weights = torch.rand(ids.shape, generator=g)
+
+    def run(fn, rows, experts, *group_arg):
+        leaves = [
+            t.clone().requires_grad_() for t in (x[rows], weights[rows], w13[experts], w2[experts])
+        ]
+        out = fn(leaves[0], ids[rows], leaves[1], *leaves[2:], *group_arg)
+        out.backward(dout[rows])
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    first = sum(tokens[:r])
+    mine = slice(first, first + tokens[r])
+    local = slice(r * E // W, (r + 1) * E // W)
+    actual = run(expert_parallel_mlp, mine, local, group)
+    expected = run(moeblaze.moe_mlp, slice(None), slice(None))
+    expected = [t[mine] for t in expected[:3]] + [t[local] for t in expected[3:]]
+    for name, a, b in zip(("out", "dx", "dweights", "dw13", "dw2"), actual, expected, strict=True):
+        assert_close(a, b, rtol=RTOL, name=f"dropped slots (W={W}) rank {r}: {name}")
+    dropped = ids[mine] == moeblaze.DROPPED
+    assert torch.equal(actual[2][dropped], torch.zeros(int(dropped.sum())))
+
+
 def _gloo_worker(rank, init_method, pair_cases, case):
     with gloo_rank(rank, NUM_PROCS, init_method, timeout_s=60):
         torch.set_num_threads(1)
@@ -205,6 +240,7 @@ def _gloo_worker(rank, init_method, pair_cases, case):
             _check_case(pair_case, pair)
         _check_ranges(profile, pair_case)
         _check_case(case, dist.group.WORLD)
+        _check_dropped(dist.group.WORLD)
         _check_init([pair, dist.group.WORLD])
         _check_errors(dist.group.WORLD)
 

@@ -40,6 +40,8 @@ SHAPES = {
     "unaligned": (300, 196, 120, 8, 2, "random"),
     # S >= 512 E: the plan's block_m is 128 (the other shapes' is 64).
     "tall": (4096, 256, 192, 8, 2, "random"),
+    # A third of the slots dropped (id -1), all of token 0's.
+    "dropped": (777, 200, 120, 10, 3, "dropped"),
 }
 
 
@@ -62,8 +64,12 @@ def test_bf16_matches_reference(shape, make_problem):
         actual = problem.run(recompute=policy)
         for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
             assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=f"{policy} {name}")
-    counts = torch.bincount(problem.topk_ids.reshape(-1), minlength=E)
+    ids = problem.topk_ids[problem.topk_ids != moeblaze.DROPPED]
+    counts = torch.bincount(ids, minlength=E)
     assert not actual[3][counts == 0].any() and not actual[4][counts == 0].any()
+    if routing == "dropped":  # token 0: no expert; no gradient for a dropped slot's weight
+        dropped = problem.topk_ids == moeblaze.DROPPED
+        assert not actual[0][0].any() and not actual[1][0].any() and not actual[2][dropped].any()
 
 
 # DeepSeek-V4's and GPT-OSS's forms, with limits that clamp part of the pre-activations (their
@@ -109,10 +115,12 @@ def test_bf16_pointer_loads_match_reference(shape, make_problem, monkeypatch):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("shape", ["odd", "k1"])
+@pytest.mark.parametrize("shape", ["odd", "k1", "dropped"])
 def test_fp16_matches_reference(shape, deterministic, make_problem):
     T, d, F, E, k, routing = SHAPES[shape]
-    problem = make_problem(T, d, F, E, k, dtype=torch.float16, seed=2, device="cuda")
+    problem = make_problem(
+        T, d, F, E, k, dtype=torch.float16, seed=2, routing=routing, device="cuda"
+    )
     expected = problem.reference()
     baseline = _low_precision_baseline(problem, torch.float16)
     actual = problem.run(deterministic=deterministic)
@@ -121,7 +129,7 @@ def test_fp16_matches_reference(shape, deterministic, make_problem):
 
 
 @pytest.mark.parametrize("policy", moeblaze.RECOMPUTE_POLICIES)
-@pytest.mark.parametrize("shape", ["odd", "k1", "empty_experts"])
+@pytest.mark.parametrize("shape", ["odd", "k1", "empty_experts", "dropped"])
 def test_fp32_matches_reference(shape, policy, make_problem):
     assert not torch.backends.cuda.matmul.allow_tf32
     T, d, F, E, k, routing = SHAPES[shape]

@@ -50,6 +50,9 @@ SHAPES = {
     "unaligned": (19, 36, 21, 4, 2, "random"),
     # h's rows can be described (48 bytes) but its up half starts 24 bytes in: h by pointers.
     "F6": (13, 16, 6, 3, 2, "random"),
+    # A third of the slots dropped (id -1), all of token 0's: no expert, no output, no gradient.
+    "dropped": (37, 48, 40, 6, 2, "dropped"),
+    "dropped_k1": (29, 40, 24, 5, 1, "dropped"),
 }
 # GPT-OSS's SwiGLU with a limit that clamps a good part of the N(0, 1) pre-activations.
 GPT_OSS_SMALL = SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0)
@@ -64,7 +67,8 @@ def test_outputs_are_poisoned():
 
 
 def assert_empty_experts_get_zero_grads(problem, dw13, dw2):
-    counts = torch.bincount(problem.topk_ids.reshape(-1), minlength=problem.w13.shape[0])
+    ids = problem.topk_ids[problem.topk_ids != moeblaze.DROPPED]
+    counts = torch.bincount(ids, minlength=problem.w13.shape[0])
     empty = counts == 0
     assert torch.equal(dw13[empty], torch.zeros_like(dw13[empty]))
     assert torch.equal(dw2[empty], torch.zeros_like(dw2[empty]))
@@ -80,8 +84,32 @@ def test_matches_reference(shape, path, make_problem):
     assert actual[0].dtype == torch.float32 and actual[0].shape == (T, d)
     assert_matches_reference(actual, expected)
     empty = assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
-    if routing != "random" or E == 256:
+    if routing in ("one_expert", "skip_experts") or E == 256:
         assert empty > 0, "the case is meant to leave experts without tokens"
+    if routing == "dropped":
+        assert_dropped_slots_add_nothing(problem, actual)
+
+
+def assert_dropped_slots_add_nothing(problem, actual):
+    """Exact zeros where only dropped slots reach: token 0's output and input gradient (without
+    biases: with them the output is still 0), and the routing weights of dropped slots."""
+    dropped = problem.topk_ids == moeblaze.DROPPED
+    assert dropped[0].all() and 0 < dropped.sum() < dropped.numel()
+    out, dx, dweights = actual[:3]
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(dx[0], torch.zeros_like(dx[0]))
+    assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))
+
+
+@pytest.mark.parametrize("biases", [False, True], ids=["plain", "biases"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("k", [2, 1])
+def test_dropped_slots(k, policy, deterministic, biases, path, make_problem):
+    problem = make_problem(23, 40, 24, 5, k, seed=4, routing="dropped", biases=biases)
+    actual = problem.run(recompute=policy, deterministic=deterministic)
+    assert_matches_reference(actual, problem.reference())
+    assert_dropped_slots_add_nothing(problem, actual)
 
 
 @pytest.mark.parametrize("name", ["odd", "k1", "empty_experts"])
@@ -664,10 +692,10 @@ def _bad_cases():
             r"range\); expected ids in \[0, num_experts=4\)",
         ),
         (
-            "id=-1",
-            with_(topk_ids=lambda a: torch.where(a["topk_ids"] == 0, -1, a["topk_ids"])),
+            "id=-2",
+            with_(topk_ids=lambda a: torch.where(a["topk_ids"] == 0, -2, a["topk_ids"])),
             ValueError,
-            r"topk_ids contains expert id -1",
+            r"topk_ids contains expert id -2",
         ),
         (
             "k>E",

@@ -112,12 +112,12 @@ def test_plan_is_reproducible():
         (torch.zeros(2, 4, 1, dtype=torch.int64), 4, 16, ValueError, r"topk_ids must be 2-D"),
         (torch.zeros(4, 5, dtype=torch.int64), 4, 16, ValueError, r"topk_ids has k=5"),
         (torch.tensor([[0, 4]]), 4, 16, ValueError, r"topk_ids contains expert id 4"),
-        (torch.tensor([[-1, 2]]), 4, 16, ValueError, r"topk_ids contains expert id -1"),
+        (torch.tensor([[-2, 2]]), 4, 16, ValueError, r"topk_ids contains expert id -2"),
         (torch.tensor([[0, 1]], dtype=torch.int32), 0, 16, ValueError, "num_experts"),
         (torch.tensor([[0, 1]]), 4, 48, ValueError, "block_m must be a power of two"),
         (torch.tensor([[0, 1]]), 4, 8, ValueError, "block_m must be a power of two >= 16"),
     ],
-    ids=["float", "bool", "1-D", "3-D", "k>E", "id=E", "id=-1", "E=0", "bm48", "bm8"],
+    ids=["float", "bool", "1-D", "3-D", "k>E", "id=E", "id=-2", "E=0", "bm48", "bm8"],
 )
 def test_bad_input(topk_ids, num_experts, block_m, error, match):
     with pytest.raises(error, match=match):
@@ -139,17 +139,19 @@ def test_check_ids_false_skips_the_range_check():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 def test_invalid_ids_are_placed_nowhere_and_counted(backend, dtype):
     """What keeps a kernel in bounds whatever the ids: the slots of ids outside [0, E) (negative,
-    E, or an int64 that would wrap into range as int32) get no position, expert_offsets[E] is
-    S less their number, `invalid_ids` = (their number, S - the lowest such slot), and the valid
-    slots are placed exactly as without them."""
+    E, or an int64 that would wrap into range as int32) and the dropped slots (-1) get no
+    position, expert_offsets[E] is S less their number, `invalid_ids` = (the number of invalid
+    ones, S - the lowest such slot; dropped slots are no error), and the valid slots are placed
+    exactly as without them."""
     T, E, k = 300, 6, 2
     topk_ids = _ids(T, E, k, "random").to(dtype)
     flat = topk_ids.view(-1)
     big = 2**32 + 1 if dtype == torch.int64 else 2**31 - 1  # int64: wraps to id 1 as int32
-    bad = {37: -1, 38: E, 251: big, 599: -(2**20)}
-    for slot, value in bad.items():
+    bad = {37: -2, 38: E, 251: big, 599: -(2**20)}
+    dropped = {0: -1, 36: -1, 40: -1, 598: -1}
+    for slot, value in {**bad, **dropped}.items():
         flat[slot] = value
-    S, valid = T * k, T * k - len(bad)
+    S, valid = T * k, T * k - len(bad) - len(dropped)
     guard = 64
     with moeblaze.use_backend(backend):
         plan = build_routing_plan(topk_ids, E, block_m=16, check_ids=False)
@@ -161,7 +163,7 @@ def test_invalid_ids_are_placed_nowhere_and_counted(backend, dtype):
     assert plan.invalid_ids.tolist() == [len(bad), S - 37]
     assert int(plan.expert_offsets[E]) == valid
     keep = torch.ones(S, dtype=torch.bool)
-    keep[list(bad)] = False
+    keep[list(bad) + list(dropped)] = False
     ids = flat.long()
     assert torch.equal(plan.expert_counts.long(), torch.bincount(ids[keep], minlength=E))
     expected = torch.arange(S)[keep][torch.sort(ids[keep], stable=True).indices]
@@ -179,7 +181,7 @@ def test_invalid_ids_raise_at_once_on_the_cpu(backend):
         pytest.raises(
             ValueError,
             match=r"topk_ids contains expert id 9 \(topk_ids\[7, 1\], the first of 1 ids out of "
-            r"range\); expected ids in \[0, num_experts=6\)",
+            r"range\); expected ids in \[0, num_experts=6\) or -1 for a dropped slot",
         ),
     ):
         build_routing_plan(topk_ids, 6, block_m=16)
