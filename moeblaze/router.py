@@ -4,6 +4,7 @@
     x [N, d] --float32--> logits = x @ weight.T (+ bias) [N, E] --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
+    (capacity_factor: the slots past each expert's capacity get id DROPPED and weight 0)
     aux_loss_coeff * load-balancing loss (+ seq_aux_loss_coeff * its mean over sequences
         + global_aux_loss_coeff * its version with the global batch's counts)
         + z_loss_coeff * z-loss --> gradient, through topk_weights
@@ -38,21 +39,25 @@ from moeblaze.reference import (
     router_topk_reference,
     select_experts,
 )
+from moeblaze.routing_plan import DROPPED
 
 AUX_COUNTS = ("routed", "scores")
+DROP_POLICIES = ("probs", "position")
 
 
 @dataclasses.dataclass(frozen=True)
 class RouterOutput:
     """What `Router.forward` returns. Losses are detached copies, for logging."""
 
-    topk_ids: torch.Tensor  # [N, k] int64, chosen experts, best first
+    # [N, k] int64, chosen experts, best first; DROPPED (-1) for a slot dropped for capacity
+    topk_ids: torch.Tensor
     topk_weights: torch.Tensor  # [N, k] float32, differentiable, carries the injected loss gradient
     logits: torch.Tensor  # [N, E] float32, differentiable
     aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
     z_loss: torch.Tensor  # [] float64 z-loss mean(logsumexp(logits)^2), *unscaled*
     router_loss: torch.Tensor  # [] the weighted sum of the losses in use (their coeff > 0)
-    tokens_per_expert: torch.Tensor  # [E] int64, slots routed to each expert, sums to N * k
+    # [E] int64, slots routed to each expert, sums to N * k less the slots dropped for capacity
+    tokens_per_expert: torch.Tensor
     # [] the load-balancing loss per sequence, averaged, *unscaled*; 0 without sequence_ids
     seq_aux_loss: torch.Tensor
     # [] the load-balancing loss against the global batch's counts, *unscaled*; 0 unless its
@@ -124,6 +129,14 @@ class Router(nn.Module):
       `reset_global_aux_loss_tracker()` (call it once per optimizer step), against this
       forward's scores; the token count it divides by is this forward's over the group, as
       Megatron's.
+    - `capacity_factor`, `drop_policy`: token dropping (Megatron's `moe_expert_capacity_factor`
+      and `moe_token_drop_policy`, GShard / Switch capacity). Each expert takes at most
+      `ceil(N * k / E * capacity_factor)` of this forward's N tokens; the slots past that get
+      `topk_ids` DROPPED (-1: no expert computes them) and `topk_weights` 0. `"probs"` keeps the
+      slots of the largest weights (ties: the earlier token), `"position"` the earliest
+      tokens. The weights are renormalised before dropping, not after; the balancing losses
+      count the choices before dropping, the expert-bias counts and `tokens_per_expert` those
+      kept. None (default): no token is dropped.
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
@@ -172,6 +185,8 @@ class Router(nn.Module):
         global_aux_loss_coeff: float = 0.0,
         aux_counts: str = "routed",
         z_loss_coeff: float = 0.0,
+        capacity_factor: float | None = None,
+        drop_policy: str = "probs",
         loss_group=None,
         global_group=None,
         device=None,
@@ -194,6 +209,15 @@ class Router(nn.Module):
         )
         if aux_counts not in AUX_COUNTS:
             raise ValueError(f"aux_counts={aux_counts!r} must be one of {AUX_COUNTS}")
+        if capacity_factor is not None and not (
+            math.isfinite(capacity_factor) and capacity_factor > 0
+        ):
+            raise ValueError(
+                f"capacity_factor={capacity_factor} must be None (no dropping) or a finite "
+                f"number > 0"
+            )
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy={drop_policy!r} must be one of {DROP_POLICIES}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -208,6 +232,8 @@ class Router(nn.Module):
         self.aux_counts = aux_counts
         self.z_loss_coeff = float(z_loss_coeff)
         self.global_aux_loss_coeff = float(global_aux_loss_coeff)
+        self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
+        self.drop_policy = drop_policy
         self.loss_group = loss_group
         self.global_group = global_group
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
@@ -263,8 +289,8 @@ class Router(nn.Module):
         `token_mask [N]` (bool, True for a real token) leaves the other tokens (padding) out of
         every statistic: the balancing losses (their choices and probabilities; a sequence's and
         the batch's token counts are its real tokens), the z-loss (the mean over the real
-        tokens) and the expert-bias counts. They are still routed, and `tokens_per_expert`
-        counts every token's choices."""
+        tokens) and the expert-bias counts. They are still routed (and compete for capacity),
+        and `tokens_per_expert` counts every token's choices."""
         with profile_range("moeblaze.router"):
             self._check_input(x)
             self._check_sequences(x, sequence_ids, num_sequences)
@@ -279,14 +305,20 @@ class Router(nn.Module):
             if not torch.compiler.is_compiling():
                 nonfinite = (~torch.isfinite(logits)).any().to(torch.int32).reshape(1)
                 deferred.defer(nonfinite, _describe_nonfinite_logits)
-            topk_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
+            chosen_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
+            topk_ids = chosen_ids
+            if self.capacity_factor is not None:
+                topk_ids, topk_weights = self._drop_over_capacity(chosen_ids, topk_weights)
 
-            tokens_per_expert = _slots_per_expert(topk_ids, num_experts)  # [E]
-            counted = tokens_per_expert  # [E], of the real tokens
+            tokens_per_expert = _slots_per_expert(topk_ids, num_experts)  # [E] slots kept
+            counted = tokens_per_expert  # [E] slots kept of the real tokens
             if token_mask is not None:
                 counted = _slots_per_expert(topk_ids, num_experts, token_mask)
+            chosen = counted  # [E] slots chosen (dropped or not) of the real tokens
+            if topk_ids is not chosen_ids:
+                chosen = _slots_per_expert(chosen_ids, num_experts, token_mask)
             # Counted once per real forward: not again when activation checkpointing reruns the
             # forward inside backward.
             if self.expert_bias is not None and self.training and not _recomputing():
@@ -294,7 +326,7 @@ class Router(nn.Module):
                     self.tokens_per_expert_accum += counted
 
             losses = self._losses(
-                logits, scores, topk_ids, counted, sequence_ids, num_sequences, token_mask
+                logits, scores, chosen_ids, chosen, sequence_ids, num_sequences, token_mask
             )
             # Only the terms in use: a huge z-loss logged with z_loss_coeff=0 must not make the
             # injected loss inf or NaN.
@@ -442,6 +474,29 @@ class Router(nn.Module):
                 return RouterTopK.apply(logits, *options)
         return router_topk_reference(logits, *options, per_group)
 
+    def _drop_over_capacity(self, topk_ids, topk_weights):
+        """(topk_ids, topk_weights) [N, k] with the slots past each expert's capacity dropped: id
+        DROPPED, weight 0 (its gradient too). A stable sort of the slots by expert (by weight,
+        descending, within an expert for "probs"; by slot, so token order, for "position"): a
+        slot's rank in its expert is its sorted position less the expert's first. No host
+        synchronisation."""
+        num_tokens, top_k = topk_ids.shape
+        capacity = math.ceil(num_tokens * top_k / self.num_experts * self.capacity_factor)
+        if capacity >= num_tokens:  # no expert can receive more: nothing to drop
+            return topk_ids, topk_weights
+        ids = topk_ids.flatten()  # [S]
+        if self.drop_policy == "probs":
+            order = torch.sort(topk_weights.detach().flatten(), descending=True, stable=True)[1]
+            order = order[torch.sort(ids[order], stable=True)[1]]
+        else:
+            order = torch.sort(ids, stable=True)[1]  # [S] slots by expert, then slot
+        counts = _slots_per_expert(topk_ids, self.num_experts)  # [E]
+        first = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
+        ranks = torch.empty_like(ids)
+        ranks[order] = torch.arange(ids.numel(), device=ids.device) - first[ids[order]]
+        keep = (ranks < capacity).view(num_tokens, top_k)
+        return topk_ids.masked_fill(~keep, DROPPED), topk_weights * keep
+
     def _balancing_probs(self, scores):
         """Each token's scores as a distribution over the experts (sigmoid ones normalised)."""
         if self.score_func == "sigmoid":
@@ -543,6 +598,8 @@ class Router(nn.Module):
             s += f", loss_group=<{_group_size(self.loss_group)} ranks>"
         if self.global_aux_loss_coeff > 0:
             s += f", global_aux_loss_coeff={self.global_aux_loss_coeff}"
+        if self.capacity_factor is not None:
+            s += f", capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy!r}"
         return s + f", z_loss_coeff={self.z_loss_coeff}"
 
 
@@ -557,18 +614,19 @@ def _sequence_slots(
     sequence `sequence_ids[t]` (only the tokens of `token_mask [N]` where given)."""
     k = ids.shape[1]
     slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
-    slots = slot_sequence * num_experts + ids.flatten()  # [N*k]
+    slots = slot_sequence * num_experts + ids.flatten().clamp_min(0)  # [N*k]
     counts = torch.zeros(num_sequences * num_experts, dtype=torch.int64, device=ids.device)
     counts.scatter_add_(0, slots, _slot_weights(ids, token_mask))
     return counts.view(num_sequences, num_experts)
 
 
 def _slot_weights(ids: torch.Tensor, token_mask) -> torch.Tensor:
-    """[N*k] int64: 1 for each slot of `ids [N, k]` (0 for those of tokens outside
-    `token_mask [N]`)."""
-    if token_mask is None:
-        return torch.ones(ids.numel(), dtype=torch.int64, device=ids.device)
-    return token_mask.view(-1, 1).expand(ids.shape).reshape(-1).long()
+    """[N*k] int64: 1 for each slot of `ids [N, k]`, 0 for a dropped one (DROPPED) and those of
+    tokens outside `token_mask [N]`."""
+    counted = ids != DROPPED
+    if token_mask is not None:
+        counted = counted & token_mask.view(-1, 1)
+    return counted.flatten().long()
 
 
 def _summed_over(group, tokens_per_expert, sequence_counts):
@@ -585,10 +643,11 @@ def _summed_over(group, tokens_per_expert, sequence_counts):
 
 def _slots_per_expert(ids: torch.Tensor, num_experts: int, token_mask=None) -> torch.Tensor:
     """[E] int64 count of each expert's slots in `ids [N, k]` (of the tokens of `token_mask [N]`
-    where given); scatter_add_ rather than bincount, which syncs with the host to size its
-    output."""
+    where given; dropped slots count nowhere); scatter_add_ rather than bincount, which syncs
+    with the host to size its output."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    return counts.scatter_add_(0, ids.flatten().long(), _slot_weights(ids, token_mask))
+    index = ids.flatten().long().clamp_min(0)  # a dropped slot adds its weight 0 to expert 0
+    return counts.scatter_add_(0, index, _slot_weights(ids, token_mask))
 
 
 def _check_options(

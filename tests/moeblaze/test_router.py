@@ -477,6 +477,9 @@ def test_profile_range():
         (dict(z_loss_coeff=-1.0), r"z_loss_coeff=-1.0 must be >= 0"),
         (dict(topk_scaling_factor=0.0), r"topk_scaling_factor=0.0 must be a finite number > 0"),
         (dict(topk_scaling_factor=float("inf")), r"topk_scaling_factor=inf must be a finite"),
+        (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be None \(no dropping\) or a"),
+        (dict(capacity_factor=float("nan")), r"capacity_factor=nan must be None"),
+        (dict(drop_policy="random"), r"drop_policy='random' must be one of \('probs', 'posi"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
@@ -616,3 +619,67 @@ def test_token_mask_errors():
         router(_x(5), token_mask=torch.ones(5, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"got torch.bool \(4,\)"):
         router(_x(5), token_mask=torch.ones(4, dtype=torch.bool))
+
+
+def _kept_by_loop(topk_ids, topk_weights, capacity, policy):
+    """[N, k] bool: the slots each expert keeps, expert by expert: its `capacity` largest weights
+    (ties: the earlier token) or its `capacity` earliest tokens."""
+    keep = torch.zeros_like(topk_ids, dtype=torch.bool)
+    for e in topk_ids.unique().tolist():
+        tokens, choices = torch.where(topk_ids == e)
+        if policy == "probs":
+            weights = topk_weights[tokens, choices].tolist()
+            ranked = sorted(range(len(tokens)), key=lambda i: (-weights[i], int(tokens[i])))
+        else:
+            ranked = range(len(tokens))  # torch.where lists them in token order
+        for i in list(ranked)[:capacity]:
+            keep[tokens[i], choices[i]] = True
+    return keep
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize(
+    "factor, top_k, num_experts", [(1.0, 3, E), (0.5, 2, 6), (1.25, 1, 4), (2.0, 3, E)]
+)
+def test_capacity_drops_the_slots_past_each_experts_capacity(factor, top_k, num_experts, policy):
+    """Against a loop over the experts: ids DROPPED and weights 0 past capacity (weights
+    renormalised before dropping), tokens_per_expert and the expert-bias counts those kept, the
+    balancing losses those chosen, and no gradient through a dropped weight."""
+    n = 40
+    options = dict(top_k=top_k, num_experts=num_experts, aux_loss_coeff=0.1, expert_bias=True)
+    x = _x(n, seed=5)
+    x[7] = x[3]  # tokens 3 and 7 tie for every expert: the earlier one is kept first
+    plain = _router(**options).train()
+    router = _router(**options, capacity_factor=factor, drop_policy=policy).train()
+    expected, out = plain(x), router(x)
+    capacity = -(-n * top_k * factor // num_experts)  # ceil
+    keep = _kept_by_loop(expected.topk_ids, expected.topk_weights.detach(), int(capacity), policy)
+    if factor == 2.0:
+        assert keep.all(), "the case is meant to fit every token"
+    else:
+        assert not keep.all(), "the case is meant to drop slots"
+    assert torch.equal(out.topk_ids, expected.topk_ids.masked_fill(~keep, -1))
+    assert torch.equal(out.topk_weights, expected.topk_weights * keep)
+    kept_ids = expected.topk_ids[keep]
+    assert torch.equal(out.tokens_per_expert, torch.bincount(kept_ids, minlength=num_experts))
+    assert torch.equal(router.tokens_per_expert_accum, out.tokens_per_expert)
+    for loss in ("aux_loss", "z_loss"):
+        assert torch.equal(getattr(out, loss), getattr(expected, loss)), loss
+    upstream = torch.randn(n, top_k, generator=torch.Generator().manual_seed(6))
+    out.topk_weights.backward(upstream)
+    (expected.topk_weights * keep).backward(upstream)
+    torch.testing.assert_close(router.weight.grad, plain.weight.grad)
+
+
+def test_capacity_with_padding():
+    """Padding tokens compete for capacity (as in Megatron) but are counted nowhere."""
+    n = 30
+    x, mask = _x(n, seed=8), torch.arange(n) % 3 != 0
+    router = _router(capacity_factor=0.5, expert_bias=True).train()
+    out = router(x, token_mask=mask)
+    plain = _router(capacity_factor=0.5).train()(x)
+    assert torch.equal(out.topk_ids, plain.topk_ids)
+    kept = out.topk_ids[mask]
+    counts = torch.bincount(kept[kept >= 0], minlength=E)
+    assert torch.equal(router.tokens_per_expert_accum, counts)
+    assert int(out.tokens_per_expert.sum()) == int((out.topk_ids >= 0).sum()) < n * 3
