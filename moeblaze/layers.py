@@ -9,6 +9,7 @@ the Megatron-style one): parameters, checks and the forward around the routed ex
     moe_mlp(x, topk_ids, topk_weights, w13 [E, 2F, d], w2 [E, d, F]) (+ shared expert) -> [..., d]
 """
 
+import dataclasses
 import difflib
 import inspect
 import math
@@ -19,6 +20,7 @@ from torch import nn
 from moeblaze.activation import SWIGLU, SwiGLU
 from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
+from moeblaze.routing_plan import DROPPED
 
 
 class MoEBlock(nn.Module):
@@ -146,7 +148,9 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x [..., d]` -> `[..., d]`. `token_mask [...]` (bool, x's leading shape; True for a
-        real token) leaves padding out of the router's statistics (`moeblaze.Router`)."""
+        real token) leaves padding out of the router's statistics (`moeblaze.Router`) and out of
+        the routed experts: a padding token's slots are dropped (its routed output is 0; the
+        shared expert still computes it)."""
         if x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
@@ -161,6 +165,9 @@ class MoEBlock(nn.Module):
         mask = None if token_mask is None else token_mask.reshape(-1)
         routing = self.router(tokens, *sequences, token_mask=mask)
         self.last_router_output = routing
+        if mask is not None:  # padding goes to no expert
+            ids = routing.topk_ids.masked_fill(~mask.unsqueeze(-1), DROPPED)
+            routing = dataclasses.replace(routing, topk_ids=ids)
         out = self.routed_mlp(tokens, routing)
         if self.shared_expert is not None:
             out = out + self.shared_mlp(tokens)
@@ -207,8 +214,9 @@ class MoELayer(MoEBlock):
     learnable `g [d]` (Qwen2-MoE's `shared_expert_gate`, Megatron's `moe_shared_expert_gate`).
     After each forward, `last_router_output` holds the router's `RouterOutput` (aux losses and
     tokens per expert, for logging). `forward(x, token_mask)` leaves the tokens outside
-    `token_mask` (padding) out of the balancing losses, the z-loss and the expert-bias counts;
-    they still go through the experts.
+    `token_mask` (padding) out of the balancing losses, the z-loss, the expert-bias counts and
+    the routed experts (`MoEBlock.forward`). `capacity_factor` and `drop_policy` drop the
+    tokens past each expert's capacity (`moeblaze.Router`).
     """
 
     def __init__(

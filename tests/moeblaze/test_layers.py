@@ -31,14 +31,18 @@ def _linear64(x, linear):
     return F.linear(x, linear.weight.double(), bias)
 
 
-def _hand_composition(layer, x):
-    """Router (float32, as the layer runs it, with its bias) -> float64 reference experts +
-    shared expert."""
+def _hand_composition(layer, x, token_mask=None):
+    """Router (float32, as the layer runs it, with its bias) -> float64 reference experts (the
+    slots of tokens outside `token_mask` dropped) + shared expert."""
     tokens = x.reshape(-1, D)  # [N, d]
-    routing = layer.router(tokens)
+    mask = None if token_mask is None else token_mask.reshape(-1)
+    routing = layer.router(tokens, token_mask=mask)
+    topk_ids = routing.topk_ids
+    if mask is not None:
+        topk_ids = topk_ids.masked_fill(~mask.unsqueeze(-1), moeblaze.DROPPED)
     out = moeblaze.moe_mlp_reference(
         tokens.double(),
-        routing.topk_ids,
+        topk_ids,
         routing.topk_weights.double(),
         layer.w13.double(),
         layer.w2.double(),
@@ -104,6 +108,29 @@ def test_layer_matches_hand_composition(shared, recompute, activation, bias):
         assert a is not None, f"no gradient reached {name}"
         assert a.abs().sum() > 0, f"zero gradient for {name}"
         assert_close(a, e, rtol=RTOL, name=name)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_and_padding_drop_slots_before_the_experts(policy):
+    """With a capacity and a token_mask, the layer matches the hand composition whose router
+    drops slots past capacity and whose experts drop the padding's slots: forward and every
+    gradient; padding gets the shared expert's output alone."""
+    layer = _layer(
+        capacity_factor=0.75, drop_policy=policy, shared_expert_size=SHARED, bias=True
+    ).train()
+    g = torch.Generator().manual_seed(2)
+    x, dout = torch.randn(B, L, D, generator=g), torch.randn(B, L, D, generator=g)
+    mask = torch.arange(L) < torch.tensor([[5], [2]])  # [B, L]: 5 and 2 real tokens
+    actual = _step(lambda m, t: m(t, mask), layer, x, dout)
+    expected = _step(lambda m, t: _hand_composition(m, t, mask), layer, x, dout)
+    routed = layer.last_router_output.topk_ids
+    assert (routed == moeblaze.DROPPED).any(), "the case is meant to drop slots for capacity"
+    names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    for name, a, e in zip(names, actual, expected, strict=True):
+        assert_close(a, e, rtol=RTOL, name=name)
+    with torch.no_grad():
+        shared = layer.shared_expert(x[~mask])
+    assert_close(actual[0][~mask], shared, rtol=RTOL, name="padding's output")
 
 
 def test_topk_scaling_factor_scales_the_routed_experts_only():
