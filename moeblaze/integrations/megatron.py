@@ -86,13 +86,23 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   forwards.
 - `forward(hidden_states, padding_mask=)`: Megatron's `[b, s]` mask, True for padding (the
   convention of megatron-core's code and GPTModel, whose MoE docstrings say the opposite). The
-  padding tokens are routed and computed as the others, and left out of the balancing losses
-  (their choices and probabilities; the token counts are the real tokens'), the z-loss (the
-  mean over the real tokens) and the expert-bias counts (`moeblaze.Router`'s `token_mask`).
+  padding tokens are routed as the others (and compete for capacity, as in Megatron), but go
+  to no routed expert (their routed output is 0; Megatron computes them), and are left out of
+  the balancing losses (their choices and probabilities; the token counts are the real
+  tokens'), the z-loss (the mean over the real tokens) and the expert-bias counts
+  (`moeblaze.Router`'s `token_mask`).
   Megatron's sequence loss then divides every sequence's by the batch's mean number of real
   tokens, moeblaze each by its own: they agree where every sequence has as many. (megatron-core
   0.16's expert-bias count fails with a padding mask, Megatron-LM issue #6111; moeblaze counts
   the real tokens' choices.)
+- Token dropping (`moe_expert_capacity_factor`, `moe_token_drop_policy`), as Megatron's
+  `apply_router_token_dropping` on each rank's tokens: each expert keeps at most
+  `ceil(N_rank * k / E * factor)` slots, those of the largest routing weights ("probs") or of
+  the earliest tokens in Megatron's `[s, b]` order ("position"; megatron-core ranks by a top-k
+  of ones, whose ties torch leaves unordered, so its choice among the tokens over capacity is
+  unspecified). A dropped slot reaches no expert and its weight is 0; the losses count the
+  choices before dropping and the expert-bias counts those kept, as Megatron's.
+  `moe_pad_expert_input_to_capacity` is refused: with index routing nothing is padded.
 - Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
@@ -137,7 +147,7 @@ from moeblaze.activation import SwiGLU
 from moeblaze.expert_parallel import expert_parallel_mlp
 from moeblaze.layers import MoEBlock, SwiGLUMLP
 from moeblaze.ops import moe_mlp
-from moeblaze.router import RouterOutput, _group_size
+from moeblaze.router import DROP_POLICIES, RouterOutput, _group_size
 from overlap import ColumnParallelLinear, DistWorld, RowParallelLinear
 
 # The TransformerConfig fields this module reads, with their megatron-core 0.16 defaults.
@@ -156,6 +166,9 @@ MEGATRON_DEFAULTS = {
     "moe_router_load_balancing_type": "aux_loss",
     "moe_aux_loss_coeff": 0.0,
     "moe_z_loss_coeff": None,
+    # Megatron turns a negative capacity factor into None (no token dropping).
+    "moe_expert_capacity_factor": None,
+    "moe_token_drop_policy": "probs",
     "moe_router_dtype": None,
     "moe_shared_expert_intermediate_size": None,
     "moe_shared_expert_gate": False,
@@ -173,7 +186,6 @@ MEGATRON_DEFAULTS = {
     "perform_initialization": True,
     "use_cpu_initialization": False,
     # Features moeblaze does not have: only their defaults are accepted.
-    "moe_expert_capacity_factor": None,
     "moe_pad_expert_input_to_capacity": False,
     "moe_input_jitter_eps": None,
     "moe_router_force_load_balancing": False,
@@ -196,8 +208,6 @@ MEGATRON_DEFAULTS = {
 _OFF = lambda value: not value
 _ONE_RANK = lambda value: value in (None, 1)
 _UNSUPPORTED = {
-    # Megatron turns a negative capacity factor into None (no token dropping).
-    "moe_expert_capacity_factor": ("token dropping", lambda value: value is None or value < 0),
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
     "moe_input_jitter_eps": ("router input jitter", lambda value: value is None),
     "moe_router_force_load_balancing": ("random router logits", _OFF),
@@ -234,6 +244,8 @@ class LayerOptions:
     global_aux_loss_coeff: float
     z_loss_coeff: float
     topk_scaling_factor: float  # multiplies the k routing weights
+    capacity_factor: float | None  # token dropping: None drops none
+    drop_policy: str  # which slots an expert past its capacity keeps: "probs" or "position"
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
@@ -261,6 +273,8 @@ class LayerOptions:
             aux_counts="scores",  # Megatron counts the top-k of the scores alone
             z_loss_coeff=self.z_loss_coeff,
             topk_scaling_factor=self.topk_scaling_factor,
+            capacity_factor=self.capacity_factor,
+            drop_policy=self.drop_policy,
         )
 
 
@@ -305,6 +319,8 @@ def layer_options(config) -> LayerOptions:
         global_aux_loss_coeff=_loss_coeffs(cfg).get("global_aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
+        capacity_factor=_capacity_factor(cfg),
+        drop_policy=cfg["moe_token_drop_policy"],
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         # Megatron builds the gate only inside a shared expert.
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
@@ -1032,6 +1048,25 @@ def _invalid_fields(cfg) -> list[str]:
         )
     if any(c < 0 for c in coeffs):
         problems.append(f"moe_aux_loss_coeff={cfg['moe_aux_loss_coeff']!r} must be >= 0")
+    factor = cfg["moe_expert_capacity_factor"]
+    if factor is not None and not (isinstance(factor, int | float) and math.isfinite(factor)):
+        problems.append(f"moe_expert_capacity_factor={factor!r} must be None or a finite number")
+    elif _capacity_factor(cfg) is not None:
+        if factor == 0:
+            problems.append(
+                f"moe_expert_capacity_factor={factor!r} must not be 0 (it drops every token; None "
+                f"or a negative value drops none)"
+            )
+        if "sinkhorn" in types:
+            problems.append(
+                f"moe_expert_capacity_factor={factor} needs moe_router_load_balancing_type "
+                f"aux_loss, seq_aux_loss, global_aux_loss or none (as in Megatron), got "
+                f"{cfg['moe_router_load_balancing_type']!r}"
+            )
+    if cfg["moe_token_drop_policy"] not in DROP_POLICIES:
+        problems.append(
+            f"moe_token_drop_policy={cfg['moe_token_drop_policy']!r} must be one of {DROP_POLICIES}"
+        )
     if (cfg["moe_z_loss_coeff"] or 0.0) < 0:
         problems.append(f"moe_z_loss_coeff={cfg['moe_z_loss_coeff']!r} must be >= 0")
     scale = cfg["moe_router_topk_scaling_factor"]
@@ -1053,6 +1088,13 @@ def _invalid_fields(cfg) -> list[str]:
     if cfg["params_dtype"] not in _PARAMS_DTYPES:
         problems.append(f"params_dtype={cfg['params_dtype']} must be one of {_PARAMS_DTYPES}")
     return problems
+
+
+def _capacity_factor(cfg) -> float | None:
+    """Megatron's capacity factor, None for no dropping (Megatron turns a negative one into
+    None)."""
+    factor = cfg["moe_expert_capacity_factor"]
+    return None if factor is None or factor < 0 else float(factor)
 
 
 def _unsupported_fields(cfg) -> list[str]:

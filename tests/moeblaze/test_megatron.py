@@ -8,6 +8,7 @@ name the field.
 """
 
 import ast
+import math
 import types
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def _config(**overrides):
         moe_router_topk_scaling_factor=None,
         moe_router_pre_softmax=False,
         moe_expert_capacity_factor=None,
+        moe_token_drop_policy="probs",
         params_dtype=torch.float32,
     )
     return types.SimpleNamespace(**{**fields, **overrides})
@@ -289,9 +291,23 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             [f"moe_shared_expert_intermediate_size={SHARED} with add_bias_linear=True"],
         ),
         (
-            dict(moe_expert_capacity_factor=1.0),
+            dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
             NotImplementedError,
-            ["moe_expert_capacity_factor=1.0"],
+            ["moe_pad_expert_input_to_capacity=True (padding experts to capacity)"],
+        ),
+        (
+            dict(moe_expert_capacity_factor=0.0, moe_token_drop_policy="last"),
+            ValueError,
+            [
+                "moe_expert_capacity_factor=0.0 must not be 0 (it drops every token; None or a "
+                "negative value drops none)",
+                "moe_token_drop_policy='last' must be one of ('probs', 'position')",
+            ],
+        ),
+        (
+            dict(moe_expert_capacity_factor=1.5, moe_router_load_balancing_type="sinkhorn"),
+            ValueError,
+            ["moe_expert_capacity_factor=1.5 needs moe_router_load_balancing_type aux_loss"],
         ),
         (
             dict(gated_linear_unit=False, activation_func=F.gelu),
@@ -694,6 +710,17 @@ ROUTINGS = {
         moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
         moe_aux_loss_coeff=[1e-1, 2e-1],
     ),
+    # Token dropping: about half the slots past their expert's capacity (3 and 4 of 5).
+    "softmax_capacity": dict(
+        moe_expert_capacity_factor=0.5, moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2
+    ),
+    "sigmoid_bias_capacity_position": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="none",
+        moe_expert_capacity_factor=0.75,
+        moe_token_drop_policy="position",
+    ),
 }
 
 
@@ -711,7 +738,10 @@ def _padding_mask(even: bool) -> torch.Tensor:
 def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     """Routing weights per (token, expert) and the router-weight gradient, aux losses included
     with the loss scale Megatron's schedule sets (MoEAuxLossAutoScaler.set_loss_scale), which the
-    layer reads in backward, before moeblaze.Router's own. `padded`: with Megatron's
+    layer reads in backward, before moeblaze.Router's own; tokens dropped for capacity by
+    megatron-core's apply_router_token_dropping ("position": the earliest tokens, a choice
+    megatron-core leaves to torch.topk's order among ties, so only its counts are compared),
+    and the expert-bias counts of the tokens kept. `padded`: with Megatron's
     padding_mask, whose tokens the losses leave out (as many in each sequence where the
     sequence loss is on: Megatron then divides every sequence's by their mean real length,
     moeblaze each by its own)."""
@@ -730,8 +760,8 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight [N, E]
     k = cfg.moe_router_topk
 
-    def dense(ids, weights):  # [N, k] -> [N, E]
-        return torch.zeros(ids.shape[0], E).scatter(1, ids, weights)
+    def dense(ids, weights):  # [N, k] -> [N, E]; a dropped slot (-1, weight 0) adds 0
+        return torch.zeros(ids.shape[0], E).scatter_add(1, ids.clamp_min(0), weights)
 
     coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     padding = _padding_mask(even="seq_aux_loss" in coeffs) if padded else None  # [b, s]
@@ -766,6 +796,18 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         score_function=cfg.moe_router_score_function,
         expert_bias=bias,
     )
+    if cfg.moe_expert_capacity_factor is not None:  # TopKRouter.routing
+        policy = cfg.moe_token_drop_policy
+        dropped = mu.apply_router_token_dropping(
+            probs, routing_map, k, cfg.moe_expert_capacity_factor, policy
+        )
+        if policy == "position":
+            capacity = math.ceil(S * BATCH * k / E * cfg.moe_expert_capacity_factor)
+            earliest = routing_map & (routing_map.cumsum(0) <= capacity)
+            assert torch.equal(dropped[1].sum(0), earliest.sum(0))
+            dropped = (probs * earliest, earliest)
+        assert not torch.equal(dropped[1], routing_map), "the case is meant to drop tokens"
+        probs, routing_map = dropped
     aux_map, aux_scores = mu.compute_routing_scores_for_aux_loss(
         logits, k, cfg.moe_router_score_function, padding_mask=padding
     )
@@ -784,6 +826,9 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     (probs * upstream).sum().backward()
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"
+    if bias is not None:  # TopKRouter._apply_expert_bias: the real tokens' slots kept
+        real = routing_map if padding is None else routing_map & ~padding.unsqueeze(-1)
+        assert torch.equal(layer.router.local_tokens_per_expert, real.sum(0))
     assert_close(ours.detach(), probs.detach(), rtol=1e-6, name=f"{routing} routing weights")
     assert router_params.keys() == ({"weight", "bias"} if cfg.add_bias_linear else {"weight"})
     for name, p in megatron_params.items():
