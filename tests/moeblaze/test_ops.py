@@ -545,6 +545,8 @@ def _compiled_matches_eager(backend, recompute="activation", options=None, forwa
 # Every router loss, over the real tokens of a padded batch.
 LOSSES = dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.2, z_loss_coeff=0.01)
 PADDED = dict(token_mask=torch.arange(18).view(2, 9) % 9 < torch.tensor([[7], [4]]))
+# Token dropping: each expert keeps 3 of the 18 tokens' 36 slots (6 on average).
+CAPACITY = dict(capacity_factor=0.5, aux_loss_coeff=0.1)
 
 
 @pytest.mark.parametrize(
@@ -554,8 +556,15 @@ PADDED = dict(token_mask=torch.arange(18).view(2, 9) % 9 < torch.tensor([[7], [4
         ("up_proj", None, None),
         ("activation", GPT_OSS_LAYER, None),
         ("activation", LOSSES, PADDED),
+        ("up_proj", CAPACITY, PADDED),
     ],
-    ids=["activation", "up_proj", "activation-gpt_oss", "activation-losses-padded"],
+    ids=[
+        "activation",
+        "up_proj",
+        "activation-gpt_oss",
+        "activation-losses-padded",
+        "up_proj-capacity-padded",
+    ],
 )
 def test_compile_aot_eager(recompute, options, forward_options):
     _compiled_matches_eager("aot_eager", recompute, options, forward_options)
