@@ -12,10 +12,11 @@ Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per pro
    metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile count.
 
 Dropped slots (id -1) and ids outside [0, E) are placed nowhere (expert_offsets[E] is then
-less than S); the latter are counted in `invalid_ids`, the only atomics, so an invalid id can never make a kernel read or write out of
-bounds. Every chunk is loaded once per launch in a single vector load; no atomics, so the plan is the
-same on every run. `chunk_counts[1]` is per-program scratch: each program stores the base
-position of each expert there and reads it back by expert id (a gather registers cannot do).
+less than S), so no id can make a kernel read or write out of bounds; the latter are counted in
+`invalid_ids` with the kernels' only atomics, which touch nothing else: the plan is the same on
+every run. Every chunk is loaded once per launch in a single vector load. `chunk_counts[1]` is
+per-program scratch: each program stores the base position of each expert there and reads it
+back by expert id (a gather registers cannot do).
 
 `launch_plan` at the end is the launcher: it sizes the chunks and launches both kernels.
 """
