@@ -370,12 +370,14 @@ def test_cuda_graph_capture_of_forward(make_problem):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dropping", [False, True], ids=["", "capacity_padding"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("recompute", moeblaze.RECOMPUTE_POLICIES)
-def test_layer_forward_and_backward_never_synchronise(recompute, bias):
+def test_layer_forward_and_backward_never_synchronise(recompute, bias, dropping):
     """Nothing in a MoELayer step waits for the device: router, plan (compiled or Triton), the
     expert kernels and their backward (the bias kernels too), the balancing losses (per
-    sequence too), and the deferred id and logit checks."""
+    sequence too), the deferred id and logit checks, and (`dropping`) token dropping for
+    capacity and padding kept out of the experts."""
     torch.manual_seed(0)
     layer = moeblaze.MoELayer(
         256,
@@ -386,16 +388,19 @@ def test_layer_forward_and_backward_never_synchronise(recompute, bias):
         bias=bias,
         aux_loss_coeff=1e-2,
         seq_aux_loss_coeff=1e-2,
+        capacity_factor=0.5 if dropping else None,
         device="cuda",
         dtype=torch.bfloat16,
     )
     x = torch.randn(8, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layer(x).float().square().mean().backward()  # warm-up: compiles, allocates, loads modules
+    # 28 padding tokens at the end of each sequence
+    mask = (torch.arange(128, device="cuda") < 100).expand(8, 128) if dropping else None
+    layer(x, mask).float().square().mean().backward()  # warm-up: compiles, allocates, loads
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            layer(x).float().square().mean().backward()
+            layer(x, mask).float().square().mean().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     moeblaze.check_errors()  # and nothing was wrong
