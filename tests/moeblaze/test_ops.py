@@ -11,6 +11,8 @@ import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from moeblaze_testing import (
     BF16_FACTOR,
     BF16_FACTOR_INTERPRETER,
@@ -19,6 +21,7 @@ from moeblaze_testing import (
     SMALL,
     assert_matches_reference,
 )
+from overlap_testing import gloo_rank
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
@@ -568,6 +571,24 @@ CAPACITY = dict(capacity_factor=0.5, aux_loss_coeff=0.1)
 )
 def test_compile_aot_eager(recompute, options, forward_options):
     _compiled_matches_eager("aot_eager", recompute, options, forward_options)
+
+
+def _compile_with_loss_group_worker(rank, init_method):
+    with gloo_rank(rank, 2, init_method, timeout_s=60):
+        torch.set_num_threads(1)
+        torch._dynamo.reset()
+        options = dict(LOSSES, **CAPACITY, loss_group=dist.group.WORLD)
+        _compiled_matches_eager("aot_eager", "activation", options, PADDED)
+
+
+def test_compile_with_a_loss_group_over_gloo(tmp_path):
+    """The router's losses all-reduce their counts over `loss_group` inside the compiled graph
+    (fullgraph: no break at the collective), with token dropping; compiled matches eager on
+    each of 2 gloo ranks."""
+    init_method = f"file://{tmp_path / 'store'}"
+    mp.start_processes(
+        _compile_with_loss_group_worker, args=(init_method,), nprocs=2, start_method="fork"
+    )
 
 
 @pytest.mark.slow
