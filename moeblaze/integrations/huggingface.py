@@ -84,9 +84,9 @@ def moeblaze_experts_forward(
     b13, b2 = expert_biases(experts)  # [E, 2F], [E, d] or None
     activation, _ = _swiglu_of(experts)  # checked by expert_weights
     if getattr(experts, "_is_expert_parallel", False):
-        off_rank = top_k_index >= w13.shape[0]  # [T, k] slots of another rank's experts
-        top_k_index = top_k_index.clamp(max=w13.shape[0] - 1)
-        top_k_weights = top_k_weights.masked_fill(off_rank, 0.0)
+        # transformers' expert parallelism marks the slots of another rank's experts with ids
+        # >= E (and weight 0): dropped here, they cost no GEMM rows and get no gradient.
+        top_k_index = top_k_index.masked_fill(top_k_index >= w13.shape[0], moeblaze.DROPPED)
     # Under autocast the input may be float32 while the weights are bf16, as in "grouped_mm".
     out = moeblaze.moe_mlp(
         hidden_states.to(w13.dtype),

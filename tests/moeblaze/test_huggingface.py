@@ -218,12 +218,13 @@ def _reference_moe_mlp(*args, recompute, **kwargs):
 
 
 def _record_moe_mlp_calls(monkeypatch, run=None) -> list:
-    """Record the recompute policy of every moeblaze.moe_mlp call (the integration looks the
-    function up at call time); `run` replaces the computation (default: moeblaze.moe_mlp)."""
+    """Record the recompute policy and the topk_ids of every moeblaze.moe_mlp call (the
+    integration looks the function up at call time); `run` replaces the computation (default:
+    moeblaze.moe_mlp)."""
     calls, run = [], run or moeblaze.moe_mlp
 
     def recorded(*args, **kwargs):
-        calls.append(kwargs["recompute"])
+        calls.append((kwargs["recompute"], args[1]))
         return run(*args, **kwargs)
 
     monkeypatch.setattr(moeblaze, "moe_mlp", recorded)
@@ -247,7 +248,8 @@ def _check_matches_eager(family, make_config, monkeypatch):
     input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
     calls = _record_moe_mlp_calls(monkeypatch)
     actual = _step(model, input_ids)
-    assert calls == ["activation"] * model.config.num_hidden_layers, "moeblaze did not run"
+    policies = [policy for policy, _ in calls]
+    assert policies == ["activation"] * model.config.num_hidden_layers, "moeblaze did not run"
     expected = _step(eager, input_ids)
     assert actual.keys() == expected.keys()
     assert any("gate_up_proj" in name for name in actual), "no expert weight got a gradient"
@@ -272,7 +274,7 @@ def test_recompute_variants(monkeypatch):
     for name in hf.IMPLEMENTATIONS:
         model.set_experts_implementation(name)
         model(input_ids=input_ids)
-    assert calls == list(hf.IMPLEMENTATIONS.values())
+    assert [policy for policy, _ in calls] == list(hf.IMPLEMENTATIONS.values())
 
 
 def _experts_inputs():
@@ -284,8 +286,8 @@ def _experts_inputs():
 
 def test_expert_parallel_sentinels(monkeypatch):
     """Slots of other ranks' experts (ids >= E, weight 0) contribute nothing, as in eager: not
-    to the output (moe_mlp's kernels, forward), nor to the routing-weight gradient (backward,
-    with the float64 reference standing in for moe_mlp: the sentinels are handled before it)."""
+    to the output, nor to dx or the routing-weight gradient; they reach moe_mlp as dropped slots
+    (-1), which take no GEMM rows."""
     model, eager = _models("mixtral")
     x, ids, weights = _experts_inputs()
     ids[::3, 1] = 4  # a sentinel: that expert lives on another rank
@@ -293,18 +295,17 @@ def test_expert_parallel_sentinels(monkeypatch):
     experts = [m.model.layers[0].mlp.experts for m in (model, eager)]
     for module in experts:
         module._is_expert_parallel = True
-    with torch.no_grad():
-        outs = [module(x, ids, weights) for module in experts]
-    assert_close(*outs, rtol=RTOL, name="out")
-
-    monkeypatch.setattr(moeblaze, "moe_mlp", _reference_moe_mlp)
-    grads = []
+    calls = _record_moe_mlp_calls(monkeypatch)
+    results = []
     for module in experts:
         leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
-        module(*leaves[:1], ids, leaves[1]).sum().backward()
-        grads.append([t.grad for t in leaves])
-    assert_close(grads[0][0], grads[1][0], rtol=RTOL, name="dx")
-    assert_close(grads[0][1], grads[1][1], rtol=RTOL, name="dweights")
+        out = module(*leaves[:1], ids, leaves[1])
+        out.sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for name, ours, theirs in zip(("out", "dx", "dweights"), *results, strict=True):
+        assert_close(ours, theirs, rtol=RTOL, name=name)
+    ((_, topk_ids),) = calls
+    assert torch.equal(topk_ids, ids.masked_fill(ids == 4, moeblaze.DROPPED))
 
 
 @pytest.mark.parametrize(
