@@ -8,7 +8,7 @@ import math
 import torch
 from tolerance import assert_close
 
-from moeblaze.routing_plan import max_tiles, plan_numel
+from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
 
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
 BIAS_NAMES = ("db13", "db2")  # after NAMES, for a problem with biases
@@ -105,3 +105,24 @@ def check_plan(plan, topk_ids, num_experts, block_m):
     # Padding tiles: expert E and row start S, so a stray read is out of range.
     assert bool((tile_expert[num_tiles:] == E).all())
     assert bool((tile_row_start[num_tiles:] == S).all())
+
+
+def assert_empty_experts_get_zero_grads(problem, dw13, dw2) -> int:
+    """Exact zeros in the weight gradients of the experts no slot reaches; returns how many."""
+    ids = problem.topk_ids[problem.topk_ids != DROPPED]
+    counts = torch.bincount(ids, minlength=problem.w13.shape[0])
+    empty = counts == 0
+    assert torch.equal(dw13[empty], torch.zeros_like(dw13[empty]))
+    assert torch.equal(dw2[empty], torch.zeros_like(dw2[empty]))
+    return int(empty.sum())
+
+
+def assert_dropped_slots_add_nothing(problem, actual):
+    """Exact zeros where only dropped slots reach: token 0's output and input gradient (with
+    biases too: a dropped slot adds no bias), and the routing weights of dropped slots."""
+    dropped = problem.topk_ids == DROPPED
+    assert dropped[0].all() and 0 < dropped.sum() < dropped.numel()
+    out, dx, dweights = actual[:3]
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(dx[0], torch.zeros_like(dx[0]))
+    assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))

@@ -10,7 +10,13 @@ import functools
 
 import pytest
 import torch
-from moeblaze_testing import NAMES, check_plan, output_names
+from moeblaze_testing import (
+    NAMES,
+    assert_dropped_slots_add_nothing,
+    assert_empty_experts_get_zero_grads,
+    check_plan,
+    output_names,
+)
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
@@ -64,12 +70,9 @@ def test_bf16_matches_reference(shape, make_problem):
         actual = problem.run(recompute=policy)
         for name, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
             assert_bf16_close(a, e, b, factor=LOW_PRECISION_FACTOR, name=f"{policy} {name}")
-    ids = problem.topk_ids[problem.topk_ids != moeblaze.DROPPED]
-    counts = torch.bincount(ids, minlength=E)
-    assert not actual[3][counts == 0].any() and not actual[4][counts == 0].any()
-    if routing == "dropped":  # token 0: no expert; no gradient for a dropped slot's weight
-        dropped = problem.topk_ids == moeblaze.DROPPED
-        assert not actual[0][0].any() and not actual[1][0].any() and not actual[2][dropped].any()
+    assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
+    if routing == "dropped":
+        assert_dropped_slots_add_nothing(problem, actual)
 
 
 # DeepSeek-V4's and GPT-OSS's forms, with limits that clamp part of the pre-activations (their

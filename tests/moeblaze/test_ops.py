@@ -19,6 +19,8 @@ from moeblaze_testing import (
     NAMES,
     RTOL_FP32,
     SMALL,
+    assert_dropped_slots_add_nothing,
+    assert_empty_experts_get_zero_grads,
     assert_matches_reference,
 )
 from overlap_testing import gloo_rank
@@ -69,15 +71,6 @@ def test_outputs_are_poisoned():
     assert (alloc.empty(4, dtype=torch.int32, device="cpu") == -(2**30)).all()
 
 
-def assert_empty_experts_get_zero_grads(problem, dw13, dw2):
-    ids = problem.topk_ids[problem.topk_ids != moeblaze.DROPPED]
-    counts = torch.bincount(ids, minlength=problem.w13.shape[0])
-    empty = counts == 0
-    assert torch.equal(dw13[empty], torch.zeros_like(dw13[empty]))
-    assert torch.equal(dw2[empty], torch.zeros_like(dw2[empty]))
-    return int(empty.sum())
-
-
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_matches_reference(shape, path, make_problem):
     T, d, F, E, k, routing = shape
@@ -91,17 +84,6 @@ def test_matches_reference(shape, path, make_problem):
         assert empty > 0, "the case is meant to leave experts without tokens"
     if routing == "dropped":
         assert_dropped_slots_add_nothing(problem, actual)
-
-
-def assert_dropped_slots_add_nothing(problem, actual):
-    """Exact zeros where only dropped slots reach: token 0's output and input gradient (without
-    biases: with them the output is still 0), and the routing weights of dropped slots."""
-    dropped = problem.topk_ids == moeblaze.DROPPED
-    assert dropped[0].all() and 0 < dropped.sum() < dropped.numel()
-    out, dx, dweights = actual[:3]
-    assert torch.equal(out[0], torch.zeros_like(out[0]))
-    assert torch.equal(dx[0], torch.zeros_like(dx[0]))
-    assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))
 
 
 @pytest.mark.parametrize("biases", [False, True], ids=["plain", "biases"])
