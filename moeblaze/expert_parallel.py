@@ -21,6 +21,13 @@ rank, like data-parallel parameters) and each rank routes its own tokens. Per la
 A dropped slot (id `DROPPED`, -1) is placed nowhere by the plan: it is sent nowhere, the [S, d]
 buffers hold the P < S placed slots only, and the combine reads a row of zeros for it.
 
+With expert tensor parallelism (`expert_tensor_group`, ETP ranks each holding F/ETP columns of
+the same experts), the rows received are all-gathered over the ETP ranks, each rank's padded to
+the largest count R_max (the padding rows get id DROPPED: no GEMM row), every ETP rank runs the
+[ETP * R_max, d] rows through its shards, and the partial outputs are reduce-scattered back to
+[R, d] before the combine. The counts ride on the same host sync (the ETP ranks gather what
+they received before it).
+
 Backward mirrors forward: the gradient of a dispatch is a combine and that of a combine is a
 dispatch, with the splits of forward (no host sync in backward). The `[S, d]` buffers are what
 the all-to-alls send and receive; none outlives the call. Backward keeps: x (as `moe_mlp`
@@ -44,7 +51,8 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 
 from kernelbase.profiling import profile_range
 from moeblaze.activation import SWIGLU, SwiGLU
@@ -62,6 +70,8 @@ class _Exchange:
     send_splits: tuple[int, ...]  # [W] rows this rank sends to each rank
     recv_splits: tuple[int, ...]  # [W] rows this rank receives from each rank
     dropped: bool  # some slots of this rank go to no expert (id DROPPED): they send no row
+    tensor_group: dist.ProcessGroup | None  # the expert-tensor-parallel group, or None
+    padded_rows: int  # R_max: rows of each tensor-parallel rank in the gathered buffer
 
 
 def _all_to_all(rows: torch.Tensor, out_splits, in_splits, group) -> torch.Tensor:
@@ -90,6 +100,24 @@ def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange)
         for j in range(1, row_of_slot.shape[1]):
             out += back.index_select(0, row_of_slot[:, j])
         return out.to(rows.dtype)
+
+
+def _gather_shards(rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+    """rows [R, c] -> [ETP * R_max, c]: the received rows of every rank of the expert-tensor-parallel
+    group, in rank order, each rank's padded to R_max (moe_mlp gets id DROPPED there); the
+    gradient is summed over the group. Without that group, rows as they are."""
+    if exchange.tensor_group is None:
+        return rows
+    padded = F.pad(rows, (0, 0, 0, exchange.padded_rows - rows.shape[0]))
+    return gather_rows(padded, exchange.tensor_group)
+
+
+def _sum_shards(rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
+    """[ETP * R_max, c] -> [R, c]: this rank's rows of the sum of the group's partial results
+    (`_gather_shards` backward)."""
+    if exchange.tensor_group is None:
+        return rows
+    return summed_shard(rows, exchange.tensor_group)[: sum(exchange.recv_splits)]
 
 
 class _Dispatch(torch.autograd.Function):
@@ -122,12 +150,17 @@ class _Combine(torch.autograd.Function):
         return _dispatch(grad_out, source_of_row, ctx.exchange), None, None, None
 
 
-def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size: int):
-    """Routing plan, row splits and the local expert [R, 1] of every row this rank receives.
+def _exchange_counts(
+    topk_ids: torch.Tensor, num_experts: int, group, world_size: int, tensor_group
+):
+    """Routing plan, exchange and the local expert [ETP * R_max, 1] of every row this rank's
+    experts compute (with an expert-tensor-parallel group, the rows its ranks received, each
+    rank's padded with DROPPED to R_max).
 
     The all-to-all of counts also carries each rank's number of ids outside [0, E) (DROPPED
-    aside), so that bad ids raise on every rank instead of leaving the others waiting in the
-    next collective.
+    aside) and its global rank, and the expert-tensor-parallel ranks gather what they received,
+    so that bad ids raise on every rank instead of leaving the others waiting in the next
+    collective.
     """
     num_local = num_experts // world_size
     dropped = topk_ids == DROPPED
@@ -137,27 +170,48 @@ def _exchange_counts(topk_ids: torch.Tensor, num_experts: int, group, world_size
     clamped = torch.where(dropped, DROPPED, topk_ids.clamp(0, num_experts - 1))
     plan = build_routing_plan(clamped, num_experts, check_ids=False)
     counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
-    send = torch.cat([counts, invalid.expand(world_size, 1)], dim=1)  # [W, E_l + 1]
-    recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, src's bad ids
+    me = torch.tensor(dist.get_rank(), dtype=counts.dtype, device=counts.device)
+    send = torch.cat([counts, invalid.expand(world_size, 1), me.expand(world_size, 1)], 1)
+    recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, bad ids, rank
     dist.all_to_all_single(recv, send, group=group)
-    recv_counts = recv[:, :num_local]  # [W, E_l]
-    summary = torch.stack([counts.sum(1), recv_counts.sum(1), recv[:, num_local]])  # [3, W]
-    send_splits, recv_splits, invalid_by_rank = summary.tolist()  # the host sync
-    bad_ranks = [r for r, n in enumerate(invalid_by_rank) if n]
+    tensor_size, tensor_rank = 1, 0
+    table = recv  # [ETP * W, E_l + 2]: what each expert-tensor-parallel rank received
+    if tensor_group is not None:
+        tensor_size, tensor_rank = dist.get_world_size(tensor_group), dist.get_rank(tensor_group)
+        table = recv.new_empty(tensor_size * world_size, num_local + 2)
+        dist.all_gather_into_tensor(table, recv, group=tensor_group)
+    host = torch.cat([counts.sum(1), table.flatten()]).tolist()  # the host sync
+    send_splits, host = host[:world_size], host[world_size:]
+    received = [host[i : i + num_local + 2] for i in range(0, len(host), num_local + 2)]
+    blocks = [received[j * world_size : (j + 1) * world_size] for j in range(tensor_size)]
+    recv_splits = [sum(row[:num_local]) for row in blocks[tensor_rank]]
+    bad_ranks = sorted({row[num_local + 1] for row in received if row[num_local]})
     if bad_ranks:
         message = (
-            f"topk_ids on rank(s) {bad_ranks} of the expert-parallel group contain expert ids "
-            f"outside [0, num_experts={num_experts})"
+            f"topk_ids on global rank(s) {bad_ranks} contain expert ids outside "
+            f"[0, num_experts={num_experts})"
         )
         if invalid.item():
             message += f"; this rank's first one is {topk_ids[bad_ids][0].item()}"
         raise ValueError(message)
+    padded_rows = max(sum(sum(row[:num_local]) for row in block) for block in blocks)
+    # Local expert of each gathered row: rank j's rows by source rank, then expert, then
+    # padded_rows - R_j rows of DROPPED.
+    counts_of = table.view(tensor_size, world_size, -1)[..., :num_local].flatten(1)
+    repeats = torch.cat([counts_of, padded_rows - counts_of.sum(1, keepdim=True)], 1)
     local_expert = torch.arange(num_local, device=topk_ids.device).repeat(world_size)  # [W*E_l]
+    values = torch.cat([local_expert, local_expert.new_full((1,), DROPPED)]).repeat(tensor_size)
     local_ids = torch.repeat_interleave(
-        local_expert, recv_counts.flatten(), output_size=sum(recv_splits)
-    )  # [R]
-    dropped_any = sum(send_splits) < plan.num_slots
-    exchange = _Exchange(group, tuple(send_splits), tuple(recv_splits), dropped_any)
+        values, repeats.flatten(), output_size=tensor_size * padded_rows
+    )  # [ETP * R_max]
+    exchange = _Exchange(
+        group,
+        tuple(send_splits),
+        tuple(recv_splits),
+        sum(send_splits) < plan.num_slots,
+        tensor_group,
+        padded_rows,
+    )
     return plan, exchange, local_ids.view(-1, 1)
 
 
@@ -166,8 +220,9 @@ _RECEIVED_ROWS = object()  # kept for backward in place of the received rows
 
 @contextlib.contextmanager
 def _dispatch_again_in_backward(rows, x, source_of_row, exchange):
-    """While active, autograd keeps a marker instead of `rows` [R, d]; unpacking the marker in
-    backward runs the dispatch of x again (the same collective on every rank)."""
+    """While active, autograd keeps a marker instead of `rows` [R, d] (or [ETP * R_max, d]);
+    unpacking the marker in backward runs the dispatch of x again (the same collectives on
+    every rank)."""
     rows_ref = weakref.ref(rows)  # a strong reference here would keep the rows alive
     version = x._version
 
@@ -183,7 +238,7 @@ def _dispatch_again_in_backward(rows, x, source_of_row, exchange):
                 "backward dispatches it again (recompute_dispatch=True) and needs it unchanged"
             )
         with torch.no_grad(), profile_range("moeblaze.ep.recompute_dispatch"):
-            return _dispatch(x, source_of_row, exchange)
+            return _gather_shards(_dispatch(x, source_of_row, exchange), exchange)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
@@ -203,6 +258,7 @@ def expert_parallel_mlp(
     deterministic: bool = False,
     recompute_dispatch: bool = True,
     activation: SwiGLU = SWIGLU,
+    expert_tensor_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """`moeblaze.moe_mlp` with the E = W * E_l experts sharded over the W ranks of `group`.
 
@@ -224,6 +280,14 @@ def expert_parallel_mlp(
             atomics.
         recompute_dispatch: True (default): backward runs the dispatch all-to-all of x again
             instead of keeping the received rows [R, d]; False keeps them.
+        expert_tensor_group: expert tensor parallelism: the ETP ranks that hold the other
+            shards of the F columns of this rank's experts (each holding `w13 [E_l, 2F/ETP, d]`,
+            gate rows r then up rows r, `w2 [E_l, d, F/ETP]`, `b13` with w13's rows, `b2` whole,
+            added once). `group` then holds the ranks with the same shard of the other experts.
+            The rows received from `group` are all-gathered over this group (after the
+            all-to-all, as Megatron's dispatchers do, so the all-to-all carries each token once
+            per expert), each rank runs all of them through its shards, and the partial outputs
+            are reduce-scattered back before the combine.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
@@ -232,8 +296,14 @@ def expert_parallel_mlp(
     group, world_size, _ = _resolve_group(group, "expert_parallel_mlp")
     num_experts = w13.shape[0] * world_size
     num_tokens, top_k = topk_ids.shape
+    if expert_tensor_group is not None:
+        _resolve_group(expert_tensor_group, "expert_parallel_mlp (expert_tensor_group)")
+        if b2 is not None:  # each rank's partial output adds b2 / ETP; its gradient is whole
+            b2 = added_once(b2, expert_tensor_group)
     with profile_range("moeblaze.ep.exchange_counts"):
-        plan, exchange, local_ids = _exchange_counts(topk_ids, num_experts, group, world_size)
+        plan, exchange, local_ids = _exchange_counts(
+            topk_ids, num_experts, group, world_size, expert_tensor_group
+        )
     placed = sum(exchange.send_splits)  # P: the slots not dropped, first in sorted order
     slot_of_row = plan.sorted_slots[:placed]  # [P] slot of each sent row
     token_of_row = slot_of_row // top_k  # [P] its token
@@ -244,6 +314,7 @@ def expert_parallel_mlp(
     weights = _Dispatch.apply(
         topk_weights.reshape(-1, 1), slot_of_row, row_of_slot.view(-1, 1), exchange
     )  # [R, 1]
+    rows, weights = _gather_shards(rows, exchange), _gather_shards(weights, exchange)
     keep = (
         _dispatch_again_in_backward(rows, x, token_of_row, exchange)
         if recompute_dispatch
@@ -263,20 +334,23 @@ def expert_parallel_mlp(
             activation=activation,
         )  # [R, d], weighted
     del rows  # freed before the combine's receive buffer is allocated (unless kept for backward)
+    expert_out = _sum_shards(expert_out, exchange)  # [R, d]
     return _Combine.apply(expert_out, token_of_row, row_of_slot, exchange)  # [T, d]
 
 
 class ExpertParallelMoELayer(MoEBlock):
     """`moeblaze.MoELayer` with its experts sharded over the ranks of a process group.
 
-    Takes `MoELayer`'s arguments plus `group` (default: the default group) and
-    `recompute_dispatch` (see `expert_parallel_mlp`). Rank r holds experts
-    [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2 [E_l, d, F]` (and with
-    `bias=True` `b13 [E_l, 2F]`, `b2 [E_l, d]`), gradients
-    complete for the global batch. The router and the shared expert are replicated: seed every
-    rank alike before building (see `reset_parameters` for the experts), and all-reduce their
-    gradients over the group like data-parallel parameters. The router's aux losses and token
-    counts are those of this rank's tokens. `from_moe_layer` builds one from a full `MoELayer`.
+    Takes `MoELayer`'s arguments plus `group` (default: the default group),
+    `recompute_dispatch` and `expert_tensor_group` (see `expert_parallel_mlp`). Rank r of
+    `group` holds experts [r*E_l, (r+1)*E_l), E_l = num_experts / W: `w13 [E_l, 2F, d]`, `w2
+    [E_l, d, F]` (and with `bias=True` `b13 [E_l, 2F]`, `b2 [E_l, d]`), gradients complete for
+    the global batch. With an `expert_tensor_group` of ETP ranks, rank j of it holds shard j of
+    each expert's F columns (`ffn_shard`, see `MoEBlock`; F/ETP columns), its gradient complete
+    there. The router and the shared expert are replicated: seed every rank alike before
+    building (see `reset_parameters` for the experts), and all-reduce their gradients over all
+    the ranks like data-parallel parameters. The router's aux losses and token counts are those
+    of this rank's tokens. `from_moe_layer` builds one from a full `MoELayer`.
     """
 
     def __init__(
@@ -290,6 +364,7 @@ class ExpertParallelMoELayer(MoEBlock):
         recompute: str = "activation",
         deterministic: bool = False,
         recompute_dispatch: bool = True,
+        expert_tensor_group: dist.ProcessGroup | None = None,
         shared_expert_size: int | None = None,
         shared_expert_gate: bool = False,
         activation: SwiGLU = SWIGLU,
@@ -306,6 +381,12 @@ class ExpertParallelMoELayer(MoEBlock):
                 f"group ({world_size} ranks): each rank holds num_experts / world_size experts"
             )
         num_local = num_experts // world_size
+        ffn_shard = (0, 1)
+        if expert_tensor_group is not None:
+            _, tensor_size, tensor_rank = _resolve_group(
+                expert_tensor_group, f"{type(self).__name__} (expert_tensor_group)"
+            )
+            ffn_shard = (tensor_rank, tensor_size)
         super().__init__(
             hidden_size,
             ffn_hidden_size,
@@ -322,8 +403,10 @@ class ExpertParallelMoELayer(MoEBlock):
             activation=activation,
             bias=bias,
             first_expert=rank * num_local,
+            ffn_shard=ffn_shard,
         )
         self.group, self.world_size, self.rank = group, world_size, rank
+        self.expert_tensor_group = expert_tensor_group
         self.recompute_dispatch = recompute_dispatch
         self.reset_parameters()
 
@@ -334,9 +417,11 @@ class ExpertParallelMoELayer(MoEBlock):
         group: dist.ProcessGroup | None = None,
         *,
         recompute_dispatch: bool = True,
+        expert_tensor_group: dist.ProcessGroup | None = None,
     ) -> "ExpertParallelMoELayer":
-        """This rank's share of `layer`: its experts' weights, copies of the router and shared
-        expert (every option and buffer), on `layer`'s device and dtype."""
+        """This rank's share of `layer`: its experts' weights (their shards of the F columns
+        with an `expert_tensor_group`), copies of the router and shared expert (every option
+        and buffer), on `layer`'s device and dtype."""
         ep = cls(
             layer.hidden_size,
             layer.w2.shape[2],
@@ -346,18 +431,21 @@ class ExpertParallelMoELayer(MoEBlock):
             recompute=layer.recompute,
             deterministic=layer.deterministic,
             recompute_dispatch=recompute_dispatch,
+            expert_tensor_group=expert_tensor_group,
             activation=layer.activation,
             bias=layer.b13 is not None,
             device="meta",
             dtype=layer.w13.dtype,
         )
+        ep.to_empty(device=layer.w13.device)  # the experts, filled below
         ep.router = copy.deepcopy(layer.router)
         ep.shared_expert = copy.deepcopy(layer.shared_expert)
-        ep.w13 = nn.Parameter(layer.w13.detach()[ep.experts].clone())
-        ep.w2 = nn.Parameter(layer.w2.detach()[ep.experts].clone())
-        if layer.b13 is not None:
-            ep.b13 = nn.Parameter(layer.b13.detach()[ep.experts].clone())
-            ep.b2 = nn.Parameter(layer.b2.detach()[ep.experts].clone())
+        with torch.no_grad():
+            for name in ("w13", "w2", "b13", "b2"):
+                whole = getattr(layer, name)
+                if whole is not None:
+                    for local, expert in enumerate(range(ep.experts.start, ep.experts.stop)):
+                        ep.set_expert(name, local, whole[expert])
         return ep
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
@@ -369,15 +457,45 @@ class ExpertParallelMoELayer(MoEBlock):
             self.w2,
             self.group,
             recompute_dispatch=self.recompute_dispatch,
+            expert_tensor_group=self.expert_tensor_group,
             **self.expert_options(),
         )
 
     def extra_repr(self) -> str:
+        shard, shards = self.ffn_shard
+        split = f"F columns shard {shard} of {shards}, " if shards > 1 else ""
         return (
             f"experts={self.experts.start}..{self.experts.stop - 1} of "
-            f"{self.router.num_experts}, rank {self.rank} of {self.world_size}, "
+            f"{self.router.num_experts}, rank {self.rank} of {self.world_size}, {split}"
             f"recompute={self.recompute!r}, recompute_dispatch={self.recompute_dispatch}"
         )
+
+
+# torch >= 2.13's names where present.
+_ALL_GATHER = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
+_REDUCE_SCATTER = getattr(funcol, "reduce_scatter_single_autograd", None) or (
+    funcol.reduce_scatter_tensor_autograd
+)
+
+
+def gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
+    """The rows of every rank of `group`, in rank order; the gradient is summed over the ranks
+    and scattered back (Megatron's gather_from_sequence_parallel_region)."""
+    return funcol.wait_tensor(_ALL_GATHER(rows.contiguous(), 0, group))
+
+
+def summed_shard(rows: torch.Tensor, group) -> torch.Tensor:
+    """This rank's block of rows of the sum of `rows` over `group`; the gradient is gathered
+    (Megatron's reduce_scatter_to_sequence_parallel_region)."""
+    return funcol.wait_tensor(_REDUCE_SCATTER(rows.contiguous(), "sum", 0, group))
+
+
+def added_once(bias: torch.Tensor, group) -> torch.Tensor:
+    """`bias` for partial results that `group` sums (`summed_shard`): its value divided by the
+    group's size, its gradient whole (each rank's backward sees every row's gradient)."""
+    return bias - bias.detach() * (1 - 1 / dist.get_world_size(group))
 
 
 def _resolve_group(group, caller: str):

@@ -22,12 +22,15 @@ chunks):
 - With expert tensor parallelism (ETP > 1; Megatron's default ETP is T), each expert's F columns
   are split over Megatron's expert-tensor-parallel group (`pg_collection.expt_tp`): rank r holds
   `w13 [E_l, 2F/ETP, h]` (its gate rows, then its up rows, Megatron's local fc1 layout), `w2
-  [E_l, h, F/ETP]`, `b13` with w13's rows and the whole `b2`. The group's tokens, routing ids
-  and weights are all-gathered, each rank runs them all through its shards (and the expert
-  parallelism below, over the ranks that hold the same shard), and the partial outputs are
-  reduce-scattered back, as Megatron's dispatchers do. Megatron's grouped experts add fc2's
-  bias on every ETP rank before that sum (as far as megatron-core 0.16's TEGroupedMLP reads);
-  moeblaze adds it once, as the unsplit layer does.
+  [E_l, h, F/ETP]`, `b13` with w13's rows and the whole `b2`. Without expert parallelism, the
+  group's tokens, routing ids and weights are all-gathered, each rank runs them all through its
+  shards, and the partial outputs are reduce-scattered back. With it, as in Megatron's
+  all-to-all dispatcher, each rank first sends its own tokens' rows to the ranks that hold the
+  same shard of their experts (`expert_parallel_mlp`), the rows received are all-gathered
+  within the ETP group, and the partial outputs are reduce-scattered back before the
+  all-to-all returns them: the expert-parallel links carry each routed token once. Megatron's
+  grouped experts add fc2's bias on every ETP rank before that sum (as far as megatron-core
+  0.16's TEGroupedMLP reads); moeblaze adds it once, as the unsplit layer does.
 
 Under tensor and context parallelism:
 
@@ -137,14 +140,13 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
 from moeblaze.activation import SwiGLU
-from moeblaze.expert_parallel import expert_parallel_mlp
+from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
 from moeblaze.layers import MoEBlock, SwiGLUMLP
 from moeblaze.ops import moe_mlp
 from moeblaze.router import DROP_POLICIES, RouterOutput, _group_size
@@ -512,23 +514,27 @@ class MoELayer(MoEBlock):
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         ids, weights, options = routing.topk_ids, routing.topk_weights, self.expert_options()
-        if self.etp_group is not None:
-            # Every rank of the group runs all its tokens through its F/ETP columns of each
-            # expert; the partial sums add up in the reduce-scatter below. b2 enters each
-            # partial sum divided by ETP, and its gradient whole.
-            tokens, ids, weights = (_gather_rows(t, self.etp_group) for t in (tokens, ids, weights))
-            if self.b2 is not None:
-                options["b2"] = self.b2 - self.b2.detach() * (1 - 1 / self.ffn_shard[1])
-        args = (tokens, ids, weights, self.w13, self.w2)
-        if self.group is None:
-            out = moe_mlp(*args, **options)
-        else:
-            out = expert_parallel_mlp(
-                *args, self.group, recompute_dispatch=self.recompute_dispatch, **options
+        if self.group is not None:  # the expert-parallel all-to-all, then the ETP gather
+            return expert_parallel_mlp(
+                tokens,
+                ids,
+                weights,
+                self.w13,
+                self.w2,
+                self.group,
+                recompute_dispatch=self.recompute_dispatch,
+                expert_tensor_group=self.etp_group,
+                **options,
             )
-        if self.etp_group is not None:
-            out = _summed_shard(out, self.etp_group)
-        return out
+        if self.etp_group is None:
+            return moe_mlp(tokens, ids, weights, self.w13, self.w2, **options)
+        # Every rank of the group runs all its tokens through its F/ETP columns of each expert;
+        # the partial sums add up in the reduce-scatter below.
+        tokens, ids, weights = (gather_rows(t, self.etp_group) for t in (tokens, ids, weights))
+        if self.b2 is not None:
+            options["b2"] = added_once(self.b2, self.etp_group)
+        out = moe_mlp(tokens, ids, weights, self.w13, self.w2, **options)
+        return summed_shard(out, self.etp_group)
 
     def forward(
         self,
@@ -705,27 +711,6 @@ def _find_group(pg_collection, name: str, getter: str, **getter_options):
             return None
         group = getattr(parallel_state, getter)(check_initialized=False, **getter_options)
     return group
-
-
-# torch >= 2.13's names where present.
-_ALL_GATHER = (
-    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-)
-_REDUCE_SCATTER = getattr(funcol, "reduce_scatter_single_autograd", None) or (
-    funcol.reduce_scatter_tensor_autograd
-)
-
-
-def _gather_rows(rows: torch.Tensor, group) -> torch.Tensor:
-    """The rows of every rank of `group`, in rank order; the gradient is summed over the ranks
-    and scattered back (Megatron's gather_from_sequence_parallel_region)."""
-    return funcol.wait_tensor(_ALL_GATHER(rows.contiguous(), 0, group))
-
-
-def _summed_shard(rows: torch.Tensor, group) -> torch.Tensor:
-    """This rank's block of rows of the sum of `rows` over `group`; the gradient is gathered
-    (Megatron's reduce_scatter_to_sequence_parallel_region)."""
-    return funcol.wait_tensor(_REDUCE_SCATTER(rows.contiguous(), "sum", 0, group))
 
 
 def _rank(group) -> int:

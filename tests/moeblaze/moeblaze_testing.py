@@ -6,6 +6,7 @@
 import math
 
 import torch
+import torch.distributed as dist
 from tolerance import assert_close
 
 from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
@@ -126,3 +127,21 @@ def assert_dropped_slots_add_nothing(problem, actual):
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.equal(dx[0], torch.zeros_like(dx[0]))
     assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))
+
+
+def shard_of(name: str, whole: torch.Tensor, group) -> torch.Tensor:
+    """This rank's shard of a tensor split over `group`: `name` "fc1" ([2F, ...]: gate rows r,
+    then up rows r) or "fc2" ([h, F]: columns r)."""
+    rank, count = dist.get_rank(group), dist.get_world_size(group)
+    if name == "fc1":
+        gate, up = whole.chunk(2)
+        return torch.cat([gate.chunk(count)[rank], up.chunk(count)[rank]])
+    return whole.chunk(count, dim=1)[rank]
+
+
+def expert_shard(name: str, experts: torch.Tensor, group) -> torch.Tensor:
+    """This rank's shard of the experts' `name` ("w13", "b13", "w2" or "b2"; `experts [E_l, ...]`
+    whole) when their F columns are split over `group` (b2 is whole on every rank)."""
+    if name == "b2":
+        return experts
+    return torch.stack([shard_of("fc2" if name == "w2" else "fc1", e, group) for e in experts])

@@ -9,7 +9,9 @@ tokens of all ranks (forward and backward); each worker runs
 `ExpertParallelMoELayer.from_moe_layer` on its own tokens and compares its output, dx, its
 experts' slices of dw13 and dw2, and the all-reduced (data-parallel) gradients of the
 replicated router and shared expert. The workers also run expert_parallel_mlp on routings with
-dropped slots against moe_mlp on every rank's tokens.
+dropped slots against moe_mlp on every rank's tokens, and expert tensor parallelism: experts
+split over the pairs {0, 1} and {2, 3} (their F columns) and sharded over {0, 2} and {1, 3},
+as expert_parallel_mlp and as the layer, and a bad id seen by every rank.
 
 A run of 2 gloo processes checks the Megatron-style layer with expert_model_parallel_size=2
 against the one-rank Megatron-style layer: initial model, loading a rank's state dict, output,
@@ -36,6 +38,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moeblaze_testing import expert_shard
 from overlap_testing import gloo_rank, randn
 from tolerance import assert_close
 
@@ -119,12 +122,18 @@ def _settled(shapes, expected, seconds=5.0) -> list[tuple[int, ...]]:
     return found
 
 
-def _check_case(case: Case, group, device="cpu") -> None:
-    W, r = dist.get_world_size(group), dist.get_rank(group)
+def _check_case(case: Case, group, device="cpu", tensor_group=None) -> None:
+    """With a `tensor_group` (expert tensor parallelism), every rank of the default group has
+    its own tokens; without, those of `group`."""
+    data = group if tensor_group is None else dist.group.WORLD  # the ranks with own tokens
+    W, r = dist.get_world_size(data), dist.get_rank(data)
     assert len(case.tokens) == W
-    where = f"{case.name} (W={W}) rank {r}"
+    where = f"{case.name} (W={W}{', split experts' if tensor_group else ''}) rank {r}"
     layer = ExpertParallelMoELayer.from_moe_layer(
-        case.layer.to(device), group, recompute_dispatch=case.recompute_dispatch
+        case.layer.to(device),
+        group,
+        recompute_dispatch=case.recompute_dispatch,
+        expert_tensor_group=tensor_group,
     )
     first = sum(case.tokens[:r])
     mine = slice(first, first + case.tokens[r])  # this rank's rows of x
@@ -132,11 +141,11 @@ def _check_case(case: Case, group, device="cpu") -> None:
     with _recording_received_rows() as alive_shapes:
         out = layer(x)
     # No buffer of dispatched or combined rows outlives forward, but the received rows [R, d]
-    # with recompute_dispatch=False.
+    # with recompute_dispatch=False (with split experts, the gathered rows instead).
     received = int(
         ((case.topk_ids >= layer.experts.start) & (case.topk_ids < layer.experts.stop)).sum()
     )
-    kept = [] if case.recompute_dispatch else [(received, D)]
+    kept = [] if case.recompute_dispatch or tensor_group else [(received, D)]
     assert _settled(alive_shapes, kept) == kept, f"{where}: rows kept for backward"
     out.backward(case.dout[mine].to(device))
     assert_close(out, case.out[mine], rtol=RTOL, name=f"{where}: out")
@@ -145,10 +154,12 @@ def _check_case(case: Case, group, device="cpu") -> None:
         expected = case.grads[name]
         if name in ("w13", "w2", "b13", "b2"):  # this rank's experts: complete gradients
             expected = expected[layer.experts]
+            if tensor_group is not None:  # this rank's shard
+                expected = expert_shard(name, expected, tensor_group)
             grad = p.grad
         else:  # replicated: the data-parallel all-reduce
             grad = p.grad.clone()
-            dist.all_reduce(grad, group=group)
+            dist.all_reduce(grad, group=data)
         assert_close(grad, expected, rtol=RTOL, name=f"{where}: grad {name}")
 
 
@@ -230,10 +241,74 @@ def _check_dropped(group) -> None:
     assert torch.equal(actual[2][dropped], torch.zeros(int(dropped.sum())))
 
 
+def _check_expert_tensor(expert_group, tensor_group, *, to_first_ranks, recompute_dispatch):
+    """Experts split over 2 expert-parallel x 2 expert-tensor-parallel ranks (each holds half of
+    the F columns of half of the experts), with biases, dropped slots and a rank without
+    tokens: out, dx, dtopk_weights and every parameter's shard of the gradient match moe_mlp on
+    every rank's tokens with whole experts. `to_first_ranks`: every token chooses experts of
+    expert-parallel rank 0, so the other ranks' experts compute no row."""
+    r = dist.get_rank(expert_group)
+    where = f"expert tensor parallel (to_first_ranks={to_first_ranks}) rank {dist.get_rank()}"
+    tokens = [6, 0, 5, 4]
+    x, dout = randn(sum(tokens), D, seed=50), randn(sum(tokens), D, seed=51)
+    whole = [randn(E, 2 * FFN, D, seed=52) / D**0.5, randn(E, D, FFN, seed=53) / FFN**0.5]
+    whole += [randn(E, 2 * FFN, seed=54), randn(E, D, seed=55)]  # b13, b2
+    g = torch.Generator().manual_seed(56)
+    choices = E // 2 if to_first_ranks else E
+    ids = torch.rand(sum(tokens), choices, generator=g).topk(K, dim=-1).indices
+    ids[torch.rand(ids.shape, generator=g) < 0.3] = moeblaze.DROPPED
+    weights = torch.rand(ids.shape, generator=g)
+
+    def run(fn, rows, params, **options):
+        leaves = [t.clone().requires_grad_() for t in (x[rows], weights[rows], *params)]
+        w13, w2, b13, b2 = leaves[2:]
+        out = fn(leaves[0], ids[rows], leaves[1], w13, w2, b13=b13, b2=b2, **options)
+        out.backward(dout[rows])
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    first = sum(tokens[: dist.get_rank()])
+    mine = slice(first, first + tokens[dist.get_rank()])
+    local = slice(r * E // 2, (r + 1) * E // 2)
+
+    def shards(params):  # whole experts' w13, w2, b13, b2 [E, ...] -> this rank's shards
+        names = ("w13", "w2", "b13", "b2")
+        return [expert_shard(n, t[local], tensor_group) for n, t in zip(names, params, strict=True)]
+
+    actual = run(
+        expert_parallel_mlp,
+        mine,
+        shards(whole),
+        group=expert_group,
+        expert_tensor_group=tensor_group,
+        recompute_dispatch=recompute_dispatch,
+    )
+    expected = run(moeblaze.moe_mlp, slice(None), whole)
+    expected = [t[mine] for t in expected[:3]] + shards(expected[3:])
+    names = ("out", "dx", "dweights", "dw13", "dw2", "db13", "db2")
+    for name, a, b in zip(names, actual, expected, strict=True):
+        assert_close(a, b, rtol=RTOL, name=f"{where}: {name}")
+    if to_first_ranks and r == 1:  # no row reached these experts
+        assert not actual[3].any() and not actual[4].any()
+
+
+def _check_expert_tensor_errors(expert_group, tensor_group) -> None:
+    """An id outside [0, E) on global rank 1 raises on all four ranks, also on those that share
+    neither its expert-parallel group nor its expert-tensor-parallel group."""
+    x, w13, w2 = randn(3, D), randn(1, FFN, D), randn(1, D, FFN // 2)
+    ids = torch.zeros(3, 1, dtype=torch.long)
+    if dist.get_rank() == 1:
+        ids[1] = -2
+    with pytest.raises(ValueError, match=r"global rank\(s\) \[1\] contain .* outside \[0, num_"):
+        expert_parallel_mlp(
+            x, ids, torch.ones(3, 1), w13, w2, expert_group, expert_tensor_group=tensor_group
+        )
+
+
 def _gloo_worker(rank, init_method, pair_cases, case):
     with gloo_rank(rank, NUM_PROCS, init_method, timeout_s=60):
         torch.set_num_threads(1)
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates both
+        odd_even = [dist.new_group([0, 2]), dist.new_group([1, 3])]
         pair, pair_case = pairs[rank // 2], pair_cases[rank // 2]
         cpu = [torch.profiler.ProfilerActivity.CPU]  # no CUDA in a forked worker
         with torch.profiler.profile(activities=cpu) as profile:
@@ -241,6 +316,15 @@ def _gloo_worker(rank, init_method, pair_cases, case):
         _check_ranges(profile, pair_case)
         _check_case(case, dist.group.WORLD)
         _check_dropped(dist.group.WORLD)
+        for to_first_ranks in (False, True):  # expert-parallel pairs {0, 2}, {1, 3}
+            _check_expert_tensor(
+                odd_even[rank % 2],
+                pairs[rank // 2],
+                to_first_ranks=to_first_ranks,
+                recompute_dispatch=not to_first_ranks,
+            )
+        _check_expert_tensor_errors(odd_even[rank % 2], pairs[rank // 2])
+        _check_case(case, odd_even[rank % 2], tensor_group=pairs[rank // 2])
         _check_init([pair, dist.group.WORLD])
         _check_errors(dist.group.WORLD)
 

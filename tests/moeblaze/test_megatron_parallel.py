@@ -18,6 +18,7 @@ The workers are spawned: forked from a process that has run megatron-core's para
 (test_megatron, in the same pytest worker), their initialize_model_parallel hangs.
 """
 
+import contextlib
 import functools
 import types
 
@@ -25,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moeblaze_testing import expert_shard, shard_of
 from overlap_testing import gloo_rank, randn
 from tolerance import assert_close
 
@@ -106,16 +108,6 @@ CONFIGS_2W = {  # ETP x EP over the four TP x CP ranks
 }
 
 
-def _shard_of(name: str, whole: torch.Tensor, group) -> torch.Tensor:
-    """This rank's shard of a tensor split over `group`: `name` "fc1" ([2F, ...]: gate rows r,
-    then up rows r) or "fc2" ([h, F]: columns r)."""
-    rank, count = dist.get_rank(group), dist.get_world_size(group)
-    if name == "fc1":
-        gate, up = whole.chunk(2)
-        return torch.cat([gate.chunk(count)[rank], up.chunk(count)[rank]])
-    return whole.chunk(count, dim=1)[rank]
-
-
 def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
     """This rank's Megatron state dict (TEGroupedMLP experts, local ones numbered from 0, with
     expert tensor parallelism their shards; under tensor parallelism the shared expert's
@@ -128,7 +120,7 @@ def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
         for ours, fc, what in (("w13", 1, "weight"), ("w2", 2, "weight"), ("b13", 1, "bias")):
             if ours in trained:
                 whole = trained[ours][e]
-                shard = _shard_of(f"fc{fc}", whole, layer.etp_group) if split else whole
+                shard = shard_of(f"fc{fc}", whole, layer.etp_group) if split else whole
                 state[f"experts.linear_fc{fc}.{what}{i}"] = shard
         if "b2" in trained:
             state[f"experts.linear_fc2.bias{i}"] = trained["b2"][e]
@@ -136,8 +128,8 @@ def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
         gate_up = trained["shared_expert.gate_up.weight"]
         down = trained["shared_expert.down.weight"]
         if layer.tp_group is not None:
-            gate_up = _shard_of("fc1", gate_up, layer.tp_group)
-            down = _shard_of("fc2", down, layer.tp_group)
+            gate_up = shard_of("fc1", gate_up, layer.tp_group)
+            down = shard_of("fc2", down, layer.tp_group)
         state["shared_experts.linear_fc1.weight"] = gate_up
         state["shared_experts.linear_fc2.weight"] = down
         state["shared_experts.gate_weight"] = trained["shared_expert.sigmoid_gate.weight"]
@@ -155,7 +147,7 @@ def _check_initial_shards(layer, fields, where):
         for name, fc in (("w13", "fc1"), ("w2", "fc2"), ("b13", "fc1"), ("b2", None)):
             for local, e in enumerate(range(split.experts.start, split.experts.stop)):
                 want = getattr(whole, name)[e]
-                want = want if fc is None else _shard_of(fc, want, split.etp_group)
+                want = want if fc is None else shard_of(fc, want, split.etp_group)
                 got = getattr(split, name)[local]
                 assert torch.equal(got, want), f"{where}: {init} {name}[{e}]"
 
@@ -200,6 +192,24 @@ def _check_checkpoint(layer, trained, where):
         assert wholes[key].dim() == want.dim() + glu, f"{where}: {key} shape"
 
 
+@contextlib.contextmanager
+def _rows_sent():
+    """Records the rows of h columns that this rank sends by all-to-all in the body, in order."""
+    sent = []
+    all_to_all_single = dist.all_to_all_single
+
+    def recording(output, rows, *args, **kwargs):
+        if rows.dim() == 2 and rows.shape[1] == D:
+            sent.append(rows.shape[0])
+        return all_to_all_single(output, rows, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        yield sent
+    finally:
+        dist.all_to_all_single = all_to_all_single
+
+
 def _check_run(config, rank, trained, x, dout, expected):
     from megatron.core import parallel_state
 
@@ -220,7 +230,10 @@ def _check_run(config, rank, trained, x, dout, expected):
         world = dist.get_world_size()
         mine = slice(rank * S // world, (rank + 1) * S // world)  # its shard of the sequence
         leaf = x[mine].clone().requires_grad_()
-        out, _ = layer(leaf, padding_mask=PADDING[:, mine])
+        with _rows_sent() as sent:
+            out, _ = layer(leaf, padding_mask=PADDING[:, mine])
+        if layer.group is not None:  # the dispatch sends each real token's k rows, no more
+            assert sent[0] == int((~PADDING[:, mine]).sum()) * K, f"{where}: rows sent {sent}"
         out.backward(dout[mine])
         assert_close(out, expected["out"][mine], rtol=RTOL, name=f"{where}: out")
         assert_close(leaf.grad, expected["x"][mine], rtol=RTOL, name=f"{where}: dx")
@@ -237,13 +250,11 @@ def _check_run(config, rank, trained, x, dout, expected):
                 want = want[layer.experts]
                 assert getattr(p, "allreduce", True) is not (tp or layer.group is not None), pname
             if split and pname in ("w13", "b13", "w2"):  # this rank's shards, complete
-                fc = "fc2" if pname == "w2" else "fc1"
-                want = torch.stack([_shard_of(fc, w, layer.etp_group) for w in want])
-                grad = p.grad
+                grad, want = p.grad, expert_shard(pname, want, layer.etp_group)
             elif tp and pname == "shared_expert.gate_up.weight":  # this rank's shard, complete
-                grad, want = p.grad, _shard_of("fc1", want, layer.tp_group)
+                grad, want = p.grad, shard_of("fc1", want, layer.tp_group)
             elif tp and pname == "shared_expert.down.weight":
-                grad, want = p.grad, _shard_of("fc2", want, layer.tp_group)
+                grad, want = p.grad, shard_of("fc2", want, layer.tp_group)
             elif expert and (layer.group is not None or split):  # sharded experts: complete here
                 grad = p.grad
             else:  # replicated over ranks with their own tokens: summed by the training loop
