@@ -1,7 +1,8 @@
 """Token router: score every token against every expert and keep the top-k.
 
     # N tokens, d hidden, E experts, k top-k, G expert groups
-    x [N, d] --float32--> logits = x @ weight.T (+ bias) [N, E] --softmax | sigmoid--> scores [N, E]
+    x [N, d] (* jitter) --float32--> logits = x @ weight.T (+ bias) [N, E] (or random draws)
+    logits --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
     (capacity_factor: the slots past each expert's capacity get id DROPPED and weight 0)
@@ -137,6 +138,14 @@ class Router(nn.Module):
       tokens. The weights are renormalised before dropping, not after; the balancing losses
       count the choices before dropping, the expert-bias counts and `tokens_per_expert` those
       kept. None (default): no token is dropped.
+    - `input_jitter_eps`: in training, the router (not the experts) sees x multiplied by noise
+      drawn uniformly in [1 - eps, 1 + eps] per element (Switch Transformer's input jitter,
+      Megatron's `moe_input_jitter_eps`; Megatron also jitters in eval mode). The noise comes
+      from the default generator of x's device (activation checkpointing restores its state).
+    - `random_logits`: for benchmarking balanced routing, the logits are replaced by standard
+      normal draws (default generator of x's device) whose gradient is passed to the real
+      logits unchanged (Megatron's `moe_router_force_load_balancing`, a straight-through
+      estimator). The losses see the drawn logits.
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
@@ -187,6 +196,8 @@ class Router(nn.Module):
         z_loss_coeff: float = 0.0,
         capacity_factor: float | None = None,
         drop_policy: str = "probs",
+        input_jitter_eps: float | None = None,
+        random_logits: bool = False,
         loss_group=None,
         global_group=None,
         device=None,
@@ -218,6 +229,12 @@ class Router(nn.Module):
             )
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy={drop_policy!r} must be one of {DROP_POLICIES}")
+        if input_jitter_eps is not None and not 0 < input_jitter_eps < 1:
+            raise ValueError(
+                f"input_jitter_eps={input_jitter_eps} must be None (no jitter) or in (0, 1)"
+            )
+        if not isinstance(random_logits, bool):
+            raise TypeError(f"random_logits must be a bool, got {type(random_logits).__name__}")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -234,6 +251,8 @@ class Router(nn.Module):
         self.global_aux_loss_coeff = float(global_aux_loss_coeff)
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.drop_policy = drop_policy
+        self.input_jitter_eps = None if input_jitter_eps is None else float(input_jitter_eps)
+        self.random_logits = random_logits
         self.loss_group = loss_group
         self.global_group = global_group
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
@@ -297,7 +316,7 @@ class Router(nn.Module):
             self._check_token_mask(x, token_mask)
             num_experts = self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
-                logits = x.float() @ self.weight.float().t()  # [N, E]
+                logits = self._jittered(x).float() @ self.weight.float().t()  # [N, E]
                 if self.bias is not None:
                     logits = logits + self.bias.float()
             # A look at the values: at once on the CPU, without a host synchronisation on CUDA
@@ -305,6 +324,8 @@ class Router(nn.Module):
             if not torch.compiler.is_compiling():
                 nonfinite = (~torch.isfinite(logits)).any().to(torch.int32).reshape(1)
                 deferred.defer(nonfinite, _describe_nonfinite_logits)
+            if self.random_logits:  # drawn values (exactly: + 0), the gradient of the real ones
+                logits = torch.randn_like(logits) + (logits - logits.detach())
             chosen_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
@@ -349,6 +370,15 @@ class Router(nn.Module):
                 tokens_per_expert=tokens_per_expert,
                 **{name: loss.detach() for name, loss in losses.items()},
             )
+
+    def _jittered(self, x: torch.Tensor) -> torch.Tensor:
+        """x times uniform noise in [1 - eps, 1 + eps] in training (input_jitter_eps), drawn in
+        x's dtype as Megatron's `apply_input_jitter` draws it; x as it is otherwise."""
+        eps = self.input_jitter_eps
+        if eps is None or not self.training:
+            return x
+        low, high = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (1 - eps, 1 + eps))
+        return x * (low + torch.rand(x.shape, dtype=x.dtype, device=x.device) * (high - low))
 
     def loss_coeffs(self) -> dict[str, float]:
         """{name of the loss in RouterOutput: its coefficient}."""

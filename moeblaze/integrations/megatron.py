@@ -110,6 +110,11 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
 - Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`).
+- `moe_input_jitter_eps` jitters the router's input in training (`moeblaze.Router`'s
+  `input_jitter_eps`, drawn as Megatron draws it); Megatron's also jitters in eval mode.
+  `moe_router_force_load_balancing` routes by random logits with the real logits' gradient
+  (`random_logits`), from the default generator of the device (Megatron's from its
+  expert-parallel RNG tracker).
 
 Recompute: `moe_layer_recompute=True` (or `recompute_granularity='selective'` with "moe" in
 `recompute_modules`) runs the experts with `recompute="up_proj"`: backward recomputes the
@@ -187,10 +192,10 @@ MEGATRON_DEFAULTS = {
     "output_layer_init_method": None,
     "perform_initialization": True,
     "use_cpu_initialization": False,
-    # Features moeblaze does not have: only their defaults are accepted.
-    "moe_pad_expert_input_to_capacity": False,
     "moe_input_jitter_eps": None,
     "moe_router_force_load_balancing": False,
+    # Features moeblaze does not have: only their defaults are accepted.
+    "moe_pad_expert_input_to_capacity": False,
     "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,
     "moe_router_padding_for_quantization": False,
@@ -211,8 +216,6 @@ _OFF = lambda value: not value
 _ONE_RANK = lambda value: value in (None, 1)
 _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
-    "moe_input_jitter_eps": ("router input jitter", lambda value: value is None),
-    "moe_router_force_load_balancing": ("random router logits", _OFF),
     "moe_enable_routing_replay": ("routing replay", _OFF),
     "moe_router_topk_limited_devices": ("device-limited routing (use moe_router_num_groups)", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
@@ -248,6 +251,8 @@ class LayerOptions:
     topk_scaling_factor: float  # multiplies the k routing weights
     capacity_factor: float | None  # token dropping: None drops none
     drop_policy: str  # which slots an expert past its capacity keeps: "probs" or "position"
+    input_jitter_eps: float | None  # router input jitter in training
+    random_logits: bool  # random router logits (forced load balancing, for benchmarks)
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
@@ -277,6 +282,8 @@ class LayerOptions:
             topk_scaling_factor=self.topk_scaling_factor,
             capacity_factor=self.capacity_factor,
             drop_policy=self.drop_policy,
+            input_jitter_eps=self.input_jitter_eps,
+            random_logits=self.random_logits,
         )
 
 
@@ -323,6 +330,8 @@ def layer_options(config) -> LayerOptions:
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         capacity_factor=_capacity_factor(cfg),
         drop_policy=cfg["moe_token_drop_policy"],
+        input_jitter_eps=cfg["moe_input_jitter_eps"],
+        random_logits=bool(cfg["moe_router_force_load_balancing"]),
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         # Megatron builds the gate only inside a shared expert.
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
@@ -1052,6 +1061,9 @@ def _invalid_fields(cfg) -> list[str]:
         problems.append(
             f"moe_token_drop_policy={cfg['moe_token_drop_policy']!r} must be one of {DROP_POLICIES}"
         )
+    eps = cfg["moe_input_jitter_eps"]
+    if eps is not None and not (isinstance(eps, int | float) and 0 < eps < 1):
+        problems.append(f"moe_input_jitter_eps={eps!r} must be None or in (0, 1)")
     if (cfg["moe_z_loss_coeff"] or 0.0) < 0:
         problems.append(f"moe_z_loss_coeff={cfg['moe_z_loss_coeff']!r} must be >= 0")
     scale = cfg["moe_router_topk_scaling_factor"]

@@ -384,6 +384,7 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ValueError,
             ["moe_router_topk_scaling_factor=-2.0"],
         ),
+        (dict(moe_input_jitter_eps=1.0), ValueError, ["moe_input_jitter_eps=1.0 must be None or"]),
     ],
     ids=lambda v: "-".join(f"{k}" for k in v) if isinstance(v, dict) else None,
 )
@@ -392,6 +393,18 @@ def test_config_errors_name_the_field(fields, error, names):
         mb.MoELayer(_config(**fields))
     for name in names:
         assert name in str(raised.value), f"{name!r} not in: {raised.value}"
+
+
+def test_random_router_logits():
+    """moe_router_force_load_balancing: the router draws its logits (the real ones' gradient)."""
+    layer = mb.MoELayer(_config(moe_router_force_load_balancing=True)).train()
+    assert layer.router.random_logits
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(14))
+    torch.manual_seed(15)
+    layer(x)[0].square().sum().backward()
+    torch.manual_seed(15)
+    assert torch.equal(layer.last_router_output.logits, torch.randn(S * BATCH, E))
+    assert layer.router.weight.grad.abs().sum() > 0
 
 
 def test_forward_errors():
@@ -547,13 +560,13 @@ def megatron():
     """megatron-core's modules, with a one-rank gloo process group for its parallel layers."""
     core = pytest.importorskip("megatron.core")
     from megatron.core import parallel_state
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, router
 
     store = torch.distributed.HashStore()
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     parallel_state.initialize_model_parallel()
     try:
-        yield types.SimpleNamespace(core=core, moe_utils=moe_utils)
+        yield types.SimpleNamespace(core=core, moe_utils=moe_utils, router=router)
     finally:
         parallel_state.destroy_model_parallel()
         torch.distributed.destroy_process_group()
@@ -721,6 +734,8 @@ ROUTINGS = {
         moe_expert_capacity_factor=0.75,
         moe_token_drop_policy="position",
     ),
+    # The router's input multiplied by noise in [0.8, 1.2], drawn as Megatron draws it.
+    "softmax_input_jitter": dict(moe_input_jitter_eps=0.2, moe_aux_loss_coeff=1e-1),
 }
 
 
@@ -766,6 +781,7 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     padding = _padding_mask(even="seq_aux_loss" in coeffs) if padded else None  # [b, s]
     # The router applies moe_router_topk_scaling_factor; the tokens are [s, b, h] flattened.
+    torch.manual_seed(11)  # the input jitter's draw
     layer(tokens.view(S, BATCH, H), padding_mask=padding)
     routing_out = layer.last_router_output
     ours = dense(routing_out.topk_ids, routing_out.topk_weights)
@@ -779,9 +795,15 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     # TopKRouter.gating's RouterGatingLinearFunction without TransformerEngine (which this
     # megatron-core needs to run it): addmm in float32.
     weight, gate_bias = megatron_params["weight"], megatron_params.get("bias")
-    logits = tokens @ weight.t()  # [N, E]
+    torch.manual_seed(11)
+    eps = getattr(cfg, "moe_input_jitter_eps", None)
+    router = types.SimpleNamespace(config=types.SimpleNamespace(moe_input_jitter_eps=eps))
+    router.input_jitter = None
+    jittered = megatron.router.TopKRouter.apply_input_jitter(router, tokens.view(S, BATCH, H))
+    jittered = jittered.view(-1, H)  # tokens itself without moe_input_jitter_eps
+    logits = jittered @ weight.t()  # [N, E]
     if gate_bias is not None:
-        logits = torch.addmm(gate_bias, tokens, weight.t())
+        logits = torch.addmm(gate_bias, jittered, weight.t())
     padding = None if padding is None else padding.t().reshape(-1)  # [N], TopKRouter.routing
     if cfg.moe_z_loss_coeff:
         z_loss = mu.z_loss_func(logits, cfg.moe_z_loss_coeff, padding_mask=padding)

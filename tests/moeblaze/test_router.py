@@ -480,12 +480,65 @@ def test_profile_range():
         (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be None \(no dropping\) or a"),
         (dict(capacity_factor=float("nan")), r"capacity_factor=nan must be None"),
         (dict(drop_policy="random"), r"drop_policy='random' must be one of \('probs', 'posi"),
+        (dict(input_jitter_eps=0.0), r"input_jitter_eps=0.0 must be None \(no jitter\) or in"),
+        (dict(input_jitter_eps=1.5), r"input_jitter_eps=1.5 must be None"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _router(**kwargs)
+
+
+def test_random_logits_must_be_a_bool():
+    with pytest.raises(TypeError, match="random_logits must be a bool, got str"):
+        _router(random_logits="yes")
+
+
+def test_input_jitter_scales_the_routers_input_in_training_only():
+    """Training: logits of x * noise, noise uniform in [1 - eps, 1 + eps] drawn from the default
+    generator, dx through the noise, and a checkpointed recompute draws the same noise. Eval:
+    the plain logits."""
+    eps = 0.25
+    router, plain = _router(input_jitter_eps=eps), _router()
+    x = _x(40).requires_grad_()
+    torch.manual_seed(3)
+    out = router(x)
+    torch.manual_seed(3)
+    noise = (1 - eps) + torch.rand(x.shape) * (2 * eps)
+    assert noise.min() < 1 - eps / 2 and noise.max() > 1 + eps / 2  # the noise is noticeable
+    expected = (x * noise) @ router.weight.t()
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(out.logits.shape)
+    (out.logits * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, noise * (upstream @ router.weight), rtol=1e-5, atol=1e-6)
+    dx = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    logits = torch.utils.checkpoint.checkpoint(lambda t: router(t).logits, x, use_reentrant=False)
+    (logits * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, dx, rtol=0, atol=0)
+    router.eval()
+    assert torch.equal(router(x).logits, plain.eval()(x).logits)
+
+
+def test_random_logits_route_at_random_with_the_real_logits_gradient():
+    """The logits are standard normal draws (the default generator's), whatever the router's
+    weights: every expert gets about N*k/E slots even when the weights send every token to
+    expert 0; the gradient reaching the logits goes to the weights as the real logits'."""
+    router = _router(random_logits=True, top_k=2)
+    with torch.no_grad():
+        router.weight[0] = 10.0  # without random logits, expert 0 in every token's top-k
+    x = _x(3000).abs()
+    torch.manual_seed(4)
+    out = router(x)
+    torch.manual_seed(4)
+    assert torch.equal(out.logits, torch.randn(3000, E))
+    mean = 3000 * 2 / E
+    assert (out.tokens_per_expert - mean).abs().max() < 0.15 * mean, out.tokens_per_expert
+    upstream = torch.randn(out.logits.shape)
+    (out.logits * upstream).sum().backward()
+    torch.testing.assert_close(router.weight.grad, upstream.t() @ x, rtol=1e-5, atol=1e-4)
 
 
 def test_top_k_error_message():
