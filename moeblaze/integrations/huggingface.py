@@ -37,8 +37,9 @@ class's own `_apply_gate` before first use. Experts that compute anything else r
 gate (`up_proj` only), another activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
->= E and zero weights; they are sent to expert E-1 with weight 0 (computed and discarded, as
-the "batched_mm" implementation does).
+>= E and zero weights; they become dropped slots (`moeblaze.DROPPED`): no GEMM rows, nothing
+added, no gradient (the "batched_mm" implementation computes them on expert E-1 and discards
+them).
 """
 
 import functools
