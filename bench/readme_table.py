@@ -44,6 +44,11 @@ VIEWS = {
         lambda row: True,
         ("shape", "T", "k", "E", "provider", "ms", "speedup_vs_torch"),
     ),
+    "ep_combine": (
+        "Expert parallelism's combine (k rows per token summed)",
+        lambda row: True,
+        ("shape", "T", "k", "d", "provider", "ms", "GB/s", "speedup_vs_torch"),
+    ),
     "csrc_kernels": (
         "Compiled kernels (csrc/) against Triton and torch, microseconds",
         lambda row: True,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# GPU tests and benchmarks in one bounded run (each step has a time limit; all six together
-# take at most about 18 minutes), for a CUDA machine.
+# GPU tests and benchmarks in one bounded run (each step has a time limit; the seven default
+# steps together take at most about 19 minutes), for a CUDA machine.
 #
 #   bash bench/run_gpu.sh OUTDIR [STEP ...]
 #
-# STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan overlap
-# csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
+# STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan ep_combine
+# overlap csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
 # up to about 9 minutes), tune_gpt_oss (gate_up and grad_act with GPT-OSS's interleaved SwiGLU
 # at its shape, to OUTDIR/tune_gpt_oss), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
@@ -14,7 +14,7 @@
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
-# Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, overlap.txt,
+# Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
 # csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, overlap_tiles.txt, overlap_link.txt,
 # kernel_profile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
@@ -22,7 +22,7 @@
 set -euo pipefail
 OUT=${1:?usage: bash bench/run_gpu.sh OUTDIR [STEP ...]}
 shift
-STEPS=" ${*:-pytest-gpu moe_layer routing_plan overlap csrc_kernels hf_model} "
+STEPS=" ${*:-pytest-gpu moe_layer routing_plan ep_combine overlap csrc_kernels hf_model} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -54,6 +54,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
 step pytest-gpu 300 python -m pytest -m gpu -q
 step moe_layer 260 python -m bench.moe_layer --out "$OUT"
 step routing_plan 40 python -m bench.routing_plan --out "$OUT"
+step ep_combine 40 python -m bench.ep_combine --out "$OUT"
 step overlap 110 python -m bench.overlap --out "$OUT"
 step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"

@@ -19,7 +19,9 @@ rank, like data-parallel parameters) and each rank routes its own tokens. Per la
               in fp32, in a fixed order--> out [T, d]
 
 A dropped slot (id `DROPPED`, -1) is placed nowhere by the plan: it is sent nowhere, the [S, d]
-buffers hold the P < S placed slots only, and the combine reads a row of zeros for it.
+buffers hold the P < S placed slots only, and the combine adds nothing for it. The combine's sum
+is one Triton kernel (moeblaze.kernels.gather_sum: each received row read once, nothing of size
+[S, d] written; on the torch backend, k index_selects in the same order and with the same bits).
 
 With expert tensor parallelism (`expert_tensor_group`, ETP ranks each holding F/ETP columns of
 the same experts), the rows received are all-gathered over the ETP ranks, each rank's padded to
@@ -54,10 +56,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
+from kernelbase.backend import Backend, backend_for
 from kernelbase.profiling import profile_range
 from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.layers import MoEBlock, MoELayer, check_router_options
 from moeblaze.ops import moe_mlp
+from moeblaze.reference import gather_sum_torch
 from moeblaze.router import RouterOutput
 from moeblaze.routing_plan import DROPPED, build_routing_plan
 
@@ -69,7 +74,6 @@ class _Exchange:
     group: dist.ProcessGroup
     send_splits: tuple[int, ...]  # [W] rows this rank sends to each rank
     recv_splits: tuple[int, ...]  # [W] rows this rank receives from each rank
-    dropped: bool  # some slots of this rank go to no expert (id DROPPED): they send no row
     tensor_group: dist.ProcessGroup | None  # the expert-tensor-parallel group, or None
     padded_rows: int  # R_max: rows of each tensor-parallel rank in the gathered buffer
 
@@ -89,17 +93,15 @@ def _dispatch(src: torch.Tensor, source_of_row: torch.Tensor, exchange: _Exchang
 
 
 def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange):
-    """rows [R, c] -> [n, c]: out[i] = sum_j (row row_of_slot[i, j] of the sorted order)."""
+    """rows [R, c] -> [n, c]: out[i] = sum_j (row row_of_slot[i, j] of the sorted order; -1,
+    a dropped slot: nothing)."""
     with profile_range("moeblaze.ep.combine"):
         back = _all_to_all(rows, exchange.send_splits, exchange.recv_splits, exchange.group)
-        if exchange.dropped:  # row P of zeros, where the dropped slots point
-            back = torch.cat([back, back.new_zeros(1, *back.shape[1:])])
-        # back [P, c] in sorted order, P placed slots; accumulate in fp32, j = 0..k-1: bitwise
+        # back [P, c] in sorted order, P placed slots; summed in fp32, j = 0..k-1: bitwise
         # reproducible.
-        out = back.index_select(0, row_of_slot[:, 0]).float()  # [n, c]
-        for j in range(1, row_of_slot.shape[1]):
-            out += back.index_select(0, row_of_slot[:, j])
-        return out.to(rows.dtype)
+        if backend_for(back.device) is Backend.TORCH:
+            return gather_sum_torch(back, row_of_slot)
+        return launch_gather_sum(back, row_of_slot.contiguous())
 
 
 def _gather_shards(rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
@@ -204,14 +206,7 @@ def _exchange_counts(
     local_ids = torch.repeat_interleave(
         values, repeats.flatten(), output_size=tensor_size * padded_rows
     )  # [ETP * R_max]
-    exchange = _Exchange(
-        group,
-        tuple(send_splits),
-        tuple(recv_splits),
-        sum(send_splits) < plan.num_slots,
-        tensor_group,
-        padded_rows,
-    )
+    exchange = _Exchange(group, tuple(send_splits), tuple(recv_splits), tensor_group, padded_rows)
     return plan, exchange, local_ids.view(-1, 1)
 
 
@@ -308,8 +303,8 @@ def expert_parallel_mlp(
     slot_of_row = plan.sorted_slots[:placed]  # [P] slot of each sent row
     token_of_row = slot_of_row // top_k  # [P] its token
     row_of_slot = plan.slot_positions.view(num_tokens, top_k)  # [T, k] sorted row of each slot
-    if exchange.dropped:  # a dropped slot reads row P, zeros (_combine)
-        row_of_slot = torch.where(topk_ids == DROPPED, placed, row_of_slot)
+    # -1 for a dropped slot (its plan entry is undefined): the combine adds nothing for it.
+    row_of_slot = torch.where(topk_ids == DROPPED, -1, row_of_slot)
     rows = _Dispatch.apply(x, token_of_row, row_of_slot, exchange)  # [R, d]
     weights = _Dispatch.apply(
         topk_weights.reshape(-1, 1), slot_of_row, row_of_slot.view(-1, 1), exchange

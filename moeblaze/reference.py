@@ -11,6 +11,8 @@
                         keeping the same bytes for backward as the kernels
     router_topk_reference  the router's scores and top-k selection (what the compiled
                         moeblaze.kernels.compiled.router_topk computes in one launch)
+    gather_sum_torch    sums of rows picked by an index, as moeblaze.kernels.gather_sum sums
+                        them (the combine of expert parallelism)
 """
 
 from typing import TYPE_CHECKING
@@ -241,6 +243,18 @@ TORCH_STAGES = TorchStages()
 # Router selection
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def gather_sum_torch(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """out [T, c] in rows' dtype: out[t] = sum_j rows[index[t, j]], an index of -1 adding
+    nothing; float32 sums in the order j = 0..k-1 (`launch_gather_sum`'s bits)."""
+    zero_row = rows.new_zeros(1, rows.shape[1])
+    padded = torch.cat([rows, zero_row])  # row P: what an index of -1 reads
+    index = torch.where(index < 0, rows.shape[0], index).long()
+    out = rows.new_zeros(index.shape[0], rows.shape[1], dtype=torch.float32)
+    for j in range(index.shape[1]):
+        out += padded.index_select(0, index[:, j])
+    return out.to(rows.dtype)
 
 
 def router_topk_reference(

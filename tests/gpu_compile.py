@@ -176,9 +176,11 @@ def run_moeblaze_launchers() -> None:
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
     and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
     largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
-    and up interleaved, biases, transposed weights), with the bias gradients."""
+    and up interleaved, biases, transposed weights), with the bias gradients; and expert
+    parallelism's combine (gather_sum)."""
     from moeblaze.activation import SwiGLU
     from moeblaze.kernels.expert_mlp import TritonStages
+    from moeblaze.kernels.gather_sum import launch_gather_sum
     from moeblaze.kernels.routing_plan import launch_plan
     from moeblaze.routing_plan import RoutingPlan, plan_numel
 
@@ -225,6 +227,9 @@ def run_moeblaze_launchers() -> None:
             stages.grad_act(dout, w2_t, h, topk_weights, plan, store_a=True, activation=gpt_oss)
             stages.grad_b13(dh, plan, torch.bfloat16)
             stages.grad_b2(dout, topk_weights, b2, plan)
+            # Expert parallelism's combine: the k received rows of each token, and weights.
+            launch_gather_sum(empty(S, d), empty(T, k, dtype=torch.int32))
+            launch_gather_sum(empty(S, 1, dtype=torch.float32), empty(S, 1, dtype=torch.int32))
 
 
 def run_overlap_launchers() -> None:

@@ -307,3 +307,12 @@ def test_tune_expert_sweeps_interleaved_kernels_on_cpu(tmp_path, capsys):
         assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
     out = capsys.readouterr().out
     assert "gpt-oss" in out and "INTERLEAVED ('grad_act', 64): GemmConfig(" in out
+
+
+def test_ep_combine_bench_end_to_end_on_cpu(tmp_path):
+    from bench import ep_combine
+
+    rows = ep_combine.main(["--shapes", "tiny", "--out", str(tmp_path), "--no-plot"])
+    assert [r["provider"] for r in rows] == list(ep_combine.PROVIDERS)
+    assert json.loads((tmp_path / "ep_combine-cpu.json").read_text())["rows"] == rows
+    assert all(r["ms"] > 0 and r["GB/s"] > 0 for r in rows)

@@ -6,7 +6,7 @@ from gpu_compile_testing import compile_reports
 from moeblaze.kernels.expert_mlp import GPU_CONFIGS
 
 PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
-OTHER_KERNELS = (*PLAN_KERNELS, "expert_bias_grad_kernel")  # no GEMM
+OTHER_KERNELS = (*PLAN_KERNELS, "expert_bias_grad_kernel", "gather_sum_kernel")  # no GEMM
 GEMM_KERNELS = ("gate_up_kernel", "grad_act_kernel", "scatter_rows_kernel", "expert_wgrad_kernel")
 
 
