@@ -13,7 +13,6 @@ the sum must move: S*d rows read, T*d written.
                                   # on CPU (the kernel under TRITON_INTERPRET=1)
 """
 
-import argparse
 import functools
 import os
 
@@ -23,7 +22,7 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench import harness  # noqa: E402
-from bench.moe_layer import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_list  # noqa: E402
+from bench.moe_layer import shape_benchmark  # noqa: E402
 from moeblaze.kernels.gather_sum import launch_gather_sum  # noqa: E402
 from moeblaze.reference import gather_sum_torch  # noqa: E402
 
@@ -32,28 +31,8 @@ COLUMNS = ("shape", "T", "k", "d", "provider", "ms", "GB/s", "speedup_vs_torch")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--shapes",
-        help=f"comma list of {list(SHAPES)}; "
-        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device) if args.device else harness.default_device()
-    default_shapes = ",".join(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
+    args, device, shapes, env = shape_benchmark("ep_combine", __doc__.split("\n\n")[0], argv)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    env = harness.environment(device)
-    print(
-        f"# ep_combine on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['commit']}",
-        flush=True,
-    )
 
     rows, path = [], None
     for shape in shapes:
@@ -70,22 +49,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not torch.equal(runs["moeblaze"](), runs["torch"]()):
             raise AssertionError(f"{shape.name}: the kernel's sums differ from the torch loop's")
         moved = (num_rows + shape.T) * shape.d * received.element_size()
-        found = {}
-        for provider, run in runs.items():
-            found[provider] = harness.time_ms(run, device=device)
-            rows.append(
-                {
-                    "shape": shape.name,
-                    "T": shape.T,
-                    "k": shape.k,
-                    "d": shape.d,
-                    "provider": provider,
-                    "ms": found[provider],
-                    "GB/s": moved / found[provider] / 1e6,
-                }
-            )
-        for r in rows[-len(runs) :]:
-            r["speedup_vs_torch"] = found["torch"] / r["ms"]
+        timed = harness.time_providers(
+            runs, device=device, baseline="torch", shape=shape.name, T=shape.T, k=shape.k, d=shape.d
+        )
+        rows += [{**row, "GB/s": moved / row["ms"] / 1e6} for row in timed]
         path = harness.write_results("ep_combine", rows, env, args.out)
 
     plot_args = dict(

@@ -129,6 +129,18 @@ def time_ms(
     return _wall_clock_median_ms(fn, warmup_ms, rep_ms, grad_to_none or ())
 
 
+def time_providers(
+    runs: dict[str, Callable[[], Any]], *, device, baseline: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """One row per provider of `runs` (name -> function), timed by `time_ms` one after the other:
+    `fields`, the provider, its median ms and `speedup_vs_<baseline>`, baseline's ms / its own."""
+    found = {provider: time_ms(run, device=device) for provider, run in runs.items()}
+    return [
+        {**fields, "provider": provider, "ms": ms, f"speedup_vs_{baseline}": found[baseline] / ms}
+        for provider, ms in found.items()
+    ]
+
+
 def time_ms_fixed(
     fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3, runs: int = 20
 ) -> float:

@@ -274,6 +274,32 @@ def add_speedups(rows: list[dict], baseline: str = "grouped_mm") -> None:
         r["speedup_vs_grouped_mm"] = ref / ms if ref and ms else None
 
 
+def shape_benchmark(name: str, description: str, argv: list[str] | None):
+    """The command line of a benchmark over these shapes (--shapes, --device, --out, --seed,
+    --no-plot), parsed: (args, device, shapes, environment); prints the environment line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--shapes",
+        help=f"comma list of {list(SHAPES)}; "
+        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
+    )
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device) if args.device else harness.default_device()
+    default_shapes = ",".join(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
+    env = harness.environment(device)
+    print(
+        f"# {name} on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['commit']}",
+        flush=True,
+    )
+    return args, device, shapes, env
+
+
 def parse_list(text: str, allowed, what: str) -> list[str]:
     items = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in items if s not in allowed]

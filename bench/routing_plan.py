@@ -10,14 +10,13 @@ lie in [0, E) (one device-to-host sync); both are timed here as users call it.
     python -m bench.routing_plan    # the model shapes' (T, k, E) on CUDA, `tiny` on CPU
 """
 
-import argparse
 import functools
 
 import torch
 
 import moeblaze
 from bench import harness
-from bench.moe_layer import CPU_SHAPES, GPU_SHAPES, SHAPES, parse_list, random_routing
+from bench.moe_layer import random_routing, shape_benchmark
 
 PROVIDERS = ("moeblaze", "torch")
 COLUMNS = ("shape", "T", "k", "E", "provider", "ms", "speedup_vs_torch")
@@ -35,27 +34,7 @@ def torch_routing_plan(topk_ids: torch.Tensor, num_experts: int):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--shapes",
-        help=f"comma list of {list(SHAPES)}; "
-        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
-    )
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device) if args.device else harness.default_device()
-    default_shapes = ",".join(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
-    env = harness.environment(device)
-    print(
-        f"# routing_plan on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
-        f"commit {env['commit']}",
-        flush=True,
-    )
+    args, device, shapes, env = shape_benchmark("routing_plan", __doc__.split("\n\n")[0], argv)
 
     rows = []
     for shape in shapes:
@@ -66,21 +45,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "moeblaze": functools.partial(moeblaze.build_routing_plan, topk_ids, shape.E),
             "torch": functools.partial(torch_routing_plan, topk_ids, shape.E),
         }
-        found = {}
-        for provider, run in runs.items():
-            found[provider] = harness.time_ms(run, device=device)
-            rows.append(
-                {
-                    "shape": shape.name,
-                    "T": shape.T,
-                    "k": shape.k,
-                    "E": shape.E,
-                    "provider": provider,
-                    "ms": found[provider],
-                }
-            )
-        for r in rows[-len(runs) :]:
-            r["speedup_vs_torch"] = found["torch"] / r["ms"]
+        rows += harness.time_providers(
+            runs, device=device, baseline="torch", shape=shape.name, T=shape.T, k=shape.k, E=shape.E
+        )
         path = harness.write_results("routing_plan", rows, env, args.out)
 
     plot_args = dict(
