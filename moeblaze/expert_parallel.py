@@ -381,6 +381,12 @@ class ExpertParallelMoELayer(MoEBlock):
             _, tensor_size, tensor_rank = _resolve_group(
                 expert_tensor_group, f"{type(self).__name__} (expert_tensor_group)"
             )
+            if ffn_hidden_size % tensor_size:
+                raise ValueError(
+                    f"ffn_hidden_size={ffn_hidden_size} must be divisible by the size of "
+                    f"expert_tensor_group ({tensor_size} ranks): each rank holds F / ETP columns "
+                    f"of its experts"
+                )
             ffn_shard = (tensor_rank, tensor_size)
         super().__init__(
             hidden_size,

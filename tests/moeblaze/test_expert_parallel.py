@@ -292,12 +292,15 @@ def _check_expert_tensor(expert_group, tensor_group, *, to_first_ranks, recomput
 
 
 def _check_expert_tensor_errors(expert_group, tensor_group) -> None:
-    """An id outside [0, E) on global rank 1 raises on all four ranks, also on those that share
-    neither its expert-parallel group nor its expert-tensor-parallel group."""
+    """An F that the group cannot split raises; an id outside [0, E) on global rank 1 raises on
+    all four ranks, also on those that share neither its expert-parallel group nor its
+    expert-tensor-parallel group."""
     x, w13, w2 = randn(3, D), randn(1, FFN, D), randn(1, D, FFN // 2)
     ids = torch.zeros(3, 1, dtype=torch.long)
     if dist.get_rank() == 1:
         ids[1] = -2
+    with pytest.raises(ValueError, match=r"ffn_hidden_size=5 must be divisible .* \(2 ranks\)"):
+        ExpertParallelMoELayer(D, 5, E, K, group=expert_group, expert_tensor_group=tensor_group)
     with pytest.raises(ValueError, match=r"global rank\(s\) \[1\] contain .* outside \[0, num_"):
         expert_parallel_mlp(
             x, ids, torch.ones(3, 1), w13, w2, expert_group, expert_tensor_group=tensor_group
