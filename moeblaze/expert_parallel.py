@@ -105,9 +105,10 @@ def _combine(rows: torch.Tensor, row_of_slot: torch.Tensor, exchange: _Exchange)
 
 
 def _gather_shards(rows: torch.Tensor, exchange: _Exchange) -> torch.Tensor:
-    """rows [R, c] -> [ETP * R_max, c]: the received rows of every rank of the expert-tensor-parallel
-    group, in rank order, each rank's padded to R_max (moe_mlp gets id DROPPED there); the
-    gradient is summed over the group. Without that group, rows as they are."""
+    """rows [R, c] -> [ETP * R_max, c]: the received rows of every rank of the
+    expert-tensor-parallel group, in rank order, each rank's padded to R_max (moe_mlp gets id
+    DROPPED there); the gradient is summed over the group. Without that group, rows as they
+    are."""
     if exchange.tensor_group is None:
         return rows
     padded = F.pad(rows, (0, 0, 0, exchange.padded_rows - rows.shape[0]))
@@ -172,8 +173,8 @@ def _exchange_counts(
     clamped = torch.where(dropped, DROPPED, topk_ids.clamp(0, num_experts - 1))
     plan = build_routing_plan(clamped, num_experts, check_ids=False)
     counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
-    me = torch.tensor(dist.get_rank(), dtype=counts.dtype, device=counts.device)
-    send = torch.cat([counts, invalid.expand(world_size, 1), me.expand(world_size, 1)], 1)
+    me = torch.full_like(counts[:, :1], dist.get_rank())  # a fill: no copy from the host
+    send = torch.cat([counts, invalid.expand(world_size, 1), me], 1)
     recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, bad ids, rank
     dist.all_to_all_single(recv, send, group=group)
     tensor_size, tensor_rank = 1, 0

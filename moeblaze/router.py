@@ -377,7 +377,9 @@ class Router(nn.Module):
         eps = self.input_jitter_eps
         if eps is None or not self.training:
             return x
-        low, high = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (1 - eps, 1 + eps))
+        # Bounds as 0-dim CPU tensors in x's dtype (Megatron's values; on CUDA they enter as
+        # scalars, where a device copy would synchronise with the host).
+        low, high = (torch.tensor(v, dtype=x.dtype) for v in (1 - eps, 1 + eps))
         return x * (low + torch.rand(x.shape, dtype=x.dtype, device=x.device) * (high - low))
 
     def loss_coeffs(self) -> dict[str, float]:

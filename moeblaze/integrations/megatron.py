@@ -213,7 +213,6 @@ MEGATRON_DEFAULTS = {
 }
 # Fields whose other values need a feature moeblaze lacks: (the feature, accepted value test).
 _OFF = lambda value: not value
-_ONE_RANK = lambda value: value in (None, 1)
 _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
     "moe_enable_routing_replay": ("routing replay", _OFF),
@@ -381,11 +380,13 @@ class MoELayer(MoEBlock):
     parallelism (see the module docstring) the groups are `pg_collection.tp`, `.tp_cp` and
     `.expt_tp`, else `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`.
     `device` defaults to the current CUDA device, as in Megatron, unless
-    `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides the policy read from the config (see the module
-    docstring); `recompute_dispatch` is `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's
-    `finalize_model_grads` updates an expert bias after each step; outside Megatron's training loop,
-    sum `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
-    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer step.
+    `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides the
+    policy read from the config (see the module docstring); `recompute_dispatch` is
+    `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an
+    expert bias after each step; outside Megatron's training loop, sum
+    `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer
+    step.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The gather-sum kernel (the combine of expert parallelism) against its torch reference and a
-float64 loop: the same bits as the reference (bfloat16 under the interpreter, which rounds float32 to it
-toward zero: within one unit in the last place), with -1 entries, one column, one pick per output,
-no output, no row at all.
+float64 loop: the same bits as the reference (bfloat16 under the interpreter, which rounds
+float32 to it toward zero: within one unit in the last place), with -1 entries, one column, one
+pick per output, no output, no row at all.
 
 # T outputs, k picks per output, P rows, c columns
 """

@@ -380,7 +380,7 @@ def test_layer_forward_and_backward_never_synchronise(recompute, bias, dropping)
     """Nothing in a MoELayer step waits for the device: router, plan (compiled or Triton), the
     expert kernels and their backward (the bias kernels too), the balancing losses (per
     sequence too), the deferred id and logit checks, and (`dropping`) token dropping for
-    capacity and padding kept out of the experts."""
+    capacity, padding kept out of the experts and the router's input jitter."""
     torch.manual_seed(0)
     layer = moeblaze.MoELayer(
         256,
@@ -392,6 +392,7 @@ def test_layer_forward_and_backward_never_synchronise(recompute, bias, dropping)
         aux_loss_coeff=1e-2,
         seq_aux_loss_coeff=1e-2,
         capacity_factor=0.5 if dropping else None,
+        input_jitter_eps=0.1 if dropping else None,
         device="cuda",
         dtype=torch.bfloat16,
     )

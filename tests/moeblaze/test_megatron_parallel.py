@@ -6,13 +6,14 @@ with the same weights.
 
 Each configuration gives every rank its shard of the batch's sequence (`[s/W, b, h]`, sequence
 parallel or context parallel) and of Megatron's padding mask, and checks, against the one-rank
-layer on the whole batch: the output and dx of its rows; the losses, whose shares sum over the ranks to the whole batch's; and
-the gradients, reduced as Megatron's training loop reduces them (the replicated router summed
-over the ranks: DDP over the context-parallel ranks, `finalize_model_grads` over the
-tensor-parallel ones for parameters marked `sequence_parallel`; whole experts summed over the
-expert-data-parallel group, which `allreduce = False` selects; the shards of split experts and
-of the shared expert complete on each rank). Each rank loads its own Megatron state dict, its
-shards included, and its `sharded_state_dict` places its shards in the whole layer's tensors.
+layer on the whole batch: the output and dx of its rows; the losses, whose shares sum over the
+ranks to the whole batch's; and the gradients, reduced as Megatron's training loop reduces them
+(the replicated router summed over the ranks: DDP over the context-parallel ranks,
+`finalize_model_grads` over the tensor-parallel ones for parameters marked `sequence_parallel`;
+whole experts summed over the expert-data-parallel group, which `allreduce = False` selects; the
+shards of split experts and of the shared expert complete on each rank). Each rank loads its own
+Megatron state dict, its shards included, and its `sharded_state_dict` places its shards in the
+whole layer's tensors.
 
 The workers are spawned: forked from a process that has run megatron-core's parallel_state
 (test_megatron, in the same pytest worker), their initialize_model_parallel hangs.
