@@ -28,6 +28,7 @@ the kernels are, and the benchmark says so (and warns when the machine is busy).
 
     python -m bench.moe_layer                    # model shapes on CUDA, `tiny` on CPU
     python -m bench.moe_layer --shapes tiny --providers grouped_mm,loop --out bench/results
+    python -m bench.moe_layer --providers moeblaze-activation,moeblaze-deterministic
 """
 
 import argparse
@@ -75,6 +76,8 @@ GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
 CPU_SHAPES = ("tiny",)
 
 PROVIDERS = ("moeblaze-activation", "moeblaze-up_proj", "moeblaze-none", "grouped_mm", "loop")
+# Named with --providers only: moe_mlp(recompute="activation", deterministic=True).
+OPTIONAL_PROVIDERS = ("moeblaze-deterministic",)
 MODES = ("fwd", "bwd", "fwd+bwd")
 FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 # The per-expert loop is skipped on CPU above this many forward FLOPs (it would take minutes).
@@ -122,6 +125,8 @@ dense_gemm_tflops = functools.cache(harness.dense_gemm_tflops)
 
 
 def provider_fn(name: str) -> Callable:
+    if name == "moeblaze-deterministic":
+        return functools.partial(moeblaze.moe_mlp, deterministic=True)
     if name.startswith("moeblaze-"):
         return functools.partial(moeblaze.moe_mlp, recompute=name.removeprefix("moeblaze-"))
     return {"grouped_mm": dense_dispatch_moe_mlp, "loop": loop_moe_mlp}[name]
@@ -317,7 +322,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         help=f"comma list of {list(SHAPES)}; "
         f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
     )
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma list")
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help=f"comma list of {list(PROVIDERS + OPTIONAL_PROVIDERS)}; default all but the last",
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="comma list")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
     default_shapes = ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES)
     shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
-    providers = parse_list(args.providers, PROVIDERS, "providers")
+    providers = parse_list(args.providers, PROVIDERS + OPTIONAL_PROVIDERS, "providers")
     modes = parse_list(args.modes, MODES, "modes")
 
     notes = harness.pin_cpu_threads(device, args.threads)
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     for note in notes:
         print(f"# note: {note}", flush=True)
-    print_row = harness.RowPrinter(COLUMNS, widths={"provider": max(map(len, PROVIDERS))})
+    print_row = harness.RowPrinter(COLUMNS, widths={"provider": max(map(len, providers))})
     rows: list[dict] = []
     stages: list[dict] = []  # the breakdown
     for shape in shapes:

@@ -303,9 +303,8 @@ def expert_parallel_mlp(
     placed = sum(exchange.send_splits)  # P: the slots not dropped, first in sorted order
     slot_of_row = plan.sorted_slots[:placed]  # [P] slot of each sent row
     token_of_row = slot_of_row // top_k  # [P] its token
-    row_of_slot = plan.slot_positions.view(num_tokens, top_k)  # [T, k] sorted row of each slot
-    # -1 for a dropped slot (its plan entry is undefined): the combine adds nothing for it.
-    row_of_slot = torch.where(topk_ids == DROPPED, -1, row_of_slot)
+    # [T, k] sorted row of each slot; -1 for a dropped slot: the combine adds nothing for it.
+    row_of_slot = plan.slot_positions.view(num_tokens, top_k)
     rows = _Dispatch.apply(x, token_of_row, row_of_slot, exchange)  # [R, d]
     weights = _Dispatch.apply(
         topk_weights.reshape(-1, 1), slot_of_row, row_of_slot.view(-1, 1), exchange

@@ -56,7 +56,7 @@ def moe_mlp_reference(
 def fill_plan_torch(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
     """The routing plan's fields from `topk_ids [T, k]`, with torch ops. Dropped slots (id -1)
     and ids outside [0, E) are placed nowhere, as the kernels do (their slots sort after every
-    expert's); the latter are counted in `invalid_ids`."""
+    expert's, their slot_positions are -1); the latter are counted in `invalid_ids`."""
     num_slots, num_experts, block_m = plan.num_slots, plan.num_experts, plan.block_m
     device = topk_ids.device
     ids = topk_ids.reshape(-1)  # [S]
@@ -68,6 +68,7 @@ def fill_plan_torch(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
     counts = torch.bincount(keys, minlength=num_experts + 1)[:num_experts]  # [E]
     plan.sorted_slots.copy_(order)
     plan.slot_positions[order] = slots.to(torch.int32)
+    plan.slot_positions.masked_fill_(unplaced, -1)
     plan.invalid_ids.zero_()
     if num_slots > 0:  # (count, S - the lowest invalid slot): (0, 0) when every id is valid
         plan.invalid_ids[0] = invalid.sum()

@@ -52,13 +52,14 @@ class RoutingPlan:
     expert_counts: torch.Tensor  # [E]     slots routed to each expert
     expert_offsets: torch.Tensor  # [E+1]  first sorted position of each expert; last = S
     sorted_slots: torch.Tensor  # [S]      slot ids ordered by expert, token order kept (stable)
-    slot_positions: torch.Tensor  # [S]    inverse: sorted position of each slot
+    slot_positions: torch.Tensor  # [S]    inverse: sorted position of each slot (-1: none)
     tile_expert: torch.Tensor  # [max_tiles] expert of each GEMM tile (E past num_tiles)
     tile_row_start: torch.Tensor  # [max_tiles] sorted position of the tile's first row (S past)
     num_tiles: torch.Tensor  # [1]         number of valid tiles
     # [2] (number of ids outside [0, E) other than DROPPED, S - the lowest slot holding one);
     # (0, 0) when all are valid. Invalid and dropped slots are placed nowhere: expert_offsets[E]
-    # = S - their number; their entries of sorted_slots and slot_positions are undefined.
+    # = S - their number, their slot_positions are -1 and sorted_slots past expert_offsets[E]
+    # is undefined.
     invalid_ids: torch.Tensor
 
     @classmethod

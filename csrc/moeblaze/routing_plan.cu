@@ -10,8 +10,8 @@
 //   [ceil(S/bm) + E] (tiles past num_tiles: expert E, row start S), num_tiles [1],
 //   invalid [2] = (number of ids outside [0, E) other than -1, S - the lowest slot holding one;
 //   0 if none). Dropped slots (id -1) and invalid ids are never used as an index and are placed
-//   nowhere: expert_offsets[E] is S less their number, and their entries of sorted_slots /
-//   slot_positions are not written.
+//   nowhere: expert_offsets[E] is S less their number, their slot_positions are -1, and
+//   sorted_slots past expert_offsets[E] is not written.
 //
 // Algorithm. The slots are cut into C*W contiguous warp segments of 32*R slots; warp w of block
 // c owns segment c*W + w, so (chunk, warp, round, lane) is slot order.
@@ -137,7 +137,8 @@ __device__ __forceinline__ void count_rounds(const int (&experts)[kCachedRounds]
   }
 }
 
-// Phase 3 on a batch of rounds: write each valid slot to its sorted position and back.
+// Phase 3 on a batch of rounds: write each valid slot to its sorted position and back; a slot
+// placed nowhere gets position -1.
 __device__ __forceinline__ void place_rounds(const int (&experts)[kCachedRounds],
                                              int64_t first_slot, int rounds, int* counts,
                                              const PlanArgs& a) {
@@ -145,10 +146,12 @@ __device__ __forceinline__ void place_rounds(const int (&experts)[kCachedRounds]
   for (int r = 0; r < kCachedRounds; ++r) {
     if (r < rounds) {
       const int position = take_round(counts, experts[r]);
+      const int64_t slot = first_slot + 32 * r;
       if (experts[r] >= 0) {
-        const int slot = static_cast<int>(first_slot + 32 * r);
-        a.sorted_slots[position] = slot;
+        a.sorted_slots[position] = static_cast<int>(slot);
         a.slot_positions[slot] = position;
+      } else if (slot < a.num_slots) {
+        a.slot_positions[slot] = -1;
       }
     }
   }

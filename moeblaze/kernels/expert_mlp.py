@@ -57,6 +57,7 @@ from kernelbase.gemm import (
     tma_supported,
 )
 from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.routing_plan import RoutingPlan
 
 
@@ -562,7 +563,7 @@ def scatter_rows_kernel(
     stride_bias,
     stride_out,
     TOP_K: tl.constexpr,
-    PER_SLOT: tl.constexpr,
+    COMBINE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     A_TMA: tl.constexpr,
     B_TMA: tl.constexpr,
@@ -577,8 +578,10 @@ def scatter_rows_kernel(
     """y[p] = rows_in[p] @ W[e] (+ w[slot(p)] * bias[e] if HAS_BIAS: the down projection's
     bias [E, N], unit column stride, weighted as a's rows are), combined into rows of `out`.
 
-    PER_SLOT=False: atomically added into out[token(p)] (fp32, [T, N]).
-    PER_SLOT=True:  stored into out[slot(p)] ([S, N]; the caller sums the k slots in order).
+    COMBINE="add":      atomically added into out[token(p)] (fp32, [T, N]).
+    COMBINE="token":    stored into out[token(p)] ([T, N]; one slot per token, TOP_K = 1).
+    COMBINE="position": stored into out[p] (fp32, [S, N]; the caller sums each token's k rows
+                        in order, `launch_gather_sum` over plan.slot_positions).
     """
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
@@ -620,12 +623,12 @@ def scatter_rows_kernel(
             bias = tl.load(bias_ptr + expert * stride_bias + cols, mask=col_mask, other=0.0)
             y += w_row[:, None] * bias.to(tl.float32)[None, :]
         mask = row_mask[:, None] & col_mask[None, :]
-        if PER_SLOT:
-            out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_out + cols[None, :]
-            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            out_ptrs = out_ptr + (slots // TOP_K).to(tl.int64)[:, None] * stride_out + cols[None, :]
+        out_rows = rows if COMBINE == "position" else slots // TOP_K
+        out_ptrs = out_ptr + out_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        if COMBINE == "add":
             tl.atomic_add(out_ptrs, y, mask=mask, sem="relaxed")  # a sum: no ordering needed
+        else:
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1089,14 +1092,17 @@ class TritonStages:
         `weights` is the stack of B [E, K, n]."""
         num_slots, top_k, n = plan.num_slots, plan.top_k, weights.shape[2]
         num_tokens = num_slots // top_k
-        # One slot per token needs no reduction: store straight into the output. Zeros first
-        # everywhere: a dropped slot (placed nowhere) adds nothing.
-        per_slot = deterministic or top_k == 1
-        if per_slot:
-            rows = num_slots if top_k > 1 else num_tokens
-            dtype = torch.float32 if top_k > 1 else rows_in.dtype
-            out = torch.zeros(rows, n, dtype=dtype, device=rows_in.device)
+        # One slot per token needs no reduction: store straight into the output (zeros first: a
+        # dropped slot, placed nowhere, adds nothing). Deterministic: each position's row in
+        # fp32, then each token's k rows summed in order (a dropped slot's position is -1).
+        if top_k == 1:
+            combine = "token"
+            out = torch.zeros(num_tokens, n, dtype=rows_in.dtype, device=rows_in.device)
+        elif deterministic:
+            combine = "position"
+            out = alloc.empty(num_slots, n, dtype=torch.float32, device=rows_in.device)
         else:
+            combine = "add"
             out = torch.zeros(num_tokens, n, dtype=torch.float32, device=rows_in.device)
         if num_slots > 0:
             cfg = self._config("scatter_rows", plan)
@@ -1118,14 +1124,15 @@ class TritonStages:
                 0 if bias is None else bias.stride(0),
                 out.stride(0),
                 TOP_K=top_k,
-                PER_SLOT=per_slot,
+                COMBINE=combine,
                 HAS_BIAS=bias is not None,
                 A_TMA=rows_desc is not None,
                 **w_meta,
                 **launch_meta(cfg, rows_in.dtype),
             )
-        if per_slot and top_k > 1:
-            out = out.view(num_tokens, top_k, n).sum(dim=1)  # the k slots in a fixed order
+        if combine == "position":
+            index = plan.slot_positions.view(num_tokens, top_k)
+            return launch_gather_sum(out, index, dtype=rows_in.dtype)
         return out.to(rows_in.dtype)
 
     def _expert_bias_grad(self, rows, plan, dtype, topk_weights=None, bias=None):

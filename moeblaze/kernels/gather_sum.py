@@ -1,13 +1,15 @@
-"""Triton kernel that sums rows picked by an index: the combine of expert parallelism.
+"""Triton kernel that sums rows picked by an index: a combine of the top-k slots of tokens.
 
 # T outputs (tokens), k picks per output, P rows, c columns
 
     out[t] = rows[index[t, 0]] + ... + rows[index[t, k - 1]]      (an index of -1 adds nothing)
 
-accumulated in float32 in the order j = 0..k-1 and stored in rows' dtype: the same bits every
-run, and the bits of the torch reference (`moeblaze.reference.gather_sum_torch`), which adds in
-the same order. One program sums BLOCK_T outputs over BLOCK_N columns; every picked row is read
-once and nothing but `out` is written (the torch version writes k [T, c] temporaries).
+accumulated in float32 in the order j = 0..k-1 and stored in rows' dtype or another: the same
+bits every run, and the bits of the torch reference (`moeblaze.reference.gather_sum_torch`),
+which adds in the same order. One program sums BLOCK_T outputs over BLOCK_N columns; every
+picked row is read once and nothing but `out` is written (the torch version writes k [T, c]
+temporaries). Used by expert parallelism's combine, and by `moe_mlp(deterministic=True)` to sum
+each token's k expert outputs (fp32 rows, stored in the activations' dtype).
 
 `launch_gather_sum` at the end is the launcher.
 """
@@ -26,7 +28,7 @@ MAX_BLOCK_N = 512
 def gather_sum_kernel(
     rows_ptr,  # [P, c], unit column stride
     index_ptr,  # [T, k] int32 or int64, contiguous; -1: no row
-    out_ptr,  # [T, c], unit column stride, rows' dtype
+    out_ptr,  # [T, c], unit column stride
     num_out,
     num_cols,
     stride_rows,
@@ -50,14 +52,17 @@ def gather_sum_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_in[:, None] & cols_in[None, :])
 
 
-def launch_gather_sum(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """out [T, c] in rows' dtype: the sum of rows [P, c] at each row of index [T, k] (-1: none).
+def launch_gather_sum(
+    rows: torch.Tensor, index: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """out [T, c] in `dtype` (default rows' dtype): the sum of rows [P, c] at each row of
+    index [T, k] (-1: none).
 
     Checks nothing: rows has a unit column stride, index is contiguous and every entry is -1
     or a row of `rows` (the caller's contract)."""
     num_out, top_k = index.shape
     num_cols = rows.shape[1]
-    out = alloc.empty(num_out, num_cols, dtype=rows.dtype, device=rows.device)
+    out = alloc.empty(num_out, num_cols, dtype=dtype or rows.dtype, device=rows.device)
     if out.numel() == 0:
         return out
     block_n = min(triton.next_power_of_2(num_cols), MAX_BLOCK_N)

@@ -8,8 +8,9 @@ Two launches over `topk_ids` viewed as `[S]`, C programs each, one chunk per pro
 2. `place_slots_kernel`: from all chunk counts, the expert offsets and this chunk's first
    position inside each expert; then the chunk's slots sorted in registers by (expert, slot),
    which keeps token order within an expert (stable), each written to its sorted position:
-   `sorted_slots [S]` and the inverse `slot_positions [S]`. The programs also share the tile
-   metadata of the grouped GEMMs; program 0 writes counts, offsets and the tile count.
+   `sorted_slots [S]` and the inverse `slot_positions [S]` (-1 for a slot placed nowhere).
+   The programs also share the tile metadata of the grouped GEMMs; program 0 writes counts,
+   offsets and the tile count.
 
 Dropped slots (id -1) and ids outside [0, E) are placed nowhere (expert_offsets[E] is then
 less than S), so no id can make a kernel read or write out of bounds; the latter are counted in
@@ -133,9 +134,10 @@ def place_slots_kernel(
     tl.store(scratch + experts, base)
     tl.debug_barrier()  # the stores above are visible to every thread of the program
     real = sorted_ids < E_PAD
+    in_plan = sorted_slots < num_slots  # the slots placed nowhere get position -1
     positions = tl.load(scratch + sorted_ids, mask=real, other=0) + tl.arange(0, CHUNK)
     tl.store(sorted_slots_ptr + positions, sorted_slots, mask=real)
-    tl.store(slot_positions_ptr + sorted_slots, positions, mask=real)
+    tl.store(slot_positions_ptr + sorted_slots, tl.where(real, positions, -1), mask=in_plan)
 
     # Tile metadata: expert e owns tiles [tile_end[e] - tiles[e], tile_end[e]).
     tiles = (totals + BLOCK_M - 1) // BLOCK_M

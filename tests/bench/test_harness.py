@@ -191,6 +191,7 @@ def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
     # without the slow interpreter.
     monkeypatch.setattr(kernelbase.backend, "_forced", kernelbase.Backend.TORCH)
     providers = "moeblaze-activation,moeblaze-up_proj,moeblaze-none,grouped_mm"
+    providers += ",moeblaze-deterministic"  # an optional provider, named here
     argv = ["--shapes", "tiny", "--providers", providers, "--modes", "fwd", "--out", str(tmp_path)]
     rows = {r["provider"]: r for r in moe_layer.main([*argv, "--rep-ms", "1", "--no-plot"])}
     for r in rows.values():
@@ -216,6 +217,7 @@ def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
     assert saved["moeblaze-up_proj"] < 0.05 < saved["moeblaze-activation"]
     assert saved["moeblaze-activation"] < saved["moeblaze-none"] < saved["grouped_mm"]
     assert saved["moeblaze-activation"] < saved["grouped_mm"] / 3
+    assert saved["moeblaze-deterministic"] == saved["moeblaze-activation"]  # keeps the same
 
 
 def test_overlap_bench_end_to_end_on_cpu(tmp_path):

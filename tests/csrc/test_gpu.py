@@ -148,6 +148,7 @@ def test_invalid_ids_are_counted_and_the_first_reported(dtype):
     for name in (
         "expert_counts",
         "expert_offsets",
+        "slot_positions",  # -1 for the slots placed nowhere
         "tile_expert",
         "tile_row_start",
         "num_tiles",
@@ -155,6 +156,7 @@ def test_invalid_ids_are_counted_and_the_first_reported(dtype):
     ):
         assert torch.equal(getattr(plan, name), getattr(triton_plan, name)), name
     assert torch.equal(plan.sorted_slots[:valid], triton_plan.sorted_slots[:valid])
+    assert bool((plan.slot_positions[bad_slots] == -1).all())
 
 
 def test_all_ids_invalid_stays_in_bounds():
@@ -171,6 +173,7 @@ def test_all_ids_invalid_stays_in_bounds():
     assert plan.invalid_ids.tolist() == [num_slots, num_slots]
     assert bool((backing[:guard] == 12345).all()) and bool((backing[-guard:] == 12345).all())
     assert int(plan.num_tiles) == 0 and bool((plan.expert_counts == 0).all())
+    assert bool((plan.slot_positions == -1).all())
 
 
 def test_plan_in_a_cuda_graph():

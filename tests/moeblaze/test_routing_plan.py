@@ -142,7 +142,7 @@ def test_invalid_ids_are_placed_nowhere_and_counted(backend, dtype):
     E, or an int64 that would wrap into range as int32) and the dropped slots (-1) get no
     position, expert_offsets[E] is S less their number, `invalid_ids` = (the number of invalid
     ones, S - the lowest such slot; dropped slots are no error), and the valid slots are placed
-    exactly as without them."""
+    exactly as without them; the slot_positions of the slots placed nowhere are -1."""
     T, E, k = 300, 6, 2
     topk_ids = _ids(T, E, k, "random").to(dtype)
     flat = topk_ids.view(-1)
@@ -168,7 +168,16 @@ def test_invalid_ids_are_placed_nowhere_and_counted(backend, dtype):
     assert torch.equal(plan.expert_counts.long(), torch.bincount(ids[keep], minlength=E))
     expected = torch.arange(S)[keep][torch.sort(ids[keep], stable=True).indices]
     assert torch.equal(plan.sorted_slots[:valid].long(), expected)
-    for field in ("expert_counts", "expert_offsets", "tile_expert", "tile_row_start"):
+    positions = torch.full((S,), -1)  # the slots placed nowhere have position -1
+    positions[expected] = torch.arange(valid)
+    assert torch.equal(plan.slot_positions.long(), positions)
+    for field in (
+        "expert_counts",
+        "expert_offsets",
+        "slot_positions",
+        "tile_expert",
+        "tile_row_start",
+    ):
         assert torch.equal(getattr(plan, field), getattr(guarded, field)), field
 
 
