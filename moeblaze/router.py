@@ -330,8 +330,11 @@ class Router(nn.Module):
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
             topk_ids = chosen_ids
-            if self.capacity_factor is not None:
-                topk_ids, topk_weights = self._drop_over_capacity(chosen_ids, topk_weights)
+            if self.capacity_factor is not None:  # every token's choices compete for capacity
+                all_chosen = _slots_per_expert(chosen_ids, num_experts)  # [E]
+                topk_ids, topk_weights = self._drop_over_capacity(
+                    chosen_ids, topk_weights, all_chosen
+                )
 
             tokens_per_expert = _slots_per_expert(topk_ids, num_experts)  # [E] slots kept
             counted = tokens_per_expert  # [E] slots kept of the real tokens
@@ -339,7 +342,11 @@ class Router(nn.Module):
                 counted = _slots_per_expert(topk_ids, num_experts, token_mask)
             chosen = counted  # [E] slots chosen (dropped or not) of the real tokens
             if topk_ids is not chosen_ids:
-                chosen = _slots_per_expert(chosen_ids, num_experts, token_mask)
+                chosen = (
+                    all_chosen
+                    if token_mask is None
+                    else _slots_per_expert(chosen_ids, num_experts, token_mask)
+                )
             # Counted once per real forward: not again when activation checkpointing reruns the
             # forward inside backward.
             if self.expert_bias is not None and self.training and not _recomputing():
@@ -506,12 +513,12 @@ class Router(nn.Module):
                 return RouterTopK.apply(logits, *options)
         return router_topk_reference(logits, *options, per_group)
 
-    def _drop_over_capacity(self, topk_ids, topk_weights):
+    def _drop_over_capacity(self, topk_ids, topk_weights, counts):
         """(topk_ids, topk_weights) [N, k] with the slots past each expert's capacity dropped: id
-        DROPPED, weight 0 (its gradient too). A stable sort of the slots by expert (by weight,
-        descending, within an expert for "probs"; by slot, so token order, for "position"): a
-        slot's rank in its expert is its sorted position less the expert's first. No host
-        synchronisation."""
+        DROPPED, weight 0 (its gradient too); `counts [E]` the slots of each expert in topk_ids.
+        A stable sort of the slots by expert (by weight, descending, within an expert for
+        "probs"; by slot, so token order, for "position"): a slot's rank in its expert is its
+        sorted position less the expert's first. No host synchronisation."""
         num_tokens, top_k = topk_ids.shape
         capacity = math.ceil(num_tokens * top_k / self.num_experts * self.capacity_factor)
         if capacity >= num_tokens:  # no expert can receive more: nothing to drop
@@ -522,7 +529,6 @@ class Router(nn.Module):
             order = order[torch.sort(ids[order], stable=True)[1]]
         else:
             order = torch.sort(ids, stable=True)[1]  # [S] slots by expert, then slot
-        counts = _slots_per_expert(topk_ids, self.num_experts)  # [E]
         first = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
         ranks = torch.empty_like(ids)
         ranks[order] = torch.arange(ids.numel(), device=ids.device) - first[ids[order]]
