@@ -115,6 +115,10 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   `moe_router_force_load_balancing` routes by random logits with the real logits' gradient
   (`random_logits`), from the default generator of the device (Megatron's from its
   expert-parallel RNG tracker).
+- `moe_apply_probs_on_input` (top-1 only, as in Megatron; Llama 4's routing): each token is
+  scaled by its routing weight (in float32, rounded to the activations' dtype) before its
+  expert, whose output is then not weighted. The scaled tokens `[N, h]` are one more tensor
+  kept for backward.
 
 Recompute: `moe_layer_recompute=True` (or `recompute_granularity='selective'` with "moe" in
 `recompute_modules`) runs the experts with `recompute="up_proj"`: backward recomputes the
@@ -194,13 +198,13 @@ MEGATRON_DEFAULTS = {
     "use_cpu_initialization": False,
     "moe_input_jitter_eps": None,
     "moe_router_force_load_balancing": False,
+    "moe_apply_probs_on_input": False,
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
     "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
-    "moe_apply_probs_on_input": False,
     "moe_latent_size": None,
     "calculate_per_token_loss": False,
     "fp8": None,
@@ -219,7 +223,6 @@ _UNSUPPORTED = {
     "moe_router_topk_limited_devices": ("device-limited routing (use moe_router_num_groups)", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
-    "moe_apply_probs_on_input": ("routing weights applied to the expert input", _OFF),
     "moe_latent_size": ("latent projections", _OFF),
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "fp8": ("FP8 experts", _OFF),
@@ -252,6 +255,7 @@ class LayerOptions:
     drop_policy: str  # which slots an expert past its capacity keeps: "probs" or "position"
     input_jitter_eps: float | None  # router input jitter in training
     random_logits: bool  # random router logits (forced load balancing, for benchmarks)
+    probs_on_input: bool  # the routing weight scales the expert's input (top-1), not its output
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
@@ -331,6 +335,7 @@ def layer_options(config) -> LayerOptions:
         drop_policy=cfg["moe_token_drop_policy"],
         input_jitter_eps=cfg["moe_input_jitter_eps"],
         random_logits=bool(cfg["moe_router_force_load_balancing"]),
+        probs_on_input=bool(cfg["moe_apply_probs_on_input"]),
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         # Megatron builds the gate only inside a shared expert.
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
@@ -524,6 +529,9 @@ class MoELayer(MoEBlock):
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         ids, weights, options = routing.topk_ids, routing.topk_weights, self.expert_options()
+        if self.options.probs_on_input:  # top-1: each token scaled by its one routing weight
+            tokens = (weights * tokens).to(tokens.dtype)  # in float32, as Megatron's experts
+            weights = torch.ones_like(weights)
         if self.group is not None:  # the expert-parallel all-to-all, then the ETP gather
             return expert_parallel_mlp(
                 tokens,
@@ -1011,6 +1019,10 @@ def _invalid_fields(cfg) -> list[str]:
     if not isinstance(top_k, int) or top_k < 1 or (experts and top_k > experts):
         problems.append(f"moe_router_topk={top_k!r} must be in [1, num_moe_experts={experts}]")
         top_k = None
+    if cfg["moe_apply_probs_on_input"] and top_k not in (None, 1):
+        problems.append(
+            f"moe_apply_probs_on_input=True needs moe_router_topk=1 (as in Megatron), got {top_k}"
+        )
     score_func = cfg["moe_router_score_function"]
     if score_func not in ("softmax", "sigmoid"):
         problems.append(f"moe_router_score_function={score_func!r} must be 'softmax' or 'sigmoid'")

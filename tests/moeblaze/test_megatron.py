@@ -296,6 +296,11 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["moe_pad_expert_input_to_capacity=True (padding experts to capacity)"],
         ),
         (
+            dict(moe_apply_probs_on_input=True),
+            ValueError,
+            ["moe_apply_probs_on_input=True needs moe_router_topk=1 (as in Megatron), got 2"],
+        ),
+        (
             dict(moe_expert_capacity_factor=0.0, moe_token_drop_policy="last"),
             ValueError,
             [
@@ -650,6 +655,61 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
         tokens, ids, probs, layer.w13, layer.w2, b13=layer.b13, b2=layer.b2
     )
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
+
+
+def test_probs_on_input_matches_megatron_sequential_mlp(megatron):
+    """moe_apply_probs_on_input (top-1): each token times its routing weight enters its expert,
+    whose output is not weighted again. The layer against megatron-core's SequentialMLP (which
+    applies the probs so) fed the layer's own routing, in every gradient."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    config = _transformer_config(  # Llama 4's routing: sigmoid, top-1
+        megatron,
+        moe_router_topk=1,
+        moe_router_score_function="sigmoid",
+        moe_apply_probs_on_input=True,
+    )
+    group = torch.distributed.group.WORLD
+    groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
+    torch.manual_seed(3)
+    submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    experts = SequentialMLP(E, config, submodules, pg_collection=groups)
+    layer = mb.MoELayer(config)
+    state = {f"experts.{k}": v for k, v in experts.state_dict().items()}
+    state["router.weight"] = torch.randn(E, H)
+    layer.load_megatron_state_dict(state)
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(4))
+    dout = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(5))
+
+    def megatron_experts(leaf):  # the layer's router, then Megatron's experts
+        tokens = leaf.reshape(-1, H)
+        routing = layer.router(tokens)
+        ids, probs = routing.topk_ids[:, 0], routing.topk_weights[:, 0]
+        order = torch.sort(ids, stable=True).indices  # rows sorted by expert
+        rows, _ = experts(tokens[order], torch.bincount(ids, minlength=E), probs[order])
+        return torch.zeros_like(tokens).index_add(0, order, rows).view(leaf.shape)
+
+    def step(fn):
+        leaf = x.clone().requires_grad_()
+        for module in (layer, experts):
+            module.zero_grad(set_to_none=True)
+        out = fn(leaf)
+        (out * dout).sum().backward()
+        return out.detach(), leaf.grad, layer.router.weight.grad
+
+    assert not layer.router.loss_coeffs()["aux_loss"]  # no loss term: the outputs' gradients
+    actual = step(lambda leaf: layer(leaf)[0])
+    dw13, dw2 = layer.w13.grad, layer.w2.grad
+    expected = step(megatron_experts)
+    for name, a, e in zip(["out", "dx", "router.weight"], actual, expected, strict=True):
+        assert a.abs().sum() > 0, f"no gradient reached {name}"
+        assert_close(a, e, rtol=RTOL, name=f"probs on input {name}")
+    for e, expert in enumerate(experts.local_experts):
+        assert_close(dw13[e], expert.linear_fc1.weight.grad, rtol=RTOL, name=f"dw13[{e}]")
+        assert_close(dw2[e], expert.linear_fc2.weight.grad, rtol=RTOL, name=f"dw2[{e}]")
 
 
 def test_megatron_transformer_layer_spec(megatron):
