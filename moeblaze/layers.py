@@ -163,7 +163,7 @@ class MoEBlock(nn.Module):
         tokens = x.reshape(-1, self.hidden_size)  # [N, d]
         sequences = self.sequences(x) if self.router.seq_aux_loss_coeff > 0 else (None, None)
         mask = None if token_mask is None else token_mask.reshape(-1)
-        routing = self.router(tokens, *sequences, token_mask=mask)
+        routing = self.route(tokens, sequences, mask)
         self.last_router_output = routing
         if mask is not None:  # padding goes to no expert
             ids = routing.topk_ids.masked_fill(~mask.unsqueeze(-1), DROPPED)
@@ -172,6 +172,11 @@ class MoEBlock(nn.Module):
         if self.shared_expert is not None:
             out = out + self.shared_mlp(tokens)
         return out.view(x.shape)
+
+    def route(self, tokens: torch.Tensor, sequences: tuple, token_mask) -> RouterOutput:
+        """The router on `tokens [N, d]`, with `sequences` = (sequence ids, number) or
+        (None, None), and `token_mask [N]` or None."""
+        return self.router(tokens, *sequences, token_mask=token_mask)
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         """The routed experts' weighted sum for each of `tokens [N, d]`, [N, d]."""

@@ -284,10 +284,17 @@ def router_topk_reference(
     topk_ids = select_experts(
         scores.detach(), top_k, score_func, expert_bias, num_groups, topk_groups, group_score_topk
     )
-    topk_weights = scores.gather(1, topk_ids)  # [N, k]
+    return topk_ids, routing_weights(scores, topk_ids, norm_topk_prob), scores
+
+
+def routing_weights(scores: torch.Tensor, topk_ids: torch.Tensor, norm_topk_prob: bool):
+    """`topk_weights [N, k]`: the `scores [N, E]` of the experts `topk_ids [N, k]` (int64 in
+    [0, E), or -1: a dropped slot, weight 0), divided by their sum if `norm_topk_prob`."""
+    topk_weights = scores.gather(1, topk_ids.clamp_min(0))  # [N, k]
+    topk_weights = topk_weights.masked_fill(topk_ids < 0, 0.0)
     if norm_topk_prob:
         topk_weights = topk_weights / (topk_weights.sum(-1, keepdim=True) + 1e-20)
-    return topk_ids, topk_weights, scores
+    return topk_weights
 
 
 def select_experts(

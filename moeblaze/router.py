@@ -38,6 +38,7 @@ from moeblaze.reference import (
     check_selection_options,
     default_group_score_topk,
     router_topk_reference,
+    routing_weights,
     select_experts,
 )
 from moeblaze.routing_plan import DROPPED
@@ -52,6 +53,9 @@ class RouterOutput:
 
     # [N, k] int64, chosen experts, best first; DROPPED (-1) for a slot dropped for capacity
     topk_ids: torch.Tensor
+    # [N, k] int64, the experts chosen before dropping for capacity (topk_ids without capacity;
+    # what a routing replay records)
+    chosen_ids: torch.Tensor
     topk_weights: torch.Tensor  # [N, k] float32, differentiable, carries the injected loss gradient
     logits: torch.Tensor  # [N, E] float32, differentiable
     aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
@@ -300,6 +304,7 @@ class Router(nn.Module):
         sequence_ids: torch.Tensor | None = None,
         num_sequences: int | None = None,
         token_mask: torch.Tensor | None = None,
+        replay_ids: torch.Tensor | None = None,
     ) -> RouterOutput:
         """Route `x [N, d]`. `sequence_ids [N]` (integers in [0, `num_sequences`)) says which
         sequence each token belongs to, for the sequence-level loss: needed when
@@ -309,11 +314,19 @@ class Router(nn.Module):
         every statistic: the balancing losses (their choices and probabilities; a sequence's and
         the batch's token counts are its real tokens), the z-loss (the mean over the real
         tokens) and the expert-bias counts. They are still routed (and compete for capacity),
-        and `tokens_per_expert` counts every token's choices."""
+        and `tokens_per_expert` counts every token's choices.
+
+        `replay_ids [N, k]` (integers in [0, E), or -1 for a slot that goes nowhere; routing
+        replay, e.g. of the routing an inference engine chose): the experts each token goes to,
+        instead of the router's choice. The routing weights are the scores of these experts
+        (renormalised if `norm_topk_prob`, then scaled by `topk_scaling_factor`), with their
+        gradient; everything after the choice (capacity, counts, losses) runs as usual. Another
+        id raises as in `moe_mlp` (the routing plan checks them)."""
         with profile_range("moeblaze.router"):
             self._check_input(x)
             self._check_sequences(x, sequence_ids, num_sequences)
             self._check_token_mask(x, token_mask)
+            self._check_replay_ids(x, replay_ids)
             num_experts = self.num_experts
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
                 logits = self._jittered(x).float() @ self.weight.float().t()  # [N, E]
@@ -326,7 +339,10 @@ class Router(nn.Module):
                 deferred.defer(nonfinite, _describe_nonfinite_logits)
             if self.random_logits:  # drawn values (exactly: + 0), the gradient of the real ones
                 logits = torch.randn_like(logits) + (logits - logits.detach())
-            chosen_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
+            if replay_ids is None:
+                chosen_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
+            else:
+                chosen_ids, topk_weights, scores = self._replayed(logits, replay_ids)
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
             topk_ids = chosen_ids
@@ -371,6 +387,7 @@ class Router(nn.Module):
                 )
             return RouterOutput(
                 topk_ids=topk_ids,
+                chosen_ids=chosen_ids,
                 topk_weights=topk_weights,
                 logits=logits,
                 router_loss=router_loss.detach(),
@@ -513,6 +530,15 @@ class Router(nn.Module):
                 return RouterTopK.apply(logits, *options)
         return router_topk_reference(logits, *options, per_group)
 
+    def _replayed(self, logits: torch.Tensor, replay_ids: torch.Tensor):
+        """(topk_ids, topk_weights, scores) as `_select` returns them, for the given experts.
+        Ids past the last expert read its score here (no host synchronisation to check them);
+        the routing plan raises on them."""
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        topk_ids = replay_ids.long()
+        gathered = topk_ids.clamp(DROPPED, self.num_experts - 1)
+        return topk_ids, routing_weights(scores, gathered, self.norm_topk_prob), scores
+
     def _drop_over_capacity(self, topk_ids, topk_weights, counts):
         """(topk_ids, topk_weights) [N, k] with the slots past each expert's capacity dropped: id
         DROPPED, weight 0 (its gradient too); `counts [E]` the slots of each expert in topk_ids.
@@ -600,6 +626,21 @@ class Router(nn.Module):
             raise ValueError(
                 f"token_mask must be bool [N={x.shape[0]}] on {x.device} (True: a real token), "
                 f"got {token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+            )
+
+    def _check_replay_ids(self, x, replay_ids) -> None:
+        expected = (x.shape[0], self.top_k)
+        if replay_ids is not None and (
+            replay_ids.is_floating_point()
+            or replay_ids.is_complex()
+            or replay_ids.dtype == torch.bool
+            or tuple(replay_ids.shape) != expected
+            or replay_ids.device != x.device
+        ):
+            raise ValueError(
+                f"replay_ids must be integer [N={expected[0]}, top_k={expected[1]}] on "
+                f"{x.device}, got {replay_ids.dtype} {tuple(replay_ids.shape)} on "
+                f"{replay_ids.device}"
             )
 
     def _check_input(self, x: torch.Tensor) -> None:

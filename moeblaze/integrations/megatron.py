@@ -115,6 +115,11 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   `moe_router_force_load_balancing` routes by random logits with the real logits' gradient
   (`random_logits`), from the default generator of the device (Megatron's from its
   expert-parallel RNG tracker).
+- `moe_enable_routing_replay`: the layer holds a megatron-core `RouterReplay` (registered in
+  layer order, as Megatron's routers register theirs), so Megatron's controls work as they are
+  (`RouterReplay.set_global_router_replay_action`, `set_replay_data`, `get_recorded_data`):
+  record the experts chosen (before dropping for capacity), or route to given ones, whose
+  routing weights are their scores (`moeblaze.Router`'s `replay_ids`).
 - `moe_apply_probs_on_input` (top-1 only, as in Megatron; Llama 4's routing): each token is
   scaled by its routing weight (in float32, rounded to the activations' dtype) before its
   expert, whose output is then not weighted. The scaled tokens `[N, h]` are one more tensor
@@ -199,9 +204,9 @@ MEGATRON_DEFAULTS = {
     "moe_input_jitter_eps": None,
     "moe_router_force_load_balancing": False,
     "moe_apply_probs_on_input": False,
+    "moe_enable_routing_replay": False,
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
-    "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
@@ -219,7 +224,6 @@ MEGATRON_DEFAULTS = {
 _OFF = lambda value: not value
 _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
-    "moe_enable_routing_replay": ("routing replay", _OFF),
     "moe_router_topk_limited_devices": ("device-limited routing (use moe_router_num_groups)", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
@@ -256,6 +260,7 @@ class LayerOptions:
     input_jitter_eps: float | None  # router input jitter in training
     random_logits: bool  # random router logits (forced load balancing, for benchmarks)
     probs_on_input: bool  # the routing weight scales the expert's input (top-1), not its output
+    routing_replay: bool  # Megatron's RouterReplay records or replays the experts chosen
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
@@ -336,6 +341,7 @@ def layer_options(config) -> LayerOptions:
         input_jitter_eps=cfg["moe_input_jitter_eps"],
         random_logits=bool(cfg["moe_router_force_load_balancing"]),
         probs_on_input=bool(cfg["moe_apply_probs_on_input"]),
+        routing_replay=bool(cfg["moe_enable_routing_replay"]),
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         # Megatron builds the gate only inside a shared expert.
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
@@ -461,6 +467,8 @@ class MoELayer(MoEBlock):
         )
         self.recompute_dispatch = recompute_dispatch
         self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
+        # Registered in Megatron's list of replay instances, in layer order (as TopKRouter's).
+        self.router_replay = _router_replay() if options.routing_replay else None
         self.reset_parameters()
         if getattr(config, "perform_initialization", True):
             self._megatron_init(
@@ -526,6 +534,32 @@ class MoELayer(MoEBlock):
                 for method, linear in shards:
                     if method is not None:
                         method(linear.weight)
+
+    def route(self, tokens: torch.Tensor, sequences: tuple, token_mask) -> RouterOutput:
+        """The router; with `moe_enable_routing_replay`, as the action of Megatron's
+        RouterReplay says: record the experts chosen (before dropping for capacity), or route to
+        the target ones (forward) or to the next of the list kept for backward's recompute."""
+        replay = self.router_replay
+        if replay is None or replay.router_replay_action is None:
+            return super().route(tokens, sequences, token_mask)
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        action, replay_ids = replay.router_replay_action, None
+        if action == RouterReplayAction.REPLAY_FORWARD:
+            replay_ids = replay.target_topk_idx
+        elif action == RouterReplayAction.REPLAY_BACKWARD and replay.replay_backward_list:
+            replay_ids = replay.replay_backward_list.pop(0)
+        if action != RouterReplayAction.RECORD and replay_ids is None:
+            raise RuntimeError(
+                f"routing replay action {action.value} of layer {self.layer_number} has no "
+                "expert ids to replay: set them with RouterReplay.set_replay_data"
+            )
+        if replay_ids is not None:
+            replay_ids = replay_ids.to(tokens.device)
+        routing = self.router(tokens, *sequences, token_mask=token_mask, replay_ids=replay_ids)
+        if action == RouterReplayAction.RECORD:
+            replay.record_indices(routing.chosen_ids)
+        return routing
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
         ids, weights, options = routing.topk_ids, routing.topk_weights, self.expert_options()
@@ -925,6 +959,18 @@ def _seeded(device: torch.device, seed: int):
         generator = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
         generator.manual_seed(seed)
         yield
+
+
+def _router_replay():
+    """A new megatron-core RouterReplay (it registers itself in its class's list)."""
+    try:
+        from megatron.core.transformer.moe.router_replay import RouterReplay
+    except ImportError as error:
+        raise ImportError(
+            "moe_enable_routing_replay=True uses megatron-core's RouterReplay "
+            "(megatron.core.transformer.moe.router_replay): pip install 'megatron-core>=0.16'"
+        ) from error
+    return RouterReplay()
 
 
 def _megatron_aux_loss_scale() -> float | torch.Tensor:

@@ -917,6 +917,87 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         assert_close(ours_grads[name], p.grad, rtol=1e-5, name=f"{routing} router.{name}.grad")
 
 
+@pytest.mark.parametrize(
+    "routing", ["softmax_pre_softmax_scaled", "sigmoid_bias_groups", "softmax_capacity"]
+)
+def test_routing_replay_matches_megatron(routing, megatron, monkeypatch):
+    """moe_enable_routing_replay through megatron-core's own RouterReplay controls: each layer
+    registers one instance, in layer order; "record" stores the experts the router chose
+    (before dropping for capacity); "replay_forward" routes to the target experts with
+    megatron-core's routing weights for them (topk_routing_with_score_function with a replay)
+    and their gradient; "replay_backward" takes the targets kept for backward's recompute in
+    order, and raises once they run out."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    mu = megatron.moe_utils
+    monkeypatch.setattr(RouterReplay, "global_router_replay_instances", [])
+    no_losses = dict(moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None)  # the weights' gradient
+    cfg = _config(**{**ROUTINGS[routing], **no_losses}, moe_enable_routing_replay=True)
+    torch.manual_seed(13)
+    layers = [mb.MoELayer(cfg).train() for _ in range(2)]
+    assert RouterReplay.global_router_replay_instances == [lay.router_replay for lay in layers]
+    layer, k, n = layers[0], cfg.moe_router_topk, S * BATCH
+    if layer.router.expert_bias is not None:
+        layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(S, BATCH, H, generator=g)
+    upstream = torch.randn(n, E, generator=g)
+
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    layer(x)
+    chosen = layer.last_router_output.chosen_ids
+    assert torch.equal(RouterReplay.get_recorded_data()[0], chosen)
+    if cfg.moe_expert_capacity_factor is not None:
+        assert not torch.equal(layer.last_router_output.topk_ids, chosen), "meant to drop"
+    layer.router_replay.clear_router_replay_action()
+    layer(x)  # no action: the router's own choice
+    assert torch.equal(layer.last_router_output.chosen_ids, chosen)
+
+    # Targets the router would not choose: the experts of its lowest scores.
+    targets = [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n)]) for _ in "ab"]
+    RouterReplay.set_replay_data(targets)
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    layer.zero_grad(set_to_none=True)
+    layer(x)
+    out = layer.last_router_output
+    dense = torch.zeros(n, E).scatter_add(1, out.topk_ids.clamp_min(0), out.topk_weights)
+    (dense * upstream).sum().backward()
+    if cfg.moe_expert_capacity_factor is None:
+        assert torch.equal(out.topk_ids, targets[0])
+    assert torch.equal(out.chosen_ids, targets[0])
+
+    weight = layer.router.weight.detach().clone().requires_grad_()
+    theirs = RouterReplay()  # megatron-core's routing with its own replay of the same targets
+    theirs.set_target_indices(targets[0])
+    theirs.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    bias = layer.router.expert_bias
+    probs, routing_map = mu.topk_routing_with_score_function(
+        x.view(n, H) @ weight.t(),
+        k,
+        use_pre_softmax=cfg.moe_router_pre_softmax,
+        num_groups=cfg.moe_router_num_groups,
+        group_topk=cfg.moe_router_group_topk,
+        scaling_factor=cfg.moe_router_topk_scaling_factor,
+        score_function=cfg.moe_router_score_function,
+        expert_bias=None if bias is None else bias.clone(),
+        router_replay=theirs,
+    )
+    if cfg.moe_expert_capacity_factor is not None:
+        probs, routing_map = mu.apply_router_token_dropping(
+            probs, routing_map, k, cfg.moe_expert_capacity_factor, cfg.moe_token_drop_policy
+        )
+    (probs * upstream).sum().backward()
+    assert torch.equal(dense != 0, routing_map)
+    assert_close(dense.detach(), probs.detach(), rtol=1e-6, name=f"{routing} replayed weights")
+    assert_close(layer.router.weight.grad, weight.grad, rtol=1e-5, name=f"{routing} dweight")
+
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    layer(x)
+    assert torch.equal(layer.last_router_output.chosen_ids, targets[0])
+    with pytest.raises(RuntimeError, match="replay_backward of layer None has no expert ids"):
+        layer(x)  # the list kept for backward is spent
+
+
 def test_megatron_training_loop_updates_the_expert_bias(megatron):
     """megatron-core's own steps of finalize_model_grads (_update_router_expert_bias, then
     reset_model_temporary_tensors) drive the router's expert bias: the counts of a step's

@@ -66,6 +66,45 @@ def test_topk_matches_plain_torch(score_func, norm):
         torch.testing.assert_close(out.topk_weights.sum(-1), torch.ones(37))
 
 
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_replay_ids_route_to_the_given_experts(score_func, norm):
+    """replay_ids: the given experts (an expert bias and the scaling factor as usual: the bias
+    takes no part, the factor scales), weighted by their scores, renormalised over the slots
+    that go somewhere (-1: nowhere, weight 0); the counts are the replayed ids'."""
+    router = _router(
+        score_func=score_func, norm_topk_prob=norm, expert_bias=True, topk_scaling_factor=2.0
+    )
+    router.expert_bias.copy_(torch.linspace(-3, 3, E))
+    x = _x(9)
+    replay = torch.stack(
+        [torch.randperm(E, generator=torch.Generator().manual_seed(t))[:3] for t in range(9)]
+    )
+    replay[4, 1] = -1
+    out = router(x, replay_ids=replay.to(torch.int32))
+    scores = _scores(x @ router.weight.detach().T, score_func)
+    expected = scores.gather(1, replay.clamp_min(0)) * (replay >= 0)
+    if norm:
+        expected = _normalise(expected)
+    assert out.topk_ids.dtype == torch.int64 and torch.equal(out.topk_ids, replay)
+    assert torch.equal(out.chosen_ids, replay)
+    torch.testing.assert_close(out.topk_weights, 2.0 * expected)
+    assert out.topk_weights[4, 1] == 0
+    counts = torch.bincount(replay[replay >= 0], minlength=E)
+    assert torch.equal(out.tokens_per_expert, counts)
+    out.topk_weights.sum().backward()
+    assert router.weight.grad.abs().sum() > 0
+    for bad, what in [
+        (replay[:, :2], r"torch.int64 \(9, 2\)"),
+        (replay.float(), r"torch.float32 \(9, 3\)"),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=r"replay_ids must be integer \[N=9, top_k=3\] on cpu, got " + what,
+        ):
+            router(x, replay_ids=bad)
+
+
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_gate_bias_shifts_logits_and_learns(score_func):
     """`bias=True`: logits = x @ weight.T + bias, so it changes the choice and the weights, and
