@@ -30,8 +30,9 @@ The experts' own parameters are used as they are, with no conversion and no copy
 transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are passed as transposed views,
 which the kernels read through their strides; biases (`has_bias=True`) are `b13` and `b2`. The
 activation is `act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a
-`moeblaze.SwiGLU` (`CUSTOM_GATES`: DeepSeek-V4's clamped SwiGLU; GPT-OSS's clamped quick-GELU
-one, on gate and up columns interleaved as `is_concatenated=False` says), checked against the
+`moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; DeepSeek-V4's clamped SwiGLU;
+GPT-OSS's clamped quick-GELU one, on gate and up columns interleaved as `is_concatenated=False`
+says), checked against the
 class's own `_apply_gate` before first use. Experts that compute anything else raise
 `NotImplementedError` naming the experts class, its model family and what moeblaze lacks: no
 gate (`up_proj` only), another activation, another custom `_apply_gate`, a post-expert norm.
@@ -157,6 +158,8 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
 # use, the SwiGLU is checked against `_apply_gate` itself (`_computes`), so a class that changes
 # its gate in a later transformers is refused, not computed wrong.
 CUSTOM_GATES = {
+    # act_fn(gate) * up in float32, rounded back
+    "BeamExperts": lambda experts: {},
     # clamp, then act_fn(gate) * up
     "DeepseekV4Experts": lambda experts: dict(limit=experts.limit),
     # gate, up = gate_up[..., ::2], gate_up[..., 1::2]; clamp; gate * sigmoid(alpha * gate) *
@@ -189,9 +192,10 @@ def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
 
 @functools.cache
 def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
-    """Whether `apply_gate` (`cls._apply_gate`) computes `activation` (float64, on CPU, at points
-    across and around its clamps, from gate and up laid out as `activation` says) for experts of
-    that class with this `act_fn`."""
+    """Whether `apply_gate` (`cls._apply_gate`) computes `activation` for experts of that class
+    with this `act_fn`: on float64 gate and up (laid out as `activation` says) at points across
+    and around its clamps, to float32 rounding (moeblaze computes the activation in float32;
+    a gate may too)."""
     bound = 2 * (activation.limit or 4.0)
     grid = torch.linspace(-bound, bound, 41, dtype=torch.float64)
     gate, up = grid[:, None].expand(41, 41), grid[None, :].expand(41, 41)  # every pair
@@ -202,7 +206,7 @@ def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
         computed = apply_gate(probe, gate_up)
     except Exception:  # a gate that reads more than these attributes is not one we know
         return False
-    return torch.allclose(computed, activation.forward(gate, up), rtol=1e-9, atol=1e-12)
+    return torch.allclose(computed.double(), activation.forward(gate, up), rtol=1e-6, atol=1e-9)
 
 
 for _name, _policy in IMPLEMENTATIONS.items():

@@ -146,7 +146,8 @@ def _models(family, dtype=torch.float32, device="cpu", make_config=_config):
 
 
 # More families, each from its default config made tiny: the COMMON sizes and these MoE fields,
-# where the config has them (E=4 experts, k=2, F=16, one shared expert, every layer sparse).
+# where the config has them (E=4 experts, k=2, F=16, one shared expert, every layer sparse with
+# full attention).
 TINY_MOE_FIELDS = dict(
     intermediate_size=24,
     moe_intermediate_size=16,
@@ -166,6 +167,8 @@ TINY_MOE_FIELDS = dict(
     topk_group=1,
     first_k_dense_replace=0,
     num_dense_layers=0,
+    mlp_layer_types=["sparse"],  # per layer: one layer (COMMON), sparse
+    layer_types=["full_attention"],
     decoder_sparse_step=1,
     mlp_only_layers=[],
     head_dim=16,
@@ -188,6 +191,20 @@ DEFAULT_CONFIG_FAMILIES = (
     "solar_open",
     "cohere2_moe",
     "afmoe",
+    "flex_olmo",
+    "flint",
+    "granitemoe",
+    "granitemoe_swa",
+    "kolibri1",
+    "mellum",
+    "minimax_m2",
+    "hy_v3",
+    "laguna",
+    "mimo_v2_flash",
+    "qwen3_next",  # its linear-attention layers replaced by full attention (layer_types)
+    "kimi_linear",
+    "bailing_hybrid",
+    "beam",  # a custom _apply_gate: SwiGLU in float32
 )
 
 
