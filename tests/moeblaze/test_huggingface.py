@@ -173,7 +173,12 @@ TINY_MOE_FIELDS = dict(
     mlp_only_layers=[],
     head_dim=16,
     kv_lora_rank=8,
-    q_lora_rank=None,
+    q_lora_rank=8,
+    num_key_value_heads=2,  # multi-head latent attention: as many as the attention heads
+    index_topk=4,  # DeepSeek sparse attention's indexer
+    index_head_dim=8,
+    index_n_heads=2,
+    use_cache=False,  # (the indexer's cache needs an indexed cache layer)
     qk_rope_head_dim=8,
     qk_nope_head_dim=8,
     v_head_dim=16,
@@ -205,6 +210,12 @@ DEFAULT_CONFIG_FAMILIES = (
     "kimi_linear",
     "bailing_hybrid",
     "beam",  # a custom _apply_gate: SwiGLU in float32
+    "hy_v4",  # a custom _apply_gate: clamped SwiGLU
+    "glm4_moe_lite",
+    "lfm2_moe",
+    "axk2",
+    "deepseek_v32",
+    "glm_moe_dsa",
 )
 
 
@@ -387,6 +398,12 @@ def _deepseek_v4_experts(limit: float):
     )
 
 
+def _hy_v4_experts(limit: float):
+    return _experts_pair(
+        "hy_v4", "HYV4Config", num_local_experts=4, moe_intermediate_size=16, swiglu_limit=limit
+    )
+
+
 def _gpt_oss_experts(limit: float):
     return _experts_pair(
         "gpt_oss", "GptOssConfig", num_local_experts=4, intermediate_size=16, swiglu_limit=limit
@@ -396,6 +413,7 @@ def _gpt_oss_experts(limit: float):
 # Limits that clamp a good part of the pre-activations of these random experts.
 CUSTOM_GATE_EXPERTS = {
     "deepseek_v4": (_deepseek_v4_experts, moeblaze.SwiGLU(limit=0.5)),
+    "hy_v4": (_hy_v4_experts, moeblaze.SwiGLU(limit=0.5)),
     "gpt_oss": (
         _gpt_oss_experts,
         moeblaze.SwiGLU(alpha=1.702, limit=0.5, up_offset=1.0, interleaved=True),
@@ -405,7 +423,8 @@ CUSTOM_GATE_EXPERTS = {
 
 @pytest.mark.parametrize("family", CUSTOM_GATE_EXPERTS)
 def test_custom_gate_experts_match_eager(family):
-    # DeepseekV4Experts._apply_gate clamps gate and up: moeblaze runs it as SwiGLU(limit=...).
+    # DeepseekV4Experts._apply_gate (and HYV4Experts') clamps gate and up: moeblaze runs it as
+    # SwiGLU(limit=...).
     # GptOssExperts clamps too, with quick GELU on gate and up interleaved, and has biases.
     make, activation = CUSTOM_GATE_EXPERTS[family]
     experts = make(limit=activation.limit)
