@@ -72,6 +72,9 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - sigmoid: top-k of the scores (plus the expert bias, for selection only), divided by their sum
   when k > 1.
 - `moe_router_topk_scaling_factor` multiplies the k weights.
+- Group-limited routing (`moe_router_num_groups`, `moe_router_group_topk`: a group scores the
+  sum of its top k / group_topk), and the deprecated `moe_router_topk_limited_devices` as
+  Megatron maps it (one group per expert-parallel rank, that many groups per token).
 - The "aux_loss", "seq_aux_loss" and "global_aux_loss" load-balancing losses
   (`moe_aux_loss_coeff`; the second per sequence, each of the b sequences of `[s, b, h]` alone,
   averaged: DeepSeek-V3's; the third against the counts of the global batch, summed over
@@ -205,9 +208,9 @@ MEGATRON_DEFAULTS = {
     "moe_router_force_load_balancing": False,
     "moe_apply_probs_on_input": False,
     "moe_enable_routing_replay": False,
+    "moe_router_topk_limited_devices": None,  # deprecated: group-limited routing by EP rank
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
-    "moe_router_topk_limited_devices": None,
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
     "moe_latent_size": None,
@@ -224,7 +227,6 @@ MEGATRON_DEFAULTS = {
 _OFF = lambda value: not value
 _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
-    "moe_router_topk_limited_devices": ("device-limited routing (use moe_router_num_groups)", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
     "moe_latent_size": ("latent projections", _OFF),
@@ -302,6 +304,10 @@ def layer_options(config) -> LayerOptions:
     and ValueError for values that are invalid in Megatron too; both name field and value.
     """
     cfg = {name: getattr(config, name, default) for name, default in MEGATRON_DEFAULTS.items()}
+    devices = cfg["moe_router_topk_limited_devices"]
+    if devices and not cfg["moe_router_group_topk"]:  # as TransformerConfig.__post_init__ maps it
+        cfg["moe_router_group_topk"] = devices
+        cfg["moe_router_num_groups"] = cfg["expert_model_parallel_size"] or 1
     invalid = _invalid_fields(cfg)
     if invalid:
         raise ValueError("invalid MoE config: " + "; ".join(invalid))
@@ -1065,6 +1071,14 @@ def _invalid_fields(cfg) -> list[str]:
     if not isinstance(top_k, int) or top_k < 1 or (experts and top_k > experts):
         problems.append(f"moe_router_topk={top_k!r} must be in [1, num_moe_experts={experts}]")
         top_k = None
+    devices = cfg["moe_router_topk_limited_devices"]
+    if devices and devices != cfg["moe_router_group_topk"]:
+        problems.append(
+            f"moe_router_topk_limited_devices={devices!r} (deprecated in Megatron) is "
+            f"moe_router_group_topk={devices!r} with moe_router_num_groups="
+            f"expert_model_parallel_size; got moe_router_group_topk="
+            f"{cfg['moe_router_group_topk']!r} too"
+        )
     if cfg["moe_apply_probs_on_input"] and top_k not in (None, 1):
         problems.append(
             f"moe_apply_probs_on_input=True needs moe_router_topk=1 (as in Megatron), got {top_k}"

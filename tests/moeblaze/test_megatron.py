@@ -740,6 +740,26 @@ def test_megatron_transformer_layer_spec(megatron):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
 
 
+def test_device_limited_routing_is_group_limited_routing(megatron):
+    """Megatron's deprecated moe_router_topk_limited_devices: groups of experts by
+    expert-parallel rank, that many groups per token. A real TransformerConfig maps it so
+    itself (and keeps the field); a look-alike config is mapped the same way; a config whose
+    group_topk says otherwise is refused."""
+    fields = dict(
+        moe_router_score_function="sigmoid",
+        moe_router_topk_limited_devices=1,
+        expert_model_parallel_size=2,
+    )
+    with pytest.warns(UserWarning, match="moe_router_topk_limited_devices is deprecated"):
+        real = _transformer_config(megatron, **fields)
+    assert real.moe_router_topk_limited_devices == 1 and real.moe_router_group_topk == 1
+    for config in (real, _config(**fields)):
+        options = mb.layer_options(config)
+        assert (options.num_groups, options.topk_groups, options.group_score_topk) == (2, 1, K)
+    with pytest.raises(ValueError, match=r"moe_router_topk_limited_devices=1 \(deprecated"):
+        mb.layer_options(_config(**fields, moe_router_num_groups=2, moe_router_group_topk=2))
+
+
 def test_megatron_default_config_is_rejected(megatron):
     """megatron-core's default GeLU MLP is not SwiGLU experts: named in the error. Its default
     add_bias_linear=True is supported, so the error does not name it."""
