@@ -32,7 +32,9 @@ class MoEBlock(nn.Module):
     the experts' and the shared expert's. The experts held are those of global ids `experts`,
     a slice of `num_local_experts` from `first_expert`. `ffn_shard=(r, n)` holds shard r of n
     of each expert's F columns (expert tensor parallelism): `w13 [E_l, 2F/n, d]` holds gate rows
-    r, then up rows r, `w2 [E_l, d, F/n]` columns r, `b13` the rows of `w13`; `b2` is whole."""
+    r, then up rows r, `w2 [E_l, d, F/n]` columns r, `b13` the rows of `w13`; `b2` is whole.
+    `expert_hidden_size` (default `hidden_size`) is the d of the experts' tensors when they work
+    in another space than the router's input (a subclass then projects the tokens)."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class MoEBlock(nn.Module):
         bias: bool = False,
         first_expert: int = 0,
         ffn_shard: tuple[int, int] = (0, 1),
+        expert_hidden_size: int | None = None,
     ):
         super().__init__()
         if ffn_hidden_size < 1:
@@ -75,12 +78,13 @@ class MoEBlock(nn.Module):
             hidden_size, num_experts, top_k, bias=bias, **router_options, **factory
         )
         ffn = ffn_hidden_size // shards  # the columns of each expert held here
-        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, hidden_size, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn, **factory))
+        d = expert_hidden_size or hidden_size
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, d, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_local_experts, d, ffn, **factory))
         self.b13 = self.b2 = None
         if bias:
             self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, **factory))
-            self.b2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, **factory))
+            self.b2 = nn.Parameter(torch.empty(num_local_experts, d, **factory))
         self.shared_expert = (
             SwiGLUMLP(
                 hidden_size,
@@ -97,6 +101,7 @@ class MoEBlock(nn.Module):
         self.ffn_hidden_size = ffn_hidden_size  # F, of the whole expert
         self.ffn_shard = ffn_shard
         self.hidden_size = hidden_size
+        self.expert_hidden_size = d
         self.recompute = recompute
         self.deterministic = deterministic
         self.activation = activation
@@ -113,7 +118,7 @@ class MoEBlock(nn.Module):
         if self.w13.is_meta:  # filled later (ExpertParallelMoELayer.from_moe_layer)
             return
         generator = torch.Generator(self.w13.device)
-        d, f = self.hidden_size, self.ffn_hidden_size
+        d, f = self.expert_hidden_size, self.ffn_hidden_size
         whole = {"w13": (2 * f, d), "b13": (2 * f,), "w2": (d, f), "b2": (d,)}
         with torch.no_grad():
             for local, seed in self.expert_seeds():

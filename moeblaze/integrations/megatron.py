@@ -118,6 +118,12 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   `moe_router_force_load_balancing` routes by random logits with the real logits' gradient
   (`random_logits`), from the default generator of the device (Megatron's from its
   expert-parallel RNG tracker).
+- `moe_latent_size` (Megatron's latent MoE, Nemotron 3's): the router sees the tokens, the
+  routed experts (`w13 [E_l, 2F, L]`, `w2 [E_l, L, F]`) their projection `fc1_latent_proj
+  [L, h]`, and their combined output is projected back by `fc2_latent_proj [h, L]` (both with
+  a bias under `add_bias_linear`, replicated like the router, initialised by `init_method` and
+  `output_layer_init_method`); the shared expert sees the tokens. Expert parallelism's
+  all-to-alls carry L columns instead of h.
 - `moe_enable_routing_replay`: the layer holds a megatron-core `RouterReplay` (registered in
   layer order, as Megatron's routers register theirs), so Megatron's controls work as they are
   (`RouterReplay.set_global_router_replay_action`, `set_replay_data`, `get_recorded_data`):
@@ -209,11 +215,11 @@ MEGATRON_DEFAULTS = {
     "moe_apply_probs_on_input": False,
     "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,  # deprecated: group-limited routing by EP rank
+    "moe_latent_size": None,
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
-    "moe_latent_size": None,
     "calculate_per_token_loss": False,
     "fp8": None,
     "fp4": None,
@@ -229,7 +235,6 @@ _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
-    "moe_latent_size": ("latent projections", _OFF),
     "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
@@ -263,6 +268,7 @@ class LayerOptions:
     random_logits: bool  # random router logits (forced load balancing, for benchmarks)
     probs_on_input: bool  # the routing weight scales the expert's input (top-1), not its output
     routing_replay: bool  # Megatron's RouterReplay records or replays the experts chosen
+    latent_size: int | None  # the routed experts work on tokens projected to this size
     shared_expert_size: int | None
     shared_expert_gate: bool  # the shared expert's output times sigmoid(x @ gate_weight)
     expert_parallel_size: int  # ranks the experts are sharded over
@@ -348,6 +354,7 @@ def layer_options(config) -> LayerOptions:
         random_logits=bool(cfg["moe_router_force_load_balancing"]),
         probs_on_input=bool(cfg["moe_apply_probs_on_input"]),
         routing_replay=bool(cfg["moe_enable_routing_replay"]),
+        latent_size=cfg["moe_latent_size"],
         shared_expert_size=cfg["moe_shared_expert_intermediate_size"],
         # Megatron builds the gate only inside a shared expert.
         shared_expert_gate=bool(cfg["moe_shared_expert_gate"])
@@ -441,6 +448,7 @@ class MoELayer(MoEBlock):
             num_local,
             first_expert=rank * num_local,
             ffn_shard=(_rank(etp_group), etp),
+            expert_hidden_size=options.latent_size,
             recompute=recompute or options.recompute,
             deterministic=deterministic,
             # Under tensor parallelism, split below rather than built whole.
@@ -461,6 +469,11 @@ class MoELayer(MoEBlock):
                 sigmoid_gate=options.shared_expert_gate,
                 dtype=options.params_dtype,
             )
+        self.fc1_latent_proj = self.fc2_latent_proj = None
+        if options.latent_size:  # Megatron's names; replicated like the router
+            factory = dict(bias=options.bias, device=self.w13.device, dtype=options.params_dtype)
+            self.fc1_latent_proj = nn.Linear(options.hidden_size, options.latent_size, **factory)
+            self.fc2_latent_proj = nn.Linear(options.latent_size, options.hidden_size, **factory)
         self.config = config
         self.options = options
         self.layer_number = layer_number
@@ -491,6 +504,9 @@ class MoELayer(MoEBlock):
         # Replicated over the TP ranks, each with its own tokens: Megatron's finalize_model_grads
         # all-reduces the gradients so marked over the TP group under sequence parallelism.
         replicated = [self.router.weight, self.router.bias]
+        for linear in (self.fc1_latent_proj, self.fc2_latent_proj):
+            if linear is not None:
+                replicated += [linear.weight, linear.bias]
         if self.shared_expert is not None and self.shared_expert.sigmoid_gate is not None:
             replicated.append(self.shared_expert.sigmoid_gate.weight)
         for p in replicated:
@@ -515,11 +531,17 @@ class MoELayer(MoEBlock):
             fc2.append(self.shared_expert.down.weight)
         if self.shared_expert is not None and self.shared_expert.sigmoid_gate is not None:
             fc1.append(self.shared_expert.sigmoid_gate.weight)
+        if self.fc1_latent_proj is not None:  # biases zero, as TransformerEngine's
+            fc1.append(self.fc1_latent_proj.weight)
+            fc2.append(self.fc2_latent_proj.weight)
+            for linear in (self.fc1_latent_proj, self.fc2_latent_proj):
+                if linear.bias is not None:
+                    linear.bias.zero_()
         for method, tensors in ((init_method, fc1), (output_init_method, fc2)):
             if method is not None:
                 for t in tensors:
                     method(t)
-        d, f = self.hidden_size, self.ffn_hidden_size
+        d, f = self.expert_hidden_size, self.ffn_hidden_size
         for local, seed in self.expert_seeds():
             with _seeded(self.w13.device, seed):  # drawn whole, then cut into shards
                 for method, name, shape in (
@@ -568,6 +590,13 @@ class MoELayer(MoEBlock):
         return routing
 
     def routed_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        if self.fc1_latent_proj is None:
+            return self._experts_mlp(tokens, routing)
+        # Megatron's latent MoE: the experts (and their all-to-alls) work in the latent size.
+        return self.fc2_latent_proj(self._experts_mlp(self.fc1_latent_proj(tokens), routing))
+
+    def _experts_mlp(self, tokens: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """The routed experts' weighted sum for `tokens [N, d]` in the experts' size d."""
         ids, weights, options = routing.topk_ids, routing.topk_weights, self.expert_options()
         if self.options.probs_on_input:  # top-1: each token scaled by its one routing weight
             tokens = (weights * tokens).to(tokens.dtype)  # in float32, as Megatron's experts
@@ -729,6 +758,8 @@ class MoELayer(MoEBlock):
             "shared_experts.linear_fc2.weight": "shared_expert.down.weight",
             "shared_experts.gate_weight": "shared_expert.sigmoid_gate.weight",
         }
+        for name in ("fc1_latent_proj", "fc2_latent_proj"):  # the same names
+            renames |= {f"{name}.weight": f"{name}.weight", f"{name}.bias": f"{name}.bias"}
         ours = self.state_dict().keys()
         for megatron_key, key in renames.items():
             if megatron_key in state_dict and key in ours:
@@ -1079,6 +1110,9 @@ def _invalid_fields(cfg) -> list[str]:
             f"expert_model_parallel_size; got moe_router_group_topk="
             f"{cfg['moe_router_group_topk']!r} too"
         )
+    latent = cfg["moe_latent_size"]
+    if latent is not None and (not isinstance(latent, int) or latent < 1):
+        problems.append(f"moe_latent_size={latent!r} must be None or a positive int")
     if cfg["moe_apply_probs_on_input"] and top_k not in (None, 1):
         problems.append(
             f"moe_apply_probs_on_input=True needs moe_router_topk=1 (as in Megatron), got {top_k}"

@@ -147,7 +147,14 @@ def _megatron_transcription(layer, x, cfg):
         fc1 = F.linear(rows, w13[e], None if b13 is None else b13[e])
         return F.linear(_glu(fc1, cfg), w2[e], None if b2 is None else b2[e])
 
-    out = _glu_experts(tokens, ids, probs, expert)
+    def latent(linear, rows):  # MoELayer's fc1_latent_proj / fc2_latent_proj
+        return F.linear(rows, linear.weight.double(), _double(linear.bias))
+
+    if getattr(cfg, "moe_latent_size", None):  # the experts work on projected tokens
+        latent_out = _glu_experts(latent(layer.fc1_latent_proj, tokens), ids, probs, expert)
+        out = latent(layer.fc2_latent_proj, latent_out)
+    else:
+        out = _glu_experts(tokens, ids, probs, expert)
     if layer.shared_expert is not None:  # SharedExpertMLP
         fc1 = F.linear(tokens, layer.shared_expert.gate_up.weight.double())
         shared = F.linear(_glu(fc1, cfg), layer.shared_expert.down.weight.double())
@@ -156,6 +163,10 @@ def _megatron_transcription(layer, x, cfg):
             shared = shared * torch.sigmoid(F.linear(tokens, gate_weight))
         out = out + shared
     return out.view(x.shape), losses
+
+
+def _double(t):
+    return None if t is None else t.double()
 
 
 def quick_gelu(y):  # megatron.core.fusions.fused_bias_geglu.quick_gelu
@@ -210,6 +221,15 @@ VARIANTS = {
         moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
         moe_aux_loss_coeff=[1e-1, 2e-1],
     ),
+    # Latent MoE (Nemotron 3): the router sees the tokens, the experts their projection to
+    # moe_latent_size, projected back after the combine; the shared expert sees the tokens.
+    "latent_shared": dict(
+        moe_latent_size=8, moe_shared_expert_intermediate_size=SHARED, moe_aux_loss_coeff=1e-1
+    ),
+    # ... with biases in the projections (add_bias_linear), and "moe" recompute.
+    "latent_biases_recompute": dict(
+        moe_latent_size=8, add_bias_linear=True, moe_layer_recompute=True
+    ),
     # GPT-OSS in Megatron: its GLU with add_bias_linear=True (router and expert biases), and
     # the aux loss, which sees the biased logits.
     "gpt_oss_biases_aux": dict(
@@ -232,9 +252,12 @@ def test_layer_matches_megatron_transcription(variant):
     g = torch.Generator().manual_seed(1)
     if layer.b13 is not None:  # Megatron starts them at zero: give them values to compute with
         with torch.no_grad():
-            assert not layer.b13.any() and not layer.b2.any()
-            layer.b13.normal_(generator=g)
-            layer.b2.normal_(generator=g)
+            biases = [layer.b13, layer.b2]
+            if layer.fc1_latent_proj is not None:
+                biases += [layer.fc1_latent_proj.bias, layer.fc2_latent_proj.bias]
+            for bias in biases:
+                assert not bias.any()
+                bias.normal_(generator=g)
     x = torch.randn(S, BATCH, H, generator=g)  # [s, b, h], sequence first
     dout = torch.randn(S, BATCH, H, generator=g)
 
@@ -495,6 +518,29 @@ def test_load_grouped_layouts(layout):
     else:
         w13, w2 = mb.megatron_expert_weights(state, E)
         assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
+
+
+def test_load_latent_projections():
+    """moe_latent_size: Megatron's fc1_latent_proj and fc2_latent_proj (TELinear: weight, bias,
+    _extra_state) load by their names, beside experts of the latent size."""
+    cfg = _config(moe_latent_size=8, add_bias_linear=True)
+    torch.manual_seed(6)
+    source = mb.MoELayer(cfg)
+    assert source.w13.shape == (E, 2 * FFN, 8) and source.w2.shape == (E, 8, FFN)
+    state = {k: v for k, v in source.state_dict().items() if k.startswith(("router.", "fc"))}
+    state["fc1_latent_proj._extra_state"] = None
+    for e in range(E):  # TEGroupedMLP's layout
+        state[f"experts.linear_fc1.weight{e}"] = source.w13[e]
+        state[f"experts.linear_fc1.bias{e}"] = source.b13[e]
+        state[f"experts.linear_fc2.weight{e}"] = source.w2[e]
+        state[f"experts.linear_fc2.bias{e}"] = source.b2[e]
+    assert "fc2_latent_proj.bias" in state
+    layer = mb.MoELayer(cfg)
+    layer.load_megatron_state_dict(state)
+    for (name, ours), theirs in zip(
+        layer.state_dict().items(), source.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
 
 
 def test_load_errors():

@@ -41,10 +41,14 @@ PADDING = (torch.arange(S) % 2 == 1).expand(BATCH, S)
 
 
 # The models compared: a gated shared expert and no biases, or biases and no shared expert
-# (Megatron's shared experts have none).
+# (Megatron's shared experts have none), or that with experts on a latent projection.
+LATENT = 8
 MODELS = {
     "shared": dict(moe_shared_expert_intermediate_size=SHARED, add_bias_linear=False),
     "biases": dict(moe_shared_expert_intermediate_size=None, add_bias_linear=True),
+    "latent": dict(
+        moe_shared_expert_intermediate_size=None, add_bias_linear=True, moe_latent_size=LATENT
+    ),
 }
 
 
@@ -98,6 +102,20 @@ CONFIGS = {
         ),
         "shared",
     ),
+    "latent_tensor_sequence_and_expert_parallel": (  # the latent tokens go through all-to-alls
+        dict(
+            tensor_model_parallel_size=W,
+            expert_tensor_parallel_size=1,
+            expert_model_parallel_size=W,
+        ),
+        dict(
+            tensor_model_parallel_size=W,
+            expert_tensor_parallel_size=1,
+            sequence_parallel=True,
+            expert_model_parallel_size=W,
+        ),
+        "latent",
+    ),
 }
 CP_EP = dict(context_parallel_size=2, expert_model_parallel_size=2)
 CONFIGS_2W = {  # ETP x EP over the four TP x CP ranks
@@ -113,9 +131,8 @@ def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
     """This rank's Megatron state dict (TEGroupedMLP experts, local ones numbered from 0, with
     expert tensor parallelism their shards; under tensor parallelism the shared expert's
     shards)."""
-    state = {"router.weight": trained["router.weight"]}
-    if "router.bias" in trained:
-        state["router.bias"] = trained["router.bias"]
+    # The router and the latent projections, replicated.
+    state = {k: v for k, v in trained.items() if k.startswith(("router.", "fc"))}
     split = layer.etp_group is not None
     for i, e in enumerate(range(layer.experts.start, layer.experts.stop)):
         for ours, fc, what in (("w13", 1, "weight"), ("w2", 2, "weight"), ("b13", 1, "bias")):
@@ -194,13 +211,14 @@ def _check_checkpoint(layer, trained, where):
 
 
 @contextlib.contextmanager
-def _rows_sent():
-    """Records the rows of h columns that this rank sends by all-to-all in the body, in order."""
+def _rows_sent(columns: int):
+    """Records the rows of `columns` columns that this rank sends by all-to-all in the body, in
+    order."""
     sent = []
     all_to_all_single = dist.all_to_all_single
 
     def recording(output, rows, *args, **kwargs):
-        if rows.dim() == 2 and rows.shape[1] == D:
+        if rows.dim() == 2 and rows.shape[1] == columns:
             sent.append(rows.shape[0])
         return all_to_all_single(output, rows, *args, **kwargs)
 
@@ -231,7 +249,7 @@ def _check_run(config, rank, trained, x, dout, expected):
         world = dist.get_world_size()
         mine = slice(rank * S // world, (rank + 1) * S // world)  # its shard of the sequence
         leaf = x[mine].clone().requires_grad_()
-        with _rows_sent() as sent:
+        with _rows_sent(layer.expert_hidden_size) as sent:
             out, _ = layer(leaf, padding_mask=PADDING[:, mine])
         if layer.group is not None:  # the dispatch sends each real token's k rows, no more
             assert sent[0] == int((~PADDING[:, mine]).sum()) * K, f"{where}: rows sent {sent}"
@@ -289,8 +307,11 @@ def test_megatron_layer_under_tensor_sequence_and_context_parallelism(tmp_path):
         torch.manual_seed(5)
         layer = mb().MoELayer(_config(model)).train()
         if layer.b13 is not None:  # Megatron starts them at zero
+            biases = [layer.b13, layer.b2, layer.router.bias]
+            if layer.fc1_latent_proj is not None:
+                biases += [layer.fc1_latent_proj.bias, layer.fc2_latent_proj.bias]
             with torch.no_grad():
-                for seed, p in enumerate((layer.b13, layer.b2, layer.router.bias)):
+                for seed, p in enumerate(biases):
                     p.copy_(randn(*p.shape, seed=20 + seed))
         trained[model] = {n: p.detach().clone() for n, p in layer.named_parameters()}
         leaf = x.clone().requires_grad_()
