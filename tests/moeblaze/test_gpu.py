@@ -410,6 +410,36 @@ def test_layer_forward_and_backward_never_synchronise(recompute, bias, dropping)
     moeblaze.check_errors()  # and nothing was wrong
 
 
+def test_replayed_routing_never_synchronises():
+    """Router(..., replay_ids=) (routing replay) and the experts on the replayed ids: no wait
+    for the device; the weights are the scores of the replayed experts."""
+    torch.manual_seed(0)
+    router = moeblaze.Router(256, 16, 4, aux_loss_coeff=1e-2, device="cuda")
+    w13 = torch.randn(16, 256, 256, device="cuda", dtype=torch.bfloat16) / 16
+    w2 = torch.randn(16, 256, 128, device="cuda", dtype=torch.bfloat16) / 12
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    replay = torch.rand(1024, 16, device="cuda").argsort(-1)[:, :4]
+
+    def step():
+        routing = router(x, replay_ids=replay)
+        out = moeblaze.moe_mlp(x, routing.topk_ids, routing.topk_weights, w13, w2)
+        out.float().square().mean().backward()
+        return routing
+
+    routing = step()  # warm-up: compiles, allocates, loads
+    torch.cuda.synchronize()
+    assert torch.equal(routing.topk_ids, replay)
+    scores = (x.float() @ router.weight.float().t()).softmax(-1).gather(1, replay)
+    assert_close(routing.topk_weights, scores / scores.sum(-1, keepdim=True), rtol=1e-5, name="w")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    moeblaze.check_errors()
+
+
 def test_invalid_ids_on_cuda_raise_without_a_sync_by_the_next_call(make_problem):
     problem = make_problem(64, 32, 16, 4, 2, seed=3, device="cuda")
     bad = problem.topk_ids.clone()
