@@ -79,6 +79,9 @@ def _config(model="shared", **fields):
 # (parallel_state.initialize_model_parallel's sizes, the config's fields, the model) of each run
 # on W ranks, then on 2W.
 TP_SP = dict(tensor_model_parallel_size=W, sequence_parallel=True)  # and Megatron's ETP = TP
+TP_EP = dict(
+    tensor_model_parallel_size=W, expert_tensor_parallel_size=1, expert_model_parallel_size=W
+)
 CONFIGS = {
     "expert_tensor_parallel": (dict(tensor_model_parallel_size=W), TP_SP, "shared"),
     "expert_tensor_parallel_biases": (dict(tensor_model_parallel_size=W), TP_SP, "biases"),
@@ -88,32 +91,11 @@ CONFIGS = {
         "shared",
     ),
     "context_parallel": (dict(context_parallel_size=W), dict(context_parallel_size=W), "shared"),
-    "tensor_sequence_and_expert_parallel": (
-        dict(
-            tensor_model_parallel_size=W,
-            expert_tensor_parallel_size=1,
-            expert_model_parallel_size=W,
-        ),
-        dict(
-            tensor_model_parallel_size=W,
-            expert_tensor_parallel_size=1,
-            sequence_parallel=True,
-            expert_model_parallel_size=W,
-        ),
-        "shared",
-    ),
-    "latent_tensor_sequence_and_expert_parallel": (  # the latent tokens go through all-to-alls
-        dict(
-            tensor_model_parallel_size=W,
-            expert_tensor_parallel_size=1,
-            expert_model_parallel_size=W,
-        ),
-        dict(
-            tensor_model_parallel_size=W,
-            expert_tensor_parallel_size=1,
-            sequence_parallel=True,
-            expert_model_parallel_size=W,
-        ),
+    "tensor_sequence_and_expert_parallel": (TP_EP, dict(**TP_EP, sequence_parallel=True), "shared"),
+    # The latent tokens go through the all-to-alls.
+    "latent_tensor_sequence_and_expert_parallel": (
+        TP_EP,
+        dict(**TP_EP, sequence_parallel=True),
         "latent",
     ),
 }
