@@ -1,7 +1,7 @@
 """Token router: score every token against every expert and keep the top-k.
 
     # N tokens, d hidden, E experts, k top-k, G expert groups
-    x [N, d] (* jitter) --float32--> logits = x @ weight.T (+ bias) [N, E] (or random draws)
+    x [N, d] (* jitter) --float32 (or 64)--> logits = x @ weight.T (+ bias) [N, E] (or random draws)
     logits --softmax | sigmoid--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
@@ -11,7 +11,8 @@
         + z_loss_coeff * z-loss --> gradient, through topk_weights
 
 Logits and scores are computed in float32 whatever the dtype of `x` and `weight`, as Megatron and
-Hugging Face do, because top-k selection is sensitive to rounding.
+Hugging Face do, because top-k selection is sensitive to rounding (or in float64:
+`routing_dtype`, Megatron's `moe_router_dtype="fp64"`).
 
 The expert bias (DeepSeek-V3 aux-loss-free balancing) only changes *which* experts are chosen;
 the weights are always the unbiased scores. Counts of chosen experts accumulate over training
@@ -56,8 +57,9 @@ class RouterOutput:
     # [N, k] int64, the experts chosen before dropping for capacity (topk_ids without capacity;
     # what a routing replay records)
     chosen_ids: torch.Tensor
-    topk_weights: torch.Tensor  # [N, k] float32, differentiable, carries the injected loss gradient
-    logits: torch.Tensor  # [N, E] float32, differentiable
+    # [N, k] float32 (the routing dtype), differentiable, carries the injected loss gradient
+    topk_weights: torch.Tensor
+    logits: torch.Tensor  # [N, E] float32 (the routing dtype), differentiable
     aux_loss: torch.Tensor  # [] switch load-balancing loss, *unscaled* (1.0 at perfect balance)
     z_loss: torch.Tensor  # [] float64 z-loss mean(logsumexp(logits)^2), *unscaled*
     router_loss: torch.Tensor  # [] the weighted sum of the losses in use (their coeff > 0)
@@ -150,6 +152,9 @@ class Router(nn.Module):
       normal draws (default generator of x's device) whose gradient is passed to the real
       logits unchanged (Megatron's `moe_router_force_load_balancing`, a straight-through
       estimator). The losses see the drawn logits.
+    - `routing_dtype`: torch.float32 (default) or torch.float64: the dtype of the logits, the
+      scores, the routing weights and the losses (Megatron's `moe_router_dtype`); float64 runs
+      the torch selection, not the compiled kernel.
     - `aux_counts`: the expert choices the balancing losses count: `"routed"`, those made, or
       `"scores"`, the top-k of the scores without the expert bias and the group limit (Megatron,
       and DeepSeek-V3's definition). They differ only with `expert_bias` or `num_groups`.
@@ -202,6 +207,7 @@ class Router(nn.Module):
         drop_policy: str = "probs",
         input_jitter_eps: float | None = None,
         random_logits: bool = False,
+        routing_dtype: torch.dtype = torch.float32,
         loss_group=None,
         global_group=None,
         device=None,
@@ -239,6 +245,10 @@ class Router(nn.Module):
             )
         if not isinstance(random_logits, bool):
             raise TypeError(f"random_logits must be a bool, got {type(random_logits).__name__}")
+        if routing_dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"routing_dtype={routing_dtype!r} must be torch.float32 or torch.float64"
+            )
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -257,6 +267,7 @@ class Router(nn.Module):
         self.drop_policy = drop_policy
         self.input_jitter_eps = None if input_jitter_eps is None else float(input_jitter_eps)
         self.random_logits = random_logits
+        self.routing_dtype = routing_dtype
         self.loss_group = loss_group
         self.global_group = global_group
         weight = torch.empty(num_experts, hidden_size, device=device, dtype=dtype)  # [E, d]
@@ -328,10 +339,11 @@ class Router(nn.Module):
             self._check_token_mask(x, token_mask)
             self._check_replay_ids(x, replay_ids)
             num_experts = self.num_experts
+            dtype = self.routing_dtype
             with torch.autocast(x.device.type, enabled=False):  # float32 even under autocast
-                logits = self._jittered(x).float() @ self.weight.float().t()  # [N, E]
+                logits = self._jittered(x).to(dtype) @ self.weight.to(dtype).t()  # [N, E]
                 if self.bias is not None:
-                    logits = logits + self.bias.float()
+                    logits = logits + self.bias.to(dtype)
             # A look at the values: at once on the CPU, without a host synchronisation on CUDA
             # (raised at the latest by the next moeblaze call); torch.compile skips it.
             if not torch.compiler.is_compiling():
@@ -378,7 +390,7 @@ class Router(nn.Module):
             coeffs = self.loss_coeffs()
             for name, coeff in coeffs.items():
                 if coeff > 0:
-                    router_loss = router_loss + coeff * losses[name].float()
+                    router_loss = router_loss + coeff * losses[name].to(router_loss.dtype)
             inject = any(coeff > 0 for coeff in coeffs.values())
             if inject and self.training and torch.is_grad_enabled():
                 scale = self.aux_loss_scale
@@ -520,7 +532,8 @@ class Router(nn.Module):
         if self.num_groups is not None and per_group is not None:
             default = default_group_score_topk(self.score_func, self.num_experts // self.num_groups)
             per_group = None if per_group == default else per_group  # else not the kernel's rule
-        if logits.is_cuda and not torch.compiler.is_compiling() and per_group is None:
+        compilable = per_group is None and logits.dtype == torch.float32
+        if logits.is_cuda and not torch.compiler.is_compiling() and compilable:
             module = compiled.load("moeblaze")
             fits = module is not None and (
                 self.num_experts <= module.MAX_ROUTER_EXPERTS

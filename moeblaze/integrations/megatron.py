@@ -112,7 +112,9 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
-- Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`).
+- Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`), or
+  float64 with `moe_router_dtype='fp64'` (logits, scores, routing weights and losses; Megatron
+  rounds its softmax and sigmoid scores to float32 there).
 - `moe_input_jitter_eps` jitters the router's input in training (`moeblaze.Router`'s
   `input_jitter_eps`, drawn as Megatron draws it); Megatron's also jitters in eval mode.
   `moe_router_force_load_balancing` routes by random logits with the real logits' gradient
@@ -235,7 +237,6 @@ _UNSUPPORTED = {
     "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
-    "moe_router_dtype": ("routing in float64", lambda value: value in (None, "fp32")),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
 }
@@ -266,6 +267,7 @@ class LayerOptions:
     drop_policy: str  # which slots an expert past its capacity keeps: "probs" or "position"
     input_jitter_eps: float | None  # router input jitter in training
     random_logits: bool  # random router logits (forced load balancing, for benchmarks)
+    routing_dtype: torch.dtype  # of the logits, scores, weights and losses
     probs_on_input: bool  # the routing weight scales the expert's input (top-1), not its output
     routing_replay: bool  # Megatron's RouterReplay records or replays the experts chosen
     latent_size: int | None  # the routed experts work on tokens projected to this size
@@ -300,6 +302,7 @@ class LayerOptions:
             drop_policy=self.drop_policy,
             input_jitter_eps=self.input_jitter_eps,
             random_logits=self.random_logits,
+            routing_dtype=self.routing_dtype,
         )
 
 
@@ -352,6 +355,7 @@ def layer_options(config) -> LayerOptions:
         drop_policy=cfg["moe_token_drop_policy"],
         input_jitter_eps=cfg["moe_input_jitter_eps"],
         random_logits=bool(cfg["moe_router_force_load_balancing"]),
+        routing_dtype=torch.float64 if cfg["moe_router_dtype"] == "fp64" else torch.float32,
         probs_on_input=bool(cfg["moe_apply_probs_on_input"]),
         routing_replay=bool(cfg["moe_enable_routing_replay"]),
         latent_size=cfg["moe_latent_size"],
@@ -1109,6 +1113,10 @@ def _invalid_fields(cfg) -> list[str]:
             f"moe_router_group_topk={devices!r} with moe_router_num_groups="
             f"expert_model_parallel_size; got moe_router_group_topk="
             f"{cfg['moe_router_group_topk']!r} too"
+        )
+    if cfg["moe_router_dtype"] not in (None, "fp32", "fp64"):
+        problems.append(
+            f"moe_router_dtype={cfg['moe_router_dtype']!r} must be None, 'fp32' or 'fp64'"
         )
     latent = cfg["moe_latent_size"]
     if latent is not None and (not isinstance(latent, int) or latent < 1):

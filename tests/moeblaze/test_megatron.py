@@ -348,7 +348,11 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             NotImplementedError,
             ["moe_router_group_topk=1", "sum of its top 2 logits", "moe_router_pre_softmax=True"],
         ),
-        (dict(moe_router_dtype="fp64"), NotImplementedError, ["moe_router_dtype='fp64'"]),
+        (
+            dict(moe_router_dtype="bf16"),
+            ValueError,
+            ["moe_router_dtype='bf16' must be None, 'fp32' or 'fp64'"],
+        ),
         (
             dict(tensor_model_parallel_size=3, sequence_parallel=True),  # Megatron: ETP = TP
             ValueError,
@@ -860,6 +864,15 @@ ROUTINGS = {
         moe_expert_capacity_factor=0.75,
         moe_token_drop_policy="position",
     ),
+    # Routing in float64 (logits, scores, weights, losses), with biases and token dropping.
+    "sigmoid_fp64_router_bias_capacity": dict(
+        moe_router_dtype="fp64",
+        moe_router_score_function="sigmoid",
+        add_bias_linear=True,
+        moe_aux_loss_coeff=1e-1,
+        moe_z_loss_coeff=1e-2,
+        moe_expert_capacity_factor=0.5,
+    ),
     # The router's input multiplied by noise in [0.8, 1.2], drawn as Megatron draws it.
     "softmax_input_jitter": dict(moe_input_jitter_eps=0.2, moe_aux_loss_coeff=1e-1),
 }
@@ -902,7 +915,7 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     k = cfg.moe_router_topk
 
     def dense(ids, weights):  # [N, k] -> [N, E]; a dropped slot (-1, weight 0) adds 0
-        return torch.zeros(ids.shape[0], E).scatter_add(1, ids.clamp_min(0), weights)
+        return weights.new_zeros(ids.shape[0], E).scatter_add(1, ids.clamp_min(0), weights)
 
     coeffs = mb._loss_coeffs(vars(cfg))  # {type: coefficient}
     padding = _padding_mask(even="seq_aux_loss" in coeffs) if padded else None  # [b, s]
@@ -927,9 +940,11 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     router.input_jitter = None
     jittered = megatron.router.TopKRouter.apply_input_jitter(router, tokens.view(S, BATCH, H))
     jittered = jittered.view(-1, H)  # tokens itself without moe_input_jitter_eps
-    logits = jittered @ weight.t()  # [N, E]
+    # router_gating_linear: in moe_router_dtype
+    dtype = torch.float64 if getattr(cfg, "moe_router_dtype", None) == "fp64" else torch.float32
+    logits = jittered.to(dtype) @ weight.to(dtype).t()  # [N, E]
     if gate_bias is not None:
-        logits = torch.addmm(gate_bias, jittered, weight.t())
+        logits = torch.addmm(gate_bias.to(dtype), jittered.to(dtype), weight.to(dtype).t())
     padding = None if padding is None else padding.t().reshape(-1)  # [N], TopKRouter.routing
     if cfg.moe_z_loss_coeff:
         z_loss = mu.z_loss_func(logits, cfg.moe_z_loss_coeff, padding_mask=padding)
@@ -977,6 +992,8 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     if bias is not None:  # TopKRouter._apply_expert_bias: the real tokens' slots kept
         real = routing_map if padding is None else routing_map & ~padding.unsqueeze(-1)
         assert torch.equal(layer.router.local_tokens_per_expert, real.sum(0))
+    # (In float64, Megatron rounds the scores to float32: they agree to that rounding.)
+    assert ours.dtype == probs.dtype == dtype, "routing in another dtype"
     assert_close(ours.detach(), probs.detach(), rtol=1e-6, name=f"{routing} routing weights")
     assert router_params.keys() == ({"weight", "bias"} if cfg.add_bias_linear else {"weight"})
     for name, p in megatron_params.items():

@@ -106,6 +106,33 @@ def test_replay_ids_route_to_the_given_experts(score_func, norm):
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_float64_routing(score_func):
+    """routing_dtype=torch.float64: logits, weights and losses in float64 (to float64 rounding
+    of a float64 reference), the injected losses' gradient too."""
+    router = _router(
+        score_func=score_func,
+        aux_loss_coeff=0.1,
+        z_loss_coeff=0.01,
+        bias=True,
+        routing_dtype=torch.float64,
+    )
+    x = _x(40).to(torch.bfloat16)
+    out = router(x)
+    logits = x.double() @ router.weight.detach().double().T + router.bias.detach().double()
+    ref_w, ref_ids = _scores(logits, score_func).topk(3, dim=-1)
+    assert out.logits.dtype == out.topk_weights.dtype == out.aux_loss.dtype == torch.float64
+    assert torch.equal(out.topk_ids, ref_ids)
+    torch.testing.assert_close(out.topk_weights, _normalise(ref_w), rtol=1e-12, atol=0)
+    aux, z = _hand_losses(logits, ref_ids, score_func, E)
+    torch.testing.assert_close(out.aux_loss, aux, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.z_loss, z, rtol=1e-12, atol=0)
+    out.topk_weights.sum().backward()
+    assert router.weight.grad.dtype == torch.float32 and router.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"routing_dtype=torch.bfloat16 must be torch.float32"):
+        Router(D, E, 3, routing_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_gate_bias_shifts_logits_and_learns(score_func):
     """`bias=True`: logits = x @ weight.T + bias, so it changes the choice and the weights, and
     its gradient is that of a plain-torch float64 router."""
