@@ -216,7 +216,21 @@ DEFAULT_CONFIG_FAMILIES = (
     "axk2",
     "deepseek_v32",
     "glm_moe_dsa",
+    "zaya",
+    "jamba",
+    "granitemoehybrid",
 )
+# (fields, fields left out) a family needs besides those.
+FAMILY_FIELDS = {
+    "zaya": (dict(num_experts_per_tok=1), ("layer_types",)),  # top-1 only; its own layer types
+    "jamba": (  # attention and experts in every layer (its layer_types is computed)
+        dict(
+            attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0
+        ),
+        ("layer_types",),
+    ),
+    "granitemoehybrid": (dict(layer_types=["attention"], mamba_n_heads=2), ()),
+}
 
 
 # Gradients that are zero in "eager" too: PhiMoE's sparsemixer router gives its weight none
@@ -227,7 +241,9 @@ ZERO_IN_EAGER = {"phimoe": ("model.layers.0.mlp.router.weight.grad",)}
 def _default_config(family: str):
     config_class = transformers.models.auto.configuration_auto.CONFIG_MAPPING[family]
     defaults = config_class()
-    fields = {k: v for k, v in {**COMMON, **TINY_MOE_FIELDS}.items() if hasattr(defaults, k)}
+    extra, omitted = FAMILY_FIELDS.get(family, ({}, ()))
+    fields = {**COMMON, **TINY_MOE_FIELDS, **extra}
+    fields = {k: v for k, v in fields.items() if hasattr(defaults, k) and k not in omitted}
     return config_class(**fields)
 
 
