@@ -233,9 +233,17 @@ FAMILY_FIELDS = {
 }
 
 
-# Gradients that are zero in "eager" too: PhiMoE's sparsemixer router gives its weight none
-# in these tiny models.
-ZERO_IN_EAGER = {"phimoe": ("model.layers.0.mlp.router.weight.grad",)}
+# Gradients that are zero in "eager" too, in these tiny models: PhiMoE's sparsemixer router
+# gives its weight none, nor does Zaya's attention to its query/key path.
+_ZAYA_QK = (
+    "q_proj.weight",
+    "k_proj.weight",
+    *(f"conv_qk_{c}.{p}" for c in ("depthwise", "grouped") for p in ("weight", "bias")),
+)
+ZERO_IN_EAGER = {
+    "phimoe": ("model.layers.0.mlp.router.weight.grad",),
+    "zaya": tuple(f"model.layers.0.self_attn.qkv_proj.{name}.grad" for name in _ZAYA_QK),
+}
 
 
 def _default_config(family: str):
