@@ -244,6 +244,7 @@ TORCH_STAGES = TorchStages()
 # Router selection
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORE_FROM = ("scores", "logits")  # what a router ranks experts and groups by
 
 
 def gather_sum_torch(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -267,6 +268,7 @@ def router_topk_reference(
     topk_groups: int | None = None,
     norm_topk_prob: bool = True,
     group_score_topk: int | None = None,
+    group_score_from: str = "scores",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The router's selection in plain torch (any device, differentiable in `logits [N, E]`):
     what `Router.forward` runs off CUDA, and the oracle of the compiled `router_topk`.
@@ -276,13 +278,18 @@ def router_topk_reference(
     within the best `topk_groups` of `num_groups` groups (a group scores the sum of its best
     `group_score_topk` values; see `select_experts`); weights the unbiased scores of the chosen
     experts, renormalised if `norm_topk_prob`. Ties go to the lower index (stable sort).
+    `group_score_from="logits"` ranks by the logits instead (the same experts within a group,
+    other group scores: Megatron's softmax without pre-softmax).
     """
     check_selection_options(
         logits.shape[-1], top_k, score_func, num_groups, topk_groups, group_score_topk
     )
+    if group_score_from not in GROUP_SCORE_FROM:
+        raise ValueError(f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}")
     scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
+    ranked = logits if group_score_from == "logits" else scores
     topk_ids = select_experts(
-        scores.detach(), top_k, score_func, expert_bias, num_groups, topk_groups, group_score_topk
+        ranked.detach(), top_k, score_func, expert_bias, num_groups, topk_groups, group_score_topk
     )
     return topk_ids, routing_weights(scores, topk_ids, norm_topk_prob), scores
 

@@ -36,6 +36,7 @@ from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
+    GROUP_SCORE_FROM,
     check_selection_options,
     default_group_score_topk,
     router_topk_reference,
@@ -120,6 +121,8 @@ class Router(nn.Module):
       groups; a group scores the sum of its top `group_score_topk` scores (default: 2 for
       sigmoid, DeepSeek-V3; 1, the max, for softmax, DeepSeek-V2; Megatron sums the top
       `top_k // topk_groups`); only the experts of the best `topk_groups` groups can be chosen.
+      `group_score_from="logits"` sums the logits instead of the scores (Megatron's softmax
+      without pre-softmax; the same experts within a group; no `expert_bias`).
     - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
       only, and a buffer `tokens_per_expert_accum [E]` counting choices over training forwards;
       see `update_expert_bias`.
@@ -197,6 +200,7 @@ class Router(nn.Module):
         num_groups: int | None = None,
         topk_groups: int | None = None,
         group_score_topk: int | None = None,
+        group_score_from: str = "scores",
         expert_bias: bool = False,
         aux_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
@@ -228,6 +232,15 @@ class Router(nn.Module):
             z_loss_coeff,
             topk_scaling_factor,
         )
+        if group_score_from not in GROUP_SCORE_FROM:
+            raise ValueError(
+                f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}"
+            )
+        if group_score_from == "logits" and expert_bias:
+            raise ValueError(
+                'group_score_from="logits" with expert_bias=True: the expert bias is added to '
+                "the scores"
+            )
         if aux_counts not in AUX_COUNTS:
             raise ValueError(f"aux_counts={aux_counts!r} must be one of {AUX_COUNTS}")
         if capacity_factor is not None and not (
@@ -258,6 +271,7 @@ class Router(nn.Module):
         self.num_groups = num_groups
         self.topk_groups = topk_groups
         self.group_score_topk = group_score_topk
+        self.group_score_from = group_score_from
         self.aux_loss_coeff = float(aux_loss_coeff)
         self.seq_aux_loss_coeff = float(seq_aux_loss_coeff)
         self.aux_counts = aux_counts
@@ -532,7 +546,11 @@ class Router(nn.Module):
         if self.num_groups is not None and per_group is not None:
             default = default_group_score_topk(self.score_func, self.num_experts // self.num_groups)
             per_group = None if per_group == default else per_group  # else not the kernel's rule
-        compilable = per_group is None and logits.dtype == torch.float32
+        compilable = (
+            per_group is None
+            and logits.dtype == torch.float32
+            and self.group_score_from == "scores"
+        )
         if logits.is_cuda and not torch.compiler.is_compiling() and compilable:
             module = compiled.load("moeblaze")
             fits = module is not None and (
@@ -541,7 +559,7 @@ class Router(nn.Module):
             )
             if fits:
                 return RouterTopK.apply(logits, *options)
-        return router_topk_reference(logits, *options, per_group)
+        return router_topk_reference(logits, *options, per_group, self.group_score_from)
 
     def _replayed(self, logits: torch.Tensor, replay_ids: torch.Tensor):
         """(topk_ids, topk_weights, scores) as `_select` returns them, for the given experts.
@@ -683,6 +701,8 @@ class Router(nn.Module):
             s += f", num_groups={self.num_groups}, topk_groups={self.topk_groups}"
             if self.group_score_topk is not None:
                 s += f", group_score_topk={self.group_score_topk}"
+            if self.group_score_from != "scores":
+                s += f", group_score_from={self.group_score_from!r}"
         s += f", expert_bias={self.expert_bias is not None}"
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"

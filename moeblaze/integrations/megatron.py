@@ -257,6 +257,7 @@ class LayerOptions:
     num_groups: int | None
     topk_groups: int | None
     group_score_topk: int | None  # a group's score: the sum of its top this many
+    group_score_from: str  # of the logits or the scores
     expert_bias: bool
     aux_loss_coeff: float
     seq_aux_loss_coeff: float
@@ -291,6 +292,7 @@ class LayerOptions:
             num_groups=self.num_groups,
             topk_groups=self.topk_groups,
             group_score_topk=self.group_score_topk,
+            group_score_from=self.group_score_from,
             expert_bias=self.expert_bias,
             aux_loss_coeff=self.aux_loss_coeff,
             seq_aux_loss_coeff=self.seq_aux_loss_coeff,
@@ -345,6 +347,7 @@ def layer_options(config) -> LayerOptions:
         num_groups=cfg["moe_router_num_groups"] if grouped else None,
         topk_groups=cfg["moe_router_group_topk"] if grouped else None,
         group_score_topk=top_k // cfg["moe_router_group_topk"] if grouped else None,
+        group_score_from=_group_score_from(cfg),
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
         seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
@@ -1002,6 +1005,19 @@ def _seeded(device: torch.device, seed: int):
         yield
 
 
+def _group_score_from(cfg) -> str:
+    """What the router sums to score a group: Megatron's softmax without pre-softmax ranks the
+    logits, so a group scores the sum of its best logits; where that sum is of one (the max),
+    the scores rank the groups alike (and the compiled selection runs)."""
+    grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
+    softmax_of_chosen = (
+        cfg["moe_router_score_function"] == "softmax" and not cfg["moe_router_pre_softmax"]
+    )
+    if grouped and softmax_of_chosen and cfg["moe_router_topk"] // cfg["moe_router_group_topk"] > 1:
+        return "logits"
+    return "scores"
+
+
 def _router_replay():
     """A new megatron-core RouterReplay (it registers itself in its class's list)."""
     try:
@@ -1225,18 +1241,6 @@ def _unsupported_fields(cfg) -> list[str]:
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
-    grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
-    softmax_of_chosen = (
-        cfg["moe_router_score_function"] == "softmax" and not cfg["moe_router_pre_softmax"]
-    )
-    if grouped and softmax_of_chosen and cfg["moe_router_topk"] // cfg["moe_router_group_topk"] > 1:
-        problems.append(
-            f"moe_router_num_groups={cfg['moe_router_num_groups']} with moe_router_group_topk="
-            f"{cfg['moe_router_group_topk']}, moe_router_topk={cfg['moe_router_topk']} and "
-            f"softmax without moe_router_pre_softmax: Megatron then scores a group by the sum of "
-            f"its top {cfg['moe_router_topk'] // cfg['moe_router_group_topk']} logits, "
-            f"moeblaze.Router by its scores (set moe_router_pre_softmax=True)"
-        )
     uses_losses = sum(coeffs.values()) > 0 or (cfg["moe_z_loss_coeff"] or 0.0) > 0
     if uses_losses and cfg["calculate_per_token_loss"]:
         problems.append("calculate_per_token_loss=True with aux losses (per-token loss scaling)")

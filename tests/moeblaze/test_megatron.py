@@ -344,11 +344,6 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
         (
-            dict(moe_router_num_groups=2, moe_router_group_topk=1),  # softmax of the chosen
-            NotImplementedError,
-            ["moe_router_group_topk=1", "sum of its top 2 logits", "moe_router_pre_softmax=True"],
-        ),
-        (
             dict(moe_router_dtype="bf16"),
             ValueError,
             ["moe_router_dtype='bf16' must be None, 'fp32' or 'fp64'"],
@@ -843,6 +838,10 @@ ROUTINGS = {
     "softmax_pre_softmax_groups": dict(
         moe_router_pre_softmax=True, moe_router_num_groups=2, moe_router_group_topk=1
     ),
+    # Softmax of the chosen: groups scored by the sum of their top 2 logits (not scores).
+    "softmax_groups": dict(
+        moe_router_num_groups=2, moe_router_group_topk=1, moe_aux_loss_coeff=1e-1
+    ),
     "softmax_seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=2e-1),
     # DeepSeek-V3's routing in Megatron, with both balancing losses.
     "sigmoid_bias_groups_aux_seq_aux": dict(
@@ -878,6 +877,10 @@ ROUTINGS = {
 }
 
 
+# Larger logits where the case needs them: softmax scores far from linear in the logits.
+TOKEN_SCALE = {"softmax_groups": 10.0}
+
+
 def _padding_mask(even: bool) -> torch.Tensor:
     """Megatron's padding_mask [b, s] (True for padding): the last 2 tokens of every sequence
     (`even`), else 1 of the first sequence and 3 of the second."""
@@ -910,7 +913,7 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         bias = torch.tensor([0.3, -0.2, 0.1, -0.4])
         layer.router.expert_bias.copy_(bias)
     g = torch.Generator().manual_seed(10)
-    tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+    tokens = torch.randn(S * BATCH, H, generator=g) * TOKEN_SCALE.get(routing, 1.0)  # [N, h]
     upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight [N, E]
     k = cfg.moe_router_topk
 
@@ -989,6 +992,12 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     (probs * upstream).sum().backward()
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"
+    if routing == "softmax_groups":  # the case tells the groups' logit sums from score sums
+        by_scores = mb.MoELayer(_config(moe_router_num_groups=2, moe_router_group_topk=1))
+        by_scores.router.group_score_from = "scores"
+        by_scores.router.load_state_dict(layer.router.state_dict())
+        by_scores(tokens.view(S, BATCH, H))
+        assert not torch.equal(by_scores.last_router_output.topk_ids, routing_out.topk_ids)
     if bias is not None:  # TopKRouter._apply_expert_bias: the real tokens' slots kept
         real = routing_map if padding is None else routing_map & ~padding.unsqueeze(-1)
         assert torch.equal(layer.router.local_tokens_per_expert, real.sum(0))

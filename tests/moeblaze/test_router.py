@@ -221,6 +221,29 @@ def test_group_limited_routing(score_func, with_bias, per_group):
     assert not torch.equal(out.topk_ids, (scores + bias).topk(k, -1).indices)
 
 
+def test_group_scores_from_the_logits():
+    """group_score_from="logits": a group scores the sum of its best logits (Megatron's softmax
+    without pre-softmax), which can pick another group than the sum of its scores; the experts
+    within the group and the weights (the scores) are the same rule."""
+    x = torch.tensor([[3.0, -10.0, 1.0, 0.9]])  # logits sums: -7 | 1.9; scores: 0.86 | 0.14
+    chosen = {}
+    for source in ("scores", "logits"):
+        router = Router(4, 4, 2, num_groups=2, topk_groups=1, group_score_topk=2,
+                        group_score_from=source)  # fmt: skip
+        with torch.no_grad():
+            router.weight.copy_(torch.eye(4))
+        out = router(x)
+        chosen[source] = out.topk_ids.tolist()
+        torch.testing.assert_close(
+            out.topk_weights, _normalise(x.softmax(-1).gather(1, out.topk_ids))
+        )
+    assert chosen == {"scores": [[0, 1]], "logits": [[2, 3]]}
+    with pytest.raises(ValueError, match=r"group_score_from='sum' must be one of"):
+        Router(4, 4, 2, group_score_from="sum")
+    with pytest.raises(ValueError, match=r"with expert_bias=True: the expert bias is added to"):
+        Router(4, 4, 2, num_groups=2, topk_groups=1, group_score_from="logits", expert_bias=True)
+
+
 def test_expert_bias_changes_selection_not_weights():
     plain = _router(score_func="sigmoid")
     biased = _router(score_func="sigmoid", expert_bias=True)
