@@ -73,8 +73,10 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
   when k > 1.
 - `moe_router_topk_scaling_factor` multiplies the k weights.
 - Group-limited routing (`moe_router_num_groups`, `moe_router_group_topk`: a group scores the
-  sum of its top k / group_topk), and the deprecated `moe_router_topk_limited_devices` as
-  Megatron maps it (one group per expert-parallel rank, that many groups per token).
+  sum of its top k / group_topk logits for softmax without pre-softmax, scores otherwise:
+  `moeblaze.Router`'s `group_score_from`), and the deprecated
+  `moe_router_topk_limited_devices` as Megatron maps it (one group per expert-parallel rank,
+  that many groups per token).
 - The "aux_loss", "seq_aux_loss" and "global_aux_loss" load-balancing losses
   (`moe_aux_loss_coeff`; the second per sequence, each of the b sequences of `[s, b, h]` alone,
   averaged: DeepSeek-V3's; the third against the counts of the global batch, summed over
