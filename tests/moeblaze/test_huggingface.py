@@ -219,6 +219,7 @@ DEFAULT_CONFIG_FAMILIES = (
     "zaya",
     "jamba",
     "granitemoehybrid",
+    "axk1",
 )
 # (fields, fields left out) a family needs besides those.
 FAMILY_FIELDS = {
@@ -230,6 +231,7 @@ FAMILY_FIELDS = {
         ("layer_types",),
     ),
     "granitemoehybrid": (dict(layer_types=["attention"], mamba_n_heads=2), ()),
+    "axk1": ({}, ("head_dim",)),  # its head_dim is its qk_rope_head_dim
 }
 
 
