@@ -30,10 +30,10 @@ The experts' own parameters are used as they are, with no conversion and no copy
 transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are passed as transposed views,
 which the kernels read through their strides; biases (`has_bias=True`) are `b13` and `b2`. The
 activation is `act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a
-`moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4
-and HY-V4; GPT-OSS's clamped quick-GELU one, on gate and up columns interleaved as
-`is_concatenated=False` says), checked against the class's own `_apply_gate` before first
-use. Experts that compute anything else raise
+`moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
+HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
+as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
+against the class's own `_apply_gate` before first use. Experts that compute anything else raise
 `NotImplementedError` naming the experts class, its model family and what moeblaze lacks: no
 gate (`up_proj` only), another activation, another custom `_apply_gate`, a post-expert norm.
 
@@ -164,6 +164,14 @@ CUSTOM_GATES = {
     "DeepseekV4Experts": lambda experts: dict(limit=experts.limit),
     # clamp, then silu(gate) * up
     "HYV4Experts": lambda experts: dict(limit=experts.swiglu_limit),
+    "Glm5NextTextExperts": lambda experts: dict(limit=experts.swiglu_limit),
+    # clamp, then gate * sigmoid(alpha * gate) * (up + 1) on concatenated halves
+    "MiniMaxM3VLExperts": lambda experts: dict(
+        alpha=experts.swiglu_alpha, limit=experts.swiglu_limit, up_offset=1.0
+    ),
+    "OpenAIPrivacyFilterExperts": lambda experts: dict(
+        alpha=experts.alpha, limit=experts.limit, up_offset=1.0
+    ),
     # gate, up = gate_up[..., ::2], gate_up[..., 1::2]; clamp; gate * sigmoid(alpha * gate) *
     # (up + 1)
     "GptOssExperts": lambda experts: dict(alpha=experts.alpha, limit=experts.limit, up_offset=1.0),
@@ -203,8 +211,10 @@ def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
     gate, up = grid[:, None].expand(41, 41), grid[None, :].expand(41, 41)  # every pair
     gate_up = activation.join(gate, up)  # [41, 82]
     probe = object.__new__(cls)  # the module's attributes the gate reads, nothing else
-    limit = activation.limit  # under the names the known gates read it
-    probe.__dict__.update(act_fn=act_fn, limit=limit, swiglu_limit=limit, alpha=activation.alpha)
+    limit, alpha = activation.limit, activation.alpha  # under the names the known gates read
+    probe.__dict__.update(
+        act_fn=act_fn, limit=limit, swiglu_limit=limit, alpha=alpha, swiglu_alpha=alpha
+    )
     try:
         computed = apply_gate(probe, gate_up)
     except Exception:  # a gate that reads more than these attributes is not one we know

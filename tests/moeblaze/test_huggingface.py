@@ -7,6 +7,10 @@ block (router and experts) as a moeblaze.MoELayer.
 # B batch, L sequence, T = B*L tokens, d hidden, F expert ffn, E experts, k top-k
 """
 
+import importlib
+import re
+import types
+
 import pytest
 import torch
 from tolerance import assert_bf16_close, assert_close
@@ -445,6 +449,88 @@ CUSTOM_GATE_EXPERTS = {
         moeblaze.SwiGLU(alpha=1.702, limit=0.5, up_offset=1.0, interleaved=True),
     ),
 }
+
+
+# Every family of transformers 5.23 whose experts dispatch through the experts interface.
+EXPERTS_FAMILIES = (
+    "afmoe", "aria", "axk1", "axk2", "bailing_hybrid", "beam", "cohere2_moe", "deepseek_ocr2",
+    "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "diffusion_gemma", "dots1",
+    "dots3_note", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo", "flint", "gemma4",
+    "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "gpt_oss", "granitemoe",
+    "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4",
+    "inkling", "inkling2", "jamba", "kimi_linear", "kolibri1", "laguna", "lfm2_moe", "mellum",
+    "mimo_v2_flash", "minimax", "minimax_m2", "minimax_m3_vl", "mistral4", "mistral_large4",
+    "mixtral", "muse_spark", "nemotron_h", "olmoe", "openai_privacy_filter", "phimoe",
+    "qwen2_moe", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_vl_moe",
+    "qwen4_exp", "solar_open", "unlimited_ocr", "zaya",
+)  # fmt: skip
+# The config fields their experts read (each class reads a few; tiny sizes, the activations the
+# families use, limits that clamp a good part of these pre-activations).
+EXPERTS_CONFIG = dict(
+    TINY_MOE_FIELDS,
+    hidden_size=32,
+    moe_hidden_size=32,  # its experts' input size
+    hidden_act="silu",
+    hidden_activation="gelu_pytorch_tanh",  # Gemma's
+    swiglu_limit=0.5,
+    limit=0.5,
+    swiglu_alpha=1.702,
+    alpha=1.702,
+    mlp_gate_softcap=4.0,
+    mlp_up_softcap=25.0,
+    post_norm_eps=1e-8,
+    mlp_hidden_act="relu2",  # NemotronH's
+    moe_latent_size=None,
+)
+# The experts moeblaze refuses, and why (in the NotImplementedError).
+EXPERTS_REFUSED = {
+    "DiffusionGemmaTextExperts": "where moeblaze computes SiLU",
+    "Gemma4TextExperts": "where moeblaze computes SiLU",
+    "Inkling2Experts": "their own gate activation Inkling2Experts._apply_gate",
+    "MuseSparkExperts": "a norm after each expert",
+    "NemotronHExperts": "no gate projection",
+}
+
+
+@pytest.mark.parametrize("family", EXPERTS_FAMILIES)
+def test_every_experts_class_matches_eager_or_is_refused(family):
+    """Each experts class of the family (those the experts interface dispatches) on "moeblaze"
+    against "eager": output, dx, the routing weights' and every parameter's gradient; or a
+    NotImplementedError saying why (EXPERTS_REFUSED). moeblaze's torch stages run the experts:
+    the mapping of weights, biases and activation is what is tested here (the kernels are
+    tested against the same stages elsewhere)."""
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    tested = 0
+    for name in (n for n in dir(modeling) if n.endswith("Experts")):
+        modules = []
+        for implementation in ("eager", "moeblaze"):
+            config = types.SimpleNamespace(**EXPERTS_CONFIG, _experts_implementation=implementation)
+            torch.manual_seed(3)
+            module = getattr(modeling, name)(config)
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
+            modules.append(module)
+        if not hasattr(modules[1], "has_gate"):  # not dispatched by the experts interface
+            continue
+        tested += 1
+        x, ids, weights = _experts_inputs()
+        results = []
+        for module in modules:
+            leaves = [x.clone().requires_grad_(), weights.clone().requires_grad_()]
+            if name in EXPERTS_REFUSED and module is modules[1]:
+                with pytest.raises(NotImplementedError, match=re.escape(EXPERTS_REFUSED[name])):
+                    module(leaves[0], ids, leaves[1])
+                break
+            with moeblaze.use_backend("torch"):
+                out = module(leaves[0], ids, leaves[1])
+            out.backward(torch.ones_like(out))
+            results.append([out, *(t.grad for t in leaves), *(p.grad for p in module.parameters())])
+        if name not in EXPERTS_REFUSED:
+            names = ["out", "dx", "dweights", *(n for n, _ in modules[0].named_parameters())]
+            for what, eager, ours in zip(names, *results, strict=True):
+                assert_close(ours.detach(), eager.detach(), rtol=RTOL, name=f"{name} {what}")
+    assert tested > 0, f"no experts class of {family} dispatches through the experts interface"
 
 
 @pytest.mark.parametrize("family", CUSTOM_GATE_EXPERTS)
