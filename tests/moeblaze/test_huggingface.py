@@ -405,12 +405,23 @@ def _experts_pair(family: str, config_class: str, **fields):
     (biases too) of the scale of nn.Linear's."""
     modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
     (experts_class,) = [n for n in dir(modeling) if n.endswith("Experts")]
-    experts = []
-    for implementation in ("eager", "moeblaze"):
+
+    def config_for(implementation):
         config = getattr(transformers, config_class)(hidden_size=32, **fields)
         config._experts_implementation = implementation
+        return config
+
+    return _experts_modules(getattr(modeling, experts_class), config_for)
+
+
+def _experts_modules(experts_class, config_for):
+    """`experts_class` on "eager" and on "moeblaze" (`config_for(implementation)` gives each one's
+    config), with the same random parameters (biases too) of the scale of nn.Linear's."""
+    experts = []
+    for implementation in ("eager", "moeblaze"):
+        config = config_for(implementation)
         torch.manual_seed(3)
-        module = getattr(modeling, experts_class)(config)
+        module = experts_class(config)
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
@@ -502,15 +513,12 @@ def test_every_experts_class_matches_eager_or_is_refused(family):
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     tested = 0
     for name in (n for n in dir(modeling) if n.endswith("Experts")):
-        modules = []
-        for implementation in ("eager", "moeblaze"):
-            config = types.SimpleNamespace(**EXPERTS_CONFIG, _experts_implementation=implementation)
-            torch.manual_seed(3)
-            module = getattr(modeling, name)(config)
-            with torch.no_grad():
-                for p in module.parameters():
-                    p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
-            modules.append(module)
+        modules = _experts_modules(
+            getattr(modeling, name),
+            lambda implementation: types.SimpleNamespace(
+                **EXPERTS_CONFIG, _experts_implementation=implementation
+            ),
+        )
         if not hasattr(modules[1], "has_gate"):  # not dispatched by the experts interface
             continue
         tested += 1
