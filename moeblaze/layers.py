@@ -326,8 +326,14 @@ class SwiGLUMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.activation.split(self.gate_up(x))
-        out = self.down(self.activation.forward(gate, up))
-        if self.sigmoid_gate is not None:
-            out = out * torch.sigmoid(self.sigmoid_gate(x))
-        return out
+        return swiglu_mlp(x, self.gate_up, self.down, self.activation, self.sigmoid_gate)
+
+
+def swiglu_mlp(x, gate_up, down, activation: SwiGLU, sigmoid_gate=None) -> torch.Tensor:
+    """down(activation(gate_up(x))) (* sigmoid(sigmoid_gate(x))): `SwiGLUMLP`'s computation, with
+    any maps `gate_up` and `down` (the tensor-parallel shared expert passes its own)."""
+    gate, up = activation.split(gate_up(x))
+    out = down(activation.forward(gate, up))
+    if sigmoid_gate is not None:
+        out = out * torch.sigmoid(sigmoid_gate(x))
+    return out

@@ -174,7 +174,7 @@ from torch.utils.checkpoint import checkpoint
 import moeblaze
 from moeblaze.activation import SwiGLU
 from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
-from moeblaze.layers import MoEBlock, SwiGLUMLP
+from moeblaze.layers import MoEBlock, SwiGLUMLP, swiglu_mlp
 from moeblaze.ops import moe_mlp
 from moeblaze.router import DROP_POLICIES, RouterOutput, _group_size
 from overlap import ColumnParallelLinear, DistWorld, RowParallelLinear
@@ -990,11 +990,10 @@ class TensorParallelSwiGLUMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N_l, h]
-        gate, up = self.activation.split(self.gate_up(x)[0])  # every rank's tokens
-        out = self.down(self.activation.forward(gate, up))[0]  # [N_l, h]
-        if self.sigmoid_gate is not None:
-            out = out * torch.sigmoid(self.sigmoid_gate(x))
-        return out
+        # The parallel linears return (output, bias): gate_up gives every rank's tokens,
+        # down this rank's again.
+        gate_up, down = (lambda t: self.gate_up(t)[0]), (lambda t: self.down(t)[0])
+        return swiglu_mlp(x, gate_up, down, self.activation, self.sigmoid_gate)
 
 
 @contextlib.contextmanager
