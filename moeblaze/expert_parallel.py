@@ -166,13 +166,11 @@ def _exchange_counts(
     collective.
     """
     num_local = num_experts // world_size
-    dropped = topk_ids == DROPPED
-    bad_ids = ((topk_ids < 0) | (topk_ids >= num_experts)) & ~dropped  # [T, k]
-    invalid = bad_ids.sum(dtype=torch.int32)  # []
-    # Clamped so that the plan stays in bounds; invalid ids raise below, after the exchange.
-    clamped = torch.where(dropped, DROPPED, topk_ids.clamp(0, num_experts - 1))
-    plan = build_routing_plan(clamped, num_experts, check_ids=False)
+    # Invalid ids are placed nowhere and counted by the plan; they raise below, after the
+    # exchange.
+    plan = build_routing_plan(topk_ids, num_experts, check_ids=False)
     counts = plan.expert_counts.view(world_size, num_local)  # [W, E_l] rows for each expert
+    invalid = plan.invalid_ids[:1]  # [1] this rank's number of invalid ids
     me = torch.full_like(counts[:, :1], dist.get_rank())  # a fill: no copy from the host
     send = torch.cat([counts, invalid.expand(world_size, 1), me], 1)
     recv = torch.empty_like(send)  # recv[src]: src's rows for each local expert, bad ids, rank
@@ -194,8 +192,10 @@ def _exchange_counts(
             f"topk_ids on global rank(s) {bad_ranks} contain expert ids outside "
             f"[0, num_experts={num_experts})"
         )
-        if invalid.item():
-            message += f"; this rank's first one is {topk_ids[bad_ids][0].item()}"
+        count, from_end = plan.invalid_ids.tolist()  # (count, S - the lowest invalid slot)
+        if count:
+            first = topk_ids.reshape(-1)[topk_ids.numel() - from_end].item()
+            message += f"; this rank's first one is {first}"
         raise ValueError(message)
     padded_rows = max(sum(sum(row[:num_local]) for row in block) for block in blocks)
     # Local expert of each gathered row: rank j's rows by source rank, then expert, then
