@@ -286,12 +286,17 @@ def router_topk_reference(
     )
     if group_score_from not in GROUP_SCORE_FROM:
         raise ValueError(f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}")
-    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()  # [N, E]
+    scores = router_scores(logits, score_func)  # [N, E]
     ranked = logits if group_score_from == "logits" else scores
     topk_ids = select_experts(
         ranked.detach(), top_k, score_func, expert_bias, num_groups, topk_groups, group_score_topk
     )
     return topk_ids, routing_weights(scores, topk_ids, norm_topk_prob), scores
+
+
+def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The scores [N, E] of `logits [N, E]`: their softmax or sigmoid."""
+    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
 
 
 def routing_weights(scores: torch.Tensor, topk_ids: torch.Tensor, norm_topk_prob: bool):

@@ -39,6 +39,7 @@ from moeblaze.reference import (
     GROUP_SCORE_FROM,
     check_selection_options,
     default_group_score_topk,
+    router_scores,
     router_topk_reference,
     routing_weights,
     select_experts,
@@ -371,9 +372,9 @@ class Router(nn.Module):
                 chosen_ids, topk_weights, scores = self._replayed(logits, replay_ids)
             if self.topk_scaling_factor != 1.0:
                 topk_weights = topk_weights * self.topk_scaling_factor
-            topk_ids = chosen_ids
-            if self.capacity_factor is not None:  # every token's choices compete for capacity
-                all_chosen = _slots_per_expert(chosen_ids, num_experts)  # [E]
+            topk_ids, all_chosen = chosen_ids, None  # all_chosen: every token's choices [E]
+            if self.capacity_factor is not None:  # which compete for capacity
+                all_chosen = _slots_per_expert(chosen_ids, num_experts)
                 topk_ids, topk_weights = self._drop_over_capacity(
                     chosen_ids, topk_weights, all_chosen
                 )
@@ -565,7 +566,7 @@ class Router(nn.Module):
         """(topk_ids, topk_weights, scores) as `_select` returns them, for the given experts.
         Ids past the last expert read its score here (no host synchronisation to check them);
         the routing plan raises on them."""
-        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        scores = router_scores(logits, self.score_func)
         topk_ids = replay_ids.long()
         gathered = topk_ids.clamp(DROPPED, self.num_experts - 1)
         return topk_ids, routing_weights(scores, gathered, self.norm_topk_prob), scores

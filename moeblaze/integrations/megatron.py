@@ -333,9 +333,11 @@ def layer_options(config) -> LayerOptions:
     recompute_modules = cfg["recompute_modules"] or ()
     selective = cfg["recompute_granularity"] == "selective"
     grouped = cfg["moe_router_num_groups"] is not None and cfg["moe_router_group_topk"]
+    per_group = top_k // cfg["moe_router_group_topk"] if grouped else None
     # Megatron: softmax of the k chosen logits (= renormalised scores) unless pre-softmax;
     # sigmoid scores divided by their sum when k > 1.
-    norm_topk_prob = not cfg["moe_router_pre_softmax"] if score_func == "softmax" else top_k > 1
+    softmax_of_chosen = score_func == "softmax" and not cfg["moe_router_pre_softmax"]
+    norm_topk_prob = softmax_of_chosen if score_func == "softmax" else top_k > 1
     recompute = "activation"
     if cfg["moe_layer_recompute"] or (selective and "moe" in recompute_modules):
         recompute = "up_proj"
@@ -348,8 +350,11 @@ def layer_options(config) -> LayerOptions:
         norm_topk_prob=norm_topk_prob,
         num_groups=cfg["moe_router_num_groups"] if grouped else None,
         topk_groups=cfg["moe_router_group_topk"] if grouped else None,
-        group_score_topk=top_k // cfg["moe_router_group_topk"] if grouped else None,
-        group_score_from=_group_score_from(cfg),
+        group_score_topk=per_group,
+        # Megatron's softmax without pre-softmax ranks the logits: a group's sum of its best
+        # logits ranks the groups otherwise than its scores' once it sums more than one (the
+        # max ranks them alike, and the compiled selection runs).
+        group_score_from="logits" if softmax_of_chosen and (per_group or 0) > 1 else "scores",
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
         seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
@@ -1004,19 +1009,6 @@ def _seeded(device: torch.device, seed: int):
         generator = torch.cuda.default_generators[device.index] if cuda else torch.default_generator
         generator.manual_seed(seed)
         yield
-
-
-def _group_score_from(cfg) -> str:
-    """What the router sums to score a group: Megatron's softmax without pre-softmax ranks the
-    logits, so a group scores the sum of its best logits; where that sum is of one (the max),
-    the scores rank the groups alike (and the compiled selection runs)."""
-    grouped = cfg["moe_router_num_groups"] and cfg["moe_router_group_topk"]
-    softmax_of_chosen = (
-        cfg["moe_router_score_function"] == "softmax" and not cfg["moe_router_pre_softmax"]
-    )
-    if grouped and softmax_of_chosen and cfg["moe_router_topk"] // cfg["moe_router_group_topk"] > 1:
-        return "logits"
-    return "scores"
 
 
 def _router_replay():
