@@ -279,10 +279,10 @@ def add_speedups(rows: list[dict], baseline: str = "grouped_mm") -> None:
         r["speedup_vs_grouped_mm"] = ref / ms if ref and ms else None
 
 
-def shape_benchmark(name: str, description: str, argv: list[str] | None):
-    """The command line of a benchmark over these shapes (--shapes, --device, --out, --seed,
-    --no-plot), parsed: (args, device, shapes, environment); prints the environment line."""
-    parser = argparse.ArgumentParser(description=description)
+def shape_parser(description: str, **options) -> argparse.ArgumentParser:
+    """The command line of a benchmark over these shapes: --shapes, --device, --out, --seed,
+    --no-plot (`options` go to ArgumentParser)."""
+    parser = argparse.ArgumentParser(description=description, **options)
     parser.add_argument(
         "--shapes",
         help=f"comma list of {list(SHAPES)}; "
@@ -292,10 +292,21 @@ def shape_benchmark(name: str, description: str, argv: list[str] | None):
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def device_and_shapes(args) -> tuple[torch.device, list[Shape]]:
+    """The device and the shapes `shape_parser`'s arguments name (the defaults of the device)."""
     device = torch.device(args.device) if args.device else harness.default_device()
     default_shapes = ",".join(GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
+    return device, [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
+
+
+def shape_benchmark(name: str, description: str, argv: list[str] | None):
+    """`shape_parser`'s command line, parsed: (args, device, shapes, environment); prints the
+    environment line."""
+    args = shape_parser(description).parse_args(argv)
+    device, shapes = device_and_shapes(args)
     env = harness.environment(device)
     print(
         f"# {name} on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, "
@@ -314,42 +325,29 @@ def parse_list(text: str, allowed, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--shapes",
-        help=f"comma list of {list(SHAPES)}; "
-        f"default {','.join(GPU_SHAPES)} on CUDA, {','.join(CPU_SHAPES)} on CPU",
-    )
+    parser = shape_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--providers",
         default=",".join(PROVIDERS),
         help=f"comma list of {list(PROVIDERS + OPTIONAL_PROVIDERS)}; default all but the last",
     )
     parser.add_argument("--modes", default=",".join(MODES), help="comma list")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
         "--dtype",
         choices=["bfloat16", "float16", "float32"],
         default=None,
         help="default: bfloat16 on CUDA, float32 on CPU",
     )
-    parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--rep-ms", type=float, default=100, help="timed time per measurement")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     parser.add_argument(
         "--no-breakdown", action="store_true", help="skip the per-stage and per-kernel profile"
     )
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device) if args.device else harness.default_device()
+    device, shapes = device_and_shapes(args)
     on_cuda = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
-    default_shapes = ",".join(GPU_SHAPES if on_cuda else CPU_SHAPES)
-    shapes = [SHAPES[s] for s in parse_list(args.shapes or default_shapes, SHAPES, "shapes")]
     providers = parse_list(args.providers, PROVIDERS + OPTIONAL_PROVIDERS, "providers")
     modes = parse_list(args.modes, MODES, "modes")
 
