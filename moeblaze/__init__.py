@@ -6,7 +6,8 @@ by index and write the weighted top-k combine straight into the [T, d] output.
 
     kernels/         Triton kernels, each file with its launcher (routing plan, expert MLP)
     reference.py     the same computations in plain torch: the test oracle and the torch backend
-    activation.py    SwiGLU: the experts' gated activation (plain, clamped, quick-GELU)
+    activation.py    SwiGLU: the experts' gated activation (plain, clamped, quick-GELU);
+                     Ungated: experts without a gate (ReLU², GELU, ...)
     routing_plan.py  the plan (RoutingPlan) and its builder
     ops.py           moe_mlp: torch.library ops with autograd
     router.py        Router (nn.Module): scores, top-k, aux losses
@@ -22,7 +23,7 @@ says what runs and why.
 
 from kernelbase import __version__, info, set_backend, use_backend
 from kernelbase.deferred import check as check_errors
-from moeblaze.activation import SwiGLU
+from moeblaze.activation import SwiGLU, Ungated
 from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
 from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
@@ -41,6 +42,7 @@ __all__ = [
     "RoutingPlan",
     "SwiGLU",
     "SwiGLUMLP",
+    "Ungated",
     "build_routing_plan",
     "check_errors",
     "expert_parallel_mlp",

@@ -1,4 +1,4 @@
-"""The experts' gated activation: SwiGLU, and the clamped and quick-GELU forms of it.
+"""The experts' activation: SwiGLU (gated), its clamped and quick-GELU forms, and Ungated.
 
     gate' = min(gate, limit),  up' = clamp(up, -limit, limit)      (no clamp when limit is None)
     act   = gate' * sigmoid(alpha * gate') * (up' + up_offset)
@@ -13,14 +13,26 @@
 bias): all gate values then all up values (`split` is `chunk(2)`; the default, the Hugging Face
 "concatenated" layout), or alternating gate0, up0, gate1, up1, ... (GPT-OSS's gate_up_proj).
 
-The kernels take the four fields as compile-time constants (moeblaze.kernels.expert_mlp), so
-plain SwiGLU builds exactly the code it always did. `forward` and `backward` here are the same
-computation in torch, what the torch backend (moeblaze.reference.TorchStages), the oracle
-(moe_mlp_reference) and the dense SwiGLUMLP run.
+Experts without a gate (`Ungated`) compute act = fn(h) of an F-wide pre-activation (w13 then
+holds F rows, not 2F):
+
+    Ungated("relu2")      relu(h)^2     (NemotronH, Nemotron 3; Megatron's squared_relu)
+    Ungated("gelu")       F.gelu(h)     (Megatron's default MLP, gated_linear_unit=False)
+    Ungated("gelu_tanh")  F.gelu(h, approximate="tanh")
+    Ungated("relu"), Ungated("silu")
+
+Both classes say how wide the pre-activation is (`pre_width`, `ffn`), compute act from it and
+its gradient (`apply`, `grad`), and give the ops and kernels their `constants` (kind, alpha,
+limit, up_offset, interleaved), compile-time constants of the kernels
+(moeblaze.kernels.expert_mlp), so plain SwiGLU builds exactly the code it always did;
+`activation_of` turns the constants back into the activation. The torch computations here are
+what the torch backend (moeblaze.reference.TorchStages), the oracle (moe_mlp_reference) and the
+dense SwiGLUMLP run.
 """
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +57,7 @@ class SwiGLU:
     limit: float | None = None
     up_offset: float = 0.0
     interleaved: bool = False
+    gated: ClassVar[bool] = True
 
     def __post_init__(self):
         for name in ("alpha", "up_offset"):
@@ -101,10 +114,26 @@ class SwiGLU:
             return gate, up
         return gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
 
+    def pre_width(self, ffn: int) -> int:
+        """The pre-activation's width (w13's rows) for `ffn` activation columns: 2F."""
+        return 2 * ffn
+
+    def ffn(self, pre_width: int) -> int:
+        """The activation's width F of a pre-activation `pre_width` wide (2F)."""
+        return pre_width // 2
+
+    def apply(self, pre: torch.Tensor) -> torch.Tensor:
+        """act [..., F] of the pre-activation [..., 2F] (`forward` of its halves)."""
+        return self.forward(*self.split(pre))
+
+    def grad(self, pre: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
+        """The pre-activation's gradient [..., 2F] from act's (`backward`, joined)."""
+        return self.join(*self.backward(*self.split(pre), d_act))
+
     @property
-    def constants(self) -> tuple[float, float | None, float, bool]:
-        """(alpha, limit, up_offset, interleaved): how the ops and kernels take it."""
-        return self.alpha, self.limit, self.up_offset, self.interleaved
+    def constants(self) -> tuple[str, float, float | None, float, bool]:
+        """("swiglu", alpha, limit, up_offset, interleaved): how the ops and kernels take it."""
+        return "swiglu", self.alpha, self.limit, self.up_offset, self.interleaved
 
     def __repr__(self) -> str:
         fields = dataclasses.fields(self)
@@ -117,3 +146,83 @@ class SwiGLU:
 
 
 SWIGLU = SwiGLU()
+
+_SQRT_HALF = math.sqrt(0.5)
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ungated:
+    """act = fn(h) for experts without a gate: the pre-activation h is F wide (w13 [E, F, d]).
+
+    Args:
+        fn: "relu2" (relu(h)^2), "gelu" (erf GELU), "gelu_tanh" (tanh approximation), "relu"
+            or "silu", as torch computes them (see the module docstring).
+    """
+
+    fn: str
+    gated: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.fn not in UNGATED_FUNCTIONS:
+            raise ValueError(f"Ungated fn must be one of {UNGATED_FUNCTIONS}, got {self.fn!r}")
+
+    def pre_width(self, ffn: int) -> int:
+        """The pre-activation's width (w13's rows) for `ffn` activation columns: F."""
+        return ffn
+
+    def ffn(self, pre_width: int) -> int:
+        return pre_width
+
+    def apply(self, pre: torch.Tensor) -> torch.Tensor:
+        """fn(pre), in its dtype (differentiable)."""
+        if self.fn == "relu2":
+            return F.relu(pre).square()
+        if self.fn == "gelu_tanh":
+            return F.gelu(pre, approximate="tanh")
+        return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.fn](pre)
+
+    def grad(self, pre: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
+        """d_act * fn'(pre), written out (the formulas grad_act's epilogue computes)."""
+        if self.fn == "relu":
+            return torch.where(pre > 0, d_act, 0.0)
+        if self.fn == "relu2":
+            return d_act * 2 * F.relu(pre)
+        if self.fn == "gelu":
+            cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
+            return d_act * (
+                cdf + pre * torch.exp(-0.5 * pre * pre) * (_SQRT_HALF / math.sqrt(math.pi))
+            )
+        if self.fn == "gelu_tanh":  # 0.5 * (1 + tanh(u)) = sigmoid(2u)
+            u_grad = 2 * _GELU_TANH_C * (1 + 3 * 0.044715 * pre * pre)
+            sig = torch.sigmoid(2 * _GELU_TANH_C * (pre + 0.044715 * pre**3))
+            return d_act * (sig + pre * sig * (1 - sig) * u_grad)
+        sig = torch.sigmoid(pre)  # silu
+        return d_act * sig * (1 + pre * (1 - sig))
+
+    @property
+    def constants(self) -> tuple[str, float, float | None, float, bool]:
+        """(fn, 1.0, None, 0.0, False): SwiGLU.constants' fields, the fn as the kind."""
+        return self.fn, 1.0, None, 0.0, False
+
+
+UNGATED_FUNCTIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
+
+Activation = SwiGLU | Ungated
+
+
+def activation_of(
+    kind: str, alpha: float, limit: float | None, up_offset: float, interleaved: bool
+):
+    """The activation whose `constants` these are."""
+    if kind == "swiglu":
+        return SwiGLU(alpha, limit, up_offset, interleaved)
+    return Ungated(kind)
+
+
+def check_activation(activation) -> None:
+    """A TypeError naming what was passed unless it is a SwiGLU or an Ungated."""
+    if not isinstance(activation, SwiGLU | Ungated):
+        raise TypeError(
+            f"activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got {activation!r}"
+        )

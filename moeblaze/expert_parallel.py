@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from kernelbase.backend import Backend, backend_for
 from kernelbase.profiling import profile_range
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.layers import MoEBlock, MoELayer, check_router_options
 from moeblaze.ops import moe_mlp
@@ -253,7 +253,7 @@ def expert_parallel_mlp(
     recompute: str = "activation",
     deterministic: bool = False,
     recompute_dispatch: bool = True,
-    activation: SwiGLU = SWIGLU,
+    activation: Activation = SWIGLU,
     expert_tensor_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """`moeblaze.moe_mlp` with the E = W * E_l experts sharded over the W ranks of `group`.
@@ -266,7 +266,8 @@ def expert_parallel_mlp(
         topk_ids: [T, k] integer global expert ids in [0, E), or -1 (`moeblaze.DROPPED`) for a
             slot that goes to no expert: it sends no row and adds nothing.
         topk_weights: [T, k] floating routing weights.
-        w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1).
+        w13: [E_l, 2F, d] this rank's experts (global ids rank*E_l ... rank*E_l + E_l - 1);
+            [E_l, F, d] for an ungated `activation`.
         w2: [E_l, d, F].
         b13, b2: optional biases of this rank's experts, [E_l, 2F] and [E_l, d] (moe_mlp's).
         group: the expert-parallel process group (default: the default group).
@@ -288,7 +289,7 @@ def expert_parallel_mlp(
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
     """
-    _check_args(x, topk_ids, topk_weights, w13, w2)
+    _check_args(x, topk_ids, topk_weights, w13, w2, activation)
     group, world_size, _ = _resolve_group(group, "expert_parallel_mlp")
     num_experts = w13.shape[0] * world_size
     num_tokens, top_k = topk_ids.shape
@@ -362,7 +363,7 @@ class ExpertParallelMoELayer(MoEBlock):
         expert_tensor_group: dist.ProcessGroup | None = None,
         shared_expert_size: int | None = None,
         shared_expert_gate: bool = False,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias: bool = False,
         device=None,
         dtype=None,
@@ -517,8 +518,9 @@ def _resolve_group(group, caller: str):
     return group, dist.get_world_size(group), rank
 
 
-def _check_args(x, topk_ids, topk_weights, w13, w2) -> None:
+def _check_args(x, topk_ids, topk_weights, w13, w2, activation) -> None:
     """Rank-local checks, before any collective; moe_mlp checks dtypes and the rest."""
+    check_activation(activation)
     for name, t in (
         ("x", x),
         ("topk_ids", topk_ids),
@@ -535,12 +537,14 @@ def _check_args(x, topk_ids, topk_weights, w13, w2) -> None:
     for name, t in (("w13", w13), ("w2", w2)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}; expected x's dtype {x.dtype}")
-    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]:
+    odd = activation.gated and w13.dim() == 3 and w13.shape[1] % 2
+    if w13.dim() != 3 or odd or w13.shape[2] != x.shape[1]:
+        rows = "2F" if activation.gated else "F"
         raise ValueError(
-            f"w13 must be this rank's experts [E_l, 2F, d] with d={x.shape[1]} (x's last dim) "
-            f"and an even 2F, got shape {tuple(w13.shape)}"
+            f"w13 must be this rank's experts [E_l, {rows}, d] with d={x.shape[1]} (x's last "
+            f"dim){' and an even 2F' if activation.gated else ''}, got shape {tuple(w13.shape)}"
         )
-    expected_w2 = (w13.shape[0], x.shape[1], w13.shape[1] // 2)
+    expected_w2 = (w13.shape[0], x.shape[1], activation.ffn(w13.shape[1]))
     if tuple(w2.shape) != expected_w2:
         raise ValueError(
             f"w2 must be [E_l, d, F] = {expected_w2} to match w13 and x, got {tuple(w2.shape)}"

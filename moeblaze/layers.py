@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
 from moeblaze.routing_plan import DROPPED
@@ -51,7 +51,7 @@ class MoEBlock(nn.Module):
         device,
         dtype,
         router_options: dict,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias: bool = False,
         first_expert: int = 0,
         ffn_shard: tuple[int, int] = (0, 1),
@@ -67,8 +67,7 @@ class MoEBlock(nn.Module):
                 f"ffn_hidden_size={ffn_hidden_size}"
             )
         check_recompute(recompute)
-        if not isinstance(activation, SwiGLU):
-            raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
+        check_activation(activation)
         if shared_expert_size is not None and shared_expert_size < 1:
             raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         if shared_expert_gate and not shared_expert_size:
@@ -79,11 +78,12 @@ class MoEBlock(nn.Module):
         )
         ffn = ffn_hidden_size // shards  # the columns of each expert held here
         d = expert_hidden_size or hidden_size
-        self.w13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, d, **factory))
+        width = activation.pre_width(ffn)
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, width, d, **factory))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, d, ffn, **factory))
         self.b13 = self.b2 = None
         if bias:
-            self.b13 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn, **factory))
+            self.b13 = nn.Parameter(torch.empty(num_local_experts, width, **factory))
             self.b2 = nn.Parameter(torch.empty(num_local_experts, d, **factory))
         self.shared_expert = (
             SwiGLUMLP(
@@ -119,7 +119,8 @@ class MoEBlock(nn.Module):
             return
         generator = torch.Generator(self.w13.device)
         d, f = self.expert_hidden_size, self.ffn_hidden_size
-        whole = {"w13": (2 * f, d), "b13": (2 * f,), "w2": (d, f), "b2": (d,)}
+        width = self.activation.pre_width(f)
+        whole = {"w13": (width, d), "b13": (width,), "w2": (d, f), "b2": (d,)}
         with torch.no_grad():
             for local, seed in self.expert_seeds():
                 generator.manual_seed(seed)
@@ -134,12 +135,13 @@ class MoEBlock(nn.Module):
 
     def set_expert(self, name: str, local: int, whole: torch.Tensor) -> None:
         """Set local expert `local`'s `name` ("w13", "b13", "w2" or "b2") from the whole expert's
-        tensor (`[2F, d]`, `[2F]`, `[d, F]`, `[d]`): its shard of `ffn_shard`."""
+        tensor (`[2F, d]`, `[2F]`, `[d, F]`, `[d]`; `[F, d]`, `[F]` ungated): its shard of
+        `ffn_shard`."""
         shard, shards = self.ffn_shard
         f = self.ffn_hidden_size // shards
-        if name in ("w13", "b13"):  # gate rows r, then up rows r
-            gate, up = whole.chunk(2)
-            whole = torch.cat([gate[shard * f : (shard + 1) * f], up[shard * f : (shard + 1) * f]])
+        if name in ("w13", "b13"):  # gate rows r, then up rows r (ungated: rows r)
+            halves = whole.chunk(2) if self.activation.gated else (whole,)
+            whole = torch.cat([half[shard * f : (shard + 1) * f] for half in halves])
         elif name == "w2":
             whole = whole[:, shard * f : (shard + 1) * f]
         getattr(self, name)[local].copy_(whole)
@@ -240,7 +242,7 @@ class MoELayer(MoEBlock):
         deterministic: bool = False,
         shared_expert_size: int | None = None,
         shared_expert_gate: bool = False,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias: bool = False,
         device=None,
         dtype=None,
@@ -299,7 +301,8 @@ def check_router_options(options: dict, layer: type) -> None:
 class SwiGLUMLP(nn.Module):
     """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix
     (rows as `activation.split` reads them); `activation` (a `moeblaze.SwiGLU`) replaces
-    silu(gate) * up by its clamped or quick-GELU form. `bias`: both linear maps have one.
+    silu(gate) * up by its clamped or quick-GELU form, or (a `moeblaze.Ungated`) makes it
+    down(fn(gate_up(x))) with an [F, d] gate_up. `bias`: both linear maps have one.
     `sigmoid_gate`: the output is scaled by sigmoid(x @ g), `sigmoid_gate.weight [1, d]` (no
     bias), as Qwen2-MoE and Megatron gate their shared experts."""
 
@@ -310,14 +313,15 @@ class SwiGLUMLP(nn.Module):
         device=None,
         dtype=None,
         *,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias: bool = False,
         sigmoid_gate: bool = False,
     ):
         super().__init__()
         self.activation = activation
         factory = dict(bias=bias, device=device, dtype=dtype)
-        self.gate_up = nn.Linear(hidden_size, 2 * ffn_hidden_size, **factory)
+        check_activation(activation)
+        self.gate_up = nn.Linear(hidden_size, activation.pre_width(ffn_hidden_size), **factory)
         self.down = nn.Linear(ffn_hidden_size, hidden_size, **factory)
         self.sigmoid_gate = (
             nn.Linear(hidden_size, 1, bias=False, device=device, dtype=dtype)
@@ -329,11 +333,10 @@ class SwiGLUMLP(nn.Module):
         return swiglu_mlp(x, self.gate_up, self.down, self.activation, self.sigmoid_gate)
 
 
-def swiglu_mlp(x, gate_up, down, activation: SwiGLU, sigmoid_gate=None) -> torch.Tensor:
+def swiglu_mlp(x, gate_up, down, activation: Activation, sigmoid_gate=None) -> torch.Tensor:
     """down(activation(gate_up(x))) (* sigmoid(sigmoid_gate(x))): `SwiGLUMLP`'s computation, with
     any maps `gate_up` and `down` (the tensor-parallel shared expert passes its own)."""
-    gate, up = activation.split(gate_up(x))
-    out = down(activation.forward(gate, up))
+    out = down(activation.apply(gate_up(x)))
     if sigmoid_gate is not None:
         out = out * torch.sigmoid(sigmoid_gate(x))
     return out

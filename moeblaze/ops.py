@@ -20,10 +20,11 @@ topk_weights and the plan:
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
 the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
 or a clamped / quick-GELU form of it, with gate and up concatenated or interleaved
-(moeblaze.activation), passed to the ops as its four fields. The optional expert biases b13
+(moeblaze.activation), passed to the ops as its five constants. The optional expert biases b13
 [E, 2F] and b2 [E, d] are added in the epilogues of gate_up and of the down combine (weighted
 by the routing weight, as the expert's output is); their gradients are per-expert sums of dh and
-of w * dout (`grad_b13`, `grad_b2`).
+of w * dout (`grad_b13`, `grad_b2`). Experts without a gate (`moeblaze.Ungated`) have
+w13 [E, F, d], b13 [E, F], and h and dh [S, F]: read F where 2F is written here.
 
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
 (`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`
@@ -38,7 +39,7 @@ import torch
 
 from kernelbase.backend import Backend, backend_for
 from kernelbase.profiling import profile_range
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, Activation, activation_of, check_activation
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import (
@@ -159,16 +160,18 @@ def _forward_op(
     keep_a: bool,
     deterministic: bool,
     backend: str,
+    kind: str,
     alpha: float,
     limit: float | None,
     up_offset: float,
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward.
-    alpha, limit, up_offset, interleaved: the SwiGLU (moeblaze.activation)."""
+    kind, alpha, limit, up_offset, interleaved: the activation's constants (moeblaze.activation;
+    h is [S, F] for an ungated one)."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    activation = SwiGLU(alpha, limit, up_offset, interleaved)
+    activation = activation_of(kind, alpha, limit, up_offset, interleaved)
     b13, b2 = _contiguous(b13), _contiguous(b2)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     with profile_range("moeblaze.moe_mlp.forward"):
@@ -198,8 +201,8 @@ def _forward_op(
 
 @_forward_op.register_fake
 def _(x, topk_weights, w13, w2, b13, b2, plan_buffer, block_m, keep_h, keep_a, *_):
-    num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
-    h = x.new_empty(num_slots, 2 * ffn) if keep_h else x.new_empty(0)
+    num_slots, width, ffn = topk_weights.numel(), w13.shape[1], w2.shape[2]
+    h = x.new_empty(num_slots, width) if keep_h else x.new_empty(0)
     a = x.new_empty(num_slots, ffn) if keep_a else x.new_empty(0)
     return x.new_empty(x.shape), h, a
 
@@ -224,6 +227,7 @@ def _grad_act_op(
     keep_h: bool,
     keep_a: bool,
     backend: str,
+    kind: str,
     alpha: float,
     limit: float | None,
     up_offset: float,
@@ -234,7 +238,7 @@ def _grad_act_op(
     over it."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    activation = SwiGLU(alpha, limit, up_offset, interleaved)
+    activation = activation_of(kind, alpha, limit, up_offset, interleaved)
     b13, b2 = _contiguous(b13), _contiguous(b2)
     if not keep_h:  # h alone: the activation is not needed
         with profile_range("moeblaze.gate_up"):
@@ -270,10 +274,10 @@ def _grad_act_op(
 
 @_grad_act_op.register_fake
 def _(dout, x, topk_weights, w13, w2, b13, b2, plan_buffer, h, block_m, keep_h, keep_a, *_):
-    num_slots, ffn = topk_weights.numel(), w13.shape[1] // 2
+    num_slots, width, ffn = topk_weights.numel(), w13.shape[1], w2.shape[2]
     a = x.new_empty(0) if keep_a else x.new_empty(num_slots, ffn)
     db2 = x.new_empty(0) if b2 is None else b2.new_empty(b2.shape)
-    return x.new_empty(num_slots, 2 * ffn), topk_weights.new_empty(topk_weights.shape), a, db2
+    return x.new_empty(num_slots, width), topk_weights.new_empty(topk_weights.shape), a, db2
 
 
 @torch.library.custom_op("moeblaze::moe_mlp_grad_w2", mutates_args=())
@@ -336,14 +340,14 @@ def _contiguous(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # The forward op's inputs: x, topk_weights, w13, w2, b13, b2 (differentiable), then the rest.
-_NUM_INPUTS = 16
+_NUM_INPUTS = 17
 
 
 def _setup_context(ctx, inputs, output):
     x, topk_weights, w13, w2, b13, b2, plan_buffer, *options = inputs
     _, h, a = output
     ctx.save_for_backward(x, topk_weights, w13, w2, b13, b2, plan_buffer, h, a)
-    ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend, *SwiGLU.constants
+    ctx.options = options  # block_m, keep_h, keep_a, deterministic, backend, *constants
     # h and a are outputs only so that backward can keep them: no gradient flows into them, and
     # autograd must not allocate zero gradients of their size.
     ctx.mark_non_differentiable(h, a)
@@ -358,7 +362,7 @@ def _backward(ctx, dout, _dh, _da):
     # Autograd would hold h and a until this function returns; drop its references now (unless
     # the graph is retained), so that each dies after the op that reads it last.
     ctx.maybe_clear_saved_tensors()
-    block_m, keep_h, keep_a, deterministic, backend, *swiglu = ctx.options
+    block_m, keep_h, keep_a, deterministic, backend, *constants = ctx.options
     dout, x, topk_weights = dout.contiguous(), x.contiguous(), topk_weights.contiguous()
     ops = torch.ops.moeblaze
     with profile_range("moeblaze.moe_mlp.backward"):
@@ -376,7 +380,7 @@ def _backward(ctx, dout, _dh, _da):
             keep_h,
             keep_a,
             backend,
-            *swiglu,
+            *constants,
         )
         del h
         if not keep_a:
@@ -428,9 +432,9 @@ def moe_mlp(
     recompute: str = "activation",
     deterministic: bool = False,
     check_ids: bool | None = None,
-    activation: SwiGLU = SWIGLU,
+    activation: Activation = SWIGLU,
 ) -> torch.Tensor:
-    """SwiGLU experts applied to routed tokens, combined with the routing weights.
+    """SwiGLU (or ungated) experts applied to routed tokens, combined with the routing weights.
 
     out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e, :F] @ x[t]) * (w13[e, F:] @ x[t]))
     with e = topk_ids[t, j] (with the default `activation` and no biases; with them, each
@@ -442,9 +446,11 @@ def moe_mlp(
         x: [T, d] float16, bfloat16 or float32.
         topk_ids: [T, k] integer expert ids in [0, E), or -1 for a dropped slot.
         topk_weights: [T, k] floating routing weights (any float dtype; the gradient keeps it).
-        w13: [E, 2F, d] gate rows then up rows (Hugging Face layout), x's dtype.
+        w13: [E, 2F, d] gate rows then up rows (Hugging Face layout), x's dtype; [E, F, d] for
+            an ungated `activation`.
         w2: [E, d, F], x's dtype.
-        b13: optional [E, 2F] bias of the gate/up projection (laid out as w13's rows), x's dtype.
+        b13: optional [E, 2F] ([E, F] ungated) bias of the gate/up projection (laid out as w13's
+            rows), x's dtype.
         b2: optional [E, d] bias of the down projection, x's dtype; like the rest of the
             expert's output it is scaled by the routing weight.
         recompute: what forward keeps for backward: "activation" (default; the pre-activation
@@ -461,11 +467,13 @@ def moe_mlp(
             (default) without a host synchronisation (on CUDA at the latest at the next
             moeblaze call, or at `moeblaze.check_errors()`), True at once (debugging; one
             synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.
-        activation: the gated activation of the gate and up halves: `moeblaze.SwiGLU()`
+        activation: the gated activation of the gate and up halves, `moeblaze.SwiGLU()`
             (default, silu(gate) * up) or its clamped / quick-GELU forms, e.g.
             `SwiGLU(limit=10.0)` (DeepSeek-V4),
             `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)` (GPT-OSS: gate
-            and up rows of w13, and entries of b13, alternate); see moeblaze.activation.
+            and up rows of w13, and entries of b13, alternate); or `moeblaze.Ungated(fn)` for
+            experts without a gate, act = fn(w13[e] @ x[t]) with fn "relu2", "gelu",
+            "gelu_tanh", "relu" or "silu"; see moeblaze.activation.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
@@ -486,10 +494,11 @@ def moe_mlp(
         )
         with torch.autocast(device_type, enabled=False):
             return moe_mlp(x, topk_ids, topk_weights, w13, w2, **options)
-    _check_moe_args(x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids)
+    check_activation(activation)
+    _check_moe_args(
+        x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids, activation
+    )
     _check_biases(x, w13, b13, b2)
-    if not isinstance(activation, SwiGLU):
-        raise TypeError(f"activation must be a moeblaze.SwiGLU, got {activation!r}")
     inputs = (x, topk_weights, w13, w2, b13, b2)
     backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     saved = Saved.of(recompute, backward)
@@ -508,8 +517,8 @@ def moe_mlp(
 
 
 def _check_biases(x, w13, b13, b2) -> None:
-    num_experts, ffn, d = w13.shape[0], w13.shape[1] // 2, x.shape[1]
-    for name, bias, shape in (("b13", b13, (num_experts, 2 * ffn)), ("b2", b2, (num_experts, d))):
+    num_experts, width, d = w13.shape[0], w13.shape[1], x.shape[1]
+    for name, bias, shape in (("b13", b13, (num_experts, width)), ("b2", b2, (num_experts, d))):
         if bias is None:
             continue
         if not isinstance(bias, torch.Tensor):
@@ -535,7 +544,7 @@ def check_recompute(recompute: str) -> None:
 
 
 def _check_moe_args(
-    x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids
+    x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids, activation
 ) -> None:
     for name, t in (("x", x), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
@@ -549,12 +558,17 @@ def _check_moe_args(
         raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]:
+    if activation.gated and (w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]):
         raise ValueError(
             f"w13 must be [E, 2F, d] with d={x.shape[1]} (x's last dim) and an even 2F, "
             f"got shape {tuple(w13.shape)}"
         )
-    num_experts, ffn = w13.shape[0], w13.shape[1] // 2
+    if not activation.gated and (w13.dim() != 3 or w13.shape[2] != x.shape[1]):
+        raise ValueError(
+            f"w13 must be [E, F, d] with d={x.shape[1]} (x's last dim) for {activation!r}, "
+            f"got shape {tuple(w13.shape)}"
+        )
+    num_experts, ffn = w13.shape[0], activation.ffn(w13.shape[1])
     if tuple(w2.shape) != (num_experts, x.shape[1], ffn):
         raise ValueError(
             f"w2 must be [E, d, F] = {(num_experts, x.shape[1], ffn)} to match w13 and x, "

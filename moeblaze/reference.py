@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelbase import alloc
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, Activation
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
@@ -31,24 +31,24 @@ def moe_mlp_reference(
     x: torch.Tensor,  # [T, d]
     topk_ids: torch.Tensor,  # [T, k]
     topk_weights: torch.Tensor,  # [T, k]
-    w13: torch.Tensor,  # [E, 2F, d]
+    w13: torch.Tensor,  # [E, 2F, d] ([E, F, d] ungated)
     w2: torch.Tensor,  # [E, d, F]
-    activation: SwiGLU = SWIGLU,
-    b13: torch.Tensor | None = None,  # [E, 2F]
+    activation: Activation = SWIGLU,
+    b13: torch.Tensor | None = None,  # [E, 2F] ([E, F] ungated)
     b2: torch.Tensor | None = None,  # [E, d]
 ) -> torch.Tensor:  # [T, d]
     """out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]),
-    e = topk_ids[t, j], with act the SwiGLU `activation` of the gate and up halves
-    (differentiated by autograd: an oracle independent of SwiGLU.backward); a dropped slot
-    (e = -1) adds nothing."""
+    e = topk_ids[t, j], with act the `activation` of the pre-activation (a SwiGLU of its gate
+    and up halves, or an Ungated function of it; differentiated by autograd: an oracle
+    independent of their `grad`); a dropped slot (e = -1) adds nothing."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
         bias13 = None if b13 is None else b13[e]
-        gate, up = activation.split(F.linear(x[token], w13[e], bias13))
-        y = F.linear(activation.forward(gate, up), w2[e], None if b2 is None else b2[e])
+        act = activation.apply(F.linear(x[token], w13[e], bias13))
+        y = F.linear(act, w2[e], None if b2 is None else b2[e])
         out = out.index_add(0, token, y * topk_weights[token, choice, None].to(y.dtype))
     return out
 
@@ -106,15 +106,12 @@ class TorchStages:
         *,
         store_h: bool,
         store_a: bool,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias=None,
     ):
-        ffn = w13.shape[1] // 2
-        h = (
-            alloc.empty(plan.num_slots, 2 * ffn, dtype=x.dtype, device=x.device)
-            if store_h
-            else None
-        )
+        width = w13.shape[1]
+        ffn = activation.ffn(width)
+        h = alloc.empty(plan.num_slots, width, dtype=x.dtype, device=x.device) if store_h else None
         a = alloc.empty(plan.num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         weights = topk_weights.reshape(-1).float()
         for e, pos, slots in _expert_rows(plan):
@@ -125,7 +122,7 @@ class TorchStages:
             if store_h:
                 h[pos] = pre
             if store_a:
-                act = activation.forward(*activation.split(pre.float()))
+                act = activation.apply(pre.float())
                 a[pos] = (act * weights[slots, None]).to(x.dtype)
         return h, a
 
@@ -158,14 +155,15 @@ class TorchStages:
         *,
         store_a: bool,
         overwrite_h=False,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
     ):
         ffn = w2.shape[2]
         weights = topk_weights.reshape(-1).float()
         if overwrite_h:
             dh = h
         else:
-            dh = alloc.empty(plan.num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
+            width = activation.pre_width(ffn)
+            dh = alloc.empty(plan.num_slots, width, dtype=dout.dtype, device=dout.device)
         a = (
             alloc.empty(plan.num_slots, ffn, dtype=dout.dtype, device=dout.device)
             if store_a
@@ -174,11 +172,10 @@ class TorchStages:
         dweights = torch.zeros(plan.num_slots, dtype=torch.float32, device=dout.device)
         for e, pos, slots in _expert_rows(plan):
             g = dout[slots // plan.top_k].float() @ w2[e].float()
-            gate, up = activation.split(h[pos].to(torch.float32, copy=True))  # dh may overwrite h
-            act = activation.forward(gate, up)
+            pre = h[pos].to(torch.float32, copy=True)  # dh may overwrite h
+            act = activation.apply(pre)
             dweights[slots] = (g * act.to(dout.dtype).float()).sum(dim=1)
-            d_gate, d_up = activation.backward(gate, up, g * weights[slots, None])
-            dh[pos] = activation.join(d_gate, d_up).to(dh.dtype)
+            dh[pos] = activation.grad(pre, g * weights[slots, None]).to(dh.dtype)
             if store_a:
                 a[pos] = (act * weights[slots, None]).to(dout.dtype)
         return dh, dweights.view(topk_weights.shape), a

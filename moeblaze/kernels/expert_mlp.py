@@ -19,7 +19,10 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 
 SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU form (moeblaze.activation), whose
-three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET. a is the activation act =
+three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET. Experts without a gate
+(moeblaze.Ungated: the constexpr ACT names the function, "swiglu" for the gated ones) have h
+[S, F] and a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns
+wide instead of 2F. a is the activation act =
 SwiGLU(h_gate, h_up) already scaled by the routing weight, so that the down projection's combine
 and dw2 are plain products: no GEMM operand is scaled in registers (a scaled operand cannot go
 from shared memory straight to the tensor cores).
@@ -56,7 +59,7 @@ from kernelbase.gemm import (
     tma_descriptor,
     tma_supported,
 )
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, Activation
 from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.routing_plan import RoutingPlan
 
@@ -117,6 +120,7 @@ def gate_up_kernel(
     STORE_H: tl.constexpr,
     STORE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -131,12 +135,14 @@ def gate_up_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """h[p] = x[token(p)] @ w13[e]^T + b13[e]  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate,
-    h_up) [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`).
+    h_up) [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`), or
+    with ACT the name of an ungated function (moeblaze.Ungated), h [S, F] and a = w * ACT(h).
 
     A program computes the activation columns `cols`: with INTERLEAVED the 2 * BLOCK_N
     consecutive columns of h from 2 * cols[0] on (gate, up alternating; one product, split in
-    the epilogue), else the gate columns `cols` and the up columns F further on (DUAL). The
-    bias b13 [E, 2F] (HAS_BIAS; unit column stride) is added in fp32."""
+    the epilogue), ungated the columns `cols` of h (one product), else the gate columns `cols`
+    and the up columns F further on (DUAL). The bias b13 (HAS_BIAS; h's width, unit column
+    stride) is added in fp32."""
     valid, expert, row0, rows, row_mask, slots, pid_n, cols, col_mask = _plan_tile(
         sorted_slots_ptr,
         expert_offsets_ptr,
@@ -156,7 +162,7 @@ def gate_up_kernel(
             pre_col0 = 2 * pid_n * BLOCK_N
             pre_cols = pre_col0 + tl.arange(0, 2 * BLOCK_N)
             pre_mask = pre_cols < 2 * F
-        else:  # its gate columns, and (DUAL) the up columns F further on
+        else:  # its (gate) columns, and if DUAL the up columns F further on
             pre_col0, pre_cols, pre_mask = pid_n * BLOCK_N, cols, col_mask
         gate, up = tile_matmul(
             a=x_ptr,
@@ -175,15 +181,15 @@ def gate_up_kernel(
             second_n=F,
             K=D,
             BLOCK_K=BLOCK_K,
-            DUAL=not INTERLEAVED,
+            DUAL=ACT == "swiglu" and not INTERLEAVED,
             A_TMA=False,
             B_TMA=B_TMA,
             B_KN=B_KN,
             DOT_FP32=DOT_FP32,
             INPUT_PRECISION=INPUT_PRECISION,
         )
-        if INTERLEAVED:
-            pre = gate  # [BLOCK_M, 2 * BLOCK_N]: gate, up, gate, ...
+        if INTERLEAVED or ACT != "swiglu":
+            pre = gate  # [BLOCK_M, 2 * BLOCK_N]: gate, up, gate, ... (ungated: [BLOCK_M, BLOCK_N])
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + expert * stride_bias + pre_cols, mask=pre_mask, other=0.0)
                 pre += bias.to(tl.float32)[None, :]
@@ -192,7 +198,8 @@ def gate_up_kernel(
             if STORE_H:
                 h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_h + pre_cols[None, :]
                 tl.store(h_ptrs, pre, mask=row_mask[:, None] & pre_mask[None, :])
-            gate, up = tl.split(tl.reshape(pre, (BLOCK_M, BLOCK_N, 2)))
+            if INTERLEAVED:
+                gate, up = tl.split(tl.reshape(pre, (BLOCK_M, BLOCK_N, 2)))
         else:
             if HAS_BIAS:
                 bias_ptrs = bias_ptr + expert * stride_bias + cols
@@ -208,7 +215,10 @@ def gate_up_kernel(
                 tl.store(h_ptrs, gate, mask=mask)
                 tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
-            act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
+            if ACT == "swiglu":
+                act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
+            else:
+                act, _ = _ungated(pre, ACT)
             act *= w_row[:, None]
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
             mask = row_mask[:, None] & col_mask[None, :]
@@ -235,6 +245,36 @@ def _swiglu(gate, up, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.co
 
 
 @triton.jit
+def _ungated(pre, ACT: tl.constexpr):
+    """(act, d act / d pre) of moeblaze.Ungated(ACT) at the pre-activation `pre`, in fp32 (the
+    formulas of Ungated.grad; GELU's tanh form through 0.5 * (1 + tanh(u)) = sigmoid(2u))."""
+    pre = pre.to(tl.float32)
+    if ACT == "relu":
+        act = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        slope = tl.where(pre > 0.0, 1.0, 0.0)
+    elif ACT == "relu2":
+        relu = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        act = relu * relu
+        slope = 2.0 * relu
+    elif (
+        ACT == "gelu"
+    ):  # Phi(x) = 0.5 * (1 + erf(x / sqrt(2))), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
+        act = pre * cdf
+        slope = cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+    elif ACT == "gelu_tanh":  # u = sqrt(2 / pi) * (x + 0.044715 x^3)
+        sig = tl.sigmoid(1.5957691216057308 * (pre + 0.044715 * pre * pre * pre))
+        act = pre * sig
+        slope = sig + pre * sig * (1.0 - sig) * 1.5957691216057308 * (1.0 + 0.134145 * pre * pre)
+    else:
+        tl.static_assert(ACT == "silu", "ACT must be swiglu or a moeblaze.Ungated fn")
+        sig = tl.sigmoid(pre)
+        act = pre * sig
+        slope = sig * (1.0 + pre * (1.0 - sig))
+    return act, slope
+
+
+@triton.jit
 def _grad_act_columns(
     g,
     rows,
@@ -252,6 +292,7 @@ def _grad_act_columns(
     stride_a,
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
+    ACT: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -262,9 +303,17 @@ def _grad_act_columns(
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ALPHA, LIMIT, UP_OFFSET: the SwiGLU (`_swiglu`); INTERLEAVED: h
     and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate
-    columns `cols` and the up columns F further on."""
+    columns `cols` and the up columns F further on. ACT other than "swiglu": h and dh are F wide
+    and act = ACT(h) (`_ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
-    if INTERLEAVED:
+    if ACT != "swiglu":
+        if H_TMA:  # rows past the expert and columns past F: masked, as below
+            pre = h.load([row0, col0])
+        else:
+            h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+            pre = tl.load(h_ptrs, mask=mask, other=0.0)
+        act, slope = _ungated(pre, ACT)
+    elif INTERLEAVED:
         BLOCK_M: tl.constexpr = row_mask.shape[0]
         WIDTH: tl.constexpr = cols.shape[0]
         pre_cols = tl.reshape(tl.join(2 * cols, 2 * cols + 1), (2 * WIDTH,))
@@ -286,7 +335,8 @@ def _grad_act_columns(
         h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-    act, glu, sig, gate_c, up_c = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
+    if ACT == "swiglu":
+        act, glu, sig, gate_c, up_c = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
     if STORE_A:  # bit for bit the forward's a
         weighted = (act * w_row[:, None]).to(a_ptr.dtype.element_ty)
         tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], weighted, mask=mask)
@@ -294,23 +344,26 @@ def _grad_act_columns(
     act = act.to(a_ptr.dtype.element_ty)
     d_act = g * w_row[:, None]
     dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + cols[None, :]
-    d_up = d_act * glu
-    if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
-        d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
-    if not INTERLEAVED:  # stored now: fewer registers live
-        tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
-    if ALPHA == 1.0:
-        d_gate = d_act * up_c * sig * (1.0 + gate_c * (1.0 - sig))
+    if ACT != "swiglu":
+        tl.store(dh_ptrs, (d_act * slope).to(dh_ptr.dtype.element_ty), mask=mask)
     else:
-        d_gate = d_act * up_c * sig * (1.0 + ALPHA * gate_c * (1.0 - sig))
-    if LIMIT is not None:
-        d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
-    if INTERLEAVED:
-        d_pre = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * WIDTH))
-        d_pre_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + pre_cols[None, :]
-        tl.store(d_pre_ptrs, d_pre.to(dh_ptr.dtype.element_ty), mask=pre_mask)
-    else:
-        tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+        d_up = d_act * glu
+        if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
+            d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
+        if not INTERLEAVED:  # stored now: fewer registers live
+            tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
+        if ALPHA == 1.0:
+            d_gate = d_act * up_c * sig * (1.0 + gate_c * (1.0 - sig))
+        else:
+            d_gate = d_act * up_c * sig * (1.0 + ALPHA * gate_c * (1.0 - sig))
+        if LIMIT is not None:
+            d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
+        if INTERLEAVED:
+            d_pre = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * WIDTH))
+            d_pre_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + pre_cols[None, :]
+            tl.store(d_pre_ptrs, d_pre.to(dh_ptr.dtype.element_ty), mask=pre_mask)
+        else:
+            tl.store(dh_ptrs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
     return tl.sum(tl.where(mask, g * act.to(tl.float32), 0.0), axis=1)
 
 
@@ -335,6 +388,7 @@ def _grad_act_slices(
     SPLIT: tl.constexpr,
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
+    ACT: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -361,6 +415,7 @@ def _grad_act_slices(
             stride_a,
             STORE_A,
             H_TMA,
+            ACT,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -390,6 +445,7 @@ def _grad_act_slices(
             SPLIT // 2,
             STORE_A,
             H_TMA,
+            ACT,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -415,6 +471,7 @@ def _grad_act_slices(
             SPLIT // 2,
             STORE_A,
             H_TMA,
+            ACT,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -451,6 +508,7 @@ def grad_act_kernel(
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
     H_TMA: tl.constexpr,
+    ACT: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -464,11 +522,12 @@ def grad_act_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Backward through the down projection, the routing weight and SwiGLU (the constants
-    ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`, `_grad_act_columns`), in one epilogue.
+    """Backward through the down projection, the routing weight and the activation (the
+    constants ACT, ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_grad_act_columns`), in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
-    program's columns; dh = SwiGLU backward of w[slot] * g; a recomputed from h if STORE_A.
+    program's columns; dh = the activation's backward of w[slot] * g; a recomputed from h if
+    STORE_A.
     The epilogue runs on EPILOGUE_SPLIT (1, 2, 4 or 8) column slices of the tile one after
     another (`_grad_act_slices`); with H_TMA it reads h through a tensor descriptor.
 
@@ -533,6 +592,7 @@ def grad_act_kernel(
             EPILOGUE_SPLIT,
             STORE_A,
             H_TMA,
+            ACT,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -898,6 +958,12 @@ GPU_CONFIGS = {
 GPU_CONFIGS_INTERLEAVED = {
     ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
 }
+# Ungated experts (moeblaze.Ungated): gate_up has one accumulator, so at BLOCK_M=128 it takes
+# the 128x256 tile of scatter_rows (the same one-product GEMM) for as many outputs per A read
+# as the gated 128x128 pair. Not measured on a GPU.
+GPU_CONFIGS_UNGATED = {
+    ("gate_up", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
+}
 # Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
 # block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
 # configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
@@ -959,21 +1025,24 @@ class TritonStages:
         *,
         store_h: bool,
         store_a: bool,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
         bias=None,
     ):
-        num_slots, d = plan.num_slots, x.shape[1]
-        ffn = w13.shape[1] // 2
-        h = alloc.empty(num_slots, 2 * ffn, dtype=x.dtype, device=x.device) if store_h else None
+        num_slots, d, width = plan.num_slots, x.shape[1], w13.shape[1]
+        ffn = activation.ffn(width)
+        h = alloc.empty(num_slots, width, dtype=x.dtype, device=x.device) if store_h else None
         a = alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         if num_slots == 0:
             return h, a
-        cfg = self._config("gate_up", plan, activation.interleaved)
+        cfg = self._config("gate_up", plan, activation)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
         # B = w13[e]^T [d, 2F], read in tiles of the gate and up columns of block_n activation
-        # columns: two tiles F apart, or one of 2 * block_n interleaved columns.
-        if activation.interleaved:
+        # columns: two tiles F apart, or one of 2 * block_n interleaved columns (ungated: one
+        # tile of block_n columns of [d, F]).
+        if not activation.gated:
+            w, w_strides, w_meta = self._weights(w13.mT, cfg)
+        elif activation.interleaved:
             w, w_strides, w_meta = self._weights(w13.mT, cfg, block_n=2 * cfg.block_n)
         else:
             w, w_strides, w_meta = self._weights(w13.mT, cfg, second_n=ffn)
@@ -1022,26 +1091,29 @@ class TritonStages:
         *,
         store_a: bool,
         overwrite_h=False,
-        activation: SwiGLU = SWIGLU,
+        activation: Activation = SWIGLU,
     ):
         num_slots, d, ffn = plan.num_slots, dout.shape[1], w2.shape[2]
         if overwrite_h:  # each program reads its h elements before it writes theirs of dh
             dh = h
         else:
-            dh = alloc.empty(num_slots, 2 * ffn, dtype=dout.dtype, device=dout.device)
+            width = activation.pre_width(ffn)
+            dh = alloc.empty(num_slots, width, dtype=dout.dtype, device=dout.device)
         a = alloc.empty(num_slots if store_a else 0, ffn, dtype=dout.dtype, device=dout.device)
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        cfg = self._config("grad_act", plan, activation.interleaved)
+        cfg = self._config("grad_act", plan, activation)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         # Zeros: a dropped slot's routing weight gets no gradient.
         dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
         # One block per epilogue slice: its gate and up columns interleaved, or two blocks of
-        # which the up one starts F columns on.
-        if activation.interleaved:
+        # which the up one starts F columns on (ungated: one block of its columns).
+        if not activation.gated:
+            h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split))
+        elif activation.interleaved:
             h_desc = self._descriptor(h, cfg, (cfg.block_m, 2 * cfg.block_n // split))
         else:
             block = (cfg.block_m, cfg.block_n // split)
@@ -1200,13 +1272,15 @@ class TritonStages:
         )
         return out
 
-    def _config(self, kernel: str, plan: RoutingPlan, interleaved: bool = False) -> GemmConfig:
+    def _config(self, kernel: str, plan: RoutingPlan, activation=None) -> GemmConfig:
         key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
             config = GPU_CONFIGS[key]
-            if interleaved:
+            if activation is not None and not activation.gated:
+                config = GPU_CONFIGS_UNGATED.get(key, config)
+            elif activation is not None and activation.interleaved:
                 config = GPU_CONFIGS_INTERLEAVED.get(key, config)
             if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
                 config = dataclasses.replace(
@@ -1255,10 +1329,10 @@ class TritonStages:
         )
 
 
-def _activation_meta(activation: SwiGLU) -> dict:
-    """The SwiGLU's constexprs of gate_up_kernel and grad_act_kernel."""
-    alpha, limit, up_offset, interleaved = activation.constants
-    return dict(ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset, INTERLEAVED=interleaved)
+def _activation_meta(activation: Activation) -> dict:
+    """The activation's constexprs of gate_up_kernel and grad_act_kernel."""
+    kind, alpha, limit, up_offset, interleaved = activation.constants
+    return dict(ACT=kind, ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset, INTERLEAVED=interleaved)
 
 
 TRITON_STAGES = TritonStages()

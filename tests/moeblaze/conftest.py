@@ -52,10 +52,10 @@ class MoEProblem:
     x: torch.Tensor  # [T, d]
     topk_ids: torch.Tensor  # [T, k] int64, distinct per token
     topk_weights: torch.Tensor  # [T, k] float32
-    w13: torch.Tensor  # [E, 2F, d]
+    w13: torch.Tensor  # [E, 2F, d] ([E, F, d] ungated)
     w2: torch.Tensor  # [E, d, F]
     dout: torch.Tensor  # [T, d]
-    b13: torch.Tensor | None = None  # [E, 2F]
+    b13: torch.Tensor | None = None  # [E, 2F] ([E, F] ungated)
     b2: torch.Tensor | None = None  # [E, d]
 
     @property
@@ -139,17 +139,29 @@ def _weights(T, k, g):
 
 
 def _make_problem(
-    T, d, F, E, k, dtype=torch.float32, seed=0, routing="random", device="cpu", biases=False
+    T,
+    d,
+    F,
+    E,
+    k,
+    dtype=torch.float32,
+    seed=0,
+    routing="random",
+    device="cpu",
+    biases=False,
+    gated=True,
 ) -> MoEProblem:
     """Random (never zero) inputs; weights scaled ~1/sqrt(fan_in) like nn.Linear; with
-    `biases`, b13 and b2 of the size of a pre-activation and an output."""
+    `biases`, b13 and b2 of the size of a pre-activation and an output; `gated=False`: w13 and
+    b13 F rows wide (experts without a gate, moeblaze.Ungated)."""
     g = torch.Generator().manual_seed(seed)
     topk_ids, topk_weights = _routing(T, E, k, routing, g)
+    width = 2 * F if gated else F
     x = torch.randn(T, d, generator=g)
-    w13 = torch.randn(E, 2 * F, d, generator=g) / d**0.5
+    w13 = torch.randn(E, width, d, generator=g) / d**0.5
     w2 = torch.randn(E, d, F, generator=g) / F**0.5
     dout = torch.randn(T, d, generator=g)
-    b13 = torch.randn(E, 2 * F, generator=g) if biases else None
+    b13 = torch.randn(E, width, generator=g) if biases else None
     b2 = torch.randn(E, d, generator=g) if biases else None
 
     def put(t, dt):
@@ -170,6 +182,6 @@ def _make_problem(
 @pytest.fixture(scope="session")
 def make_problem():
     """`make_problem(T, d, F, E, k, dtype, seed, routing="random"|"one_expert"|"skip_experts"|
-    "dropped", device="cpu", biases=False) -> MoEProblem` (session-scoped: it is a pure
-    function)."""
+    "dropped", device="cpu", biases=False, gated=True) -> MoEProblem` (session-scoped: it is a
+    pure function)."""
     return _make_problem

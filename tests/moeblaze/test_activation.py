@@ -1,6 +1,7 @@
-"""The experts' SwiGLU (moeblaze.activation): its torch forward and backward against autograd,
-the kernels' epilogues against them at the clamp, and moe_mlp with the clamped and quick-GELU
-forms against the float64 reference on both paths (Triton under the interpreter, torch).
+"""The experts' activations (moeblaze.activation): SwiGLU's and Ungated's torch forward and
+backward against autograd, the kernels' epilogues against them (at the clamp, around 0), and
+moe_mlp with the clamped and quick-GELU forms and with each ungated function against the float64
+reference on both paths (Triton under the interpreter, torch).
 
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 """
@@ -19,7 +20,7 @@ from moeblaze_testing import (
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, UNGATED_FUNCTIONS, SwiGLU, Ungated, activation_of
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan
@@ -36,12 +37,18 @@ CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
 
 
 def test_defaults_and_repr():
-    assert SwiGLU() == SWIGLU and SWIGLU.constants == (1.0, None, 0.0, False)
+    assert SwiGLU() == SWIGLU and SWIGLU.constants == ("swiglu", 1.0, None, 0.0, False)
     assert repr(SWIGLU) == "SwiGLU()"
     gpt_oss = SwiGLU(alpha=1.702, limit=7, up_offset=1, interleaved=True)
-    assert gpt_oss.constants == (1.702, 7.0, 1.0, True)
+    assert gpt_oss.constants == ("swiglu", 1.702, 7.0, 1.0, True)
     # one compiled variant per value
-    assert all(type(c) is float for c in gpt_oss.constants[:3])
+    assert all(type(c) is float for c in gpt_oss.constants[1:4])
+    assert Ungated("relu2").constants == ("relu2", 1.0, None, 0.0, False)
+    assert repr(Ungated("gelu")) == "Ungated(fn='gelu')"
+    for activation in (SWIGLU, gpt_oss, *(Ungated(fn) for fn in UNGATED_FUNCTIONS)):
+        assert activation_of(*activation.constants) == activation
+    assert (SWIGLU.pre_width(24), SWIGLU.ffn(48)) == (48, 24)
+    assert (Ungated("relu2").pre_width(24), Ungated("relu2").ffn(24)) == (24, 24)
     assert repr(gpt_oss) == "SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)"
 
 
@@ -78,8 +85,15 @@ def test_bad_values_are_named(kwargs, error, match):
 
 def test_moe_mlp_names_a_wrong_activation(make_problem):
     problem = make_problem(*SMALL)
-    with pytest.raises(TypeError, match=r"activation must be a moeblaze.SwiGLU, got 'gelu'"):
+    with pytest.raises(
+        TypeError, match=r"activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'gelu'"
+    ):
         problem.run(activation="gelu")
+    # An ungated activation reads w13 as [E, F, d]: the gated problem's [E, 2F, d] does not fit.
+    with pytest.raises(ValueError, match=r"w2 must be \[E, d, F\] = \(5, 40, 48\)"):
+        problem.run(activation=Ungated("relu2"))
+    with pytest.raises(ValueError, match=r"Ungated fn must be one of .*, got 'swiglu'"):
+        Ungated("swiglu")
 
 
 def _halves_around_the_limit(limit: float, n: int = 64):
@@ -171,6 +185,95 @@ def test_moe_mlp_matches_reference(name, policy, path, make_problem):
 def test_bfloat16(name, path, make_problem):
     activation = ACTIVATIONS[name]
     problem = make_problem(*SMALL, dtype=torch.bfloat16, seed=22)
+    actual = problem.run(activation=activation)
+    expected = problem.reference(activation=activation)
+    baseline = problem.torch_bf16(activation=activation)
+    factor = BF16_FACTOR_INTERPRETER if path == "kernels" else BF16_FACTOR
+    for what, a, e, b in zip(NAMES, actual, expected, baseline, strict=True):
+        assert_bf16_close(a, e, b, factor=factor, name=what)
+
+
+# --- Ungated: experts without a gate ----------------------------------------------------------
+
+
+def _around_zero(n: int = 64) -> torch.Tensor:
+    """float64 [4, n]: N(0, 2) values, and 0, +-1e-30, +-tiny steps, +-3, +-6, +-30."""
+    g = torch.Generator().manual_seed(2)
+    pre = torch.randn(4, n, generator=g, dtype=torch.float64) * 2
+    edges = torch.tensor([0.0, 1e-30, 1e-7, 3.0, 6.0, 30.0], dtype=torch.float64)
+    edges = torch.cat([edges, -edges])
+    pre[0, : edges.numel()] = edges
+    return pre
+
+
+@pytest.mark.parametrize("fn", UNGATED_FUNCTIONS)
+def test_ungated_grad_is_the_gradient_of_apply(fn):
+    # Ungated.grad writes each derivative out (as grad_act's epilogue does); autograd of
+    # Ungated.apply (torch's own functions) is the oracle.
+    activation = Ungated(fn)
+    pre = _around_zero().requires_grad_()
+    d_act = torch.randn(pre.shape, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(activation.apply(pre), pre, d_act)
+    assert_close(activation.grad(pre.detach(), d_act), expected, rtol=1e-12, name="d_pre")
+
+
+def test_ungated_apply_is_the_named_function():
+    pre = _around_zero()
+    relu = torch.nn.functional.relu(pre)
+    assert torch.equal(Ungated("relu2").apply(pre), relu * relu)
+    assert torch.equal(Ungated("relu").apply(pre), relu)
+    assert torch.equal(Ungated("gelu").apply(pre), torch.nn.functional.gelu(pre))
+    tanh = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert torch.equal(Ungated("gelu_tanh").apply(pre), tanh)
+    assert torch.equal(Ungated("silu").apply(pre), torch.nn.functional.silu(pre))
+
+
+# The interpreter's numpy overflows exp in the sigmoid of GELU's tanh form at -30 (to the right
+# limit, 0): a warning there, not on a GPU.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("fn", UNGATED_FUNCTIONS)
+def test_kernel_epilogue_matches_the_torch_stage_around_zero(fn):
+    # grad_act's epilogue (Triton, `_ungated`) and the torch stage (Ungated.grad) on the same h
+    # [S, F], with values at and around 0 and far out on both sides.
+    activation = Ungated(fn)
+    T, d, F, E, k = 6, 16, 24, 2, 2
+    g = torch.Generator().manual_seed(3)
+    topk_ids = torch.tensor([[0, 1]] * T)
+    topk_weights = torch.rand(T, k, generator=g)
+    dout, w2 = torch.randn(T, d, generator=g), torch.randn(E, d, F, generator=g) / F**0.5
+    h = torch.cat([_around_zero(F), -_around_zero(F).flip(1), _around_zero(F) / 8])[: T * k]
+    h = h.float()  # [S, F]
+    results = []
+    for stages in (TRITON_STAGES, TORCH_STAGES):
+        plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
+        results.append(
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=activation)
+        )
+    for what, a, e in zip(("dh", "dtopk_weights", "a"), *results, strict=True):
+        assert_close(a, e, rtol=1e-6, name=what)
+
+
+@pytest.mark.parametrize("fn", UNGATED_FUNCTIONS)
+def test_ungated_moe_mlp_matches_reference(fn, path, make_problem):
+    activation = Ungated(fn)
+    problem = make_problem(*SMALL, seed=23, gated=False)
+    actual = problem.run(activation=activation)
+    assert_matches_reference(actual, problem.reference(activation=activation))
+
+
+@pytest.mark.parametrize("policy", ["up_proj", "none"])
+def test_ungated_policies_and_biases(policy, path, make_problem):
+    # Every policy (the default one above), with biases and dropped slots: the pre-activation
+    # [S, F] recomputed and overwritten by dh ("up_proj"), or kept with the activation ("none").
+    activation = Ungated("relu2")
+    problem = make_problem(*SMALL, seed=24, routing="dropped", biases=True, gated=False)
+    actual = problem.run(recompute=policy, activation=activation)
+    assert_matches_reference(actual, problem.reference(activation=activation))
+
+
+def test_ungated_bfloat16(path, make_problem):
+    activation = Ungated("gelu_tanh")
+    problem = make_problem(*SMALL, dtype=torch.bfloat16, seed=25, gated=False)
     actual = problem.run(activation=activation)
     expected = problem.reference(activation=activation)
     baseline = problem.torch_bf16(activation=activation)
