@@ -162,6 +162,7 @@ class Ungated:
 
     fn: str
     gated: ClassVar[bool] = False
+    interleaved: ClassVar[bool] = False  # one pre-activation column per activation column
 
     def __post_init__(self):
         if self.fn not in UNGATED_FUNCTIONS:

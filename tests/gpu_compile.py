@@ -97,9 +97,9 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
-        # The SwiGLU constants (moeblaze.activation) of the kernels that take them.
-        swiglu=[constexprs[k] for k in ("ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")]
-        if "ALPHA" in constexprs
+        # The activation's constants (moeblaze.activation) of the kernels that take them.
+        activation=[constexprs[k] for k in ("ACT", "ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")]
+        if "ACT" in constexprs
         else None,
         bias=constexprs.get("HAS_BIAS"),
         # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
@@ -176,9 +176,9 @@ def run_moeblaze_launchers() -> None:
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
     and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
     largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
-    and up interleaved, biases, transposed weights), with the bias gradients; and expert
-    parallelism's combine (gather_sum)."""
-    from moeblaze.activation import SwiGLU
+    and up interleaved, biases, transposed weights), with the bias gradients; experts without a
+    gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
+    from moeblaze.activation import SwiGLU, Ungated
     from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.gather_sum import launch_gather_sum
     from moeblaze.kernels.routing_plan import launch_plan
@@ -227,6 +227,13 @@ def run_moeblaze_launchers() -> None:
             stages.grad_act(dout, w2_t, h, topk_weights, plan, store_a=True, activation=gpt_oss)
             stages.grad_b13(dh, plan, torch.bfloat16)
             stages.grad_b2(dout, topk_weights, b2, plan)
+            # Experts without a gate (Nemotron's ReLU², Megatron's GELU MLP): w13 [E, F, d].
+            w1 = empty(E, ffn, d)
+            for ungated in (Ungated("relu2"), Ungated("gelu")):
+                h, a = stages.gate_up(
+                    x, w1, topk_weights, plan, store_h=True, store_a=True, activation=ungated
+                )
+                stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=ungated)
             # Expert parallelism's combine: the k received rows of each token, and weights.
             launch_gather_sum(empty(S, d), empty(T, k, dtype=torch.int32))
             launch_gather_sum(empty(S, 1, dtype=torch.float32), empty(S, 1, dtype=torch.int32))

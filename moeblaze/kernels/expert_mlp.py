@@ -958,12 +958,10 @@ GPU_CONFIGS = {
 GPU_CONFIGS_INTERLEAVED = {
     ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
 }
-# Ungated experts (moeblaze.Ungated): gate_up has one accumulator, so at BLOCK_M=128 it takes
-# the 128x256 tile of scatter_rows (the same one-product GEMM) for as many outputs per A read
-# as the gated 128x128 pair. Not measured on a GPU.
-GPU_CONFIGS_UNGATED = {
-    ("gate_up", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),
-}
+# Experts without a gate (moeblaze.Ungated) run the configs above: gate_up then has one
+# accumulator (half the outputs per A read of the gated pair). Its 128x256 tile (scatter_rows')
+# builds spill-free for ReLU² (210-245 registers) but spills 224 B for GELU's erf epilogue on
+# sm_90 (Triton 3.9), so it is not used; to be measured on a GPU.
 # Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
 # block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
 # configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
@@ -1034,7 +1032,7 @@ class TritonStages:
         a = alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         if num_slots == 0:
             return h, a
-        cfg = self._config("gate_up", plan, activation)
+        cfg = self._config("gate_up", plan, activation.interleaved)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
         # B = w13[e]^T [d, 2F], read in tiles of the gate and up columns of block_n activation
@@ -1103,7 +1101,7 @@ class TritonStages:
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        cfg = self._config("grad_act", plan, activation)
+        cfg = self._config("grad_act", plan, activation.interleaved)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         # Zeros: a dropped slot's routing weight gets no gradient.
         dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
@@ -1272,15 +1270,13 @@ class TritonStages:
         )
         return out
 
-    def _config(self, kernel: str, plan: RoutingPlan, activation=None) -> GemmConfig:
+    def _config(self, kernel: str, plan: RoutingPlan, interleaved: bool = False) -> GemmConfig:
         key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
             config = GPU_CONFIGS[key]
-            if activation is not None and not activation.gated:
-                config = GPU_CONFIGS_UNGATED.get(key, config)
-            elif activation is not None and activation.interleaved:
+            if interleaved:
                 config = GPU_CONFIGS_INTERLEAVED.get(key, config)
             if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
                 config = dataclasses.replace(

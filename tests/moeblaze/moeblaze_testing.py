@@ -129,19 +129,20 @@ def assert_dropped_slots_add_nothing(problem, actual):
     assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))
 
 
-def shard_of(name: str, whole: torch.Tensor, group) -> torch.Tensor:
+def shard_of(name: str, whole: torch.Tensor, group, gated: bool = True) -> torch.Tensor:
     """This rank's shard of a tensor split over `group`: `name` "fc1" ([2F, ...]: gate rows r,
-    then up rows r) or "fc2" ([h, F]: columns r)."""
+    then up rows r; without a gate [F, ...]: rows r) or "fc2" ([h, F]: columns r)."""
     rank, count = dist.get_rank(group), dist.get_world_size(group)
     if name == "fc1":
-        gate, up = whole.chunk(2)
-        return torch.cat([gate.chunk(count)[rank], up.chunk(count)[rank]])
+        halves = whole.chunk(2) if gated else (whole,)
+        return torch.cat([half.chunk(count)[rank] for half in halves])
     return whole.chunk(count, dim=1)[rank]
 
 
-def expert_shard(name: str, experts: torch.Tensor, group) -> torch.Tensor:
+def expert_shard(name: str, experts: torch.Tensor, group, gated: bool = True) -> torch.Tensor:
     """This rank's shard of the experts' `name` ("w13", "b13", "w2" or "b2"; `experts [E_l, ...]`
     whole) when their F columns are split over `group` (b2 is whole on every rank)."""
     if name == "b2":
         return experts
-    return torch.stack([shard_of("fc2" if name == "w2" else "fc1", e, group) for e in experts])
+    fc = "fc2" if name == "w2" else "fc1"
+    return torch.stack([shard_of(fc, e, group, gated) for e in experts])

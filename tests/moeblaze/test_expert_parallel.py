@@ -155,7 +155,7 @@ def _check_case(case: Case, group, device="cpu", tensor_group=None) -> None:
         if name in ("w13", "w2", "b13", "b2"):  # this rank's experts: complete gradients
             expected = expected[layer.experts]
             if tensor_group is not None:  # this rank's shard
-                expected = expert_shard(name, expected, tensor_group)
+                expected = expert_shard(name, expected, tensor_group, layer.activation.gated)
             grad = p.grad
         else:  # replicated: the data-parallel all-reduce
             grad = p.grad.clone()
@@ -345,7 +345,8 @@ def test_expert_parallel_over_gloo(tmp_path):
         # Ranks {2, 3}: every token goes to rank 1's experts, so rank 0 receives nothing.
         _case("all_to_1", (4, 3), seed=20, receivers=(1,), recompute_dispatch=False),
     ]
-    # Rank 2 has no token, rank 0 receives none, ranks 1-3 exchange rows at random.
+    # Rank 2 has no token, rank 0 receives none, ranks 1-3 exchange rows at random; experts
+    # without a gate (w13 [E, F, d], split by rows with expert tensor parallelism).
     case = _case(
         "no_tokens_on_2_none_to_0",
         (5, 3, 0, 4),
@@ -354,6 +355,7 @@ def test_expert_parallel_over_gloo(tmp_path):
         recompute="up_proj",
         shared_expert_size=SHARED,
         bias=True,
+        activation=moeblaze.Ungated("relu2"),
     )
     init_method = f"file://{tmp_path / 'store'}"
     mp.start_processes(

@@ -56,10 +56,18 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
         clamped = {
             (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
             for r in reports
-            if r["swiglu"] is not None and r["swiglu"][1] is not None
-            and r["swiglu"][3] == interleaved
+            if r["activation"] is not None and r["activation"][2] is not None
+            and r["activation"][4] == interleaved
         }  # fmt: skip
         assert clamped == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
+    # And the epilogues of experts without a gate (moeblaze.Ungated), ReLU² and GELU.
+    for fn in ("relu2", "gelu"):
+        ungated = {
+            (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
+            for r in reports
+            if r["activation"] is not None and r["activation"][0] == fn
+        }
+        assert ungated == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)

@@ -18,6 +18,7 @@ B, L, D, FFN, E, K, SHARED = 2, 7, 24, 16, 6, 2, 12
 RTOL = 1e-5  # float32 layer against the float64 experts (see moeblaze_testing.RTOL_FP32)
 # GPT-OSS's SwiGLU with a limit that clamps part of this layer's pre-activations (std ~0.6).
 GPT_OSS = moeblaze.SwiGLU(alpha=1.702, limit=0.3, up_offset=1.0)
+RELU2 = moeblaze.Ungated("relu2")  # experts without a gate: w13 [E, F, d]
 
 
 def _layer(seed=0, **kwargs):
@@ -51,8 +52,11 @@ def _hand_composition(layer, x, token_mask=None):
         b2=None if layer.b2 is None else layer.b2.double(),
     )
     if layer.shared_expert is not None:
-        gate, up = _linear64(tokens.double(), layer.shared_expert.gate_up).chunk(2, -1)
-        if layer.activation.limit is not None:  # GPT_OSS below: its SwiGLU written out
+        pre = _linear64(tokens.double(), layer.shared_expert.gate_up)
+        gate, up = pre.chunk(2, -1)
+        if layer.activation == RELU2:
+            act = F.relu(pre) ** 2
+        elif layer.activation.limit is not None:  # GPT_OSS below: its SwiGLU written out
             gate, up = gate.clamp(max=GPT_OSS.limit), up.clamp(-GPT_OSS.limit, GPT_OSS.limit)
             act = gate * torch.sigmoid(GPT_OSS.alpha * gate) * (up + GPT_OSS.up_offset)
         else:
@@ -78,7 +82,7 @@ def _step(fn, layer, x, dout):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("activation", [None, GPT_OSS], ids=["swiglu", "gpt-oss"])
+@pytest.mark.parametrize("activation", [None, GPT_OSS, RELU2], ids=["swiglu", "gpt-oss", "relu2"])
 @pytest.mark.parametrize(
     "shared", [None, "plain", "gated"], ids=["routed_only", "shared_expert", "gated_shared_expert"]
 )
@@ -96,6 +100,7 @@ def test_layer_matches_hand_composition(shared, recompute, activation, bias):
     expected = _step(_hand_composition, layer, x, dout)
     assert actual[0].shape == (B, L, D) and actual[0].dtype == torch.float32
     names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+    assert layer.w13.shape == (E, FFN if activation is RELU2 else 2 * FFN, D)
     assert "router.weight" in names and "w13" in names and "w2" in names
     assert ("router.bias" in names and "b13" in names and "b2" in names) == bias
     if shared:
@@ -208,7 +213,7 @@ def test_any_leading_shape():
         (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
         (dict(shared_expert_gate=True), r"shared_expert_gate=True needs a shared expert"),
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
-        (dict(activation="silu"), "activation must be a moeblaze.SwiGLU, got 'silu'"),
+        (dict(activation="silu"), "activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'silu'"),
     ],
     ids=["ffn0", "recompute", "shared0", "gate_alone", "k>E", "activation"],
 )

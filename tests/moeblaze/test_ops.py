@@ -30,7 +30,7 @@ import moeblaze
 from kernelbase import alloc
 from kernelbase.backend import backend_for
 from kernelbase.gemm import GemmConfig
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, SwiGLU, Ungated
 from moeblaze.kernels.expert_mlp import _INTERPRETER, TRITON_STAGES, TritonStages
 from moeblaze.ops import STAGES, Saved
 from moeblaze.reference import TORCH_STAGES
@@ -459,20 +459,24 @@ def test_what_backward_allocates(policy, path, make_problem, monkeypatch):
 
 def test_opcheck(make_problem):
     problem = make_problem(12, 16, 8, 4, 2, seed=13, biases=True)
+    ungated = make_problem(12, 16, 8, 4, 2, seed=13, biases=True, gated=False)
     backend = backend_for(problem.x.device).value
     plan_args = (problem.topk_ids, 4, 16, backend, None)
     torch.library.opcheck(torch.ops.moeblaze.routing_plan.default, plan_args)
     plan = torch.ops.moeblaze.routing_plan(*plan_args)
-    # Each policy with another SwiGLU (the limit is a float or None in the ops' schemas) and
-    # other biases (each optional).
-    activations = (
-        SwiGLU(),
-        SwiGLU(limit=0.5),
-        SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
+    # Each policy with another activation (the limit is a float or None in the ops' schemas;
+    # an ungated one makes h F wide) and other biases (each optional).
+    cases = (
+        (SwiGLU(), problem),
+        (SwiGLU(limit=0.5), problem),
+        (SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True), problem),
+        (Ungated("relu2"), ungated),
     )
-    for i, (policy, activation) in enumerate(zip(POLICIES, activations, strict=True)):
+    for i, (policy, (activation, problem)) in enumerate(
+        zip((*POLICIES, "up_proj"), cases, strict=True)
+    ):
         x, weights, w13, w2, b13, b2 = problem.leaves()
-        b13, b2 = (b13, None, b13)[i], (None, b2, b2)[i]
+        b13, b2 = (b13, None, b13, b13)[i], (None, b2, b2, None)[i]
         saved = Saved.of(policy, backward=True)
         swiglu = activation.constants
         options = (16, saved.h, saved.a, False, backend, *swiglu)
