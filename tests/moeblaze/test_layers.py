@@ -213,7 +213,10 @@ def test_any_leading_shape():
         (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
         (dict(shared_expert_gate=True), r"shared_expert_gate=True needs a shared expert"),
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
-        (dict(activation="silu"), "activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'silu'"),
+        (
+            dict(activation="silu"),
+            "activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'silu'",
+        ),
     ],
     ids=["ffn0", "recompute", "shared0", "gate_alone", "k>E", "activation"],
 )
