@@ -12,6 +12,7 @@ transformers v5 keeps the experts of an MoE block in one module whose class is d
       -> moeblaze.moe_mlp(hidden_states, top_k_index, top_k_weights,
                           w13 = gate_up_proj [E, 2F, d], w2 = down_proj [E, d, F],
                           b13 = gate_up_proj_bias, b2 = down_proj_bias) -> [T, d]
+         (experts without a gate, has_gate=False: w13 = up_proj [E, F, d], b13 = up_proj_bias)
 
 Importing this module registers one name per `moeblaze.RECOMPUTE_POLICIES` entry, plus the
 default, so the policy is chosen per model, with no global state:
@@ -33,9 +34,11 @@ activation is `act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate
 `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
 HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
 as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
-against the class's own `_apply_gate` before first use. Experts that compute anything else raise
-`NotImplementedError` naming the experts class, its model family and what moeblaze lacks: no
-gate (`up_proj` only), another activation, another custom `_apply_gate`, a post-expert norm.
+against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
+NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` found by evaluating `act_fn` (ReLU², GELU
+in either form, ReLU, SiLU). Experts that compute anything else raise `NotImplementedError`
+naming the experts class, its model family and what moeblaze lacks: another activation, another
+custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they become dropped slots (`moeblaze.DROPPED`): no GEMM rows, nothing
@@ -49,7 +52,7 @@ import torch
 from torch import nn
 
 import moeblaze
-from moeblaze.activation import SWIGLU, SwiGLU
+from moeblaze.activation import SWIGLU, UNGATED_FUNCTIONS, Activation, SwiGLU, Ungated
 
 try:
     from transformers.activations import SiLUActivation
@@ -84,7 +87,7 @@ def moeblaze_experts_forward(
     """
     w13, w2 = expert_weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
     b13, b2 = expert_biases(experts)  # [E, 2F], [E, d] or None
-    activation, _ = _swiglu_of(experts)  # checked by expert_weights
+    activation, _ = _activation_of(experts)  # checked by expert_weights
     if getattr(experts, "_is_expert_parallel", False):
         # transformers' expert parallelism marks the slots of another rank's experts with ids
         # >= E (and weight 0): dropped here, they cost no GEMM rows and get no gradient.
@@ -105,10 +108,11 @@ def moeblaze_experts_forward(
 
 
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w13 [E, 2F, d], w2 [E, d, F]) of a transformers v5 experts module, as views.
+    """(w13 [E, 2F, d] (up_proj [E, F, d] without a gate), w2 [E, d, F]) of a transformers v5
+    experts module, as views.
 
     Raises NotImplementedError naming the class and model family if its experts are not
-    SwiGLU experts in a layout moeblaze reads without copying.
+    SwiGLU or ungated experts in a layout moeblaze reads without copying.
     """
     missing = _unsupported_features(experts)
     if missing:
@@ -117,21 +121,24 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError(
             f"experts_implementation='moeblaze' cannot run {cls.__name__} (model family "
             f"{family!r}): moeblaze computes down(SwiGLU(gate(x), up(x))) with gate_up_proj "
-            f"[E, 2F, d] and down_proj [E, d, F] (or transposed), but these experts have "
+            f"[E, 2F, d] (or down(act(up(x))) with up_proj [E, F, d]) and down_proj [E, d, F] "
+            f"(or transposed), but these experts have "
             f"{'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' for "
             f"this model."
         )
+    w13 = experts.gate_up_proj if experts.has_gate else experts.up_proj
     if experts.is_transposed:  # gate_up_proj [E, d, 2F], down_proj [E, F, d]
-        return experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2)
-    return experts.gate_up_proj, experts.down_proj
+        return w13.transpose(1, 2), experts.down_proj.transpose(1, 2)
+    return w13, experts.down_proj
 
 
 def expert_biases(experts: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(b13 [E, 2F], b2 [E, d]) of experts with `has_bias=True` (their parameters), else
-    (None, None)."""
+    """(b13 [E, 2F] ([E, F] without a gate), b2 [E, d]) of experts with `has_bias=True` (their
+    parameters), else (None, None)."""
     if not experts.has_bias:
         return None, None
-    return experts.gate_up_proj_bias, experts.down_proj_bias
+    b13 = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
+    return b13, experts.down_proj_bias
 
 
 def _unsupported_features(experts: nn.Module) -> list[str]:
@@ -143,11 +150,9 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
             f"transformers.integrations.moe.use_experts_implementation)"
         ]
     missing = []
-    if not experts.has_gate:
-        missing.append("no gate projection (has_gate=False: up_proj and down_proj only)")
     if getattr(experts, "has_post_expert_norm", False):
         missing.append("a norm after each expert (has_post_expert_norm=True)")
-    _, problem = _swiglu_of(experts)
+    _, problem = _activation_of(experts)
     if problem:
         missing.append(problem)
     return missing
@@ -178,10 +183,16 @@ CUSTOM_GATES = {
 }
 
 
-def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
-    """(the SwiGLU the experts compute, None), or (None, what they compute instead)."""
+def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
+    """(the SwiGLU or Ungated the experts compute, None), or (None, what they compute
+    instead)."""
     cls = type(experts)
     act = getattr(experts, "act_fn", None)
+    if not experts.has_gate:
+        fn = _ungated_fn(act)
+        if fn is None:
+            return None, f"the activation {act!r} (without a gate), which no moeblaze.Ungated is"
+        return Ungated(fn), None
     # A transformers without this default would make every gate "custom": loud, never wrong.
     if cls._apply_gate is getattr(hf_moe, "_default_apply_gate", None):
         if isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu:
@@ -198,6 +209,22 @@ def _swiglu_of(experts: nn.Module) -> tuple[SwiGLU | None, str | None]:
         f"their own gate activation {cls.__name__}._apply_gate{known}, which no "
         f"moeblaze.SwiGLU computes (for example a soft-capped SwiGLU)"
     )
+
+
+@functools.cache
+def _ungated_fn(act_fn) -> str | None:
+    """The moeblaze.Ungated fn that `act_fn` computes (to float32 rounding, on float64 points
+    across [-16, 16], 0 among them, and out to +-1e4: a clipped GELU is not a GELU), or None."""
+    far = torch.logspace(1.5, 4, 11, dtype=torch.float64)
+    grid = torch.cat([torch.linspace(-16, 16, 321, dtype=torch.float64), far, -far])
+    try:
+        computed = act_fn(grid).double()
+    except Exception:  # not a function of one tensor
+        return None
+    for fn in UNGATED_FUNCTIONS:
+        if torch.allclose(computed, Ungated(fn).apply(grid), rtol=1e-6, atol=1e-9):
+            return fn
+    return None
 
 
 @functools.cache

@@ -224,6 +224,7 @@ DEFAULT_CONFIG_FAMILIES = (
     "jamba",
     "granitemoehybrid",
     "axk1",
+    "nemotron_h",  # experts without a gate: ReLU² (moeblaze.Ungated)
 )
 # (fields, fields left out) a family needs besides those.
 FAMILY_FIELDS = {
@@ -236,6 +237,11 @@ FAMILY_FIELDS = {
     ),
     "granitemoehybrid": (dict(layer_types=["attention"], mamba_n_heads=2), ()),
     "axk1": ({}, ("head_dim",)),  # its head_dim is its qk_rope_head_dim
+    # One layer, its mixer the MoE (a NemotronH layer is attention, Mamba, MLP or MoE).
+    "nemotron_h": (
+        dict(layers_block_type=["moe"], moe_shared_expert_intermediate_size=16),
+        ("layer_types",),
+    ),
 }
 
 
@@ -299,6 +305,17 @@ def test_family_from_its_default_config_matches_eager(family, monkeypatch):
     _check_matches_eager(family, _default_config, monkeypatch)
 
 
+def test_nemotron_h_latent_moe_matches_eager(monkeypatch):
+    # Nemotron 3's latent MoE: the block projects tokens to moe_latent_size before its ReLU²
+    # experts (which then work on [T, L]) and back after.
+    def latent_config(family):
+        config = _default_config(family)
+        config.moe_latent_size = 8
+        return config
+
+    _check_matches_eager("nemotron_h", latent_config, monkeypatch)
+
+
 def _check_matches_eager(family, make_config, monkeypatch):
     """The family's model from `make_config(family)` with "moeblaze" against "eager"."""
     model, eager = _models(family, make_config=make_config)
@@ -310,7 +327,8 @@ def _check_matches_eager(family, make_config, monkeypatch):
     assert policies == ["activation"] * model.config.num_hidden_layers, "moeblaze did not run"
     expected = _step(eager, input_ids)
     assert actual.keys() == expected.keys()
-    assert any("gate_up_proj" in name for name in actual), "no expert weight got a gradient"
+    experts = ("gate_up_proj", "experts.up_proj")  # the latter without a gate
+    assert any(e in name for name in actual for e in experts), "no expert weight got a gradient"
     for name, value in expected.items():
         if name not in ZERO_IN_EAGER.get(family, ()):
             assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see it"
@@ -372,8 +390,8 @@ def test_expert_parallel_sentinels(monkeypatch):
         (
             "nemotron_h",
             "NemotronHConfig",
-            dict(n_routed_experts=4, moe_intermediate_size=16),
-            ["no gate projection", "ReLUSquared"],
+            dict(n_routed_experts=4, moe_intermediate_size=16, mlp_hidden_act="sigmoid"),
+            ["Sigmoid() (without a gate), which no moeblaze.Ungated is"],
         ),
         (
             "mixtral",
@@ -397,6 +415,27 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
     for text in [experts_class, f"model family {family!r}", *missing]:
         assert text in message, f"{text!r} not in: {message}"
     assert "_apply_gate" not in message  # the gates moeblaze knows are not named
+
+
+@pytest.mark.parametrize(
+    ("name", "fn"),
+    [
+        ("relu2", "relu2"),  # NemotronH's
+        ("gelu", "gelu"),
+        ("gelu_new", "gelu_tanh"),  # the tanh form written out
+        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("gelu_fast", "gelu_tanh"),
+        ("relu", "relu"),
+        ("silu", "silu"),
+        ("quick_gelu", None),
+        ("gelu_10", None),  # clipped at 10
+        ("sigmoid", None),
+    ],
+)
+def test_ungated_activation_is_found_by_what_act_fn_computes(name, fn):
+    from transformers.activations import ACT2FN
+
+    assert hf._ungated_fn(ACT2FN[name]) == fn
 
 
 def _experts_pair(family: str, config_class: str, **fields):
@@ -499,7 +538,6 @@ EXPERTS_REFUSED = {
     "Gemma4TextExperts": "where moeblaze computes SiLU",
     "Inkling2Experts": "their own gate activation Inkling2Experts._apply_gate",
     "MuseSparkExperts": "a norm after each expert",
-    "NemotronHExperts": "no gate projection",
 }
 
 
@@ -548,7 +586,7 @@ def test_custom_gate_experts_match_eager(family):
     # GptOssExperts clamps too, with quick GELU on gate and up interleaved, and has biases.
     make, activation = CUSTOM_GATE_EXPERTS[family]
     experts = make(limit=activation.limit)
-    assert hf._swiglu_of(experts[1]) == (activation, None)
+    assert hf._activation_of(experts[1]) == (activation, None)
     x, ids, weights = _experts_inputs()
     (w13, _), (b13, _) = hf.expert_weights(experts[1]), hf.expert_biases(experts[1])
     pre = torch.einsum("td,efd->tef", x, w13) + (0 if b13 is None else b13)  # every expert
