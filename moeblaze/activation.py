@@ -31,6 +31,7 @@ dense SwiGLUMLP run.
 """
 
 import dataclasses
+import functools
 import math
 from typing import ClassVar
 
@@ -219,6 +220,27 @@ def activation_of(
     if kind == "swiglu":
         return SwiGLU(alpha, limit, up_offset, interleaved)
     return Ungated(kind)
+
+
+@functools.cache
+def ungated_computing(fn) -> Ungated | None:
+    """The Ungated that computes the elementwise function `fn` (an integration's activation
+    module or function), found by evaluating it: to float32 rounding on float64 points across
+    [-16, 16], 0 among them, and out to +-1e4 (a clipped GELU is not a GELU); None if none does
+    (or `fn` is not a function of one tensor)."""
+    far = torch.logspace(1.5, 4, 11, dtype=torch.float64)
+    grid = torch.cat([torch.linspace(-16, 16, 321, dtype=torch.float64), far, -far])
+    try:
+        computed = fn(grid)
+    except Exception:
+        return None
+    for name in UNGATED_FUNCTIONS:
+        activation = Ungated(name)
+        if torch.is_tensor(computed) and torch.allclose(
+            computed.double(), activation.apply(grid), rtol=1e-6, atol=1e-9
+        ):
+            return activation
+    return None
 
 
 def check_activation(activation) -> None:

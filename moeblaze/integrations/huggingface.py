@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 import moeblaze
-from moeblaze.activation import SWIGLU, UNGATED_FUNCTIONS, Activation, SwiGLU, Ungated
+from moeblaze.activation import SWIGLU, Activation, SwiGLU, ungated_computing
 
 try:
     from transformers.activations import SiLUActivation
@@ -189,10 +189,10 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     cls = type(experts)
     act = getattr(experts, "act_fn", None)
     if not experts.has_gate:
-        fn = _ungated_fn(act)
-        if fn is None:
+        activation = ungated_computing(act)
+        if activation is None:
             return None, f"the activation {act!r} (without a gate), which no moeblaze.Ungated is"
-        return Ungated(fn), None
+        return activation, None
     # A transformers without this default would make every gate "custom": loud, never wrong.
     if cls._apply_gate is getattr(hf_moe, "_default_apply_gate", None):
         if isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu:
@@ -209,22 +209,6 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
         f"their own gate activation {cls.__name__}._apply_gate{known}, which no "
         f"moeblaze.SwiGLU computes (for example a soft-capped SwiGLU)"
     )
-
-
-@functools.cache
-def _ungated_fn(act_fn) -> str | None:
-    """The moeblaze.Ungated fn that `act_fn` computes (to float32 rounding, on float64 points
-    across [-16, 16], 0 among them, and out to +-1e4: a clipped GELU is not a GELU), or None."""
-    far = torch.logspace(1.5, 4, 11, dtype=torch.float64)
-    grid = torch.cat([torch.linspace(-16, 16, 321, dtype=torch.float64), far, -far])
-    try:
-        computed = act_fn(grid).double()
-    except Exception:  # not a function of one tensor
-        return None
-    for fn in UNGATED_FUNCTIONS:
-        if torch.allclose(computed, Ungated(fn).apply(grid), rtol=1e-6, atol=1e-9):
-            return fn
-    return None
 
 
 @functools.cache

@@ -57,7 +57,10 @@ lacks) or `ValueError` (an invalid value) naming every offending field with its 
 The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
 glu_linear_offset)` with gate' and up' clamped at `activation_func_clamp_value`, for
 `activation_func` F.silu or quick_gelu: `moeblaze.SwiGLU(alpha, limit, up_offset)` (GPT-OSS's
-settings are quick_gelu, 7.0 and 1.0, with `add_bias_linear=True`).
+settings are quick_gelu, 7.0 and 1.0, with `add_bias_linear=True`). With
+`gated_linear_unit=False` they compute `activation_func(fc1(x))` (Megatron ignores the clamp and
+the offset there): `moeblaze.Ungated`, for an `activation_func` that computes F.gelu (the
+default), squared_relu (Nemotron), F.relu, F.silu or GELU's tanh form; fc1 is then [F, h].
 
 `add_bias_linear=True` (megatron-core's default) gives the router's logits a bias `router.bias
 [E]` and each expert `b13 [E, 2F]` (fc1's, added before the GLU) and `b2 [E, h]` (fc2's, weighted
@@ -172,7 +175,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
-from moeblaze.activation import SwiGLU
+from moeblaze.activation import Activation, ungated_computing
 from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
 from moeblaze.layers import MoEBlock, SwiGLUMLP, swiglu_mlp
 from moeblaze.ops import moe_mlp
@@ -282,7 +285,7 @@ class LayerOptions:
     context_parallel_size: int  # ranks holding chunks of one sequence (context parallel)
     sequence_parallel: bool
     bias: bool  # router and expert biases (add_bias_linear)
-    activation: moeblaze.SwiGLU  # the GLU of the routed and shared experts
+    activation: Activation  # the GLU (or ungated function) of the routed and shared experts
     recompute: str  # moeblaze.moe_mlp's policy
     recompute_shared_expert: bool
     params_dtype: torch.dtype
@@ -379,11 +382,7 @@ def layer_options(config) -> LayerOptions:
         context_parallel_size=cfg["context_parallel_size"] or 1,
         sequence_parallel=bool(cfg["sequence_parallel"]),
         bias=bool(cfg["add_bias_linear"]),
-        activation=moeblaze.SwiGLU(
-            alpha=_glu_alpha(cfg["activation_func"]),
-            limit=cfg["activation_func_clamp_value"],
-            up_offset=cfg["glu_linear_offset"],
-        ),
+        activation=_activation(cfg),
         recompute=recompute,
         recompute_shared_expert=selective and "shared_experts" in recompute_modules,
         params_dtype=cfg["params_dtype"],
@@ -559,7 +558,7 @@ class MoELayer(MoEBlock):
         for local, seed in self.expert_seeds():
             with _seeded(self.w13.device, seed):  # drawn whole, then cut into shards
                 for method, name, shape in (
-                    (init_method, "w13", (2 * f, d)),
+                    (init_method, "w13", (self.activation.pre_width(f), d)),
                     (output_init_method, "w2", (d, f)),
                 ):
                     if method is not None:
@@ -708,8 +707,10 @@ class MoELayer(MoEBlock):
             tp = (tp_rank, _group_size(self.tp_group))
             splits["shared_expert.gate_up.weight"] = ([(1, *tp)], (0, 0, dp_rank))
             splits["shared_expert.down.weight"] = ([(1, *tp)], (0, 0, dp_rank))
-        # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits.
+        # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits (ungated: F).
         glu_axes = {"w13": 1, "b13": 1, "shared_expert.gate_up.weight": 0}
+        if not self.activation.gated:
+            glu_axes = {}
         sharded = {}
         for name, tensor in self.state_dict(keep_vars=True).items():
             key = f"{prefix}{name}"
@@ -758,7 +759,9 @@ class MoELayer(MoEBlock):
         layer built with `add_bias_linear=False` or missing from one built with it. Returns what
         `load_state_dict` returns.
         """
-        converted, used = _expert_params(state_dict, self.w13.shape[0], "experts.")
+        converted, used = _expert_params(
+            state_dict, self.w13.shape[0], "experts.", self.activation.gated
+        )
         if strict and ("b13" in converted) != (self.b13 is not None):
             raise ValueError(
                 f"this layer was built with add_bias_linear={self.b13 is not None} but the "
@@ -859,12 +862,16 @@ def _megatron_group(pg_collection, name: str, size: int):
 
 
 def megatron_expert_weights(
-    state_dict: Mapping[str, torch.Tensor], num_experts: int, prefix: str = "experts."
+    state_dict: Mapping[str, torch.Tensor],
+    num_experts: int,
+    prefix: str = "experts.",
+    gated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(w13 [E, 2F, h], w2 [E, h, F]) from the experts of a megatron-core MoE layer's state dict.
 
     Reads any of these layouts (keys under `prefix`; no tensor or expert parallelism; gated
-    experts, whose fc1 output is [gate, up], as Megatron's `glu` chunks it):
+    experts, whose fc1 output is [gate, up], as Megatron's `glu` chunks it; with
+    `gated=False`, experts of `gated_linear_unit=False`, whose fc1 is [F, h] and w13 [E, F, h]):
 
         SequentialMLP  local_experts.{e}.linear_fc1.weight [2F, h], .linear_fc2.weight [h, F]
         TEGroupedMLP   linear_fc1.weight{e} [2F, h], linear_fc2.weight{e} [h, F]
@@ -875,7 +882,7 @@ def megatron_expert_weights(
     `linear_fc1.bias{e}`) raise ValueError here, lest they be dropped: read them with
     `megatron_expert_params`.
     """
-    params, _ = _expert_params(state_dict, num_experts, prefix)
+    params, _ = _expert_params(state_dict, num_experts, prefix, gated)
     if "b13" in params:
         raise ValueError(
             "the Megatron experts have biases (add_bias_linear=True), which (w13, w2) would "
@@ -885,16 +892,19 @@ def megatron_expert_weights(
 
 
 def megatron_expert_params(
-    state_dict: Mapping[str, torch.Tensor], num_experts: int, prefix: str = "experts."
+    state_dict: Mapping[str, torch.Tensor],
+    num_experts: int,
+    prefix: str = "experts.",
+    gated: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`{"w13", "w2"}`, plus `"b13" [E, 2F]` and `"b2" [E, h]` for experts with biases: the
     keyword arguments of `moeblaze.moe_mlp` (and the parameter names of `moeblaze.MoELayer`),
-    read from any layout `megatron_expert_weights` reads."""
-    params, _ = _expert_params(state_dict, num_experts, prefix)
+    read from any layout `megatron_expert_weights` reads (`gated` as there)."""
+    params, _ = _expert_params(state_dict, num_experts, prefix, gated)
     return params
 
 
-def _expert_params(state_dict, num_experts, prefix):
+def _expert_params(state_dict, num_experts, prefix, gated):
     """megatron_expert_params, plus the set of keys it read."""
     sequential = f"{prefix}local_experts.{{e}}.linear_fc{{i}}.{{what}}"
     te_grouped = f"{prefix}linear_fc{{i}}.{{what}}{{e}}"
@@ -912,7 +922,7 @@ def _expert_params(state_dict, num_experts, prefix):
         if missing:
             raise ValueError(f"num_experts={num_experts} but the state_dict lacks {missing}")
         params = {name: torch.stack([state_dict[k] for k in ks]) for name, ks in keys.items()}
-        _check_expert_shapes(params, {name: ks[0] for name, ks in keys.items()})
+        _check_expert_shapes(params, {name: ks[0] for name, ks in keys.items()}, gated)
         return params, {k for ks in keys.values() for k in ks}
     weight1, weight2 = f"{prefix}weight1", f"{prefix}weight2"
     if weight1 in state_dict and weight2 in state_dict:
@@ -924,13 +934,14 @@ def _expert_params(state_dict, num_experts, prefix):
                 f"first dim), got shape {tuple(w2_flat.shape)}"
             )
         ffn = w2_flat.shape[0] // num_experts
-        if tuple(w1.shape) != (hidden, num_experts * 2 * ffn):
+        width, rows = (2 * ffn, "2F") if gated else (ffn, "F")
+        if tuple(w1.shape) != (hidden, num_experts * width):
             raise ValueError(
-                f"{weight1} must be [h, E*2F] = {(hidden, num_experts * 2 * ffn)} for gated "
-                f"experts, got shape {tuple(w1.shape)}"
+                f"{weight1} must be [h, E*{rows}] = {(hidden, num_experts * width)} for "
+                f"{'gated' if gated else 'ungated'} experts, got shape {tuple(w1.shape)}"
             )
         # GroupedMLP.forward reads weight1.view(E, h, -1) and weight2.view(E, -1, h).
-        w13 = w1.view(num_experts, hidden, 2 * ffn).transpose(1, 2)  # [E, 2F, h]
+        w13 = w1.view(num_experts, hidden, width).transpose(1, 2)  # [E, 2F (F), h]
         w2 = w2_flat.view(num_experts, ffn, hidden).transpose(1, 2)  # [E, h, F]
         return {"w13": w13, "w2": w2}, {weight1, weight2}
     raise ValueError(
@@ -941,14 +952,16 @@ def _expert_params(state_dict, num_experts, prefix):
     )
 
 
-def _check_expert_shapes(params, keys):
-    """Gated experts: w13 [E, 2F, h], w2 [E, h, F] (and b13 [E, 2F], b2 [E, h]); `keys` names
-    each tensor's first key, for the error."""
+def _check_expert_shapes(params, keys, gated):
+    """Gated experts: w13 [E, 2F, h], w2 [E, h, F] (and b13 [E, 2F], b2 [E, h]); ungated: w13
+    [E, F, h]; `keys` names each tensor's first key, for the error."""
     w13, w2 = params["w13"], params["w2"]
-    if w13.shape[1] % 2 or w2.shape[1:] != (w13.shape[2], w13.shape[1] // 2):
+    ffn, rows = (w13.shape[1] // 2, "2F") if gated else (w13.shape[1], "F")
+    if (gated and w13.shape[1] % 2) or w2.shape[1:] != (w13.shape[2], ffn):
         raise ValueError(
-            f"{keys['w13']} must be [2F, h] and {keys['w2']} [h, F] for gated experts, got "
-            f"{tuple(w13.shape[1:])} and {tuple(w2.shape[1:])}"
+            f"{keys['w13']} must be [{rows}, h] and {keys['w2']} [h, F] for "
+            f"{'gated' if gated else 'ungated'} experts, got {tuple(w13.shape[1:])} and "
+            f"{tuple(w2.shape[1:])}"
         )
     for name, weight in (("b13", w13), ("b2", w2)):
         if name in params and params[name].shape[1:] != weight.shape[1:2]:
@@ -968,8 +981,8 @@ class TensorParallelSwiGLUMLP(nn.Module):
         (* sigmoid(tokens @ sigmoid_gate.weight^T), on this rank's tokens)
 
     Rank r holds `gate_up.weight [2F/W, h]` (its shard of the gate rows, then of the up rows:
-    Megatron's local fc1 layout), `down.weight [h, F/W]` and the replicated `sigmoid_gate.weight
-    [1, h]`. The weights start as the `overlap` layers start (one matrix drawn alike on every
+    Megatron's local fc1 layout; [F/W, h] for an ungated activation), `down.weight [h, F/W]` and
+    the replicated `sigmoid_gate.weight [1, h]`. The weights start as the `overlap` layers start (one matrix drawn alike on every
     rank, split)."""
 
     def __init__(
@@ -978,14 +991,14 @@ class TensorParallelSwiGLUMLP(nn.Module):
         ffn_hidden_size: int,
         world: DistWorld,
         *,
-        activation: SwiGLU,
+        activation: Activation,
         sigmoid_gate: bool = False,
         dtype=None,
     ):
         super().__init__()
         self.activation = activation
         self.gate_up = ColumnParallelLinear(
-            hidden_size, 2 * ffn_hidden_size, world, bias=False, dtype=dtype
+            hidden_size, activation.pre_width(ffn_hidden_size), world, bias=False, dtype=dtype
         )
         self.down = RowParallelLinear(ffn_hidden_size, hidden_size, world, bias=False, dtype=dtype)
         self.sigmoid_gate = (
@@ -1063,6 +1076,21 @@ def _glu_alpha(fn) -> float | None:
         if torch.is_tensor(values) and torch.allclose(values, expected, rtol=1e-6, atol=1e-9):
             return alpha
     return None
+
+
+def _activation(cfg) -> Activation | None:
+    """The experts' activation: the SwiGLU of Megatron's GLU, or with gated_linear_unit=False the
+    Ungated computing activation_func (which Megatron applies without clamp or offset); None
+    where moeblaze has none."""
+    fn = cfg["activation_func"]
+    if not cfg["gated_linear_unit"]:
+        return ungated_computing(fn)
+    alpha = _glu_alpha(fn)
+    if alpha is None:
+        return None
+    return moeblaze.SwiGLU(
+        alpha=alpha, limit=cfg["activation_func_clamp_value"], up_offset=cfg["glu_linear_offset"]
+    )
 
 
 def _invalid_fields(cfg) -> list[str]:
@@ -1224,12 +1252,13 @@ def _unsupported_fields(cfg) -> list[str]:
         for name, (what, accepted) in _UNSUPPORTED.items()
         if not accepted(cfg[name])
     ]
-    if not cfg["gated_linear_unit"] or _glu_alpha(cfg["activation_func"]) is None:
+    if _activation(cfg) is None:
         act = getattr(cfg["activation_func"], "__name__", repr(cfg["activation_func"]))
         problems.append(
             f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
-            f"(moeblaze experts are SwiGLU: gated_linear_unit=True with activation_func "
-            f"F.silu or quick_gelu)"
+            f"(moeblaze experts are SwiGLU, gated_linear_unit=True with activation_func F.silu "
+            f"or quick_gelu, or ungated, gated_linear_unit=False with activation_func F.gelu, "
+            f"squared_relu, F.relu or F.silu)"
         )
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:

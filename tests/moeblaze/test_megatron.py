@@ -173,8 +173,15 @@ def quick_gelu(y):  # megatron.core.fusions.fused_bias_geglu.quick_gelu
     return y * torch.sigmoid(1.702 * y)
 
 
+def squared_relu(y):  # megatron.core.activations.squared_relu
+    return torch.pow(F.relu(y), 2)
+
+
 def _glu(h, cfg):
-    """Megatron's glu (its MLP and experts): clamp, activation_func(gate) * (up + offset)."""
+    """Megatron's glu (its MLP and experts): clamp, activation_func(gate) * (up + offset); with
+    gated_linear_unit=False, activation_func(h) alone."""
+    if not cfg.gated_linear_unit:
+        return cfg.activation_func(h)
     gate, up = torch.chunk(h, 2, dim=-1)
     if (val := cfg.activation_func_clamp_value) is not None:
         gate, up = gate.clamp(min=None, max=val), up.clamp(min=-val, max=val)
@@ -229,6 +236,20 @@ VARIANTS = {
     # ... with biases in the projections (add_bias_linear), and "moe" recompute.
     "latent_biases_recompute": dict(
         moe_latent_size=8, add_bias_linear=True, moe_layer_recompute=True
+    ),
+    # Experts without a gate (Nemotron's squared ReLU), in the shared expert too; the clamp and
+    # offset, which Megatron applies only to a GLU, change nothing.
+    "ungated_squared_relu_shared": dict(
+        gated_linear_unit=False,
+        activation_func=squared_relu,
+        activation_func_clamp_value=0.2,
+        glu_linear_offset=1.0,
+        moe_shared_expert_intermediate_size=SHARED,
+        moe_layer_recompute=True,
+    ),
+    # megatron-core's default MLP: GELU without a gate, with add_bias_linear=True.
+    "ungated_gelu_biases": dict(
+        gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True
     ),
     # GPT-OSS in Megatron: its GLU with add_bias_linear=True (router and expert biases), and
     # the aux loss, which sees the biased logits.
@@ -338,9 +359,14 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["moe_expert_capacity_factor=1.5 needs moe_router_load_balancing_type aux_loss"],
         ),
         (
-            dict(gated_linear_unit=False, activation_func=F.gelu),
+            dict(gated_linear_unit=True, activation_func=F.gelu),  # GeGLU
             NotImplementedError,
-            ["gated_linear_unit=False", "activation_func=gelu"],
+            ["gated_linear_unit=True", "activation_func=gelu"],
+        ),
+        (
+            dict(gated_linear_unit=False, activation_func=torch.sigmoid),
+            NotImplementedError,
+            ["gated_linear_unit=False", "activation_func=sigmoid"],
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
         (
@@ -519,6 +545,32 @@ def test_load_grouped_layouts(layout):
         assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
 
 
+def test_load_ungated_grouped_mlp_layout():
+    """GroupedMLP experts of gated_linear_unit=False (weight1 [h, E*F]) load as w13 [E, F, h],
+    against its forward math; read as gated, they are named as the wrong shape."""
+    g = torch.Generator().manual_seed(6)
+    fc1, fc2 = torch.randn(E, FFN, H, generator=g), torch.randn(E, H, FFN, generator=g)
+    weight1 = fc1.transpose(1, 2).reshape(H, E * FFN)  # [h, E*F]
+    weight2 = fc2.transpose(1, 2).reshape(E * FFN, H)  # [E*F, h]
+    state = {"experts.weight1": weight1, "experts.weight2": weight2}
+    state["router.weight"] = torch.randn(E, H, generator=g)
+    layer = mb.MoELayer(_config(gated_linear_unit=False, activation_func=F.gelu))
+    layer.load_megatron_state_dict(state)
+
+    def expert(e, rows):
+        return F.gelu(rows @ weight1.view(E, H, -1)[e]) @ weight2.view(E, -1, H)[e]
+
+    tokens = torch.randn(S * BATCH, H, generator=g)  # [N, h]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(S * BATCH)])  # [N, k]
+    probs = torch.rand(S * BATCH, K, generator=g)  # [N, k]
+    actual = moeblaze.moe_mlp_reference(tokens, ids, probs, layer.w13, layer.w2, layer.activation)
+    assert_close(actual, _glu_experts(tokens, ids, probs, expert), rtol=RTOL, name="grouped_mlp")
+    w13, w2 = mb.megatron_expert_weights(state, E, gated=False)
+    assert torch.equal(w13, layer.w13) and torch.equal(w2, layer.w2)
+    with pytest.raises(ValueError, match=r"experts.weight1 must be \[h, E\*2F\] .* for gated"):
+        mb.megatron_expert_weights(state, E)
+
+
 def test_load_latent_projections():
     """moe_latent_size: Megatron's fc1_latent_proj and fc2_latent_proj (TELinear: weight, bias,
     _extra_state) load by their names, beside experts of the latent size."""
@@ -640,10 +692,15 @@ def _transformer_config(megatron, **fields):
     return TransformerConfig(**{**base, **fields})
 
 
-@pytest.mark.parametrize("biases", [False, True], ids=["gated_shared_expert", "add_bias_linear"])
-def test_megatron_sequential_mlp_state_dict(megatron, biases):
+@pytest.mark.parametrize(
+    ("biases", "ungated"),
+    [(False, False), (True, False), (True, True)],
+    ids=["gated_shared_expert", "add_bias_linear", "ungated_gelu_add_bias_linear"],
+)
+def test_megatron_sequential_mlp_state_dict(megatron, biases, ungated):
     """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees; with
-    add_bias_linear=True, its experts' biases (set to random values) too."""
+    add_bias_linear=True, its experts' biases (set to random values) too; with
+    gated_linear_unit=False (megatron-core's default GELU experts), fc1 [F, h]."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -654,6 +711,8 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
         if biases
         else dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True)
     )
+    if ungated:
+        fields |= dict(gated_linear_unit=False, activation_func=F.gelu)
     config = _transformer_config(megatron, **fields)
     group = torch.distributed.group.WORLD
     groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
@@ -696,8 +755,9 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases):
             tokens[token], torch.bincount(ids.flatten(), minlength=E), probs[token, slot]
         )
     expected = torch.zeros_like(tokens).index_add_(0, token, rows)
+    assert layer.w13.shape[1] == (FFN if ungated else 2 * FFN)
     actual = moeblaze.moe_mlp_reference(
-        tokens, ids, probs, layer.w13, layer.w2, b13=layer.b13, b2=layer.b2
+        tokens, ids, probs, layer.w13, layer.w2, layer.activation, b13=layer.b13, b2=layer.b2
     )
     assert_close(actual.detach(), expected, rtol=RTOL, name="SequentialMLP forward")
 
@@ -805,15 +865,15 @@ def test_device_limited_routing_is_group_limited_routing(megatron):
         mb.layer_options(_config(**fields, moe_router_num_groups=2, moe_router_group_topk=2))
 
 
-def test_megatron_default_config_is_rejected(megatron):
-    """megatron-core's default GeLU MLP is not SwiGLU experts: named in the error. Its default
-    add_bias_linear=True is supported, so the error does not name it."""
+def test_megatron_default_config_has_ungated_gelu_experts(megatron):
+    """megatron-core's defaults (GeLU MLP without a gate, add_bias_linear=True) build a layer
+    of moeblaze.Ungated("gelu") experts with fc1 [F, h] and biases."""
     config = _transformer_config(
         megatron, add_bias_linear=True, gated_linear_unit=False, activation_func=F.gelu
     )
-    with pytest.raises(NotImplementedError, match="gated_linear_unit=False") as raised:
-        mb.MoELayer(config)
-    assert "add_bias_linear" not in str(raised.value)
+    layer = mb.MoELayer(config)
+    assert layer.activation == moeblaze.Ungated("gelu")
+    assert layer.w13.shape == (E, FFN, H) and layer.b13.shape == (E, FFN)
 
 
 ROUTINGS = {
