@@ -696,21 +696,22 @@ class MoELayer(MoEBlock):
         ep, etp = (_rank(self.group), _group_size(self.group)), self.ffn_shard
         expert_replica = (0, 0, _rank(self.expert_data_group))
         num_axes = len(sharded_offsets)
+        # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits; an ungated
+        # one's F axis splits as it is.
+        gated = self.activation.gated
+        glu_axes = {"w13": 1, "b13": 1, "shared_expert.gate_up.weight": 0} if gated else {}
+        glu = int(gated)  # the stored F axis's shift
         # name: (its split axes of the stored shape, (axis, rank, ranks) each; replica id)
         splits = {
-            "w13": ([(0, *ep), (2, *etp)], expert_replica),
+            "w13": ([(0, *ep), (1 + glu, *etp)], expert_replica),
             "w2": ([(0, *ep), (2, *etp)], expert_replica),
-            "b13": ([(0, *ep), (2, *etp)], expert_replica),
+            "b13": ([(0, *ep), (1 + glu, *etp)], expert_replica),
             "b2": ([(0, *ep)], (0, etp[0], expert_replica[2])),  # whole on the ETP ranks
         }
         if isinstance(self.shared_expert, TensorParallelSwiGLUMLP):
             tp = (tp_rank, _group_size(self.tp_group))
-            splits["shared_expert.gate_up.weight"] = ([(1, *tp)], (0, 0, dp_rank))
+            splits["shared_expert.gate_up.weight"] = ([(glu, *tp)], (0, 0, dp_rank))
             splits["shared_expert.down.weight"] = ([(1, *tp)], (0, 0, dp_rank))
-        # The 2F axis of a gate/up tensor, stored as (2, F) so that its F splits (ungated: F).
-        glu_axes = {"w13": 1, "b13": 1, "shared_expert.gate_up.weight": 0}
-        if not self.activation.gated:
-            glu_axes = {}
         sharded = {}
         for name, tensor in self.state_dict(keep_vars=True).items():
             key = f"{prefix}{name}"

@@ -41,13 +41,20 @@ PADDING = (torch.arange(S) % 2 == 1).expand(BATCH, S)
 
 
 # The models compared: a gated shared expert and no biases, or biases and no shared expert
-# (Megatron's shared experts have none), or that with experts on a latent projection.
+# (Megatron's shared experts have none), or that with experts on a latent projection, or
+# squared-ReLU experts without a gate (and such a shared expert).
 LATENT = 8
 MODELS = {
     "shared": dict(moe_shared_expert_intermediate_size=SHARED, add_bias_linear=False),
     "biases": dict(moe_shared_expert_intermediate_size=None, add_bias_linear=True),
     "latent": dict(
         moe_shared_expert_intermediate_size=None, add_bias_linear=True, moe_latent_size=LATENT
+    ),
+    "ungated": dict(
+        moe_shared_expert_intermediate_size=SHARED,
+        add_bias_linear=False,
+        gated_linear_unit=False,
+        activation_func=lambda y: torch.relu(y) ** 2,  # Megatron's squared_relu
     ),
 }
 
@@ -58,6 +65,8 @@ def _config(model="shared", **fields):
     fields = {
         "init_method": functools.partial(torch.nn.init.normal_, std=0.02),
         "output_layer_init_method": functools.partial(torch.nn.init.normal_, std=0.01),
+        "gated_linear_unit": True,
+        "activation_func": torch.nn.functional.silu,
         **MODELS[model],
         **fields,
     }
@@ -70,8 +79,6 @@ def _config(model="shared", **fields):
         moe_aux_loss_coeff=[1e-1, 2e-1, 5e-2],
         moe_z_loss_coeff=1e-2,
         moe_shared_expert_gate=True,
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
         **fields,
     )
 
@@ -85,6 +92,7 @@ TP_EP = dict(
 CONFIGS = {
     "expert_tensor_parallel": (dict(tensor_model_parallel_size=W), TP_SP, "shared"),
     "expert_tensor_parallel_biases": (dict(tensor_model_parallel_size=W), TP_SP, "biases"),
+    "expert_tensor_parallel_ungated": (dict(tensor_model_parallel_size=W), TP_SP, "ungated"),
     "tensor_sequence_parallel": (
         dict(tensor_model_parallel_size=W, expert_tensor_parallel_size=1),
         dict(tensor_model_parallel_size=W, expert_tensor_parallel_size=1, sequence_parallel=True),
@@ -115,12 +123,12 @@ def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
     shards)."""
     # The router and the latent projections, replicated.
     state = {k: v for k, v in trained.items() if k.startswith(("router.", "fc"))}
-    split = layer.etp_group is not None
+    split, gated = layer.etp_group is not None, layer.activation.gated
     for i, e in enumerate(range(layer.experts.start, layer.experts.stop)):
         for ours, fc, what in (("w13", 1, "weight"), ("w2", 2, "weight"), ("b13", 1, "bias")):
             if ours in trained:
                 whole = trained[ours][e]
-                shard = shard_of(f"fc{fc}", whole, layer.etp_group) if split else whole
+                shard = shard_of(f"fc{fc}", whole, layer.etp_group, gated) if split else whole
                 state[f"experts.linear_fc{fc}.{what}{i}"] = shard
         if "b2" in trained:
             state[f"experts.linear_fc2.bias{i}"] = trained["b2"][e]
@@ -128,7 +136,7 @@ def _rank_state(trained, layer) -> dict[str, torch.Tensor]:
         gate_up = trained["shared_expert.gate_up.weight"]
         down = trained["shared_expert.down.weight"]
         if layer.tp_group is not None:
-            gate_up = shard_of("fc1", gate_up, layer.tp_group)
+            gate_up = shard_of("fc1", gate_up, layer.tp_group, gated)
             down = shard_of("fc2", down, layer.tp_group)
         state["shared_experts.linear_fc1.weight"] = gate_up
         state["shared_experts.linear_fc2.weight"] = down
@@ -161,7 +169,7 @@ def mb():
 def _check_checkpoint(layer, trained, where):
     """The layer's `sharded_state_dict` (megatron-core distributed checkpointing): the main
     replicas of all ranks tile each whole tensor exactly once, and their pieces are the
-    one-rank layer's (w13, b13 and the shared gate_up stored with their 2F axis as (2, F));
+    one-rank layer's (w13, b13 and the shared gate_up of a GLU stored with their 2F axis as (2, F));
     a factory's tensor comes back from what it builds."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, is_main_replica
 
@@ -188,7 +196,7 @@ def _check_checkpoint(layer, trained, where):
         key = f"mlp.{name}"
         assert (covered[key] == 1).all(), f"{where}: {key} not tiled once by the main replicas"
         assert torch.equal(wholes[key].flatten(), want.flatten()), f"{where}: {key}"
-        glu = name in ("w13", "b13", "shared_expert.gate_up.weight")
+        glu = layer.activation.gated and name in ("w13", "b13", "shared_expert.gate_up.weight")
         assert wholes[key].dim() == want.dim() + glu, f"{where}: {key} shape"
 
 
@@ -244,6 +252,7 @@ def _check_run(config, rank, trained, x, dout, expected):
             dist.all_reduce(share)
             assert_close(share, expected[loss].float(), rtol=RTOL, name=f"{where}: {loss}")
         tp, split = layer.tp_group is not None, layer.etp_group is not None
+        gated = layer.activation.gated
         for pname, p in layer.named_parameters():
             want = expected[pname]
             expert = pname in ("w13", "w2", "b13", "b2")
@@ -251,9 +260,9 @@ def _check_run(config, rank, trained, x, dout, expected):
                 want = want[layer.experts]
                 assert getattr(p, "allreduce", True) is not (tp or layer.group is not None), pname
             if split and pname in ("w13", "b13", "w2"):  # this rank's shards, complete
-                grad, want = p.grad, expert_shard(pname, want, layer.etp_group)
+                grad, want = p.grad, expert_shard(pname, want, layer.etp_group, gated)
             elif tp and pname == "shared_expert.gate_up.weight":  # this rank's shard, complete
-                grad, want = p.grad, shard_of("fc1", want, layer.tp_group)
+                grad, want = p.grad, shard_of("fc1", want, layer.tp_group, gated)
             elif tp and pname == "shared_expert.down.weight":
                 grad, want = p.grad, shard_of("fc2", want, layer.tp_group)
             elif expert and (layer.group is not None or split):  # sharded experts: complete here
