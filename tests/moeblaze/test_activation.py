@@ -144,15 +144,23 @@ def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name):
     # grad_act's epilogue (Triton) and the torch stage on the same h, whose halves hold values
     # at and around +-limit: the same dh, a and routing-weight gradient.
     activation = ACTIVATIONS[name]
-    T, d, F, E, k = 6, 16, 24, 2, 2  # S = 12 rows of h, F columns per half
-    g = torch.Generator().manual_seed(1)
+    gate, up = _halves_around_the_limit(activation.limit, n=EPILOGUE_F)
+    halves = ((gate, up), (up, gate), (gate.flip(1), up))
+    rows = [activation.join(*pair) for pair in halves]
+    _check_epilogues_agree(activation, torch.cat(rows).float(), seed=1)  # h [S, 2F]
+
+
+EPILOGUE_F = 24
+
+
+def _check_epilogues_agree(activation, h, seed):
+    """grad_act of the kernels (Triton) and of the torch stages on the same h [S = 12, 2F or F]
+    (F = EPILOGUE_F): the same dh, a and routing-weight gradient."""
+    T, d, F, E, k = 6, 16, EPILOGUE_F, 2, 2
+    g = torch.Generator().manual_seed(seed)
     topk_ids = torch.tensor([[0, 1]] * T)
     topk_weights = torch.rand(T, k, generator=g)
     dout, w2 = torch.randn(T, d, generator=g), torch.randn(E, d, F, generator=g) / F**0.5
-    gate, up = _halves_around_the_limit(activation.limit, n=F)
-    halves = ((gate, up), (up, gate), (gate.flip(1), up))
-    rows = [activation.join(*pair) for pair in halves]
-    h = torch.cat(rows).float()  # [S, 2F]
     results = []
     for stages in (TRITON_STAGES, TORCH_STAGES):
         plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
@@ -235,22 +243,9 @@ def test_ungated_apply_is_the_named_function():
 def test_kernel_epilogue_matches_the_torch_stage_around_zero(fn):
     # grad_act's epilogue (Triton, `_ungated`) and the torch stage (Ungated.grad) on the same h
     # [S, F], with values at and around 0 and far out on both sides.
-    activation = Ungated(fn)
-    T, d, F, E, k = 6, 16, 24, 2, 2
-    g = torch.Generator().manual_seed(3)
-    topk_ids = torch.tensor([[0, 1]] * T)
-    topk_weights = torch.rand(T, k, generator=g)
-    dout, w2 = torch.randn(T, d, generator=g), torch.randn(E, d, F, generator=g) / F**0.5
-    h = torch.cat([_around_zero(F), -_around_zero(F).flip(1), _around_zero(F) / 8])[: T * k]
-    h = h.float()  # [S, F]
-    results = []
-    for stages in (TRITON_STAGES, TORCH_STAGES):
-        plan = build_routing_plan(topk_ids, E, block_m=stages.block_m(T * k, E))
-        results.append(
-            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=activation)
-        )
-    for what, a, e in zip(("dh", "dtopk_weights", "a"), *results, strict=True):
-        assert_close(a, e, rtol=1e-6, name=what)
+    pre = _around_zero(EPILOGUE_F)  # [4, F]
+    h = torch.cat([pre, -pre.flip(1), pre / 8]).float()  # [S = 12, F]
+    _check_epilogues_agree(Ungated(fn), h, seed=3)
 
 
 @pytest.mark.parametrize("fn", UNGATED_FUNCTIONS)
