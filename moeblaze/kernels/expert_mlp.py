@@ -256,9 +256,8 @@ def _ungated(pre, ACT: tl.constexpr):
         relu = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
         act = relu * relu
         slope = 2.0 * relu
-    elif (
-        ACT == "gelu"
-    ):  # Phi(x) = 0.5 * (1 + erf(x / sqrt(2))), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    elif ACT == "gelu":
+        # Phi(x) = 0.5 * (1 + erf(x / sqrt(2))), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
         cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
         act = pre * cdf
         slope = cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
