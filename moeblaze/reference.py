@@ -279,10 +279,14 @@ def router_topk_reference(
     other group scores: Megatron's softmax without pre-softmax).
     """
     check_selection_options(
-        logits.shape[-1], top_k, score_func, num_groups, topk_groups, group_score_topk
+        logits.shape[-1],
+        top_k,
+        score_func,
+        num_groups,
+        topk_groups,
+        group_score_topk,
+        group_score_from,
     )
-    if group_score_from not in GROUP_SCORE_FROM:
-        raise ValueError(f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}")
     scores = router_scores(logits, score_func)  # [N, E]
     ranked = logits if group_score_from == "logits" else scores
     topk_ids = select_experts(
@@ -347,11 +351,19 @@ def default_group_score_topk(score_func: str, group_size: int) -> int:
 
 
 def check_selection_options(
-    num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk=None
+    num_experts,
+    top_k,
+    score_func,
+    num_groups,
+    topk_groups,
+    group_score_topk=None,
+    group_score_from="scores",
 ) -> None:
     """The options of an expert selection that fit `num_experts` experts (ValueError if not)."""
     if score_func not in SCORE_FUNCS:
         raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
+    if group_score_from not in GROUP_SCORE_FROM:
+        raise ValueError(f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}")
     if top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
     if top_k > num_experts:

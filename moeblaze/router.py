@@ -36,7 +36,6 @@ from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
-    GROUP_SCORE_FROM,
     check_selection_options,
     default_group_score_topk,
     router_scores,
@@ -227,16 +226,13 @@ class Router(nn.Module):
             num_groups,
             topk_groups,
             group_score_topk,
+            group_score_from,
             aux_loss_coeff,
             seq_aux_loss_coeff,
             global_aux_loss_coeff,
             z_loss_coeff,
             topk_scaling_factor,
         )
-        if group_score_from not in GROUP_SCORE_FROM:
-            raise ValueError(
-                f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}"
-            )
         if group_score_from == "logits" and expert_bias:
             raise ValueError(
                 'group_score_from="logits" with expert_bias=True: the expert bias is added to '
@@ -771,6 +767,7 @@ def _check_options(
     num_groups,
     topk_groups,
     group_score_topk,
+    group_score_from,
     aux_coeff,
     seq_aux_coeff,
     global_aux_coeff,
@@ -782,7 +779,7 @@ def _check_options(
     if num_experts < 1:
         raise ValueError(f"num_experts={num_experts} must be >= 1")
     check_selection_options(
-        num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk
+        num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk, group_score_from
     )
     coeffs = (
         ("aux_loss_coeff", aux_coeff),
