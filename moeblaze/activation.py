@@ -222,25 +222,31 @@ def activation_of(
     return Ungated(kind)
 
 
-@functools.cache
-def ungated_computing(fn) -> Ungated | None:
-    """The Ungated that computes the elementwise function `fn` (an integration's activation
-    module or function), found by evaluating it: to float32 rounding on float64 points across
-    [-16, 16], 0 among them, and out to +-1e4 (a clipped GELU is not a GELU); None if none does
-    (or `fn` is not a function of one tensor)."""
+def identify(fn, candidates: dict):
+    """The first key of `candidates` ({key: elementwise torch function}) whose function computes
+    what the elementwise function `fn` (an integration's activation module or function)
+    computes, found by evaluating both: to float32 rounding on float64 points across [-16, 16],
+    0 among them, and out to +-1e4 (a clipped GELU is not a GELU); None if none does (or `fn` is
+    not a function of one tensor)."""
     far = torch.logspace(1.5, 4, 11, dtype=torch.float64)
     grid = torch.cat([torch.linspace(-16, 16, 321, dtype=torch.float64), far, -far])
     try:
         computed = fn(grid)
     except Exception:
         return None
-    for name in UNGATED_FUNCTIONS:
-        activation = Ungated(name)
-        if torch.is_tensor(computed) and torch.allclose(
-            computed.double(), activation.apply(grid), rtol=1e-6, atol=1e-9
-        ):
-            return activation
+    if not torch.is_tensor(computed):
+        return None
+    for key, candidate in candidates.items():
+        if torch.allclose(computed.double(), candidate(grid), rtol=1e-6, atol=1e-9):
+            return key
     return None
+
+
+@functools.cache
+def ungated_computing(fn) -> Ungated | None:
+    """The Ungated that computes the elementwise function `fn` (`identify`), or None."""
+    ungated = (Ungated(name) for name in UNGATED_FUNCTIONS)
+    return identify(fn, {activation: activation.apply for activation in ungated})
 
 
 def check_activation(activation) -> None:

@@ -175,7 +175,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
-from moeblaze.activation import Activation, ungated_computing
+from moeblaze.activation import Activation, identify, ungated_computing
 from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
 from moeblaze.layers import MoEBlock, SwiGLUMLP, swiglu_mlp
 from moeblaze.ops import moe_mlp
@@ -1065,18 +1065,10 @@ GLU_ALPHAS = {"silu": 1.0, "quick_gelu": 1.702}
 
 def _glu_alpha(fn) -> float | None:
     """SwiGLU's alpha for Megatron's `activation_func` (F.silu: 1.0, quick_gelu: 1.702), found
-    by evaluating it, so that any function computing one of them is recognised; None for
-    others."""
-    y = torch.linspace(-8.0, 8.0, 33, dtype=torch.float64)
-    try:
-        values = fn(y)
-    except Exception:  # not an elementwise torch function
-        return None
-    for alpha in GLU_ALPHAS.values():
-        expected = y * torch.sigmoid(alpha * y)
-        if torch.is_tensor(values) and torch.allclose(values, expected, rtol=1e-6, atol=1e-9):
-            return alpha
-    return None
+    by evaluating it (`moeblaze.activation.identify`), so that any function computing one of
+    them is recognised; None for others."""
+    glus = {alpha: (lambda y, a=alpha: y * torch.sigmoid(a * y)) for alpha in GLU_ALPHAS.values()}
+    return identify(fn, glus)
 
 
 def _activation(cfg) -> Activation | None:
