@@ -7,6 +7,7 @@ by index and write the weighted top-k combine straight into the [T, d] output.
     kernels/         Triton kernels, each file with its launcher (routing plan, expert MLP)
     reference.py     the same computations in plain torch: the test oracle and the torch backend
     activation.py    SwiGLU: the experts' gated activation (plain, clamped, quick-GELU);
+                     Gated: a GLU with another gate function (GeGLU, ...);
                      Ungated: experts without a gate (ReLU², GELU, ...)
     routing_plan.py  the plan (RoutingPlan) and its builder
     ops.py           moe_mlp: torch.library ops with autograd
@@ -23,7 +24,7 @@ says what runs and why.
 
 from kernelbase import __version__, info, set_backend, use_backend
 from kernelbase.deferred import check as check_errors
-from moeblaze.activation import SwiGLU, Ungated
+from moeblaze.activation import Gated, SwiGLU, Ungated
 from moeblaze.expert_parallel import ExpertParallelMoELayer, expert_parallel_mlp
 from moeblaze.layers import MoELayer, SwiGLUMLP
 from moeblaze.ops import RECOMPUTE_POLICIES, moe_mlp
@@ -36,6 +37,7 @@ __all__ = [
     "RECOMPUTE_POLICIES",
     "__version__",
     "ExpertParallelMoELayer",
+    "Gated",
     "MoELayer",
     "Router",
     "RouterOutput",

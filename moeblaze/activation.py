@@ -1,13 +1,17 @@
-"""The experts' activation: SwiGLU (gated), its clamped and quick-GELU forms, and Ungated.
+"""The experts' activation: SwiGLU (gated), its clamped and quick-GELU forms, Gated (a GLU with
+another gate function: GeGLU, ReGLU) and Ungated.
 
     gate' = min(gate, limit),  up' = clamp(up, -limit, limit)      (no clamp when limit is None)
-    act   = gate' * sigmoid(alpha * gate') * (up' + up_offset)
+    act   = gate' * sigmoid(alpha * gate') * (up' + up_offset)      SwiGLU
+    act   = fn(gate') * (up' + up_offset)                           Gated(fn)
 
     SwiGLU()                                    silu(gate) * up   (Mixtral, Qwen, DeepSeek-V3, ...)
     SwiGLU(limit=10.0)                          DeepSeek-V4
     SwiGLU(alpha=1.702, limit=7.0, up_offset=1) Megatron's quick_gelu GLU with glu_linear_offset
                                                 and activation_func_clamp_value
     SwiGLU(alpha=1.702, limit=7.0, up_offset=1, interleaved=True)   GPT-OSS
+    Gated("gelu_tanh")                          gelu(gate, approximate="tanh") * up   (Gemma 4)
+    Gated("gelu")                               Megatron's GLU with F.gelu
 
 `interleaved` is where the two halves sit in the 2F pre-activation (the rows of w13 and of its
 bias): all gate values then all up values (`split` is `chunk(2)`; the default, the Hugging Face
@@ -21,8 +25,8 @@ holds F rows, not 2F):
     Ungated("gelu_tanh")  F.gelu(h, approximate="tanh")
     Ungated("relu"), Ungated("silu")
 
-Both classes say how wide the pre-activation is (`pre_width`, `ffn`), compute act from it and
-its gradient (`apply`, `grad`), and give the ops and kernels their `constants` (kind, alpha,
+All three classes say how wide the pre-activation is (`pre_width`, `ffn`), compute act from it
+and its gradient (`apply`, `grad`), and give the ops and kernels their `constants` (kind, alpha,
 limit, up_offset, interleaved), compile-time constants of the kernels
 (moeblaze.kernels.expert_mlp), so plain SwiGLU builds exactly the code it always did;
 `activation_of` turns the constants back into the activation. The torch computations here are
@@ -39,45 +43,30 @@ import torch
 import torch.nn.functional as F
 
 
-@dataclasses.dataclass(frozen=True)
-class SwiGLU:
-    """act = gate' * sigmoid(alpha * gate') * (up' + up_offset), with gate' = min(gate, limit)
-    and up' = clamp(up, -limit, limit) when `limit` is set (see the module docstring).
+class _GatedUnit:
+    """What SwiGLU and Gated share: a pre-activation [..., 2F] of gate and up halves (laid out
+    as `interleaved` says), the clamps of `limit`, the `up_offset`, and
+    act = gate_fn(gate') * (up' + up_offset); the subclasses give gate_fn (`_gate`, `_slope`)."""
 
-    Args:
-        alpha: the sigmoid's slope: 1.0 is SiLU (Swish), 1.702 the quick GELU of GPT-OSS.
-        limit: clamp gate from above and up on both sides at this value (> 0), or None.
-        up_offset: added to the (clamped) up half: 1.0 in GPT-OSS.
-        interleaved: the 2F pre-activation columns (w13's rows) alternate gate, up, gate, ...
-            instead of holding all gate columns, then all up columns (see `split`).
-
-    Gradients follow torch's: zero for a gate above `limit` and an up outside [-limit, limit].
-    """
-
-    alpha: float = 1.0
-    limit: float | None = None
-    up_offset: float = 0.0
-    interleaved: bool = False
     gated: ClassVar[bool] = True
 
-    def __post_init__(self):
-        for name in ("alpha", "up_offset"):
-            value = getattr(self, name)
+    def _check_fields(self, *numbers: str) -> None:
+        name = type(self).__name__
+        for field in (*numbers, "up_offset"):
+            value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"SwiGLU {name} must be a number, got {value!r}")
+                raise TypeError(f"{name} {field} must be a number, got {value!r}")
             if not math.isfinite(value):
-                raise ValueError(f"SwiGLU {name}={value!r} must be finite")
-            object.__setattr__(self, name, float(value))
-        if self.alpha <= 0:
-            raise ValueError(f"SwiGLU alpha={self.alpha!r} must be > 0")
+                raise ValueError(f"{name} {field}={value!r} must be finite")
+            object.__setattr__(self, field, float(value))
         if self.limit is not None:
             if isinstance(self.limit, bool) or not isinstance(self.limit, int | float):
-                raise TypeError(f"SwiGLU limit must be a number or None, got {self.limit!r}")
+                raise TypeError(f"{name} limit must be a number or None, got {self.limit!r}")
             if not 0 < self.limit < math.inf:
-                raise ValueError(f"SwiGLU limit={self.limit!r} must be a finite number > 0")
+                raise ValueError(f"{name} limit={self.limit!r} must be a finite number > 0")
             object.__setattr__(self, "limit", float(self.limit))
         if not isinstance(self.interleaved, bool):
-            raise TypeError(f"SwiGLU interleaved must be a bool, got {self.interleaved!r}")
+            raise TypeError(f"{name} interleaved must be a bool, got {self.interleaved!r}")
 
     def split(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate, up) [..., F], the halves of a pre-activation [..., 2F] (views)."""
@@ -96,15 +85,14 @@ class SwiGLU:
         """act from the two halves of the pre-activation, in their dtype (differentiable;
         plain SwiGLU is exactly `F.silu(gate) * up`)."""
         gate, up = self._clamp(gate, up)
-        glu = F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
-        return glu * (up + self.up_offset if self.up_offset else up)
+        return self._gate(gate) * (up + self.up_offset if self.up_offset else up)
 
     def backward(self, gate: torch.Tensor, up: torch.Tensor, d_act: torch.Tensor):
         """(d_gate, d_up) from the pre-activation halves and the gradient of act (fp32)."""
         gate_c, up_c = self._clamp(gate, up)
-        sig = torch.sigmoid(self.alpha * gate_c)
-        d_up = d_act * gate_c * sig
-        d_gate = d_act * (up_c + self.up_offset) * sig * (1 + self.alpha * gate_c * (1 - sig))
+        glu, slope = self._slope(gate_c)
+        d_up = d_act * glu
+        d_gate = d_act * (up_c + self.up_offset) * slope
         if self.limit is not None:
             d_gate = torch.where(gate <= self.limit, d_gate, 0.0)
             d_up = torch.where((up >= -self.limit) & (up <= self.limit), d_up, 0.0)
@@ -131,19 +119,90 @@ class SwiGLU:
         """The pre-activation's gradient [..., 2F] from act's (`backward`, joined)."""
         return self.join(*self.backward(*self.split(pre), d_act))
 
+    def __repr__(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class SwiGLU(_GatedUnit):
+    """act = gate' * sigmoid(alpha * gate') * (up' + up_offset), with gate' = min(gate, limit)
+    and up' = clamp(up, -limit, limit) when `limit` is set (see the module docstring).
+
+    Args:
+        alpha: the sigmoid's slope: 1.0 is SiLU (Swish), 1.702 the quick GELU of GPT-OSS.
+        limit: clamp gate from above and up on both sides at this value (> 0), or None.
+        up_offset: added to the (clamped) up half: 1.0 in GPT-OSS.
+        interleaved: the 2F pre-activation columns (w13's rows) alternate gate, up, gate, ...
+            instead of holding all gate columns, then all up columns (see `split`).
+
+    Gradients follow torch's: zero for a gate above `limit` and an up outside [-limit, limit].
+    """
+
+    alpha: float = 1.0
+    limit: float | None = None
+    up_offset: float = 0.0
+    interleaved: bool = False
+    fn: ClassVar[str] = "swiglu"  # the kernels' name of its gate function (ACT)
+
+    def __post_init__(self):
+        self._check_fields("alpha")
+        if self.alpha <= 0:
+            raise ValueError(f"SwiGLU alpha={self.alpha!r} must be > 0")
+
+    def _gate(self, gate):
+        return F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
+
+    def _slope(self, gate):
+        """(gate * sig, its derivative) with sig = sigmoid(alpha * gate)."""
+        sig = torch.sigmoid(self.alpha * gate)
+        return gate * sig, sig * (1 + self.alpha * gate * (1 - sig))
+
     @property
     def constants(self) -> tuple[str, float, float | None, float, bool]:
         """("swiglu", alpha, limit, up_offset, interleaved): how the ops and kernels take it."""
         return "swiglu", self.alpha, self.limit, self.up_offset, self.interleaved
 
-    def __repr__(self) -> str:
-        fields = dataclasses.fields(self)
-        changed = [
-            f"{f.name}={getattr(self, f.name)!r}"
-            for f in fields
-            if getattr(self, f.name) != f.default
-        ]
-        return f"SwiGLU({', '.join(changed)})"
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Gated(_GatedUnit):
+    """act = fn(gate') * (up' + up_offset), the clamps and layout as SwiGLU's: a GLU whose gate
+    function is one of Ungated's other than SiLU (SwiGLU's).
+
+    Args:
+        fn: "gelu" or "gelu_tanh" (GeGLU: Gemma 4's experts, Megatron's GLU with F.gelu),
+            "relu" (ReGLU) or "relu2".
+        limit, up_offset, interleaved: as SwiGLU's (Megatron's activation_func_clamp_value and
+            glu_linear_offset apply to any GLU).
+    """
+
+    fn: str
+    limit: float | None = None
+    up_offset: float = 0.0
+    interleaved: bool = False
+
+    def __post_init__(self):
+        if self.fn == "silu":
+            raise ValueError("Gated('silu') is moeblaze.SwiGLU(): use that")
+        if self.fn not in GATED_FUNCTIONS:
+            raise ValueError(f"Gated fn must be one of {GATED_FUNCTIONS}, got {self.fn!r}")
+        self._check_fields()
+
+    def _gate(self, gate):
+        return Ungated(self.fn).apply(gate)
+
+    def _slope(self, gate):
+        ungated = Ungated(self.fn)
+        return ungated.apply(gate), ungated.slope(gate)
+
+    @property
+    def constants(self) -> tuple[str, float, float | None, float, bool]:
+        """("gated_" + fn, 1.0, limit, up_offset, interleaved)."""
+        return f"gated_{self.fn}", 1.0, self.limit, self.up_offset, self.interleaved
 
 
 SWIGLU = SwiGLU()
@@ -185,22 +244,24 @@ class Ungated:
         return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.fn](pre)
 
     def grad(self, pre: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
-        """d_act * fn'(pre), written out (the formulas grad_act's epilogue computes)."""
+        """d_act * fn'(pre)."""
+        return d_act * self.slope(pre)
+
+    def slope(self, pre: torch.Tensor) -> torch.Tensor:
+        """fn'(pre), written out (the formulas of the kernels' epilogues)."""
         if self.fn == "relu":
-            return torch.where(pre > 0, d_act, 0.0)
+            return (pre > 0).to(pre.dtype)
         if self.fn == "relu2":
-            return d_act * 2 * F.relu(pre)
+            return 2 * F.relu(pre)
         if self.fn == "gelu":
             cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
-            return d_act * (
-                cdf + pre * torch.exp(-0.5 * pre * pre) * (_SQRT_HALF / math.sqrt(math.pi))
-            )
+            return cdf + pre * torch.exp(-0.5 * pre * pre) * (_SQRT_HALF / math.sqrt(math.pi))
         if self.fn == "gelu_tanh":  # 0.5 * (1 + tanh(u)) = sigmoid(2u)
             u_grad = 2 * _GELU_TANH_C * (1 + 3 * 0.044715 * pre * pre)
             sig = torch.sigmoid(2 * _GELU_TANH_C * (pre + 0.044715 * pre**3))
-            return d_act * (sig + pre * sig * (1 - sig) * u_grad)
+            return sig + pre * sig * (1 - sig) * u_grad
         sig = torch.sigmoid(pre)  # silu
-        return d_act * sig * (1 + pre * (1 - sig))
+        return sig * (1 + pre * (1 - sig))
 
     @property
     def constants(self) -> tuple[str, float, float | None, float, bool]:
@@ -209,8 +270,9 @@ class Ungated:
 
 
 UNGATED_FUNCTIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
+GATED_FUNCTIONS = ("relu", "relu2", "gelu", "gelu_tanh")  # SiLU's is SwiGLU
 
-Activation = SwiGLU | Ungated
+Activation = SwiGLU | Gated | Ungated
 
 
 def activation_of(
@@ -219,6 +281,8 @@ def activation_of(
     """The activation whose `constants` these are."""
     if kind == "swiglu":
         return SwiGLU(alpha, limit, up_offset, interleaved)
+    if kind.startswith("gated_"):
+        return Gated(kind.removeprefix("gated_"), limit, up_offset, interleaved)
     return Ungated(kind)
 
 
@@ -250,8 +314,9 @@ def ungated_computing(fn) -> Ungated | None:
 
 
 def check_activation(activation) -> None:
-    """A TypeError naming what was passed unless it is a SwiGLU or an Ungated."""
-    if not isinstance(activation, SwiGLU | Ungated):
+    """A TypeError naming what was passed unless it is a SwiGLU, a Gated or an Ungated."""
+    if not isinstance(activation, SwiGLU | Gated | Ungated):
         raise TypeError(
-            f"activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got {activation!r}"
+            f"activation must be a moeblaze.SwiGLU, moeblaze.Gated or moeblaze.Ungated, got "
+            f"{activation!r}"
         )

@@ -19,8 +19,8 @@ topk_weights and the plan:
 
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
 the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
-or a clamped / quick-GELU form of it, with gate and up concatenated or interleaved
-(moeblaze.activation), passed to the ops as its five constants. The optional expert biases b13
+or a clamped / quick-GELU form of it (or a `moeblaze.Gated` unit: another gate function), with
+gate and up concatenated or interleaved (moeblaze.activation), passed to the ops as its five constants. The optional expert biases b13
 [E, 2F] and b2 [E, d] are added in the epilogues of gate_up and of the down combine (weighted
 by the routing weight, as the expert's output is); their gradients are per-expert sums of dh and
 of w * dout (`grad_b13`, `grad_b2`). Experts without a gate (`moeblaze.Ungated`) have
@@ -471,7 +471,10 @@ def moe_mlp(
             (default, silu(gate) * up) or its clamped / quick-GELU forms, e.g.
             `SwiGLU(limit=10.0)` (DeepSeek-V4),
             `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)` (GPT-OSS: gate
-            and up rows of w13, and entries of b13, alternate); or `moeblaze.Ungated(fn)` for
+            and up rows of w13, and entries of b13, alternate); `moeblaze.Gated(fn)` for another
+            gate function, act = fn(gate) * up (fn "gelu_tanh": Gemma 4's GeGLU, "gelu",
+            "relu", "relu2"; with SwiGLU's limit, up_offset and interleaved); or
+            `moeblaze.Ungated(fn)` for
             experts without a gate, act = fn(w13[e] @ x[t]) with fn "relu2", "gelu",
             "gelu_tanh", "relu" or "silu"; see moeblaze.activation.
 

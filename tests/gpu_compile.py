@@ -79,6 +79,9 @@ def jit_signature(fn: JITFunction, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
+ACTIVATION_CONSTEXPRS = ("ACT", "GATED", "ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")
+
+
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
     signature, constexprs, attrs, options = jit_signature(fn, args, kwargs)
     kernel = triton.compile(
@@ -98,7 +101,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
         # The activation's constants (moeblaze.activation) of the kernels that take them.
-        activation=[constexprs[k] for k in ("ACT", "ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")]
+        activation={k: constexprs[k] for k in ACTIVATION_CONSTEXPRS}
         if "ACT" in constexprs
         else None,
         bias=constexprs.get("HAS_BIAS"),
@@ -176,9 +179,9 @@ def run_moeblaze_launchers() -> None:
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
     and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
     largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
-    and up interleaved, biases, transposed weights), with the bias gradients; experts without a
-    gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
-    from moeblaze.activation import SwiGLU, Ungated
+    and up interleaved, biases, transposed weights), with the bias gradients; Gemma 4's GeGLU;
+    experts without a gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
+    from moeblaze.activation import Gated, SwiGLU, Ungated
     from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.gather_sum import launch_gather_sum
     from moeblaze.kernels.routing_plan import launch_plan
@@ -213,6 +216,9 @@ def run_moeblaze_launchers() -> None:
                 x, w13, topk_weights, plan, store_h=True, store_a=True, activation=clamped
             )
             stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=clamped)
+            geglu = Gated("gelu_tanh")  # Gemma 4
+            stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True, activation=geglu)
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=geglu)
             # GPT-OSS: gate_up_proj [E, d, 2F] and down_proj [E, F, d], read transposed.
             gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
             w13_t, w2_t = empty(E, d, 2 * ffn).mT, empty(E, ffn, d).mT

@@ -19,11 +19,12 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 
 SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU form (moeblaze.activation), whose
-three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET. Experts without a gate
-(moeblaze.Ungated: the constexpr ACT names the function, "swiglu" for the gated ones) have h
-[S, F] and a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns
-wide instead of 2F. a is the activation act =
-SwiGLU(h_gate, h_up) already scaled by the routing weight, so that the down projection's combine
+three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET; a moeblaze.Gated unit
+(GeGLU, ...) has another gate function, which the constexpr ACT names ("swiglu" for SwiGLU's).
+Experts without a gate (moeblaze.Ungated, constexpr GATED false) have h [S, F] and
+a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns wide
+instead of 2F. a is the activation act = SwiGLU(h_gate, h_up) already scaled by the routing
+weight, so that the down projection's combine
 and dw2 are plain products: no GEMM operand is scaled in registers (a scaled operand cannot go
 from shared memory straight to the tensor cores).
 
@@ -121,6 +122,7 @@ def gate_up_kernel(
     STORE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -135,8 +137,8 @@ def gate_up_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """h[p] = x[token(p)] @ w13[e]^T + b13[e]  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate,
-    h_up) [S, F] (SwiGLU of the constants ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_swiglu`), or
-    with ACT the name of an ungated function (moeblaze.Ungated), h [S, F] and a = w * ACT(h).
+    h_up) [S, F] (the gated unit of the constants ACT, ALPHA, LIMIT, UP_OFFSET, INTERLEAVED:
+    `_glu`), or if not GATED (moeblaze.Ungated), h [S, F] and a = w * ACT(h).
 
     A program computes the activation columns `cols`: with INTERLEAVED the 2 * BLOCK_N
     consecutive columns of h from 2 * cols[0] on (gate, up alternating; one product, split in
@@ -181,14 +183,14 @@ def gate_up_kernel(
             second_n=F,
             K=D,
             BLOCK_K=BLOCK_K,
-            DUAL=ACT == "swiglu" and not INTERLEAVED,
+            DUAL=GATED and not INTERLEAVED,
             A_TMA=False,
             B_TMA=B_TMA,
             B_KN=B_KN,
             DOT_FP32=DOT_FP32,
             INPUT_PRECISION=INPUT_PRECISION,
         )
-        if INTERLEAVED or ACT != "swiglu":
+        if INTERLEAVED or not GATED:
             pre = gate  # [BLOCK_M, 2 * BLOCK_N]: gate, up, gate, ... (ungated: [BLOCK_M, BLOCK_N])
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + expert * stride_bias + pre_cols, mask=pre_mask, other=0.0)
@@ -215,8 +217,8 @@ def gate_up_kernel(
                 tl.store(h_ptrs, gate, mask=mask)
                 tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
-            if ACT == "swiglu":
-                act, _, _, _, _ = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
+            if GATED:
+                act, _, _, _ = _glu(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
             else:
                 act, _ = _ungated(pre, ACT)
             act *= w_row[:, None]
@@ -226,28 +228,37 @@ def gate_up_kernel(
 
 
 @triton.jit
-def _swiglu(gate, up, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr):
-    """moeblaze.activation.SwiGLU(ALPHA, LIMIT, UP_OFFSET) of the halves gate and up (split
-    from h by the caller, as INTERLEAVED says), in fp32:
-    returns (act, gate' * sig, sig = sigmoid(ALPHA * gate'), gate', up' + UP_OFFSET) with gate'
-    and up' the clamped halves. The constants are compile-time: plain SwiGLU (1.0, None, 0.0)
-    compiles to silu(gate) * up and nothing more."""
+def _glu(
+    gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr
+):
+    """A gated unit of the halves gate and up (split from h by the caller, as INTERLEAVED says),
+    in fp32: moeblaze.SwiGLU(ALPHA, LIMIT, UP_OFFSET) if ACT is "swiglu", else
+    moeblaze.Gated(ACT, LIMIT, UP_OFFSET). Returns (act, glu = the gate function at gate',
+    d glu / d gate', up' + UP_OFFSET) with gate' and up' the clamped halves. The constants are
+    compile-time: plain SwiGLU (1.0, None, 0.0) compiles to silu(gate) * up and nothing more."""
     gate = gate.to(tl.float32)
     if LIMIT is not None:  # clamps that keep NaN, as torch.clamp does
         gate = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
         up = tl.clamp(up.to(tl.float32), -LIMIT, LIMIT, propagate_nan=tl.PropagateNan.ALL)
-    sig = tl.sigmoid(gate) if ALPHA == 1.0 else tl.sigmoid(ALPHA * gate)
-    glu = gate * sig
-    up = up.to(tl.float32)  # converted here, after the sigmoid: fewer registers live
+    if ACT == "swiglu":
+        sig = tl.sigmoid(gate) if ALPHA == 1.0 else tl.sigmoid(ALPHA * gate)
+        glu = gate * sig
+        if ALPHA == 1.0:
+            slope = sig * (1.0 + gate * (1.0 - sig))
+        else:
+            slope = sig * (1.0 + ALPHA * gate * (1.0 - sig))
+    else:
+        glu, slope = _ungated(gate, ACT)
+    up = up.to(tl.float32)  # converted here, after the gate function: fewer registers live
     if UP_OFFSET != 0.0:
         up = up + UP_OFFSET
-    return glu * up, glu, sig, gate, up
+    return glu * up, glu, slope, up
 
 
 @triton.jit
 def _ungated(pre, ACT: tl.constexpr):
     """(act, d act / d pre) of moeblaze.Ungated(ACT) at the pre-activation `pre`, in fp32 (the
-    formulas of Ungated.grad; GELU's tanh form through 0.5 * (1 + tanh(u)) = sigmoid(2u))."""
+    formulas of Ungated.slope; GELU's tanh form through 0.5 * (1 + tanh(u)) = sigmoid(2u))."""
     pre = pre.to(tl.float32)
     if ACT == "relu":
         act = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -266,7 +277,7 @@ def _ungated(pre, ACT: tl.constexpr):
         act = pre * sig
         slope = sig + pre * sig * (1.0 - sig) * 1.5957691216057308 * (1.0 + 0.134145 * pre * pre)
     else:
-        tl.static_assert(ACT == "silu", "ACT must be swiglu or a moeblaze.Ungated fn")
+        tl.static_assert(ACT == "silu", "ACT must be swiglu or an Ungated or Gated fn")
         sig = tl.sigmoid(pre)
         act = pre * sig
         slope = sig * (1.0 + pre * (1.0 - sig))
@@ -292,6 +303,7 @@ def _grad_act_columns(
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -300,12 +312,12 @@ def _grad_act_columns(
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
-    columns), else a pointer. ALPHA, LIMIT, UP_OFFSET: the SwiGLU (`_swiglu`); INTERLEAVED: h
-    and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate
-    columns `cols` and the up columns F further on. ACT other than "swiglu": h and dh are F wide
+    columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET: the gated unit (`_glu`);
+    INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0 on),
+    else the gate columns `cols` and the up columns F further on. Not GATED: h and dh are F wide
     and act = ACT(h) (`_ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
-    if ACT != "swiglu":
+    if not GATED:
         if H_TMA:  # rows past the expert and columns past F: masked, as below
             pre = h.load([row0, col0])
         else:
@@ -334,8 +346,8 @@ def _grad_act_columns(
         h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-    if ACT == "swiglu":
-        act, glu, sig, gate_c, up_c = _swiglu(gate, up, ALPHA, LIMIT, UP_OFFSET)
+    if GATED:
+        act, glu, slope, up_c = _glu(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
     if STORE_A:  # bit for bit the forward's a
         weighted = (act * w_row[:, None]).to(a_ptr.dtype.element_ty)
         tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], weighted, mask=mask)
@@ -343,7 +355,7 @@ def _grad_act_columns(
     act = act.to(a_ptr.dtype.element_ty)
     d_act = g * w_row[:, None]
     dh_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + cols[None, :]
-    if ACT != "swiglu":
+    if not GATED:
         tl.store(dh_ptrs, (d_act * slope).to(dh_ptr.dtype.element_ty), mask=mask)
     else:
         d_up = d_act * glu
@@ -351,10 +363,7 @@ def _grad_act_columns(
             d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
         if not INTERLEAVED:  # stored now: fewer registers live
             tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
-        if ALPHA == 1.0:
-            d_gate = d_act * up_c * sig * (1.0 + gate_c * (1.0 - sig))
-        else:
-            d_gate = d_act * up_c * sig * (1.0 + ALPHA * gate_c * (1.0 - sig))
+        d_gate = d_act * up_c * slope
         if LIMIT is not None:
             d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
         if INTERLEAVED:
@@ -388,6 +397,7 @@ def _grad_act_slices(
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -415,6 +425,7 @@ def _grad_act_slices(
             STORE_A,
             H_TMA,
             ACT,
+            GATED,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -445,6 +456,7 @@ def _grad_act_slices(
             STORE_A,
             H_TMA,
             ACT,
+            GATED,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -471,6 +483,7 @@ def _grad_act_slices(
             STORE_A,
             H_TMA,
             ACT,
+            GATED,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -508,6 +521,7 @@ def grad_act_kernel(
     EPILOGUE_SPLIT: tl.constexpr,
     H_TMA: tl.constexpr,
     ACT: tl.constexpr,
+    GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
@@ -592,6 +606,7 @@ def grad_act_kernel(
             STORE_A,
             H_TMA,
             ACT,
+            GATED,
             ALPHA,
             LIMIT,
             UP_OFFSET,
@@ -1326,8 +1341,15 @@ class TritonStages:
 
 def _activation_meta(activation: Activation) -> dict:
     """The activation's constexprs of gate_up_kernel and grad_act_kernel."""
-    kind, alpha, limit, up_offset, interleaved = activation.constants
-    return dict(ACT=kind, ALPHA=alpha, LIMIT=limit, UP_OFFSET=up_offset, INTERLEAVED=interleaved)
+    _, alpha, limit, up_offset, interleaved = activation.constants
+    return dict(
+        ACT=activation.fn,
+        GATED=activation.gated,
+        ALPHA=alpha,
+        LIMIT=limit,
+        UP_OFFSET=up_offset,
+        INTERLEAVED=interleaved,
+    )
 
 
 TRITON_STAGES = TritonStages()

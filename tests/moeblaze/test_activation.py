@@ -1,7 +1,7 @@
-"""The experts' activations (moeblaze.activation): SwiGLU's and Ungated's torch forward and
-backward against autograd, the kernels' epilogues against them (at the clamp, around 0), and
-moe_mlp with the clamped and quick-GELU forms and with each ungated function against the float64
-reference on both paths (Triton under the interpreter, torch).
+"""The experts' activations (moeblaze.activation): SwiGLU's, Gated's and Ungated's torch forward
+and backward against autograd, the kernels' epilogues against them (at the clamp, around 0), and
+moe_mlp with the clamped and quick-GELU forms, GeGLU and each ungated function against the
+float64 reference on both paths (Triton under the interpreter, torch).
 
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 """
@@ -20,7 +20,15 @@ from moeblaze_testing import (
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
-from moeblaze.activation import SWIGLU, UNGATED_FUNCTIONS, SwiGLU, Ungated, activation_of
+from moeblaze.activation import (
+    GATED_FUNCTIONS,
+    SWIGLU,
+    UNGATED_FUNCTIONS,
+    Gated,
+    SwiGLU,
+    Ungated,
+    activation_of,
+)
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan
@@ -32,6 +40,8 @@ ACTIVATIONS = {
     "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
     "quick-gelu": SwiGLU(alpha=1.702),
     "interleaved": SwiGLU(interleaved=True),
+    "geglu": Gated("gelu_tanh"),  # Gemma 4
+    "gated-gelu-clamped": Gated("gelu", limit=0.5, up_offset=1.0, interleaved=True),
 }
 CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
 
@@ -45,8 +55,13 @@ def test_defaults_and_repr():
     assert all(type(c) is float for c in gpt_oss.constants[1:4])
     assert Ungated("relu2").constants == ("relu2", 1.0, None, 0.0, False)
     assert repr(Ungated("gelu")) == "Ungated(fn='gelu')"
-    for activation in (SWIGLU, gpt_oss, *(Ungated(fn) for fn in UNGATED_FUNCTIONS)):
+    geglu = Gated("gelu", limit=7, up_offset=1)
+    assert geglu.constants == ("gated_gelu", 1.0, 7.0, 1.0, False)
+    assert repr(geglu) == "Gated(fn='gelu', limit=7.0, up_offset=1.0)"
+    everything = (SWIGLU, gpt_oss, geglu, *(Gated(fn) for fn in GATED_FUNCTIONS))
+    for activation in (*everything, *(Ungated(fn) for fn in UNGATED_FUNCTIONS)):
         assert activation_of(*activation.constants) == activation
+    assert Gated("relu") != Ungated("relu") and (geglu.pre_width(24), geglu.ffn(48)) == (48, 24)
     assert (SWIGLU.pre_width(24), SWIGLU.ffn(48)) == (48, 24)
     assert (Ungated("relu2").pre_width(24), Ungated("relu2").ffn(24)) == (24, 24)
     assert repr(gpt_oss) == "SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)"
@@ -81,12 +96,23 @@ def test_split_and_join():
 def test_bad_values_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         SwiGLU(**kwargs)
+    if "alpha" not in kwargs:  # Gated checks the fields it shares with SwiGLU the same way
+        with pytest.raises(error, match=match.replace("SwiGLU", "Gated")):
+            Gated("gelu", **kwargs)
+
+
+def test_gated_names_a_wrong_function():
+    with pytest.raises(ValueError, match=r"Gated\('silu'\) is moeblaze.SwiGLU\(\): use that"):
+        Gated("silu")
+    with pytest.raises(ValueError, match=r"Gated fn must be one of \(.*\), got 'swiglu'"):
+        Gated("swiglu")
 
 
 def test_moe_mlp_names_a_wrong_activation(make_problem):
     problem = make_problem(*SMALL)
     with pytest.raises(
-        TypeError, match=r"activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'gelu'"
+        TypeError,
+        match=r"must be a moeblaze.SwiGLU, moeblaze.Gated or moeblaze.Ungated, got 'gelu'",
     ):
         problem.run(activation="gelu")
     # An ungated activation reads w13 as [E, F, d]: the gated problem's [E, 2F, d] does not fit.
@@ -134,6 +160,10 @@ def test_forward_is_the_written_out_activation():
     g, u = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
     expected = g * torch.sigmoid(1.702 * g) * (u + 1)
     assert_close(gpt_oss.forward(gate, up), expected, rtol=1e-15, name="act")
+    geglu = torch.nn.functional.gelu(gate, approximate="tanh") * up  # Gemma 4's experts
+    assert torch.equal(Gated("gelu_tanh").forward(gate, up), geglu)
+    megatron = torch.nn.functional.gelu(g) * (u + 1)  # Megatron's GLU, clamp and offset
+    assert torch.equal(Gated("gelu", limit=7.0, up_offset=1.0).forward(gate, up), megatron)
     nan = torch.tensor([math.nan])
     assert gpt_oss.forward(nan, torch.ones(1)).isnan().all()  # a clamp keeps NaN
     assert gpt_oss.forward(torch.ones(1), nan).isnan().all()
@@ -190,7 +220,9 @@ def test_moe_mlp_matches_reference(name, policy, path, make_problem):
 
 
 @pytest.mark.parametrize(
-    "activation", [ACTIVATIONS["gpt-oss"], Ungated("gelu_tanh")], ids=["gpt-oss", "gelu_tanh"]
+    "activation",
+    [ACTIVATIONS["gpt-oss"], ACTIVATIONS["geglu"], Ungated("gelu_tanh")],
+    ids=["gpt-oss", "geglu", "gelu_tanh"],
 )
 def test_bfloat16(activation, path, make_problem):
     problem = make_problem(*SMALL, dtype=torch.bfloat16, seed=22, gated=activation.gated)
@@ -247,6 +279,25 @@ def test_kernel_epilogue_matches_the_torch_stage_around_zero(fn):
     pre = _around_zero(EPILOGUE_F)  # [4, F]
     h = torch.cat([pre, -pre.flip(1), pre / 8]).float()  # [S = 12, F]
     _check_epilogues_agree(Ungated(fn), h, seed=3)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("fn", GATED_FUNCTIONS)
+def test_gated_backward_and_kernel_epilogue_around_zero(fn):
+    # Each gate function of Gated: its backward against autograd of its forward (torch's own
+    # function), and grad_act's epilogue (`_glu` through `_ungated`) against the torch stage,
+    # with gate values at and around 0 and far out on both sides.
+    activation = Gated(fn)
+    gate = _around_zero(EPILOGUE_F).requires_grad_()  # [4, F]
+    up = torch.randn(gate.shape, dtype=torch.float64, requires_grad=True)
+    d_act = torch.randn(gate.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(activation.forward(gate, up), (gate, up), d_act)
+    actual = activation.backward(gate.detach(), up.detach(), d_act)
+    for what, a, e in zip(("d_gate", "d_up"), actual, expected, strict=True):
+        assert_close(a, e, rtol=1e-12, name=what)
+    gate, up = gate.detach(), up.detach()
+    h = torch.cat([activation.join(gate, up), activation.join(-gate.flip(1), gate / 8)])
+    _check_epilogues_agree(activation, torch.cat([h, activation.join(up, gate)]).float(), seed=4)
 
 
 @pytest.mark.parametrize("fn", UNGATED_FUNCTIONS)

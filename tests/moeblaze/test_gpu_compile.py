@@ -56,18 +56,20 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
         clamped = {
             (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
             for r in reports
-            if r["activation"] is not None and r["activation"][2] is not None
-            and r["activation"][4] == interleaved
+            if r["activation"] is not None and r["activation"]["LIMIT"] is not None
+            and r["activation"]["INTERLEAVED"] == interleaved
         }  # fmt: skip
         assert clamped == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
-    # And the epilogues of experts without a gate (moeblaze.Ungated), ReLU² and GELU.
-    for fn in ("relu2", "gelu"):
-        ungated = {
+    # And the epilogues of GeGLU (moeblaze.Gated, Gemma 4's) and of experts without a gate
+    # (moeblaze.Ungated), ReLU² and GELU.
+    for fn, gated in (("gelu_tanh", True), ("relu2", False), ("gelu", False)):
+        built = {
             (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
             for r in reports
-            if r["activation"] is not None and r["activation"][0] == fn
+            if r["activation"] is not None
+            and (r["activation"]["ACT"], r["activation"]["GATED"]) == (fn, gated)
         }
-        assert ungated == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
+        assert built == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)

@@ -215,7 +215,7 @@ def test_any_leading_shape():
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
         (
             dict(activation="silu"),
-            "activation must be a moeblaze.SwiGLU or moeblaze.Ungated, got 'silu'",
+            "must be a moeblaze.SwiGLU, moeblaze.Gated or moeblaze.Ungated, got 'silu'",
         ),
     ],
     ids=["ffn0", "recompute", "shared0", "gate_alone", "k>E", "activation"],
