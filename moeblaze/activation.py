@@ -313,6 +313,20 @@ def ungated_computing(fn) -> Ungated | None:
     return identify(fn, {activation: activation.apply for activation in ungated})
 
 
+# The gate functions of SwiGLU: y * sigmoid(alpha * y), SiLU (1.0) and quick GELU (1.702).
+SWIGLU_ALPHAS = (1.0, 1.702)
+
+
+@functools.cache
+def gated_unit_computing(fn) -> SwiGLU | Gated | None:
+    """The gated unit act = fn(gate) * up for the elementwise gate function `fn`
+    (`identify`): SwiGLU(alpha) where fn is SiLU or quick GELU, Gated where it is another
+    Ungated function, else None."""
+    glus = {SwiGLU(a): (lambda y, a=a: y * torch.sigmoid(a * y)) for a in SWIGLU_ALPHAS}
+    others = {Gated(name): Ungated(name).apply for name in GATED_FUNCTIONS}
+    return identify(fn, {**glus, **others})
+
+
 def check_activation(activation) -> None:
     """A TypeError naming what was passed unless it is a SwiGLU, a Gated or an Ungated."""
     if not isinstance(activation, SwiGLU | Gated | Ungated):

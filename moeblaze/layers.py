@@ -218,7 +218,8 @@ class MoELayer(MoEBlock):
     `topk_scaling_factor`, `num_groups`, `topk_groups`, `expert_bias`, `aux_loss_coeff`,
     `z_loss_coeff`): they go to `moeblaze.Router`, which documents and checks them; `recompute`
     and `deterministic` to `moeblaze.moe_mlp`, and `activation` (a `moeblaze.SwiGLU`: plain,
-    clamped as in DeepSeek-V4, or GPT-OSS's) to it and to the shared expert. `bias=True` gives
+    clamped as in DeepSeek-V4, or GPT-OSS's; a `moeblaze.Gated` such as Gemma 4's GeGLU; a
+    `moeblaze.Ungated`) to it and to the shared expert. `bias=True` gives
     every linear map a bias, as GPT-OSS and Megatron's `add_bias_linear=True` have: `router.bias
     [E]`, each expert's `b13 [E, 2F]` and `b2 [E, d]`, and the shared expert's.
     `shared_expert_size` adds a dense SwiGLU MLP of that width that every token goes through
@@ -301,7 +302,8 @@ def check_router_options(options: dict, layer: type) -> None:
 class SwiGLUMLP(nn.Module):
     """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix
     (rows as `activation.split` reads them); `activation` (a `moeblaze.SwiGLU`) replaces
-    silu(gate) * up by its clamped or quick-GELU form, or (a `moeblaze.Ungated`) makes it
+    silu(gate) * up by its clamped or quick-GELU form, (a `moeblaze.Gated`) by fn(gate) * up,
+    or (a `moeblaze.Ungated`) makes it
     down(fn(gate_up(x))) with an [F, d] gate_up. `bias`: both linear maps have one.
     `sigmoid_gate`: the output is scaled by sigmoid(x @ g), `sigmoid_gate.weight [1, d]` (no
     bias), as Qwen2-MoE and Megatron gate their shared experts."""

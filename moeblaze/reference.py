@@ -39,8 +39,9 @@ def moe_mlp_reference(
 ) -> torch.Tensor:  # [T, d]
     """out[t] = sum_j topk_weights[t, j] * (w2[e] @ act(w13[e] @ x[t] + b13[e]) + b2[e]),
     e = topk_ids[t, j], with act the `activation` of the pre-activation (a SwiGLU of its gate
-    and up halves, or an Ungated function of it; differentiated by autograd: an oracle
-    independent of their `grad`); a dropped slot (e = -1) adds nothing."""
+    and up halves or another Gated unit of them, or an Ungated function of it; differentiated
+    by autograd: an oracle independent of their `grad`); a dropped slot (e = -1) adds
+    nothing."""
     out = torch.zeros_like(x)
     for e in range(w13.shape[0]):
         token, choice = torch.where(topk_ids == e)

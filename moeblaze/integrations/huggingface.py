@@ -30,7 +30,9 @@ The experts' own parameters are used as they are, with no conversion and no copy
 `gate_up_proj [E, 2F, d]` is `w13` and `down_proj [E, d, F]` is `w2`; families that store them
 transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are passed as transposed views,
 which the kernels read through their strides; biases (`has_bias=True`) are `b13` and `b2`. The
-activation is `act_fn(gate) * up` with a SiLU `act_fn`, or a custom `_apply_gate` that is a
+activation is `act_fn(gate) * up`, a `moeblaze.SwiGLU` for a SiLU `act_fn` and a
+`moeblaze.Gated` for the GELU of Gemma 4 and DiffusionGemma (GeGLU; found by evaluating
+`act_fn`: GELU in either form, ReLU, ReLU²), or a custom `_apply_gate` that is a
 `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
 HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
 as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
@@ -52,7 +54,13 @@ import torch
 from torch import nn
 
 import moeblaze
-from moeblaze.activation import SWIGLU, Activation, SwiGLU, ungated_computing
+from moeblaze.activation import (
+    SWIGLU,
+    Activation,
+    SwiGLU,
+    gated_unit_computing,
+    ungated_computing,
+)
 
 try:
     from transformers.activations import SiLUActivation
@@ -112,7 +120,7 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     experts module, as views.
 
     Raises NotImplementedError naming the class and model family if its experts are not
-    SwiGLU or ungated experts in a layout moeblaze reads without copying.
+    gated (SwiGLU, Gated) or ungated experts in a layout moeblaze reads without copying.
     """
     missing = _unsupported_features(experts)
     if missing:
@@ -120,7 +128,7 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         family = cls.__module__.removeprefix("transformers.models.").split(".")[0]
         raise NotImplementedError(
             f"experts_implementation='moeblaze' cannot run {cls.__name__} (model family "
-            f"{family!r}): moeblaze computes down(SwiGLU(gate(x), up(x))) with gate_up_proj "
+            f"{family!r}): moeblaze computes down(act(gate(x)) * up(x)) with gate_up_proj "
             f"[E, 2F, d] (or down(act(up(x))) with up_proj [E, F, d]) and down_proj [E, d, F] "
             f"(or transposed), but these experts have "
             f"{'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' for "
@@ -184,7 +192,7 @@ CUSTOM_GATES = {
 
 
 def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
-    """(the SwiGLU or Ungated the experts compute, None), or (None, what they compute
+    """(the SwiGLU, Gated or Ungated the experts compute, None), or (None, what they compute
     instead)."""
     cls = type(experts)
     act = getattr(experts, "act_fn", None)
@@ -197,7 +205,10 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     if cls._apply_gate is getattr(hf_moe, "_default_apply_gate", None):
         if isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu:
             return SWIGLU, None
-        return None, f"the activation {act!r} where moeblaze computes SiLU"
+        activation = gated_unit_computing(act)
+        if activation is None:
+            return None, f"the gate activation {act!r}, which no moeblaze.SwiGLU or Gated computes"
+        return activation, None
     read = CUSTOM_GATES.get(cls.__name__)
     activation = None
     if read is not None:

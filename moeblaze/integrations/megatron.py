@@ -57,7 +57,8 @@ lacks) or `ValueError` (an invalid value) naming every offending field with its 
 The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
 glu_linear_offset)` with gate' and up' clamped at `activation_func_clamp_value`, for
 `activation_func` F.silu or quick_gelu: `moeblaze.SwiGLU(alpha, limit, up_offset)` (GPT-OSS's
-settings are quick_gelu, 7.0 and 1.0, with `add_bias_linear=True`). With
+settings are quick_gelu, 7.0 and 1.0, with `add_bias_linear=True`); for F.gelu, GELU's tanh
+form, F.relu or squared_relu: `moeblaze.Gated(fn, limit, up_offset)` (GeGLU, ...). With
 `gated_linear_unit=False` they compute `activation_func(fc1(x))` (Megatron ignores the clamp and
 the offset there): `moeblaze.Ungated`, for an `activation_func` that computes F.gelu (the
 default), squared_relu (Nemotron), F.relu, F.silu or GELU's tanh form; fc1 is then [F, h].
@@ -175,7 +176,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
-from moeblaze.activation import Activation, identify, ungated_computing
+from moeblaze.activation import Activation, gated_unit_computing, ungated_computing
 from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
 from moeblaze.layers import MoEBlock, SwiGLUMLP, swiglu_mlp
 from moeblaze.ops import moe_mlp
@@ -1059,30 +1060,21 @@ def _loss_coeffs(cfg) -> dict[str, float]:
     return {t: float(c) for t, c in zip(types, coeffs, strict=True)}
 
 
-# The activation_func values of a GLU that moeblaze.SwiGLU computes: y * sigmoid(alpha * y).
-GLU_ALPHAS = {"silu": 1.0, "quick_gelu": 1.702}
-
-
-def _glu_alpha(fn) -> float | None:
-    """SwiGLU's alpha for Megatron's `activation_func` (F.silu: 1.0, quick_gelu: 1.702), found
-    by evaluating it (`moeblaze.activation.identify`), so that any function computing one of
-    them is recognised; None for others."""
-    glus = {alpha: (lambda y, a=alpha: y * torch.sigmoid(a * y)) for alpha in GLU_ALPHAS.values()}
-    return identify(fn, glus)
-
-
 def _activation(cfg) -> Activation | None:
-    """The experts' activation: the SwiGLU of Megatron's GLU, or with gated_linear_unit=False the
-    Ungated computing activation_func (which Megatron applies without clamp or offset); None
-    where moeblaze has none."""
+    """The experts' activation: Megatron's GLU as the SwiGLU (F.silu, quick_gelu) or Gated
+    (F.gelu, ...) whose gate function computes activation_func, with its clamp and offset; or
+    with gated_linear_unit=False the Ungated computing activation_func (which Megatron applies
+    without clamp or offset); None where moeblaze has none. Both found by evaluating
+    activation_func (`moeblaze.activation.identify`), so that any function computing one of
+    them is recognised."""
     fn = cfg["activation_func"]
     if not cfg["gated_linear_unit"]:
         return ungated_computing(fn)
-    alpha = _glu_alpha(fn)
-    if alpha is None:
+    unit = gated_unit_computing(fn)
+    if unit is None:
         return None
-    return moeblaze.SwiGLU(
-        alpha=alpha, limit=cfg["activation_func_clamp_value"], up_offset=cfg["glu_linear_offset"]
+    return dataclasses.replace(
+        unit, limit=cfg["activation_func_clamp_value"], up_offset=cfg["glu_linear_offset"]
     )
 
 
@@ -1249,9 +1241,9 @@ def _unsupported_fields(cfg) -> list[str]:
         act = getattr(cfg["activation_func"], "__name__", repr(cfg["activation_func"]))
         problems.append(
             f"gated_linear_unit={cfg['gated_linear_unit']!r} with activation_func={act} "
-            f"(moeblaze experts are SwiGLU, gated_linear_unit=True with activation_func F.silu "
-            f"or quick_gelu, or ungated, gated_linear_unit=False with activation_func F.gelu, "
-            f"squared_relu, F.relu or F.silu)"
+            f"(moeblaze's gate functions are F.silu, quick_gelu, F.gelu, GELU's tanh form, "
+            f"F.relu and squared_relu, and without a gate (gated_linear_unit=False) the same "
+            f"but quick_gelu)"
         )
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:

@@ -16,7 +16,7 @@ import torch
 from tolerance import assert_bf16_close, assert_close
 
 import moeblaze
-from moeblaze.activation import ungated_computing
+from moeblaze.activation import gated_unit_computing, ungated_computing
 
 transformers = pytest.importorskip("transformers", minversion="5")
 hf = pytest.importorskip("moeblaze.integrations.huggingface")
@@ -131,12 +131,36 @@ def _config(family: str, **overrides):
                 moe_num_shared_experts=1,
             ),
         ),
+        # GeGLU experts (GELU's tanh form as the gate: moeblaze.Gated) beside a dense MLP in
+        # each layer, a router with per-expert scales; full attention, no per-layer inputs.
+        "gemma4_text": (
+            "Gemma4TextConfig",
+            dict(
+                intermediate_size=24,
+                moe_intermediate_size=16,
+                num_experts=4,
+                top_k_experts=2,
+                enable_moe_block=True,
+                head_dim=16,
+                layer_types=["full_attention"],
+                hidden_size_per_layer_input=0,
+            ),
+        ),
     }
     name, kwargs = configs[family]
     return getattr(transformers, name)(**{**COMMON, **kwargs, **overrides})
 
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "aria")
+FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "gpt_oss",
+    "aria",
+    "gemma4_text",
+)
 
 
 def _models(family, dtype=torch.float32, device="cpu", make_config=_config):
@@ -397,11 +421,11 @@ def test_expert_parallel_sentinels(monkeypatch):
         (
             "mixtral",
             "MixtralConfig",
-            dict(num_local_experts=4, intermediate_size=16, hidden_act="gelu"),
-            ["GELU"],
+            dict(num_local_experts=4, intermediate_size=16, hidden_act="sigmoid"),
+            ["the gate activation Sigmoid(), which no moeblaze.SwiGLU or Gated computes"],
         ),
     ],
-    ids=["nemotron_h", "mixtral_gelu"],
+    ids=["nemotron_h", "mixtral_sigmoid"],
 )
 def test_unsupported_experts_raise(family, config_class, config_kwargs, missing):
     modeling = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
@@ -424,7 +448,7 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
         ("relu2", "relu2"),  # NemotronH's
         ("gelu", "gelu"),
         ("gelu_new", "gelu_tanh"),  # the tanh form written out
-        ("gelu_pytorch_tanh", "gelu_tanh"),
+        ("gelu_pytorch_tanh", "gelu_tanh"),  # Gemma's
         ("gelu_fast", "gelu_tanh"),
         ("relu", "relu"),
         ("silu", "silu"),
@@ -433,11 +457,19 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
         ("sigmoid", None),
     ],
 )
-def test_ungated_activation_is_found_by_what_act_fn_computes(name, fn):
+def test_activation_is_found_by_what_act_fn_computes(name, fn):
+    # Without a gate, the Ungated of that function; as the gate of a GLU, the SwiGLU (SiLU,
+    # quick GELU) or Gated unit.
     from transformers.activations import ACT2FN
 
     expected = None if fn is None else moeblaze.Ungated(fn)
     assert ungated_computing(ACT2FN[name]) == expected
+    swiglus = {"silu": moeblaze.SwiGLU(), "quick_gelu": moeblaze.SwiGLU(alpha=1.702)}
+    if name in swiglus:
+        gated = swiglus[name]
+    else:
+        gated = None if fn is None else moeblaze.Gated(fn)
+    assert gated_unit_computing(ACT2FN[name]) == gated
 
 
 def _experts_pair(family: str, config_class: str, **fields):
@@ -536,8 +568,6 @@ EXPERTS_CONFIG = dict(
 )
 # The experts moeblaze refuses, and why (in the NotImplementedError).
 EXPERTS_REFUSED = {
-    "DiffusionGemmaTextExperts": "where moeblaze computes SiLU",
-    "Gemma4TextExperts": "where moeblaze computes SiLU",
     "Inkling2Experts": "their own gate activation Inkling2Experts._apply_gate",
     "MuseSparkExperts": "a norm after each expert",
 }

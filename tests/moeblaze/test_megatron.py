@@ -247,6 +247,13 @@ VARIANTS = {
         moe_shared_expert_intermediate_size=SHARED,
         moe_layer_recompute=True,
     ),
+    # A GELU GLU (GeGLU), clamped and offset, in the routed and the shared experts.
+    "geglu_clamped_offset_shared": dict(
+        activation_func=F.gelu,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=0.2,
+        moe_shared_expert_intermediate_size=SHARED,
+    ),
     # megatron-core's default MLP: GELU without a gate, with add_bias_linear=True.
     "ungated_gelu_biases": dict(
         gated_linear_unit=False, activation_func=F.gelu, add_bias_linear=True
@@ -359,9 +366,9 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["moe_expert_capacity_factor=1.5 needs moe_router_load_balancing_type aux_loss"],
         ),
         (
-            dict(gated_linear_unit=True, activation_func=F.gelu),  # GeGLU
+            dict(gated_linear_unit=True, activation_func=torch.tanh),
             NotImplementedError,
-            ["gated_linear_unit=True", "activation_func=gelu"],
+            ["gated_linear_unit=True", "activation_func=tanh"],
         ),
         (
             dict(gated_linear_unit=False, activation_func=torch.sigmoid),
@@ -693,14 +700,25 @@ def _transformer_config(megatron, **fields):
 
 
 @pytest.mark.parametrize(
-    ("biases", "ungated"),
-    [(False, False), (True, False), (True, True)],
-    ids=["gated_shared_expert", "add_bias_linear", "ungated_gelu_add_bias_linear"],
+    ("biases", "activation"),
+    [
+        (False, {}),
+        (True, {}),
+        (True, dict(gated_linear_unit=False, activation_func=F.gelu)),
+        (True, dict(activation_func=F.gelu, activation_func_clamp_value=0.5, glu_linear_offset=1)),
+    ],
+    ids=[
+        "gated_shared_expert",
+        "add_bias_linear",
+        "ungated_gelu_add_bias_linear",
+        "geglu_clamped_offset_add_bias_linear",
+    ],
 )
-def test_megatron_sequential_mlp_state_dict(megatron, biases, ungated):
+def test_megatron_sequential_mlp_state_dict(megatron, biases, activation):
     """A real megatron-core SequentialMLP: its state dict loads, and its forward agrees; with
     add_bias_linear=True, its experts' biases (set to random values) too; with
-    gated_linear_unit=False (megatron-core's default GELU experts), fc1 [F, h]."""
+    gated_linear_unit=False (megatron-core's default GELU experts), fc1 [F, h]; with a GELU GLU,
+    clamped, with an offset (moeblaze.Gated)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
@@ -711,9 +729,7 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases, ungated):
         if biases
         else dict(moe_shared_expert_intermediate_size=SHARED, moe_shared_expert_gate=True)
     )
-    if ungated:
-        fields |= dict(gated_linear_unit=False, activation_func=F.gelu)
-    config = _transformer_config(megatron, **fields)
+    config = _transformer_config(megatron, **fields, **activation)
     group = torch.distributed.group.WORLD
     groups = ProcessGroupCollection(tp=group, ep=group, expt_tp=group, expt_dp=group)
     torch.manual_seed(7)
@@ -755,7 +771,9 @@ def test_megatron_sequential_mlp_state_dict(megatron, biases, ungated):
             tokens[token], torch.bincount(ids.flatten(), minlength=E), probs[token, slot]
         )
     expected = torch.zeros_like(tokens).index_add_(0, token, rows)
-    assert layer.w13.shape[1] == (FFN if ungated else 2 * FFN)
+    assert layer.w13.shape[1] == layer.activation.pre_width(FFN)
+    if activation.get("glu_linear_offset"):
+        assert layer.activation == moeblaze.Gated("gelu", limit=0.5, up_offset=1.0)
     actual = moeblaze.moe_mlp_reference(
         tokens, ids, probs, layer.w13, layer.w2, layer.activation, b13=layer.b13, b2=layer.b2
     )
