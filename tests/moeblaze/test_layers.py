@@ -19,6 +19,7 @@ RTOL = 1e-5  # float32 layer against the float64 experts (see moeblaze_testing.R
 # GPT-OSS's SwiGLU with a limit that clamps part of this layer's pre-activations (std ~0.6).
 GPT_OSS = moeblaze.SwiGLU(alpha=1.702, limit=0.3, up_offset=1.0)
 RELU2 = moeblaze.Ungated("relu2")  # experts without a gate: w13 [E, F, d]
+GEGLU = moeblaze.Gated("gelu_tanh")  # Gemma 4's
 
 
 def _layer(seed=0, **kwargs):
@@ -56,6 +57,8 @@ def _hand_composition(layer, x, token_mask=None):
         gate, up = pre.chunk(2, -1)
         if layer.activation == RELU2:
             act = F.relu(pre) ** 2
+        elif layer.activation == GEGLU:
+            act = F.gelu(gate, approximate="tanh") * up
         elif layer.activation.limit is not None:  # GPT_OSS below: its SwiGLU written out
             gate, up = gate.clamp(max=GPT_OSS.limit), up.clamp(-GPT_OSS.limit, GPT_OSS.limit)
             act = gate * torch.sigmoid(GPT_OSS.alpha * gate) * (up + GPT_OSS.up_offset)
@@ -82,7 +85,9 @@ def _step(fn, layer, x, dout):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("activation", [None, GPT_OSS, RELU2], ids=["swiglu", "gpt-oss", "relu2"])
+@pytest.mark.parametrize(
+    "activation", [None, GPT_OSS, GEGLU, RELU2], ids=["swiglu", "gpt-oss", "geglu", "relu2"]
+)
 @pytest.mark.parametrize(
     "shared", [None, "plain", "gated"], ids=["routed_only", "shared_expert", "gated_shared_expert"]
 )
