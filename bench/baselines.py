@@ -4,16 +4,16 @@
 
 - `dense_dispatch_moe_mlp`: the path of Hugging Face "grouped_mm" experts and torchtitan.
   Stable sort of slots by expert -> gather x into a permuted [S, d] dispatch buffer ->
-  grouped GEMM (gate/up) -> SwiGLU -> grouped GEMM (down) -> scale by the routing weights ->
+  grouped GEMM (gate/up) -> SwiGLU (or the given activation) -> grouped GEMM (down) -> scale by the routing weights ->
   scatter-add into [T, d]. Autograd keeps the [S, d] buffer and the [S, 2F] / [S, F]
   intermediates for backward, which is the memory moeblaze is built to avoid.
 - `loop_moe_mlp`: the per-expert loop (Hugging Face "eager"), i.e. `moeblaze.moe_mlp_reference`.
 """
 
 import torch
-import torch.nn.functional as F
 
 import moeblaze
+from moeblaze.activation import SWIGLU
 
 # torch._grouped_mm (torch 2.13) runs on CUDA (bf16; Hopper fast path) and on CPU for float32 and
 # bfloat16, provided every row stride of its operands is a multiple of 16 bytes; it rejects
@@ -22,19 +22,20 @@ import moeblaze
 _GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def loop_moe_mlp(x, topk_ids, topk_weights, w13, w2):
+def loop_moe_mlp(x, topk_ids, topk_weights, w13, w2, activation=SWIGLU):
     """Per-expert loop (Hugging Face "eager"): the moeblaze reference."""
-    return moeblaze.moe_mlp_reference(x, topk_ids, topk_weights, w13, w2)
+    return moeblaze.moe_mlp_reference(x, topk_ids, topk_weights, w13, w2, activation)
 
 
-def dense_dispatch_moe_mlp(x, topk_ids, topk_weights, w13, w2):
+def dense_dispatch_moe_mlp(x, topk_ids, topk_weights, w13, w2, activation=SWIGLU):
     """MoE MLP through a permuted dispatch buffer and grouped GEMMs.
 
-    x [T, d], topk_ids [T, k] integer, topk_weights [T, k], w13 [E, 2F, d], w2 [E, d, F] -> [T, d]
+    x [T, d], topk_ids [T, k] integer, topk_weights [T, k], w13 [E, 2F, d] ([E, F, d] for an
+    ungated `activation`), w2 [E, d, F] -> [T, d]; `activation` a moeblaze activation, applied
+    with torch ops (SwiGLU: silu(gate) * up).
     """
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_f, _ = w13.shape
-    ffn = two_f // 2
+    num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1)  # [S]
     order = torch.sort(flat_ids, stable=True).indices  # [S] slot ids grouped by expert
     token_of = order // top_k  # [S] token of each sorted slot
@@ -43,7 +44,7 @@ def dense_dispatch_moe_mlp(x, topk_ids, topk_weights, w13, w2):
 
     x_sorted = x.index_select(0, token_of)  # [S, d] the dispatch buffer
     h = grouped_mm(x_sorted, w13.transpose(1, 2), offsets)  # [S, 2F]
-    a = F.silu(h[:, :ffn]) * h[:, ffn:]  # [S, F]
+    a = activation.apply(h)  # [S, F]
     y = grouped_mm(a, w2.transpose(1, 2), offsets)  # [S, d]
     y = y * topk_weights.reshape(-1)[order].unsqueeze(1).to(y.dtype)  # [S, d]
     # The combine accumulates in x.dtype, as the Hugging Face / torchtitan baselines do.

@@ -3,9 +3,11 @@
 # T tokens, d hidden, F expert ffn, E experts, k top-k, S = T*k slots
 
 One row per shape, provider and mode (fwd, bwd, fwd+bwd), measured in one run on random inputs
-(bf16 on CUDA, float32 on CPU) routed by a random softmax router:
+(bf16 on CUDA, float32 on CPU) routed by a random softmax router. Every provider computes the
+shape's activation (SwiGLU; GeGLU or ReLU² for the `ACTIVATION_SHAPES`), whose pre-activation
+is P = 2F wide with a gate, F without:
   ms                    median time (do_bench on CUDA, wall clock on CPU)
-  TFLOP/s               model FLOPs / time: fwd = 2*S*d*2F + 2*S*F*d, bwd = 2 x fwd
+  TFLOP/s               model FLOPs / time: fwd = 2*S*d*P + 2*S*F*d, bwd = 2 x fwd
   frac_dense_gemm       TFLOP/s over that of one dense GEMM with the same FLOPs (cuBLAS on CUDA)
   peak_mem_MiB          peak allocated during the call, above what was allocated before (CUDA)
   saved_MiB             bytes autograd keeps for backward after a forward, excluding parameters
@@ -29,6 +31,7 @@ the kernels are, and the benchmark says so (and warns when the machine is busy).
     python -m bench.moe_layer                    # model shapes on CUDA, `tiny` on CPU
     python -m bench.moe_layer --shapes tiny --providers grouped_mm,loop --out bench/results
     python -m bench.moe_layer --providers moeblaze-activation,moeblaze-deterministic
+    python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish --modes fwd+bwd
 """
 
 import argparse
@@ -45,6 +48,7 @@ import moeblaze
 from bench import breakdown, harness
 from bench.baselines import dense_dispatch_moe_mlp, loop_moe_mlp
 from kernelbase.profiling import profile_range
+from moeblaze.activation import SWIGLU, Activation, Gated, Ungated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +59,17 @@ class Shape:
     F: int  # expert ffn size
     E: int  # experts
     k: int  # experts per token
+    activation: Activation = SWIGLU  # every provider's (the baselines' too)
+
+    @property
+    def pre_width(self) -> int:
+        """The pre-activation's width: 2F gated, F without a gate."""
+        return self.activation.pre_width(self.F)
 
     @property
     def fwd_flops(self) -> int:
         slots = self.T * self.k
-        return 2 * slots * self.d * 2 * self.F + 2 * slots * self.F * self.d
+        return 2 * slots * self.d * self.pre_width + 2 * slots * self.F * self.d
 
 
 SHAPES = {
@@ -70,9 +80,18 @@ SHAPES = {
         Shape("qwen3-30b-a3b", T=16384, d=2048, F=768, E=128, k=8),
         Shape("deepseek-ish", T=16384, d=2048, F=1408, E=64, k=6),
         Shape("gpt-oss-20b", T=16384, d=2880, F=2880, E=32, k=4),
+        # Gemma 4 26B-A4B's experts (E, k, F, GeGLU with GELU's tanh form; d as its config
+        # reports it, taken from public model cards, not checked against the weights).
+        Shape("gemma4-ish", T=16384, d=2816, F=704, E=128, k=8, activation=Gated("gelu_tanh")),
+        # Nemotron 3 Nano 30B-A3B's routed experts: ReLU² without a gate (model-card sizes).
+        Shape(
+            "nemotron3-nano-ish", T=16384, d=2688, F=1856, E=128, k=6, activation=Ungated("relu2")
+        ),
     ]
 }
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
+# The shapes of the other activations (`bash bench/run_gpu.sh OUT moe_activations`).
+ACTIVATION_SHAPES = ("gemma4-ish", "nemotron3-nano-ish")
 CPU_SHAPES = ("tiny",)
 
 PROVIDERS = ("moeblaze-activation", "moeblaze-up_proj", "moeblaze-none", "grouped_mm", "loop")
@@ -83,14 +102,15 @@ FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 # The per-expert loop is skipped on CPU above this many forward FLOPs (it would take minutes).
 CPU_LOOP_MAX_FLOPS = 1e10
 
-# Model FLOPs of one call of each expert-MLP stage (moeblaze.ops's ranges), in units of S*d*F.
-STAGE_FLOPS = {
-    "moeblaze.gate_up": 4,
-    "moeblaze.down_combine": 2,
-    "moeblaze.grad_act": 2,
-    "moeblaze.grad_w2": 2,
-    "moeblaze.grad_input": 4,
-    "moeblaze.grad_w13": 4,
+# The expert-MLP stages (moeblaze.ops's ranges) and the width of their GEMM besides S and d:
+# "pre" the pre-activation's (2F gated, F without a gate), "ffn" F. A call is 2*S*d*width FLOPs.
+STAGE_WIDTH = {
+    "moeblaze.gate_up": "pre",
+    "moeblaze.down_combine": "ffn",
+    "moeblaze.grad_act": "ffn",
+    "moeblaze.grad_w2": "ffn",
+    "moeblaze.grad_input": "pre",
+    "moeblaze.grad_w13": "pre",
 }
 PROFILED_STEPS = 5
 KERNELS_SHOWN = 8
@@ -124,12 +144,14 @@ COLUMNS = (
 dense_gemm_tflops = functools.cache(harness.dense_gemm_tflops)
 
 
-def provider_fn(name: str) -> Callable:
+def provider_fn(name: str, activation: Activation = SWIGLU) -> Callable:
     if name == "moeblaze-deterministic":
-        return functools.partial(moeblaze.moe_mlp, deterministic=True)
+        return functools.partial(moeblaze.moe_mlp, deterministic=True, activation=activation)
     if name.startswith("moeblaze-"):
-        return functools.partial(moeblaze.moe_mlp, recompute=name.removeprefix("moeblaze-"))
-    return {"grouped_mm": dense_dispatch_moe_mlp, "loop": loop_moe_mlp}[name]
+        policy = name.removeprefix("moeblaze-")
+        return functools.partial(moeblaze.moe_mlp, recompute=policy, activation=activation)
+    fn = {"grouped_mm": dense_dispatch_moe_mlp, "loop": loop_moe_mlp}[name]
+    return functools.partial(fn, activation=activation)
 
 
 def random_routing(x: torch.Tensor, num_experts: int, top_k: int, generator: torch.Generator):
@@ -149,7 +171,7 @@ class Inputs:
     x: torch.Tensor  # [T, d]
     topk_ids: torch.Tensor  # [T, k]
     topk_weights: torch.Tensor  # [T, k]
-    w13: torch.Tensor  # [E, 2F, d]
+    w13: torch.Tensor  # [E, 2F, d] ([E, F, d] without a gate)
     w2: torch.Tensor  # [E, d, F]
 
     @property
@@ -162,7 +184,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(shape.T, shape.d, device=device, generator=g).to(dtype)
     ids, weights = random_routing(x, shape.E, shape.k, g)
-    w13 = torch.randn(shape.E, 2 * shape.F, shape.d, device=device, generator=g, dtype=dtype)
+    w13 = torch.randn(shape.E, shape.pre_width, shape.d, device=device, generator=g, dtype=dtype)
     w2 = torch.randn(shape.E, shape.d, shape.F, device=device, generator=g, dtype=dtype)
     return Inputs(
         x=x.requires_grad_(),
@@ -183,11 +205,12 @@ def bench_provider(shape, provider, modes, inputs, dtype, device, rep_ms) -> lis
         "F": shape.F,
         "E": shape.E,
         "k": shape.k,
+        "activation": repr(shape.activation),
         "dtype": str(dtype).removeprefix("torch."),
         "provider": provider,
     }
     try:
-        fn = provider_fn(provider)
+        fn = provider_fn(provider, shape.activation)
         saved = harness.saved_tensor_bytes(
             lambda: fn(*args), exclude=(inputs.x, inputs.w13, inputs.w2)
         )
@@ -235,7 +258,7 @@ def _bench_mode(base, mode, fn, args, inputs, shape, dtype, device, rep_ms) -> d
 def breakdown_rows(shape, provider, inputs, dtype, device) -> list[dict]:
     """Where one fwd+bwd step of `provider` spends its time: moeblaze's stage ranges, then the
     largest GPU kernels (see the module docstring)."""
-    fn = provider_fn(provider)
+    fn = provider_fn(provider, shape.activation)
     args = (inputs.x, inputs.topk_ids, inputs.topk_weights, inputs.w13, inputs.w2)
     grad_out = torch.randn(shape.T, shape.d, dtype=dtype, device=device)
 
@@ -249,12 +272,13 @@ def breakdown_rows(shape, provider, inputs, dtype, device) -> list[dict]:
     step_ms = sum(k.ms for k in kernels) or None
     rows = []
     base = dict(shape=shape.name, provider=provider)
-    slot_flops = shape.T * shape.k * shape.d * shape.F
+    widths = dict(pre=shape.pre_width, ffn=shape.F)
     for timed in breakdown.range_times(prof, "moeblaze.", PROFILED_STEPS, device):
         row = dict(base, what="range", name=timed.name, calls=timed.calls, ms=timed.ms)
         row["share"] = timed.ms / step_ms if step_ms else None
-        if timed.name in STAGE_FLOPS and timed.ms > 0:
-            flops = STAGE_FLOPS[timed.name] * slot_flops
+        if timed.name in STAGE_WIDTH and timed.ms > 0:
+            width = widths[STAGE_WIDTH[timed.name]]
+            flops = 2 * shape.T * shape.k * shape.d * width
             tflops = flops * timed.calls / (timed.ms * 1e-3) / 1e12
             row["TFLOP/s"] = tflops
             row["frac_dense_gemm"] = tflops / dense_gemm_tflops(flops, dtype, device)

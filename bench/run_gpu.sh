@@ -10,14 +10,16 @@
 # at its shape, to OUTDIR/tune_gpt_oss), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
 # OUTDIR/overlap_link), kernel_profile (Nsight Compute counters of every kernel of a MoE step
-# and of the fused GEMM, to OUTDIR/kernel_profile) and moe_deterministic (moe_mlp with
-# deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) run only when named.
+# and of the fused GEMM, to OUTDIR/kernel_profile), moe_deterministic (moe_mlp with
+# deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
+# moe_activations (the GeGLU and ReLU² shapes of bench.moe_layer, fwd+bwd, against grouped_mm,
+# to OUTDIR/moe_activations) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
 # csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, overlap_tiles.txt, overlap_link.txt,
-# kernel_profile.txt, moe_deterministic.txt (logs), the result
+# kernel_profile.txt, moe_deterministic.txt, moe_activations.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -71,6 +73,9 @@ step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450
 step kernel_profile 400 python -m bench.kernel_profile --out "$OUT/kernel_profile"
 step moe_deterministic 150 python -m bench.moe_layer --modes fwd+bwd --no-breakdown \
     --providers moeblaze-activation,moeblaze-deterministic --out "$OUT/moe_deterministic"
+step moe_activations 180 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish \
+    --modes fwd+bwd --providers moeblaze-activation,moeblaze-up_proj,grouped_mm \
+    --out "$OUT/moe_activations"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"

@@ -22,7 +22,8 @@ another result, beyond summation order, is a bug to report). The best config per
 as the GPU_CONFIGS entry to put in; a candidate that fails to compile or run is reported and
 skipped. Results go to tune_expert-<gpu>.json.
 
-`--activation gpt-oss` runs gate_up and grad_act with GPT-OSS's SwiGLU, gate and up
+gate_up and grad_act run each shape's activation (bench.moe_layer.Shape.activation: SwiGLU,
+GeGLU, ReLU²). `--activation gpt-oss` runs them with GPT-OSS's SwiGLU instead, gate and up
 interleaved (their other kernel variants, INTERLEAVED); its "*" config is then the
 GPU_CONFIGS_INTERLEAVED entry where there is one, and the winners are printed for that table.
 
@@ -58,7 +59,8 @@ from moeblaze.kernels.expert_mlp import (  # noqa: E402
 from moeblaze.routing_plan import build_routing_plan  # noqa: E402
 
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
-# The SwiGLU of gate_up and grad_act (the other stages do not depend on it).
+# The activation of gate_up and grad_act in place of the shape's (the other stages do not
+# depend on it).
 ACTIVATIONS = {
     "swiglu": SWIGLU,
     "gpt-oss": SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True),
@@ -151,8 +153,8 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan, activation
 
 def stage_flops(stage: str, shape: Shape) -> int:
     """Model FLOPs of one call of `stage`."""
-    S, d, F = shape.T * shape.k, shape.d, shape.F
-    return 2 * S * d * F * (2 if stage in ("gate_up", "grad_input", "grad_w13") else 1)
+    width = shape.pre_width if stage in ("gate_up", "grad_input", "grad_w13") else shape.F
+    return 2 * shape.T * shape.k * shape.d * width
 
 
 def prepare(shape: Shape, dtype, device) -> dict:
@@ -171,8 +173,14 @@ def prepare(shape: Shape, dtype, device) -> dict:
 
 
 def sweep_shape(
-    shape: Shape, stage_names, block_ms, dtype, device, rep_ms, activation=SWIGLU
+    shape: Shape, stage_names, block_ms, dtype, device, rep_ms, activation=None
 ) -> list[dict]:
+    """Rows of every candidate config of `stage_names` on `shape`, its gate_up and grad_act
+    with `activation` (None: the shape's own; another must have the same pre-activation
+    width)."""
+    activation = activation or shape.activation
+    if activation.pre_width(shape.F) != shape.pre_width:
+        raise ValueError(f"{activation!r} does not fit shape {shape.name} ({shape.activation!r})")
     t = prepare(shape, dtype, device)
     default = TritonStages()
     rows, dense = [], {}  # dense: FLOPs -> TFLOP/s of a dense GEMM
@@ -279,7 +287,9 @@ def main(argv=None) -> int:
     parser.add_argument("--block-ms", default="64,128", help="the plan's block_m values")
     parser.add_argument("--rep-ms", type=float, default=50 if on_gpu else 1)
     parser.add_argument(
-        "--activation", default="swiglu", choices=list(ACTIVATIONS), help="gate_up/grad_act's"
+        "--activation",
+        choices=list(ACTIVATIONS),
+        help="gate_up/grad_act's; default: the shape's (bench.moe_layer.Shape.activation)",
     )
     parser.add_argument("--out", default=str(harness.RESULTS_DIR))
     args = parser.parse_args(argv)
@@ -290,22 +300,22 @@ def main(argv=None) -> int:
         parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGE_KERNEL)}")
     env = harness.environment(device)
     rows = []
+    activation = ACTIVATIONS.get(args.activation)  # None: each shape's
     for name in args.shapes.split(","):
         if name not in SHAPES:
             parser.error(f"unknown shape {name!r}; choose from {list(SHAPES)}")
         block_ms = [int(b) for b in args.block_ms.split(",")]
         stages = args.stages.split(",")
-        activation = ACTIVATIONS[args.activation]
         rows += sweep_shape(SHAPES[name], stages, block_ms, dtype, device, args.rep_ms, activation)
         stored = [{k: v for k, v in r.items() if k != "cfg"} for r in rows]
         path = harness.write_results("tune_expert", stored, env, args.out)  # kept if stopped
     print(
-        f"\nexpert-MLP stages on {env['gpu']} ({dtype}, {args.activation}; * = the current "
-        f"GPU_CONFIGS entry)"
+        f"\nexpert-MLP stages on {env['gpu']} ({dtype}, {args.activation or 'each shape'}'s "
+        f"activation; * = the current GPU_CONFIGS entry)"
     )
     harness.print_table(rows, COLUMNS)
     print("\nfastest per shape and stage:")
-    print("\n".join(best_entries(rows, ACTIVATIONS[args.activation].interleaved)))
+    print("\n".join(best_entries(rows, activation is not None and activation.interleaved)))
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 

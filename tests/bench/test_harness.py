@@ -1,5 +1,6 @@
 """CPU tests of the benchmark harness and of the dense-dispatch baseline it measures."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,9 @@ import kernelbase.backend
 import moeblaze
 from bench import harness, moe_layer, readme_table
 from bench.baselines import _grouped_mm_runs, dense_dispatch_moe_mlp
+
+# The baselines compute every activation a bench shape has (bench.moe_layer.Shape.activation).
+ACTIVATIONS = [moeblaze.SwiGLU(), moeblaze.Gated("gelu_tanh"), moeblaze.Ungated("relu2")]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -80,12 +84,13 @@ def test_write_results_and_print_table(tmp_path, capsys):
     ],
     ids=["float64-loop-fallback", "float32-grouped_mm"],
 )
-def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k):
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.constants[0])
+def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k, activation):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, d, generator=g, dtype=dtype)
     topk_ids = torch.stack([torch.randperm(E - 1, generator=g)[:k] for _ in range(T)])  # E-1 idle
     topk_weights = torch.rand(T, k, generator=g, dtype=dtype) + 0.1
-    w13 = torch.randn(E, 2 * F, d, generator=g, dtype=dtype) / d**0.5
+    w13 = torch.randn(E, activation.pre_width(F), d, generator=g, dtype=dtype) / d**0.5
     w2 = torch.randn(E, d, F, generator=g, dtype=dtype) / F**0.5
     assert _grouped_mm_runs(x, w13.transpose(1, 2)) == (dtype == torch.float32)
 
@@ -93,7 +98,7 @@ def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k):
         leaves = [
             t.detach().to(cast, copy=True).requires_grad_() for t in (x, topk_weights, w13, w2)
         ]
-        out = fn(leaves[0], topk_ids, *leaves[1:])
+        out = fn(leaves[0], topk_ids, *leaves[1:], activation=activation)
         out.backward(torch.ones_like(out) + torch.arange(d, dtype=cast) / d)
         return [out, *(t.grad for t in leaves)]
 
@@ -218,6 +223,27 @@ def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
     assert saved["moeblaze-activation"] < saved["moeblaze-none"] < saved["grouped_mm"]
     assert saved["moeblaze-activation"] < saved["grouped_mm"] / 3
     assert saved["moeblaze-deterministic"] == saved["moeblaze-activation"]  # keeps the same
+
+
+def test_moe_layer_bench_runs_the_shapes_activation(tmp_path, monkeypatch):
+    # A shape's activation reaches every provider, and the FLOPs count its pre-activation's
+    # width (F without a gate): the ungated tiny shape does 2/3 of the gated one's work.
+    monkeypatch.setattr(kernelbase.backend, "_forced", kernelbase.Backend.TORCH)
+    tiny = moe_layer.SHAPES["tiny"]
+    ungated = dataclasses.replace(tiny, name="tiny-relu2", activation=moeblaze.Ungated("relu2"))
+    monkeypatch.setitem(moe_layer.SHAPES, ungated.name, ungated)
+    assert 3 * ungated.fwd_flops == 2 * tiny.fwd_flops
+    argv = ["--shapes", ungated.name, "--providers", "moeblaze-activation,grouped_mm,loop"]
+    argv += ["--modes", "fwd", "--rep-ms", "1", "--no-plot", "--out", str(tmp_path)]
+    rows = moe_layer.main(argv)
+    assert [r["provider"] for r in rows] == ["moeblaze-activation", "grouped_mm", "loop"]
+    for r in rows:
+        assert "error" not in r and r["activation"] == "Ungated(fn='relu2')", r
+        assert r["TFLOP/s"] * r["ms"] * 1e9 == pytest.approx(ungated.fwd_flops)
+    stored = json.loads((tmp_path / "moe_layer_breakdown-cpu.json").read_text())["rows"]
+    (gate_up,) = [r for r in stored if r["name"] == "moeblaze.gate_up"]
+    flops = 2 * ungated.T * ungated.k * ungated.d * ungated.F  # [S, d] x [d, F]
+    assert gate_up["TFLOP/s"] * gate_up["ms"] * 1e9 == pytest.approx(flops * gate_up["calls"])
 
 
 def test_overlap_bench_end_to_end_on_cpu(tmp_path):

@@ -443,32 +443,27 @@ def test_unsupported_experts_raise(family, config_class, config_kwargs, missing)
 
 
 @pytest.mark.parametrize(
-    ("name", "fn"),
+    ("name", "fn", "gated"),
     [
-        ("relu2", "relu2"),  # NemotronH's
-        ("gelu", "gelu"),
-        ("gelu_new", "gelu_tanh"),  # the tanh form written out
-        ("gelu_pytorch_tanh", "gelu_tanh"),  # Gemma's
-        ("gelu_fast", "gelu_tanh"),
-        ("relu", "relu"),
-        ("silu", "silu"),
-        ("quick_gelu", None),
-        ("gelu_10", None),  # clipped at 10
-        ("sigmoid", None),
+        ("relu2", "relu2", moeblaze.Gated("relu2")),  # NemotronH's
+        ("gelu", "gelu", moeblaze.Gated("gelu")),
+        ("gelu_new", "gelu_tanh", moeblaze.Gated("gelu_tanh")),  # the tanh form written out
+        ("gelu_pytorch_tanh", "gelu_tanh", moeblaze.Gated("gelu_tanh")),  # Gemma's
+        ("gelu_fast", "gelu_tanh", moeblaze.Gated("gelu_tanh")),
+        ("relu", "relu", moeblaze.Gated("relu")),
+        ("silu", "silu", moeblaze.SwiGLU()),
+        ("quick_gelu", None, moeblaze.SwiGLU(alpha=1.702)),
+        ("gelu_10", None, None),  # clipped at 10
+        ("sigmoid", None, None),
     ],
 )
-def test_activation_is_found_by_what_act_fn_computes(name, fn):
+def test_activation_is_found_by_what_act_fn_computes(name, fn, gated):
     # Without a gate, the Ungated of that function; as the gate of a GLU, the SwiGLU (SiLU,
     # quick GELU) or Gated unit.
     from transformers.activations import ACT2FN
 
     expected = None if fn is None else moeblaze.Ungated(fn)
     assert ungated_computing(ACT2FN[name]) == expected
-    swiglus = {"silu": moeblaze.SwiGLU(), "quick_gelu": moeblaze.SwiGLU(alpha=1.702)}
-    if name in swiglus:
-        gated = swiglus[name]
-    else:
-        gated = None if fn is None else moeblaze.Gated(fn)
     assert gated_unit_computing(ACT2FN[name]) == gated
 
 
