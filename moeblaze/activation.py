@@ -46,7 +46,8 @@ import torch.nn.functional as F
 class _GatedUnit:
     """What SwiGLU and Gated share: a pre-activation [..., 2F] of gate and up halves (laid out
     as `interleaved` says), the clamps of `limit`, the `up_offset`, and
-    act = gate_fn(gate') * (up' + up_offset); the subclasses give gate_fn (`_gate`, `_slope`)."""
+    act = gate_fn(gate') * (up' + up_offset); the subclasses give gate_fn (`_gate`, and
+    `_gate_and_slope` for the backward)."""
 
     gated: ClassVar[bool] = True
 
@@ -90,7 +91,7 @@ class _GatedUnit:
     def backward(self, gate: torch.Tensor, up: torch.Tensor, d_act: torch.Tensor):
         """(d_gate, d_up) from the pre-activation halves and the gradient of act (fp32)."""
         gate_c, up_c = self._clamp(gate, up)
-        glu, slope = self._slope(gate_c)
+        glu, slope = self._gate_and_slope(gate_c)
         d_up = d_act * glu
         d_gate = d_act * (up_c + self.up_offset) * slope
         if self.limit is not None:
@@ -157,7 +158,7 @@ class SwiGLU(_GatedUnit):
     def _gate(self, gate):
         return F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
 
-    def _slope(self, gate):
+    def _gate_and_slope(self, gate):
         """(gate * sig, its derivative) with sig = sigmoid(alpha * gate)."""
         sig = torch.sigmoid(self.alpha * gate)
         return gate * sig, sig * (1 + self.alpha * gate * (1 - sig))
@@ -195,7 +196,7 @@ class Gated(_GatedUnit):
     def _gate(self, gate):
         return Ungated(self.fn).apply(gate)
 
-    def _slope(self, gate):
+    def _gate_and_slope(self, gate):
         ungated = Ungated(self.fn)
         return ungated.apply(gate), ungated.slope(gate)
 

@@ -24,9 +24,9 @@ three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET; a moeblaze
 Experts without a gate (moeblaze.Ungated, constexpr GATED false) have h [S, F] and
 a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns wide
 instead of 2F. a is the activation act = SwiGLU(h_gate, h_up) already scaled by the routing
-weight, so that the down projection's combine
-and dw2 are plain products: no GEMM operand is scaled in registers (a scaled operand cannot go
-from shared memory straight to the tensor cores).
+weight, so that the down projection's combine and dw2 are plain products: no GEMM operand is
+scaled in registers (a scaled operand cannot go from shared memory straight to the tensor
+cores).
 
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
 (`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
