@@ -77,20 +77,31 @@ def test_bf16_matches_reference(shape, make_problem):
 
 # DeepSeek-V4's and GPT-OSS's forms, with limits that clamp part of the pre-activations (their
 # std is about 1 at these shapes); GPT-OSS's as its experts are stored: gate and up
-# interleaved, with biases. (activation, biases)
+# interleaved, with biases. Gemma 4's GeGLU (moeblaze.Gated); experts without a gate
+# (moeblaze.Ungated: gate_up's one product, the F-wide h and dh): NemotronH's ReLU², and
+# Megatron's default GELU MLP with biases. (activation, biases)
 ACTIVATIONS = {
     "deepseek-v4": (moeblaze.SwiGLU(limit=0.5), False),
     "gpt-oss": (moeblaze.SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True), True),
+    "gemma4-geglu": (moeblaze.Gated("gelu_tanh"), False),
+    "nemotron-relu2": (moeblaze.Ungated("relu2"), False),
+    "megatron-gelu": (moeblaze.Ungated("gelu"), True),
 }
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
 @pytest.mark.parametrize("shape", ["medium", "odd", "tall"])
-def test_bf16_clamped_swiglu_matches_reference(shape, name, make_problem):
+def test_bf16_activations_match_reference(shape, name, make_problem):
     T, d, F, E, k, routing = SHAPES[shape]
     activation, biases = ACTIVATIONS[name]
     problem = make_problem(
-        T, d, F, E, k, dtype=torch.bfloat16, seed=2, routing=routing, device="cuda", biases=biases
+        *(T, d, F, E, k),
+        dtype=torch.bfloat16,
+        seed=2,
+        routing=routing,
+        device="cuda",
+        biases=biases,
+        gated=activation.gated,
     )
     expected = problem.reference(activation=activation)
     baseline = _low_precision_baseline(problem, torch.bfloat16, activation=activation)
