@@ -24,6 +24,7 @@ TRITON_INTERPRET=1; the CPU numbers show that the benchmark works, not how fast 
     python -m bench.hf_model                      # model configs on CUDA, `tiny` on CPU
     python -m bench.hf_model --configs olmoe-4l --providers grouped_mm,moeblaze
     python -m bench.hf_model --configs gpt-oss-20b-4l   # GPT-OSS's experts (biases, interleaved)
+    python -m bench.hf_model --configs gemma4-ish-4l    # GeGLU experts beside a dense MLP
     nsys profile -t cuda,nvtx -o hf_model python -m bench.hf_model --configs olmoe-4l
 """
 
@@ -120,6 +121,27 @@ CONFIGS = {
                 num_experts_per_tok=4,
                 head_dim=64,
                 **_attention(2880, 64, 8, 4, 32000),
+            ),
+        ),
+        # 4 layers of a Gemma-4-26B-A4B-like model: GeGLU experts (moeblaze.Gated, GELU's tanh
+        # form) with d=2816, F=704, E=128, k=8 beside a dense MLP in every layer (the model
+        # card's sizes, not checked against the weights); full attention, no per-layer inputs
+        # (vocab cut to 32k). Named only (--configs).
+        ModelConfig(
+            "gemma4-ish-4l",
+            "Gemma4TextConfig",
+            batch=4,
+            seq=2048,
+            fields=dict(
+                intermediate_size=2112,
+                moe_intermediate_size=704,
+                num_experts=128,
+                top_k_experts=8,
+                enable_moe_block=True,
+                head_dim=256,
+                layer_types=["full_attention"] * 4,
+                hidden_size_per_layer_input=0,
+                **_attention(2816, 16, 8, 4, 32000),
             ),
         ),
     ]

@@ -307,7 +307,29 @@ def identify(fn, candidates: dict):
     return None
 
 
-@functools.cache
+def evaluated_once(finder):
+    """`finder(*args)` (an evaluation of an integration's functions on sample points: `identify`)
+    computed once per args and remembered. Unlike functools.cache, torch.compile traces only the
+    lookup of a remembered result (a constant, no graph break), and runs a first evaluation
+    eagerly (torch.compiler.disable) instead of tracing its data-dependent comparisons, which
+    would break the graph at each of them in every compiled forward."""
+    found = {}
+
+    @torch.compiler.disable
+    def evaluate(*args):
+        found[args] = finder(*args)
+        return found[args]
+
+    @functools.wraps(finder)
+    def lookup(*args):
+        if args in found:
+            return found[args]
+        return evaluate(*args)
+
+    return lookup
+
+
+@evaluated_once
 def ungated_computing(fn) -> Ungated | None:
     """The Ungated that computes the elementwise function `fn` (`identify`), or None."""
     ungated = (Ungated(name) for name in UNGATED_FUNCTIONS)
@@ -318,7 +340,7 @@ def ungated_computing(fn) -> Ungated | None:
 SWIGLU_ALPHAS = (1.0, 1.702)
 
 
-@functools.cache
+@evaluated_once
 def gated_unit_computing(fn) -> SwiGLU | Gated | None:
     """The gated unit act = fn(gate) * up for the elementwise gate function `fn`
     (`identify`): SwiGLU(alpha) where fn is SiLU or quick GELU, Gated where it is another

@@ -31,14 +31,17 @@ The experts' own parameters are used as they are, with no conversion and no copy
 transposed (`is_transposed=True`, `[E, d, 2F]` and `[E, F, d]`) are passed as transposed views,
 which the kernels read through their strides; biases (`has_bias=True`) are `b13` and `b2`. The
 activation is `act_fn(gate) * up`, a `moeblaze.SwiGLU` for a SiLU `act_fn` and a
-`moeblaze.Gated` for the GELU of Gemma 4 and DiffusionGemma (GeGLU; found by evaluating
-`act_fn`: GELU in either form, ReLU, ReLU²), or a custom `_apply_gate` that is a
+`moeblaze.Gated` for the GELU of Gemma 4 and DiffusionGemma (GeGLU; GELU in either form, ReLU,
+ReLU²; read from transformers' activation class, `ACT_FN_CLASSES`, or found by evaluating
+`act_fn`), or a custom `_apply_gate` that is a
 `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
 HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
 as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
 against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
-NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` found by evaluating `act_fn` (ReLU², GELU
-in either form, ReLU, SiLU). Experts that compute anything else raise `NotImplementedError`
+NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
+found the same way. Under torch.compile, a known activation class costs no graph break; an
+evaluation (another `act_fn`, a custom `_apply_gate`) runs eagerly once per function, the graph
+breaking there until it has (an eager step before compiling avoids the breaks). Experts that compute anything else raise `NotImplementedError`
 naming the experts class, its model family and what moeblaze lacks: another activation, another
 custom `_apply_gate`, a post-expert norm.
 
@@ -57,13 +60,16 @@ import moeblaze
 from moeblaze.activation import (
     SWIGLU,
     Activation,
+    Gated,
     SwiGLU,
+    Ungated,
+    evaluated_once,
     gated_unit_computing,
     ungated_computing,
 )
 
 try:
-    from transformers.activations import SiLUActivation
+    from transformers import activations as hf_activations
     from transformers.integrations import moe as hf_moe
 except ImportError as error:
     raise ImportError(
@@ -191,21 +197,40 @@ CUSTOM_GATES = {
 }
 
 
+# transformers' activation classes (ACT2CLS) and the Ungated function each computes, read from
+# the class alone (exact type) so that torch.compile traces the choice without a graph break;
+# tested against what evaluating them finds. Any other act_fn is evaluated
+# (moeblaze.activation.identify), once per function object.
+ACT_FN_CLASSES = {
+    cls: fn
+    for name, fn in [
+        ("SiLUActivation", "silu"),
+        ("GELUActivation", "gelu"),
+        ("GELUTanh", "gelu_tanh"),
+        ("NewGELUActivation", "gelu_tanh"),
+        ("FastGELUActivation", "gelu_tanh"),
+        ("ReLUSquaredActivation", "relu2"),
+    ]
+    if (cls := getattr(hf_activations, name, None)) is not None
+} | {nn.SiLU: "silu", nn.ReLU: "relu"}
+
+
 def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     """(the SwiGLU, Gated or Ungated the experts compute, None), or (None, what they compute
     instead)."""
     cls = type(experts)
     act = getattr(experts, "act_fn", None)
+    known = ACT_FN_CLASSES.get(type(act))
     if not experts.has_gate:
-        activation = ungated_computing(act)
+        activation = Ungated(known) if known else ungated_computing(act)
         if activation is None:
             return None, f"the activation {act!r} (without a gate), which no moeblaze.Ungated is"
         return activation, None
     # A transformers without this default would make every gate "custom": loud, never wrong.
     if cls._apply_gate is getattr(hf_moe, "_default_apply_gate", None):
-        if isinstance(act, (SiLUActivation, nn.SiLU)) or act is nn.functional.silu:
+        if known == "silu" or act is nn.functional.silu:
             return SWIGLU, None
-        activation = gated_unit_computing(act)
+        activation = Gated(known) if known else gated_unit_computing(act)
         if activation is None:
             return None, f"the gate activation {act!r}, which no moeblaze.SwiGLU or Gated computes"
         return activation, None
@@ -222,7 +247,7 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     )
 
 
-@functools.cache
+@evaluated_once
 def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
     """Whether `apply_gate` (`cls._apply_gate`) computes `activation` for experts of that class
     with this `act_fn`: on float64 gate and up (laid out as `activation` says) at points across

@@ -467,6 +467,33 @@ def test_activation_is_found_by_what_act_fn_computes(name, fn, gated):
     assert gated_unit_computing(ACT2FN[name]) == gated
 
 
+def test_act_fn_classes_compute_what_they_are_read_as():
+    # The activation classes read without evaluating them (ACT_FN_CLASSES) compute the function
+    # they are read as, as evaluating them finds.
+    assert len(hf.ACT_FN_CLASSES) == 8
+    for cls, fn in hf.ACT_FN_CLASSES.items():
+        assert ungated_computing(cls()) == moeblaze.Ungated(fn), cls
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "nemotron_h"])
+def test_compiled_model_has_one_graph(family):
+    # torch.compile traces the activation's choice (read from act_fn's class) without a graph
+    # break, from the first call on: one graph for the whole model, as eager's output.
+    from torch._dynamo.testing import CompileCounter
+
+    config = _config(family) if family in FAMILIES else _default_config(family)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="moeblaze")
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    with moeblaze.use_backend("torch"):
+        compiled = torch.compile(model, backend=counter)(input_ids=input_ids).logits
+        eager = model(input_ids=input_ids).logits
+    assert counter.frame_count == 1
+    assert_close(compiled, eager, rtol=1e-6, name=f"{family} logits")
+
+
 def _experts_pair(family: str, config_class: str, **fields):
     """Two experts modules of `family` (its one *Experts class), one on "eager" and one on
     "moeblaze", from `config_class(hidden_size=32, **fields)`, with the same random parameters
