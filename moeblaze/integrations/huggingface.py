@@ -41,9 +41,9 @@ against the class's own `_apply_gate` before first use. Experts without a gate (
 NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
 found the same way. Under torch.compile, a known activation class costs no graph break; an
 evaluation (another `act_fn`, a custom `_apply_gate`) runs eagerly once per function, the graph
-breaking there until it has (an eager step before compiling avoids the breaks). Experts that compute anything else raise `NotImplementedError`
-naming the experts class, its model family and what moeblaze lacks: another activation, another
-custom `_apply_gate`, a post-expert norm.
+breaking there until it has (an eager step before compiling avoids the breaks). Experts that compute
+anything else raise `NotImplementedError` naming the experts class, its model family and what
+moeblaze lacks: another activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they become dropped slots (`moeblaze.DROPPED`): no GEMM rows, nothing
