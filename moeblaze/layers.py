@@ -303,8 +303,8 @@ class SwiGLUMLP(nn.Module):
     """Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up in one [2F, d] matrix
     (rows as `activation.split` reads them); `activation` (a `moeblaze.SwiGLU`) replaces
     silu(gate) * up by its clamped or quick-GELU form, (a `moeblaze.Gated`) by fn(gate) * up,
-    or (a `moeblaze.Ungated`) makes it
-    down(fn(gate_up(x))) with an [F, d] gate_up. `bias`: both linear maps have one.
+    or (a `moeblaze.Ungated`) makes it down(fn(gate_up(x))) with an [F, d] gate_up. `bias`:
+    both linear maps have one.
     `sigmoid_gate`: the output is scaled by sigmoid(x @ g), `sigmoid_gate.weight [1, d]` (no
     bias), as Qwen2-MoE and Megatron gate their shared experts."""
 

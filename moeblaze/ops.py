@@ -20,10 +20,10 @@ topk_weights and the plan:
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
 the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
 or a clamped / quick-GELU form of it (or a `moeblaze.Gated` unit: another gate function), with
-gate and up concatenated or interleaved (moeblaze.activation), passed to the ops as its five constants. The optional expert biases b13
-[E, 2F] and b2 [E, d] are added in the epilogues of gate_up and of the down combine (weighted
-by the routing weight, as the expert's output is); their gradients are per-expert sums of dh and
-of w * dout (`grad_b13`, `grad_b2`). Experts without a gate (`moeblaze.Ungated`) have
+gate and up concatenated or interleaved (moeblaze.activation), passed to the ops as its five
+constants. The optional expert biases b13 [E, 2F] and b2 [E, d] are added in the epilogues of
+gate_up and of the down combine (weighted by the routing weight, as the expert's output is);
+their gradients are per-expert sums of dh and of w * dout (`grad_b13`, `grad_b2`). Experts without a gate (`moeblaze.Ungated`) have
 w13 [E, F, d], b13 [E, F], and h and dh [S, F]: read F where 2F is written here.
 
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
@@ -474,9 +474,8 @@ def moe_mlp(
             and up rows of w13, and entries of b13, alternate); `moeblaze.Gated(fn)` for another
             gate function, act = fn(gate) * up (fn "gelu_tanh": Gemma 4's GeGLU, "gelu",
             "relu", "relu2"; with SwiGLU's limit, up_offset and interleaved); or
-            `moeblaze.Ungated(fn)` for
-            experts without a gate, act = fn(w13[e] @ x[t]) with fn "relu2", "gelu",
-            "gelu_tanh", "relu" or "silu"; see moeblaze.activation.
+            `moeblaze.Ungated(fn)` for experts without a gate, act = fn(w13[e] @ x[t]) with fn
+            "relu2", "gelu", "gelu_tanh", "relu" or "silu"; see moeblaze.activation.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
@@ -561,14 +560,13 @@ def _check_moe_args(
         raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    if activation.gated and (w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != x.shape[1]):
-        raise ValueError(
-            f"w13 must be [E, 2F, d] with d={x.shape[1]} (x's last dim) and an even 2F, "
-            f"got shape {tuple(w13.shape)}"
+    odd = activation.gated and w13.dim() == 3 and w13.shape[1] % 2
+    if w13.dim() != 3 or odd or w13.shape[2] != x.shape[1]:
+        rows, rule = (
+            ("2F", " and an even 2F") if activation.gated else ("F", f" for {activation!r}")
         )
-    if not activation.gated and (w13.dim() != 3 or w13.shape[2] != x.shape[1]):
         raise ValueError(
-            f"w13 must be [E, F, d] with d={x.shape[1]} (x's last dim) for {activation!r}, "
+            f"w13 must be [E, {rows}, d] with d={x.shape[1]} (x's last dim){rule}, "
             f"got shape {tuple(w13.shape)}"
         )
     num_experts, ffn = w13.shape[0], activation.ffn(w13.shape[1])

@@ -984,8 +984,8 @@ class TensorParallelSwiGLUMLP(nn.Module):
 
     Rank r holds `gate_up.weight [2F/W, h]` (its shard of the gate rows, then of the up rows:
     Megatron's local fc1 layout; [F/W, h] for an ungated activation), `down.weight [h, F/W]` and
-    the replicated `sigmoid_gate.weight [1, h]`. The weights start as the `overlap` layers start (one matrix drawn alike on every
-    rank, split)."""
+    the replicated `sigmoid_gate.weight [1, h]`. The weights start as the `overlap` layers start
+    (one matrix drawn alike on every rank, split)."""
 
     def __init__(
         self,
