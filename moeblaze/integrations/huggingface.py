@@ -99,9 +99,9 @@ def moeblaze_experts_forward(
     `experts` is the module whose class is decorated with `use_experts_implementation`; this
     function is what its `forward` calls once "moeblaze" is its experts implementation.
     """
-    w13, w2 = expert_weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
+    activation = expert_activation(experts)  # raises for experts moeblaze does not compute
+    w13, w2 = _weights(experts)  # [E, 2F, d], [E, d, F]: views of the parameters
     b13, b2 = expert_biases(experts)  # [E, 2F], [E, d] or None
-    activation, _ = _activation_of(experts)  # checked by expert_weights
     if getattr(experts, "_is_expert_parallel", False):
         # transformers' expert parallelism marks the slots of another rank's experts with ids
         # >= E (and weight 0): dropped here, they cost no GEMM rows and get no gradient.
@@ -128,7 +128,14 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     Raises NotImplementedError naming the class and model family if its experts are not
     gated (SwiGLU, Gated) or ungated experts in a layout moeblaze reads without copying.
     """
-    missing = _unsupported_features(experts)
+    expert_activation(experts)
+    return _weights(experts)
+
+
+def expert_activation(experts: nn.Module) -> Activation:
+    """The moeblaze activation (SwiGLU, Gated or Ungated) a transformers v5 experts module
+    computes; NotImplementedError as `expert_weights` says if moeblaze cannot run it."""
+    activation, missing = _support(experts)
     if missing:
         cls = type(experts)
         family = cls.__module__.removeprefix("transformers.models.").split(".")[0]
@@ -140,6 +147,11 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
             f"{'; '.join(missing)}. Use experts_implementation='grouped_mm' or 'eager' for "
             f"this model."
         )
+    return activation
+
+
+def _weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`expert_weights` of experts already checked."""
     w13 = experts.gate_up_proj if experts.has_gate else experts.up_proj
     if experts.is_transposed:  # gate_up_proj [E, d, 2F], down_proj [E, F, d]
         return w13.transpose(1, 2), experts.down_proj.transpose(1, 2)
@@ -155,21 +167,22 @@ def expert_biases(experts: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor
     return b13, experts.down_proj_bias
 
 
-def _unsupported_features(experts: nn.Module) -> list[str]:
-    """What the experts compute or store that moeblaze does not (empty if supported)."""
+def _support(experts: nn.Module) -> tuple[Activation | None, list[str]]:
+    """(the experts' activation or None, what they compute or store that moeblaze does not:
+    empty if supported)."""
     cls = type(experts)
     if not hasattr(experts, "has_gate"):
-        return [
+        return None, [
             f"no transformers v5 experts interface ({cls.__name__} is not decorated with "
             f"transformers.integrations.moe.use_experts_implementation)"
         ]
     missing = []
     if getattr(experts, "has_post_expert_norm", False):
         missing.append("a norm after each expert (has_post_expert_norm=True)")
-    _, problem = _activation_of(experts)
+    activation, problem = _activation_of(experts)
     if problem:
         missing.append(problem)
-    return missing
+    return activation, missing
 
 
 # Experts classes with their own `_apply_gate` that is a moeblaze.SwiGLU, and how to read its
