@@ -308,23 +308,30 @@ def identify(fn, candidates: dict):
 
 
 def evaluated_once(finder):
-    """`finder(*args)` (an evaluation of an integration's functions on sample points: `identify`)
-    computed once per args and remembered. Unlike functools.cache, torch.compile traces only the
-    lookup of a remembered result (a constant, no graph break), and runs a first evaluation
-    eagerly (torch.compiler.disable) instead of tracing its data-dependent comparisons, which
-    would break the graph at each of them in every compiled forward."""
+    """`finder(*args)` (an evaluation of an integration's functions on sample points: `identify`;
+    it returns an activation, a bool or None) computed once per args and remembered.
+    torch.compile runs the evaluation while tracing and takes its result as a constant
+    (torch.compiler.assume_constant_result): no graph break, where tracing its data-dependent
+    comparisons would break the graph at each of them. The constant is plain values (an
+    activation's `constants`, rebuilt outside), and the args must be values dynamo passes as
+    they are: numbers, strings, classes, functions, modules (not a dataclass built in the
+    traced code: pass its fields)."""
     found = {}
 
-    @torch.compiler.disable
+    @torch.compiler.assume_constant_result
     def evaluate(*args):
-        found[args] = finder(*args)
-        return found[args]
+        result = finder(*args)
+        return result.constants if isinstance(result, Activation) else result
 
     @functools.wraps(finder)
     def lookup(*args):
-        if args in found:
-            return found[args]
-        return evaluate(*args)
+        if torch.compiler.is_compiling():
+            result = evaluate(*args)  # while tracing: a constant of the graph
+        else:
+            if args not in found:
+                found[args] = evaluate(*args)
+            result = found[args]
+        return activation_of(*result) if isinstance(result, tuple) else result
 
     return lookup
 

@@ -39,10 +39,10 @@ HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up colu
 as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
 against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
 NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
-found the same way. Under torch.compile, a known activation class costs no graph break; an
-evaluation (another `act_fn`, a custom `_apply_gate`) runs eagerly once per function, the graph
-breaking there until it has (an eager step before compiling avoids the breaks). Experts that compute
-anything else raise `NotImplementedError` naming the experts class, its model family and what
+found the same way. Under torch.compile none of this breaks the graph: a known activation class
+is read from the class, and an evaluation (another `act_fn`, a custom `_apply_gate`) runs
+while dynamo traces, its result a constant (`moeblaze.activation.evaluated_once`). Experts that
+compute anything else raise `NotImplementedError` naming the experts class, its model family and what
 moeblaze lacks: another activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
@@ -63,6 +63,7 @@ from moeblaze.activation import (
     Gated,
     SwiGLU,
     Ungated,
+    activation_of,
     evaluated_once,
     gated_unit_computing,
     ungated_computing,
@@ -251,7 +252,7 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     activation = None
     if read is not None:
         activation = SwiGLU(**read(experts), interleaved=not experts.is_concatenated)
-    if activation is not None and _computes(cls, cls._apply_gate, act, activation):
+    if activation is not None and _computes(cls, cls._apply_gate, act, *activation.constants):
         return activation, None
     known = f" (not {activation!r} as expected)" if activation is not None else ""
     return None, (
@@ -261,11 +262,13 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
 
 
 @evaluated_once
-def _computes(cls: type, apply_gate, act_fn, activation: SwiGLU) -> bool:
-    """Whether `apply_gate` (`cls._apply_gate`) computes `activation` for experts of that class
-    with this `act_fn`: on float64 gate and up (laid out as `activation` says) at points across
-    and around its clamps, to float32 rounding (moeblaze computes the activation in float32;
-    a gate may too)."""
+def _computes(cls: type, apply_gate, act_fn, *constants) -> bool:
+    """Whether `apply_gate` (`cls._apply_gate`) computes the activation of these `constants`
+    (`moeblaze.activation.activation_of`) for experts of that class with this `act_fn`: on
+    float64 gate and up (laid out as the activation says) at points across and around its
+    clamps, to float32 rounding (moeblaze computes the activation in float32; a gate may
+    too)."""
+    activation = activation_of(*constants)
     bound = 2 * (activation.limit or 4.0)
     grid = torch.linspace(-bound, bound, 41, dtype=torch.float64)
     gate, up = grid[:, None].expand(41, 41), grid[None, :].expand(41, 41)  # every pair

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 from tolerance import assert_bf16_close, assert_close
+from torch import nn
 
 import moeblaze
 from moeblaze.activation import gated_unit_computing, ungated_computing
@@ -475,23 +476,41 @@ def test_act_fn_classes_compute_what_they_are_read_as():
         assert ungated_computing(cls()) == moeblaze.Ungated(fn), cls
 
 
-@pytest.mark.parametrize("family", ["gemma4_text", "nemotron_h"])
-def test_compiled_model_has_one_graph(family):
-    # torch.compile traces the activation's choice (read from act_fn's class) without a graph
-    # break, from the first call on: one graph for the whole model, as eager's output.
+@pytest.mark.parametrize(
+    ("family", "act_fn"),
+    [
+        ("gemma4_text", None),  # GeGLU, read from act_fn's class
+        ("nemotron_h", None),  # ReLU² without a gate, read from act_fn's class
+        ("gemma4_text", nn.GELU(approximate="tanh")),  # an act_fn found by evaluating it
+        ("gpt_oss", None),  # a custom _apply_gate, checked by evaluating it
+    ],
+)
+def test_compile_breaks_no_graph(family, act_fn):
+    # torch.compile traces the activation's choice without a graph break from the first call
+    # on (a class read, or an evaluation dynamo runs while tracing): as many graphs as the model
+    # compiles to with "grouped_mm" (one, or GPT-OSS's two: transformers installs its output
+    # hooks in the first call), and eager's output.
     from torch._dynamo.testing import CompileCounter
 
     config = _config(family) if family in FAMILIES else _default_config(family)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="moeblaze")
     input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    with moeblaze.use_backend("torch"):
-        compiled = torch.compile(model, backend=counter)(input_ids=input_ids).logits
-        eager = model(input_ids=input_ids).logits
-    assert counter.frame_count == 1
-    assert_close(compiled, eager, rtol=1e-6, name=f"{family} logits")
+    graphs = {}
+    for implementation in ("grouped_mm", "moeblaze"):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, experts_implementation=implementation
+        )
+        for module in model.modules():
+            if act_fn is not None and hasattr(module, "has_gate"):
+                module.act_fn = act_fn
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        with moeblaze.use_backend("torch"):
+            compiled = torch.compile(model, backend=counter)(input_ids=input_ids).logits
+            eager = model(input_ids=input_ids).logits
+        graphs[implementation] = counter.frame_count
+        assert_close(compiled, eager, rtol=1e-6, name=f"{family} {implementation} logits")
+    assert graphs["moeblaze"] == graphs["grouped_mm"] <= 2, graphs
 
 
 def _experts_pair(family: str, config_class: str, **fields):
