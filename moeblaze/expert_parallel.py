@@ -61,7 +61,7 @@ from kernelbase.profiling import profile_range
 from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.layers import MoEBlock, MoELayer, check_router_options
-from moeblaze.ops import moe_mlp
+from moeblaze.ops import check_expert_weights, moe_mlp
 from moeblaze.reference import gather_sum_torch
 from moeblaze.router import RouterOutput
 from moeblaze.routing_plan import DROPPED, build_routing_plan
@@ -537,18 +537,7 @@ def _check_args(x, topk_ids, topk_weights, w13, w2, activation) -> None:
     for name, t in (("w13", w13), ("w2", w2)):
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype}; expected x's dtype {x.dtype}")
-    odd = activation.gated and w13.dim() == 3 and w13.shape[1] % 2
-    if w13.dim() != 3 or odd or w13.shape[2] != x.shape[1]:
-        rows = "2F" if activation.gated else "F"
-        raise ValueError(
-            f"w13 must be this rank's experts [E_l, {rows}, d] with d={x.shape[1]} (x's last "
-            f"dim){' and an even 2F' if activation.gated else ''}, got shape {tuple(w13.shape)}"
-        )
-    expected_w2 = (w13.shape[0], x.shape[1], activation.ffn(w13.shape[1]))
-    if tuple(w2.shape) != expected_w2:
-        raise ValueError(
-            f"w2 must be [E_l, d, F] = {expected_w2} to match w13 and x, got {tuple(w2.shape)}"
-        )
+    check_expert_weights(x, w13, w2, activation, experts="E_l")
     if (
         topk_ids.dtype.is_floating_point
         or topk_ids.dtype.is_complex

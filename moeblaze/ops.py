@@ -545,6 +545,24 @@ def check_recompute(recompute: str) -> None:
         raise ValueError(f"recompute must be one of {RECOMPUTE_POLICIES}, got {recompute!r}")
 
 
+def check_expert_weights(x, w13, w2, activation: Activation, experts: str = "E") -> None:
+    """A ValueError naming w13 or w2 unless they are [E, 2F, d] ([E, F, d] without a gate) and
+    [E, d, F] for x [T, d]; `experts` is what the messages call E ("E_l": a rank's experts)."""
+    gated = activation.gated
+    if w13.dim() != 3 or (gated and w13.shape[1] % 2) or w13.shape[2] != x.shape[1]:
+        rows, rule = ("2F", " and an even 2F") if gated else ("F", f" for {activation!r}")
+        raise ValueError(
+            f"w13 must be [{experts}, {rows}, d] with d={x.shape[1]} (x's last dim){rule}, "
+            f"got shape {tuple(w13.shape)}"
+        )
+    expected = (w13.shape[0], x.shape[1], activation.ffn(w13.shape[1]))
+    if tuple(w2.shape) != expected:
+        raise ValueError(
+            f"w2 must be [{experts}, d, F] = {expected} to match w13 and x, "
+            f"got shape {tuple(w2.shape)}"
+        )
+
+
 def _check_moe_args(
     x, topk_ids, topk_weights, w13, w2, recompute, deterministic, check_ids, activation
 ) -> None:
@@ -560,22 +578,8 @@ def _check_moe_args(
         raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [T, d], got shape {tuple(x.shape)}")
-    odd = activation.gated and w13.dim() == 3 and w13.shape[1] % 2
-    if w13.dim() != 3 or odd or w13.shape[2] != x.shape[1]:
-        rows, rule = (
-            ("2F", " and an even 2F") if activation.gated else ("F", f" for {activation!r}")
-        )
-        raise ValueError(
-            f"w13 must be [E, {rows}, d] with d={x.shape[1]} (x's last dim){rule}, "
-            f"got shape {tuple(w13.shape)}"
-        )
-    num_experts, ffn = w13.shape[0], activation.ffn(w13.shape[1])
-    if tuple(w2.shape) != (num_experts, x.shape[1], ffn):
-        raise ValueError(
-            f"w2 must be [E, d, F] = {(num_experts, x.shape[1], ffn)} to match w13 and x, "
-            f"got shape {tuple(w2.shape)}"
-        )
-    check_routing_args(topk_ids, num_experts)
+    check_expert_weights(x, w13, w2, activation)
+    check_routing_args(topk_ids, w13.shape[0])
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(
             f"topk_ids has {topk_ids.shape[0]} rows; expected one per token of x ({x.shape[0]})"

@@ -379,7 +379,7 @@ def test_needs_an_initialised_process_group():
     "change, error, match",
     [
         (dict(x=randn(3, 2, D)), ValueError, r"x must be 2-D \[T, d\], got shape \(3, 2, 16\)"),
-        (dict(w13=randn(2, 2 * FFN, D + 1)), ValueError, r"w13 must be this rank's experts"),
+        (dict(w13=randn(2, 2 * FFN, D + 1)), ValueError, r"w13 must be \[E_l, 2F, d\] with d=16"),
         (dict(w2=randn(2, D, FFN + 1)), ValueError, r"w2 must be \[E_l, d, F\] = \(2, 16, 8\)"),
         (dict(w2=randn(2, D, FFN, dtype=torch.float64)), TypeError, "w2 has dtype torch.float64"),
         (dict(topk_ids=torch.zeros(3, 1)), TypeError, "topk_ids must have an integer dtype"),
