@@ -24,8 +24,10 @@ skipped. Results go to tune_expert-<gpu>.json.
 
 gate_up and grad_act run each shape's activation (bench.moe_layer.Shape.activation: SwiGLU,
 GeGLU, ReLU²). `--activation gpt-oss` runs them with GPT-OSS's SwiGLU instead, gate and up
-interleaved (their other kernel variants, INTERLEAVED); its "*" config is then the
-GPU_CONFIGS_INTERLEAVED entry where there is one, and the winners are printed for that table.
+interleaved (their other kernel variants, INTERLEAVED), and `--activation inkling2` with Inkling
+2's soft-capped SwiGLU; the "*" config is then the GPU_CONFIGS_INTERLEAVED (or
+GPU_CONFIGS_SOFTCAPPED) entry where there is one (`epilogue_configs`), and the winners are
+printed for that table.
 
     python -m bench.tune_expert                               # GPU: mixtral, qwen3, deepseek-ish
     python -m bench.tune_expert --shapes qwen3-30b-a3b --stages grad_act,grad_w13 --block-ms 64
@@ -53,8 +55,8 @@ from kernelbase.gemm import GemmConfig  # noqa: E402
 from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
 from moeblaze.kernels.expert_mlp import (  # noqa: E402
     GPU_CONFIGS,
-    GPU_CONFIGS_INTERLEAVED,
     TritonStages,
+    epilogue_configs,
 )
 from moeblaze.routing_plan import build_routing_plan  # noqa: E402
 
@@ -64,6 +66,7 @@ GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
 ACTIVATIONS = {
     "swiglu": SWIGLU,
     "gpt-oss": SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True),
+    "inkling2": SwiGLU(gate_softcap=4.0, up_softcap=25.0),
 }
 STAGE_KERNEL = {
     "gate_up": "gate_up",
@@ -106,15 +109,13 @@ WGRAD_CANDIDATES = [
 INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 
-def candidates(kernel: str, block_m: int, interleaved: bool = False) -> list[GemmConfig]:
-    """The current config of (kernel, block_m) first (for an interleaved SwiGLU where
-    `interleaved`), then it with the other operand loads (GemmConfig.tma), then the other
+def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]:
+    """The current config of (kernel, block_m) first (for `activation`'s epilogue:
+    `epilogue_configs`), then it with the other operand loads (GemmConfig.tma), then the other
     candidates (with tensor descriptors)."""
     if torch.cuda.is_available():
         key = (kernel, None if kernel == "expert_wgrad" else block_m)
-        current = GPU_CONFIGS[key]
-        if interleaved:
-            current = GPU_CONFIGS_INTERLEAVED.get(key, current)
+        current = epilogue_configs(activation)[1].get(key, GPU_CONFIGS[key])
         if kernel == "expert_wgrad":
             others = WGRAD_CANDIDATES
         else:
@@ -198,7 +199,7 @@ def sweep_shape(
                 dense[flops] = harness.dense_gemm_tflops(flops, dtype, device)
             dense_tflops = dense[flops]
             current_ms = current_out = None
-            for i, cfg in enumerate(candidates(kernel, block_m, activation.interleaved)):
+            for i, cfg in enumerate(candidates(kernel, block_m, activation)):
                 key = (kernel, None if kernel == "expert_wgrad" else block_m)
                 fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan, activation)
                 row = dict(
@@ -253,10 +254,10 @@ def _describe(cfg: GemmConfig) -> str:
 COLUMNS = ("shape", "stage", "config", "ms", "TFLOP/s", "frac_cublas", "vs_current", "diff")
 
 
-def best_entries(rows, interleaved: bool = False) -> list[str]:
-    """Per (shape, stage, block_m), the fastest config, as a GPU_CONFIGS line (for
-    GPU_CONFIGS_INTERLEAVED where `interleaved`, for the stages whose kernels have such
-    variants)."""
+def best_entries(rows, table: str = "") -> list[str]:
+    """Per (shape, stage, block_m), the fastest config, as a GPU_CONFIGS line (for the
+    GPU_CONFIGS_<table> of `epilogue_configs` where `table` names one, for the stages whose
+    kernels have such variants)."""
     best = {}
     for row in rows:
         if "ms" not in row:
@@ -269,9 +270,9 @@ def best_entries(rows, interleaved: bool = False) -> list[str]:
         cfg, speedup = row["cfg"], row["vs_current"]
         versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
         loads = "" if cfg.tma else ", tma=False"
-        table = "INTERLEAVED " if interleaved and stage in ("gate_up", "grad_act") else ""
+        variant = f"{table} " if table and stage in ("gate_up", "grad_act") else ""
         lines.append(
-            f"{shape:>14} {stage:>12}: {table}({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
+            f"{shape:>14} {stage:>12}: {variant}({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
             f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
             f"num_stages={cfg.num_stages}{loads})  # {row['ms']:.3g} ms, "
             f"{row['frac_cublas']:.2f} of cuBLAS, {versus}"
@@ -315,7 +316,8 @@ def main(argv=None) -> int:
     )
     harness.print_table(rows, COLUMNS)
     print("\nfastest per shape and stage:")
-    print("\n".join(best_entries(rows, activation is not None and activation.interleaved)))
+    table = epilogue_configs(activation)[0] if activation is not None else ""
+    print("\n".join(best_entries(rows, table)))
     print(f"\nwrote {path}")
     return 1 if any("error" in r for r in rows) else 0
 

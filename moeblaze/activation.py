@@ -5,6 +5,10 @@ another gate function: GeGLU, ReGLU) and Ungated.
     act   = gate' * sigmoid(alpha * gate') * (up' + up_offset)      SwiGLU
     act   = fn(gate') * (up' + up_offset)                           Gated(fn)
 
+    soft caps, cap_c(y) = c * tanh(y / c) (none when c is None):
+    act   = cap_g(gate') * sigmoid(alpha * gate') * (cap_u(up') + up_offset)
+                                                    SwiGLU(gate_softcap=g, up_softcap=u)
+
     SwiGLU()                                    silu(gate) * up   (Mixtral, Qwen, DeepSeek-V3, ...)
     SwiGLU(limit=10.0)                          DeepSeek-V4
     SwiGLU(alpha=1.702, limit=7.0, up_offset=1) Megatron's quick_gelu GLU with glu_linear_offset
@@ -12,6 +16,7 @@ another gate function: GeGLU, ReGLU) and Ungated.
     SwiGLU(alpha=1.702, limit=7.0, up_offset=1, interleaved=True)   GPT-OSS
     Gated("gelu_tanh")                          gelu(gate, approximate="tanh") * up   (Gemma 4)
     Gated("gelu")                               Megatron's GLU with F.gelu
+    SwiGLU(gate_softcap=4.0, up_softcap=25.0)   Inkling 2 (the sigmoid sees the uncapped gate)
 
 `interleaved` is where the two halves sit in the 2F pre-activation (the rows of w13 and of its
 bias): all gate values then all up values (`split` is `chunk(2)`; the default, the Hugging Face
@@ -27,7 +32,7 @@ holds F rows, not 2F):
 
 All three classes say how wide the pre-activation is (`pre_width`, `ffn`), compute act from it
 and its gradient (`apply`, `grad`), and give the ops and kernels their `constants` (kind, alpha,
-limit, up_offset, interleaved), compile-time constants of the kernels
+limit, up_offset, interleaved, gate_softcap, up_softcap), compile-time constants of the kernels
 (moeblaze.kernels.expert_mlp), so plain SwiGLU builds exactly the code it always did;
 `activation_of` turns the constants back into the activation. The torch computations here are
 what the torch backend (moeblaze.reference.TorchStages), the oracle (moe_mlp_reference) and the
@@ -45,8 +50,8 @@ import torch.nn.functional as F
 
 class _GatedUnit:
     """What SwiGLU and Gated share: a pre-activation [..., 2F] of gate and up halves (laid out
-    as `interleaved` says), the clamps of `limit`, the `up_offset`, and
-    act = gate_fn(gate') * (up' + up_offset); the subclasses give gate_fn (`_gate`, and
+    as `interleaved` says), the clamps of `limit`, the `up_softcap` and `up_offset`, and
+    act = gate_fn(gate') * (cap_u(up') + up_offset); the subclasses give gate_fn (`_gate`, and
     `_gate_and_slope` for the backward)."""
 
     gated: ClassVar[bool] = True
@@ -60,12 +65,15 @@ class _GatedUnit:
             if not math.isfinite(value):
                 raise ValueError(f"{name} {field}={value!r} must be finite")
             object.__setattr__(self, field, float(value))
-        if self.limit is not None:
-            if isinstance(self.limit, bool) or not isinstance(self.limit, int | float):
-                raise TypeError(f"{name} limit must be a number or None, got {self.limit!r}")
-            if not 0 < self.limit < math.inf:
-                raise ValueError(f"{name} limit={self.limit!r} must be a finite number > 0")
-            object.__setattr__(self, "limit", float(self.limit))
+        for field in ("limit", "gate_softcap", "up_softcap"):
+            value = getattr(self, field, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} {field} must be a number or None, got {value!r}")
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} {field}={value!r} must be a finite number > 0")
+            object.__setattr__(self, field, float(value))
         if not isinstance(self.interleaved, bool):
             raise TypeError(f"{name} interleaved must be a bool, got {self.interleaved!r}")
 
@@ -86,13 +94,15 @@ class _GatedUnit:
         """act from the two halves of the pre-activation, in their dtype (differentiable;
         plain SwiGLU is exactly `F.silu(gate) * up`)."""
         gate, up = self._clamp(gate, up)
+        up = _softcap(up, self.up_softcap)
         return self._gate(gate) * (up + self.up_offset if self.up_offset else up)
 
     def backward(self, gate: torch.Tensor, up: torch.Tensor, d_act: torch.Tensor):
         """(d_gate, d_up) from the pre-activation halves and the gradient of act (fp32)."""
         gate_c, up_c = self._clamp(gate, up)
         glu, slope = self._gate_and_slope(gate_c)
-        d_up = d_act * glu
+        up_c, up_slope = _softcap_and_slope(up_c, self.up_softcap)
+        d_up = d_act * glu * up_slope
         d_gate = d_act * (up_c + self.up_offset) * slope
         if self.limit is not None:
             d_gate = torch.where(gate <= self.limit, d_gate, 0.0)
@@ -132,7 +142,8 @@ class _GatedUnit:
 @dataclasses.dataclass(frozen=True, repr=False)
 class SwiGLU(_GatedUnit):
     """act = gate' * sigmoid(alpha * gate') * (up' + up_offset), with gate' = min(gate, limit)
-    and up' = clamp(up, -limit, limit) when `limit` is set (see the module docstring).
+    and up' = clamp(up, -limit, limit) when `limit` is set, and the linear gate factor and up'
+    soft-capped when `gate_softcap` / `up_softcap` are (see the module docstring).
 
     Args:
         alpha: the sigmoid's slope: 1.0 is SiLU (Swish), 1.702 the quick GELU of GPT-OSS.
@@ -140,6 +151,10 @@ class SwiGLU(_GatedUnit):
         up_offset: added to the (clamped) up half: 1.0 in GPT-OSS.
         interleaved: the 2F pre-activation columns (w13's rows) alternate gate, up, gate, ...
             instead of holding all gate columns, then all up columns (see `split`).
+        gate_softcap: the gate's linear factor is c * tanh(gate' / c) (> 0), the sigmoid's
+            argument stays alpha * gate' (Inkling 2: 4.0); or None.
+        up_softcap: up' becomes c * tanh(up' / c) (> 0) before the offset (Inkling 2: 25.0);
+            or None.
 
     Gradients follow torch's: zero for a gate above `limit` and an up outside [-limit, limit].
     """
@@ -148,6 +163,8 @@ class SwiGLU(_GatedUnit):
     limit: float | None = None
     up_offset: float = 0.0
     interleaved: bool = False
+    gate_softcap: float | None = None
+    up_softcap: float | None = None
     fn: ClassVar[str] = "swiglu"  # the kernels' name of its gate function (ACT)
 
     def __post_init__(self):
@@ -156,17 +173,29 @@ class SwiGLU(_GatedUnit):
             raise ValueError(f"SwiGLU alpha={self.alpha!r} must be > 0")
 
     def _gate(self, gate):
-        return F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
+        if self.gate_softcap is None:
+            return F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
+        return _softcap(gate, self.gate_softcap) * torch.sigmoid(self.alpha * gate)
 
     def _gate_and_slope(self, gate):
-        """(gate * sig, its derivative) with sig = sigmoid(alpha * gate)."""
+        """(cap * sig, its derivative) with sig = sigmoid(alpha * gate), cap = cap_g(gate)."""
         sig = torch.sigmoid(self.alpha * gate)
-        return gate * sig, sig * (1 + self.alpha * gate * (1 - sig))
+        cap, cap_slope = _softcap_and_slope(gate, self.gate_softcap)
+        return cap * sig, sig * (cap_slope + self.alpha * cap * (1 - sig))
 
     @property
-    def constants(self) -> tuple[str, float, float | None, float, bool]:
-        """("swiglu", alpha, limit, up_offset, interleaved): how the ops and kernels take it."""
-        return "swiglu", self.alpha, self.limit, self.up_offset, self.interleaved
+    def constants(self) -> tuple[str, float, float | None, float, bool, float | None, float | None]:
+        """("swiglu", alpha, limit, up_offset, interleaved, gate_softcap, up_softcap): how the
+        ops and kernels take it."""
+        return (
+            "swiglu",
+            self.alpha,
+            self.limit,
+            self.up_offset,
+            self.interleaved,
+            self.gate_softcap,
+            self.up_softcap,
+        )
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -177,14 +206,15 @@ class Gated(_GatedUnit):
     Args:
         fn: "gelu" or "gelu_tanh" (GeGLU: Gemma 4's experts, Megatron's GLU with F.gelu),
             "relu" (ReGLU) or "relu2".
-        limit, up_offset, interleaved: as SwiGLU's (Megatron's activation_func_clamp_value and
-            glu_linear_offset apply to any GLU).
+        limit, up_offset, interleaved, up_softcap: as SwiGLU's (Megatron's
+            activation_func_clamp_value and glu_linear_offset apply to any GLU).
     """
 
     fn: str
     limit: float | None = None
     up_offset: float = 0.0
     interleaved: bool = False
+    up_softcap: float | None = None
 
     def __post_init__(self):
         if self.fn == "silu":
@@ -201,9 +231,17 @@ class Gated(_GatedUnit):
         return ungated.apply(gate), ungated.slope(gate)
 
     @property
-    def constants(self) -> tuple[str, float, float | None, float, bool]:
-        """("gated_" + fn, 1.0, limit, up_offset, interleaved)."""
-        return f"gated_{self.fn}", 1.0, self.limit, self.up_offset, self.interleaved
+    def constants(self) -> tuple[str, float, float | None, float, bool, None, float | None]:
+        """("gated_" + fn, 1.0, limit, up_offset, interleaved, None, up_softcap)."""
+        return (
+            f"gated_{self.fn}",
+            1.0,
+            self.limit,
+            self.up_offset,
+            self.interleaved,
+            None,
+            self.up_softcap,
+        )
 
 
 SWIGLU = SwiGLU()
@@ -265,9 +303,10 @@ class Ungated:
         return sig * (1 + pre * (1 - sig))
 
     @property
-    def constants(self) -> tuple[str, float, float | None, float, bool]:
-        """(fn, 1.0, None, 0.0, False): SwiGLU.constants' fields, the fn as the kind."""
-        return self.fn, 1.0, None, 0.0, False
+    def constants(self) -> tuple[str, float, None, float, bool, None, None]:
+        """(fn, 1.0, None, 0.0, False, None, None): SwiGLU.constants' fields, the fn as the
+        kind."""
+        return self.fn, 1.0, None, 0.0, False, None, None
 
 
 UNGATED_FUNCTIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
@@ -277,14 +316,33 @@ Activation = SwiGLU | Gated | Ungated
 
 
 def activation_of(
-    kind: str, alpha: float, limit: float | None, up_offset: float, interleaved: bool
+    kind: str,
+    alpha: float,
+    limit: float | None,
+    up_offset: float,
+    interleaved: bool,
+    gate_softcap: float | None,
+    up_softcap: float | None,
 ):
     """The activation whose `constants` these are."""
     if kind == "swiglu":
-        return SwiGLU(alpha, limit, up_offset, interleaved)
+        return SwiGLU(alpha, limit, up_offset, interleaved, gate_softcap, up_softcap)
     if kind.startswith("gated_"):
-        return Gated(kind.removeprefix("gated_"), limit, up_offset, interleaved)
+        return Gated(kind.removeprefix("gated_"), limit, up_offset, interleaved, up_softcap)
     return Ungated(kind)
+
+
+def _softcap(y: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(y / cap), or y when cap is None."""
+    return y if cap is None else cap * torch.tanh(y / cap)
+
+
+def _softcap_and_slope(y: torch.Tensor, cap: float | None):
+    """(`_softcap(y, cap)`, its derivative 1 - tanh(y / cap)^2; 1 when cap is None)."""
+    if cap is None:
+        return y, 1.0
+    tanh = torch.tanh(y / cap)
+    return cap * tanh, 1 - tanh * tanh
 
 
 def identify(fn, candidates: dict):

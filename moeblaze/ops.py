@@ -165,13 +165,15 @@ def _forward_op(
     limit: float | None,
     up_offset: float,
     interleaved: bool,
+    gate_softcap: float | None,
+    up_softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out [T, d], h [S, 2F] or empty, a [S, F] or empty); h and a are kept for backward.
-    kind, alpha, limit, up_offset, interleaved: the activation's constants (moeblaze.activation;
-    h is [S, F] for an ungated one)."""
+    kind, alpha, limit, up_offset, interleaved, gate_softcap, up_softcap: the activation's
+    constants (moeblaze.activation; h is [S, F] for an ungated one)."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    activation = activation_of(kind, alpha, limit, up_offset, interleaved)
+    activation = activation_of(kind, alpha, limit, up_offset, interleaved, gate_softcap, up_softcap)
     b13, b2 = _contiguous(b13), _contiguous(b2)
     x, topk_weights = x.contiguous(), topk_weights.contiguous()
     with profile_range("moeblaze.moe_mlp.forward"):
@@ -232,13 +234,15 @@ def _grad_act_op(
     limit: float | None,
     up_offset: float,
     interleaved: bool,
+    gate_softcap: float | None,
+    up_softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dh [S, 2F], dtopk_weights [T, k], a [S, F] or empty if keep_a, db2 [E, d] or
     empty without b2); h is recomputed from x, w13 and b13 unless keep_h, and then dh is written
     over it."""
     routing_plan = _plan(plan_buffer, topk_weights, w13.shape[0], block_m)
     stages = STAGES[Backend(backend)]
-    activation = activation_of(kind, alpha, limit, up_offset, interleaved)
+    activation = activation_of(kind, alpha, limit, up_offset, interleaved, gate_softcap, up_softcap)
     b13, b2 = _contiguous(b13), _contiguous(b2)
     if not keep_h:  # h alone: the activation is not needed
         with profile_range("moeblaze.gate_up"):
@@ -340,7 +344,7 @@ def _contiguous(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # The forward op's inputs: x, topk_weights, w13, w2, b13, b2 (differentiable), then the rest.
-_NUM_INPUTS = 17
+_NUM_INPUTS = 19
 
 
 def _setup_context(ctx, inputs, output):
@@ -468,14 +472,16 @@ def moe_mlp(
             moeblaze call, or at `moeblaze.check_errors()`), True at once (debugging; one
             synchronisation on CUDA), False never. Invalid ids are placed nowhere either way.
         activation: the gated activation of the gate and up halves, `moeblaze.SwiGLU()`
-            (default, silu(gate) * up) or its clamped / quick-GELU forms, e.g.
+            (default, silu(gate) * up) or its clamped / quick-GELU / soft-capped forms, e.g.
             `SwiGLU(limit=10.0)` (DeepSeek-V4),
             `SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)` (GPT-OSS: gate
-            and up rows of w13, and entries of b13, alternate); `moeblaze.Gated(fn)` for another
-            gate function, act = fn(gate) * up (fn "gelu_tanh": Gemma 4's GeGLU, "gelu",
-            "relu", "relu2"; with SwiGLU's limit, up_offset and interleaved); or
-            `moeblaze.Ungated(fn)` for experts without a gate, act = fn(w13[e] @ x[t]) with fn
-            "relu2", "gelu", "gelu_tanh", "relu" or "silu"; see moeblaze.activation.
+            and up rows of w13, and entries of b13, alternate),
+            `SwiGLU(gate_softcap=4.0, up_softcap=25.0)` (Inkling 2); `moeblaze.Gated(fn)` for
+            another gate function, act = fn(gate) * up (fn "gelu_tanh": Gemma 4's GeGLU,
+            "gelu", "relu", "relu2"; with SwiGLU's limit, up_offset, interleaved and
+            up_softcap); or `moeblaze.Ungated(fn)` for experts without a gate,
+            act = fn(w13[e] @ x[t]) with fn "relu2", "gelu", "gelu_tanh", "relu" or "silu";
+            see moeblaze.activation.
 
     Returns:
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.

@@ -79,7 +79,16 @@ def jit_signature(fn: JITFunction, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
-ACTIVATION_CONSTEXPRS = ("ACT", "GATED", "ALPHA", "LIMIT", "UP_OFFSET", "INTERLEAVED")
+ACTIVATION_CONSTEXPRS = (
+    "ACT",
+    "GATED",
+    "ALPHA",
+    "LIMIT",
+    "UP_OFFSET",
+    "GATE_SOFTCAP",
+    "UP_SOFTCAP",
+    "INTERLEAVED",
+)
 
 
 def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
@@ -180,7 +189,7 @@ def run_moeblaze_launchers() -> None:
     and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
     largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
     and up interleaved, biases, transposed weights), with the bias gradients; Gemma 4's GeGLU;
-    experts without a gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
+    Inkling 2's soft-capped SwiGLU; experts without a gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
     from moeblaze.activation import Gated, SwiGLU, Ungated
     from moeblaze.kernels.expert_mlp import TritonStages
     from moeblaze.kernels.gather_sum import launch_gather_sum
@@ -219,6 +228,11 @@ def run_moeblaze_launchers() -> None:
             geglu = Gated("gelu_tanh")  # Gemma 4
             stages.gate_up(x, w13, topk_weights, plan, store_h=True, store_a=True, activation=geglu)
             stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=geglu)
+            capped = SwiGLU(gate_softcap=4.0, up_softcap=25.0)  # Inkling 2
+            stages.gate_up(
+                x, w13, topk_weights, plan, store_h=True, store_a=True, activation=capped
+            )
+            stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=capped)
             # GPT-OSS: gate_up_proj [E, d, 2F] and down_proj [E, F, d], read transposed.
             gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
             w13_t, w2_t = empty(E, d, 2 * ffn).mT, empty(E, ffn, d).mT

@@ -36,7 +36,8 @@ ReLU²; read from transformers' activation class, `ACT_FN_CLASSES`, or found by 
 `act_fn`), or a custom `_apply_gate` that is a
 `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
 HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
-as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter), checked
+as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter; the
+soft-capped SwiGLU of Inkling 2), checked
 against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
 NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
 found the same way. Under torch.compile none of this breaks the graph: a known activation class
@@ -208,6 +209,11 @@ CUSTOM_GATES = {
     # gate, up = gate_up[..., ::2], gate_up[..., 1::2]; clamp; gate * sigmoid(alpha * gate) *
     # (up + 1)
     "GptOssExperts": lambda experts: dict(alpha=experts.alpha, limit=experts.limit, up_offset=1.0),
+    # softcap(gate) * sigmoid(gate) * softcap(up) in float32, softcap(y) = c * tanh(y / c)
+    "Inkling2Experts": lambda experts: dict(
+        gate_softcap=experts.act_fn.gate_softcap.softcap,
+        up_softcap=experts.act_fn.up_softcap.softcap,
+    ),
 }
 
 
@@ -257,7 +263,7 @@ def _activation_of(experts: nn.Module) -> tuple[Activation | None, str | None]:
     known = f" (not {activation!r} as expected)" if activation is not None else ""
     return None, (
         f"their own gate activation {cls.__name__}._apply_gate{known}, which no "
-        f"moeblaze.SwiGLU computes (for example a soft-capped SwiGLU)"
+        f"moeblaze.SwiGLU computes"
     )
 
 

@@ -18,9 +18,10 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 
-SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU form (moeblaze.activation), whose
-three numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET; a moeblaze.Gated unit
-(GeGLU, ...) has another gate function, which the constexpr ACT names ("swiglu" for SwiGLU's).
+SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU / soft-capped form
+(moeblaze.activation), whose numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET,
+GATE_SOFTCAP, UP_SOFTCAP; a moeblaze.Gated unit (GeGLU, ...) has another gate function, which
+the constexpr ACT names ("swiglu" for SwiGLU's).
 Experts without a gate (moeblaze.Ungated, constexpr GATED false) have h [S, F] and
 a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns wide
 instead of 2F. a is the activation act = SwiGLU(h_gate, h_up) already scaled by the routing
@@ -126,6 +127,8 @@ def gate_up_kernel(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    GATE_SOFTCAP: tl.constexpr,
+    UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
@@ -137,8 +140,9 @@ def gate_up_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """h[p] = x[token(p)] @ w13[e]^T + b13[e]  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate,
-    h_up) [S, F] (the gated unit of the constants ACT, ALPHA, LIMIT, UP_OFFSET, INTERLEAVED:
-    `_glu`), or if not GATED (moeblaze.Ungated), h [S, F] and a = w * ACT(h).
+    h_up) [S, F] (the gated unit of the constants ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP,
+    UP_SOFTCAP, INTERLEAVED: `_glu`), or if not GATED (moeblaze.Ungated), h [S, F] and
+    a = w * ACT(h).
 
     A program computes the activation columns `cols`: with INTERLEAVED the 2 * BLOCK_N
     consecutive columns of h from 2 * cols[0] on (gate, up alternating; one product, split in
@@ -218,7 +222,9 @@ def gate_up_kernel(
                 tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
             if GATED:
-                act, _, _, _ = _glu(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
+                act, _, _, _ = _glu(
+                    gate, up, ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP
+                )
             else:
                 act, _ = _ungated(pre, ACT)
             act *= w_row[:, None]
@@ -229,30 +235,61 @@ def gate_up_kernel(
 
 @triton.jit
 def _glu(
-    gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, UP_OFFSET: tl.constexpr
+    gate,
+    up,
+    ACT: tl.constexpr,
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    UP_OFFSET: tl.constexpr,
+    GATE_SOFTCAP: tl.constexpr,
+    UP_SOFTCAP: tl.constexpr,
 ):
     """A gated unit of the halves gate and up (split from h by the caller, as INTERLEAVED says),
-    in fp32: moeblaze.SwiGLU(ALPHA, LIMIT, UP_OFFSET) if ACT is "swiglu", else
-    moeblaze.Gated(ACT, LIMIT, UP_OFFSET). Returns (act, glu = the gate function at gate',
-    d glu / d gate', up' + UP_OFFSET) with gate' and up' the clamped halves. The constants are
-    compile-time: plain SwiGLU (1.0, None, 0.0) compiles to silu(gate) * up and nothing more."""
+    in fp32: moeblaze.SwiGLU(ALPHA, LIMIT, UP_OFFSET, gate_softcap=GATE_SOFTCAP,
+    up_softcap=UP_SOFTCAP) if ACT is "swiglu", else moeblaze.Gated(ACT, LIMIT, UP_OFFSET,
+    up_softcap=UP_SOFTCAP). Returns (act, glu = the gate function at gate', d glu / d gate',
+    cap(up') + UP_OFFSET) with gate' and up' the clamped halves. The constants are compile-time:
+    plain SwiGLU (1.0, None, 0.0, None, None) compiles to silu(gate) * up and nothing more."""
     gate = gate.to(tl.float32)
     if LIMIT is not None:  # clamps that keep NaN, as torch.clamp does
         gate = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
         up = tl.clamp(up.to(tl.float32), -LIMIT, LIMIT, propagate_nan=tl.PropagateNan.ALL)
     if ACT == "swiglu":
         sig = tl.sigmoid(gate) if ALPHA == 1.0 else tl.sigmoid(ALPHA * gate)
-        glu = gate * sig
-        if ALPHA == 1.0:
-            slope = sig * (1.0 + gate * (1.0 - sig))
+        if GATE_SOFTCAP is not None:  # the linear factor capped, the sigmoid's argument not
+            tanh = _tanh(gate / GATE_SOFTCAP)
+            glu = GATE_SOFTCAP * tanh * sig
+            slope = sig * (1.0 - tanh * tanh + ALPHA * GATE_SOFTCAP * tanh * (1.0 - sig))
         else:
-            slope = sig * (1.0 + ALPHA * gate * (1.0 - sig))
+            glu = gate * sig
+            if ALPHA == 1.0:
+                slope = sig * (1.0 + gate * (1.0 - sig))
+            else:
+                slope = sig * (1.0 + ALPHA * gate * (1.0 - sig))
     else:
         glu, slope = _ungated(gate, ACT)
     up = up.to(tl.float32)  # converted here, after the gate function: fewer registers live
+    if UP_SOFTCAP is not None:
+        up = UP_SOFTCAP * _tanh(up / UP_SOFTCAP)
     if UP_OFFSET != 0.0:
         up = up + UP_OFFSET
     return glu * up, glu, slope, up
+
+
+@triton.jit
+def _tanh(y):
+    """tanh(y) in fp32 to a few ulp (Triton has no tanh that its interpreter runs): an odd
+    series for |y| < 1/4, (1 - e^-2|y|) / (1 + e^-2|y|) beyond; NaN stays NaN."""
+    magnitude = tl.abs(y)
+    e = tl.exp(-2.0 * magnitude)
+    y2 = y * y
+    series = 62.0 / 2835.0
+    series = -17.0 / 315.0 + y2 * series
+    series = 2.0 / 15.0 + y2 * series
+    series = -1.0 / 3.0 + y2 * series
+    series = magnitude * (1.0 + y2 * series)
+    tanh = tl.where(magnitude < 0.25, series, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0.0, -tanh, tanh)
 
 
 @triton.jit
@@ -307,15 +344,17 @@ def _grad_act_columns(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    GATE_SOFTCAP: tl.constexpr,
+    UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
     """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
-    columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET: the gated unit (`_glu`);
-    INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0 on),
-    else the gate columns `cols` and the up columns F further on. Not GATED: h and dh are F wide
-    and act = ACT(h) (`_ungated`)."""
+    columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
+    unit (`_glu`); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
+    from 2 * col0 on), else the gate columns `cols` and the up columns F further on. Not GATED:
+    h and dh are F wide and act = ACT(h) (`_ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if not GATED:
         if H_TMA:  # rows past the expert and columns past F: masked, as below
@@ -347,7 +386,9 @@ def _grad_act_columns(
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     if GATED:
-        act, glu, slope, up_c = _glu(gate, up, ACT, ALPHA, LIMIT, UP_OFFSET)
+        act, glu, slope, up_c = _glu(
+            gate, up, ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP
+        )
     if STORE_A:  # bit for bit the forward's a
         weighted = (act * w_row[:, None]).to(a_ptr.dtype.element_ty)
         tl.store(a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :], weighted, mask=mask)
@@ -359,6 +400,9 @@ def _grad_act_columns(
         tl.store(dh_ptrs, (d_act * slope).to(dh_ptr.dtype.element_ty), mask=mask)
     else:
         d_up = d_act * glu
+        if UP_SOFTCAP is not None:  # up_c - UP_OFFSET = UP_SOFTCAP * tanh(up' / UP_SOFTCAP)
+            tanh = (up_c - UP_OFFSET) / UP_SOFTCAP
+            d_up = d_up * (1.0 - tanh * tanh)
         if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
             d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
         if not INTERLEAVED:  # stored now: fewer registers live
@@ -401,6 +445,8 @@ def _grad_act_slices(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    GATE_SOFTCAP: tl.constexpr,
+    UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
     """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
@@ -429,6 +475,8 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            GATE_SOFTCAP,
+            UP_SOFTCAP,
             INTERLEAVED,
         )
     else:
@@ -460,6 +508,8 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            GATE_SOFTCAP,
+            UP_SOFTCAP,
             INTERLEAVED,
         )
         dw += _grad_act_slices(
@@ -487,6 +537,8 @@ def _grad_act_slices(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            GATE_SOFTCAP,
+            UP_SOFTCAP,
             INTERLEAVED,
         )
     return dw
@@ -525,6 +577,8 @@ def grad_act_kernel(
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
+    GATE_SOFTCAP: tl.constexpr,
+    UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     B_TMA: tl.constexpr,
     B_KN: tl.constexpr,
@@ -536,7 +590,8 @@ def grad_act_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """Backward through the down projection, the routing weight and the activation (the
-    constants ACT, ALPHA, LIMIT, UP_OFFSET, INTERLEAVED: `_grad_act_columns`), in one epilogue.
+    constants ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP, INTERLEAVED:
+    `_grad_act_columns`), in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = the activation's backward of w[slot] * g; a recomputed from h if
@@ -610,6 +665,8 @@ def grad_act_kernel(
             ALPHA,
             LIMIT,
             UP_OFFSET,
+            GATE_SOFTCAP,
+            UP_SOFTCAP,
             INTERLEAVED,
         )
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
@@ -972,6 +1029,27 @@ GPU_CONFIGS = {
 GPU_CONFIGS_INTERLEAVED = {
     ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
 }
+# With soft caps (SwiGLU(gate_softcap=..., up_softcap=...), Inkling 2), gate_up's epilogue
+# computes two tanh per element of both 128x128 accumulators: that spills 40-48 B with Triton 3.9
+# and 480-504 B with 3.6 (255 registers); 128x64 builds in 128-161 (3.9) / 134-171 (3.6).
+# grad_act's 128x128 (one slice of 16 columns at a time) builds spill-free: 226-248 / 164-245.
+GPU_CONFIGS_SOFTCAPPED = {
+    ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
+}
+
+
+def epilogue_configs(activation: Activation) -> tuple[str, dict]:
+    """(its name, the table) of the GPU_CONFIGS entries that `activation`'s epilogues replace:
+    GPU_CONFIGS_INTERLEAVED for gate and up interleaved, GPU_CONFIGS_SOFTCAPPED for soft caps
+    (whose entries win where both apply), none for the rest."""
+    _, _, _, _, interleaved, gate_softcap, up_softcap = activation.constants
+    capped = (gate_softcap, up_softcap) != (None, None)
+    names = ["INTERLEAVED"] * interleaved + ["SOFTCAPPED"] * capped
+    table = {**(GPU_CONFIGS_INTERLEAVED if interleaved else {})}
+    table.update(GPU_CONFIGS_SOFTCAPPED if capped else {})
+    return "+".join(names), table
+
+
 # Experts without a gate (moeblaze.Ungated) run the configs above: gate_up then has one
 # accumulator (half the outputs per A read of the gated pair). Its 128x256 tile (scatter_rows')
 # builds spill-free for ReLU² (210-245 registers) but spills 224 B for GELU's erf epilogue on
@@ -1046,7 +1124,7 @@ class TritonStages:
         a = alloc.empty(num_slots, ffn, dtype=x.dtype, device=x.device) if store_a else None
         if num_slots == 0:
             return h, a
-        cfg = self._config("gate_up", plan, activation.interleaved)
+        cfg = self._config("gate_up", plan, activation)
         h_arg = h if store_h else a  # an output not written still needs a valid pointer
         a_arg = a if store_a else h
         # B = w13[e]^T [d, 2F], read in tiles of the gate and up columns of block_n activation
@@ -1115,7 +1193,7 @@ class TritonStages:
         if num_slots == 0:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
-        cfg = self._config("grad_act", plan, activation.interleaved)
+        cfg = self._config("grad_act", plan, activation)
         num_pid_n = triton.cdiv(ffn, cfg.block_n)
         # Zeros: a dropped slot's routing weight gets no gradient.
         dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
@@ -1284,14 +1362,16 @@ class TritonStages:
         )
         return out
 
-    def _config(self, kernel: str, plan: RoutingPlan, interleaved: bool = False) -> GemmConfig:
+    def _config(
+        self, kernel: str, plan: RoutingPlan, activation: Activation | None = None
+    ) -> GemmConfig:
         key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
             config = GPU_CONFIGS[key]
-            if interleaved:
-                config = GPU_CONFIGS_INTERLEAVED.get(key, config)
+            if activation is not None:
+                config = epilogue_configs(activation)[1].get(key, config)
             if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
                 config = dataclasses.replace(
                     config, num_stages=min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
@@ -1341,13 +1421,15 @@ class TritonStages:
 
 def _activation_meta(activation: Activation) -> dict:
     """The activation's constexprs of gate_up_kernel and grad_act_kernel."""
-    _, alpha, limit, up_offset, interleaved = activation.constants
+    _, alpha, limit, up_offset, interleaved, gate_softcap, up_softcap = activation.constants
     return dict(
         ACT=activation.fn,
         GATED=activation.gated,
         ALPHA=alpha,
         LIMIT=limit,
         UP_OFFSET=up_offset,
+        GATE_SOFTCAP=gate_softcap,
+        UP_SOFTCAP=up_softcap,
         INTERLEAVED=interleaved,
     )
 

@@ -321,20 +321,24 @@ def test_tune_expert_sweeps_configs_on_cpu(tmp_path, capsys):
     assert "('scatter_rows', 64): GemmConfig(" in capsys.readouterr().out
 
 
-def test_tune_expert_sweeps_interleaved_kernels_on_cpu(tmp_path, capsys):
-    """--activation gpt-oss: gate_up and grad_act run their interleaved variants, every config
-    to the same result, and the winners are printed for GPU_CONFIGS_INTERLEAVED."""
+@pytest.mark.parametrize(
+    ("activation", "table"), [("gpt-oss", "INTERLEAVED"), ("inkling2", "SOFTCAPPED")]
+)
+def test_tune_expert_sweeps_epilogue_variants_on_cpu(activation, table, tmp_path, capsys):
+    """--activation gpt-oss (inkling2): gate_up and grad_act run their interleaved (soft-capped)
+    variants, every config to the same result, and the winners are printed for
+    GPU_CONFIGS_INTERLEAVED (GPU_CONFIGS_SOFTCAPPED)."""
     from bench import tune_expert
 
     argv = ["--shapes", "tiny", "--stages", "gate_up,grad_act", "--block-ms", "64"]
-    assert tune_expert.main([*argv, "--activation", "gpt-oss", "--out", str(tmp_path)]) == 0
+    assert tune_expert.main([*argv, "--activation", activation, "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "tune_expert-cpu.json").read_text())["rows"]
     assert [r["stage"] for r in rows] == ["gate_up"] * 3 + ["grad_act"] * 3
     for r in rows:
         assert r["ms"] > 0, r
         assert r["diff"] < 1e-5, f"{r['config']} changes the result of {r['stage']}"
     out = capsys.readouterr().out
-    assert "gpt-oss" in out and "INTERLEAVED ('grad_act', 64): GemmConfig(" in out
+    assert activation in out and f"{table} ('grad_act', 64): GemmConfig(" in out
 
 
 def test_ep_combine_bench_end_to_end_on_cpu(tmp_path):

@@ -1,7 +1,8 @@
 """The experts' activations (moeblaze.activation): SwiGLU's, Gated's and Ungated's torch forward
 and backward against autograd, the kernels' epilogues against them (at the clamp, around 0), and
-moe_mlp with the clamped and quick-GELU forms, GeGLU and each ungated function against the
-float64 reference on both paths (Triton under the interpreter, torch).
+moe_mlp with the clamped, quick-GELU and soft-capped forms, GeGLU and each ungated function
+against the float64 reference on both paths (Triton under the interpreter, torch); the kernels'
+tanh of the soft caps, value by value.
 
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 """
@@ -10,6 +11,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from moeblaze_testing import (
     BF16_FACTOR,
     BF16_FACTOR_INTERPRETER,
@@ -29,7 +32,7 @@ from moeblaze.activation import (
     Ungated,
     activation_of,
 )
-from moeblaze.kernels.expert_mlp import TRITON_STAGES
+from moeblaze.kernels.expert_mlp import TRITON_STAGES, _tanh
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan
 
@@ -42,23 +45,32 @@ ACTIVATIONS = {
     "interleaved": SwiGLU(interleaved=True),
     "geglu": Gated("gelu_tanh"),  # Gemma 4
     "gated-gelu-clamped": Gated("gelu", limit=0.5, up_offset=1.0, interleaved=True),
+    # Soft caps that bend much of N(0, 1) (Inkling 2's are 4 and 25)
+    "inkling2": SwiGLU(gate_softcap=0.5, up_softcap=0.3),
+    "softcapped-everything": SwiGLU(1.702, 0.7, 1.0, True, gate_softcap=0.4, up_softcap=0.5),
+    "gated-up-softcap": Gated("relu2", up_softcap=0.5),
 }
 CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
 
 
 def test_defaults_and_repr():
-    assert SwiGLU() == SWIGLU and SWIGLU.constants == ("swiglu", 1.0, None, 0.0, False)
+    assert SwiGLU() == SWIGLU
+    assert SWIGLU.constants == ("swiglu", 1.0, None, 0.0, False, None, None)
     assert repr(SWIGLU) == "SwiGLU()"
     gpt_oss = SwiGLU(alpha=1.702, limit=7, up_offset=1, interleaved=True)
-    assert gpt_oss.constants == ("swiglu", 1.702, 7.0, 1.0, True)
+    assert gpt_oss.constants == ("swiglu", 1.702, 7.0, 1.0, True, None, None)
     # one compiled variant per value
     assert all(type(c) is float for c in gpt_oss.constants[1:4])
-    assert Ungated("relu2").constants == ("relu2", 1.0, None, 0.0, False)
+    assert Ungated("relu2").constants == ("relu2", 1.0, None, 0.0, False, None, None)
     assert repr(Ungated("gelu")) == "Ungated(fn='gelu')"
     geglu = Gated("gelu", limit=7, up_offset=1)
-    assert geglu.constants == ("gated_gelu", 1.0, 7.0, 1.0, False)
+    assert geglu.constants == ("gated_gelu", 1.0, 7.0, 1.0, False, None, None)
+    inkling2 = SwiGLU(gate_softcap=4, up_softcap=25)
+    assert inkling2.constants == ("swiglu", 1.0, None, 0.0, False, 4.0, 25.0)
+    assert repr(inkling2) == "SwiGLU(gate_softcap=4.0, up_softcap=25.0)"
+    assert Gated("relu", up_softcap=2).constants[-2:] == (None, 2.0)
     assert repr(geglu) == "Gated(fn='gelu', limit=7.0, up_offset=1.0)"
-    everything = (SWIGLU, gpt_oss, geglu, *(Gated(fn) for fn in GATED_FUNCTIONS))
+    everything = (SWIGLU, gpt_oss, geglu, inkling2, *(Gated(fn) for fn in GATED_FUNCTIONS))
     for activation in (*everything, *(Ungated(fn) for fn in UNGATED_FUNCTIONS)):
         assert activation_of(*activation.constants) == activation
     assert Gated("relu") != Ungated("relu") and (geglu.pre_width(24), geglu.ffn(48)) == (48, 24)
@@ -89,6 +101,10 @@ def test_split_and_join():
         (dict(limit=-7.0), ValueError, r"limit=-7.0 must be a finite number > 0"),
         (dict(limit=math.nan), ValueError, r"limit=nan must be a finite number > 0"),
         (dict(limit="7"), TypeError, r"limit must be a number or None, got '7'"),
+        (dict(up_softcap=0.0), ValueError, r"up_softcap=0.0 must be a finite number > 0"),
+        (dict(up_softcap=math.inf), ValueError, r"up_softcap=inf must be a finite number > 0"),
+        (dict(up_softcap=True), TypeError, r"up_softcap must be a number or None, got True"),
+        (dict(gate_softcap=-1), ValueError, r"gate_softcap=-1 must be a finite number > 0"),
         (dict(up_offset=math.nan), ValueError, r"up_offset=nan must be finite"),
         (dict(interleaved=1), TypeError, r"interleaved must be a bool, got 1"),
     ],
@@ -96,7 +112,8 @@ def test_split_and_join():
 def test_bad_values_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         SwiGLU(**kwargs)
-    if "alpha" not in kwargs:  # Gated checks the fields it shares with SwiGLU the same way
+    if not {"alpha", "gate_softcap"} & kwargs.keys():  # Gated checks the fields it shares
+        # with SwiGLU the same way
         with pytest.raises(error, match=match.replace("SwiGLU", "Gated")):
             Gated("gelu", **kwargs)
 
@@ -282,12 +299,21 @@ def test_kernel_epilogue_matches_the_torch_stage_around_zero(fn):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-@pytest.mark.parametrize("fn", GATED_FUNCTIONS)
-def test_gated_backward_and_kernel_epilogue_around_zero(fn):
-    # Each gate function of Gated: its backward against autograd of its forward (torch's own
-    # function), and grad_act's epilogue (`_glu` through `_ungated`) against the torch stage,
-    # with gate values at and around 0 and far out on both sides.
-    activation = Gated(fn)
+@pytest.mark.parametrize(
+    "activation",
+    [
+        *(Gated(fn) for fn in GATED_FUNCTIONS),
+        SwiGLU(gate_softcap=4.0, up_softcap=25.0),  # Inkling 2
+        SwiGLU(alpha=1.702, gate_softcap=0.5, up_softcap=0.3),
+        Gated("gelu", up_softcap=0.5),
+    ],
+    ids=repr,
+)
+def test_gated_backward_and_kernel_epilogue_around_zero(activation):
+    # Each gate function of Gated, and the soft caps (the kernels' tanh: a series near 0):
+    # backward against autograd of forward (torch's own functions), and grad_act's epilogue
+    # (`_glu`) against the torch stage, with gate and up values at and around 0 and far out on
+    # both sides.
     gate = _around_zero(EPILOGUE_F).requires_grad_()  # [4, F]
     up = torch.randn(gate.shape, dtype=torch.float64, requires_grad=True)
     d_act = torch.randn(gate.shape, dtype=torch.float64)
@@ -316,3 +342,25 @@ def test_ungated_policies_and_biases(policy, path, make_problem):
     problem = make_problem(*SMALL, seed=24, routing="dropped", biases=True, gated=False)
     actual = problem.run(recompute=policy, activation=activation)
     assert_matches_reference(actual, problem.reference(activation=activation))
+
+
+@triton.jit
+def _tanh_kernel(y_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, _tanh(tl.load(y_ptr + offsets)))
+
+
+def test_kernel_tanh_is_tanh_value_by_value():
+    # The soft caps' tanh in the kernels (a series below 1/4, exponentials beyond): within a few
+    # float32 ulp of float64 tanh at every value, the tiny ones too (a norm-wise comparison of a
+    # whole epilogue cannot see those), and exact at 0, +-inf and NaN.
+    steps = torch.logspace(-38, 1.5, 1000, dtype=torch.float64)
+    near = torch.linspace(0.2, 0.3, 24, dtype=torch.float64)  # where the two forms meet
+    y = torch.cat([steps, -steps, near, -near]).float()
+    out = torch.empty_like(y)
+    _tanh_kernel[(1,)](y, out, N=y.numel())
+    expected = torch.tanh(y.double())
+    assert torch.all((out.double() - expected).abs() <= 4e-7 * expected.abs()), "tanh off"
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan] + [0.0] * 3)
+    _tanh_kernel[(1,)](special, out[:8], N=8)
+    assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and out[4].isnan()

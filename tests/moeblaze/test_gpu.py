@@ -79,13 +79,15 @@ def test_bf16_matches_reference(shape, make_problem):
 # std is about 1 at these shapes); GPT-OSS's as its experts are stored: gate and up
 # interleaved, with biases. Gemma 4's GeGLU (moeblaze.Gated); experts without a gate
 # (moeblaze.Ungated: gate_up's one product, the F-wide h and dh): NemotronH's ReLU², and
-# Megatron's default GELU MLP with biases. (activation, biases)
+# Megatron's default GELU MLP with biases; Inkling 2's soft-capped SwiGLU, with caps that bend
+# part of the pre-activations (its own are 4 and 25). (activation, biases)
 ACTIVATIONS = {
     "deepseek-v4": (moeblaze.SwiGLU(limit=0.5), False),
     "gpt-oss": (moeblaze.SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True), True),
     "gemma4-geglu": (moeblaze.Gated("gelu_tanh"), False),
     "nemotron-relu2": (moeblaze.Ungated("relu2"), False),
     "megatron-gelu": (moeblaze.Ungated("gelu"), True),
+    "inkling2-softcapped": (moeblaze.SwiGLU(gate_softcap=0.5, up_softcap=0.5), False),
 }
 
 

@@ -70,6 +70,13 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
             and (r["activation"]["ACT"], r["activation"]["GATED"]) == (fn, gated)
         }
         assert built == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
+    # And Inkling 2's soft-capped SwiGLU.
+    capped = {
+        (r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"])
+        for r in reports
+        if r["activation"] is not None and r["activation"]["GATE_SOFTCAP"] is not None
+    }
+    assert capped == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)

@@ -251,9 +251,11 @@ DEFAULT_CONFIG_FAMILIES = (
     "granitemoehybrid",
     "axk1",
     "nemotron_h",  # experts without a gate: ReLU² (moeblaze.Ungated)
+    "inkling2_text",  # a custom _apply_gate: soft-capped SwiGLU
 )
 # (fields, fields left out) a family needs besides those.
 FAMILY_FIELDS = {
+    "inkling2_text": (dict(mlp_gate_softcap=0.5, mlp_up_softcap=0.3), ()),  # caps that bend
     "zaya": (dict(num_experts_per_tok=1), ("layer_types",)),  # top-1 only; its own layer types
     "jamba": (  # attention and experts in every layer (its layer_types is computed)
         dict(
@@ -590,7 +592,7 @@ EXPERTS_FAMILIES = (
     "qwen4_exp", "solar_open", "unlimited_ocr", "zaya",
 )  # fmt: skip
 # The config fields their experts read (each class reads a few; tiny sizes, the activations the
-# families use, limits that clamp a good part of these pre-activations).
+# families use, limits that clamp and soft caps that bend a good part of these pre-activations).
 EXPERTS_CONFIG = dict(
     TINY_MOE_FIELDS,
     hidden_size=32,
@@ -601,15 +603,14 @@ EXPERTS_CONFIG = dict(
     limit=0.5,
     swiglu_alpha=1.702,
     alpha=1.702,
-    mlp_gate_softcap=4.0,
-    mlp_up_softcap=25.0,
+    mlp_gate_softcap=0.5,
+    mlp_up_softcap=0.3,
     post_norm_eps=1e-8,
     mlp_hidden_act="relu2",  # NemotronH's
     moe_latent_size=None,
 )
 # The experts moeblaze refuses, and why (in the NotImplementedError).
 EXPERTS_REFUSED = {
-    "Inkling2Experts": "their own gate activation Inkling2Experts._apply_gate",
     "MuseSparkExperts": "a norm after each expert",
 }
 
