@@ -4,8 +4,8 @@
 
 One row per shape, provider and mode (fwd, bwd, fwd+bwd), measured in one run on random inputs
 (bf16 on CUDA, float32 on CPU) routed by a random softmax router. Every provider computes the
-shape's activation (SwiGLU; GeGLU or ReLU² for the `ACTIVATION_SHAPES`), whose pre-activation
-is P = 2F wide with a gate, F without:
+shape's activation (SwiGLU; GeGLU, ReLU² or soft-capped SwiGLU for the `ACTIVATION_SHAPES`),
+whose pre-activation is P = 2F wide with a gate, F without:
   ms                    median time (do_bench on CUDA, wall clock on CPU)
   TFLOP/s               model FLOPs / time: fwd = 2*S*d*P + 2*S*F*d, bwd = 2 x fwd
   frac_dense_gemm       TFLOP/s over that of one dense GEMM with the same FLOPs (cuBLAS on CUDA)
@@ -31,7 +31,7 @@ the kernels are, and the benchmark says so (and warns when the machine is busy).
     python -m bench.moe_layer                    # model shapes on CUDA, `tiny` on CPU
     python -m bench.moe_layer --shapes tiny --providers grouped_mm,loop --out bench/results
     python -m bench.moe_layer --providers moeblaze-activation,moeblaze-deterministic
-    python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish --modes fwd+bwd
+    python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish,inkling2-ish --modes fwd+bwd
 """
 
 import argparse
@@ -48,7 +48,7 @@ import moeblaze
 from bench import breakdown, harness
 from bench.baselines import dense_dispatch_moe_mlp, loop_moe_mlp
 from kernelbase.profiling import profile_range
-from moeblaze.activation import SWIGLU, Activation, Gated, Ungated
+from moeblaze.activation import SWIGLU, Activation, Gated, SwiGLU, Ungated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +87,22 @@ SHAPES = {
         Shape(
             "nemotron3-nano-ish", T=16384, d=2688, F=1856, E=128, k=6, activation=Ungated("relu2")
         ),
+        # Inkling 2's experts: soft-capped SwiGLU (transformers' Inkling2TextConfig defaults,
+        # whose docstring names Inkling-2-Small; bf16 weights and gradients take 49 GB).
+        Shape(
+            "inkling2-ish",
+            T=16384,
+            d=4608,
+            F=2304,
+            E=384,
+            k=8,
+            activation=SwiGLU(gate_softcap=4.0, up_softcap=25.0),
+        ),
     ]
 }
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
 # The shapes of the other activations (`bash bench/run_gpu.sh OUT moe_activations`).
-ACTIVATION_SHAPES = ("gemma4-ish", "nemotron3-nano-ish")
+ACTIVATION_SHAPES = ("gemma4-ish", "nemotron3-nano-ish", "inkling2-ish")
 CPU_SHAPES = ("tiny",)
 
 PROVIDERS = ("moeblaze-activation", "moeblaze-up_proj", "moeblaze-none", "grouped_mm", "loop")

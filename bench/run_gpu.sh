@@ -12,8 +12,8 @@
 # OUTDIR/overlap_link), kernel_profile (Nsight Compute counters of every kernel of a MoE step
 # and of the fused GEMM, to OUTDIR/kernel_profile), moe_deterministic (moe_mlp with
 # deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
-# moe_activations (the GeGLU and ReLU² shapes of bench.moe_layer, fwd+bwd, against grouped_mm,
-# to OUTDIR/moe_activations) run only when named.
+# moe_activations (the GeGLU, ReLU² and soft-capped SwiGLU shapes of bench.moe_layer, fwd+bwd,
+# against grouped_mm, to OUTDIR/moe_activations) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
@@ -73,7 +73,7 @@ step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450
 step kernel_profile 400 python -m bench.kernel_profile --out "$OUT/kernel_profile"
 step moe_deterministic 150 python -m bench.moe_layer --modes fwd+bwd --no-breakdown \
     --providers moeblaze-activation,moeblaze-deterministic --out "$OUT/moe_deterministic"
-step moe_activations 180 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish \
+step moe_activations 240 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish,inkling2-ish \
     --modes fwd+bwd --providers moeblaze-activation,moeblaze-up_proj,grouped_mm \
     --out "$OUT/moe_activations"
 

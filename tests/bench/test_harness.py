@@ -12,7 +12,12 @@ from bench import harness, moe_layer, readme_table
 from bench.baselines import _grouped_mm_runs, dense_dispatch_moe_mlp
 
 # The baselines compute every activation a bench shape has (bench.moe_layer.Shape.activation).
-ACTIVATIONS = [moeblaze.SwiGLU(), moeblaze.Gated("gelu_tanh"), moeblaze.Ungated("relu2")]
+ACTIVATIONS = [
+    moeblaze.SwiGLU(),
+    moeblaze.Gated("gelu_tanh"),
+    moeblaze.Ungated("relu2"),
+    moeblaze.SwiGLU(gate_softcap=0.5, up_softcap=0.5),
+]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -84,7 +89,7 @@ def test_write_results_and_print_table(tmp_path, capsys):
     ],
     ids=["float64-loop-fallback", "float32-grouped_mm"],
 )
-@pytest.mark.parametrize("activation", ACTIVATIONS, ids=lambda a: a.constants[0])
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=repr)
 def test_dense_dispatch_matches_reference(dtype, T, d, F, E, k, activation):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, d, generator=g, dtype=dtype)
