@@ -8,6 +8,7 @@ another gate function: GeGLU, ReGLU) and Ungated.
     soft caps, cap_c(y) = c * tanh(y / c) (none when c is None):
     act   = cap_g(gate') * sigmoid(alpha * gate') * (cap_u(up') + up_offset)
                                                     SwiGLU(gate_softcap=g, up_softcap=u)
+    act   = fn(gate') * (cap_u(up') + up_offset)    Gated(fn, up_softcap=u)
 
     SwiGLU()                                    silu(gate) * up   (Mixtral, Qwen, DeepSeek-V3, ...)
     SwiGLU(limit=10.0)                          DeepSeek-V4
@@ -148,7 +149,7 @@ class SwiGLU(_GatedUnit):
     Args:
         alpha: the sigmoid's slope: 1.0 is SiLU (Swish), 1.702 the quick GELU of GPT-OSS.
         limit: clamp gate from above and up on both sides at this value (> 0), or None.
-        up_offset: added to the (clamped) up half: 1.0 in GPT-OSS.
+        up_offset: added to the (clamped, capped) up half: 1.0 in GPT-OSS.
         interleaved: the 2F pre-activation columns (w13's rows) alternate gate, up, gate, ...
             instead of holding all gate columns, then all up columns (see `split`).
         gate_softcap: the gate's linear factor is c * tanh(gate' / c) (> 0), the sigmoid's
