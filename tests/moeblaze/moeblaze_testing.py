@@ -7,8 +7,11 @@ import math
 
 import torch
 import torch.distributed as dist
+import triton
+import triton.language as tl
 from tolerance import assert_close
 
+from moeblaze.kernels.expert_mlp import _tanh
 from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
 
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -146,3 +149,27 @@ def expert_shard(name: str, experts: torch.Tensor, group, gated: bool = True) ->
         return experts
     fc = "fc2" if name == "w2" else "fc1"
     return torch.stack([shard_of(fc, e, group, gated) for e in experts])
+
+
+@triton.jit
+def _tanh_kernel(y_ptr, out_ptr, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(out_ptr + offsets, _tanh(tl.load(y_ptr + offsets)))
+
+
+def assert_kernel_tanh_is_tanh(device, rtol: float) -> None:
+    """The expert kernels' tanh (moeblaze.kernels.expert_mlp._tanh) on `device` within `rtol` of
+    float64 tanh at every float32 from 1e-37 to 30 (and around 1/4, where its two forms meet),
+    exact at 0, +-inf and NaN."""
+    steps = torch.logspace(-37, 1.5, 1000, dtype=torch.float64)  # normal floats only
+    near = torch.linspace(0.2, 0.3, 24, dtype=torch.float64)
+    y = torch.cat([steps, -steps, near, -near]).float().to(device)  # 2048 values
+    out = torch.full_like(y, math.nan)
+    _tanh_kernel[(1,)](y, out, N=y.numel())
+    expected = torch.tanh(y.double())
+    error = ((out.double() - expected).abs() / expected.abs()).max().item()
+    assert error <= rtol, f"the kernels' tanh is {error:.3g} off (relative), more than {rtol}"
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1.0, 1.0, 1.0], device=device)
+    out = torch.full_like(special, math.nan)
+    _tanh_kernel[(1,)](special, out, N=8)
+    assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and out[4].isnan()

@@ -11,13 +11,12 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from moeblaze_testing import (
     BF16_FACTOR,
     BF16_FACTOR_INTERPRETER,
     NAMES,
     SMALL,
+    assert_kernel_tanh_is_tanh,
     assert_matches_reference,
 )
 from tolerance import assert_bf16_close, assert_close
@@ -32,7 +31,7 @@ from moeblaze.activation import (
     Ungated,
     activation_of,
 )
-from moeblaze.kernels.expert_mlp import TRITON_STAGES, _tanh
+from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan
 
@@ -344,23 +343,8 @@ def test_ungated_policies_and_biases(policy, path, make_problem):
     assert_matches_reference(actual, problem.reference(activation=activation))
 
 
-@triton.jit
-def _tanh_kernel(y_ptr, out_ptr, N: tl.constexpr):
-    offsets = tl.arange(0, N)
-    tl.store(out_ptr + offsets, _tanh(tl.load(y_ptr + offsets)))
-
-
 def test_kernel_tanh_is_tanh_value_by_value():
-    # The soft caps' tanh in the kernels (a series below 1/4, exponentials beyond): within a few
-    # float32 ulp of float64 tanh at every value, the tiny ones too (a norm-wise comparison of a
-    # whole epilogue cannot see those), and exact at 0, +-inf and NaN.
-    steps = torch.logspace(-38, 1.5, 1000, dtype=torch.float64)
-    near = torch.linspace(0.2, 0.3, 24, dtype=torch.float64)  # where the two forms meet
-    y = torch.cat([steps, -steps, near, -near]).float()
-    out = torch.empty_like(y)
-    _tanh_kernel[(1,)](y, out, N=y.numel())
-    expected = torch.tanh(y.double())
-    assert torch.all((out.double() - expected).abs() <= 4e-7 * expected.abs()), "tanh off"
-    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan] + [0.0] * 3)
-    _tanh_kernel[(1,)](special, out[:8], N=8)
-    assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and out[4].isnan()
+    # The soft caps' tanh in the kernels (a series below 1/4, exponentials beyond), value by
+    # value: within a few float32 ulp of float64 tanh, the tiny values too (a norm-wise
+    # comparison of a whole epilogue cannot see those), exact at 0, +-inf and NaN.
+    assert_kernel_tanh_is_tanh("cpu", rtol=4e-7)

@@ -14,6 +14,7 @@ from moeblaze_testing import (
     NAMES,
     assert_dropped_slots_add_nothing,
     assert_empty_experts_get_zero_grads,
+    assert_kernel_tanh_is_tanh,
     check_plan,
     output_names,
 )
@@ -89,6 +90,11 @@ ACTIVATIONS = {
     "megatron-gelu": (moeblaze.Ungated("gelu"), True),
     "inkling2-softcapped": (moeblaze.SwiGLU(gate_softcap=0.5, up_softcap=0.5), False),
 }
+
+
+def test_kernel_tanh_on_cuda():
+    # The soft caps' tanh with the GPU's exp (an ex2 approximation): within a few float32 ulp.
+    assert_kernel_tanh_is_tanh("cuda", rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
