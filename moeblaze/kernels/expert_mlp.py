@@ -1044,9 +1044,13 @@ def epilogue_configs(activation: Activation) -> tuple[str, dict]:
     (whose entries win where both apply), none for the rest."""
     _, _, _, _, interleaved, gate_softcap, up_softcap = activation.constants
     capped = (gate_softcap, up_softcap) != (None, None)
-    names = ["INTERLEAVED"] * interleaved + ["SOFTCAPPED"] * capped
-    table = {**(GPU_CONFIGS_INTERLEAVED if interleaved else {})}
-    table.update(GPU_CONFIGS_SOFTCAPPED if capped else {})
+    names, table = [], {}
+    if interleaved:
+        names.append("INTERLEAVED")
+        table.update(GPU_CONFIGS_INTERLEAVED)
+    if capped:
+        names.append("SOFTCAPPED")
+        table.update(GPU_CONFIGS_SOFTCAPPED)
     return "+".join(names), table
 
 
