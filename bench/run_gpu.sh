@@ -7,7 +7,8 @@
 # STEPs (default: all but tune_expert, in this order): pytest-gpu moe_layer routing_plan ep_combine
 # overlap csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
 # up to about 9 minutes), tune_gpt_oss (gate_up and grad_act with GPT-OSS's interleaved SwiGLU
-# at its shape, to OUTDIR/tune_gpt_oss), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
+# at its shape, to OUTDIR/tune_gpt_oss), tune_inkling2 (the same with Inkling 2's soft-capped
+# SwiGLU at both tile heights, to OUTDIR/tune_inkling2), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
 # OUTDIR/overlap_link), kernel_profile (Nsight Compute counters of every kernel of a MoE step
 # and of the fused GEMM, to OUTDIR/kernel_profile), moe_deterministic (moe_mlp with
@@ -18,7 +19,8 @@
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, overlap_tiles.txt, overlap_link.txt,
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, tune_inkling2.txt,
+# overlap_tiles.txt, overlap_link.txt,
 # kernel_profile.txt, moe_deterministic.txt, moe_activations.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
@@ -65,6 +67,8 @@ step hf_model 200 python -m bench.hf_model --out "$OUT"
 step tune_expert 540 python -m bench.tune_expert --block-ms 128 --out "$OUT"
 step tune_gpt_oss 200 python -m bench.tune_expert --shapes gpt-oss-20b --stages gate_up,grad_act \
     --activation gpt-oss --block-ms 128 --out "$OUT/tune_gpt_oss"
+step tune_inkling2 240 python -m bench.tune_expert --shapes inkling2-ish --stages gate_up,grad_act \
+    --activation inkling2 --block-ms 64,128 --out "$OUT/tune_inkling2"
 step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
     --tiles 128x256x64:8:3,128x256x64:8:3:ptr,128x256x64:8:4,128x128x64:8:4,128x128x64:8:4:ptr \
     --out "$OUT/overlap_tiles"
