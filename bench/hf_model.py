@@ -16,7 +16,12 @@ CUDA, float32 on CPU):
   saved_MiB             bytes autograd keeps for backward after a forward, excluding the
                         parameters: attention and norms are the same for every provider, the
                         difference is what the experts keep
-  speedup_vs_grouped_mm grouped_mm ms / ms, same config
+  speedup_vs_grouped_mm grouped_mm ms / ms, same config (and compile backend)
+
+With `--compile BACKEND` the model runs under torch.compile(model, backend=BACKEND) (e.g.
+inductor), compiled once per provider before the timing (the experts implementation is part of
+what dynamo guards on); the `compile` column names the backend, and the results go to
+hf_model_<BACKEND>-<gpu>.json.
 
 On CPU (the `tiny` config) moeblaze runs its torch implementation of the kernel stages unless
 TRITON_INTERPRET=1; the CPU numbers show that the benchmark works, not how fast anything is.
@@ -25,6 +30,7 @@ TRITON_INTERPRET=1; the CPU numbers show that the benchmark works, not how fast 
     python -m bench.hf_model --configs olmoe-4l --providers grouped_mm,moeblaze
     python -m bench.hf_model --configs gpt-oss-20b-4l   # GPT-OSS's experts (biases, interleaved)
     python -m bench.hf_model --configs gemma4-ish-4l    # GeGLU experts beside a dense MLP
+    python -m bench.hf_model --configs olmoe-4l --compile inductor
     nsys profile -t cuda,nvtx -o hf_model python -m bench.hf_model --configs olmoe-4l
 """
 
@@ -153,6 +159,7 @@ DEFAULT_PROVIDERS = ("eager", "grouped_mm", "moeblaze", "moeblaze-up_proj")
 COLUMNS = (
     "shape",
     "provider",
+    "compile",
     "ms",
     "tokens/s",
     "peak_mem_MiB",
@@ -161,25 +168,31 @@ COLUMNS = (
 )
 
 
-def bench_provider(model, config, provider, input_ids, device, rep_ms) -> dict:
-    """One row; a provider that fails gets a row with `error` and the run goes on."""
+def bench_provider(model, config, provider, input_ids, device, rep_ms, compile=None) -> dict:
+    """One row; a provider that fails gets a row with `error` and the run goes on. `compile`: a
+    torch.compile backend to run the model under, or None (eager)."""
     row = {
         "shape": config.name,
         "mode": "fwd+bwd",
         "provider": provider,
+        "compile": compile,
         "tokens": input_ids.numel(),
         "dtype": str(next(model.parameters()).dtype),
     }
     params = list(model.parameters())
+    runner = model if compile is None else torch.compile(model, backend=compile)
     try:
         model.set_experts_implementation(provider)
 
-        def step():
-            model(input_ids=input_ids, labels=input_ids).loss.backward()
+        def loss():
+            return runner(input_ids=input_ids, labels=input_ids).loss
 
-        saved = harness.saved_tensor_bytes(
-            lambda: model(input_ids=input_ids, labels=input_ids).loss, exclude=params
-        )
+        def step():
+            loss().backward()
+
+        if compile is not None:
+            step()  # compiled here, not in the timed calls
+        saved = harness.saved_tensor_bytes(loss, exclude=params)
         range_name = f"bench {config.name} {provider}"
         nvtx = (
             torch.cuda.nvtx.range(range_name) if device.type == "cuda" else contextlib.nullcontext()
@@ -218,6 +231,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--rep-ms", type=float, default=200, help="timed time per measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="run the model under torch.compile with this backend (e.g. inductor)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device) if args.device else harness.default_device()
@@ -230,9 +248,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env["transformers"] = transformers.__version__
     print(
         f"# hf_model on {env['gpu']}: torch {env['torch']}, transformers "
-        f"{env['transformers']}, triton {env['triton']}, commit {env['commit']}, {dtype}",
+        f"{env['transformers']}, triton {env['triton']}, commit {env['commit']}, {dtype}, "
+        f"compile {args.compile}",
         flush=True,
     )
+    # A compiled run writes beside the eager one (hf_model_<backend>-<gpu>.json).
+    name = "hf_model" if args.compile is None else f"hf_model_{args.compile}"
     rows: list[dict] = []
     for config in configs:
         torch.manual_seed(args.seed)
@@ -242,9 +263,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         vocab = config.fields["vocab_size"]
         input_ids = torch.randint(0, vocab, (config.batch, config.seq), device=device, generator=g)
         for provider in providers:
-            rows.append(bench_provider(model, config, provider, input_ids, device, args.rep_ms))
+            row = bench_provider(
+                model, config, provider, input_ids, device, args.rep_ms, args.compile
+            )
+            rows.append(row)
             add_speedups(rows)
-            path = harness.write_results("hf_model", rows, env, args.out)  # after every provider
+            path = harness.write_results(name, rows, env, args.out)  # after every provider
             print("  ".join(harness.format_value(rows[-1].get(c)) for c in COLUMNS), flush=True)
         del model
         if device.type == "cuda":

@@ -14,14 +14,15 @@
 # and of the fused GEMM, to OUTDIR/kernel_profile), moe_deterministic (moe_mlp with
 # deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
 # moe_activations (the GeGLU, ReLU² and soft-capped SwiGLU shapes of bench.moe_layer, fwd+bwd,
-# against grouped_mm, to OUTDIR/moe_activations) run only when named.
+# against grouped_mm, to OUTDIR/moe_activations) and hf_model_compile (bench.hf_model under
+# torch.compile with inductor, to OUTDIR/hf_model_inductor-<gpu>.json) run only when named.
 # Naming some splits the run, e.g. into `pytest-gpu` and `moe_layer routing_plan overlap
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
 # csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, tune_inkling2.txt,
 # overlap_tiles.txt, overlap_link.txt,
-# kernel_profile.txt, moe_deterministic.txt, moe_activations.txt (logs), the result
+# kernel_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -80,6 +81,7 @@ step moe_deterministic 150 python -m bench.moe_layer --modes fwd+bwd --no-breakd
 step moe_activations 240 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish,inkling2-ish \
     --modes fwd+bwd --providers moeblaze-activation,moeblaze-up_proj,grouped_mm \
     --out "$OUT/moe_activations"
+step hf_model_compile 400 python -m bench.hf_model --compile inductor --out "$OUT"
 
 cat "$OUT/exit_codes.txt"
 exit "$status"
