@@ -168,19 +168,19 @@ COLUMNS = (
 )
 
 
-def bench_provider(model, config, provider, input_ids, device, rep_ms, compile=None) -> dict:
-    """One row; a provider that fails gets a row with `error` and the run goes on. `compile`: a
+def bench_provider(model, config, provider, input_ids, device, rep_ms, backend=None) -> dict:
+    """One row; a provider that fails gets a row with `error` and the run goes on. `backend`: a
     torch.compile backend to run the model under, or None (eager)."""
     row = {
         "shape": config.name,
         "mode": "fwd+bwd",
         "provider": provider,
-        "compile": compile,
+        "compile": backend,
         "tokens": input_ids.numel(),
         "dtype": str(next(model.parameters()).dtype),
     }
     params = list(model.parameters())
-    runner = model if compile is None else torch.compile(model, backend=compile)
+    runner = model if backend is None else torch.compile(model, backend=backend)
     try:
         model.set_experts_implementation(provider)
 
@@ -190,7 +190,7 @@ def bench_provider(model, config, provider, input_ids, device, rep_ms, compile=N
         def step():
             loss().backward()
 
-        if compile is not None:
+        if backend is not None:
             step()  # compiled here, not in the timed calls
         saved = harness.saved_tensor_bytes(loss, exclude=params)
         range_name = f"bench {config.name} {provider}"

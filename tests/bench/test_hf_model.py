@@ -11,8 +11,8 @@ pytest.importorskip("transformers", minversion="5")
 from bench import hf_model  # noqa: E402
 
 
-@pytest.mark.parametrize("compile", [None, "aot_eager"])
-def test_hf_model_bench_runs_every_provider_on_cpu(compile, tmp_path):
+@pytest.mark.parametrize("backend", [None, "aot_eager"])
+def test_hf_model_bench_runs_every_provider_on_cpu(backend, tmp_path):
     # Every default provider steps the `tiny` model, moeblaze keeping fewer bytes for backward
     # than grouped_mm's dense dispatch; the rows are written as they come (a compiled run to its
     # own file, compiled once outside the timed calls: aot_eager runs AOTAutograd and the ops'
@@ -20,16 +20,16 @@ def test_hf_model_bench_runs_every_provider_on_cpu(compile, tmp_path):
     # TRITON_INTERPRET, which the test setup sets): the interpreter would take minutes.
     argv = ["--configs", "tiny", "--rep-ms", "1", "--out", str(tmp_path)]
     with moeblaze.use_backend("torch"):
-        rows = hf_model.main(argv + ([] if compile is None else ["--compile", compile]))
+        rows = hf_model.main(argv + ([] if backend is None else ["--compile", backend]))
     assert [r["provider"] for r in rows] == list(hf_model.DEFAULT_PROVIDERS)
     for row in rows:
         assert "error" not in row, row
         assert row["ms"] > 0 and row["tokens/s"] > 0 and row["saved_MiB"] > 0, row
-        assert row["compile"] == compile
+        assert row["compile"] == backend
     saved = {r["provider"]: r["saved_MiB"] for r in rows}
     assert saved["moeblaze-up_proj"] < saved["moeblaze"] < saved["grouped_mm"], saved
     speedups = {r["provider"]: r["speedup_vs_grouped_mm"] for r in rows}
     assert speedups["grouped_mm"] == 1
-    name = "hf_model" if compile is None else f"hf_model_{compile}"
+    name = "hf_model" if backend is None else f"hf_model_{backend}"
     written = json.loads((tmp_path / f"{name}-cpu.json").read_text())
     assert written["rows"] == rows
