@@ -252,6 +252,9 @@ DEFAULT_CONFIG_FAMILIES = (
     "axk1",
     "nemotron_h",  # experts without a gate: ReLU² (moeblaze.Ungated)
     "inkling2_text",  # a custom _apply_gate: soft-capped SwiGLU
+    "inkling_text",
+    "minimax_m3_vl_text",  # a custom _apply_gate: clamped quick-GELU SwiGLU (+1)
+    "qwen3_5_moe_text",  # its linear-attention layers replaced by full attention (layer_types)
 )
 # (fields, fields left out) a family needs besides those.
 FAMILY_FIELDS = {
