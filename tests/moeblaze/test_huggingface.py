@@ -255,9 +255,11 @@ DEFAULT_CONFIG_FAMILIES = (
     "inkling_text",
     "minimax_m3_vl_text",  # a custom _apply_gate: clamped quick-GELU SwiGLU (+1)
     "qwen3_5_moe_text",  # its linear-attention layers replaced by full attention (layer_types)
+    "deepseek_v4",  # its own attention layer types, routed experts only (no hash routing)
 )
 # (fields, fields left out) a family needs besides those.
 FAMILY_FIELDS = {
+    "deepseek_v4": (dict(mlp_layer_types=["moe"]), ("layer_types",)),
     "inkling2_text": (dict(mlp_gate_softcap=0.5, mlp_up_softcap=0.3), ()),  # caps that bend
     "zaya": (dict(num_experts_per_tok=1), ("layer_types",)),  # top-1 only; its own layer types
     "jamba": (  # attention and experts in every layer (its layer_types is computed)
@@ -287,6 +289,13 @@ ZERO_IN_EAGER = {
     "phimoe": ("model.layers.0.mlp.router.weight.grad",),
     "zaya": tuple(f"model.layers.0.self_attn.qkv_proj.{name}.grad" for name in _ZAYA_QK),
 }
+# Families compared with a looser rtol, and why. DeepSeek-V4's hyper-connections (the residual
+# streams mixed through normalised, Sinkhorn-balanced weights) amplify the experts' float32
+# rounding (1e-7 relative; another summation order than eager's) in their own gradients: measured
+# up to 1.4e-5 (Triton kernels) and 4.9e-5 (torch stages; a one-number gradient of 3e-7 that is
+# what remains of cancelling terms), every other gradient within 5e-6. A wrong expert weight,
+# bias or activation is off by far more.
+RTOL_IN_EAGER = {"deepseek_v4": 2e-4}
 
 
 def _default_config(family: str):
@@ -363,7 +372,8 @@ def _check_matches_eager(family, make_config, monkeypatch):
     for name, value in expected.items():
         if name not in ZERO_IN_EAGER.get(family, ()):
             assert value.abs().sum() > 0, f"eager gives a zero {name}: the test would not see it"
-        assert_close(actual[name], value, rtol=RTOL, name=f"{family} {name}")
+        rtol = RTOL_IN_EAGER.get(family, RTOL)
+        assert_close(actual[name], value, rtol=rtol, name=f"{family} {name}")
 
 
 def test_recompute_variants(monkeypatch):
