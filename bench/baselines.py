@@ -4,9 +4,9 @@
 
 - `dense_dispatch_moe_mlp`: the path of Hugging Face "grouped_mm" experts and torchtitan.
   Stable sort of slots by expert -> gather x into a permuted [S, d] dispatch buffer ->
-  grouped GEMM (gate/up) -> SwiGLU (or the given activation) -> grouped GEMM (down) -> scale by the routing weights ->
-  scatter-add into [T, d]. Autograd keeps the [S, d] buffer and the [S, 2F] / [S, F]
-  intermediates for backward, which is the memory moeblaze is built to avoid.
+  grouped GEMM (gate/up) -> SwiGLU (or the given activation) -> grouped GEMM (down) -> scale by
+  the routing weights -> scatter-add into [T, d]. Autograd keeps the [S, d] buffer and the
+  [S, 2F] / [S, F] intermediates for backward, which is the memory moeblaze is built to avoid.
 - `loop_moe_mlp`: the per-expert loop (Hugging Face "eager"), i.e. `moeblaze.moe_mlp_reference`.
 """
 

@@ -113,16 +113,10 @@ FLOPS_PER_FWD = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
 # The per-expert loop is skipped on CPU above this many forward FLOPs (it would take minutes).
 CPU_LOOP_MAX_FLOPS = 1e10
 
-# The expert-MLP stages (moeblaze.ops's ranges) and the width of their GEMM besides S and d:
-# "pre" the pre-activation's (2F gated, F without a gate), "ffn" F. A call is 2*S*d*width FLOPs.
-STAGE_WIDTH = {
-    "moeblaze.gate_up": "pre",
-    "moeblaze.down_combine": "ffn",
-    "moeblaze.grad_act": "ffn",
-    "moeblaze.grad_w2": "ffn",
-    "moeblaze.grad_input": "pre",
-    "moeblaze.grad_w13": "pre",
-}
+# The expert-MLP stages (moeblaze.ops's ranges "moeblaze.<stage>"), and those whose GEMM is as
+# wide as the pre-activation (2F gated, F without a gate) besides S and d; the others' is F wide.
+EXPERT_STAGES = ("gate_up", "down_combine", "grad_act", "grad_w2", "grad_input", "grad_w13")
+PRE_WIDTH_STAGES = ("gate_up", "grad_input", "grad_w13")
 PROFILED_STEPS = 5
 KERNELS_SHOWN = 8
 BREAKDOWN_COLUMNS = (
@@ -153,6 +147,12 @@ COLUMNS = (
 
 # One cuBLAS timing per FLOP count, shared by every row that divides by it.
 dense_gemm_tflops = functools.cache(harness.dense_gemm_tflops)
+
+
+def stage_flops(stage: str, shape: Shape) -> int:
+    """Model FLOPs of one call of the expert-MLP stage `stage` (EXPERT_STAGES) on `shape`."""
+    width = shape.pre_width if stage in PRE_WIDTH_STAGES else shape.F
+    return 2 * shape.T * shape.k * shape.d * width
 
 
 def provider_fn(name: str, activation: Activation = SWIGLU) -> Callable:
@@ -283,13 +283,12 @@ def breakdown_rows(shape, provider, inputs, dtype, device) -> list[dict]:
     step_ms = sum(k.ms for k in kernels) or None
     rows = []
     base = dict(shape=shape.name, provider=provider)
-    widths = dict(pre=shape.pre_width, ffn=shape.F)
     for timed in breakdown.range_times(prof, "moeblaze.", PROFILED_STEPS, device):
         row = dict(base, what="range", name=timed.name, calls=timed.calls, ms=timed.ms)
         row["share"] = timed.ms / step_ms if step_ms else None
-        if timed.name in STAGE_WIDTH and timed.ms > 0:
-            width = widths[STAGE_WIDTH[timed.name]]
-            flops = 2 * shape.T * shape.k * shape.d * width
+        stage = timed.name.removeprefix("moeblaze.")
+        if stage in EXPERT_STAGES and timed.ms > 0:
+            flops = stage_flops(stage, shape)
             tflops = flops * timed.calls / (timed.ms * 1e-3) / 1e12
             row["TFLOP/s"] = tflops
             row["frac_dense_gemm"] = tflops / dense_gemm_tflops(flops, dtype, device)

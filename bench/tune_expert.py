@@ -50,7 +50,7 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench import harness  # noqa: E402
-from bench.moe_layer import SHAPES, Shape, make_inputs  # noqa: E402
+from bench.moe_layer import SHAPES, Shape, make_inputs, stage_flops  # noqa: E402
 from kernelbase.gemm import GemmConfig  # noqa: E402
 from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
 from moeblaze.kernels.expert_mlp import (  # noqa: E402
@@ -150,12 +150,6 @@ def stage_call(stage: str, stages: TritonStages, tensors: dict, plan, activation
         "grad_w13": lambda: stages.grad_w13(t["dh"], t["x"], plan),
     }
     return calls[stage]
-
-
-def stage_flops(stage: str, shape: Shape) -> int:
-    """Model FLOPs of one call of `stage`."""
-    width = shape.pre_width if stage in ("gate_up", "grad_input", "grad_w13") else shape.F
-    return 2 * shape.T * shape.k * shape.d * width
 
 
 def prepare(shape: Shape, dtype, device) -> dict:

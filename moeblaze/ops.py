@@ -19,12 +19,13 @@ topk_weights and the plan:
 
 where a = w * SwiGLU(h) is the activation already scaled by each slot's routing weight w (what
 the down projection and dw2 multiply; moeblaze.kernels.expert_mlp). SwiGLU is silu(gate) * up
-or a clamped / quick-GELU form of it (or a `moeblaze.Gated` unit: another gate function), with
-gate and up concatenated or interleaved (moeblaze.activation), passed to the ops as its five
-constants. The optional expert biases b13 [E, 2F] and b2 [E, d] are added in the epilogues of
-gate_up and of the down combine (weighted by the routing weight, as the expert's output is);
-their gradients are per-expert sums of dh and of w * dout (`grad_b13`, `grad_b2`). Experts without a gate (`moeblaze.Ungated`) have
-w13 [E, F, d], b13 [E, F], and h and dh [S, F]: read F where 2F is written here.
+or a clamped / quick-GELU / soft-capped form of it (or a `moeblaze.Gated` unit: another gate
+function), with gate and up concatenated or interleaved (moeblaze.activation), passed to the ops
+as its seven constants. The optional expert biases b13 [E, 2F] and b2 [E, d] are added in the
+epilogues of gate_up and of the down combine (weighted by the routing weight, as the expert's
+output is); their gradients are per-expert sums of dh and of w * dout (`grad_b13`, `grad_b2`).
+Experts without a gate (`moeblaze.Ungated`) have w13 [E, F, d], b13 [E, F], and h and dh
+[S, F]: read F where 2F is written here.
 
 Never a [S, d] tensor. The ops run the stages of the backend `moe_mlp` picked once per call
 (`kernelbase.backend_for`): `TritonStages` (moeblaze.kernels.expert_mlp) or `TorchStages`

@@ -33,18 +33,17 @@ which the kernels read through their strides; biases (`has_bias=True`) are `b13`
 activation is `act_fn(gate) * up`, a `moeblaze.SwiGLU` for a SiLU `act_fn` and a
 `moeblaze.Gated` for the GELU of Gemma 4 and DiffusionGemma (GeGLU; GELU in either form, ReLU,
 ReLU²; read from transformers' activation class, `ACT_FN_CLASSES`, or found by evaluating
-`act_fn`), or a custom `_apply_gate` that is a
-`moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU in float32; the clamped SwiGLU of DeepSeek-V4,
-HY-V4 and GLM-5-Next; the clamped quick-GELU one of GPT-OSS, on gate and up columns interleaved
-as `is_concatenated=False` says, and of MiniMax-M3-VL and OpenAI's privacy filter; the
-soft-capped SwiGLU of Inkling 2), checked
-against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
+`act_fn`), or a custom `_apply_gate` that is a `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU
+in float32; the clamped SwiGLU of DeepSeek-V4, HY-V4 and GLM-5-Next; the clamped quick-GELU one
+of GPT-OSS, on gate and up columns interleaved as `is_concatenated=False` says, and of
+MiniMax-M3-VL and OpenAI's privacy filter; the soft-capped SwiGLU of Inkling 2), checked against
+the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
 NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
 found the same way. Under torch.compile none of this breaks the graph: a known activation class
 is read from the class, and an evaluation (another `act_fn`, a custom `_apply_gate`) runs
 while dynamo traces, its result a constant (`moeblaze.activation.evaluated_once`). Experts that
-compute anything else raise `NotImplementedError` naming the experts class, its model family and what
-moeblaze lacks: another activation, another custom `_apply_gate`, a post-expert norm.
+compute anything else raise `NotImplementedError` naming the experts class, its model family
+and what moeblaze lacks: another activation, another custom `_apply_gate`, a post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they become dropped slots (`moeblaze.DROPPED`): no GEMM rows, nothing
