@@ -378,19 +378,18 @@ def evaluated_once(finder):
     found = {}
 
     @torch.compiler.assume_constant_result
-    def evaluate(*args):
+    def evaluate_constant(*args):
         result = finder(*args)
         return result.constants if isinstance(result, Activation) else result
 
     @functools.wraps(finder)
     def lookup(*args):
-        if torch.compiler.is_compiling():
-            result = evaluate(*args)  # while tracing: a constant of the graph
-        else:
-            if args not in found:
-                found[args] = evaluate(*args)
-            result = found[args]
-        return activation_of(*result) if isinstance(result, tuple) else result
+        if torch.compiler.is_compiling():  # while tracing: a constant of the graph
+            result = evaluate_constant(*args)
+            return activation_of(*result) if isinstance(result, tuple) else result
+        if args not in found:
+            found[args] = finder(*args)
+        return found[args]
 
     return lookup
 
