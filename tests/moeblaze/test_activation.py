@@ -151,20 +151,27 @@ def _halves_around_the_limit(limit: float, n: int = 64):
     return gate, up
 
 
+def _check_backward_is_autograd(activation, gate, up):
+    """`activation.backward` at the float64 halves `gate`, `up` against autograd of its forward
+    (rtol 1e-12), for a random gradient of act; returns (d_gate, d_up)."""
+    gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    d_act = torch.randn(gate.shape, dtype=torch.float64)
+    expected = torch.autograd.grad(activation.forward(gate, up), (gate, up), d_act)
+    actual = activation.backward(gate.detach(), up.detach(), d_act)
+    for what, a, e in zip(("d_gate", "d_up"), actual, expected, strict=True):
+        assert_close(a, e, rtol=1e-12, name=what)
+    return actual
+
+
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_backward_is_the_gradient_of_forward(name):
     # SwiGLU.backward (what the torch stages and, in Triton, grad_act's epilogue compute) is
     # autograd's gradient of the forward, also exactly at the clamp: torch.clamp passes the
     # gradient at the limit and stops it past the limit.
     activation = ACTIVATIONS[name]
-    gate, up = _halves_around_the_limit(activation.limit or 2.0)
-    gate.requires_grad_()
-    up.requires_grad_()
-    d_act = torch.randn(gate.shape, dtype=torch.float64)
-    expected = torch.autograd.grad(activation.forward(gate, up), (gate, up), d_act)
-    actual = activation.backward(gate.detach(), up.detach(), d_act)
-    for what, a, e in zip(("d_gate", "d_up"), actual, expected, strict=True):
-        assert_close(a, e, rtol=1e-12, name=what)
+    actual = _check_backward_is_autograd(
+        activation, *_halves_around_the_limit(activation.limit or 2.0)
+    )
     if activation.limit is not None:  # the clamps did stop some gradients
         assert (actual[0] == 0).sum() >= 4 and (actual[1] == 0).sum() >= 4
 
@@ -313,14 +320,9 @@ def test_gated_backward_and_kernel_epilogue_around_zero(activation):
     # backward against autograd of forward (torch's own functions), and grad_act's epilogue
     # (`_glu`) against the torch stage, with gate and up values at and around 0 and far out on
     # both sides.
-    gate = _around_zero(EPILOGUE_F).requires_grad_()  # [4, F]
-    up = torch.randn(gate.shape, dtype=torch.float64, requires_grad=True)
-    d_act = torch.randn(gate.shape, dtype=torch.float64)
-    expected = torch.autograd.grad(activation.forward(gate, up), (gate, up), d_act)
-    actual = activation.backward(gate.detach(), up.detach(), d_act)
-    for what, a, e in zip(("d_gate", "d_up"), actual, expected, strict=True):
-        assert_close(a, e, rtol=1e-12, name=what)
-    gate, up = gate.detach(), up.detach()
+    gate = _around_zero(EPILOGUE_F)  # [4, F]
+    up = torch.randn(gate.shape, dtype=torch.float64)
+    _check_backward_is_autograd(activation, gate, up)
     h = torch.cat([activation.join(gate, up), activation.join(-gate.flip(1), gate / 8)])
     _check_epilogues_agree(activation, torch.cat([h, activation.join(up, gate)]).float(), seed=4)
 
