@@ -865,6 +865,36 @@ def test_megatron_transformer_layer_spec(megatron):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
 
 
+@pytest.mark.parametrize("repeated", [False, True], ids=["", "repeated"])
+def test_mtp_layer_divides_balancing_losses_when_repeated(repeated):
+    """A multi-token-prediction layer (`is_mtp_layer=True` and its `name`, which megatron-core
+    >= 0.17's TransformerLayer passes) that Megatron runs mtp_num_layers = 2 times a step: its
+    balancing losses (aux and sequence) reach the router with half a main layer's gradient
+    and coefficients, its z-loss with the same (megatron-core's TopKRouter divides only the
+    z-loss's logged value); not repeated, as a main layer."""
+    fields = dict(mtp_num_layers=2, mtp_use_repeated_layer=repeated)
+    balancing = dict(
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"], moe_aux_loss_coeff=[1e-1, 2e-1]
+    )
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(5))
+    for losses, share in (
+        (balancing, 0.5 if repeated else 1.0),
+        (dict(moe_z_loss_coeff=1e-2), 1.0),
+    ):
+        grads = []
+        for mtp in (False, True):
+            torch.manual_seed(3)
+            layer = mb.MoELayer(_config(**fields, **losses), is_mtp_layer=mtp, name="mtp.mlp")
+            router = layer.router
+            coeffs = (router.aux_loss_coeff, router.seq_aux_loss_coeff, router.z_loss_coeff)
+            (layer(x)[0].sum() * 0).backward()  # the losses' gradient alone
+            grads.append((coeffs, router.weight.grad))
+        (main_coeffs, main_grad), (mtp_coeffs, mtp_grad) = grads
+        assert mtp_coeffs == (main_coeffs[0] * share, main_coeffs[1] * share, main_coeffs[2])
+        assert main_grad.abs().sum() > 0
+        assert_close(mtp_grad, main_grad * share, rtol=1e-6, name="MTP layer's router.weight.grad")
+
+
 def test_device_limited_routing_is_group_limited_routing(megatron):
     """Megatron's deprecated moe_router_topk_limited_devices: groups of experts by
     expert-parallel rank, that many groups per token. A real TransformerConfig maps it so

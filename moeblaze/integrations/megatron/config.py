@@ -52,6 +52,8 @@ MEGATRON_DEFAULTS = {
     "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,  # deprecated: group-limited routing by EP rank
     "moe_latent_size": None,
+    "mtp_num_layers": None,
+    "mtp_use_repeated_layer": False,
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
     "moe_router_padding_for_quantization": False,
@@ -142,8 +144,9 @@ class LayerOptions:
         )
 
 
-def layer_options(config) -> LayerOptions:
-    """Check a Megatron TransformerConfig (or look-alike) and translate it for moeblaze.
+def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
+    """Check a Megatron TransformerConfig (or look-alike) and translate it for moeblaze;
+    `is_mtp_layer`: the options of a multi-token-prediction layer (see `_loss_coeffs`).
 
     Raises NotImplementedError listing every field whose value needs a feature moeblaze lacks,
     and ValueError for values that are invalid in Megatron too; both name field and value.
@@ -188,9 +191,9 @@ def layer_options(config) -> LayerOptions:
         # max ranks them alike, and the compiled selection runs).
         group_score_from="logits" if softmax_of_chosen and (per_group or 0) > 1 else "scores",
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
-        aux_loss_coeff=_loss_coeffs(cfg).get("aux_loss", 0.0),
-        seq_aux_loss_coeff=_loss_coeffs(cfg).get("seq_aux_loss", 0.0),
-        global_aux_loss_coeff=_loss_coeffs(cfg).get("global_aux_loss", 0.0),
+        aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("aux_loss", 0.0),
+        seq_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("seq_aux_loss", 0.0),
+        global_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("global_aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         capacity_factor=_capacity_factor(cfg),
@@ -224,12 +227,17 @@ def _expert_tensor_parallel_size(cfg):
     return (cfg["tensor_model_parallel_size"] or 1) if etp is None else etp
 
 
-def _loss_coeffs(cfg) -> dict[str, float]:
-    """{load-balancing type: coefficient} from moe_router_load_balancing_type / _aux_loss_coeff."""
+def _loss_coeffs(cfg, is_mtp_layer: bool = False) -> dict[str, float]:
+    """{load-balancing type: coefficient} from moe_router_load_balancing_type / _aux_loss_coeff.
+
+    A multi-token-prediction layer that Megatron runs mtp_num_layers times a step
+    (mtp_use_repeated_layer) divides them by mtp_num_layers, as megatron-core >= 0.17 does, so
+    that the repeated layer's balancing losses count once (its z-loss is not divided there)."""
     types, coeffs = cfg["moe_router_load_balancing_type"], cfg["moe_aux_loss_coeff"]
     if isinstance(types, str):
-        return {types: float(coeffs)}
-    return {t: float(c) for t, c in zip(types, coeffs, strict=True)}
+        types, coeffs = [types], [coeffs]
+    repeats = cfg["mtp_num_layers"] if is_mtp_layer and cfg["mtp_use_repeated_layer"] else None
+    return {t: float(c) / (repeats or 1) for t, c in zip(types, coeffs, strict=True)}
 
 
 def _activation(cfg) -> Activation | None:

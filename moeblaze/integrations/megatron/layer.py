@@ -42,8 +42,11 @@ class MoELayer(MoEBlock):
     distinct experts, and the initial model does not depend on W (nor on ETP: shards are cut
     from whole experts).
 
-    `submodules` is accepted so that a Megatron `ModuleSpec` can name this class; moeblaze
-    builds its own router and experts. With W > 1, the expert-parallel group is
+    `submodules` and `name` (the module's name, which megatron-core >= 0.17 passes down) are
+    accepted so that a Megatron `ModuleSpec` can name this class; moeblaze builds its own router
+    and experts. `is_mtp_layer` (a multi-token-prediction layer, which Megatron passes too)
+    divides the balancing losses by `mtp_num_layers` when `mtp_use_repeated_layer` is set, as
+    megatron-core does. With W > 1, the expert-parallel group is
     `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
     carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
     reduces their gradients over the expert-data-parallel group. Under tensor and context
@@ -65,13 +68,15 @@ class MoELayer(MoEBlock):
         submodules=None,
         layer_number: int | None = None,
         pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
         *,
         recompute: str | None = None,
         deterministic: bool = False,
         recompute_dispatch: bool = True,
         device=None,
     ):
-        options = layer_options(config)
+        options = layer_options(config, is_mtp_layer)
         tp, cp = options.tensor_parallel_size, options.context_parallel_size
         group = _megatron_group(pg_collection, "ep", options.expert_parallel_size)
         tp_group = _megatron_group(pg_collection, "tp", tp)
