@@ -34,10 +34,10 @@ activation is `act_fn(gate) * up`, a `moeblaze.SwiGLU` for a SiLU `act_fn` and a
 `moeblaze.Gated` for the GELU of Gemma 4 and DiffusionGemma (GeGLU; GELU in either form, ReLU,
 ReLU²; read from transformers' activation class, `ACT_FN_CLASSES`, or found by evaluating
 `act_fn`), or a custom `_apply_gate` that is a `moeblaze.SwiGLU` (`CUSTOM_GATES`: Beam's SwiGLU
-in float32; the clamped SwiGLU of DeepSeek-V4, HY-V4 and GLM-5-Next; the clamped quick-GELU one
-of GPT-OSS, on gate and up columns interleaved as `is_concatenated=False` says, and of
-MiniMax-M3-VL and OpenAI's privacy filter; the soft-capped SwiGLU of Inkling 2), checked against
-the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
+in float32; the clamped SwiGLU of DeepSeek-V4, HY-V4 (and HY-V4-VL) and GLM-5-Next; the clamped
+quick-GELU one of GPT-OSS, on gate and up columns interleaved as `is_concatenated=False` says,
+and of MiniMax-M3-VL and OpenAI's privacy filter; the soft-capped SwiGLU of Inkling 2 and
+Inkling 2 Loop), checked against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
 NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
 found the same way. Under torch.compile none of this breaks the graph: a known activation class
 is read from the class, and an evaluation (another `act_fn`, a custom `_apply_gate`) runs
@@ -186,6 +186,11 @@ def _support(experts: nn.Module) -> tuple[Activation | None, list[str]]:
     return activation, missing
 
 
+def _softcaps(act_fn) -> dict:
+    """The soft caps of Inkling 2's SoftcappedSwiGLU module (`c * tanh(y / c)` on gate and up)."""
+    return dict(gate_softcap=act_fn.gate_softcap.softcap, up_softcap=act_fn.up_softcap.softcap)
+
+
 # Experts classes with their own `_apply_gate` that is a moeblaze.SwiGLU, and how to read its
 # numbers from the module (the gate/up layout is the module's `is_concatenated`). Before first
 # use, the SwiGLU is checked against `_apply_gate` itself (`_computes`), so a class that changes
@@ -197,6 +202,7 @@ CUSTOM_GATES = {
     "DeepseekV4Experts": lambda experts: dict(limit=experts.limit),
     # clamp, then silu(gate) * up
     "HYV4Experts": lambda experts: dict(limit=experts.swiglu_limit),
+    "HYV4VLExperts": lambda experts: dict(limit=experts.swiglu_limit),
     "Glm5NextTextExperts": lambda experts: dict(limit=experts.swiglu_limit),
     # clamp, then gate * sigmoid(alpha * gate) * (up + 1) on concatenated halves
     "MiniMaxM3VLExperts": lambda experts: dict(
@@ -209,10 +215,8 @@ CUSTOM_GATES = {
     # (up + 1)
     "GptOssExperts": lambda experts: dict(alpha=experts.alpha, limit=experts.limit, up_offset=1.0),
     # softcap(gate) * sigmoid(gate) * softcap(up) in float32, softcap(y) = c * tanh(y / c)
-    "Inkling2Experts": lambda experts: dict(
-        gate_softcap=experts.act_fn.gate_softcap.softcap,
-        up_softcap=experts.act_fn.up_softcap.softcap,
-    ),
+    "Inkling2Experts": lambda experts: _softcaps(experts.act_fn),
+    "Inkling2LoopExperts": lambda experts: _softcaps(experts.act_fn),
 }
 
 
