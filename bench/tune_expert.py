@@ -54,9 +54,9 @@ from bench.moe_layer import SHAPES, Shape, make_inputs, stage_flops  # noqa: E40
 from kernelbase.gemm import GemmConfig  # noqa: E402
 from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
 from moeblaze.kernels.expert_mlp import (  # noqa: E402
-    GPU_CONFIGS,
     TritonStages,
     epilogue_configs,
+    gpu_config,
 )
 from moeblaze.routing_plan import build_routing_plan  # noqa: E402
 
@@ -110,12 +110,12 @@ INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 
 
 def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]:
-    """The current config of (kernel, block_m) first (for `activation`'s epilogue:
-    `epilogue_configs`), then it with the other operand loads (GemmConfig.tma), then the other
+    """The current config of (kernel, block_m) on this GPU first (for `activation`'s epilogue:
+    `gpu_config`), then it with the other operand loads (GemmConfig.tma), then the other
     candidates (with tensor descriptors)."""
     if torch.cuda.is_available():
-        key = (kernel, None if kernel == "expert_wgrad" else block_m)
-        current = epilogue_configs(activation)[1].get(key, GPU_CONFIGS[key])
+        major, minor = torch.cuda.get_device_capability()
+        current = gpu_config(kernel, block_m, activation, arch=10 * major + minor)
         if kernel == "expert_wgrad":
             others = WGRAD_CANDIDATES
         else:

@@ -1077,6 +1077,23 @@ _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
 _INTERPRETER_BIAS_GRAD = (8, 32)
 
 
+def gpu_config(
+    kernel: str, block_m: int, activation: Activation | None = None, arch: int = 90
+) -> GemmConfig:
+    """The GPU tile configuration of `kernel` for tiles of `block_m` rows (ignored for
+    expert_wgrad): GPU_CONFIGS, with the entries `activation`'s epilogues replace
+    (`epilogue_configs`), for a GPU of compute capability `arch` (10 * major + minor; before
+    Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages)."""
+    key = (kernel, None if kernel == "expert_wgrad" else block_m)
+    config = GPU_CONFIGS[key]
+    if activation is not None:
+        config = epilogue_configs(activation)[1].get(key, config)
+    if kernel != "expert_wgrad" and arch < 90:
+        stages = min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
+        config = dataclasses.replace(config, num_stages=stages)
+    return config
+
+
 class TritonStages:
     """The expert-MLP stages as launches of the kernels above (see moeblaze.ops.Stages).
 
@@ -1373,14 +1390,9 @@ class TritonStages:
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
-            config = GPU_CONFIGS[key]
-            if activation is not None:
-                config = epilogue_configs(activation)[1].get(key, config)
-            if kernel != "expert_wgrad" and self._arch(plan.sorted_slots.device) < 90:
-                config = dataclasses.replace(
-                    config, num_stages=min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
-                )
-            return config
+            return gpu_config(
+                kernel, plan.block_m, activation, self._arch(plan.sorted_slots.device)
+            )
         if kernel == "expert_wgrad":
             return _INTERPRETER
         return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
