@@ -374,7 +374,8 @@ def evaluated_once(finder):
     comparisons would break the graph at each of them. The constant is plain values (an
     activation's `constants`, rebuilt outside), and the args must be values dynamo passes as
     they are: numbers, strings, classes, functions, modules (not a dataclass built in the
-    traced code: pass its fields)."""
+    traced code: pass its fields). Before torch 2.12 an evaluation with a module argument breaks
+    the graph instead (`_MODULE_CONSTANTS`)."""
     found = {}
 
     @torch.compiler.assume_constant_result
@@ -382,16 +383,28 @@ def evaluated_once(finder):
         result = finder(*args)
         return result.constants if isinstance(result, Activation) else result
 
-    @functools.wraps(finder)
-    def lookup(*args):
-        if torch.compiler.is_compiling():  # while tracing: a constant of the graph
-            result = evaluate_constant(*args)
-            return activation_of(*result) if isinstance(result, tuple) else result
+    def remembered(*args):
         if args not in found:
             found[args] = finder(*args)
         return found[args]
 
+    @functools.wraps(finder)
+    def lookup(*args):
+        if not torch.compiler.is_compiling():
+            return remembered(*args)
+        if _MODULE_CONSTANTS or not any(isinstance(arg, torch.nn.Module) for arg in args):
+            result = evaluate_constant(*args)  # while tracing: a constant of the graph
+            return activation_of(*result) if isinstance(result, tuple) else result
+        return torch.compiler.disable(remembered)(*args)  # a graph break
+
     return lookup
+
+
+# Dynamo before torch 2.12 takes no module as an argument of an assume_constant_result function
+# (an internal error, AsPythonConstantNotImplementedError, that ends the compile: seen with torch
+# 2.11 on an act_fn module; 2.12 and 2.13 take it); there `evaluated_once` runs an evaluation
+# with a module argument eagerly (torch.compiler.disable), breaking the graph.
+_MODULE_CONSTANTS = torch.torch_version.TorchVersion(torch.__version__) >= "2.12"
 
 
 @evaluated_once

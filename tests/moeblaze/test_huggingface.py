@@ -505,14 +505,20 @@ def test_act_fn_classes_compute_what_they_are_read_as():
         ("nemotron_h", None),  # ReLU² without a gate, read from act_fn's class
         ("gemma4_text", nn.GELU(approximate="tanh")),  # an act_fn found by evaluating it
         ("gpt_oss", None),  # a custom _apply_gate, checked by evaluating it
+        ("inkling2_text", None),  # a custom _apply_gate calling its act_fn module, evaluated
     ],
 )
 def test_compile_breaks_no_graph(family, act_fn):
     # torch.compile traces the activation's choice without a graph break from the first call
     # on (a class read, or an evaluation dynamo runs while tracing): as many graphs as the model
-    # compiles to with "grouped_mm" (one, or GPT-OSS's two: transformers installs its output
-    # hooks in the first call), and eager's output.
+    # compiles to with "grouped_mm" (with torch 2.13 one, or GPT-OSS's two: transformers
+    # installs its output hooks in the first call; with torch 2.11 Gemma 4's three), and eager's
+    # output. Before torch 2.12 an evaluation given a module (an act_fn module: Gemma 4's here,
+    # Inkling 2's) runs eagerly, a graph break per layer (moeblaze.activation._MODULE_CONSTANTS):
+    # then the output alone is checked.
     from torch._dynamo.testing import CompileCounter
+
+    from moeblaze.activation import _MODULE_CONSTANTS as module_constants
 
     config = _config(family) if family in FAMILIES else _default_config(family)
     input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(1))
@@ -532,7 +538,9 @@ def test_compile_breaks_no_graph(family, act_fn):
             eager = model(input_ids=input_ids).logits
         graphs[implementation] = counter.frame_count
         assert_close(compiled, eager, rtol=1e-6, name=f"{family} {implementation} logits")
-    assert graphs["moeblaze"] == graphs["grouped_mm"] <= 2, graphs
+    if not module_constants and (act_fn is not None or family == "inkling2_text"):
+        return
+    assert graphs["moeblaze"] == graphs["grouped_mm"] <= 3, graphs
 
 
 def _experts_pair(family: str, config_class: str, **fields):
