@@ -784,6 +784,11 @@ def test_a_changed_custom_gate_is_refused(monkeypatch):
 def test_family_matches_eager_bf16_gpu(family):
     """bf16 on the GPU: moeblaze's error against float64 eager is at most 2x eager's in bf16."""
     model, eager = _models(family, dtype=torch.bfloat16, device="cuda")
+    if not any(hasattr(module, "has_gate") for module in model.modules()):  # (Aria before 5.23)
+        pytest.skip(
+            f"transformers {transformers.__version__}'s {family} does not dispatch its experts "
+            f"through the experts interface"
+        )
     _, oracle = _models(family, dtype=torch.float64, device="cuda")
     input_ids = torch.randint(
         3, VOCAB, (B, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1)
