@@ -378,6 +378,25 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["gated_linear_unit=False", "activation_func=sigmoid"],
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
+        # megatron-core >= 0.17's fields that change what the layer computes or loads
+        (
+            dict(
+                moe_router_load_balancing_type=["aux_loss", "quantile_balancing"],
+                moe_aux_loss_coeff=[1e-2, 0.0],
+                moe_router_force_biased=0.1,
+                moe_mlp_glu_interleave_size=32,
+                moe_shared_expert_glu_interleave_size=32,
+                moe_expert_rank_capacity_factor=1.5,
+            ),
+            NotImplementedError,
+            [
+                "moe_router_load_balancing_type='quantile_balancing' (quantile-balancing",
+                "moe_router_force_biased=0.1 (random expert biases on the router logits)",
+                "moe_mlp_glu_interleave_size=32 (the experts' GLU rows interleaved in blocks)",
+                "moe_shared_expert_glu_interleave_size=32 (the shared expert's GLU rows",
+                "moe_expert_rank_capacity_factor=1.5 (token dropping by each expert rank's",
+            ],
+        ),
         (
             dict(moe_router_dtype="bf16"),
             ValueError,

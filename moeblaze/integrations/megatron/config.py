@@ -61,6 +61,11 @@ MEGATRON_DEFAULTS = {
     "calculate_per_token_loss": False,
     "fp8": None,
     "fp4": None,
+    # megatron-core >= 0.17 (absent from 0.16's config: their defaults then)
+    "moe_router_force_biased": None,
+    "moe_mlp_glu_interleave_size": None,
+    "moe_shared_expert_glu_interleave_size": None,
+    "moe_expert_rank_capacity_factor": None,
     "tensor_model_parallel_size": 1,
     "expert_model_parallel_size": 1,
     "expert_tensor_parallel_size": None,
@@ -75,8 +80,22 @@ _UNSUPPORTED = {
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
     "fp8": ("FP8 experts", _OFF),
     "fp4": ("FP4 experts", _OFF),
+    "moe_router_force_biased": ("random expert biases on the router logits", _OFF),
+    "moe_mlp_glu_interleave_size": ("the experts' GLU rows interleaved in blocks", _OFF),
+    "moe_shared_expert_glu_interleave_size": (
+        "the shared expert's GLU rows interleaved in blocks",
+        _OFF,
+    ),
+    "moe_expert_rank_capacity_factor": ("token dropping by each expert rank's capacity", _OFF),
 }
-_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none")
+_LOAD_BALANCING_TYPES = (
+    "aux_loss",
+    "seq_aux_loss",
+    "global_aux_loss",
+    "sinkhorn",
+    "quantile_balancing",  # megatron-core >= 0.17
+    "none",
+)
 _PARAMS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -428,6 +447,10 @@ def _unsupported_fields(cfg) -> list[str]:
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
+    if "quantile_balancing" in coeffs:
+        problems.append(
+            "moe_router_load_balancing_type='quantile_balancing' (quantile-balancing expert bias)"
+        )
     uses_losses = sum(coeffs.values()) > 0 or (cfg["moe_z_loss_coeff"] or 0.0) > 0
     if uses_losses and cfg["calculate_per_token_loss"]:
         problems.append("calculate_per_token_loss=True with aux losses (per-token loss scaling)")
