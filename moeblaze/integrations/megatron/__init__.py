@@ -50,9 +50,11 @@ Under tensor and context parallelism:
   its expert-tensor-parallel group (b2's, which every rank holds, alike on them).
 
 `config` is a megatron-core `TransformerConfig` or any object with its field names; a field it
-lacks takes megatron-core 0.16's default (`MEGATRON_DEFAULTS`). `layer_options(config)`
-translates the fields into moeblaze's terms and raises `NotImplementedError` (a feature moeblaze
-lacks) or `ValueError` (an invalid value) naming every offending field with its value.
+lacks takes megatron-core 0.16's default, or 0.19's for the fields added since
+(`MEGATRON_DEFAULTS`). `layer_options(config)` translates the fields into moeblaze's terms and
+raises `NotImplementedError` (a feature moeblaze lacks: FP8/FP4, padding to capacity, Sinkhorn
+or quantile balancing, block-interleaved GLU rows, ...) or `ValueError` (an invalid value)
+naming every offending field with its value. Tested with megatron-core 0.16.1 and 0.19.2.
 
 The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
 glu_linear_offset)` with gate' and up' clamped at `activation_func_clamp_value`, for
