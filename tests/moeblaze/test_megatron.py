@@ -1003,6 +1003,13 @@ ROUTINGS = {
     ),
     # The router's input multiplied by noise in [0.8, 1.2], drawn as Megatron draws it.
     "softmax_input_jitter": dict(moe_input_jitter_eps=0.2, moe_aux_loss_coeff=1e-1),
+    # Megatron's per-token loss: the losses' gradient times the rank's real tokens.
+    "per_token_aux_seq_aux_z": dict(
+        calculate_per_token_loss=True,
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+        moe_aux_loss_coeff=[1e-1, 2e-1],
+        moe_z_loss_coeff=1e-2,
+    ),
 }
 
 
@@ -1078,9 +1085,12 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     if gate_bias is not None:
         logits = torch.addmm(gate_bias.to(dtype), jittered.to(dtype), weight.to(dtype).t())
     padding = None if padding is None else padding.t().reshape(-1)  # [N], TopKRouter.routing
+    # calculate_per_token_loss: each loss times the real tokens (one rank: TP x CP size 1)
+    per_token = S * BATCH if padding is None else int((~padding).sum())
+    per_token = per_token if getattr(cfg, "calculate_per_token_loss", False) else 1
     if cfg.moe_z_loss_coeff:
         z_loss = mu.z_loss_func(logits, cfg.moe_z_loss_coeff, padding_mask=padding)
-        logits = mu.MoEAuxLossAutoScaler.apply(logits, z_loss)
+        logits = mu.MoEAuxLossAutoScaler.apply(logits, z_loss * per_token)
     probs, routing_map = mu.topk_routing_with_score_function(
         logits,
         k,
@@ -1111,13 +1121,13 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         aux = mu.switch_load_balancing_loss_func(
             aux_scores, aux_map.sum(0), aux_map.sum() / k, k, E, coeffs["aux_loss"]
         )
-        probs = mu.MoEAuxLossAutoScaler.apply(probs, aux)
+        probs = mu.MoEAuxLossAutoScaler.apply(probs, aux * per_token)
     if coeffs.get("seq_aux_loss"):  # TopKRouter._apply_seq_aux_loss, one rank
         seq_scores, seq_map = aux_scores.reshape(S, -1), aux_map.reshape(S, -1)
         seq_aux = mu.switch_load_balancing_loss_func(
             seq_scores, seq_map.sum(0), seq_map.sum() / (k * BATCH), k, E, coeffs["seq_aux_loss"]
         )
-        probs = mu.MoEAuxLossAutoScaler.apply(probs, seq_aux / BATCH)
+        probs = mu.MoEAuxLossAutoScaler.apply(probs, seq_aux / BATCH * per_token)
     (probs * upstream).sum().backward()
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"

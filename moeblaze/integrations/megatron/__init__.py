@@ -120,6 +120,10 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
+- `calculate_per_token_loss`: Megatron's `finalize_model_grads` divides every gradient by the
+  global batch's real tokens, so the router losses' gradient is multiplied by the forward's real
+  tokens (times the TP x CP size with megatron-core >= 0.17: the installed version decides), as
+  its router does (`MoELayer.route`).
 - Router logits are float32 whatever `params_dtype` (Megatron: `moe_router_dtype='fp32'`), or
   float64 with `moe_router_dtype='fp64'` (logits, scores, routing weights and losses; Megatron
   rounds its softmax and sigmoid scores to float32 there).

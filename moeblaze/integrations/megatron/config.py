@@ -52,13 +52,13 @@ MEGATRON_DEFAULTS = {
     "moe_enable_routing_replay": False,
     "moe_router_topk_limited_devices": None,  # deprecated: group-limited routing by EP rank
     "moe_latent_size": None,
+    "calculate_per_token_loss": False,
     "mtp_num_layers": None,
     "mtp_use_repeated_layer": False,
     # Features moeblaze does not have: only their defaults are accepted.
     "moe_pad_expert_input_to_capacity": False,
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
-    "calculate_per_token_loss": False,
     "fp8": None,
     "fp4": None,
     # megatron-core >= 0.17 (absent from 0.16's config: their defaults then)
@@ -139,6 +139,9 @@ class LayerOptions:
     recompute: str  # moeblaze.moe_mlp's policy
     recompute_shared_expert: bool
     params_dtype: torch.dtype
+    # calculate_per_token_loss: Megatron divides every gradient by the global batch's tokens, so
+    # the router losses' gradient is multiplied by the rank's real tokens (see MoELayer.route)
+    per_token_loss: bool = False
 
     def router_options(self) -> dict:
         return dict(
@@ -237,6 +240,7 @@ def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
         recompute=recompute,
         recompute_shared_expert=selective and "shared_experts" in recompute_modules,
         params_dtype=cfg["params_dtype"],
+        per_token_loss=bool(cfg["calculate_per_token_loss"]),
     )
 
 
@@ -451,7 +455,4 @@ def _unsupported_fields(cfg) -> list[str]:
         problems.append(
             "moe_router_load_balancing_type='quantile_balancing' (quantile-balancing expert bias)"
         )
-    uses_losses = sum(coeffs.values()) > 0 or (cfg["moe_z_loss_coeff"] or 0.0) > 0
-    if uses_losses and cfg["calculate_per_token_loss"]:
-        problems.append("calculate_per_token_loss=True with aux losses (per-token loss scaling)")
     return problems

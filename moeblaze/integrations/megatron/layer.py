@@ -3,6 +3,8 @@ docstring), the process groups it finds, and `TensorParallelSwiGLUMLP`, its shar
 overlap's tensor-parallel linears."""
 
 import contextlib
+import functools
+import importlib.metadata
 import sys
 from collections.abc import Callable, Mapping
 
@@ -137,6 +139,8 @@ class MoELayer(MoEBlock):
         )
         self.recompute_dispatch = recompute_dispatch
         self.router.aux_loss_scale = _megatron_aux_loss_scale  # read in backward
+        # calculate_per_token_loss: megatron-core >= 0.17 also multiplies by the TP x CP size.
+        self.per_token_loss_ranks = tp * cp if _megatron_at_least("0.17") else 1
         # Registered in Megatron's list of replay instances, in layer order (as TopKRouter's).
         self.router_replay = _router_replay() if options.routing_replay else None
         self.reset_parameters()
@@ -217,7 +221,16 @@ class MoELayer(MoEBlock):
     def route(self, tokens: torch.Tensor, sequences: tuple, token_mask) -> RouterOutput:
         """The router; with `moe_enable_routing_replay`, as the action of Megatron's
         RouterReplay says: record the experts chosen (before dropping for capacity), or route to
-        the target ones (forward) or to the next of the list kept for backward's recompute."""
+        the target ones (forward) or to the next of the list kept for backward's recompute.
+
+        With calculate_per_token_loss, Megatron divides every gradient by the global batch's
+        real tokens: the router losses' gradient is multiplied by this forward's real tokens
+        (times the TP x CP size with megatron-core >= 0.17), as Megatron's router does, so that
+        it keeps the scale it has without."""
+        if self.options.per_token_loss:  # read in this forward's backward
+            real = tokens.shape[0] if token_mask is None else token_mask.sum()
+            tokens_scale = real * self.per_token_loss_ranks
+            self.router.aux_loss_scale = functools.partial(_per_token_loss_scale, tokens_scale)
         replay = self.router_replay
         if replay is None or replay.router_replay_action is None:
             return super().route(tokens, sequences, token_mask)
@@ -563,6 +576,21 @@ def _router_replay():
             "(megatron.core.transformer.moe.router_replay): pip install 'megatron-core>=0.16'"
         ) from error
     return RouterReplay()
+
+
+def _per_token_loss_scale(tokens: int | torch.Tensor) -> float | torch.Tensor:
+    """`_megatron_aux_loss_scale` times `tokens` (calculate_per_token_loss, see MoELayer.route)."""
+    return _megatron_aux_loss_scale() * tokens
+
+
+def _megatron_at_least(version: str) -> bool:
+    """Whether the installed megatron-core is at least `version` (True without one: the layer
+    then follows the newest)."""
+    try:
+        installed = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    return torch.torch_version.TorchVersion(installed) >= version
 
 
 def _megatron_aux_loss_scale() -> float | torch.Tensor:
