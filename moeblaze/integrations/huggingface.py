@@ -37,9 +37,9 @@ ReLU²; read from transformers' activation class, `ACT_FN_CLASSES`, or found by 
 in float32; the clamped SwiGLU of DeepSeek-V4, HY-V4 (and HY-V4-VL) and GLM-5-Next; the clamped
 quick-GELU one of GPT-OSS, on gate and up columns interleaved as `is_concatenated=False` says,
 and of MiniMax-M3-VL and OpenAI's privacy filter; the soft-capped SwiGLU of Inkling 2 and
-Inkling 2 Loop), checked against the class's own `_apply_gate` before first use. Experts without a gate (`up_proj` only,
-NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU², GELU in either form, ReLU, SiLU),
-found the same way. Under torch.compile none of this breaks the graph: a known activation class
+Inkling 2 Loop), checked against the class's own `_apply_gate` before first use. Experts
+without a gate (`up_proj` only, NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU²,
+GELU in either form, ReLU, SiLU), found the same way. Under torch.compile none of this breaks the graph: a known activation class
 is read from the class, and an evaluation (another `act_fn`, a custom `_apply_gate`) runs
 while dynamo traces, its result a constant (`moeblaze.activation.evaluated_once`). Experts that
 compute anything else raise `NotImplementedError` naming the experts class, its model family

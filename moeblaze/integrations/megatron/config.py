@@ -141,7 +141,7 @@ class LayerOptions:
     params_dtype: torch.dtype
     # calculate_per_token_loss: Megatron divides every gradient by the global batch's tokens, so
     # the router losses' gradient is multiplied by the rank's real tokens (see MoELayer.route)
-    per_token_loss: bool = False
+    per_token_loss: bool
 
     def router_options(self) -> dict:
         return dict(

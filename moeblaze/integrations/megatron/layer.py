@@ -45,23 +45,21 @@ class MoELayer(MoEBlock):
     from whole experts).
 
     `submodules` and `name` (the module's name, which megatron-core >= 0.17 passes down) are
-    accepted so that a Megatron `ModuleSpec` can name this class; moeblaze builds its own router
-    and experts. `is_mtp_layer` (a multi-token-prediction layer, which Megatron passes too)
-    divides the balancing losses by `mtp_num_layers` when `mtp_use_repeated_layer` is set, as
-    megatron-core does. With W > 1, the expert-parallel group is
-    `pg_collection.ep`, else megatron-core's `parallel_state` one, and the expert parameters
-    carry `allreduce=False`, as Megatron's do, so that Megatron's DistributedDataParallel
-    reduces their gradients over the expert-data-parallel group. Under tensor and context
-    parallelism (see the module docstring) the groups are `pg_collection.tp`, `.tp_cp` and
-    `.expt_tp`, else `parallel_state`'s, and the shared expert is a `TensorParallelSwiGLUMLP`.
-    `device` defaults to the current CUDA device, as in Megatron, unless
-    `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides the
-    policy read from the config (see the module docstring); `recompute_dispatch` is
-    `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an
-    expert bias after each step; outside Megatron's training loop, sum
+    accepted so that a Megatron `ModuleSpec` can name this class; moeblaze builds its own router and
+    experts. `is_mtp_layer` (a multi-token-prediction layer, which Megatron passes too) divides the
+    balancing losses by `mtp_num_layers` when `mtp_use_repeated_layer` is set, as megatron-core
+    does. With W > 1, the expert-parallel group is `pg_collection.ep`, else megatron-core's
+    `parallel_state` one, and the expert parameters carry `allreduce=False`, as Megatron's do, so
+    that Megatron's DistributedDataParallel reduces their gradients over the expert-data-parallel
+    group. Under tensor and context parallelism (see the module docstring) the groups are
+    `pg_collection.tp`, `.tp_cp` and `.expt_tp`, else `parallel_state`'s, and the shared expert is a
+    `TensorParallelSwiGLUMLP`. `device` defaults to the current CUDA device, as in Megatron, unless
+    `config.use_cpu_initialization` is set or CUDA is unavailable. `recompute` overrides the policy
+    read from the config (see the module docstring); `recompute_dispatch` is
+    `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an expert
+    bias after each step; outside Megatron's training loop, sum
     `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
-    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer
-    step.
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer step.
     """
 
     def __init__(
