@@ -55,6 +55,7 @@ from kernelbase.gemm import GemmConfig  # noqa: E402
 from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
 from moeblaze.kernels.expert_mlp import (  # noqa: E402
     TritonStages,
+    config_key,
     epilogue_configs,
     gpu_config,
 )
@@ -194,12 +195,12 @@ def sweep_shape(
             dense_tflops = dense[flops]
             current_ms = current_out = None
             for i, cfg in enumerate(candidates(kernel, block_m, activation)):
-                key = (kernel, None if kernel == "expert_wgrad" else block_m)
+                key = config_key(kernel, block_m)
                 fn = stage_call(stage, TritonStages({key: cfg}), tensors, plan, activation)
                 row = dict(
                     shape=shape.name,
                     stage=stage,
-                    block_m=block_m if kernel != "expert_wgrad" else None,
+                    block_m=key[1],
                     config=_describe(cfg) + ("*" if i == 0 else ""),
                     **{"dense_TFLOP/s": dense_tflops},
                 )

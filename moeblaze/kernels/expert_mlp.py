@@ -1077,6 +1077,12 @@ _INTERPRETER = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=4)
 _INTERPRETER_BIAS_GRAD = (8, 32)
 
 
+def config_key(kernel: str, block_m: int) -> tuple[str, int | None]:
+    """The key of `kernel`'s entry in GPU_CONFIGS (and TritonStages' `configs`) for plans of
+    `block_m` rows a tile: expert_wgrad does not tile by block_m (None)."""
+    return kernel, None if kernel == "expert_wgrad" else block_m
+
+
 def gpu_config(
     kernel: str, block_m: int, activation: Activation | None = None, arch: int = 90
 ) -> GemmConfig:
@@ -1084,7 +1090,7 @@ def gpu_config(
     expert_wgrad): GPU_CONFIGS, with the entries `activation`'s epilogues replace
     (`epilogue_configs`), for a GPU of compute capability `arch` (10 * major + minor; before
     Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages)."""
-    key = (kernel, None if kernel == "expert_wgrad" else block_m)
+    key = config_key(kernel, block_m)
     config = GPU_CONFIGS[key]
     if activation is not None:
         config = epilogue_configs(activation)[1].get(key, config)
@@ -1386,7 +1392,7 @@ class TritonStages:
     def _config(
         self, kernel: str, plan: RoutingPlan, activation: Activation | None = None
     ) -> GemmConfig:
-        key = (kernel, None if kernel == "expert_wgrad" else plan.block_m)
+        key = config_key(kernel, plan.block_m)
         if key in self.configs:
             return self.configs[key]
         if not interpreting():
