@@ -18,10 +18,10 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
           expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
                                dw13[e] = sum_p dh[p]^T x[token(p)]
 
-SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU / soft-capped form
-(moeblaze.activation), whose numbers the kernels take as constexprs ALPHA, LIMIT, UP_OFFSET,
-GATE_SOFTCAP, UP_SOFTCAP; a moeblaze.Gated unit (GeGLU, ...) has another gate function, which
-the constexpr ACT names ("swiglu" for SwiGLU's).
+SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU / soft-capped form (moeblaze.activation;
+in Triton: moeblaze.kernels.activation), whose numbers the kernels take as constexprs ALPHA, LIMIT,
+UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP; a moeblaze.Gated unit (GeGLU, ...) has another gate function,
+which the constexpr ACT names ("swiglu" for SwiGLU's).
 Experts without a gate (moeblaze.Ungated, constexpr GATED false) have h [S, F] and
 a = w * ACT(h); every stage after gate_up reads it as it reads the gated h, F columns wide
 instead of 2F. a is the activation act = SwiGLU(h_gate, h_up) already scaled by the routing
@@ -62,6 +62,7 @@ from kernelbase.gemm import (
     tma_supported,
 )
 from moeblaze.activation import SWIGLU, Activation
+from moeblaze.kernels.activation import gated, ungated
 from moeblaze.kernels.gather_sum import launch_gather_sum
 from moeblaze.routing_plan import RoutingPlan
 
@@ -141,7 +142,7 @@ def gate_up_kernel(
 ):
     """h[p] = x[token(p)] @ w13[e]^T + b13[e]  [S, 2F] and/or a[p] = w[slot(p)] * SwiGLU(h_gate,
     h_up) [S, F] (the gated unit of the constants ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP,
-    UP_SOFTCAP, INTERLEAVED: `_glu`), or if not GATED (moeblaze.Ungated), h [S, F] and
+    UP_SOFTCAP, INTERLEAVED: `gated`), or if not GATED (moeblaze.Ungated), h [S, F] and
     a = w * ACT(h).
 
     A program computes the activation columns `cols`: with INTERLEAVED the 2 * BLOCK_N
@@ -222,103 +223,15 @@ def gate_up_kernel(
                 tl.store(h_ptrs + F, up, mask=mask)
         if STORE_A:
             if GATED:
-                act, _, _, _ = _glu(
+                act, _, _, _ = gated(
                     gate, up, ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP
                 )
             else:
-                act, _ = _ungated(pre, ACT)
+                act, _ = ungated(pre, ACT)
             act *= w_row[:, None]
             a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
             mask = row_mask[:, None] & col_mask[None, :]
             tl.store(a_ptrs, act.to(a_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _glu(
-    gate,
-    up,
-    ACT: tl.constexpr,
-    ALPHA: tl.constexpr,
-    LIMIT: tl.constexpr,
-    UP_OFFSET: tl.constexpr,
-    GATE_SOFTCAP: tl.constexpr,
-    UP_SOFTCAP: tl.constexpr,
-):
-    """A gated unit of the halves gate and up (split from h by the caller, as INTERLEAVED says),
-    in fp32: moeblaze.SwiGLU(ALPHA, LIMIT, UP_OFFSET, gate_softcap=GATE_SOFTCAP,
-    up_softcap=UP_SOFTCAP) if ACT is "swiglu", else moeblaze.Gated(ACT, LIMIT, UP_OFFSET,
-    up_softcap=UP_SOFTCAP). Returns (act, glu = the gate function at gate', d glu / d gate',
-    cap(up') + UP_OFFSET) with gate' and up' the clamped halves. The constants are compile-time:
-    plain SwiGLU (1.0, None, 0.0, None, None) compiles to silu(gate) * up and nothing more."""
-    gate = gate.to(tl.float32)
-    if LIMIT is not None:  # clamps that keep NaN, as torch.clamp does
-        gate = tl.minimum(gate, LIMIT, propagate_nan=tl.PropagateNan.ALL)
-        up = tl.clamp(up.to(tl.float32), -LIMIT, LIMIT, propagate_nan=tl.PropagateNan.ALL)
-    if ACT == "swiglu":
-        sig = tl.sigmoid(gate) if ALPHA == 1.0 else tl.sigmoid(ALPHA * gate)
-        if GATE_SOFTCAP is not None:  # the linear factor capped, the sigmoid's argument not
-            tanh = _tanh(gate / GATE_SOFTCAP)
-            glu = GATE_SOFTCAP * tanh * sig
-            slope = sig * (1.0 - tanh * tanh + ALPHA * GATE_SOFTCAP * tanh * (1.0 - sig))
-        else:
-            glu = gate * sig
-            if ALPHA == 1.0:
-                slope = sig * (1.0 + gate * (1.0 - sig))
-            else:
-                slope = sig * (1.0 + ALPHA * gate * (1.0 - sig))
-    else:
-        glu, slope = _ungated(gate, ACT)
-    up = up.to(tl.float32)  # converted here, after the gate function: fewer registers live
-    if UP_SOFTCAP is not None:
-        up = UP_SOFTCAP * _tanh(up / UP_SOFTCAP)
-    if UP_OFFSET != 0.0:
-        up = up + UP_OFFSET
-    return glu * up, glu, slope, up
-
-
-@triton.jit
-def _tanh(y):
-    """tanh(y) in fp32 to a few ulp (Triton has no tanh that its interpreter runs): an odd
-    series for |y| < 1/4, (1 - e^-2|y|) / (1 + e^-2|y|) beyond; NaN stays NaN."""
-    magnitude = tl.abs(y)
-    e = tl.exp(-2.0 * magnitude)
-    y2 = y * y
-    series = 62.0 / 2835.0
-    series = -17.0 / 315.0 + y2 * series
-    series = 2.0 / 15.0 + y2 * series
-    series = -1.0 / 3.0 + y2 * series
-    series = magnitude * (1.0 + y2 * series)
-    tanh = tl.where(magnitude < 0.25, series, (1.0 - e) / (1.0 + e))
-    return tl.where(y < 0.0, -tanh, tanh)
-
-
-@triton.jit
-def _ungated(pre, ACT: tl.constexpr):
-    """(act, d act / d pre) of moeblaze.Ungated(ACT) at the pre-activation `pre`, in fp32 (the
-    formulas of Ungated.slope; GELU's tanh form through 0.5 * (1 + tanh(u)) = sigmoid(2u))."""
-    pre = pre.to(tl.float32)
-    if ACT == "relu":
-        act = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        slope = tl.where(pre > 0.0, 1.0, 0.0)
-    elif ACT == "relu2":
-        relu = tl.maximum(pre, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        act = relu * relu
-        slope = 2.0 * relu
-    elif ACT == "gelu":
-        # Phi(x) = 0.5 * (1 + erf(x / sqrt(2))), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
-        cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-        act = pre * cdf
-        slope = cdf + pre * tl.exp(-0.5 * pre * pre) * 0.3989422804014327
-    elif ACT == "gelu_tanh":  # u = sqrt(2 / pi) * (x + 0.044715 x^3)
-        sig = tl.sigmoid(1.5957691216057308 * (pre + 0.044715 * pre * pre * pre))
-        act = pre * sig
-        slope = sig + pre * sig * (1.0 - sig) * 1.5957691216057308 * (1.0 + 0.134145 * pre * pre)
-    else:
-        tl.static_assert(ACT == "silu", "ACT must be swiglu or an Ungated or Gated fn")
-        sig = tl.sigmoid(pre)
-        act = pre * sig
-        slope = sig * (1.0 + pre * (1.0 - sig))
-    return act, slope
 
 
 @triton.jit
@@ -352,9 +265,9 @@ def _grad_act_columns(
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
-    unit (`_glu`); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
+    unit (`gated`); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
     from 2 * col0 on), else the gate columns `cols` and the up columns F further on. Not GATED:
-    h and dh are F wide and act = ACT(h) (`_ungated`)."""
+    h and dh are F wide and act = ACT(h) (`ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if not GATED:
         if H_TMA:  # rows past the expert and columns past F: masked, as below
@@ -362,7 +275,7 @@ def _grad_act_columns(
         else:
             h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
             pre = tl.load(h_ptrs, mask=mask, other=0.0)
-        act, slope = _ungated(pre, ACT)
+        act, slope = ungated(pre, ACT)
     elif INTERLEAVED:
         BLOCK_M: tl.constexpr = row_mask.shape[0]
         WIDTH: tl.constexpr = cols.shape[0]
@@ -386,7 +299,7 @@ def _grad_act_columns(
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
     if GATED:
-        act, glu, slope, up_c = _glu(
+        act, glu, slope, up_c = gated(
             gate, up, ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP
         )
     if STORE_A:  # bit for bit the forward's a

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from tolerance import assert_close
 
-from moeblaze.kernels.expert_mlp import _tanh
+from moeblaze.kernels.activation import tanh as kernel_tanh
 from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
 
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -154,11 +154,11 @@ def expert_shard(name: str, experts: torch.Tensor, group, gated: bool = True) ->
 @triton.jit
 def _tanh_kernel(y_ptr, out_ptr, N: tl.constexpr):
     offsets = tl.arange(0, N)
-    tl.store(out_ptr + offsets, _tanh(tl.load(y_ptr + offsets)))
+    tl.store(out_ptr + offsets, kernel_tanh(tl.load(y_ptr + offsets)))
 
 
 def assert_kernel_tanh_is_tanh(device, rtol: float) -> None:
-    """The expert kernels' tanh (moeblaze.kernels.expert_mlp._tanh) on `device` within `rtol` of
+    """The expert kernels' tanh (moeblaze.kernels.activation.tanh) on `device` within `rtol` of
     float64 tanh at every float32 from 1e-37 to 30 (and around 1/4, where its two forms meet),
     exact at 0, +-inf and NaN."""
     steps = torch.logspace(-37, 1.5, 1000, dtype=torch.float64)  # normal floats only
