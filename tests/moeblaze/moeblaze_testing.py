@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from tolerance import assert_close
 
+from moeblaze.activation import Gated, SwiGLU
 from moeblaze.kernels.activation import tanh as kernel_tanh
 from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
 
@@ -34,6 +35,22 @@ BF16_FACTOR = 2
 
 # (T, d, F, E, k): a small problem whose sizes are no multiple of any block.
 SMALL = (21, 40, 24, 5, 2)
+
+
+# Limits far below the real models' (DeepSeek-V4 10, GPT-OSS 7), so that a good part of the
+# N(0, 1) pre-activations of the test problems is clamped.
+ACTIVATIONS = {
+    "deepseek-v4": SwiGLU(limit=0.5),
+    "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
+    "quick-gelu": SwiGLU(alpha=1.702),
+    "interleaved": SwiGLU(interleaved=True),
+    "geglu": Gated("gelu_tanh"),  # Gemma 4
+    "gated-gelu-clamped": Gated("gelu", limit=0.5, up_offset=1.0, interleaved=True),
+    # Soft caps that bend much of N(0, 1) (Inkling 2's are 4 and 25)
+    "inkling2": SwiGLU(gate_softcap=0.5, up_softcap=0.3),
+    "softcapped-everything": SwiGLU(1.702, 0.7, 1.0, True, gate_softcap=0.4, up_softcap=0.5),
+    "gated-up-softcap": Gated("relu2", up_softcap=0.5),
+}
 
 
 def output_names(outputs) -> tuple[str, ...]:

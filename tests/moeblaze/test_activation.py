@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from moeblaze_testing import (
+    ACTIVATIONS,
     BF16_FACTOR,
     BF16_FACTOR_INTERPRETER,
     NAMES,
@@ -35,20 +36,6 @@ from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan
 
-# Limits far below the real models' (DeepSeek-V4 10, GPT-OSS 7), so that a good part of the
-# N(0, 1) pre-activations of the test problems is clamped.
-ACTIVATIONS = {
-    "deepseek-v4": SwiGLU(limit=0.5),
-    "gpt-oss": SwiGLU(alpha=1.702, limit=0.7, up_offset=1.0, interleaved=True),
-    "quick-gelu": SwiGLU(alpha=1.702),
-    "interleaved": SwiGLU(interleaved=True),
-    "geglu": Gated("gelu_tanh"),  # Gemma 4
-    "gated-gelu-clamped": Gated("gelu", limit=0.5, up_offset=1.0, interleaved=True),
-    # Soft caps that bend much of N(0, 1) (Inkling 2's are 4 and 25)
-    "inkling2": SwiGLU(gate_softcap=0.5, up_softcap=0.3),
-    "softcapped-everything": SwiGLU(1.702, 0.7, 1.0, True, gate_softcap=0.4, up_softcap=0.5),
-    "gated-up-softcap": Gated("relu2", up_softcap=0.5),
-}
 CLAMPED = [name for name, act in ACTIVATIONS.items() if act.limit is not None]
 
 
