@@ -241,7 +241,9 @@ TORCH_STAGES = TorchStages()
 # ---------------------------------------------------------------------------------------------
 # Router selection
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+# softmax: one distribution over the experts; sigmoid and sqrtsoftplus (sqrt(softplus(logit)):
+# DeepSeek-V4) score each expert on its own.
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 GROUP_SCORE_FROM = ("scores", "logits")  # what a router ranks experts and groups by
 
 
@@ -272,7 +274,7 @@ def router_topk_reference(
     what `Router.forward` runs off CUDA, and the oracle of the compiled `router_topk`.
 
     Returns (topk_ids [N, k] int64 best first, topk_weights [N, k], scores [N, E]): scores =
-    softmax or sigmoid of the logits; experts ranked by scores + `expert_bias` (selection only)
+    `router_scores` of the logits; experts ranked by scores + `expert_bias` (selection only)
     within the best `topk_groups` of `num_groups` groups (a group scores the sum of its best
     `group_score_topk` values; see `select_experts`); weights the unbiased scores of the chosen
     experts, renormalised if `norm_topk_prob`. Ties go to the lower index (stable sort).
@@ -297,8 +299,13 @@ def router_topk_reference(
 
 
 def router_scores(logits: torch.Tensor, score_func: str) -> torch.Tensor:
-    """The scores [N, E] of `logits [N, E]`: their softmax or sigmoid."""
-    return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    """The scores [N, E] of `logits [N, E]`: their softmax, sigmoid or sqrt(softplus(logit))
+    (`F.softplus`, whose threshold 20 makes it the identity beyond)."""
+    if score_func == "softmax":
+        return logits.softmax(-1)
+    if score_func == "sigmoid":
+        return logits.sigmoid()
+    return torch.nn.functional.softplus(logits).sqrt()
 
 
 def routing_weights(scores: torch.Tensor, topk_ids: torch.Tensor, norm_topk_prob: bool):
@@ -323,8 +330,8 @@ def select_experts(
     """`topk_ids [N, k]` int64 chosen from `scores [N, E]` as `router_topk_reference` does.
 
     A group scores the sum of its `group_score_topk` best selection values; by default
-    (`default_group_score_topk`) the top 2 for sigmoid (DeepSeek-V3), the max for softmax
-    (DeepSeek-V2 in Hugging Face); Megatron sums the top `top_k // topk_groups`."""
+    (`default_group_score_topk`) the top 2 for sigmoid (DeepSeek-V3) and sqrtsoftplus, the max
+    for softmax (DeepSeek-V2 in Hugging Face); Megatron sums the top `top_k // topk_groups`."""
     choice = scores if expert_bias is None else scores + expert_bias.float()  # [N, E]
     if num_groups is not None:
         n, num_experts = choice.shape
@@ -346,9 +353,10 @@ def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def default_group_score_topk(score_func: str, group_size: int) -> int:
-    """How many of a group's best values make its score unless told: 2 for sigmoid (1 in groups
-    of one), 1 (the max) for softmax. The compiled router top-k computes these only."""
-    return min(2, group_size) if score_func == "sigmoid" else 1
+    """How many of a group's best values make its score unless told: 2 for the scores of one
+    expert each, sigmoid (DeepSeek-V3) and sqrtsoftplus (1 in groups of one), 1 (the max) for
+    softmax. The compiled router top-k computes these only."""
+    return 1 if score_func == "softmax" else min(2, group_size)
 
 
 def check_selection_options(

@@ -2,7 +2,7 @@
 
     # N tokens, d hidden, E experts, k top-k, G expert groups
     x [N, d] (* jitter) --float32 (or 64)--> logits = x @ weight.T (+ bias) [N, E] (or random draws)
-    logits --softmax | sigmoid--> scores [N, E]
+    logits --softmax | sigmoid | sqrtsoftplus--> scores [N, E]
     scores (+ expert_bias) --keep the best topk_groups of G groups--> top-k --> topk_ids [N, k]
     scores.gather(topk_ids) --optional / sum--> (* topk_scaling_factor) --> topk_weights [N, k]
     (capacity_factor: the slots past each expert's capacity get id DROPPED and weight 0)
@@ -34,7 +34,7 @@ from torch import nn
 
 from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
-from moeblaze.kernels.compiled import RouterTopK
+from moeblaze.kernels.compiled import COMPILED_SCORE_FUNCS, RouterTopK
 from moeblaze.reference import (
     check_selection_options,
     default_group_score_topk,
@@ -113,14 +113,15 @@ class Router(nn.Module):
     - `bias`: the gate has a learnable `bias [E]` added to the logits (GPT-OSS, Megatron's
       `add_bias_linear=True`); it changes scores and weights alike. Not to be confused with
       `expert_bias`.
-    - `score_func`: `"softmax"` (Mixtral, Qwen-MoE, DeepSeek-V2) or `"sigmoid"` (DeepSeek-V3).
+    - `score_func`: `"softmax"` (Mixtral, Qwen-MoE, DeepSeek-V2), `"sigmoid"` (DeepSeek-V3) or
+      `"sqrtsoftplus"`, sqrt(softplus(logit)) (DeepSeek-V4, Megatron's "sqrtsoftplus").
     - `norm_topk_prob`: divide the k chosen scores by their sum.
     - `topk_scaling_factor`: multiply the k weights by this factor, after any renormalisation
       (DeepSeek-V3's `routed_scaling_factor`, Megatron's `moe_router_topk_scaling_factor`).
     - `num_groups`, `topk_groups`: group-limited routing. Experts form `num_groups` contiguous
       groups; a group scores the sum of its top `group_score_topk` scores (default: 2 for
-      sigmoid, DeepSeek-V3; 1, the max, for softmax, DeepSeek-V2; Megatron sums the top
-      `top_k // topk_groups`); only the experts of the best `topk_groups` groups can be chosen.
+      sigmoid, DeepSeek-V3, and sqrtsoftplus; 1, the max, for softmax, DeepSeek-V2; Megatron
+      sums the top `top_k // topk_groups`); only the experts of the best `topk_groups` groups can be chosen.
       `group_score_from="logits"` sums the logits instead of the scores (Megatron's softmax
       without pre-softmax; the same experts within a group; no `expert_bias`).
     - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
@@ -529,8 +530,9 @@ class Router(nn.Module):
 
     def _select(self, logits: torch.Tensor):
         """(topk_ids, topk_weights, scores) of `logits [N, E]`: one launch of the compiled
-        kernel where it runs (moeblaze._C on CUDA, eager), else plain torch, which compute the
-        same (ties: the lower expert index) (moeblaze.reference.router_topk_reference)."""
+        kernel where it runs (moeblaze._C on CUDA, eager; softmax and sigmoid scores), else plain
+        torch, which compute the same (ties: the lower expert index)
+        (moeblaze.reference.router_topk_reference)."""
         options = (
             self.top_k,
             self.score_func,
@@ -544,7 +546,8 @@ class Router(nn.Module):
             default = default_group_score_topk(self.score_func, self.num_experts // self.num_groups)
             per_group = None if per_group == default else per_group  # else not the kernel's rule
         compilable = (
-            per_group is None
+            self.score_func in COMPILED_SCORE_FUNCS
+            and per_group is None
             and logits.dtype == torch.float32
             and self.group_score_from == "scores"
         )
@@ -590,8 +593,9 @@ class Router(nn.Module):
         return topk_ids.masked_fill(~keep, DROPPED), topk_weights * keep
 
     def _balancing_probs(self, scores):
-        """Each token's scores as a distribution over the experts (sigmoid ones normalised)."""
-        if self.score_func == "sigmoid":
+        """Each token's scores as a distribution over the experts (sigmoid and sqrtsoftplus ones
+        normalised)."""
+        if self.score_func != "softmax":
             return scores / (scores.sum(-1, keepdim=True) + 1e-20)
         return scores
 

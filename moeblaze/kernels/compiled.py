@@ -25,12 +25,14 @@ import torch
 
 from kernelbase import alloc
 from kernelbase.compiled import check_cuda_tensor, require, stream_handle
-from moeblaze.reference import SCORE_FUNCS, check_selection_options
+from moeblaze.reference import check_selection_options
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
 
 _ID_DTYPES = (torch.int32, torch.int64)
+# The score functions of the compiled router top-k, in the order of its score_func argument.
+COMPILED_SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
@@ -107,6 +109,11 @@ def router_topk(
     synchronise); the outputs are then unspecified, the ids still in [0, E).
     No autograd: `RouterTopK` is the differentiable op.
     """
+    if score_func not in COMPILED_SCORE_FUNCS:
+        raise ValueError(
+            f"the compiled router computes score_func in {COMPILED_SCORE_FUNCS}, got "
+            f"{score_func!r} (moeblaze.reference.router_topk_reference computes every one)"
+        )
     check_cuda_tensor("logits", logits, (torch.float32,), dim=2)
     device = logits.device
     num_rows, num_experts = logits.shape
@@ -135,7 +142,7 @@ def router_topk(
         num_rows,
         num_experts,
         top_k,
-        SCORE_FUNCS.index(score_func),
+        COMPILED_SCORE_FUNCS.index(score_func),
         num_groups or 0,
         topk_groups or 0,
         bool(norm_topk_prob),

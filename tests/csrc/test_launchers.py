@@ -61,6 +61,12 @@ def test_router_topk_checks_logits(logits, kwargs, error, match):
         router_topk(logits, 2, "softmax", **kwargs)
 
 
+def test_router_topk_computes_softmax_and_sigmoid_scores():
+    # Router.forward takes the reference for the others.
+    with pytest.raises(ValueError, match=r"computes score_func in \('softmax', 'sigmoid'\), got"):
+        router_topk(torch.zeros(3, 8), 2, "sqrtsoftplus")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -115,6 +121,14 @@ CONFIGS = {
         top_k=8, score_func="sigmoid", num_groups=8, topk_groups=4, expert_bias=True
     ),
     "no_norm": dict(top_k=3, score_func="softmax", norm_topk_prob=False),
+    "sqrtsoftplus_bias_groups": dict(
+        top_k=4, score_func="sqrtsoftplus", num_groups=4, topk_groups=2, expert_bias=True
+    ),
+}
+SCORES = {
+    "softmax": lambda logits: logits.softmax(-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: torch.nn.functional.softplus(logits).sqrt(),
 }
 
 
@@ -142,12 +156,8 @@ def test_reference_matches_router_forward(config):
     )
     assert torch.equal(ids, out.topk_ids)
     torch.testing.assert_close(weights, out.topk_weights, rtol=0, atol=0)
-    torch.testing.assert_close(
-        scores,
-        out.logits.softmax(-1) if config["score_func"] == "softmax" else out.logits.sigmoid(),
-        rtol=0,
-        atol=0,
-    )
+    expected_scores = SCORES[config["score_func"]](out.logits)
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=0)
 
 
 def test_reference_breaks_ties_by_lower_index():

@@ -764,6 +764,47 @@ def test_gpt_oss_block_is_a_moeblaze_layer():
         assert_close(p.grad, convert(block_params[block_name].grad), rtol=RTOL, name=name)
 
 
+def test_deepseek_v4_router_is_a_moeblaze_router():
+    """moeblaze.Router(score_func="sqrtsoftplus", expert_bias=True) with DeepSeek-V4's routed
+    scaling factor, given a DeepseekV4TopKRouter's weight and correction bias, chooses its
+    experts (with a bias that changes the choice) and gives them its weights, whose gradient
+    reaches the router weight alike."""
+    modeling = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    d, experts, k = 32, 8, 3
+    config = transformers.DeepseekV4Config(
+        hidden_size=d, n_routed_experts=experts, num_experts_per_tok=k, routed_scaling_factor=1.5
+    )
+    assert config.scoring_func == "sqrtsoftplus"
+    torch.manual_seed(6)
+    theirs = modeling.DeepseekV4TopKRouter(config)
+    ours = moeblaze.Router(
+        d,
+        experts,
+        k,
+        score_func="sqrtsoftplus",
+        expert_bias=True,
+        topk_scaling_factor=config.routed_scaling_factor,
+    )
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.e_score_correction_bias.copy_(torch.linspace(-0.5, 0.5, experts))
+        ours.weight.copy_(theirs.weight)
+        ours.expert_bias.copy_(theirs.e_score_correction_bias)
+    x = torch.randn(B * L, d, generator=torch.Generator().manual_seed(7))
+    upstream = torch.randn(B * L, experts, generator=torch.Generator().manual_seed(8))
+    dense = {}
+    for name, route in (("theirs", lambda t: theirs(t)[1:]), ("ours", ours)):
+        out = route(x)
+        weights, ids = (out.topk_weights, out.topk_ids) if name == "ours" else out
+        dense[name] = weights.new_zeros(B * L, experts).scatter(1, ids, weights)
+        (dense[name] * upstream).sum().backward()
+    assert torch.equal(dense["ours"] != 0, dense["theirs"] != 0), "other experts chosen"
+    unbiased = ours(x).logits.topk(k, dim=-1).indices
+    assert not torch.equal(unbiased.sort(-1).values, ours(x).topk_ids.sort(-1).values)
+    assert_close(dense["ours"].detach(), dense["theirs"].detach(), rtol=1e-6, name="weights")
+    assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, name="router weight grad")
+
+
 def test_a_changed_custom_gate_is_refused(monkeypatch):
     # Were DeepseekV4Experts._apply_gate to compute something else (here a soft cap), the check
     # against the class's own gate refuses it instead of computing the clamp.

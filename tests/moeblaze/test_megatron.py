@@ -84,6 +84,15 @@ def _group_limited_topk(scores, k, num_groups, group_topk):
     return masked.topk(k, dim=-1)
 
 
+def _independent_scores(logits, score_function):
+    """megatron-core's scores of one expert each: sigmoid, or sqrt(softplus) (megatron-core
+    0.19's "sqrtsoftplus")."""
+    if score_function == "sigmoid":
+        return logits.sigmoid()
+    assert score_function == "sqrtsoftplus", score_function
+    return F.softplus(logits).sqrt()
+
+
 def _megatron_transcription(layer, x, cfg):
     """megatron-core's MoELayer forward on one rank, in float64: (out [s, b, h], aux losses).
 
@@ -104,8 +113,8 @@ def _megatron_transcription(layer, x, cfg):
             else choice.topk(K, dim=-1)
         )
         probs = top if cfg.moe_router_pre_softmax else top.softmax(-1)  # [N, k]
-    else:
-        scores = logits.sigmoid()
+    else:  # sigmoid, sqrtsoftplus
+        scores = _independent_scores(logits, cfg.moe_router_score_function)
         choice = (
             scores + layer.router.expert_bias.double()
             if layer.router.expert_bias is not None
@@ -125,7 +134,8 @@ def _megatron_transcription(layer, x, cfg):
     # compute_routing_scores_for_aux_loss: the scores as a distribution, their plain top-k
     aux_scores = logits.softmax(-1) if cfg.moe_router_score_function == "softmax" else None
     if aux_scores is None:
-        aux_scores = logits.sigmoid() / (logits.sigmoid().sum(-1, keepdim=True) + 1e-20)
+        aux_scores = _independent_scores(logits, cfg.moe_router_score_function)
+        aux_scores = aux_scores / (aux_scores.sum(-1, keepdim=True) + 1e-20)
     aux_map = torch.zeros_like(aux_scores).scatter(1, aux_scores.topk(K, dim=-1).indices, 1.0)
     if coeffs.get("aux_loss"):  # switch_load_balancing_loss_func over the N tokens
         losses = losses + (aux_scores.sum(0) * aux_map.sum(0)).sum() * (
@@ -229,6 +239,15 @@ VARIANTS = {
         moe_router_topk_scaling_factor=2.5,
         moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
         moe_aux_loss_coeff=[1e-1, 2e-1],
+    ),
+    # DeepSeek-V4's routing in Megatron (megatron-core 0.19): sqrt(softplus) scores, expert bias,
+    # scaling, the aux loss (over its normalised scores) and the z-loss.
+    "sqrtsoftplus_bias_scaled_aux_z": dict(
+        moe_router_score_function="sqrtsoftplus",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=1.5,
+        moe_aux_loss_coeff=1e-1,
+        moe_z_loss_coeff=1e-2,
     ),
     # Latent MoE (Nemotron 3): the router sees the tokens, the experts their projection to
     # moe_latent_size, projected back after the combine; the shared expert sees the tokens.
@@ -1003,6 +1022,22 @@ ROUTINGS = {
     ),
     # The router's input multiplied by noise in [0.8, 1.2], drawn as Megatron draws it.
     "softmax_input_jitter": dict(moe_input_jitter_eps=0.2, moe_aux_loss_coeff=1e-1),
+    # DeepSeek-V4's scores (megatron-core >= 0.19): with the expert bias and groups, and with
+    # both balancing losses and the z-loss.
+    "sqrtsoftplus_bias_groups": dict(
+        moe_router_score_function="sqrtsoftplus",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2,
+        moe_router_group_topk=1,
+        moe_router_load_balancing_type="none",
+    ),
+    "sqrtsoftplus_aux_seq_aux_z_scaled": dict(
+        moe_router_score_function="sqrtsoftplus",
+        moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+        moe_aux_loss_coeff=[1e-1, 2e-1],
+        moe_z_loss_coeff=1e-2,
+        moe_router_topk_scaling_factor=2.0,
+    ),
     # Megatron's per-token loss: the losses' gradient times the rank's real tokens.
     "per_token_aux_seq_aux_z": dict(
         calculate_per_token_loss=True,
@@ -1026,6 +1061,15 @@ def _padding_mask(even: bool) -> torch.Tensor:
     return mask
 
 
+def _megatron_scores(moe_utils, score_function) -> bool:
+    """Whether megatron-core's routing computes `score_function` (sqrtsoftplus: 0.19)."""
+    try:
+        moe_utils.compute_routing_scores_for_aux_loss(torch.zeros(1, 2), 1, score_function)
+    except ValueError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["", "padded"])
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
@@ -1040,6 +1084,8 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     moeblaze each by its own)."""
     mu = megatron.moe_utils
     cfg = _config(**ROUTINGS[routing])
+    if not _megatron_scores(mu, cfg.moe_router_score_function):
+        pytest.skip(f"this megatron-core has no {cfg.moe_router_score_function!r} scores")
     monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
     monkeypatch.setattr(moeblaze.Router, "aux_loss_scale", 3.0)  # not Megatron's: unused
     torch.manual_seed(9)

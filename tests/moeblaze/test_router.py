@@ -12,6 +12,9 @@ from moeblaze.router import Router, RouterOutput
 D, E = 24, 12
 
 
+SCORE_FUNCS = ["softmax", "sigmoid", "sqrtsoftplus"]
+
+
 def _x(n, d=D, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=g).to(dtype)
@@ -24,6 +27,8 @@ def _router(seed=0, **kwargs):
 
 
 def _scores(logits, score_func):
+    if score_func == "sqrtsoftplus":  # DeepSeek-V4's: sqrt(log(1 + e^x)), x beyond 20
+        return torch.where(logits > 20, logits, torch.log1p(logits.exp())).sqrt()
     return logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
 
 
@@ -35,7 +40,7 @@ def _hand_losses(logits, topk_ids, score_func, num_experts):
     """Switch load-balancing loss and z-loss written out directly (differentiable in logits)."""
     n, k = topk_ids.shape
     probs = _scores(logits, score_func)
-    if score_func == "sigmoid":
+    if score_func != "softmax":
         probs = _normalise(probs)
     f = torch.stack([(topk_ids == e).sum() for e in range(num_experts)]).float() / (n * k)
     p = probs.mean(0)
@@ -45,7 +50,7 @@ def _hand_losses(logits, topk_ids, score_func, num_experts):
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_topk_matches_plain_torch(score_func, norm):
     router = _router(score_func=score_func, norm_topk_prob=norm)
     x = _x(37)
@@ -67,7 +72,7 @@ def test_topk_matches_plain_torch(score_func, norm):
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_replay_ids_route_to_the_given_experts(score_func, norm):
     """replay_ids: the given experts (an expert bias and the scaling factor as usual: the bias
     takes no part, the factor scales), weighted by their scores, renormalised over the slots
@@ -105,7 +110,7 @@ def test_replay_ids_route_to_the_given_experts(score_func, norm):
             router(x, replay_ids=bad)
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_float64_routing(score_func):
     """routing_dtype=torch.float64: logits, weights and losses in float64 (to float64 rounding
     of a float64 reference), the injected losses' gradient too."""
@@ -132,7 +137,7 @@ def test_float64_routing(score_func):
         Router(D, E, 3, routing_dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_gate_bias_shifts_logits_and_learns(score_func):
     """`bias=True`: logits = x @ weight.T + bias, so it changes the choice and the weights, and
     its gradient is that of a plain-torch float64 router."""
@@ -172,7 +177,7 @@ def test_low_precision_input_routes_in_float32():
 
 def _group_reference(scores, bias, num_groups, topk_groups, k, score_func, per_group=None):
     """Per-token loop: rank groups (by the sum of their top `per_group` values: by default 2
-    for sigmoid, 1 for softmax), then rank experts inside the kept groups."""
+    for sigmoid and sqrtsoftplus, 1 for softmax), then rank experts inside the kept groups."""
     n, num_experts = scores.shape
     size = num_experts // num_groups
     choice = scores + bias
@@ -181,7 +186,7 @@ def _group_reference(scores, bias, num_groups, topk_groups, k, score_func, per_g
         group_scores = []
         for g in range(num_groups):
             members = sorted(choice[t, g * size : (g + 1) * size].tolist(), reverse=True)
-            top = per_group or (2 if score_func == "sigmoid" else 1)
+            top = per_group or (1 if score_func == "softmax" else 2)
             group_scores.append(sum(members[:top]))
         kept = sorted(range(num_groups), key=lambda g: -group_scores[g])[:topk_groups]
         candidates = [e for e in range(num_experts) if e // size in kept]
@@ -191,7 +196,7 @@ def _group_reference(scores, bias, num_groups, topk_groups, k, score_func, per_g
 
 @pytest.mark.parametrize("per_group", [None, 1, 3], ids=["default", "top1", "top3"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_group_limited_routing(score_func, with_bias, per_group):
     groups, topk_groups, k = 4, 2, 4
     router = _router(
@@ -277,7 +282,7 @@ def test_topk_scaling_factor_multiplies_the_weights_after_renormalisation(norm):
     assert "topk_scaling_factor=2.5" in repr(scaled) and "scaling" not in repr(plain)
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_update_expert_bias_moves_toward_balance(score_func):
     router = _router(score_func=score_func, expert_bias=True)
     x = _x(64, seed=4) + _x(1, seed=3)  # a shared offset makes a few experts popular
@@ -319,7 +324,7 @@ def test_expert_bias_stays_float32_under_dtype_casts():
     assert "tokens_per_expert_accum" not in router.state_dict()
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_loss_values_match_hand_computation(score_func):
     router = _router(score_func=score_func, aux_loss_coeff=0.01, z_loss_coeff=0.001)
     out = router(_x(29, seed=5))
@@ -358,7 +363,7 @@ def _grads(router, x, c, extra=None):
     "aux_coeff, z_coeff", [(0.5, 0.0), (0.0, 0.05), (0.5, 0.05)], ids=["aux", "z", "both"]
 )
 @pytest.mark.parametrize("norm", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_losses_reach_gradient_through_injection(score_func, norm, aux_coeff, z_coeff):
     kwargs = dict(score_func=score_func, norm_topk_prob=norm, seed=6)
     injected = _router(aux_loss_coeff=aux_coeff, z_loss_coeff=z_coeff, **kwargs)
@@ -411,7 +416,7 @@ def _hand_sequence_loss(logits, ids, sequence_ids, num_sequences, score_func):
     return torch.stack(losses).mean()
 
 
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
 def test_sequence_loss_matches_a_loop_over_sequences(score_func):
     """seq_aux_loss over uneven, interleaved sequences: value, and gradient through injection."""
     g = torch.Generator().manual_seed(11)

@@ -75,8 +75,8 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - softmax, `moe_router_pre_softmax=False`: top-k of the logits, softmax over the k chosen, i.e.
   the softmax scores renormalised over the k (`norm_topk_prob=True`); with `pre_softmax=True`:
   the top-k softmax scores as they are (`norm_topk_prob=False`).
-- sigmoid: top-k of the scores (plus the expert bias, for selection only), divided by their sum
-  when k > 1.
+- sigmoid, and sqrtsoftplus (sqrt(softplus(logit)), megatron-core 0.19): top-k of the scores
+  (plus the expert bias, for selection only), divided by their sum when k > 1.
 - `moe_router_topk_scaling_factor` multiplies the k weights.
 - Group-limited routing (`moe_router_num_groups`, `moe_router_group_topk`: a group scores the
   sum of its top k / group_topk logits for softmax without pre-softmax, scores otherwise:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moeblaze.activation import Activation, gated_unit_computing, ungated_computing
+from moeblaze.reference import SCORE_FUNCS
 from moeblaze.router import DROP_POLICIES
 
 # The TransformerConfig fields MoELayer reads, with their megatron-core 0.16 defaults.
@@ -192,7 +193,7 @@ def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
     grouped = cfg["moe_router_num_groups"] is not None and cfg["moe_router_group_topk"]
     per_group = top_k // cfg["moe_router_group_topk"] if grouped else None
     # Megatron: softmax of the k chosen logits (= renormalised scores) unless pre-softmax;
-    # sigmoid scores divided by their sum when k > 1.
+    # sigmoid and sqrtsoftplus scores divided by their sum when k > 1.
     softmax_of_chosen = score_func == "softmax" and not cfg["moe_router_pre_softmax"]
     norm_topk_prob = softmax_of_chosen if score_func == "softmax" else top_k > 1
     recompute = "activation"
@@ -351,12 +352,12 @@ def _invalid_fields(cfg) -> list[str]:
             f"moe_apply_probs_on_input=True needs moe_router_topk=1 (as in Megatron), got {top_k}"
         )
     score_func = cfg["moe_router_score_function"]
-    if score_func not in ("softmax", "sigmoid"):
-        problems.append(f"moe_router_score_function={score_func!r} must be 'softmax' or 'sigmoid'")
-    if cfg["moe_router_enable_expert_bias"] and score_func != "sigmoid":
+    if score_func not in SCORE_FUNCS:
+        problems.append(f"moe_router_score_function={score_func!r} must be one of {SCORE_FUNCS}")
+    if cfg["moe_router_enable_expert_bias"] and score_func == "softmax":
         problems.append(
-            f"moe_router_enable_expert_bias=True needs moe_router_score_function='sigmoid' "
-            f"(as in Megatron), got {score_func!r}"
+            "moe_router_enable_expert_bias=True needs moe_router_score_function 'sigmoid' or "
+            f"'sqrtsoftplus' (as in Megatron), got {score_func!r}"
         )
     groups, group_topk = cfg["moe_router_num_groups"], cfg["moe_router_group_topk"]
     if group_topk:
