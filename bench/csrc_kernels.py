@@ -11,14 +11,15 @@ Plan providers, each building a complete plan from `topk_ids [T, k]` int64 as it
 - `build+check`: `build_routing_plan(check_ids=True)`, the debugging mode (one host sync),
 - `torch`: the torch path of the plan on the GPU (stable sort, bincount, cumsum, tile metadata;
   it syncs to size the tiles).
-Router providers, from float32 logits `[T, E]` to (ids, weights, scores):
+Router providers, from float32 logits `[T, E]` to (ids, weights, scores) with the scores of
+`--score-func` (softmax; sigmoid, DeepSeek-V3's; sqrtsoftplus, DeepSeek-V4's):
 - `compiled`: `router_topk` (one launch),
-- `torch`: `router_topk_reference` (softmax, stable sort for the ties, gather, normalise),
-- `torch_topk`: the same with `torch.topk`, as `Router.forward` selects today.
+- `torch`: `router_topk_reference` (scores, stable sort for the ties, gather, normalise),
+- `torch_topk`: the same with `torch.topk`, ties in any order.
 Times are `do_bench` medians in microseconds (L2 flushed between runs), at every
 T in {1024, 16384, 65536}, E in {8, 64, 128, 256}, k in {2, 6, 8} (k <= E) by default.
 
-    python -m bench.csrc_kernels [--T 16384] [--E 128] [--k 8] [--out DIR]
+    python -m bench.csrc_kernels [--T 16384] [--E 128] [--k 8] [--score-func sigmoid] [--out DIR]
 
 GPU only: on a machine without CUDA or without the compiled modules it stops with the reason.
 """
@@ -70,19 +71,19 @@ def plan_runs(topk_ids: torch.Tensor, num_experts: int) -> dict:
     }
 
 
-def router_runs(logits: torch.Tensor, top_k: int) -> dict:
+def router_runs(logits: torch.Tensor, top_k: int, score_func: str) -> dict:
     from moeblaze.kernels.compiled import router_topk
-    from moeblaze.reference import router_topk_reference
+    from moeblaze.reference import router_scores, router_topk_reference
 
     def torch_topk():  # torch.topk selection, ties in any order
-        scores = logits.softmax(-1)
+        scores = router_scores(logits, score_func)
         ids = scores.topk(top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         return ids, weights / (weights.sum(-1, keepdim=True) + 1e-20), scores
 
     return {
-        "compiled": functools.partial(router_topk, logits, top_k, "softmax"),
-        "torch": functools.partial(router_topk_reference, logits, top_k, "softmax"),
+        "compiled": functools.partial(router_topk, logits, top_k, score_func),
+        "torch": functools.partial(router_topk_reference, logits, top_k, score_func),
         "torch_topk": torch_topk,
     }
 
@@ -93,6 +94,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--E", default="8,64,128,256", help="experts, comma list")
     parser.add_argument("--k", default="2,6,8", help="top-k, comma list (k <= E)")
     parser.add_argument("--kernels", default="plan,router", help="comma list of plan, router")
+    parser.add_argument(
+        "--score-func",
+        default="softmax",
+        choices=("softmax", "sigmoid", "sqrtsoftplus"),
+        help="the router's score function",
+    )
     parser.add_argument("--out", default=str(harness.RESULTS_DIR), help="results directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     runs = (
                         plan_runs(topk_ids, num_experts)
                         if kernel == "plan"
-                        else (router_runs(logits, top_k))
+                        else router_runs(logits, top_k, args.score_func)
                     )
                     found = {
                         p: harness.time_ms(run, device=device) * 1e3 for p, run in runs.items()

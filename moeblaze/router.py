@@ -34,7 +34,7 @@ from torch import nn
 
 from kernelbase import compiled, deferred
 from kernelbase.profiling import profile_range
-from moeblaze.kernels.compiled import COMPILED_SCORE_FUNCS, RouterTopK
+from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
     check_selection_options,
     default_group_score_topk,
@@ -530,9 +530,8 @@ class Router(nn.Module):
 
     def _select(self, logits: torch.Tensor):
         """(topk_ids, topk_weights, scores) of `logits [N, E]`: one launch of the compiled
-        kernel where it runs (moeblaze._C on CUDA, eager; softmax and sigmoid scores), else plain
-        torch, which compute the same (ties: the lower expert index)
-        (moeblaze.reference.router_topk_reference)."""
+        kernel where it runs (moeblaze._C on CUDA, eager), else plain torch, which compute the
+        same (ties: the lower expert index) (moeblaze.reference.router_topk_reference)."""
         options = (
             self.top_k,
             self.score_func,
@@ -546,8 +545,7 @@ class Router(nn.Module):
             default = default_group_score_topk(self.score_func, self.num_experts // self.num_groups)
             per_group = None if per_group == default else per_group  # else not the kernel's rule
         compilable = (
-            self.score_func in COMPILED_SCORE_FUNCS
-            and per_group is None
+            per_group is None
             and logits.dtype == torch.float32
             and self.group_score_from == "scores"
         )

@@ -45,7 +45,7 @@ struct RouterPointers {
 };
 
 // Scores, group-limited top-k selection and routing weights of N rows, one warp per row.
-// score_func: 0 softmax, 1 sigmoid; num_groups = 0: no group limit.
+// score_func: 0 softmax, 1 sigmoid, 2 sqrtsoftplus; num_groups = 0: no group limit.
 void router_topk(const RouterPointers& pointers, int64_t num_rows, int num_experts, int top_k,
                  int score_func, int num_groups, int topk_groups, bool norm_topk_prob,
                  csrc::Handle stream, int device);

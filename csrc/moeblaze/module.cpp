@@ -52,5 +52,5 @@ PYBIND11_MODULE(_C, m) {
       py::arg("score_func"), py::arg("num_groups"), py::arg("topk_groups"),
       py::arg("norm_topk_prob"), py::arg("stream"), py::arg("device"),
       "Scores, top-k ids and weights of every row (device addresses; score_func 0 softmax, 1 "
-      "sigmoid; num_groups 0: no group limit).");
+      "sigmoid, 2 sqrtsoftplus; num_groups 0: no group limit).");
 }

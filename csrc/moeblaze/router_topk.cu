@@ -6,19 +6,20 @@
 //
 // Inputs:  logits [N, E] float32, expert_bias [E] float32 (optional).
 // Outputs: topk_ids [N, k] int64 (best first), topk_weights [N, k] float32, scores [N, E]
-//          float32 (softmax or sigmoid of the logits: what the backward needs).
+//          float32 (softmax, sigmoid or sqrt(softplus) of the logits: what the backward needs).
 //
 // Algorithm: one warp per row, lane l holding experts l, l + 32, l + 64, ... in registers (VPT
 // = ceil(E/32) rounded up to 1, 2, 4, 8, 12 or 16 per lane), the layout of PyTorch's warp
 // softmax, whose max, exp, lane-serial sum, butterfly sum and division it repeats so the scores
 // match torch.softmax bit for bit on the GPU.
-//   1. scores: softmax (warp max, exp, warp sum, divide) or sigmoid 1 / (1 + exp(-x)).
+//   1. scores: softmax (warp max, exp, warp sum, divide), sigmoid 1 / (1 + exp(-x)) or
+//      sqrt(softplus(x)), softplus as torch's: x above 20, else log1p(exp(x)).
 //   2. selection keys: float_key(score + bias), an int32 with the order of the floats.
 //   3. groups (when topk_groups < G): the warp writes its keys to shared memory; P lanes per
 //      group (the largest power of two with P * G <= 32) scan a group each for its top-2 keys
 //      and merge them with shuffles; group score = top-1 (softmax) or top-1 + top-2 in float
-//      (sigmoid; top-1 alone for one-expert groups). topk_groups rounds of warp arg-max keep the
-//      best groups; the keys of the other experts become the key of -inf.
+//      (sigmoid, sqrtsoftplus; top-1 alone for one-expert groups). topk_groups rounds of warp
+//      arg-max keep the best groups; the keys of the other experts become the key of -inf.
 //   4. top-k: k rounds of arg-max over the keys: each lane's best key, `__reduce_max_sync`
 //      over the warp, then `__reduce_min_sync` of the expert index among the lanes that hold
 //      that key, so ties go to the lower expert index (also for groups). The winner's key is
@@ -46,6 +47,8 @@ using csrc::kFullMask;
 using csrc::kNoKey;
 
 constexpr int kRouterWarps = 8;  // rows per block
+// Score functions, numbered as the launcher's score_func argument.
+constexpr int kSoftmax = 0, kSigmoid = 1, kSqrtSoftplus = 2;
 constexpr int kRouterThreads = 32 * kRouterWarps;
 
 struct RouterArgs {
@@ -57,7 +60,7 @@ struct RouterArgs {
   int64_t num_rows;          // N
   int num_experts;           // E
   int top_k;                 // k
-  bool sigmoid;              // score function: sigmoid, else softmax
+  int score_func;            // kSoftmax, kSigmoid or kSqrtSoftplus
   bool normalize;            // divide the weights by their sum + 1e-20
   bool grouped;              // group limit in effect (topk_groups < num_groups)
   int num_groups;            // G
@@ -100,7 +103,7 @@ __device__ __forceinline__ void mask_groups(int (&key)[VPT], int* keys_smem, int
       top1 = max(top1, other1);
     }
     if (g < G && part == 0) {
-      const bool sum_two = a.sigmoid && size > 1;
+      const bool sum_two = a.score_func != kSoftmax && size > 1;
       groups_smem[g] = sum_two ? float_key(key_float(top1) + key_float(top2)) : top1;
     }
   }
@@ -153,9 +156,14 @@ __global__ void __launch_bounds__(kRouterThreads) router_topk_kernel(RouterArgs 
     const int e = 32 * i + lane;
     score[i] = e < E ? logits[e] : -INFINITY;
   }
-  if (a.sigmoid) {
+  if (a.score_func == kSigmoid) {
 #pragma unroll
     for (int i = 0; i < VPT; ++i) score[i] = 1.0f / (1.0f + expf(-score[i]));
+  } else if (a.score_func == kSqrtSoftplus) {  // torch.nn.functional.softplus, then sqrt
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      score[i] = sqrtf(score[i] > 20.0f ? score[i] : log1pf(expf(score[i])));
+    }
   } else {
     float top = score[0];
 #pragma unroll
@@ -254,8 +262,9 @@ void router_topk(const RouterPointers& p, int64_t num_rows, int num_experts, int
     csrc::argument_error(where, ": top_k=", top_k, " must be in [1, min(num_experts, ",
                          kMaxRouterTopK, ") = ", std::min(num_experts, kMaxRouterTopK), "]");
   }
-  if (score_func != 0 && score_func != 1) {
-    csrc::argument_error(where, ": score_func=", score_func, " must be 0 (softmax) or 1 (sigmoid)");
+  if (score_func != kSoftmax && score_func != kSigmoid && score_func != kSqrtSoftplus) {
+    csrc::argument_error(where, ": score_func=", score_func,
+                         " must be 0 (softmax), 1 (sigmoid) or 2 (sqrtsoftplus)");
   }
   if (num_rows < 0 || num_rows > (int64_t{1} << 31) * kRouterWarps) {
     csrc::argument_error(where, ": num_rows=", num_rows, " is out of range");
@@ -285,7 +294,7 @@ void router_topk(const RouterPointers& p, int64_t num_rows, int num_experts, int
   args.num_rows = num_rows;
   args.num_experts = num_experts;
   args.top_k = top_k;
-  args.sigmoid = score_func == 1;
+  args.score_func = score_func;
   args.normalize = norm_topk_prob;
   args.grouped = num_groups != 0 && topk_groups < num_groups;
   args.num_groups = num_groups;

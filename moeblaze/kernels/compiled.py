@@ -25,14 +25,12 @@ import torch
 
 from kernelbase import alloc
 from kernelbase.compiled import check_cuda_tensor, require, stream_handle
-from moeblaze.reference import check_selection_options
+from moeblaze.reference import SCORE_FUNCS, check_selection_options
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
 
 _ID_DTYPES = (torch.int32, torch.int64)
-# The score functions of the compiled router top-k, in the order of its score_func argument.
-COMPILED_SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 def fill_routing_plan(topk_ids: torch.Tensor, plan: RoutingPlan) -> None:
@@ -101,19 +99,15 @@ def router_topk(
 
     Returns `topk_ids [N, k]` int64 (best first), `topk_weights [N, k]` float32 and
     `scores [N, E]` float32, with the semantics of `moeblaze.reference.router_topk_reference`:
-    scores = softmax or sigmoid of the logits; experts ranked by scores + `expert_bias [E]`
-    (selection only); with `num_groups`, only the experts of the best `topk_groups` groups
-    (group score: sum of its top-2 selection values for sigmoid, max for softmax); weights = the
+    scores = softmax, sigmoid or sqrt(softplus) of the logits; experts ranked by scores +
+    `expert_bias [E]` (selection only); with `num_groups`, only the experts of the best
+    `topk_groups` groups (group score: sum of its top-2 selection values for sigmoid and
+    sqrtsoftplus, max for softmax); weights = the
     unbiased scores of the chosen experts, divided by (their sum + 1e-20) if `norm_topk_prob`.
     Ties go to the lower expert (group) index. Non-finite logits are not checked (that would
     synchronise); the outputs are then unspecified, the ids still in [0, E).
     No autograd: `RouterTopK` is the differentiable op.
     """
-    if score_func not in COMPILED_SCORE_FUNCS:
-        raise ValueError(
-            f"the compiled router computes score_func in {COMPILED_SCORE_FUNCS}, got "
-            f"{score_func!r} (moeblaze.reference.router_topk_reference computes every one)"
-        )
     check_cuda_tensor("logits", logits, (torch.float32,), dim=2)
     device = logits.device
     num_rows, num_experts = logits.shape
@@ -142,7 +136,7 @@ def router_topk(
         num_rows,
         num_experts,
         top_k,
-        COMPILED_SCORE_FUNCS.index(score_func),
+        SCORE_FUNCS.index(score_func),  # the module's numbering
         num_groups or 0,
         topk_groups or 0,
         bool(norm_topk_prob),
@@ -167,14 +161,15 @@ class RouterTopK(torch.autograd.Function):
         topk_ids, topk_weights, scores = router_topk(
             logits, top_k, score_func, expert_bias, num_groups, topk_groups, norm_topk_prob
         )
-        ctx.save_for_backward(scores, topk_ids)
+        # sqrt(softplus)'s slope needs the logits (sigmoid's and softmax's, the scores alone).
+        ctx.save_for_backward(scores, topk_ids, logits if score_func == "sqrtsoftplus" else None)
         ctx.score_func, ctx.norm_topk_prob = score_func, norm_topk_prob
         ctx.mark_non_differentiable(topk_ids)
         return topk_ids, topk_weights, scores
 
     @staticmethod
     def backward(ctx, _grad_ids, grad_weights, grad_scores):
-        scores, topk_ids = ctx.saved_tensors
+        scores, topk_ids, logits = ctx.saved_tensors
         chosen = scores.gather(1, topk_ids)  # [N, k]
         if ctx.norm_topk_prob:
             # w = g / (sum(g) + eps): dg_j = (dw_j - sum_i dw_i w_i) / (sum(g) + eps)
@@ -186,6 +181,9 @@ class RouterTopK(torch.autograd.Function):
         grad_scores = grad_scores.scatter_add(1, topk_ids, grad_chosen)  # [N, E]
         if ctx.score_func == "softmax":
             grad_logits = scores * (grad_scores - (grad_scores * scores).sum(-1, keepdim=True))
-        else:
+        elif ctx.score_func == "sigmoid":
             grad_logits = grad_scores * scores * (1 - scores)
+        else:  # sqrt(softplus(x)): softplus' / (2 sqrt(softplus)), softplus' as torch's
+            slope = torch.where(logits > 20, 1.0, torch.sigmoid(logits))
+            grad_logits = grad_scores * slope / (2 * scores)
         return grad_logits, None, None, None, None, None, None

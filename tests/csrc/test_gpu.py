@@ -207,6 +207,8 @@ ROUTER_CASES = {  # (N, E, k, score_func, bias, num_groups, topk_groups, norm)
     "E512_k16_sigmoid": (700, 512, 16, "sigmoid", False, None, None, True),
     "E1_k1": (100, 1, 1, "softmax", False, None, None, True),
     "E33_k3": (999, 33, 3, "sigmoid", False, 3, 2, True),
+    "E256_k6_dsv4_sqrtsoftplus": (3000, 256, 6, "sqrtsoftplus", True, None, None, True),
+    "E64_sqrtsoftplus_groups": (2000, 64, 4, "sqrtsoftplus", False, 8, 2, False),
     "N0": (0, 64, 4, "softmax", False, None, None, True),
 }
 
@@ -233,7 +235,8 @@ def test_router_topk_matches_the_reference(case, ties):
     finally:
         alloc.poison = before
     ref_ids, ref_weights, ref_scores = router_topk_reference(*args)
-    # Scores: the same float32 softmax/sigmoid as torch (bit for bit expected; 1e-6 asserted).
+    # Scores: the same float32 softmax/sigmoid/sqrt(softplus) as torch (bit for bit expected;
+    # 1e-6 asserted).
     torch.testing.assert_close(scores, ref_scores, rtol=1e-6, atol=1e-7)
     # Selection on the kernel's own scores: exact, ties to the lower index.
     assert torch.equal(ids, select_experts(scores, k, score_func, expert_bias, groups, topk_groups))
@@ -247,7 +250,9 @@ def test_router_topk_matches_the_reference(case, ties):
     torch.testing.assert_close(weights[same_scores], ref_weights[same_scores], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("case", ["E64_k6_softmax", "E256_dsv3_groups"])
+@pytest.mark.parametrize(
+    "case", ["E64_k6_softmax", "E256_dsv3_groups", "E256_k6_dsv4_sqrtsoftplus"]
+)
 def test_router_topk_backward(case):
     logits, *options = _router_inputs(ROUTER_CASES[case], seed=11)
     grad_w = torch.randn(logits.shape[0], options[0], device="cuda")
