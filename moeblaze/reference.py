@@ -347,6 +347,27 @@ def select_experts(
     return _stable_topk(choice, top_k)
 
 
+def quantile_balancing_choice(
+    logits: torch.Tensor, top_k: int, beta: torch.Tensor, quantile: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantile balancing (megatron-core's "quantile_balancing", a dual coordinate-descent
+    step): `topk_ids [M, k]`, the experts of the k largest `logits [M, E] - beta [E]` of each
+    token (float32, ties to the lower index); with `quantile`, also each expert's column
+    quantile [E]: the (M·k/E + 1)-th largest of `logits - alpha` over the tokens, alpha a token's
+    (k + 1)-th largest biased logit, the bias that would give every expert M·k/E tokens (needs
+    M·k divisible by E and k < E). No gradient."""
+    with torch.no_grad():
+        values, order = torch.sort(logits - beta, dim=-1, descending=True, stable=True)
+        topk_ids = order[:, :top_k]
+        if not quantile:
+            return topk_ids, None
+        num_tokens, num_experts = logits.shape
+        target = num_tokens * top_k // num_experts
+        alpha = values[:, top_k : top_k + 1]  # [M, 1]
+        column = (logits - alpha).topk(target + 1, dim=0).values[-1]  # [E]
+        return topk_ids, column
+
+
 def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values per row, best first, ties to the lower index."""
     return torch.sort(values, dim=-1, descending=True, stable=True).indices[:, :k]

@@ -38,6 +38,7 @@ from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
     check_selection_options,
     default_group_score_topk,
+    quantile_balancing_choice,
     router_scores,
     router_topk_reference,
     routing_weights,
@@ -84,7 +85,11 @@ def _describe_nonfinite_logits(nonfinite: list[int]) -> str | None:
 
 def _recomputing() -> bool:
     """True while the autograd engine runs this forward (activation checkpointing recomputes it
-    inside backward)."""
+    inside backward). False while torch.compile traces it: AOTAutograd applies a compiled
+    forward's buffer updates once, after its graph, and never in the backward graph's
+    recomputation (a compiled call that an eager checkpoint reruns still counts again)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -127,6 +132,15 @@ class Router(nn.Module):
     - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
       only, and a buffer `tokens_per_expert_accum [E]` counting choices over training forwards;
       see `update_expert_bias`.
+    - `quantile_balancing`: megatron-core's "quantile_balancing" routing: each token takes the
+      experts of its k largest `logits - qb_beta` (float32; `qb_beta [E]` a float32 buffer, 0 at
+      first), weighted by their scores as a routing replay is (`replay_ids`); in training, each
+      forward adds to `qb_beta_accum [E]` (and 1 to `qb_beta_count`) every expert's column
+      quantile, the bias that would have given each expert N·k/E of the tokens (the tokens of
+      the whole batch over `loss_group`: N·k must be a multiple of E); `update_quantile_bias`
+      (or megatron-core's `finalize_model_grads`, which finds these buffers by their names)
+      moves `qb_beta` to their average. No balancing loss (their coefficients must be 0), no
+      group limit, no `token_mask`, `top_k` < `num_experts`.
     - `aux_loss_coeff`, `z_loss_coeff`: weights of the load-balancing loss and the z-loss that
       are injected into the gradient (see the module docstring).
     - `seq_aux_loss_coeff`: weight of the load-balancing loss computed per sequence and averaged
@@ -203,6 +217,7 @@ class Router(nn.Module):
         group_score_topk: int | None = None,
         group_score_from: str = "scores",
         expert_bias: bool = False,
+        quantile_balancing: bool = False,
         aux_loss_coeff: float = 0.0,
         seq_aux_loss_coeff: float = 0.0,
         global_aux_loss_coeff: float = 0.0,
@@ -239,6 +254,15 @@ class Router(nn.Module):
                 'group_score_from="logits" with expert_bias=True: the expert bias is added to '
                 "the scores"
             )
+        _check_quantile_balancing(
+            quantile_balancing,
+            num_experts,
+            top_k,
+            num_groups,
+            aux_loss_coeff,
+            seq_aux_loss_coeff,
+            global_aux_loss_coeff,
+        )
         if aux_counts not in AUX_COUNTS:
             raise ValueError(f"aux_counts={aux_counts!r} must be one of {AUX_COUNTS}")
         if capacity_factor is not None and not (
@@ -297,6 +321,15 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
             self.tokens_per_expert_accum = None
+        # Quantile balancing's bias and the column quantiles accumulated since its last update,
+        # under megatron-core's names (None without it).
+        for name, shape, dtype, persistent in (
+            ("qb_beta", (num_experts,), torch.float32, True),
+            ("qb_beta_accum", (num_experts,), torch.float32, False),
+            ("qb_beta_count", (), torch.int64, False),
+        ):
+            buffer = torch.zeros(shape, dtype=dtype, device=device) if quantile_balancing else None
+            self.register_buffer(name, buffer, persistent=persistent)
         # The global load-balancing loss's tracker (None without that loss).
         factory = dict(dtype=torch.float32, device=device)
         tracking = self.global_aux_loss_coeff > 0
@@ -306,7 +339,8 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Weight and bias like `nn.Linear`'s; expert bias and accumulated counts to zero."""
+        """Weight and bias like `nn.Linear`'s; expert bias, quantile-balancing bias and what
+        they accumulated to zero."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.hidden_size)
@@ -314,6 +348,9 @@ class Router(nn.Module):
         if self.expert_bias is not None:
             self.expert_bias.zero_()
             self.tokens_per_expert_accum.zero_()
+        if self.qb_beta is not None:
+            for buffer in (self.qb_beta, self.qb_beta_accum, self.qb_beta_count):
+                buffer.zero_()
         self.reset_global_aux_loss_tracker()
 
     @classmethod
@@ -363,6 +400,13 @@ class Router(nn.Module):
                 deferred.defer(nonfinite, _describe_nonfinite_logits)
             if self.random_logits:  # drawn values (exactly: + 0), the gradient of the real ones
                 logits = torch.randn_like(logits) + (logits - logits.detach())
+            if replay_ids is None and self.qb_beta is not None:
+                if token_mask is not None:
+                    raise ValueError(
+                        "quantile_balancing counts every token in its quantiles: token_mask "
+                        "must be None (megatron-core's has no padding mask either)"
+                    )
+                replay_ids = self._quantile_choice(logits)
             if replay_ids is None:
                 chosen_ids, topk_weights, scores = self._select(logits)  # [N, k], [N, k], [N, E]
             else:
@@ -492,11 +536,15 @@ class Router(nn.Module):
             dist.all_reduce(counts, group=self.global_group)
         if not (self.training and torch.is_grad_enabled()):
             return self._load_balancing_loss(probs, counts)
-        if not _recomputing():
-            with torch.no_grad():
-                self.global_tokens_per_expert += counts
-                self.global_aux_steps += 1
-        averaged = self.global_tokens_per_expert / self.global_aux_steps.clamp_min(1)
+        totals, steps = self.global_tokens_per_expert, self.global_aux_steps
+        if not _recomputing():  # this forward's counts join the tracker's
+            # New detached values copied in, and used here, rather than the buffers updated in
+            # place under no_grad and read back: torch.compile (AOTAutograd, torch 2.13) gives
+            # the latter pattern a backward that sees the step counted twice.
+            totals, steps = (totals + counts).detach(), (steps + 1).detach()
+            self.global_tokens_per_expert.copy_(totals)
+            self.global_aux_steps.copy_(steps)
+        averaged = totals / steps.clamp_min(1)
         return self._load_balancing_loss(probs, averaged, slots=counts.sum())
 
     @torch.no_grad()
@@ -527,6 +575,57 @@ class Router(nn.Module):
         counts = self.tokens_per_expert_accum.float()  # [E]
         self.expert_bias += update_rate * torch.sign(counts.mean() - counts)
         self.tokens_per_expert_accum.zero_()
+
+    @torch.no_grad()
+    def update_quantile_bias(self, ema: float = 0.0) -> None:
+        """`qb_beta = ema * qb_beta + (1 - ema) * qb_beta_accum / qb_beta_count`, centred to mean
+        0, then `qb_beta_accum` and `qb_beta_count` back to 0 (megatron-core's update, `ema` its
+        `moe_router_quantile_balancing_ema`; an accumulation of no forward counts as zeros).
+
+        Call once per optimizer step. Under data parallelism, all-reduce (sum) `qb_beta_accum`
+        and `qb_beta_count` across the data-parallel ranks first.
+        """
+        if self.qb_beta is None:
+            raise RuntimeError(
+                "update_quantile_bias() needs a Router built with quantile_balancing=True; this "
+                "one has quantile_balancing=False"
+            )
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema={ema} must be in [0, 1)")
+        average = self.qb_beta_accum / self.qb_beta_count.clamp(min=1).to(torch.float32)
+        beta = ema * self.qb_beta + (1.0 - ema) * average
+        self.qb_beta.copy_(beta - beta.mean())
+        self.qb_beta_accum.zero_()
+        self.qb_beta_count.zero_()
+
+    def _quantile_choice(self, logits: torch.Tensor) -> torch.Tensor:
+        """`topk_ids [N, k]` of quantile balancing (`quantile_balancing_choice`) on the logits of
+        every rank of `loss_group` (gathered, in rank order); in a training forward (not when
+        activation checkpointing reruns it), the column quantiles added to `qb_beta_accum`."""
+        local = logits.detach().float()
+        ranks = _group_size(self.loss_group)
+        logits_of_batch = local
+        if ranks > 1:
+            logits_of_batch = local.new_empty(local.shape[0] * ranks, local.shape[1])
+            dist.all_gather_into_tensor(logits_of_batch, local.contiguous(), group=self.loss_group)
+        num_tokens = logits_of_batch.shape[0]
+        update = self.training and torch.is_grad_enabled() and not _recomputing() and num_tokens
+        if update and num_tokens * self.top_k % self.num_experts:
+            where = f" (over the {ranks} ranks of loss_group)" if ranks > 1 else ""
+            raise ValueError(
+                f"quantile_balancing needs the routed slots to be a multiple of num_experts="
+                f"{self.num_experts}: {num_tokens} tokens{where} x top_k={self.top_k} are not"
+            )
+        topk_ids, column = quantile_balancing_choice(
+            logits_of_batch, self.top_k, self.qb_beta, bool(update)
+        )
+        if update:
+            self.qb_beta_accum += column
+            self.qb_beta_count += 1
+        if ranks > 1:
+            rank = dist.get_rank(self.loss_group)
+            topk_ids = topk_ids[rank * local.shape[0] : (rank + 1) * local.shape[0]]
+        return topk_ids
 
     def _select(self, logits: torch.Tensor):
         """(topk_ids, topk_weights, scores) of `logits [N, E]`: one launch of the compiled
@@ -684,10 +783,12 @@ class Router(nn.Module):
             raise ValueError(f"x is on {x.device} but router.weight is on {self.weight.device}")
 
     def _apply(self, fn, recurse=True):
-        # Keep the expert bias float32 through .to(dtype) / .half(): small updates vanish in bf16.
+        # Keep the biases float32 through .to(dtype) / .half(): small updates vanish in bf16.
         super()._apply(fn, recurse)
-        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = self.expert_bias.float()
+        for name in ("expert_bias", "qb_beta", "qb_beta_accum"):
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
         return self
 
     def extra_repr(self) -> str:
@@ -703,6 +804,8 @@ class Router(nn.Module):
             if self.group_score_from != "scores":
                 s += f", group_score_from={self.group_score_from!r}"
         s += f", expert_bias={self.expert_bias is not None}"
+        if self.qb_beta is not None:
+            s += ", quantile_balancing=True"
         s += f", aux_loss_coeff={self.aux_loss_coeff}, seq_aux_loss_coeff={self.seq_aux_loss_coeff}"
         s += f", aux_counts={self.aux_counts!r}"
         if self.loss_group is not None:
@@ -794,3 +897,34 @@ def _check_options(
             raise ValueError(f"{name}={value} must be >= 0")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"topk_scaling_factor={scale} must be a finite number > 0")
+
+
+def _check_quantile_balancing(
+    quantile_balancing, num_experts, top_k, num_groups, aux_coeff, seq_aux_coeff, global_aux_coeff
+) -> None:
+    if not isinstance(quantile_balancing, bool):
+        raise TypeError(
+            f"quantile_balancing must be a bool, got {type(quantile_balancing).__name__}"
+        )
+    if not quantile_balancing:
+        return
+    if top_k >= num_experts:
+        raise ValueError(
+            f"quantile_balancing needs top_k < num_experts (a token's (k + 1)-th expert), got "
+            f"top_k={top_k}, num_experts={num_experts}"
+        )
+    if num_groups is not None:
+        raise ValueError(
+            f"quantile_balancing has no group limit (as megatron-core's): num_groups={num_groups}"
+        )
+    coeffs = {
+        "aux_loss_coeff": aux_coeff,
+        "seq_aux_loss_coeff": seq_aux_coeff,
+        "global_aux_loss_coeff": global_aux_coeff,
+    }
+    losses = [f"{name}={value}" for name, value in coeffs.items() if value]
+    if losses:
+        raise ValueError(
+            "quantile_balancing balances by its bias, without balancing losses (as "
+            f"megatron-core's): {', '.join(losses)} must be 0"
+        )

@@ -409,7 +409,8 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ),
             NotImplementedError,
             [
-                "moe_router_load_balancing_type='quantile_balancing' (quantile-balancing",
+                "moe_router_load_balancing_type=['aux_loss', 'quantile_balancing'] (quantile "
+                "balancing in a list",
                 "moe_router_force_biased=0.1 (random expert biases on the router logits)",
                 "moe_mlp_glu_interleave_size=32 (the experts' GLU rows interleaved in blocks)",
                 "moe_shared_expert_glu_interleave_size=32 (the shared expert's GLU rows",
@@ -465,6 +466,20 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
         # No expert-parallel group of 2 ranks here (see test_expert_parallel for one).
         (dict(expert_model_parallel_size=2), ValueError, ["expert_model_parallel_size=2"]),
         (dict(moe_router_topk=5), ValueError, ["moe_router_topk=5"]),
+        (
+            dict(
+                moe_router_load_balancing_type="quantile_balancing",
+                moe_router_num_groups=2,
+                moe_router_group_topk=1,
+            ),
+            ValueError,
+            ["'quantile_balancing' with moe_router_group_topk=1 (megatron-core's quantile"],
+        ),
+        (
+            dict(moe_router_load_balancing_type="quantile_balancing", moe_router_topk=E),
+            ValueError,
+            ["'quantile_balancing' needs moe_router_topk < num_moe_experts, got 4 and 4"],
+        ),
         (dict(num_moe_experts=None), ValueError, ["num_moe_experts=None"]),
         (dict(moe_ffn_hidden_size=None), ValueError, ["moe_ffn_hidden_size=None"]),
         (
@@ -1038,6 +1053,15 @@ ROUTINGS = {
         moe_z_loss_coeff=1e-2,
         moe_router_topk_scaling_factor=2.0,
     ),
+    # Quantile balancing (megatron-core >= 0.19): the experts of the largest logits - qb_beta,
+    # weighted by their scores; with sigmoid scores, a scaling factor and the z-loss.
+    "quantile_balancing": dict(moe_router_load_balancing_type="quantile_balancing"),
+    "quantile_balancing_sigmoid_scaled_z": dict(
+        moe_router_load_balancing_type="quantile_balancing",
+        moe_router_score_function="sigmoid",
+        moe_router_topk_scaling_factor=2.0,
+        moe_z_loss_coeff=1e-2,
+    ),
     # Megatron's per-token loss: the losses' gradient times the rank's real tokens.
     "per_token_aux_seq_aux_z": dict(
         calculate_per_token_loss=True,
@@ -1086,6 +1110,9 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     cfg = _config(**ROUTINGS[routing])
     if not _megatron_scores(mu, cfg.moe_router_score_function):
         pytest.skip(f"this megatron-core has no {cfg.moe_router_score_function!r} scores")
+    quantile = cfg.moe_router_load_balancing_type == "quantile_balancing"
+    if quantile and not hasattr(mu, "qb_dual_update"):
+        pytest.skip("this megatron-core has no quantile balancing")
     monkeypatch.setattr(mu.MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
     monkeypatch.setattr(moeblaze.Router, "aux_loss_scale", 3.0)  # not Megatron's: unused
     torch.manual_seed(9)
@@ -1094,6 +1121,10 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     if layer.router.expert_bias is not None:
         bias = torch.tensor([0.3, -0.2, 0.1, -0.4])
         layer.router.expert_bias.copy_(bias)
+    beta = None  # quantile balancing's bias, which changes the choice here
+    if quantile:
+        beta = torch.tensor([0.05, -0.04, 0.02, -0.03])
+        layer.router.qb_beta.copy_(beta)
     g = torch.Generator().manual_seed(10)
     tokens = torch.randn(S * BATCH, H, generator=g) * TOKEN_SCALE.get(routing, 1.0)  # [N, h]
     upstream = torch.randn(S * BATCH, E, generator=g)  # d objective / d routing weight [N, E]
@@ -1104,6 +1135,10 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
 
     coeffs = megatron_config._loss_coeffs(vars(cfg))  # {type: coefficient}
     padding = _padding_mask(even="seq_aux_loss" in coeffs) if padded else None  # [b, s]
+    if quantile and padded:  # refused, as megatron-core's TopKRouter.routing refuses it
+        with pytest.raises(ValueError, match="token_mask must be None"):
+            layer(tokens.view(S, BATCH, H), padding_mask=padding)
+        return
     # The router applies moe_router_topk_scaling_factor; the tokens are [s, b, h] flattened.
     torch.manual_seed(11)  # the input jitter's draw
     layer(tokens.view(S, BATCH, H), padding_mask=padding)
@@ -1137,6 +1172,10 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     if cfg.moe_z_loss_coeff:
         z_loss = mu.z_loss_func(logits, cfg.moe_z_loss_coeff, padding_mask=padding)
         logits = mu.MoEAuxLossAutoScaler.apply(logits, z_loss * per_token)
+    chosen = {}  # TopKRouter.quantile_balancing: the experts qb_dual_update picks
+    if quantile:
+        qb_ids, column = mu.qb_dual_update(logits.detach().float(), k, beta)
+        chosen = dict(precomputed_indices=qb_ids)
     probs, routing_map = mu.topk_routing_with_score_function(
         logits,
         k,
@@ -1146,6 +1185,7 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         scaling_factor=cfg.moe_router_topk_scaling_factor,
         score_function=cfg.moe_router_score_function,
         expert_bias=bias,
+        **chosen,
     )
     if cfg.moe_expert_capacity_factor is not None:  # TopKRouter.routing
         policy = cfg.moe_token_drop_policy
@@ -1177,6 +1217,11 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     (probs * upstream).sum().backward()
 
     assert torch.equal(ours != 0, routing_map), "different experts chosen"
+    if quantile:  # the bias changed the choice; the quantile added to what the step updates by
+        unbiased = torch.zeros_like(routing_map).scatter(1, logits.topk(k, dim=-1).indices, True)
+        assert not torch.equal(routing_map, unbiased)
+        assert_close(layer.router.qb_beta_accum, column, rtol=1e-6, name=f"{routing} qb_beta")
+        assert layer.router.qb_beta_count.item() == 1
     if routing == "softmax_groups":  # the case tells the groups' logit sums from score sums
         by_scores = mb.MoELayer(_config(moe_router_num_groups=2, moe_router_group_topk=1))
         by_scores.router.group_score_from = "scores"
@@ -1363,3 +1408,54 @@ def test_sharded_state_dict_places_the_layer_in_the_model(megatron):
     assert torch.equal(built.data.reshape(layer.w13.shape), layer.w13.detach())
     w2 = sharded["decoder.layers.mlp.w2"]
     assert w2.global_shape == (8, E, H, FFN) and w2.global_offset[0] == 3
+
+
+def test_quantile_balancing_maps_to_the_router():
+    # The routing itself is compared with megatron-core's (>= 0.19) in test_routing_matches_megatron.
+    layer = mb.MoELayer(_config(moe_router_load_balancing_type="quantile_balancing"))
+    assert layer.router.qb_beta is not None and layer.router.aux_loss_coeff == 0.0
+    assert mb.MoELayer(_config()).router.qb_beta is None
+
+
+def test_megatron_training_loop_updates_the_quantile_bias(megatron):
+    """megatron-core's own steps of finalize_model_grads (_update_router_qb_beta, then
+    reset_model_temporary_tensors) drive the router's quantile-balancing bias: the average of a
+    step's column quantiles, blended by moe_router_quantile_balancing_ema and centred; then the
+    accumulation resets. Both steps find the router's buffers by megatron-core's names."""
+    import importlib
+
+    finalize_model_grads = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    if not hasattr(finalize_model_grads, "_update_router_qb_beta"):
+        pytest.skip("this megatron-core has no quantile balancing")
+    from megatron.core import parallel_state
+
+    ema = 0.25
+    config = _transformer_config(
+        megatron,
+        moe_router_load_balancing_type="quantile_balancing",
+        moe_aux_loss_coeff=0.0,
+        moe_router_quantile_balancing_ema=ema,
+    )
+    torch.manual_seed(12)
+    layer = mb.MoELayer(config).train()
+    layer.router.qb_beta.copy_(torch.tensor([0.05, -0.04, 0.02, -0.03]))
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(13))  # [s, b, h]
+    for _ in range(2):  # two micro-batches
+        layer(x)[0].square().sum().backward()
+    assert layer.router.qb_beta_count.item() == 2
+    average = layer.router.qb_beta_accum / 2
+    expected = ema * layer.router.qb_beta + (1 - ema) * average
+    expected = expected - expected.mean()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    finalize_model_grads._update_router_qb_beta([layer], config, dp_cp_group=group)
+    finalize_model_grads.reset_model_temporary_tensors(config, [layer])
+    assert_close(layer.router.qb_beta, expected, rtol=1e-6, name="qb_beta")
+    assert not layer.router.qb_beta_accum.any() and layer.router.qb_beta_count.item() == 0
+    # moeblaze's own update computes the same outside Megatron's loop.
+    layer.router.qb_beta.copy_(torch.tensor([0.05, -0.04, 0.02, -0.03]))
+    layer(x)[0].sum().backward()
+    layer(x)[0].sum().backward()
+    ours = dict(layer.router.named_buffers())
+    theirs_beta = ema * ours["qb_beta"] + (1 - ema) * ours["qb_beta_accum"] / 2
+    layer.router.update_quantile_bias(ema)
+    assert_close(layer.router.qb_beta, theirs_beta - theirs_beta.mean(), rtol=1e-6, name="own")

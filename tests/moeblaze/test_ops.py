@@ -522,13 +522,21 @@ def _compiled_matches_eager(backend, recompute="activation", options=None, forwa
     ).train()
     x = torch.randn(2, 9, 24)
     forward_options = forward_options or {}
+    before = {name: b.clone() for name, b in layer.named_buffers()}
     eager = _layer_step(layer, x, **forward_options)
+    after_eager = {name: b.clone() for name, b in layer.named_buffers()}
+    with torch.no_grad():  # the compiled step starts from the same router counts and trackers
+        for name, b in layer.named_buffers():
+            b.copy_(before[name])
     torch._dynamo.reset()
     compiled_layer = torch.compile(layer, fullgraph=True, backend=backend)
     compiled = _layer_step(compiled_layer, x, **forward_options)
     names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
     for name, a, e in zip(names, compiled, eager, strict=True):
         assert_close(a, e, rtol=1e-6, name=f"{backend}: {name}")
+    # and adds to them what the eager step adds, once.
+    for name, b in layer.named_buffers():
+        torch.testing.assert_close(b, after_eager[name], msg=f"{backend}: {name}")
 
 
 # Every router loss, over the real tokens of a padded batch.
@@ -536,6 +544,16 @@ LOSSES = dict(aux_loss_coeff=0.1, seq_aux_loss_coeff=0.2, z_loss_coeff=0.01)
 PADDED = dict(token_mask=torch.arange(18).view(2, 9) % 9 < torch.tensor([[7], [4]]))
 # Token dropping: each expert keeps 3 of the 18 tokens' 36 slots (6 on average).
 CAPACITY = dict(capacity_factor=0.5, aux_loss_coeff=0.1)
+# DeepSeek-V3's routing, and the global-batch loss: buffers a training forward adds to.
+DEEPSEEK_V3 = dict(
+    score_func="sigmoid",
+    expert_bias=True,
+    num_groups=3,
+    topk_groups=2,
+    aux_counts="scores",
+    global_aux_loss_coeff=0.1,
+)
+QUANTILE = dict(quantile_balancing=True)
 
 
 @pytest.mark.parametrize(
@@ -546,6 +564,8 @@ CAPACITY = dict(capacity_factor=0.5, aux_loss_coeff=0.1)
         ("activation", GPT_OSS_LAYER, None),
         ("activation", LOSSES, PADDED),
         ("up_proj", CAPACITY, PADDED),
+        ("activation", DEEPSEEK_V3, PADDED),
+        ("up_proj", QUANTILE, None),
     ],
     ids=[
         "activation",
@@ -553,6 +573,8 @@ CAPACITY = dict(capacity_factor=0.5, aux_loss_coeff=0.1)
         "activation-gpt_oss",
         "activation-losses-padded",
         "up_proj-capacity-padded",
+        "activation-deepseek_v3-padded",
+        "up_proj-quantile",
     ],
 )
 def test_compile_aot_eager(recompute, options, forward_options):

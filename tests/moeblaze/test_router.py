@@ -6,6 +6,9 @@ per-token loop, expert-bias balancing, aux/z-loss values and their injected grad
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from overlap_testing import gloo_rank
 
 from moeblaze.router import Router, RouterOutput
 
@@ -830,3 +833,156 @@ def test_capacity_with_padding():
     counts = torch.bincount(kept[kept >= 0], minlength=E)
     assert torch.equal(router.tokens_per_expert_accum, counts)
     assert int(out.tokens_per_expert.sum()) == int((out.topk_ids >= 0).sum()) < n * 3
+
+
+def _hand_quantile_choice(logits, k, beta):
+    """Quantile balancing written out token by token and expert by expert: each token's k best
+    biased logits (ties to the lower index), alpha its (k + 1)-th, and each expert's
+    (N*k/E + 1)-th largest logit - alpha over the tokens."""
+    n, num_experts = logits.shape
+    ids, alphas = [], []
+    for t in range(n):
+        ranked = sorted(range(num_experts), key=lambda e: (-(logits[t, e] - beta[e]).item(), e))
+        ids.append(ranked[:k])
+        alphas.append((logits[t, ranked[k]] - beta[ranked[k]]).item())
+    target = n * k // num_experts
+    column = [
+        sorted((logits[t, e].item() - alphas[t] for t in range(n)), reverse=True)[target]
+        for e in range(num_experts)
+    ]
+    return torch.tensor(ids), torch.tensor(column)
+
+
+@pytest.mark.parametrize("score_func", SCORE_FUNCS)
+def test_quantile_balancing_chooses_by_biased_logits_and_accumulates_quantiles(score_func):
+    router = _router(score_func=score_func, quantile_balancing=True, top_k=3)
+    beta = torch.linspace(-0.4, 0.5, E)
+    router.qb_beta.copy_(beta)
+    x = _x(40, seed=5)  # 40 * 3 slots: a multiple of E = 12
+    out = router(x)
+    logits = x @ router.weight.detach().T
+    ids, column = _hand_quantile_choice(logits, 3, beta)
+    assert torch.equal(out.topk_ids, ids)
+    assert not torch.equal(ids, logits.topk(3, -1).indices), "the bias changes the choice"
+    # Weighted by the unbiased scores of the chosen experts (renormalised), as a replay is.
+    chosen = _scores(logits, score_func).gather(1, ids)
+    torch.testing.assert_close(out.topk_weights, _normalise(chosen))
+    torch.testing.assert_close(router.qb_beta_accum, column.float(), rtol=1e-6, atol=1e-6)
+    assert router.qb_beta_count.item() == 1
+    router(x)
+    torch.testing.assert_close(router.qb_beta_accum, 2 * column.float(), rtol=1e-6, atol=1e-6)
+    # The weights' gradient reaches the router weight (the choice has none).
+    router.weight.grad = None
+    router(x).topk_weights[:, 0].sum().backward()  # (the k weights of a token sum to 1)
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    # Outside training, or without grad, or when checkpointing reruns the forward: no quantile.
+    before = (router.qb_beta_accum.clone(), router.qb_beta_count.clone())
+    with torch.no_grad():
+        router(x)
+    router.eval()
+    router(x)
+    router.train()
+    checkpointed = torch.utils.checkpoint.checkpoint(
+        lambda t: router(t).topk_weights, x.clone().requires_grad_(), use_reentrant=False
+    )
+    counted_once = router.qb_beta_count.clone()
+    checkpointed.sum().backward()  # reruns the router
+    assert torch.equal(router.qb_beta_count, counted_once)
+    assert counted_once.item() == before[1].item() + 1
+
+
+def test_update_quantile_bias_averages_blends_and_centres():
+    router = _router(quantile_balancing=True)
+    router.qb_beta.copy_(torch.linspace(-1.0, 2.0, E))
+    accum = torch.randn(E, generator=torch.Generator().manual_seed(1))
+    router.qb_beta_accum.copy_(accum)
+    router.qb_beta_count.fill_(4)
+    old = router.qb_beta.clone()
+    router.update_quantile_bias(ema=0.25)
+    expected = 0.25 * old + 0.75 * accum / 4
+    torch.testing.assert_close(router.qb_beta, expected - expected.mean())
+    assert not router.qb_beta_accum.any() and router.qb_beta_count.item() == 0
+    with pytest.raises(ValueError, match=r"ema=1.0 must be in \[0, 1\)"):
+        router.update_quantile_bias(ema=1.0)
+    with pytest.raises(RuntimeError, match="quantile_balancing=True"):
+        _router().update_quantile_bias()
+
+
+def test_quantile_balancing_balances_the_load():
+    router = _router(quantile_balancing=True, top_k=2)
+    x = _x(96, seed=4) + _x(1, seed=3)  # a shared offset makes a few experts popular
+
+    def spread(counts):  # coefficient of variation of the per-expert counts
+        counts = counts.float()
+        return (counts.std() / counts.mean()).item()
+
+    first = router(x).tokens_per_expert
+    router.update_quantile_bias()
+    assert spread(router(x).tokens_per_expert) < 0.5 * spread(first)
+
+
+def test_quantile_balancing_state_and_dtype():
+    router = _router(quantile_balancing=True)
+    assert set(router.state_dict()) == {"weight", "qb_beta"}  # the accumulation is transient
+    router.to(torch.bfloat16)
+    assert router.qb_beta.dtype == router.qb_beta_accum.dtype == torch.float32
+    assert "quantile_balancing=True" in repr(router)
+    plain = _router()
+    assert plain.qb_beta is None and plain.qb_beta_accum is None and plain.qb_beta_count is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(quantile_balancing=1), TypeError, "quantile_balancing must be a bool, got int"),
+        (dict(top_k=12), ValueError, "needs top_k < num_experts"),
+        (dict(num_groups=4, topk_groups=2), ValueError, "no group limit .* num_groups=4"),
+        (
+            dict(aux_loss_coeff=0.1, z_loss_coeff=0.1),
+            ValueError,
+            r"without balancing losses \(as megatron-core's\): aux_loss_coeff=0.1 must be 0",
+        ),
+    ],
+    ids=["bool", "k=E", "groups", "aux"],
+)
+def test_quantile_balancing_options_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _router(**{"quantile_balancing": True, **kwargs})
+
+
+def test_quantile_balancing_forward_errors():
+    router = _router(quantile_balancing=True, top_k=3)
+    with pytest.raises(ValueError, match="token_mask must be None"):
+        router(_x(8), token_mask=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="10 tokens x top_k=3 are not"):
+        router(_x(10))
+    router.eval()  # no quantile to take: any number of tokens
+    assert router(_x(10)).topk_ids.shape == (10, 3)
+    router.train()
+    assert router(_x(0)).topk_ids.shape == (0, 3)
+
+
+def _quantile_over_a_loss_group_worker(rank, init_method):
+    with gloo_rank(rank, 2, init_method, timeout_s=60):
+        torch.set_num_threads(1)
+        whole = _router(quantile_balancing=True)  # the same weights on both ranks (seed 0)
+        shard = _router(quantile_balancing=True, loss_group=dist.group.WORLD)
+        for router in (whole, shard):
+            router.qb_beta.copy_(torch.linspace(-0.3, 0.4, E))
+        x = _x(32, seed=6)  # the batch; each rank routes its half
+        expected = whole(x)
+        out = shard(x[16 * rank : 16 * (rank + 1)])
+        rows = slice(16 * rank, 16 * (rank + 1))
+        assert torch.equal(out.topk_ids, expected.topk_ids[rows])
+        torch.testing.assert_close(out.topk_weights, expected.topk_weights[rows])
+        # The quantiles of the whole batch, on every rank.
+        torch.testing.assert_close(shard.qb_beta_accum, whole.qb_beta_accum)
+
+
+def test_quantile_balancing_over_a_loss_group(tmp_path):
+    """Over a loss group (sequence or context parallelism), each rank chooses its tokens' experts
+    and accumulates the quantiles as the router of the whole batch does (2 gloo ranks)."""
+    init_method = f"file://{tmp_path / 'store'}"
+    mp.start_processes(
+        _quantile_over_a_loss_group_worker, args=(init_method,), nprocs=2, start_method="fork"
+    )

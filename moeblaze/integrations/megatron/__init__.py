@@ -53,7 +53,7 @@ Under tensor and context parallelism:
 lacks takes megatron-core 0.16's default, or 0.19's for the fields added since
 (`MEGATRON_DEFAULTS`). `layer_options(config)` translates the fields into moeblaze's terms and
 raises `NotImplementedError` (a feature moeblaze lacks: FP8/FP4, padding to capacity, Sinkhorn
-or quantile balancing, block-interleaved GLU rows, ...) or `ValueError` (an invalid value)
+routing, block-interleaved GLU rows, ...) or `ValueError` (an invalid value)
 naming every offending field with its value. Tested with megatron-core 0.16.1 and 0.19.2.
 
 The experts (and the shared expert) compute Megatron's GLU, `activation_func(gate') * (up' +
@@ -120,6 +120,13 @@ Routing follows megatron-core's `TopKRouter` (`topk_routing_with_score_function`
 - Megatron's `finalize_model_grads` updates the expert bias (`moe_router_enable_expert_bias`,
   `moe_router_bias_update_rate`) and resets the counts, as it does for its own router: the
   router's counts carry Megatron's name, `router.local_tokens_per_expert`.
+- `moe_router_load_balancing_type="quantile_balancing"` (megatron-core 0.19): the experts of the
+  largest logits minus the bias `router.qb_beta`, chosen over the logits of the whole
+  tensor-and-context-parallel batch, weighted by their scores as Megatron weighs them; the
+  column quantiles of the training forwards accumulate in `router.qb_beta_accum` and
+  `qb_beta_count`, which `finalize_model_grads` averages into `qb_beta`
+  (`moe_router_quantile_balancing_ema`) and resets, as for its own router (`moeblaze.Router`'s
+  `quantile_balancing`). No padding mask, as Megatron's.
 - `calculate_per_token_loss`: Megatron's `finalize_model_grads` divides every gradient by the
   global batch's real tokens, so the router losses' gradient is multiplied by the forward's real
   tokens (times the TP x CP size with megatron-core >= 0.17: the installed version decides), as

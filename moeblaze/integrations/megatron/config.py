@@ -115,6 +115,7 @@ class LayerOptions:
     group_score_topk: int | None  # a group's score: the sum of its top this many
     group_score_from: str  # of the logits or the scores
     expert_bias: bool
+    quantile_balancing: bool  # moe_router_load_balancing_type="quantile_balancing"
     aux_loss_coeff: float
     seq_aux_loss_coeff: float
     global_aux_loss_coeff: float
@@ -153,6 +154,7 @@ class LayerOptions:
             group_score_topk=self.group_score_topk,
             group_score_from=self.group_score_from,
             expert_bias=self.expert_bias,
+            quantile_balancing=self.quantile_balancing,
             aux_loss_coeff=self.aux_loss_coeff,
             seq_aux_loss_coeff=self.seq_aux_loss_coeff,
             global_aux_loss_coeff=self.global_aux_loss_coeff,
@@ -214,6 +216,8 @@ def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
         # max ranks them alike, and the compiled selection runs).
         group_score_from="logits" if softmax_of_chosen and (per_group or 0) > 1 else "scores",
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
+        # Megatron routes by quantile balancing when the type is this string (not in a list).
+        quantile_balancing=cfg["moe_router_load_balancing_type"] == "quantile_balancing",
         aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("aux_loss", 0.0),
         seq_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("seq_aux_loss", 0.0),
         global_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("global_aux_loss", 0.0),
@@ -360,6 +364,17 @@ def _invalid_fields(cfg) -> list[str]:
             f"'sqrtsoftplus' (as in Megatron), got {score_func!r}"
         )
     groups, group_topk = cfg["moe_router_num_groups"], cfg["moe_router_group_topk"]
+    if cfg["moe_router_load_balancing_type"] == "quantile_balancing":
+        if group_topk:
+            problems.append(
+                f"moe_router_load_balancing_type='quantile_balancing' with moe_router_group_topk="
+                f"{group_topk!r} (megatron-core's quantile balancing has no group limit)"
+            )
+        if experts and top_k and top_k >= experts:
+            problems.append(
+                f"moe_router_load_balancing_type='quantile_balancing' needs moe_router_topk < "
+                f"num_moe_experts, got {top_k} and {experts}"
+            )
     if group_topk:
         if not groups or not experts or experts % groups:
             problems.append(
@@ -452,8 +467,10 @@ def _unsupported_fields(cfg) -> list[str]:
     coeffs = _loss_coeffs(cfg)
     if "sinkhorn" in coeffs:
         problems.append("moe_router_load_balancing_type='sinkhorn' (Sinkhorn routing)")
-    if "quantile_balancing" in coeffs:
+    types = cfg["moe_router_load_balancing_type"]
+    if "quantile_balancing" in coeffs and not isinstance(types, str):
         problems.append(
-            "moe_router_load_balancing_type='quantile_balancing' (quantile-balancing expert bias)"
+            f"moe_router_load_balancing_type={types!r} (quantile balancing in a list, which "
+            f"megatron-core does not route by)"
         )
     return problems

@@ -59,7 +59,9 @@ class MoELayer(MoEBlock):
     `moeblaze.expert_parallel_mlp`'s (W > 1). Megatron's `finalize_model_grads` updates an expert
     bias after each step; outside Megatron's training loop, sum
     `layer.router.tokens_per_expert_accum` over the data-parallel ranks and call
-    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer step.
+    `layer.router.update_expert_bias(config.moe_router_bias_update_rate)` once per optimizer step
+    (quantile balancing: sum `qb_beta_accum` and `qb_beta_count`, then
+    `layer.router.update_quantile_bias(config.moe_router_quantile_balancing_ema)`).
     """
 
     def __init__(
