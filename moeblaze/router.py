@@ -126,7 +126,8 @@ class Router(nn.Module):
     - `num_groups`, `topk_groups`: group-limited routing. Experts form `num_groups` contiguous
       groups; a group scores the sum of its top `group_score_topk` scores (default: 2 for
       sigmoid, DeepSeek-V3, and sqrtsoftplus; 1, the max, for softmax, DeepSeek-V2; Megatron
-      sums the top `top_k // topk_groups`); only the experts of the best `topk_groups` groups can be chosen.
+      sums the top `top_k // topk_groups`); only the experts of the best `topk_groups` groups
+      can be chosen.
       `group_score_from="logits"` sums the logits instead of the scores (Megatron's softmax
       without pre-softmax; the same experts within a group; no `expert_bias`).
     - `expert_bias`: keep a float32 buffer `expert_bias [E]` added to the scores for selection
@@ -609,7 +610,7 @@ class Router(nn.Module):
             logits_of_batch = local.new_empty(local.shape[0] * ranks, local.shape[1])
             dist.all_gather_into_tensor(logits_of_batch, local.contiguous(), group=self.loss_group)
         num_tokens = logits_of_batch.shape[0]
-        update = self.training and torch.is_grad_enabled() and not _recomputing() and num_tokens
+        update = num_tokens > 0 and self.training and torch.is_grad_enabled() and not _recomputing()
         if update and num_tokens * self.top_k % self.num_experts:
             where = f" (over the {ranks} ranks of loss_group)" if ranks > 1 else ""
             raise ValueError(
@@ -617,7 +618,7 @@ class Router(nn.Module):
                 f"{self.num_experts}: {num_tokens} tokens{where} x top_k={self.top_k} are not"
             )
         topk_ids, column = quantile_balancing_choice(
-            logits_of_batch, self.top_k, self.qb_beta, bool(update)
+            logits_of_batch, self.top_k, self.qb_beta, update
         )
         if update:
             self.qb_beta_accum += column

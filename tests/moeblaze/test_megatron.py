@@ -1411,7 +1411,8 @@ def test_sharded_state_dict_places_the_layer_in_the_model(megatron):
 
 
 def test_quantile_balancing_maps_to_the_router():
-    # The routing itself is compared with megatron-core's (>= 0.19) in test_routing_matches_megatron.
+    # The routing itself is compared with megatron-core's (>= 0.19) in
+    # test_routing_matches_megatron.
     layer = mb.MoELayer(_config(moe_router_load_balancing_type="quantile_balancing"))
     assert layer.router.qb_beta is not None and layer.router.aux_loss_coeff == 0.0
     assert mb.MoELayer(_config()).router.qb_beta is None
