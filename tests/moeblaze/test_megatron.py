@@ -397,6 +397,13 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             ["gated_linear_unit=False", "activation_func=sigmoid"],
         ),
         (dict(moe_router_load_balancing_type="sinkhorn"), NotImplementedError, ["sinkhorn"]),
+        (
+            dict(
+                moe_router_load_balancing_type="quantile_balancing", moe_enable_routing_replay=True
+            ),
+            NotImplementedError,
+            ["moe_enable_routing_replay=True with moe_router_load_balancing_type='quantile"],
+        ),
         # megatron-core >= 0.17's fields that change what the layer computes or loads
         (
             dict(

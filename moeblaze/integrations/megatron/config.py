@@ -473,4 +473,9 @@ def _unsupported_fields(cfg) -> list[str]:
             f"moe_router_load_balancing_type={types!r} (quantile balancing in a list, which "
             f"megatron-core does not route by)"
         )
+    if types == "quantile_balancing" and cfg["moe_enable_routing_replay"]:
+        problems.append(
+            "moe_enable_routing_replay=True with moe_router_load_balancing_type="
+            "'quantile_balancing' (megatron-core's quantile balancing does not replay)"
+        )
     return problems
