@@ -352,12 +352,12 @@ def quantile_balancing_choice(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantile balancing (megatron-core's "quantile_balancing", a dual coordinate-descent
     step): `topk_ids [M, k]`, the experts of the k largest `logits [M, E] - beta [E]` of each
-    token (float32, ties to the lower index); with `quantile`, also each expert's column
-    quantile [E]: the (M·k/E + 1)-th largest of `logits - alpha` over the tokens, alpha a token's
-    (k + 1)-th largest biased logit, the bias that would give every expert M·k/E tokens (needs
-    M·k divisible by E and k < E). No gradient."""
+    token (float32; torch.topk, as megatron-core's: ties in any order); with `quantile`, also
+    each expert's column quantile [E]: the (M·k/E + 1)-th largest of `logits - alpha` over the
+    tokens, alpha a token's (k + 1)-th largest biased logit, the bias that would give every
+    expert M·k/E tokens (needs M·k divisible by E and k < E). No gradient."""
     with torch.no_grad():
-        values, order = torch.sort(logits - beta, dim=-1, descending=True, stable=True)
+        values, order = (logits - beta).topk(top_k + 1, dim=-1)  # best first
         topk_ids = order[:, :top_k]
         if not quantile:
             return topk_ids, None

@@ -837,7 +837,7 @@ def test_capacity_with_padding():
 
 def _hand_quantile_choice(logits, k, beta):
     """Quantile balancing written out token by token and expert by expert: each token's k best
-    biased logits (ties to the lower index), alpha its (k + 1)-th, and each expert's
+    biased logits (no ties in these random values), alpha its (k + 1)-th, and each expert's
     (N*k/E + 1)-th largest logit - alpha over the tokens."""
     n, num_experts = logits.shape
     ids, alphas = [], []
