@@ -102,11 +102,10 @@ def router_topk(
     scores = softmax, sigmoid or sqrt(softplus) of the logits; experts ranked by scores +
     `expert_bias [E]` (selection only); with `num_groups`, only the experts of the best
     `topk_groups` groups (group score: sum of its top-2 selection values for sigmoid and
-    sqrtsoftplus, max for softmax); weights = the
-    unbiased scores of the chosen experts, divided by (their sum + 1e-20) if `norm_topk_prob`.
-    Ties go to the lower expert (group) index. Non-finite logits are not checked (that would
-    synchronise); the outputs are then unspecified, the ids still in [0, E).
-    No autograd: `RouterTopK` is the differentiable op.
+    sqrtsoftplus, max for softmax); weights = the unbiased scores of the chosen experts,
+    divided by (their sum + 1e-20) if `norm_topk_prob`. Ties go to the lower expert (group)
+    index. Non-finite logits are not checked (that would synchronise); the outputs are then
+    unspecified, the ids still in [0, E). No autograd: `RouterTopK` is the differentiable op.
     """
     check_cuda_tensor("logits", logits, (torch.float32,), dim=2)
     device = logits.device
