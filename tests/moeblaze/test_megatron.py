@@ -1467,3 +1467,21 @@ def test_megatron_training_loop_updates_the_quantile_bias(megatron):
     theirs_beta = ema * ours["qb_beta"] + (1 - ema) * ours["qb_beta_accum"] / 2
     layer.router.update_quantile_bias(ema)
     assert_close(layer.router.qb_beta, theirs_beta - theirs_beta.mean(), rtol=1e-6, name="own")
+
+
+def test_megatron_config_with_deepseek_v4_scores(megatron):
+    """A megatron-core TransformerConfig with sqrt(softplus) scores and the expert bias
+    (DeepSeek-V4's routing; megatron-core >= 0.19 accepts it) builds a layer that routes by them."""
+    try:
+        config = _transformer_config(
+            megatron,
+            moe_router_score_function="sqrtsoftplus",
+            moe_router_enable_expert_bias=True,
+            moe_router_load_balancing_type="none",
+        )
+    except (AssertionError, ValueError) as error:  # megatron-core < 0.19 refuses it
+        pytest.skip(f"this megatron-core refuses sqrtsoftplus with the expert bias: {error}")
+    layer = mb.MoELayer(config)
+    assert layer.router.score_func == "sqrtsoftplus" and layer.router.expert_bias is not None
+    out, _ = layer(torch.randn(S, BATCH, H))
+    assert out.shape == (S, BATCH, H)
