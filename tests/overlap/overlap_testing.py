@@ -1,4 +1,5 @@
-"""Helpers shared by the overlap tests: tolerances and random inputs (never zeros).
+"""Helpers shared by the overlap tests: tolerances, random inputs (never zeros), and the checks
+of an op's result and gradients and of the fused kernel's tiles.
 
 Comparisons go through the suite's one tolerance helper, tests/tolerance.py.
 """
@@ -10,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from tolerance import assert_close
 
 import overlap
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
@@ -22,6 +24,25 @@ RTOL = {torch.float32: 1e-5}
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+
+def assert_tiles_once(world) -> None:
+    """Every output tile of the fused kernel's last launches was computed exactly once (a world
+    made with OverlapConfig(count_tiles=True))."""
+    for log in world.fused.last_tile_counts:
+        assert log[0].tolist() == [1] * log.shape[1], "every output tile exactly once"
+
+
+def assert_matches_float64(c, a, b, reference, dc, *, rtol: float, what: str = "") -> None:
+    """`c`, an op's result from the leaves `a` and `b`, and after `c.backward(dc)` their
+    gradients, against `reference` (all_gather_matmul_ref, ...) on float64 copies."""
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    c64 = reference(a64, b64)
+    assert_close(c, c64, rtol=rtol, name=f"{what}c")
+    c.backward(dc)
+    c64.backward(dc.double())
+    assert_close(a.grad, a64.grad, rtol=rtol, name=f"{what}grad a")
+    assert_close(b.grad, b64.grad, rtol=rtol, name=f"{what}grad b")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from overlap_testing import RTOL, check_back_to_back_calls, randn
+from overlap_testing import RTOL, assert_tiles_once, check_back_to_back_calls, randn
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
@@ -37,11 +37,6 @@ def _check(actual, expected64, torch_result, name):
         assert_bf16_close(actual, expected64, torch_result, factor=2.0, name=name)
 
 
-def _tiles_once(world):
-    for log in world.fused.last_tile_counts:
-        assert bool((log[0] == 1).all()), "every output tile exactly once"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("W", [2, 4, 8])
 def test_fused_all_gather_matmul(W, dtype):
@@ -50,7 +45,7 @@ def test_fused_all_gather_matmul(W, dtype):
     a = randn(W, m, K, dtype=dtype, device="cuda", seed=1).requires_grad_()
     b = randn(W, K, n, dtype=dtype, device="cuda", seed=2).requires_grad_()
     c = overlap.all_gather_matmul(a, b, world)
-    _tiles_once(world)
+    assert_tiles_once(world)
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     c64 = all_gather_matmul_ref(a64, b64)
     a_t, b_t = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
@@ -58,7 +53,7 @@ def test_fused_all_gather_matmul(W, dtype):
     _check(c, c64, c_t, "c")
     dc = randn(*c.shape, dtype=dtype, device="cuda", seed=3)
     c.backward(dc)
-    _tiles_once(world)
+    assert_tiles_once(world)
     c64.backward(dc.double())
     c_t.backward(dc)
     _check(a.grad, a64.grad, a_t.grad, "grad a_shard")
@@ -73,7 +68,7 @@ def test_fused_matmul_reduce_scatter(W, dtype):
     a = randn(W, W * m, k, dtype=dtype, device="cuda", seed=4)
     b = randn(W, k, N, dtype=dtype, device="cuda", seed=5)
     c = overlap.matmul_reduce_scatter(a, b, world)
-    _tiles_once(world)
+    assert_tiles_once(world)
     c64 = matmul_reduce_scatter_ref(a.double(), b.double())
     _check(c, c64, matmul_reduce_scatter_ref(a, b), "c_shard")
 
@@ -92,7 +87,7 @@ def test_consumer_waits_for_a_slow_producer():
     a = randn(W, m, K, device="cuda", seed=6)
     b = randn(W, K, n, device="cuda", seed=7)
     c = overlap.all_gather_matmul(a, b, world)
-    _tiles_once(world)
+    assert_tiles_once(world)
     assert_close(
         c, all_gather_matmul_ref(a.double(), b.double()), rtol=RTOL[torch.float32], name="c"
     )

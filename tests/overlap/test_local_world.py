@@ -9,7 +9,13 @@ import time
 import pytest
 import torch
 import triton
-from overlap_testing import RTOL, check_back_to_back_calls, randn
+from overlap_testing import (
+    RTOL,
+    assert_matches_float64,
+    assert_tiles_once,
+    check_back_to_back_calls,
+    randn,
+)
 from tolerance import assert_close
 
 import overlap
@@ -41,8 +47,7 @@ def _world(W, mode, chunk_m, **config):
 
 def _check_tiles_once(world, mode):
     if mode == "fused":
-        for log in world.fused.last_tile_counts:
-            assert log[0].tolist() == [1] * log.shape[1], "every output tile exactly once"
+        assert_tiles_once(world)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -53,15 +58,10 @@ def test_all_gather_matmul_forward_and_gradients(W, m, K, n, chunk_m, mode):
     b = randn(W, n, K, seed=2, device=DEVICE).mT.requires_grad_()  # [W, K, n], not contiguous
     c = overlap.all_gather_matmul(a, b, world)  # [W, W*m, n]
     _check_tiles_once(world, mode)
-    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    c64 = all_gather_matmul_ref(a64, b64)
-    assert_close(c, c64, rtol=RTOL[DTYPE], name="c")
     dc = randn(*c.shape, seed=3, device=DEVICE)
-    c.backward(dc)  # grad_a: GEMM-RS of the same world; grad_b from the kept gathered input
-    _check_tiles_once(world, mode)
-    c64.backward(dc.double())
-    assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a_shard")
-    assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
+    # grad_a: GEMM-RS of the same world; grad_b from the kept gathered input
+    assert_matches_float64(c, a, b, all_gather_matmul_ref, dc, rtol=RTOL[DTYPE])
+    _check_tiles_once(world, mode)  # the backward's
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -72,14 +72,9 @@ def test_matmul_reduce_scatter_forward_and_gradients(W, m, K, n, chunk_m, mode):
     b = randn(W, K, n, seed=5, device=DEVICE).requires_grad_()  # [W, k, N]
     c = overlap.matmul_reduce_scatter(a, b, world)  # [W, m, N]
     _check_tiles_once(world, mode)
-    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    c64 = matmul_reduce_scatter_ref(a64, b64)
-    assert_close(c, c64, rtol=RTOL[DTYPE], name="c_shard")
     dc = randn(*c.shape, seed=6, device=DEVICE)
-    c.backward(dc)  # grad_a: AG-GEMM with b^T; grad_b from the gathered dc
-    c64.backward(dc.double())
-    assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a")
-    assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
+    # grad_a: AG-GEMM with b^T; grad_b from the gathered dc
+    assert_matches_float64(c, a, b, matmul_reduce_scatter_ref, dc, rtol=RTOL[DTYPE])
 
 
 def test_auto_mode_is_fused_only_where_measured_to_win(monkeypatch):
@@ -243,14 +238,9 @@ def test_emulated_link_keeps_every_schedule_exact(mode):
         b = randn(W, K, n, seed=21, device=DEVICE).requires_grad_()
         c = op(a, b, world)
         _check_tiles_once(world, mode)
-        a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-        c64 = ref(a64, b64)
-        assert_close(c, c64, rtol=RTOL[DTYPE], name=f"{op.__name__} with a link")
         dc = randn(*c.shape, seed=22, device=DEVICE)
-        c.backward(dc)
-        c64.backward(dc.double())
-        assert_close(a.grad, a64.grad, rtol=RTOL[DTYPE], name="grad a")
-        assert_close(b.grad, b64.grad, rtol=RTOL[DTYPE], name="grad b")
+        what = f"{op.__name__} with a link: "
+        assert_matches_float64(c, a, b, ref, dc, rtol=RTOL[DTYPE], what=what)
 
 
 @pytest.mark.parametrize("mode", MODES)
