@@ -39,11 +39,13 @@ quick-GELU one of GPT-OSS, on gate and up columns interleaved as `is_concatenate
 and of MiniMax-M3-VL and OpenAI's privacy filter; the soft-capped SwiGLU of Inkling 2 and
 Inkling 2 Loop), checked against the class's own `_apply_gate` before first use. Experts
 without a gate (`up_proj` only, NemotronH) compute `act_fn(up)`: a `moeblaze.Ungated` (ReLU²,
-GELU in either form, ReLU, SiLU), found the same way. Under torch.compile none of this breaks the graph: a known activation class
-is read from the class, and an evaluation (another `act_fn`, a custom `_apply_gate`) runs
-while dynamo traces, its result a constant (`moeblaze.activation.evaluated_once`). Experts that
-compute anything else raise `NotImplementedError` naming the experts class, its model family
-and what moeblaze lacks: another activation, another custom `_apply_gate`, a post-expert norm.
+GELU in either form, ReLU, SiLU), found the same way. Under torch.compile none of this breaks
+the graph: a known activation class is read from the class, and an evaluation (another
+`act_fn`, a custom `_apply_gate`) runs while dynamo traces, its result a constant
+(`moeblaze.activation.evaluated_once`; before torch 2.12, a module's evaluation breaks it).
+Experts that compute anything else raise `NotImplementedError` naming the experts class, its
+model family and what moeblaze lacks: another activation, another custom `_apply_gate`, a
+post-expert norm.
 
 Under Hugging Face expert parallelism, slots routed to experts of other ranks arrive with ids
 >= E and zero weights; they become dropped slots (`moeblaze.DROPPED`): no GEMM rows, nothing

@@ -201,6 +201,7 @@ def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
     recompute = "activation"
     if cfg["moe_layer_recompute"] or (selective and "moe" in recompute_modules):
         recompute = "up_proj"
+    coeffs = _loss_coeffs(cfg, is_mtp_layer)
     return LayerOptions(
         hidden_size=cfg["hidden_size"],
         ffn_hidden_size=cfg["moe_ffn_hidden_size"] or cfg["ffn_hidden_size"],
@@ -218,9 +219,9 @@ def layer_options(config, is_mtp_layer: bool = False) -> LayerOptions:
         expert_bias=bool(cfg["moe_router_enable_expert_bias"]),
         # Megatron routes by quantile balancing when the type is this string (not in a list).
         quantile_balancing=cfg["moe_router_load_balancing_type"] == "quantile_balancing",
-        aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("aux_loss", 0.0),
-        seq_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("seq_aux_loss", 0.0),
-        global_aux_loss_coeff=_loss_coeffs(cfg, is_mtp_layer).get("global_aux_loss", 0.0),
+        aux_loss_coeff=coeffs.get("aux_loss", 0.0),
+        seq_aux_loss_coeff=coeffs.get("seq_aux_loss", 0.0),
+        global_aux_loss_coeff=coeffs.get("global_aux_loss", 0.0),
         z_loss_coeff=float(cfg["moe_z_loss_coeff"] or 0.0),
         topk_scaling_factor=cfg["moe_router_topk_scaling_factor"] or 1.0,
         capacity_factor=_capacity_factor(cfg),
