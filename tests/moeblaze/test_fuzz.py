@@ -8,11 +8,11 @@ biases, recompute policies and modes.
 import random
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moeblaze_testing import (
     ACTIVATIONS,
+    assert_dropped_slots_add_nothing,
     assert_empty_experts_get_zero_grads,
     assert_matches_reference,
 )
@@ -81,10 +81,4 @@ def test_moe_mlp_matches_reference(case, make_problem):
     assert_empty_experts_get_zero_grads(problem, actual[3], actual[4])
     if case["biases"]:
         assert_empty_experts_get_zero_grads(problem, actual[5], actual[6])  # db13, db2
-    # A dropped slot adds nothing (no bias either) and its routing weight gets gradient 0.
-    dropped = problem.topk_ids == moeblaze.DROPPED
-    out, dx, dweights = actual[:3]
-    all_dropped = dropped.all(dim=1)
-    assert torch.equal(out[all_dropped], torch.zeros_like(out[all_dropped]))
-    assert torch.equal(dx[all_dropped], torch.zeros_like(dx[all_dropped]))
-    assert torch.equal(dweights[dropped], torch.zeros_like(dweights[dropped]))
+    assert_dropped_slots_add_nothing(problem, actual, dropped_routing=False)
