@@ -51,7 +51,7 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
 
 from bench import harness  # noqa: E402
 from bench.moe_layer import SHAPES, Shape, make_inputs, stage_flops  # noqa: E402
-from kernelbase.gemm import GemmConfig  # noqa: E402
+from kernelbase.gemm import GemmConfig, device_arch  # noqa: E402
 from moeblaze.activation import SWIGLU, SwiGLU  # noqa: E402
 from moeblaze.kernels.expert_mlp import (  # noqa: E402
     TritonStages,
@@ -115,8 +115,8 @@ def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]
     `gpu_config`), then it with the other operand loads (GemmConfig.tma), then the other
     candidates (with tensor descriptors)."""
     if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        current = gpu_config(kernel, block_m, activation, arch=10 * major + minor)
+        device = torch.device("cuda", torch.cuda.current_device())
+        current = gpu_config(kernel, block_m, activation, arch=device_arch(device))
         if kernel == "expert_wgrad":
             others = WGRAD_CANDIDATES
         else:

@@ -162,10 +162,19 @@ def _stacked_tile(
     return desc.load([index, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
 
 
+def device_arch(device: torch.device) -> int:
+    """The compute capability of `device` as 10 * major + minor (90: Hopper); 90 for the CPU
+    interpreter, which runs the Hopper code paths."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def tma_supported(device: torch.device) -> bool:
     """Whether kernels on `device` may read through tensor descriptors: Hopper and later GPUs,
     and the CPU interpreter."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return device_arch(device) >= 90
 
 
 def tma_descriptor(

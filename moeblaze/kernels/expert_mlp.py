@@ -55,6 +55,7 @@ from kernelbase.backend import interpreting
 from kernelbase.gemm import (
     GemmConfig,
     b_descriptor,
+    device_arch,
     launch_meta,
     swizzle_tile,
     tile_matmul,
@@ -1317,12 +1318,7 @@ class TritonStages:
         return dataclasses.replace(_INTERPRETER, block_m=plan.block_m)
 
     def _arch(self, device: torch.device) -> int:
-        if self.arch is not None:
-            return self.arch
-        if device.type != "cuda":
-            return 90
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
+        return device_arch(device) if self.arch is None else self.arch
 
     def _tma(self, device: torch.device, cfg: GemmConfig) -> bool:
         return self.tma and cfg.tma and tma_supported(device)
