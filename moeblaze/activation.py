@@ -49,6 +49,22 @@ import torch
 import torch.nn.functional as F
 
 
+def _clamp_grad_at_limit() -> bool:
+    """Whether torch.clamp with a number as bound passes the gradient of a value exactly at the
+    bound: it does up to torch 2.13 (subgradient 1); torch 2.14 gives the minimum-norm
+    subgradient, 0."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.ones((), dtype=torch.float64, device="cpu", requires_grad=True)
+        (grad,) = torch.autograd.grad(x.clamp(max=1.0), x)
+    return bool(grad == 1.0)
+
+
+# The gradient of a gate or up value exactly at `limit`: passed or stopped as torch.clamp does on
+# the torch installed, so that the backward of the kernels and of the torch stages is autograd's
+# gradient of `forward`, as the Hugging Face and Megatron implementations' is on that torch.
+CLAMP_GRAD_AT_LIMIT = _clamp_grad_at_limit()
+
+
 class _GatedUnit:
     """What SwiGLU and Gated share: a pre-activation [..., 2F] of gate and up halves (laid out
     as `interleaved` says), the clamps of `limit`, the `up_softcap` and `up_offset`, and
@@ -106,8 +122,12 @@ class _GatedUnit:
         d_up = d_act * glu * up_slope
         d_gate = d_act * (up_c + self.up_offset) * slope
         if self.limit is not None:
-            d_gate = torch.where(gate <= self.limit, d_gate, 0.0)
-            d_up = torch.where((up >= -self.limit) & (up <= self.limit), d_up, 0.0)
+            limit = self.limit
+            if CLAMP_GRAD_AT_LIMIT:
+                gate_in, up_in = gate <= limit, (up >= -limit) & (up <= limit)
+            else:
+                gate_in, up_in = gate < limit, (up > -limit) & (up < limit)
+            d_gate, d_up = torch.where(gate_in, d_gate, 0.0), torch.where(up_in, d_up, 0.0)
         return d_gate, d_up
 
     def _clamp(self, gate, up):
@@ -157,7 +177,9 @@ class SwiGLU(_GatedUnit):
         up_softcap: up' becomes c * tanh(up' / c) (> 0) before the offset (Inkling 2: 25.0);
             or None.
 
-    Gradients follow torch's: zero for a gate above `limit` and an up outside [-limit, limit].
+    Gradients follow torch's: zero for a gate above `limit` and an up outside [-limit, limit];
+    exactly at the limit, what torch.clamp gives on the torch installed (`CLAMP_GRAD_AT_LIMIT`:
+    passed before torch 2.14, zero from it on).
     """
 
     alpha: float = 1.0

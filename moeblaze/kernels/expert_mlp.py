@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+import moeblaze.activation
 from kernelbase import alloc
 from kernelbase.backend import interpreting
 from kernelbase.gemm import (
@@ -257,6 +258,7 @@ def _grad_act_columns(
     GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
+    GRAD_AT_LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
     GATE_SOFTCAP: tl.constexpr,
     UP_SOFTCAP: tl.constexpr,
@@ -266,7 +268,8 @@ def _grad_act_columns(
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
-    unit (`gated`); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
+    unit (`gated`); GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
+    (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
     from 2 * col0 on), else the gate columns `cols` and the up columns F further on. Not GATED:
     h and dh are F wide and act = ACT(h) (`ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
@@ -318,12 +321,15 @@ def _grad_act_columns(
             tanh = (up_c - UP_OFFSET) / UP_SOFTCAP
             d_up = d_up * (1.0 - tanh * tanh)
         if LIMIT is not None:  # no gradient through a clamped value, as torch.clamp's
-            d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
+            if GRAD_AT_LIMIT:
+                d_up = tl.where((up >= -LIMIT) & (up <= LIMIT), d_up, 0.0)
+            else:
+                d_up = tl.where((up > -LIMIT) & (up < LIMIT), d_up, 0.0)
         if not INTERLEAVED:  # stored now: fewer registers live
             tl.store(dh_ptrs + F, d_up.to(dh_ptr.dtype.element_ty), mask=mask)
         d_gate = d_act * up_c * slope
         if LIMIT is not None:
-            d_gate = tl.where(gate <= LIMIT, d_gate, 0.0)
+            d_gate = tl.where((gate <= LIMIT) if GRAD_AT_LIMIT else (gate < LIMIT), d_gate, 0.0)
         if INTERLEAVED:
             d_pre = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * WIDTH))
             d_pre_ptrs = dh_ptr + rows.to(tl.int64)[:, None] * stride_dh + pre_cols[None, :]
@@ -358,6 +364,7 @@ def _grad_act_slices(
     GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
+    GRAD_AT_LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
     GATE_SOFTCAP: tl.constexpr,
     UP_SOFTCAP: tl.constexpr,
@@ -388,6 +395,7 @@ def _grad_act_slices(
             GATED,
             ALPHA,
             LIMIT,
+            GRAD_AT_LIMIT,
             UP_OFFSET,
             GATE_SOFTCAP,
             UP_SOFTCAP,
@@ -421,6 +429,7 @@ def _grad_act_slices(
             GATED,
             ALPHA,
             LIMIT,
+            GRAD_AT_LIMIT,
             UP_OFFSET,
             GATE_SOFTCAP,
             UP_SOFTCAP,
@@ -450,6 +459,7 @@ def _grad_act_slices(
             GATED,
             ALPHA,
             LIMIT,
+            GRAD_AT_LIMIT,
             UP_OFFSET,
             GATE_SOFTCAP,
             UP_SOFTCAP,
@@ -490,6 +500,7 @@ def grad_act_kernel(
     GATED: tl.constexpr,
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
+    GRAD_AT_LIMIT: tl.constexpr,
     UP_OFFSET: tl.constexpr,
     GATE_SOFTCAP: tl.constexpr,
     UP_SOFTCAP: tl.constexpr,
@@ -504,8 +515,8 @@ def grad_act_kernel(
     INPUT_PRECISION: tl.constexpr,
 ):
     """Backward through the down projection, the routing weight and the activation (the
-    constants ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP, INTERLEAVED:
-    `_grad_act_columns`), in one epilogue.
+    constants ACT, ALPHA, LIMIT, GRAD_AT_LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP,
+    INTERLEAVED: `_grad_act_columns`), in one epilogue.
 
     g = dout[token(p)] @ w2[e] [S, F]; dw_partial[slot, pid_n] = rowsum(g * a) over this
     program's columns; dh = the activation's backward of w[slot] * g; a recomputed from h if
@@ -578,6 +589,7 @@ def grad_act_kernel(
             GATED,
             ALPHA,
             LIMIT,
+            GRAD_AT_LIMIT,
             UP_OFFSET,
             GATE_SOFTCAP,
             UP_SOFTCAP,
@@ -1171,6 +1183,7 @@ class TritonStages:
             EPILOGUE_SPLIT=split,
             H_TMA=h_desc is not None,
             **_activation_meta(activation),
+            GRAD_AT_LIMIT=moeblaze.activation.CLAMP_GRAD_AT_LIMIT,
             **w_meta,
             **launch_meta(cfg, dout.dtype),
         )

@@ -129,8 +129,9 @@ def _halves_around_the_limit(limit: float, n: int = 64):
     """float64 gate and up [4, n]: random values, and values at, just inside and just past
     +-limit (where the clamps start and their gradients stop)."""
     g = torch.Generator().manual_seed(0)
-    edges = torch.tensor([limit, -limit, limit * (1 - 1e-6), limit * (1 + 1e-6), 3 * limit])
-    edges = torch.cat([edges, -edges]).double()
+    edges = [limit, -limit, limit * (1 - 1e-6), limit * (1 + 1e-6), 3 * limit]
+    edges = torch.tensor(edges, dtype=torch.float64)  # float64 from the start: limit exactly
+    edges = torch.cat([edges, -edges])
     gate = torch.randn(4, n, generator=g, dtype=torch.float64) * limit
     up = torch.randn(4, n, generator=g, dtype=torch.float64) * limit
     gate[0, : edges.numel()], up[1, : edges.numel()] = edges, edges
@@ -153,14 +154,57 @@ def _check_backward_is_autograd(activation, gate, up):
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_backward_is_the_gradient_of_forward(name):
     # SwiGLU.backward (what the torch stages and, in Triton, grad_act's epilogue compute) is
-    # autograd's gradient of the forward, also exactly at the clamp: torch.clamp passes the
-    # gradient at the limit and stops it past the limit.
+    # autograd's gradient of the forward, also exactly at the clamp: torch.clamp stops the
+    # gradient past the limit, and at it passes it (before torch 2.14) or stops it (from 2.14 on).
     activation = ACTIVATIONS[name]
     actual = _check_backward_is_autograd(
         activation, *_halves_around_the_limit(activation.limit or 2.0)
     )
     if activation.limit is not None:  # the clamps did stop some gradients
         assert (actual[0] == 0).sum() >= 4 and (actual[1] == 0).sum() >= 4
+
+
+def test_the_rule_at_the_limit_is_the_installed_torch_clamp_rule():
+    # torch 2.14 gives clamp the minimum-norm subgradient at its bounds (0; it was 1): the
+    # probe of moeblaze.activation reads which rule the installed torch has.
+    release = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    passes = moeblaze.activation.CLAMP_GRAD_AT_LIMIT
+    assert passes == (release < (2, 14))
+
+
+def _clamp_with_rule(passes: bool):
+    """SwiGLU's and Gated's `_clamp`, written with torch.where: a value exactly at the limit
+    passes its gradient if `passes`, else not, whatever torch.clamp does."""
+
+    def clamp(self, gate, up):
+        limit = self.limit
+        if passes:
+            return torch.where(gate > limit, limit, gate), torch.where(
+                up > limit, limit, torch.where(up < -limit, -limit, up)
+            )
+        return torch.where(gate >= limit, limit, gate), torch.where(
+            up >= limit, limit, torch.where(up <= -limit, -limit, up)
+        )
+
+    return clamp
+
+
+@pytest.mark.parametrize("passes", [True, False], ids=["passes", "stops"])
+@pytest.mark.parametrize("name", CLAMPED)
+def test_backward_at_the_limit_under_either_rule(name, passes, monkeypatch):
+    # Both rules, whatever torch runs the test: backward against autograd of a forward whose
+    # clamps follow the rule; at a gate exactly at the limit, the gradient is there or not.
+    monkeypatch.setattr(moeblaze.activation, "CLAMP_GRAD_AT_LIMIT", passes)
+    monkeypatch.setattr(type(ACTIVATIONS[name]), "_clamp", _clamp_with_rule(passes))
+    activation = ACTIVATIONS[name]
+    gate, up = _halves_around_the_limit(activation.limit)
+    d_gate, d_up = _check_backward_is_autograd(activation, gate, up)
+    at_gate, at_up = gate == activation.limit, up.abs() == activation.limit
+    assert at_gate.sum() >= 2 and at_up.sum() >= 4
+    if passes:
+        assert (d_gate[at_gate] != 0).all() and (d_up[at_up] != 0).all()
+    else:
+        assert (d_gate[at_gate] == 0).all() and (d_up[at_up] == 0).all()
 
 
 def test_forward_is_the_written_out_activation():
@@ -179,10 +223,13 @@ def test_forward_is_the_written_out_activation():
     assert gpt_oss.forward(torch.ones(1), nan).isnan().all()
 
 
+@pytest.mark.parametrize("passes", [True, False], ids=["passes", "stops"])
 @pytest.mark.parametrize("name", CLAMPED)
-def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name):
+def test_kernel_epilogue_matches_the_torch_stage_at_the_clamp(name, passes, monkeypatch):
     # grad_act's epilogue (Triton) and the torch stage on the same h, whose halves hold values
-    # at and around +-limit: the same dh, a and routing-weight gradient.
+    # at and around +-limit: the same dh, a and routing-weight gradient, under either rule at
+    # the limit (CLAMP_GRAD_AT_LIMIT, the kernel's GRAD_AT_LIMIT).
+    monkeypatch.setattr(moeblaze.activation, "CLAMP_GRAD_AT_LIMIT", passes)
     activation = ACTIVATIONS[name]
     gate, up = _halves_around_the_limit(activation.limit, n=EPILOGUE_F)
     halves = ((gate, up), (up, gate), (gate.flip(1), up))
