@@ -363,9 +363,32 @@ def test_recompute_mapping(fields, recompute, shared_checkpointed):
             [f"moe_shared_expert_intermediate_size={SHARED} with add_bias_linear=True"],
         ),
         (
-            dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
-            NotImplementedError,
-            ["moe_pad_expert_input_to_capacity=True (padding experts to capacity)"],
+            dict(
+                moe_pad_expert_input_to_capacity=True,
+                moe_router_enable_expert_bias=True,
+                moe_router_score_function="sigmoid",
+                moe_router_load_balancing_type="none",
+            ),
+            ValueError,
+            [
+                "moe_pad_expert_input_to_capacity=True needs moe_expert_capacity_factor >= 0",
+                "moe_pad_expert_input_to_capacity=True with moe_router_enable_expert_bias=True "
+                "(Megatron then counts the padded rows",
+            ],
+        ),
+        (
+            dict(
+                moe_expert_capacity_factor=1.0,
+                moe_pad_expert_input_to_capacity=True,
+                moe_apply_probs_on_input=True,
+                moe_router_topk=1,
+                add_bias_linear=True,
+            ),
+            ValueError,
+            [
+                "moe_pad_expert_input_to_capacity=True with moe_apply_probs_on_input=True and "
+                "add_bias_linear=True (a padded row enters its expert as zeros"
+            ],
         ),
         (
             dict(moe_apply_probs_on_input=True),
@@ -955,6 +978,16 @@ def test_mtp_layer_divides_balancing_losses_when_repeated(repeated):
         assert_close(mtp_grad, main_grad * share, rtol=1e-6, name="MTP layer's router.weight.grad")
 
 
+def test_drop_and_pad_is_token_dropping(megatron):
+    """Megatron's moe_pad_expert_input_to_capacity pads each expert's rows with tokens of
+    routing weight 0 (test_routing_matches_megatron, softmax_capacity_padded): a real
+    TransformerConfig with it makes the layer of the same config without it."""
+    fields = dict(moe_expert_capacity_factor=1.0, moe_token_dispatcher_type="alltoall")
+    padded = _transformer_config(megatron, **fields, moe_pad_expert_input_to_capacity=True)
+    assert mb.layer_options(padded) == mb.layer_options(_transformer_config(megatron, **fields))
+    assert mb.layer_options(padded).capacity_factor == 1.0
+
+
 def test_device_limited_routing_is_group_limited_routing(megatron):
     """Megatron's deprecated moe_router_topk_limited_devices: groups of experts by
     expert-parallel rank, that many groups per token. A real TransformerConfig maps it so
@@ -1025,6 +1058,14 @@ ROUTINGS = {
     # Token dropping: about half the slots past their expert's capacity (3 and 4 of 5).
     "softmax_capacity": dict(
         moe_expert_capacity_factor=0.5, moe_aux_loss_coeff=1e-1, moe_z_loss_coeff=1e-2
+    ),
+    # Megatron's drop-and-pad: each expert's rows padded to its capacity with tokens of weight 0
+    # (softmax weights are never 0, so the padded rows are told from the routed ones).
+    "softmax_capacity_padded": dict(
+        moe_expert_capacity_factor=1.0,  # some experts over capacity, some padded
+        moe_pad_expert_input_to_capacity=True,
+        moe_aux_loss_coeff=1e-1,
+        moe_z_loss_coeff=1e-2,
     ),
     "sigmoid_bias_capacity_position": dict(
         moe_router_score_function="sigmoid",
@@ -1195,12 +1236,19 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
         **chosen,
     )
     if cfg.moe_expert_capacity_factor is not None:  # TopKRouter.routing
-        policy = cfg.moe_token_drop_policy
+        policy, factor = cfg.moe_token_drop_policy, cfg.moe_expert_capacity_factor
+        padded_to_capacity = getattr(cfg, "moe_pad_expert_input_to_capacity", False)
         dropped = mu.apply_router_token_dropping(
-            probs, routing_map, k, cfg.moe_expert_capacity_factor, policy
+            probs, routing_map, k, factor, policy, pad_to_capacity=padded_to_capacity
         )
+        if padded_to_capacity:  # every expert its capacity; the padding rows weigh 0
+            capacity = math.ceil(S * BATCH * k / E * factor)
+            assert (dropped[1].sum(0) == capacity).all()
+            padding_rows = dropped[1] & ~routing_map
+            assert padding_rows.any() and not dropped[0][padding_rows].any()
+            dropped = (dropped[0], dropped[1] & routing_map)  # the rows moeblaze computes
         if policy == "position":
-            capacity = math.ceil(S * BATCH * k / E * cfg.moe_expert_capacity_factor)
+            capacity = math.ceil(S * BATCH * k / E * factor)
             earliest = routing_map & (routing_map.cumsum(0) <= capacity)
             assert torch.equal(dropped[1].sum(0), earliest.sum(0))
             dropped = (probs * earliest, earliest)

@@ -56,8 +56,11 @@ MEGATRON_DEFAULTS = {
     "calculate_per_token_loss": False,
     "mtp_num_layers": None,
     "mtp_use_repeated_layer": False,
-    # Features moeblaze does not have: only their defaults are accepted.
+    # Padding each expert's rows to its capacity with tokens of routing weight 0 (Megatron's
+    # drop-and-pad, for static expert shapes): they add nothing to the output and get no
+    # gradient, so moeblaze computes none (its plan has static bounds anyway).
     "moe_pad_expert_input_to_capacity": False,
+    # Features moeblaze does not have: only their defaults are accepted.
     "moe_router_padding_for_quantization": False,
     "moe_router_padding_for_fp8": False,
     "fp8": None,
@@ -76,7 +79,6 @@ MEGATRON_DEFAULTS = {
 # Fields whose other values need a feature moeblaze lacks: (the feature, accepted value test).
 _OFF = lambda value: not value
 _UNSUPPORTED = {
-    "moe_pad_expert_input_to_capacity": ("padding experts to capacity", _OFF),
     "moe_router_padding_for_quantization": ("padding routed tokens for FP8/FP4", _OFF),
     "moe_router_padding_for_fp8": ("padding routed tokens for FP8", _OFF),
     "fp8": ("FP8 experts", _OFF),
@@ -414,6 +416,8 @@ def _invalid_fields(cfg) -> list[str]:
                 f"aux_loss, seq_aux_loss, global_aux_loss or none (as in Megatron), got "
                 f"{cfg['moe_router_load_balancing_type']!r}"
             )
+    if cfg["moe_pad_expert_input_to_capacity"]:
+        problems += _padding_problems(cfg)
     if cfg["moe_token_drop_policy"] not in DROP_POLICIES:
         problems.append(
             f"moe_token_drop_policy={cfg['moe_token_drop_policy']!r} must be one of {DROP_POLICIES}"
@@ -441,6 +445,26 @@ def _invalid_fields(cfg) -> list[str]:
         )
     if cfg["params_dtype"] not in _PARAMS_DTYPES:
         problems.append(f"params_dtype={cfg['params_dtype']} must be one of {_PARAMS_DTYPES}")
+    return problems
+
+
+def _padding_problems(cfg) -> list[str]:
+    """What moe_pad_expert_input_to_capacity=True cannot go with. The padded rows are tokens of
+    routing weight 0: equal to no padding, except where Megatron counts them or feeds them."""
+    padding = "moe_pad_expert_input_to_capacity=True"
+    problems = []
+    if _capacity_factor(cfg) is None:
+        problems.append(f"{padding} needs moe_expert_capacity_factor >= 0 (as in Megatron)")
+    if cfg["moe_router_enable_expert_bias"]:
+        problems.append(
+            f"{padding} with moe_router_enable_expert_bias=True (Megatron then counts the padded "
+            f"rows in the expert-bias update: every expert its capacity)"
+        )
+    if cfg["moe_apply_probs_on_input"] and cfg["add_bias_linear"]:
+        problems.append(
+            f"{padding} with moe_apply_probs_on_input=True and add_bias_linear=True (a padded "
+            f"row enters its expert as zeros and leaves as the expert's bias terms)"
+        )
     return problems
 
 
