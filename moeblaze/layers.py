@@ -175,10 +175,13 @@ class MoEBlock(nn.Module):
         if mask is not None:  # padding goes to no expert
             ids = routing.topk_ids.masked_fill(~mask.unsqueeze(-1), DROPPED)
             routing = dataclasses.replace(routing, topk_ids=ids)
-        out = self.routed_mlp(tokens, routing)
+        out = self.routed_mlp(tokens, routing)  # [N, d], a tensor of this forward's own
         if self.shared_expert is not None:
             out = out + self.shared_mlp(tokens)
-        return out.view(x.shape)
+        # In x's shape without being a view of out (as nn.Linear's output on 3-D input): FSDP2
+        # warns of a module output that is a view, since an in-place op on it would skip its
+        # pre-backward hook. Nothing else holds out, so nothing can change it behind the alias.
+        return torch.ops.aten._unsafe_view(out, x.shape)
 
     def route(self, tokens: torch.Tensor, sequences: tuple, token_mask) -> RouterOutput:
         """The router on `tokens [N, d]`, with `sequences` = (sequence ids, number) or

@@ -95,12 +95,14 @@ def _recomputing() -> bool:
 
 class _InjectLossGrad(torch.autograd.Function):
     """Identity on `topk_weights`; backward also returns `scale` as the gradient of `loss` (a
-    number, or a callable called then that returns a number or a one-element tensor)."""
+    number, or a callable called then that returns a number or a one-element tensor). The output
+    is a copy ([N, k]: small), not the input returned, which autograd would make a view of it
+    (FSDP2 warns of a module output that is a view)."""
 
     @staticmethod
     def forward(ctx, topk_weights, loss, scale):
         ctx.scale = scale
-        return topk_weights
+        return topk_weights.clone()
 
     @staticmethod
     def backward(ctx, grad):

@@ -11,6 +11,7 @@ and NaN-poisoned allocations carry over.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -52,8 +53,12 @@ def _worker(rank, init_method, layer, xs, douts, expected, expert_parallel):
             fully_shard(model.router, mesh=mesh)
             fully_shard(model, mesh=mesh)
         x = xs[rank].clone().requires_grad_()
-        out = checkpoint(model, x, use_reentrant=False)
-        out.backward(douts[rank])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = checkpoint(model, x, use_reentrant=False)
+            out.backward(douts[rank])
+        views = [str(w.message) for w in caught if "returned a view" in str(w.message)]
+        assert not views, views[0]  # the layer's output is not a view of another tensor
         assert_close(out.detach(), expected["out"][rank], rtol=RTOL, name=f"rank {rank} out")
         assert_close(x.grad, expected["dx"][rank], rtol=RTOL, name=f"rank {rank} dx")
         experts = slice(rank * E // W, (rank + 1) * E // W)

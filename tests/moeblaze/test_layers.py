@@ -202,12 +202,18 @@ def test_last_router_output_is_set():
     assert torch.isfinite(routing.aux_loss) and torch.isfinite(routing.z_loss)
 
 
-def test_any_leading_shape():
-    layer = _layer(seed=6)
-    x = torch.randn(3, 2, 5, D)
+@pytest.mark.parametrize("shared", [None, 12], ids=["routed", "shared"])
+def test_any_leading_shape(shared):
+    layer = _layer(seed=6, shared_expert_size=shared)
+    x = torch.randn(3, 2, 5, D, requires_grad=True)
     out = layer(x)
     assert out.shape == x.shape
+    # A tensor of its own, not a view (FSDP2 warns of a module output that is a view).
+    assert out._base is None
     assert_close(out, layer(x.reshape(-1, D)).view(x.shape), rtol=0, name="out")
+    out.sum().backward()
+    expected = torch.autograd.grad(layer(x.reshape(-1, D)).sum(), x)[0]
+    assert_close(x.grad, expected, rtol=0, name="dx")
 
 
 @pytest.mark.parametrize(
