@@ -101,8 +101,6 @@ SHAPES = {
     ]
 }
 GPU_SHAPES = ("mixtral", "qwen3-30b-a3b", "deepseek-ish")
-# The shapes of the other activations (`bash bench/run_gpu.sh OUT moe_activations`).
-ACTIVATION_SHAPES = ("gemma4-ish", "nemotron3-nano-ish", "inkling2-ish")
 CPU_SHAPES = ("tiny",)
 
 PROVIDERS = ("moeblaze-activation", "moeblaze-up_proj", "moeblaze-none", "grouped_mm", "loop")
