@@ -43,6 +43,7 @@ dense SwiGLUMLP run.
 import dataclasses
 import functools
 import math
+import weakref
 from typing import ClassVar
 
 import torch
@@ -406,9 +407,16 @@ def evaluated_once(finder):
         return result.constants if isinstance(result, Activation) else result
 
     def remembered(*args):
-        if args not in found:
-            found[args] = finder(*args)
-        return found[args]
+        # A module is remembered by identity while it lives, not kept alive by the cache.
+        modules = [arg for arg in args if isinstance(arg, torch.nn.Module)]
+        key = tuple(
+            ("module", id(arg)) if isinstance(arg, torch.nn.Module) else arg for arg in args
+        )
+        if key not in found:
+            found[key] = finder(*args)
+            for module in modules:
+                weakref.finalize(module, found.pop, key, None)
+        return found[key]
 
     @functools.wraps(finder)
     def lookup(*args):

@@ -7,7 +7,9 @@ tanh of the soft caps, value by value.
 # T tokens, d hidden, F ffn, E experts, k top-k, S = T*k slots
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ from moeblaze.activation import (
     SwiGLU,
     Ungated,
     activation_of,
+    evaluated_once,
 )
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
 from moeblaze.reference import TORCH_STAGES
@@ -205,6 +208,31 @@ def test_backward_at_the_limit_under_either_rule(name, passes, monkeypatch):
         assert (d_gate[at_gate] != 0).all() and (d_up[at_up] != 0).all()
     else:
         assert (d_gate[at_gate] == 0).all() and (d_up[at_up] == 0).all()
+
+
+def test_evaluated_once_remembers_a_module_while_it_lives():
+    # An evaluation is computed once per module, and the cache does not keep the module alive
+    # (a model's act_fn module, which may hold parameters, is freed with the model).
+    calls = []
+
+    @evaluated_once
+    def scaled_by(module, factor):
+        calls.append(module)
+        return float(module(torch.ones(1))) * factor
+
+    first = torch.nn.SiLU()
+    assert (
+        scaled_by(first, 2)
+        == scaled_by(first, 2)
+        == 2 * torch.nn.functional.silu(torch.ones(1)).item()
+    )
+    assert len(calls) == 1
+    alive = weakref.ref(first)
+    del first, calls[:]
+    gc.collect()
+    assert alive() is None, "the cache keeps the module alive"
+    second = torch.nn.ReLU()
+    assert scaled_by(second, 2) == 2.0 and len(calls) == 1  # its own evaluation
 
 
 def test_forward_is_the_written_out_activation():
