@@ -49,21 +49,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-
-def _clamp_grad_at_limit() -> bool:
-    """Whether torch.clamp with a number as bound passes the gradient of a value exactly at the
-    bound: it does up to torch 2.13 (subgradient 1); torch 2.14 gives the minimum-norm
-    subgradient, 0."""
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.ones((), dtype=torch.float64, device="cpu", requires_grad=True)
-        (grad,) = torch.autograd.grad(x.clamp(max=1.0), x)
-    return bool(grad == 1.0)
-
-
-# The gradient of a gate or up value exactly at `limit`: passed or stopped as torch.clamp does on
-# the torch installed, so that the backward of the kernels and of the torch stages is autograd's
-# gradient of `forward`, as the Hugging Face and Megatron implementations' is on that torch.
-CLAMP_GRAD_AT_LIMIT = _clamp_grad_at_limit()
+# The gradient of a gate or up value exactly at `limit`: passed or stopped as torch.clamp (with a
+# number as bound) does on the torch installed, so that the backward of the kernels and of the
+# torch stages is autograd's gradient of `forward`, as the Hugging Face and Megatron forms' is on
+# that torch: passed (subgradient 1) up to torch 2.13; torch 2.14 gives clamp the minimum-norm
+# subgradient, 0. (Read from the version, not from autograd at import: moeblaze may be imported
+# under a FakeTensorMode, as when a model is built for memory estimation.)
+CLAMP_GRAD_AT_LIMIT = torch.torch_version.TorchVersion(torch.__version__) < "2.14"
 
 
 class _GatedUnit:
