@@ -269,9 +269,9 @@ def _grad_act_columns(
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
     unit (`gated`); GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
-    (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns
-    from 2 * col0 on), else the gate columns `cols` and the up columns F further on. Not GATED:
-    h and dh are F wide and act = ACT(h) (`ungated`)."""
+    (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up
+    alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate columns `cols` and the
+    up columns F further on. Not GATED: h and dh are F wide and act = ACT(h) (`ungated`)."""
     mask = row_mask[:, None] & (cols < F)[None, :]
     if not GATED:
         if H_TMA:  # rows past the expert and columns past F: masked, as below
