@@ -1237,18 +1237,17 @@ def test_routing_matches_megatron(routing, padded, megatron, monkeypatch):
     )
     if cfg.moe_expert_capacity_factor is not None:  # TopKRouter.routing
         policy, factor = cfg.moe_token_drop_policy, cfg.moe_expert_capacity_factor
+        capacity = math.ceil(S * BATCH * k / E * factor)
         padded_to_capacity = getattr(cfg, "moe_pad_expert_input_to_capacity", False)
         dropped = mu.apply_router_token_dropping(
             probs, routing_map, k, factor, policy, pad_to_capacity=padded_to_capacity
         )
         if padded_to_capacity:  # every expert its capacity; the padding rows weigh 0
-            capacity = math.ceil(S * BATCH * k / E * factor)
             assert (dropped[1].sum(0) == capacity).all()
             padding_rows = dropped[1] & ~routing_map
             assert padding_rows.any() and not dropped[0][padding_rows].any()
             dropped = (dropped[0], dropped[1] & routing_map)  # the rows moeblaze computes
         if policy == "position":
-            capacity = math.ceil(S * BATCH * k / E * factor)
             earliest = routing_map & (routing_map.cumsum(0) <= capacity)
             assert torch.equal(dropped[1].sum(0), earliest.sum(0))
             dropped = (probs * earliest, earliest)
