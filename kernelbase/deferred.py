@@ -8,13 +8,16 @@ what a finished copy shows, or `check()` waits for every copy and raises. An err
 surfaces at the latest at the next moeblaze call after the GPU got there, or at `check()`.
 
 On the CPU a read costs nothing: `defer` checks at once. While a CUDA graph is being captured
-nothing is deferred (a capture may not read memory back to the host).
+nothing is deferred (a capture may not read memory back to the host), nor is a word without
+values: a fake tensor (under FakeTensorMode, as when a model's memory is estimated) or one on the
+meta device.
 """
 
 import collections
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 _pending: collections.deque = collections.deque()  # (event, pinned word, describe)
 
@@ -25,6 +28,8 @@ def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> No
     `describe` runs on the host later, after the device wrote `word`; it may read the tensors it
     closes over then (an error may synchronise).
     """
+    if word.device.type == "meta" or is_fake(word):
+        return
     if word.device.type != "cuda":
         _raise(describe, word.tolist())
         return

@@ -16,6 +16,7 @@ import math
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.ops import check_recompute, moe_mlp
@@ -115,7 +116,9 @@ class MoEBlock(nn.Module):
         initial model is the same whatever the number of ranks holding the experts or their
         shards (a shard is cut from the whole expert's draw).
         """
-        if self.w13.is_meta:  # filled later (ExpertParallelMoELayer.from_moe_layer)
+        # Nothing to fill: on the meta device (filled later, as by
+        # ExpertParallelMoELayer.from_moe_layer) or fake (FakeTensorMode: memory estimation).
+        if self.w13.is_meta or is_fake(self.w13):
             return
         generator = torch.Generator(self.w13.device)
         d, f = self.expert_hidden_size, self.ffn_hidden_size
