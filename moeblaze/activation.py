@@ -48,6 +48,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 # The gradient of a gate or up value exactly at `limit`: passed or stopped as torch.clamp (with a
 # number as bound) does on the torch installed, so that the backward of the kernels and of the
@@ -405,7 +406,10 @@ def evaluated_once(finder):
             ("module", id(arg)) if isinstance(arg, torch.nn.Module) else arg for arg in args
         )
         if key not in found:
-            found[key] = finder(*args)
+            # On real sample points even under FakeTensorMode (memory estimation): it compares
+            # values.
+            with unset_fake_temporarily():
+                found[key] = finder(*args)
             for module in modules:
                 weakref.finalize(module, found.pop, key, None)
         return found[key]

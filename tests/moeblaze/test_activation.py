@@ -235,6 +235,11 @@ def test_evaluated_once_remembers_a_module_while_it_lives():
     assert alive() is None, "the cache keeps the module alive"
     second = torch.nn.ReLU()
     assert scaled_by(second, 2) == 2.0 and len(calls) == 1  # its own evaluation
+    # Under FakeTensorMode (memory estimation) the evaluation still sees values.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert scaled_by(torch.nn.ReLU(), 3) == 3.0
 
 
 def test_forward_is_the_written_out_activation():

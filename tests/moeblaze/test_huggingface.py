@@ -708,6 +708,22 @@ def test_custom_gate_experts_match_eager(family):
         assert_close(ours, eager, rtol=RTOL, name=name)
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_model_under_fake_tensor_mode(family):
+    # Memory estimation runs a model on fake tensors: the moeblaze experts (GPT-OSS's gate
+    # identified by evaluating it on real sample points) run forward and backward.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = transformers.AutoModelForCausalLM.from_config(
+            _config(family), experts_implementation="moeblaze"
+        )
+        ids = torch.randint(model.config.vocab_size, (2, 5))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert isinstance(out.logits, FakeTensor) and out.logits.shape[:2] == (2, 5)
+
+
 def test_gpt_oss_block_is_a_moeblaze_layer():
     """moeblaze.MoELayer(bias=True) with GPT-OSS's SwiGLU, given a GptOssMLP's parameters,
     computes that block: its router's bias, softmax over the top-k logits (= norm_topk_prob),
