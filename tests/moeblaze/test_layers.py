@@ -232,20 +232,23 @@ def test_any_leading_shape(shared):
     ],
     ids=["shared_aux", "deepseek_capacity"],
 )
-def test_layer_under_fake_tensor_mode(options):
+@pytest.mark.parametrize("where", ["fake", "meta"])
+def test_layer_without_values(options, where):
     # Memory estimation builds and runs a model on fake tensors (torch's FakeTensorMode: shapes,
-    # no values): the layer is built without drawing initial values, runs forward and backward,
-    # and looks at no value (the checks of ids and logits skip fake tensors).
+    # no values), shape inference on the meta device: the layer is built without drawing
+    # initial values, runs forward and backward, and looks at no value (the checks of ids and
+    # logits skip such tensors; autocast, which the meta device lacks, is left alone).
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    with FakeTensorMode():
+    mode = FakeTensorMode() if where == "fake" else torch.device("meta")
+    with mode:
         layer = _layer(**options).train()
         x = torch.randn(2, 3, D, requires_grad=True)
         out = layer(x)
         out.sum().backward()
-    assert isinstance(out, FakeTensor) and out.shape == x.shape
-    assert isinstance(layer.w13.grad, FakeTensor) and layer.w13.grad.shape == layer.w13.shape
-    assert x.grad.shape == x.shape
+    for t in (out, layer.w13.grad, x.grad):
+        assert isinstance(t, FakeTensor) if where == "fake" else t.is_meta
+    assert out.shape == x.grad.shape == x.shape and layer.w13.grad.shape == layer.w13.shape
 
 
 @pytest.mark.parametrize(
