@@ -98,6 +98,20 @@ def backend_for(device: torch.device) -> Backend:
     return Backend.TORCH
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type`; nothing to turn off on the meta device,
+    which has no autocast (torch.autocast raises there). A string comparison rather than
+    torch.amp.is_autocast_available, which torch 2.11's torch.compile cannot trace."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (never on the meta device, which has none)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def interpreting() -> bool:
     """True when the Triton kernels were defined under the CPU interpreter."""
     return INTERPRETER_ON

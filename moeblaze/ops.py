@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from kernelbase.backend import Backend, backend_for
+from kernelbase.backend import Backend, autocast_on, backend_for
 from kernelbase.profiling import profile_range
 from moeblaze.activation import SWIGLU, Activation, activation_of, check_activation
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
@@ -488,7 +488,7 @@ def moe_mlp(
         out: [T, d] in x's dtype, differentiable in x, topk_weights, w13, w2, b13 and b2.
     """
     device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_on(device_type):
         # As nn.Linear under autocast: x and the weights are cast to the autocast dtype and the
         # output comes in it; topk_weights keep their dtype. Inside, autocast is off, so every
         # backend computes exactly what it computes for inputs of that dtype.

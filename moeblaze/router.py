@@ -25,7 +25,6 @@ The auxiliary losses do not have to be added to the training loss by hand: the f
 gradient whenever `topk_weights` reaches the objective, in training mode with grad enabled.
 """
 
-import contextlib
 import dataclasses
 import math
 
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from kernelbase import compiled, deferred
+from kernelbase.backend import autocast_off
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
@@ -393,7 +393,7 @@ class Router(nn.Module):
             self._check_replay_ids(x, replay_ids)
             num_experts = self.num_experts
             dtype = self.routing_dtype
-            with _no_autocast(x.device.type):  # float32 even under autocast
+            with autocast_off(x.device.type):  # float32 even under autocast
                 logits = self._jittered(x).to(dtype) @ self.weight.to(dtype).t()  # [N, E]
                 if self.bias is not None:
                     logits = logits + self.bias.to(dtype)
@@ -932,10 +932,3 @@ def _check_quantile_balancing(
             "quantile_balancing balances by its bias, without balancing losses (as "
             f"megatron-core's): {', '.join(losses)} must be 0"
         )
-
-
-def _no_autocast(device_type: str):
-    """Autocast off on `device_type`, where it has one (the meta device has none)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
