@@ -132,6 +132,13 @@ class _ParallelLinear(nn.Module):
         )
 
 
+def _unview(y: torch.Tensor, shape) -> torch.Tensor:
+    """y, which nothing else holds, reshaped to `shape` as a tensor of its own rather than a
+    view (as nn.Linear's output on 3-D input): FSDP2 warns about a module returning a view, since
+    an in-place op on it would drop its pre-backward hook."""
+    return torch.ops.aten._unsafe_view(y.contiguous(), shape)
+
+
 class ColumnParallelLinear(_ParallelLinear):
     """y = x @ A^T + bias with A's rows (the output features) split across ranks.
 
@@ -171,7 +178,7 @@ class ColumnParallelLinear(_ParallelLinear):
         else:
             y = torch.matmul(copy_to_tensor_parallel_region(x2, self.world), w_t)
         y, out_bias = self._finish(y)
-        return y.reshape(*self._lead, *rows_shape, y.shape[-1]), out_bias
+        return _unview(y, (*self._lead, *rows_shape, y.shape[-1])), out_bias
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -215,7 +222,7 @@ class RowParallelLinear(_ParallelLinear):
         else:
             y = reduce_from_tensor_parallel_region(torch.matmul(x2, w_t), self.world)
         y, out_bias = self._finish(y)
-        return y.reshape(*self._lead, *rows_shape, y.shape[-1]), out_bias
+        return _unview(y, (*self._lead, *rows_shape, y.shape[-1])), out_bias
 
 
 class ParallelMLP(nn.Module):

@@ -40,6 +40,7 @@ def test_column_parallel_sequence_parallel(W, mode):
     x = randn(W, s // W, b, h, seed=2, device=DEVICE).requires_grad_()  # sequence shards
     y, out_bias = layer(x)  # [W, s, b, f/W]
     assert out_bias is None and y.shape == (W, s, b, f // W)
+    assert y._base is None  # not a view: FSDP2 warns about a module returning one
     weight, bias = _full_column(layer)
     x_full = x.detach().reshape(s, b, h).double().requires_grad_()
     w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
@@ -65,6 +66,7 @@ def test_row_parallel_sequence_parallel(W, mode):
         layer.bias.copy_(randn(f, seed=1))
     x = randn(W, s, b, h // W, seed=2, device=DEVICE).requires_grad_()  # feature shards
     y, _ = layer(x)  # [W, s/W, b, f]
+    assert y._base is None
     weight, bias = _full_row(layer)
     x_full = torch.cat(list(x.detach()), dim=-1).double().requires_grad_()  # [s, b, h]
     w64, b64 = weight.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
@@ -132,6 +134,31 @@ def test_skip_bias_add_returns_the_bias():
     no_bias = overlap.RowParallelLinear(4, 8, world, bias=False)
     y, bias = no_bias(randn(2, 6, 1, 2, device=DEVICE))
     assert bias is None and no_bias.bias is None and y.shape == (2, 3, 1, 8)
+
+
+@pytest.mark.parametrize("bias", ["bias", "skip_bias_add", "no-bias"])
+@pytest.mark.parametrize("sequence_parallel", [True, False], ids=["sp", "no-sp"])
+@pytest.mark.parametrize("layer_type", [overlap.ColumnParallelLinear, overlap.RowParallelLinear])
+def test_outputs_are_not_views(layer_type, sequence_parallel, bias):
+    """No output is a view of another tensor (as nn.Linear's on 3-D input), in any bias mode
+    and with or without sequence parallelism: FSDP2 warns about a wrapped module returning a
+    view, since an in-place op on it would drop the module's pre-backward hook."""
+    W, s, b, n = 2, 4, 3, 8
+    layer = layer_type(
+        n,
+        n,
+        _world(W, "serial"),
+        sequence_parallel=sequence_parallel,
+        bias=bias != "no-bias",
+        skip_bias_add=bias == "skip_bias_add",
+    )
+    rows = s // W if sequence_parallel and layer_type is overlap.ColumnParallelLinear else s
+    features = n if layer_type is overlap.ColumnParallelLinear else n // W
+    x = randn(W, rows, b, features, device=DEVICE).requires_grad_()
+    y, _ = layer(x)
+    assert y.dim() == 4 and y._base is None
+    y.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 def test_layers_equal_the_dense_linear_they_shard_at_init():
