@@ -205,6 +205,13 @@ def _check_errors(group) -> None:
         message += f"; this rank's first one is {W}"
     with pytest.raises(ValueError, match=message):
         expert_parallel_mlp(x, ids, torch.ones(3, 1), w13, w2, group)
+    # Backward dispatches x again (recompute_dispatch): x changed in place after forward raises,
+    # on every rank before any of them enters a collective of the backward.
+    x = randn(3, D, seed=45).requires_grad_() * 1
+    out = expert_parallel_mlp(x, torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1), w13, w2)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after forward; backward dispatches"):
+        out.sum().backward()
 
 
 def _check_dropped(group) -> None:
