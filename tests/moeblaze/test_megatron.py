@@ -8,6 +8,7 @@ name the field.
 """
 
 import ast
+import functools
 import math
 import types
 from pathlib import Path
@@ -538,6 +539,51 @@ def test_config_errors_name_the_field(fields, error, names):
         mb.MoELayer(_config(**fields))
     for name in names:
         assert name in str(raised.value), f"{name!r} not in: {raised.value}"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(
+            moe_shared_expert_intermediate_size=12,
+            moe_shared_expert_gate=True,
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_latent_size=8,
+        ),
+        dict(add_bias_linear=True),
+        dict(
+            init_method=None, output_layer_init_method=None, moe_shared_expert_intermediate_size=12
+        ),
+        dict(perform_initialization=False),
+    ],
+    ids=["shared_gated_bias_latent", "add_bias_linear", "no_init_methods", "no_initialization"],
+)
+def test_built_on_the_meta_device_then_materialised(fields):
+    """Megatron's init_model_with_meta_device: the layer builds on the meta device, and
+    `to_empty` then `reset_parameters` (seeded alike) give exactly the layer built on the CPU,
+    Megatron's init methods, the router's buffers and every linear included."""
+    init = dict(
+        init_method=functools.partial(torch.nn.init.normal_, std=0.02),
+        output_layer_init_method=functools.partial(torch.nn.init.normal_, std=0.01),
+    )
+    config = _config(**{**init, **fields})
+    torch.manual_seed(3)
+    built = mb.MoELayer(config)
+    with torch.device("meta"):
+        layer = mb.MoELayer(config)
+    assert all(t.is_meta for t in [*layer.parameters(), *layer.buffers()])
+    layer.to_empty(device="cpu")
+    torch.manual_seed(3)
+    layer.reset_parameters()
+    state, want = layer.state_dict(), built.state_dict()
+    assert state.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(state[name], tensor), name
+    for name, tensor in built.named_buffers():  # the non-persistent counters too
+        assert torch.equal(layer.get_buffer(name), tensor), name
+    x = torch.randn(S, BATCH, H, generator=torch.Generator().manual_seed(4))
+    assert_close(layer(x)[0], built(x)[0], rtol=0, name="out")
 
 
 def test_random_router_logits():

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
@@ -143,12 +144,7 @@ class MoELayer(MoEBlock):
         self.per_token_loss_ranks = tp * cp if _megatron_at_least("0.17") else 1
         # Registered in Megatron's list of replay instances, in layer order (as TopKRouter's).
         self.router_replay = _router_replay() if options.routing_replay else None
-        self.reset_parameters()
-        if getattr(config, "perform_initialization", True):
-            self._megatron_init(
-                getattr(config, "init_method", None),
-                getattr(config, "output_layer_init_method", None),
-            )
+        self._initialise()
         # Megatron's DDP reduces `allreduce=False` parameters over the expert-data-parallel
         # group, which holds the ranks whose tokens reach the same expert shards: the EP group's
         # others, and under tensor parallelism with whole experts the TP group.
@@ -168,12 +164,36 @@ class MoELayer(MoEBlock):
             if p is not None:
                 p.sequence_parallel = options.sequence_parallel
 
+    def reset_parameters(self) -> None:
+        """Every parameter and buffer of the layer drawn or set again as at construction: the
+        router's and its linears' defaults (shared expert, latent projections), then Megatron's
+        initialisation where `perform_initialization` (the config's `init_method` and
+        `output_layer_init_method`; the experts' biases zero). A layer built on the meta device
+        (as under Megatron's `init_model_with_meta_device`) is materialised by
+        `layer.to_empty(device=...)` and this. The tensor-parallel shared expert's split linears
+        are drawn again by the init methods only."""
+        self.router.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        self._initialise()
+
+    def _initialise(self) -> None:
+        super().reset_parameters()
+        if getattr(self.config, "perform_initialization", True):
+            self._megatron_init(
+                getattr(self.config, "init_method", None),
+                getattr(self.config, "output_layer_init_method", None),
+            )
+
     @torch.no_grad()
     def _megatron_init(self, init_method: Callable | None, output_init_method: Callable | None):
         """Megatron initialises each expert's [out, in] weight like one linear layer, the router's
         bias like its weight, and the experts' biases to zero. Expert e's weights are drawn after
         seeding the default generator of their device with (one draw) + e, inside a fork of its
         state, as `MoEBlock.reset_parameters` does."""
+        if self.w13.is_meta or is_fake(self.w13):  # nothing to fill (see MoEBlock's)
+            return
         if self.b13 is not None:
             self.b13.zero_()
             self.b2.zero_()
