@@ -21,6 +21,7 @@ import os
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from kernelbase import compiled
 
@@ -96,6 +97,12 @@ def backend_for(device: torch.device) -> Backend:
         return Backend.TRITON
     _warn_if_interpreter_was_set_late()
     return Backend.TORCH
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """Whether `t` holds values: not a tensor on the meta device (shape inference) or a fake one
+    (under FakeTensorMode, as when a model's memory is estimated)."""
+    return not (t.is_meta or is_fake(t))
 
 
 def autocast_off(device_type: str):

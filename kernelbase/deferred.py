@@ -17,7 +17,8 @@ import collections
 from collections.abc import Callable
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+
+from kernelbase.backend import has_values
 
 _pending: collections.deque = collections.deque()  # (event, pinned word, describe)
 
@@ -28,7 +29,7 @@ def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> No
     `describe` runs on the host later, after the device wrote `word`; it may read the tensors it
     closes over then (an error may synchronise).
     """
-    if word.device.type == "meta" or is_fake(word):
+    if not has_values(word):
         return
     if word.device.type != "cuda":
         _raise(describe, word.tolist())

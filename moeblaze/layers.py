@@ -16,8 +16,8 @@ import math
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
+from kernelbase.backend import has_values
 from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
@@ -118,7 +118,7 @@ class MoEBlock(nn.Module):
         """
         # Nothing to fill: on the meta device (filled later, as by
         # ExpertParallelMoELayer.from_moe_layer) or fake (FakeTensorMode: memory estimation).
-        if self.w13.is_meta or is_fake(self.w13):
+        if not has_values(self.w13):
             return
         generator = torch.Generator(self.w13.device)
         d, f = self.expert_hidden_size, self.ffn_hidden_size

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 import moeblaze
+from kernelbase.backend import has_values
 from moeblaze.activation import Activation
 from moeblaze.expert_parallel import added_once, expert_parallel_mlp, gather_rows, summed_shard
 from moeblaze.integrations.megatron.config import layer_options
@@ -192,7 +192,7 @@ class MoELayer(MoEBlock):
         bias like its weight, and the experts' biases to zero. Expert e's weights are drawn after
         seeding the default generator of their device with (one draw) + e, inside a fork of its
         state, as `MoEBlock.reset_parameters` does."""
-        if self.w13.is_meta or is_fake(self.w13):  # nothing to fill (see MoEBlock's)
+        if not has_values(self.w13):  # nothing to fill (see MoEBlock's)
             return
         if self.b13 is not None:
             self.b13.zero_()
