@@ -217,7 +217,7 @@ def measure(
         emulated_link_GBps=emulated_link,
     )
     fused_world = _world(case, device, "fused", chunk_m, tile, emulated_link)
-    row["tile"] = describe_tile(fused_world.fused.tile)
+    row["tile"] = describe_tile(fused_world.fused.tile_for(dtype))
     for mode, world in (
         ("serial", _world(case, device, "serial", chunk_m, None, emulated_link)),
         ("pipelined", _world(case, device, "pipelined", chunk_m, None, emulated_link)),
@@ -284,7 +284,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
     flags = [torch.zeros(W * layout.count, dtype=torch.int32, device=device) for _ in range(W)]
     out = a_shard.new_empty(W, M, n)
     full = a_shard.reshape(M, K)
-    programs = fused.programs(ag_gemm_tiles(m, n, W, fused.tile), 0)
+    programs = fused.programs(ag_gemm_tiles(m, n, W, fused.tile_for(a_shard.dtype)), 0)
 
     def producer():
         for rank in range(W):
@@ -325,7 +325,7 @@ def _rs_parts(case, a, b, world, device, rep_ms) -> dict:
     ws, epoch = fused.rs_workspace, fused.epoch
     out = a.new_empty(W, m, N)
     partials = [a.new_empty(M, N) for _ in range(W)]
-    programs = fused.programs(gemm_rs_tiles(m, N, W, fused.tile), 0)
+    programs = fused.programs(gemm_rs_tiles(m, N, W, fused.tile_for(a.dtype)), 0)
 
     def reduction():
         for dest in range(W):

@@ -44,7 +44,12 @@ def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> No
 
 
 def poll() -> None:
-    """Raise the first error among the copies the device has finished; never waits."""
+    """Raise the first error among the copies the device has finished; never waits.
+
+    Nothing is polled while the current stream captures a CUDA graph: querying an event then is
+    an error that invalidates the capture."""
+    if _pending and torch.cuda.is_current_stream_capturing():
+        return
     while _pending and _pending[0][0].query():
         _, host, describe = _pending.popleft()
         _raise(describe, host.tolist())

@@ -347,7 +347,7 @@ class PeerFused(FusedContext):
                 flags_per_rank=layout.count,
                 scope="sys",
             )
-        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
+        num_tiles = ag_gemm_tiles(m, n, W, self.tile_for(a_shard.dtype))
         programs = self.programs(num_tiles, self.free_sms())
         (counts,) = self.tile_counts(1, num_tiles)
         self.streams.fork()
@@ -376,7 +376,7 @@ class PeerFused(FusedContext):
         counters.zero_()
         out = a.new_empty(m, N)
         reserve = self.reduce_plan(m, N)[1]  # SMs the GEMM leaves the reductions
-        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
+        num_tiles = gemm_rs_tiles(m, N, W, self.tile_for(a.dtype))
         programs = self.programs(num_tiles, reserve)
         (counts,) = self.tile_counts(1, num_tiles)
         header_and_flags = peer_flags.view(r, torch.int32, (HEADER_WORDS + W * layout.count,))

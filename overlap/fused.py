@@ -51,6 +51,10 @@ from overlap.world import OverlapConfig
 # cuBLAS for the AG-GEMM) had 128x256x32 with 4 stages and an unpipelined A operand.
 # `bench.overlap --tiles` compares configs.
 GPU_TILE_CONFIG = GemmConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
+# float32 operands: three stages of the tile above need 262 KB of shared memory (an H100 block
+# gets 227 KB: OutOfResources on an H100), and 128x256x32 spills 12 KB in the AG-GEMM's
+# epilogue (Triton 3.6 sm_90 build).
+GPU_TILE_CONFIG_FP32 = GemmConfig(block_m=64, block_n=128, block_k=16, num_warps=8, num_stages=3)
 # CPU interpreter: the smallest tiles tl.dot accepts, a few programs so the persistent loop runs.
 INTERPRETER_TILE_CONFIG = GemmConfig(
     block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3
@@ -62,8 +66,11 @@ GPU_REDUCE_BLOCK = (32, 256)
 CPU_REDUCE_BLOCK = (16, 16)
 
 
-def default_tile_config(device: torch.device) -> GemmConfig:
-    return GPU_TILE_CONFIG if device.type == "cuda" else INTERPRETER_TILE_CONFIG
+def default_tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
+    """The GEMM tile when OverlapConfig.tile is None, by device and operand dtype."""
+    if device.type != "cuda":
+        return INTERPRETER_TILE_CONFIG
+    return GPU_TILE_CONFIG_FP32 if dtype.itemsize == 4 else GPU_TILE_CONFIG
 
 
 class FusedContext(abc.ABC):
@@ -90,10 +97,8 @@ class FusedContext(abc.ABC):
         self.device = device
         self.config = config
         self.streams = streams
-        # The GEMMs' tiles; tile.tma: they read their operands through tensor descriptors (TMA:
-        # Hopper and later), as the tile config and OverlapConfig.tma both allow.
-        tile = config.tile or default_tile_config(device)
-        self.tile = dataclasses.replace(tile, tma=tile.tma and config.tma and tma_supported(device))
+        self.tma = config.tma and tma_supported(device)
+        self.tile = self.tile_for(torch.bfloat16)  # of 2-byte operands; tile_for: any dtype
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
         self.status = {rank: torch.zeros(2, dtype=torch.int32, device=device) for rank in ranks}
@@ -105,6 +110,13 @@ class FusedContext(abc.ABC):
         # The last call, for status messages: op, chunk layout, signature, epoch.
         self._last = ("overlap", ChunkLayout(1, 1), (), 0)
         self._signatures: dict[tuple[int, ...], torch.Tensor] = {}  # on the device, by value
+
+    def tile_for(self, dtype: torch.dtype) -> GemmConfig:
+        """The GEMM tile of a call on `dtype` operands: OverlapConfig.tile, else the default for
+        the dtype; tile.tma: the GEMMs read operands through tensor descriptors (TMA: Hopper and
+        later), as the tile config and OverlapConfig.tma both allow."""
+        tile = self.config.tile or default_tile_config(self.device, dtype)
+        return dataclasses.replace(tile, tma=tile.tma and self.tma)
 
     # -- the fused schedules of the world ---------------------------------------------------------
 
@@ -189,7 +201,7 @@ class FusedContext(abc.ABC):
             epoch=epoch,
             wait_budget=self.wait_budget,
             chunk_m=layout.chunk_m,
-            config=self.tile,
+            config=self.tile_for(a_local.dtype),
             num_programs=programs,
             tile_counts=tile_counts,
             link_clock=link_clock,
@@ -225,7 +237,7 @@ class FusedContext(abc.ABC):
             world_size=self.world_size,
             epoch=epoch,
             chunk_m=layout.chunk_m,
-            config=self.tile,
+            config=self.tile_for(a.dtype),
             num_programs=programs,
             tile_counts=tile_counts,
             scope=self.scope,

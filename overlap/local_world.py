@@ -241,7 +241,7 @@ class LocalFused(FusedContext):
             ]
         out = torch.empty(W, W * m, n, dtype=a_shard.dtype, device=self.device)  # [W, M, n]
         gathered = [a_shard.new_empty(W * m, K) for _ in range(W)]  # W x [M, K]
-        num_tiles = ag_gemm_tiles(m, n, W, self.tile)
+        num_tiles = ag_gemm_tiles(m, n, W, self.tile_for(a_shard.dtype))
         programs = self.programs(num_tiles, self.free_sms())
         counts = self.tile_counts(W, num_tiles)
         link_clock = self.link.begin(W) if self.link else None
@@ -304,7 +304,7 @@ class LocalFused(FusedContext):
             counters.zero_()
         out = torch.empty(W, m, N, dtype=a.dtype, device=self.device)  # [W, m, N]
         reserve = self.reduce_plan(m, N)[1]  # SMs the GEMM leaves the reductions
-        num_tiles = gemm_rs_tiles(m, N, W, self.tile)
+        num_tiles = gemm_rs_tiles(m, N, W, self.tile_for(a.dtype))
         programs = self.programs(num_tiles, reserve)
         counts = self.tile_counts(W, num_tiles)
         link, link_clock = self.link, None

@@ -15,6 +15,7 @@ kernel variant.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -101,6 +102,8 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         kernel=fn.__name__,
         constexprs={k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
         num_warps=options.get("num_warps", 4),
+        # The element type of the first pointer argument ("*bf16", "*fp32", ...).
+        operand_type=next((k for k in signature.values() if k.startswith("*")), None),
         shared_bytes=kernel.metadata.shared,
         wgmma=ttgir.count("warp_group_dot "),
         async_copies=ttgir.count("async_copy_global_to_local"),
@@ -264,7 +267,7 @@ def run_overlap_launchers() -> None:
     operands through tensor descriptors (TMA; the AG-GEMM with both layouts of b), and with
     pointer loads; the RS reduction, the peers' ready wait and the fallback flag kernel; the GEMMs
     and the reduction with the emulated link of a LocalWorld too, and its one-warp wait."""
-    from overlap.fused import GPU_REDUCE_BLOCK, GPU_TILE_CONFIG
+    from overlap.fused import GPU_REDUCE_BLOCK, GPU_TILE_CONFIG, default_tile_config
     from overlap.kernels.ag_gemm import launch_ag_gemm
     from overlap.kernels.flags import launch_raise_flag, launch_wait_peers
     from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
@@ -338,6 +341,35 @@ def run_overlap_launchers() -> None:
             scope=scope,
             link_clock=link.get("link_clock"),
         )
+    # float32 operands with their default tile (half the K depth: the bf16 tile's stages would
+    # need 262 KB of shared memory).
+    tile_fp32 = dataclasses.replace(
+        default_tile_config(torch.device("cuda"), torch.float32), tma=hopper
+    )
+    fp32 = functools.partial(empty, dtype=torch.float32)
+    launch_ag_gemm(
+        fp32(m, hidden),
+        fp32(M, hidden),
+        fp32(hidden, n),
+        fp32(M, n),
+        flags,
+        status,
+        rank=5,
+        wait_budget=1000,
+        config=tile_fp32,
+        **common,
+    )
+    launch_gemm_rs(
+        fp32(M, n),
+        fp32(n, hidden),
+        fp32(M, hidden),
+        empty(W * 2, dtype=torch.int32),
+        flags,
+        rank=5,
+        scope="gpu",
+        config=tile_fp32,
+        **common,
+    )
     launch_wait_peers(
         table,
         status,

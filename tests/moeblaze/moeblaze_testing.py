@@ -65,7 +65,8 @@ def assert_matches_reference(actual, expected, *, rtol=RTOL_FP32, what=""):
 
 
 def check_plan(plan, topk_ids, num_experts, block_m):
-    """Every documented invariant of a RoutingPlan built from `topk_ids`."""
+    """Every documented invariant of a RoutingPlan built from `topk_ids` (on any device)."""
+    topk_ids = topk_ids.to(plan.buffer.device)
     T, k = topk_ids.shape
     S = T * k
     E = num_experts
@@ -92,9 +93,10 @@ def check_plan(plan, topk_ids, num_experts, block_m):
     offsets = plan.expert_offsets.long()  # [E+1]
 
     # sorted_slots is a permutation of range(S) and slot_positions its inverse.
-    assert torch.equal(sorted_slots.sort().values, torch.arange(S))
-    assert torch.equal(positions[sorted_slots], torch.arange(S))
-    assert torch.equal(sorted_slots[positions], torch.arange(S))
+    every_slot = torch.arange(S, device=plan.buffer.device)
+    assert torch.equal(sorted_slots.sort().values, every_slot)
+    assert torch.equal(positions[sorted_slots], every_slot)
+    assert torch.equal(sorted_slots[positions], every_slot)
 
     # Counts and offsets.
     assert torch.equal(counts, torch.bincount(ids, minlength=E))
