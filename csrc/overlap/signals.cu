@@ -10,11 +10,19 @@
 //   until the same condition holds or `timeout_ns` of real time (%globaltimer) have passed; on
 //   a timeout it records (code, observed value) in a status word, first timeout wins.
 //
+// Every entry point loads both kernels on its device first (once per device). Since CUDA 12.2 the
+// runtime loads a kernel lazily, at its first launch, and that load may wait for the whole
+// context to be idle: a producer's first write_flag_kernel launched while a consumer's stream
+// waits (wait_flag) or its kernel spins (wait_flag_bounded) would wait for that consumer, which
+// waits for the flag (the "concurrent execution" hazard of the CUDA guide's lazy loading
+// chapter).
+//
 // The driver entry points are looked up at run time (csrc::driver_entry_point), so the module
 // links no libcuda and imports on a machine without a driver.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <atomic>
 #include <string>
 
 #include "../common/device_code.cuh"
@@ -104,6 +112,21 @@ const DriverOps& driver_ops() {
                            (name != nullptr ? name : "CUresult " + std::to_string(result)));
 }
 
+// Loads this module's kernels on the current device `device`, once per device, so that no launch
+// of them loads one while another waits (see the top of this file).
+void load_kernels(int device, const char* where) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> loaded[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices) {
+    csrc::argument_error(where, ": device index ", device, " is out of range");
+  }
+  if (loaded[device].load(std::memory_order_acquire)) return;
+  cudaFuncAttributes attributes;
+  CSRC_CHECK_CUDA(where, cudaFuncGetAttributes(&attributes, write_flag_kernel));
+  CSRC_CHECK_CUDA(where, cudaFuncGetAttributes(&attributes, wait_flag_bounded_kernel));
+  loaded[device].store(true, std::memory_order_release);
+}
+
 }  // namespace
 
 std::pair<bool, std::string> stream_memops() {
@@ -114,6 +137,7 @@ std::pair<bool, std::string> stream_memops() {
 bool write_flag(csrc::Handle flag, int value, csrc::Handle stream, int device) {
   const char* where = "overlap._C.write_flag";
   csrc::DeviceGuard guard(device, where);
+  load_kernels(device, where);
   const DriverOps& ops = driver_ops();
   if (ops.write != nullptr) {
     const CUresult result =
@@ -129,6 +153,7 @@ bool write_flag(csrc::Handle flag, int value, csrc::Handle stream, int device) {
 void write_flag_with_kernel(csrc::Handle flag, int value, csrc::Handle stream, int device) {
   const char* where = "overlap._C.write_flag_with_kernel";
   csrc::DeviceGuard guard(device, where);
+  load_kernels(device, where);
   write_flag_kernel<<<1, 1, 0, csrc::as_stream(stream)>>>(csrc::as_ptr<int>(flag), value);
   CSRC_CHECK_CUDA(where, cudaGetLastError());
 }
@@ -136,6 +161,7 @@ void write_flag_with_kernel(csrc::Handle flag, int value, csrc::Handle stream, i
 void wait_flag(csrc::Handle flag, int value, csrc::Handle stream, int device) {
   const char* where = "overlap._C.wait_flag";
   csrc::DeviceGuard guard(device, where);
+  load_kernels(device, where);
   const DriverOps& ops = driver_ops();
   if (ops.wait == nullptr) {
     throw std::runtime_error(std::string(where) +
@@ -153,6 +179,7 @@ void wait_flag_bounded(csrc::Handle flag, int value, csrc::Handle status, int64_
   if (timeout_ns <= 0) csrc::argument_error(where, ": timeout_ns=", timeout_ns, " must be > 0");
   if (code == 0) csrc::argument_error(where, ": code=0 is reserved for 'no timeout'");
   csrc::DeviceGuard guard(device, where);
+  load_kernels(device, where);
   wait_flag_bounded_kernel<<<1, 1, 0, csrc::as_stream(stream)>>>(
       csrc::as_ptr<const int>(flag), value, csrc::as_ptr<int>(status),
       static_cast<uint64_t>(timeout_ns), code);

@@ -288,13 +288,28 @@ def test_router_topk_never_syncs():
 SLEEP_CYCLES = 50_000_000  # ~25 ms at ~2 GHz: the consumer really has to wait
 
 
+def _load_producer_kernels(data: torch.Tensor, flags: torch.Tensor) -> None:
+    """Launch once, with nothing waiting, every kernel the producers below launch while a consumer
+    waits. CUDA loads a kernel at its first launch, and that load may wait for the context to be
+    idle, so a first launch behind a waiting consumer waits for it (seen on an H100: the round
+    trips hung and the bounded wait timed out when a test ran alone). overlap._C loads its own
+    kernels before any wait; torch's are the tests' to load."""
+    torch.cuda._sleep(1)
+    data.fill_(0.0)
+    torch.empty_like(data).copy_(data)
+    compiled.require("overlap").write_flag_with_kernel(
+        flags.data_ptr(), 0, torch.cuda.current_stream().cuda_stream, flags.device.index
+    )
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("writer", ["write_flag", "kernel"])
 def test_signal_round_trip_between_two_streams(writer):
     producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
     flags = torch.zeros(4, dtype=torch.int32, device="cuda")
     data = torch.zeros(1 << 20, device="cuda")
     seen = torch.empty_like(data)
-    torch.cuda.synchronize()
+    _load_producer_kernels(data, flags)
     for epoch in range(1, 6):
         with torch.cuda.stream(consumer):
             wait_flag(flags, 2, epoch)
@@ -320,7 +335,7 @@ def test_bounded_wait_passes_when_the_flag_rises():
     flags = torch.zeros(2, dtype=torch.int32, device="cuda")
     status = torch.zeros(2, dtype=torch.int32, device="cuda")
     data, seen = torch.zeros(1024, device="cuda"), torch.empty(1024, device="cuda")
-    torch.cuda.synchronize()
+    _load_producer_kernels(data, flags)
     with torch.cuda.stream(consumer):
         wait_flag_bounded(flags, 1, 3, status, timeout_ns=5_000_000_000, code=9)
         seen.copy_(data)
