@@ -50,9 +50,15 @@ VIEWS = {
         ("shape", "T", "k", "d", "provider", "ms", "GB/s", "speedup_vs_torch"),
     ),
     "csrc_kernels": (
-        "Compiled kernels (csrc/) against Triton and torch, microseconds",
-        lambda row: True,
+        "Compiled kernels (csrc/) against Triton and torch, microseconds, T = 16384, k = 8 (every "
+        "T, E and k in the JSON)",
+        lambda row: row.get("T") == 16384 and row.get("k") == 8,
         ("kernel", "T", "E", "k", "provider", "us", "speedup_vs_torch"),
+    ),
+    "tune_expert": (
+        "Expert-MLP stages with their current tile config (every candidate in the JSON)",
+        lambda row: str(row.get("config", "")).endswith("*"),
+        ("shape", "stage", "block_m", "config", "ms", "TFLOP/s", "frac_cublas"),
     ),
     "overlap": (
         "Overlap on one GPU (LocalWorld, measured; projections are in the JSON)",

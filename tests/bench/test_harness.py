@@ -8,8 +8,9 @@ import torch
 
 import kernelbase.backend
 import moeblaze
-from bench import harness, moe_layer, readme_table
+from bench import breakdown, harness, moe_layer, readme_table
 from bench.baselines import _grouped_mm_runs, dense_dispatch_moe_mlp
+from kernelbase.profiling import profile_range
 
 # The baselines compute every activation a bench shape has (bench.moe_layer.Shape.activation).
 ACTIVATIONS = [
@@ -192,6 +193,27 @@ def test_cuda_timing_and_memory():
     assert memory.retained_bytes >= 4 * harness.MIB
     assert memory.peak_bytes >= memory.retained_bytes
     assert harness.environment(device)["gpu"] != "cpu"
+
+
+@pytest.mark.gpu
+def test_range_times_on_cuda_are_the_ranges_kernel_time():
+    """A named range appears once, with the GPU time of the kernels launched inside it (torch
+    records it as a CPU event and a GPU annotation; the CPU event's device time was 0.2 ms for a
+    5.7 ms kernel on an H100), and the annotation is no kernel."""
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+
+    def step():
+        with profile_range("moeblaze.test_range"):
+            for _ in range(4):
+                a @ a
+
+    prof = breakdown.profile_step(step, iters=3, device=device)
+    (timed,) = breakdown.range_times(prof, "moeblaze.test_range", 3, device)
+    kernels = breakdown.kernel_times(prof, 3)
+    assert all(k.name != "moeblaze.test_range" for k in kernels), kernels
+    gemm_ms = sum(k.ms for k in kernels)
+    assert timed.calls == 1 and 0.95 * gemm_ms <= timed.ms <= 1.5 * gemm_ms, (timed, kernels)
 
 
 def test_moe_layer_bench_reports_moeblaze_keeping_less_than_dense_dispatch(
