@@ -19,6 +19,7 @@ kernel_profile-<gpu>.json and the reports to ncu-<workload>-<gpu>.ncu-rep (open 
 
     python -m bench.kernel_profile --out OUTDIR                 # GPU with Nsight Compute (ncu)
     python -m bench.kernel_profile --workloads moe:deepseek-ish
+    python -m bench.kernel_profile --workloads moe:qwen3-30b-a3b --kernel-regex grad_act --full
     python -m bench.kernel_profile --workload moe:tiny          # one step, no ncu (what it runs)
 """
 
@@ -151,15 +152,23 @@ def find_ncu(given: str | None = None) -> str | None:
     return shutil.which("ncu") or next((p for p in NCU_PLACES if Path(p).is_file()), None)
 
 
-def profile(ncu: str, workload: str, report: Path) -> str:
-    """Run `workload` in a child process under ncu, exporting `report`; its CSV (long form)."""
+def profile(
+    ncu: str, workload: str, report: Path, kernel_regex: str | None = None, full: bool = False
+) -> str:
+    """Run `workload` in a child process under ncu, exporting `report`; its CSV (long form).
+    `kernel_regex`: profile only the kernels whose names match; `full`: also collect ncu's full
+    section set (memory workload analysis, warp stall reasons, source counters) into the
+    report, for `ncu --import REPORT --page details` (many replays per kernel: narrow it)."""
     env = dict(os.environ, LC_ALL="C", PYTHONUNBUFFERED="1")
     metrics = {**METRICS, **OPTIONAL_METRICS}
+    select = ["--kernel-name", f"regex:{kernel_regex}"] if kernel_regex else []
+    select += ["--set", "full"] if full else []
     for attempt in (metrics, METRICS):
         command = [
             ncu,
             "--profile-from-start",
             "off",
+            *select,
             "--metrics",
             ",".join(attempt),
             "--export",
@@ -232,6 +241,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--workload", help="run this workload's step once, unprofiled by us")
     parser.add_argument("--ncu", help="path of the ncu executable (default: PATH, CUDA dirs)")
+    parser.add_argument("--kernel-regex", help="profile only kernels whose names match")
+    parser.add_argument(
+        "--full", action="store_true", help="ncu's full section set in the reports (slow)"
+    )
     parser.add_argument("--out", default=str(harness.RESULTS_DIR))
     args = parser.parse_args(argv)
     if args.workload:
@@ -253,7 +266,8 @@ def main(argv=None) -> int:
         slug = workload.replace(":", "-")
         report = out / f"ncu-{slug}-{harness.gpu_slug(env['gpu'])}.ncu-rep"
         try:
-            rows += parse_ncu_csv(profile(ncu, workload, report), workload)
+            csv_text = profile(ncu, workload, report, args.kernel_regex, args.full)
+            rows += parse_ncu_csv(csv_text, workload)
         except Exception as error:  # report it and go on with the next workload
             failed = True
             print(f"{workload}: FAILED: {error}", file=sys.stderr)

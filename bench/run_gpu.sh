@@ -11,7 +11,9 @@
 # SwiGLU at both tile heights, to OUTDIR/tune_inkling2), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
 # OUTDIR/overlap_tiles), overlap_link (every mode at W=8 with links emulated at 450 GB/s, to
 # OUTDIR/overlap_link), kernel_profile (Nsight Compute counters of every kernel of a MoE step
-# and of the fused GEMM, to OUTDIR/kernel_profile), moe_deterministic (moe_mlp with
+# and of the fused GEMM, to OUTDIR/kernel_profile), grad_act_profile (ncu's full section set,
+# stall reasons included, of grad_act_kernel in a qwen3-30b-a3b step, to
+# OUTDIR/grad_act_profile), moe_deterministic (moe_mlp with
 # deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
 # moe_activations (the GeGLU, ReLU² and soft-capped SwiGLU shapes of bench.moe_layer, fwd+bwd,
 # against grouped_mm, to OUTDIR/moe_activations) and hf_model_compile (bench.hf_model under
@@ -22,7 +24,7 @@
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
 # csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_gpt_oss.txt, tune_inkling2.txt,
 # overlap_tiles.txt, overlap_link.txt,
-# kernel_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
+# kernel_profile.txt, grad_act_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -76,6 +78,8 @@ step overlap_tiles 300 python -m bench.overlap --world-sizes 8 --ms 8192 \
 step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450 \
     --out "$OUT/overlap_link"
 step kernel_profile 400 python -m bench.kernel_profile --out "$OUT/kernel_profile"
+step grad_act_profile 300 python -m bench.kernel_profile --workloads moe:qwen3-30b-a3b \
+    --kernel-regex grad_act --full --out "$OUT/grad_act_profile"
 step moe_deterministic 150 python -m bench.moe_layer --modes fwd+bwd --no-breakdown \
     --providers moeblaze-activation,moeblaze-deterministic --out "$OUT/moe_deterministic"
 step moe_activations 240 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish,inkling2-ish \

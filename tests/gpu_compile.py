@@ -15,7 +15,6 @@ kernel variant.
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -267,7 +266,7 @@ def run_overlap_launchers() -> None:
     operands through tensor descriptors (TMA; the AG-GEMM with both layouts of b), and with
     pointer loads; the RS reduction, the peers' ready wait and the fallback flag kernel; the GEMMs
     and the reduction with the emulated link of a LocalWorld too, and its one-warp wait."""
-    from overlap.fused import GPU_REDUCE_BLOCK, GPU_TILE_CONFIG, default_tile_config
+    from overlap.fused import GPU_REDUCE_BLOCK, default_tile_config
     from overlap.kernels.ag_gemm import launch_ag_gemm
     from overlap.kernels.flags import launch_raise_flag, launch_wait_peers
     from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
@@ -286,41 +285,50 @@ def run_overlap_launchers() -> None:
     links = [{}, dict(link_clock=clock, link_ns_per_row=36.4)]  # LocalWorld(link_gbps=450)
     weight_t = empty(n, hidden).mT  # [hidden, n], a Linear weight [n, hidden] transposed
     hopper = ARCH >= 90  # TMA kernels fence the async proxy, an sm_90 instruction
-    for tma, link, b in [
-        (True, links[0], empty(hidden, n)),
-        (True, links[0], weight_t),
-        (False, links[0], empty(hidden, n)),
-        (True, links[1], empty(hidden, n)),
+    f32 = torch.float32  # float32 operands get their own default tile (overlap.fused)
+
+    def tile(tma, dtype=torch.bfloat16):
+        return dataclasses.replace(
+            default_tile_config(torch.device("cuda"), dtype), tma=tma and hopper
+        )
+
+    for tma, link, b, dtype in [
+        (True, links[0], empty(hidden, n), torch.bfloat16),
+        (True, links[0], weight_t, torch.bfloat16),
+        (False, links[0], empty(hidden, n), torch.bfloat16),
+        (True, links[1], empty(hidden, n), torch.bfloat16),
+        (True, links[0], empty(hidden, n, dtype=f32), f32),
     ]:
         launch_ag_gemm(
-            empty(m, hidden),
-            empty(M, hidden),
+            empty(m, hidden, dtype=dtype),
+            empty(M, hidden, dtype=dtype),
             b,
-            empty(M, n),
+            empty(M, n, dtype=dtype),
             flags,
             status,
             rank=5,
             wait_budget=1000,
-            config=dataclasses.replace(GPU_TILE_CONFIG, tma=tma and hopper),
+            config=tile(tma, dtype),
             **common,
             **link,
         )
-    for tma, scope, link in [
-        (True, "gpu", links[0]),
-        (True, "sys", links[0]),
-        (False, "gpu", links[0]),
-        (True, "gpu", links[1]),
+    for tma, scope, link, dtype in [
+        (True, "gpu", links[0], torch.bfloat16),
+        (True, "sys", links[0], torch.bfloat16),
+        (False, "gpu", links[0], torch.bfloat16),
+        (True, "gpu", links[1], torch.bfloat16),
+        (True, "gpu", links[0], f32),
     ]:
         counters = empty(W * 2, dtype=torch.int32)
         launch_gemm_rs(
-            empty(M, n),
-            empty(n, hidden),
-            empty(M, hidden),
+            empty(M, n, dtype=dtype),
+            empty(n, hidden, dtype=dtype),
+            empty(M, hidden, dtype=dtype),
             counters,
             flags,
             rank=5,
             scope=scope,
-            config=dataclasses.replace(GPU_TILE_CONFIG, tma=tma and hopper),
+            config=tile(tma, dtype),
             **common,
             **link,
         )
@@ -341,35 +349,6 @@ def run_overlap_launchers() -> None:
             scope=scope,
             link_clock=link.get("link_clock"),
         )
-    # float32 operands with their default tile (half the K depth: the bf16 tile's stages would
-    # need 262 KB of shared memory).
-    tile_fp32 = dataclasses.replace(
-        default_tile_config(torch.device("cuda"), torch.float32), tma=hopper
-    )
-    fp32 = functools.partial(empty, dtype=torch.float32)
-    launch_ag_gemm(
-        fp32(m, hidden),
-        fp32(M, hidden),
-        fp32(hidden, n),
-        fp32(M, n),
-        flags,
-        status,
-        rank=5,
-        wait_budget=1000,
-        config=tile_fp32,
-        **common,
-    )
-    launch_gemm_rs(
-        fp32(M, n),
-        fp32(n, hidden),
-        fp32(M, hidden),
-        empty(W * 2, dtype=torch.int32),
-        flags,
-        rank=5,
-        scope="gpu",
-        config=tile_fp32,
-        **common,
-    )
     launch_wait_peers(
         table,
         status,

@@ -1,6 +1,7 @@
 """CPU tests of bench.kernel_profile: the CSV of Nsight Compute, the ncu command line (against a
 stand-in ncu that runs the profiled child for real) and the workloads' single step."""
 
+import json
 import sys
 
 import pytest
@@ -100,6 +101,29 @@ def test_ncu_command_line_runs_the_workload_and_drops_an_unknown_metric(tmp_path
     ]
     with pytest.raises(RuntimeError, match="ncu failed"):
         kernel_profile.profile(str(fake), "no-such-workload", tmp_path / "r.ncu-rep")
+
+
+def test_ncu_command_line_narrows_to_kernels_and_asks_for_the_full_set(tmp_path):
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"if '--import' in sys.argv: sys.exit(0)\n"
+        f"open({str(tmp_path / 'args.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    fake.chmod(0o755)
+    kernel_profile.profile(str(fake), "gemm-ag", tmp_path / "r.ncu-rep", "grad_act", full=True)
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert args[:6] == [
+        "--profile-from-start",
+        "off",
+        "--kernel-name",
+        "regex:grad_act",
+        "--set",
+        "full",
+    ], args
+    kernel_profile.profile(str(fake), "gemm-ag", tmp_path / "r.ncu-rep")
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert "--set" not in args and "--kernel-name" not in args, args
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
