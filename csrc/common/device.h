@@ -79,13 +79,20 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-// Number of SMs of `device`, queried once per device.
-inline int sm_count(int device, const char* where) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not queried yet
+// Devices the per-device caches of the modules hold (indexed by device index).
+constexpr int kMaxDevices = 64;
+
+// An argument error unless 0 <= device < kMaxDevices.
+inline void check_device_index(int device, const char* where) {
   if (device < 0 || device >= kMaxDevices) {
     argument_error(where, ": device index ", device, " is out of range");
   }
+}
+
+// Number of SMs of `device`, queried once per device.
+inline int sm_count(int device, const char* where) {
+  static std::atomic<int> cached[kMaxDevices] = {};  // 0: not queried yet
+  check_device_index(device, where);
   int count = cached[device].load(std::memory_order_relaxed);
   if (count == 0) {
     CSRC_CHECK_CUDA(where, cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));

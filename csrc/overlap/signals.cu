@@ -115,11 +115,8 @@ const DriverOps& driver_ops() {
 // Loads this module's kernels on the current device `device`, once per device, so that no launch
 // of them loads one while another waits (see the top of this file).
 void load_kernels(int device, const char* where) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<bool> loaded[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices) {
-    csrc::argument_error(where, ": device index ", device, " is out of range");
-  }
+  static std::atomic<bool> loaded[csrc::kMaxDevices] = {};
+  csrc::check_device_index(device, where);
   if (loaded[device].load(std::memory_order_acquire)) return;
   cudaFuncAttributes attributes;
   CSRC_CHECK_CUDA(where, cudaFuncGetAttributes(&attributes, write_flag_kernel));
