@@ -242,7 +242,6 @@ def _grad_act_columns(
     rows,
     row_mask,
     w_row,
-    cols,
     row0,
     col0,
     F,
@@ -264,14 +263,20 @@ def _grad_act_columns(
     UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
-    """The epilogue of grad_act on the columns `cols` (col0 ..) of g: stores dh (and a, scaled
+    """The epilogue of grad_act on g, the tile's columns col0 .. col0 + WIDTH: stores dh (and a, scaled
     by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
     columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
     unit (`gated`); GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
     (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up
-    alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate columns `cols` and the
+    alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate columns col0 .. and the
     up columns F further on. Not GATED: h and dh are F wide and act = ACT(h) (`ungated`)."""
+    BLOCK_M: tl.constexpr = g.shape[0]
+    WIDTH: tl.constexpr = g.shape[1]
+    # From an arange, not sliced out of the tile's columns: the compiler then knows them
+    # contiguous and stores 16 bytes per thread along a row (a sliced index vector reads as
+    # unknown contiguity, and every thread stored one element down a column: 2 bytes a sector).
+    cols = col0 + tl.arange(0, WIDTH)
     mask = row_mask[:, None] & (cols < F)[None, :]
     if not GATED:
         if H_TMA:  # rows past the expert and columns past F: masked, as below
@@ -281,9 +286,7 @@ def _grad_act_columns(
             pre = tl.load(h_ptrs, mask=mask, other=0.0)
         act, slope = ungated(pre, ACT)
     elif INTERLEAVED:
-        BLOCK_M: tl.constexpr = row_mask.shape[0]
-        WIDTH: tl.constexpr = cols.shape[0]
-        pre_cols = tl.reshape(tl.join(2 * cols, 2 * cols + 1), (2 * WIDTH,))
+        pre_cols = 2 * col0 + tl.arange(0, 2 * WIDTH)
         pre_mask = row_mask[:, None] & (pre_cols < 2 * F)[None, :]
         if H_TMA:  # other values of h past the expert and past 2F: masked, as below
             pre = h.load([row0, 2 * col0])
@@ -345,7 +348,6 @@ def _grad_act_slices(
     rows,
     row_mask,
     w_row,
-    cols,
     row0,
     col0,
     F,
@@ -379,7 +381,6 @@ def _grad_act_slices(
             rows,
             row_mask,
             w_row,
-            cols,
             row0,
             col0,
             F,
@@ -404,13 +405,11 @@ def _grad_act_slices(
     else:
         half: tl.constexpr = WIDTH // 2
         left, right = tl.split(tl.permute(tl.reshape(g, (BLOCK_M, 2, half)), (0, 2, 1)))
-        cols_left, cols_right = tl.split(tl.permute(tl.reshape(cols, (2, half)), (1, 0)))
         dw = _grad_act_slices(
             left,
             rows,
             row_mask,
             w_row,
-            cols_left,
             row0,
             col0,
             F,
@@ -440,7 +439,6 @@ def _grad_act_slices(
             rows,
             row_mask,
             w_row,
-            cols_right,
             row0,
             col0 + half,
             F,
@@ -570,7 +568,6 @@ def grad_act_kernel(
             rows,
             row_mask,
             w_row,
-            cols,
             row0,
             pid_n * BLOCK_N,
             F,
@@ -990,8 +987,8 @@ def epilogue_configs(activation: Activation) -> tuple[str, dict]:
 # KB each). Not measured on such a GPU.
 PRE_HOPPER_ROW_TILE_STAGES = 3
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
-# (EPILOGUE_SPLIT). 4 slices make 128x64 and 64x128 tiles spill-free on sm_90; 8 slices, with
-# h read through a tensor descriptor, 128x128 (197 registers with Triton 3.9, 212 with 3.6).
+# (EPILOGUE_SPLIT): 128x128 SwiGLU with h through a tensor descriptor builds in 158 registers
+# with Triton 3.9, 157 with 3.6 (32-column slices: 208 with 3.6; 64: 255 and a 16-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
 # expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of
