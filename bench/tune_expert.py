@@ -11,6 +11,9 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
     grad_w2       dout^T a per expert -> [E, d, F]                          expert_wgrad
     grad_w13      dh^T x per expert -> [E, 2F, d]                           expert_wgrad
 
+(expert_wgrad's BLOCK_M runs along the gathered side's columns, d, and BLOCK_N along the sorted
+side's, F or 2F: grad_w13 is computed as x^T dh and stored transposed.)
+
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
 in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" for GemmConfig(tma=False), every operand read
 by pointer loads, else weights and sorted rows go through tensor descriptors), ms (median,
@@ -97,9 +100,11 @@ ROW_TILE_CANDIDATES = [
     (256, 32, 8, 4),
 ]
 # Fewer than 5 stages leave the weight gradient's loads unpipelined (moeblaze.kernels.expert_mlp,
-# GPU_CONFIGS); the first candidate is the config before that was known, for comparison.
+# GPU_CONFIGS); the first candidate is the config before that was known, the second the one
+# before 128 gathered x 256 sorted columns, for comparison.
 WGRAD_CANDIDATES = [
     _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 128, 64, 8, 5),
     _cfg(128, 128, 32, 8, 6),
     _cfg(128, 128, 64, 4, 5),
     _cfg(128, 256, 64, 8, 5),

@@ -108,7 +108,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         async_copies=ttgir.count("async_copy_global_to_local"),
         tma_copies=ttgir.count("async_tma_copy_global_to_local"),
         **mainloop_pipelining(ttgir),
-        row_store_bytes=row_store_bytes(ttgir),
+        store_vector_bytes=store_vector_bytes(ttgir),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
@@ -174,24 +174,26 @@ def mainloop_pipelining(ttgir: str) -> dict:
 ELEMENT_BYTES = {"i8": 1, "bf16": 2, "f16": 2, "i16": 2, "f32": 4, "i32": 4, "f64": 8, "i64": 8}
 
 
-def row_store_bytes(ttgir: str) -> int | None:
-    """The fewest contiguous bytes of a row that one thread writes in one instruction, over the
-    kernel's global stores and atomics of 2-D row-major tiles wider than one column: the
-    layout's elements per thread along the columns times the element size. 2 for bf16 means a
-    store instruction per element (and, where a warp's lanes run down a column, a sector per 2
-    bytes). 0: a store in a layout other than blocked (not read here). None: no such store."""
+def store_vector_bytes(ttgir: str) -> int | None:
+    """The narrowest vector of a global store or atomic of a 2-D tile (both sides longer than
+    1) in the kernel: the layout's elements per thread along its fastest dimension (the one
+    the compiler found contiguous in memory) times the element size. 2 for bf16 means one
+    store instruction per element (and, where a warp's lanes run down a column of a row-major
+    tile, a sector per 2 bytes). 0: a store in a layout other than blocked (not read here).
+    None: no such store."""
     layouts = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))
-    store = r"(?:tt\.store|tt\.atomic_rmw) .*: tensor<\d+x(\d+)x!tt\.ptr<(\w+)>, (#\w+)>"
+    store = r"(?:tt\.store|tt\.atomic_rmw) .*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, (#\w+)>"
     widths = []
-    for columns, element, name in re.findall(store, ttgir):
-        if int(columns) == 1:
+    for rows, columns, element, name in re.findall(store, ttgir):
+        if min(int(rows), int(columns)) == 1:
             continue
         layout = layouts[name]
-        size = re.search(r"sizePerThread = \[\d+, (\d+)\]", layout)
-        if not layout.startswith("#ttg.blocked") or not size:
+        size = re.search(r"sizePerThread = \[(\d+), (\d+)\]", layout)
+        order = re.search(r"order = \[(\d), \d\]", layout)
+        if not layout.startswith("#ttg.blocked") or not size or not order:
             widths.append(0)
             continue
-        widths.append(int(size[1]) * ELEMENT_BYTES[element])
+        widths.append(int(size[1 + int(order[1])]) * ELEMENT_BYTES[element])
     return min(widths, default=None)
 
 

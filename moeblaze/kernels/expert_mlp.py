@@ -16,7 +16,7 @@ backward  grad_act_kernel      g = dout[token(p)] @ w2[e];  dw[slot(p)] = rowsum
                                (dh may overwrite h: recompute="up_proj")
           scatter_rows_kernel  dx[token(p)] += dh[p] @ w13[e]
           expert_wgrad_kernel  dw2[e] = sum_p dout[token(p)]^T a[p]
-                               dw13[e] = sum_p dh[p]^T x[token(p)]
+                               dw13[e]^T = sum_p x[token(p)]^T dh[p]  (stored transposed)
 
 SwiGLU is silu(h_gate) * h_up, or its clamped / quick-GELU / soft-capped form (moeblaze.activation;
 in Triton: moeblaze.kernels.activation), whose numbers the kernels take as constexprs ALPHA, LIMIT,
@@ -690,62 +690,45 @@ def _wgrad_step(
     acc,
     p0,
     end,
-    left,
-    right,
+    gathered,
+    sorted_rows,
     sorted_slots_ptr,
-    i0,
     j0,
     ii,  # [BLOCK_M] = i0 + arange
     jj,  # [BLOCK_N] = j0 + arange
     i_mask,
     j_mask,
-    stride_left,
-    stride_right,
+    stride_gathered,
+    stride_sorted,
     TOP_K: tl.constexpr,
-    GATHER_LEFT: tl.constexpr,
     SORTED_TMA: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """acc += left[rows]^T right[rows] over the BLOCK_K positions p0 .. (those below `end`).
+    """acc += gathered[token(p)]^T sorted_rows[p] over the BLOCK_K positions p0 .. (those
+    below `end`).
 
-    One side is gathered (rows token(p), by index), the other sorted (rows p). SORTED_TMA: the
-    sorted side is a tensor descriptor read at rows p0 .. without a mask, so every position
-    must lie below `end`; else a pointer, masked.
+    SORTED_TMA: `sorted_rows` is a tensor descriptor read at rows p0 .. without a mask, so
+    every position must lie below `end`; else a pointer, masked.
     """
     pos = p0 + tl.arange(0, BLOCK_K)
     p_mask = pos < end
     slots = tl.load(sorted_slots_ptr + pos, mask=p_mask, other=0)
     tokens = slots // TOP_K
-    if GATHER_LEFT:
-        left_tile = tl.load(
-            left + tokens.to(tl.int64)[None, :] * stride_left + ii[:, None],
-            mask=i_mask[:, None] & p_mask[None, :],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        if SORTED_TMA:
-            right_tile = right.load([p0, j0])
-        else:
-            right_tile = tl.load(
-                right + pos.to(tl.int64)[:, None] * stride_right + jj[None, :],
-                mask=p_mask[:, None] & j_mask[None, :],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]
+    left_tile = tl.load(
+        gathered + tokens.to(tl.int64)[None, :] * stride_gathered + ii[:, None],
+        mask=i_mask[:, None] & p_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_M, BLOCK_K]
+    if SORTED_TMA:
+        right_tile = sorted_rows.load([p0, j0])
     else:
-        if SORTED_TMA:
-            left_tile = left.load([p0, i0]).T
-        else:
-            left_tile = tl.load(
-                left + pos.to(tl.int64)[None, :] * stride_left + ii[:, None],
-                mask=i_mask[:, None] & p_mask[None, :],
-                other=0.0,
-            )
         right_tile = tl.load(
-            right + tokens.to(tl.int64)[:, None] * stride_right + jj[None, :],
+            sorted_rows + pos.to(tl.int64)[:, None] * stride_sorted + jj[None, :],
             mask=p_mask[:, None] & j_mask[None, :],
             other=0.0,
-        )
+        )  # [BLOCK_K, BLOCK_N]
     if DOT_FP32:
         left_tile = left_tile.to(tl.float32)
         right_tile = right_tile.to(tl.float32)
@@ -754,21 +737,20 @@ def _wgrad_step(
 
 @triton.jit
 def expert_wgrad_kernel(
-    left,
-    right,
+    gathered,
+    sorted_rows,
     sorted_ptr,
     out_ptr,
     sorted_slots_ptr,
     expert_offsets_ptr,
     M,
     N,
-    stride_left,
-    stride_right,
+    stride_gathered,
+    stride_sorted,
     stride_oe,
     stride_om,
     stride_on,
     TOP_K: tl.constexpr,
-    GATHER_LEFT: tl.constexpr,
     SORTED_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -777,23 +759,23 @@ def expert_wgrad_kernel(
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """out[e] [M, N] = sum over the positions p of expert e of left[row]^T right[row].
+    """out[e] [M, N] = sum over the positions p of expert e of gathered[token(p)]^T
+    sorted_rows[p] (gathered [T, M], sorted_rows [S, N]; out's strides may be those of a
+    transpose, so [N, M] outputs take the same path).
 
-    GATHER_LEFT: left rows are token(p) and right rows p (the sorted side), else the reverse.
     Each program owns one output tile: no atomics, the same sum order every run, and experts
     without tokens get zeros.
-    SORTED_TMA: the sorted side is a tensor descriptor ([S, M] blocks [BLOCK_K, BLOCK_M], or
-    [S, N] blocks [BLOCK_K, BLOCK_N]); its blocks are read only for whole steps of BLOCK_K
-    positions of the expert, and the last, partial step by masked pointer loads of `sorted_ptr`
-    (the same tensor), so no block reads another expert's rows.
+    SORTED_TMA: `sorted_rows` is a tensor descriptor ([S, N], blocks [BLOCK_K, BLOCK_N]); its
+    blocks are read only for whole steps of BLOCK_K positions of the expert, and the last,
+    partial step by masked pointer loads of `sorted_ptr` (the same tensor), so no block reads
+    another expert's rows.
     """
     expert = tl.program_id(1)
     pid_m, pid_n = swizzle_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
-    i0 = pid_m * BLOCK_M
     j0 = pid_n * BLOCK_N
-    ii = i0 + tl.arange(0, BLOCK_M)
+    ii = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     jj = j0 + tl.arange(0, BLOCK_N)
     i_mask = ii < M
     j_mask = jj < N
@@ -805,19 +787,17 @@ def expert_wgrad_kernel(
             acc,
             p0,
             end,
-            left,
-            right,
+            gathered,
+            sorted_rows,
             sorted_slots_ptr,
-            i0,
             j0,
             ii,
             jj,
             i_mask,
             j_mask,
-            stride_left,
-            stride_right,
+            stride_gathered,
+            stride_sorted,
             TOP_K,
-            GATHER_LEFT,
             SORTED_TMA,
             BLOCK_K,
             DOT_FP32,
@@ -829,19 +809,17 @@ def expert_wgrad_kernel(
                 acc,
                 full_end,
                 end,
-                left if GATHER_LEFT else sorted_ptr,
-                sorted_ptr if GATHER_LEFT else right,
+                gathered,
+                sorted_ptr,
                 sorted_slots_ptr,
-                i0,
                 j0,
                 ii,
                 jj,
                 i_mask,
                 j_mask,
-                stride_left,
-                stride_right,
+                stride_gathered,
+                stride_sorted,
                 TOP_K,
-                GATHER_LEFT,
                 False,
                 BLOCK_K,
                 DOT_FP32,
@@ -938,12 +916,15 @@ GPU_CONFIGS = {
     ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 240
     ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-128
     ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 231-233
-    # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step. Its
-    # operand rows are indexed by the positions' slots, loaded in the same loop: the pipeliner
-    # spends stages on that chain, and below 5 stages the TTGIR waits for every copy before
-    # each MMA (no load in flight; sm_90 report field copies_in_flight = 0; ncu on an H100 saw
-    # the old 128x128x32 s4 config "barely pipelined"). 5 stages keep 3-4 copy groups in flight.
-    ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),  # 98-100
+    # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step: M
+    # along the gathered rows (dout, x: d), N along the sorted ones (a, dh: F, 2F; dw13 is
+    # stored transposed). Its rows are indexed by the positions' slots, loaded in the same
+    # loop: the pipeliner spends stages on that chain, and below 5 stages the TTGIR waits for
+    # every copy before each MMA (sm_90 report field copies_in_flight = 0; ncu on an H100 saw
+    # the old 128x128x32 s4 config "barely pipelined"). tune_expert on an H100: 128 gathered x
+    # 256 sorted was the fastest tile of both stages (grad_w2 1.14-1.23x 128x128's; grad_w13,
+    # then computed untransposed, 1.07-1.08x at 256 sorted x 128 gathered).
+    ("expert_wgrad", None): GemmConfig(128, 256, 64, num_warps=8, num_stages=5),  # 166-182
 }
 # With gate and up interleaved (SwiGLU(interleaved=True), GPT-OSS), grad_act's epilogue joins
 # d_gate and d_up into one block of dh: at 128x128 that spills 8-16 B with Triton 3.6 (255
@@ -986,6 +967,8 @@ def epilogue_configs(activation: Activation) -> tuple[str, dict]:
 # configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
 # KB each). Not measured on such a GPU.
 PRE_HOPPER_ROW_TILE_STAGES = 3
+# The weight gradient's 128x256 spills on sm_80 (40-48 B with Triton 3.6): its tile before.
+PRE_HOPPER_WGRAD = GemmConfig(128, 128, 64, num_warps=8, num_stages=5)
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
 # (EPILOGUE_SPLIT): 128x128 SwiGLU with h through a tensor descriptor builds in 158 registers
 # with Triton 3.9, 157 with 3.6 (32-column slices: 208 with 3.6; 64: 255 and a 16-byte spill).
@@ -1012,12 +995,15 @@ def gpu_config(
     """The GPU tile configuration of `kernel` for tiles of `block_m` rows (ignored for
     expert_wgrad): GPU_CONFIGS, with the entries `activation`'s epilogues replace
     (`epilogue_configs`), for a GPU of compute capability `arch` (10 * major + minor; before
-    Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages)."""
+    Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages and the weight
+    gradient PRE_HOPPER_WGRAD)."""
     key = config_key(kernel, block_m)
     config = GPU_CONFIGS[key]
     if activation is not None:
         config = epilogue_configs(activation)[1].get(key, config)
-    if kernel != "expert_wgrad" and arch < 90:
+    if arch < 90 and kernel == "expert_wgrad":
+        return PRE_HOPPER_WGRAD
+    if arch < 90:
         stages = min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
         config = dataclasses.replace(config, num_stages=stages)
     return config
@@ -1188,10 +1174,10 @@ class TritonStages:
         return dh, dweights, a if store_a else None
 
     def grad_w2(self, dout, a, plan: RoutingPlan):
-        return self._expert_wgrad(dout, a, plan, gather_left=True)
+        return self._expert_wgrad(dout, a, plan, transposed=False)
 
     def grad_w13(self, dh, x, plan: RoutingPlan):
-        return self._expert_wgrad(dh, x, plan, gather_left=False)
+        return self._expert_wgrad(x, dh, plan, transposed=True)  # dw13[e]^T = x^T dh
 
     def grad_b13(self, dh, plan: RoutingPlan, dtype):
         db13, _ = self._expert_bias_grad(dh, plan, dtype)
@@ -1282,36 +1268,36 @@ class TritonStages:
             return out, None
         return out, dw_partial.sum(dim=1).view(topk_weights.shape)  # fixed order
 
-    def _expert_wgrad(self, left, right, plan, *, gather_left):
-        """out[e] = sum over expert e's positions of left[row]^T right[row], [E, M, N]."""
-        m, n = left.shape[1], right.shape[1]
-        out = alloc.empty(plan.num_experts, m, n, dtype=left.dtype, device=left.device)
+    def _expert_wgrad(self, gathered, sorted_rows, plan, *, transposed):
+        """out[e] [M, N] = sum over expert e's positions p of gathered[token(p)]^T
+        sorted_rows[p]; `transposed`: returns out^T ([E, N, M], contiguous). The config's
+        BLOCK_M runs along the gathered side's M columns, BLOCK_N along the sorted side's N, so
+        that both weight gradients take one config."""
+        m, n = gathered.shape[1], sorted_rows.shape[1]
+        shape = (plan.num_experts, n, m) if transposed else (plan.num_experts, m, n)
+        result = alloc.empty(*shape, dtype=gathered.dtype, device=gathered.device)
+        out = result.mT if transposed else result
         cfg = self._config("expert_wgrad", plan)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
-        # The sorted side (rows p), read through a descriptor in whole steps of block_k rows.
-        rows = right if gather_left else left
-        block = (cfg.block_k, cfg.block_n if gather_left else cfg.block_m)
-        desc = self._descriptor(rows, cfg, block)
+        # The sorted side, read through a descriptor in whole steps of block_k rows.
+        desc = self._descriptor(sorted_rows, cfg, (cfg.block_k, cfg.block_n))
         expert_wgrad_kernel[grid](
-            left if gather_left or desc is None else desc,
-            right if not gather_left or desc is None else desc,
-            rows,
+            gathered,
+            sorted_rows if desc is None else desc,
+            sorted_rows,
             out,
             plan.sorted_slots,
             plan.expert_offsets,
             m,
             n,
-            left.stride(0),
-            right.stride(0),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
+            gathered.stride(0),
+            sorted_rows.stride(0),
+            *out.stride(),
             TOP_K=plan.top_k,
-            GATHER_LEFT=gather_left,
             SORTED_TMA=desc is not None,
-            **launch_meta(cfg, left.dtype),
+            **launch_meta(cfg, gathered.dtype),
         )
-        return out
+        return result
 
     def _config(
         self, kernel: str, plan: RoutingPlan, activation: Activation | None = None
