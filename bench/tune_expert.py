@@ -15,7 +15,8 @@ Stages (moeblaze.ops.Stages) and the kernel whose config they use:
 side's, F or 2F: grad_w13 is computed as x^T dh and stored transposed.)
 
 Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" marks the one
-in moeblaze.kernels.expert_mlp.GPU_CONFIGS; ":ptr" for GemmConfig(tma=False), every operand read
+in moeblaze.kernels.expert_mlp.GPU_CONFIGS; "e32" for grad_act's epilogue in slices of 32
+columns, GemmConfig.epilogue_n; ":ptr" for GemmConfig(tma=False), every operand read
 by pointer loads, else weights and sorted rows go through tensor descriptors), ms (median,
 triton.testing.do_bench), TFLOP/s, frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of
 the same FLOPs, bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
@@ -99,6 +100,10 @@ ROW_TILE_CANDIDATES = [
     (128, 32, 8, 5),
     (256, 32, 8, 4),
 ]
+# grad_act also with wider epilogue slices than GRAD_ACT_EPILOGUE_COLUMNS: (BLOCK_N, BLOCK_K,
+# warps, stages, epilogue_n); 32 columns build spill-free at 128x128 on sm_90, a 64-wide tile in
+# one slice.
+GRAD_ACT_EPILOGUE_CANDIDATES = [(128, 64, 8, 4, 32), (256, 64, 8, 3, 32), (64, 64, 8, 4, 64)]
 # Fewer than 5 stages leave the weight gradient's loads unpipelined (moeblaze.kernels.expert_mlp,
 # GPU_CONFIGS); the first candidate is the config before that was known, the second the one
 # before 128 gathered x 256 sorted columns, for comparison.
@@ -118,7 +123,8 @@ INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]:
     """The current config of (kernel, block_m) on this GPU first (for `activation`'s epilogue:
     `gpu_config`), then it with the other operand loads (GemmConfig.tma), then the other
-    candidates (with tensor descriptors)."""
+    candidates (with tensor descriptors); on the CPU, interpreter-sized ones (grad_act's
+    other also in two epilogue slices)."""
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
         current = gpu_config(kernel, block_m, activation, arch=device_arch(device))
@@ -126,10 +132,17 @@ def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]
             others = WGRAD_CANDIDATES
         else:
             others = [_cfg(block_m, *c) for c in ROW_TILE_CANDIDATES]
+        if kernel == "grad_act":
+            others += [
+                dataclasses.replace(_cfg(block_m, *c[:4]), epilogue_n=c[4])
+                for c in GRAD_ACT_EPILOGUE_CANDIDATES
+            ]
     else:
         current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
         if kernel != "expert_wgrad":
             current, others = _cfg(block_m, 32, 32, 4, 1), [_cfg(block_m, 64, 16, 4, 1)]
+        if kernel == "grad_act":
+            others.append(dataclasses.replace(others[0], epilogue_n=32))
     flipped = dataclasses.replace(current, tma=not current.tma)
     return [current, flipped, *(c for c in others if c not in (current, flipped))]
 
@@ -248,7 +261,9 @@ def _relative_diff(out: torch.Tensor, reference: torch.Tensor | None) -> float |
 
 def _describe(cfg: GemmConfig) -> str:
     loads = "" if cfg.tma else ":ptr"
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{loads}"
+    epilogue = f" e{cfg.epilogue_n}" if cfg.epilogue_n else ""
+    tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+    return f"{tile} w{cfg.num_warps} s{cfg.num_stages}{epilogue}{loads}"
 
 
 COLUMNS = ("shape", "stage", "config", "ms", "TFLOP/s", "frac_cublas", "vs_current", "diff")
@@ -269,12 +284,13 @@ def best_entries(rows, table: str = "") -> list[str]:
     for (shape, stage, block_m), row in best.items():
         cfg, speedup = row["cfg"], row["vs_current"]
         versus = f"{speedup:.2f}x the current" if speedup else "the current failed"
-        loads = "" if cfg.tma else ", tma=False"
+        options = "" if cfg.tma else ", tma=False"
+        options += f", epilogue_n={cfg.epilogue_n}" if cfg.epilogue_n else ""
         variant = f"{table} " if table and stage in ("gate_up", "grad_act") else ""
         lines.append(
             f"{shape:>14} {stage:>12}: {variant}({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("
             f"{cfg.block_m}, {cfg.block_n}, {cfg.block_k}, num_warps={cfg.num_warps}, "
-            f"num_stages={cfg.num_stages}{loads})  # {row['ms']:.3g} ms, "
+            f"num_stages={cfg.num_stages}{options})  # {row['ms']:.3g} ms, "
             f"{row['frac_cublas']:.2f} of cuBLAS, {versus}"
         )
     return lines

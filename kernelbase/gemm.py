@@ -41,6 +41,9 @@ class GemmConfig:
     # device (Hopper and later, or the interpreter) and the tensors allow it; False: pointer
     # loads (software-pipelined async copies). A per-kernel choice: tuning measures both.
     tma: bool = True
+    # Output columns an epilogue works on at a time, for kernels that split theirs to keep
+    # fewer temporaries live (moeblaze's grad_act); None: the kernel's default.
+    epilogue_n: int | None = None
 
 
 def dot_options(dtype: torch.dtype) -> dict:

@@ -927,9 +927,11 @@ GPU_CONFIGS = {
     ("expert_wgrad", None): GemmConfig(128, 256, 64, num_warps=8, num_stages=5),  # 166-182
 }
 # With gate and up interleaved (SwiGLU(interleaved=True), GPT-OSS), grad_act's epilogue joins
-# d_gate and d_up into one block of dh: at 128x128 that spills 8-16 B with Triton 3.6 (255
-# registers); 128x64 builds in 199 (3.6) / 177 (3.9). gate_up keeps its 128x128 tile there: one
-# accumulator over 256 interleaved columns, 255 registers with both, no spills.
+# d_gate and d_up into one block of dh: at 128x128 that spilled 8-16 B with Triton 3.6 while the
+# epilogue stored one element per thread; since it stores 16-byte vectors 128x128 builds
+# spill-free (170-179 registers with 3.6, 134-226 with 3.9), so whether 128x64 is still the
+# faster waits for `bench.tune_expert --activation gpt-oss` on a GPU. gate_up keeps its 128x128
+# tile there: one accumulator over 256 interleaved columns, 255 registers with both, no spills.
 GPU_CONFIGS_INTERLEAVED = {
     ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
 }
@@ -970,7 +972,7 @@ PRE_HOPPER_ROW_TILE_STAGES = 3
 # The weight gradient's 128x256 spills on sm_80 (40-48 B with Triton 3.6): its tile before.
 PRE_HOPPER_WGRAD = GemmConfig(128, 128, 64, num_warps=8, num_stages=5)
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
-# (EPILOGUE_SPLIT): 128x128 SwiGLU with h through a tensor descriptor builds in 158 registers
+# (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h through a tensor descriptor builds in 158 registers
 # with Triton 3.9, 157 with 3.6 (32-column slices: 208 with 3.6; 64: 255 and a 16-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
@@ -1134,7 +1136,8 @@ class TritonStages:
         # Zeros: a dropped slot's routing weight gets no gradient.
         dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
-        split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // GRAD_ACT_EPILOGUE_COLUMNS))
+        columns = cfg.epilogue_n or GRAD_ACT_EPILOGUE_COLUMNS
+        split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // columns))
         # One block per epilogue slice: its gate and up columns interleaved, or two blocks of
         # which the up one starts F columns on (ungated: one block of its columns).
         if not activation.gated:

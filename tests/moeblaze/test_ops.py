@@ -186,20 +186,37 @@ def test_weighted_activation_is_the_same_in_forward_and_backward(
 
 
 @pytest.mark.parametrize(
-    "block_n, tma",
-    [(16, True), (32, False), (64, True), (128, True), (128, False)],
-    ids=["split1-tma", "split2-ptr", "split4-tma", "split8-tma", "split8-ptr"],
+    "block_n, epilogue_n, tma",
+    [
+        (16, None, True),
+        (32, None, False),
+        (64, None, True),
+        (128, None, True),
+        (128, None, False),
+        (64, 32, True),
+        (64, 64, False),
+    ],
+    ids=[
+        "split1-tma",
+        "split2-ptr",
+        "split4-tma",
+        "split8-tma",
+        "split8-ptr",
+        "epilogue32-split2-tma",
+        "epilogue64-split1-ptr",
+    ],
 )
 @pytest.mark.parametrize("policy", POLICIES)
-def test_grad_act_epilogue_splits(block_n, tma, policy, make_problem, monkeypatch):
-    # grad_act's epilogue runs on 1, 2, 4 or 8 column slices of its tile (EPILOGUE_SPLIT), with
-    # h read through a tensor descriptor (tma) or by pointers; F = 40 leaves the last tile's
+def test_grad_act_epilogue_splits(block_n, epilogue_n, tma, policy, make_problem, monkeypatch):
+    # grad_act's epilogue runs on 1, 2, 4 or 8 column slices of its tile (EPILOGUE_SPLIT: 16
+    # columns each, or GemmConfig.epilogue_n), with h read through a tensor descriptor (tma)
+    # or by pointers; F = 40 leaves the last tile's
     # slices partly or wholly past F. "none" keeps a: no a is stored. "up_proj" writes dh over
     # h: descriptor blocks past F or past an expert read elements other programs may have
     # overwritten already, in lanes the epilogue masks.
     problem = make_problem(21, 24, 40, 5, 2, seed=16)
     block_m = TRITON_STAGES.block_m(42, 5)
-    config = GemmConfig(block_m, block_n, 32, group_m=4)
+    config = GemmConfig(block_m, block_n, 32, group_m=4, epilogue_n=epilogue_n)
     monkeypatch.setattr(TRITON_STAGES, "configs", {("grad_act", block_m): config})
     monkeypatch.setattr(TRITON_STAGES, "tma", tma)
     assert_matches_reference(problem.run(recompute=policy), problem.reference())
