@@ -108,7 +108,7 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         async_copies=ttgir.count("async_copy_global_to_local"),
         tma_copies=ttgir.count("async_tma_copy_global_to_local"),
         **mainloop_pipelining(ttgir),
-        store_vector_bytes=store_vector_bytes(ttgir),
+        access_vector_bytes=access_vector_bytes(ttgir),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
@@ -174,17 +174,20 @@ def mainloop_pipelining(ttgir: str) -> dict:
 ELEMENT_BYTES = {"i8": 1, "bf16": 2, "f16": 2, "i16": 2, "f32": 4, "i32": 4, "f64": 8, "i64": 8}
 
 
-def store_vector_bytes(ttgir: str) -> int | None:
-    """The narrowest vector of a global store or atomic of a 2-D tile (both sides longer than
-    1) in the kernel: the layout's elements per thread along its fastest dimension (the one
-    the compiler found contiguous in memory) times the element size. 2 for bf16 means one
-    store instruction per element (and, where a warp's lanes run down a column of a row-major
-    tile, a sector per 2 bytes). 0: a store in a layout other than blocked (not read here).
-    None: no such store."""
+def access_vector_bytes(ttgir: str) -> int | None:
+    """The narrowest vector of a global load, async copy, store or atomic of a 2-D tile (both
+    sides longer than 1) in the kernel: the layout's elements per thread along its fastest
+    dimension (the one the compiler found contiguous in memory) times the element size. 2 for
+    bf16 means one instruction per element (and, where a warp's lanes run down a column of a
+    row-major tile, a sector per 2 bytes). 0: a layout other than blocked (not read here).
+    None: no such access (tensor-descriptor copies are not counted)."""
     layouts = dict(re.findall(r"^(#\w+) = (.*)$", ttgir, re.M))
-    store = r"(?:tt\.store|tt\.atomic_rmw) .*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, (#\w+)>"
+    access = (
+        r"(?:tt\.load|ttg\.async_copy_global_to_local|tt\.store|tt\.atomic_rmw) "
+        r".*?tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, (#\w+)>"
+    )
     widths = []
-    for rows, columns, element, name in re.findall(store, ttgir):
+    for rows, columns, element, name in re.findall(access, ttgir):
         if min(int(rows), int(columns)) == 1:
             continue
         layout = layouts[name]

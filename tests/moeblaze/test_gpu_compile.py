@@ -26,10 +26,11 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     assert {r["kernel"] for r in reports} >= set(OTHER_KERNELS)
     for report in reports:
         assert report["stack_bytes"] == 0, report  # no register spills
-        # Tiles are stored in vectors of at least 4 bf16 per thread (grad_act's
-        # epilogue stored one element per thread, down a column with Triton 3.6, until its
-        # slices' columns came from an arange; a 64x16 slice has 4 elements per thread).
-        assert report["store_vector_bytes"] is None or report["store_vector_bytes"] >= 8, report
+        # Tiles are read and written in vectors of at least 4 bf16 per thread (grad_act's
+        # epilogue stored, and with pointer loads read h, one element per thread, down a column
+        # with Triton 3.6, until its slices' columns came from an arange; a 64x16 slice has 4
+        # elements per thread).
+        assert report["access_vector_bytes"] is None or report["access_vector_bytes"] >= 8, report
         if report["kernel"] in OTHER_KERNELS:
             continue
         # Every GEMM uses Hopper tensor cores fed by software-pipelined async copies of both

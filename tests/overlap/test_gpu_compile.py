@@ -40,7 +40,7 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
         assert report["wgmma_in_flight"] >= 1, report
         assert report["stack_bytes"] == 0, report  # no register spills
         assert report["shared_bytes"] <= 227 * 1024, report  # an H100 block's limit
-        assert report["store_vector_bytes"] >= 16, report  # 16-byte vectors per thread
+        assert report["access_vector_bytes"] == 16, report  # 16-byte vectors per thread
         if report["tma"]:
             assert report["tma_copies"] >= 2 * 3 and report["async_copies"] == 0, report
             if report["kernel"] == "ag_gemm_kernel":  # waits on flags, then reads by TMA
