@@ -16,8 +16,10 @@ Router providers, from float32 logits `[T, E]` to (ids, weights, scores) with th
 - `compiled`: `router_topk` (one launch),
 - `torch`: `router_topk_reference` (scores, stable sort for the ties, gather, normalise),
 - `torch_topk`: the same with `torch.topk`, ties in any order.
-Times are `do_bench` medians in microseconds (L2 flushed between runs), at every
-T in {1024, 16384, 65536}, E in {8, 64, 128, 256}, k in {2, 6, 8} (k <= E) by default.
+Times (`us`) are `do_bench` medians in microseconds (L2 flushed between runs), at every
+T in {1024, 16384, 65536}, E in {8, 64, 128, 256}, k in {2, 6, 8} (k <= E) by default;
+`host_us` is the host's time per call, calls back to back (`bench.harness.host_us`): where it
+is near `us`, launching or a synchronisation bounds the call, not the kernels.
 
     python -m bench.csrc_kernels [--T 16384] [--E 128] [--k 8] [--score-func sigmoid] [--out DIR]
 
@@ -32,7 +34,7 @@ import torch
 from bench import harness
 from kernelbase import compiled
 
-COLUMNS = ("kernel", "T", "E", "k", "provider", "us", "speedup_vs_torch")
+COLUMNS = ("kernel", "T", "E", "k", "provider", "us", "host_us", "speedup_vs_torch")
 
 
 def parse_ints(text: str) -> list[int]:
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 **shape,
                                 provider=provider,
                                 us=us,
+                                host_us=harness.host_us(runs[provider], device=device),
                                 speedup_vs_torch=found["torch"] / us,
                             )
                         )

@@ -141,6 +141,24 @@ def time_providers(
     ]
 
 
+def host_us(fn: Callable[[], Any], *, device: torch.device | str, runs: int = 200) -> float:
+    """Microseconds of host time per call of `fn()`: `runs` calls back to back (after 10 to warm
+    up), timed on the wall clock without waiting for the device in between. Where this is
+    close to `time_ms`, launching (or a hidden synchronisation) bounds the call, not the GPU."""
+    device = torch.device(device)
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed / runs * 1e6
+
+
 def time_ms_fixed(
     fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3, runs: int = 20
 ) -> float:

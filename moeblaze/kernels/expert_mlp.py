@@ -263,9 +263,9 @@ def _grad_act_columns(
     UP_SOFTCAP: tl.constexpr,
     INTERLEAVED: tl.constexpr,
 ):
-    """The epilogue of grad_act on g, the tile's columns col0 .. col0 + WIDTH: stores dh (and a, scaled
-    by the routing weights `w_row` as the forward's); returns rowsum(g * act) over these
-    columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
+    """The epilogue of grad_act on g, the tile's columns col0 .. col0 + WIDTH: stores dh (and
+    a, scaled by the routing weights `w_row` as the forward's); returns rowsum(g * act) over
+    these columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
     columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
     unit (`gated`); GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
     (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up
@@ -694,7 +694,7 @@ def _wgrad_step(
     sorted_rows,
     sorted_slots_ptr,
     j0,
-    ii,  # [BLOCK_M] = i0 + arange
+    ii,  # [BLOCK_M] = pid_m * BLOCK_M + arange
     jj,  # [BLOCK_N] = j0 + arange
     i_mask,
     j_mask,
@@ -972,8 +972,9 @@ PRE_HOPPER_ROW_TILE_STAGES = 3
 # The weight gradient's 128x256 spills on sm_80 (40-48 B with Triton 3.6): its tile before.
 PRE_HOPPER_WGRAD = GemmConfig(128, 128, 64, num_warps=8, num_stages=5)
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
-# (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h through a tensor descriptor builds in 158 registers
-# with Triton 3.9, 157 with 3.6 (32-column slices: 208 with 3.6; 64: 255 and a 16-byte spill).
+# (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h
+# through a tensor descriptor builds in 158 registers with Triton 3.9, 157 with 3.6 (32-column
+# slices: 208 with 3.6; 64: 255 and a 16-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
 # expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of

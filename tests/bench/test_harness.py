@@ -62,6 +62,15 @@ def test_time_ms_on_cpu_is_a_median_of_real_runs():
     assert len(calls) >= 4  # warm-up plus at least three timed runs
 
 
+def test_host_us_is_the_wall_time_per_call():
+    import time
+
+    calls = []
+    us = harness.host_us(lambda: (calls.append(1), time.sleep(0.001)), device="cpu", runs=20)
+    assert 1000 <= us < 20000
+    assert len(calls) == 10 + 20  # warm-up and timed calls
+
+
 def test_cuda_memory_is_none_on_cpu():
     assert harness.cuda_memory(lambda: torch.ones(3), "cpu") is None
 
