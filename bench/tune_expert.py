@@ -100,10 +100,15 @@ ROW_TILE_CANDIDATES = [
     (128, 32, 8, 5),
     (256, 32, 8, 4),
 ]
-# grad_act also with wider epilogue slices than GRAD_ACT_EPILOGUE_COLUMNS: (BLOCK_N, BLOCK_K,
+# grad_act also with other epilogue slices than GRAD_ACT_EPILOGUE_COLUMNS: (BLOCK_N, BLOCK_K,
 # warps, stages, epilogue_n); 32 columns build spill-free at 128x128 on sm_90, a 64-wide tile in
 # one slice.
-GRAD_ACT_EPILOGUE_CANDIDATES = [(128, 64, 8, 4, 32), (256, 64, 8, 3, 32), (64, 64, 8, 4, 64)]
+GRAD_ACT_EPILOGUE_CANDIDATES = [
+    (128, 64, 8, 4, 32),
+    (256, 64, 8, 3, 32),
+    (64, 64, 8, 4, 64),
+    (128, 64, 4, 3, 16),  # 96 KB of shared memory: two CTAs per SM, epilogue beside main loop
+]
 # Fewer than 5 stages leave the weight gradient's loads unpipelined (moeblaze.kernels.expert_mlp,
 # GPU_CONFIGS); the first candidate is the config before that was known, the second the one
 # before 128 gathered x 256 sorted columns, for comparison.

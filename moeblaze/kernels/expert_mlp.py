@@ -265,9 +265,10 @@ def _grad_act_columns(
 ):
     """The epilogue of grad_act on g, the tile's columns col0 .. col0 + WIDTH: stores dh (and
     a, scaled by the routing weights `w_row` as the forward's); returns rowsum(g * act) over
-    these columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's gate and up
-    columns), else a pointer. ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated
-    unit (`gated`); GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
+    these columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's columns;
+    gated and not interleaved, of h viewed as [S, 2, F], gate and up), else a pointer. ACT,
+    ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated unit (`gated`);
+    GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
     (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up
     alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate columns col0 .. and the
     up columns F further on. Not GATED: h and dh are F wide and act = ACT(h) (`ungated`)."""
@@ -297,10 +298,13 @@ def _grad_act_columns(
         gate = gate.to(tl.float32)
         up = up.to(tl.float32)
     elif H_TMA:
-        # Rows past the tile's expert and gate columns past F read other values of h: those
-        # products are masked below (g is zero there: its A rows and B columns read as zero).
-        gate = h.load([row0, col0]).to(tl.float32)
-        up = h.load([row0, F + col0]).to(tl.float32)
+        # h viewed as [S, 2, F]: the gate and up columns of the slice in one copy (one round
+        # trip instead of two). Rows past the tile's expert read other values of h: those
+        # products are masked below (g is zero there: its A rows read as zero).
+        pre = tl.permute(h.load([row0, 0, col0]), (0, 2, 1))  # [BLOCK_M, WIDTH, 2]
+        gate, up = tl.split(pre)
+        gate = gate.to(tl.float32)
+        up = up.to(tl.float32)
     else:
         h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
         gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -973,8 +977,8 @@ PRE_HOPPER_ROW_TILE_STAGES = 3
 PRE_HOPPER_WGRAD = GemmConfig(128, 128, 64, num_warps=8, num_stages=5)
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
 # (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h
-# through a tensor descriptor builds in 158 registers with Triton 3.9, 157 with 3.6 (32-column
-# slices: 208 with 3.6; 64: 255 and a 16-byte spill).
+# through a tensor descriptor builds in 161 registers with Triton 3.9, 165 with 3.6 (32-column
+# slices: 213 with 3.6; 64: 255 and an 8-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
 # expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of
@@ -1139,15 +1143,15 @@ class TritonStages:
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
         columns = cfg.epilogue_n or GRAD_ACT_EPILOGUE_COLUMNS
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // columns))
-        # One block per epilogue slice: its gate and up columns interleaved, or two blocks of
-        # which the up one starts F columns on (ungated: one block of its columns).
+        # One block per epilogue slice: its gate and up columns interleaved, or both halves of
+        # h [S, 2, F] (ungated: one block of its columns).
         if not activation.gated:
             h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split))
         elif activation.interleaved:
             h_desc = self._descriptor(h, cfg, (cfg.block_m, 2 * cfg.block_n // split))
         else:
-            block = (cfg.block_m, cfg.block_n // split)
-            h_desc = self._descriptor(h, cfg, block, offsets=(ffn,))
+            halves = h.unflatten(1, (2, ffn))
+            h_desc = self._descriptor(halves, cfg, (cfg.block_m, 2, cfg.block_n // split))
         grad_act_kernel[(plan.max_tiles * num_pid_n,)](
             dout,
             w,
