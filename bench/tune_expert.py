@@ -83,8 +83,8 @@ STAGE_KERNEL = {
 }
 
 
-def _cfg(bm, bn, bk, warps, stages) -> GemmConfig:
-    return GemmConfig(bm, bn, bk, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, warps, stages, epilogue_n=None) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, num_warps=warps, num_stages=stages, epilogue_n=epilogue_n)
 
 
 # Candidates besides the current config: (BLOCK_N, BLOCK_K, warps, stages) for the row-tile
@@ -138,10 +138,7 @@ def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]
         else:
             others = [_cfg(block_m, *c) for c in ROW_TILE_CANDIDATES]
         if kernel == "grad_act":
-            others += [
-                dataclasses.replace(_cfg(block_m, *c[:4]), epilogue_n=c[4])
-                for c in GRAD_ACT_EPILOGUE_CANDIDATES
-            ]
+            others += [_cfg(block_m, *c) for c in GRAD_ACT_EPILOGUE_CANDIDATES]
     else:
         current, others = INTERPRETER_CANDIDATES[0], INTERPRETER_CANDIDATES[1:]
         if kernel != "expert_wgrad":

@@ -295,21 +295,18 @@ def _grad_act_columns(
             h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + pre_cols[None, :]
             pre = tl.load(h_ptrs, mask=pre_mask, other=0.0)
         gate, up = tl.split(tl.reshape(pre, (BLOCK_M, WIDTH, 2)))
-        gate = gate.to(tl.float32)
-        up = up.to(tl.float32)
     elif H_TMA:
         # h viewed as [S, 2, F]: the gate and up columns of the slice in one copy (one round
         # trip instead of two). Rows past the tile's expert read other values of h: those
         # products are masked below (g is zero there: its A rows read as zero).
-        pre = tl.permute(h.load([row0, 0, col0]), (0, 2, 1))  # [BLOCK_M, WIDTH, 2]
-        gate, up = tl.split(pre)
-        gate = gate.to(tl.float32)
-        up = up.to(tl.float32)
+        gate, up = tl.split(tl.permute(h.load([row0, 0, col0]), (0, 2, 1)))
     else:
         h_ptrs = h + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-        gate = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(h_ptrs, mask=mask, other=0.0)
+        up = tl.load(h_ptrs + F, mask=mask, other=0.0)
     if GATED:
+        gate = gate.to(tl.float32)
+        up = up.to(tl.float32)
         act, glu, slope, up_c = gated(
             gate, up, ACT, ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP
         )
@@ -1004,12 +1001,12 @@ def gpu_config(
     (`epilogue_configs`), for a GPU of compute capability `arch` (10 * major + minor; before
     Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages and the weight
     gradient PRE_HOPPER_WGRAD)."""
+    if arch < 90 and kernel == "expert_wgrad":
+        return PRE_HOPPER_WGRAD
     key = config_key(kernel, block_m)
     config = GPU_CONFIGS[key]
     if activation is not None:
         config = epilogue_configs(activation)[1].get(key, config)
-    if arch < 90 and kernel == "expert_wgrad":
-        return PRE_HOPPER_WGRAD
     if arch < 90:
         stages = min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
         config = dataclasses.replace(config, num_stages=stages)
