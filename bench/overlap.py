@@ -12,7 +12,7 @@ MEASURED on one GPU (every time is for all W virtual ranks, which run one after 
   serial_ms, pipelined_ms, fused_ms  the op with that LocalWorld mode
   auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, above it fused
                  where overlap.tuning has a measured threshold for this GPU, else pipelined
-  comm_ms        the communication alone: AG the fused producer's chunk copies and flag writes,
+  comm_ms        the communication alone: AG the fused producer's copies and flag writes,
                  RS the fp32 reduction kernels reading the W partial buffers (flags already up)
   compute_ms     cuBLAS on the same GEMMs with all data present (= cublas_ms)
   efficiency     (serial - fused) / min(comm, compute)
@@ -288,7 +288,7 @@ def _ag_parts(case, a_shard, b, world, device, rep_ms) -> dict:
 
     def producer():
         for rank in range(W):
-            fused.pull_chunks(rank, a_shard, gathered[rank], flags[rank], layout, 1)
+            fused.gather(a_shard, gathered[rank], flags[rank], layout, 1)
 
     def cublas():
         for rank in range(W):

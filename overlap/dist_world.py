@@ -56,9 +56,11 @@ from overlap.kernels.gemm_rs import gemm_rs_tiles
 from overlap.peer_memory import PeerBuffer, PeerMemory
 from overlap.protocol import (
     HEADER_WORDS,
+    ChunkLayout,
     OverlapMismatchError,
     describe_signature,
     header_slot,
+    peer_chunks,
     signature,
 )
 from overlap.world import Mode, OverlapConfig, World
@@ -360,6 +362,28 @@ class PeerFused(FusedContext):
         self.streams.join()
         self.finish(op, layout, call)
         return out, gathered
+
+    def pull_chunks(
+        self,
+        rank: int,
+        shards,
+        gathered: torch.Tensor,
+        flags: torch.Tensor,
+        layout: ChunkLayout,
+        epoch: int,
+    ) -> None:
+        """AG producer of `rank`: copy its own rows, then the peers' chunks in arrival order
+        (`peer_chunks`), into its gather buffer [W*m, K], raising each chunk's flag after its
+        copy. `shards[p]` is rank p's [m, K] shard as this process sees it. (The pointer-load
+        consumer reads the local rows from the shard; the TMA one from the gather buffer.)"""
+        m = layout.m
+        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
+        for chunk in range(layout.count):
+            self.raise_flag(flags, rank * layout.count + chunk, epoch)
+        for src, chunk in peer_chunks(rank, self.world_size, layout):
+            lo, hi = layout.rows(chunk)
+            gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
+            self.raise_flag(flags, src * layout.count + chunk, epoch)
 
     def matmul_reduce_scatter(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         W, r, (M, k) = self.world_size, self.rank, a.shape  # a [M, k], b [k, N]

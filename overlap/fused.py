@@ -9,11 +9,12 @@ fused call needs besides its inputs and implements the two fused schedules of it
 
     FusedContext (here)      tile config and operand loads (TMA), wait budget, the world's side stream, the call
                              epochs, one status word per rank whose kernels run in this process,
-                             persistent grid sizes, tile logs, the AG chunk producer, and
-                             one rank's launch of each fused kernel (ag_gemm, rs_gemm, rs_reduce)
-    LocalFused (local_world) the W ranks' flags, gather buffers and GEMM-RS workspaces
-    PeerFused (dist_world)   peer buffers (symmetric / shared memory), their address tables and
-                             this rank's local flags
+                             persistent grid sizes, tile logs, and one rank's launch of each
+                             fused kernel (ag_gemm, rs_gemm, rs_reduce)
+    LocalFused (local_world) the W ranks' flags, gather buffers and GEMM-RS workspaces; the AG
+                             producer of one GPU (one copy, every flag raised at once)
+    PeerFused (dist_world)   peer buffers (symmetric / shared memory), their address tables,
+                             this rank's local flags and the AG chunk producer
 
 A call: `epoch = next_epoch()`; producers and consumers are launched on the side and current
 streams (the producer raising each chunk's flag to `epoch`, the consumer waiting for it); the
@@ -37,7 +38,6 @@ from overlap.protocol import (
     check_status,
     has_stream_write,
     header_slot,
-    peer_chunks,
     raise_flag,
     signature,
     wait_budget_for,
@@ -61,9 +61,21 @@ INTERPRETER_TILE_CONFIG = GemmConfig(
 )
 # Programs of the RS reduction on CUDA, which the RS GEMM leaves free. Placeholder.
 DEFAULT_COMM_PROGRAMS = 16
-# Reduction tile (rows x columns): GPU placeholder; CPU small so the interpreter stays quick.
-GPU_REDUCE_BLOCK = (32, 256)
+# Elements the RS reduction loads per step over all W sources on CUDA, [W, rows, 256 columns]:
+# 32 KB of bf16 in flight per program (64 per thread of its 8 warps), so a block has fewer rows
+# as W grows. Placeholder until measured (bench.overlap's comm_ms). CPU: small, so the
+# interpreter stays quick.
+GPU_REDUCE_ELEMENTS = 16384
+GPU_REDUCE_COLUMNS = 256
 CPU_REDUCE_BLOCK = (16, 16)
+
+
+def reduce_block(device: torch.device, world_size: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_N) of the RS reduction of a world of `world_size` ranks on `device`."""
+    if device.type != "cuda":
+        return CPU_REDUCE_BLOCK
+    sources = triton.next_power_of_2(world_size)
+    return max(1, GPU_REDUCE_ELEMENTS // (sources * GPU_REDUCE_COLUMNS)), GPU_REDUCE_COLUMNS
 
 
 def default_tile_config(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
@@ -144,28 +156,6 @@ class FusedContext(abc.ABC):
             self.epoch = 0
         self.epoch += 1
         return self.epoch
-
-    def pull_chunks(
-        self,
-        rank: int,
-        shards,
-        gathered: torch.Tensor,
-        flags: torch.Tensor,
-        layout: ChunkLayout,
-        epoch: int,
-    ) -> None:
-        """AG producer of `rank`: copy its own rows, then the peers' chunks in arrival order
-        (`peer_chunks`), into its gather buffer [W*m, K], raising each chunk's flag after its
-        copy. `shards[p]` is rank p's [m, K] shard as this process sees it. (The pointer-load
-        consumer reads the local rows from the shard; the TMA one from the gather buffer.)"""
-        m = layout.m
-        gathered[rank * m : (rank + 1) * m].copy_(shards[rank])
-        for chunk in range(layout.count):
-            self.raise_flag(flags, rank * layout.count + chunk, epoch)
-        for src, chunk in peer_chunks(rank, self.world_size, layout):
-            lo, hi = layout.rows(chunk)
-            gathered[src * m + lo : src * m + hi].copy_(shards[src][lo:hi])
-            self.raise_flag(flags, src * layout.count + chunk, epoch)
 
     # One rank's fused kernels (also timed alone by bench.overlap). `link_clock`: a LocalWorld's
     # emulated link (`self.link`).
@@ -292,7 +282,7 @@ class FusedContext(abc.ABC):
 
     def reduce_plan(self, m: int, N: int) -> tuple[int, int, int, int]:
         """(programs, SMs the GEMM leaves them, BLOCK_R, BLOCK_N) of the RS reduction."""
-        block_r, block_n = GPU_REDUCE_BLOCK if self.device.type == "cuda" else CPU_REDUCE_BLOCK
+        block_r, block_n = reduce_block(self.device, self.world_size)
         items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
         if self.device.type == "cuda":
             programs = min(items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)

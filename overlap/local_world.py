@@ -6,15 +6,17 @@ separate allocations, reached only through that rank's own pointers (or, for pee
 their addresses), so the fused path runs exactly the kernels and flag protocol a multi-GPU world
 would, and one GPU can test and time the mechanism (`LocalFused`):
 
-    AG  producer (side stream on CUDA): for each peer in rotated order, copy each chunk of the
-        peer's shard into the rank's gather buffer, then raise the chunk's flag (a stream memory
-        write: overlap.protocol). Consumer: ag_gemm_kernel. On one GPU a device-to-device copy
-        may itself be a kernel, which a persistent consumer occupying every SM would starve
-        while spinning on the copy's flag (a deadlock until the timeout: the likely cause of the
+    AG  producer (side stream on CUDA, `LocalFused.gather`): copy the W shards into the rank's
+        gather buffer, then raise all of the call's chunk flags at once (a stream memset:
+        overlap.protocol). Consumer: ag_gemm_kernel. On one GPU a device-to-device copy may
+        itself be a kernel, which a persistent consumer occupying every SM would starve while
+        spinning on the copy's flag (a deadlock until the timeout: the likely cause of the
         timeouts of back-to-back calls measured on an H100, not yet confirmed on one). So rank
-        r's consumer is launched after rank r's copies on the stream; the copies of rank r+1
-        overlap it. Under the interpreter the flags are all up by then anyway; on several GPUs
-        (DistWorld) the pulls are copy-engine transfers and the consumer really waits on flags.
+        r's consumer is launched after rank r's copy on the stream; the copy of rank r+1
+        overlaps it. With the consumer waiting for the whole copy anyway, chunk-by-chunk copies
+        would only add launches (2 W cpr per rank: at W = 8 the producer was host-bound, 1.4-3.9
+        ms per call on an H100). On several GPUs (DistWorld) the pulls are chunk by chunk, by
+        the copy engines, and the consumer really waits on their flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer (side stream on CUDA, `comm_programs` programs, the GEMM grid
         leaves those SMs free): rs_reduce_kernel per rank, reading the W partial buffers.
@@ -37,7 +39,7 @@ from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles
 from overlap.kernels.gemm_rs import gemm_rs_tiles
 from overlap.link import EmulatedLink
-from overlap.protocol import HEADER_WORDS, peer_chunks
+from overlap.protocol import HEADER_WORDS, ChunkLayout, peer_chunks, raise_flags
 from overlap.world import OverlapConfig, World, acc_dtype
 
 
@@ -221,6 +223,8 @@ class LocalFused(FusedContext):
         W = world.world_size
         super().__init__(W, world.device, world.config, world.streams, list(range(W)))
         self.link = world.link
+        #: How the AG producer raises a call's flags; tests replace it to drop a flag.
+        self.raise_flags = raise_flags
         self.ag_flags: list[torch.Tensor] = []  # W x [W*cpr] int32, grown to the largest call
         self.rs_workspace: _RSWorkspace | None = None
 
@@ -228,6 +232,19 @@ class LocalFused(FusedContext):
         rs_flags = self.rs_workspace.flags if self.rs_workspace is not None else []
         for flags in [*self.ag_flags, *rs_flags]:
             flags.zero_()
+
+    def gather(
+        self,
+        a_shard: torch.Tensor,
+        gathered: torch.Tensor,
+        flags: torch.Tensor,
+        layout: ChunkLayout,
+        epoch: int,
+    ) -> None:
+        """One rank's AG producer: its gather buffer [W*m, K] in one copy of the W shards
+        a_shard [W, m, K], then its first W*cpr flags raised to `epoch` in one operation."""
+        gathered.copy_(a_shard.view(gathered.shape))
+        self.raise_flags(flags[: self.world_size * layout.count], epoch)
 
     def all_gather_matmul(self, a_shard: torch.Tensor, b: torch.Tensor):
         W, m, K = a_shard.shape  # a_shard [W, m, K], b [W, K, n]
@@ -248,10 +265,10 @@ class LocalFused(FusedContext):
         self.streams.fork()
         for rank in range(W):
             with self.streams(), profile_range("overlap.ag.copy"):
-                self.pull_chunks(rank, a_shard, gathered[rank], self.ag_flags[rank], layout, epoch)
-            # One device: the chunk copies may run as kernels, which a persistent consumer on
-            # every SM would starve while it spins on their flags. So rank r's consumer starts
-            # once rank r's copies are done; rank r+1's copies run beside it.
+                self.gather(a_shard, gathered[rank], self.ag_flags[rank], layout, epoch)
+            # One device: the copy may run as a kernel, which a persistent consumer on every SM
+            # would starve while it spins on the flags. So rank r's consumer starts once rank
+            # r's copy is done; rank r+1's copy runs beside it.
             self.streams.wait(self.streams.record(on_side=True), on_side=False)
             with profile_range("overlap.ag.gemm"):
                 self.ag_gemm(

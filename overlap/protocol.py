@@ -3,7 +3,8 @@ words and the timeout error. The device side is overlap.kernels.flags.
 
 # W ranks, m rows per rank shard, CH rows per chunk
 
-How a producer raises a flag (after the chunk's copy, on the same stream):
+How a producer raises a flag (after the chunk's copy, on the same stream; `raise_flags` raises a
+run of them in one operation, as a LocalWorld's producer does after one copy of all the rows):
 
 - CPU (kernels under the Triton interpreter): a plain store; the producer has finished before the
   consumer kernel is launched, because the interpreter runs a launch's programs one by one.
@@ -206,6 +207,19 @@ def _stream_write_ops():
 def has_stream_write(device: torch.device) -> bool:
     """True when flags on `device` are raised by stream memory writes (no SM needed)."""
     return device.type == "cuda" and _stream_write_ops() is not None
+
+
+def raise_flags(flags: torch.Tensor, epoch: int) -> None:
+    """Set every flag of `flags` (a contiguous run) to `epoch` after the work already queued on
+    the current stream, in one operation: a stream memset (`memset32_`) where torch has the
+    stream memory ops, else a fill kernel."""
+    if flags.numel() == 0:
+        return
+    ops = _stream_write_ops() if flags.device.type == "cuda" else None
+    if ops is None:
+        flags.fill_(epoch)
+    else:
+        ops[1](flags.view(torch.uint32), 0, epoch, flags.numel())
 
 
 def raise_flag(flags: torch.Tensor, index: int, epoch: int) -> None:

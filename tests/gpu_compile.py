@@ -109,6 +109,12 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         tma_copies=ttgir.count("async_tma_copy_global_to_local"),
         **mainloop_pipelining(ttgir),
         access_vector_bytes=access_vector_bytes(ttgir),
+        # Global loads and stores of 1 or 2 bytes in the PTX: a tile's layout may hold 8
+        # elements per thread and still be accessed one element per instruction where the
+        # compiler cannot prove the addresses aligned (e.g. a pointer read from a table).
+        narrow_global_accesses=len(
+            re.findall(r"(?:ld|st)\.global(?:\.\w+)*?\.(?:b16|u16|s16|b8|u8|s8)\b", ptx)
+        ),
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
@@ -117,8 +123,13 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         if "ACT" in constexprs
         else None,
         bias=constexprs.get("HAS_BIAS"),
-        # Flag protocol: Triton lowers atomic_add(ptr, 0, sem="acquire") to an acquire load.
-        acquire_loads=len(re.findall(r"ld\.global\.(?:gpu|sys)\.acquire", ptx)),
+        # Flag protocol: Triton lowers a scalar atomic_add(ptr, 0, sem="acquire") to an acquire
+        # load, a masked vector of them (wait_flags) to acquire atomic adds of 0.
+        acquire_polls=len(
+            re.findall(
+                r"ld\.global\.(?:gpu|sys)\.acquire|atom\.global\.(?:gpu|sys)\.acquire\.add", ptx
+            )
+        ),
         release_atomics=len(re.findall(r"(?:gpu|sys)\.(?:release|acq_rel)\.", ptx)),
         sys_scope_atomics=len(re.findall(r"\.sys\.(?:acquire|release|acq_rel)", ptx)),
         # Flag waits bounded by the GPU's nanosecond clock (real time, not a count of polls).
@@ -296,7 +307,7 @@ def run_overlap_launchers() -> None:
     operands through tensor descriptors (TMA; the AG-GEMM with both layouts of b), and with
     pointer loads; the RS reduction, the peers' ready wait and the fallback flag kernel; the GEMMs
     and the reduction with the emulated link of a LocalWorld too, and its one-warp wait."""
-    from overlap.fused import GPU_REDUCE_BLOCK, default_tile_config
+    from overlap.fused import default_tile_config, reduce_block
     from overlap.kernels.ag_gemm import launch_ag_gemm
     from overlap.kernels.flags import launch_raise_flag, launch_wait_peers
     from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
@@ -304,6 +315,7 @@ def run_overlap_launchers() -> None:
 
     W, M, hidden, ffn = 8, 8192, 8192, 28672
     m, n = M // W, ffn // W
+    block_r, block_n = reduce_block(torch.device("cuda"), W)
 
     def empty(*shape, dtype=torch.bfloat16):
         return torch.empty(shape, dtype=dtype, device=META)
@@ -374,8 +386,8 @@ def run_overlap_launchers() -> None:
             wait_budget=1000,
             chunk_m=512,
             num_programs=16,
-            block_r=GPU_REDUCE_BLOCK[0],
-            block_n=GPU_REDUCE_BLOCK[1],
+            block_r=block_r,
+            block_n=block_n,
             scope=scope,
             link_clock=link.get("link_clock"),
         )

@@ -22,7 +22,8 @@ With TMA the operands are read through tensor descriptors (the copy engine on Ho
 launcher uses them where the gather buffer and b allow, `tma=True`), else by pointer loads. A
 TMA kernel reads the local rows from the gather buffer too (one main loop, one descriptor: two
 would need two sets of shared-memory stages), so it waits on the local chunks' flags as well; the
-producer copies the local rows first (overlap.fused.FusedContext.pull_chunks).
+producers copy the local rows first (overlap.dist_world.PeerFused.pull_chunks) or with the rest
+(overlap.local_world.LocalFused.gather).
 
 With LINK (a LocalWorld's emulated link, overlap.link) the rank's link begins when the first
 program starts (`link_origin` on `link_clock`), and a tile of a peer's rows also waits until

@@ -28,6 +28,7 @@ The polls are `atomic_add(ptr, 0, sem="acquire")`: an acquire read that every Tr
 from 3.0 and the CPU interpreter support (`tl.atomic_load` is newer).
 
     wait_flag, wait_chunks   device functions the consumer kernels call (ag_gemm, gemm_rs)
+    wait_flags               wait_flag on a vector of flags (the RS reduction: one per source)
     async_proxy_fence        after a wait, before TMA loads of what the flag published
     wait_header              a peer published this call, and the same call (rank agreement)
     wait_peers_kernel        one program: every peer published this call (DistWorld's AG)
@@ -97,12 +98,49 @@ def wait_flag(flag_ptr, epoch, status_ptr, wait_budget, flag_index, peer, SCOPE:
             spent = _clock_ns() - start
         else:
             spent += 1
-    # The compare-and-swap must run only on this program's own timeout, hence two ifs (an `and`
-    # would evaluate it unconditionally).
-    if (value < epoch) & (aborted == 0):  # noqa: SIM102
-        if tl.atomic_cas(status_ptr, 0, flag_index + 1, sem="relaxed", scope="gpu") == 0:
-            tl.store(status_ptr + 1, peer)
+    if (value < epoch) & (aborted == 0):
+        _record_timeout(status_ptr, flag_index, peer)
     return ((value >= epoch) & (aborted == 0)).to(tl.int32)
+
+
+@triton.jit
+def wait_flags(
+    flag_ptrs, mask, epoch, status_ptr, wait_budget, flag_index, peers, SCOPE: tl.constexpr
+):
+    """`wait_flag` on a vector of flags (the lanes under `mask`) at once: each round polls
+    every flag still below `epoch` together, so W sources cost one round trip, not W.
+
+    Returns 1 when every flag rose, 0 on a timeout or when another program already timed out.
+    A timeout records (flag_index + 1, the `peers` entry of the first lane still waiting).
+    """
+    lanes = tl.arange(0, flag_ptrs.shape[0])
+    value = tl.atomic_add(flag_ptrs, 0, mask=mask, sem="acquire", scope=SCOPE)
+    waiting = mask & (value < epoch)
+    left = tl.max(waiting.to(tl.int32), axis=0)
+    spent = tl.zeros((), dtype=tl.int64)
+    if REAL_TIME:
+        start = _clock_ns()
+    aborted = tl.load(status_ptr, volatile=True)
+    while (left != 0) & (spent < wait_budget) & (aborted == 0):
+        value = tl.atomic_add(flag_ptrs, 0, mask=waiting, sem="acquire", scope=SCOPE)
+        waiting = waiting & (value < epoch)
+        left = tl.max(waiting.to(tl.int32), axis=0)
+        aborted = tl.load(status_ptr, volatile=True)
+        if REAL_TIME:
+            spent = _clock_ns() - start
+        else:
+            spent += 1
+    if (left != 0) & (aborted == 0):
+        first = tl.min(tl.where(waiting, lanes, flag_ptrs.shape[0]), axis=0)
+        _record_timeout(status_ptr, flag_index, tl.sum(tl.where(lanes == first, peers, 0), axis=0))
+    return ((left == 0) & (aborted == 0)).to(tl.int32)
+
+
+@triton.jit
+def _record_timeout(status_ptr, flag_index, peer):
+    """The first program to time out writes (flag_index + 1, peer) into status_ptr[0:2]."""
+    if tl.atomic_cas(status_ptr, 0, flag_index + 1, sem="relaxed", scope="gpu") == 0:
+        tl.store(status_ptr + 1, peer)
 
 
 @triton.jit

@@ -18,10 +18,11 @@ program that completes a chunk's count raises the chunk's flag (release).
 Consumer, on every rank d (`rs_reduce_kernel`): first every source's header (its call published,
 the same call: overlap.kernels.flags.wait_header); then for each block of its m output rows, wait
 (acquire, bounded) on the flags of the chunks holding those rows in every source's partial
-buffer, sum the W partial blocks in fp32 (sources in the order their chunks for d are produced:
-d - 1, d - 2, ..., d) and store out_d (NaN where a wait failed). The partial buffers and
-headers + flags of the sources are separate allocations, reached through tables of their
-addresses, as peer buffers are.
+buffer, all W sources' flags of a chunk in one poll (`wait_flags`; a program waits on a chunk
+once, not again for each column block of its rows), load the W partial blocks in one
+[W, BLOCK_R, BLOCK_N] load (every source's bytes in flight together), sum them in fp32 and
+store out_d (NaN where a wait failed). The partial buffers and headers + flags of the sources
+are separate allocations, reached through tables of their addresses, as peer buffers are.
 
 With LINK (a LocalWorld's emulated link, overlap.link): the producer queues each chunk it
 completes for another rank on its rank's link (`link_enqueue`, `link_ns_per_row` each row) and
@@ -39,7 +40,7 @@ from kernelbase.gemm import (
     swizzle_tile,
     tile_matmul,
 )
-from overlap.kernels.flags import HEADER_WORDS, wait_chunks, wait_header
+from overlap.kernels.flags import HEADER_WORDS, wait_flags, wait_header
 from overlap.kernels.link import link_enqueue, wait_until
 
 
@@ -156,6 +157,7 @@ def rs_reduce_kernel(
     stride_p,
     stride_out,
     WORLD_SIZE: tl.constexpr,
+    SOURCES: tl.constexpr,  # WORLD_SIZE rounded up to a power of two: one lane per source
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SCOPE: tl.constexpr,
@@ -174,47 +176,66 @@ def rs_reduce_kernel(
             ok = wait_header(
                 header, own, epoch, status_ptr, wait_budget, dest * chunks_per_rank, src, SCOPE
             )
+    # One lane per source, in the order their chunks for dest are produced (dest - 1, dest - 2,
+    # ..., dest: a timeout names the first of them still missing).
+    lanes = tl.arange(0, SOURCES)
+    is_source = lanes < WORLD_SIZE
+    srcs = (dest + WORLD_SIZE - 1 - lanes) % WORLD_SIZE
+    dest_flags = tl.load(header_table_ptr + srcs, mask=is_source, other=0).to(
+        tl.pointer_type(tl.int32)
+    ) + (HEADER_WORDS + dest * chunks_per_rank)
+    ready_first = 0  # chunks [ready_first, ready_last] are known complete in every source
+    ready_last = -1
     for item in range(tl.program_id(0), row_blocks * col_blocks, tl.num_programs(0)):
         row0 = (item // col_blocks) * BLOCK_R
+        rows_end = tl.minimum(row0 + BLOCK_R, m)
+        first, last = row0 // chunk_m, (rows_end - 1) // chunk_m
+        if (ok != 0) & ((first < ready_first) | (last > ready_last)):
+            # All W sources' flags of each chunk in one poll; then, with a link, the chunks'
+            # arrivals over the sources' links (any order: the wait ends at the latest).
+            for chunk in range(first, last + 1):
+                if ok != 0:
+                    ok = wait_flags(
+                        dest_flags + chunk,
+                        is_source,
+                        epoch,
+                        status_ptr,
+                        wait_budget,
+                        dest * chunks_per_rank + chunk,
+                        srcs,
+                        SCOPE,
+                    )
+            if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
+                if ok != 0:
+                    arrivals = (
+                        link_clock_ptr + WORLD_SIZE + (srcs * WORLD_SIZE + dest) * chunks_per_rank
+                    )
+                    remote = is_source & (srcs != dest)
+                    arrival = tl.zeros((), dtype=tl.int64)
+                    for chunk in range(first, last + 1):
+                        times = tl.load(arrivals + chunk, mask=remote, other=0, volatile=True)
+                        arrival = tl.maximum(arrival, tl.max(times, axis=0))
+                    wait_until(arrival)
+            ready_first, ready_last = first, last
         local_rows = row0 + tl.arange(0, BLOCK_R)
         cols = (item % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (local_rows < m)[:, None] & (cols < N)[None, :]
         offsets = (dest * m + local_rows).to(tl.int64)[:, None] * stride_p + cols[None, :]
-        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(WORLD_SIZE):
-            src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
-            header = tl.load(header_table_ptr + src).to(tl.pointer_type(tl.int32))
-            rows_end = tl.minimum(row0 + BLOCK_R, m)
-            ok = wait_chunks(
-                header + HEADER_WORDS,
-                dest * chunks_per_rank,
-                row0,
-                rows_end,
-                chunk_m,
-                epoch,
-                status_ptr,
-                wait_budget,
-                src,
-                ok,
-                SCOPE,
-            )
-            # The chunks' arrivals over src's link, once their flags are up.
-            if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
-                if (ok != 0) & (src != dest):
-                    arrivals = (
-                        link_clock_ptr + WORLD_SIZE + (src * WORLD_SIZE + dest) * chunks_per_rank
-                    )
-                    arrival = tl.load(arrivals + row0 // chunk_m, volatile=True)
-                    for chunk in range(row0 // chunk_m + 1, (rows_end - 1) // chunk_m + 1):
-                        arrival = tl.maximum(arrival, tl.load(arrivals + chunk, volatile=True))
-                    wait_until(arrival)
-            if ok != 0:
+        # After a failed wait nothing is read: NaN, never a plausible wrong result. Else the W
+        # partial blocks, summed in fp32: independent loads, all in flight before the adds need
+        # them (each thread sums its own elements of every source: no exchange between warps).
+        acc = tl.full((BLOCK_R, BLOCK_N), float("nan"), dtype=tl.float32)
+        if ok != 0:
+            acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(WORLD_SIZE):
+                src = (dest + WORLD_SIZE - 1 - j) % WORLD_SIZE
                 partial = tl.load(partial_table_ptr + src).to(
                     tl.pointer_type(out_ptr.dtype.element_ty)
                 )
+                # 16-byte aligned (torch and symmetric-memory allocations are): said here, the
+                # loads move 16-byte vectors, else one element per instruction.
+                partial = tl.multiple_of(partial, 16)
                 acc += tl.load(partial + offsets, mask=mask, other=0.0).to(tl.float32)
-        if ok == 0:  # a wait failed: never a plausible wrong result
-            acc = tl.full((BLOCK_R, BLOCK_N), float("nan"), dtype=tl.float32)
         out_ptrs = out_ptr + local_rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -328,11 +349,12 @@ def launch_rs_reduce(
         row_stride,
         out.stride(0),
         WORLD_SIZE=world_size,
+        SOURCES=triton.next_power_of_2(world_size),
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         SCOPE=scope,
         LINK=link_clock is not None,
-        num_warps=4,
+        num_warps=8,
     )
 
 

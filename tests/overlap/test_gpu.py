@@ -14,7 +14,7 @@ from overlap_testing import RTOL, assert_tiles_once, check_back_to_back_calls, r
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
-from overlap.protocol import raise_flag
+from overlap.protocol import raise_flags
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 pytestmark = pytest.mark.gpu
@@ -74,16 +74,17 @@ def test_fused_matmul_reduce_scatter(W, dtype):
 
 
 def test_consumer_waits_for_a_slow_producer():
-    """The side stream sleeps before copying: the GEMM starts first and must wait on the flags."""
+    """The side stream sleeps before copying: every rank's result is still right (on one GPU a
+    rank's consumer is ordered after its copy; rank r+1's slow copy runs beside rank r's GEMM)."""
     W, m, K, n = 4, 512, 256, 256
     world = _world(W, chunk_m=128)
-    produce = world.fused.pull_chunks
+    produce = world.fused.gather
 
     def slow_producer(*args):
-        torch.cuda._sleep(5_000_000)  # ~ a few ms on the side stream, before the copies
+        torch.cuda._sleep(5_000_000)  # ~ a few ms on the side stream, before the copy
         produce(*args)
 
-    world.fused.pull_chunks = slow_producer
+    world.fused.gather = slow_producer
     a = randn(W, m, K, device="cuda", seed=6)
     b = randn(W, K, n, device="cuda", seed=7)
     c = overlap.all_gather_matmul(a, b, world)
@@ -97,18 +98,21 @@ def test_timeout_on_gpu_raises_instead_of_hanging():
     W, m = 2, 256
     world = _world(W, chunk_m=128, timeout_s=0.5)
 
-    def drop(flags, index, epoch):
-        if not (flags is world.fused.ag_flags[0] and index == 1 * 2 + 1):
-            raise_flag(flags, index, epoch)
+    def drop(flags, epoch):  # rank 0 never gets chunk 1 of rank 1 (flag 1 * 2 + 1)
+        if flags.data_ptr() != world.fused.ag_flags[0].data_ptr():
+            raise_flags(flags, epoch)
+        else:
+            raise_flags(flags[:3], epoch)
+            raise_flags(flags[4:], epoch)
 
-    world.fused.raise_flag = drop
+    world.fused.raise_flags = drop
     a = randn(W, m, 128, device="cuda", seed=8)
     b = randn(W, 128, 128, device="cuda", seed=9)
     start = time.perf_counter()
     with pytest.raises(overlap.OverlapTimeoutError, match="rank 0 .* chunk 1 .* from rank 1"):
         overlap.all_gather_matmul(a, b, world)
     assert time.perf_counter() - start < 60
-    world.fused.raise_flag = raise_flag
+    world.fused.raise_flags = raise_flags
     assert_close(
         overlap.all_gather_matmul(a, b, world),
         all_gather_matmul_ref(a.double(), b.double()),

@@ -279,6 +279,30 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
     assert out[4:8].isnan().all(), "a block whose wait failed is NaN, never a partial sum"
 
 
+def test_rs_reduce_names_the_first_missing_source_in_production_order():
+    """All sources' flags of a chunk are polled together; a timeout names the first source still
+    missing in the order dest's chunks are produced (dest - 1, dest - 2, ...): here 3, not 2."""
+    W, m, n, chunk_m, dest = 4, 8, 16, 8, 1
+    partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
+    flags = [torch.full((HEADER_WORDS + W,), 5, dtype=torch.int32, device=DEVICE) for _ in range(W)]
+    for src in (2, 3):
+        flags[src][HEADER_WORDS + dest] = 4  # chunk 0 of dest's rows: an older epoch
+    out, status = _rs_reduce(
+        partials,
+        flags,
+        dest=dest,
+        m=m,
+        n=n,
+        chunk_m=chunk_m,
+        epoch=5,
+        wait_budget=100,
+        programs=1,
+        fill=0.0,
+    )
+    assert status.tolist() == [dest * 1 + 0 + 1, 3]
+    assert out.isnan().all()
+
+
 @pytest.mark.parametrize("word", [1, SLOT_WORDS - 1, 0], ids=["op", "last", "moved_on"])
 def test_rs_reduce_refuses_a_source_that_made_another_call(word):
     """A source whose header describes another call (or, "moved_on", already holds a later

@@ -21,7 +21,7 @@ from tolerance import assert_close
 import overlap
 from overlap import tuning
 from overlap.fused import default_tile_config
-from overlap.protocol import EPOCH_LIMIT, ChunkLayout, raise_flag
+from overlap.protocol import EPOCH_LIMIT, ChunkLayout, raise_flags
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -112,11 +112,16 @@ def test_zero_rows_take_the_serial_path():
 
 
 def _drop_one_flag(world, rank, index):
-    def producer(flags, i, epoch):
-        if not (flags is world.fused.ag_flags[rank] and i == index):
-            raise_flag(flags, i, epoch)
+    """Rank `rank`'s AG producer raises every flag of a call but flags[index]."""
 
-    world.fused.raise_flag = producer
+    def producer(flags, epoch):
+        if flags.data_ptr() != world.fused.ag_flags[rank].data_ptr():
+            raise_flags(flags, epoch)
+        else:
+            raise_flags(flags[:index], epoch)
+            raise_flags(flags[index + 1 :], epoch)
+
+    world.fused.raise_flags = producer
 
 
 def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
@@ -135,7 +140,7 @@ def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
     # 0.2 s of polls (~700 at the interpreter's rate), plus the GEMMs of the other tiles.
     assert time.perf_counter() - start < 10
     assert (info.value.rank, info.value.peer, info.value.chunk) == (1, 0, 2)
-    world.fused.raise_flag = raise_flag
+    world.fused.raise_flags = raise_flags
     assert_close(
         overlap.all_gather_matmul(a, b, world),
         all_gather_matmul_ref(a, b),
