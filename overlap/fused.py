@@ -59,8 +59,12 @@ GPU_TILE_CONFIG_FP32 = GemmConfig(block_m=64, block_n=128, block_k=16, num_warps
 INTERPRETER_TILE_CONFIG = GemmConfig(
     block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, max_programs=3
 )
-# Programs of the RS reduction on CUDA, which the RS GEMM leaves free. Placeholder.
+# Programs of the RS reduction on CUDA where it runs beside the RS GEMM, on as many SMs the GEMM
+# leaves free. Placeholder.
 DEFAULT_COMM_PROGRAMS = 16
+# Programs per SM of the RS reduction where it runs after the GEMMs, on the whole GPU (a
+# LocalWorld): 61 registers x 256 threads each leave room for four.
+REDUCE_PROGRAMS_PER_SM = 4
 # Elements the RS reduction loads per step over all W sources on CUDA, [W, rows, 256 columns]:
 # 32 KB of bf16 in flight per program (64 per thread of its 8 warps), so a block has fewer rows
 # as W grows. Placeholder until measured (bench.overlap's comm_ms). CPU: small, so the
@@ -94,6 +98,9 @@ class FusedContext(abc.ABC):
 
     # Memory scope of the GEMM-RS flags and counters: "sys" where other GPUs read them.
     scope = "gpu"
+    # The RS reduction runs beside the GEMM, on SMs the GEMM leaves it (False: after the GEMMs,
+    # on the whole GPU).
+    reduce_beside_gemm = True
     # A LocalWorld's emulated link (overlap.link.EmulatedLink), if any.
     link = None
 
@@ -281,13 +288,20 @@ class FusedContext(abc.ABC):
         return FALLBACK_FREE_SMS
 
     def reduce_plan(self, m: int, N: int) -> tuple[int, int, int, int]:
-        """(programs, SMs the GEMM leaves them, BLOCK_R, BLOCK_N) of the RS reduction."""
+        """(programs, SMs the GEMM leaves them, BLOCK_R, BLOCK_N) of the RS reduction: beside
+        the GEMM `comm_programs` (DEFAULT_COMM_PROGRAMS) programs on as many SMs left free;
+        after the GEMMs (`reduce_beside_gemm` False) REDUCE_PROGRAMS_PER_SM per SM, none left
+        free."""
         block_r, block_n = reduce_block(self.device, self.world_size)
         items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
-        if self.device.type == "cuda":
+        if self.device.type != "cuda":
+            return min(items, self.tile.max_programs or items), 0, block_r, block_n
+        if self.reduce_beside_gemm:
             programs = min(items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)
             return programs, programs, block_r, block_n
-        return min(items, self.tile.max_programs or items), 0, block_r, block_n
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        programs = min(items, self.config.comm_programs or REDUCE_PROGRAMS_PER_SM * sms)
+        return programs, 0, block_r, block_n
 
     def tile_counts(self, ranks: int, num_tiles: int) -> list[torch.Tensor | None]:
         """Zeroed per-rank tile logs for `ranks` ranks when config.count_tiles, else Nones."""

@@ -18,8 +18,11 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
         ms per call on an H100). On several GPUs (DistWorld) the pulls are chunk by chunk, by
         the copy engines, and the consumer really waits on their flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
-        chunk flags). Consumer (side stream on CUDA, `comm_programs` programs, the GEMM grid
-        leaves those SMs free): rs_reduce_kernel per rank, reading the W partial buffers.
+        chunk flags). Consumer: rs_reduce_kernel per rank, reading the W partial buffers. On
+        one GPU the ranks' GEMMs run one after another, so every destination's rows are
+        complete only during the last one: the reductions run after the GEMMs, on the whole GPU
+        (their waits find the flags up), and the GEMMs leave no SM free for them. (DistWorld's
+        reductions run beside the GEMM, on SMs it leaves free, and really wait.)
 
 On the CPU (Triton interpreter) every producer finishes before its consumer is launched, so the
 flags are all up when the consumer polls them; the protocol (and its timeout) is still exercised.
@@ -219,6 +222,8 @@ class _RSWorkspace:
 class LocalFused(FusedContext):
     """The fused schedules of a LocalWorld: all W ranks' kernels, launched one rank after another."""
 
+    reduce_beside_gemm = False  # the RS reductions follow the GEMMs (see matmul_reduce_scatter)
+
     def __init__(self, world: LocalWorld):
         W = world.world_size
         super().__init__(W, world.device, world.config, world.streams, list(range(W)))
@@ -327,7 +332,6 @@ class LocalFused(FusedContext):
         link, link_clock = self.link, None
         if link:  # [W] the ranks' links, then [W, W, cpr] the chunks' arrivals
             link_clock = link.begin(W + W * W * layout.count)
-        self.streams.fork()
         with profile_range("overlap.rs.gemm"):
             for rank in range(W):
                 self.publish(ws.flags[rank][:HEADER_WORDS], epoch, call)
@@ -346,8 +350,10 @@ class LocalFused(FusedContext):
                 )
                 if link:  # the next rank's GEMM starts once this rank's transfers are done
                     link.drain(rank)
-        # CPU: every producer above has finished. CUDA: the reductions run beside the GEMMs.
-        with self.streams(), profile_range("overlap.rs.reduce"):
+        # One GPU: every destination's rows are complete only once the last rank's GEMM has
+        # made its share, so the reductions follow the GEMMs on the whole GPU (`reduce_plan`)
+        # instead of waiting beside them on SMs the GEMMs would have to leave free.
+        with profile_range("overlap.rs.reduce"):
             for dest in range(W):
                 self.rs_reduce(
                     dest,
@@ -358,6 +364,5 @@ class LocalFused(FusedContext):
                     layout,
                     link_clock=link_clock,
                 )
-        self.streams.join()
         self.finish("matmul_reduce_scatter", layout, call)
         return out

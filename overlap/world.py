@@ -68,7 +68,7 @@ class OverlapConfig:
     # host with the device; with False, call `world.check_status()` yourself.
     sync_status: bool = True
     free_sms: int | None = None  # SMs the AG consumer leaves free; None: 0 with stream writes
-    comm_programs: int | None = None  # programs of the RS reduction; None: see DEFAULT_*
+    comm_programs: int | None = None  # programs of the RS reduction; None: FusedContext.reduce_plan
     min_overlap_flops: float = OVERLAP_MIN_FLOPS
     # Per-rank FLOPs from which mode=None runs FUSED (where the world can); None: the measured
     # table of overlap.tuning, which has no entry (fused never picked) where fused did not win.
