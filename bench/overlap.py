@@ -17,6 +17,8 @@ MEASURED on one GPU (every time is for all W virtual ranks, which run one after 
   compute_ms     cuBLAS on the same GEMMs with all data present (= cublas_ms)
   efficiency     (serial - fused) / min(comm, compute)
   fused_vs_serial  fused_ms / serial_ms (target: <= 1.03 for auto at every M)
+  serial_host_ms, pipelined_host_ms, fused_host_ms  host time per call of the mode, HOST_RUNS
+                 calls back to back (bench.harness.host_us): near {mode}_ms, launches bound it
   fused_present_ms  the fused GEMM kernels alone, every flag already raised (AG) / without the
                  reduction (RS); frac_cublas = cublas_ms / fused_present_ms (target >= 0.9)
   chunked_ms     the pipelined schedule's per-chunk cuBLAS GEMMs alone, all data present
@@ -43,6 +45,7 @@ script works, nothing about speed.
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import traceback
@@ -75,6 +78,8 @@ MEASURED = (
     "serial_ms",
     "pipelined_ms",
     "fused_ms",
+    "fused_host_ms",
+    "pipelined_host_ms",
     "auto_ms",
     "auto_mode",
     "comm_ms",
@@ -100,6 +105,9 @@ PROJECTED = (
 
 
 OPS = {"ag": "all_gather_matmul", "rs": "matmul_reduce_scatter"}
+# Calls per host-time measurement: few enough that the launch queue never fills (then the host
+# would wait for the GPU and the time would be the GPU's).
+HOST_RUNS = 10
 FUSED_WINS = 1.03  # fused_ms at most this times the faster of serial and pipelined
 
 
@@ -226,6 +234,9 @@ def measure(
     ):
         with profile_range(f"bench overlap {case.op} W={case.W} M={case.M} {mode}"):
             row[f"{mode}_ms"] = _time(lambda w=world: op_fn(a, b, w), device, rep_ms)
+        if mode != "auto":
+            call = functools.partial(op_fn, a, b, world)
+            row[f"{mode}_host_ms"] = harness.host_us(call, device=device, runs=HOST_RUNS) / 1e3
         world.check_status()
         if mode == "auto":
             row["auto_mode"] = world.mode_for(case.flops / case.W, op=OPS[case.op]).value
