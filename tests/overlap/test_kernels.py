@@ -255,14 +255,25 @@ def test_ag_gemm_times_out_on_a_missing_chunk_within_the_budget(programs):
     assert out[missing[0] * m : (missing[0] + 1) * m].isnan().any()
 
 
-def test_rs_reduce_times_out_naming_source_and_chunk():
-    W, m, n, chunk_m, dest = 3, 12, 16, 4, 1
+@pytest.mark.parametrize(
+    "W, m, chunk_m, missing, named, nan_rows",
+    [
+        # source 2 never finishes chunk 1 of dest's rows
+        pytest.param(3, 12, 4, [(2, 1)], (1, 2), (4, 8), id="one-chunk"),
+        # The sources' flags of a chunk are polled together: the first source still missing in
+        # the order dest's chunks are produced (dest - 1, dest - 2, ...) is named, 3 and not 2.
+        pytest.param(4, 8, 8, [(2, 0), (3, 0)], (0, 3), (0, 8), id="first-in-order"),
+    ],
+)
+def test_rs_reduce_times_out_naming_source_and_chunk(W, m, chunk_m, missing, named, nan_rows):
+    n, dest = 16, 1
     cpr = triton.cdiv(m, chunk_m)
     partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
     flags = [
         torch.full((HEADER_WORDS + W * cpr,), 2, dtype=torch.int32, device=DEVICE) for _ in range(W)
     ]
-    flags[2][HEADER_WORDS + dest * cpr + 1] = 1  # source 2 never finishes chunk 1 of dest's rows
+    for src, chunk in missing:
+        flags[src][HEADER_WORDS + dest * cpr + chunk] = 1  # an older epoch
     out, status = _rs_reduce(
         partials,
         flags,
@@ -275,32 +286,10 @@ def test_rs_reduce_times_out_naming_source_and_chunk():
         programs=1,
         fill=0.0,
     )
-    assert status.tolist() == [dest * cpr + 1 + 1, 2]
-    assert out[4:8].isnan().all(), "a block whose wait failed is NaN, never a partial sum"
-
-
-def test_rs_reduce_names_the_first_missing_source_in_production_order():
-    """All sources' flags of a chunk are polled together; a timeout names the first source still
-    missing in the order dest's chunks are produced (dest - 1, dest - 2, ...): here 3, not 2."""
-    W, m, n, chunk_m, dest = 4, 8, 16, 8, 1
-    partials = [randn(W * m, n, seed=s, device=DEVICE) for s in range(W)]
-    flags = [torch.full((HEADER_WORDS + W,), 5, dtype=torch.int32, device=DEVICE) for _ in range(W)]
-    for src in (2, 3):
-        flags[src][HEADER_WORDS + dest] = 4  # chunk 0 of dest's rows: an older epoch
-    out, status = _rs_reduce(
-        partials,
-        flags,
-        dest=dest,
-        m=m,
-        n=n,
-        chunk_m=chunk_m,
-        epoch=5,
-        wait_budget=100,
-        programs=1,
-        fill=0.0,
-    )
-    assert status.tolist() == [dest * 1 + 0 + 1, 3]
-    assert out.isnan().all()
+    chunk, source = named
+    assert status.tolist() == [dest * cpr + chunk + 1, source]
+    rows = slice(*nan_rows)
+    assert out[rows].isnan().all(), "a block whose wait failed is NaN, never a partial sum"
 
 
 @pytest.mark.parametrize("word", [1, SLOT_WORDS - 1, 0], ids=["op", "last", "moved_on"])
