@@ -207,14 +207,16 @@ def rs_reduce_kernel(
                     )
             if LINK:  # noqa: SIM102  (LINK is a constexpr: the branch compiles away)
                 if ok != 0:
-                    arrivals = (
-                        link_clock_ptr + WORLD_SIZE + (srcs * WORLD_SIZE + dest) * chunks_per_rank
-                    )
-                    remote = is_source & (srcs != dest)
                     arrival = tl.zeros((), dtype=tl.int64)
-                    for chunk in range(first, last + 1):
-                        times = tl.load(arrivals + chunk, mask=remote, other=0, volatile=True)
-                        arrival = tl.maximum(arrival, tl.max(times, axis=0))
+                    for j in tl.static_range(1, WORLD_SIZE):  # the peers: j = 0 is dest itself
+                        src = (dest + j) % WORLD_SIZE
+                        arrivals = (
+                            link_clock_ptr
+                            + WORLD_SIZE
+                            + (src * WORLD_SIZE + dest) * chunks_per_rank
+                        )
+                        for chunk in range(first, last + 1):
+                            arrival = tl.maximum(arrival, tl.load(arrivals + chunk, volatile=True))
                     wait_until(arrival)
             ready_first, ready_last = first, last
         local_rows = row0 + tl.arange(0, BLOCK_R)
