@@ -65,7 +65,7 @@ DEFAULT_COMM_PROGRAMS = 16
 # Programs per SM of the RS reduction where it runs after the GEMMs, on the whole GPU (a
 # LocalWorld): 61 registers x 256 threads each leave room for four.
 REDUCE_PROGRAMS_PER_SM = 4
-# Elements the RS reduction loads per step over all W sources on CUDA, [W, rows, 256 columns]:
+# Elements the RS reduction loads per step over all W sources on CUDA, W blocks [rows, 256]:
 # 32 KB of bf16 in flight per program (64 per thread of its 8 warps), so a block has fewer rows
 # as W grows. Placeholder until measured (bench.overlap's comm_ms). CPU: small, so the
 # interpreter stays quick.

@@ -14,8 +14,8 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
         timeouts of back-to-back calls measured on an H100, not yet confirmed on one). So rank
         r's consumer is launched after rank r's copy on the stream; the copy of rank r+1
         overlaps it. With the consumer waiting for the whole copy anyway, chunk-by-chunk copies
-        would only add launches (2 W cpr per rank: at W = 8 the producer was host-bound, 1.4-3.9
-        ms per call on an H100). On several GPUs (DistWorld) the pulls are chunk by chunk, by
+        would only add launches (2 W cpr + 1 per rank: at W = 8 that producer took 1.4-3.9 ms
+        per call on an H100, far more than its copies' bytes need). On several GPUs (DistWorld) the pulls are chunk by chunk, by
         the copy engines, and the consumer really waits on their flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer: rs_reduce_kernel per rank, reading the W partial buffers. On

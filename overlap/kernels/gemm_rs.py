@@ -19,8 +19,8 @@ Consumer, on every rank d (`rs_reduce_kernel`): first every source's header (its
 the same call: overlap.kernels.flags.wait_header); then for each block of its m output rows, wait
 (acquire, bounded) on the flags of the chunks holding those rows in every source's partial
 buffer, all W sources' flags of a chunk in one poll (`wait_flags`; a program waits on a chunk
-once, not again for each column block of its rows), load the W partial blocks in one
-[W, BLOCK_R, BLOCK_N] load (every source's bytes in flight together), sum them in fp32 and
+once, not again for each column block of its rows), load the W partial blocks [BLOCK_R,
+BLOCK_N] (16-byte vectors, all W loads issued before the first add), sum them in fp32 and
 store out_d (NaN where a wait failed). The partial buffers and headers + flags of the sources
 are separate allocations, reached through tables of their addresses, as peer buffers are.
 
