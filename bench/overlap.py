@@ -10,8 +10,9 @@ for W in {2, 4, 8} and M in {1024, 2048, 4096, 8192}. One row per (op, W, M).
 
 MEASURED on one GPU (every time is for all W virtual ranks, which run one after another):
   serial_ms, pipelined_ms, fused_ms  the op with that LocalWorld mode
-  auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, above it fused
-                 where overlap.tuning has a measured threshold for this GPU, else pipelined
+  auto_ms, auto_mode                 mode=None: serial below OVERLAP_MIN_FLOPS, above it what
+                 overlap.tuning's thresholds for this GPU pick (the end of the run prints the
+                 thresholds this run supports)
   comm_ms        the communication alone: AG the fused producer's copies and flag writes,
                  RS the fp32 reduction kernels reading the W partial buffers (flags already up)
   compute_ms     cuBLAS on the same GEMMs with all data present (= cublas_ms)
@@ -108,26 +109,26 @@ OPS = {"ag": "all_gather_matmul", "rs": "matmul_reduce_scatter"}
 # Calls per host-time measurement: few enough that the launch queue never fills (then the host
 # would wait for the GPU and the time would be the GPU's).
 HOST_RUNS = 10
-FUSED_WINS = 1.03  # fused_ms at most this times the faster of serial and pipelined
+WINS = 1.03  # a schedule wins where it takes at most this times what it replaces
+# overlap.tuning's tables: the schedule and the ones it replaces
+REPLACES = {"fused": ("serial", "pipelined"), "pipelined": ("serial",)}
 
 
-def fused_thresholds(rows) -> dict[str, float | None]:
-    """Per op, the smallest per-rank FLOPs from which fused won (FUSED_WINS) at every measured
-    shape at least that large: the overlap.tuning entry this run supports (None: no such size,
-    fused must not be picked by mode=None)."""
+def thresholds(rows, mode: str) -> dict[str, float | None]:
+    """Per op, the smallest per-rank FLOPs from which `mode` won (WINS against the faster of the
+    schedules it replaces, REPLACES) at every measured shape at least that large: the
+    overlap.tuning entry this run supports (None: mode=None must not pick `mode` by this)."""
     found = {}
     for op, name in OPS.items():
-        measured = sorted(
-            (
-                2 * r["M"] * r["inner"] * r["cols"],
-                r["fused_ms"] <= FUSED_WINS * min(r["serial_ms"], r["pipelined_ms"]),
-            )
-            for r in rows
-            if r["op"] == op and "fused_ms" in r
-        )
+        wins_at: dict[float, bool] = {}  # shapes of equal FLOPs must all win
+        for r in rows:
+            if r["op"] == op and f"{mode}_ms" in r:
+                flops = 2 * r["M"] * r["inner"] * r["cols"]
+                won = r[f"{mode}_ms"] <= WINS * min(r[f"{o}_ms"] for o in REPLACES[mode])
+                wins_at[flops] = wins_at.get(flops, True) and won
         threshold = None
-        for flops, wins in reversed(measured):
-            if not wins:
+        for flops in sorted(wins_at, reverse=True):
+            if not wins_at[flops]:
                 break
             threshold = flops
         found[name] = threshold
@@ -467,13 +468,14 @@ def main(argv=None) -> int:
         title="overlap (LocalWorld, one GPU; proj_*: projected)",
     )
     if len(args.tiles) == 1 and not args.emulate_link:  # the tiles and links the library runs
-        print(
-            f"\noverlap.tuning.FUSED_FROM_FLOPS entries this run supports (fused within "
-            f"{FUSED_WINS}x of the faster of serial and pipelined at every larger measured shape):"
-        )
-        for op, threshold in fused_thresholds(rows).items():
-            key = ("LocalWorld", env["gpu"], op)
-            print(f"    {key!r}: {threshold:.3g}," if threshold else f"    none for {key!r}")
+        for mode, replaced in REPLACES.items():
+            print(
+                f"\noverlap.tuning.{mode.upper()}_FROM_FLOPS entries this run supports ({mode} "
+                f"within {WINS}x of {' and '.join(replaced)} at every larger measured shape):"
+            )
+            for op, threshold in thresholds(rows, mode).items():
+                key = ("LocalWorld", env["gpu"], op)
+                print(f"    {key!r}: {threshold:_}," if threshold else f"    none for {key!r}")
     print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -11,9 +11,10 @@ Every world has the same interface, used by `overlap.ops`:
 
 and runs each call with one of three schedules (`Mode`), chosen per call: the one given to the
 constructor, or, with `mode=None`, `SERIAL` below `OverlapConfig.min_overlap_flops` (overlap
-costs more than it saves on small GEMMs) and an overlapped schedule above it: FUSED where the
-world can run it and it was measured to win at that size (`overlap.tuning`, or
-`OverlapConfig.fused_min_flops`), else PIPELINED.
+costs more than it saves on small GEMMs) and above it the schedule measured to win at that size
+on this kind of world and GPU (`overlap.tuning`): FUSED where the world can run it and it won
+(or from `OverlapConfig.fused_min_flops`), else PIPELINED where it won, else SERIAL; where
+nothing was measured, the world's `unmeasured_mode`.
 
     SERIAL     the collective, then one GEMM (the baseline)
     PIPELINED  rows cut into chunks; the collective of one chunk overlaps the GEMM of another
@@ -34,10 +35,9 @@ import torch
 
 from kernelbase.gemm import GemmConfig
 from kernelbase.profiling import profile_range
-from overlap import handles
+from overlap import handles, tuning
 from overlap.protocol import ChunkLayout
 from overlap.streams import SideStream
-from overlap.tuning import fused_from_flops
 
 # Per-rank GEMM FLOPs (2 * rows * inner * columns) below which mode=None runs SERIAL.
 # Placeholder until measured on a GPU: PyTorch's async-TP benchmark has the decomposed overlap
@@ -164,10 +164,29 @@ class World(abc.ABC):
             return Mode.SERIAL
         fused_from = self.config.fused_min_flops
         if fused_from is None:
-            fused_from = fused_from_flops(type(self).__name__, self.device, op)
+            fused_from = self._measured(tuning.FUSED_FROM_FLOPS, op)
         if self.fused_available and fused_from is not None and flops >= fused_from:
             return Mode.FUSED
+        pipelined_from = self._measured(tuning.PIPELINED_FROM_FLOPS, op)
+        if pipelined_from is None:
+            return self.unmeasured_mode
+        return Mode.PIPELINED if flops >= pipelined_from else Mode.SERIAL
+
+    @property
+    def unmeasured_mode(self) -> Mode:
+        """What mode=None runs above `min_overlap_flops` where `overlap.tuning` has no PIPELINED
+        entry for this world, GPU and op: PIPELINED, which hides the transfers of all but the
+        first chunk behind GEMMs."""
         return Mode.PIPELINED
+
+    @property
+    def tuning_key(self) -> str | None:
+        """The world column of `overlap.tuning`'s tables (None: they do not apply)."""
+        return type(self).__name__
+
+    def _measured(self, table, op: str) -> float | None:
+        key = self.tuning_key
+        return None if key is None else tuning.from_flops(table, key, self.device, op)
 
     def chunk_layout(self, m: int) -> ChunkLayout:
         """How the pipelined and fused schedules cut a rank's m rows into chunks."""

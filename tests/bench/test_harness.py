@@ -294,6 +294,33 @@ def test_overlap_bench_end_to_end_on_cpu(tmp_path):
         assert r["serial_ms"] > 0 and r["fused_ms"] > 0 and r["pipelined_ms"] > 0
 
 
+def test_overlap_thresholds_need_every_larger_shape_to_win():
+    """bench.overlap.thresholds: the smallest FLOPs from which the schedule won everywhere
+    larger; two shapes of equal FLOPs both have to win."""
+    from bench.overlap import thresholds
+
+    def row(op, M, serial, pipelined, fused, inner=4, cols=2):  # FLOPs = 16 * M
+        times = dict(serial_ms=serial, pipelined_ms=pipelined, fused_ms=fused)
+        return dict(op=op, M=M, inner=inner, cols=cols, **times)
+
+    rows = [
+        row("ag", 1, 1.0, 2.0, 1.5),  # neither wins
+        row("ag", 2, 1.0, 1.02, 1.0),  # both win (pipelined within 3% of serial)
+        row("ag", 4, 1.0, 1.1, 0.9),  # fused wins, pipelined loses ...
+        row("ag", 2, 1.0, 0.9, 0.9, inner=8),  # ... also at equal FLOPs (64)
+        row("ag", 8, 1.0, 0.8, 0.81),
+        row("rs", 8, 1.0, 0.8, 2.0),
+    ]
+    assert thresholds(rows, "fused") == {
+        "all_gather_matmul": 32,
+        "matmul_reduce_scatter": None,
+    }
+    assert thresholds(rows, "pipelined") == {
+        "all_gather_matmul": 128,
+        "matmul_reduce_scatter": 128,
+    }
+
+
 def test_overlap_bench_compares_tiles(tmp_path):
     from bench import overlap as overlap_bench
 

@@ -77,13 +77,14 @@ def test_matmul_reduce_scatter_forward_and_gradients(W, m, K, n, chunk_m, mode):
     assert_matches_float64(c, a, b, matmul_reduce_scatter_ref, dc, rtol=RTOL[DTYPE])
 
 
-def test_auto_mode_is_fused_only_where_measured_to_win(monkeypatch):
-    """mode=None: SERIAL below min_overlap_flops; above it FUSED only from the measured
-    threshold of this world, GPU and op (overlap.tuning) or OverlapConfig.fused_min_flops,
-    else PIPELINED."""
+def test_auto_mode_runs_what_was_measured_to_win(monkeypatch):
+    """mode=None: SERIAL below min_overlap_flops; above it FUSED from the measured threshold of
+    this world, GPU and op (overlap.tuning) or OverlapConfig.fused_min_flops, else PIPELINED
+    from its measured threshold, else the world's unmeasured_mode: SERIAL on a LocalWorld (its
+    transfers are copies on the GPU that computes), PIPELINED with an emulated link."""
     small = overlap.LocalWorld(2, DEVICE)
     assert small.mode is None and small.mode_for(1e6) is overlap.Mode.SERIAL
-    assert small.mode_for(1e12) is overlap.Mode.PIPELINED  # nothing measured on this device
+    assert small.mode_for(1e12) is overlap.Mode.SERIAL  # nothing measured on this device
     eager = overlap.LocalWorld(
         2, DEVICE, config=overlap.OverlapConfig(min_overlap_flops=0, fused_min_flops=0)
     )
@@ -91,9 +92,15 @@ def test_auto_mode_is_fused_only_where_measured_to_win(monkeypatch):
     assert eager.mode_for(1e6, numel=0) is overlap.Mode.SERIAL  # empty problems never launch
     gpu = tuning.device_name(torch.device(DEVICE))
     monkeypatch.setitem(tuning.FUSED_FROM_FLOPS, ("LocalWorld", gpu, "all_gather_matmul"), 1e12)
+    pipelined_from = ("LocalWorld", gpu, "matmul_reduce_scatter")
+    monkeypatch.setitem(tuning.PIPELINED_FROM_FLOPS, pipelined_from, 5e11)
     assert small.mode_for(2e12, op="all_gather_matmul") is overlap.Mode.FUSED
-    assert small.mode_for(5e11, op="all_gather_matmul") is overlap.Mode.PIPELINED
+    assert small.mode_for(5e11, op="all_gather_matmul") is overlap.Mode.SERIAL
     assert small.mode_for(2e12, op="matmul_reduce_scatter") is overlap.Mode.PIPELINED
+    assert small.mode_for(2e11, op="matmul_reduce_scatter") is overlap.Mode.SERIAL
+    linked = overlap.LocalWorld(2, DEVICE, link_gbps=450)  # the entries measured no link
+    assert linked.mode_for(2e12, op="all_gather_matmul") is overlap.Mode.PIPELINED
+    assert linked.mode_for(2e11, op="matmul_reduce_scatter") is overlap.Mode.PIPELINED
     a, b = randn(2, 5, 16, seed=7, device=DEVICE), randn(2, 16, 16, seed=8, device=DEVICE)
     for world in (small, eager):
         assert_close(
