@@ -9,6 +9,8 @@ Plan providers, each building a complete plan from `topk_ids [T, k]` int64 as it
 - `build`: `build_routing_plan()` as moe_mlp calls it (the compiled plan where it is built, and
   the deferred id check: a pinned copy of `invalid_ids` behind an event, no sync),
 - `build+check`: `build_routing_plan(check_ids=True)`, the debugging mode (one host sync),
+- `build-unchecked`: `build_routing_plan(check_ids=False)`, no id check: `build` less this is what
+  the deferred check costs, this less `compiled` what the rest of the Python around it costs,
 - `torch`: the torch path of the plan on the GPU (stable sort, bincount, cumsum, tile metadata;
   it syncs to size the tiles).
 Router providers, from float32 logits `[T, E]` to (ids, weights, scores) with the scores of
@@ -69,6 +71,9 @@ def plan_runs(topk_ids: torch.Tensor, num_experts: int) -> dict:
         "triton": on_fresh_plan(launch_plan),
         "build": functools.partial(build_routing_plan, topk_ids, num_experts),
         "build+check": functools.partial(build_routing_plan, topk_ids, num_experts, check_ids=True),
+        "build-unchecked": functools.partial(
+            build_routing_plan, topk_ids, num_experts, check_ids=False
+        ),
         "torch": on_fresh_plan(fill_plan_torch),
     }
 

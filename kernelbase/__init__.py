@@ -5,6 +5,7 @@ backend.py    which implementation runs on a device (compiled Triton, the Triton
 gemm.py       GEMM building blocks: tile config, tile order, the gathered-rows main loop
 profiling.py  `profile_range`: one name for Nsight Systems (NVTX) and torch.profiler
 alloc.py      output allocation, NaN-poisoned for tests
+intmath.py    cdiv, next_power_of_2 for launch grids (plain ints: Triton's cost ~3 us a call)
 """
 
 from kernelbase.backend import Backend, backend_for, info, set_backend, use_backend

@@ -11,6 +11,10 @@ On the CPU a read costs nothing: `defer` checks at once. While a CUDA graph is b
 nothing is deferred (a capture may not read memory back to the host), nor is a word without
 values: a fake tensor (under FakeTensorMode, as when a model's memory is estimated) or one on the
 meta device.
+
+The pinned words and their events are pooled (per device, shape and dtype): after the first
+calls a check costs one device-to-host copy and one event record, no pinned allocation and no
+event creation.
 """
 
 import collections
@@ -20,7 +24,8 @@ import torch
 
 from kernelbase.backend import has_values
 
-_pending: collections.deque = collections.deque()  # (event, pinned word, describe)
+_pending: collections.deque = collections.deque()  # (event, pinned word, pool key, describe)
+_free: dict[tuple, list] = {}  # (device, shape, dtype) -> [(event, pinned word)] to reuse
 
 
 def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> None:
@@ -36,11 +41,15 @@ def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> No
         return
     if torch.cuda.is_current_stream_capturing():
         return
-    host = torch.empty(word.shape, dtype=word.dtype, pin_memory=True)
-    host.copy_(word, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    _pending.append((event, host, describe))
+    key = (word.device, word.shape, word.dtype)
+    pool = _free.setdefault(key, [])
+    if pool:
+        event, host = pool.pop()
+    else:
+        event, host = torch.cuda.Event(), torch.empty(word.shape, dtype=word.dtype, pin_memory=True)
+    host.copy_(word, non_blocking=True)  # on the current stream of word's device
+    event.record(torch.cuda.current_stream(word.device))
+    _pending.append((event, host, key, describe))
 
 
 def poll() -> None:
@@ -51,16 +60,23 @@ def poll() -> None:
     if _pending and torch.cuda.is_current_stream_capturing():
         return
     while _pending and _pending[0][0].query():
-        _, host, describe = _pending.popleft()
-        _raise(describe, host.tolist())
+        _raise(*_release())
 
 
 def check() -> None:
     """Wait for every deferred check and raise the first error (synchronises with the device)."""
     while _pending:
-        event, host, describe = _pending.popleft()
-        event.synchronize()
-        _raise(describe, host.tolist())
+        _pending[0][0].synchronize()
+        _raise(*_release())
+
+
+def _release() -> tuple[Callable[[list[int]], str | None], list[int]]:
+    """Take the oldest pending check (its copy has finished): (describe, the word's values); its
+    event and pinned word go back to the pool."""
+    event, host, key, describe = _pending.popleft()
+    values = host.tolist()
+    _free[key].append((event, host))
+    return describe, values
 
 
 def _raise(describe: Callable[[list[int]], str | None], values: list[int]) -> None:

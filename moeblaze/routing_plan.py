@@ -19,10 +19,10 @@ All fields are views into one int32 buffer, so the plan is one allocation, one a
 import dataclasses
 
 import torch
-import triton
 
 from kernelbase import alloc, compiled, deferred
 from kernelbase.backend import Backend, backend_for
+from kernelbase.intmath import cdiv
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import fill_routing_plan
 from moeblaze.kernels.routing_plan import launch_plan
@@ -33,7 +33,7 @@ DROPPED = -1  # the expert id of a slot that goes to no expert
 
 def max_tiles(num_slots: int, num_experts: int, block_m: int) -> int:
     """Static bound on the number of grouped-GEMM tiles: ceil(S / block_m) + E."""
-    return triton.cdiv(num_slots, block_m) + num_experts
+    return cdiv(num_slots, block_m) + num_experts
 
 
 def plan_numel(num_slots: int, num_experts: int, block_m: int) -> int:
@@ -69,8 +69,7 @@ class RoutingPlan:
         """View the fields of a plan inside its int32 `buffer`."""
         tiles = max_tiles(num_slots, num_experts, block_m)
         sizes = [num_experts, num_experts + 1, num_slots, num_slots, tiles, tiles, 1, 2]
-        fields = torch.split(buffer, sizes)
-        return cls(num_experts, top_k, block_m, buffer, *fields)
+        return cls(num_experts, top_k, block_m, buffer, *buffer.split_with_sizes(sizes))
 
     @property
     def num_slots(self) -> int:

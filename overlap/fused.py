@@ -26,9 +26,9 @@ import abc
 import dataclasses
 
 import torch
-import triton
 
 from kernelbase.gemm import GemmConfig, tma_supported
+from kernelbase.intmath import cdiv, next_power_of_2
 from overlap.kernels.ag_gemm import launch_ag_gemm
 from overlap.kernels.gemm_rs import launch_gemm_rs, launch_rs_reduce
 from overlap.protocol import (
@@ -78,7 +78,7 @@ def reduce_block(device: torch.device, world_size: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_N) of the RS reduction of a world of `world_size` ranks on `device`."""
     if device.type != "cuda":
         return CPU_REDUCE_BLOCK
-    sources = triton.next_power_of_2(world_size)
+    sources = next_power_of_2(world_size)
     return max(1, GPU_REDUCE_ELEMENTS // (sources * GPU_REDUCE_COLUMNS)), GPU_REDUCE_COLUMNS
 
 
@@ -293,7 +293,7 @@ class FusedContext(abc.ABC):
         after the GEMMs (`reduce_beside_gemm` False) REDUCE_PROGRAMS_PER_SM per SM, none left
         free."""
         block_r, block_n = reduce_block(self.device, self.world_size)
-        items = triton.cdiv(m, block_r) * triton.cdiv(N, block_n)
+        items = cdiv(m, block_r) * cdiv(N, block_n)
         if self.device.type != "cuda":
             return min(items, self.tile.max_programs or items), 0, block_r, block_n
         if self.reduce_beside_gemm:

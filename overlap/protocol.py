@@ -27,9 +27,9 @@ import functools
 from collections.abc import Iterator
 
 import torch
-import triton
 
 from kernelbase.backend import interpreting
+from kernelbase.intmath import cdiv
 from overlap.kernels.flags import HEADER_WORDS as _HEADER_WORDS
 from overlap.kernels.flags import SLOT_WORDS as _SLOT_WORDS
 from overlap.kernels.flags import launch_raise_flag
@@ -146,7 +146,7 @@ class ChunkLayout:
 
     @property
     def count(self) -> int:
-        return triton.cdiv(self.m, self.chunk_m)
+        return cdiv(self.m, self.chunk_m)
 
     def rows(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_m, min((chunk + 1) * self.chunk_m, self.m)

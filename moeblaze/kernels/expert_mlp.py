@@ -63,6 +63,7 @@ from kernelbase.gemm import (
     tma_descriptor,
     tma_supported,
 )
+from kernelbase.intmath import cdiv
 from moeblaze.activation import SWIGLU, Activation
 from moeblaze.kernels.activation import gated, ungated
 from moeblaze.kernels.gather_sum import launch_gather_sum
@@ -1076,7 +1077,7 @@ class TritonStages:
             w, w_strides, w_meta = self._weights(w13.mT, cfg, block_n=2 * cfg.block_n)
         else:
             w, w_strides, w_meta = self._weights(w13.mT, cfg, second_n=ffn)
-        grid = (plan.max_tiles * triton.cdiv(ffn, cfg.block_n),)
+        grid = (plan.max_tiles * cdiv(ffn, cfg.block_n),)
         gate_up_kernel[grid](
             x,
             w,
@@ -1134,7 +1135,7 @@ class TritonStages:
             dweights = torch.zeros(topk_weights.shape, dtype=torch.float32, device=dout.device)
             return dh, dweights, a if store_a else None
         cfg = self._config("grad_act", plan, activation)
-        num_pid_n = triton.cdiv(ffn, cfg.block_n)
+        num_pid_n = cdiv(ffn, cfg.block_n)
         # Zeros: a dropped slot's routing weight gets no gradient.
         dw_partial = torch.zeros(num_slots, num_pid_n, dtype=torch.float32, device=dout.device)
         w, w_strides, w_meta = self._weights(w2, cfg)  # B = w2[e] [d, F]
@@ -1213,7 +1214,7 @@ class TritonStages:
             w, w_strides, w_meta = self._weights(weights, cfg)
             # The rows of a tile are consecutive sorted positions: one descriptor block.
             rows_desc = self._descriptor(rows_in, cfg, (cfg.block_m, cfg.block_k))
-            scatter_rows_kernel[(plan.max_tiles * triton.cdiv(n, cfg.block_n),)](
+            scatter_rows_kernel[(plan.max_tiles * cdiv(n, cfg.block_n),)](
                 rows_in if rows_desc is None else rows_desc,
                 w,
                 out,
@@ -1245,7 +1246,7 @@ class TritonStages:
         n, gather = rows.shape[1], bias is not None
         out = alloc.empty(plan.num_experts, n, dtype=dtype, device=rows.device)
         block_p, block_n = _INTERPRETER_BIAS_GRAD if interpreting() else BIAS_GRAD_BLOCKS
-        num_pid_n = triton.cdiv(n, block_n)
+        num_pid_n = cdiv(n, block_n)
         dw_partial = None
         if gather:  # zeros: a dropped slot's routing weight gets no gradient
             dw_partial = torch.zeros(
@@ -1283,7 +1284,7 @@ class TritonStages:
         result = alloc.empty(*shape, dtype=gathered.dtype, device=gathered.device)
         out = result.mT if transposed else result
         cfg = self._config("expert_wgrad", plan)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), plan.num_experts)
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), plan.num_experts)
         # The sorted side, read through a descriptor in whole steps of block_k rows.
         desc = self._descriptor(sorted_rows, cfg, (cfg.block_k, cfg.block_n))
         expert_wgrad_kernel[grid](

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernelbase import alloc
+from kernelbase.intmath import cdiv, next_power_of_2
 
 ELEMENTS_PER_PROGRAM = 4096  # BLOCK_T * BLOCK_N: 16 KB of fp32 accumulator over 4 warps
 MAX_BLOCK_N = 512
@@ -65,9 +66,9 @@ def launch_gather_sum(
     out = alloc.empty(num_out, num_cols, dtype=dtype or rows.dtype, device=rows.device)
     if out.numel() == 0:
         return out
-    block_n = min(triton.next_power_of_2(num_cols), MAX_BLOCK_N)
+    block_n = min(next_power_of_2(num_cols), MAX_BLOCK_N)
     block_t = max(ELEMENTS_PER_PROGRAM // block_n, 1)
-    grid = (triton.cdiv(num_out, block_t), triton.cdiv(num_cols, block_n))
+    grid = (cdiv(num_out, block_t), cdiv(num_cols, block_n))
     gather_sum_kernel[grid](
         rows,
         index,

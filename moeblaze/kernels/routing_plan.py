@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernelbase.backend import interpreting
+from kernelbase.intmath import cdiv, next_power_of_2
 
 if TYPE_CHECKING:
     from moeblaze.routing_plan import RoutingPlan
@@ -169,12 +170,12 @@ def place_slots_kernel(
 def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
     """Fill every field of `plan` from `topk_ids [T, k]` (ids already checked) with two launches."""
     num_slots, num_experts = plan.num_slots, plan.num_experts
-    e_pad = max(16, triton.next_power_of_2(num_experts))
+    e_pad = max(16, next_power_of_2(num_experts))
     # CHUNK: about 128 programs on large inputs (one per SM on H100), 8 under the interpreter
     # (which runs programs one after another); at least 64 slots each.
     programs = 8 if interpreting() else 128
-    chunk = min(4096, max(64, triton.next_power_of_2(triton.cdiv(num_slots, programs))))
-    num_chunks = max(1, triton.cdiv(num_slots, chunk))
+    chunk = min(4096, max(64, next_power_of_2(cdiv(num_slots, programs))))
+    num_chunks = max(1, cdiv(num_slots, chunk))
     chunk_counts = torch.empty(2, num_chunks, e_pad, dtype=torch.int32, device=topk_ids.device)
     ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
     plan.invalid_ids.zero_()
@@ -195,7 +196,7 @@ def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
         num_chunks,
         num_experts,
         plan.max_tiles,
-        triton.cdiv(plan.max_tiles, num_chunks),
+        cdiv(plan.max_tiles, num_chunks),
         CHUNK=chunk,
         E_PAD=e_pad,
         CHUNK_ROWS=max(1, 2048 // e_pad),  # [CHUNK_ROWS, E_PAD] blocks of chunk counts

@@ -40,6 +40,7 @@ from kernelbase.gemm import (
     swizzle_tile,
     tile_matmul,
 )
+from kernelbase.intmath import cdiv
 from overlap.kernels.flags import async_proxy_fence, wait_chunks
 from overlap.kernels.link import link_origin, wait_until
 
@@ -243,4 +244,4 @@ def launch_ag_gemm(
 
 def ag_gemm_tiles(m: int, n: int, world_size: int, config: GemmConfig) -> int:
     """Number of output tiles of one rank's AG-GEMM (tiles never straddle two ranks' rows)."""
-    return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    return world_size * cdiv(m, config.block_m) * cdiv(n, config.block_n)

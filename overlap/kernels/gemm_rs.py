@@ -40,6 +40,7 @@ from kernelbase.gemm import (
     swizzle_tile,
     tile_matmul,
 )
+from kernelbase.intmath import cdiv, next_power_of_2
 from overlap.kernels.flags import HEADER_WORDS, wait_flags, wait_header
 from overlap.kernels.link import link_enqueue, wait_until
 
@@ -351,7 +352,7 @@ def launch_rs_reduce(
         row_stride,
         out.stride(0),
         WORLD_SIZE=world_size,
-        SOURCES=triton.next_power_of_2(world_size),
+        SOURCES=next_power_of_2(world_size),
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         SCOPE=scope,
@@ -362,4 +363,4 @@ def launch_rs_reduce(
 
 def gemm_rs_tiles(m: int, N: int, world_size: int, config: GemmConfig) -> int:
     """Number of tiles of one rank's GEMM-RS producer."""
-    return world_size * triton.cdiv(m, config.block_m) * triton.cdiv(N, config.block_n)
+    return world_size * cdiv(m, config.block_m) * cdiv(N, config.block_n)
