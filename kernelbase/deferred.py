@@ -12,9 +12,10 @@ nothing is deferred (a capture may not read memory back to the host), nor is a w
 values: a fake tensor (under FakeTensorMode, as when a model's memory is estimated) or one on the
 meta device.
 
-The pinned words and their events are pooled (per device, shape and dtype): after the first
-calls a check costs one device-to-host copy and one event record, no pinned allocation and no
-event creation.
+The pinned words and their events are pooled per device, shape and dtype, and allocated
+`POOL_GROWTH` at a time: a check costs one device-to-host copy and one event record. A pinned
+allocation (cudaHostAlloc, tens of microseconds or more) happens only when more checks are in
+flight than ever before, i.e. while the host runs further ahead of the GPU than it has yet.
 """
 
 import collections
@@ -26,6 +27,7 @@ from kernelbase.backend import has_values
 
 _pending: collections.deque = collections.deque()  # (event, pinned word, pool key, describe)
 _free: dict[tuple, list] = {}  # (device, shape, dtype) -> [(event, pinned word)] to reuse
+POOL_GROWTH = 64  # pinned words allocated at once when none is free
 
 
 def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> None:
@@ -43,10 +45,10 @@ def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> No
         return
     key = (word.device, word.shape, word.dtype)
     pool = _free.setdefault(key, [])
-    if pool:
-        event, host = pool.pop()
-    else:
-        event, host = torch.cuda.Event(), torch.empty(word.shape, dtype=word.dtype, pin_memory=True)
+    if not pool:
+        words = torch.empty((POOL_GROWTH, *word.shape), dtype=word.dtype, pin_memory=True)
+        pool.extend((torch.cuda.Event(), host) for host in words)
+    event, host = pool.pop()
     host.copy_(word, non_blocking=True)  # on the current stream of word's device
     event.record(torch.cuda.current_stream(word.device))
     _pending.append((event, host, key, describe))
