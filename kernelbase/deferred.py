@@ -2,9 +2,10 @@
 
 A check that needs the values of a CUDA tensor (expert ids in range, router logits finite) would
 cost one host synchronisation per call, which stalls the launch queue of every later layer. So
-the op writes an int32 error word on the device and calls `defer(word, describe)`: the word is
-copied into pinned host memory behind a CUDA event, and the next op that calls `poll()` raises
-what a finished copy shows, or `check()` waits for every copy and raises. An error therefore
+the op writes an error word on the device (a count, a flag, a value) and calls
+`defer(word, describe)`: the word is copied into pinned host memory behind a CUDA event, and the
+next op that calls `poll()` raises what a finished copy shows, or `check()` waits for every copy
+and raises. An error therefore
 surfaces at the latest at the next moeblaze call after the GPU got there, or at `check()`.
 
 On the CPU a read costs nothing: `defer` checks at once. While a CUDA graph is being captured
@@ -30,7 +31,7 @@ _free: dict[tuple, list] = {}  # (device, shape, dtype) -> [(event, pinned word)
 POOL_GROWTH = 64  # pinned words allocated at once when none is free
 
 
-def defer(word: torch.Tensor, describe: Callable[[list[int]], str | None]) -> None:
+def defer(word: torch.Tensor, describe: Callable[[list], str | None]) -> None:
     """Raise ValueError(describe(word.tolist())) once `word` is known, unless describe gives None.
 
     `describe` runs on the host later, after the device wrote `word`; it may read the tensors it
@@ -72,7 +73,7 @@ def check() -> None:
         _raise(*_release())
 
 
-def _release() -> tuple[Callable[[list[int]], str | None], list[int]]:
+def _release() -> tuple[Callable[[list], str | None], list[int]]:
     """Take the oldest pending check (its copy has finished): (describe, the word's values); its
     event and pinned word go back to the pool."""
     event, host, key, describe = _pending.popleft()
@@ -81,7 +82,7 @@ def _release() -> tuple[Callable[[list[int]], str | None], list[int]]:
     return describe, values
 
 
-def _raise(describe: Callable[[list[int]], str | None], values: list[int]) -> None:
+def _raise(describe: Callable[[list], str | None], values: list[int]) -> None:
     message = describe(values)
     if message is not None:
         raise ValueError(message)

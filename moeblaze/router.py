@@ -75,8 +75,9 @@ class RouterOutput:
     global_aux_loss: torch.Tensor
 
 
-def _describe_nonfinite_logits(nonfinite: list[int]) -> str | None:
-    if not nonfinite[0]:
+def _describe_nonfinite_logits(largest: list[float]) -> str | None:
+    """The error of logits whose largest magnitude is largest[0] (NaN if any logit is NaN)."""
+    if math.isfinite(largest[0]):
         return None
     return (
         "router logits contain non-finite values (inf or NaN); check x and router.weight for "
@@ -399,9 +400,10 @@ class Router(nn.Module):
                     logits = logits + self.bias.to(dtype)
             # A look at the values: at once on the CPU, without a host synchronisation on CUDA
             # (raised at the latest by the next moeblaze call); torch.compile skips it.
-            if not torch.compiler.is_compiling():
-                nonfinite = (~torch.isfinite(logits)).any().to(torch.int32).reshape(1)
-                deferred.defer(nonfinite, _describe_nonfinite_logits)
+            if not torch.compiler.is_compiling() and logits.numel() > 0:
+                # the largest |logit|, NaN if any is NaN: one reduction, its value read back
+                largest = torch.linalg.vector_norm(logits, float("inf")).reshape(1)
+                deferred.defer(largest, _describe_nonfinite_logits)
             if self.random_logits:  # drawn values (exactly: + 0), the gradient of the real ones
                 logits = torch.randn_like(logits) + (logits - logits.detach())
             if replay_ids is None and self.qb_beta is not None:
