@@ -5,8 +5,8 @@ cost one host synchronisation per call, which stalls the launch queue of every l
 the op writes an error word on the device (a count, a flag, a value) and calls
 `defer(word, describe)`: the word is copied into pinned host memory behind a CUDA event, and the
 next op that calls `poll()` raises what a finished copy shows, or `check()` waits for every copy
-and raises. An error therefore
-surfaces at the latest at the next moeblaze call after the GPU got there, or at `check()`.
+and raises. An error therefore surfaces at the latest at the next moeblaze call after the GPU got
+there, or at `check()`.
 
 On the CPU a read costs nothing: `defer` checks at once. While a CUDA graph is being captured
 nothing is deferred (a capture may not read memory back to the host), nor is a word without
@@ -73,7 +73,7 @@ def check() -> None:
         _raise(*_release())
 
 
-def _release() -> tuple[Callable[[list], str | None], list[int]]:
+def _release() -> tuple[Callable[[list], str | None], list]:
     """Take the oldest pending check (its copy has finished): (describe, the word's values); its
     event and pinned word go back to the pool."""
     event, host, key, describe = _pending.popleft()
@@ -82,7 +82,7 @@ def _release() -> tuple[Callable[[list], str | None], list[int]]:
     return describe, values
 
 
-def _raise(describe: Callable[[list], str | None], values: list[int]) -> None:
+def _raise(describe: Callable[[list], str | None], values: list) -> None:
     message = describe(values)
     if message is not None:
         raise ValueError(message)

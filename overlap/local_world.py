@@ -15,8 +15,9 @@ would, and one GPU can test and time the mechanism (`LocalFused`):
         r's consumer is launched after rank r's copy on the stream; the copy of rank r+1
         overlaps it. With the consumer waiting for the whole copy anyway, chunk-by-chunk copies
         would only add launches (2 W cpr + 1 per rank: at W = 8 that producer took 1.4-3.9 ms
-        per call on an H100, far more than its copies' bytes need). On several GPUs (DistWorld) the pulls are chunk by chunk, by
-        the copy engines, and the consumer really waits on their flags.
+        per call on an H100, far more than its copies' bytes need). On several GPUs (DistWorld)
+        the pulls are chunk by chunk, by the copy engines, and the consumer really waits on
+        their flags.
     RS  producer: gemm_rs_kernel per rank (tiles for the next peer first; counters raise the
         chunk flags). Consumer: rs_reduce_kernel per rank, reading the W partial buffers. On
         one GPU the ranks' GEMMs run one after another, so every destination's rows are
