@@ -8,6 +8,11 @@ Workloads (each profiled in its own process, only the kernels of one step after 
     gemm-ag       all_gather_matmul on LocalWorld(1, mode="fused") at M=8192, K=8192, N=7168 (the
                   fused GEMM with every chunk present, as issue reports measured it), then
                   torch.matmul of the same shape (cuBLAS) for comparison
+    routing       the router's top-k (softmax, k=8 of E=128, T=16384 float32 logits) and
+                  build_routing_plan of its ids: the compiled kernels where moeblaze._C is
+                  built (router_topk_kernel, routing_plan_kernel), else the torch top-k and
+                  the Triton plan; with the default ID check, whose read-back is one more
+                  kernel (only profiled with --workloads routing: not in the default list)
 
 One row per kernel launch: workload, kernel, us (duration under ncu, which locks the clocks to
 base: compare kernels, not wall time), sm_pct (compute throughput, % of peak), mem_pct (memory
@@ -20,6 +25,7 @@ kernel_profile-<gpu>.json and the reports to ncu-<workload>-<gpu>.ncu-rep (open 
     python -m bench.kernel_profile --out OUTDIR                 # GPU with Nsight Compute (ncu)
     python -m bench.kernel_profile --workloads moe:deepseek-ish
     python -m bench.kernel_profile --workloads moe:qwen3-30b-a3b --kernel-regex grad_act --full
+    python -m bench.kernel_profile --workloads routing --full   # issue 11's latency kernels
     python -m bench.kernel_profile --workload moe:tiny          # one step, no ncu (what it runs)
 """
 
@@ -41,6 +47,7 @@ from bench import harness  # noqa: E402
 
 WORKLOADS = ("moe:mixtral", "moe:qwen3-30b-a3b", "gemm-ag")
 GEMM_AG_SHAPE = (8192, 8192, 7168)  # M, K, N
+ROUTING_SHAPE = (16384, 128, 8)  # T, E, k: issue 11's target shape
 NCU_PLACES = ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu")
 # ncu metric -> column (times in us, sizes in KiB, whatever units ncu printed them in).
 METRICS = {
@@ -126,6 +133,27 @@ def gemm_ag_step(device: torch.device, shape=GEMM_AG_SHAPE):
     return step
 
 
+def routing_step(device: torch.device, shape=ROUTING_SHAPE):
+    """Router top-k on float32 logits, then the routing plan of the chosen ids."""
+    from kernelbase import compiled
+    from moeblaze.reference import router_topk_reference
+    from moeblaze.routing_plan import build_routing_plan
+
+    num_tokens, num_experts, top_k = shape
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(num_tokens, num_experts, device=device, generator=g)
+    if device.type == "cuda" and compiled.load("moeblaze") is not None:
+        from moeblaze.kernels.compiled import router_topk
+    else:
+        router_topk = router_topk_reference
+
+    def step():
+        topk_ids, _, _ = router_topk(logits, top_k, "softmax")
+        build_routing_plan(topk_ids, num_experts, block_m=128)
+
+    return step
+
+
 def run_workload(name: str) -> None:
     """One warm-up step of the workload, then one between cudaProfilerStart and Stop."""
     device = harness.default_device()
@@ -133,8 +161,10 @@ def run_workload(name: str) -> None:
         step = moe_step(name.removeprefix("moe:"), device)
     elif name == "gemm-ag":
         step = gemm_ag_step(device, GEMM_AG_SHAPE if device.type == "cuda" else (64, 32, 48))
+    elif name == "routing":
+        step = routing_step(device, ROUTING_SHAPE if device.type == "cuda" else (64, 16, 4))
     else:
-        raise ValueError(f"unknown workload {name!r}; choose from moe:<shape>, gemm-ag")
+        raise ValueError(f"unknown workload {name!r}; choose from moe:<shape>, gemm-ag, routing")
     step()  # compiles the kernels: nothing of that is profiled
     if device.type == "cuda":
         torch.cuda.synchronize(device)

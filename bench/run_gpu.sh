@@ -15,8 +15,9 @@
 # OUTDIR/overlap_link), kernel_profile (Nsight Compute counters of every kernel of a MoE step
 # and of the fused GEMM, to OUTDIR/kernel_profile), grad_act_profile (ncu's full section set,
 # stall reasons included, of grad_act_kernel in a qwen3-30b-a3b step, to
-# OUTDIR/grad_act_profile), moe_deterministic (moe_mlp with
-# deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
+# OUTDIR/grad_act_profile), routing_profile (ncu's full section set of the compiled router top-k
+# and routing plan kernels at T=16384, E=128, k=8, to OUTDIR/routing_profile), moe_deterministic
+# (moe_mlp with deterministic=True beside the default, fwd+bwd, to OUTDIR/moe_deterministic) and
 # moe_activations (the GeGLU, ReLU² and soft-capped SwiGLU shapes of bench.moe_layer, fwd+bwd,
 # against grouped_mm, to OUTDIR/moe_activations) and hf_model_compile (bench.hf_model under
 # torch.compile with inductor, to OUTDIR/hf_model_inductor-<gpu>.json) run only when named.
@@ -26,7 +27,7 @@
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
 # csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_backward.txt, tune_gpt_oss.txt, tune_inkling2.txt,
 # overlap_tiles.txt, overlap_link.txt,
-# kernel_profile.txt, grad_act_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
+# kernel_profile.txt, grad_act_profile.txt, routing_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
 # and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
@@ -84,6 +85,8 @@ step overlap_link 300 python -m bench.overlap --world-sizes 8 --emulate-link 450
 step kernel_profile 400 python -m bench.kernel_profile --out "$OUT/kernel_profile"
 step grad_act_profile 300 python -m bench.kernel_profile --workloads moe:qwen3-30b-a3b \
     --kernel-regex grad_act --full --out "$OUT/grad_act_profile"
+step routing_profile 150 python -m bench.kernel_profile --workloads routing --full \
+    --out "$OUT/routing_profile"
 step moe_deterministic 150 python -m bench.moe_layer --modes fwd+bwd --no-breakdown \
     --providers moeblaze-activation,moeblaze-deterministic --out "$OUT/moe_deterministic"
 step moe_activations 240 python -m bench.moe_layer --shapes gemma4-ish,nemotron3-nano-ish,inkling2-ish \

@@ -154,3 +154,21 @@ def test_workload_steps_run(monkeypatch):
     monkeypatch.setitem(moe_layer.SHAPES, "micro", micro)
     assert kernel_profile.main(["--workload", "moe:micro"]) == 0
     assert calls == ["micro", "micro"]  # the warm-up, then the profiled step
+
+
+def test_routing_workload_routes_and_plans(monkeypatch):
+    plans = []
+    from moeblaze import routing_plan  # the step imports build_routing_plan from there
+
+    real_build = routing_plan.build_routing_plan
+
+    def recording(topk_ids, num_experts, **kwargs):
+        plan = real_build(topk_ids, num_experts, **kwargs)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(routing_plan, "build_routing_plan", recording)
+    assert kernel_profile.main(["--workload", "routing"]) == 0
+    assert len(plans) == 2  # the warm-up, then the profiled step
+    counts = plans[-1].expert_counts
+    assert counts.shape == (16,) and int(counts.sum()) == 64 * 4  # CPU shape: T=64, E=16, k=4
