@@ -21,7 +21,11 @@ Router providers, from float32 logits `[T, E]` to (ids, weights, scores) with th
 Times (`us`) are `do_bench` medians in microseconds (L2 flushed between runs), at every
 T in {1024, 16384, 65536}, E in {8, 64, 128, 256}, k in {2, 6, 8} (k <= E) by default;
 `host_us` is the host's time per call, calls back to back (`bench.harness.host_us`): where it
-is near `us`, launching or a synchronisation bounds the call, not the kernels.
+is near `us`, launching or a synchronisation bounds the call, not the kernels. `graph_us` is
+the device time per call replayed from a CUDA graph of calls back to back
+(`bench.harness.graph_us`: no launch gaps, no flush, inputs warm in L2, as inside a captured
+training step; the deferred id check is not captured, so `build` runs as `build-unchecked`
+there); empty for the plan providers that synchronise (`build+check`, `torch`).
 
     python -m bench.csrc_kernels [--T 16384] [--E 128] [--k 8] [--score-func sigmoid] [--out DIR]
 
@@ -36,7 +40,9 @@ import torch
 from bench import harness
 from kernelbase import compiled
 
-COLUMNS = ("kernel", "T", "E", "k", "provider", "us", "host_us", "speedup_vs_torch")
+COLUMNS = ("kernel", "T", "E", "k", "provider", "us", "graph_us", "host_us", "speedup_vs_torch")
+# (kernel, provider) that synchronise with the host: no CUDA graph can hold them.
+SYNCHRONISING = {("plan", "build+check"), ("plan", "torch")}
 
 
 def parse_ints(text: str) -> list[int]:
@@ -149,6 +155,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 **shape,
                                 provider=provider,
                                 us=us,
+                                graph_us=None
+                                if (kernel, provider) in SYNCHRONISING
+                                else harness.graph_us(runs[provider], device=device),
                                 host_us=harness.host_us(runs[provider], device=device),
                                 speedup_vs_torch=found["torch"] / us,
                             )

@@ -159,6 +159,31 @@ def host_us(fn: Callable[[], Any], *, device: torch.device | str, runs: int = 20
     return elapsed / runs * 1e6
 
 
+def graph_us(
+    fn: Callable[[], Any], *, device: torch.device | str, rep_ms: float = 2
+) -> float | None:
+    """Microseconds of device time per call of `fn()` replayed from a CUDA graph of calls back to
+    back (`triton.testing.do_bench_cudagraph`, median of its replays): no launch gaps, no host
+    time and no L2 flush, so the ids and logits of one call are in L2 as a router's output is
+    for the plan built from it. Beside `time_ms` (flushed, one launch per timed call) it tells a
+    kernel's own time from the launch latency and cold caches around it. None off CUDA.
+
+    `fn` must not synchronise with the host: the capture then fails (reported, None returned),
+    and a failed capture can leave torch's default CUDA generator in its capture state, so that
+    later draws from it raise; callers use generators of their own."""
+    if torch.device(device).type != "cuda":
+        return None
+    import triton.testing
+
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    except RuntimeError as error:  # capture refused: fn synchronised or read memory back
+        print(f"graph_us: not capturable ({str(error).splitlines()[0][:120]})", flush=True)
+        torch.cuda.synchronize(device)
+        return None
+    return float(ms) * 1e3
+
+
 def time_ms_fixed(
     fn: Callable[[], Any], *, device: torch.device | str, warmup: int = 3, runs: int = 20
 ) -> float:

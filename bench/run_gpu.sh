@@ -67,7 +67,7 @@ step moe_layer 260 python -m bench.moe_layer --out "$OUT"
 step routing_plan 40 python -m bench.routing_plan --out "$OUT"
 step ep_combine 40 python -m bench.ep_combine --out "$OUT"
 step overlap 110 python -m bench.overlap --out "$OUT"
-step csrc_kernels 150 python -m bench.csrc_kernels --out "$OUT"
+step csrc_kernels 200 python -m bench.csrc_kernels --out "$OUT"
 step hf_model 200 python -m bench.hf_model --out "$OUT"
 # BLOCK_M=128 only: the plan's block_m at T=16384 for every bench shape (moe_layer's).
 step tune_expert 540 python -m bench.tune_expert --block-ms 128 --out "$OUT"

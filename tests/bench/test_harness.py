@@ -71,6 +71,10 @@ def test_host_us_is_the_wall_time_per_call():
     assert len(calls) == 10 + 20  # warm-up and timed calls
 
 
+def test_graph_us_is_none_off_cuda():
+    assert harness.graph_us(lambda: torch.ones(3), device="cpu") is None
+
+
 def test_cuda_memory_is_none_on_cpu():
     assert harness.cuda_memory(lambda: torch.ones(3), "cpu") is None
 
@@ -202,6 +206,15 @@ def test_cuda_timing_and_memory():
     assert memory.retained_bytes >= 4 * harness.MIB
     assert memory.peak_bytes >= memory.retained_bytes
     assert harness.environment(device)["gpu"] != "cpu"
+
+
+@pytest.mark.gpu
+def test_graph_us_times_replays():
+    device = torch.device("cuda")
+    a = torch.randn(4096, 4096, device=device)
+    graphed = harness.graph_us(lambda: a @ a, device=device)
+    flushed = harness.time_ms(lambda: a @ a, device=device) * 1e3
+    assert 0.5 * flushed < graphed < 2 * flushed  # a 137 GFLOP GEMM: launches are noise there
 
 
 @pytest.mark.gpu
