@@ -45,7 +45,8 @@ if not torch.cuda.is_available():  # must precede the import of any @triton.jit 
 
 from bench import harness  # noqa: E402
 
-WORKLOADS = ("moe:mixtral", "moe:qwen3-30b-a3b", "gemm-ag")
+WORKLOADS = ("moe:mixtral", "moe:qwen3-30b-a3b", "gemm-ag")  # the default list
+NAMED_WORKLOADS = ("gemm-ag", "routing")  # besides moe:<shape>
 GEMM_AG_SHAPE = (8192, 8192, 7168)  # M, K, N
 ROUTING_SHAPE = (16384, 128, 8)  # T, E, k: issue 11's target shape
 NCU_PLACES = ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/ncu")
@@ -164,7 +165,9 @@ def run_workload(name: str) -> None:
     elif name == "routing":
         step = routing_step(device, ROUTING_SHAPE if device.type == "cuda" else (64, 16, 4))
     else:
-        raise ValueError(f"unknown workload {name!r}; choose from moe:<shape>, gemm-ag, routing")
+        raise ValueError(
+            f"unknown workload {name!r}; choose from moe:<shape>, {', '.join(NAMED_WORKLOADS)}"
+        )
     step()  # compiles the kernels: nothing of that is profiled
     if device.type == "cuda":
         torch.cuda.synchronize(device)
