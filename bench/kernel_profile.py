@@ -11,8 +11,8 @@ Workloads (each profiled in its own process, only the kernels of one step after 
     routing       the router's top-k (softmax, k=8 of E=128, T=16384 float32 logits) and
                   build_routing_plan of its ids: the compiled kernels where moeblaze._C is
                   built (router_topk_kernel, routing_plan_kernel), else the torch top-k and
-                  the Triton plan; with the default ID check, whose read-back is one more
-                  kernel (only profiled with --workloads routing: not in the default list)
+                  the Triton plan; the deferred id check's read-back is a copy, no kernel
+                  (profiled only when named: not in the default list)
 
 One row per kernel launch: workload, kernel, us (duration under ncu, which locks the clocks to
 base: compare kernels, not wall time), sm_pct (compute throughput, % of peak), mem_pct (memory
