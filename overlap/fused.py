@@ -117,6 +117,12 @@ class FusedContext(abc.ABC):
         self.config = config
         self.streams = streams
         self.tma = config.tma and tma_supported(device)
+        # SMs of the GPU, which the persistent grids and the RS reduction are sized by.
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else None
+        )
         self.tile = self.tile_for(torch.bfloat16)  # of 2-byte operands; tile_for: any dtype
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
@@ -272,9 +278,8 @@ class FusedContext(abc.ABC):
     def programs(self, num_tiles: int, reserve: int) -> int:
         """Persistent grid: one program per SM left after `reserve` (CUDA), or per tile."""
         cap = num_tiles
-        if self.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            cap = max(1, sms - reserve)
+        if self.num_sms is not None:
+            cap = max(1, self.num_sms - reserve)
         if self.tile.max_programs is not None:
             cap = min(cap, self.tile.max_programs)
         return max(1, min(num_tiles, cap))
@@ -299,8 +304,7 @@ class FusedContext(abc.ABC):
         if self.reduce_beside_gemm:
             programs = min(items, self.config.comm_programs or DEFAULT_COMM_PROGRAMS)
             return programs, programs, block_r, block_n
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        programs = min(items, self.config.comm_programs or REDUCE_PROGRAMS_PER_SM * sms)
+        programs = min(items, self.config.comm_programs or REDUCE_PROGRAMS_PER_SM * self.num_sms)
         return programs, 0, block_r, block_n
 
     def tile_counts(self, ranks: int, num_tiles: int) -> list[torch.Tensor | None]:
