@@ -123,6 +123,7 @@ class FusedContext(abc.ABC):
             if device.type == "cuda"
             else None
         )
+        self._tiles: dict[torch.dtype, GemmConfig] = {}  # tile_for's, by operand dtype
         self.tile = self.tile_for(torch.bfloat16)  # of 2-byte operands; tile_for: any dtype
         self.wait_budget = wait_budget_for(config.timeout_s)
         self.epoch = 0
@@ -140,8 +141,11 @@ class FusedContext(abc.ABC):
         """The GEMM tile of a call on `dtype` operands: OverlapConfig.tile, else the default for
         the dtype; tile.tma: the GEMMs read operands through tensor descriptors (TMA: Hopper and
         later), as the tile config and OverlapConfig.tma both allow."""
-        tile = self.config.tile or default_tile_config(self.device, dtype)
-        return dataclasses.replace(tile, tma=tile.tma and self.tma)
+        tile = self._tiles.get(dtype)
+        if tile is None:
+            tile = self.config.tile or default_tile_config(self.device, dtype)
+            tile = self._tiles[dtype] = dataclasses.replace(tile, tma=tile.tma and self.tma)
+        return tile
 
     # -- the fused schedules of the world ---------------------------------------------------------
 

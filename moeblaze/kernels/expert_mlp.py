@@ -967,12 +967,19 @@ def epilogue_configs(activation: Activation) -> tuple[str, dict]:
 # builds spill-free for ReLU² (210-245 registers) but spills 224 B for GELU's erf epilogue on
 # sm_90 (Triton 3.9), so it is not used; to be measured on a GPU.
 # Before Hopper, Triton's pipeline keeps num_stages - 1 operand buffers in shared memory and a
-# block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run the
-# configs above with at most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96
-# KB each). Not measured on such a GPU.
+# block of a consumer GPU (sm_86, sm_89) gets at most 99 KB: there the row-tile kernels run at
+# most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96 KB each).
 PRE_HOPPER_ROW_TILE_STAGES = 3
-# The weight gradient's 128x256 spills on sm_80 (40-48 B with Triton 3.6): its tile before.
-PRE_HOPPER_WGRAD = GemmConfig(128, 128, 64, num_warps=8, num_stages=5)
+# Before Hopper the tensor cores take their operands from registers (mma.sync), so the tiles
+# above that fill the registers of a wgmma kernel spill there (sm_80, Triton 3.6: gate_up
+# 128x128 200 B, scatter_rows 128x256 112-120 B, expert_wgrad 128x256 40-48 B): these entries
+# replace them, the widest that build spill-free on sm_80 with Triton 3.6 and 3.9. Not measured
+# on such a GPU.
+PRE_HOPPER_CONFIGS = {
+    ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=3),
+    ("scatter_rows", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
+    ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),
+}
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
 # (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h
 # through a tensor descriptor builds in 161 registers with Triton 3.9, 165 with 3.6 (32-column
@@ -998,17 +1005,17 @@ def gpu_config(
     kernel: str, block_m: int, activation: Activation | None = None, arch: int = 90
 ) -> GemmConfig:
     """The GPU tile configuration of `kernel` for tiles of `block_m` rows (ignored for
-    expert_wgrad): GPU_CONFIGS, with the entries `activation`'s epilogues replace
-    (`epilogue_configs`), for a GPU of compute capability `arch` (10 * major + minor; before
-    Hopper the row-tile kernels run at most PRE_HOPPER_ROW_TILE_STAGES stages and the weight
-    gradient PRE_HOPPER_WGRAD)."""
-    if arch < 90 and kernel == "expert_wgrad":
-        return PRE_HOPPER_WGRAD
+    expert_wgrad) on a GPU of compute capability `arch` (10 * major + minor): GPU_CONFIGS, then
+    before Hopper PRE_HOPPER_CONFIGS' entry, then the entry `activation`'s epilogues replace
+    (`epilogue_configs`); before Hopper the row-tile kernels run at most
+    PRE_HOPPER_ROW_TILE_STAGES stages."""
     key = config_key(kernel, block_m)
     config = GPU_CONFIGS[key]
+    if arch < 90:
+        config = PRE_HOPPER_CONFIGS.get(key, config)
     if activation is not None:
         config = epilogue_configs(activation)[1].get(key, config)
-    if arch < 90:
+    if arch < 90 and kernel != "expert_wgrad":
         stages = min(config.num_stages, PRE_HOPPER_ROW_TILE_STAGES)
         config = dataclasses.replace(config, num_stages=stages)
     return config

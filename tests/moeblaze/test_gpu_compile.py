@@ -99,3 +99,8 @@ def test_kernels_compile_for_ampere():
     assert not any(r["tma"] or r["tma_copies"] for r in reports), reports  # pointer loads
     # Every kernel fits the 99 KB of shared memory a block gets on sm_86 / sm_89.
     assert max(r["shared_bytes"] for r in reports) <= 99 * 1024, reports
+    # PRE_HOPPER_CONFIGS: no spills but an 8-byte frame (gate_up with a clamped SwiGLU, Triton
+    # 3.9), where the Hopper tiles spilled 40-200 B. Left out: scatter_rows' atomic epilogue,
+    # which spills 72-200 B at 128x128 with Triton 3.9 (none with 3.6).
+    spilled = [r for r in reports if r["kernel"] != "scatter_rows_kernel" and r["stack_bytes"] > 8]
+    assert not spilled, spilled
