@@ -971,10 +971,10 @@ def epilogue_configs(activation: Activation) -> tuple[str, dict]:
 # most this many stages (the sm_80 report of tests/gpu_compile.py: <= 96 KB each).
 PRE_HOPPER_ROW_TILE_STAGES = 3
 # Before Hopper the tensor cores take their operands from registers (mma.sync), so the tiles
-# above that fill the registers of a wgmma kernel spill there (sm_80, Triton 3.6: gate_up
-# 128x128 200 B, scatter_rows 128x256 112-120 B, expert_wgrad 128x256 40-48 B): these entries
-# replace them, the widest that build spill-free on sm_80 with Triton 3.6 and 3.9. Not measured
-# on such a GPU.
+# above that fill the registers of a wgmma kernel spill there (sm_80: gate_up 128x128 112-200 B,
+# some in its main loop; scatter_rows 128x256 112-920 B in its epilogue; expert_wgrad 128x256
+# 40-48 B): these entries replace them. A 128x128 tile's 64 FLOP/B already feed an A100's
+# tensor cores from L2. Not measured on such a GPU (bench/NOTES.md).
 PRE_HOPPER_CONFIGS = {
     ("gate_up", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=3),
     ("scatter_rows", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=3),
