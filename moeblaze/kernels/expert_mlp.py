@@ -239,40 +239,34 @@ def gate_up_kernel(
 
 @triton.jit
 def _grad_act_columns(
-    g,
-    rows,
-    row_mask,
-    w_row,
-    row0,
-    col0,
-    F,
-    h,
-    dh_ptr,
-    a_ptr,
-    stride_h,
-    stride_dh,
-    stride_a,
-    STORE_A: tl.constexpr,
-    H_TMA: tl.constexpr,
-    ACT: tl.constexpr,
-    GATED: tl.constexpr,
-    ALPHA: tl.constexpr,
-    LIMIT: tl.constexpr,
-    GRAD_AT_LIMIT: tl.constexpr,
-    UP_OFFSET: tl.constexpr,
-    GATE_SOFTCAP: tl.constexpr,
-    UP_SOFTCAP: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    g, tile, col0, out, STORE_A: tl.constexpr, H_TMA: tl.constexpr, ACTIVATION: tl.constexpr
 ):
     """The epilogue of grad_act on g, the tile's columns col0 .. col0 + WIDTH: stores dh (and
     a, scaled by the routing weights `w_row` as the forward's); returns rowsum(g * act) over
-    these columns. H_TMA: `h` is a tensor descriptor of h (blocks of this slice's columns;
-    gated and not interleaved, of h viewed as [S, 2, F], gate and up), else a pointer. ACT,
-    ALPHA, LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated unit (`gated`);
-    GRAD_AT_LIMIT: a value exactly at the limit passes its gradient
-    (moeblaze.activation.CLAMP_GRAD_AT_LIMIT); INTERLEAVED: h and dh hold gate and up
-    alternating (the 2 * WIDTH columns from 2 * col0 on), else the gate columns col0 .. and the
-    up columns F further on. Not GATED: h and dh are F wide and act = ACT(h) (`ungated`)."""
+    these columns.
+
+    tile: (rows, row_mask, w_row, row0, F), the tile's sorted positions and routing weights;
+    out: (h, dh_ptr, a_ptr, stride_h, stride_dh, stride_a). H_TMA: `h` is a tensor descriptor
+    of h (blocks of this slice's columns; gated and not interleaved, of h viewed as [S, 2, F],
+    gate and up), else a pointer. ACTIVATION, a tuple of constants: (ACT, GATED, ALPHA, LIMIT,
+    GRAD_AT_LIMIT, UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP, INTERLEAVED). ACT, ALPHA, LIMIT,
+    UP_OFFSET, GATE_SOFTCAP, UP_SOFTCAP: the gated unit (`gated`); GRAD_AT_LIMIT: a value
+    exactly at the limit passes its gradient (moeblaze.activation.CLAMP_GRAD_AT_LIMIT);
+    INTERLEAVED: h and dh hold gate and up alternating (the 2 * WIDTH columns from 2 * col0
+    on), else the gate columns col0 .. and the up columns F further on. Not GATED: h and dh are
+    F wide and act = ACT(h) (`ungated`)."""
+    # Named one by one: Triton 3.6 cannot unpack a tuple of constants in one assignment.
+    ACT: tl.constexpr = ACTIVATION[0]
+    GATED: tl.constexpr = ACTIVATION[1]
+    ALPHA: tl.constexpr = ACTIVATION[2]
+    LIMIT: tl.constexpr = ACTIVATION[3]
+    GRAD_AT_LIMIT: tl.constexpr = ACTIVATION[4]
+    UP_OFFSET: tl.constexpr = ACTIVATION[5]
+    GATE_SOFTCAP: tl.constexpr = ACTIVATION[6]
+    UP_SOFTCAP: tl.constexpr = ACTIVATION[7]
+    INTERLEAVED: tl.constexpr = ACTIVATION[8]
+    rows, row_mask, w_row, row0, F = tile
+    h, dh_ptr, a_ptr, stride_h, stride_dh, stride_a = out
     BLOCK_M: tl.constexpr = g.shape[0]
     WIDTH: tl.constexpr = g.shape[1]
     # From an arange, not sliced out of the tile's columns: the compiler then knows them
@@ -347,123 +341,25 @@ def _grad_act_columns(
 @triton.jit
 def _grad_act_slices(
     g,
-    rows,
-    row_mask,
-    w_row,
-    row0,
+    tile,
     col0,
-    F,
-    h,
-    dh_ptr,
-    a_ptr,
-    stride_h,
-    stride_dh,
-    stride_a,
-    BLOCK_M: tl.constexpr,
-    WIDTH: tl.constexpr,
+    out,
     SPLIT: tl.constexpr,
     STORE_A: tl.constexpr,
     H_TMA: tl.constexpr,
-    ACT: tl.constexpr,
-    GATED: tl.constexpr,
-    ALPHA: tl.constexpr,
-    LIMIT: tl.constexpr,
-    GRAD_AT_LIMIT: tl.constexpr,
-    UP_OFFSET: tl.constexpr,
-    GATE_SOFTCAP: tl.constexpr,
-    UP_SOFTCAP: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     """`_grad_act_columns` on SPLIT (a power of two) column slices of g [BLOCK_M, WIDTH], one
     after another (halving recursively), so that a wide tile's temporaries need not all be
     live in registers at once. Returns the rowsum over all of them."""
     if SPLIT == 1:
-        dw = _grad_act_columns(
-            g,
-            rows,
-            row_mask,
-            w_row,
-            row0,
-            col0,
-            F,
-            h,
-            dh_ptr,
-            a_ptr,
-            stride_h,
-            stride_dh,
-            stride_a,
-            STORE_A,
-            H_TMA,
-            ACT,
-            GATED,
-            ALPHA,
-            LIMIT,
-            GRAD_AT_LIMIT,
-            UP_OFFSET,
-            GATE_SOFTCAP,
-            UP_SOFTCAP,
-            INTERLEAVED,
-        )
+        dw = _grad_act_columns(g, tile, col0, out, STORE_A, H_TMA, ACTIVATION)
     else:
-        half: tl.constexpr = WIDTH // 2
-        left, right = tl.split(tl.permute(tl.reshape(g, (BLOCK_M, 2, half)), (0, 2, 1)))
-        dw = _grad_act_slices(
-            left,
-            rows,
-            row_mask,
-            w_row,
-            row0,
-            col0,
-            F,
-            h,
-            dh_ptr,
-            a_ptr,
-            stride_h,
-            stride_dh,
-            stride_a,
-            BLOCK_M,
-            half,
-            SPLIT // 2,
-            STORE_A,
-            H_TMA,
-            ACT,
-            GATED,
-            ALPHA,
-            LIMIT,
-            GRAD_AT_LIMIT,
-            UP_OFFSET,
-            GATE_SOFTCAP,
-            UP_SOFTCAP,
-            INTERLEAVED,
-        )
+        half: tl.constexpr = g.shape[1] // 2
+        left, right = tl.split(tl.permute(tl.reshape(g, (g.shape[0], 2, half)), (0, 2, 1)))
+        dw = _grad_act_slices(left, tile, col0, out, SPLIT // 2, STORE_A, H_TMA, ACTIVATION)
         dw += _grad_act_slices(
-            right,
-            rows,
-            row_mask,
-            w_row,
-            row0,
-            col0 + half,
-            F,
-            h,
-            dh_ptr,
-            a_ptr,
-            stride_h,
-            stride_dh,
-            stride_a,
-            BLOCK_M,
-            half,
-            SPLIT // 2,
-            STORE_A,
-            H_TMA,
-            ACT,
-            GATED,
-            ALPHA,
-            LIMIT,
-            GRAD_AT_LIMIT,
-            UP_OFFSET,
-            GATE_SOFTCAP,
-            UP_SOFTCAP,
-            INTERLEAVED,
+            right, tile, col0 + half, out, SPLIT // 2, STORE_A, H_TMA, ACTIVATION
         )
     return dw
 
@@ -565,25 +461,11 @@ def grad_act_kernel(
             INPUT_PRECISION=INPUT_PRECISION,
         )
         w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
-        dw = _grad_act_slices(
-            g,
-            rows,
-            row_mask,
-            w_row,
-            row0,
-            pid_n * BLOCK_N,
-            F,
-            h,
-            dh_ptr,
-            a_ptr,
-            stride_h,
-            stride_dh,
-            stride_a,
-            BLOCK_M,
-            BLOCK_N,
-            EPILOGUE_SPLIT,
-            STORE_A,
-            H_TMA,
+        # The epilogue's arguments in three tuples: the tile, what it reads and writes, and the
+        # activation's constants (`_grad_act_columns`).
+        tile = (rows, row_mask, w_row, row0, F)
+        out = (h, dh_ptr, a_ptr, stride_h, stride_dh, stride_a)
+        activation: tl.constexpr = (
             ACT,
             GATED,
             ALPHA,
@@ -594,6 +476,8 @@ def grad_act_kernel(
             UP_SOFTCAP,
             INTERLEAVED,
         )
+        col0 = pid_n * BLOCK_N
+        dw = _grad_act_slices(g, tile, col0, out, EPILOGUE_SPLIT, STORE_A, H_TMA, activation)
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
 
