@@ -10,11 +10,13 @@ specialisations (16-byte divisibility, integers equal to 1) and constexprs that 
 derives from those arguments. Triton's bundled ptxas assembles the code, so a kernel that would
 fail to compile on an H100 fails here, and the report shows whether the GEMMs got wgmma
 instructions and asynchronous (pipelined) global-to-shared copies. Prints one JSON line per
-kernel variant.
+kernel variant; its `ptx_sha256` (of the PTX without line information) tells whether a change
+that should not alter the generated code (a refactor) left every variant as it was.
 """
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -137,6 +139,16 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         # Acquired flags ordered before TMA loads of the rows they publish.
         proxy_fences=ptx.count("fence.proxy.async"),
         **resource_usage(kernel.asm["cubin"]),
+        ptx_sha256=hashlib.sha256(without_line_info(ptx).encode()).hexdigest()[:16],
+    )
+
+
+def without_line_info(ptx: str) -> str:
+    """The PTX without what moves when source lines move: `.loc` / `.file` directives, comments
+    and the debug sections."""
+    code = ptx.split(".section\t.debug")[0].split(".section .debug")[0]
+    return "\n".join(
+        line for line in code.splitlines() if not re.match(r"\s*(?:\.loc|\.file|//)", line)
     )
 
 
