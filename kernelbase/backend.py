@@ -27,6 +27,11 @@ from kernelbase import compiled
 
 INTERPRETER_ON = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Passed by every Triton launch of moeblaze and overlap: a * b + c contracted into one FMA, as the
+# kernels were tuned and tested. Left to Triton, the choice follows its default, which Triton 3.9
+# warns will turn to no contraction in 3.10 (other code, other numbers).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 class Backend(enum.Enum):
     TRITON = "triton"

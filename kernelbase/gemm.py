@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernelbase.backend import interpreting
+from kernelbase.backend import COMPILE_OPTIONS, interpreting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,8 @@ def dot_options(dtype: torch.dtype) -> dict:
 
 
 def launch_meta(config: GemmConfig, dtype: torch.dtype) -> dict:
-    """Keyword arguments of a launch: BLOCK_M/N/K, GROUP_M, the dot options, warps and stages."""
+    """Keyword arguments of a launch: BLOCK_M/N/K, GROUP_M, the dot options, warps and stages
+    (and COMPILE_OPTIONS)."""
     return dict(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
@@ -62,6 +63,7 @@ def launch_meta(config: GemmConfig, dtype: torch.dtype) -> dict:
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **dot_options(dtype),
+        **COMPILE_OPTIONS,
     )
 
 

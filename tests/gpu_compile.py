@@ -37,7 +37,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 ARCH = int(sys.argv[2]) if len(sys.argv) > 2 else 90
 TARGET = GPUTarget("cuda", ARCH, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 # The constexpr that says whether a kernel variant reads through tensor descriptors.
 TMA_CONSTEXPRS = ("TMA", "B_TMA", "SORTED_TMA")
 META = torch.device("meta")
@@ -103,6 +103,9 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         kernel=fn.__name__,
         constexprs={k: v for k, v in constexprs.items() if k.startswith("BLOCK")},
         num_warps=options.get("num_warps", 4),
+        # Whether the launch asked for FMA contraction itself (kernelbase.backend.COMPILE_OPTIONS);
+        # None: left to Triton's default, which changes in Triton 3.10.
+        fp_fusion=options.get("enable_fp_fusion"),
         # The element type of the first pointer argument ("*bf16", "*fp32", ...).
         operand_type=next((k for k in signature.values() if k.startswith("*")), None),
         shared_bytes=kernel.metadata.shared,

@@ -13,7 +13,6 @@ def compile_reports(package: str, arch: int = 90) -> list[dict]:
     """One report per kernel variant of `package` ("moeblaze" or "overlap") built for sm_`arch`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "gpu_compile.py"), package, str(arch)],
         env=env,

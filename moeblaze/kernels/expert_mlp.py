@@ -52,7 +52,7 @@ import triton.language as tl
 
 import moeblaze.activation
 from kernelbase import alloc
-from kernelbase.backend import interpreting
+from kernelbase.backend import COMPILE_OPTIONS, interpreting
 from kernelbase.gemm import (
     GemmConfig,
     b_descriptor,
@@ -1160,6 +1160,7 @@ class TritonStages:
                 GATHER=gather,
                 BLOCK_P=block_p,
                 BLOCK_N=block_n,
+                **COMPILE_OPTIONS,
             )
         if not gather:
             return out, None

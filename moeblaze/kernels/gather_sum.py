@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kernelbase import alloc
+from kernelbase.backend import COMPILE_OPTIONS
 from kernelbase.intmath import cdiv, next_power_of_2
 
 ELEMENTS_PER_PROGRAM = 4096  # BLOCK_T * BLOCK_N: 16 KB of fp32 accumulator over 4 warps
@@ -81,5 +82,6 @@ def launch_gather_sum(
         BLOCK_T=block_t,
         BLOCK_N=block_n,
         num_warps=4,
+        **COMPILE_OPTIONS,
     )
     return out

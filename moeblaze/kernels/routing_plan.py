@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelbase.backend import interpreting
+from kernelbase.backend import COMPILE_OPTIONS, interpreting
 from kernelbase.intmath import cdiv, next_power_of_2
 
 if TYPE_CHECKING:
@@ -180,7 +180,14 @@ def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
     ids = topk_ids.reshape(-1).contiguous()  # the kernels read ids with unit stride
     plan.invalid_ids.zero_()
     count_chunks_kernel[(num_chunks,)](
-        ids, chunk_counts, plan.invalid_ids, num_slots, num_experts, CHUNK=chunk, E_PAD=e_pad
+        ids,
+        chunk_counts,
+        plan.invalid_ids,
+        num_slots,
+        num_experts,
+        CHUNK=chunk,
+        E_PAD=e_pad,
+        **COMPILE_OPTIONS,
     )
     place_slots_kernel[(num_chunks,)](
         ids,
@@ -202,4 +209,5 @@ def launch_plan(topk_ids: torch.Tensor, plan: "RoutingPlan") -> None:
         CHUNK_ROWS=max(1, 2048 // e_pad),  # [CHUNK_ROWS, E_PAD] blocks of chunk counts
         TILE_BLOCK=max(16, 4096 // e_pad),  # [TILE_BLOCK, E_PAD] blocks of tile metadata
         BLOCK_M=plan.block_m,
+        **COMPILE_OPTIONS,
     )

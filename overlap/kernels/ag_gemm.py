@@ -33,6 +33,7 @@ the bytes through its last chunk, in arrival order, have crossed it (`link_ns_pe
 import triton
 import triton.language as tl
 
+from kernelbase.backend import COMPILE_OPTIONS
 from kernelbase.gemm import (
     GemmConfig,
     dot_options,
@@ -239,6 +240,7 @@ def launch_ag_gemm(
         B_KN=descs[2] if descs else True,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **COMPILE_OPTIONS,
     )
 
 

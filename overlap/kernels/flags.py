@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernelbase.backend import interpreting
+from kernelbase.backend import COMPILE_OPTIONS, interpreting
 
 # Where a rank publishes a call: [epoch, the call's signature (protocol.signature)], in slot
 # epoch % 2 of its header.
@@ -260,9 +260,10 @@ def launch_wait_peers(
         WORLD_SIZE=world_size,
         SCOPE=scope,
         num_warps=1,
+        **COMPILE_OPTIONS,
     )
 
 
 def launch_raise_flag(flags: torch.Tensor, index: int, epoch: int) -> None:
     """Run `raise_flag_kernel` (one program, one SM) on the current stream."""
-    raise_flag_kernel[(1,)](flags, index, epoch, num_warps=1)
+    raise_flag_kernel[(1,)](flags, index, epoch, num_warps=1, **COMPILE_OPTIONS)

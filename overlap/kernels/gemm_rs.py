@@ -33,6 +33,7 @@ peer's flag is up, also waits for that arrival.
 import triton
 import triton.language as tl
 
+from kernelbase.backend import COMPILE_OPTIONS
 from kernelbase.gemm import (
     GemmConfig,
     dot_options,
@@ -307,6 +308,7 @@ def launch_gemm_rs(
         B_KN=descs[2] if descs else True,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **COMPILE_OPTIONS,
     )
 
 
@@ -358,6 +360,7 @@ def launch_rs_reduce(
         SCOPE=scope,
         LINK=link_clock is not None,
         num_warps=8,
+        **COMPILE_OPTIONS,
     )
 
 

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernelbase.backend import COMPILE_OPTIONS
 from overlap.kernels.flags import REAL_TIME, _clock_ns
 
 
@@ -86,4 +87,4 @@ def link_wait_kernel(clock_ptr, slot, transfer_ns, QUEUE: tl.constexpr):
 
 def launch_link_wait(clock: torch.Tensor, slot: int, transfer_ns: int, *, queue: bool) -> None:
     """Run `link_wait_kernel` (one program, one warp) on the current stream."""
-    link_wait_kernel[(1,)](clock, slot, transfer_ns, QUEUE=queue, num_warps=1)
+    link_wait_kernel[(1,)](clock, slot, transfer_ns, QUEUE=queue, num_warps=1, **COMPILE_OPTIONS)

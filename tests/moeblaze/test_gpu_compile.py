@@ -26,6 +26,7 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     assert {r["kernel"] for r in reports} >= set(OTHER_KERNELS)
     for report in reports:
         assert report["stack_bytes"] == 0, report  # no register spills
+        assert report["fp_fusion"] is True, report  # not Triton's default: COMPILE_OPTIONS
         # Tiles are read and written in vectors of at least 4 bf16 per thread (grad_act's
         # epilogue stored, and with pointer loads read h, one element per thread, down a column
         # with Triton 3.6, until its slices' columns came from an arange; a 64x16 slice has 4

@@ -24,6 +24,7 @@ def test_overlap_kernels_compile_for_sm90_with_flag_atomics():
         ("link_wait_kernel", None),
     }, sorted(reports)
     for report in all_reports:
+        assert report["fp_fusion"] is True, report  # not Triton's default: COMPILE_OPTIONS
         # No global access of one element per instruction: the RS reduction once read its
         # partial rows (addresses from a table, alignment unknown to the compiler) 2 bytes at a
         # time, 512 loads per thread and block at W = 8.
