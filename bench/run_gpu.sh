@@ -8,6 +8,8 @@
 # overlap csrc_kernels hf_model; tune_expert (the tile-config sweep of the expert kernels at BLOCK_M=128,
 # up to about 9 minutes), tune_backward (the same for grad_act, grad_w13 and grad_w2 on
 # qwen3-30b-a3b and mixtral only, grad_act's epilogue widths among them, to OUTDIR/tune_backward),
+# tune_scatter (the same for down_combine and grad_input on qwen3-30b-a3b and deepseek-ish, to
+# OUTDIR/tune_scatter),
 # tune_gpt_oss (gate_up and grad_act with GPT-OSS's interleaved SwiGLU
 # at its shape, to OUTDIR/tune_gpt_oss), tune_inkling2 (the same with Inkling 2's soft-capped
 # SwiGLU at both tile heights, to OUTDIR/tune_inkling2), overlap_tiles (the fused GEMM's tile configs at W=8, M=8192, to
@@ -25,7 +27,7 @@
 # csrc_kernels` on a machine that limits one command to 10 minutes.
 #
 # Writes to OUTDIR: env.txt, pytest-gpu.txt, moe_layer.txt, routing_plan.txt, ep_combine.txt, overlap.txt,
-# csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_backward.txt, tune_gpt_oss.txt, tune_inkling2.txt,
+# csrc_kernels.txt, hf_model.txt, tune_expert.txt, tune_backward.txt, tune_scatter.txt, tune_gpt_oss.txt, tune_inkling2.txt,
 # overlap_tiles.txt, overlap_link.txt,
 # kernel_profile.txt, grad_act_profile.txt, routing_profile.txt, moe_deterministic.txt, moe_activations.txt, hf_model_compile.txt (logs), the result
 # JSON / PNG files of each benchmark, and exit_codes.txt. A failing or timed-out step is recorded
@@ -73,6 +75,11 @@ step hf_model 200 python -m bench.hf_model --out "$OUT"
 step tune_expert 540 python -m bench.tune_expert --block-ms 128 --out "$OUT"
 step tune_backward 400 python -m bench.tune_expert --shapes qwen3-30b-a3b,mixtral \
     --stages grad_act,grad_w13,grad_w2 --block-ms 128 --out "$OUT/tune_backward"
+# scatter_rows (the down projection's atomic combine, the input gradient) where its K is short:
+# qwen3-30b-a3b's down_combine ran at 0.43 of cuBLAS, one CTA per SM with its atomics after a
+# 12-step main loop; the 128x128x64 w8 s3 candidate fits two CTAs per SM.
+step tune_scatter 300 python -m bench.tune_expert --shapes qwen3-30b-a3b,deepseek-ish \
+    --stages down_combine,grad_input --block-ms 128 --out "$OUT/tune_scatter"
 step tune_gpt_oss 200 python -m bench.tune_expert --shapes gpt-oss-20b --stages gate_up,grad_act \
     --activation gpt-oss --block-ms 128 --out "$OUT/tune_gpt_oss"
 step tune_inkling2 240 python -m bench.tune_expert --shapes inkling2-ish --stages gate_up,grad_act \
