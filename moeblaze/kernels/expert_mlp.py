@@ -1217,9 +1217,9 @@ class TritonStages:
     def _tma(self, device: torch.device, cfg: GemmConfig) -> bool:
         return self.tma and cfg.tma and tma_supported(device)
 
-    def _descriptor(self, tensor: torch.Tensor, cfg: GemmConfig, block, offsets=()):
+    def _descriptor(self, tensor: torch.Tensor, cfg: GemmConfig, block):
         """kernelbase.gemm.tma_descriptor of `tensor` where `_tma` allows, else None."""
-        return tma_descriptor(tensor, block, offsets) if self._tma(tensor.device, cfg) else None
+        return tma_descriptor(tensor, block) if self._tma(tensor.device, cfg) else None
 
     def _weights(self, weights: torch.Tensor, cfg: GemmConfig, second_n: int = 0, block_n: int = 0):
         """The stack of B [E, K, N] as a kernel takes it: (the tensor, or its tensor descriptor
