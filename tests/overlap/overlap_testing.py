@@ -14,6 +14,7 @@ import torch.distributed as dist
 from tolerance import assert_close
 
 import overlap
+from overlap.protocol import raise_flags
 from overlap.reference import all_gather_matmul_ref, matmul_reduce_scatter_ref
 
 # Relative norm error allowed against a float64 reference, per kernel dtype (bf16 results are
@@ -24,6 +25,20 @@ RTOL = {torch.float32: 1e-5}
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+
+def drop_one_flag(world, rank: int, index: int) -> None:
+    """From now on, the AG producer of `world` (a LocalWorld) raises every flag of rank `rank`'s
+    calls but flags[index]; `world.fused.raise_flags = raise_flags` undoes it."""
+
+    def producer(flags, epoch):
+        if flags.data_ptr() != world.fused.ag_flags[rank].data_ptr():
+            raise_flags(flags, epoch)
+        else:
+            raise_flags(flags[:index], epoch)
+            raise_flags(flags[index + 1 :], epoch)
+
+    world.fused.raise_flags = producer
 
 
 def assert_tiles_once(world) -> None:

@@ -10,7 +10,13 @@ import time
 
 import pytest
 import torch
-from overlap_testing import RTOL, assert_tiles_once, check_back_to_back_calls, randn
+from overlap_testing import (
+    RTOL,
+    assert_tiles_once,
+    check_back_to_back_calls,
+    drop_one_flag,
+    randn,
+)
 from tolerance import assert_bf16_close, assert_close
 
 import overlap
@@ -98,14 +104,7 @@ def test_timeout_on_gpu_raises_instead_of_hanging():
     W, m = 2, 256
     world = _world(W, chunk_m=128, timeout_s=0.5)
 
-    def drop(flags, epoch):  # rank 0 never gets chunk 1 of rank 1 (flag 1 * 2 + 1)
-        if flags.data_ptr() != world.fused.ag_flags[0].data_ptr():
-            raise_flags(flags, epoch)
-        else:
-            raise_flags(flags[:3], epoch)
-            raise_flags(flags[4:], epoch)
-
-    world.fused.raise_flags = drop
+    drop_one_flag(world, rank=0, index=1 * 2 + 1)  # rank 0 never gets chunk 1 of rank 1
     a = randn(W, m, 128, device="cuda", seed=8)
     b = randn(W, 128, 128, device="cuda", seed=9)
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from overlap_testing import (
     assert_matches_float64,
     assert_tiles_once,
     check_back_to_back_calls,
+    drop_one_flag,
     randn,
 )
 from tolerance import assert_close
@@ -118,26 +119,13 @@ def test_zero_rows_take_the_serial_path():
     assert overlap.matmul_reduce_scatter(a, b, world).shape == (2, 0, 8)
 
 
-def _drop_one_flag(world, rank, index):
-    """Rank `rank`'s AG producer raises every flag of a call but flags[index]."""
-
-    def producer(flags, epoch):
-        if flags.data_ptr() != world.fused.ag_flags[rank].data_ptr():
-            raise_flags(flags, epoch)
-        else:
-            raise_flags(flags[:index], epoch)
-            raise_flags(flags[index + 1 :], epoch)
-
-    world.fused.raise_flags = producer
-
-
 def test_timeout_raises_naming_rank_and_chunk_then_the_world_recovers():
     W, m, chunk_m = 3, 12, 4
     cpr = triton.cdiv(m, chunk_m)
     world = _world(W, "fused", chunk_m, timeout_s=0.2)
     a, b = randn(W, m, 16, seed=10, device=DEVICE), randn(W, 16, 16, seed=11, device=DEVICE)
     overlap.all_gather_matmul(a, b, world)  # epoch 1 raises every flag
-    _drop_one_flag(world, rank=1, index=0 * cpr + 2)  # rank 1 never gets chunk 2 of rank 0
+    drop_one_flag(world, rank=1, index=0 * cpr + 2)  # rank 1 never gets chunk 2 of rank 0
     # Epoch 2: the flag still holds epoch 1, which must not count as "arrived".
     start = time.perf_counter()
     with pytest.raises(
