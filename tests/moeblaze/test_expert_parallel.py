@@ -122,13 +122,15 @@ def _settled(shapes, expected, seconds=5.0) -> list[tuple[int, ...]]:
     return found
 
 
-def _check_case(case: Case, group, device="cpu", tensor_group=None) -> None:
+def _check_case(case: Case, group, device="cpu", tensor_group=None, compiled=False) -> None:
     """With a `tensor_group` (expert tensor parallelism), every rank of the default group has
-    its own tokens; without, those of `group`."""
+    its own tokens; without, those of `group`. `compiled`: the layer runs under torch.compile
+    (aot_eager: Dynamo and AOTAutograd, as with inductor), its experts as one graph break."""
     data = group if tensor_group is None else dist.group.WORLD  # the ranks with own tokens
     W, r = dist.get_world_size(data), dist.get_rank(data)
     assert len(case.tokens) == W
     where = f"{case.name} (W={W}{', split experts' if tensor_group else ''}) rank {r}"
+    where += ", compiled" if compiled else ""
     layer = ExpertParallelMoELayer.from_moe_layer(
         case.layer.to(device),
         group,
@@ -138,8 +140,9 @@ def _check_case(case: Case, group, device="cpu", tensor_group=None) -> None:
     first = sum(case.tokens[:r])
     mine = slice(first, first + case.tokens[r])  # this rank's rows of x
     x = case.x[mine].to(device).requires_grad_()
+    call = torch.compile(layer, backend="aot_eager") if compiled else layer
     with _recording_received_rows() as alive_shapes:
-        out = layer(x)
+        out = call(x)
     # No buffer of dispatched or combined rows outlives forward, but the received rows [R, d]
     # with recompute_dispatch=False (with split experts, the gathered rows instead).
     received = int(
@@ -325,6 +328,7 @@ def _gloo_worker(rank, init_method, pair_cases, case):
             _check_case(pair_case, pair)
         _check_ranges(profile, pair_case)
         _check_case(case, dist.group.WORLD)
+        _check_case(case, dist.group.WORLD, compiled=True)
         _check_dropped(dist.group.WORLD)
         for to_first_ranks in (False, True):  # expert-parallel pairs {0, 2}, {1, 3}
             _check_expert_tensor(
