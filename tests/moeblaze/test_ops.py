@@ -616,6 +616,23 @@ def test_compile_with_a_loss_group_over_gloo(tmp_path):
     )
 
 
+def test_compile_dynamic_shapes_one_graph():
+    """Batches of other lengths reuse the graph: with dynamic=True the compiled layer (fullgraph)
+    serves several batch and sequence sizes, below and above the first, from one graph, and
+    matches eager at each. (A size of 1 would compile another: torch specialises 0 and 1.)"""
+    torch.manual_seed(16)
+    layer = moeblaze.MoELayer(24, 16, 6, 2, shared_expert_size=8).eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in ((2, 9), (3, 5), (2, 13), (4, 3)):
+        x = torch.randn(*shape, 24)
+        names = ["out", "dx", *(n for n, _ in layer.named_parameters())]
+        for name, a, e in zip(names, _layer_step(compiled, x), _layer_step(layer, x), strict=True):
+            assert_close(a, e, rtol=1e-6, name=f"{shape}: {name}")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.slow
 def test_compile_inductor():
     _compiled_matches_eager("inductor")
