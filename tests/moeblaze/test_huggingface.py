@@ -383,6 +383,32 @@ def _check_matches_eager(family, make_config, monkeypatch):
         assert_close(actual[name], value, rtol=rtol, name=f"{family} {name}")
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_generate_matches_eager(family, monkeypatch):
+    """Greedy generation under torch.inference_mode (prefill, then one token per step through
+    the KV cache): the same tokens and each step's logits as "eager", moeblaze's experts run at
+    every step."""
+    model, eager = (m.eval() for m in _models(family))
+    input_ids = torch.randint(3, VOCAB, (B, L), generator=torch.Generator().manual_seed(2))
+    options = dict(
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    calls = _record_moe_mlp_calls(monkeypatch)
+    with torch.inference_mode():
+        actual, expected = (
+            model.generate(input_ids, **options),
+            eager.generate(input_ids, **options),
+        )
+    assert len(calls) == 4 * model.config.num_hidden_layers, "moeblaze did not run every step"
+    assert torch.equal(actual.sequences, expected.sequences)
+    for step, (a, e) in enumerate(zip(actual.logits, expected.logits, strict=True)):
+        assert_close(a, e, rtol=RTOL, name=f"{family} logits of step {step}")
+
+
 def test_recompute_variants(monkeypatch):
     """Each registered name hands its policy to moeblaze.moe_mlp (whose policies
     tests/moeblaze/test_moe_mlp.py checks; here the float64 reference stands in for it)."""
