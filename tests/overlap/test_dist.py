@@ -58,8 +58,10 @@ def _check_ops(world, mode: str) -> None:
     assert_close(b.grad, b64.grad[r], rtol=TOL, name=f"{mode} rank {r}: grad b")
 
 
-def _check_mlp(world, sequence_parallel: bool) -> None:
-    """ParallelMLP on every rank against the dense MLP built from the same seeded weights."""
+def _check_mlp(world, sequence_parallel: bool, compiled: bool = False) -> None:
+    """ParallelMLP on every rank against the dense MLP built from the same seeded weights;
+    `compiled`: under torch.compile (aot_eager, fullgraph: the ops and the world's collectives
+    in one graph)."""
     W, r = world.world_size, world.rank
     s, b, h, f = 2 * W, 2, 8, 4 * W
     mlp = overlap.parallel_mlp(
@@ -70,7 +72,7 @@ def _check_mlp(world, sequence_parallel: bool) -> None:
     w2 = torch.empty(h, f).uniform_(-(f**-0.5), f**-0.5, generator=generator)
     x_full = randn(s, b, h, seed=8)
     x = (x_full.chunk(W)[r] if sequence_parallel else x_full).clone().requires_grad_()
-    y = mlp(x)
+    y = (torch.compile(mlp, backend="aot_eager", fullgraph=True) if compiled else mlp)(x)
     w1, w2, x64 = (t.double().requires_grad_() for t in (w1, w2, x_full))
     y64 = torch.nn.functional.gelu(x64 @ w1.T) @ w2.T  # biases start at zero
     expected = y64.chunk(W)[r] if sequence_parallel else y64
@@ -136,6 +138,9 @@ def _worker(rank: int, world_size: int, init_method: str) -> None:
         assert auto.mode_for(1e12) is overlap.Mode.PIPELINED
         _check_fused_reuse(overlap.DistWorld(mode="fused", config=config))
         _check_mlp(overlap.DistWorld(mode="fused", config=config), sequence_parallel=True)
+        _check_mlp(
+            overlap.DistWorld(mode="fused", config=config), sequence_parallel=True, compiled=True
+        )
         _check_mlp(overlap.DistWorld(mode="pipelined", config=config), sequence_parallel=True)
         _check_mlp(overlap.DistWorld(mode="serial", config=config), sequence_parallel=False)
         dist.barrier()
