@@ -240,9 +240,9 @@ def _dispatch_again_in_backward(rows, x, source_of_row, exchange):
         yield
 
 
-# The all-to-alls need their splits on the host (one sync per call, above): no graph can hold
-# them. Under torch.compile this function runs eagerly, as one graph break; the router and the
-# shared expert around it compile (tests/moeblaze/test_expert_parallel.py).
+# The all-to-alls need their splits on the host (the one sync per call of the module docstring):
+# no graph can hold them. Under torch.compile this function runs eagerly, as one graph break; the
+# router and the shared expert around it compile (tests/moeblaze/test_expert_parallel.py).
 @torch.compiler.disable
 def expert_parallel_mlp(
     x: torch.Tensor,
