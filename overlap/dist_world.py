@@ -48,6 +48,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
+from kernelbase.intmath import next_power_of_2
 from kernelbase.profiling import profile_range
 from overlap.fused import FusedContext
 from overlap.kernels.ag_gemm import ag_gemm_tiles
@@ -258,7 +259,7 @@ class PeerFused(FusedContext):
         if buf is not None:
             self._quiesce()  # no rank reads the buffer being replaced any more
             self._tables = {key: t for key, t in self._tables.items() if key[0] != name}
-        buf = self.buffers[name] = self.peers.allocate(1 << max(0, nbytes - 1).bit_length())
+        buf = self.buffers[name] = self.peers.allocate(next_power_of_2(nbytes))
         return buf
 
     def _agree_on_size(self, name: str, nbytes: int, op: str, call: tuple[int, ...]) -> int:

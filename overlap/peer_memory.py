@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from kernelbase.backend import interpreting
+from kernelbase.intmath import cdiv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ class PeerMemory:
         """A zeroed buffer of `nbytes` bytes on every rank (collective)."""
         if self.unavailable is not None:
             raise RuntimeError(f"peer memory is unavailable: {self.unavailable}")
-        nbytes = max(16, -(-nbytes // 16) * 16)  # every view offset we use stays aligned
+        nbytes = max(16, cdiv(nbytes, 16) * 16)  # every view offset we use stays aligned
         self._count += 1
         if self.device.type == "cuda":
             return self._allocate_symmetric(nbytes)
