@@ -44,6 +44,10 @@ class GemmConfig:
     # Output columns an epilogue works on at a time, for kernels that split theirs to keep
     # fewer temporaries live (moeblaze's grad_act); None: the kernel's default.
     epilogue_n: int | None = None
+    # Read the per-position tensor an epilogue reads (moeblaze's grad_act: h) through a tensor
+    # descriptor too, where `tma` allows; False: pointer loads. From shared memory Triton may
+    # compute what it feeds twice, in two register layouts (bench/NOTES.md, session 44).
+    epilogue_tma: bool = False
 
 
 def dot_options(dtype: torch.dtype) -> dict:

@@ -123,6 +123,12 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         scope=constexprs.get("SCOPE"),
         link=constexprs.get("LINK"),
         tma=next((constexprs[k] for k in TMA_CONSTEXPRS if k in constexprs), None),
+        # grad_act: whether its epilogue reads h through a tensor descriptor, in how many slices,
+        # and how many exponentials the kernel computes (each slice's activation needs one per
+        # element: more means Triton computed it again in another register layout).
+        h_tma=constexprs.get("H_TMA"),
+        epilogue_split=constexprs.get("EPILOGUE_SPLIT"),
+        exp_ops=len(re.findall(r"= math\.exp2? ", ttgir)),
         # The activation's constants (moeblaze.activation) of the kernels that take them.
         activation={k: constexprs[k] for k in ACTIVATION_CONSTEXPRS}
         if "ACT" in constexprs
@@ -244,12 +250,12 @@ def resource_usage(cubin: bytes) -> dict:
 def run_moeblaze_launchers() -> None:
     """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
-    and with pointer loads; gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
+    and with pointer loads; grad_act also reading h through a descriptor (epilogue_tma); gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
     largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
     and up interleaved, biases, transposed weights), with the bias gradients; Gemma 4's GeGLU;
     Inkling 2's soft-capped SwiGLU; experts without a gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
     from moeblaze.activation import Gated, SwiGLU, Ungated
-    from moeblaze.kernels.expert_mlp import TritonStages
+    from moeblaze.kernels.expert_mlp import TritonStages, config_key, gpu_config
     from moeblaze.kernels.gather_sum import launch_gather_sum
     from moeblaze.kernels.routing_plan import launch_plan
     from moeblaze.routing_plan import RoutingPlan, plan_numel
@@ -291,6 +297,13 @@ def run_moeblaze_launchers() -> None:
                 x, w13, topk_weights, plan, store_h=True, store_a=True, activation=capped
             )
             stages.grad_act(dout, w2, h, topk_weights, plan, store_a=True, activation=capped)
+            # grad_act reading h through a tensor descriptor too (GemmConfig.epilogue_tma).
+            if tma:
+                key = config_key("grad_act", block_m)
+                h_tma = dataclasses.replace(gpu_config(*key, arch=ARCH), epilogue_tma=True)
+                TritonStages({key: h_tma}, arch=ARCH).grad_act(
+                    dout, w2, h, topk_weights, plan, store_a=True
+                )
             # GPT-OSS: gate_up_proj [E, d, 2F] and down_proj [E, F, d], read transposed.
             gpt_oss = SwiGLU(alpha=1.702, limit=7.0, up_offset=1.0, interleaved=True)
             w13_t, w2_t = empty(E, d, 2 * ffn).mT, empty(E, ffn, d).mT

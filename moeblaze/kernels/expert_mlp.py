@@ -30,11 +30,11 @@ scaled in registers (a scaled operand cannot go from shared memory straight to t
 cores).
 
 The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The weights
-(`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, h in
-grad_act's epilogue, the sorted side of expert_wgrad) are passed as pointers or, where the
-launcher can describe them (Hopper, contiguous 16-byte aligned rows), as tensor descriptors
-that the copy engine (TMA) reads: the constexprs A_TMA / B_TMA / B_KN / H_TMA / SORTED_TMA say
-which. Gathered rows (x, dout by token) are always loaded by index. A descriptor block that
+(`w13`, `w2`) and the per-position tensors read in sorted order (scatter_rows' rows, the sorted
+side of expert_wgrad, and h in grad_act's epilogue where its config says so: GemmConfig.
+epilogue_tma) are passed as pointers or, where the launcher can describe them (Hopper,
+contiguous 16-byte aligned rows), as tensor descriptors that the copy engine (TMA) reads: the
+constexprs A_TMA / B_TMA / B_KN / H_TMA / SORTED_TMA say which. Gathered rows (x, dout by token) are always loaded by index. A descriptor block that
 reaches past a tile's expert reads rows of the next one only where they meet zeros of the other
 operand and masked stores (see each kernel); expert_wgrad reads none.
 
@@ -797,9 +797,13 @@ GPU_CONFIGS = {
     # Two accumulators (gate and up): 128 x 256 outputs per A read, 85 FLOP/B.
     ("gate_up", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 226
     # grad_act's epilogue runs on 16-column slices of its tile (GRAD_ACT_EPILOGUE_COLUMNS),
-    # reading h through a tensor descriptor: that makes 128x128 spill-free.
-    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 145
-    ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 240
+    # which makes 128x128 spill-free, and reads h by pointer loads (epilogue_tma=False): read
+    # from shared memory (a descriptor), h fed the activation in two register layouts and
+    # Triton computed it twice, once for dh and once for the store of a (sm_90, Triton 3.6 and
+    # 3.9: 16 exponentials for 8 slices, 4256 SASS instructions at 128x128 against 2768 now,
+    # 258 MUFU against 130; bench/NOTES.md, session 44). tune_expert times both.
+    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 80
+    ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 187
     ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-128
     ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 231-233
     # BLOCK_M x BLOCK_N of the [M, N] weight gradient, BLOCK_K sorted positions per step: M
@@ -815,9 +819,10 @@ GPU_CONFIGS = {
 # With gate and up interleaved (SwiGLU(interleaved=True), GPT-OSS), grad_act's epilogue joins
 # d_gate and d_up into one block of dh: at 128x128 that spilled 8-16 B with Triton 3.6 while the
 # epilogue stored one element per thread; since it stores 16-byte vectors 128x128 builds
-# spill-free (170-179 registers with 3.6, 134-226 with 3.9), so whether 128x64 is still the
-# faster waits for `bench.tune_expert --activation gpt-oss` on a GPU. gate_up keeps its 128x128
-# tile there: one accumulator over 256 interleaved columns, 255 registers with both, no spills.
+# spill-free (h by pointer loads: 177 registers with 3.6, 171 with 3.9), so whether 128x64 is
+# still the faster waits for `bench.tune_expert --activation gpt-oss` on a GPU. gate_up keeps its
+# 128x128 tile there: one accumulator over 256 interleaved columns, 255 registers with both, no
+# spills.
 GPU_CONFIGS_INTERLEAVED = {
     ("grad_act", 128): GemmConfig(128, 64, 64, num_warps=8, num_stages=4),
 }
@@ -865,9 +870,9 @@ PRE_HOPPER_CONFIGS = {
     ("expert_wgrad", None): GemmConfig(128, 128, 64, num_warps=8, num_stages=5),
 }
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
-# (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h
-# through a tensor descriptor builds in 161 registers with Triton 3.9, 165 with 3.6 (32-column
-# slices: 213 with 3.6; 64: 255 and an 8-byte spill).
+# (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h by
+# pointer loads builds in 187 registers with Triton 3.9, 186 with 3.6 (32-column slices: 209
+# and 217; 64: 253, and 255 with a 40-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
 # expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of
@@ -1034,7 +1039,9 @@ class TritonStages:
         split = max(1, min(GRAD_ACT_MAX_SPLIT, cfg.block_n // columns))
         # One block per epilogue slice: its gate and up columns interleaved, or both halves of
         # h [S, 2, F] (ungated: one block of its columns).
-        if not activation.gated:
+        if not cfg.epilogue_tma:
+            h_desc = None
+        elif not activation.gated:
             h_desc = self._descriptor(h, cfg, (cfg.block_m, cfg.block_n // split))
         elif activation.interleaved:
             h_desc = self._descriptor(h, cfg, (cfg.block_m, 2 * cfg.block_n // split))

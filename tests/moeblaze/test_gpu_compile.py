@@ -83,6 +83,25 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
         if r["activation"] is not None and r["activation"]["GATE_SOFTCAP"] is not None
     }
     assert capped == {(*ke, tma) for ke in swiglu_epilogues for tma in (True, False)}, reports
+    # grad_act reads h by pointer loads unless its config asks for a tensor descriptor
+    # (GemmConfig.epilogue_tma, built too). Then a plain SwiGLU epilogue computes one sigmoid
+    # per element, one exponential per slice; with h from shared memory Triton computed the
+    # activation twice, in the accumulator's register layout and in the store's.
+    grad_act = [r for r in reports if r["kernel"] == "grad_act_kernel"]
+    assert {r["h_tma"] for r in grad_act if r["tma"]} == {False, True}, grad_act
+    plain = dict(
+        ACT="swiglu",
+        GATED=True,
+        ALPHA=1.0,
+        LIMIT=None,
+        UP_OFFSET=0.0,
+        GATE_SOFTCAP=None,
+        UP_SOFTCAP=None,
+        INTERLEAVED=False,
+    )
+    for r in grad_act:
+        if r["activation"] == plain and not r["h_tma"]:
+            assert r["exp_ops"] == r["epilogue_split"], r
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)

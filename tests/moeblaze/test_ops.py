@@ -37,6 +37,10 @@ from moeblaze.reference import TORCH_STAGES
 from moeblaze.routing_plan import build_routing_plan, plan_numel
 
 POLICIES = moeblaze.RECOMPUTE_POLICIES
+# grad_act reading h through a tensor descriptor (GemmConfig.epilogue_tma), a tuning candidate.
+TRITON_STAGES_H_TMA = TritonStages(
+    {("grad_act", _INTERPRETER.block_m): dataclasses.replace(_INTERPRETER, epilogue_tma=True)}
+)
 # (T, d, F, E, k, routing). d, F and T are not multiples of any block (16 / 32 under the
 # interpreter) where it matters.
 SHAPES = {
@@ -53,7 +57,8 @@ SHAPES = {
     # Rows of w2, a and dh that the copy engine cannot read (84 and 168 bytes): pointer loads
     # of those beside tensor descriptors of w13.
     "unaligned": (19, 36, 21, 4, 2, "random"),
-    # h's rows can be described (48 bytes) but its up half starts 24 bytes in: h by pointers.
+    # h's rows can be described (48 bytes) but its up half starts 24 bytes in: h by pointers
+    # even where grad_act's config asks for a descriptor (GemmConfig.epilogue_tma).
     "F6": (13, 16, 6, 3, 2, "random"),
     # A third of the slots dropped (id -1), all of token 0's: no expert, no output, no gradient.
     "dropped": (37, 48, 40, 6, 2, "dropped"),
@@ -152,13 +157,18 @@ def test_weight_gradients_read_no_other_experts_rows(tma, monkeypatch):
 @pytest.mark.parametrize("activation", [SWIGLU, GPT_OSS_SMALL], ids=["swiglu", "gpt-oss"])
 @pytest.mark.parametrize("overwrite_h", [False, True], ids=["dh-new", "dh-over-h"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("stages", [TRITON_STAGES, TORCH_STAGES], ids=["kernels", "torch"])
+@pytest.mark.parametrize(
+    "stages",
+    [TRITON_STAGES, TRITON_STAGES_H_TMA, TORCH_STAGES],
+    ids=["kernels", "kernels-h-tma", "torch"],
+)
 def test_weighted_activation_is_the_same_in_forward_and_backward(
     stages, dtype, overwrite_h, activation
 ):
     # a = w * SwiGLU(h), rounded once: gate_up (forward) and grad_act (backward, recomputing it
-    # from h) give the same bits, and it is what the reference computes; also when grad_act
-    # writes dh over h (recompute="up_proj"), and then dh is the same as in a new tensor.
+    # from h, read by pointers or through a tensor descriptor) give the same bits, and it is
+    # what the reference computes; also when grad_act writes dh over h (recompute="up_proj"),
+    # and then dh is the same as in a new tensor.
     T, d, F, E, k = 21, 40, 24, 5, 2
     x, dout = torch.randn(T, d, dtype=dtype), torch.randn(T, d, dtype=dtype)
     w13, w2 = torch.randn(E, 2 * F, d, dtype=dtype), torch.randn(E, d, F, dtype=dtype)
@@ -209,14 +219,14 @@ def test_weighted_activation_is_the_same_in_forward_and_backward(
 @pytest.mark.parametrize("policy", POLICIES)
 def test_grad_act_epilogue_splits(block_n, epilogue_n, tma, policy, make_problem, monkeypatch):
     # grad_act's epilogue runs on 1, 2, 4 or 8 column slices of its tile (EPILOGUE_SPLIT: 16
-    # columns each, or GemmConfig.epilogue_n), with h read through a tensor descriptor (tma)
-    # or by pointers; F = 40 leaves the last tile's
+    # columns each, or GemmConfig.epilogue_n), with h (and w2) read through a tensor descriptor
+    # (tma: GemmConfig.epilogue_tma) or by pointers; F = 40 leaves the last tile's
     # slices partly or wholly past F. "none" keeps a: no a is stored. "up_proj" writes dh over
     # h: descriptor blocks past F or past an expert read elements other programs may have
     # overwritten already, in lanes the epilogue masks.
     problem = make_problem(21, 24, 40, 5, 2, seed=16)
     block_m = TRITON_STAGES.block_m(42, 5)
-    config = GemmConfig(block_m, block_n, 32, group_m=4, epilogue_n=epilogue_n)
+    config = GemmConfig(block_m, block_n, 32, group_m=4, epilogue_n=epilogue_n, epilogue_tma=tma)
     monkeypatch.setattr(TRITON_STAGES, "configs", {("grad_act", block_m): config})
     monkeypatch.setattr(TRITON_STAGES, "tma", tma)
     assert_matches_reference(problem.run(recompute=policy), problem.reference())
