@@ -102,6 +102,9 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     for r in grad_act:
         if r["activation"] == plain and not r["h_tma"]:
             assert r["exp_ops"] == r["epilogue_split"], r
+    for r in reports:  # gate_up's epilogue (one, not split): one exponential
+        if r["kernel"] == "gate_up_kernel" and r["activation"] == plain:
+            assert r["exp_ops"] == 1, r
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)
