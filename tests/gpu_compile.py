@@ -250,10 +250,12 @@ def resource_usage(cubin: bytes) -> dict:
 def run_moeblaze_launchers() -> None:
     """The plan and every expert-MLP stage at both block_m values (bf16, d=4096, F=1408, E=64),
     with the weights (and scatter_rows' sorted rows) through tensor descriptors (TMA) on sm_90,
-    and with pointer loads; grad_act also reading h through a descriptor (epilogue_tma); gate_up and grad_act also with a clamped quick-GELU SwiGLU (their
-    largest epilogue); and GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate
-    and up interleaved, biases, transposed weights), with the bias gradients; Gemma 4's GeGLU;
-    Inkling 2's soft-capped SwiGLU; experts without a gate (ReLU², GELU); and expert parallelism's combine (gather_sum)."""
+    and with pointer loads; grad_act also reading h through a descriptor (epilogue_tma);
+    gate_up and grad_act also with a clamped quick-GELU SwiGLU (their largest epilogue); and
+    GPT-OSS's experts as Hugging Face stores them (that SwiGLU with gate and up interleaved,
+    biases, transposed weights), with the bias gradients; Gemma 4's GeGLU; Inkling 2's
+    soft-capped SwiGLU; experts without a gate (ReLU², GELU); and expert parallelism's combine
+    (gather_sum)."""
     from moeblaze.activation import Gated, SwiGLU, Ungated
     from moeblaze.kernels.expert_mlp import TritonStages, config_key, gpu_config
     from moeblaze.kernels.gather_sum import launch_gather_sum

@@ -34,9 +34,10 @@ The GEMM main loop and tile order are shared with overlap (kernelbase.gemm). The
 side of expert_wgrad, and h in grad_act's epilogue where its config says so: GemmConfig.
 epilogue_tma) are passed as pointers or, where the launcher can describe them (Hopper,
 contiguous 16-byte aligned rows), as tensor descriptors that the copy engine (TMA) reads: the
-constexprs A_TMA / B_TMA / B_KN / H_TMA / SORTED_TMA say which. Gathered rows (x, dout by token) are always loaded by index. A descriptor block that
-reaches past a tile's expert reads rows of the next one only where they meet zeros of the other
-operand and masked stores (see each kernel); expert_wgrad reads none.
+constexprs A_TMA / B_TMA / B_KN / H_TMA / SORTED_TMA say which. Gathered rows (x, dout by
+token) are always loaded by index. A descriptor block that reaches past a tile's expert reads
+rows of the next one only where they meet zeros of the other operand and masked stores (see
+each kernel); expert_wgrad reads none.
 
 `TritonStages` at the end is the launcher: it allocates the outputs and launches these kernels on
 CUDA (or on the CPU under the Triton interpreter), with the tile configurations chosen per GPU.
