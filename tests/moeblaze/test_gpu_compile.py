@@ -3,7 +3,8 @@ without a GPU by running the launchers on meta tensors (tests/gpu_compile.py).""
 
 from gpu_compile_testing import compile_reports
 
-from moeblaze.kernels.expert_mlp import GPU_CONFIGS
+from moeblaze.activation import SWIGLU
+from moeblaze.kernels.expert_mlp import GPU_CONFIGS, _activation_meta
 
 PLAN_KERNELS = ("count_chunks_kernel", "place_slots_kernel")
 OTHER_KERNELS = (*PLAN_KERNELS, "expert_bias_grad_kernel", "gather_sum_kernel")  # no GEMM
@@ -89,22 +90,15 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     # activation twice, in the accumulator's register layout and in the store's.
     grad_act = [r for r in reports if r["kernel"] == "grad_act_kernel"]
     assert {r["h_tma"] for r in grad_act if r["tma"]} == {False, True}, grad_act
-    plain = dict(
-        ACT="swiglu",
-        GATED=True,
-        ALPHA=1.0,
-        LIMIT=None,
-        UP_OFFSET=0.0,
-        GATE_SOFTCAP=None,
-        UP_SOFTCAP=None,
-        INTERLEAVED=False,
-    )
-    for r in grad_act:
-        if r["activation"] == plain and not r["h_tma"]:
-            assert r["exp_ops"] == r["epilogue_split"], r
-    for r in reports:  # gate_up's epilogue (one, not split): one exponential
-        if r["kernel"] == "gate_up_kernel" and r["activation"] == plain:
-            assert r["exp_ops"] == 1, r
+    plain = _activation_meta(SWIGLU)  # the constexprs of a plain SwiGLU
+    plain_grad_act = [r for r in grad_act if r["activation"] == plain and not r["h_tma"]]
+    assert plain_grad_act, grad_act
+    assert all(r["exp_ops"] == r["epilogue_split"] for r in plain_grad_act), plain_grad_act
+    # gate_up's epilogue (one, not split): one exponential.
+    plain_gate_up = [
+        r for r in reports if r["kernel"] == "gate_up_kernel" and r["activation"] == plain
+    ]
+    assert plain_gate_up and all(r["exp_ops"] == 1 for r in plain_gate_up), plain_gate_up
     biased = {(r["kernel"], r["constexprs"]["BLOCK_M"], r["tma"]) for r in reports if r["bias"]}
     assert biased == {
         (kernel, block_m, tma)
