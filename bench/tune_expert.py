@@ -18,7 +18,8 @@ Columns: shape, stage, config (BLOCK_M x BLOCK_N x BLOCK_K, warps, stages; "*" m
 in moeblaze.kernels.expert_mlp.GPU_CONFIGS; "e32" for grad_act's epilogue in slices of 32
 columns, GemmConfig.epilogue_n; ":ptr" for GemmConfig(tma=False), every operand read
 by pointer loads, else weights and sorted rows go through tensor descriptors; ":h-tma" for
-grad_act reading h through one too, GemmConfig.epilogue_tma), ms (median,
+grad_act reading h through one too, GemmConfig.epilogue_tma; ":no-prefetch" for grad_act not
+asking L2 for h's lines before its main loop, GemmConfig.epilogue_prefetch), ms (median,
 triton.testing.do_bench), TFLOP/s, frac_cublas (TFLOP/s over that of one dense cuBLAS GEMM of
 the same FLOPs, bench.harness.dense_gemm_tflops, as bench.moe_layer's frac_dense_gemm),
 vs_current (this config's speed over the current one's) and diff (largest difference of the
@@ -129,7 +130,8 @@ INTERPRETER_CANDIDATES = [_cfg(16, 32, 32, 4, 1), _cfg(16, 64, 16, 4, 1)]
 def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]:
     """The current config of (kernel, block_m) on this GPU first (for `activation`'s epilogue:
     `gpu_config`), then it with the other operand loads (GemmConfig.tma; grad_act also with
-    the other loads of h, GemmConfig.epilogue_tma), then the other candidates (with tensor
+    the other loads of h, GemmConfig.epilogue_tma, and the other choice of prefetching them,
+    GemmConfig.epilogue_prefetch), then the other candidates (with tensor
     descriptors); on the CPU, interpreter-sized ones (grad_act's other also in two epilogue
     slices)."""
     if torch.cuda.is_available():
@@ -150,6 +152,8 @@ def candidates(kernel: str, block_m: int, activation=SWIGLU) -> list[GemmConfig]
     flipped = [dataclasses.replace(current, tma=not current.tma)]
     if kernel == "grad_act":
         flipped.append(dataclasses.replace(current, epilogue_tma=not current.epilogue_tma))
+        prefetch = not current.epilogue_prefetch
+        flipped.append(dataclasses.replace(current, epilogue_prefetch=prefetch))
     return [current, *flipped, *(c for c in others if c != current and c not in flipped)]
 
 
@@ -267,6 +271,7 @@ def _relative_diff(out: torch.Tensor, reference: torch.Tensor | None) -> float |
 
 def _describe(cfg: GemmConfig) -> str:
     loads = (":h-tma" if cfg.epilogue_tma else "") if cfg.tma else ":ptr"
+    loads += "" if cfg.epilogue_prefetch else ":no-prefetch"
     epilogue = f" e{cfg.epilogue_n}" if cfg.epilogue_n else ""
     tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
     return f"{tile} w{cfg.num_warps} s{cfg.num_stages}{epilogue}{loads}"
@@ -293,6 +298,7 @@ def best_entries(rows, table: str = "") -> list[str]:
         options = "" if cfg.tma else ", tma=False"
         options += f", epilogue_n={cfg.epilogue_n}" if cfg.epilogue_n else ""
         options += ", epilogue_tma=True" if cfg.epilogue_tma else ""
+        options += "" if cfg.epilogue_prefetch else ", epilogue_prefetch=False"
         variant = f"{table} " if table and stage in ("gate_up", "grad_act") else ""
         lines.append(
             f"{shape:>14} {stage:>12}: {variant}({STAGE_KERNEL[stage]!r}, {block_m}): GemmConfig("

@@ -3,6 +3,7 @@
     GemmConfig     tile sizes and launch options of one GEMM kernel
     launch_meta    launcher side: the constexprs and launch options of a config for a dtype
     swizzle_tile   grouped tile order: GROUP_M row tiles share each sweep over column tiles
+    prefetch_l2    a hint to bring the 128-byte lines at some pointers into L2 (compiled only)
     tile_matmul    fp32 product of one output tile: BLOCK_M rows of A (picked by index, or
                    consecutive rows through a tensor descriptor: TMA on Hopper) with a tile
                    of one matrix B of a stack (strided pointers, or a descriptor)
@@ -48,6 +49,9 @@ class GemmConfig:
     # descriptor too, where `tma` allows; False: pointer loads. From shared memory Triton may
     # compute what it feeds twice, in two register layouts (bench/NOTES.md, session 44).
     epilogue_tma: bool = False
+    # Before the main loop, ask L2 for the lines of that per-position tensor the epilogue will
+    # read through pointers, so they arrive while the tile is computed (moeblaze's grad_act).
+    epilogue_prefetch: bool = True
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -80,6 +84,21 @@ def swizzle_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % width) % group_size
     pid_n = (tile % width) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines holding `ptrs` to be brought into L2, without waiting for them
+    or holding registers for them (PTX `prefetch.global.L2`, a hint). Only for compiled kernels:
+    the interpreter has no inline assembly, so launchers leave it out there."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
+        "=r,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
 
 
 @triton.jit

@@ -129,6 +129,9 @@ def compile_launch(fn: JITFunction, args: tuple, kwargs: dict) -> dict:
         h_tma=constexprs.get("H_TMA"),
         epilogue_split=constexprs.get("EPILOGUE_SPLIT"),
         exp_ops=len(re.findall(r"= math\.exp2? ", ttgir)),
+        # Hints that bring lines into L2 ahead of their loads (grad_act's h, kernelbase.gemm.
+        # prefetch_l2), per thread.
+        l2_prefetches=ptx.count("prefetch.global.L2"),
         # The activation's constants (moeblaze.activation) of the kernels that take them.
         activation={k: constexprs[k] for k in ACTIVATION_CONSTEXPRS}
         if "ACT" in constexprs

@@ -59,6 +59,7 @@ from kernelbase.gemm import (
     b_descriptor,
     device_arch,
     launch_meta,
+    prefetch_l2,
     swizzle_tile,
     tile_matmul,
     tma_descriptor,
@@ -239,6 +240,37 @@ def gate_up_kernel(
 
 
 @triton.jit
+def _h_lines(
+    h,
+    rows,
+    row_mask,
+    row0,
+    col0,
+    F,
+    stride_h,
+    WIDTH: tl.constexpr,
+    GATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):
+    """Pointers [BLOCK_M, LINES] to the 128-byte lines of h (rows of `stride_h`) that grad_act's
+    epilogue reads for `rows` and the tile's columns col0 .. col0 + WIDTH: gate and up (F
+    further on), or their interleaved pairs, or the ungated h: one pointer a line where h's
+    rows and its up half start on a line (F and the row stride whole lines; elsewhere part of
+    a line may be left out, which costs only a slower load). Rows past the expert point at
+    row0's and columns past h's last at its last, so every pointer lies inside h."""
+    LINE: tl.constexpr = 1024 // h.dtype.element_ty.primitive_bitwidth  # elements a line
+    SPAN: tl.constexpr = 2 * WIDTH if INTERLEAVED else WIDTH  # columns a row (one half)
+    N: tl.constexpr = (SPAN + LINE - 1) // LINE  # lines a half
+    HALVES: tl.constexpr = 2 if GATED and not INTERLEAVED else 1
+    line = tl.arange(0, HALVES * N)
+    first = 2 * col0 if INTERLEAVED else col0
+    width = 2 * F if INTERLEAVED else F
+    cols = tl.minimum(first + (line % N) * LINE, width - 1) + (line // N) * F
+    safe_rows = tl.where(row_mask, rows, row0)
+    return h + safe_rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
+
+
+@triton.jit
 def _grad_act_columns(
     g, tile, col0, out, STORE_A: tl.constexpr, H_TMA: tl.constexpr, ACTIVATION: tl.constexpr
 ):
@@ -393,6 +425,7 @@ def grad_act_kernel(
     STORE_A: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,
     H_TMA: tl.constexpr,
+    H_PREFETCH: tl.constexpr,
     ACT: tl.constexpr,
     GATED: tl.constexpr,
     ALPHA: tl.constexpr,
@@ -419,7 +452,10 @@ def grad_act_kernel(
     program's columns; dh = the activation's backward of w[slot] * g; a recomputed from h if
     STORE_A.
     The epilogue runs on EPILOGUE_SPLIT (1, 2, 4 or 8) column slices of the tile one after
-    another (`_grad_act_slices`); with H_TMA it reads h through a tensor descriptor.
+    another (`_grad_act_slices`); with H_TMA it reads h through a tensor descriptor. With
+    H_PREFETCH (h a pointer), the program first asks L2 for the lines of h its epilogue will
+    read: the slices' loads then find them there instead of each waiting for memory in turn
+    (they cannot be issued early themselves, since dh may be h).
 
     dh may be h itself: a program reads the h elements of its rows and columns (gate and up)
     before it stores theirs of dh, and no other program reads them except in lanes it masks
@@ -439,6 +475,11 @@ def grad_act_kernel(
         GROUP_M,
     )
     if valid:
+        if H_PREFETCH:  # while the main loop runs
+            lines = _h_lines(
+                h, rows, row_mask, row0, pid_n * BLOCK_N, F, stride_h, BLOCK_N, GATED, INTERLEAVED
+            )
+            prefetch_l2(lines)
         g, _ = tile_matmul(
             a=dout_ptr,
             a_row0=row0,
@@ -1070,6 +1111,8 @@ class TritonStages:
             STORE_A=store_a,
             EPILOGUE_SPLIT=split,
             H_TMA=h_desc is not None,
+            # Inline assembly: not under the interpreter.
+            H_PREFETCH=h_desc is None and cfg.epilogue_prefetch and not interpreting(),
             **_activation_meta(activation),
             GRAD_AT_LIMIT=moeblaze.activation.CLAMP_GRAD_AT_LIMIT,
             **w_meta,

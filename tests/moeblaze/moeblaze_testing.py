@@ -14,6 +14,7 @@ from tolerance import assert_close
 from kernelbase.backend import COMPILE_OPTIONS
 from moeblaze.activation import Gated, SwiGLU
 from moeblaze.kernels.activation import tanh as kernel_tanh
+from moeblaze.kernels.expert_mlp import _h_lines
 from moeblaze.routing_plan import DROPPED, max_tiles, plan_numel
 
 NAMES = ("out", "dx", "dtopk_weights", "dw13", "dw2")
@@ -197,3 +198,57 @@ def assert_kernel_tanh_is_tanh(device, rtol: float) -> None:
     out = torch.full_like(special, math.nan)
     _tanh_kernel[(1,)](special, out, N=8, **COMPILE_OPTIONS)
     assert out[:4].tolist() == [0.0, 0.0, 1.0, -1.0] and out[4].isnan()
+
+
+@triton.jit
+def _h_lines_kernel(
+    h,
+    out_ptr,
+    row0,
+    rows_end,
+    col0,
+    F,
+    stride_h,
+    BLOCK_M: tl.constexpr,
+    WIDTH: tl.constexpr,
+    GATED: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    LINES: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BLOCK_M)
+    lines = _h_lines(h, rows, rows < rows_end, row0, col0, F, stride_h, WIDTH, GATED, INTERLEAVED)
+    tl.static_assert(lines.shape[1] == LINES)
+    out = out_ptr + tl.arange(0, BLOCK_M)[:, None] * LINES + tl.arange(0, LINES)[None, :]
+    tl.store(out, tl.load(lines))
+
+
+def assert_h_lines_are_the_epilogues(device, dtype: torch.dtype) -> None:
+    """grad_act's prefetch of h (`_h_lines`) asks, for each kind of activation, for exactly the
+    128-byte lines of h that the epilogue of a tile reads: a tile whose rows run past its expert
+    and whose columns run past F, h of integer `dtype` (int16: lines of 64 elements as bf16's,
+    int32: 32 as fp32's) holding each element's own index, read back through the pointers."""
+    # F and the rows of h are whole lines (as at the bench shapes): the up half starts on one.
+    S, F, width, block_m, row0, rows_end = 40, 192, 128, 16, 8, 20
+    line = 128 // torch.empty((), dtype=dtype).element_size()
+    for gated, interleaved in ((True, False), (True, True), (False, False)):
+        h_cols = 2 * F if gated else F
+        h = torch.arange(S * h_cols, dtype=dtype, device=device).view(S, h_cols)
+        for col0 in (0, width):  # the second tile: columns 128 .. 255, 64 of them past F
+            if gated and not interleaved:
+                read = [c for c in range(col0, min(col0 + width, F))]
+                read += [F + c for c in read]
+            elif gated:
+                read = list(range(2 * col0, min(2 * col0 + 2 * width, 2 * F)))
+            else:
+                read = list(range(col0, min(col0 + width, F)))
+            wanted = {(r * h_cols + c) // line for r in range(row0, rows_end) for c in read}
+            halves = 2 if gated and not interleaved else 1  # gate and up apart
+            lines = halves * math.ceil((2 if interleaved else 1) * width / line)
+            out = torch.full((block_m, lines), -1, dtype=dtype, device=device)
+            _h_lines_kernel[(1,)](
+                h, out, row0, rows_end, col0, F, h.stride(0),
+                BLOCK_M=block_m, WIDTH=width, GATED=gated, INTERLEAVED=interleaved, LINES=lines,
+            )  # fmt: skip
+            asked = {int(i) // line for i in out.flatten().tolist()}
+            where = f"gated={gated}, interleaved={interleaved}, col0={col0}, {dtype}"
+            assert asked == wanted, f"{where}: asked for {sorted(asked)}, read {sorted(wanted)}"

@@ -14,6 +14,7 @@ from moeblaze_testing import (
     NAMES,
     assert_dropped_slots_add_nothing,
     assert_empty_experts_get_zero_grads,
+    assert_h_lines_are_the_epilogues,
     assert_kernel_tanh_is_tanh,
     check_plan,
     output_names,
@@ -95,6 +96,12 @@ ACTIVATIONS = {
 def test_kernel_tanh_on_cuda():
     # The soft caps' tanh with the GPU's exp (an ex2 approximation): within a few float32 ulp.
     assert_kernel_tanh_is_tanh("cuda", rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_grad_act_prefetch_lines_on_cuda(dtype):
+    # As in test_ops, compiled: the lines grad_act asks L2 for are those its epilogue reads.
+    assert_h_lines_are_the_epilogues("cuda", dtype)
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)

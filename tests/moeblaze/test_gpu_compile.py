@@ -94,6 +94,11 @@ def test_kernels_compile_for_sm90_with_wgmma_pipelining_and_no_spills():
     plain_grad_act = [r for r in grad_act if r["activation"] == plain and not r["h_tma"]]
     assert plain_grad_act, grad_act
     assert all(r["exp_ops"] == r["epilogue_split"] for r in plain_grad_act), plain_grad_act
+    # Before its main loop, grad_act asks L2 for the lines of h its epilogue reads by pointers
+    # (GemmConfig.epilogue_prefetch); nothing else prefetches.
+    for report in reports:
+        pointer_h = report["kernel"] == "grad_act_kernel" and not report["h_tma"]
+        assert (report["l2_prefetches"] > 0) == pointer_h, report
     # gate_up's epilogue (one, not split): one exponential.
     plain_gate_up = [
         r for r in reports if r["kernel"] == "gate_up_kernel" and r["activation"] == plain

@@ -21,6 +21,7 @@ from moeblaze_testing import (
     SMALL,
     assert_dropped_slots_add_nothing,
     assert_empty_experts_get_zero_grads,
+    assert_h_lines_are_the_epilogues,
     assert_matches_reference,
 )
 from overlap_testing import gloo_rank
@@ -230,6 +231,13 @@ def test_grad_act_epilogue_splits(block_n, epilogue_n, tma, policy, make_problem
     monkeypatch.setattr(TRITON_STAGES, "configs", {("grad_act", block_m): config})
     monkeypatch.setattr(TRITON_STAGES, "tma", tma)
     assert_matches_reference(problem.run(recompute=policy), problem.reference())
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_grad_act_prefetches_the_lines_its_epilogue_reads(dtype):
+    # Compiled, grad_act asks L2 for these lines before its main loop (GemmConfig.
+    # epilogue_prefetch); the interpreter has no prefetch, so the pointers are checked here.
+    assert_h_lines_are_the_epilogues("cpu", dtype)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
