@@ -480,6 +480,8 @@ def grad_act_kernel(
                 h, rows, row_mask, row0, pid_n * BLOCK_N, F, stride_h, BLOCK_N, GATED, INTERLEAVED
             )
             prefetch_l2(lines)
+        # Loaded before the main loop too, so the epilogue does not start with its round trip.
+        w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
         g, _ = tile_matmul(
             a=dout_ptr,
             a_row0=row0,
@@ -502,7 +504,6 @@ def grad_act_kernel(
             DOT_FP32=DOT_FP32,
             INPUT_PRECISION=INPUT_PRECISION,
         )
-        w_row = tl.load(weights_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
         # The epilogue's arguments in three tuples: the tile, what it reads and writes, and the
         # activation's constants (`_grad_act_columns`).
         tile = (rows, row_mask, w_row, row0, F)
