@@ -235,7 +235,7 @@ def assert_h_lines_are_the_epilogues(device, dtype: torch.dtype) -> None:
         h = torch.arange(S * h_cols, dtype=dtype, device=device).view(S, h_cols)
         for col0 in (0, width):  # the second tile: columns 128 .. 255, 64 of them past F
             if gated and not interleaved:
-                read = [c for c in range(col0, min(col0 + width, F))]
+                read = list(range(col0, min(col0 + width, F)))
                 read += [F + c for c in read]
             elif gated:
                 read = list(range(2 * col0, min(2 * col0 + 2 * width, 2 * F)))
