@@ -475,9 +475,10 @@ def grad_act_kernel(
         GROUP_M,
     )
     if valid:
+        col0 = pid_n * BLOCK_N
         if H_PREFETCH:  # while the main loop runs
             lines = _h_lines(
-                h, rows, row_mask, row0, pid_n * BLOCK_N, F, stride_h, BLOCK_N, GATED, INTERLEAVED
+                h, rows, row_mask, row0, col0, F, stride_h, BLOCK_N, GATED, INTERLEAVED
             )
             prefetch_l2(lines)
         # Loaded before the main loop too, so the epilogue does not start with its round trip.
@@ -493,7 +494,7 @@ def grad_act_kernel(
             stride_bi=stride_we,
             stride_bk=stride_wk,
             stride_bn=stride_wn,
-            col0=pid_n * BLOCK_N,
+            col0=col0,
             cols=cols,
             col_mask=col_mask,
             K=D,
@@ -519,7 +520,6 @@ def grad_act_kernel(
             UP_SOFTCAP,
             INTERLEAVED,
         )
-        col0 = pid_n * BLOCK_N
         dw = _grad_act_slices(g, tile, col0, out, EPILOGUE_SPLIT, STORE_A, H_TMA, activation)
         tl.store(dw_partial_ptr + slots * num_pid_n + pid_n, dw, mask=row_mask)
 
@@ -843,9 +843,9 @@ GPU_CONFIGS = {
     # which makes 128x128 spill-free, and reads h by pointer loads (epilogue_tma=False): read
     # from shared memory (a descriptor), h fed the activation in two register layouts and
     # Triton computed it twice, once for dh and once for the store of a (sm_90, Triton 3.6 and
-    # 3.9: 16 exponentials for 8 slices, 4256 SASS instructions at 128x128 against 2768 now,
-    # 258 MUFU against 130; bench/NOTES.md, session 44). tune_expert times both.
-    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 80
+    # 3.9: 16 exponentials for 8 slices, 4256 SASS instructions at 128x128 against 2768 by
+    # pointer loads, 258 MUFU against 130; bench/NOTES.md, session 44). tune_expert times both.
+    ("grad_act", 64): GemmConfig(64, 128, 64, num_warps=8, num_stages=4),  # 92
     ("grad_act", 128): GemmConfig(128, 128, 64, num_warps=8, num_stages=4),  # 187
     ("scatter_rows", 64): GemmConfig(64, 128, 64, num_warps=4, num_stages=4),  # 121-128
     ("scatter_rows", 128): GemmConfig(128, 256, 64, num_warps=8, num_stages=3),  # 231-233
@@ -862,7 +862,7 @@ GPU_CONFIGS = {
 # With gate and up interleaved (SwiGLU(interleaved=True), GPT-OSS), grad_act's epilogue joins
 # d_gate and d_up into one block of dh: at 128x128 that spilled 8-16 B with Triton 3.6 while the
 # epilogue stored one element per thread; since it stores 16-byte vectors 128x128 builds
-# spill-free (h by pointer loads: 177 registers with 3.6, 171 with 3.9), so whether 128x64 is
+# spill-free (h by pointer loads: 178 registers with 3.6, 174 with 3.9), so whether 128x64 is
 # still the faster waits for `bench.tune_expert --activation gpt-oss` on a GPU. gate_up keeps its
 # 128x128 tile there: one accumulator over 256 interleaved columns, 255 registers with both, no
 # spills.
@@ -914,8 +914,8 @@ PRE_HOPPER_CONFIGS = {
 }
 # grad_act's epilogue works on up to 8 slices of at least this many columns of its tile
 # (EPILOGUE_SPLIT; GemmConfig.epilogue_n in place of this where set): 128x128 SwiGLU with h by
-# pointer loads builds in 187 registers with Triton 3.9, 186 with 3.6 (32-column slices: 209
-# and 217; 64: 253, and 255 with a 40-byte spill).
+# pointer loads builds in 187 registers with Triton 3.9, 184 with 3.6 (32-column slices: 209
+# and 213; 64: 253, and 255 with a 40-byte spill).
 GRAD_ACT_EPILOGUE_COLUMNS = 16
 GRAD_ACT_MAX_SPLIT = 8
 # expert_bias_grad_kernel's (BLOCK_P rows, BLOCK_N columns) per step: a memory-bound read of
