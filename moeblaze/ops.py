@@ -34,9 +34,11 @@ implementations give shapes); their data-dependent checks run when they execute.
 """
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
+from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from kernelbase.backend import Backend, autocast_on, backend_for
 from kernelbase.profiling import profile_range
@@ -51,6 +53,7 @@ from moeblaze.routing_plan import (
 )
 
 RECOMPUTE_POLICIES = ("activation", "up_proj", "none")
+_DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)  # torch.func transforms
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -359,7 +362,44 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-@torch.autograd.function.once_differentiable
+_TWICE = (
+    "moe_mlp is differentiable once: its backward is not itself differentiable, so a second "
+    "derivative through it (torch.autograd.grad(..., create_graph=True) followed by a "
+    "backward through that gradient, or torch.func.grad of torch.func.grad) is not supported"
+)
+
+
+def _differentiable_once(backward):
+    """`torch.autograd.function.once_differentiable`, also where the incoming gradient is a
+    constant (out.sum()) and in nested torch.func transforms, which it misses: the gradients
+    still depend on the saved inputs, so differentiating them again must raise, not give zero.
+
+    Under create_graph=True the returned gradients require grad through a node that raises
+    `_TWICE` when a backward reaches it; nested grad/jvp transforms raise at once."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if sum(i.key() in _DIFFERENTIATING for i in retrieve_all_functorch_interpreters()) > 1:
+            raise RuntimeError(_TWICE)
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not create_graph:
+            return outputs
+        raise_on_backward = torch._C._functions.DelayedError(_TWICE.encode(), len(outputs))
+        return raise_on_backward(*(_requiring_grad(g) for g in outputs))
+
+    return wrapper
+
+
+def _requiring_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is not None:
+        grad = grad.detach()
+        grad.requires_grad = True  # requires_grad_() is refused inside torch.func transforms
+    return grad
+
+
+@_differentiable_once
 def _backward(ctx, dout, _dh, _da):
     if dout is None:
         return (None,) * _NUM_INPUTS
@@ -409,8 +449,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 class _MoeMLP(torch.autograd.Function):
     """The forward op as an autograd.Function with a separate `setup_context`: what torch.func
     transforms (torch.func.grad, jacrev) need; the op's own autograd (register_autograd) does
-    not provide one. Forward and backward are the op's own; higher derivatives are not
-    supported (once_differentiable)."""
+    not provide one. Forward and backward are the op's own; higher derivatives raise
+    (`_differentiable_once`)."""
 
     @staticmethod
     def forward(*args):

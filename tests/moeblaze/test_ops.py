@@ -889,3 +889,34 @@ def test_torch_func_grad_matches_autograd(path, make_problem):
     loss(x, weights, w13, w2).backward()
     for name, g, leaf in zip(NAMES[1:], grads, (x, weights, w13, w2), strict=True):
         assert_close(g, leaf.grad, rtol=RTOL_FP32, name=name)
+
+
+def test_a_second_derivative_raises_instead_of_being_zero(path, make_problem):
+    # The gradients depend on the saved inputs even where the incoming gradient is a constant
+    # (out.sum()), which torch's once_differentiable alone lets through as zero second
+    # derivatives; create_graph=True itself and first derivatives stay as they were.
+    problem = make_problem(7, 16, 8, 4, 2, seed=43)
+    x, weights, w13, w2 = problem.leaves()
+
+    def out_of(x):
+        return moeblaze.moe_mlp(x, problem.topk_ids, weights, w13, w2)
+
+    for loss in (lambda x: out_of(x).sum(), lambda x: out_of(x).square().sum()):
+        (dx,) = torch.autograd.grad(loss(x), x, create_graph=True)
+        assert dx.requires_grad
+        with pytest.raises(RuntimeError, match="moe_mlp is differentiable once"):
+            dx.square().sum().backward()
+        assert x.grad is None and w13.grad is None
+
+    def grad_norm(x):
+        return torch.func.grad(lambda x: out_of(x).sum())(x).square().sum()
+
+    with pytest.raises(RuntimeError, match="moe_mlp is differentiable once"):
+        torch.func.grad(grad_norm)(x.detach())
+    (dx,) = torch.autograd.grad(out_of(x).sum(), x, create_graph=True)
+    assert_close(
+        dx.detach(),
+        torch.func.grad(lambda x: out_of(x).sum())(x.detach()),
+        rtol=RTOL_FP32,
+        name="dx",
+    )
