@@ -386,13 +386,26 @@ class Router(nn.Module):
         instead of the router's choice. The routing weights are the scores of these experts
         (renormalised if `norm_topk_prob`, then scaled by `topk_scaling_factor`), with their
         gradient; everything after the choice (capacity, counts, losses) runs as usual. Another
-        id raises as in `moe_mlp` (the routing plan checks them)."""
+        id, or a sequence id outside [0, num_sequences), raises ValueError: at once on the CPU,
+        on CUDA at the latest by the next moeblaze call (as `moe_mlp`'s ids; not under
+        torch.compile, where `moe_mlp` still raises on such an id)."""
         with profile_range("moeblaze.router"):
             self._check_input(x)
             self._check_sequences(x, sequence_ids, num_sequences)
             self._check_token_mask(x, token_mask)
             self._check_replay_ids(x, replay_ids)
             num_experts = self.num_experts
+            # Their values: at once on the CPU, deferred on CUDA, as the logits' below. Counting
+            # and capacity never index with them, so an id out of range cannot fault the device.
+            if not torch.compiler.is_compiling():
+                if sequence_ids is not None:
+                    _defer_range_check(
+                        "sequence_ids", sequence_ids, 0, num_sequences, "num_sequences"
+                    )
+                if replay_ids is not None:
+                    _defer_range_check(
+                        "replay_ids", replay_ids, DROPPED, num_experts, "num_experts", " or -1"
+                    )
             dtype = self.routing_dtype
             with autocast_off(x.device.type):  # float32 even under autocast
                 logits = self._jittered(x).to(dtype) @ self.weight.to(dtype).t()  # [N, E]
@@ -666,8 +679,8 @@ class Router(nn.Module):
 
     def _replayed(self, logits: torch.Tensor, replay_ids: torch.Tensor):
         """(topk_ids, topk_weights, scores) as `_select` returns them, for the given experts.
-        Ids past the last expert read its score here (no host synchronisation to check them);
-        the routing plan raises on them."""
+        Ids out of range read the score of the nearest expert here (no host synchronisation to
+        check them); forward raises on them (`_defer_range_check`)."""
         scores = router_scores(logits, self.score_func)
         topk_ids = replay_ids.long()
         gathered = topk_ids.clamp(DROPPED, self.num_experts - 1)
@@ -678,21 +691,28 @@ class Router(nn.Module):
         DROPPED, weight 0 (its gradient too); `counts [E]` the slots of each expert in topk_ids.
         A stable sort of the slots by expert (by weight, descending, within an expert for
         "probs"; by slot, so token order, for "position"): a slot's rank in its expert is its
-        sorted position less the expert's first. No host synchronisation."""
+        sorted position less the expert's first. Slots of no expert (replayed: DROPPED, or an id
+        out of range, raised apart) sort after every expert's and are left as they are. No host
+        synchronisation."""
         num_tokens, top_k = topk_ids.shape
-        capacity = math.ceil(num_tokens * top_k / self.num_experts * self.capacity_factor)
+        num_experts = self.num_experts
+        capacity = math.ceil(num_tokens * top_k / num_experts * self.capacity_factor)
         if capacity >= num_tokens:  # no expert can receive more: nothing to drop
             return topk_ids, topk_weights
         ids = topk_ids.flatten()  # [S]
+        counted = (ids >= 0) & (ids < num_experts)
+        expert = torch.where(counted, ids, num_experts)  # [S]; E: no expert, sorted last
         if self.drop_policy == "probs":
             order = torch.sort(topk_weights.detach().flatten(), descending=True, stable=True)[1]
-            order = order[torch.sort(ids[order], stable=True)[1]]
+            order = order[torch.sort(expert[order], stable=True)[1]]
         else:
-            order = torch.sort(ids, stable=True)[1]  # [S] slots by expert, then slot
-        first = torch.cumsum(counts, 0) - counts  # [E] first sorted position of each expert
+            order = torch.sort(expert, stable=True)[1]  # [S] slots by expert, then slot
+        # [E + 1] first sorted position of each expert, and of the slots of none
+        first = torch.cumsum(counts, 0) - counts
+        first = torch.cat([first, counts.sum(0, keepdim=True)])
         ranks = torch.empty_like(ids)
-        ranks[order] = torch.arange(ids.numel(), device=ids.device) - first[ids[order]]
-        keep = (ranks < capacity).view(num_tokens, top_k)
+        ranks[order] = torch.arange(ids.numel(), device=ids.device) - first[expert[order]]
+        keep = ((ranks < capacity) | ~counted).view(num_tokens, top_k)
         return topk_ids.masked_fill(~keep, DROPPED), topk_weights * keep
 
     def _balancing_probs(self, scores):
@@ -724,7 +744,9 @@ class Router(nn.Module):
         counts = counts.float()
         tokens = (counts.sum(-1) / self.top_k).clamp_min(1)  # [S]: each token fills k slots
         prob_sums = probs.new_zeros(num_sequences, num_experts).index_add(
-            0, sequence_ids, probs
+            0,
+            sequence_ids.clamp(0, num_sequences - 1),
+            probs,  # out of range: raised apart
         )  # [S, E]
         slot_share = counts / (tokens * self.top_k).unsqueeze(1)
         per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [S]
@@ -742,6 +764,8 @@ class Router(nn.Module):
             raise ValueError(
                 f"num_sequences must be an int >= 0 with sequence_ids, got {num_sequences!r}"
             )
+        if num_sequences == 0 and x.shape[0] > 0:
+            raise ValueError(f"num_sequences=0 with {x.shape[0]} tokens: each needs a sequence")
         if (
             sequence_ids.dtype not in (torch.int32, torch.int64)
             or tuple(sequence_ids.shape) != (x.shape[0],)
@@ -827,6 +851,31 @@ def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def _defer_range_check(
+    name: str, values: torch.Tensor, low: int, high: int, high_name: str, also: str = ""
+) -> None:
+    """ValueError naming the first of `values` outside [low, high) (`also`: what else is fine),
+    at once on the CPU, without a host synchronisation on CUDA (kernelbase.deferred)."""
+    if values.numel() == 0:
+        return
+    outside = ((values < low) | (values >= high)).flatten()
+    word = torch.stack([outside.sum(), outside.int().argmax()])  # count, the first
+
+    def describe(word: list[int]) -> str | None:
+        count, first = word
+        if count == 0:
+            return None
+        where = ", ".join(
+            str(int(i)) for i in torch.unravel_index(torch.tensor(first), values.shape)
+        )
+        return (
+            f"{name} contains {int(values.flatten()[first])} ({name}[{where}], the first of "
+            f"{count} out of range); expected values in [0, {high_name}={high}){also}"
+        )
+
+    deferred.defer(word, describe)
+
+
 def _sequence_slots(
     ids, sequence_ids, num_sequences: int, num_experts: int, token_mask=None
 ) -> torch.Tensor:
@@ -834,16 +883,18 @@ def _sequence_slots(
     sequence `sequence_ids[t]` (only the tokens of `token_mask [N]` where given)."""
     k = ids.shape[1]
     slot_sequence = sequence_ids.view(-1, 1).expand(-1, k).reshape(-1)  # [N*k]
-    slots = slot_sequence * num_experts + ids.flatten().clamp_min(0)  # [N*k]
+    slot_sequence = slot_sequence.clamp(0, num_sequences - 1)  # out of range: raised apart
+    slots = slot_sequence * num_experts + ids.flatten().clamp(0, num_experts - 1)  # [N*k]
     counts = torch.zeros(num_sequences * num_experts, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, slots, _slot_weights(ids, token_mask))
+    counts.scatter_add_(0, slots, _slot_weights(ids, num_experts, token_mask))
     return counts.view(num_sequences, num_experts)
 
 
-def _slot_weights(ids: torch.Tensor, token_mask) -> torch.Tensor:
-    """[N*k] int64: 1 for each slot of `ids [N, k]`, 0 for a dropped one (DROPPED) and those of
-    tokens outside `token_mask [N]`."""
-    counted = ids != DROPPED
+def _slot_weights(ids: torch.Tensor, num_experts: int, token_mask) -> torch.Tensor:
+    """[N*k] int64: 1 for each slot of `ids [N, k]`, 0 for a dropped one (DROPPED), one of an id
+    outside [0, num_experts) (a replayed id, raised apart) and those of tokens outside
+    `token_mask [N]`."""
+    counted = (ids >= 0) & (ids < num_experts)
     if token_mask is not None:
         counted = counted & token_mask.view(-1, 1)
     return counted.flatten().long()
@@ -866,8 +917,8 @@ def _slots_per_expert(ids: torch.Tensor, num_experts: int, token_mask=None) -> t
     where given; dropped slots count nowhere); scatter_add_ rather than bincount, which syncs
     with the host to size its output."""
     counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    index = ids.flatten().long().clamp_min(0)  # a dropped slot adds its weight 0 to expert 0
-    return counts.scatter_add_(0, index, _slot_weights(ids, token_mask))
+    index = ids.flatten().long().clamp(0, num_experts - 1)  # an uncounted slot adds its 0 there
+    return counts.scatter_add_(0, index, _slot_weights(ids, num_experts, token_mask))
 
 
 def _check_options(

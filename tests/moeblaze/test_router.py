@@ -776,6 +776,8 @@ def _kept_by_loop(topk_ids, topk_weights, capacity, policy):
     (ties: the earlier token) or its `capacity` earliest tokens."""
     keep = torch.zeros_like(topk_ids, dtype=torch.bool)
     for e in topk_ids.unique().tolist():
+        if e < 0:  # a replayed slot of no expert
+            continue
         tokens, choices = torch.where(topk_ids == e)
         if policy == "probs":
             weights = topk_weights[tokens, choices].tolist()
@@ -819,6 +821,48 @@ def test_capacity_drops_the_slots_past_each_experts_capacity(factor, top_k, num_
     out.topk_weights.backward(upstream)
     (expected.topk_weights * keep).backward(upstream)
     torch.testing.assert_close(router.weight.grad, plain.weight.grad)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_capacity_with_replayed_slots_of_no_expert(policy):
+    """Replayed slots of no expert (-1) take no expert's capacity and stay -1 (each used to
+    shift the ranks of every later expert, which then kept fewer than its capacity)."""
+    n = 24
+    x = _x(n, seed=9)
+    replay = _router()(x).topk_ids
+    replay[::3, 1] = -1
+    expected = _router().train()(x, replay_ids=replay)
+    out = _router(capacity_factor=0.5, drop_policy=policy).train()(x, replay_ids=replay)
+    capacity = -(-n * 3 // (2 * E))  # ceil(N k / E * 0.5)
+    keep = _kept_by_loop(replay, expected.topk_weights.detach(), capacity, policy)
+    assert not keep[replay >= 0].all(), "the case is meant to drop slots"
+    assert torch.equal(out.topk_ids, replay.masked_fill(~keep & (replay >= 0), -1))
+    assert torch.equal(out.topk_weights, expected.topk_weights * keep)
+    assert torch.equal(out.tokens_per_expert, torch.bincount(replay[keep], minlength=E))
+
+
+def test_ids_out_of_range_raise_and_count_nowhere():
+    """Replayed ids and sequence ids outside their ranges raise ValueError naming the first
+    (on CUDA by the next moeblaze call); no count or loss indexes with them first (a device
+    fault on CUDA)."""
+    router = _router(seq_aux_loss_coeff=0.1, capacity_factor=0.5)
+    x, sequences = _x(6), torch.tensor([0, 0, 0, 1, 1, 1])
+    replay = torch.tensor([[0, 1, 2]] * 6)
+    for bad, match in [
+        (-2, r"replay_ids contains -2 \(replay_ids\[4, 2\], the first of 1 out of range\)"),
+        (E, rf"replay_ids contains {E} \(replay_ids\[4, 2\].* \[0, num_experts={E}\) or -1"),
+    ]:
+        ids = replay.clone()
+        ids[4, 2] = bad
+        with pytest.raises(ValueError, match=match):
+            router(x, sequences, 2, replay_ids=ids)
+    for bad, match in [(2, r"sequence_ids contains 2 \(sequence_ids\[5\]"), (-1, r"contains -1")]:
+        ids = sequences.clone()
+        ids[5] = bad
+        with pytest.raises(ValueError, match=match + r".*\[0, num_sequences=2\)"):
+            router(x, ids, 2)
+    with pytest.raises(ValueError, match=r"num_sequences=0 with 6 tokens"):
+        router(x, sequences, 0)
 
 
 def test_capacity_with_padding():
