@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kernelbase.backend import has_values
+from kernelbase.checks import check_bool, check_dtype, check_int
 from moeblaze.activation import SWIGLU, Activation, check_activation
 from moeblaze.ops import check_recompute, moe_mlp
 from moeblaze.router import Router, RouterOutput
@@ -59,8 +60,16 @@ class MoEBlock(nn.Module):
         expert_hidden_size: int | None = None,
     ):
         super().__init__()
-        if ffn_hidden_size < 1:
-            raise ValueError(f"ffn_hidden_size must be >= 1, got {ffn_hidden_size}")
+        check_int("ffn_hidden_size", ffn_hidden_size)
+        if shared_expert_size is not None:
+            check_int("shared_expert_size", shared_expert_size)
+        for name, value in (
+            ("deterministic", deterministic),
+            ("shared_expert_gate", shared_expert_gate),
+            ("bias", bias),
+        ):
+            check_bool(name, value)
+        check_dtype("dtype", dtype)  # what moe_mlp computes in
         shard, shards = ffn_shard
         if not 0 <= shard < shards or ffn_hidden_size % shards:
             raise ValueError(
@@ -69,8 +78,6 @@ class MoEBlock(nn.Module):
             )
         check_recompute(recompute)
         check_activation(activation)
-        if shared_expert_size is not None and shared_expert_size < 1:
-            raise ValueError(f"shared_expert_size must be >= 1 or None, got {shared_expert_size}")
         if shared_expert_gate and not shared_expert_size:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_size)")
         factory = dict(device=device, dtype=dtype)
@@ -161,7 +168,7 @@ class MoEBlock(nn.Module):
         real token) leaves padding out of the router's statistics (`moeblaze.Router`) and out of
         the routed experts: a padding token's slots are dropped (its routed output is 0; the
         shared expert still computes it)."""
-        if x.shape[-1] != self.hidden_size:
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"x must have last dim hidden_size={self.hidden_size}, got shape {tuple(x.shape)}"
             )
@@ -326,6 +333,8 @@ class SwiGLUMLP(nn.Module):
         sigmoid_gate: bool = False,
     ):
         super().__init__()
+        check_int("hidden_size", hidden_size)
+        check_int("ffn_hidden_size", ffn_hidden_size)
         self.activation = activation
         factory = dict(bias=bias, device=device, dtype=dtype)
         check_activation(activation)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kernelbase import alloc
+from kernelbase.checks import check_int
 from moeblaze.activation import SWIGLU, Activation
 
 if TYPE_CHECKING:
@@ -394,8 +395,14 @@ def check_selection_options(
         raise ValueError(f"score_func={score_func!r} must be one of {SCORE_FUNCS}")
     if group_score_from not in GROUP_SCORE_FROM:
         raise ValueError(f"group_score_from={group_score_from!r} must be one of {GROUP_SCORE_FROM}")
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+    check_int("top_k", top_k)
+    for name, value in (
+        ("num_groups", num_groups),
+        ("topk_groups", topk_groups),
+        ("group_score_topk", group_score_topk),
+    ):
+        if value is not None:
+            check_int(name, value)
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
     if (num_groups is None) != (topk_groups is None):

@@ -34,6 +34,7 @@ from torch import nn
 
 from kernelbase import compiled, deferred
 from kernelbase.backend import autocast_off
+from kernelbase.checks import check_bool, check_int, check_number, check_real
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import RouterTopK
 from moeblaze.reference import (
@@ -268,23 +269,32 @@ class Router(nn.Module):
             seq_aux_loss_coeff,
             global_aux_loss_coeff,
         )
+        for name, value in (
+            ("norm_topk_prob", norm_topk_prob),
+            ("bias", bias),
+            ("expert_bias", expert_bias),
+            ("random_logits", random_logits),
+        ):
+            check_bool(name, value)
         if aux_counts not in AUX_COUNTS:
             raise ValueError(f"aux_counts={aux_counts!r} must be one of {AUX_COUNTS}")
-        if capacity_factor is not None and not (
-            math.isfinite(capacity_factor) and capacity_factor > 0
-        ):
-            raise ValueError(
-                f"capacity_factor={capacity_factor} must be None (no dropping) or a finite "
-                f"number > 0"
-            )
+        if capacity_factor is not None:
+            check_real("capacity_factor", capacity_factor)
+            if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+                raise ValueError(
+                    f"capacity_factor={capacity_factor} must be None (no dropping) or a finite "
+                    f"number > 0"
+                )
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy={drop_policy!r} must be one of {DROP_POLICIES}")
+        if input_jitter_eps is not None:
+            check_real("input_jitter_eps", input_jitter_eps)
         if input_jitter_eps is not None and not 0 < input_jitter_eps < 1:
             raise ValueError(
                 f"input_jitter_eps={input_jitter_eps} must be None (no jitter) or in (0, 1)"
             )
-        if not isinstance(random_logits, bool):
-            raise TypeError(f"random_logits must be a bool, got {type(random_logits).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be None or a floating-point torch.dtype, got {dtype!r}")
         if routing_dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"routing_dtype={routing_dtype!r} must be torch.float32 or torch.float64"
@@ -936,10 +946,8 @@ def _check_options(
     z_coeff,
     scale,
 ):
-    if hidden_size < 1:
-        raise ValueError(f"hidden_size={hidden_size} must be >= 1")
-    if num_experts < 1:
-        raise ValueError(f"num_experts={num_experts} must be >= 1")
+    check_int("hidden_size", hidden_size)
+    check_int("num_experts", num_experts)
     check_selection_options(
         num_experts, top_k, score_func, num_groups, topk_groups, group_score_topk, group_score_from
     )
@@ -950,8 +958,8 @@ def _check_options(
         ("z_loss_coeff", z_coeff),
     )
     for name, value in coeffs:
-        if value < 0:
-            raise ValueError(f"{name}={value} must be >= 0")
+        check_number(name, value)
+    check_real("topk_scaling_factor", scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"topk_scaling_factor={scale} must be a finite number > 0")
 

@@ -21,7 +21,8 @@ import dataclasses
 import torch
 
 from kernelbase import alloc, compiled, deferred
-from kernelbase.backend import Backend, backend_for
+from kernelbase.backend import Backend, backend_for, has_values
+from kernelbase.checks import check_bool, check_int
 from kernelbase.intmath import cdiv
 from kernelbase.profiling import profile_range
 from moeblaze.kernels.compiled import fill_routing_plan
@@ -98,8 +99,11 @@ def build_routing_plan(
         False           never; `plan.invalid_ids` tells
     """
     check_routing_args(topk_ids, num_experts)
+    check_int("block_m", block_m)
     if block_m < 16 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if check_ids is not None:
+        check_bool("check_ids", check_ids)
     return make_plan(topk_ids, num_experts, block_m, backend_for(topk_ids.device), check_ids)
 
 
@@ -118,7 +122,9 @@ def make_plan(
     )
     plan = RoutingPlan.from_buffer(buffer, num_slots, num_experts, topk_ids.shape[1], block_m)
     with profile_range("moeblaze.routing_plan"):
-        if backend is Backend.TORCH:
+        if not has_values(topk_ids):  # meta or fake: the plan's shapes, no values to fill
+            pass
+        elif backend is Backend.TORCH:
             fill_plan_torch(topk_ids, plan)
         elif _compiled_plan_fits(topk_ids, num_experts):
             fill_routing_plan(topk_ids.contiguous(), plan)
@@ -136,7 +142,7 @@ def _compiled_plan_fits(topk_ids: torch.Tensor, num_experts: int) -> bool:
 
 
 def _report_invalid_ids(plan: RoutingPlan, topk_ids, check_ids: bool | None, immediately: bool):
-    if check_ids is False:
+    if check_ids is False or not has_values(plan.buffer):  # meta or fake: no values to check
         return
 
     def describe(invalid_ids: list[int]) -> str | None:
@@ -173,8 +179,7 @@ def check_routing_args(topk_ids: torch.Tensor, num_experts: int) -> None:
         raise TypeError(f"topk_ids must have an integer dtype, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    check_int("num_experts", num_experts)
     top_k = topk_ids.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(

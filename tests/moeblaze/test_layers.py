@@ -254,9 +254,16 @@ def test_layer_without_values(options, where):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(ffn_hidden_size=0), "ffn_hidden_size must be >= 1"),
+        (dict(ffn_hidden_size=0), "ffn_hidden_size=0 must be >= 1"),
+        (dict(ffn_hidden_size=64.0), "ffn_hidden_size must be an int, got float 64.0"),
+        (dict(hidden_size=32.0), "hidden_size must be an int, got float"),
+        (dict(num_experts=4.0), "num_experts must be an int, got float"),
         (dict(recompute="bogus"), "recompute must be one of"),
-        (dict(shared_expert_size=0), "shared_expert_size must be >= 1"),
+        (dict(shared_expert_size=0), "shared_expert_size=0 must be >= 1"),
+        (dict(deterministic="yes"), "deterministic must be a bool, got str 'yes'"),
+        (dict(bias=1), "bias must be a bool, got int 1"),
+        (dict(dtype=torch.float64), "dtype must be None, torch.float16, bfloat16 or float32"),
+        (dict(dtype=torch.int32), "dtype must be None, torch.float16, bfloat16 or float32"),
         (dict(shared_expert_gate=True), r"shared_expert_gate=True needs a shared expert"),
         (dict(top_k=E + 1), "top_k=7 must be <= num_experts=6"),
         (
@@ -264,7 +271,21 @@ def test_layer_without_values(options, where):
             "must be a moeblaze.SwiGLU, moeblaze.Gated or moeblaze.Ungated, got 'silu'",
         ),
     ],
-    ids=["ffn0", "recompute", "shared0", "gate_alone", "k>E", "activation"],
+    ids=[
+        "ffn0",
+        "ffn-float",
+        "hidden-float",
+        "experts-float",
+        "recompute",
+        "shared0",
+        "deterministic-str",
+        "bias-int",
+        "float64",
+        "int32",
+        "gate_alone",
+        "k>E",
+        "activation",
+    ],
 )
 def test_bad_options(kwargs, match):
     args = dict(hidden_size=D, ffn_hidden_size=FFN, num_experts=E, top_k=K)
@@ -283,6 +304,8 @@ def test_bad_hidden_size():
     layer = _layer(seed=7)
     with pytest.raises(ValueError, match=f"hidden_size={D}"):
         layer(torch.randn(B, L, D + 1))
+    with pytest.raises(ValueError, match=rf"last dim hidden_size={D}, got shape \(\)"):
+        layer(torch.tensor(1.0))
 
 
 def test_a_misspelt_option_is_named_by_moe_layer():

@@ -587,9 +587,34 @@ def test_bad_options(kwargs, match):
         _router(**kwargs)
 
 
-def test_random_logits_must_be_a_bool():
-    with pytest.raises(TypeError, match="random_logits must be a bool, got str"):
-        _router(random_logits="yes")
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(hidden_size=32.0), TypeError, r"hidden_size must be an int, got float 32.0"),
+        (dict(num_experts=4.0), TypeError, r"num_experts must be an int, got float"),
+        (dict(top_k=2.0), TypeError, r"top_k must be an int, got float"),
+        (dict(top_k="2"), TypeError, r"top_k must be an int, got str '2'"),
+        (dict(top_k=True), TypeError, r"top_k must be an int, got bool"),
+        (dict(num_groups=4.0, topk_groups=2), TypeError, r"num_groups must be an int"),
+        (dict(aux_loss_coeff="0.1"), TypeError, r"aux_loss_coeff must be a number, got str"),
+        (dict(z_loss_coeff=float("inf")), ValueError, r"z_loss_coeff=inf must be >= 0 and fin"),
+        (dict(aux_loss_coeff=float("nan")), ValueError, r"aux_loss_coeff=nan must be >= 0"),
+        (dict(capacity_factor="1"), TypeError, r"capacity_factor must be a number, got str"),
+        (dict(norm_topk_prob="no"), TypeError, r"norm_topk_prob must be a bool, got str 'no'"),
+        (dict(bias="yes"), TypeError, r"bias must be a bool, got str"),
+        (dict(expert_bias=1), TypeError, r"expert_bias must be a bool, got int 1"),
+        (dict(random_logits="yes"), TypeError, r"random_logits must be a bool, got str"),
+        (dict(dtype=torch.int32), TypeError, r"dtype must be None or a floating-point torch"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, dict) else "",
+)
+def test_options_of_the_wrong_type_or_not_finite(kwargs, error, match):
+    # Named before torch or arithmetic sees them (a str coefficient compared with 0, a truthy
+    # string taken as True, an inf z-loss coefficient giving non-finite gradients).
+    args = dict(hidden_size=D, num_experts=E, top_k=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        Router(args.pop("hidden_size"), args.pop("num_experts"), args.pop("top_k"), **args)
 
 
 def test_input_jitter_scales_the_routers_input_in_training_only():

@@ -116,12 +116,39 @@ def test_plan_is_reproducible():
         (torch.tensor([[0, 1]], dtype=torch.int32), 0, 16, ValueError, "num_experts"),
         (torch.tensor([[0, 1]]), 4, 48, ValueError, "block_m must be a power of two"),
         (torch.tensor([[0, 1]]), 4, 8, ValueError, "block_m must be a power of two >= 16"),
+        (torch.tensor([[0, 1]]), 4.0, 16, TypeError, "num_experts must be an int, got float"),
+        (torch.tensor([[0, 1]]), 4, 64.0, TypeError, "block_m must be an int, got float 64.0"),
     ],
-    ids=["float", "bool", "1-D", "3-D", "k>E", "id=E", "id=-2", "E=0", "bm48", "bm8"],
+    ids=[
+        "float",
+        "bool",
+        "1-D",
+        "3-D",
+        "k>E",
+        "id=E",
+        "id=-2",
+        "E=0",
+        "bm48",
+        "bm8",
+        "E-float",
+        "bm-float",
+    ],
 )
 def test_bad_input(topk_ids, num_experts, block_m, error, match):
     with pytest.raises(error, match=match):
         build_routing_plan(topk_ids, num_experts, block_m=block_m)
+
+
+def test_check_ids_must_be_none_or_a_bool():
+    with pytest.raises(TypeError, match="check_ids must be a bool, got str 'x'"):
+        build_routing_plan(torch.tensor([[0, 1]]), 4, check_ids="x")
+
+
+def test_a_plan_of_ids_without_values_has_the_shapes_only():
+    # meta ids (a model built on the meta device): the plan's fields with no values to fill
+    plan = build_routing_plan(torch.zeros(5, 2, dtype=torch.int64, device="meta"), 4)
+    assert plan.buffer.is_meta and plan.sorted_slots.shape == (10,)
+    assert plan.tile_expert.shape == (plan.max_tiles,)
 
 
 def test_not_a_tensor():
