@@ -24,6 +24,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernelbase.backend import COMPILE_OPTIONS, interpreting
+from kernelbase.checks import check_bool, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,21 @@ class GemmConfig:
     # Before the main loop, ask L2 for the lines of that per-position tensor the epilogue will
     # read through pointers, so they arrive while the tile is computed (moeblaze's grad_act).
     epilogue_prefetch: bool = True
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k", "num_warps", "epilogue_n"):
+            value = getattr(self, name)
+            if value is None and name == "epilogue_n":
+                continue
+            check_int(name, value, minimum=16 if name.startswith("block") else 1)
+            if value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two")
+        for name in ("group_m", "num_stages"):
+            check_int(name, getattr(self, name))
+        if self.max_programs is not None:
+            check_int("max_programs", self.max_programs)
+        for name in ("tma", "epilogue_tma", "epilogue_prefetch"):
+            check_bool(name, getattr(self, name))
 
 
 def dot_options(dtype: torch.dtype) -> dict:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kernelbase.checks import check_bool, check_dtype, check_int
 from overlap.dist_world import DistWorld
 from overlap.ops import (
     all_gather_matmul,
@@ -69,6 +70,15 @@ class _ParallelLinear(nn.Module):
         super().__init__()
         if not isinstance(world, World):
             raise TypeError(f"world must be a LocalWorld or DistWorld, got {type(world).__name__}")
+        check_int("in_features", in_features)
+        check_int("out_features", out_features)
+        for name, value in (
+            ("sequence_parallel", sequence_parallel),
+            ("bias", bias),
+            ("skip_bias_add", skip_bias_add),
+        ):
+            check_bool(name, value)
+        check_dtype("dtype", dtype)  # what the overlap ops compute in
         split = (out_features, in_features)[self.split_dim]
         if split % world.world_size:
             name = ("out_features", "in_features")[self.split_dim]
@@ -112,6 +122,13 @@ class _ParallelLinear(nn.Module):
                 f"{layer}(in_features={self.in_features}) on {W} ranks takes x whose last dim is "
                 f"{features}={expected}, got x of shape {tuple(x.shape)}"
             )
+        if x.dtype != self.weight.dtype:
+            raise TypeError(
+                f"{layer} has {self.weight.dtype} weights and takes x of that dtype, got x of "
+                f"dtype {x.dtype} (cast x, or build the layer with dtype={x.dtype})"
+            )
+        if x.device != self.weight.device:
+            raise ValueError(f"{layer}'s weights are on {self.weight.device}, got x on {x.device}")
         return x.reshape(*x.shape[:lead], -1, x.shape[-1])
 
     def _finish(self, y: torch.Tensor):
@@ -263,6 +280,11 @@ class ParallelMLP(nn.Module):
             generator=generator,
             dtype=dtype,
         )
+        if activation is not None and not callable(activation):
+            raise TypeError(
+                f"activation must be None (GELU) or a callable such as torch.nn.functional.silu, "
+                f"got {type(activation).__name__} {activation!r}"
+            )
         self.activation = activation or nn.functional.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,15 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Input checks
 
 
-def _check_common(x: torch.Tensor, x_name: str, b: torch.Tensor, world: World) -> None:
+def _check_world(world: World) -> None:
     if not isinstance(world, World):
         raise TypeError(
             f"world must be an overlap world (LocalWorld or DistWorld), got {type(world).__name__}"
         )
+
+
+def _check_common(x: torch.Tensor, x_name: str, b: torch.Tensor, world: World) -> None:
+    _check_world(world)
     for name, t in ((x_name, x), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -239,6 +243,7 @@ def copy_to_tensor_parallel_region(x: torch.Tensor, world: World) -> torch.Tenso
     identity both ways, the exact adjoint; the replicas' gradients add up where the caller
     formed the replicas (e.g. `x.expand(W, ...)`).
     """
+    _check_region_input(x, world)
     if world.stacked_ranks:
         return x
     return _AllReduceBackward.apply(x, world)
@@ -251,4 +256,18 @@ def reduce_from_tensor_parallel_region(x: torch.Tensor, world: World) -> torch.T
     ways, the exact adjoint when the W replicated outputs are slices of one graph (take the mean
     over the rank dim to get a loss equal to the single-device one).
     """
+    _check_region_input(x, world)
     return _AllReduceForward.apply(x, world)
+
+
+def _check_region_input(x: torch.Tensor, world: World) -> None:
+    _check_world(world)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != world.device:
+        raise ValueError(f"x is on {x.device}, but the world's ranks are on {world.device}")
+    if world.stacked_ranks and (x.dim() < 2 or x.shape[0] != world.world_size):
+        raise ValueError(
+            f"x must have a leading rank dim of the world size {world.world_size} (LocalWorld: "
+            f"[W, ...], at least 2-D), got shape {tuple(x.shape)}"
+        )

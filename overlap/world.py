@@ -33,6 +33,7 @@ import enum
 
 import torch
 
+from kernelbase.checks import check_bool, check_int, check_number, check_real
 from kernelbase.gemm import GemmConfig
 from kernelbase.profiling import profile_range
 from overlap import handles, tuning
@@ -82,14 +83,21 @@ class OverlapConfig:
     check_ranks: bool | None = None
 
     def __post_init__(self):
-        if self.chunk_m is not None and self.chunk_m < 1:
-            raise ValueError(f"chunk_m must be >= 1 or None, got {self.chunk_m}")
+        for name, minimum in (("chunk_m", 1), ("free_sms", 0), ("comm_programs", 0)):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum)
+        check_real("timeout_s", self.timeout_s)
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        for name in ("free_sms", "comm_programs", "fused_min_flops"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {value}")
+        check_number("min_overlap_flops", self.min_overlap_flops)
+        if self.fused_min_flops is not None:
+            check_number("fused_min_flops", self.fused_min_flops)
+        for name in ("tma", "sync_status", "count_tiles"):
+            check_bool(name, getattr(self, name))
+        if self.check_ranks is not None:
+            check_bool("check_ranks", self.check_ranks)
+        if self.tile is not None and not isinstance(self.tile, GemmConfig):
+            raise TypeError(f"tile must be None or a GemmConfig, got {type(self.tile).__name__}")
 
 
 def parse_mode(mode) -> Mode | None:

@@ -118,15 +118,49 @@ def test_bad_world_arguments(kwargs, error, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(chunk_m=0), "chunk_m must be >= 1"),
+        (dict(chunk_m=0), "chunk_m=0 must be >= 1"),
         (dict(timeout_s=0), "timeout_s must be > 0"),
-        (dict(free_sms=-1), "free_sms must be >= 0"),
-        (dict(fused_min_flops=-1.0), "fused_min_flops must be >= 0"),
+        (dict(free_sms=-1), "free_sms=-1 must be >= 0"),
+        (dict(fused_min_flops=-1.0), "fused_min_flops=-1.0 must be >= 0"),
+        (dict(min_overlap_flops=float("nan")), "min_overlap_flops=nan must be >= 0 and finite"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         overlap.OverlapConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_m=2.5), "chunk_m must be an int, got float 2.5"),
+        (dict(free_sms="x"), "free_sms must be an int, got str 'x'"),
+        (dict(timeout_s="10"), "timeout_s must be a number, got str"),
+        (dict(sync_status="no"), "sync_status must be a bool, got str 'no'"),
+        (dict(tile="big"), "tile must be None or a GemmConfig, got str"),
+    ],
+)
+def test_config_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        overlap.OverlapConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((48, 32, 32), {}, ValueError, "block_m=48 must be a power of two"),
+        ((32, 0, 32), {}, ValueError, "block_n=0 must be >= 16"),
+        ((32, 32, 8), {}, ValueError, "block_k=8 must be >= 16"),
+        ((16.0, 32, 32), {}, TypeError, "block_m must be an int, got float 16.0"),
+        ((32, 32, 32), dict(num_warps=6), ValueError, "num_warps=6 must be a power of two"),
+        ((32, 32, 32), dict(num_stages=0), ValueError, "num_stages=0 must be >= 1"),
+        ((32, 32, 32), dict(tma="no"), TypeError, "tma must be a bool, got str"),
+    ],
+)
+def test_bad_tile_config(args, kwargs, error, match):
+    # Named here, not by Triton's "Shape element 0 must be a power of 2" at the first launch.
+    with pytest.raises(error, match=match):
+        overlap.GemmConfig(*args, **kwargs)
 
 
 def test_dist_world_needs_a_process_group():
@@ -183,6 +217,63 @@ def test_layer_input_errors_name_the_layer_and_its_features(layer, shape, match)
     cls = overlap.ColumnParallelLinear if layer == "column" else overlap.RowParallelLinear
     with pytest.raises(ValueError, match=match):
         cls(16, 32, world)(randn(*shape, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((0, 32), {}, ValueError, "in_features=0 must be >= 1"),
+        ((16, -2), {}, ValueError, "out_features=-2 must be >= 1"),
+        ((16.0, 32), {}, TypeError, "in_features must be an int, got float 16.0"),
+        ((16, 32), dict(bias="yes"), TypeError, "bias must be a bool, got str 'yes'"),
+        ((16, 32), dict(dtype=torch.float64), TypeError, "dtype must be None, torch.float16"),
+    ],
+)
+def test_bad_layer_arguments(args, kwargs, error, match):
+    world = overlap.LocalWorld(2, DEVICE, mode="serial")
+    with pytest.raises(error, match=match):
+        overlap.ColumnParallelLinear(*args, world, **kwargs)
+
+
+def test_layer_input_dtype_and_device_errors_name_the_layer():
+    # Not the op's arguments (a_shard, b), which the user never passed.
+    world = overlap.LocalWorld(2, DEVICE, mode="serial")
+    for cls in (overlap.ColumnParallelLinear, overlap.RowParallelLinear):
+        layer = cls(16, 16, world)
+        width = 16 if cls is overlap.ColumnParallelLinear else 8
+        with pytest.raises(
+            TypeError,
+            match=rf"{cls.__name__} has torch.float32 weights .* got x of dtype torch.bfloat16",
+        ):
+            layer(randn(2, 4, 1, width, device=DEVICE).bfloat16())
+        with pytest.raises(ValueError, match=rf"{cls.__name__}'s weights are on .* got x on meta"):
+            layer(torch.empty(2, 4, 1, width, device="meta"))
+
+
+def test_parallel_mlp_activation_must_be_callable():
+    world = overlap.LocalWorld(2, DEVICE, mode="serial")
+    with pytest.raises(TypeError, match="activation must be None .* got str 'gelu'"):
+        overlap.ParallelMLP(16, 32, world, activation="gelu")
+
+
+def test_region_inputs_are_checked_against_the_world():
+    # A LocalWorld's region helpers sum or copy over the leading rank dim: one of another size
+    # was summed as if it held the ranks.
+    world = overlap.LocalWorld(2, DEVICE, mode="serial")
+    for region in (
+        overlap.reduce_from_tensor_parallel_region,
+        overlap.copy_to_tensor_parallel_region,
+    ):
+        with pytest.raises(ValueError, match=r"leading rank dim of the world size 2 .* \(3, 4\)"):
+            region(torch.ones(3, 4, device=DEVICE), world)
+        with pytest.raises(ValueError, match=r"at least 2-D\), got shape \(2,\)"):
+            region(torch.ones(2, device=DEVICE), world)
+        with pytest.raises(ValueError, match=r"x is on meta, but the world's ranks are on"):
+            region(torch.ones(2, 4, device="meta"), world)
+        with pytest.raises(TypeError, match="world must be an overlap world"):
+            region(torch.ones(2, 4, device=DEVICE), "w")
+    summed = overlap.reduce_from_tensor_parallel_region(torch.ones(2, 3, device=DEVICE), world)
+    assert torch.equal(summed, torch.full((2, 3), 2.0, device=DEVICE))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
