@@ -29,6 +29,11 @@ RESULTS_DIR = REPO / "bench" / "results"
 MIB = 2**20
 
 
+CPU_TIMINGS = (
+    "CPU timings show that the benchmark runs; they say nothing about the speed of the GPU kernels"
+)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -40,10 +45,7 @@ def pin_cpu_threads(device: torch.device, threads: int) -> list[str]:
     if device.type != "cpu":
         return []
     torch.set_num_threads(threads)
-    notes = [
-        f"CPU timings ({threads} torch thread(s)) show that the benchmark runs; they say "
-        f"nothing about the speed of the GPU kernels. Memory columns kept for backward hold."
-    ]
+    notes = [f"{CPU_TIMINGS} ({threads} torch thread(s)). Memory columns kept for backward hold."]
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores - threads + 0.5:

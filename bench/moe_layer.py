@@ -345,6 +345,8 @@ def shape_benchmark(name: str, description: str, argv: list[str] | None):
         f"commit {env['commit']}",
         flush=True,
     )
+    if device.type == "cpu":
+        print(f"# note: {harness.CPU_TIMINGS}", flush=True)
     return args, device, shapes, env
 
 

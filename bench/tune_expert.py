@@ -344,6 +344,8 @@ def main(argv=None) -> int:
         f"activation; * = the current GPU_CONFIGS entry)"
     )
     harness.print_table(rows, COLUMNS)
+    if not on_gpu:
+        print(f"\nnote: {harness.CPU_TIMINGS}: the configs below are no advice")
     print("\nfastest per shape and stage:")
     table = epilogue_configs(activation)[0] if activation is not None else ""
     print("\n".join(best_entries(rows, table)))
