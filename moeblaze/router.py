@@ -753,10 +753,9 @@ class Router(nn.Module):
             return probs.new_zeros(())
         counts = counts.float()
         tokens = (counts.sum(-1) / self.top_k).clamp_min(1)  # [S]: each token fills k slots
+        in_range = sequence_ids.clamp(0, num_sequences - 1)  # out of range: raised apart
         prob_sums = probs.new_zeros(num_sequences, num_experts).index_add(
-            0,
-            sequence_ids.clamp(0, num_sequences - 1),
-            probs,  # out of range: raised apart
+            0, in_range, probs
         )  # [S, E]
         slot_share = counts / (tokens * self.top_k).unsqueeze(1)
         per_sequence = (slot_share * prob_sums).sum(-1) / tokens  # [S]
