@@ -55,11 +55,12 @@ class GemmConfig:
     epilogue_prefetch: bool = True
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k", "num_warps", "epilogue_n"):
+        powers_of_two = {"block_m": 16, "block_n": 16, "block_k": 16, "num_warps": 1}
+        if self.epilogue_n is not None:
+            powers_of_two["epilogue_n"] = 1
+        for name, minimum in powers_of_two.items():
             value = getattr(self, name)
-            if value is None and name == "epilogue_n":
-                continue
-            check_int(name, value, minimum=16 if name.startswith("block") else 1)
+            check_int(name, value, minimum)
             if value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two")
         for name in ("group_m", "num_stages"):

@@ -41,6 +41,7 @@ import torch
 from torch._functorch.pyfunctorch import TransformType, retrieve_all_functorch_interpreters
 
 from kernelbase.backend import Backend, autocast_on, backend_for
+from kernelbase.checks import KERNEL_DTYPES
 from kernelbase.profiling import profile_range
 from moeblaze.activation import SWIGLU, Activation, activation_of, check_activation
 from moeblaze.kernels.expert_mlp import TRITON_STAGES
@@ -54,7 +55,6 @@ from moeblaze.routing_plan import (
 
 RECOMPUTE_POLICIES = ("activation", "up_proj", "none")
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)  # torch.func transforms
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Stages(Protocol):
@@ -616,7 +616,7 @@ def _check_moe_args(
     for name, t in (("x", x), ("topk_weights", topk_weights), ("w13", w13), ("w2", w2)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     for name, t in (("w13", w13), ("w2", w2)):
         if t.dtype != x.dtype:

@@ -32,11 +32,10 @@ The region helpers for layers without sequence parallelism (`copy_to_tensor_para
 
 import torch
 
+from kernelbase.checks import KERNEL_DTYPES
 from kernelbase.profiling import profile_range
 from overlap.handles import world_from_handle
 from overlap.world import World
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ---------------------------------------------------------------------------------------------
 # Input checks
@@ -54,7 +53,7 @@ def _check_common(x: torch.Tensor, x_name: str, b: torch.Tensor, world: World) -
     for name, t in ((x_name, x), ("b", b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{x_name} must be float16, bfloat16 or float32, got {x.dtype}")
     if b.dtype != x.dtype:
         raise TypeError(f"b has dtype {b.dtype}; expected {x_name}'s dtype {x.dtype}")
